@@ -1,0 +1,132 @@
+//! The node I/O interface.
+//!
+//! Every method takes `&self`: a node serves many requests at once (several NBD
+//! clients, each with many requests in flight), so implementations use interior
+//! mutability where they need it. Buffers are borrowed from the caller so that an
+//! export can hand in the very buffer it received a payload into (and, later, a slot
+//! of a shared-memory pool) without an extra copy.
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed future returned by [`BlockIo`] methods.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = IoResult<T>> + Send + 'a>>;
+
+/// Result of a node I/O operation.
+pub type IoResult<T> = Result<T, IoError>;
+
+/// Why an I/O request failed. Each variant maps to one errno, which is what NBD and
+/// virtio-blk clients see.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IoError {
+    /// The operating system reported an error (the raw errno value).
+    #[error("I/O error (errno {0})")]
+    Os(i32),
+    /// The request reaches beyond the end of the node.
+    #[error("request beyond the end of the node")]
+    OutOfRange,
+    /// A write-type request on a read-only node.
+    #[error("node is read-only")]
+    ReadOnly,
+    /// The node's driver cannot do this operation.
+    #[error("operation not supported")]
+    Unsupported,
+    /// The peer serving this node went away (a worker died); the request may be retried
+    /// once a replacement is up.
+    #[error("node is unreachable")]
+    Disconnected,
+    /// The request is malformed (bad alignment, zero length where not allowed).
+    #[error("invalid request")]
+    Invalid,
+}
+
+impl IoError {
+    /// The errno value a protocol should report for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            IoError::Os(e) => *e,
+            IoError::OutOfRange => libc::EINVAL,
+            IoError::ReadOnly => libc::EPERM,
+            IoError::Unsupported => libc::ENOTSUP,
+            IoError::Disconnected => libc::EIO,
+            IoError::Invalid => libc::EINVAL,
+        }
+    }
+
+    /// Builds an error from a raw errno value, keeping the named variants stable.
+    pub fn from_errno(errno: i32) -> IoError {
+        IoError::Os(errno)
+    }
+}
+
+impl From<std::io::Error> for IoError {
+    fn from(e: std::io::Error) -> IoError {
+        IoError::Os(e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+/// Flags of a write request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WriteFlags {
+    /// Force unit access: the data must be on stable storage before completion.
+    pub fua: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ZeroFlags {
+    /// Force unit access.
+    pub fua: bool,
+    /// The range may be deallocated (punched) instead of written (NBD: no NO_HOLE flag).
+    pub may_unmap: bool,
+    /// Fail with `ENOTSUP` rather than fall back to a slow explicit write (NBD FAST_ZERO).
+    pub no_fallback: bool,
+}
+
+/// One extent of block status: a run of bytes with the same allocation state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Extent {
+    /// Length in bytes (never 0).
+    pub length: u64,
+    /// The range holds data (as opposed to a hole).
+    pub data: bool,
+    /// The range reads as zeroes.
+    pub zero: bool,
+    /// Allocation depth as in QEMU's `qemu:allocation-depth`: 0 unallocated in the
+    /// whole chain, 1 allocated in this node's top layer, 2 in its first backing, ...
+    pub depth: u32,
+}
+
+/// The I/O a node offers. Offsets and lengths are bytes; callers stay within
+/// [`BlockIo::size`] (implementations still check and return [`IoError::OutOfRange`]).
+pub trait BlockIo: Send + Sync {
+    /// The node's current size in bytes.
+    fn size(&self) -> u64;
+
+    /// Whether write-type requests are refused.
+    fn read_only(&self) -> bool;
+
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()>;
+
+    /// Writes `buf` at `offset`.
+    fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()>;
+
+    /// Makes `len` bytes at `offset` read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()>;
+
+    /// Discards (trims) `len` bytes at `offset`; the range's content becomes unspecified.
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+
+    /// Makes every completed write durable (fdatasync for files).
+    fn flush(&self) -> IoFuture<'_, ()>;
+
+    /// Allocation status of `[offset, offset + len)`. Returns at least one extent
+    /// starting at `offset`; the extents may cover less than `len` but never more.
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>>;
+
+    /// Changes the node's size. Drivers that cannot resize keep this default.
+    fn resize(&self, _new_size: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(IoError::Unsupported) })
+    }
+}
