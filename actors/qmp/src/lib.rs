@@ -10,8 +10,10 @@
 //! - [`qapi`]: the QAPI schema as data and the input visitor that checks arguments
 //!   against it (QMP JSON and command-line keyval flavours), with qsd's error texts.
 //! - [`keyval`]: QEMU's `key=value,a.b=c` command-line syntax.
+//! - [`qdict`]: QEMU's QDict member order, which every object qsd prints follows.
 
 pub mod json;
 pub mod keyval;
+pub mod qdict;
 pub mod qapi;
 pub mod request;
