@@ -17,7 +17,7 @@ pub type IoResult<T> = Result<T, IoError>;
 
 /// Why an I/O request failed. Each variant maps to one errno, which is what NBD and
 /// virtio-blk clients see.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum IoError {
     /// The operating system reported an error (the raw errno value).
     #[error("I/O error (errno {0})")]

@@ -10,6 +10,7 @@
 //! # Layout
 //! - [`io`]: the [`BlockIo`] trait, its error type and block-status extents.
 
+pub mod config;
 pub mod io;
 
 pub use io::{BlockIo, Extent, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags};

@@ -1,0 +1,236 @@
+//! Control-plane messages between the supervisor and its workers.
+//!
+//! One enum per direction. Every request carries an id chosen by the supervisor, and
+//! every reply names the id it answers, so a failed request comes back to whoever sent
+//! it with its error. Worker-sent values are untrusted: the supervisor checks ids
+//! against what it asked for and renders every user-visible error text itself.
+
+use bulkhead_block::config::DriverConfig;
+use serde::{Deserialize, Serialize};
+
+/// The kind of a worker process. There is one worker per kind in use: one per block
+/// driver, one per export type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum WorkerKind {
+    /// Driver worker for `file` nodes.
+    File,
+    /// Driver worker for `host_device` nodes.
+    HostDevice,
+    /// Driver worker for `raw` nodes.
+    Raw,
+    /// Driver worker for `null-co` nodes.
+    NullCo,
+    /// Driver worker for `null-aio` nodes.
+    NullAio,
+    /// Export worker for NBD.
+    Nbd,
+}
+
+impl WorkerKind {
+    /// Every kind, for parsing and listings.
+    pub const ALL: [WorkerKind; 6] = [
+        WorkerKind::File,
+        WorkerKind::HostDevice,
+        WorkerKind::Raw,
+        WorkerKind::NullCo,
+        WorkerKind::NullAio,
+        WorkerKind::Nbd,
+    ];
+
+    /// The name used on the worker's command line (`bulkhead worker --kind NAME`),
+    /// which is the QAPI driver or export type name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerKind::File => "file",
+            WorkerKind::HostDevice => "host_device",
+            WorkerKind::Raw => "raw",
+            WorkerKind::NullCo => "null-co",
+            WorkerKind::NullAio => "null-aio",
+            WorkerKind::Nbd => "nbd",
+        }
+    }
+
+    /// Parses a name produced by [`WorkerKind::as_str`].
+    pub fn parse(name: &str) -> Option<WorkerKind> {
+        WorkerKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for WorkerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A node's identity across processes, assigned by the supervisor. Node names are a
+/// QMP concept and stay in the supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+/// Where a node lives: its id and the worker that serves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRef {
+    /// The node.
+    pub node: NodeId,
+    /// The worker serving it.
+    pub home: WorkerKind,
+}
+
+/// A request from the supervisor to a worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the supervisor, echoed in the reply.
+    pub id: u64,
+    /// What to do.
+    pub body: ToWorker,
+}
+
+/// Supervisor → worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Serve I/O for this worker's nodes on the attached stream socket, to `peer`.
+    ServeDataChannel {
+        /// The worker at the other end.
+        peer: WorkerKind,
+    },
+    /// Reach the nodes of `peer` through the attached stream socket.
+    ConnectDataChannel {
+        /// The worker serving the nodes.
+        peer: WorkerKind,
+    },
+    /// Open a node. A `file`/`host_device` node comes with its image descriptor
+    /// attached; a node with a child names where the child lives.
+    AddNode {
+        /// The new node.
+        node: NodeId,
+        /// Its node-name, for logs only.
+        name: String,
+        /// Driver options.
+        config: DriverConfig,
+        /// The child (`file`) node, if the driver has one.
+        child: Option<NodeRef>,
+    },
+    /// Close a node.
+    RemoveNode {
+        /// The node.
+        node: NodeId,
+    },
+    /// Change a node's size.
+    ResizeNode {
+        /// The node.
+        node: NodeId,
+        /// New size in bytes.
+        size: u64,
+    },
+    /// Report a node's current state.
+    QueryNode {
+        /// The node.
+        node: NodeId,
+    },
+}
+
+/// A message from a worker to the supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// Sent once, before anything else: the worker is up and reports its sandbox.
+    Ready {
+        /// Sandbox layers the worker applied to itself.
+        sandbox: Vec<String>,
+    },
+    /// The answer to request `id`.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// Its outcome.
+        result: Result<Reply, WorkerError>,
+    },
+}
+
+/// A successful reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The request was carried out.
+    Done,
+    /// A node's state.
+    NodeInfo {
+        /// Size in bytes.
+        size: u64,
+    },
+}
+
+/// Why a worker could not carry out a request. The supervisor renders user-visible
+/// text from the kind; the detail is for logs only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?} (errno {errno}): {detail}")]
+pub struct WorkerError {
+    /// Classification.
+    pub kind: WorkerErrorKind,
+    /// The errno behind it, or 0.
+    pub errno: i32,
+    /// Detail for logs (bounded by the message size limit, never shown to clients).
+    pub detail: String,
+}
+
+/// Classification of worker errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerErrorKind {
+    /// The request names a node, export or channel the worker does not have.
+    NotFound,
+    /// The request is not valid for this worker or node.
+    Invalid,
+    /// The operation is not supported by the driver.
+    Unsupported,
+    /// The operation failed in the OS.
+    Io,
+}
+
+impl WorkerError {
+    /// Builds an error of `kind` with a detail for logs.
+    pub fn new(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerError {
+        let mut detail = detail.into();
+        // Keep replies well under the message limit whatever the detail says.
+        if detail.len() > 1024 {
+            let mut cut = 1024;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+        }
+        WorkerError { kind, errno, detail }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+
+    #[test]
+    fn every_worker_kind_name_parses_back() {
+        for k in WorkerKind::ALL {
+            assert_eq!(WorkerKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(WorkerKind::parse("qcow2"), None);
+    }
+
+    #[test]
+    fn requests_round_trip_through_the_codec() {
+        let req = Request {
+            id: 7,
+            body: ToWorker::AddNode {
+                node: NodeId(3),
+                name: "disk".into(),
+                config: DriverConfig::Raw(bulkhead_block::config::RawConfig {
+                    offset: 512,
+                    size: Some(4096),
+                    ..Default::default()
+                }),
+                child: Some(NodeRef { node: NodeId(2), home: WorkerKind::File }),
+            },
+        };
+        let bytes = codec::encode(&req).unwrap();
+        let back: Request = codec::decode(&bytes).unwrap();
+        assert_eq!(back.id, 7);
+        assert!(matches!(back.body, ToWorker::AddNode { node: NodeId(3), .. }));
+    }
+}
