@@ -1,1 +1,41 @@
-fn main() {}
+//! `bulkhead`: a qemu-storage-daemon compatible block daemon whose subsystems run in
+//! sandboxed worker processes.
+//!
+//! This binary is glue. Run as `bulkhead [qsd options]` it is the supervisor; run as
+//! `bulkhead worker --kind KIND` (only the supervisor does that) it is a worker.
+
+mod startup;
+
+use std::process::ExitCode;
+
+use bulkhead_ipc::wire::WorkerKind;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    init_logging();
+    if args.get(1).map(String::as_str) == Some("worker") {
+        return match (
+            args.get(2).map(String::as_str),
+            args.get(3).and_then(|k| WorkerKind::parse(k)),
+        ) {
+            (Some("--kind"), Some(kind)) if args.len() == 4 => bulkhead_actors::worker::main(kind),
+            _ => {
+                eprintln!(
+                    "bulkhead: worker: expected '--kind KIND' (workers are started by the supervisor)"
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    startup::main(&args[1..])
+}
+
+/// Logs go to stderr; `BULKHEAD_LOG` takes a tracing filter (default: warnings).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -37,9 +37,13 @@ pub enum CodecError {
 
 /// Encodes `value`, refusing results larger than [`MAX_CONTROL_MESSAGE`].
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let bytes = bincode::serde::encode_to_vec(value, CONFIG).map_err(|e| CodecError::Encode(e.to_string()))?;
+    let bytes = bincode::serde::encode_to_vec(value, CONFIG)
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
     if bytes.len() > MAX_CONTROL_MESSAGE {
-        return Err(CodecError::Encode(format!("{} bytes exceeds the limit", bytes.len())));
+        return Err(CodecError::Encode(format!(
+            "{} bytes exceeds the limit",
+            bytes.len()
+        )));
     }
     Ok(bytes)
 }
@@ -47,10 +51,13 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 /// Decodes exactly one value from `bytes`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if bytes.len() > MAX_CONTROL_MESSAGE {
-        return Err(CodecError::Decode(format!("{} bytes exceeds the limit", bytes.len())));
+        return Err(CodecError::Decode(format!(
+            "{} bytes exceeds the limit",
+            bytes.len()
+        )));
     }
-    let (value, used) =
-        bincode::serde::decode_from_slice(bytes, CONFIG).map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (value, used) = bincode::serde::decode_from_slice(bytes, CONFIG)
+        .map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::Trailing(bytes.len() - used));
     }
@@ -73,7 +80,10 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut bytes = encode(&5u32).unwrap();
         bytes.push(0);
-        assert!(matches!(decode::<u32>(&bytes), Err(CodecError::Trailing(1))));
+        assert!(matches!(
+            decode::<u32>(&bytes),
+            Err(CodecError::Trailing(1))
+        ));
     }
 
     #[test]

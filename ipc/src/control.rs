@@ -47,16 +47,26 @@ impl ControlChannel {
         fd::set_nonblocking(sock.as_fd())?;
         // SAFETY: `sock` is an OwnedFd moved into the AsyncFd, so the descriptor stays
         // open and refers to the same socket for the AsyncFd's whole lifetime.
-        let fd = unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE | Interest::WRITABLE) }
-            .map_err(|e| ChannelError::Register(e.into_parts().1))?;
+        let fd = unsafe {
+            AsyncFd::register_with_interest(sock, Interest::READABLE | Interest::WRITABLE)
+        }
+        .map_err(|e| ChannelError::Register(e.into_parts().1))?;
         Ok(ControlChannel { fd })
     }
 
     /// Sends `msg` with `fds` attached.
-    pub async fn send<T: Serialize>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+    pub async fn send<T: Serialize>(
+        &self,
+        msg: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ChannelError> {
         let bytes = codec::encode(msg)?;
         loop {
-            let mut guard = self.fd.writable().await.map_err(|e| ChannelError::Fd(FdError::from_io(e)))?;
+            let mut guard = self
+                .fd
+                .writable()
+                .await
+                .map_err(|e| ChannelError::Fd(FdError::from_io(e)))?;
             match guard.try_io(|inner| {
                 fd::send_with_fds(inner.get_ref().as_fd(), &bytes, fds).map_err(FdError::into_io)
             }) {
@@ -71,8 +81,14 @@ impl ControlChannel {
     pub async fn recv<T: DeserializeOwned>(&self) -> Result<(T, Vec<OwnedFd>), ChannelError> {
         let mut buf = vec![0u8; MAX_CONTROL_MESSAGE];
         loop {
-            let mut guard = self.fd.readable().await.map_err(|e| ChannelError::Fd(FdError::from_io(e)))?;
-            match guard.try_io(|inner| fd::recv_with_fds(inner.get_ref().as_fd(), &mut buf).map_err(FdError::into_io)) {
+            let mut guard = self
+                .fd
+                .readable()
+                .await
+                .map_err(|e| ChannelError::Fd(FdError::from_io(e)))?;
+            match guard.try_io(|inner| {
+                fd::recv_with_fds(inner.get_ref().as_fd(), &mut buf).map_err(FdError::into_io)
+            }) {
                 Ok(Ok((n, fds))) => {
                     let msg = codec::decode(&buf[..n])?;
                     return Ok((msg, fds));
@@ -113,11 +129,28 @@ mod tests {
     #[tokio::test]
     async fn messages_and_descriptors_cross_the_channel() {
         let (a, b) = fd::seqpacket_pair().unwrap();
-        let (a, b) = (ControlChannel::new(a).unwrap(), ControlChannel::new(b).unwrap());
+        let (a, b) = (
+            ControlChannel::new(a).unwrap(),
+            ControlChannel::new(b).unwrap(),
+        );
         let (x, _y) = fd::stream_pair().unwrap();
-        a.send(&FromWorker::Reply { id: 1, result: Ok(Reply::Done) }, &[x.as_fd()]).await.unwrap();
+        a.send(
+            &FromWorker::Reply {
+                id: 1,
+                result: Ok(Reply::Done),
+            },
+            &[x.as_fd()],
+        )
+        .await
+        .unwrap();
         let (msg, fds): (FromWorker, _) = b.recv().await.unwrap();
-        assert!(matches!(msg, FromWorker::Reply { id: 1, result: Ok(Reply::Done) }));
+        assert!(matches!(
+            msg,
+            FromWorker::Reply {
+                id: 1,
+                result: Ok(Reply::Done)
+            }
+        ));
         assert_eq!(fds.len(), 1);
     }
 
@@ -126,7 +159,10 @@ mod tests {
         let (a, b) = fd::seqpacket_pair().unwrap();
         fd::send_with_fds(a.as_fd(), &[0xFF; 40], &[]).unwrap();
         let b = ControlChannel::new(b).unwrap();
-        assert!(matches!(b.recv::<FromWorker>().await, Err(ChannelError::Codec(_))));
+        assert!(matches!(
+            b.recv::<FromWorker>().await,
+            Err(ChannelError::Codec(_))
+        ));
         drop(a);
         assert!(b.recv::<FromWorker>().await.unwrap_err().is_closed());
     }

@@ -137,7 +137,9 @@ fn into_stream(sock: OwnedFd) -> std::io::Result<UnixStream> {
     UnixStream::from_std(std)
 }
 
-async fn read_header<T: serde::de::DeserializeOwned>(r: &mut OwnedReadHalf) -> Result<T, DataError> {
+async fn read_header<T: serde::de::DeserializeOwned>(
+    r: &mut OwnedReadHalf,
+) -> Result<T, DataError> {
     let len = r.read_u32_le().await? as usize;
     if len > MAX_DATA_HEADER {
         return Err(DataError::Protocol(format!("header of {len} bytes")));
@@ -147,7 +149,11 @@ async fn read_header<T: serde::de::DeserializeOwned>(r: &mut OwnedReadHalf) -> R
     codec::decode(&buf).map_err(|e| DataError::Protocol(e.to_string()))
 }
 
-async fn write_frame<T: Serialize>(w: &mut OwnedWriteHalf, header: &T, payload: &[u8]) -> Result<(), DataError> {
+async fn write_frame<T: Serialize>(
+    w: &mut OwnedWriteHalf,
+    header: &T,
+    payload: &[u8],
+) -> Result<(), DataError> {
     let bytes = codec::encode(header).map_err(|e| DataError::Protocol(e.to_string()))?;
     let mut frame = Vec::with_capacity(4 + bytes.len());
     frame.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
@@ -227,14 +233,22 @@ impl DataClient {
                 r.read_exact(&mut payload).await?;
             }
             let Some(tx) = self.pending().remove(&reply.tag) else {
-                return Err(DataError::Protocol(format!("reply for unknown tag {}", reply.tag)));
+                return Err(DataError::Protocol(format!(
+                    "reply for unknown tag {}",
+                    reply.tag
+                )));
             };
             let _ = tx.send(reply.result.map(|done| (done, payload)));
         }
     }
 
     /// Sends one request and waits for its reply.
-    pub async fn call(&self, node: NodeId, op: IoOp, payload: &[u8]) -> Result<(IoDone, Vec<u8>), IoError> {
+    pub async fn call(
+        &self,
+        node: NodeId,
+        op: IoOp,
+        payload: &[u8],
+    ) -> Result<(IoDone, Vec<u8>), IoError> {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending().insert(tag, tx);
@@ -315,7 +329,11 @@ impl BlockIo for RemoteNode {
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let len = payload_len(buf.len())?;
-            match self.client.call(self.node, IoOp::Read { offset, len }, &[]).await? {
+            match self
+                .client
+                .call(self.node, IoOp::Read { offset, len }, &[])
+                .await?
+            {
                 (IoDone::Read { len: got }, data) if got == len && data.len() == buf.len() => {
                     buf.copy_from_slice(&data);
                     Ok(())
@@ -328,7 +346,8 @@ impl BlockIo for RemoteNode {
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let len = payload_len(buf.len())?;
-            self.expect_done(IoOp::Write { offset, len, flags }, buf).await
+            self.expect_done(IoOp::Write { offset, len, flags }, buf)
+                .await
         })
     }
 
@@ -346,7 +365,11 @@ impl BlockIo for RemoteNode {
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
         Box::pin(async move {
-            match self.client.call(self.node, IoOp::BlockStatus { offset, len }, &[]).await? {
+            match self
+                .client
+                .call(self.node, IoOp::BlockStatus { offset, len }, &[])
+                .await?
+            {
                 (IoDone::Extents(e), _) if !e.is_empty() && e.iter().all(|x| x.length > 0) => Ok(e),
                 _ => Err(IoError::Invalid),
             }
@@ -399,7 +422,13 @@ pub async fn serve(sock: OwnedFd, nodes: Arc<dyn NodeLookup>) -> Result<(), Data
                 None => (Err(IoError::Invalid), Vec::new()),
                 Some(node) => execute(node.as_ref(), req.op, payload).await,
             };
-            let _ = tx.send((IoReply { tag: req.tag, result }, data));
+            let _ = tx.send((
+                IoReply {
+                    tag: req.tag,
+                    result,
+                },
+                data,
+            ));
             drop(permit);
         });
     };
@@ -408,7 +437,11 @@ pub async fn serve(sock: OwnedFd, nodes: Arc<dyn NodeLookup>) -> Result<(), Data
     result
 }
 
-async fn execute(node: &dyn BlockIo, op: IoOp, payload: Vec<u8>) -> (Result<IoDone, IoError>, Vec<u8>) {
+async fn execute(
+    node: &dyn BlockIo,
+    op: IoOp,
+    payload: Vec<u8>,
+) -> (Result<IoDone, IoError>, Vec<u8>) {
     match op {
         IoOp::Read { offset, len } => {
             if len as usize > MAX_IO_PAYLOAD {
@@ -420,14 +453,34 @@ async fn execute(node: &dyn BlockIo, op: IoOp, payload: Vec<u8>) -> (Result<IoDo
                 Err(e) => (Err(e), Vec::new()),
             }
         }
-        IoOp::Write { offset, flags, .. } => (node.write(offset, &payload, flags).await.map(|()| IoDone::Done), Vec::new()),
-        IoOp::WriteZeroes { offset, len, flags } => {
-            (node.write_zeroes(offset, len, flags).await.map(|()| IoDone::Done), Vec::new())
-        }
-        IoOp::Discard { offset, len } => (node.discard(offset, len).await.map(|()| IoDone::Done), Vec::new()),
+        IoOp::Write { offset, flags, .. } => (
+            node.write(offset, &payload, flags)
+                .await
+                .map(|()| IoDone::Done),
+            Vec::new(),
+        ),
+        IoOp::WriteZeroes { offset, len, flags } => (
+            node.write_zeroes(offset, len, flags)
+                .await
+                .map(|()| IoDone::Done),
+            Vec::new(),
+        ),
+        IoOp::Discard { offset, len } => (
+            node.discard(offset, len).await.map(|()| IoDone::Done),
+            Vec::new(),
+        ),
         IoOp::Flush => (node.flush().await.map(|()| IoDone::Done), Vec::new()),
-        IoOp::BlockStatus { offset, len } => (node.block_status(offset, len).await.map(IoDone::Extents), Vec::new()),
-        IoOp::Info => (Ok(IoDone::Info { size: node.size(), read_only: node.read_only() }), Vec::new()),
+        IoOp::BlockStatus { offset, len } => (
+            node.block_status(offset, len).await.map(IoDone::Extents),
+            Vec::new(),
+        ),
+        IoOp::Info => (
+            Ok(IoDone::Info {
+                size: node.size(),
+                read_only: node.read_only(),
+            }),
+            Vec::new(),
+        ),
     }
 }
 
@@ -474,7 +527,14 @@ mod tests {
             Box::pin(async { Ok(()) })
         }
         fn block_status(&self, _: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
-            Box::pin(async move { Ok(vec![Extent { length: len, data: true, zero: false, depth: 1 }]) })
+            Box::pin(async move {
+                Ok(vec![Extent {
+                    length: len,
+                    data: true,
+                    zero: false,
+                    depth: 1,
+                }])
+            })
         }
     }
 
@@ -494,13 +554,21 @@ mod tests {
         let node = client.node(NodeId(1)).await.unwrap();
         assert_eq!(node.size(), 1 << 20);
         let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
-        node.write(4096, &data, WriteFlags::default()).await.unwrap();
+        node.write(4096, &data, WriteFlags::default())
+            .await
+            .unwrap();
         let mut back = vec![0u8; data.len()];
         node.read(4096, &mut back).await.unwrap();
         assert_eq!(back, data);
         let mut past = vec![0u8; 10];
-        assert_eq!(node.read(1 << 20, &mut past).await, Err(IoError::OutOfRange));
-        assert_eq!(node.write_zeroes(0, 1, ZeroFlags::default()).await, Err(IoError::Unsupported));
+        assert_eq!(
+            node.read(1 << 20, &mut past).await,
+            Err(IoError::OutOfRange)
+        );
+        assert_eq!(
+            node.write_zeroes(0, 1, ZeroFlags::default()).await,
+            Err(IoError::Unsupported)
+        );
         assert!(client.node(NodeId(2)).await.is_err());
     }
 
@@ -511,7 +579,12 @@ mod tests {
         drop(b);
         let mut buf = [0u8; 1];
         // Info fails first, so build the handle by hand.
-        let node = RemoteNode { client, node: NodeId(1), size: AtomicU64::new(1), read_only: false };
+        let node = RemoteNode {
+            client,
+            node: NodeId(1),
+            size: AtomicU64::new(1),
+            read_only: false,
+        };
         assert_eq!(node.read(0, &mut buf).await, Err(IoError::Disconnected));
     }
 

@@ -37,7 +37,12 @@ pub enum FdError {
 
 /// Creates a connected pair of close-on-exec sockets of the given type.
 pub fn socket_pair(kind: SocketType) -> Result<(OwnedFd, OwnedFd), FdError> {
-    Ok(rustix::net::socketpair(AddressFamily::UNIX, kind, SocketFlags::CLOEXEC, None)?)
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        kind,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// Creates a connected pair of `SOCK_SEQPACKET` sockets (close-on-exec).
@@ -59,23 +64,37 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), FdError> {
 
 /// Sends one message with `fds` attached. Returns `EAGAIN` as an error on a full
 /// non-blocking socket; the caller retries when writable.
-pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<usize, FdError> {
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<usize, FdError> {
     if fds.len() > MAX_FDS_PER_MESSAGE {
         return Err(FdError::TooManyFds);
     }
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+    let mut space =
+        [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(FdError::TooManyFds);
     }
-    Ok(rustix::net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?)
+    Ok(rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?)
 }
 
 /// Receives one message into `buf`, returning its length and the descriptors that came
 /// with it. A message that did not fit `buf`, or whose descriptors were cut off, is an
 /// error (its descriptors, if any arrived, are closed).
-pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), FdError> {
-    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<(usize, Vec<OwnedFd>), FdError> {
+    let mut space =
+        [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = rustix::net::recvmsg(
         sock,
@@ -130,7 +149,10 @@ mod tests {
         let (a, b) = seqpacket_pair().unwrap();
         send_with_fds(a.as_fd(), &[7u8; 100], &[]).unwrap();
         let mut buf = [0u8; 10];
-        assert!(matches!(recv_with_fds(b.as_fd(), &mut buf), Err(FdError::Truncated(10))));
+        assert!(matches!(
+            recv_with_fds(b.as_fd(), &mut buf),
+            Err(FdError::Truncated(10))
+        ));
     }
 
     #[test]
@@ -138,6 +160,9 @@ mod tests {
         let (a, b) = seqpacket_pair().unwrap();
         drop(a);
         let mut buf = [0u8; 10];
-        assert!(matches!(recv_with_fds(b.as_fd(), &mut buf), Err(FdError::Closed)));
+        assert!(matches!(
+            recv_with_fds(b.as_fd(), &mut buf),
+            Err(FdError::Closed)
+        ));
     }
 }

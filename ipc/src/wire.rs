@@ -196,7 +196,11 @@ impl WorkerError {
             }
             detail.truncate(cut);
         }
-        WorkerError { kind, errno, detail }
+        WorkerError {
+            kind,
+            errno,
+            detail,
+        }
     }
 }
 
@@ -225,12 +229,21 @@ mod tests {
                     size: Some(4096),
                     ..Default::default()
                 }),
-                child: Some(NodeRef { node: NodeId(2), home: WorkerKind::File }),
+                child: Some(NodeRef {
+                    node: NodeId(2),
+                    home: WorkerKind::File,
+                }),
             },
         };
         let bytes = codec::encode(&req).unwrap();
         let back: Request = codec::decode(&bytes).unwrap();
         assert_eq!(back.id, 7);
-        assert!(matches!(back.body, ToWorker::AddNode { node: NodeId(3), .. }));
+        assert!(matches!(
+            back.body,
+            ToWorker::AddNode {
+                node: NodeId(3),
+                ..
+            }
+        ));
     }
 }

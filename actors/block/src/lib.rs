@@ -14,3 +14,21 @@ pub mod config;
 pub mod io;
 
 pub use io::{BlockIo, Extent, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags};
+
+/// Why a node could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The driver is not available in this build.
+    #[error("driver not available")]
+    Unavailable,
+}
+
+/// Opens a node from its config, its image descriptor (file drivers) and its child
+/// (format drivers). Placeholder until the drivers land.
+pub fn open(
+    _config: config::DriverConfig,
+    _fd: Option<std::os::fd::OwnedFd>,
+    _child: Option<std::sync::Arc<dyn BlockIo>>,
+) -> Result<std::sync::Arc<dyn BlockIo>, OpenError> {
+    Err(OpenError::Unavailable)
+}

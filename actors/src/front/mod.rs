@@ -1,0 +1,140 @@
+//! The QMP front: monitors (one per `--monitor`), their client sessions, and how
+//! requests reach the supervisor.
+//!
+//! Runs in the supervisor and handles untrusted bytes from QMP clients. Each monitor
+//! serves one client at a time, like a qsd chardev socket: a second client waits for
+//! the first to leave, then gets a fresh greeting. A session parses the byte stream
+//! with QEMU's JSON rules, checks the envelope and the negotiation state, validates
+//! arguments against the QAPI schema, and only then asks the supervisor to act.
+
+pub mod session;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use actix::Addr;
+use interprocess::local_socket::tokio::prelude::*;
+use interprocess::local_socket::{GenericFilePath, ListenerOptions};
+use serde_json::Value;
+
+use crate::events::EventBus;
+use crate::supervisor::actor::SupervisorActor;
+
+/// Renders one outgoing message as qsd writes it: compact or pretty JSON, then CRLF.
+/// Pretty output has CRLF line ends too (QEMU's monitor turns every LF into CRLF).
+pub fn render(v: &Value, pretty: bool) -> Vec<u8> {
+    let text = if pretty {
+        bulkhead_qmp::json::to_string_pretty(v)
+    } else {
+        bulkhead_qmp::json::to_string(v)
+    };
+    let mut out = Vec::with_capacity(text.len() + 2);
+    for b in text.bytes() {
+        if b == b'\n' {
+            out.push(b'\r');
+        }
+        out.push(b);
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Where a monitor talks to its clients.
+#[derive(Debug)]
+pub enum Chardev {
+    /// A listening Unix socket we created at this path.
+    Socket(interprocess::local_socket::tokio::Listener, PathBuf),
+    /// The daemon's standard input and output.
+    Stdio,
+}
+
+impl Chardev {
+    /// Binds a Unix socket server at `path`, replacing a stale socket file like QEMU.
+    pub fn bind(path: PathBuf) -> std::io::Result<Chardev> {
+        let name = path.as_path().to_fs_name::<GenericFilePath>()?;
+        let listener = ListenerOptions::new()
+            .name(name)
+            .try_overwrite(true)
+            .create_tokio()?;
+        Ok(Chardev::Socket(listener, path))
+    }
+}
+
+/// Everything a session needs to reach the rest of the supervisor.
+#[derive(Clone)]
+pub struct Front {
+    /// The supervisor.
+    pub supervisor: Addr<SupervisorActor>,
+    /// The event bus.
+    pub bus: Addr<EventBus>,
+    /// Called after `quit` has been answered.
+    pub quit: std::rc::Rc<dyn Fn()>,
+}
+
+impl std::fmt::Debug for Front {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Front").finish_non_exhaustive()
+    }
+}
+
+/// A client connection shared by a session's reader and its writer task.
+/// (`&Stream` does the I/O, so sharing needs no lock.)
+struct Shared(std::rc::Rc<interprocess::local_socket::tokio::Stream>);
+
+impl tokio::io::AsyncRead for Shared {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut &*self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Shared {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut &*self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut &*self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut &*self.0).poll_shutdown(cx)
+    }
+}
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Runs a monitor until its chardev closes: serves one client after another.
+pub async fn run_monitor(chardev: Chardev, pretty: bool, front: Front) {
+    match chardev {
+        Chardev::Socket(listener, path) => loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+                    let stream = std::rc::Rc::new(stream);
+                    let (r, w) = (Shared(std::rc::Rc::clone(&stream)), Shared(stream));
+                    session::run(id, r, w, pretty, &front).await;
+                }
+                Err(e) => {
+                    tracing::error!(socket = %path.display(), error = %e, "monitor accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        },
+        Chardev::Stdio => {
+            let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+            session::run(id, tokio::io::stdin(), tokio::io::stdout(), pretty, &front).await;
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The actix face of the supervisor: one actor owning [`Core`], so commands from all
+//! monitors run one at a time and worker deaths are handled between commands.
+//!
+//! Handlers stay thin: they hand the message to `Core` and return its answer. A command
+//! takes `Core` out of the actor for its duration (`AtomicResponse` guarantees no other
+//! message is handled meanwhile) and puts it back when done.
+
+use std::rc::Rc;
+
+use actix::prelude::*;
+use serde_json::{Map, Value};
+
+use super::workers::WorkerDied;
+use super::{After, Core, QmpError};
+use crate::events::EventSink;
+
+/// The supervisor actor.
+#[derive(Debug)]
+pub struct SupervisorActor {
+    core: Option<Core>,
+    events: EventSink,
+}
+
+impl SupervisorActor {
+    /// Creates the actor; `Core` is built in `started` so it can address the actor.
+    pub fn new(events: EventSink) -> SupervisorActor {
+        SupervisorActor { core: None, events }
+    }
+}
+
+impl Actor for SupervisorActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let me = ctx.address();
+        let on_death: Rc<dyn Fn(WorkerDied)> = Rc::new(move |d| me.do_send(d));
+        self.core = Some(Core::new(self.events.clone(), on_death));
+    }
+}
+
+impl Message for WorkerDied {
+    type Result = ();
+}
+
+impl Handler<WorkerDied> for SupervisorActor {
+    type Result = ();
+    fn handle(&mut self, msg: WorkerDied, _: &mut Context<Self>) {
+        if let Some(core) = self.core.as_mut() {
+            core.worker_died(&msg);
+        }
+    }
+}
+
+/// Run one QMP command (arguments already validated).
+#[derive(Debug)]
+pub struct Execute {
+    /// Command name.
+    pub command: String,
+    /// Arguments.
+    pub args: Map<String, Value>,
+}
+
+impl Message for Execute {
+    type Result = Result<(Value, After), QmpError>;
+}
+
+impl Handler<Execute> for SupervisorActor {
+    type Result = AtomicResponse<Self, Result<(Value, After), QmpError>>;
+
+    fn handle(&mut self, msg: Execute, _: &mut Context<Self>) -> Self::Result {
+        let Some(mut core) = self.core.take() else {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(QmpError::generic(
+                "supervisor is busy",
+            )))));
+        };
+        let fut = async move {
+            let r = core.execute(&msg.command, msg.args).await;
+            (core, r)
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|(core, r), act, _| {
+            act.core = Some(core);
+            r
+        })))
+    }
+}
+
+/// Shut down: stop every worker. Sent once, when the daemon exits.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for SupervisorActor {
+    type Result = ();
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) {
+        if let Some(core) = self.core.as_ref() {
+            for w in core.workers() {
+                w.kill();
+            }
+        }
+    }
+}

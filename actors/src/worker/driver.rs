@@ -1,0 +1,191 @@
+//! The driver worker: hosts every node of one block driver kind.
+//!
+//! Nodes are opened from configs and descriptors the supervisor sends; a node's child
+//! is found either in this worker or, through a data channel, in the worker of the
+//! child's driver. Other workers reach this worker's nodes through data channels it
+//! serves.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, RwLock};
+
+use bulkhead_block::BlockIo;
+use bulkhead_ipc::data::{self, DataClient, NodeLookup};
+use bulkhead_ipc::wire::{
+    NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerKind,
+};
+
+/// The nodes this worker serves, shared with its data channel servers.
+#[derive(Default)]
+struct Nodes(RwLock<HashMap<NodeId, Arc<dyn BlockIo>>>);
+
+impl NodeLookup for Nodes {
+    fn lookup(&self, node: NodeId) -> Option<Arc<dyn BlockIo>> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .cloned()
+    }
+}
+
+impl Nodes {
+    fn insert(&self, id: NodeId, node: Arc<dyn BlockIo>) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, node);
+    }
+
+    fn remove(&self, id: NodeId) -> Option<Arc<dyn BlockIo>> {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+    }
+}
+
+/// State of a driver worker.
+pub(crate) struct DriverWorker {
+    kind: WorkerKind,
+    nodes: Arc<Nodes>,
+    peers: HashMap<WorkerKind, Arc<DataClient>>,
+}
+
+fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerError {
+    WorkerError::new(kind, errno, detail)
+}
+
+fn one_fd(mut fds: Vec<OwnedFd>, what: &str) -> Result<OwnedFd, WorkerError> {
+    if fds.len() != 1 {
+        return Err(err(
+            WorkerErrorKind::Invalid,
+            libc::EINVAL,
+            format!("{what} needs exactly one descriptor"),
+        ));
+    }
+    fds.pop()
+        .ok_or_else(|| err(WorkerErrorKind::Invalid, libc::EINVAL, "no descriptor"))
+}
+
+impl DriverWorker {
+    pub(crate) fn new(kind: WorkerKind) -> DriverWorker {
+        DriverWorker {
+            kind,
+            nodes: Arc::new(Nodes::default()),
+            peers: HashMap::new(),
+        }
+    }
+
+    async fn child(&self, child: NodeRef) -> Result<Arc<dyn BlockIo>, WorkerError> {
+        if child.home == self.kind {
+            return self.nodes.lookup(child.node).ok_or_else(|| {
+                err(
+                    WorkerErrorKind::NotFound,
+                    libc::ENOENT,
+                    "child node not in this worker",
+                )
+            });
+        }
+        let peer = self.peers.get(&child.home).ok_or_else(|| {
+            err(
+                WorkerErrorKind::NotFound,
+                libc::ENOENT,
+                format!("no channel to {}", child.home),
+            )
+        })?;
+        let node = peer
+            .node(child.node)
+            .await
+            .map_err(|e| err(WorkerErrorKind::Io, e.errno(), format!("child node: {e}")))?;
+        Ok(Arc::new(node))
+    }
+
+    pub(crate) async fn handle(
+        &mut self,
+        req: ToWorker,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Reply, WorkerError> {
+        match req {
+            ToWorker::ServeDataChannel { peer } => {
+                let sock = one_fd(fds, "ServeDataChannel")?;
+                let nodes: Arc<dyn NodeLookup> = self.nodes.clone();
+                let me = self.kind;
+                tokio::spawn(async move {
+                    if let Err(e) = data::serve(sock, nodes).await {
+                        tracing::warn!(worker = %me, %peer, error = %e, "data channel ended");
+                    }
+                });
+                Ok(Reply::Done)
+            }
+            ToWorker::ConnectDataChannel { peer } => {
+                let sock = one_fd(fds, "ConnectDataChannel")?;
+                let client = DataClient::spawn(sock).map_err(|e| {
+                    err(
+                        WorkerErrorKind::Io,
+                        e.raw_os_error().unwrap_or(0),
+                        e.to_string(),
+                    )
+                })?;
+                self.peers.insert(peer, client);
+                Ok(Reply::Done)
+            }
+            ToWorker::AddNode {
+                node,
+                name,
+                config,
+                child,
+            } => {
+                if self.nodes.lookup(node).is_some() {
+                    return Err(err(
+                        WorkerErrorKind::Invalid,
+                        libc::EEXIST,
+                        format!("node {name} exists"),
+                    ));
+                }
+                let child = match child {
+                    Some(c) => Some(self.child(c).await?),
+                    None => None,
+                };
+                let fd = match fds.len() {
+                    0 => None,
+                    _ => Some(one_fd(fds, "AddNode")?),
+                };
+                let opened = bulkhead_block::open(config, fd, child).map_err(|e| {
+                    err(
+                        WorkerErrorKind::Invalid,
+                        libc::EINVAL,
+                        format!("{name}: {e}"),
+                    )
+                })?;
+                tracing::debug!(worker = %self.kind, node = %name, "node opened");
+                self.nodes.insert(node, opened);
+                Ok(Reply::Done)
+            }
+            ToWorker::RemoveNode { node } => match self.nodes.remove(node) {
+                Some(_) => Ok(Reply::Done),
+                None => Err(err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node")),
+            },
+            ToWorker::ResizeNode { node, size } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                n.resize(size).await.map_err(|e| match e {
+                    bulkhead_block::IoError::Unsupported => {
+                        err(WorkerErrorKind::Unsupported, e.errno(), e.to_string())
+                    }
+                    _ => err(WorkerErrorKind::Io, e.errno(), e.to_string()),
+                })?;
+                Ok(Reply::NodeInfo { size: n.size() })
+            }
+            ToWorker::QueryNode { node } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                Ok(Reply::NodeInfo { size: n.size() })
+            }
+        }
+    }
+}

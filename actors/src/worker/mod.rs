@@ -1,0 +1,85 @@
+//! Worker processes: the runtime every worker kind shares.
+//!
+//! A worker is the `bulkhead` binary re-executed as `bulkhead worker --kind KIND`, with
+//! its control socket on descriptor 3 and nothing else inherited. It asks the kernel to
+//! kill it when the supervisor dies, says `Ready`, then carries out the supervisor's
+//! requests one at a time. Node I/O from other workers arrives on data channels and is
+//! served concurrently. A worker holds no state that cannot be rebuilt from the
+//! supervisor's requests, so the supervisor can replace it.
+
+mod driver;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::ExitCode;
+
+use bulkhead_ipc::control::ControlChannel;
+use bulkhead_ipc::wire::{FromWorker, Request, WorkerKind};
+
+/// The descriptor on which a worker finds its control socket.
+pub const CONTROL_FD: i32 = 3;
+
+/// Errors that end a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerExit {
+    /// The runtime could not start.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The control channel failed.
+    #[error("control channel: {0}")]
+    Control(#[from] bulkhead_ipc::control::ChannelError),
+    /// Setting up the process failed.
+    #[error("process setup: {0}")]
+    Setup(String),
+}
+
+/// Entry point of `bulkhead worker --kind KIND`.
+pub fn main(kind: WorkerKind) -> ExitCode {
+    match run(kind) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(worker = %kind, error = %e, "worker exiting");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(kind: WorkerKind) -> Result<(), WorkerExit> {
+    // First thing: die with the supervisor, so no orphan keeps an image locked. Then
+    // re-check the parent, in case it died before the prctl took effect.
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .map_err(|e| WorkerExit::Setup(format!("PR_SET_PDEATHSIG: {e}")))?;
+    if rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
+        return Err(WorkerExit::Setup("supervisor already gone".into()));
+    }
+    // SAFETY: the supervisor placed our control socket on descriptor 3 (and nothing
+    // else above stderr); we take sole ownership of it here, exactly once.
+    let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+
+    let sandbox =
+        bulkhead_sandbox::apply_early(kind).map_err(|e| WorkerExit::Setup(e.to_string()))?;
+
+    // Two threads: the machine has few cores and every worker shares them.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(format!("bulkhead-{kind}"))
+        .enable_all()
+        .build()
+        .map_err(WorkerExit::Runtime)?;
+    rt.block_on(serve(kind, control, sandbox))
+}
+
+async fn serve(kind: WorkerKind, control: OwnedFd, sandbox: Vec<String>) -> Result<(), WorkerExit> {
+    let chan = ControlChannel::new(control)?;
+    chan.send(&FromWorker::Ready { sandbox }, &[]).await?;
+    let mut state = driver::DriverWorker::new(kind);
+    loop {
+        let (req, fds): (Request, _) = match chan.recv().await {
+            Ok(m) => m,
+            Err(e) if e.is_closed() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let result = state.handle(req.body, fds).await;
+        chan.send(&FromWorker::Reply { id: req.id, result }, &[])
+            .await?;
+    }
+}
