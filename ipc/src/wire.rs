@@ -127,6 +127,38 @@ pub enum ToWorker {
         /// The node.
         node: NodeId,
     },
+    /// NBD worker: serve NBD on the attached listening socket (unix or TCP).
+    NbdServerStart {
+        /// Most simultaneous clients; 0 = unlimited.
+        max_connections: u32,
+        /// Seconds a client may take to finish the handshake; 0 = no limit.
+        handshake_max_seconds: u32,
+    },
+    /// NBD worker: stop listening and drop every export and client.
+    NbdServerStop,
+    /// NBD worker: export a node. The supervisor has already checked names, sizes and
+    /// permissions; the worker only refuses what it alone can know.
+    NbdExportAdd {
+        /// The NBD export name.
+        name: String,
+        /// Its description.
+        description: Option<String>,
+        /// Clients may write.
+        writable: bool,
+        /// Offer `qemu:allocation-depth`.
+        allocation_depth: bool,
+        /// The exported node.
+        node: NodeRef,
+    },
+    /// NBD worker: remove an export. Safe mode fails with `InUse` while clients are
+    /// attached; hard mode drops them and reports `ExportRemoved { deferred: true }` if
+    /// any were, followed later by `WorkerEvent::ExportGone`.
+    NbdExportRemove {
+        /// The NBD export name.
+        name: String,
+        /// Drop attached clients.
+        hard: bool,
+    },
 }
 
 /// A message from a worker to the supervisor.
@@ -137,12 +169,24 @@ pub enum FromWorker {
         /// Sandbox layers the worker applied to itself.
         sandbox: Vec<String>,
     },
+    /// Something happened that the supervisor did not ask about just now.
+    Event(WorkerEvent),
     /// The answer to request `id`.
     Reply {
         /// The request's id.
         id: u64,
         /// Its outcome.
         result: Result<Reply, WorkerError>,
+    },
+}
+
+/// Unsolicited news from a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerEvent {
+    /// The last client of a removed export has gone.
+    ExportGone {
+        /// The NBD export name.
+        name: String,
     },
 }
 
@@ -155,6 +199,12 @@ pub enum Reply {
     NodeInfo {
         /// Size in bytes.
         size: u64,
+    },
+    /// An export was removed; `deferred` when clients were still attached and
+    /// `ExportGone` will follow once they have gone.
+    ExportRemoved {
+        /// Clients were attached.
+        deferred: bool,
     },
 }
 
@@ -182,6 +232,8 @@ pub enum WorkerErrorKind {
     Unsupported,
     /// The operation failed in the OS.
     Io,
+    /// Clients are attached (safe export removal).
+    InUse,
 }
 
 impl WorkerError {

@@ -10,6 +10,8 @@ use std::rc::Rc;
 use actix::prelude::*;
 use serde_json::{Map, Value};
 
+use bulkhead_ipc::wire::{WorkerEvent, WorkerKind};
+
 use super::workers::WorkerDied;
 use super::{After, Core, QmpError};
 use crate::events::EventSink;
@@ -34,7 +36,10 @@ impl Actor for SupervisorActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let me = ctx.address();
         let on_death: Rc<dyn Fn(WorkerDied)> = Rc::new(move |d| me.do_send(d));
-        self.core = Some(Core::new(self.events.clone(), on_death));
+        let me = ctx.address();
+        let on_event: Rc<dyn Fn(WorkerKind, WorkerEvent)> =
+            Rc::new(move |_, e| me.do_send(FromWorkerEvent(e)));
+        self.core = Some(Core::new(self.events.clone(), on_event, on_death));
     }
 }
 
@@ -48,6 +53,31 @@ impl Handler<WorkerDied> for SupervisorActor {
         if let Some(core) = self.core.as_mut() {
             core.worker_died(&msg);
         }
+    }
+}
+
+/// An unsolicited worker event, handled between commands.
+#[derive(Debug)]
+pub struct FromWorkerEvent(pub WorkerEvent);
+
+impl Message for FromWorkerEvent {
+    type Result = ();
+}
+
+impl Handler<FromWorkerEvent> for SupervisorActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: FromWorkerEvent, _: &mut Context<Self>) -> Self::Result {
+        let Some(mut core) = self.core.take() else {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        };
+        let fut = async move {
+            core.worker_event(msg.0).await;
+            core
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|core, act, _| {
+            act.core = Some(core);
+        })))
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod actor;
 pub mod blockdev;
+pub mod export;
 pub mod graph;
 pub mod workers;
 
@@ -16,7 +17,7 @@ use std::os::fd::AsFd;
 use std::rc::Rc;
 
 use bulkhead_ipc::fd;
-use bulkhead_ipc::wire::{ToWorker, WorkerKind};
+use bulkhead_ipc::wire::{ToWorker, WorkerEvent, WorkerKind};
 use bulkhead_qmp::request::ErrorClass;
 use serde_json::{Map, Value, json};
 
@@ -55,6 +56,13 @@ pub const COMMANDS: &[&str] = &[
     "query-block",
     "x-debug-query-block-graph",
     "block_resize",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "nbd-server-add",
+    "nbd-server-remove",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
 ];
 
 /// What the session must do after sending a command's reply.
@@ -73,7 +81,10 @@ pub struct Core {
     channels: HashSet<(WorkerKind, WorkerKind)>,
     events: EventSink,
     on_death: Rc<dyn Fn(WorkerDied)>,
+    on_event: Rc<dyn Fn(WorkerKind, WorkerEvent)>,
     generated_names: u64,
+    nbd: Option<export::NbdServer>,
+    exports: Vec<export::Export>,
 }
 
 impl std::fmt::Debug for Core {
@@ -86,14 +97,21 @@ impl std::fmt::Debug for Core {
 
 impl Core {
     /// A supervisor with no nodes. `on_death` is told when a worker process ends.
-    pub fn new(events: EventSink, on_death: Rc<dyn Fn(WorkerDied)>) -> Core {
+    pub fn new(
+        events: EventSink,
+        on_event: Rc<dyn Fn(WorkerKind, WorkerEvent)>,
+        on_death: Rc<dyn Fn(WorkerDied)>,
+    ) -> Core {
         Core {
             graph: Graph::default(),
             workers: HashMap::new(),
             channels: HashSet::new(),
             events,
             on_death,
+            on_event,
             generated_names: 0,
+            nbd: None,
+            exports: Vec::new(),
         }
     }
 
@@ -108,13 +126,23 @@ impl Core {
             "query-commands" => {
                 Value::Array(COMMANDS.iter().rev().map(|c| json!({"name": c})).collect())
             }
-            "quit" => return Ok((json!({}), After::Quit)),
+            "quit" => {
+                self.delete_all_exports().await;
+                return Ok((json!({}), After::Quit));
+            }
             "blockdev-add" => self.blockdev_add(Value::Object(args)).await?,
             "blockdev-del" => self.blockdev_del(&args).await?,
             "query-named-block-nodes" => self.graph.query_named_block_nodes(),
             "query-block" => json!([]),
             "x-debug-query-block-graph" => self.graph.debug_graph(),
             "block_resize" => self.block_resize(&args).await?,
+            "nbd-server-start" => self.nbd_server_start(&args).await?,
+            "nbd-server-stop" => self.nbd_server_stop().await?,
+            "nbd-server-add" => self.nbd_server_add(&args).await?,
+            "nbd-server-remove" => self.nbd_server_remove(&args).await?,
+            "block-export-add" => self.block_export_add(&args).await?,
+            "block-export-del" => self.block_export_del(&args).await?,
+            "query-block-exports" => self.query_block_exports(),
             other => {
                 return Err(QmpError {
                     class: ErrorClass::CommandNotFound,
@@ -139,6 +167,13 @@ impl Core {
         }
     }
 
+    /// A worker reported something unasked.
+    pub async fn worker_event(&mut self, event: WorkerEvent) {
+        match event {
+            WorkerEvent::ExportGone { name } => self.export_gone(&name).await,
+        }
+    }
+
     /// Running workers, for tests and `x-bulkhead-query-workers`.
     pub fn workers(&self) -> impl Iterator<Item = &WorkerHandle> {
         self.workers.values()
@@ -153,11 +188,13 @@ impl Core {
         let alive = self.workers.get(&kind).is_some_and(WorkerHandle::is_alive);
         if !alive {
             let on_death = Rc::clone(&self.on_death);
-            let handle = WorkerHandle::spawn(kind, move |d| on_death(d))
-                .await
-                .map_err(|e| {
-                    QmpError::generic(format!("Could not start the {kind} worker: {e}"))
-                })?;
+            let on_event = Rc::clone(&self.on_event);
+            let handle =
+                WorkerHandle::spawn(kind, move |k, e| on_event(k, e), move |d| on_death(d))
+                    .await
+                    .map_err(|e| {
+                        QmpError::generic(format!("Could not start the {kind} worker: {e}"))
+                    })?;
             self.channels.retain(|(a, b)| *a != kind && *b != kind);
             self.workers.insert(kind, handle);
         }

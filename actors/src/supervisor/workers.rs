@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use bulkhead_ipc::control::{ChannelError, ControlChannel};
 use bulkhead_ipc::fd;
-use bulkhead_ipc::wire::{FromWorker, Reply, Request, ToWorker, WorkerError, WorkerKind};
+use bulkhead_ipc::wire::{
+    FromWorker, Reply, Request, ToWorker, WorkerError, WorkerEvent, WorkerKind,
+};
 use tokio::sync::oneshot;
 
 /// How long a worker may take to say `Ready`.
@@ -86,6 +88,7 @@ impl WorkerHandle {
     /// thread) when the process ends, whatever the reason.
     pub async fn spawn(
         kind: WorkerKind,
+        on_event: impl Fn(WorkerKind, WorkerEvent) + 'static,
         on_death: impl FnOnce(WorkerDied) + 'static,
     ) -> Result<WorkerHandle, SpawnError> {
         let (ours, theirs) = fd::seqpacket_pair()?;
@@ -167,7 +170,7 @@ impl WorkerHandle {
         let reader_pending = Rc::clone(&pending);
         let kill_pidfd = handle.pidfd.as_ref().and_then(|f| fd::dup(f).ok());
         tokio::task::spawn_local(async move {
-            let why = read_replies(&chan, &reader_pending).await;
+            let why = read_replies(kind, &chan, &reader_pending, &on_event).await;
             if let Some(why) = why {
                 tracing::error!(worker = %kind, pid, reason = %why, "killing misbehaving worker");
                 if let Some(p) = &kill_pidfd {
@@ -253,7 +256,12 @@ impl WorkerHandle {
 
 /// Reads replies until the channel closes (returns `None`) or the worker breaks the
 /// protocol (returns why).
-async fn read_replies(chan: &ControlChannel, pending: &Pending) -> Option<String> {
+async fn read_replies(
+    kind: WorkerKind,
+    chan: &ControlChannel,
+    pending: &Pending,
+    on_event: &dyn Fn(WorkerKind, WorkerEvent),
+) -> Option<String> {
     loop {
         match chan.recv::<FromWorker>().await {
             Ok((FromWorker::Reply { id, result }, fds)) => {
@@ -266,6 +274,19 @@ async fn read_replies(chan: &ControlChannel, pending: &Pending) -> Option<String
                 let _ = tx.send(result);
             }
             Ok((FromWorker::Ready { .. }, _)) => return Some("second Ready".into()),
+            Ok((FromWorker::Event(event), fds)) => {
+                if !fds.is_empty() {
+                    return Some("event carried descriptors".into());
+                }
+                match &event {
+                    WorkerEvent::ExportGone { name }
+                        if kind == WorkerKind::Nbd && name.len() <= 4096 =>
+                    {
+                        on_event(kind, event)
+                    }
+                    _ => return Some("event not expected from this worker".into()),
+                }
+            }
             Err(e) if e.is_closed() => return None,
             Err(e) => return Some(e.to_string()),
         }

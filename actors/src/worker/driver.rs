@@ -179,6 +179,14 @@ impl DriverWorker {
                 })?;
                 Ok(Reply::NodeInfo { size: n.size() })
             }
+            ToWorker::NbdServerStart { .. }
+            | ToWorker::NbdServerStop
+            | ToWorker::NbdExportAdd { .. }
+            | ToWorker::NbdExportRemove { .. } => Err(err(
+                WorkerErrorKind::Invalid,
+                libc::EINVAL,
+                "not an export worker",
+            )),
             ToWorker::QueryNode { node } => {
                 let n = self
                     .nodes
