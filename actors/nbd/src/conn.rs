@@ -396,7 +396,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         len: u64,
     ) -> std::io::Result<Option<(u64, Selected)>> {
         let negotiated = u64::from(self.contexts.count);
-        if len % 4 != 0 || len < 8 || len > 8 + 4 * negotiated {
+        if !len.is_multiple_of(4) || len < 8 || len > 8 + 4 * negotiated {
             skip(r, len).await?;
             return Ok(None);
         }

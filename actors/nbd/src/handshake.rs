@@ -520,11 +520,11 @@ fn query(sel: &mut Contexts, export: &Export, q: &[u8], set: bool) {
         if (rest.is_empty() && !set) || rest == b"allocation" {
             sel.base_allocation = true;
         }
-    } else if let Some(rest) = q.strip_prefix(b"qemu:") {
-        if (rest.is_empty() && !set) || rest == b"allocation-depth" {
-            sel.allocation_depth = export.allocation_depth;
-        }
-        // `qemu:dirty-bitmap:*`: this server exports no bitmaps.
+    } else if let Some(rest) = q.strip_prefix(b"qemu:")
+        && ((rest.is_empty() && !set) || rest == b"allocation-depth")
+    {
+        // `qemu:dirty-bitmap:*` matches nothing: this server exports no bitmaps.
+        sel.allocation_depth = export.allocation_depth;
     }
 }
 
