@@ -1,1 +1,27 @@
-//! NBD server (to be written).
+//! NBD server library with qemu-storage-daemon 10.0.2's wire behaviour.
+//!
+//! Runs inside the NBD export worker process, on its tokio runtime. It speaks
+//! fixed-newstyle NBD to untrusted clients (simple, structured and extended
+//! replies; `base:allocation` and `qemu:allocation-depth` meta contexts) and
+//! reaches each exported node only through [`bulkhead_block::BlockIo`]. The worker
+//! wraps an [`NbdServer`]: it adds and removes exports as the supervisor asks,
+//! and hands in listeners or accepted sockets.
+//!
+//! # Layout
+//! - [`server`]: [`NbdServer`], export table, connection limit, removal, shutdown.
+//! - `handshake`: option negotiation (untrusted bytes).
+//! - `conn`: transmission phase: request parsing (untrusted bytes), request
+//!   tasks, replies.
+//! - [`proto`]: wire constants and header codecs.
+//!
+//! Not supported: TLS (STARTTLS is refused with qsd's "TLS not configured"),
+//! dirty-bitmap contexts, NBD_CMD_RESIZE.
+
+mod conn;
+mod handshake;
+pub mod proto;
+pub mod server;
+#[cfg(test)]
+mod testing;
+
+pub use server::{ExportConfig, ExportError, ExportRemoval, NbdServer, RemoveMode, ServerConfig};

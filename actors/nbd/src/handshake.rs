@@ -1,0 +1,558 @@
+//! Fixed-newstyle option negotiation, answering every option the way qsd 10.0.2
+//! does (reply types, error texts, which mistakes drop the connection).
+//!
+//! Runs in the NBD export worker, once per connection, before transmission.
+//! Handles untrusted bytes: every length a client sends is checked against
+//! qsd's limits (32 MiB per option, 4096 bytes per string) before it is used, and
+//! option payloads are read only as fast as the client sends them, so a client
+//! announcing a large option cannot make the server allocate it up front.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::proto::*;
+use crate::server::{Export, ExportClient, Shared};
+
+/// Reply format negotiated for the transmission phase, in increasing order of
+/// capability (qsd's `NBDMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Mode {
+    /// Old (non-fixed) newstyle client: only EXPORT_NAME, simple replies.
+    ExportName,
+    /// Fixed newstyle, simple replies.
+    Simple,
+    /// Structured replies negotiated.
+    Structured,
+    /// Extended headers negotiated (64-bit lengths, implies structured replies).
+    Extended,
+}
+
+/// Meta contexts selected with SET_META_CONTEXT.
+#[derive(Clone, Default)]
+pub(crate) struct Contexts {
+    /// The export the selection was made for.
+    pub(crate) export: Option<Arc<Export>>,
+    pub(crate) base_allocation: bool,
+    pub(crate) allocation_depth: bool,
+    pub(crate) count: u32,
+}
+
+impl Contexts {
+    fn is_for(&self, export: &Arc<Export>) -> bool {
+        self.export.as_ref().is_some_and(|e| Arc::ptr_eq(e, export))
+    }
+}
+
+/// What a successful negotiation hands to the transmission phase.
+pub(crate) struct Session {
+    pub(crate) client: ExportClient,
+    pub(crate) mode: Mode,
+    pub(crate) contexts: Contexts,
+}
+
+/// Why negotiation ended without a session. These are logged, never sent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandshakeError {
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("Unknown client flags 0x{0:x} received")]
+    UnknownClientFlags(u32),
+    #[error("Bad magic received")]
+    BadMagic,
+    #[error("len ({0}) is larger than max len ({MAX_BUFFER_SIZE})")]
+    OptionTooLong(u32),
+    #[error("Unsupported option {0} ({1})")]
+    NotFixedNewstyle(u32, &'static str),
+    #[error("Extended headers already negotiated")]
+    ExportNameAfterExtended,
+    #[error("Bad length received")]
+    BadExportNameLength,
+    #[error("export not found")]
+    ExportNotFound,
+    #[error("option '{0}' left unparsed bytes")]
+    TrailingBytes(&'static str),
+    #[error("client aborted")]
+    Aborted,
+}
+
+/// Reads an option's payload and parses it; a short read of a field is the
+/// client's fault and produces qsd's "Inconsistent lengths" reply.
+struct Payload<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+/// An option ended in an error reply of this type and text.
+struct OptErr(u32, String);
+
+impl<'a> Payload<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn bytes(&mut self, n: usize, opt: u32) -> Result<&'a [u8], OptErr> {
+        if n > self.remaining() {
+            return Err(inconsistent(opt));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u16(&mut self, opt: u32) -> Result<u16, OptErr> {
+        let b = self.bytes(2, opt)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self, opt: u32) -> Result<u32, OptErr> {
+        let b = self.bytes(4, opt)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A string without NUL bytes.
+    fn string(&mut self, n: usize, opt: u32) -> Result<&'a [u8], OptErr> {
+        let s = self.bytes(n, opt)?;
+        if s.contains(&0) {
+            return Err(OptErr(
+                REP_ERR_INVALID,
+                format!("Unexpected embedded NUL in option {}", opt_name(opt)),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// qsd's `nbd_opt_read_name`: a 32-bit length and at most 4096 bytes.
+    fn name(&mut self, opt: u32) -> Result<&'a [u8], OptErr> {
+        let len = self.u32(opt)?;
+        if len as usize > MAX_STRING_SIZE {
+            return Err(OptErr(
+                REP_ERR_INVALID,
+                format!("Invalid name length: {len}"),
+            ));
+        }
+        self.string(len as usize, opt)
+    }
+}
+
+fn inconsistent(opt: u32) -> OptErr {
+    OptErr(
+        REP_ERR_INVALID,
+        format!("Inconsistent lengths in option {}", opt_name(opt)),
+    )
+}
+
+fn unexpected_length(opt: u32) -> OptErr {
+    OptErr(
+        REP_ERR_INVALID,
+        format!("option '{}' has unexpected length", opt_name(opt)),
+    )
+}
+
+/// Negotiation state of one connection.
+struct Negotiation<'a, R, W> {
+    shared: &'a Shared,
+    r: &'a mut R,
+    w: &'a mut W,
+    mode: Mode,
+    contexts: Contexts,
+}
+
+/// Runs the handshake from the greeting to GO or EXPORT_NAME.
+pub(crate) async fn negotiate<R, W>(
+    shared: &Shared,
+    r: &mut R,
+    w: &mut W,
+) -> Result<Session, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut greeting = [0u8; 18];
+    greeting[0..8].copy_from_slice(&NBD_MAGIC.to_be_bytes());
+    greeting[8..16].copy_from_slice(&OPTS_MAGIC.to_be_bytes());
+    greeting[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    w.write_all(&greeting).await?;
+
+    let flags = r.read_u32().await?;
+    let fixed = flags & FLAG_C_FIXED_NEWSTYLE != 0;
+    let no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+    let unknown = flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    if unknown != 0 {
+        return Err(HandshakeError::UnknownClientFlags(unknown));
+    }
+    let mut n = Negotiation {
+        shared,
+        r,
+        w,
+        mode: if fixed {
+            Mode::Simple
+        } else {
+            Mode::ExportName
+        },
+        contexts: Contexts::default(),
+    };
+    let mut payload = Vec::new();
+    loop {
+        let mut head = [0u8; 16];
+        n.r.read_exact(&mut head).await?;
+        let magic = u64::from_be_bytes([
+            head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7],
+        ]);
+        let opt = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
+        let len = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
+        if magic != OPTS_MAGIC {
+            return Err(HandshakeError::BadMagic);
+        }
+        if len > MAX_BUFFER_SIZE {
+            return Err(HandshakeError::OptionTooLong(len));
+        }
+        if !fixed && opt != OPT_EXPORT_NAME {
+            return Err(HandshakeError::NotFixedNewstyle(opt, opt_name(opt)));
+        }
+        match opt {
+            OPT_EXPORT_NAME => return n.export_name(len, no_zeroes).await,
+            OPT_ABORT => {
+                // The client may hang up without reading the ACK.
+                let _ = n.reply(opt, REP_ACK, &[]).await;
+                return Err(HandshakeError::Aborted);
+            }
+            _ => {}
+        }
+        // Read only as much as the client actually sends (bounded by `len`).
+        payload.clear();
+        let got = (&mut *n.r)
+            .take(u64::from(len))
+            .read_to_end(&mut payload)
+            .await?;
+        if got != len as usize {
+            return Err(HandshakeError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let mut p = Payload {
+            buf: &payload,
+            pos: 0,
+        };
+        match n.option(opt, &mut p).await {
+            Ok(Some(session)) => return Ok(session),
+            Ok(None) => {}
+            Err(OptFail::Reply(OptErr(kind, text))) => n.reply(opt, kind, text.as_bytes()).await?,
+            Err(OptFail::Io(e)) => return Err(HandshakeError::Io(e)),
+            Err(OptFail::Fatal(e)) => return Err(e),
+        }
+    }
+}
+
+impl<R, W> Negotiation<'_, R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    /// Handles one option whose payload has been read.
+    async fn option(&mut self, opt: u32, p: &mut Payload<'_>) -> Result<Option<Session>, OptFail> {
+        match opt {
+            OPT_LIST => self.list(p).await.map(|()| None),
+            OPT_STARTTLS => {
+                if p.remaining() > 0 {
+                    Err(unexpected_length(opt).into())
+                } else {
+                    Err(OptErr(REP_ERR_POLICY, "TLS not configured".to_owned()).into())
+                }
+            }
+            OPT_INFO | OPT_GO => self.info(opt, p).await,
+            OPT_STRUCTURED_REPLY => {
+                if p.remaining() > 0 {
+                    Err(unexpected_length(opt).into())
+                } else if self.mode >= Mode::Extended {
+                    Err(OptErr(
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers already negotiated".to_owned(),
+                    )
+                    .into())
+                } else if self.mode >= Mode::Structured {
+                    Err(OptErr(
+                        REP_ERR_INVALID,
+                        "structured reply already negotiated".to_owned(),
+                    )
+                    .into())
+                } else {
+                    self.mode = Mode::Structured;
+                    self.reply(opt, REP_ACK, &[]).await?;
+                    Ok(None)
+                }
+            }
+            OPT_EXTENDED_HEADERS => {
+                if p.remaining() > 0 {
+                    Err(unexpected_length(opt).into())
+                } else if self.mode >= Mode::Extended {
+                    Err(OptErr(
+                        REP_ERR_INVALID,
+                        "extended headers already negotiated".to_owned(),
+                    )
+                    .into())
+                } else {
+                    self.mode = Mode::Extended;
+                    self.reply(opt, REP_ACK, &[]).await?;
+                    Ok(None)
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta(opt, p).await.map(|()| None),
+            _ => Err(OptErr(
+                REP_ERR_UNSUP,
+                format!("Unsupported option {opt} ({})", opt_name(opt)),
+            )
+            .into()),
+        }
+    }
+
+    async fn reply(&mut self, opt: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
+        // Replies are small (at most a 4096-byte string plus a few words).
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let head = option_reply(opt, kind, len);
+        if data.is_empty() {
+            self.w.write_all(&head).await
+        } else {
+            let mut msg = Vec::with_capacity(head.len() + data.len());
+            msg.extend_from_slice(&head);
+            msg.extend_from_slice(data);
+            self.w.write_all(&msg).await
+        }
+    }
+
+    fn flags_for(&self, export: &Arc<Export>, opt: u32) -> u16 {
+        let mut flags = export.flags;
+        if self.mode >= Mode::Structured {
+            flags |= TF_SEND_DF;
+        }
+        // Observed on qsd 10.0.2: INFO always shows BLOCK_STAT_PAYLOAD with
+        // extended headers, GO only once meta contexts are selected.
+        if self.mode >= Mode::Extended
+            && (opt == OPT_INFO || (self.contexts.count > 0 && self.contexts.is_for(export)))
+        {
+            flags |= TF_BLOCK_STAT_PAYLOAD;
+        }
+        flags
+    }
+
+    async fn export_name(&mut self, len: u32, no_zeroes: bool) -> Result<Session, HandshakeError> {
+        if self.mode >= Mode::Extended {
+            return Err(HandshakeError::ExportNameAfterExtended);
+        }
+        if len as usize > MAX_STRING_SIZE {
+            return Err(HandshakeError::BadExportNameLength);
+        }
+        let mut name = vec![0u8; len as usize];
+        self.r.read_exact(&mut name).await?;
+        let client = self
+            .shared
+            .attach(&name)
+            .ok_or(HandshakeError::ExportNotFound)?;
+        let flags = self.flags_for(&client.export, OPT_EXPORT_NAME);
+        let mut buf = [0u8; 10 + 124];
+        buf[0..8].copy_from_slice(&client.export.size.to_be_bytes());
+        buf[8..10].copy_from_slice(&flags.to_be_bytes());
+        let n = if no_zeroes { 10 } else { buf.len() };
+        self.w.write_all(&buf[..n]).await?;
+        Ok(self.session(client))
+    }
+
+    fn session(&mut self, client: ExportClient) -> Session {
+        let mut contexts = std::mem::take(&mut self.contexts);
+        if !contexts.is_for(&client.export) {
+            contexts = Contexts::default();
+        }
+        Session {
+            client,
+            mode: self.mode,
+            contexts,
+        }
+    }
+
+    async fn list(&mut self, p: &Payload<'_>) -> Result<(), OptFail> {
+        if p.remaining() > 0 {
+            return Err(unexpected_length(OPT_LIST).into());
+        }
+        for (name, desc) in self.shared.list() {
+            let desc = desc.unwrap_or_default();
+            let mut data = Vec::with_capacity(4 + name.len() + desc.len());
+            // Names are at most 4096 bytes (checked in add_export).
+            data.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            data.extend_from_slice(name.as_bytes());
+            data.extend_from_slice(desc.as_bytes());
+            self.reply(OPT_LIST, REP_SERVER, &data).await?;
+        }
+        self.reply(OPT_LIST, REP_ACK, &[]).await?;
+        Ok(())
+    }
+
+    async fn info_reply(&mut self, opt: u32, info: u16, data: &[u8]) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(2 + data.len());
+        buf.extend_from_slice(&info.to_be_bytes());
+        buf.extend_from_slice(data);
+        self.reply(opt, REP_INFO, &buf).await
+    }
+
+    /// INFO and GO; `Some` moves to transmission.
+    async fn info(&mut self, opt: u32, p: &mut Payload<'_>) -> Result<Option<Session>, OptFail> {
+        let name = p.name(opt)?;
+        let requests = p.u16(opt)?;
+        let mut send_name = false;
+        for _ in 0..requests {
+            // NBD_INFO_BLOCK_SIZE requests change nothing here: every node is
+            // byte-addressable through BlockIo, so the minimum stays 1.
+            if p.u16(opt)? == INFO_NAME {
+                send_name = true;
+            }
+        }
+        if p.remaining() > 0 {
+            return Err(unexpected_length(opt).into());
+        }
+        let (client, export) = if opt == OPT_GO {
+            let c = self.shared.attach(name).ok_or_else(|| not_present(name))?;
+            let e = c.export.clone();
+            (Some(c), e)
+        } else {
+            (
+                None,
+                self.shared.find(name).ok_or_else(|| not_present(name))?,
+            )
+        };
+        if send_name {
+            self.info_reply(opt, INFO_NAME, name).await?;
+        }
+        if let Some(desc) = &export.description {
+            self.info_reply(opt, INFO_DESCRIPTION, desc.as_bytes())
+                .await?;
+        }
+        let mut sizes = [0u8; 12];
+        sizes[0..4].copy_from_slice(&1u32.to_be_bytes());
+        sizes[4..8].copy_from_slice(&4096u32.to_be_bytes());
+        sizes[8..12].copy_from_slice(&MAX_BUFFER_SIZE.to_be_bytes());
+        self.info_reply(opt, INFO_BLOCK_SIZE, &sizes).await?;
+        let mut ex = [0u8; 10];
+        ex[0..8].copy_from_slice(&export.size.to_be_bytes());
+        ex[8..10].copy_from_slice(&self.flags_for(&export, opt).to_be_bytes());
+        self.info_reply(opt, INFO_EXPORT, &ex).await?;
+        self.reply(opt, REP_ACK, &[]).await?;
+        Ok(client.map(|c| self.session(c)))
+    }
+
+    /// LIST_META_CONTEXT and SET_META_CONTEXT.
+    async fn meta(&mut self, opt: u32, p: &mut Payload<'_>) -> Result<(), OptFail> {
+        let set = opt == OPT_SET_META_CONTEXT;
+        if set && self.mode < Mode::Structured {
+            return Err(OptErr(
+                REP_ERR_INVALID,
+                format!(
+                    "request option '{}' when structured reply is not negotiated",
+                    opt_name(opt)
+                ),
+            )
+            .into());
+        }
+        if set {
+            // qsd clears the previous selection before parsing, so a failed SET
+            // leaves nothing selected.
+            self.contexts = Contexts::default();
+        }
+        let mut sel = Contexts::default();
+        let parsed = (|| -> Result<Contexts, OptErr> {
+            let name = p.name(opt)?;
+            let export = self.shared.find(name).ok_or_else(|| not_present(name))?;
+            let queries = p.u32(opt)?;
+            sel.export = Some(export.clone());
+            if !set && queries == 0 {
+                sel.base_allocation = true;
+                sel.allocation_depth = export.allocation_depth;
+            }
+            for _ in 0..queries {
+                let len = p.u32(opt)? as usize;
+                if len > MAX_STRING_SIZE {
+                    p.bytes(len, opt)?;
+                    continue;
+                }
+                let q = p.string(len, opt)?;
+                query(&mut sel, &export, q, set);
+            }
+            Ok(sel)
+        })();
+        let mut sel = parsed?;
+        if p.remaining() > 0 {
+            // qsd leaves such bytes in the stream, where they are then read as the
+            // next option's magic and the connection drops; drop it here too.
+            return Err(OptFail::Fatal(HandshakeError::TrailingBytes(opt_name(opt))));
+        }
+        let mut count = 0;
+        for (on, name, id) in [
+            (
+                sel.base_allocation,
+                "base:allocation",
+                META_ID_BASE_ALLOCATION,
+            ),
+            (
+                sel.allocation_depth,
+                "qemu:allocation-depth",
+                META_ID_ALLOCATION_DEPTH,
+            ),
+        ] {
+            if on {
+                let id = if set { id } else { 0 };
+                let mut data = Vec::with_capacity(4 + name.len());
+                data.extend_from_slice(&id.to_be_bytes());
+                data.extend_from_slice(name.as_bytes());
+                self.reply(opt, REP_META_CONTEXT, &data).await?;
+                count += 1;
+            }
+        }
+        self.reply(opt, REP_ACK, &[]).await?;
+        if set {
+            sel.count = count;
+            self.contexts = sel;
+        }
+        Ok(())
+    }
+}
+
+/// Applies one meta context query, as qsd's `nbd_meta_base_query` and
+/// `nbd_meta_qemu_query` do. Unknown queries are silently skipped; the
+/// namespace-only wildcards count for LIST only.
+fn query(sel: &mut Contexts, export: &Export, q: &[u8], set: bool) {
+    if let Some(rest) = q.strip_prefix(b"base:") {
+        if (rest.is_empty() && !set) || rest == b"allocation" {
+            sel.base_allocation = true;
+        }
+    } else if let Some(rest) = q.strip_prefix(b"qemu:")
+        && ((rest.is_empty() && !set) || rest == b"allocation-depth")
+    {
+        // `qemu:dirty-bitmap:*` matches nothing: this server exports no bitmaps.
+        sel.allocation_depth = export.allocation_depth;
+    }
+}
+
+fn not_present(name: &[u8]) -> OptErr {
+    OptErr(
+        REP_ERR_UNKNOWN,
+        format!("export '{}' not present", sanitize_name(name)),
+    )
+}
+
+/// How an option ended other than successfully.
+enum OptFail {
+    /// The socket failed.
+    Io(std::io::Error),
+    /// Send this error reply and go on negotiating.
+    Reply(OptErr),
+    /// Drop the connection.
+    Fatal(HandshakeError),
+}
+
+impl From<std::io::Error> for OptFail {
+    fn from(e: std::io::Error) -> OptFail {
+        OptFail::Io(e)
+    }
+}
+
+impl From<OptErr> for OptFail {
+    fn from(e: OptErr) -> OptFail {
+        OptFail::Reply(e)
+    }
+}
