@@ -289,6 +289,21 @@ async fn host_devices_cannot_grow_and_shrinking_changes_nothing() {
     };
     assert_eq!(node.size(), 0);
     assert_eq!(node.resize(4096).await, Err(IoError::Invalid));
+    let s = Scratch::new("hostdev");
+    let path = s.sparse("a.raw", 4096);
+    let refused = bulkhead_block::posix::open_image(
+        common::path_str(&path),
+        bulkhead_block::file::FileKind::HostDevice,
+        false,
+        false,
+    );
+    assert_eq!(
+        refused.map(|_| ()).map_err(|e| e.to_string()),
+        Err(format!(
+            "'host_device' driver requires '{}' to be either a character or block device",
+            path.display()
+        ))
+    );
     assert_eq!(node.resize(0).await, Ok(()));
 }
 

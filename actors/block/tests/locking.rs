@@ -217,3 +217,85 @@ fn qemu_img_is_refused_while_we_hold_an_image_like_a_qcow2_node() {
     let out = Command::new("qemu-img").args(["info", &name]).output();
     assert!(matches!(out, Ok(o) if o.status.success()));
 }
+
+/// A qemu-storage-daemon exporting `path` (raw over file) writably over NBD.
+struct Qsd {
+    child: Child,
+}
+
+fn qsd_args(s: &Scratch, path: &Path) -> Vec<String> {
+    vec![
+        "--nbd-server".to_string(),
+        format!(
+            "addr.type=unix,addr.path={}",
+            path_str(&s.dir.join("nbd.sock"))
+        ),
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=f,filename={}", path_str(path)),
+        "--blockdev".to_string(),
+        "driver=raw,node-name=r,file=f".to_string(),
+        "--export".to_string(),
+        "type=nbd,id=e,node-name=r,writable=on".to_string(),
+    ]
+}
+
+impl Qsd {
+    fn export(s: &Scratch, path: &Path) -> Qsd {
+        let child = Command::new("qemu-storage-daemon")
+            .args(qsd_args(s, path))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => panic!("cannot run qemu-storage-daemon: {e}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while held_bytes(path).is_empty() {
+            assert!(Instant::now() < deadline, "qsd did not lock the image");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Qsd { child }
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn qsd_and_bulkhead_exclude_each_other_both_ways() {
+    let s = Scratch::new("qsd");
+    let path = s.sparse("a.raw", 1 << 20);
+    {
+        let qsd = Qsd::export(&s, &path);
+        // qsd's writable NBD export: consistent read + write, resize unshared.
+        assert_eq!(held_bytes(&path), vec![(100, 101), (203, 203)]);
+        let mut ours = lock_for(&path, OnOffAuto::Auto);
+        assert_eq!(
+            texts(ours.set_perm(QCOW2_FILE.0, QCOW2_FILE.1)).map_err(|(text, _)| text),
+            Err("Failed to get \"resize\" lock".to_string())
+        );
+        assert_eq!(texts(ours.set_perm(EXPORT_RW.0, EXPORT_RW.1)), Ok(()));
+        drop(qsd);
+    }
+    let mut ours = lock_for(&path, OnOffAuto::Auto);
+    assert_eq!(texts(ours.set_perm(QCOW2_FILE.0, QCOW2_FILE.1)), Ok(()));
+    let out = Command::new("qemu-storage-daemon")
+        .args(qsd_args(&s, &path))
+        .stdin(Stdio::null())
+        .output();
+    let Ok(out) = out else {
+        panic!("cannot run qemu-storage-daemon")
+    };
+    assert_eq!(out.status.code(), Some(1));
+    // qsd drops the hint line when the conflict shows up while adding an export.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "qemu-storage-daemon: --export type=nbd,id=e,node-name=r,writable=on: Failed to get \"write\" lock\n"
+    );
+}
