@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{CommonOptions, DetectZeroes, Discard};
+use crate::config::{CommonOptions, DetectZeroes, Discard, DriverConfig};
 use crate::file::check_range;
 use crate::io::{BlockIo, Extent, IoError, IoFuture, WriteFlags, ZeroFlags};
 
@@ -52,6 +52,26 @@ impl Node {
             return Err(IoError::ReadOnly);
         }
         check_range(offset, len, self.driver.size())
+    }
+}
+
+/// The QMP error text of a failed `block_resize` on a node opened with `driver`
+/// (qsd 10.0.2's texts).
+pub fn resize_error_text(driver: &DriverConfig, err: &IoError) -> String {
+    match (driver, err) {
+        (_, IoError::ReadOnly) => "Image is read-only".to_string(),
+        (DriverConfig::Raw(c), IoError::Unsupported) if c.size.is_some() => {
+            "Cannot resize fixed-size raw disks".to_string()
+        }
+        (DriverConfig::Raw(_), IoError::Invalid) => {
+            "Disk size too large for the chosen offset".to_string()
+        }
+        (DriverConfig::HostDevice(_), IoError::Invalid) => "Cannot grow device files".to_string(),
+        (_, IoError::Unsupported) => "Image format driver does not support resize".to_string(),
+        (_, IoError::Os(errno)) => {
+            format!("Could not resize file: {}", crate::posix::strerror(*errno))
+        }
+        (_, other) => crate::posix::strerror(other.errno()),
     }
 }
 
@@ -333,6 +353,38 @@ mod tests {
             Err(IoError::OutOfRange)
         );
         assert!(rec.take().is_empty());
+    }
+
+    #[test]
+    fn resize_errors_carry_qsd_texts() {
+        use crate::config::{FileConfig, NullConfig, RawConfig};
+        let file = DriverConfig::File(FileConfig::default());
+        assert_eq!(
+            resize_error_text(&file, &IoError::ReadOnly),
+            "Image is read-only"
+        );
+        assert_eq!(
+            resize_error_text(&file, &IoError::Os(libc::EFBIG)),
+            "Could not resize file: File too large"
+        );
+        let null = DriverConfig::NullCo(NullConfig::default());
+        assert_eq!(
+            resize_error_text(&null, &IoError::Unsupported),
+            "Image format driver does not support resize"
+        );
+        let fixed = DriverConfig::Raw(RawConfig {
+            size: Some(512),
+            ..RawConfig::default()
+        });
+        assert_eq!(
+            resize_error_text(&fixed, &IoError::Unsupported),
+            "Cannot resize fixed-size raw disks"
+        );
+        let device = DriverConfig::HostDevice(FileConfig::default());
+        assert_eq!(
+            resize_error_text(&device, &IoError::Invalid),
+            "Cannot grow device files"
+        );
     }
 
     #[test]

@@ -116,7 +116,14 @@ impl BlockIo for RawDriver {
     fn size(&self) -> u64 {
         match self.size {
             Some(size) => size,
-            None => self.child.size().saturating_sub(self.offset),
+            // QEMU counts whole sectors here too: offset=100 over a 1536-byte child is a
+            // 1536-byte node, whose last 100 bytes lie past the child's end.
+            None => self
+                .child
+                .size()
+                .saturating_sub(self.offset)
+                .div_ceil(512)
+                .saturating_mul(512),
         }
     }
 
@@ -127,7 +134,15 @@ impl BlockIo for RawDriver {
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let at = self.map(offset, buf.len() as u64)?;
-            self.child.read(at, buf).await
+            // The part past the child's end (only possible in the rounded-up tail of an
+            // open-ended window) reads as zeroes, as QEMU's block layer makes it.
+            let inside = self.child.size().saturating_sub(at).min(buf.len() as u64) as usize;
+            let (head, tail) = buf.split_at_mut(inside);
+            tail.fill(0);
+            if head.is_empty() {
+                return Ok(());
+            }
+            self.child.read(at, head).await
         })
     }
 
@@ -162,6 +177,18 @@ impl BlockIo for RawDriver {
             if len == 0 {
                 return Err(IoError::Invalid);
             }
+            // In the rounded-up tail past the child's end (see `size`) there is nothing
+            // to ask the child: it reads as zeroes.
+            let inside = self.child.size().saturating_sub(at).min(len);
+            if inside == 0 {
+                return Ok(vec![Extent {
+                    length: len,
+                    data: false,
+                    zero: true,
+                    depth: 1,
+                }]);
+            }
+            let len = inside;
             let mut extents = self.child.block_status(at, len).await?;
             // The child promised not to overrun, but it may be in another process.
             let mut left = len;
@@ -271,6 +298,42 @@ mod tests {
         assert_eq!(
             fixed.read(65536 - 511, &mut buf).await,
             Err(IoError::OutOfRange)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unaligned_open_window_rounds_its_size_up_and_reads_zeroes_past_the_child() {
+        let child = null(1536, false);
+        let Ok(raw) = RawDriver::new(
+            &RawConfig {
+                offset: 100,
+                ..RawConfig::default()
+            },
+            child,
+        ) else {
+            panic!("window should open")
+        };
+        assert_eq!(raw.size(), 1536);
+        let mut buf = [0xffu8; 200];
+        assert_eq!(raw.read(1336, &mut buf).await, Ok(()));
+        assert_eq!(buf, [0u8; 200]);
+        assert_eq!(
+            raw.block_status(1024, 512).await,
+            Ok(vec![Extent {
+                length: 412,
+                data: false,
+                zero: false,
+                depth: 0
+            }])
+        );
+        assert_eq!(
+            raw.block_status(1436, 100).await,
+            Ok(vec![Extent {
+                length: 100,
+                data: false,
+                zero: true,
+                depth: 1
+            }])
         );
     }
 
