@@ -441,6 +441,8 @@ impl BlockIo for FileDriver {
             let (device, direct) = (self.device, self.direct);
             threads::run(move || {
                 let fd = fd.as_fd();
+                // An unaligned direct write's read-modify-write must not straddle this.
+                let _shared = direct.then(|| rmw.read().unwrap_or_else(|p| p.into_inner()));
                 let zeroed = match device {
                     DeviceType::Regular => {
                         let punched = flags.may_unmap
@@ -471,6 +473,7 @@ impl BlockIo for FileDriver {
                     if flags.no_fallback {
                         return Err(IoError::Unsupported);
                     }
+                    drop(_shared);
                     write_zero_buffers(fd, direct, &rmw, offset, len)?;
                 }
                 if flags.fua { fdatasync(fd) } else { Ok(()) }
@@ -486,9 +489,11 @@ impl BlockIo for FileDriver {
                 return Ok(());
             }
             let fd = Arc::clone(&self.fd);
-            let device = self.device;
+            let rmw = Arc::clone(&self.rmw);
+            let (device, direct) = (self.device, self.direct);
             threads::run(move || {
                 let fd = fd.as_fd();
+                let _shared = direct.then(|| rmw.read().unwrap_or_else(|p| p.into_inner()));
                 // A discard the storage cannot do is not an error (QEMU ignores ENOTSUP).
                 match device {
                     DeviceType::Regular => {
