@@ -5,23 +5,23 @@
 //! then opening it), opens image files itself and hands descriptors to the workers, and
 //! undoes everything it created if any step fails.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 
 use bulkhead_block::config::{
-    CommonConfig, DetectZeroes, DriverConfig, FileConfig, NullConfig, RawConfig,
+    Aio, CommonOptions, DetectZeroes, Discard, DriverConfig, FileConfig, NullConfig, OnOffAuto,
+    RawConfig,
 };
+use bulkhead_block::file::FileKind;
+use bulkhead_block::posix;
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{NodeRef, Reply, ToWorker};
 use serde_json::{Map, Value, json};
 
 use super::graph::{Driver, Node};
-use super::{Core, QmpError, call_error, strerror};
+use super::{Core, QmpError, call_error};
 
 /// QEMU's limit on node names (`BlockDriverState.node_name[32]`).
 const MAX_NODE_NAME: usize = 31;
-
-/// null-co's default size: 1 GiB.
-const NULL_DEFAULT_SIZE: u64 = 1 << 30;
 
 /// A `file` child: an existing node, or options for a new one.
 enum ChildSpec {
@@ -32,7 +32,8 @@ enum ChildSpec {
 enum SpecKind {
     Posix {
         filename: String,
-        aio_native: bool,
+        aio: Aio,
+        locking: OnOffAuto,
     },
     Raw {
         offset: Option<u64>,
@@ -40,7 +41,7 @@ enum SpecKind {
         child: ChildSpec,
     },
     Null {
-        size: u64,
+        size: Option<u64>,
         read_zeroes: bool,
         latency_ns: u64,
     },
@@ -53,27 +54,25 @@ struct Spec {
     read_only: Option<bool>,
     direct: Option<bool>,
     no_flush: Option<bool>,
-    discard_unmap: bool,
+    discard: Discard,
     detect_zeroes: DetectZeroes,
+    force_share: bool,
     strong: Map<String, Value>,
     kind: SpecKind,
 }
 
-fn get<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
-    m.get(k)
-}
-
 fn get_bool(m: &Map<String, Value>, k: &str) -> Option<bool> {
-    get(m, k).and_then(Value::as_bool)
+    m.get(k).and_then(Value::as_bool)
 }
 
 fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    get(m, k).and_then(Value::as_str)
+    m.get(k).and_then(Value::as_str)
 }
 
-/// A non-negative integer option; QEMU's size parser rejects negatives with this text.
+/// A non-negative integer option; QEMU's size parser rejects negatives with this text
+/// (qsd aborts there; we answer).
 fn get_size(m: &Map<String, Value>, k: &str) -> Result<Option<u64>, QmpError> {
-    match get(m, k) {
+    match m.get(k) {
         None => Ok(None),
         Some(v) => match (v.as_u64(), v.as_i64()) {
             (Some(n), _) => Ok(Some(n)),
@@ -107,25 +106,30 @@ fn parse_spec(v: &Value) -> Result<Spec, QmpError> {
             )));
         }
     };
-    let cache = get(m, "cache").and_then(Value::as_object);
-    let discard_unmap = get_str(m, "discard") == Some("unmap");
+    let cache = m.get("cache").and_then(Value::as_object);
+    let discard = match get_str(m, "discard") {
+        Some("unmap" | "on") => Discard::Unmap,
+        _ => Discard::Ignore,
+    };
     let detect_zeroes = match get_str(m, "detect-zeroes") {
         Some("on") => DetectZeroes::On,
         Some("unmap") => DetectZeroes::Unmap,
         _ => DetectZeroes::Off,
     };
-    if detect_zeroes == DetectZeroes::Unmap && !discard_unmap {
-        return Err(QmpError::generic(
-            "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
-        ));
-    }
     let mut strong = Map::new();
     let kind = match driver {
         Driver::File | Driver::HostDevice => SpecKind::Posix {
-            filename: get_str(m, "filename")
-                .ok_or_else(|| QmpError::generic("Parameter 'filename' is missing"))?
-                .to_string(),
-            aio_native: get_str(m, "aio") == Some("native"),
+            filename: get_str(m, "filename").unwrap_or("").to_string(),
+            aio: match get_str(m, "aio") {
+                Some("native") => Aio::Native,
+                Some("io_uring") => Aio::IoUring,
+                _ => Aio::Threads,
+            },
+            locking: match get_str(m, "locking") {
+                Some("on") => OnOffAuto::On,
+                Some("off") => OnOffAuto::Off,
+                _ => OnOffAuto::Auto,
+            },
         },
         Driver::Raw => {
             let offset = get_size(m, "offset")?;
@@ -136,7 +140,7 @@ fn parse_spec(v: &Value) -> Result<Spec, QmpError> {
             if let Some(s) = size {
                 strong.insert("size".into(), s.into());
             }
-            let child = match get(m, "file") {
+            let child = match m.get("file") {
                 Some(Value::String(name)) => ChildSpec::Ref(name.clone()),
                 Some(inline @ Value::Object(_)) => ChildSpec::Inline(Box::new(parse_spec(inline)?)),
                 _ => return Err(QmpError::generic("Parameter 'file' is missing")),
@@ -151,7 +155,7 @@ fn parse_spec(v: &Value) -> Result<Spec, QmpError> {
             let size = get_size(m, "size")?;
             let latency = get_size(m, "latency-ns")?;
             let read_zeroes = get_bool(m, "read-zeroes");
-            // QEMU's null driver records exactly the options given, in this order.
+            // QEMU's null driver records exactly the options given.
             if let Some(l) = latency {
                 strong.insert("latency-ns".into(), l.into());
             }
@@ -162,36 +166,28 @@ fn parse_spec(v: &Value) -> Result<Spec, QmpError> {
                 strong.insert("read-zeroes".into(), z.into());
             }
             SpecKind::Null {
-                size: size.unwrap_or(NULL_DEFAULT_SIZE),
+                size,
                 read_zeroes: read_zeroes.unwrap_or(false),
                 latency_ns: latency.unwrap_or(0),
             }
         }
     };
-    if let SpecKind::Posix {
-        aio_native: true, ..
-    } = kind
-        && cache.and_then(|c| get_bool(c, "direct")) != Some(true)
-    {
-        return Err(QmpError::generic(
-            "aio=native was specified, but it requires cache.direct=on, which was not specified.",
-        ));
-    }
     Ok(Spec {
         name: get_str(m, "node-name").map(str::to_string),
         driver,
         read_only: get_bool(m, "read-only"),
         direct: cache.and_then(|c| get_bool(c, "direct")),
         no_flush: cache.and_then(|c| get_bool(c, "no-flush")),
-        discard_unmap,
+        discard,
         detect_zeroes,
+        force_share: get_bool(m, "force-share").unwrap_or(false),
         strong,
         kind,
     })
 }
 
 /// QEMU's `id_wellformed`: a letter, then letters, digits, '-', '.', '_'.
-fn well_formed(name: &str) -> bool {
+pub(super) fn well_formed(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
@@ -203,25 +199,6 @@ struct Inherited {
     read_only: bool,
     direct: bool,
     no_flush: bool,
-}
-
-fn open_image(path: &str, read_only: bool, direct: bool) -> Result<OwnedFd, QmpError> {
-    use rustix::fs::{Mode, OFlags};
-    let mut flags = OFlags::CLOEXEC
-        | if read_only {
-            OFlags::RDONLY
-        } else {
-            OFlags::RDWR
-        };
-    if direct {
-        flags |= OFlags::DIRECT;
-    }
-    rustix::fs::open(path, flags, Mode::empty()).map_err(|e| {
-        QmpError::generic(format!(
-            "Could not open '{path}': {}",
-            strerror(e.raw_os_error())
-        ))
-    })
 }
 
 impl Core {
@@ -256,53 +233,81 @@ impl Core {
         let read_only = spec.read_only.unwrap_or(inherited.read_only);
         let direct = spec.direct.unwrap_or(inherited.direct);
         let no_flush = spec.no_flush.unwrap_or(inherited.no_flush);
-        let common = CommonConfig {
+        let common = CommonOptions {
             read_only,
-            discard_unmap: spec.discard_unmap,
             detect_zeroes: spec.detect_zeroes,
+            discard: spec.discard,
             no_flush,
-            direct,
+            force_share: spec.force_share,
         };
 
-        let mut posix_or_null = None;
         // Children first: QEMU opens a format node's file child before it names the node.
-        let mut child = None;
-        let mut raw_window = None;
-        let kind_spec = match spec.kind {
+        let (config, child, filename) = match spec.kind {
             SpecKind::Raw {
-                child: c,
                 offset,
                 size,
+                child,
             } => {
-                raw_window = Some((offset, size));
-                Some(c)
+                let name = match child {
+                    ChildSpec::Ref(name) => {
+                        if !self.graph.contains(&name) {
+                            return Err(QmpError::generic(format!(
+                                "Cannot find device='{name}' nor node-name='{name}'"
+                            )));
+                        }
+                        name
+                    }
+                    ChildSpec::Inline(s) => {
+                        let inherit = Inherited {
+                            read_only,
+                            direct,
+                            no_flush,
+                        };
+                        Box::pin(self.create(*s, inherit, false, created)).await?
+                    }
+                };
+                let cfg = RawConfig {
+                    common,
+                    offset: offset.unwrap_or(0),
+                    size,
+                };
+                (DriverConfig::Raw(cfg), Some(name), None)
             }
-            other => {
-                posix_or_null = Some(other);
-                None
+            SpecKind::Posix {
+                filename,
+                aio,
+                locking,
+            } => {
+                let cfg = FileConfig {
+                    common,
+                    aio,
+                    locking,
+                    direct,
+                };
+                let cfg = match spec.driver {
+                    Driver::HostDevice => DriverConfig::HostDevice(cfg),
+                    _ => DriverConfig::File(cfg),
+                };
+                (cfg, None, Some(filename))
+            }
+            SpecKind::Null {
+                size,
+                read_zeroes,
+                latency_ns,
+            } => {
+                let cfg = NullConfig {
+                    common,
+                    size: size.unwrap_or(bulkhead_block::config::NULL_DEFAULT_SIZE),
+                    read_zeroes,
+                    latency_ns,
+                };
+                let cfg = match spec.driver {
+                    Driver::NullAio => DriverConfig::NullAio(cfg),
+                    _ => DriverConfig::NullCo(cfg),
+                };
+                (cfg, None, None)
             }
         };
-        if let Some(c) = kind_spec {
-            let name = match c {
-                ChildSpec::Ref(name) => {
-                    if !self.graph.contains(&name) {
-                        return Err(QmpError::generic(format!(
-                            "Cannot find device='{name}' nor node-name='{name}'"
-                        )));
-                    }
-                    name
-                }
-                ChildSpec::Inline(s) => {
-                    let inherit = Inherited {
-                        read_only,
-                        direct,
-                        no_flush,
-                    };
-                    Box::pin(self.create(*s, inherit, false, created)).await?
-                }
-            };
-            child = Some(name);
-        }
 
         let name = match spec.name {
             Some(n) => {
@@ -321,64 +326,42 @@ impl Core {
             }
             None => self.generate_name(),
         };
+        config
+            .validate()
+            .map_err(|e| QmpError::generic(e.to_string()))?;
 
-        let id = self.graph.allocate_id();
-        let kind = spec.driver.worker();
-        let (config, image, path) = match posix_or_null {
-            Some(SpecKind::Posix { filename, .. }) => {
-                let fd = open_image(&filename, read_only, direct)?;
-                let cfg = FileConfig { common };
-                let cfg = if spec.driver == Driver::File {
-                    DriverConfig::File(cfg)
+        // The supervisor opens the image; the worker only ever sees the descriptor.
+        let image = match &filename {
+            Some(path) => {
+                let kind = if spec.driver == Driver::HostDevice {
+                    FileKind::HostDevice
                 } else {
-                    DriverConfig::HostDevice(cfg)
+                    FileKind::File
                 };
-                (cfg, Some(fd), Some(filename))
-            }
-            Some(SpecKind::Null {
-                size,
-                read_zeroes,
-                latency_ns,
-            }) => {
-                let cfg = NullConfig {
-                    common,
-                    size,
-                    read_zeroes,
-                    latency_ns,
-                };
-                let cfg = if spec.driver == Driver::NullCo {
-                    DriverConfig::NullCo(cfg)
-                } else {
-                    DriverConfig::NullAio(cfg)
-                };
-                (cfg, None, None)
-            }
-            Some(SpecKind::Raw { .. }) | None => {
-                let (offset, size) = raw_window.unwrap_or((None, None));
-                (
-                    DriverConfig::Raw(RawConfig {
-                        common,
-                        offset: offset.unwrap_or(0),
-                        size,
-                    }),
-                    None,
-                    None,
+                Some(
+                    posix::open_image(path, kind, read_only, direct)
+                        .map_err(|e| QmpError::generic(e.to_string()))?,
                 )
             }
+            None => None,
         };
 
+        let kind = spec.driver.worker();
         let child_ref = match &child {
             Some(c) => {
                 let cnode = self
                     .graph
                     .get(c)
                     .ok_or_else(|| QmpError::generic("child vanished"))?;
-                let home = cnode.driver.worker();
+                if let DriverConfig::Raw(raw) = &config {
+                    bulkhead_block::raw::check_window(raw, cnode.size)
+                        .map_err(|e| QmpError::generic(e.to_string()))?;
+                }
                 let r = NodeRef {
                     node: cnode.id,
-                    home,
+                    home: cnode.driver.worker(),
                 };
-                self.connect(kind, home).await?;
+                self.connect(kind, r.home).await?;
                 Some(r)
             }
             None => None,
@@ -387,6 +370,9 @@ impl Core {
             Some(f) => Some(fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?),
             None => None,
         };
+        let id = self.graph.allocate_id();
+        let fixed_window =
+            matches!(&config, DriverConfig::Raw(r) if r.offset > 0 || r.size.is_some());
         let worker = self.worker(kind).await?;
         let fds: Vec<_> = worker_fd.iter().map(|f| f.as_fd()).collect();
         worker
@@ -408,8 +394,6 @@ impl Core {
             Ok(Reply::NodeInfo { size }) => size,
             _ => 0,
         };
-        let fixed_window = matches!(raw_window, Some((Some(o), _)) if o > 0)
-            || matches!(raw_window, Some((_, Some(_))));
         self.graph.insert(Node {
             id,
             name: name.clone(),
@@ -427,7 +411,7 @@ impl Core {
             },
             size,
             strong_options: spec.strong,
-            path,
+            path: filename,
             image,
             fixed_window,
             exported: false,
@@ -502,8 +486,7 @@ impl Core {
     ) -> Result<Value, QmpError> {
         let device = get_str(args, "device");
         let node_name = get_str(args, "node-name");
-        let found = node_name.and_then(|n| self.graph.get(n));
-        let Some(node) = found else {
+        let Some(node) = node_name.and_then(|n| self.graph.get(n)) else {
             return Err(QmpError::generic(format!(
                 "Cannot find device='{}' nor node-name='{}'",
                 device.unwrap_or(""),
@@ -514,11 +497,18 @@ impl Core {
             Some(s) if s >= 0 => s as u64,
             _ => return Err(QmpError::generic("Parameter 'size' expects a >0 size")),
         };
-        // Permission check: a parent with a fixed window does not share `resize`.
+        // Users of the node: a raw parent with a fixed window and an export both
+        // refuse to share `resize`.
+        if node.exported {
+            return Err(QmpError::generic(format!(
+                "Permission conflict on node '{0}': permissions 'resize' are both required by an unnamed block device (uses node '{0}' as 'root' child) and unshared by an unnamed block device (uses node '{0}' as 'root' child).",
+                node.name
+            )));
+        }
         if let Some(parent) = self
             .graph
             .iter()
-            .find(|p| p.child.as_deref() == Some(&node.name) && p.fixed_window)
+            .find(|p| p.child.as_deref() == Some(node.name.as_str()) && p.fixed_window)
         {
             return Err(QmpError::generic(format!(
                 "Permission conflict on node '{0}': permissions 'resize' are both required by an unnamed block device (uses node '{0}' as 'root' child) and unshared by node '{1}' (uses node '{0}' as 'file' child).",
@@ -526,51 +516,77 @@ impl Core {
             )));
         }
         if node.read_only {
-            return Err(QmpError::generic("Block node is read-only".to_string()));
+            return Err(QmpError::generic("Image is read-only"));
         }
-        // Resizing goes down the chain to the node that stores the data.
-        let chain = self.chain_of(&node.name);
-        let Some(bottom) = chain.last().and_then(|n| self.graph.get(n)) else {
-            return Err(QmpError::generic(
-                "Image format driver does not support resize",
-            ));
-        };
-        if !matches!(bottom.driver, Driver::File)
-            || chain
-                .iter()
-                .any(|n| self.graph.get(n).is_some_and(|x| x.fixed_window))
-        {
-            return Err(QmpError::generic(
-                "Image format driver does not support resize",
-            ));
+        // Resizing goes down the chain: each raw window adds its offset, a sized
+        // window cannot change, and the bottom node must be able to grow.
+        let mut target = size;
+        let mut cur = node;
+        loop {
+            match cur.driver {
+                Driver::Raw => {
+                    if cur.strong_options.contains_key("size") {
+                        return Err(QmpError::generic("Cannot resize fixed-size raw disks"));
+                    }
+                    let offset = cur
+                        .strong_options
+                        .get("offset")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0);
+                    target = target.checked_add(offset).ok_or_else(|| {
+                        QmpError::generic("Disk size too large for the chosen offset")
+                    })?;
+                    match cur.child.as_deref().and_then(|c| self.graph.get(c)) {
+                        Some(c) => cur = c,
+                        None => {
+                            return Err(QmpError::generic(
+                                "Image format driver does not support resize",
+                            ));
+                        }
+                    }
+                }
+                Driver::File | Driver::HostDevice => break,
+                Driver::NullCo | Driver::NullAio => {
+                    return Err(QmpError::generic(
+                        "Image format driver does not support resize",
+                    ));
+                }
+            }
         }
-        let (bottom_id, kind) = (bottom.id, bottom.driver.worker());
+        let (bottom_id, kind) = (cur.id, cur.driver.worker());
         let w = self.worker(kind).await?;
-        w.call(
-            ToWorker::ResizeNode {
-                node: bottom_id,
-                size,
-            },
-            &[],
-        )
-        .await
-        .map_err(call_error)?;
+        match w
+            .call(
+                ToWorker::ResizeNode {
+                    node: bottom_id,
+                    size: target,
+                },
+                &[],
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(super::workers::CallError::Worker(e)) => {
+                let io = if e.kind == bulkhead_ipc::wire::WorkerErrorKind::Unsupported {
+                    bulkhead_block::IoError::Unsupported
+                } else if e.errno == libc::EINVAL {
+                    bulkhead_block::IoError::Invalid
+                } else {
+                    bulkhead_block::IoError::Os(e.errno)
+                };
+                let cfg = if kind == bulkhead_ipc::wire::WorkerKind::HostDevice {
+                    DriverConfig::HostDevice(FileConfig::default())
+                } else {
+                    DriverConfig::File(FileConfig::default())
+                };
+                return Err(QmpError::generic(bulkhead_block::node::resize_error_text(
+                    &cfg, &io,
+                )));
+            }
+            Err(e) => return Err(call_error(e)),
+        }
         self.refresh_sizes().await;
         Ok(json!({}))
-    }
-
-    /// `name` and the nodes below it, top first.
-    fn chain_of(&self, name: &str) -> Vec<String> {
-        let mut out = vec![name.to_string()];
-        let mut cur = self.graph.get(name).and_then(|n| n.child.clone());
-        while let Some(c) = cur {
-            if out.contains(&c) || out.len() > 64 {
-                break;
-            }
-            cur = self.graph.get(&c).and_then(|n| n.child.clone());
-            out.push(c);
-        }
-        out
     }
 
     /// Asks every node's worker for its current size (after a resize below it).

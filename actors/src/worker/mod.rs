@@ -8,9 +8,11 @@
 //! supervisor's requests, so the supervisor can replace it.
 
 mod driver;
+mod nbd;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::wire::{FromWorker, Request, WorkerKind};
@@ -69,17 +71,29 @@ fn run(kind: WorkerKind) -> Result<(), WorkerExit> {
 }
 
 async fn serve(kind: WorkerKind, control: OwnedFd, sandbox: Vec<String>) -> Result<(), WorkerExit> {
-    let chan = ControlChannel::new(control)?;
+    let chan = Arc::new(ControlChannel::new(control)?);
     chan.send(&FromWorker::Ready { sandbox }, &[]).await?;
-    let mut state = driver::DriverWorker::new(kind);
+    let mut state = match kind {
+        WorkerKind::Nbd => State::Nbd(nbd::NbdWorker::new(Arc::clone(&chan))),
+        _ => State::Driver(driver::DriverWorker::new(kind)),
+    };
     loop {
         let (req, fds): (Request, _) = match chan.recv().await {
             Ok(m) => m,
             Err(e) if e.is_closed() => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let result = state.handle(req.body, fds).await;
+        let result = match &mut state {
+            State::Driver(d) => d.handle(req.body, fds).await,
+            State::Nbd(n) => n.handle(req.body, fds).await,
+        };
         chan.send(&FromWorker::Reply { id: req.id, result }, &[])
             .await?;
     }
+}
+
+/// What a worker of each kind keeps.
+enum State {
+    Driver(driver::DriverWorker),
+    Nbd(nbd::NbdWorker),
 }

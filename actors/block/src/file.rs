@@ -1,0 +1,608 @@
+//! The `file` and `host_device` drivers: I/O on an already open image descriptor.
+//!
+//! Runs in the `file` and `host_device` driver workers. The supervisor opened the image
+//! (see [`crate::posix::open_image`]) and passed the fd in; this module never opens a
+//! path. Blocking syscalls run on the worker's start-up I/O threads ([`crate::threads`]).
+//! Inputs are request offsets/lengths from other bulkhead processes, checked against the
+//! node size before any syscall; no untrusted bytes are parsed.
+//!
+//! Behaviour follows QEMU's file-posix: reads past the end of file (inside the node,
+//! whose size is the file length rounded up to 512) return zeroes; write-zeroes tries a
+//! hole punch when unmapping is allowed, then `FALLOC_FL_ZERO_RANGE`, then punch +
+//! reallocate, then (unless `no_fallback`) explicit zero writes; block status comes
+//! from `SEEK_DATA`/`SEEK_HOLE` (data → `data`, hole → `zero`, both allocated at depth 1,
+//! as a protocol node always is); device nodes report everything as data.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use rustix::fs::{FallocateFlags, FileType, SeekFrom};
+use rustix::io::Errno;
+
+use crate::config::FileConfig;
+use crate::io::{BlockIo, Extent, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags};
+use crate::threads;
+
+/// Alignment used for `cache.direct=on`: a multiple of every logical block size Linux
+/// supports, so it is valid whatever the device's real one is.
+pub const DIRECT_ALIGNMENT: u64 = 4096;
+
+/// Most extents one block-status call returns; callers ask again from where it stopped.
+const MAX_EXTENTS: usize = 1024;
+
+/// Chunk size of the explicit zero writes used when no fallocate mode works.
+const ZERO_CHUNK: usize = 1 << 20;
+
+// Linux block-device ioctls (linux/fs.h), not exported by the libc crate.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+/// Which of the two fd-based drivers a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FileKind {
+    /// `file`: a regular file.
+    File,
+    /// `host_device`: a block or character device.
+    HostDevice,
+}
+
+/// Why a descriptor cannot back a node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileOpenError {
+    /// `fstat` or the size query failed (raw errno).
+    #[error("cannot query the image (errno {0})")]
+    Os(i32),
+    /// The fd is not a regular file (`file`) or not a device (`host_device`); the
+    /// supervisor reports this with the path, see [`crate::posix::open_image`].
+    #[error("the descriptor is not of the type the driver requires")]
+    WrongType,
+}
+
+/// A `file` or `host_device` node over an open descriptor.
+#[derive(Debug)]
+pub struct FileDriver {
+    fd: Arc<OwnedFd>,
+    kind: FileKind,
+    device: DeviceType,
+    /// Node size: the length rounded up to 512, as QEMU's `bdrv_getlength` reports it.
+    size: AtomicU64,
+    read_only: bool,
+    direct: bool,
+    /// In direct mode an unaligned write is a read-modify-write of whole aligned blocks,
+    /// which must not interleave with other writes; aligned writes share the lock.
+    rmw: Arc<RwLock<()>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceType {
+    Regular,
+    Block,
+    Char,
+}
+
+impl FileDriver {
+    /// Wraps `fd`, checking its type against `kind` and reading its size.
+    pub fn new(
+        fd: OwnedFd,
+        kind: FileKind,
+        config: &FileConfig,
+    ) -> Result<FileDriver, FileOpenError> {
+        let st = rustix::fs::fstat(&fd).map_err(|e| FileOpenError::Os(e.raw_os_error()))?;
+        let device = match (kind, FileType::from_raw_mode(st.st_mode)) {
+            (FileKind::File, FileType::RegularFile) => DeviceType::Regular,
+            (FileKind::HostDevice, FileType::BlockDevice) => DeviceType::Block,
+            (FileKind::HostDevice, FileType::CharacterDevice) => DeviceType::Char,
+            _ => return Err(FileOpenError::WrongType),
+        };
+        let length = device_length(fd.as_fd(), device).map_err(|e| FileOpenError::Os(e.errno()))?;
+        Ok(FileDriver {
+            fd: Arc::new(fd),
+            kind,
+            device,
+            size: AtomicU64::new(round_up(length, 512)),
+            read_only: config.common.read_only,
+            direct: config.direct,
+            rmw: Arc::new(RwLock::new(())),
+        })
+    }
+
+    /// Which driver this node is.
+    pub fn kind(&self) -> FileKind {
+        self.kind
+    }
+
+    /// Allocated bytes of the image (`actual-size`).
+    pub fn actual_size(&self) -> IoResult<u64> {
+        crate::posix::actual_size(self.fd.as_fd())
+    }
+
+    fn check(&self, offset: u64, len: u64) -> IoResult<()> {
+        check_range(offset, len, self.size())
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> IoResult<()> {
+        if self.read_only {
+            return Err(IoError::ReadOnly);
+        }
+        self.check(offset, len)
+    }
+}
+
+/// `offset + len` must stay inside `size`.
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> IoResult<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(IoError::OutOfRange),
+    }
+}
+
+fn round_up(value: u64, align: u64) -> u64 {
+    value.div_ceil(align).saturating_mul(align)
+}
+
+fn errno(e: Errno) -> IoError {
+    IoError::Os(e.raw_os_error())
+}
+
+fn device_length(fd: BorrowedFd<'_>, device: DeviceType) -> IoResult<u64> {
+    match device {
+        DeviceType::Regular => {
+            let st = rustix::fs::fstat(fd).map_err(errno)?;
+            Ok(u64::try_from(st.st_size).unwrap_or(0))
+        }
+        DeviceType::Block => block_device_size(fd),
+        // Character devices have no size ioctl; QEMU asks lseek, as here.
+        DeviceType::Char => rustix::fs::seek(fd, SeekFrom::End(0)).map_err(errno),
+    }
+}
+
+/// A block device's size in bytes (`BLKGETSIZE64`).
+pub(crate) fn block_device_size(fd: BorrowedFd<'_>) -> IoResult<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at a live,
+    // writable u64; the fd is borrowed, so it stays open for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if rc < 0 {
+        return Err(IoError::from(std::io::Error::last_os_error()));
+    }
+    Ok(size)
+}
+
+fn block_ioctl_range(
+    fd: BorrowedFd<'_>,
+    request: libc::c_ulong,
+    offset: u64,
+    len: u64,
+) -> IoResult<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKDISCARD/BLKZEROOUT read two u64s (start, length) through the pointer,
+    // which points at a live array of two u64s; the fd is borrowed for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, range.as_ptr()) };
+    if rc < 0 {
+        return Err(IoError::from(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full; the part past end of file reads as zeroes.
+fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> IoResult<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(errno(e)),
+        }
+    }
+    Ok(())
+}
+
+fn pwrite_full(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> IoResult<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        match rustix::io::pwrite(fd, &buf[done..], offset + done as u64) {
+            Ok(0) => return Err(IoError::Os(libc::EIO)),
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(errno(e)),
+        }
+    }
+    Ok(())
+}
+
+fn fdatasync(fd: BorrowedFd<'_>) -> IoResult<()> {
+    loop {
+        match rustix::fs::fdatasync(fd) {
+            Err(Errno::INTR) => {}
+            other => return other.map_err(errno),
+        }
+    }
+}
+
+/// A buffer whose data starts on a [`DIRECT_ALIGNMENT`] boundary, as `O_DIRECT` needs.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn zeroed(len: usize) -> AlignedBuf {
+        let align = DIRECT_ALIGNMENT as usize;
+        let storage = vec![0u8; len + align];
+        let start = storage.as_ptr().align_offset(align).min(align);
+        AlignedBuf {
+            storage,
+            start,
+            len,
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+/// The aligned span `[start, end)` covering `[offset, offset + len)`.
+fn aligned_span(offset: u64, len: u64) -> (u64, u64) {
+    let start = offset - offset % DIRECT_ALIGNMENT;
+    (start, round_up(offset + len, DIRECT_ALIGNMENT))
+}
+
+fn direct_read(fd: BorrowedFd<'_>, offset: u64, len: usize) -> IoResult<Vec<u8>> {
+    let (start, end) = aligned_span(offset, len as u64);
+    let mut bounce = AlignedBuf::zeroed((end - start) as usize);
+    pread_full(fd, bounce.as_mut_slice(), start)?;
+    let skip = (offset - start) as usize;
+    Ok(bounce.as_slice()[skip..skip + len].to_vec())
+}
+
+fn direct_write(fd: BorrowedFd<'_>, rmw: &RwLock<()>, offset: u64, data: &[u8]) -> IoResult<()> {
+    let (start, end) = aligned_span(offset, data.len() as u64);
+    let mut bounce = AlignedBuf::zeroed((end - start) as usize);
+    let skip = (offset - start) as usize;
+    if start == offset && end == offset + data.len() as u64 {
+        let _shared = rmw.read().unwrap_or_else(|p| p.into_inner());
+        bounce.as_mut_slice().copy_from_slice(data);
+        return pwrite_full(fd, bounce.as_slice(), start);
+    }
+    let _exclusive = rmw.write().unwrap_or_else(|p| p.into_inner());
+    pread_full(fd, bounce.as_mut_slice(), start)?;
+    bounce.as_mut_slice()[skip..skip + data.len()].copy_from_slice(data);
+    pwrite_full(fd, bounce.as_slice(), start)
+}
+
+fn write_zero_buffers(
+    fd: BorrowedFd<'_>,
+    direct: bool,
+    rmw: &RwLock<()>,
+    offset: u64,
+    len: u64,
+) -> IoResult<()> {
+    let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(ZERO_CHUNK as u64) as usize;
+        if direct {
+            direct_write(fd, rmw, offset + done, &zeroes[..n])?;
+        } else {
+            pwrite_full(fd, &zeroes[..n], offset + done)?;
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+fn fallocate(fd: BorrowedFd<'_>, mode: FallocateFlags, offset: u64, len: u64) -> Result<(), Errno> {
+    loop {
+        match rustix::fs::fallocate(fd, mode, offset, len) {
+            Err(Errno::INTR) => {}
+            other => return other,
+        }
+    }
+}
+
+fn is_unsupported(e: Errno) -> bool {
+    e == Errno::OPNOTSUPP || e == Errno::NOSYS || e == Errno::NOTTY
+}
+
+/// Zeroes a regular file's range without writing data, QEMU's order: zero range, then
+/// punch hole + reallocate. `Ok(false)` means no fallocate mode works here.
+fn zero_range_without_writing(fd: BorrowedFd<'_>, offset: u64, len: u64) -> IoResult<bool> {
+    match fallocate(fd, FallocateFlags::ZERO_RANGE, offset, len) {
+        Ok(()) => return Ok(true),
+        Err(e) if is_unsupported(e) || e == Errno::INVAL => {}
+        Err(e) => return Err(errno(e)),
+    }
+    match fallocate(
+        fd,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        len,
+    ) {
+        Ok(()) => match fallocate(fd, FallocateFlags::empty(), offset, len) {
+            Ok(()) => Ok(true),
+            Err(e) if is_unsupported(e) => Ok(true),
+            Err(e) => Err(errno(e)),
+        },
+        Err(e) if is_unsupported(e) || e == Errno::INVAL => Ok(false),
+        Err(e) => Err(errno(e)),
+    }
+}
+
+/// Block status of a regular file from `SEEK_DATA`/`SEEK_HOLE`, one extent per run.
+fn seek_extents(fd: BorrowedFd<'_>, offset: u64, len: u64) -> IoResult<Vec<Extent>> {
+    let end = offset + len;
+    let mut extents: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    while pos < end && extents.len() < MAX_EXTENTS {
+        let (data, next) = match rustix::fs::seek(fd, SeekFrom::Data(pos)) {
+            Ok(data_at) if data_at == pos => match rustix::fs::seek(fd, SeekFrom::Hole(pos)) {
+                Ok(hole_at) if hole_at > pos => (true, hole_at),
+                // A racing truncate; report the rest as data, as QEMU does on errors.
+                _ => (true, end),
+            },
+            Ok(data_at) if data_at > pos => (false, data_at),
+            // No data after pos: a hole up to (and past) end of file.
+            Err(Errno::NXIO) => (false, end),
+            // No SEEK_DATA support (or a surprise): everything is data.
+            _ => (true, end),
+        };
+        let next = next.min(end);
+        let length = next - pos;
+        match extents.last_mut() {
+            Some(last) if last.data == data => last.length += length,
+            _ => extents.push(Extent {
+                length,
+                data,
+                zero: !data,
+                depth: 1,
+            }),
+        }
+        pos = next;
+    }
+    Ok(extents)
+}
+
+impl BlockIo for FileDriver {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            self.check(offset, buf.len() as u64)?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let fd = Arc::clone(&self.fd);
+            let len = buf.len();
+            let direct = self.direct;
+            let data = threads::run(move || {
+                if direct {
+                    direct_read(fd.as_fd(), offset, len)
+                } else {
+                    let mut data = vec![0u8; len];
+                    pread_full(fd.as_fd(), &mut data, offset)?;
+                    Ok(data)
+                }
+            })
+            .await?;
+            buf.copy_from_slice(&data);
+            Ok(())
+        })
+    }
+
+    fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            self.check_write(offset, buf.len() as u64)?;
+            let fd = Arc::clone(&self.fd);
+            let rmw = Arc::clone(&self.rmw);
+            let data = buf.to_vec();
+            let direct = self.direct;
+            threads::run(move || {
+                if direct {
+                    direct_write(fd.as_fd(), &rmw, offset, &data)?;
+                } else {
+                    pwrite_full(fd.as_fd(), &data, offset)?;
+                }
+                if flags.fua {
+                    fdatasync(fd.as_fd())
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.check_write(offset, len)?;
+            if len == 0 {
+                return Ok(());
+            }
+            let fd = Arc::clone(&self.fd);
+            let rmw = Arc::clone(&self.rmw);
+            let (device, direct) = (self.device, self.direct);
+            threads::run(move || {
+                let fd = fd.as_fd();
+                // An unaligned direct write's read-modify-write must not straddle this.
+                let _shared = direct.then(|| rmw.read().unwrap_or_else(|p| p.into_inner()));
+                let zeroed = match device {
+                    DeviceType::Regular => {
+                        let punched = flags.may_unmap
+                            && match fallocate(
+                                fd,
+                                FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                                offset,
+                                len,
+                            ) {
+                                Ok(()) => true,
+                                Err(e) if is_unsupported(e) => false,
+                                Err(e) => return Err(errno(e)),
+                            };
+                        punched || zero_range_without_writing(fd, offset, len)?
+                    }
+                    DeviceType::Block => match block_ioctl_range(fd, BLKZEROOUT, offset, len) {
+                        Ok(()) => true,
+                        Err(IoError::Os(e))
+                            if e == libc::EOPNOTSUPP || e == libc::ENOTTY || e == libc::EINVAL =>
+                        {
+                            false
+                        }
+                        Err(e) => return Err(e),
+                    },
+                    DeviceType::Char => false,
+                };
+                if !zeroed {
+                    if flags.no_fallback {
+                        return Err(IoError::Unsupported);
+                    }
+                    drop(_shared);
+                    write_zero_buffers(fd, direct, &rmw, offset, len)?;
+                }
+                if flags.fua { fdatasync(fd) } else { Ok(()) }
+            })
+            .await
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.check_write(offset, len)?;
+            if len == 0 {
+                return Ok(());
+            }
+            let fd = Arc::clone(&self.fd);
+            let rmw = Arc::clone(&self.rmw);
+            let (device, direct) = (self.device, self.direct);
+            threads::run(move || {
+                let fd = fd.as_fd();
+                let _shared = direct.then(|| rmw.read().unwrap_or_else(|p| p.into_inner()));
+                // A discard the storage cannot do is not an error (QEMU ignores ENOTSUP).
+                match device {
+                    DeviceType::Regular => {
+                        match fallocate(
+                            fd,
+                            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                            offset,
+                            len,
+                        ) {
+                            Err(e) if !is_unsupported(e) => Err(errno(e)),
+                            _ => Ok(()),
+                        }
+                    }
+                    DeviceType::Block => match block_ioctl_range(fd, BLKDISCARD, offset, len) {
+                        Err(IoError::Os(e)) if e != libc::EOPNOTSUPP && e != libc::ENOTTY => {
+                            Err(IoError::Os(e))
+                        }
+                        _ => Ok(()),
+                    },
+                    DeviceType::Char => Ok(()),
+                }
+            })
+            .await
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let fd = Arc::clone(&self.fd);
+            threads::run(move || fdatasync(fd.as_fd())).await
+        })
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async move {
+            self.check(offset, len)?;
+            if len == 0 {
+                return Err(IoError::Invalid);
+            }
+            if self.device != DeviceType::Regular {
+                return Ok(vec![Extent {
+                    length: len,
+                    data: true,
+                    zero: false,
+                    depth: 1,
+                }]);
+            }
+            let fd = Arc::clone(&self.fd);
+            threads::run(move || seek_extents(fd.as_fd(), offset, len)).await
+        })
+    }
+
+    fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.read_only {
+                return Err(IoError::ReadOnly);
+            }
+            match self.device {
+                DeviceType::Regular => {
+                    let fd = Arc::clone(&self.fd);
+                    threads::run(move || {
+                        rustix::fs::ftruncate(fd.as_fd(), new_size).map_err(errno)
+                    })
+                    .await?;
+                    self.size.store(round_up(new_size, 512), Ordering::Release);
+                    Ok(())
+                }
+                // QEMU: a device cannot grow ("Cannot grow device files"); shrinking
+                // succeeds without changing anything.
+                DeviceType::Block | DeviceType::Char => {
+                    if new_size > self.size() {
+                        Err(IoError::Invalid)
+                    } else {
+                        Ok(())
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_span_covers_the_request_with_whole_blocks() {
+        assert_eq!(aligned_span(0, 4096), (0, 4096));
+        assert_eq!(aligned_span(100, 10), (0, 4096));
+        assert_eq!(aligned_span(4000, 200), (0, 8192));
+    }
+
+    #[test]
+    fn aligned_buffers_start_on_the_direct_alignment() {
+        for len in [1usize, 512, 4096, 10000] {
+            let buf = AlignedBuf::zeroed(len);
+            assert_eq!(
+                buf.as_slice().as_ptr() as usize % DIRECT_ALIGNMENT as usize,
+                0
+            );
+            assert_eq!(buf.as_slice().len(), len);
+        }
+    }
+
+    #[test]
+    fn ranges_past_the_node_end_or_overflowing_are_out_of_range() {
+        assert_eq!(check_range(0, 1024, 1024), Ok(()));
+        assert_eq!(check_range(1024, 0, 1024), Ok(()));
+        assert_eq!(check_range(1, 1024, 1024), Err(IoError::OutOfRange));
+        assert_eq!(check_range(u64::MAX, 2, 1024), Err(IoError::OutOfRange));
+    }
+}

@@ -1,0 +1,377 @@
+//! The `raw` format driver: a byte window (`offset`, `size`) over one child node.
+//!
+//! Runs in the `raw` driver worker. The child may live in another process; it is only
+//! ever reached through [`BlockIo`]. Requests are range-checked against the window and
+//! shifted by `offset`; block status is the child's, clipped to the window. No untrusted
+//! bytes are parsed.
+//!
+//! Resize follows QEMU's raw driver: a node with a fixed `size` cannot be resized
+//! ("Cannot resize fixed-size raw disks"); otherwise the child is truncated to
+//! `offset + new_size`. A raw node is read-only if configured so or if its child is.
+
+use std::sync::Arc;
+
+use crate::config::RawConfig;
+use crate::file::check_range;
+use crate::io::{BlockIo, Extent, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags};
+
+/// Why a raw window cannot be opened over its child; texts are qsd's (the double space
+/// in the second one is QEMU's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RawOpenError {
+    /// `offset` lies past the child's end.
+    #[error("Offset ({offset}) cannot be greater than size of the containing file ({child_size})")]
+    OffsetPastEnd {
+        /// The configured offset.
+        offset: u64,
+        /// The child's size.
+        child_size: u64,
+    },
+    /// `offset + size` lies past the child's end.
+    #[error(
+        "The sum of offset ({offset}) and size ({size}) has to be smaller or equal to the  actual size of the containing file ({child_size})"
+    )]
+    WindowPastEnd {
+        /// The configured offset.
+        offset: u64,
+        /// The configured size.
+        size: u64,
+        /// The child's size.
+        child_size: u64,
+    },
+    /// `size` is not a multiple of 512.
+    #[error("Specified size is not multiple of 512")]
+    SizeUnaligned,
+}
+
+/// Checks a raw window against its child's size, in QEMU's order (so the first error
+/// reported is qsd's). The supervisor may call it before asking a worker to open the node.
+pub fn check_window(config: &RawConfig, child_size: u64) -> Result<(), RawOpenError> {
+    if config.offset > child_size {
+        return Err(RawOpenError::OffsetPastEnd {
+            offset: config.offset,
+            child_size,
+        });
+    }
+    if let Some(size) = config.size {
+        if child_size - config.offset < size {
+            return Err(RawOpenError::WindowPastEnd {
+                offset: config.offset,
+                size,
+                child_size,
+            });
+        }
+        if size % 512 != 0 {
+            return Err(RawOpenError::SizeUnaligned);
+        }
+    }
+    Ok(())
+}
+
+/// A `raw` node.
+pub struct RawDriver {
+    child: Arc<dyn BlockIo>,
+    offset: u64,
+    size: Option<u64>,
+    read_only: bool,
+}
+
+impl std::fmt::Debug for RawDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawDriver")
+            .field("offset", &self.offset)
+            .field("size", &self.size)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawDriver {
+    /// Opens a window over `child`, checking it fits as QEMU's `raw_open` does.
+    pub fn new(config: &RawConfig, child: Arc<dyn BlockIo>) -> Result<RawDriver, RawOpenError> {
+        check_window(config, child.size())?;
+        Ok(RawDriver {
+            read_only: config.common.read_only || child.read_only(),
+            child,
+            offset: config.offset,
+            size: config.size,
+        })
+    }
+
+    /// The child offset of a window offset, after checking the range.
+    fn map(&self, offset: u64, len: u64) -> IoResult<u64> {
+        check_range(offset, len, self.size())?;
+        offset.checked_add(self.offset).ok_or(IoError::OutOfRange)
+    }
+
+    fn map_write(&self, offset: u64, len: u64) -> IoResult<u64> {
+        if self.read_only {
+            return Err(IoError::ReadOnly);
+        }
+        self.map(offset, len)
+    }
+}
+
+impl BlockIo for RawDriver {
+    fn size(&self) -> u64 {
+        match self.size {
+            Some(size) => size,
+            // QEMU counts whole sectors here too: offset=100 over a 1536-byte child is a
+            // 1536-byte node, whose last 100 bytes lie past the child's end.
+            None => self
+                .child
+                .size()
+                .saturating_sub(self.offset)
+                .div_ceil(512)
+                .saturating_mul(512),
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let at = self.map(offset, buf.len() as u64)?;
+            // The part past the child's end (only possible in the rounded-up tail of an
+            // open-ended window) reads as zeroes, as QEMU's block layer makes it.
+            let inside = self.child.size().saturating_sub(at).min(buf.len() as u64) as usize;
+            let (head, tail) = buf.split_at_mut(inside);
+            tail.fill(0);
+            if head.is_empty() {
+                return Ok(());
+            }
+            self.child.read(at, head).await
+        })
+    }
+
+    fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let at = self.map_write(offset, buf.len() as u64)?;
+            self.child.write(at, buf, flags).await
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let at = self.map_write(offset, len)?;
+            self.child.write_zeroes(at, len, flags).await
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let at = self.map_write(offset, len)?;
+            self.child.discard(at, len).await
+        })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        self.child.flush()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async move {
+            let at = self.map(offset, len)?;
+            if len == 0 {
+                return Err(IoError::Invalid);
+            }
+            // In the rounded-up tail past the child's end (see `size`) there is nothing
+            // to ask the child: it reads as zeroes.
+            let inside = self.child.size().saturating_sub(at).min(len);
+            if inside == 0 {
+                return Ok(vec![Extent {
+                    length: len,
+                    data: false,
+                    zero: true,
+                    depth: 1,
+                }]);
+            }
+            let len = inside;
+            let mut extents = self.child.block_status(at, len).await?;
+            // The child promised not to overrun, but it may be in another process.
+            let mut left = len;
+            extents.retain_mut(|e| {
+                let keep = left > 0 && e.length > 0;
+                e.length = e.length.min(left);
+                left -= e.length;
+                keep
+            });
+            if extents.is_empty() {
+                return Err(IoError::Os(libc::EIO));
+            }
+            Ok(extents)
+        })
+    }
+
+    fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            if self.size.is_some() {
+                return Err(IoError::Unsupported);
+            }
+            if self.read_only {
+                return Err(IoError::ReadOnly);
+            }
+            let child_size = self.offset.checked_add(new_size).ok_or(IoError::Invalid)?;
+            self.child.resize(child_size).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NullConfig;
+    use crate::null::NullDriver;
+
+    fn null(size: u64, read_zeroes: bool) -> Arc<dyn BlockIo> {
+        Arc::new(NullDriver::new(&NullConfig {
+            size,
+            read_zeroes,
+            ..NullConfig::default()
+        }))
+    }
+
+    #[test]
+    fn windows_that_do_not_fit_are_refused_with_qsd_texts() {
+        let child = null(1 << 20, false);
+        let past = RawConfig {
+            offset: 2 << 20,
+            ..RawConfig::default()
+        };
+        assert_eq!(
+            RawDriver::new(&past, Arc::clone(&child))
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(
+                "Offset (2097152) cannot be greater than size of the containing file (1048576)"
+                    .to_string()
+            )
+        );
+        let sum = RawConfig {
+            offset: 4096,
+            size: Some(2 << 20),
+            ..RawConfig::default()
+        };
+        assert_eq!(
+            RawDriver::new(&sum, Arc::clone(&child)).map(|_| ()).map_err(|e| e.to_string()),
+            Err("The sum of offset (4096) and size (2097152) has to be smaller or equal to the  actual size of the containing file (1048576)".to_string())
+        );
+        let odd = RawConfig {
+            offset: 100,
+            size: Some(1000),
+            ..RawConfig::default()
+        };
+        assert_eq!(
+            RawDriver::new(&odd, child).map(|_| ()),
+            Err(RawOpenError::SizeUnaligned)
+        );
+    }
+
+    #[tokio::test]
+    async fn size_follows_the_child_unless_fixed() {
+        let child = null(1 << 20, false);
+        let open = RawDriver::new(
+            &RawConfig {
+                offset: 131072,
+                ..RawConfig::default()
+            },
+            Arc::clone(&child),
+        );
+        assert_eq!(open.map(|r| r.size()), Ok(917504));
+        let fixed = RawDriver::new(
+            &RawConfig {
+                offset: 4096,
+                size: Some(65536),
+                ..RawConfig::default()
+            },
+            child,
+        );
+        let Ok(fixed) = fixed else {
+            panic!("window should open")
+        };
+        assert_eq!(fixed.size(), 65536);
+        assert_eq!(fixed.resize(131072).await, Err(IoError::Unsupported));
+        let mut buf = [0u8; 512];
+        assert_eq!(fixed.read(65536 - 512, &mut buf).await, Ok(()));
+        assert_eq!(
+            fixed.read(65536 - 511, &mut buf).await,
+            Err(IoError::OutOfRange)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unaligned_open_window_rounds_its_size_up_and_reads_zeroes_past_the_child() {
+        let child = null(1536, false);
+        let Ok(raw) = RawDriver::new(
+            &RawConfig {
+                offset: 100,
+                ..RawConfig::default()
+            },
+            child,
+        ) else {
+            panic!("window should open")
+        };
+        assert_eq!(raw.size(), 1536);
+        let mut buf = [0xffu8; 200];
+        assert_eq!(raw.read(1336, &mut buf).await, Ok(()));
+        assert_eq!(buf, [0u8; 200]);
+        assert_eq!(
+            raw.block_status(1024, 512).await,
+            Ok(vec![Extent {
+                length: 412,
+                data: false,
+                zero: false,
+                depth: 0
+            }])
+        );
+        assert_eq!(
+            raw.block_status(1436, 100).await,
+            Ok(vec![Extent {
+                length: 100,
+                data: false,
+                zero: true,
+                depth: 1
+            }])
+        );
+    }
+
+    #[tokio::test]
+    async fn read_only_is_inherited_from_the_child() {
+        let mut config = NullConfig::default();
+        config.common.read_only = true;
+        let child: Arc<dyn BlockIo> = Arc::new(NullDriver::new(&config));
+        let Ok(raw) = RawDriver::new(&RawConfig::default(), child) else {
+            panic!("window should open")
+        };
+        assert!(raw.read_only());
+        assert_eq!(
+            raw.write(0, &[0u8; 512], WriteFlags::default()).await,
+            Err(IoError::ReadOnly)
+        );
+        assert_eq!(raw.discard(0, 512).await, Err(IoError::ReadOnly));
+    }
+
+    #[tokio::test]
+    async fn block_status_passes_the_child_status_through() {
+        let Ok(raw) = RawDriver::new(
+            &RawConfig {
+                offset: 512,
+                ..RawConfig::default()
+            },
+            null(1 << 20, true),
+        ) else {
+            panic!("window should open")
+        };
+        assert_eq!(
+            raw.block_status(0, 4096).await,
+            Ok(vec![Extent {
+                length: 4096,
+                data: false,
+                zero: true,
+                depth: 1
+            }])
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! The NBD export worker: one NBD server for every NBD export.
+//!
+//! The listening socket comes from the supervisor (which keeps its own copy, so a
+//! replacement worker serves the same socket). Exported nodes are reached through data
+//! channels to their driver workers. Clients' bytes are untrusted and handled by
+//! `bulkhead-nbd`; this module only wires it to the control plane.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use bulkhead_ipc::control::ControlChannel;
+use bulkhead_ipc::data::DataClient;
+use bulkhead_ipc::wire::{
+    FromWorker, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent, WorkerKind,
+};
+use bulkhead_nbd::server::{ExportConfig, ExportError, NbdServer, RemoveMode, ServerConfig};
+
+fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerError {
+    WorkerError::new(kind, errno, detail)
+}
+
+/// State of the NBD worker.
+pub(crate) struct NbdWorker {
+    server: Option<Arc<NbdServer>>,
+    peers: HashMap<WorkerKind, Arc<DataClient>>,
+    control: Arc<ControlChannel>,
+}
+
+impl NbdWorker {
+    pub(crate) fn new(control: Arc<ControlChannel>) -> NbdWorker {
+        NbdWorker {
+            server: None,
+            peers: HashMap::new(),
+            control,
+        }
+    }
+
+    fn server(&self) -> Result<&Arc<NbdServer>, WorkerError> {
+        self.server.as_ref().ok_or_else(|| {
+            err(
+                WorkerErrorKind::Invalid,
+                libc::EINVAL,
+                "NBD server not running",
+            )
+        })
+    }
+
+    pub(crate) async fn handle(
+        &mut self,
+        req: ToWorker,
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<Reply, WorkerError> {
+        match req {
+            ToWorker::ConnectDataChannel { peer } => {
+                let sock = single(fds)?;
+                let client = DataClient::spawn(sock).map_err(|e| {
+                    err(
+                        WorkerErrorKind::Io,
+                        e.raw_os_error().unwrap_or(0),
+                        e.to_string(),
+                    )
+                })?;
+                self.peers.insert(peer, client);
+                Ok(Reply::Done)
+            }
+            ToWorker::NbdServerStart {
+                max_connections,
+                handshake_max_seconds,
+            } => {
+                if self.server.is_some() {
+                    return Err(err(
+                        WorkerErrorKind::Invalid,
+                        libc::EBUSY,
+                        "NBD server already running",
+                    ));
+                }
+                let listener = single(std::mem::take(&mut fds))?;
+                let server = Arc::new(NbdServer::new(ServerConfig {
+                    max_connections,
+                    handshake_max_seconds,
+                }));
+                spawn_listener(Arc::clone(&server), listener)?;
+                self.server = Some(server);
+                Ok(Reply::Done)
+            }
+            ToWorker::NbdServerStop => {
+                if let Some(server) = self.server.take() {
+                    tokio::spawn(async move { server.shutdown().await });
+                }
+                Ok(Reply::Done)
+            }
+            ToWorker::NbdExportAdd {
+                name,
+                description,
+                writable,
+                allocation_depth,
+                node,
+            } => {
+                let server = Arc::clone(self.server()?);
+                let peer = self.peers.get(&node.home).ok_or_else(|| {
+                    err(
+                        WorkerErrorKind::NotFound,
+                        libc::ENOENT,
+                        format!("no channel to {}", node.home),
+                    )
+                })?;
+                let backend = peer.node(node.node).await.map_err(|e| {
+                    err(
+                        WorkerErrorKind::Io,
+                        e.errno(),
+                        format!("exported node: {e}"),
+                    )
+                })?;
+                server
+                    .add_export(
+                        ExportConfig {
+                            name,
+                            description,
+                            writable,
+                            allocation_depth,
+                        },
+                        Arc::new(backend),
+                    )
+                    .map_err(export_error)?;
+                Ok(Reply::Done)
+            }
+            ToWorker::NbdExportRemove { name, hard } => {
+                let server = self.server()?;
+                let mode = if hard {
+                    RemoveMode::Hard
+                } else {
+                    RemoveMode::Safe
+                };
+                let removal = server.remove_export(&name, mode).map_err(export_error)?;
+                if removal.is_finished() {
+                    return Ok(Reply::ExportRemoved { deferred: false });
+                }
+                let control = Arc::clone(&self.control);
+                tokio::spawn(async move {
+                    removal.finished().await;
+                    let event = FromWorker::Event(WorkerEvent::ExportGone { name });
+                    if let Err(e) = control.send(&event, &[]).await {
+                        tracing::warn!(error = %e, "cannot report a finished export removal");
+                    }
+                });
+                Ok(Reply::ExportRemoved { deferred: true })
+            }
+            _ => Err(err(
+                WorkerErrorKind::Invalid,
+                libc::EINVAL,
+                "not a driver worker",
+            )),
+        }
+    }
+}
+
+fn single(mut fds: Vec<OwnedFd>) -> Result<OwnedFd, WorkerError> {
+    match (fds.pop(), fds.is_empty()) {
+        (Some(fd), true) => Ok(fd),
+        _ => Err(err(
+            WorkerErrorKind::Invalid,
+            libc::EINVAL,
+            "expected exactly one descriptor",
+        )),
+    }
+}
+
+fn export_error(e: ExportError) -> WorkerError {
+    match e {
+        ExportError::InUse(_) => err(WorkerErrorKind::InUse, libc::EBUSY, e.to_string()),
+        ExportError::NotFound(_) => err(WorkerErrorKind::NotFound, libc::ENOENT, e.to_string()),
+        other => err(WorkerErrorKind::Invalid, libc::EINVAL, other.to_string()),
+    }
+}
+
+/// Serves the handed-in listening socket, unix or TCP, until the server shuts down.
+fn spawn_listener(server: Arc<NbdServer>, listener: OwnedFd) -> Result<(), WorkerError> {
+    let family = rustix::net::getsockname(listener.as_fd())
+        .map(|a| a.address_family())
+        .map_err(|e| {
+            err(
+                WorkerErrorKind::Invalid,
+                e.raw_os_error(),
+                "listener is not a socket",
+            )
+        })?;
+    if family == rustix::net::AddressFamily::UNIX {
+        let std = std::os::unix::net::UnixListener::from(listener);
+        std.set_nonblocking(true).map_err(|e| {
+            err(
+                WorkerErrorKind::Io,
+                e.raw_os_error().unwrap_or(0),
+                e.to_string(),
+            )
+        })?;
+        let l = tokio::net::UnixListener::from_std(std).map_err(|e| {
+            err(
+                WorkerErrorKind::Io,
+                e.raw_os_error().unwrap_or(0),
+                e.to_string(),
+            )
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = server.serve_unix_listener(l).await {
+                tracing::error!(error = %e, "NBD listener failed");
+            }
+        });
+    } else {
+        let std = std::net::TcpListener::from(listener);
+        std.set_nonblocking(true).map_err(|e| {
+            err(
+                WorkerErrorKind::Io,
+                e.raw_os_error().unwrap_or(0),
+                e.to_string(),
+            )
+        })?;
+        let l = tokio::net::TcpListener::from_std(std).map_err(|e| {
+            err(
+                WorkerErrorKind::Io,
+                e.raw_os_error().unwrap_or(0),
+                e.to_string(),
+            )
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = server.serve_tcp_listener(l).await {
+                tracing::error!(error = %e, "NBD listener failed");
+            }
+        });
+    }
+    Ok(())
+}
