@@ -266,12 +266,94 @@ impl DataClient {
         }
         rx.await.unwrap_or(Err(IoError::Disconnected))
     }
+}
 
-    /// Opens a handle on `node`, served at the other end of this channel.
+/// How long a request waits for a replacement of a dead serving worker before it
+/// fails. The supervisor restarts a worker within its backoff (at most a few seconds);
+/// clients such as QEMU's NBD client with `reconnect-delay` wait about as long.
+pub const RESUBMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The connection to one serving worker across its restarts.
+///
+/// Each incarnation of the serving worker gets a new channel with a higher generation.
+/// The supervisor attaches the new channel only after the old process has been reaped,
+/// so a request resubmitted on a newer generation can never race a stale copy of it
+/// still running in the dead worker: that is the fence.
+#[derive(Debug)]
+pub struct Peer {
+    state: tokio::sync::watch::Sender<Option<(u64, Arc<DataClient>)>>,
+}
+
+impl Default for Peer {
+    fn default() -> Peer {
+        Peer {
+            state: tokio::sync::watch::Sender::new(None),
+        }
+    }
+}
+
+impl Peer {
+    /// A peer with no channel yet.
+    pub fn new() -> Arc<Peer> {
+        Arc::new(Peer::default())
+    }
+
+    /// Installs the channel to incarnation `generation`. Older generations are ignored.
+    pub fn attach(&self, generation: u64, client: Arc<DataClient>) {
+        self.state.send_if_modified(|cur| match cur {
+            Some((g, _)) if *g >= generation => false,
+            _ => {
+                *cur = Some((generation, client));
+                true
+            }
+        });
+    }
+
+    /// The current channel, waiting (up to [`RESUBMIT_TIMEOUT`]) for one whose
+    /// generation is at least `min_generation`.
+    async fn client(&self, min_generation: u64) -> IoResult<(u64, Arc<DataClient>)> {
+        let mut rx = self.state.subscribe();
+        let wait =
+            rx.wait_for(|s| matches!(s, Some((g, c)) if *g >= min_generation && !c.is_closed()));
+        match tokio::time::timeout(RESUBMIT_TIMEOUT, wait).await {
+            Ok(Ok(s)) => s
+                .as_ref()
+                .map(|(g, c)| (*g, Arc::clone(c)))
+                .ok_or(IoError::Disconnected),
+            _ => Err(IoError::Disconnected),
+        }
+    }
+
+    /// Sends a request, resubmitting it to the next incarnation if the serving worker
+    /// dies before answering.
+    pub async fn call(
+        &self,
+        node: NodeId,
+        op: IoOp,
+        payload: &[u8],
+    ) -> IoResult<(IoDone, Vec<u8>)> {
+        let mut min_generation = 0;
+        loop {
+            let (generation, client) = self.client(min_generation).await?;
+            match client.call(node, op, payload).await {
+                Err(IoError::Disconnected) => {
+                    tracing::info!(
+                        node = node.0,
+                        generation,
+                        "serving worker gone; resubmitting to its replacement"
+                    );
+                    min_generation = generation + 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Opens a handle on `node`, served by this peer.
     pub async fn node(self: &Arc<Self>, node: NodeId) -> Result<RemoteNode, IoError> {
         match self.call(node, IoOp::Info, &[]).await? {
             (IoDone::Info { size, read_only }, _) => Ok(RemoteNode {
-                client: Arc::clone(self),
+                peer: Arc::clone(self),
                 node,
                 size: AtomicU64::new(size),
                 read_only,
@@ -281,10 +363,10 @@ impl DataClient {
     }
 }
 
-/// A node served by another worker, reached through a [`DataClient`].
+/// A node served by another worker, reached through a [`Peer`].
 #[derive(Debug)]
 pub struct RemoteNode {
-    client: Arc<DataClient>,
+    peer: Arc<Peer>,
     node: NodeId,
     size: AtomicU64,
     read_only: bool,
@@ -293,7 +375,7 @@ pub struct RemoteNode {
 impl RemoteNode {
     /// Re-reads the node's size (after a resize).
     pub async fn refresh(&self) -> IoResult<u64> {
-        match self.client.call(self.node, IoOp::Info, &[]).await? {
+        match self.peer.call(self.node, IoOp::Info, &[]).await? {
             (IoDone::Info { size, .. }, _) => {
                 self.size.store(size, Ordering::Release);
                 Ok(size)
@@ -303,7 +385,7 @@ impl RemoteNode {
     }
 
     async fn expect_done(&self, op: IoOp, payload: &[u8]) -> IoResult<()> {
-        match self.client.call(self.node, op, payload).await? {
+        match self.peer.call(self.node, op, payload).await? {
             (IoDone::Done, _) => Ok(()),
             _ => Err(IoError::Invalid),
         }
@@ -330,7 +412,7 @@ impl BlockIo for RemoteNode {
         Box::pin(async move {
             let len = payload_len(buf.len())?;
             match self
-                .client
+                .peer
                 .call(self.node, IoOp::Read { offset, len }, &[])
                 .await?
             {
@@ -366,7 +448,7 @@ impl BlockIo for RemoteNode {
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
         Box::pin(async move {
             match self
-                .client
+                .peer
                 .call(self.node, IoOp::BlockStatus { offset, len }, &[])
                 .await?
             {
@@ -545,13 +627,19 @@ mod tests {
         }
     }
 
+    fn peer_with(generation: u64, sock: OwnedFd) -> Arc<Peer> {
+        let peer = Peer::new();
+        peer.attach(generation, DataClient::spawn(sock).unwrap());
+        peer
+    }
+
     #[tokio::test]
     async fn a_remote_node_reads_back_what_it_wrote_and_reports_errors() {
         let (a, b) = fd::stream_pair().unwrap();
         let mem: Arc<dyn BlockIo> = Arc::new(Mem(Mutex::new(vec![0; 1 << 20])));
         tokio::spawn(serve(b, Arc::new(One(mem))));
-        let client = DataClient::spawn(a).unwrap();
-        let node = client.node(NodeId(1)).await.unwrap();
+        let peer = peer_with(1, a);
+        let node = peer.node(NodeId(1)).await.unwrap();
         assert_eq!(node.size(), 1 << 20);
         let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
         node.write(4096, &data, WriteFlags::default())
@@ -569,23 +657,36 @@ mod tests {
             node.write_zeroes(0, 1, ZeroFlags::default()).await,
             Err(IoError::Unsupported)
         );
-        assert!(client.node(NodeId(2)).await.is_err());
+        assert!(peer.node(NodeId(2)).await.is_err());
     }
 
     #[tokio::test]
-    async fn requests_fail_with_disconnected_when_the_server_dies() {
-        let (a, b) = fd::stream_pair().unwrap();
-        let client = DataClient::spawn(a).unwrap();
-        drop(b);
-        let mut buf = [0u8; 1];
-        // Info fails first, so build the handle by hand.
+    async fn a_request_to_a_dead_server_is_resubmitted_to_its_replacement() {
+        let mem: Arc<dyn BlockIo> = Arc::new(Mem(Mutex::new(vec![7; 4096])));
+        // Generation 1 accepts the request and dies without answering.
+        let (a1, b1) = fd::stream_pair().unwrap();
+        let peer = peer_with(1, a1);
         let node = RemoteNode {
-            client,
+            peer: Arc::clone(&peer),
             node: NodeId(1),
-            size: AtomicU64::new(1),
+            size: AtomicU64::new(4096),
             read_only: false,
         };
-        assert_eq!(node.read(0, &mut buf).await, Err(IoError::Disconnected));
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 16];
+            node.read(0, &mut buf).await.map(|()| buf)
+        });
+        let mut b1 = into_stream(b1).unwrap();
+        let mut len = [0u8; 4];
+        b1.read_exact(&mut len).await.unwrap();
+        drop(b1);
+        // An older generation is ignored; generation 2 gets the resubmitted read.
+        let (a0, _b0) = fd::stream_pair().unwrap();
+        peer.attach(1, DataClient::spawn(a0).unwrap());
+        let (a2, b2) = fd::stream_pair().unwrap();
+        tokio::spawn(serve(b2, Arc::new(One(mem))));
+        peer.attach(2, DataClient::spawn(a2).unwrap());
+        assert_eq!(reader.await.unwrap().unwrap(), vec![7u8; 16]);
     }
 
     #[tokio::test]

@@ -93,10 +93,14 @@ pub enum ToWorker {
         /// The worker at the other end.
         peer: WorkerKind,
     },
-    /// Reach the nodes of `peer` through the attached stream socket.
+    /// Reach the nodes of `peer` through the attached stream socket. `generation`
+    /// numbers the serving worker's incarnation: requests that were pending on an older
+    /// one are resubmitted here.
     ConnectDataChannel {
         /// The worker serving the nodes.
         peer: WorkerKind,
+        /// Incarnation of that worker (grows with every restart).
+        generation: u64,
     },
     /// Open a node. A `file`/`host_device` node comes with its image descriptor
     /// attached; a node with a child names where the child lives.

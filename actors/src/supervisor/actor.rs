@@ -48,11 +48,21 @@ impl Message for WorkerDied {
 }
 
 impl Handler<WorkerDied> for SupervisorActor {
-    type Result = ();
-    fn handle(&mut self, msg: WorkerDied, _: &mut Context<Self>) {
-        if let Some(core) = self.core.as_mut() {
-            core.worker_died(&msg);
-        }
+    type Result = AtomicResponse<Self, ()>;
+
+    /// Restarting (and replaying state) runs like a command: nothing else is handled
+    /// meanwhile, so no command sees a half-restored worker.
+    fn handle(&mut self, msg: WorkerDied, _: &mut Context<Self>) -> Self::Result {
+        let Some(mut core) = self.core.take() else {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        };
+        let fut = async move {
+            core.worker_died(&msg).await;
+            core
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|core, act, _| {
+            act.core = Some(core);
+        })))
     }
 }
 
@@ -122,7 +132,8 @@ pub struct Shutdown;
 impl Handler<Shutdown> for SupervisorActor {
     type Result = ();
     fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) {
-        if let Some(core) = self.core.as_ref() {
+        if let Some(core) = self.core.as_mut() {
+            core.stop();
             for w in core.workers() {
                 w.kill();
             }

@@ -373,6 +373,7 @@ impl Core {
         let id = self.graph.allocate_id();
         let fixed_window =
             matches!(&config, DriverConfig::Raw(r) if r.offset > 0 || r.size.is_some());
+        let saved_config = config;
         let worker = self.worker(kind).await?;
         let fds: Vec<_> = worker_fd.iter().map(|f| f.as_fd()).collect();
         worker
@@ -415,9 +416,40 @@ impl Core {
             image,
             fixed_window,
             exported: false,
+            config: saved_config,
         });
         created.push(name.clone());
         Ok(name)
+    }
+
+    /// Opens an existing node again in a restarted worker: same id, same config, the
+    /// same image (a new descriptor for the same open file description).
+    pub(super) async fn replay_node(&mut self, name: &str) -> Result<(), QmpError> {
+        let node = self
+            .graph
+            .get(name)
+            .ok_or_else(|| QmpError::generic("node vanished"))?;
+        let child = match node.child.as_deref().and_then(|c| self.graph.get(c)) {
+            Some(c) => Some(NodeRef {
+                node: c.id,
+                home: c.driver.worker(),
+            }),
+            None => None,
+        };
+        let fd = match &node.image {
+            Some(f) => Some(fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?),
+            None => None,
+        };
+        let body = ToWorker::AddNode {
+            node: node.id,
+            name: name.to_string(),
+            config: node.config,
+            child,
+        };
+        let w = self.worker(node.driver.worker()).await?;
+        let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+        w.call(body, &fds).await.map_err(call_error)?;
+        Ok(())
     }
 
     /// QEMU's generated names: `#block`, a counter, two random digits.

@@ -23,6 +23,10 @@ const NBD_MAX_STRING: usize = 4096;
 pub struct NbdServer {
     /// Our copy of the listening socket.
     pub listener: OwnedFd,
+    /// `max-connections`.
+    pub max_connections: u32,
+    /// `handshake-max-seconds`.
+    pub handshake_max_seconds: u32,
 }
 
 /// One block export.
@@ -36,6 +40,12 @@ pub struct Export {
     pub nbd_name: String,
     /// Removal requested, clients still attached.
     pub shutting_down: bool,
+    /// Clients may write.
+    pub writable: bool,
+    /// NBD description.
+    pub description: Option<String>,
+    /// Offer `qemu:allocation-depth`.
+    pub allocation_depth: bool,
 }
 
 fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
@@ -153,7 +163,11 @@ impl Core {
         )
         .await
         .map_err(call_error)?;
-        self.nbd = Some(NbdServer { listener });
+        self.nbd = Some(NbdServer {
+            listener,
+            max_connections,
+            handshake_max_seconds: handshake,
+        });
         Ok(json!({}))
     }
 
@@ -254,7 +268,7 @@ impl Core {
         w.call(
             ToWorker::NbdExportAdd {
                 name: name.clone(),
-                description,
+                description: description.clone(),
                 writable,
                 allocation_depth,
                 node: target,
@@ -273,6 +287,9 @@ impl Core {
                 node: node_name,
                 nbd_name: name,
                 shutting_down: false,
+                writable,
+                description,
+                allocation_depth,
             },
         );
         Ok(json!({}))
@@ -395,6 +412,54 @@ impl Core {
         }
         self.emit("BLOCK_EXPORT_DELETED", Some(json!({"id": export.id})))
             .await;
+    }
+
+    /// Replays the NBD server into a restarted NBD worker: the same listening socket
+    /// (clients reconnect to it) and every export that is not being removed; exports
+    /// whose removal was waiting for clients are finished, since those clients are gone.
+    pub(super) async fn replay_nbd(&mut self) -> Result<(), QmpError> {
+        let Some(server) = &self.nbd else {
+            return Ok(());
+        };
+        let listener = bulkhead_ipc::fd::dup(&server.listener)
+            .map_err(|e| QmpError::generic(e.to_string()))?;
+        let start = ToWorker::NbdServerStart {
+            max_connections: server.max_connections,
+            handshake_max_seconds: server.handshake_max_seconds,
+        };
+        let w = self.worker(WorkerKind::Nbd).await?;
+        w.call(start, &[listener.as_fd()])
+            .await
+            .map_err(call_error)?;
+        let gone: Vec<String> = self
+            .exports
+            .iter()
+            .filter(|e| e.shutting_down)
+            .map(|e| e.id.clone())
+            .collect();
+        for id in gone {
+            self.finish_export_removal(&id).await;
+        }
+        for e in self.exports.clone().into_iter().rev() {
+            let Some(node) = self.graph.get(&e.node) else {
+                continue;
+            };
+            let target = NodeRef {
+                node: node.id,
+                home: node.driver.worker(),
+            };
+            self.connect(WorkerKind::Nbd, target.home).await?;
+            let body = ToWorker::NbdExportAdd {
+                name: e.nbd_name.clone(),
+                description: e.description.clone(),
+                writable: e.writable,
+                allocation_depth: e.allocation_depth,
+                node: target,
+            };
+            let w = self.worker(WorkerKind::Nbd).await?;
+            w.call(body, &[]).await.map_err(call_error)?;
+        }
+        Ok(())
     }
 
     /// The NBD worker reports the last client of export `nbd_name` gone.

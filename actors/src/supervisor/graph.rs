@@ -85,6 +85,8 @@ pub struct Node {
     pub fixed_window: bool,
     /// Whether an export uses the node.
     pub exported: bool,
+    /// What the worker was told to open, replayed into a restarted worker.
+    pub config: bulkhead_block::config::DriverConfig,
 }
 
 /// All nodes, in creation order.

@@ -12,9 +12,10 @@ pub mod export;
 pub mod graph;
 pub mod workers;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsFd;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{ToWorker, WorkerEvent, WorkerKind};
@@ -65,6 +66,11 @@ pub const COMMANDS: &[&str] = &[
     "query-block-exports",
 ];
 
+/// Most restarts of one worker kind within [`RESTART_WINDOW`].
+pub const RESTART_BUDGET: usize = 5;
+/// The window of the restart budget.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
 /// What the session must do after sending a command's reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum After {
@@ -85,6 +91,14 @@ pub struct Core {
     generated_names: u64,
     nbd: Option<export::NbdServer>,
     exports: Vec<export::Export>,
+    /// Incarnation number of each worker kind (grows with every spawn).
+    generations: HashMap<WorkerKind, u64>,
+    /// Recent restart times per kind, for the restart budget.
+    restarts: HashMap<WorkerKind, VecDeque<Instant>>,
+    /// Restarts so far per kind, for `x-bulkhead-query-workers`.
+    restart_counts: HashMap<WorkerKind, u64>,
+    /// Set once the daemon is exiting: dying workers are not replaced.
+    stopping: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -112,6 +126,10 @@ impl Core {
             generated_names: 0,
             nbd: None,
             exports: Vec::new(),
+            generations: HashMap::new(),
+            restarts: HashMap::new(),
+            restart_counts: HashMap::new(),
+            stopping: false,
         }
     }
 
@@ -153,18 +171,133 @@ impl Core {
         Ok((ret, After::Continue))
     }
 
-    /// Called when a worker process ended: forget it and its channels, so the next
-    /// use starts a fresh one (restart with state replay comes with the restart work).
-    pub fn worker_died(&mut self, died: &WorkerDied) {
-        if self
+    /// Called when a worker process ended (it has been reaped). If nodes or exports
+    /// live in it, a replacement is started and their state replayed, within a budget
+    /// of [`RESTART_BUDGET`] restarts per [`RESTART_WINDOW`].
+    pub async fn worker_died(&mut self, died: &WorkerDied) {
+        if !self
             .workers
             .get(&died.kind)
             .is_some_and(|w| w.pid() == died.pid)
         {
-            self.workers.remove(&died.kind);
-            self.channels
-                .retain(|(a, b)| *a != died.kind && *b != died.kind);
+            return;
         }
+        self.workers.remove(&died.kind);
+        let kind = died.kind;
+        let has_state = self.graph.iter().any(|n| n.driver.worker() == kind)
+            || (kind == WorkerKind::Nbd && self.nbd.is_some());
+        if self.stopping || !has_state {
+            self.channels.retain(|(a, b)| *a != kind && *b != kind);
+            return;
+        }
+        let now = Instant::now();
+        let history = self.restarts.entry(kind).or_default();
+        history.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        if history.len() >= RESTART_BUDGET {
+            tracing::error!(worker = %kind, status = %died.status, "restart budget exhausted; giving up on this worker");
+            self.give_up(kind).await;
+            return;
+        }
+        // Back off a little more for each recent restart: 0, 100, 200, 400, 800 ms.
+        let delay = match history.len() {
+            0 => Duration::ZERO,
+            n => Duration::from_millis(100 << (n - 1).min(4)),
+        };
+        history.push_back(now);
+        *self.restart_counts.entry(kind).or_default() += 1;
+        tracing::warn!(worker = %kind, status = %died.status, ?delay, "restarting worker");
+        tokio::time::sleep(delay).await;
+        if let Err(e) = self.restore(kind).await {
+            tracing::error!(worker = %kind, error = %e.desc, "worker could not be restored; giving up");
+            if let Some(w) = self.workers.remove(&kind) {
+                w.kill();
+            }
+            self.give_up(kind).await;
+        }
+    }
+
+    /// Starts a replacement for `kind` and replays its state: the data channels it
+    /// uses, its nodes (same ids, same image descriptors), the channels others use to
+    /// reach it (whose pending requests are then resubmitted), and for the NBD worker
+    /// the same listening socket and every export.
+    async fn restore(&mut self, kind: WorkerKind) -> Result<(), QmpError> {
+        self.worker(kind).await?;
+        let channels: Vec<_> = self
+            .channels
+            .iter()
+            .filter(|(a, b)| *a == kind || *b == kind)
+            .copied()
+            .collect();
+        for c in &channels {
+            self.channels.remove(c);
+        }
+        for (client, server) in channels.iter().filter(|(c, _)| *c == kind) {
+            self.connect(*client, *server).await?;
+        }
+        let nodes: Vec<String> = self
+            .graph
+            .iter()
+            .filter(|n| n.driver.worker() == kind)
+            .map(|n| n.name.clone())
+            .collect();
+        for name in nodes {
+            self.replay_node(&name).await?;
+        }
+        for (client, server) in channels.iter().filter(|(_, s)| *s == kind) {
+            self.connect(*client, *server).await?;
+        }
+        if kind == WorkerKind::Nbd {
+            self.replay_nbd().await?;
+        }
+        tracing::info!(worker = %kind, "worker restored");
+        Ok(())
+    }
+
+    /// After the restart budget is spent: exports that depend on the worker are
+    /// deleted (with BLOCK_EXPORT_DELETED); its nodes stay in the graph but fail I/O.
+    async fn give_up(&mut self, kind: WorkerKind) {
+        self.channels.retain(|(a, b)| *a != kind && *b != kind);
+        let doomed: Vec<String> = self
+            .exports
+            .iter()
+            .filter(|e| kind == WorkerKind::Nbd || self.chain_uses(&e.node, kind))
+            .map(|e| e.id.clone())
+            .collect();
+        for id in doomed {
+            tracing::error!(export = %id, worker = %kind, "deleting export: its worker keeps dying");
+            self.finish_export_removal(&id).await;
+        }
+        if kind == WorkerKind::Nbd {
+            self.nbd = None;
+        }
+    }
+
+    /// Whether `name` or a node below it is served by `kind`.
+    fn chain_uses(&self, name: &str, kind: WorkerKind) -> bool {
+        let mut cur = self.graph.get(name);
+        for _ in 0..64 {
+            match cur {
+                Some(n) if n.driver.worker() == kind => return true,
+                Some(n) => cur = n.child.as_deref().and_then(|c| self.graph.get(c)),
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// The current incarnation number of `kind`.
+    pub(crate) fn generation(&self, kind: WorkerKind) -> u64 {
+        self.generations.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// Restarts so far of `kind`.
+    pub fn restart_count(&self, kind: WorkerKind) -> u64 {
+        self.restart_counts.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// The daemon is exiting: stop replacing workers.
+    pub fn stop(&mut self) {
+        self.stopping = true;
     }
 
     /// A worker reported something unasked.
@@ -195,7 +328,7 @@ impl Core {
                     .map_err(|e| {
                         QmpError::generic(format!("Could not start the {kind} worker: {e}"))
                     })?;
-            self.channels.retain(|(a, b)| *a != kind && *b != kind);
+            *self.generations.entry(kind).or_default() += 1;
             self.workers.insert(kind, handle);
         }
         self.workers
@@ -219,9 +352,15 @@ impl Core {
         s.call(ToWorker::ServeDataChannel { peer: client }, &[a.as_fd()])
             .await
             .map_err(call_error)?;
-        c.call(ToWorker::ConnectDataChannel { peer: server }, &[b.as_fd()])
-            .await
-            .map_err(call_error)?;
+        c.call(
+            ToWorker::ConnectDataChannel {
+                peer: server,
+                generation: self.generation(server),
+            },
+            &[b.as_fd()],
+        )
+        .await
+        .map_err(call_error)?;
         self.channels.insert((client, server));
         Ok(())
     }

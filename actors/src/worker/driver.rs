@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, RwLock};
 
 use bulkhead_block::BlockIo;
-use bulkhead_ipc::data::{self, DataClient, NodeLookup};
+use bulkhead_ipc::data::{self, DataClient, NodeLookup, Peer};
 use bulkhead_ipc::wire::{
     NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerKind,
 };
@@ -49,7 +49,7 @@ impl Nodes {
 pub(crate) struct DriverWorker {
     kind: WorkerKind,
     nodes: Arc<Nodes>,
-    peers: HashMap<WorkerKind, Arc<DataClient>>,
+    peers: HashMap<WorkerKind, Arc<Peer>>,
 }
 
 fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerError {
@@ -118,7 +118,7 @@ impl DriverWorker {
                 });
                 Ok(Reply::Done)
             }
-            ToWorker::ConnectDataChannel { peer } => {
+            ToWorker::ConnectDataChannel { peer, generation } => {
                 let sock = one_fd(fds, "ConnectDataChannel")?;
                 let client = DataClient::spawn(sock).map_err(|e| {
                     err(
@@ -127,7 +127,10 @@ impl DriverWorker {
                         e.to_string(),
                     )
                 })?;
-                self.peers.insert(peer, client);
+                self.peers
+                    .entry(peer)
+                    .or_insert_with(Peer::new)
+                    .attach(generation, client);
                 Ok(Reply::Done)
             }
             ToWorker::AddNode {

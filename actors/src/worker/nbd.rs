@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use bulkhead_ipc::control::ControlChannel;
-use bulkhead_ipc::data::DataClient;
+use bulkhead_ipc::data::{DataClient, Peer};
 use bulkhead_ipc::wire::{
     FromWorker, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent, WorkerKind,
 };
@@ -23,7 +23,7 @@ fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerEr
 /// State of the NBD worker.
 pub(crate) struct NbdWorker {
     server: Option<Arc<NbdServer>>,
-    peers: HashMap<WorkerKind, Arc<DataClient>>,
+    peers: HashMap<WorkerKind, Arc<Peer>>,
     control: Arc<ControlChannel>,
 }
 
@@ -52,7 +52,7 @@ impl NbdWorker {
         mut fds: Vec<OwnedFd>,
     ) -> Result<Reply, WorkerError> {
         match req {
-            ToWorker::ConnectDataChannel { peer } => {
+            ToWorker::ConnectDataChannel { peer, generation } => {
                 let sock = single(fds)?;
                 let client = DataClient::spawn(sock).map_err(|e| {
                     err(
@@ -61,7 +61,10 @@ impl NbdWorker {
                         e.to_string(),
                     )
                 })?;
-                self.peers.insert(peer, client);
+                self.peers
+                    .entry(peer)
+                    .or_insert_with(Peer::new)
+                    .attach(generation, client);
                 Ok(Reply::Done)
             }
             ToWorker::NbdServerStart {
