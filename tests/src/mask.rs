@@ -62,7 +62,7 @@ impl Masker {
         if !from.as_ref().is_empty() {
             self.literals
                 .push((from.as_ref().to_vec(), to.as_ref().to_vec()));
-            self.literals.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            self.literals.sort_by_key(|l| std::cmp::Reverse(l.0.len()));
         }
         self
     }

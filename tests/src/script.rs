@@ -199,6 +199,9 @@ pub struct Step {
     pub compare: Compare,
     /// Run before sending.
     pub before: Option<Arc<HookFn>>,
+    /// Close the step's monitor connection and open a new one first (its greeting is part
+    /// of the step's output); the daemon must treat it as a new, un-negotiated client.
+    pub reconnect: bool,
     /// What the step is about, for failure messages.
     pub note: String,
 }
@@ -211,6 +214,7 @@ impl std::fmt::Debug for Step {
             .field("until", &self.until)
             .field("compare", &self.compare)
             .field("hook", &self.before.is_some())
+            .field("reconnect", &self.reconnect)
             .field("note", &self.note)
             .finish()
     }
@@ -232,8 +236,17 @@ impl Step {
             until: Until::Sync,
             compare: Compare::Exact,
             before: None,
+            reconnect: false,
             note: String::new(),
         }
+    }
+
+    /// Closes monitor `monitor`'s connection, connects again and reads the new greeting.
+    pub fn reconnect(monitor: usize) -> Step {
+        let mut step = Step::raw(b"").on(monitor);
+        step.reconnect = true;
+        step.note = format!("reconnect monitor {monitor}");
+        step
     }
 
     /// Sends nothing; only runs `hook` (and syncs).
@@ -322,6 +335,14 @@ pub struct StepOutput {
 }
 
 impl StepOutput {
+    /// Appends a line for monitor `m`.
+    pub fn push(&mut self, m: usize, line: Vec<u8>) {
+        if self.lines.len() <= m {
+            self.lines.resize(m + 1, Vec::new());
+        }
+        self.lines[m].push(line);
+    }
+
     /// Lines of monitor `m` (empty if none).
     pub fn monitor(&self, m: usize) -> &[Vec<u8>] {
         self.lines.get(m).map(Vec::as_slice).unwrap_or(&[])
@@ -408,10 +429,21 @@ impl Drop for Session {
 }
 
 impl Session {
-    fn sync_all(&mut self, step: usize, output: &mut StepOutput) -> Result<(), HarnessError> {
-        for m in 0..self.conns.len() {
+    /// Syncs monitor `first` (the step's own: once its sync reply is in, the step's command
+    /// has run to completion and every event it emitted is queued on every monitor), then
+    /// every other open monitor.
+    fn sync_all(
+        &mut self,
+        step: usize,
+        first: usize,
+        output: &mut StepOutput,
+    ) -> Result<(), HarnessError> {
+        let order: Vec<usize> = std::iter::once(first)
+            .chain((0..self.conns.len()).filter(|&m| m != first))
+            .collect();
+        for m in order {
             let token = format!("bulkhead-sync-{step}-{m}");
-            let Some(conn) = self.conns[m].as_mut() else {
+            let Some(conn) = self.conns.get_mut(m).and_then(Option::as_mut) else {
                 continue;
             };
             let request =
@@ -423,7 +455,7 @@ impl Session {
                 if contains(&line, needle.as_bytes()) {
                     break;
                 }
-                output.lines[m].push(self.masker.mask(&line));
+                output.push(m, self.masker.mask(&line));
             }
         }
         Ok(())
@@ -444,6 +476,21 @@ impl Session {
                 clients: &mut self.clients,
             };
             hook(&mut context)?;
+        }
+        if step.reconnect {
+            let slot = self.conns.get_mut(step.monitor).ok_or_else(|| {
+                HarnessError::io(
+                    format!("reconnecting monitor {}", step.monitor),
+                    io::Error::new(io::ErrorKind::NotFound, "no such monitor"),
+                )
+            })?;
+            drop(slot.take());
+            let mut conn = self.daemon.connect(step.monitor)?;
+            let line = conn.read_line()?;
+            output.push(step.monitor, self.masker.mask(&line));
+            if let Some(slot) = self.conns.get_mut(step.monitor) {
+                *slot = Some(conn);
+            }
         }
         if !step.send.is_empty() {
             let text = String::from_utf8_lossy(&step.send);
@@ -466,20 +513,20 @@ impl Session {
             conn.send(&bytes)?;
         }
         match &step.until {
-            Until::Sync => self.sync_all(index, output),
+            Until::Sync => self.sync_all(index, step.monitor, output),
             Until::Event(event) => {
                 let needle = format!("\"event\": \"{event}\"");
                 if let Some(conn) = self.conns.get_mut(step.monitor).and_then(Option::as_mut) {
                     loop {
                         let line = conn.read_line()?;
                         let found = contains(&line, needle.as_bytes());
-                        output.lines[step.monitor].push(self.masker.mask(&line));
+                        output.push(step.monitor, self.masker.mask(&line));
                         if found {
                             break;
                         }
                     }
                 }
-                self.sync_all(index, output)
+                self.sync_all(index, step.monitor, output)
             }
             Until::Eof => {
                 let order: Vec<usize> = std::iter::once(step.monitor)
@@ -488,7 +535,7 @@ impl Session {
                 for m in order {
                     if let Some(mut conn) = self.conns.get_mut(m).and_then(Option::take) {
                         for line in conn.read_to_eof(EXIT_TIMEOUT)? {
-                            output.lines[m].push(self.masker.mask(&line));
+                            output.push(m, self.masker.mask(&line));
                         }
                     }
                 }
@@ -527,7 +574,7 @@ pub fn run_script(kind: DaemonKind, script: &Script) -> Result<Transcript, Harne
     for m in 0..script.monitors {
         let result = session.daemon.connect(m).and_then(|mut conn| {
             let line = conn.read_line()?;
-            greetings.lines[m].push(session.masker.mask(&line));
+            greetings.push(m, session.masker.mask(&line));
             Ok(conn)
         });
         match result {
@@ -738,5 +785,75 @@ fn dump(script: &Script, transcript: &Transcript, label: &str) {
         if let Err(e) = fs::write(&path, transcript.render(script)) {
             eprintln!("cannot write {}: {e}", path.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transcript(daemon: DaemonKind, reply: &[u8]) -> Transcript {
+        Transcript {
+            daemon,
+            outputs: vec![
+                StepOutput {
+                    lines: vec![vec![b"{\"QMP\": {}}\r\n".to_vec()]],
+                },
+                StepOutput {
+                    lines: vec![vec![reply.to_vec()]],
+                },
+            ],
+            aborted: None,
+            exit: None,
+            stderr: String::new(),
+        }
+    }
+
+    fn one_step_script() -> Script {
+        Script {
+            name: "t".into(),
+            monitors: 1,
+            args: Vec::new(),
+            vars: Vec::new(),
+            setup: None,
+            steps: vec![Step::line(r#"{"execute": "query-block", "id": 1}"#).note("qb")],
+        }
+    }
+
+    #[test]
+    fn equal_transcripts_have_no_mismatch() {
+        let script = one_step_script();
+        let a = transcript(DaemonKind::Qsd, b"{\"return\": [], \"id\": 1}\r\n");
+        let b = transcript(DaemonKind::Bulkhead, b"{\"return\": [], \"id\": 1}\r\n");
+        assert!(compare(&script, &a, &b).is_empty());
+    }
+
+    #[test]
+    fn a_missing_carriage_return_is_reported_with_step_request_and_both_outputs() {
+        let script = one_step_script();
+        let a = transcript(DaemonKind::Qsd, b"{\"return\": [], \"id\": 1}\r\n");
+        let b = transcript(DaemonKind::Bulkhead, b"{\"return\": [], \"id\": 1}\n");
+        let mismatches = compare(&script, &a, &b);
+        assert_eq!(mismatches.len(), 1);
+        assert_eq!(mismatches[0].step, 1);
+        assert_eq!(
+            mismatches[0].report,
+            "step 1: [qb] monitor 0 <- {\"execute\": \"query-block\", \"id\": 1}\\n\n  outputs differ\n  \
+             qsd:\n    [0] {\"return\": [], \"id\": 1}\\r\\n\n  bulkhead:\n    [0] {\"return\": [], \"id\": 1}\\n\n"
+        );
+    }
+
+    #[test]
+    fn a_run_that_stopped_early_is_a_mismatch_at_the_step_it_stopped() {
+        let script = one_step_script();
+        let a = transcript(DaemonKind::Qsd, b"{\"return\": [], \"id\": 1}\r\n");
+        let mut b = transcript(DaemonKind::Bulkhead, b"");
+        b.outputs.truncate(1);
+        b.aborted = Some(Abort {
+            step: 1,
+            reason: "timeout".into(),
+        });
+        let steps: Vec<usize> = compare(&script, &a, &b).iter().map(|m| m.step).collect();
+        assert_eq!(steps, vec![1]);
     }
 }
