@@ -20,7 +20,10 @@ fn qemu_qmp_library_negotiates_queries_adds_a_node_gets_exact_errors_and_quits()
         Err(e) => panic!("{e}"),
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/test_qemu_qmp.py");
-    let socket = daemon.qmp_socket(0).map(Path::to_path_buf).unwrap_or_default();
+    let socket = daemon
+        .qmp_socket(0)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let output = Command::new("python3").arg(&script).arg(&socket).output();
     let output = match output {
         Ok(output) => output,
