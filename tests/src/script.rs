@@ -662,7 +662,19 @@ pub fn compare(script: &Script, reference: &Transcript, tested: &Transcript) -> 
     for index in 0..=script.steps.len() {
         let left = reference.outputs.get(index);
         let right = tested.outputs.get(index);
-        if left.is_none() && right.is_none() {
+        if left.is_none() || right.is_none() {
+            // One run stopped before this step (its abort was reported at the step where
+            // it stopped); one line for the rest instead of one mismatch per step.
+            if left.is_some() || right.is_some() {
+                let (stopped, other) = if left.is_none() { (a, b) } else { (b, a) };
+                mismatches.push(Mismatch {
+                    step: index,
+                    report: format!(
+                        "steps {index}..={} were not run by {stopped} (only by {other})",
+                        script.steps.len()
+                    ),
+                });
+            }
             break;
         }
         let verdict = match (left, right) {
@@ -713,8 +725,8 @@ pub fn compare(script: &Script, reference: &Transcript, tested: &Transcript) -> 
         mismatches.push(Mismatch {
             step: script.steps.len() + 1,
             report: format!(
-                "exit differs: {a} {:?}, {b} {:?}\n  {b} stderr:\n{}",
-                reference.exit, tested.exit, tested.stderr
+                "exit differs: {a} {:?}, {b} {:?}",
+                reference.exit, tested.exit
             ),
         });
     }
@@ -766,8 +778,30 @@ pub fn differential(script: &Script) -> Result<(), String> {
         script.steps.len(),
         tested_kind.name()
     );
+    if let Some(abort) = &tested.aborted {
+        let _ = writeln!(
+            report,
+            "{} stopped at step {} ({}): {}",
+            tested_kind.name(),
+            abort.step,
+            step_title(script, abort.step),
+            abort.reason
+        );
+    }
     for mismatch in mismatches.iter().take(MAX_REPORTED) {
         let _ = writeln!(report, "\n{}", mismatch.report);
+    }
+    if tested.aborted.is_some() || reference.exit != tested.exit {
+        let mut stderr = tested.stderr.clone();
+        if stderr.len() > 8000 {
+            let cut = (0..=8000)
+                .rev()
+                .find(|&i| stderr.is_char_boundary(i))
+                .unwrap_or(0);
+            stderr.truncate(cut);
+            stderr.push_str("\n[... truncated]");
+        }
+        let _ = writeln!(report, "\n{} stderr:\n{stderr}", tested_kind.name());
     }
     if mismatches.len() > MAX_REPORTED {
         let _ = writeln!(
@@ -853,7 +887,12 @@ mod tests {
             step: 1,
             reason: "timeout".into(),
         });
-        let steps: Vec<usize> = compare(&script, &a, &b).iter().map(|m| m.step).collect();
+        let mismatches = compare(&script, &a, &b);
+        let steps: Vec<usize> = mismatches.iter().map(|m| m.step).collect();
         assert_eq!(steps, vec![1]);
+        assert_eq!(
+            mismatches[0].report,
+            "steps 1..=1 were not run by bulkhead (only by qsd)"
+        );
     }
 }
