@@ -4,7 +4,6 @@
 //! it kills the process (SIGKILL), every process it spawned, and removes the directory, so a
 //! failing test never leaves a daemon behind.
 
-use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -178,7 +177,11 @@ impl Daemon {
     /// Starts `kind` in `dir` with `monitors` QMP monitors first on the command line
     /// (`--chardev socket,path=$DIR/qmp<i>.sock,server=on,wait=off,id=qmp<i> --monitor
     /// chardev=qmp<i>`), then `args` with `$DIR` and `vars` substituted, and waits until every
-    /// socket exists.
+    /// socket exists. stdout and stderr go to `$DIR/stdout.log` and `$DIR/stderr.log`.
+    ///
+    /// The daemon runs in its own process group and gets PR_SET_PDEATHSIG(SIGKILL), which
+    /// the kernel ties to the *thread* that spawned it: keep a `Daemon` on the thread that
+    /// started it (a test's own thread), or it dies when that thread ends.
     pub fn start_in(
         kind: DaemonKind,
         dir: TempDir,
@@ -400,15 +403,4 @@ pub fn run_tool(program: &str, args: &[&str]) -> Result<String, HarnessError> {
             ),
         })
     }
-}
-
-/// True if `program` can be found on `PATH` (or is an existing path).
-pub fn have_program(program: impl AsRef<OsStr>) -> bool {
-    let program = Path::new(program.as_ref());
-    if program.components().count() > 1 {
-        return program.is_file();
-    }
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false)
 }
