@@ -404,3 +404,127 @@ pub fn run_tool(program: &str, args: &[&str]) -> Result<String, HarnessError> {
         })
     }
 }
+
+/// How a daemon run that was expected to end (a rejected command line) ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exited {
+    /// `exit status: N`, `signal: N (...)`, or `still running after ...` (then it was killed).
+    pub status: String,
+    /// stdout, with the temp dir as `$DIR` and the program name as `<prog>`.
+    pub stdout: String,
+    /// stderr, masked like stdout.
+    pub stderr: String,
+}
+
+/// Replaces the temp dir by `$DIR` and, at line starts, the program path or its file name
+/// followed by `": "` by `"<prog>: "` (getopt prints argv[0], QEMU's error_report the
+/// short name; bulkhead prints its own name).
+pub fn mask_program_output(text: &str, dir: &Path, program: &Path) -> String {
+    let text = text.replace(&*dir.to_string_lossy(), "$DIR");
+    let full = format!("{}: ", program.display());
+    let short = format!(
+        "{}: ",
+        program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    text.split_inclusive('\n')
+        .map(|line| {
+            if let Some(rest) = line.strip_prefix(&full) {
+                format!("<prog>: {rest}")
+            } else if let Some(rest) = line.strip_prefix(&short) {
+                format!("<prog>: {rest}")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Runs `kind` with exactly `args` (`$DIR` substituted) in a new temp dir and waits up to
+/// `timeout` for it to exit, for command lines it must reject.
+pub fn run_to_exit(
+    kind: DaemonKind,
+    args: &[String],
+    timeout: Duration,
+) -> Result<Exited, HarnessError> {
+    let program = kind.program()?;
+    let dir = TempDir::new(&format!("bulkhead-cli-{}", kind.name()))?;
+    let argv: Vec<String> = args
+        .iter()
+        .map(|a| substitute(a, dir.path(), &[]))
+        .collect();
+    let stdout = File::create(dir.path().join("stdout.log"))
+        .map_err(|e| HarnessError::io("creating stdout.log", e))?;
+    let stderr = File::create(dir.path().join("stderr.log"))
+        .map_err(|e| HarnessError::io("creating stderr.log", e))?;
+    let mut child = Command::new(&program)
+        .args(&argv)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0)
+        .spawn()
+        .map_err(|source| HarnessError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.to_string(),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break format!("still running after {timeout:?}");
+            }
+            Err(e) => return Err(HarnessError::io("waiting for the daemon", e)),
+        }
+    };
+    if let Ok(pgid) = i32::try_from(child.id()) {
+        let _ = procs::send_signal_to_group(pgid, libc::SIGKILL);
+    }
+    let read = |name: &str| {
+        let raw = fs::read(dir.path().join(name)).unwrap_or_default();
+        mask_program_output(&String::from_utf8_lossy(&raw), dir.path(), &program)
+    };
+    Ok(Exited {
+        status,
+        stdout: read("stdout.log"),
+        stderr: read("stderr.log"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_names_at_line_starts_and_the_temp_dir_are_masked() {
+        let text = "/usr/bin/qemu-storage-daemon: unrecognized option '--x'\n\
+                    qemu-storage-daemon: --blockdev filename=/tmp/d1/x: Could not open '/tmp/d1/x'\n\
+                    not qemu-storage-daemon: here\n";
+        assert_eq!(
+            mask_program_output(
+                text,
+                Path::new("/tmp/d1"),
+                Path::new("/usr/bin/qemu-storage-daemon")
+            ),
+            "<prog>: unrecognized option '--x'\n\
+             <prog>: --blockdev filename=$DIR/x: Could not open '$DIR/x'\n\
+             not qemu-storage-daemon: here\n"
+        );
+    }
+
+    #[test]
+    fn substitute_replaces_dir_and_named_variables() {
+        let vars = vec![("LOOP".to_string(), "/dev/loop3".to_string())];
+        assert_eq!(
+            substitute("$DIR/a $LOOP", Path::new("/tmp/x"), &vars),
+            "/tmp/x/a /dev/loop3"
+        );
+    }
+}
