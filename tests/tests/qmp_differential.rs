@@ -284,8 +284,8 @@ fn basic_script(loop_device: Option<&LoopDevice>) -> Script {
         Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "grow", "filename": "$DIR/grow.img"}, "id": 63}"#)
             .note("file node to grow"),
     ];
-    if let Some(device) = loop_device {
-        let _ = device;
+    // $LOOP is set from the device in the script's vars below.
+    if loop_device.is_some() {
         steps.extend([
             Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "host_device", "node-name": "hd0", "filename": "$LOOP"}, "id": 70}"#)
                 .note("host_device on a loop device"),

@@ -242,3 +242,40 @@ fn sigkill_of_the_supervisor_leaves_no_worker_alive() {
             .join("\n")
     );
 }
+
+#[test]
+#[ignore = "needs NBD exports, issue 3"]
+fn an_nbd_export_runs_in_one_nbd_worker_process() {
+    let daemon = start_with_file_raw_null();
+    let supervisor = daemon.pid();
+    let mut qmp = match daemon.qmp(0) {
+        Ok(qmp) => qmp,
+        Err(e) => panic!("{e}\nstderr:\n{}", daemon.stderr()),
+    };
+    let socket = daemon.dir().join("nbd.sock");
+    let start = qmp.execute_ok(
+        "nbd-server-start",
+        Some(json!({"addr": {"type": "unix", "data": {"path": socket.to_string_lossy()}}})),
+    );
+    assert_eq!(start.ok(), Some(json!({})), "nbd-server-start");
+    for (id, node) in [("e0", "raw0"), ("e1", "null0")] {
+        let added = qmp.execute_ok(
+            "block-export-add",
+            Some(json!({"type": "nbd", "id": id, "node-name": node})),
+        );
+        assert_eq!(added.ok(), Some(json!({})), "block-export-add {id}");
+    }
+    let workers = wait_for_workers(supervisor, &["file", "raw", "null-co", "nbd"]);
+    let nbd: Vec<&ProcInfo> = workers
+        .iter()
+        .filter(|(k, _)| k == "nbd")
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(
+        nbd.len(),
+        1,
+        "one nbd worker for two exports:\n{}",
+        describe(&workers)
+    );
+    assert_eq!(nbd[0].ppid, supervisor);
+}
