@@ -1,1 +1,30 @@
-//! placeholder
+//! System-test harness for bulkhead: runs the real binary and qemu-storage-daemon (qsd)
+//! side by side and drives them with real clients.
+//!
+//! Runs only in test processes. Everything read from a daemon is untrusted: malformed
+//! output becomes a [`HarnessError`], never a panic.
+//!
+//! # Layout
+//! - [`daemon`]: find qsd or bulkhead, start one in a temp dir with N QMP monitors, kill it
+//!   (and everything it spawned) on drop.
+//! - [`qmp`]: raw-bytes QMP client, line by line with timeouts.
+//! - [`mask`]: masking of timestamps, versions, temp dirs and auto node names.
+//! - [`script`]: data-driven QMP sessions, run against two daemons and compared byte for byte.
+//! - [`procs`]: `/proc` reading (children, argv, liveness) and signals.
+//! - [`loopdev`]: a loop device for host_device tests.
+//!
+//! The daemon compared with qsd is bulkhead unless `BULKHEAD_DIFF_AGAINST=qsd`; bulkhead is
+//! `BULKHEAD_BIN` or `target/<profile>/bulkhead` next to the test executable's `deps/`.
+
+pub mod daemon;
+pub mod error;
+pub mod loopdev;
+pub mod mask;
+pub mod procs;
+pub mod qmp;
+pub mod script;
+
+pub use daemon::{Daemon, DaemonKind, TempDir};
+pub use error::HarnessError;
+pub use qmp::QmpConnection;
+pub use script::{Script, Step, differential};
