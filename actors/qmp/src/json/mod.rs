@@ -1,0 +1,908 @@
+//! QEMU's JSON dialect as qemu-storage-daemon 10.0.2 speaks it on a QMP monitor.
+//!
+//! Runs in the supervisor, on untrusted bytes from QMP clients. [`JsonStreamer`]
+//! reproduces QEMU's json-lexer, json-streamer and json-parser: the input is a stream of
+//! JSON values in arbitrary chunks (not lines), single-quoted strings and `\'` are
+//! accepted, every error has qsd's exact text ([`JsonError`]), and after an error the
+//! stream resynchronises exactly as qsd's does, so a client sees the same number of error
+//! replies for the same garbage. Memory stays bounded by QEMU's limits: 64 MiB per
+//! token and per message, 2 Mi tokens per message, nesting depth 1024.
+//!
+//! [`to_string`] and [`to_string_pretty`] reproduce QEMU's json-writer: members in QDict
+//! order ([`crate::qdict`]), ASCII-only output, numbers as QEMU prints them.
+//!
+//! # Contract on objects
+//! A `serde_json::Map` in this crate always holds members in *insertion order* (the
+//! order in which QEMU would have `qdict_put` them, or the order a client sent them);
+//! only the writer turns that into QDict order. Never feed a writer-ordered map back in.
+//!
+//! # Known divergence
+//! QEMU parses numbers too large for a double (`1e400`) to infinity and prints `inf`,
+//! which is not JSON. `serde_json::Value` cannot hold infinity, so such numbers become
+//! `±f64::MAX` (printed `1.7976931348623157e+308`).
+
+mod parser;
+mod streamer;
+mod utf8;
+mod writer;
+
+pub use streamer::JsonStreamer;
+pub use writer::{to_string, to_string_pretty};
+
+/// A JSON input error. `Display` is exactly the `desc` qsd puts in the error reply
+/// (class `GenericError`, no `id`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// The lexer met a byte that cannot continue the current token. Carries the
+    /// token so far, including that byte, as QEMU prints it (cut at a NUL byte,
+    /// invalid UTF-8 shown as U+FFFD).
+    #[error("JSON parse error, stray '{0}'")]
+    Stray(String),
+    /// A grammar error found by the parser once a complete message arrived.
+    #[error("JSON parse error, {0}")]
+    Syntax(SyntaxError),
+    /// The tokens of one message add up to more than 64 MiB, or one token does.
+    #[error("JSON token size limit exceeded")]
+    TokenSizeLimit,
+    /// One message has more than 2 Mi tokens.
+    #[error("JSON token count limit exceeded")]
+    TokenCountLimit,
+    /// Brackets and braces are nested more than 1024 deep.
+    #[error("JSON nesting depth limit exceeded")]
+    NestingDepthLimit,
+}
+
+/// The parser's error texts (json-parser.c), shown after "JSON parse error, ".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyntaxError {
+    /// A value was needed but another token came (or a stray closing token).
+    #[error("expecting value")]
+    ExpectingValue,
+    /// The message ended inside a value.
+    #[error("premature EOI")]
+    PrematureEoi,
+    /// A lower-case word other than `true`, `false` or `null`.
+    #[error("invalid keyword '{0}'")]
+    InvalidKeyword(String),
+    /// An object key is followed by something other than `:`.
+    #[error("missing : in object pair")]
+    MissingColon,
+    /// An object key is not a string.
+    #[error("key is not a string in object")]
+    KeyNotString,
+    /// An object member is followed by something other than `,` or `}`.
+    #[error("expected separator in dict")]
+    ExpectedDictSeparator,
+    /// An array element is followed by something other than `,` or `]`.
+    #[error("expected separator in list")]
+    ExpectedListSeparator,
+    /// The same key appears twice in one object.
+    #[error("duplicate key")]
+    DuplicateKey,
+    /// A backslash followed by something other than `"'\/bfnrtu`.
+    #[error("invalid escape sequence in string")]
+    InvalidEscape,
+    /// A `\u` escape (or surrogate pair) that is not a valid character; carries the
+    /// escape text as written.
+    #[error("{0} is not a valid Unicode character")]
+    InvalidUnicode(String),
+    /// Raw string bytes that are not valid modified UTF-8.
+    #[error("invalid UTF-8 sequence in string")]
+    InvalidUtf8,
+}
+
+#[cfg(test)]
+mod tests {
+    //! Transcripts captured from qsd 10.0.2 with a raw-socket probe: each case is a
+    //! fresh, negotiated connection; `chunks` were sent as separate writes and
+    //! `replies` are qsd's bytes split at "\r\n".
+
+    use super::*;
+    use crate::request::{ErrorClass, error_response, parse_request, success_response};
+    use serde_json::{Map, Value, json};
+
+    /// One captured exchange.
+    struct Probe {
+        name: &'static str,
+        /// Whether the connection negotiated the `oob` capability.
+        oob: bool,
+        chunks: &'static [&'static [u8]],
+        replies: &'static [&'static str],
+    }
+
+    /// query-version's return value, members inserted as QEMU's visitor does.
+    fn version() -> Value {
+        let mut qemu = Map::new();
+        qemu.insert("major".into(), json!(10));
+        qemu.insert("minor".into(), json!(0));
+        qemu.insert("micro".into(), json!(2));
+        let mut v = Map::new();
+        v.insert("qemu".into(), Value::Object(qemu));
+        v.insert(
+            "package".into(),
+            json!("Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"),
+        );
+        Value::Object(v)
+    }
+
+    /// What a negotiated qsd session answers to one parsed message, for the two
+    /// commands the probes use.
+    fn reply(result: Result<Value, JsonError>, oob: bool) -> String {
+        let v = match result {
+            Err(e) => error_response(ErrorClass::GenericError, &e.to_string(), None),
+            Ok(v) => match parse_request(v, oob) {
+                Err(e) => e.to_response(),
+                Ok(req) => match req.command.as_str() {
+                    "query-version" if req.oob => error_response(
+                        ErrorClass::GenericError,
+                        "The command query-version does not support OOB",
+                        req.id,
+                    ),
+                    "query-version" => success_response(version(), req.id),
+                    "qmp_capabilities" => error_response(
+                        ErrorClass::CommandNotFound,
+                        "Capabilities negotiation is already complete, command ignored",
+                        req.id,
+                    ),
+                    other => error_response(
+                        ErrorClass::CommandNotFound,
+                        &format!("The command {other} has not been found"),
+                        req.id,
+                    ),
+                },
+            },
+        };
+        to_string(&v)
+    }
+
+    fn session(chunks: &[&[u8]], oob: bool) -> Vec<String> {
+        let mut s = JsonStreamer::new();
+        chunks
+            .iter()
+            .flat_map(|c| s.feed(c))
+            .map(|r| reply(r, oob))
+            .collect()
+    }
+
+    const PROBES: &[Probe] = &[
+        Probe {
+            name: r#"expecting value"#,
+            oob: false,
+            chunks: &[b"{ \"execute\": }"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"invalid keyword"#,
+            oob: false,
+            chunks: &[b"{\"execute\": foo}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'foo'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"trailing comma"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"x\",}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"missing colon"#,
+            oob: false,
+            chunks: &[b"{\"a\" 1}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, missing : in object pair"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"key not string"#,
+            oob: false,
+            chunks: &[b"{1: 2}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, key is not a string in object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"missing comma"#,
+            oob: false,
+            chunks: &[b"{\"a\": 1 \"b\": 2}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in dict"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"dup key"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"a\", \"execute\": \"b\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"bad escape"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"\\x\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid escape sequence in string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"lone surrogate"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"\\ud800\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\ud800 is not a valid Unicode character"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"lone surrogate upper then A"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"\\uD800\\u0041\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uD800 is not a valid Unicode character"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"low surrogate"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"\\udc00\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\udc00 is not a valid Unicode character"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"short hex"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"\\u00e\"}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\u00e\" is not a valid Unicode character"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"noncharacter esc"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"\\uFFFE\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uFFFE is not a valid Unicode character"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"pair nonchar"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"\\uD83F\\uDFFE\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uD83F\\uDFFE is not a valid Unicode character"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"leading zero"#,
+            oob: false,
+            chunks: &[b"{\"execute\": 01}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '01'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"ctrl 01"#,
+            oob: false,
+            chunks: &[b"\x01"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\u0001'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"ctrl 01 in string"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"ab\x01cd\"}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"ab\u0001'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"nul in string"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"ab\x00cd\"}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"ab'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"nul at start"#,
+            oob: false,
+            chunks: &[b"\x00{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray ''"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"ff"#,
+            oob: false,
+            chunks: &[b"\xff"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"fe then good"#,
+            oob: false,
+            chunks: &[b"\xfe{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"minus brace"#,
+            oob: false,
+            chunks: &[b"{\"id\": -}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '-}'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"at sign"#,
+            oob: false,
+            chunks: &[b"@abc def {\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"percent"#,
+            oob: false,
+            chunks: &[b"%d"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '%'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"u0000 echo"#,
+            oob: false,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\\u0000b\"}"],
+            replies: &[
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "a\u0000b"}"#,
+            ],
+        },
+        Probe {
+            name: r#"c080 echo"#,
+            oob: false,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\xc0\x80b\"}"],
+            replies: &[
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "a\u0000b"}"#,
+            ],
+        },
+        Probe {
+            name: r#"bad utf8 in string"#,
+            oob: false,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\xc3b\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"overlong utf8"#,
+            oob: false,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\xc1\x81b\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"nonchar utf8 FDD0"#,
+            oob: false,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\xef\xb7\x90b\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"esc then hibyte"#,
+            oob: false,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\\\xc3\xa9b\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid escape sequence in string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"u then hibyte"#,
+            oob: false,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\\u\xc3\xa9\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\u\u00E9\" is not a valid Unicode character"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"single quoted"#,
+            oob: false,
+            chunks: &[b"{'execute': 'query-version', 'id': 'it\\'s \"q\"'}"],
+            replies: &[
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "it's \"q\""}"#,
+            ],
+        },
+        Probe {
+            name: r#"escapes echo"#,
+            oob: false,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"\\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u0001 \\u001f \\u007f \\u0080 \\u00e9 \\ud83d\\ude00 / ~\"}"],
+            replies: &[
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "\" \\ / \b \f \n \r \t \u0001 \u001F \u007F \u0080 \u00E9 \uD83D\uDE00 / ~"}"#,
+            ],
+        },
+        Probe {
+            name: r#"raw utf8 echo"#,
+            oob: false,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"\xc3\xa9\xf0\x9f\x98\x80\"}"],
+            replies: &[
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "\u00E9\uD83D\uDE00"}"#,
+            ],
+        },
+        Probe {
+            name: r#"two in one"#,
+            oob: false,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"ok\"}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"split"#,
+            oob: false,
+            chunks: &[b"{\"exec", b"ute\":\"query-ve", b"rsion\",\"id\":1", b"2}"],
+            replies: &[
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": 12}"#,
+            ],
+        },
+        Probe {
+            name: r#"array top"#,
+            oob: false,
+            chunks: &[b"[1,2,3]"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"string top"#,
+            oob: false,
+            chunks: &[b"\"hello\""],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"number top"#,
+            oob: false,
+            chunks: &[b"42"],
+            replies: &[],
+        },
+        Probe {
+            name: r#"stray close"#,
+            oob: false,
+            chunks: &[b"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"stray close sq"#,
+            oob: false,
+            chunks: &[b"]"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"array brace"#,
+            oob: false,
+            chunks: &[b"[}]"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"obj bracket"#,
+            oob: false,
+            chunks: &[b"{\"a\":1]"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in dict"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"true keyword top"#,
+            oob: false,
+            chunks: &[b"true false null"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"bad keyword top"#,
+            oob: false,
+            chunks: &[b"nul"],
+            replies: &[],
+        },
+        Probe {
+            name: r#"upper keyword"#,
+            oob: false,
+            chunks: &[b"True"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray 'T'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"empty obj"#,
+            oob: false,
+            chunks: &[b"{}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id only"#,
+            oob: false,
+            chunks: &[b"{\"id\": 9}"],
+            replies: &[
+                r#"{"id": 9, "error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"exec not string"#,
+            oob: false,
+            chunks: &[b"{\"execute\": 1, \"id\": 10}"],
+            replies: &[
+                r#"{"id": 10, "error": {"class": "GenericError", "desc": "QMP input member 'execute' must be a string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"exec 1 bogus"#,
+            oob: false,
+            chunks: &[b"{\"execute\": 1, \"bogus\": 2}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"bogus exec 1"#,
+            oob: false,
+            chunks: &[b"{\"bogus\": 2, \"execute\": 1}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"args list"#,
+            oob: false,
+            chunks: &[b"{\"arguments\": [], \"execute\": \"x\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input member 'arguments' must be an object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"args null"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"x\", \"arguments\": null, \"id\": 5}"],
+            replies: &[
+                r#"{"id": 5, "error": {"class": "GenericError", "desc": "QMP input member 'arguments' must be an object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"extra"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"query-version\", \"bogus\": 1, \"id\": \"e\"}"],
+            replies: &[
+                r#"{"id": "e", "error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"clash"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"query-version\", \"exec-oob\": \"query-version\", \"id\": \"c\"}"],
+            replies: &[
+                r#"{"id": "c", "error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' is unexpected"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"execoob noncap"#,
+            oob: false,
+            chunks: &[b"{\"exec-oob\": \"query-version\", \"id\": \"o\"}"],
+            replies: &[
+                r#"{"id": "o", "error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' is unexpected"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"unknown cmd"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"no-such-command\", \"id\": 3}"],
+            replies: &[
+                r#"{"id": 3, "error": {"class": "CommandNotFound", "desc": "The command no-such-command has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id null"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"no-such-command\", \"id\": null}"],
+            replies: &[
+                r#"{"id": null, "error": {"class": "CommandNotFound", "desc": "The command no-such-command has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id types"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": {\"z\": [true, false, null, 1, \"s\"], \"a\": {}}}"],
+            replies: &[
+                r#"{"id": {"a": {}, "z": [true, false, null, 1, "s"]}, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num -0"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": -0}"],
+            replies: &[
+                r#"{"id": 0, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num -0.0"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": -0.0}"],
+            replies: &[
+                r#"{"id": -0, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1.0"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1.0}"],
+            replies: &[
+                r#"{"id": 1, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1.5e3"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1.5e3}"],
+            replies: &[
+                r#"{"id": 1500, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 0.1"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 0.1}"],
+            replies: &[
+                r#"{"id": 0.10000000000000001, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num u64"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 12345678901234567890}"],
+            replies: &[
+                r#"{"id": 12345678901234567890, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num > u64"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 123456789012345678901}"],
+            replies: &[
+                r#"{"id": 1.2345678901234568e+20, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num < i64"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": -9223372036854775809}"],
+            replies: &[
+                r#"{"id": -9.2233720368547758e+18, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1e400 (qsd prints the invalid `inf`; we saturate)"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1e400}"],
+            replies: &[
+                r#"{"id": 1.7976931348623157e+308, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1e-400"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1e-400}"],
+            replies: &[
+                r#"{"id": 0, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1e22"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1e22}"],
+            replies: &[
+                r#"{"id": 1e+22, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1e16"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1e16}"],
+            replies: &[
+                r#"{"id": 10000000000000000, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1e17"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1e17}"],
+            replies: &[
+                r#"{"id": 1e+17, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1e-5"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1e-5}"],
+            replies: &[
+                r#"{"id": 1.0000000000000001e-05, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 0.0001"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 0.0001}"],
+            replies: &[
+                r#"{"id": 0.0001, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num tie"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1234567890123456.75}"],
+            replies: &[
+                r#"{"id": 1234567890123456.8, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1E+2"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1E+2}"],
+            replies: &[
+                r#"{"id": 100, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1."#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1.}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '1.}'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num .5"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": .5}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '.'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1e"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1e}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '1e}'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num -"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": -a}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '-a'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"num 1a"#,
+            oob: false,
+            chunks: &[b"{\"execute\": \"nope\", \"id\": 1a}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in dict"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"tab recovery"#,
+            oob: false,
+            chunks: &[b"@\x09x{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"clash"#,
+            oob: true,
+            chunks: &[b"{\"execute\": \"query-version\", \"exec-oob\": \"query-version\", \"id\": \"c\"}"],
+            replies: &[
+                r#"{"id": "c", "error": {"class": "GenericError", "desc": "QMP input member 'execute' clashes with 'exec-oob'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"clash rev"#,
+            oob: true,
+            chunks: &[b"{\"exec-oob\": \"query-version\", \"execute\": \"query-version\", \"id\": \"c\"}"],
+            replies: &[
+                r#"{"id": "c", "error": {"class": "GenericError", "desc": "QMP input member 'execute' clashes with 'exec-oob'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"execoob"#,
+            oob: true,
+            chunks: &[b"{\"exec-oob\": \"query-version\", \"id\": \"o\"}"],
+            replies: &[
+                r#"{"id": "o", "error": {"class": "GenericError", "desc": "The command query-version does not support OOB"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"execoob unknown"#,
+            oob: true,
+            chunks: &[b"{\"exec-oob\": \"nope\", \"id\": \"o\"}"],
+            replies: &[
+                r#"{"id": "o", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"execoob int"#,
+            oob: true,
+            chunks: &[b"{\"exec-oob\": 1, \"id\": \"o\"}"],
+            replies: &[
+                r#"{"id": "o", "error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' must be a string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"execoob int + execute int"#,
+            oob: true,
+            chunks: &[b"{\"exec-oob\": 1, \"execute\": 2}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' must be a string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"exec args bogus"#,
+            oob: true,
+            chunks: &[b"{\"execute\": 1, \"arguments\": 1, \"bogus\": 1, \"id\": 2}"],
+            replies: &[
+                r#"{"id": 2, "error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"args exec"#,
+            oob: true,
+            chunks: &[b"{\"arguments\": 1, \"execute\": 1}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input member 'execute' must be a string"}}"#,
+            ],
+        },
+    ];
+
+    #[test]
+    fn every_probe_transcript_is_reproduced_byte_for_byte() {
+        for p in PROBES {
+            assert_eq!(session(p.chunks, p.oob), p.replies, "case {:?}", p.name);
+        }
+    }
+}
