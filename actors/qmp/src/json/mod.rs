@@ -94,18 +94,28 @@ pub enum SyntaxError {
 #[cfg(test)]
 mod tests {
     //! Transcripts captured from qsd 10.0.2 with a raw-socket probe: each case is a
-    //! fresh, negotiated connection; `chunks` were sent as separate writes and
-    //! `replies` are qsd's bytes split at "\r\n".
+    //! fresh connection; `chunks` were sent as separate writes and `replies` are qsd's
+    //! bytes split at "\r\n".
 
     use super::*;
     use crate::request::{ErrorClass, error_response, parse_request, success_response};
     use serde_json::{Map, Value, json};
 
+    /// The state of the probed connection.
+    #[derive(Clone, Copy)]
+    enum Mode {
+        /// No `qmp_capabilities` sent yet.
+        Negotiating,
+        /// `qmp_capabilities` without arguments.
+        Negotiated,
+        /// `qmp_capabilities` with `"enable": ["oob"]`.
+        NegotiatedOob,
+    }
+
     /// One captured exchange.
     struct Probe {
         name: &'static str,
-        /// Whether the connection negotiated the `oob` capability.
-        oob: bool,
+        mode: Mode,
         chunks: &'static [&'static [u8]],
         replies: &'static [&'static str],
     }
@@ -125,49 +135,61 @@ mod tests {
         Value::Object(v)
     }
 
-    /// What a negotiated qsd session answers to one parsed message, for the two
-    /// commands the probes use.
-    fn reply(result: Result<Value, JsonError>, oob: bool) -> String {
+    /// What a qsd session answers to one parsed message, for the two commands the
+    /// probes use.
+    fn reply(result: Result<Value, JsonError>, mode: Mode) -> Value {
         let v = match result {
-            Err(e) => error_response(ErrorClass::GenericError, &e.to_string(), None),
-            Ok(v) => match parse_request(v, oob) {
-                Err(e) => e.to_response(),
-                Ok(req) => match req.command.as_str() {
-                    "query-version" if req.oob => error_response(
-                        ErrorClass::GenericError,
-                        "The command query-version does not support OOB",
-                        req.id,
-                    ),
-                    "query-version" => success_response(version(), req.id),
-                    "qmp_capabilities" => error_response(
-                        ErrorClass::CommandNotFound,
-                        "Capabilities negotiation is already complete, command ignored",
-                        req.id,
-                    ),
-                    other => error_response(
-                        ErrorClass::CommandNotFound,
-                        &format!("The command {other} has not been found"),
-                        req.id,
-                    ),
-                },
-            },
+            Err(e) => return error_response(ErrorClass::GenericError, &e.to_string(), None),
+            Ok(v) => v,
         };
-        to_string(&v)
+        let req = match parse_request(v, matches!(mode, Mode::NegotiatedOob)) {
+            Err(e) => return e.to_response(),
+            Ok(req) => req,
+        };
+        let not_found = ErrorClass::CommandNotFound;
+        match (mode, req.command.as_str()) {
+            (Mode::Negotiating, "qmp_capabilities") => success_response(json!({}), req.id),
+            (Mode::Negotiating, _) => error_response(
+                not_found,
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+                req.id,
+            ),
+            (_, "query-version") if req.oob => error_response(
+                ErrorClass::GenericError,
+                "The command query-version does not support OOB",
+                req.id,
+            ),
+            (_, "query-version") => success_response(version(), req.id),
+            (_, "qmp_capabilities") => error_response(
+                not_found,
+                "Capabilities negotiation is already complete, command ignored",
+                req.id,
+            ),
+            (_, other) => error_response(
+                not_found,
+                &format!("The command {other} has not been found"),
+                req.id,
+            ),
+        }
     }
 
-    fn session(chunks: &[&[u8]], oob: bool) -> Vec<String> {
+    fn session<'a>(chunks: impl IntoIterator<Item = &'a [u8]>, mode: Mode) -> Vec<Value> {
         let mut s = JsonStreamer::new();
         chunks
-            .iter()
+            .into_iter()
             .flat_map(|c| s.feed(c))
-            .map(|r| reply(r, oob))
+            .map(|r| reply(r, mode))
             .collect()
+    }
+
+    fn compact(replies: Vec<Value>) -> Vec<String> {
+        replies.iter().map(to_string).collect()
     }
 
     const PROBES: &[Probe] = &[
         Probe {
             name: r#"expecting value"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{ \"execute\": }"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
@@ -175,7 +197,7 @@ mod tests {
         },
         Probe {
             name: r#"invalid keyword"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": foo}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'foo'"}}"#,
@@ -183,7 +205,7 @@ mod tests {
         },
         Probe {
             name: r#"trailing comma"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"x\",}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
@@ -191,7 +213,7 @@ mod tests {
         },
         Probe {
             name: r#"missing colon"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"a\" 1}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, missing : in object pair"}}"#,
@@ -199,7 +221,7 @@ mod tests {
         },
         Probe {
             name: r#"key not string"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{1: 2}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, key is not a string in object"}}"#,
@@ -207,7 +229,7 @@ mod tests {
         },
         Probe {
             name: r#"missing comma"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"a\": 1 \"b\": 2}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in dict"}}"#,
@@ -215,7 +237,7 @@ mod tests {
         },
         Probe {
             name: r#"dup key"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"a\", \"execute\": \"b\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#,
@@ -223,7 +245,7 @@ mod tests {
         },
         Probe {
             name: r#"bad escape"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"\\x\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid escape sequence in string"}}"#,
@@ -231,7 +253,7 @@ mod tests {
         },
         Probe {
             name: r#"lone surrogate"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"\\ud800\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\ud800 is not a valid Unicode character"}}"#,
@@ -239,7 +261,7 @@ mod tests {
         },
         Probe {
             name: r#"lone surrogate upper then A"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"\\uD800\\u0041\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uD800 is not a valid Unicode character"}}"#,
@@ -247,7 +269,7 @@ mod tests {
         },
         Probe {
             name: r#"low surrogate"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"\\udc00\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\udc00 is not a valid Unicode character"}}"#,
@@ -255,7 +277,7 @@ mod tests {
         },
         Probe {
             name: r#"short hex"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"\\u00e\"}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\u00e\" is not a valid Unicode character"}}"#,
@@ -264,7 +286,7 @@ mod tests {
         },
         Probe {
             name: r#"noncharacter esc"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"\\uFFFE\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uFFFE is not a valid Unicode character"}}"#,
@@ -272,7 +294,7 @@ mod tests {
         },
         Probe {
             name: r#"pair nonchar"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"\\uD83F\\uDFFE\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uD83F\\uDFFE is not a valid Unicode character"}}"#,
@@ -280,7 +302,7 @@ mod tests {
         },
         Probe {
             name: r#"leading zero"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": 01}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '01'"}}"#,
@@ -289,7 +311,7 @@ mod tests {
         },
         Probe {
             name: r#"ctrl 01"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"\x01"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\u0001'"}}"#,
@@ -297,7 +319,7 @@ mod tests {
         },
         Probe {
             name: r#"ctrl 01 in string"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"ab\x01cd\"}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"ab\u0001'"}}"#,
@@ -307,7 +329,7 @@ mod tests {
         },
         Probe {
             name: r#"nul in string"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"ab\x00cd\"}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"ab'"}}"#,
@@ -317,7 +339,7 @@ mod tests {
         },
         Probe {
             name: r#"nul at start"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"\x00{\"execute\":\"query-version\",\"id\":\"ok\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray ''"}}"#,
@@ -326,7 +348,7 @@ mod tests {
         },
         Probe {
             name: r#"ff"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"\xff"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
@@ -334,7 +356,7 @@ mod tests {
         },
         Probe {
             name: r#"fe then good"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"\xfe{\"execute\":\"query-version\",\"id\":\"ok\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
@@ -343,7 +365,7 @@ mod tests {
         },
         Probe {
             name: r#"minus brace"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"id\": -}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '-}'"}}"#,
@@ -352,7 +374,7 @@ mod tests {
         },
         Probe {
             name: r#"at sign"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"@abc def {\"execute\":\"query-version\",\"id\":\"ok\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
@@ -361,7 +383,7 @@ mod tests {
         },
         Probe {
             name: r#"percent"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"%d"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '%'"}}"#,
@@ -369,7 +391,7 @@ mod tests {
         },
         Probe {
             name: r#"u0000 echo"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\\u0000b\"}"],
             replies: &[
                 r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "a\u0000b"}"#,
@@ -377,7 +399,7 @@ mod tests {
         },
         Probe {
             name: r#"c080 echo"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\xc0\x80b\"}"],
             replies: &[
                 r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "a\u0000b"}"#,
@@ -385,7 +407,7 @@ mod tests {
         },
         Probe {
             name: r#"bad utf8 in string"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\xc3b\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
@@ -393,7 +415,7 @@ mod tests {
         },
         Probe {
             name: r#"overlong utf8"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\xc1\x81b\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
@@ -401,7 +423,7 @@ mod tests {
         },
         Probe {
             name: r#"nonchar utf8 FDD0"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\xef\xb7\x90b\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
@@ -409,7 +431,7 @@ mod tests {
         },
         Probe {
             name: r#"esc then hibyte"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\\\xc3\xa9b\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid escape sequence in string"}}"#,
@@ -417,7 +439,7 @@ mod tests {
         },
         Probe {
             name: r#"u then hibyte"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\":\"query-version\",\"id\":\"a\\u\xc3\xa9\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\u\u00E9\" is not a valid Unicode character"}}"#,
@@ -425,7 +447,7 @@ mod tests {
         },
         Probe {
             name: r#"single quoted"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{'execute': 'query-version', 'id': 'it\\'s \"q\"'}"],
             replies: &[
                 r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "it's \"q\""}"#,
@@ -433,7 +455,7 @@ mod tests {
         },
         Probe {
             name: r#"escapes echo"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\":\"query-version\",\"id\":\"\\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u0001 \\u001f \\u007f \\u0080 \\u00e9 \\ud83d\\ude00 / ~\"}"],
             replies: &[
                 r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "\" \\ / \b \f \n \r \t \u0001 \u001F \u007F \u0080 \u00E9 \uD83D\uDE00 / ~"}"#,
@@ -441,7 +463,7 @@ mod tests {
         },
         Probe {
             name: r#"raw utf8 echo"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\":\"query-version\",\"id\":\"\xc3\xa9\xf0\x9f\x98\x80\"}"],
             replies: &[
                 r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "\u00E9\uD83D\uDE00"}"#,
@@ -449,7 +471,7 @@ mod tests {
         },
         Probe {
             name: r#"two in one"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\":\"query-version\",\"id\":\"ok\"}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
             replies: &[
                 r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
@@ -458,7 +480,7 @@ mod tests {
         },
         Probe {
             name: r#"split"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"exec", b"ute\":\"query-ve", b"rsion\",\"id\":1", b"2}"],
             replies: &[
                 r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": 12}"#,
@@ -466,7 +488,7 @@ mod tests {
         },
         Probe {
             name: r#"array top"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"[1,2,3]"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
@@ -474,7 +496,7 @@ mod tests {
         },
         Probe {
             name: r#"string top"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"\"hello\""],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
@@ -482,13 +504,13 @@ mod tests {
         },
         Probe {
             name: r#"number top"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"42"],
             replies: &[],
         },
         Probe {
             name: r#"stray close"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
@@ -496,7 +518,7 @@ mod tests {
         },
         Probe {
             name: r#"stray close sq"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"]"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
@@ -504,7 +526,7 @@ mod tests {
         },
         Probe {
             name: r#"array brace"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"[}]"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
@@ -513,7 +535,7 @@ mod tests {
         },
         Probe {
             name: r#"obj bracket"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"a\":1]"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in dict"}}"#,
@@ -521,7 +543,7 @@ mod tests {
         },
         Probe {
             name: r#"true keyword top"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"true false null"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
@@ -530,13 +552,13 @@ mod tests {
         },
         Probe {
             name: r#"bad keyword top"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"nul"],
             replies: &[],
         },
         Probe {
             name: r#"upper keyword"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"True"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray 'T'"}}"#,
@@ -544,7 +566,7 @@ mod tests {
         },
         Probe {
             name: r#"empty obj"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}"#,
@@ -552,7 +574,7 @@ mod tests {
         },
         Probe {
             name: r#"id only"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"id\": 9}"],
             replies: &[
                 r#"{"id": 9, "error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}"#,
@@ -560,7 +582,7 @@ mod tests {
         },
         Probe {
             name: r#"exec not string"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": 1, \"id\": 10}"],
             replies: &[
                 r#"{"id": 10, "error": {"class": "GenericError", "desc": "QMP input member 'execute' must be a string"}}"#,
@@ -568,7 +590,7 @@ mod tests {
         },
         Probe {
             name: r#"exec 1 bogus"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": 1, \"bogus\": 2}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}}"#,
@@ -576,7 +598,7 @@ mod tests {
         },
         Probe {
             name: r#"bogus exec 1"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"bogus\": 2, \"execute\": 1}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}}"#,
@@ -584,7 +606,7 @@ mod tests {
         },
         Probe {
             name: r#"args list"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"arguments\": [], \"execute\": \"x\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "QMP input member 'arguments' must be an object"}}"#,
@@ -592,7 +614,7 @@ mod tests {
         },
         Probe {
             name: r#"args null"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"x\", \"arguments\": null, \"id\": 5}"],
             replies: &[
                 r#"{"id": 5, "error": {"class": "GenericError", "desc": "QMP input member 'arguments' must be an object"}}"#,
@@ -600,7 +622,7 @@ mod tests {
         },
         Probe {
             name: r#"extra"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"query-version\", \"bogus\": 1, \"id\": \"e\"}"],
             replies: &[
                 r#"{"id": "e", "error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}}"#,
@@ -608,7 +630,7 @@ mod tests {
         },
         Probe {
             name: r#"clash"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"query-version\", \"exec-oob\": \"query-version\", \"id\": \"c\"}"],
             replies: &[
                 r#"{"id": "c", "error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' is unexpected"}}"#,
@@ -616,7 +638,7 @@ mod tests {
         },
         Probe {
             name: r#"execoob noncap"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"exec-oob\": \"query-version\", \"id\": \"o\"}"],
             replies: &[
                 r#"{"id": "o", "error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' is unexpected"}}"#,
@@ -624,7 +646,7 @@ mod tests {
         },
         Probe {
             name: r#"unknown cmd"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"no-such-command\", \"id\": 3}"],
             replies: &[
                 r#"{"id": 3, "error": {"class": "CommandNotFound", "desc": "The command no-such-command has not been found"}}"#,
@@ -632,7 +654,7 @@ mod tests {
         },
         Probe {
             name: r#"id null"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"no-such-command\", \"id\": null}"],
             replies: &[
                 r#"{"id": null, "error": {"class": "CommandNotFound", "desc": "The command no-such-command has not been found"}}"#,
@@ -640,7 +662,7 @@ mod tests {
         },
         Probe {
             name: r#"id types"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": {\"z\": [true, false, null, 1, \"s\"], \"a\": {}}}"],
             replies: &[
                 r#"{"id": {"a": {}, "z": [true, false, null, 1, "s"]}, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -648,7 +670,7 @@ mod tests {
         },
         Probe {
             name: r#"num -0"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": -0}"],
             replies: &[
                 r#"{"id": 0, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -656,7 +678,7 @@ mod tests {
         },
         Probe {
             name: r#"num -0.0"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": -0.0}"],
             replies: &[
                 r#"{"id": -0, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -664,7 +686,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1.0"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1.0}"],
             replies: &[
                 r#"{"id": 1, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -672,7 +694,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1.5e3"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1.5e3}"],
             replies: &[
                 r#"{"id": 1500, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -680,7 +702,7 @@ mod tests {
         },
         Probe {
             name: r#"num 0.1"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 0.1}"],
             replies: &[
                 r#"{"id": 0.10000000000000001, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -688,7 +710,7 @@ mod tests {
         },
         Probe {
             name: r#"num u64"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 12345678901234567890}"],
             replies: &[
                 r#"{"id": 12345678901234567890, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -696,7 +718,7 @@ mod tests {
         },
         Probe {
             name: r#"num > u64"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 123456789012345678901}"],
             replies: &[
                 r#"{"id": 1.2345678901234568e+20, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -704,7 +726,7 @@ mod tests {
         },
         Probe {
             name: r#"num < i64"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": -9223372036854775809}"],
             replies: &[
                 r#"{"id": -9.2233720368547758e+18, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -712,7 +734,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1e400 (qsd prints the invalid `inf`; we saturate)"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1e400}"],
             replies: &[
                 r#"{"id": 1.7976931348623157e+308, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -720,7 +742,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1e-400"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1e-400}"],
             replies: &[
                 r#"{"id": 0, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -728,7 +750,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1e22"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1e22}"],
             replies: &[
                 r#"{"id": 1e+22, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -736,7 +758,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1e16"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1e16}"],
             replies: &[
                 r#"{"id": 10000000000000000, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -744,7 +766,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1e17"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1e17}"],
             replies: &[
                 r#"{"id": 1e+17, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -752,7 +774,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1e-5"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1e-5}"],
             replies: &[
                 r#"{"id": 1.0000000000000001e-05, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -760,7 +782,7 @@ mod tests {
         },
         Probe {
             name: r#"num 0.0001"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 0.0001}"],
             replies: &[
                 r#"{"id": 0.0001, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -768,7 +790,7 @@ mod tests {
         },
         Probe {
             name: r#"num tie"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1234567890123456.75}"],
             replies: &[
                 r#"{"id": 1234567890123456.8, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -776,7 +798,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1E+2"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1E+2}"],
             replies: &[
                 r#"{"id": 100, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -784,7 +806,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1."#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1.}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '1.}'"}}"#,
@@ -792,7 +814,7 @@ mod tests {
         },
         Probe {
             name: r#"num .5"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": .5}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '.'"}}"#,
@@ -801,7 +823,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1e"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1e}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '1e}'"}}"#,
@@ -809,7 +831,7 @@ mod tests {
         },
         Probe {
             name: r#"num -"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": -a}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '-a'"}}"#,
@@ -818,7 +840,7 @@ mod tests {
         },
         Probe {
             name: r#"num 1a"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"{\"execute\": \"nope\", \"id\": 1a}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in dict"}}"#,
@@ -826,7 +848,7 @@ mod tests {
         },
         Probe {
             name: r#"tab recovery"#,
-            oob: false,
+            mode: Mode::Negotiated,
             chunks: &[b"@\x09x{\"execute\":\"query-version\",\"id\":\"ok\"}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
@@ -835,7 +857,7 @@ mod tests {
         },
         Probe {
             name: r#"clash"#,
-            oob: true,
+            mode: Mode::NegotiatedOob,
             chunks: &[b"{\"execute\": \"query-version\", \"exec-oob\": \"query-version\", \"id\": \"c\"}"],
             replies: &[
                 r#"{"id": "c", "error": {"class": "GenericError", "desc": "QMP input member 'execute' clashes with 'exec-oob'"}}"#,
@@ -843,7 +865,7 @@ mod tests {
         },
         Probe {
             name: r#"clash rev"#,
-            oob: true,
+            mode: Mode::NegotiatedOob,
             chunks: &[b"{\"exec-oob\": \"query-version\", \"execute\": \"query-version\", \"id\": \"c\"}"],
             replies: &[
                 r#"{"id": "c", "error": {"class": "GenericError", "desc": "QMP input member 'execute' clashes with 'exec-oob'"}}"#,
@@ -851,7 +873,7 @@ mod tests {
         },
         Probe {
             name: r#"execoob"#,
-            oob: true,
+            mode: Mode::NegotiatedOob,
             chunks: &[b"{\"exec-oob\": \"query-version\", \"id\": \"o\"}"],
             replies: &[
                 r#"{"id": "o", "error": {"class": "GenericError", "desc": "The command query-version does not support OOB"}}"#,
@@ -859,7 +881,7 @@ mod tests {
         },
         Probe {
             name: r#"execoob unknown"#,
-            oob: true,
+            mode: Mode::NegotiatedOob,
             chunks: &[b"{\"exec-oob\": \"nope\", \"id\": \"o\"}"],
             replies: &[
                 r#"{"id": "o", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
@@ -867,7 +889,7 @@ mod tests {
         },
         Probe {
             name: r#"execoob int"#,
-            oob: true,
+            mode: Mode::NegotiatedOob,
             chunks: &[b"{\"exec-oob\": 1, \"id\": \"o\"}"],
             replies: &[
                 r#"{"id": "o", "error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' must be a string"}}"#,
@@ -875,7 +897,7 @@ mod tests {
         },
         Probe {
             name: r#"execoob int + execute int"#,
-            oob: true,
+            mode: Mode::NegotiatedOob,
             chunks: &[b"{\"exec-oob\": 1, \"execute\": 2}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' must be a string"}}"#,
@@ -883,7 +905,7 @@ mod tests {
         },
         Probe {
             name: r#"exec args bogus"#,
-            oob: true,
+            mode: Mode::NegotiatedOob,
             chunks: &[b"{\"execute\": 1, \"arguments\": 1, \"bogus\": 1, \"id\": 2}"],
             replies: &[
                 r#"{"id": 2, "error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}}"#,
@@ -891,10 +913,147 @@ mod tests {
         },
         Probe {
             name: r#"args exec"#,
-            oob: true,
+            mode: Mode::NegotiatedOob,
             chunks: &[b"{\"arguments\": 1, \"execute\": 1}"],
             replies: &[
                 r#"{"error": {"class": "GenericError", "desc": "QMP input member 'execute' must be a string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"neg unknown"#,
+            mode: Mode::Negotiating,
+            chunks: &[b"{\"execute\": \"query-version\", \"arguments\": {\"x\": 1}, \"id\": \"pre\"}"],
+            replies: &[
+                r#"{"id": "pre", "error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"neg exec int"#,
+            mode: Mode::Negotiating,
+            chunks: &[b"{\"execute\": 1, \"id\": 1}"],
+            replies: &[
+                r#"{"id": 1, "error": {"class": "GenericError", "desc": "QMP input member 'execute' must be a string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"neg lacks"#,
+            mode: Mode::Negotiating,
+            chunks: &[b"{\"id\": 1}"],
+            replies: &[
+                r#"{"id": 1, "error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"neg nonobj"#,
+            mode: Mode::Negotiating,
+            chunks: &[b"[1]"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"neg parse"#,
+            mode: Mode::Negotiating,
+            chunks: &[b"{\"a\" 1}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, missing : in object pair"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"neg extra"#,
+            mode: Mode::Negotiating,
+            chunks: &[b"{\"execute\": \"qmp_capabilities\", \"foo\": 1}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input member 'foo' is unexpected"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"neg execoob"#,
+            mode: Mode::Negotiating,
+            chunks: &[b"{\"exec-oob\": \"qmp_capabilities\", \"id\": 7}"],
+            replies: &[
+                r#"{"id": 7, "error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' is unexpected"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"neg args null"#,
+            mode: Mode::Negotiating,
+            chunks: &[b"{\"execute\": \"qmp_capabilities\", \"arguments\": null}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input member 'arguments' must be an object"}}"#,
+            ],
+        },
+    ];
+
+    /// Captured on a monitor with `pretty=on`.
+    const PRETTY_PROBES: &[Probe] = &[
+        Probe {
+            name: r#"pretty version"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":[1,{\"a\":[],\"b\":{}},[]]}"],
+            replies: &[
+                r#"{"#,
+                r#"    "return": {"#,
+                r#"        "qemu": {"#,
+                r#"            "micro": 2,"#,
+                r#"            "minor": 0,"#,
+                r#"            "major": 10"#,
+                r#"        },"#,
+                r#"        "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1""#,
+                r#"    },"#,
+                r#"    "id": ["#,
+                r#"        1,"#,
+                r#"        {"#,
+                r#"            "a": ["#,
+                r#"            ],"#,
+                r#"            "b": {"#,
+                r#"            }"#,
+                r#"        },"#,
+                r#"        ["#,
+                r#"        ]"#,
+                r#"    ]"#,
+                r#"}"#,
+            ],
+        },
+        Probe {
+            name: r#"pretty err"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\"}"],
+            replies: &[
+                r#"{"#,
+                r#"    "error": {"#,
+                r#"        "class": "CommandNotFound","#,
+                r#"        "desc": "The command nope has not been found""#,
+                r#"    }"#,
+                r#"}"#,
+            ],
+        },
+        Probe {
+            name: r#"pretty empty return"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"qmp_capabilities\",\"id\":{}}"],
+            replies: &[
+                r#"{"#,
+                r#"    "id": {"#,
+                r#"    },"#,
+                r#"    "error": {"#,
+                r#"        "class": "CommandNotFound","#,
+                r#"        "desc": "Capabilities negotiation is already complete, command ignored""#,
+                r#"    }"#,
+                r#"}"#,
+            ],
+        },
+        Probe {
+            name: r#"pretty parse err"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"}"],
+            replies: &[
+                r#"{"#,
+                r#"    "error": {"#,
+                r#"        "class": "GenericError","#,
+                r#"        "desc": "JSON parse error, expecting value""#,
+                r#"    }"#,
+                r#"}"#,
             ],
         },
     ];
@@ -902,7 +1061,33 @@ mod tests {
     #[test]
     fn every_probe_transcript_is_reproduced_byte_for_byte() {
         for p in PROBES {
-            assert_eq!(session(p.chunks, p.oob), p.replies, "case {:?}", p.name);
+            let got = compact(session(p.chunks.iter().copied(), p.mode));
+            assert_eq!(got, p.replies, "case {:?}", p.name);
+        }
+    }
+
+    #[test]
+    fn every_probe_gives_the_same_replies_when_fed_one_byte_at_a_time() {
+        for p in PROBES {
+            let bytes: Vec<u8> = p.chunks.concat();
+            let got = compact(session(bytes.chunks(1), p.mode));
+            assert_eq!(got, p.replies, "case {:?}", p.name);
+        }
+    }
+
+    #[test]
+    fn pretty_output_matches_a_pretty_monitor_including_crlf_inside_messages() {
+        for p in PRETTY_PROBES {
+            let got: Vec<String> = session(p.chunks.iter().copied(), p.mode)
+                .iter()
+                .map(to_string_pretty)
+                .collect();
+            assert_eq!(
+                got.join("\r\n"),
+                p.replies.join("\r\n"),
+                "case {:?}",
+                p.name
+            );
         }
     }
 }
