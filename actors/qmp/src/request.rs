@@ -215,3 +215,165 @@ pub fn event_message(name: &str, data: Option<Value>, seconds: i64, micros: i64)
     }
     Value::Object(ev)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::json::to_string;
+    use serde_json::json;
+
+    fn obj(text: &str) -> Value {
+        let mut s = crate::json::JsonStreamer::new();
+        match s.feed(text.as_bytes()).pop() {
+            Some(Ok(v)) => v,
+            other => panic!("test input {text:?} did not parse: {other:?}"),
+        }
+    }
+
+    fn err(text: &str, oob: bool) -> String {
+        match parse_request(obj(text), oob) {
+            Err(e) => to_string(&e.to_response()),
+            Ok(r) => panic!("{text:?} was accepted: {r:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_request_yields_command_arguments_in_client_order_and_id() {
+        let r = parse_request(
+            obj(r#"{"id": [1], "arguments": {"b": 1, "a": 2}, "execute": "x"}"#),
+            false,
+        );
+        let r = r.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.command, "x");
+        assert_eq!(r.arguments.keys().collect::<Vec<_>>(), ["b", "a"]);
+        assert_eq!(r.id, Some(json!([1])));
+        assert!(!r.oob);
+    }
+
+    #[test]
+    fn absent_arguments_are_an_empty_object_and_absent_id_is_none() {
+        let r = parse_request(obj(r#"{"execute": "x"}"#), false).unwrap_or_else(|e| panic!("{e}"));
+        assert!(r.arguments.is_empty());
+        assert_eq!(r.id, None);
+    }
+
+    #[test]
+    fn a_null_id_is_kept_distinct_from_an_absent_one() {
+        let r = parse_request(obj(r#"{"execute": "x", "id": null}"#), false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.id, Some(Value::Null));
+        assert_eq!(
+            to_string(&success_response(json!({}), r.id)),
+            r#"{"return": {}, "id": null}"#
+        );
+    }
+
+    #[test]
+    fn exec_oob_names_the_command_only_when_oob_was_negotiated() {
+        let r = parse_request(obj(r#"{"exec-oob": "x", "id": 1}"#), true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.command.as_str(), r.oob), ("x", true));
+        assert_eq!(
+            err(r#"{"exec-oob": "x", "id": 1}"#, false),
+            r#"{"id": 1, "error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' is unexpected"}}"#
+        );
+    }
+
+    #[test]
+    fn members_are_checked_in_qdict_order_so_the_reported_one_does_not_depend_on_client_order() {
+        // Transcripts from qsd 10.0.2.
+        let bogus = r#"{"error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}}"#;
+        assert_eq!(err(r#"{"execute": 1, "bogus": 2}"#, false), bogus);
+        assert_eq!(err(r#"{"bogus": 2, "execute": 1}"#, false), bogus);
+        assert_eq!(
+            err(r#"{"arguments": 1, "execute": 1}"#, true),
+            r#"{"error": {"class": "GenericError", "desc": "QMP input member 'execute' must be a string"}}"#
+        );
+        assert_eq!(
+            err(r#"{"exec-oob": 1, "execute": 2}"#, true),
+            r#"{"error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' must be a string"}}"#
+        );
+        let clash = r#"{"id": "c", "error": {"class": "GenericError", "desc": "QMP input member 'execute' clashes with 'exec-oob'"}}"#;
+        assert_eq!(
+            err(r#"{"execute": "q", "exec-oob": "q", "id": "c"}"#, true),
+            clash
+        );
+        assert_eq!(
+            err(r#"{"exec-oob": "q", "execute": "q", "id": "c"}"#, true),
+            clash
+        );
+    }
+
+    #[test]
+    fn a_non_object_gets_no_id_and_a_missing_execute_keeps_the_id() {
+        assert_eq!(
+            err(r#"[{"id": 1}]"#, false),
+            r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#
+        );
+        assert_eq!(
+            err(r#"{"id": 9}"#, false),
+            r#"{"id": 9, "error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}"#
+        );
+    }
+
+    #[test]
+    fn replies_print_with_qsds_member_order() {
+        assert_eq!(
+            to_string(&success_response(json!({}), Some(json!(1)))),
+            r#"{"return": {}, "id": 1}"#
+        );
+        assert_eq!(
+            to_string(&success_response(json!([]), None)),
+            r#"{"return": []}"#
+        );
+        assert_eq!(
+            to_string(&error_response(
+                ErrorClass::DeviceNotActive,
+                "Block job 'x' not found",
+                Some(json!(3))
+            )),
+            r#"{"id": 3, "error": {"class": "DeviceNotActive", "desc": "Block job 'x' not found"}}"#
+        );
+    }
+
+    #[test]
+    fn events_print_with_timestamp_first_and_data_last() {
+        // qsd 10.0.2: BLOCK_EXPORT_DELETED as captured live.
+        let ev = event_message(
+            "BLOCK_EXPORT_DELETED",
+            Some(json!({"id": "exp0"})),
+            1795238302,
+            746112,
+        );
+        assert_eq!(
+            to_string(&ev),
+            r#"{"timestamp": {"seconds": 1795238302, "microseconds": 746112}, "event": "BLOCK_EXPORT_DELETED", "data": {"id": "exp0"}}"#
+        );
+        assert_eq!(
+            to_string(&event_message("X", None, -1, -1)),
+            r#"{"timestamp": {"seconds": -1, "microseconds": -1}, "event": "X"}"#
+        );
+    }
+
+    #[test]
+    fn error_classes_have_their_qapi_names() {
+        let all = [
+            ErrorClass::GenericError,
+            ErrorClass::CommandNotFound,
+            ErrorClass::DeviceNotActive,
+            ErrorClass::DeviceNotFound,
+            ErrorClass::KVMMissingCap,
+        ];
+        let names: Vec<_> = all.iter().map(ErrorClass::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "GenericError",
+                "CommandNotFound",
+                "DeviceNotActive",
+                "DeviceNotFound",
+                "KVMMissingCap"
+            ]
+        );
+    }
+}

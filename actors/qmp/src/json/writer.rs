@@ -212,3 +212,99 @@ pub(crate) fn format_g17(x: f64) -> String {
         format!("{sign}{int_part}.{frac_part}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Map, json};
+
+    #[test]
+    fn doubles_print_like_printf_percent_17g() {
+        // Expected texts from glibc printf("%.17g") (qsd echoes ids this way).
+        let cases: &[(f64, &str)] = &[
+            (0.1, "0.10000000000000001"),
+            (1.0, "1"),
+            (1500.0, "1500"),
+            (-0.0, "-0"),
+            (0.0, "0"),
+            (1e-5, "1.0000000000000001e-05"),
+            (0.0001, "0.0001"),
+            (1e16, "10000000000000000"),
+            (1e17, "1e+17"),
+            (1e22, "1e+22"),
+            (1.2345678901234568e20, "1.2345678901234568e+20"),
+            (-9.2233720368547758e18, "-9.2233720368547758e+18"),
+            (5e-324, "4.9406564584124654e-324"),
+            (f64::MAX, "1.7976931348623157e+308"),
+            (123.456, "123.456"),
+            (2.5, "2.5"),
+            (0.30000000000000004, "0.30000000000000004"),
+            // Exact ties at the 17th digit round to even, as glibc does.
+            (1234567890123456.25, "1234567890123456.2"),
+            (1234567890123456.75, "1234567890123456.8"),
+            (f64::INFINITY, "inf"),
+            (f64::NEG_INFINITY, "-inf"),
+        ];
+        for &(x, want) in cases {
+            assert_eq!(format_g17(x), want, "{x:e}");
+        }
+    }
+
+    #[test]
+    fn integers_print_in_full_whether_signed_or_unsigned() {
+        assert_eq!(
+            to_string(&json!([0, -1, i64::MIN, u64::MAX])),
+            "[0, -1, -9223372036854775808, 18446744073709551615]"
+        );
+    }
+
+    #[test]
+    fn strings_are_ascii_only_with_qemus_escapes() {
+        let s = "\" \\ / \u{8} \u{c} \n \r \t \u{1} \u{1f} \u{7f} \u{80} \u{e9} \u{1F600} ~ \0";
+        assert_eq!(
+            to_string(&json!(s)),
+            r#""\" \\ / \b \f \n \r \t \u0001 \u001F \u007F \u0080 \u00E9 \uD83D\uDE00 ~ \u0000""#
+        );
+    }
+
+    #[test]
+    fn noncharacters_print_as_the_replacement_character() {
+        assert_eq!(
+            to_string(&json!("\u{FDD0}\u{FFFE}\u{10FFFF}")),
+            r#""\uFFFD\uFFFD\uFFFD""#
+        );
+    }
+
+    #[test]
+    fn objects_print_in_qdict_order_not_insertion_order() {
+        let mut m = Map::new();
+        m.insert("major".into(), json!(10));
+        m.insert("minor".into(), json!(0));
+        m.insert("micro".into(), json!(2));
+        assert_eq!(
+            to_string(&Value::Object(m)),
+            r#"{"micro": 2, "minor": 0, "major": 10}"#
+        );
+    }
+
+    #[test]
+    fn compact_output_uses_comma_space_and_colon_space() {
+        assert_eq!(
+            to_string(&json!({"a": [1, {}, []], "b": null})),
+            r#"{"a": [1, {}, []], "b": null}"#
+        );
+        assert_eq!(to_string(&json!({})), "{}");
+        assert_eq!(to_string(&json!("x")), r#""x""#);
+    }
+
+    #[test]
+    fn pretty_output_of_empty_containers_and_scalars_at_top_level() {
+        assert_eq!(to_string_pretty(&json!({})), "{\r\n}");
+        assert_eq!(to_string_pretty(&json!([])), "[\r\n]");
+        assert_eq!(to_string_pretty(&json!(7)), "7");
+        assert_eq!(
+            to_string_pretty(&json!([1, [2]])),
+            "[\r\n    1,\r\n    [\r\n        2\r\n    ]\r\n]"
+        );
+    }
+}
