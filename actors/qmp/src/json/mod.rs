@@ -1090,4 +1090,57 @@ mod tests {
             );
         }
     }
+
+    const QV: &[u8] = br#"{"execute":"query-version","id":"ok"}"#;
+    const QV_REPLY: &str = r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#;
+    const NOT_OBJECT: &str =
+        r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#;
+    const EXPECTING_VALUE: &str =
+        r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#;
+    const NESTING: &str =
+        r#"{"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}"#;
+    const TOKEN_COUNT: &str =
+        r#"{"error": {"class": "GenericError", "desc": "JSON token count limit exceeded"}}"#;
+
+    fn negotiated(chunks: &[&[u8]]) -> Vec<String> {
+        compact(session(chunks.iter().copied(), Mode::Negotiated))
+    }
+
+    #[test]
+    fn nesting_of_1024_is_accepted_and_1025_is_refused_then_the_stream_recovers() {
+        // qsd 10.0.2 transcripts.
+        let ok = [b"[".repeat(1024), b"]".repeat(1024)].concat();
+        assert_eq!(negotiated(&[&ok]), [NOT_OBJECT]);
+        let deep = [b"[".repeat(1025), QV.to_vec()].concat();
+        assert_eq!(negotiated(&[&deep]), [NESTING, QV_REPLY]);
+        // Each closer left over after the reset is a message of its own.
+        let closers = [b"[".repeat(1025), b"]]".to_vec(), QV.to_vec()].concat();
+        assert_eq!(
+            negotiated(&[&closers]),
+            [NESTING, EXPECTING_VALUE, EXPECTING_VALUE, QV_REPLY]
+        );
+    }
+
+    #[test]
+    fn nesting_counts_braces_and_brackets_together() {
+        let ok = [br#"{"a":["#.repeat(512), b"]}".repeat(512)].concat();
+        assert_eq!(
+            negotiated(&[&ok]),
+            [
+                r#"{"error": {"class": "GenericError", "desc": "QMP input member 'a' is unexpected"}}"#
+            ]
+        );
+        let deep = [br#"{"a":["#.repeat(512), b"{".to_vec(), QV.to_vec()].concat();
+        assert_eq!(negotiated(&[&deep]), [NESTING, QV_REPLY]);
+    }
+
+    #[test]
+    fn a_message_of_more_than_two_mebi_tokens_is_refused() {
+        // '[' then 2^20 times "1,": the 2^21 + 1st token is the last ','.
+        let many = [b"[".to_vec(), b"1,".repeat(1 << 20)].concat();
+        assert_eq!(negotiated(&[&many, QV]), [TOKEN_COUNT, QV_REPLY]);
+        // The check also applies to the token that would complete the message.
+        let complete = [b"[".to_vec(), b"1,".repeat((1 << 20) - 1), b"1]".to_vec()].concat();
+        assert_eq!(negotiated(&[&complete, QV]), [TOKEN_COUNT, QV_REPLY]);
+    }
 }
