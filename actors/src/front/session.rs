@@ -24,6 +24,7 @@ where
         pretty,
         out: out.clone(),
         negotiated: false,
+        oob_enabled: false,
         front: front.clone(),
     };
     session.send(&crate::version::greeting());
@@ -94,6 +95,8 @@ struct Session {
     pretty: bool,
     out: mpsc::UnboundedSender<Output>,
     negotiated: bool,
+    /// The client enabled the `oob` capability (then `exec-oob` is a known member).
+    oob_enabled: bool,
     front: Front,
 }
 
@@ -111,7 +114,7 @@ impl Session {
 
     /// Handles one parsed JSON value; returns the reply to send.
     async fn handle(&mut self, v: Value) -> (Value, After) {
-        let req = match request::parse_request(v) {
+        let req = match request::parse_request(v, self.oob_enabled) {
             Ok(r) => r,
             Err(e) => {
                 return (
@@ -146,6 +149,10 @@ impl Session {
                 return Self::error(e, id);
             }
             self.negotiated = true;
+            self.oob_enabled = arguments
+                .get("enable")
+                .and_then(Value::as_array)
+                .is_some_and(|caps| caps.iter().any(|c| c == "oob"));
             self.front.bus.do_send(Subscribe {
                 session: self.id,
                 out: self.out.clone(),
