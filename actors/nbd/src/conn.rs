@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::handshake::{self, Contexts, Mode, Session};
 use crate::proto::*;
-use crate::server::{ConnectionSlot, Export, Shared};
+use crate::server::{ConnectionSlot, Export, Shared, signalled};
 
 /// Read buffer size: big enough to batch many small request headers per syscall.
 const READ_BUF: usize = 64 * 1024;
@@ -43,7 +43,7 @@ where
     let mut shutdown = shared.shutdown_signal();
     let negotiation = handshake::negotiate(&shared, &mut r, &mut w);
     let session = tokio::select! {
-        _ = shutdown.wait_for(|s| *s) => return,
+        _ = signalled(&mut shutdown) => return,
         s = async {
             match shared.handshake_limit() {
                 Some(limit) => tokio::time::timeout(limit, negotiation)
@@ -192,9 +192,9 @@ struct Stop {
 impl Stop {
     async fn wait(&mut self) {
         tokio::select! {
-            _ = self.export.wait_for(|c| *c) => {},
-            _ = self.shutdown.wait_for(|c| *c) => {},
-            _ = self.dead.wait_for(|c| *c) => {},
+            _ = signalled(&mut self.export) => {},
+            _ = signalled(&mut self.shutdown) => {},
+            _ = signalled(&mut self.dead) => {},
         }
     }
 }
