@@ -898,3 +898,21 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     }
     w.flush().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strerror_drops_the_rust_suffix() {
+        assert_eq!(strerror(libc::EIO), "Input/output error");
+    }
+
+    #[test]
+    fn too_long_uses_qsd_text() {
+        assert_eq!(
+            too_long(33554433),
+            "len (33554433) is larger than max len (33554432)"
+        );
+    }
+}

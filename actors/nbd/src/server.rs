@@ -263,6 +263,11 @@ impl NbdServer {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn shared_for_tests(&self) -> &Shared {
+        &self.shared
+    }
+
     /// The configuration the server was created with.
     pub fn config(&self) -> ServerConfig {
         self.shared.config

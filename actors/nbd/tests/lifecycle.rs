@@ -335,3 +335,26 @@ fn tcp_listeners_and_handed_in_streams_are_served() {
     assert_eq!(r.simple(), Some((0, 5)));
     assert_eq!(r.read_n(16), Some(vec![0x42; 16]));
 }
+
+#[test]
+fn export_name_replies_with_size_and_flags_padded_unless_no_zeroes() {
+    let s = server_with_image(ServerConfig::default());
+    for (flags, pad) in [(1u32, 124usize), (3, 0)] {
+        let mut r = Raw::connect(&s.sock);
+        r.send(&flags.to_be_bytes());
+        r.opt(1, b"exp");
+        let reply = r.read_n(10 + pad).unwrap();
+        assert_eq!(&reply[..8], &(1u64 << 20).to_be_bytes());
+        // Simple replies only: no DF.
+        assert_eq!(&reply[8..10], &0x0d6du16.to_be_bytes());
+        assert!(reply[10..].iter().all(|&b| b == 0));
+        r.request(0, 0, 3, 0, 8);
+        assert_eq!(r.simple(), Some((0, 3)));
+        assert_eq!(r.read_n(8), Some(vec![0x42; 8]));
+    }
+    // An old (non-fixed) newstyle client may only send EXPORT_NAME.
+    let mut r = Raw::connect(&s.sock);
+    r.send(&0u32.to_be_bytes());
+    r.opt(1, b"exp");
+    assert_eq!(r.read_n(134).unwrap()[8..10], 0x0d6du16.to_be_bytes());
+}
