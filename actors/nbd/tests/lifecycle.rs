@@ -358,3 +358,104 @@ fn export_name_replies_with_size_and_flags_padded_unless_no_zeroes() {
     r.opt(1, b"exp");
     assert_eq!(r.read_n(134).unwrap()[8..10], 0x0d6du16.to_be_bytes());
 }
+
+/// Reads at offset 0 wait until a read at offset 512 has run; counts started reads.
+struct Gate {
+    started: std::sync::atomic::AtomicUsize,
+    gate: tokio::sync::Semaphore,
+}
+
+impl BlockIo for Gate {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            self.started
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if offset == 0 {
+                // Each opening lets exactly one waiting read through.
+                if let Ok(p) = self.gate.acquire().await {
+                    p.forget();
+                }
+            } else if offset == 512 {
+                self.gate.add_permits(1);
+            }
+            buf.fill(offset as u8 + 1);
+            Ok(())
+        })
+    }
+    fn write<'a>(&'a self, _: u64, _: &'a [u8], _: WriteFlags) -> IoFuture<'a, ()> {
+        Box::pin(async { Err(bulkhead_block::IoError::ReadOnly) })
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(bulkhead_block::IoError::ReadOnly) })
+    }
+    fn discard(&self, _: u64, _: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(bulkhead_block::IoError::ReadOnly) })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    fn block_status(&self, _: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async move {
+            Ok(vec![Extent {
+                length: len,
+                data: true,
+                zero: false,
+                depth: 1,
+            }])
+        })
+    }
+}
+
+fn gate_server() -> (Server, Arc<Gate>) {
+    let s = Server::start(ServerConfig::default());
+    let gate = Arc::new(Gate {
+        started: 0.into(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    s.server
+        .add_export(
+            ExportConfig {
+                name: "gate".to_owned(),
+                description: None,
+                writable: false,
+                allocation_depth: false,
+            },
+            gate.clone(),
+        )
+        .unwrap();
+    (s, gate)
+}
+
+#[test]
+fn a_slow_request_does_not_hold_up_later_ones_on_the_same_connection() {
+    let (s, _gate) = gate_server();
+    let mut r = Raw::go(&s.sock, "gate", false, false, &[]);
+    r.request(0, 0, 1, 0, 512);
+    r.request(0, 0, 2, 512, 512);
+    assert_eq!(r.simple(), Some((0, 2)));
+    assert_eq!(r.read_n(512), Some(vec![1; 512]));
+    assert_eq!(r.simple(), Some((0, 1)));
+    assert_eq!(r.read_n(512), Some(vec![1; 512]));
+}
+
+#[test]
+fn at_most_sixteen_requests_per_client_are_in_flight() {
+    let (s, gate) = gate_server();
+    let mut r = Raw::go(&s.sock, "gate", false, false, &[]);
+    for i in 0..20 {
+        r.request(0, 0, i, 0, 512);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gate.started.load(std::sync::atomic::Ordering::SeqCst), 16);
+    // Releasing one lets exactly one more start.
+    gate.gate.add_permits(1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gate.started.load(std::sync::atomic::Ordering::SeqCst), 17);
+    assert_eq!(r.simple().map(|x| x.0), Some(0));
+}
