@@ -657,6 +657,28 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
     /// the last one flagged DONE, in one vectored write.
     async fn send_data_chunks(&self, req: &Request, runs: &[Run]) -> std::io::Result<()> {
         let extended = self.mode >= Mode::Extended;
+        if let [run] = runs
+            && !run.hole
+        {
+            // The common case (all data): no allocation, one writev.
+            let mut h = [0u8; CHUNK_HEADER_MAX + 8];
+            let mut head = [0u8; CHUNK_HEADER_MAX];
+            let n = chunk_header(
+                &mut head,
+                extended,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                req.offset,
+                8 + run.len,
+            );
+            h[..n].copy_from_slice(&head[..n]);
+            h[n..n + 8].copy_from_slice(&run.offset.to_be_bytes());
+            let data = &req.buf[..run.len as usize];
+            return self
+                .send(&mut [IoSlice::new(&h[..n + 8]), IoSlice::new(data)])
+                .await;
+        }
         // Per chunk: header + 8-byte offset (+ 4-byte hole length).
         let mut heads = vec![[0u8; CHUNK_HEADER_MAX + 12]; runs.len()];
         let mut sizes = Vec::with_capacity(runs.len());
