@@ -459,3 +459,53 @@ fn at_most_sixteen_requests_per_client_are_in_flight() {
     assert_eq!(gate.started.load(std::sync::atomic::Ordering::SeqCst), 17);
     assert_eq!(r.simple().map(|x| x.0), Some(0));
 }
+
+/// xorshift64*: deterministic pseudo-random bytes without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn random_garbage_in_every_phase_never_takes_the_server_down() {
+    let s = server_with_image(ServerConfig::default());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..300 {
+        let phase = round % 4;
+        let mut r = match phase {
+            0 => Raw::connect(&s.sock),
+            1 => Raw::fixed(&s.sock),
+            2 => Raw::go(&s.sock, "exp", false, false, &[]),
+            _ => Raw::go(&s.sock, "exp", true, true, &["base:allocation"]),
+        };
+        let len = (rng.next() % 200) as usize;
+        let mut junk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        // Sometimes start with a valid magic so the parser goes deeper.
+        if rng.next() % 2 == 0 && junk.len() >= 8 {
+            let magic: &[u8] = match phase {
+                0 | 1 => &OPTS_MAGIC.to_be_bytes(),
+                2 => &0x2560_9513u32.to_be_bytes(),
+                _ => &0x21e4_1c71u32.to_be_bytes(),
+            };
+            junk[..magic.len()].copy_from_slice(magic);
+        }
+        r.send(&junk);
+        drop(r);
+    }
+    healthy_read(&s);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while s.server.connection_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} connections still open",
+            s.server.connection_count()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
