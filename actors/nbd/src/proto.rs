@@ -152,7 +152,7 @@ pub fn nbd_errno(errno: i32) -> u32 {
 }
 
 /// qsd's `nbd_opt_lookup`: the option name used in error texts (qsd has no name
-/// for PEEK_EXPORT; live it reports "Unsupported option 4 (<unknown>)").
+/// for PEEK_EXPORT; live it reports `Unsupported option 4 (<unknown>)`).
 pub fn opt_name(opt: u32) -> &'static str {
     match opt {
         OPT_EXPORT_NAME => "export name",

@@ -487,7 +487,7 @@ fn random_garbage_in_every_phase_never_takes_the_server_down() {
         let len = (rng.next() % 200) as usize;
         let mut junk: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
         // Sometimes start with a valid magic so the parser goes deeper.
-        if rng.next() % 2 == 0 && junk.len() >= 8 {
+        if rng.next().is_multiple_of(2) && junk.len() >= 8 {
             let magic: &[u8] = match phase {
                 0 | 1 => &OPTS_MAGIC.to_be_bytes(),
                 2 => &0x2560_9513u32.to_be_bytes(),
