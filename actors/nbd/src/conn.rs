@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::handshake::{self, Contexts, Mode, Session};
 use crate::proto::*;
-use crate::server::{ConnectionSlot, Export, Shared};
+use crate::server::{ConnectionSlot, Export, Shared, signalled};
 
 /// Read buffer size: big enough to batch many small request headers per syscall.
 const READ_BUF: usize = 64 * 1024;
@@ -43,7 +43,7 @@ where
     let mut shutdown = shared.shutdown_signal();
     let negotiation = handshake::negotiate(&shared, &mut r, &mut w);
     let session = tokio::select! {
-        _ = shutdown.wait_for(|s| *s) => return,
+        _ = signalled(&mut shutdown) => return,
         s = async {
             match shared.handshake_limit() {
                 Some(limit) => tokio::time::timeout(limit, negotiation)
@@ -63,11 +63,12 @@ where
 enum Received {
     /// Run it.
     Run(Request),
-    /// Reply with this errno and message; then drop the connection if `fatal`.
+    /// Reply EINVAL with this message (qsd answers every request it refuses
+    /// before running it with EINVAL, whatever the reason); then drop the
+    /// connection if `fatal`.
     Fail {
         cookie: u64,
         offset: u64,
-        errno: i32,
         msg: String,
         fatal: bool,
     },
@@ -151,11 +152,12 @@ where
             Received::Fail {
                 cookie,
                 offset,
-                errno,
                 msg,
                 fatal,
             } => {
-                let sent = conn.reply_generic(cookie, offset, Err(errno), &msg).await;
+                let sent = conn
+                    .reply_generic(cookie, offset, Err(libc::EINVAL), &msg)
+                    .await;
                 if fatal || sent.is_err() {
                     break false;
                 }
@@ -190,9 +192,9 @@ struct Stop {
 impl Stop {
     async fn wait(&mut self) {
         tokio::select! {
-            _ = self.export.wait_for(|c| *c) => {},
-            _ = self.shutdown.wait_for(|c| *c) => {},
-            _ = self.dead.wait_for(|c| *c) => {},
+            _ = signalled(&mut self.export) => {},
+            _ = signalled(&mut self.shutdown) => {},
+            _ = signalled(&mut self.dead) => {},
         }
     }
 }
@@ -242,16 +244,21 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             REQUEST_MAGIC
         };
         if h.magic != expect {
-            tracing::debug!("invalid magic (got 0x{:x})", h.magic);
-            return Received::Disconnect { drain: false };
+            // qsd 10.0.2 still answers (with the garbage header's cookie) before
+            // it drops the connection.
+            return Received::Fail {
+                cookie: h.cookie,
+                offset: h.offset,
+                msg: format!("invalid magic (got 0x{:x}, expected 0x{expect:x})", h.magic),
+                fatal: true,
+            };
         }
         if h.kind == CMD_DISC {
             return Received::Disconnect { drain: true };
         }
-        let fail = |errno: i32, msg: String, fatal: bool| Received::Fail {
+        let fail = |msg: String, fatal: bool| Received::Fail {
             cookie: h.cookie,
             offset: h.offset,
-            errno,
             msg,
             fatal,
         };
@@ -296,7 +303,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                 if ext_payload {
                     valid |= CMD_FLAG_PAYLOAD_LEN;
                     if h.len > u64::from(MAX_BUFFER_SIZE) {
-                        return fail(libc::EINVAL, too_long(h.len), true);
+                        return fail(too_long(h.len), true);
                     }
                     match self.block_status_payload(r, h.len).await {
                         Ok(Some((effect, sel))) => {
@@ -317,7 +324,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         }
         if check_length && h.len > u64::from(MAX_BUFFER_SIZE) {
             // An unread WRITE payload leaves the stream unusable: reply, then drop.
-            return fail(libc::EINVAL, too_long(h.len), payload_len != 0);
+            return fail(too_long(h.len), payload_len != 0);
         }
         // Lengths of READ/WRITE/CACHE and payloads are now at most 32 MiB.
         let mut buf = Vec::new();
@@ -333,9 +340,9 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                 return Received::Disconnect { drain: false };
             }
         }
-        if let Some((errno, msg)) = self.sanity(&h, len, check_ro, valid) {
+        if let Some(msg) = self.sanity(&h, len, check_ro, valid) {
             self.put_buf(buf);
-            return fail(errno, msg, false);
+            return fail(msg, false);
         }
         Received::Run(Request {
             kind: h.kind,
@@ -348,40 +355,24 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         })
     }
 
-    /// qsd's final checks, in its order: read-only, bounds, flags.
-    fn sanity(
-        &self,
-        h: &RequestHeader,
-        len: u64,
-        check_ro: bool,
-        valid: u16,
-    ) -> Option<(i32, String)> {
+    /// qsd's final checks, in its order: read-only, bounds, flags. (qsd computes
+    /// EROFS/ENOSPC here but the client always sees EINVAL.)
+    fn sanity(&self, h: &RequestHeader, len: u64, check_ro: bool, valid: u16) -> Option<String> {
         let export = &self.export;
         if check_ro && export.read_only() {
-            return Some((libc::EROFS, "Export is read-only".to_owned()));
+            return Some("Export is read-only".to_owned());
         }
         if h.offset > export.size || len > export.size - h.offset {
-            let errno = if h.kind == CMD_WRITE || h.kind == CMD_WRITE_ZEROES {
-                libc::ENOSPC
-            } else {
-                libc::EINVAL
-            };
-            return Some((
-                errno,
-                format!(
-                    "operation past EOF; From: {}, Len: {}, Size: {}",
-                    h.offset, len, export.size
-                ),
+            return Some(format!(
+                "operation past EOF; From: {}, Len: {}, Size: {}",
+                h.offset, len, export.size
             ));
         }
         if h.flags & !valid != 0 {
-            return Some((
-                libc::EINVAL,
-                format!(
-                    "unsupported flags for command {} (got 0x{:x})",
-                    cmd_name(h.kind),
-                    h.flags
-                ),
+            return Some(format!(
+                "unsupported flags for command {} (got 0x{:x})",
+                cmd_name(h.kind),
+                h.flags
             ));
         }
         None
@@ -487,8 +478,9 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             .await
     }
 
-    /// qsd's `nbd_send_generic_reply`: an error chunk or a final NONE chunk with
-    /// structured replies, else a simple reply.
+    /// qsd's `nbd_send_generic_reply`: errors as an error chunk once structured
+    /// replies are negotiated; success as a final NONE chunk with extended
+    /// headers, else (even with structured replies) as a simple reply.
     async fn reply_generic(
         &self,
         cookie: u64,
@@ -496,27 +488,31 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         r: Result<(), i32>,
         msg: &str,
     ) -> std::io::Result<()> {
-        if self.mode >= Mode::Structured {
-            match r {
-                Ok(()) => {
-                    let mut h = [0u8; CHUNK_HEADER_MAX];
-                    let n = chunk_header(
-                        &mut h,
-                        self.mode >= Mode::Extended,
-                        REPLY_FLAG_DONE,
-                        REPLY_TYPE_NONE,
-                        cookie,
-                        offset,
-                        0,
-                    );
-                    self.send(&mut [IoSlice::new(&h[..n])]).await
-                }
-                Err(errno) => self.send_error(cookie, offset, errno, msg).await,
+        match r {
+            Err(errno) if self.mode >= Mode::Structured => {
+                self.send_error(cookie, offset, errno, msg).await
             }
-        } else {
-            let h = simple_reply(cookie, nbd_errno(r.err().unwrap_or(0)));
-            self.send(&mut [IoSlice::new(&h)]).await
+            Ok(()) if self.mode >= Mode::Extended => self.send_done(cookie, offset).await,
+            r => {
+                let h = simple_reply(cookie, nbd_errno(r.err().unwrap_or(0)));
+                self.send(&mut [IoSlice::new(&h)]).await
+            }
         }
+    }
+
+    /// A final NONE chunk.
+    async fn send_done(&self, cookie: u64, offset: u64) -> std::io::Result<()> {
+        let mut h = [0u8; CHUNK_HEADER_MAX];
+        let n = chunk_header(
+            &mut h,
+            self.mode >= Mode::Extended,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_NONE,
+            cookie,
+            offset,
+            0,
+        );
+        self.send(&mut [IoSlice::new(&h[..n])]).await
     }
 
     /// A final `NBD_REPLY_TYPE_ERROR` chunk.
@@ -578,7 +574,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         }
         if self.mode >= Mode::Structured {
             if n == 0 {
-                return self.reply_generic(req.cookie, req.offset, Ok(()), "").await;
+                return self.send_done(req.cookie, req.offset).await;
             }
             self.send_data_chunks(
                 req,
@@ -661,6 +657,28 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
     /// the last one flagged DONE, in one vectored write.
     async fn send_data_chunks(&self, req: &Request, runs: &[Run]) -> std::io::Result<()> {
         let extended = self.mode >= Mode::Extended;
+        if let [run] = runs
+            && !run.hole
+        {
+            // The common case (all data): no allocation, one writev.
+            let mut h = [0u8; CHUNK_HEADER_MAX + 8];
+            let mut head = [0u8; CHUNK_HEADER_MAX];
+            let n = chunk_header(
+                &mut head,
+                extended,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                req.offset,
+                8 + run.len,
+            );
+            h[..n].copy_from_slice(&head[..n]);
+            h[n..n + 8].copy_from_slice(&run.offset.to_be_bytes());
+            let data = &req.buf[..run.len as usize];
+            return self
+                .send(&mut [IoSlice::new(&h[..n + 8]), IoSlice::new(data)])
+                .await;
+        }
         // Per chunk: header + 8-byte offset (+ 4-byte hole length).
         let mut heads = vec![[0u8; CHUNK_HEADER_MAX + 12]; runs.len()];
         let mut sizes = Vec::with_capacity(runs.len());
@@ -901,4 +919,22 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
         IoSlice::advance_slices(&mut bufs, n);
     }
     w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strerror_drops_the_rust_suffix() {
+        assert_eq!(strerror(libc::EIO), "Input/output error");
+    }
+
+    #[test]
+    fn too_long_uses_qsd_text() {
+        assert_eq!(
+            too_long(33554433),
+            "len (33554433) is larger than max len (33554432)"
+        );
+    }
 }

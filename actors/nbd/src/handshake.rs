@@ -556,3 +556,81 @@ impl From<OptErr> for OptFail {
         OptFail::Reply(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{ExportConfig, NbdServer, ServerConfig};
+    use crate::testing::MemBackend;
+
+    fn export(depth: bool) -> Arc<Export> {
+        let s = NbdServer::new(ServerConfig::default());
+        s.add_export(
+            ExportConfig {
+                name: "e".to_owned(),
+                description: None,
+                writable: true,
+                allocation_depth: depth,
+            },
+            MemBackend::new(4096),
+        )
+        .unwrap();
+        s.shared_for_tests().find(b"e").unwrap()
+    }
+
+    #[test]
+    fn namespace_wildcards_select_contexts_for_list_only() {
+        let e = export(true);
+        let mut list = Contexts::default();
+        query(&mut list, &e, b"base:", false);
+        query(&mut list, &e, b"qemu:", false);
+        assert!(list.base_allocation && list.allocation_depth);
+        let mut set = Contexts::default();
+        query(&mut set, &e, b"base:", true);
+        query(&mut set, &e, b"qemu:", true);
+        assert!(!set.base_allocation && !set.allocation_depth);
+    }
+
+    #[test]
+    fn allocation_depth_is_offered_only_when_the_export_enables_it() {
+        let e = export(false);
+        let mut sel = Contexts::default();
+        query(&mut sel, &e, b"qemu:allocation-depth", true);
+        query(&mut sel, &e, b"base:allocation", true);
+        assert!(sel.base_allocation);
+        assert!(!sel.allocation_depth);
+    }
+
+    #[test]
+    fn unknown_and_partial_queries_select_nothing() {
+        let e = export(true);
+        let mut sel = Contexts::default();
+        for q in [
+            &b"base:allocationx"[..],
+            b"qemu:dirty-bitmap:",
+            b"other:x",
+            b"base",
+            b"",
+        ] {
+            query(&mut sel, &e, q, false);
+        }
+        assert!(!sel.base_allocation && !sel.allocation_depth);
+    }
+
+    #[test]
+    fn short_fields_report_inconsistent_lengths_with_the_option_name() {
+        let mut p = Payload {
+            buf: &[0, 0, 0, 5, b'a'],
+            pos: 0,
+        };
+        let OptErr(kind, text) = p.name(OPT_GO).err().unwrap();
+        assert_eq!(kind, REP_ERR_INVALID);
+        assert_eq!(text, "Inconsistent lengths in option go");
+        let mut p = Payload {
+            buf: &[0, 0, 0x10, 0x01],
+            pos: 0,
+        };
+        let OptErr(_, text) = p.name(OPT_INFO).err().unwrap();
+        assert_eq!(text, "Invalid name length: 4097");
+    }
+}

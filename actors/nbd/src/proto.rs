@@ -151,13 +151,13 @@ pub fn nbd_errno(errno: i32) -> u32 {
     }
 }
 
-/// qsd's `nbd_opt_lookup`: the option name used in error texts.
+/// qsd's `nbd_opt_lookup`: the option name used in error texts (qsd has no name
+/// for PEEK_EXPORT; live it reports `Unsupported option 4 (<unknown>)`).
 pub fn opt_name(opt: u32) -> &'static str {
     match opt {
         OPT_EXPORT_NAME => "export name",
         OPT_ABORT => "abort",
         OPT_LIST => "list",
-        OPT_PEEK_EXPORT => "peek export",
         OPT_STARTTLS => "starttls",
         OPT_INFO => "info",
         OPT_GO => "go",

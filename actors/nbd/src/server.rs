@@ -21,6 +21,9 @@ use crate::proto::{
     TF_SEND_FAST_ZERO, TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES,
 };
 
+/// Pause after a failed accept, so a persistent failure does not spin.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// Server-wide settings, fixed for the server's life (qsd's `nbd-server-start`
 /// arguments that matter on the wire).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +263,11 @@ impl NbdServer {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn shared_for_tests(&self) -> &Shared {
+        &self.shared
+    }
+
     /// The configuration the server was created with.
     pub fn config(&self) -> ServerConfig {
         self.shared.config
@@ -361,40 +369,55 @@ impl NbdServer {
         *self.shared.connections.borrow()
     }
 
-    /// Waits for a free connection slot; `None` once the server shuts down.
-    async fn slot(&self) -> Option<ConnectionSlot> {
+    /// Waits for room under `max_connections`; `None` once the server shuts
+    /// down. The permit is taken before accepting, so that (like qsd) excess
+    /// clients wait in the listen backlog.
+    async fn permit(&self) -> Option<Option<OwnedSemaphorePermit>> {
         let mut shutdown = self.shared.shutdown_signal();
         if *shutdown.borrow() {
             return None;
         }
-        let permit = match &self.shared.conn_limit {
-            None => None,
+        match &self.shared.conn_limit {
+            None => Some(None),
             Some(sem) => tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => return None,
-                p = sem.clone().acquire_owned() => Some(p.ok()?),
+                _ = signalled(&mut shutdown) => None,
+                p = sem.clone().acquire_owned() => Some(Some(p.ok()?)),
             },
-        };
+        }
+    }
+
+    /// Counts an accepted connection.
+    fn slot(&self, permit: Option<OwnedSemaphorePermit>) -> ConnectionSlot {
         self.shared.connections.send_modify(|n| *n += 1);
-        Some(ConnectionSlot {
+        ConnectionSlot {
             shared: self.shared.clone(),
             _permit: permit,
-        })
+        }
     }
 
     /// Accepts and serves connections from a Unix listener until
     /// [`NbdServer::shutdown`]. Like qsd, it stops accepting while
-    /// `max_connections` connections are open. Returns an error only if accepting
-    /// fails.
-    pub async fn serve_unix_listener(&self, listener: UnixListener) -> std::io::Result<()> {
+    /// `max_connections` connections are open. Accept failures (for example
+    /// running out of descriptors) are logged and retried after a pause.
+    pub async fn serve_unix_listener(&self, listener: UnixListener) {
         let mut shutdown = self.shared.shutdown_signal();
         loop {
-            let Some(slot) = self.slot().await else {
-                return Ok(());
+            let Some(permit) = self.permit().await else {
+                return;
             };
             let stream = tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                r = listener.accept() => r?.0,
+                _ = signalled(&mut shutdown) => return,
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!("NBD accept failed: {e}");
+                        drop(permit);
+                        tokio::time::sleep(ACCEPT_RETRY).await;
+                        continue;
+                    }
+                },
             };
+            let slot = self.slot(permit);
             let (r, w) = stream.into_split();
             tokio::spawn(crate::conn::run(self.shared.clone(), slot, r, w));
         }
@@ -402,16 +425,25 @@ impl NbdServer {
 
     /// Accepts and serves connections from a TCP listener until
     /// [`NbdServer::shutdown`]; see [`NbdServer::serve_unix_listener`].
-    pub async fn serve_tcp_listener(&self, listener: TcpListener) -> std::io::Result<()> {
+    pub async fn serve_tcp_listener(&self, listener: TcpListener) {
         let mut shutdown = self.shared.shutdown_signal();
         loop {
-            let Some(slot) = self.slot().await else {
-                return Ok(());
+            let Some(permit) = self.permit().await else {
+                return;
             };
             let stream = tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                r = listener.accept() => r?.0,
+                _ = signalled(&mut shutdown) => return,
+                r = listener.accept() => match r {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!("NBD accept failed: {e}");
+                        drop(permit);
+                        tokio::time::sleep(ACCEPT_RETRY).await;
+                        continue;
+                    }
+                },
             };
+            let slot = self.slot(permit);
             // Small replies must not wait for Nagle.
             let _ = stream.set_nodelay(true);
             let (r, w) = stream.into_split();
@@ -421,18 +453,20 @@ impl NbdServer {
 
     /// Serves one already-accepted Unix connection; returns when it ends.
     pub async fn serve_unix_stream(&self, stream: UnixStream) {
-        let Some(slot) = self.slot().await else {
+        let Some(permit) = self.permit().await else {
             return;
         };
+        let slot = self.slot(permit);
         let (r, w) = stream.into_split();
         crate::conn::run(self.shared.clone(), slot, r, w).await;
     }
 
     /// Serves one already-accepted TCP connection; returns when it ends.
     pub async fn serve_tcp_stream(&self, stream: TcpStream) {
-        let Some(slot) = self.slot().await else {
+        let Some(permit) = self.permit().await else {
             return;
         };
+        let slot = self.slot(permit);
         let _ = stream.set_nodelay(true);
         let (r, w) = stream.into_split();
         crate::conn::run(self.shared.clone(), slot, r, w).await;
@@ -444,9 +478,10 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let Some(slot) = self.slot().await else {
+        let Some(permit) = self.permit().await else {
             return;
         };
+        let slot = self.slot(permit);
         let (r, w) = tokio::io::split(stream);
         crate::conn::run(self.shared.clone(), slot, r, w).await;
     }
@@ -462,6 +497,12 @@ impl NbdServer {
         let mut conns = self.shared.connections.subscribe();
         let _ = conns.wait_for(|n| *n == 0).await;
     }
+}
+
+/// Waits until a stop flag is set (or its sender is gone). Returns `()` so that
+/// no `!Send` watch guard lives on in a `select!` arm.
+pub(crate) async fn signalled(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }
 
 #[cfg(test)]

@@ -408,10 +408,19 @@ impl Raw {
         ))
     }
 
-    /// Reads one structured chunk: (flags, type, cookie, payload).
+    /// Reads one structured chunk: (flags, type, cookie, payload). A simple
+    /// reply (which qsd sends for successful non-read commands even with
+    /// structured replies) comes back as flags 1, type 0xffff, payload = error.
     pub fn chunk(&mut self) -> Option<(u16, u16, u64, Vec<u8>)> {
-        let h = self.read_n(20)?;
-        assert_eq!(&h[0..4], &0x668e_33efu32.to_be_bytes());
+        let m = self.read_n(4)?;
+        if m == 0x6744_6698u32.to_be_bytes() {
+            let rest = self.read_n(12)?;
+            let cookie = u64::from_be_bytes(rest[4..12].try_into().unwrap());
+            return Some((1, 0xffff, cookie, rest[0..4].to_vec()));
+        }
+        assert_eq!(m, 0x668e_33efu32.to_be_bytes());
+        let mut h = m;
+        h.extend(self.read_n(16)?);
         let flags = u16::from_be_bytes(h[4..6].try_into().unwrap());
         let kind = u16::from_be_bytes(h[6..8].try_into().unwrap());
         let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
