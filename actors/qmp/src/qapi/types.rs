@@ -1,0 +1,1 @@
+//! Typed argument structs (placeholder while written).
