@@ -182,3 +182,771 @@ impl Schema {
         visitor.visit_named(type_name, None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(text: &str) -> Map<String, Value> {
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(m)) => m,
+            other => panic!("test input {text} is not an object: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_embedded_schema_loads_and_every_reference_resolves() {
+        let schema = Schema::load();
+        assert!(schema.is_ok(), "{:?}", schema.err());
+        let schema = Schema::get();
+        assert_eq!(schema.command_names().count(), 71);
+        for name in schema.command_names() {
+            let cmd = schema.command(name);
+            assert_eq!(cmd.map(|c| c.name.as_str()), Some(name));
+        }
+    }
+
+    /// `(command, arguments, qsd's desc)`; `None` means qsd's visitor accepted the
+    /// arguments (any error qsd gave came from the command itself). Collected from
+    /// qsd 10.0.2 over QMP.
+    const QMP_CASES: &[(&str, &str, Option<&str>)] = &[
+        ("block_resize", r#"{}"#, Some("Parameter 'size' is missing")),
+        (
+            "block_resize",
+            r#"{"node-name":"x","size":"big"}"#,
+            Some("Invalid parameter type for 'size', expected: integer"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"extra":1}"#,
+            Some("Parameter 'extra' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1.5}"#,
+            Some("Invalid parameter type for 'size', expected: integer"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":18446744073709551615}"#,
+            Some("Invalid parameter type for 'size', expected: integer"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":true}"#,
+            Some("Invalid parameter type for 'size', expected: integer"),
+        ),
+        (
+            "block_resize",
+            r#"{"device":5,"size":1}"#,
+            Some("Invalid parameter type for 'device', expected: string"),
+        ),
+        (
+            "query-version",
+            r#"{"x":1}"#,
+            Some("Parameter 'x' is unexpected"),
+        ),
+        ("quit", r#"{"x":1}"#, Some("Parameter 'x' is unexpected")),
+        (
+            "query-commands",
+            r#"{"x":1}"#,
+            Some("Parameter 'x' is unexpected"),
+        ),
+        (
+            "query-block",
+            r#"{"a":1}"#,
+            Some("Parameter 'a' is unexpected"),
+        ),
+        (
+            "x-debug-query-block-graph",
+            r#"{"a":1}"#,
+            Some("Parameter 'a' is unexpected"),
+        ),
+        (
+            "nbd-server-stop",
+            r#"{"a":1}"#,
+            Some("Parameter 'a' is unexpected"),
+        ),
+        (
+            "query-block-exports",
+            r#"{"a":1}"#,
+            Some("Parameter 'a' is unexpected"),
+        ),
+        (
+            "qmp_capabilities",
+            r#"{"enable":["bogus"]}"#,
+            Some("Parameter 'null' does not accept value 'bogus'"),
+        ),
+        (
+            "qmp_capabilities",
+            r#"{"enable":"oob"}"#,
+            Some("Invalid parameter type for 'enable', expected: array"),
+        ),
+        (
+            "qmp_capabilities",
+            r#"{"enable":[1]}"#,
+            Some("Invalid parameter type for 'enable[0]', expected: string"),
+        ),
+        (
+            "qmp_capabilities",
+            r#"{"foo":1}"#,
+            Some("Parameter 'foo' is unexpected"),
+        ),
+        (
+            "blockdev-add",
+            r#"{}"#,
+            Some("Parameter 'driver' is missing"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"nosuch"}"#,
+            Some("Parameter 'driver' does not accept value 'nosuch'"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":5}"#,
+            Some("Invalid parameter type for 'driver', expected: string"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"file"}"#,
+            Some("Parameter 'filename' is missing"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"file","x":1}"#,
+            Some("Parameter 'filename' is missing"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"raw","file":{"driver":"file"}}"#,
+            Some("Parameter 'file.filename' is missing"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"raw","file":5}"#,
+            Some("Invalid parameter type for 'file', expected: BlockdevRef"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"raw","file":{"driver":"raw","file":5}}"#,
+            Some("Invalid parameter type for 'file', expected: BlockdevRef"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"file","filename":"/x","aio":"bad"}"#,
+            Some("Parameter 'aio' does not accept value 'bad'"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"raw","file":{"driver":"file","filename":"x","aio":"bad"}}"#,
+            Some("Parameter 'aio' does not accept value 'bad'"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"raw","file":{"driver":"file","filename":"/x","bogus":1}}"#,
+            Some("Parameter 'file.bogus' is unexpected"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","size":"1M"}"#,
+            Some("Invalid parameter type for 'size', expected: integer"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","latency-ns":1.5}"#,
+            Some("Parameter 'latency-ns' expects uint64"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","latency-ns":"x"}"#,
+            Some("Parameter 'latency-ns' expects uint64"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","latency-ns":-1,"node-name":"1bad"}"#,
+            None,
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","read-only":"on"}"#,
+            Some("Invalid parameter type for 'read-only', expected: boolean"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","cache":5}"#,
+            Some("Invalid parameter type for 'cache', expected: object"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","cache":{"direct":1}}"#,
+            Some("Invalid parameter type for 'cache.direct', expected: boolean"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","cache":{"x":1}}"#,
+            Some("Parameter 'cache.x' is unexpected"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","node-name":null}"#,
+            Some("Invalid parameter type for 'node-name', expected: string"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","size":"x","node-name":5}"#,
+            Some("Invalid parameter type for 'node-name', expected: string"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"null-co","discard":"x","detect-zeroes":"y"}"#,
+            Some("Parameter 'discard' does not accept value 'x'"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"nbd","server":{"type":"unix"}}"#,
+            Some("Parameter 'server.path' is missing"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"nbd","server":{"type":"inet","host":"h","port":"1","to":70000}}"#,
+            Some("Parameter 'to' expects uint16_t"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"nbd","server":{"type":"x"}}"#,
+            Some("Parameter 'type' does not accept value 'x'"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"nbd","server":{"type":"inet","host":"h","port":1}}"#,
+            Some("Invalid parameter type for 'server.port', expected: string"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"blkdebug","image":"x","max-transfer":2147483648}"#,
+            Some("Parameter 'max-transfer' expects int32_t"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"blkdebug","image":"x","inject-error":[{}]}"#,
+            Some("Parameter 'inject-error[0].event' is missing"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"blkdebug","image":"x","inject-error":[{"event":"none"},{"event":"bad"}]}"#,
+            Some("Parameter 'event' does not accept value 'bad'"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"blkdebug","image":"x","inject-error":[{"event":"none"},{"event":"none","errno":"x"}]}"#,
+            Some("Invalid parameter type for 'inject-error[1].errno', expected: integer"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"blkdebug","image":"x","take-child-perms":["bad"]}"#,
+            Some("Parameter 'null' does not accept value 'bad'"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"blkdebug","image":"x","take-child-perms":["write",1]}"#,
+            Some("Invalid parameter type for 'take-child-perms[1]', expected: string"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"blkdebug","image":"x","inject-error":5}"#,
+            Some("Invalid parameter type for 'inject-error', expected: array"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"blkdebug","image":"x","set-state":[{"event":"none","new_state":1,"q":1}]}"#,
+            Some("Parameter 'set-state[0].q' is unexpected"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"quorum","children":[5],"vote-threshold":1}"#,
+            Some("Invalid parameter type for 'null', expected: BlockdevRef"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"quorum","children":["a",{"driver":"file"}],"vote-threshold":1}"#,
+            Some("Parameter 'children[1].filename' is missing"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"qcow2","file":"x","backing":5}"#,
+            Some("Invalid parameter type for 'backing', expected: BlockdevRefOrNull"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"qcow2","file":"x","overlap-check":5}"#,
+            Some("Invalid parameter type for 'overlap-check', expected: Qcow2OverlapChecks"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"qcow2","file":"x","overlap-check":"bad"}"#,
+            Some("Parameter 'overlap-check' does not accept value 'bad'"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"qcow2","file":"x","overlap-check":{"template":"bad"}}"#,
+            Some("Parameter 'template' does not accept value 'bad'"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"qcow2","file":"x","encrypt":{"format":"aes","key-secret":5}}"#,
+            Some("Invalid parameter type for 'encrypt.key-secret', expected: string"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"ssh","server":{"host":"h","port":"22"},"path":"/","host-key-check":{"mode":"hash"}}"#,
+            Some("Parameter 'host-key-check.type' is missing"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"rbd","pool":"p","image":"i","encrypt":{"format":"luks","parent":{"format":"luks2"}}}"#,
+            Some("Parameter 'encrypt.parent.key-secret' is missing"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"copy-before-write","file":"a","target":"b","cbw-timeout":-1}"#,
+            Some("Parameter 'cbw-timeout' expects uint32_t"),
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"copy-before-write","file":"a","target":"b","min-cluster-size":-1,"node-name":"1bad"}"#,
+            None,
+        ),
+        (
+            "blockdev-add",
+            r#"{"driver":"copy-before-write","file":"a","target":"b","min-cluster-size":"64k"}"#,
+            Some("Parameter 'min-cluster-size' expects uint64"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{}"#,
+            Some("Parameter 'addr' is missing"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix"}}"#,
+            Some("Parameter 'addr.data' is missing"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix","data":{}}}"#,
+            Some("Parameter 'addr.data.path' is missing"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix","data":{"path":5}}}"#,
+            Some("Invalid parameter type for 'addr.data.path', expected: string"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix","data":{"path":"/tmp/none.sock"}},"max-connections":-1}"#,
+            Some("Parameter 'max-connections' expects uint32_t"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix","data":{"path":"/tmp/none.sock"}},"max-connections":"x"}"#,
+            Some("Parameter 'max-connections' expects uint64"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix","path":"/tmp/none.sock"}}"#,
+            Some("Parameter 'addr.data' is missing"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix","data":{"path":"/tmp/none.sock"},"extra":1}}"#,
+            Some("Parameter 'addr.extra' is unexpected"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix","data":{"path":"/tmp/none.sock","x":1}}}"#,
+            Some("Parameter 'addr.data.x' is unexpected"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix","data":{"path":"/tmp/none.sock"}},"handshake-max-seconds":4294967296}"#,
+            Some("Parameter 'handshake-max-seconds' expects uint32_t"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix","data":{"path":"/tmp/none.sock"}},"tls-creds":5}"#,
+            Some("Invalid parameter type for 'tls-creds', expected: string"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":5}"#,
+            Some("Invalid parameter type for 'addr', expected: object"),
+        ),
+        (
+            "block-export-add",
+            r#"{}"#,
+            Some("Parameter 'type' is missing"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"nbd"}"#,
+            Some("Parameter 'id' is missing"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"nbd","id":"e"}"#,
+            Some("Parameter 'node-name' is missing"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"bad","id":"e","node-name":"n"}"#,
+            Some("Parameter 'type' does not accept value 'bad'"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"nbd","id":"e","node-name":"n","bitmaps":[5]}"#,
+            Some("Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"nbd","id":"e","node-name":"n","bitmaps":[{"node":"a"}]}"#,
+            Some("Parameter 'bitmaps[0].name' is missing"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"nbd","id":"e","node-name":"n","bitmaps":"b"}"#,
+            Some("Invalid parameter type for 'bitmaps', expected: array"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"fuse","id":"e","node-name":"n"}"#,
+            Some("Parameter 'mountpoint' is missing"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"fuse","id":"e","node-name":"n","mountpoint":"/x","allow-other":"maybe"}"#,
+            Some("Parameter 'allow-other' does not accept value 'maybe'"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"vhost-user-blk","id":"e","node-name":"n","addr":{"type":"unix","path":"/tmp/none.sock"},"num-queues":70000}"#,
+            Some("Parameter 'num-queues' expects uint16_t"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"vhost-user-blk","id":"e","node-name":"n","addr":{"type":"unix","path":"/tmp/none.sock"},"logical-block-size":"4k"}"#,
+            Some("Parameter 'logical-block-size' expects uint64"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"nbd","id":"e","node-name":"n","writable":"yes"}"#,
+            Some("Invalid parameter type for 'writable', expected: boolean"),
+        ),
+        (
+            "block-export-add",
+            r#"{"type":"nbd","id":"e","node-name":"n","bitmap":"b"}"#,
+            Some("Parameter 'bitmap' is unexpected"),
+        ),
+        (
+            "block-export-del",
+            r#"{}"#,
+            Some("Parameter 'id' is missing"),
+        ),
+        (
+            "block-export-del",
+            r#"{"id":"e","mode":"x"}"#,
+            Some("Parameter 'mode' does not accept value 'x'"),
+        ),
+        (
+            "nbd-server-add",
+            r#"{}"#,
+            Some("Parameter 'device' is missing"),
+        ),
+        (
+            "nbd-server-remove",
+            r#"{"name":"x","mode":"soft"}"#,
+            Some("Parameter 'mode' does not accept value 'soft'"),
+        ),
+        (
+            "blockdev-del",
+            r#"{}"#,
+            Some("Parameter 'node-name' is missing"),
+        ),
+        (
+            "blockdev-del",
+            r#"{"node-name":5}"#,
+            Some("Invalid parameter type for 'node-name', expected: string"),
+        ),
+        (
+            "query-named-block-nodes",
+            r#"{"flat":"yes"}"#,
+            Some("Invalid parameter type for 'flat', expected: boolean"),
+        ),
+        (
+            "query-named-block-nodes",
+            r#"{"flat":true,"x":1}"#,
+            Some("Parameter 'x' is unexpected"),
+        ),
+        (
+            "blockdev-reopen",
+            r#"{"options":[{}]}"#,
+            Some("Parameter 'options[0].driver' is missing"),
+        ),
+        (
+            "blockdev-reopen",
+            r#"{"options":[{"driver":"raw"}]}"#,
+            Some("Parameter 'options[0].file' is missing"),
+        ),
+        (
+            "blockdev-reopen",
+            r#"{"options":{}}"#,
+            Some("Invalid parameter type for 'options', expected: array"),
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            r#"{"node":"a","target":"b","bitmaps":[{"node":"x","name":"y","z":1}]}"#,
+            Some("Parameter 'bitmaps[0].z' is unexpected"),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            r#"{"node":"a","name":"b","granularity":-1}"#,
+            Some("Parameter 'granularity' expects uint32_t"),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            r#"{"node":"a","name":"b","granularity":1.5}"#,
+            Some("Parameter 'granularity' expects uint64"),
+        ),
+        (
+            "transaction",
+            r#"{"actions":[{"type":"abort"}]}"#,
+            Some("Parameter 'actions[0].data' is missing"),
+        ),
+        (
+            "transaction",
+            r#"{"actions":[{"type":"abort","data":{"x":1}}]}"#,
+            Some("Parameter 'actions[0].data.x' is unexpected"),
+        ),
+        (
+            "x-blockdev-set-iothread",
+            r#"{"node-name":"n","iothread":5}"#,
+            Some("Invalid parameter type for 'iothread', expected: StrOrNull"),
+        ),
+        (
+            "block-job-change",
+            r#"{"id":"j","type":"mirror"}"#,
+            Some("Parameter 'copy-mode' is missing"),
+        ),
+        (
+            "ringbuf-read",
+            r#"{"device":"d","size":"x"}"#,
+            Some("Invalid parameter type for 'size', expected: integer"),
+        ),
+        (
+            "block-stream",
+            r#"{"device":"d","on-error":"never"}"#,
+            Some("Parameter 'on-error' does not accept value 'never'"),
+        ),
+        (
+            "blockdev-mirror",
+            r#"{"device":"d","target":"t","sync":"full","granularity":4294967296}"#,
+            Some("Parameter 'granularity' expects uint32_t"),
+        ),
+        (
+            "query-version",
+            r#"{"node":1,"y":1}"#,
+            Some("Parameter 'y' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"id":1,"gamma":1,"b":1}"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"c":1,"zzz":1,"x":1,"size":1}"#,
+            Some("Parameter 'size' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"alpha":1,"b":1,"k3":1,"foo":1,"c":1}"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"qux":1,"delta":1,"c":1,"bar":1,"beta":1,"gamma":1}"#,
+            Some("Parameter 'c' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"b":1,"alpha":1,"x":1,"bar":1,"delta":1,"id":1,"zzz":1}"#,
+            Some("Parameter 'alpha' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"bar":1,"b":1,"zzz":1,"y":1,"extra":1,"qux":1,"alpha":1,"baz":1}"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"x":1,"alpha":1,"extra":1,"zzz":1,"z":1,"delta":1,"foo":1,"gamma":1,"b":1}"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"zzz":1,"c":1,"alpha":1,"b":1,"foo":1,"k2":1,"qux":1,"id":1,"z":1,"bar":1}"#,
+            Some("Parameter 'bar' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"alpha":1,"k1":1,"size":1,"extra":1,"bar":1,"z":1,"zzz":1,"b":1,"delta":1,"y":1,"baz":1}"#,
+            Some("Parameter 'bar' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"k2":1,"node":1,"k1":1,"extra":1,"c":1,"x":1,"qux":1,"zzz":1,"id":1,"z":1,"beta":1,"bar":1}"#,
+            Some("Parameter 'bar' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"qux":1,"b":1,"c":1,"zzz":1,"node":1,"alpha":1,"size":1,"extra":1,"bar":1,"k1":1,"delta":1,"gamma":1,"k3":1}"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"baz":1,"k2":1,"c":1,"b":1,"extra":1,"k1":1,"zzz":1,"size":1,"foo":1,"node":1,"z":1,"a":1,"bar":1,"k3":1}"#,
+            Some("Parameter 'bar' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"z":1,"beta":1,"x":1,"k2":1,"b":1,"foo":1,"extra":1,"c":1,"size":1,"gamma":1,"k3":1,"qux":1,"bar":1,"zzz":1,"k1":1}"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"k1":1,"id":1,"zzz":1,"baz":1,"y":1,"qux":1,"alpha":1,"size":1,"foo":1,"z":1,"node":1,"k3":1,"x":1,"c":1,"b":1,"bar":1}"#,
+            Some("Parameter 'foo' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"y":1,"bar":1,"gamma":1,"a":1,"k2":1,"z":1,"baz":1,"delta":1,"alpha":1,"c":1,"foo":1,"zzz":1,"k3":1,"extra":1,"id":1,"node":1,"k1":1}"#,
+            Some("Parameter 'foo' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"beta":1,"gamma":1,"b":1,"k1":1,"zzz":1,"id":1,"k3":1,"foo":1,"alpha":1,"delta":1,"bar":1,"node":1,"qux":1,"a":1,"x":1,"baz":1,"k2":1,"size":1}"#,
+            Some("Parameter 'foo' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"z":1,"x":1,"node":1,"b":1,"gamma":1,"a":1,"y":1,"baz":1,"alpha":1,"delta":1,"extra":1,"k3":1,"qux":1,"zzz":1,"foo":1,"size":1,"id":1,"c":1,"k2":1}"#,
+            Some("Parameter 'size' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"beta":1,"size":1,"k2":1,"x":1,"alpha":1,"delta":1,"k1":1,"bar":1,"k3":1,"y":1,"b":1,"c":1,"gamma":1,"z":1,"id":1,"zzz":1,"baz":1,"extra":1,"a":1,"foo":1}"#,
+            Some("Parameter 'size' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"k3":1,"size":1,"y":1,"zzz":1,"a":1,"delta":1,"extra":1,"node":1,"qux":1,"b":1,"gamma":1,"beta":1,"baz":1,"z":1,"c":1,"bar":1,"id":1,"k1":1,"foo":1,"x":1,"alpha":1}"#,
+            Some("Parameter 'size' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"beta":1,"foo":1,"bar":1,"id":1,"delta":1,"gamma":1,"k2":1,"z":1,"size":1,"a":1,"alpha":1,"y":1,"zzz":1,"node":1,"x":1,"k1":1,"baz":1,"c":1,"extra":1,"k3":1,"b":1,"qux":1}"#,
+            Some("Parameter 'size' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"c":1,"bar":1,"x":1,"gamma":1,"k2":1,"foo":1,"node":1,"beta":1,"alpha":1,"extra":1,"id":1,"a":1,"qux":1,"z":1,"b":1,"k3":1,"baz":1,"zzz":1,"k1":1,"delta":1,"y":1,"size":1}"#,
+            Some("Parameter 'size' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"z":1,"qux":1,"node":1,"c":1,"id":1,"k1":1,"zzz":1,"size":1,"b":1,"k3":1,"alpha":1,"k2":1,"beta":1,"a":1,"extra":1,"y":1,"x":1,"gamma":1,"delta":1,"bar":1}"#,
+            Some("Parameter 'size' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"size":1,"y":1,"zzz":1,"beta":1,"gamma":1,"a":1,"k3":1,"id":1,"delta":1,"node":1,"b":1,"baz":1,"c":1,"foo":1,"x":1}"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"foo":1,"a":1,"baz":1,"delta":1,"extra":1,"k3":1,"bar":1,"id":1,"zzz":1,"z":1,"y":1,"beta":1}"#,
+            Some("Parameter 'bar' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"qux":1,"y":1,"b":1,"size":1,"k1":1,"k3":1,"delta":1,"k2":1,"baz":1}"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"y":1,"zzz":1,"k3":1}"#,
+            Some("Parameter 'k3' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"k3":1,"a":1,"k1":1,"z":1}"#,
+            Some("Parameter 'z' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"beta":1,"a":1,"y":1,"z":1,"k2":1}"#,
+            Some("Parameter 'z' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"beta":1,"x":1,"zzz":1,"b":1,"node":1,"k3":1}"#,
+            Some("Parameter 'zzz' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"k3":1,"zzz":1,"k2":1,"x":1,"gamma":1,"b":1,"bar":1}"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"foo":1,"baz":1,"b":1,"x":1,"k3":1,"k1":1,"a":1,"id":1}"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"c":1,"k1":1,"node":1,"k3":1,"alpha":1,"foo":1,"baz":1,"bar":1,"k2":1}"#,
+            Some("Parameter 'bar' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"zzz":1,"k2":1,"k3":1,"bar":1,"beta":1,"baz":1,"foo":1,"qux":1,"alpha":1,"c":1}"#,
+            Some("Parameter 'bar' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"qux":1,"x":1,"id":1,"k1":1,"node":1,"c":1,"bar":1,"foo":1,"b":1,"gamma":1,"zzz":1}"#,
+            Some("Parameter 'bar' is unexpected"),
+        ),
+    ];
+
+    #[test]
+    fn qmp_arguments_fail_with_qsds_exact_first_error() {
+        let schema = Schema::get();
+        let mut wrong = Vec::new();
+        for (cmd, text, want) in QMP_CASES {
+            let got = schema
+                .check_command_args(cmd, &args(text))
+                .err()
+                .map(|e| e.to_string());
+            if got.as_deref() != *want {
+                wrong.push(format!("{cmd} {text}: got {got:?}, qsd {want:?}"));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} mismatches:\n{}",
+            wrong.len(),
+            wrong.join("\n")
+        );
+    }
+}
