@@ -949,4 +949,433 @@ mod tests {
             wrong.join("\n")
         );
     }
+
+    /// A minimal stand-in for QEMU's keyval parser (no implied key, no escaping):
+    /// dotted keys become nested objects and all-numeric key sets become arrays, in
+    /// the order keys first appear. Options starting with `{` are JSON, as in qsd.
+    fn keyval(text: &str) -> (Value, Flavour) {
+        if text.starts_with('{') {
+            return (
+                serde_json::from_str(text).unwrap_or(Value::Null),
+                Flavour::Json,
+            );
+        }
+        fn insert(map: &mut Map<String, Value>, path: &[&str], value: &str) {
+            match path {
+                [] => {}
+                [last] => {
+                    map.insert((*last).to_owned(), Value::String(value.to_owned()));
+                }
+                [first, rest @ ..] => {
+                    let child = map
+                        .entry((*first).to_owned())
+                        .or_insert_with(|| Value::Object(Map::new()));
+                    if let Value::Object(m) = child {
+                        insert(m, rest, value);
+                    }
+                }
+            }
+        }
+        fn listify(v: Value) -> Value {
+            match v {
+                Value::Object(m) => {
+                    if !m.is_empty() && m.keys().all(|k| k.bytes().all(|b| b.is_ascii_digit())) {
+                        let mut items: Vec<(usize, Value)> = m
+                            .into_iter()
+                            .map(|(k, v)| (k.parse().unwrap_or(usize::MAX), listify(v)))
+                            .collect();
+                        items.sort_by_key(|(i, _)| *i);
+                        Value::Array(items.into_iter().map(|(_, v)| v).collect())
+                    } else {
+                        Value::Object(m.into_iter().map(|(k, v)| (k, listify(v))).collect())
+                    }
+                }
+                other => other,
+            }
+        }
+        let mut root = Map::new();
+        for item in text.split(',') {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            let path: Vec<&str> = key.split('.').collect();
+            insert(&mut root, &path, value);
+        }
+        (listify(Value::Object(root)), Flavour::Keyval)
+    }
+
+    /// `(type, option text, qsd's desc)` for `--blockdev`, `--nbd-server` and
+    /// `--export`, collected from qsd 10.0.2's stderr
+    /// (`qemu-storage-daemon: --blockdev <text>: <desc>`); `None` means the visitor
+    /// accepted it and a later stage decided.
+    const CLI_CASES: &[(&str, &str, Option<&str>)] = &[
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,size=1M"#,
+            Some("Parameter 'size' expects integer"),
+        ),
+        ("BlockdevOptions", r#"driver=null-co,size=-5"#, None),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,size=0x100000,node-name=n0"#,
+            None,
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,size=010,node-name=n0"#,
+            None,
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,size= 5,node-name=n0"#,
+            None,
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,size=5 ,node-name=n0"#,
+            Some("Parameter 'size' expects integer"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,size=,node-name=n0"#,
+            Some("Parameter 'size' expects integer"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,size=99999999999999999999"#,
+            Some("Parameter 'size' expects integer"),
+        ),
+        ("BlockdevOptions", r#"driver=null-co,read-only=yes"#, None),
+        ("BlockdevOptions", r#"driver=null-co,read-only=true"#, None),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,read-only=on,node-name=n0"#,
+            None,
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,latency-ns=-1,node-name=n0"#,
+            None,
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,latency-ns=1k"#,
+            Some("Parameter 'latency-ns' expects integer"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,latency-ns=18446744073709551616"#,
+            Some("Parameter 'latency-ns' expects integer"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,cache.direct=x"#,
+            Some("Parameter 'cache.direct' expects 'on' or 'off'"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,size.x=1"#,
+            Some("Parameters 'size.*' are unexpected"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,node-name.x=1"#,
+            Some("Parameters 'node-name.*' are unexpected"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,cache=x"#,
+            Some("Invalid parameter type for 'cache', expected: object"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,bogus=1"#,
+            Some("Parameter 'bogus' is unexpected"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,b=1,a=2,c=3"#,
+            Some("Parameter 'b' is unexpected"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=nosuch"#,
+            Some("Parameter 'driver' does not accept value 'nosuch'"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"node-name=x"#,
+            Some("Parameter 'driver' is missing"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=file"#,
+            Some("Parameter 'filename' is missing"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=raw,file.driver=file"#,
+            Some("Parameter 'file.filename' is missing"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=raw,file=x,offset=1k"#,
+            Some("Parameter 'offset' expects integer"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=raw,file.driver=file,file.filename=/x,file.aio=bad"#,
+            Some("Parameter 'aio' does not accept value 'bad'"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=blkdebug,image=x,take-child-perms.0=bad"#,
+            Some("Parameter 'null' does not accept value 'bad'"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=blkdebug,image=x,inject-error.0.state=1"#,
+            Some("Parameter 'inject-error.0.event' is missing"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=blkdebug,image=x,max-transfer=0x80000000"#,
+            Some("Parameter 'max-transfer' expects int32_t"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=blkdebug,image=x,inject-error.0.event=none,inject-error.0.errno=abc"#,
+            Some("Parameter 'inject-error.0.errno' expects integer"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=blkdebug,image=x,inject-error=foo"#,
+            Some("Invalid parameter type for 'inject-error', expected: array"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=blkdebug,image=x,inject-error.0=foo"#,
+            Some("Invalid parameter type for 'inject-error.0', expected: object"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=blkdebug,image=x,set-state.0.event=none,set-state.0.new_state=1,set-state.0.q=1"#,
+            Some("Parameter 'set-state.0.q' is unexpected"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=quorum,children.0.driver=file,vote-threshold=1"#,
+            Some("Parameter 'children.0.filename' is missing"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=qcow2,file=x,overlap-check=bad"#,
+            Some("Parameter 'overlap-check' does not accept value 'bad'"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=qcow2,file=x,overlap-check.template=bad"#,
+            Some("Parameter 'template' does not accept value 'bad'"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=nbd,server.type=inet,server.host=h,server.port=1,server.to=x"#,
+            Some("Parameter 'server.to' expects integer"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=nbd,server.type=inet,server.host=h,server.port=1,server.to=65536"#,
+            Some("Parameter 'to' expects uint16_t"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=copy-before-write,file=a,target=b,min-cluster-size=1.5"#,
+            Some("Parameter 'min-cluster-size' expects size"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=copy-before-write,file=a,target=b,min-cluster-size=-1"#,
+            Some("Parameter 'min-cluster-size' expects size"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=copy-before-write,file=a,target=b,min-cluster-size=1Q"#,
+            Some("Parameter 'min-cluster-size' expects size"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=copy-before-write,file=a,target=b,cbw-timeout=-1"#,
+            Some("Parameter 'cbw-timeout' expects uint32_t"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=copy-before-write,file=a,target=b,cbw-timeout=4294967296"#,
+            Some("Parameter 'cbw-timeout' expects uint32_t"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"{"driver":"null-co","size":"1M"}"#,
+            Some("Invalid parameter type for 'size', expected: integer"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"{"driver":"null-co","size":1,"x":1}"#,
+            Some("Parameter 'x' is unexpected"),
+        ),
+        (
+            "NbdServerOptions",
+            r#"addr.type=unix"#,
+            Some("Parameter 'addr.path' is missing"),
+        ),
+        (
+            "NbdServerOptions",
+            r#"addr.type=unix,addr.path=/tmp/qp-none.sock,max-connections=-1"#,
+            Some("Parameter 'max-connections' expects uint32_t"),
+        ),
+        (
+            "NbdServerOptions",
+            r#"addr.type=unix,addr.path=/tmp/qp-none.sock,max-connections=x"#,
+            Some("Parameter 'max-connections' expects integer"),
+        ),
+        (
+            "NbdServerOptions",
+            r#"addr.type=unix,addr.path=/tmp/qp-none.sock,handshake-max-seconds=4294967296"#,
+            Some("Parameter 'handshake-max-seconds' expects uint32_t"),
+        ),
+        (
+            "NbdServerOptions",
+            r#"addr.type=inet,addr.host=h,addr.port=1,addr.to=x"#,
+            Some("Parameter 'addr.to' expects integer"),
+        ),
+        (
+            "NbdServerOptions",
+            r#"addr.type=unix,addr.data.path=/x"#,
+            Some("Parameter 'addr.path' is missing"),
+        ),
+        (
+            "NbdServerOptions",
+            r#"addr.type=bogus"#,
+            Some("Parameter 'type' does not accept value 'bogus'"),
+        ),
+        (
+            "NbdServerOptions",
+            r#"addr=x"#,
+            Some("Invalid parameter type for 'addr', expected: object"),
+        ),
+        (
+            "NbdServerOptions",
+            r#"addr.type=unix,addr.path=/x,bogus=1"#,
+            Some("Parameter 'bogus' is unexpected"),
+        ),
+        (
+            "BlockExportOptions",
+            r#"type=nbd,id=e"#,
+            Some("Parameter 'node-name' is missing"),
+        ),
+        (
+            "BlockExportOptions",
+            r#"type=nbd,id=e,node-name=n,bitmap=b"#,
+            Some("Parameter 'bitmap' is unexpected"),
+        ),
+        (
+            "BlockExportOptions",
+            r#"type=nbd,id=e,node-name=n,bitmaps=b"#,
+            Some("Invalid parameter type for 'bitmaps', expected: array"),
+        ),
+        (
+            "BlockExportOptions",
+            r#"type=nbd,id=e,node-name=n,bitmaps.0=b"#,
+            None,
+        ),
+        (
+            "BlockExportOptions",
+            r#"type=nbd,id=e,node-name=n,bitmaps.0.node=b"#,
+            Some("Parameter 'bitmaps.0.name' is missing"),
+        ),
+        (
+            "BlockExportOptions",
+            r#"type=nbd,id=e,node-name=n,writable=yes"#,
+            None,
+        ),
+        (
+            "BlockExportOptions",
+            r#"type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/x,logical-block-size=1x"#,
+            Some("Parameter 'logical-block-size' expects size"),
+        ),
+        (
+            "BlockExportOptions",
+            r#"type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/x,num-queues=65536"#,
+            Some("Parameter 'num-queues' expects uint16_t"),
+        ),
+        (
+            "BlockExportOptions",
+            r#"type=fuse,id=e,node-name=n,mountpoint=/x,allow-other=maybe"#,
+            Some("Parameter 'allow-other' does not accept value 'maybe'"),
+        ),
+        (
+            "BlockExportOptions",
+            r#"type=bad,id=e,node-name=n"#,
+            Some("Parameter 'type' does not accept value 'bad'"),
+        ),
+        (
+            "BlockExportOptions",
+            r#"id=e,node-name=n"#,
+            Some("Parameter 'type' is missing"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,read-only=y,node-name=n0"#,
+            None,
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,read-only=false,node-name=n0"#,
+            None,
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,read-only=True"#,
+            Some("Parameter 'read-only' expects 'on' or 'off'"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,read-only=1"#,
+            Some("Parameter 'read-only' expects 'on' or 'off'"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,read-only="#,
+            Some("Parameter 'read-only' expects 'on' or 'off'"),
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=null-co,size=-5,node-name=n0"#,
+            None,
+        ),
+        (
+            "BlockdevOptions",
+            r#"driver=raw,size=-5,node-name=n0,file.driver=null-co,file.size=1M"#,
+            Some("Parameter 'file.size' expects integer"),
+        ),
+    ];
+
+    #[test]
+    fn command_line_options_fail_with_qsds_exact_first_error() {
+        let schema = Schema::get();
+        let mut wrong = Vec::new();
+        for (ty, text, want) in CLI_CASES {
+            let (v, flavour) = keyval(text);
+            let got = schema
+                .check_type(ty, &v, flavour)
+                .err()
+                .map(|e| e.to_string());
+            if got.as_deref() != *want {
+                wrong.push(format!("{ty} {text}: got {got:?}, qsd {want:?}"));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{} mismatches:\n{}",
+            wrong.len(),
+            wrong.join("\n")
+        );
+    }
 }

@@ -316,22 +316,25 @@ impl<'s, 'v> Visitor<'s, 'v> {
             let Some(td) = self.schema.types.get(ty.name()) else {
                 return false;
             };
-            match (v, td) {
-                (Value::Object(_), TypeDef::Object(_)) => true,
-                (Value::String(_), TypeDef::Builtin(Builtin::Str) | TypeDef::Enum(_)) => true,
-                (
-                    Value::Number(_),
-                    TypeDef::Builtin(
-                        Builtin::Int { .. }
-                        | Builtin::Uint { .. }
-                        | Builtin::Size
-                        | Builtin::Number,
-                    ),
-                ) => true,
-                (Value::Bool(_), TypeDef::Builtin(Builtin::Bool)) => true,
-                (Value::Null, TypeDef::Builtin(Builtin::Null)) => true,
-                _ => false,
-            }
+            matches!(
+                (v, td),
+                (Value::Object(_), TypeDef::Object(_))
+                    | (
+                        Value::String(_),
+                        TypeDef::Builtin(Builtin::Str) | TypeDef::Enum(_)
+                    )
+                    | (
+                        Value::Number(_),
+                        TypeDef::Builtin(
+                            Builtin::Int { .. }
+                                | Builtin::Uint { .. }
+                                | Builtin::Size
+                                | Builtin::Number
+                        )
+                    )
+                    | (Value::Bool(_), TypeDef::Builtin(Builtin::Bool))
+                    | (Value::Null, TypeDef::Builtin(Builtin::Null))
+            )
         });
         match branch {
             Some((_, ty)) => self.visit(ty, name),
@@ -413,9 +416,11 @@ impl<'s, 'v> Visitor<'s, 'v> {
             }
             Builtin::Size => Ok(Value::from(self.visit_uint64(name, true)?)),
             Builtin::Bool => match self.flavour {
+                // qsd 10.0.2 parses keyval booleans with qapi_bool_parse, which
+                // takes more than the "'on' or 'off'" its error text names.
                 Flavour::Keyval => match self.keyval_str(name)? {
-                    "on" => Ok(Value::Bool(true)),
-                    "off" => Ok(Value::Bool(false)),
+                    "on" | "yes" | "true" | "y" => Ok(Value::Bool(true)),
+                    "off" | "no" | "false" | "n" => Ok(Value::Bool(false)),
                     _ => Err(self.invalid_value(name, "'on' or 'off'")),
                 },
                 Flavour::Json => match self.get_required(name, true)? {
