@@ -953,7 +953,7 @@ mod tests {
     /// A minimal stand-in for QEMU's keyval parser (no implied key, no escaping):
     /// dotted keys become nested objects and all-numeric key sets become arrays, in
     /// the order keys first appear. Options starting with `{` are JSON, as in qsd.
-    fn keyval(text: &str) -> (Value, Flavour) {
+    pub(super) fn keyval(text: &str) -> (Value, Flavour) {
         if text.starts_with('{') {
             return (
                 serde_json::from_str(text).unwrap_or(Value::Null),
