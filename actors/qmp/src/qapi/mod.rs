@@ -199,7 +199,7 @@ mod tests {
         let schema = Schema::load();
         assert!(schema.is_ok(), "{:?}", schema.err());
         let schema = Schema::get();
-        assert_eq!(schema.command_names().count(), 71);
+        assert_eq!(schema.command_names().count(), 76);
         for name in schema.command_names() {
             let cmd = schema.command(name);
             assert_eq!(cmd.map(|c| c.name.as_str()), Some(name));
@@ -927,6 +927,197 @@ mod tests {
             r#"{"size":1,"qux":1,"x":1,"id":1,"k1":1,"node":1,"c":1,"bar":1,"foo":1,"b":1,"gamma":1,"zzz":1}"#,
             Some("Parameter 'bar' is unexpected"),
         ),
+        (
+            "object-add",
+            r#"{}"#,
+            Some("Parameter 'qom-type' is missing"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"iothread"}"#,
+            Some("Parameter 'id' is missing"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"nosuch","id":"x"}"#,
+            Some("Parameter 'qom-type' does not accept value 'nosuch'"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"iothread","id":"io0","poll-max-ns":"x"}"#,
+            Some("Invalid parameter type for 'poll-max-ns', expected: integer"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"iothread","id":"io0","bogus":1}"#,
+            Some("Parameter 'bogus' is unexpected"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"secret","id":"s0","format":"hex"}"#,
+            Some("Parameter 'format' does not accept value 'hex'"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"memory-backend-ram","id":"m0"}"#,
+            Some("Parameter 'size' is missing"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"memory-backend-ram","id":"m0","size":"1G"}"#,
+            Some("Parameter 'size' expects uint64"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"memory-backend-ram","id":"m0","size":1,"host-nodes":[70000]}"#,
+            Some("Parameter 'null' expects uint16_t"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"memory-backend-ram","id":"m0","size":1,"prealloc-threads":-1}"#,
+            Some("Parameter 'prealloc-threads' expects uint32_t"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"throttle-group","id":"t0","limits":{"iops-total":"x"}}"#,
+            Some("Invalid parameter type for 'limits.iops-total', expected: integer"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"secret_keyring","id":"k","serial":2147483648}"#,
+            Some("Parameter 'serial' expects int32_t"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"colo-compare","id":"c","primary_in":"a","secondary_in":"b","outdev":"o","iothread":"i","expired_scan_cycle":-1}"#,
+            Some("Parameter 'expired_scan_cycle' expects uint32_t"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"cryptodev-backend","id":"c","queues":4294967296}"#,
+            Some("Parameter 'queues' expects uint32_t"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"filter-buffer","id":"f","netdev":"n","interval":-1}"#,
+            Some("Parameter 'interval' expects uint32_t"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"thread-context","id":"t","cpu-affinity":[65536]}"#,
+            Some("Parameter 'null' expects uint16_t"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"acpi-generic-initiator","id":"a","pci-dev":"p","node":-1}"#,
+            Some("Parameter 'node' expects uint32_t"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"sev-guest","id":"s","reduced-phys-bits":1,"policy":4294967296}"#,
+            Some("Parameter 'policy' expects uint32_t"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"sev-snp-guest","id":"s","reduced-phys-bits":1,"policy":4294967296,"cbitpos":4294967296}"#,
+            Some("Parameter 'cbitpos' expects uint32_t"),
+        ),
+        (
+            "object-add",
+            r#"{"qom-type":"x-vfio-user-server","id":"v","device":"d","socket":{"type":"unix"}}"#,
+            Some("Parameter 'socket.path' is missing"),
+        ),
+        ("chardev-add", r#"{}"#, Some("Parameter 'id' is missing")),
+        (
+            "chardev-add",
+            r#"{"id":"c"}"#,
+            Some("Parameter 'backend' is missing"),
+        ),
+        (
+            "chardev-add",
+            r#"{"id":"c","backend":{"type":"socket"}}"#,
+            Some("Parameter 'backend.data' is missing"),
+        ),
+        (
+            "chardev-add",
+            r#"{"id":"c","backend":{"type":"socket","data":{}}}"#,
+            Some("Parameter 'backend.data.addr' is missing"),
+        ),
+        (
+            "chardev-add",
+            r#"{"id":"c","backend":{"type":"socket","data":{"addr":{"type":"unix","data":{"path":5}}}}}"#,
+            Some("Invalid parameter type for 'backend.data.addr.data.path', expected: string"),
+        ),
+        (
+            "chardev-add",
+            r#"{"id":"c","backend":{"type":"ringbuf","data":{"size":"x"}}}"#,
+            Some("Invalid parameter type for 'backend.data.size', expected: integer"),
+        ),
+        (
+            "chardev-add",
+            r#"{"id":"c","backend":{"type":"bogus"}}"#,
+            Some("Parameter 'type' does not accept value 'bogus'"),
+        ),
+        (
+            "chardev-change",
+            r#"{"id":"c","backend":{"type":"null","data":{"x":1}}}"#,
+            Some("Parameter 'backend.data.x' is unexpected"),
+        ),
+        (
+            "blockdev-create",
+            r#"{}"#,
+            Some("Parameter 'job-id' is missing"),
+        ),
+        (
+            "blockdev-create",
+            r#"{"job-id":"j","options":{"driver":"file"}}"#,
+            Some("Parameter 'options.filename' is missing"),
+        ),
+        (
+            "blockdev-create",
+            r#"{"job-id":"j","options":{"driver":"file","filename":"/x","size":"1M"}}"#,
+            Some("Parameter 'options.size' expects uint64"),
+        ),
+        (
+            "blockdev-create",
+            r#"{"job-id":"j","options":{"driver":"qcow2","file":"f","size":1,"version":"v4"}}"#,
+            Some("Parameter 'version' does not accept value 'v4'"),
+        ),
+        (
+            "blockdev-create",
+            r#"{"job-id":"j","options":{"driver":"qcow2","file":"f","size":1,"cluster-size":-1,"refcount-bits":"x"}}"#,
+            Some("Invalid parameter type for 'options.refcount-bits', expected: integer"),
+        ),
+        (
+            "blockdev-create",
+            r#"{"job-id":"j","options":{"driver":"raw"}}"#,
+            None,
+        ),
+        (
+            "blockdev-create",
+            r#"{"job-id":"j","options":{"driver":"raw","x":1}}"#,
+            Some("Parameter 'options.x' is unexpected"),
+        ),
+        (
+            "blockdev-create",
+            r#"{"job-id":"j","options":{"driver":"luks","size":1,"iter-time":"x"}}"#,
+            Some("Invalid parameter type for 'options.iter-time', expected: integer"),
+        ),
+        (
+            "x-blockdev-amend",
+            r#"{"job-id":"j","node-name":"n","options":{"driver":"luks"}}"#,
+            Some("Parameter 'options.state' is missing"),
+        ),
+        (
+            "x-blockdev-amend",
+            r#"{"job-id":"j","node-name":"n","options":{"driver":"qcow2","encrypt":{"format":"luks","state":"x"}}}"#,
+            Some("Parameter 'state' does not accept value 'x'"),
+        ),
+        (
+            "x-blockdev-amend",
+            r#"{"job-id":"j","node-name":"n","options":{"driver":"raw","x":1}}"#,
+            Some("Parameter 'options.x' is unexpected"),
+        ),
     ];
 
     #[test]
@@ -950,10 +1141,10 @@ mod tests {
         );
     }
 
-    /// A minimal stand-in for QEMU's keyval parser (no implied key, no escaping):
+    /// A minimal stand-in for QEMU's keyval parser (no escaping, no help):
     /// dotted keys become nested objects and all-numeric key sets become arrays, in
     /// the order keys first appear. Options starting with `{` are JSON, as in qsd.
-    pub(super) fn keyval(text: &str) -> (Value, Flavour) {
+    pub(super) fn keyval(text: &str, implied: Option<&str>) -> (Value, Flavour) {
         if text.starts_with('{') {
             return (
                 serde_json::from_str(text).unwrap_or(Value::Null),
@@ -994,7 +1185,15 @@ mod tests {
             }
         }
         let mut root = Map::new();
-        for item in text.split(',') {
+        for (i, item) in text.split(',').enumerate() {
+            // QEMU's implied key: a first item without '=' is the value of `implied`.
+            if i == 0
+                && !item.contains('=')
+                && let Some(key) = implied
+            {
+                root.insert(key.to_owned(), Value::String(item.to_owned()));
+                continue;
+            }
             let (key, value) = item.split_once('=').unwrap_or((item, ""));
             let path: Vec<&str> = key.split('.').collect();
             insert(&mut root, &path, value);
@@ -1355,6 +1554,61 @@ mod tests {
             r#"driver=raw,size=-5,node-name=n0,file.driver=null-co,file.size=1M"#,
             Some("Parameter 'file.size' expects integer"),
         ),
+        (
+            "ObjectOptions",
+            r#"iothread,id=io0,poll-max-ns=x"#,
+            Some("Parameter 'poll-max-ns' expects integer"),
+        ),
+        (
+            "ObjectOptions",
+            r#"iothread,id=io0,poll-max-ns=1,bogus=1"#,
+            Some("Parameter 'bogus' is unexpected"),
+        ),
+        (
+            "ObjectOptions",
+            r#"memory-backend-ram,id=m0,size=1x"#,
+            Some("Parameter 'size' expects size"),
+        ),
+        (
+            "ObjectOptions",
+            r#"memory-backend-ram,id=m0,size=1G,host-nodes.0=70000,prealloc=on"#,
+            Some("Parameter 'null' expects uint16_t"),
+        ),
+        (
+            "ObjectOptions",
+            r#"nosuch,id=x"#,
+            Some("Parameter 'qom-type' does not accept value 'nosuch'"),
+        ),
+        (
+            "ObjectOptions",
+            r#"id=x"#,
+            Some("Parameter 'qom-type' is missing"),
+        ),
+        (
+            "ObjectOptions",
+            r#"secret,id=s0,format=hex"#,
+            Some("Parameter 'format' does not accept value 'hex'"),
+        ),
+        (
+            "ObjectOptions",
+            r#"throttle-group,id=t0,limits.iops-total=x"#,
+            Some("Parameter 'limits.iops-total' expects integer"),
+        ),
+        (
+            "ObjectOptions",
+            r#"thread-context,id=t,cpu-affinity.0=x"#,
+            Some("Parameter 'cpu-affinity.0' expects integer"),
+        ),
+        (
+            "ObjectOptions",
+            r#"secret_keyring,id=k,serial=0x80000000"#,
+            Some("Parameter 'serial' expects int32_t"),
+        ),
+        (
+            "ObjectOptions",
+            r#"{"qom-type":"iothread","id":"io0","poll-max-ns":"x"}"#,
+            Some("Invalid parameter type for 'poll-max-ns', expected: integer"),
+        ),
     ];
 
     #[test]
@@ -1362,7 +1616,13 @@ mod tests {
         let schema = Schema::get();
         let mut wrong = Vec::new();
         for (ty, text, want) in CLI_CASES {
-            let (v, flavour) = keyval(text);
+            let implied = match *ty {
+                "ObjectOptions" => Some("qom-type"),
+                "BlockdevOptions" => Some("driver"),
+                "BlockExportOptions" => Some("type"),
+                _ => None,
+            };
+            let (v, flavour) = keyval(text, implied);
             let got = schema
                 .check_type(ty, &v, flavour)
                 .err()

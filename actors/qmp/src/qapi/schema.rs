@@ -19,12 +19,17 @@ pub(crate) const FILES: &[(&str, &str)] = &[
     ("job.json", include_str!("schema/job.json")),
     ("block-core.json", include_str!("schema/block-core.json")),
     (
+        "block-create.json",
+        include_str!("schema/block-create.json"),
+    ),
+    (
         "block-export.json",
         include_str!("schema/block-export.json"),
     ),
     ("char.json", include_str!("schema/char.json")),
     ("control.json", include_str!("schema/control.json")),
     ("transaction.json", include_str!("schema/transaction.json")),
+    ("qom.json", include_str!("schema/qom.json")),
 ];
 
 /// A reference to a type: a named type or a list of a named type (`['Name']`).

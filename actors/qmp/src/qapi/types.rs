@@ -955,6 +955,7 @@ mod tests {
     fn keyval_blockdev_values_are_converted_per_schema_type() {
         let (v, flavour) = crate::qapi::tests::keyval(
             "driver=null-co,node-name=n0,size=0x100000,read-zeroes=on,latency-ns=-1,cache.direct=off",
+            None,
         );
         let o: BlockdevOptions = typed(Schema::get().check_type("BlockdevOptions", &v, flavour));
         assert_eq!(
@@ -991,7 +992,7 @@ mod tests {
                 ..Default::default()
             })
         );
-        let (v, flavour) = crate::qapi::tests::keyval("driver=null-co,size=-5,node-name=n0");
+        let (v, flavour) = crate::qapi::tests::keyval("driver=null-co,size=-5,node-name=n0", None);
         assert!(
             Schema::get()
                 .check_type("BlockdevOptions", &v, flavour)
@@ -1001,8 +1002,10 @@ mod tests {
 
     #[test]
     fn command_line_nbd_server_and_export_options_deserialize() {
-        let (v, flavour) =
-            crate::qapi::tests::keyval("addr.type=unix,addr.path=/run/nbd.sock,max-connections=1");
+        let (v, flavour) = crate::qapi::tests::keyval(
+            "addr.type=unix,addr.path=/run/nbd.sock,max-connections=1",
+            None,
+        );
         let s: NbdServerOptions = typed(Schema::get().check_type("NbdServerOptions", &v, flavour));
         assert_eq!(s.max_connections, Some(1));
         assert_eq!(
@@ -1015,6 +1018,7 @@ mod tests {
         );
         let (v, flavour) = crate::qapi::tests::keyval(
             "type=nbd,id=e0,node-name=n0,writable=on,bitmaps.0=b0,bitmaps.1.node=n1,bitmaps.1.name=b1",
+            None,
         );
         let e: BlockExportOptions =
             typed(Schema::get().check_type("BlockExportOptions", &v, flavour));
