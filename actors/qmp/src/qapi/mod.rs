@@ -83,6 +83,10 @@ pub enum QapiError {
     /// The command is not in the schema (class `CommandNotFound`).
     #[error("The command {0} has not been found")]
     UnknownCommand(String),
+    /// Containers nested deeper than bulkhead's limit (qsd has none; bulkhead's
+    /// own text, see `visit::MAX_DEPTH`).
+    #[error("Parameter '{0}' is nested too deeply")]
+    TooDeep(String),
     /// A caller asked for a type the schema does not define (a bulkhead bug).
     #[error("QAPI type '{0}' is not defined")]
     UndefinedType(String),
@@ -1637,5 +1641,35 @@ mod tests {
             wrong.len(),
             wrong.join("\n")
         );
+    }
+
+    #[test]
+    fn nesting_beyond_the_depth_limit_is_refused_without_exhausting_a_small_stack() {
+        let chain = |levels: usize| {
+            let mut v = serde_json::json!({"driver": "null-co"});
+            for _ in 0..levels {
+                v = serde_json::json!({"driver": "raw", "file": v});
+            }
+            v
+        };
+        let deep = chain(1000);
+        let ok = chain(visit::MAX_DEPTH - 1);
+        // A 512 KiB thread: the limit must hold even in debug builds.
+        let worker = std::thread::Builder::new()
+            .stack_size(512 << 10)
+            .spawn(move || {
+                let schema = Schema::get();
+                (
+                    schema
+                        .check_type("BlockdevOptions", &deep, Flavour::Json)
+                        .err(),
+                    schema
+                        .check_type("BlockdevOptions", &ok, Flavour::Json)
+                        .is_ok(),
+                )
+            });
+        let result = worker.ok().and_then(|w| w.join().ok());
+        let path = vec!["file"; visit::MAX_DEPTH].join(".");
+        assert_eq!(result, Some((Some(QapiError::TooDeep(path)), true)));
     }
 }

@@ -71,6 +71,14 @@ pub(crate) struct Visitor<'s, 'v> {
 
 type VResult = Result<Value, QapiError>;
 
+/// Containers (objects and lists) the visitor descends into before giving up.
+///
+/// QEMU has no such limit (only its JSON parser's 1024), but every level costs this
+/// recursive walk a few stack frames, and a 1000-deep `BlockdevRef` chain would
+/// overflow a worker thread's stack. No real request nests anywhere near this deep
+/// (a `blockdev-add` of a qcow2 over a file is 2 levels). Deviation from qsd.
+pub(crate) const MAX_DEPTH: usize = 64;
+
 /// Bare name for errors QEMU formats outside the visitor (`name ? name : "null"`).
 fn bare(name: Option<&str>) -> String {
     name.unwrap_or("null").to_owned()
@@ -203,6 +211,7 @@ impl<'s, 'v> Visitor<'s, 'v> {
         let Value::Array(items) = v else {
             return Err(self.invalid_type(name, "array"));
         };
+        self.check_depth(name)?;
         self.stack.push(Frame::List {
             name,
             items,
@@ -229,12 +238,20 @@ impl<'s, 'v> Visitor<'s, 'v> {
         let Value::Object(map) = v else {
             return Err(self.invalid_type(name, "object"));
         };
+        self.check_depth(name)?;
         self.push_dict(name, map);
         let mut out = Map::new();
         self.visit_members(def, &mut out)?;
         self.check_struct()?;
         self.stack.pop();
         Ok(Value::Object(out))
+    }
+
+    fn check_depth(&self, name: Option<&str>) -> Result<(), QapiError> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(QapiError::TooDeep(self.full_name(name)));
+        }
+        Ok(())
     }
 
     fn push_dict(&mut self, name: Option<&'s str>, map: &'v Map<String, Value>) {
