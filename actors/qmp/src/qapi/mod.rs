@@ -1122,6 +1122,68 @@ mod tests {
             r#"{"job-id":"j","node-name":"n","options":{"driver":"raw","x":1}}"#,
             Some("Parameter 'options.x' is unexpected"),
         ),
+        // Randomized member names (non-ASCII, up to 80 unexpected members): which one
+        // qsd names follows GLib's hash table layout.
+        (
+            "blockdev-del",
+            r#"{"node-name":"x","lg_jrphuz79q":1,"tas_0-3":1,"2o9cwl4m":1,"97":1,"lag":1,"q":1,"ta29ovfba":1,"t0":1,"yj":1,"j5yp-j_w":1,"ya1w":1,"2xhre5mbgzu7":1,"pr_":1,"é21":1,"m-":1,"90-4":1,"-r-dlgx":1,"d16g5":1,"cfk":1,"80bu-uv-":1,"qu_flp32":1,"6fvr6u2w7t":1,"wlveg1_10":1,"n_opw1u_-5":1,"é91":1,"0bpcjx9ambs":1,"lmvuv_pm1":1,"o":1,"o0lc1ii15w":1,"bgkihh":1,"9v4wnyf":1,"nhkl7xhh":1,"jvo48":1,"bqr3vau4":1,"x":1,"belo":1,"s01cc5e88fun":1,"5b9g7m":1,"ii-9m":1,"vk-xiwo0":1,"_3tp_fp-l694":1,"ключ93":1,"u":1,"gqvn6aax":1,"tz4":1,"09":1,"ключ48":1,"h88-eg7kckud":1,"4nhz":1,"ysebuu":1,"amrxb":1,"a0_42a4he58":1,"sgx_f9w":1,"6a5vbm":1,"fu7rvta3ldy":1}"#,
+            Some("Parameter 'x' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"ffp5rzay4yse":1,"é14":1,"oj":1}"#,
+            Some("Parameter 'oj' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"ctiutsjjc":1,"_3eui":1,"0prih8xd6":1,"uocqb9h5l":1,"f1dem31wr":1,"日本9":1,"f":1,"vm3v848":1,"nq3mw8oua":1,"6rxs7":1,"3ryvdb71u":1,"mp6s2":1,"ü-x51":1,"l60k":1,"t4cpgc0":1,"uzcvzziufnt_":1,"jmn0qa":1,"e6zhsgd1":1,"4faw9z1zp9ij":1,"tm8cej2c":1,"i":1,"v6eailt8gw":1,"sgqdbgtz_bgb":1,"0stqlos790rm":1,"tm8e1f":1,"5vzdy3uui":1,"xuaj0j":1,"g0ltk_gz9":1,"f7l93rxes3ma":1,"fee81s3":1,"-w6101":1,"ключ17":1,"é3":1,"so":1,"é27":1,"850":1,"g8e532s-c9":1,"5m0i13lkmsq":1,"gcv0sb":1,"es8vlc1w5nz5":1,"2ch7qxn":1,"aÿ86":1,"c434t-fnx":1,"oz8iljlffd1h":1,"é7":1,"m2ep4k2l":1,"quvslqzlf":1,"81_o351-u4":1,"ag414cix3":1,"d_a8pi7i8hmy":1,"2":1,"_wjy2m76n4":1,"x4o8ehn":1,"d":1,"34ukji3id":1,"kt":1,"_e88n7ebu":1,"k4_3":1,"aÿ47":1,"90tg2p34":1,"e":1,"a":1,"0am1_rd79l6-":1,"pa39x":1,"日本63":1,"8qz7":1,"uf4_dd1u":1,"mqg3q":1,"rbiexj2q98":1,"9scwavpb50b":1,"8fkp9t":1,"xgj0-5jbq":1,"xi":1,"q0tebwu":1,"tox_":1,"-_5mhw2h0el":1,"si-sicrsy-":1,"r":1,"1":1,"1ypgtkb7ersv":1}"#,
+            Some("Parameter 'd' is unexpected"),
+        ),
+        (
+            "blockdev-del",
+            r#"{"node-name":"x","z8md7a7nfl":1,"zsv":1,"rf2skq258zcu":1,"_-y8":1,"n":1,"g6tw7":1,"04pkokvduxfc":1,"isxr-ltd098q":1,"ключ26":1,"gk6uyhbap5":1,"qd4j01":1,"6wys-cqwj-":1,"2edfl_evg":1,"g":1,"b8pd87o4te":1,"wyhr6_r-u":1,"wzr":1,"qa1pekn82dkz":1,"4ji":1,"a":1,"w3vl8o2aqdy":1,"ключ72":1,"q9":1,"ü-x94":1,"fon":1,"s":1,"u":1,"yp21":1,"vqfinjr0":1,"dq7epq4vxe4y":1,"gwunb1db2w0":1,"ste":1,"w53i":1,"ключ96":1,"wp8_":1,"bnry":1,"_zps7y9":1,"qne":1,"5jp2k":1,"tbs9oyrzfbp":1,"日本43":1,"aalsl2svjx3e":1,"r":1,"é24":1,"dy4":1,"1kudmuqq7x6":1,"3pl0cc":1,"6y-2j-17":1,"us46aj1tov":1,"0wkjltkmm74s":1,"ü-x79":1,"q7":1,"zi4t1lo2_3c":1,"77":1,"日本53":1}"#,
+            Some("Parameter 'bnry' is unexpected"),
+        ),
+        (
+            "nbd-server-start",
+            r#"{"addr":{"type":"unix","data":{"path":"/nonexist/x","9_eir":1,"cb8mqe3v":1,"y":1,"fu-3":1,"gai3":1,"hl55kzb4je67":1,"100xgp4z":1,"é65":1,"ou8kjw":1,"_jv55gxuwj":1,"70pn":1,"vf1dgpeh":1,"é27":1,"fchci_r7_1rv":1,"hi6poyar9y":1,"6yr8keva7v7a":1,"ea2rnoufn-":1,"ovay0":1,"u-f":1,"65jwk":1,"mj69ty9":1,"dxljp":1,"hh-h0zz_e":1,"2p6qaiu":1,"0la5j0":1,"w2qa_jo2":1,"zgylhwd":1,"7uj":1,"u_09r":1,"xr6yykbnnn2d":1,"é35":1,"_7w":1,"t":1,"306yaj4ejy":1,"scgxgd3a69":1,"n2w0-zo-":1,"k":1,"rt_9z2":1,"c09fegq2enh5":1,"mftu3gmt8cs":1,"qxuyb":1,"_7dux0y":1,"k4qtla9":1,"wl9y":1,"ulzwy":1,"2q8wh7km":1,"60biwrrldo":1,"rd":1,"--f9gyw6":1,"nq5x46m":1,"5kz8x":1,"lmf":1,"79p60-cxi":1,"9u9rs1t":1,"3beb-oyc":1}}}"#,
+            Some("Parameter 'addr.data.6yr8keva7v7a' is unexpected"),
+        ),
+        (
+            "blockdev-del",
+            r#"{"node-name":"x","h4nmu7":1,"qk9i":1,"q1-y70lem0":1,"5i8sii":1,"2gfm-u-":1,"tn1n":1,"hv672g6":1,"ctld":1,"x-mws":1,"fce6is-k59":1,"t0s2y_":1,"5sab3odqv":1,"3o":1,"m7m":1,"k_ytvsqiwasv":1,"3a_":1,"pjtmvcn":1,"lz6e92v5a":1,"kl4smn3pf5-":1,"m2":1,"l_":1,"i":1,"29g9j":1,"ü-x54":1,"gqky60mxew":1,"ud3wlqe":1,"omdgxip7t--z":1,"88-1hc":1,"_6f":1,"p92x91y7x0":1,"v6n08ccns":1,"m":1,"日本77":1,"hz93iq":1,"o":1,"qtjymz6-an_t":1,"ci":1,"ld9":1,"2e07":1,"ll18o7h7wi":1,"_4lbsvad9f":1,"d8m":1,"rnts5qxcy3ph":1,"8ymp24lq8af":1,"u118p4xd":1,"eht":1,"-cqd4z3bhg":1,"_c":1,"to":1,"zuq7kcw-js":1,"_8":1,"y0j38hjahnsb":1,"e4sf3xwn":1,"4naha":1,"j5o":1}"#,
+            Some("Parameter 'omdgxip7t--z' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"9x":1,"773qg":1,"3_9_":1,"j49_iz739d":1,"8in8bdj":1,"pjmo7-7":1,"7vqbs":1,"i":1,"jd":1,"i1zde":1,"t":1,"f6ec":1,"i4kplafcb455":1,"3e7nbs":1,"eyhuj7emvw6g":1,"s4stj6k":1,"_vr3lroemah":1,"wi9":1,"6bdk9ls5x":1,"r344m0w40r":1,"06p":1,"hkrt7wqa-":1,"y48":1,"8e8x-74hv":1,"zobjpg57mq-":1,"uy49z7ca":1,"nls2onlu7ie":1,"_bmh":1,"nyk":1,"3":1,"09hqkuwzwnr":1,"7wd689":1,"bnwqbxy7mw":1,"ü-x49":1,"owsuaj":1,"fgd-1s2yom":1,"yst5s-5":1,"oa3":1,"kpf":1,"zy6isu":1,"gu":1,"日本22":1,"clvxtg7lv":1,"wxduh":1,"vga2z4w":1,"4a-csl4q":1,"b0b00fxu":1,"vs_o2c":1,"85mhea1pl7hl":1,"oh64_t":1,"k0w5":1,"02udhptb1cyq":1,"7r7":1,"8bx9u":1,"c6bnzi":1,"n22":1,"5qa":1,"qef5-yhhsbpj":1,"wbgy8kb":1,"xum6s":1,"7c0avc6x":1,"ключ28":1,"-q_pen-":1,"arxa":1,"rmh":1,"日本45":1,"mo3bi":1,"f":1,"t6op93lt":1,"lx_tfh8b8lme":1,"rq":1,"sxf2hs7fkn6":1,"qxs":1,"31p":1,"ij5-dy":1,"whd99badq7v":1,"z":1,"qbasqoplptk":1,"f0oyaz-zewrx":1,"s6582":1}"#,
+            Some("Parameter 'wxduh' is unexpected"),
+        ),
+        (
+            "blockdev-del",
+            r#"{"node-name":"x","é87":1}"#,
+            Some("Parameter 'é87' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"1j20zta_uru":1,"7v":1,"n":1,"t_y":1,"bes45uxwp3":1,"558346p":1,"4b-xqkr2jrru":1,"v4ufmhfdxei":1,"_a-":1,"é47":1,"x":1,"rja1ej0sh-p_":1,"u8k7":1,"zd54wzbt":1,"qw3ih14f9":1,"p":1,"qhom9b83l":1,"hs":1,"ou":1,"9ve":1,"7-b":1,"chw6sfw":1,"sz_y":1,"aeidgw5cl8b":1,"m":1,"_1tsrg":1,"dudqwmz":1,"wriwn":1,"_jxgy_13lgif":1,"0t-":1,"s6j21":1,"ключ67":1,"_gn6":1,"e677vcq5hist":1,"cmp4ab07":1,"é97":1,"7wt5928rns59":1,"8ugxqt9jfupl":1,"e_7za":1,"4z-i_2ps6o9":1,"enfp9r9pj5":1,"bdvqa0rjwqeo":1,"7x5ppu8djr5":1,"ad9":1,"zbblvgs07j":1,"jozgnpl-9n":1,"3tgqq":1,"日本22":1,"ncoh-6f":1,"j812":1,"80i":1,"p7j2ngm":1,"fhnn0y27o":1,"jecq":1,"zzlmv-di":1}"#,
+            Some("Parameter 'x' is unexpected"),
+        ),
+        (
+            "blockdev-del",
+            r#"{"node-name":"x","ключ45":1,"qjgkbc9c":1,"7-2qyo4ymqp":1,"77jy2o":1,"0tpbjitzbvv":1,"f3":1,"_hqkblvc2l2a":1,"1k":1,"4ytrx94zr_":1,"b":1,"ddx":1,"5mlkdszq13":1,"7fvn94_wb":1,"x1026t5dmy":1,"hvy":1,"4a5-wfq9s9j":1,"kd1d":1,"s_v1vm":1,"3":1,"sjup_7ibzex2":1,"095rp7rzln":1,"aÿ91":1,"_7buo":1,"f":1,"fhe599d69":1,"kqt_udm_n8":1,"8":1,"a5y":1,"ключ10":1,"é78":1,"8-b6f0bwv":1,"07psoa4iv9":1,"r":1,"é33":1,"97i69ff7l1g":1,"0":1,"n6ighc9vfrt":1,"eaegcvaae":1,"6712u":1,"ü-x3":1,"nfm":1,"gd09ef0":1,"u":1,"w1b07":1,"ko38q":1,"d0s9x-":1,"日本88":1,"1":1,"lv803rjju7":1,"3k8nal_icx":1,"tt9nbz1vxzf":1,"n5":1,"f3e":1,"ü-x77":1,"j9m0":1,"wj7iqlue":1,"91q4":1,"qs2b3j_eehf":1,"pt4vr":1,"x37":1,"8_gewiym":1,"btf":1,"je0iz-t":1,"kuch7xk9e":1,"wneymekogz6":1,"z1z69v":1,"-8r":1,"b93xy2hfg":1,"rqvi":1,"é95":1,"638":1,"日本44":1,"lk":1,"prx":1,"é32":1,"n3z2":1,"t3w_tf_jkohq":1,"4el_2phvm":1,"ev7cq5rnr4":1,"6anc8":1}"#,
+            Some("Parameter 'a5y' is unexpected"),
+        ),
+        (
+            "query-version",
+            r#"{"2kopx4ml6q":1,"yipe--":1,"日本41":1,"8ys9l":1,"1dg00xfi_und":1}"#,
+            Some("Parameter '2kopx4ml6q' is unexpected"),
+        ),
+        (
+            "block_resize",
+            r#"{"size":1,"xc3e7hlrn":1,"1c":1,"um66hi1ug-rf":1,"bwyy7t":1,"ir":1,"meb3":1,"loa154jjt8":1,"hksgj":1,"gm_iqfis0rj":1,"l2":1,"f":1,"-wqvy":1,"aorfpaw2ua":1,"zi-r":1,"iekbfh":1,"n5kd9vjtgfw2":1,"mag5hwwf":1,"klx":1,"kdjo":1,"d5dj33s1-d":1,"somsn2arld44":1,"mxitf":1,"h2t3b9":1,"1ksvrzl96t":1,"t9hs":1,"2toef9":1,"ucw_9251k_a0":1,"ключ27":1,"9imqz":1,"miz2s4lfdlv":1,"b":1,"cf5a8":1,"d8s":1,"xaevaw":1,"_ono_":1,"lfhnr9-":1,"i5tdqdrjj":1,"qfj299":1,"dc":1,"d":1,"u5-w3vgf":1,"e5":1,"p7ysyt70":1,"日本38":1,"xpz7e":1,"ü-x96":1,"h":1,"me":1,"do__1ses":1,"0365-ux2du":1,"é92":1,"1f2vfu18_dn":1,"ibv5z6u33m7":1,"gbw86odb3-k":1,"hqcmuxg--z23":1}"#,
+            Some("Parameter 'ibv5z6u33m7' is unexpected"),
+        ),
     ];
 
     #[test]
