@@ -731,6 +731,454 @@ impl<'de> Deserialize<'de> for BlockdevOptions {
     }
 }
 
+// ---------------------------------------------------------------- bitmaps
+
+/// `block-dirty-bitmap-add` (`BlockDirtyBitmapAdd`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockDirtyBitmapAdd {
+    /// Node to track.
+    pub node: String,
+    /// Bitmap name.
+    pub name: String,
+    /// Bytes per bit (power of two, default from the cluster size).
+    pub granularity: Option<u32>,
+    /// Store in the image on close.
+    pub persistent: Option<bool>,
+    /// Create disabled.
+    pub disabled: Option<bool>,
+}
+
+/// `block-dirty-bitmap-merge` (`BlockDirtyBitmapMerge`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockDirtyBitmapMerge {
+    /// Node of the target bitmap.
+    pub node: String,
+    /// Target bitmap.
+    pub target: String,
+    /// Sources.
+    pub bitmaps: Vec<BlockDirtyBitmapOrStr>,
+}
+
+// ---------------------------------------------------------------- jobs
+
+/// `BlockdevOnError`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockdevOnError {
+    /// Report the error (fail the request or job).
+    Report,
+    /// Ignore it.
+    Ignore,
+    /// Stop on ENOSPC, report otherwise.
+    Enospc,
+    /// Pause the job.
+    Stop,
+    /// Inherit from the device.
+    Auto,
+}
+
+/// `MirrorSyncMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MirrorSyncMode {
+    /// Only the top image's allocated data.
+    Top,
+    /// Everything.
+    Full,
+    /// Only new writes.
+    None,
+    /// Bitmap-driven (older spelling).
+    Incremental,
+    /// Bitmap-driven.
+    Bitmap,
+}
+
+/// `BitmapSyncMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BitmapSyncMode {
+    /// Clear the bitmap when the job succeeds.
+    OnSuccess,
+    /// Never clear.
+    Never,
+    /// Always clear what was copied.
+    Always,
+}
+
+/// `MirrorCopyMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MirrorCopyMode {
+    /// Copy in the background.
+    Background,
+    /// Also mirror guest writes synchronously.
+    WriteBlocking,
+}
+
+/// `NewImageMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NewImageMode {
+    /// Use an existing image.
+    Existing,
+    /// Create it with absolute backing paths.
+    AbsolutePaths,
+}
+
+/// `BackupPerf`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BackupPerf {
+    /// Use copy_range.
+    pub use_copy_range: Option<bool>,
+    /// Parallel requests.
+    pub max_workers: Option<i64>,
+    /// Largest request.
+    pub max_chunk: Option<i64>,
+    /// Smallest copy unit (QAPI `size`).
+    pub min_cluster_size: Option<u64>,
+}
+
+/// `blockdev-backup` (`BlockdevBackup` = `BackupCommon` + target node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockdevBackupArgs {
+    /// Job id.
+    pub job_id: Option<String>,
+    /// Source node.
+    pub device: String,
+    /// What to copy.
+    pub sync: MirrorSyncMode,
+    /// Rate limit, bytes/s.
+    pub speed: Option<i64>,
+    /// Bitmap for `bitmap`/`incremental` sync.
+    pub bitmap: Option<String>,
+    /// When to clear the bitmap.
+    pub bitmap_mode: Option<BitmapSyncMode>,
+    /// Compress the target.
+    pub compress: Option<bool>,
+    /// Read error policy.
+    pub on_source_error: Option<BlockdevOnError>,
+    /// Write error policy.
+    pub on_target_error: Option<BlockdevOnError>,
+    /// Finalize without `job-finalize`.
+    pub auto_finalize: Option<bool>,
+    /// Dismiss without `job-dismiss`.
+    pub auto_dismiss: Option<bool>,
+    /// Name of the inserted filter node.
+    pub filter_node_name: Option<String>,
+    /// Discard copied source data.
+    pub discard_source: Option<bool>,
+    /// Performance tuning.
+    pub x_perf: Option<BackupPerf>,
+    /// Target node.
+    pub target: String,
+}
+
+/// `blockdev-mirror`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockdevMirrorArgs {
+    /// Job id.
+    pub job_id: Option<String>,
+    /// Source node.
+    pub device: String,
+    /// Target node.
+    pub target: String,
+    /// Node to replace on completion.
+    pub replaces: Option<String>,
+    /// What to copy.
+    pub sync: MirrorSyncMode,
+    /// Rate limit, bytes/s.
+    pub speed: Option<i64>,
+    /// Dirty tracking granularity.
+    pub granularity: Option<u32>,
+    /// Copy buffer size.
+    pub buf_size: Option<i64>,
+    /// Read error policy.
+    pub on_source_error: Option<BlockdevOnError>,
+    /// Write error policy.
+    pub on_target_error: Option<BlockdevOnError>,
+    /// Name of the inserted filter node.
+    pub filter_node_name: Option<String>,
+    /// Background or write-blocking.
+    pub copy_mode: Option<MirrorCopyMode>,
+    /// Finalize without `job-finalize`.
+    pub auto_finalize: Option<bool>,
+    /// Dismiss without `job-dismiss`.
+    pub auto_dismiss: Option<bool>,
+}
+
+/// `block-stream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockStreamArgs {
+    /// Job id.
+    pub job_id: Option<String>,
+    /// Top node.
+    pub device: String,
+    /// Base by file name.
+    pub base: Option<String>,
+    /// Base by node name.
+    pub base_node: Option<String>,
+    /// Backing file string to write.
+    pub backing_file: Option<String>,
+    /// Strip the protocol prefix from it.
+    pub backing_mask_protocol: Option<bool>,
+    /// Bottom node (exclusive of base).
+    pub bottom: Option<String>,
+    /// Rate limit, bytes/s.
+    pub speed: Option<i64>,
+    /// Error policy.
+    pub on_error: Option<BlockdevOnError>,
+    /// Name of the inserted filter node.
+    pub filter_node_name: Option<String>,
+    /// Finalize without `job-finalize`.
+    pub auto_finalize: Option<bool>,
+    /// Dismiss without `job-dismiss`.
+    pub auto_dismiss: Option<bool>,
+}
+
+/// `block-commit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockCommitArgs {
+    /// Job id.
+    pub job_id: Option<String>,
+    /// Active-layer node.
+    pub device: String,
+    /// Base by node name.
+    pub base_node: Option<String>,
+    /// Base by file name.
+    pub base: Option<String>,
+    /// Top by node name.
+    pub top_node: Option<String>,
+    /// Top by file name.
+    pub top: Option<String>,
+    /// Backing file string to write.
+    pub backing_file: Option<String>,
+    /// Strip the protocol prefix from it.
+    pub backing_mask_protocol: Option<bool>,
+    /// Rate limit, bytes/s.
+    pub speed: Option<i64>,
+    /// Error policy.
+    pub on_error: Option<BlockdevOnError>,
+    /// Name of the inserted filter node.
+    pub filter_node_name: Option<String>,
+    /// Finalize without `job-finalize`.
+    pub auto_finalize: Option<bool>,
+    /// Dismiss without `job-dismiss`.
+    pub auto_dismiss: Option<bool>,
+}
+
+/// `block-job-pause`, `-resume`, `-complete` (`device` is the job id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockJobDeviceArgs {
+    /// Job id (historically the device name).
+    pub device: String,
+}
+
+/// `block-job-cancel`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockJobCancelArgs {
+    /// Job id.
+    pub device: String,
+    /// Cancel even if paused; abandon a ready mirror.
+    pub force: Option<bool>,
+}
+
+/// `block-job-set-speed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockJobSetSpeedArgs {
+    /// Job id.
+    pub device: String,
+    /// Bytes/s, 0 = unlimited.
+    pub speed: i64,
+}
+
+/// `job-*` commands and `block-job-dismiss`/`-finalize`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct JobIdArgs {
+    /// Job id.
+    pub id: String,
+}
+
+/// `block-set-write-threshold`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockSetWriteThresholdArgs {
+    /// Node to watch.
+    pub node_name: String,
+    /// Offset in bytes, 0 disables.
+    pub write_threshold: u64,
+}
+
+// ---------------------------------------------------------------- snapshots, graph
+
+/// `blockdev-snapshot-sync` (`BlockdevSnapshotSync`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockdevSnapshotSync {
+    /// Device name.
+    pub device: Option<String>,
+    /// Node name.
+    pub node_name: Option<String>,
+    /// New overlay file.
+    pub snapshot_file: String,
+    /// Node name for the overlay.
+    pub snapshot_node_name: Option<String>,
+    /// Overlay format (default qcow2).
+    pub format: Option<String>,
+    /// Create or reuse.
+    pub mode: Option<NewImageMode>,
+}
+
+/// `blockdev-snapshot` (`BlockdevSnapshot`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockdevSnapshot {
+    /// Node that becomes the backing file.
+    pub node: String,
+    /// Node that becomes the new top.
+    pub overlay: String,
+}
+
+/// `blockdev-snapshot-internal-sync` (`BlockdevSnapshotInternal`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockdevSnapshotInternal {
+    /// Device or node name.
+    pub device: String,
+    /// Snapshot name.
+    pub name: String,
+}
+
+/// `blockdev-snapshot-delete-internal-sync`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockdevSnapshotDeleteInternalArgs {
+    /// Device or node name.
+    pub device: String,
+    /// Snapshot id.
+    pub id: Option<String>,
+    /// Snapshot name.
+    pub name: Option<String>,
+}
+
+/// `change-backing-file`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChangeBackingFileArgs {
+    /// Device or node name of the active layer.
+    pub device: String,
+    /// Node whose header is rewritten.
+    pub image_node_name: String,
+    /// New backing file string.
+    pub backing_file: String,
+}
+
+/// `blockdev-reopen`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockdevReopenArgs {
+    /// New options, one per node.
+    pub options: Vec<BlockdevOptions>,
+}
+
+/// `blockdev-set-active`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockdevSetActiveArgs {
+    /// Node (all nodes when absent).
+    pub node_name: Option<String>,
+    /// Activate or inactivate.
+    pub active: bool,
+}
+
+/// `object-del`, `chardev-remove`, `chardev-send-break` (an id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct IdArgs {
+    /// Object or chardev id.
+    pub id: String,
+}
+
+// ---------------------------------------------------------------- transaction
+
+/// `ActionCompletionMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActionCompletionMode {
+    /// Each job completes on its own.
+    Individual,
+    /// All jobs complete or fail together.
+    Grouped,
+}
+
+/// `TransactionProperties`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TransactionProperties {
+    /// Job completion grouping.
+    pub completion_mode: Option<ActionCompletionMode>,
+}
+
+/// `Abort` (the empty action data).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Abort {}
+
+/// `TransactionAction` (`{"type": ..., "data": {...}}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    content = "data",
+    rename_all = "kebab-case",
+    deny_unknown_fields
+)]
+pub enum TransactionAction {
+    /// Always fails (for testing).
+    Abort(Abort),
+    /// `block-dirty-bitmap-add`.
+    BlockDirtyBitmapAdd(BlockDirtyBitmapAdd),
+    /// `block-dirty-bitmap-remove`.
+    BlockDirtyBitmapRemove(BlockDirtyBitmap),
+    /// `block-dirty-bitmap-clear`.
+    BlockDirtyBitmapClear(BlockDirtyBitmap),
+    /// `block-dirty-bitmap-enable`.
+    BlockDirtyBitmapEnable(BlockDirtyBitmap),
+    /// `block-dirty-bitmap-disable`.
+    BlockDirtyBitmapDisable(BlockDirtyBitmap),
+    /// `block-dirty-bitmap-merge`.
+    BlockDirtyBitmapMerge(BlockDirtyBitmapMerge),
+    /// `blockdev-backup`.
+    BlockdevBackup(BlockdevBackupArgs),
+    /// `blockdev-snapshot`.
+    BlockdevSnapshot(BlockdevSnapshot),
+    /// `blockdev-snapshot-internal-sync`.
+    BlockdevSnapshotInternalSync(BlockdevSnapshotInternal),
+    /// `blockdev-snapshot-sync`.
+    BlockdevSnapshotSync(BlockdevSnapshotSync),
+    /// `drive-backup` (deprecated): kept as checked, not typed.
+    DriveBackup(Map<String, Value>),
+}
+
+/// `transaction`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TransactionArgs {
+    /// Actions, applied all-or-nothing.
+    pub actions: Vec<TransactionAction>,
+    /// Options.
+    pub properties: Option<TransactionProperties>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -891,6 +1339,82 @@ mod tests {
             assert_eq!(
                 serde_json::to_value(e.common.export_type).ok(),
                 Some(Value::from(ty))
+            );
+        }
+        let _: BlockDirtyBitmapAdd = full_args("block-dirty-bitmap-add", "");
+        for cmd in [
+            "block-dirty-bitmap-remove",
+            "block-dirty-bitmap-clear",
+            "block-dirty-bitmap-enable",
+            "block-dirty-bitmap-disable",
+            "x-debug-block-dirty-bitmap-sha256",
+        ] {
+            let _: BlockDirtyBitmap = full_args(cmd, "");
+        }
+        let merge: BlockDirtyBitmapMerge = full_args("block-dirty-bitmap-merge", "");
+        assert_eq!(
+            merge.bitmaps,
+            vec![BlockDirtyBitmapOrStr::Local("s".into())]
+        );
+        let backup: BlockdevBackupArgs = full_args("blockdev-backup", "incremental");
+        assert_eq!(backup.sync, MirrorSyncMode::Incremental);
+        assert_eq!(backup.x_perf.and_then(|p| p.min_cluster_size), Some(4096));
+        let mirror: BlockdevMirrorArgs = full_args("blockdev-mirror", "write-blocking");
+        assert_eq!(mirror.copy_mode, Some(MirrorCopyMode::WriteBlocking));
+        let _: BlockStreamArgs = full_args("block-stream", "");
+        let _: BlockCommitArgs = full_args("block-commit", "");
+        for cmd in ["block-job-pause", "block-job-resume", "block-job-complete"] {
+            let _: BlockJobDeviceArgs = full_args(cmd, "");
+        }
+        let _: BlockJobCancelArgs = full_args("block-job-cancel", "");
+        let _: BlockJobSetSpeedArgs = full_args("block-job-set-speed", "");
+        for cmd in [
+            "job-pause",
+            "job-resume",
+            "job-cancel",
+            "job-complete",
+            "job-dismiss",
+            "job-finalize",
+            "block-job-dismiss",
+            "block-job-finalize",
+        ] {
+            let _: JobIdArgs = full_args(cmd, "");
+        }
+        let _: BlockSetWriteThresholdArgs = full_args("block-set-write-threshold", "");
+        let _: BlockdevSnapshotSync = full_args("blockdev-snapshot-sync", "");
+        let _: BlockdevSnapshot = full_args("blockdev-snapshot", "");
+        let _: BlockdevSnapshotInternal = full_args("blockdev-snapshot-internal-sync", "");
+        let _: BlockdevSnapshotDeleteInternalArgs =
+            full_args("blockdev-snapshot-delete-internal-sync", "");
+        let _: ChangeBackingFileArgs = full_args("change-backing-file", "");
+        let _: BlockdevReopenArgs = full_args("blockdev-reopen", "raw");
+        let _: BlockdevSetActiveArgs = full_args("blockdev-set-active", "");
+        for cmd in ["object-del", "chardev-remove", "chardev-send-break"] {
+            let _: IdArgs = full_args(cmd, "");
+        }
+        for kind in [
+            "abort",
+            "block-dirty-bitmap-add",
+            "block-dirty-bitmap-remove",
+            "block-dirty-bitmap-clear",
+            "block-dirty-bitmap-enable",
+            "block-dirty-bitmap-disable",
+            "block-dirty-bitmap-merge",
+            "blockdev-backup",
+            "blockdev-snapshot",
+            "blockdev-snapshot-internal-sync",
+            "blockdev-snapshot-sync",
+            "drive-backup",
+        ] {
+            let t: TransactionArgs = full_args("transaction", kind);
+            assert_eq!(
+                t.properties.and_then(|p| p.completion_mode),
+                Some(ActionCompletionMode::Individual)
+            );
+            let action = serde_json::to_value(&t.actions[0]).ok();
+            assert_eq!(
+                action.as_ref().and_then(|a| a.get("type")),
+                Some(&Value::from(kind))
             );
         }
         for driver in [
