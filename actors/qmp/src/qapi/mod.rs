@@ -17,6 +17,15 @@
 //!
 //! Runs in the supervisor, on untrusted input from QMP clients and the command line.
 //!
+//! # Adding a command
+//! 1. Put its definition in `schema/*.json` in QAPI syntax (QEMU's `qapi/*.json` is the
+//!    model; where QEMU's sources and qsd 10.0.2 differ, qsd wins).
+//! 2. Run `python3 actors/qmp/src/qapi/schema/compare_with_qsd.py`: it checks member
+//!    names, order, optionality, enums, variants and alternates against a live qsd's
+//!    `query-qmp-schema` (integer widths it cannot see; take them from QEMU).
+//! 3. Add its serde struct to [`types`] and a line to the drift test there.
+//! 4. Write the handler; it receives only arguments the visitor accepted.
+//!
 //! Known differences from qsd: the `--monitor` option goes through QEMU's QemuOpts
 //! visitor, not this one, and `--chardev` is not QAPI-visited in qsd at all; neither is
 //! modelled here. Deprecated/unstable features are accepted as qsd's default
