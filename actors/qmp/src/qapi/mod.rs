@@ -26,10 +26,12 @@
 //! 3. Add its serde struct to [`types`] and a line to the drift test there.
 //! 4. Write the handler; it receives only arguments the visitor accepted.
 //!
-//! Known differences from qsd: the `--monitor` option goes through QEMU's QemuOpts
-//! visitor, not this one, and `--chardev` is not QAPI-visited in qsd at all; neither is
-//! modelled here. Deprecated/unstable features are accepted as qsd's default
-//! compatibility policy does.
+//! Command-line options that qsd visits this way: `--blockdev` (`BlockdevOptions`,
+//! implied key `driver`), `--export` (`BlockExportOptions`, `type`), `--nbd-server`
+//! (`NbdServerOptions`), `--object` (`ObjectOptions`, `qom-type`) and `--monitor`
+//! (`MonitorOptions`, `chardev`); an option starting with `{` is JSON flavour. `--chardev`
+//! is not QAPI-visited in qsd (QemuOpts: `Invalid parameter 'foo'`), so it is not here.
+//! Deprecated/unstable features are accepted, as qsd's default compatibility policy does.
 
 mod ghash;
 pub mod schema;
@@ -1684,6 +1686,48 @@ mod tests {
             r#"{"qom-type":"iothread","id":"io0","poll-max-ns":"x"}"#,
             Some("Invalid parameter type for 'poll-max-ns', expected: integer"),
         ),
+        (
+            "MonitorOptions",
+            r#"mode=x,pretty=maybe"#,
+            Some("Parameter 'mode' does not accept value 'x'"),
+        ),
+        (
+            "MonitorOptions",
+            r#"pretty=maybe"#,
+            Some("Parameter 'pretty' expects 'on' or 'off'"),
+        ),
+        (
+            "MonitorOptions",
+            r#"id.x=1"#,
+            Some("Parameters 'id.*' are unexpected"),
+        ),
+        (
+            "MonitorOptions",
+            r#"chardev.x=1"#,
+            Some("Parameters 'chardev.*' are unexpected"),
+        ),
+        (
+            "MonitorOptions",
+            r#"pretty=on"#,
+            Some("Parameter 'chardev' is missing"),
+        ),
+        (
+            "MonitorOptions",
+            r#"chardev=c0,bogus=1"#,
+            Some("Parameter 'bogus' is unexpected"),
+        ),
+        ("MonitorOptions", r#"c0,pretty=yes"#, None),
+        (
+            "MonitorOptions",
+            r#"chardev=c0,id=m,mode=control,pretty=off"#,
+            None,
+        ),
+        ("MonitorOptions", r#"chardev=c0,mode=readline"#, None),
+        (
+            "MonitorOptions",
+            r#"{"chardev":"c0","pretty":"on"}"#,
+            Some("Invalid parameter type for 'pretty', expected: boolean"),
+        ),
     ];
 
     #[test]
@@ -1695,6 +1739,7 @@ mod tests {
                 "ObjectOptions" => Some("qom-type"),
                 "BlockdevOptions" => Some("driver"),
                 "BlockExportOptions" => Some("type"),
+                "MonitorOptions" => Some("chardev"),
                 _ => None,
             };
             let (v, flavour) = keyval(text, implied);

@@ -1179,6 +1179,32 @@ pub struct TransactionArgs {
     pub properties: Option<TransactionProperties>,
 }
 
+// ---------------------------------------------------------------- command line
+
+/// `MonitorMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MonitorMode {
+    /// HMP; qsd refuses it ("Only QMP is supported").
+    Readline,
+    /// QMP.
+    Control,
+}
+
+/// `--monitor` on the command line (`MonitorOptions`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MonitorOptions {
+    /// Monitor id.
+    pub id: Option<String>,
+    /// Protocol (default control).
+    pub mode: Option<MonitorMode>,
+    /// Pretty-print replies.
+    pub pretty: Option<bool>,
+    /// Chardev id to run on.
+    pub chardev: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1522,6 +1548,22 @@ mod tests {
                 .check_type("BlockdevOptions", &v, flavour)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn command_line_monitor_options_deserialize() {
+        let (v, flavour) = crate::qapi::tests::keyval("c0,pretty=on,mode=control", Some("chardev"));
+        let m: MonitorOptions = typed(Schema::get().check_type("MonitorOptions", &v, flavour));
+        assert_eq!(
+            m,
+            MonitorOptions {
+                id: None,
+                mode: Some(MonitorMode::Control),
+                pretty: Some(true),
+                chardev: "c0".into()
+            }
+        );
+        let _: MonitorOptions = full_type("MonitorOptions", "");
     }
 
     #[test]
