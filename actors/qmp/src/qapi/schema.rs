@@ -249,7 +249,7 @@ pub enum SchemaError {
 
 /// The whole schema, resolved.
 #[derive(Debug, Clone)]
-pub struct SchemaData {
+pub(crate) struct SchemaData {
     pub(crate) types: HashMap<String, TypeDef>,
     pub(crate) commands: Vec<CommandDef>,
     pub(crate) command_index: HashMap<String, usize>,
