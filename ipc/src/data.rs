@@ -404,6 +404,10 @@ impl BlockIo for RemoteNode {
         self.size.load(Ordering::Acquire)
     }
 
+    fn refresh(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move { RemoteNode::refresh(self).await.map(|_| ()) })
+    }
+
     fn read_only(&self) -> bool {
         self.read_only
     }

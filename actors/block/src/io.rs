@@ -125,6 +125,12 @@ pub trait BlockIo: Send + Sync {
     /// starting at `offset`; the extents may cover less than `len` but never more.
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>>;
 
+    /// Re-reads sizes cached from below (a child in another process may have been
+    /// resized). Drivers without such caches keep this default.
+    fn refresh(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Changes the node's size. Drivers that cannot resize keep this default.
     fn resize(&self, _new_size: u64) -> IoFuture<'_, ()> {
         Box::pin(async { Err(IoError::Unsupported) })

@@ -163,6 +163,10 @@ impl BlockIo for Node {
         })
     }
 
+    fn refresh(&self) -> IoFuture<'_, ()> {
+        self.driver.refresh()
+    }
+
     fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if self.read_only() {

@@ -205,6 +205,10 @@ impl BlockIo for RawDriver {
         })
     }
 
+    fn refresh(&self) -> IoFuture<'_, ()> {
+        self.child.refresh()
+    }
+
     fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if self.size.is_some() {

@@ -155,10 +155,8 @@ fn parse_spec(v: &Value) -> Result<Spec, QmpError> {
             let size = get_size(m, "size")?;
             let latency = get_size(m, "latency-ns")?;
             let read_zeroes = get_bool(m, "read-zeroes");
-            // QEMU's null driver records exactly the options given.
-            if let Some(l) = latency {
-                strong.insert("latency-ns".into(), l.into());
-            }
+            // QEMU's null driver reports `size` and `read-zeroes` as given (its strong
+            // options); `latency-ns` does not show in the filename.
             if let Some(s) = size {
                 strong.insert("size".into(), s.into());
             }
@@ -554,6 +552,7 @@ impl Core {
         // window cannot change, and the bottom node must be able to grow.
         let mut target = size;
         let mut cur = node;
+        let mut chain = vec![node.name.clone()];
         loop {
             match cur.driver {
                 Driver::Raw => {
@@ -569,7 +568,10 @@ impl Core {
                         QmpError::generic("Disk size too large for the chosen offset")
                     })?;
                     match cur.child.as_deref().and_then(|c| self.graph.get(c)) {
-                        Some(c) => cur = c,
+                        Some(c) => {
+                            chain.push(c.name.clone());
+                            cur = c;
+                        }
                         None => {
                             return Err(QmpError::generic(
                                 "Image format driver does not support resize",
@@ -617,15 +619,17 @@ impl Core {
             }
             Err(e) => return Err(call_error(e)),
         }
-        self.refresh_sizes().await;
+        self.refresh_sizes(&chain).await;
         Ok(json!({}))
     }
 
-    /// Asks every node's worker for its current size (after a resize below it).
-    async fn refresh_sizes(&mut self) {
-        let nodes: Vec<_> = self
-            .graph
+    /// Re-reads the sizes of the nodes a resize went through, bottom first. Like QEMU,
+    /// nodes above the resized one keep the size they had (each node caches its own).
+    async fn refresh_sizes(&mut self, chain: &[String]) {
+        let nodes: Vec<_> = chain
             .iter()
+            .rev()
+            .filter_map(|name| self.graph.get(name))
             .map(|n| (n.name.clone(), n.id, n.driver.worker()))
             .collect();
         for (name, id, kind) in nodes {

@@ -218,12 +218,7 @@ impl Graph {
         let bottom_posix = self.bottom(&node.name).is_some_and(|b| b.driver.is_posix());
         let mut image = Map::new();
         image.insert("filename".into(), filename.clone().into());
-        let format = if node.driver.is_posix() {
-            "file"
-        } else {
-            node.driver.as_str()
-        };
-        image.insert("format".into(), format.into());
+        image.insert("format".into(), node.driver.as_str().into());
         if bottom_posix {
             image.insert("dirty-flag".into(), false.into());
         }
@@ -268,13 +263,21 @@ impl Graph {
         )
     }
 
-    /// `x-debug-query-block-graph`.
+    /// `x-debug-query-block-graph`. qsd numbers the nodes that exist at query time
+    /// 1..N, oldest first.
     pub fn debug_graph(&self) -> Value {
+        let number = |name: &str| {
+            self.nodes
+                .iter()
+                .position(|n| n.name == name)
+                .map_or(0, |i| i + 1)
+        };
         let nodes: Vec<Value> = self
             .nodes
             .iter()
+            .enumerate()
             .rev()
-            .map(|n| json!({"id": n.id.0, "type": "block-driver", "name": n.name}))
+            .map(|(i, n)| json!({"id": i + 1, "type": "block-driver", "name": n.name}))
             .collect();
         let mut edges = Vec::new();
         for n in self.nodes.iter().rev() {
@@ -285,7 +288,7 @@ impl Graph {
                 }
                 shared.extend(["write-unchanged", "write", "consistent-read"]);
                 edges.push(json!({
-                    "parent": n.id.0, "child": c.id.0, "name": "file",
+                    "parent": number(&n.name), "child": number(&c.name), "name": "file",
                     "perm": [], "shared-perm": shared,
                 }));
             }

@@ -195,6 +195,9 @@ impl DriverWorker {
                     .nodes
                     .lookup(node)
                     .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                if let Err(e) = n.refresh().await {
+                    tracing::warn!(error = %e, "could not refresh node size");
+                }
                 Ok(Reply::NodeInfo { size: n.size() })
             }
         }

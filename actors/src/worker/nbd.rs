@@ -205,9 +205,7 @@ fn spawn_listener(server: Arc<NbdServer>, listener: OwnedFd) -> Result<(), Worke
             )
         })?;
         tokio::spawn(async move {
-            if let Err(e) = server.serve_unix_listener(l).await {
-                tracing::error!(error = %e, "NBD listener failed");
-            }
+            server.serve_unix_listener(l).await;
         });
     } else {
         let std = std::net::TcpListener::from(listener);
@@ -226,9 +224,7 @@ fn spawn_listener(server: Arc<NbdServer>, listener: OwnedFd) -> Result<(), Worke
             )
         })?;
         tokio::spawn(async move {
-            if let Err(e) = server.serve_tcp_listener(l).await {
-                tracing::error!(error = %e, "NBD listener failed");
-            }
+            server.serve_tcp_listener(l).await;
         });
     }
     Ok(())
