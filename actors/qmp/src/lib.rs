@@ -14,6 +14,6 @@
 
 pub mod json;
 pub mod keyval;
-pub mod qapi;
 pub mod qdict;
+pub mod qapi;
 pub mod request;

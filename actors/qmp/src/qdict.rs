@@ -43,19 +43,13 @@ mod tests {
     use super::*;
 
     fn order(names: &[&'static str]) -> Vec<&'static str> {
-        iteration_order(names.iter().map(|n| (*n, ())))
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect()
+        iteration_order(names.iter().map(|n| (*n, ()))).into_iter().map(|(k, _)| k).collect()
     }
 
     #[test]
     fn version_members_come_out_in_qsd_order() {
         // query-version builds major, minor, micro; qsd prints micro, minor, major.
-        assert_eq!(
-            order(&["major", "minor", "micro"]),
-            ["micro", "minor", "major"]
-        );
+        assert_eq!(order(&["major", "minor", "micro"]), ["micro", "minor", "major"]);
         assert_eq!(bucket("micro"), bucket("minor"));
     }
 
@@ -64,14 +58,8 @@ mod tests {
         assert_eq!(order(&["return", "id"]), ["return", "id"]);
         assert_eq!(order(&["error", "id"]), ["id", "error"]);
         assert_eq!(order(&["class", "desc"]), ["class", "desc"]);
-        assert_eq!(
-            order(&["event", "data", "timestamp"]),
-            ["timestamp", "event", "data"]
-        );
-        assert_eq!(
-            order(&["seconds", "microseconds"]),
-            ["seconds", "microseconds"]
-        );
+        assert_eq!(order(&["event", "data", "timestamp"]), ["timestamp", "event", "data"]);
+        assert_eq!(order(&["seconds", "microseconds"]), ["seconds", "microseconds"]);
         assert_eq!(
             order(&["id", "type", "node-name", "shutting-down"]),
             ["node-name", "shutting-down", "type", "id"]
