@@ -61,6 +61,7 @@
 //! | `--chardev` | socket chardev with an id already used by a socket | `duplicate yank instance` |
 //! | `--chardev` | other duplicate id | `attempt to add duplicate property '<id>' to object (type 'container')` |
 //! | `--chardev` | socket, no path/host/fd, or a bad `fd=` (after the duplicate check) | `Unable to parse FD number <fd>` (empty `<fd>` leaves a trailing space); see [`parse_fd_number`] |
+//! | `--chardev` | socket `server=on` with no path, host or fd | qsd 10.0.2 accepts it and runs (prints the waiting info with `disconnected:fd:,server=on` unless `wait=off`); bulkhead may refuse it |
 //! | `--chardev` | `fd=N` not a socket (also `-1`) | `File descriptor '<N>' is not a socket` |
 //! | `--chardev` | server socket, bind fails | `Failed to bind socket to <path>: <strerror>` |
 //! | `--chardev` | client socket, connect fails | `Failed to connect to '<path>': <strerror>` |
@@ -379,7 +380,7 @@ pub enum CliError {
     /// A prefix of several long options.
     #[error("{PROGRAM}: option '{given}' is ambiguous; possibilities:{candidates}")]
     AmbiguousOption {
-        /// As written, without `=value`.
+        /// The whole argument, `=value` included.
         given: String,
         /// ` '--a' '--b'`.
         candidates: String,
@@ -651,7 +652,7 @@ fn match_long_option(arg: &str, written: &str) -> Result<(&'static str, HasArg),
         [] => Err(CliError::UnrecognizedOption(arg.to_owned())),
         [(name, has_arg)] => Ok((name, *has_arg)),
         many => Err(CliError::AmbiguousOption {
-            given: format!("--{written}"),
+            given: arg.to_owned(),
             candidates: many.iter().map(|(n, _)| format!(" '--{n}'")).collect(),
         }),
     }
@@ -1456,6 +1457,17 @@ mod tests {
         assert_eq!(
             single(&["--e", "nbd,id=e0"]),
             OptionKind::Export(OptionArg::Keyval(json!({"type": "nbd", "id": "e0"})))
+        );
+    }
+
+    #[test]
+    fn an_ambiguous_prefix_lists_every_candidate_and_keeps_the_inline_value() {
+        // Only the empty prefix is ambiguous among qsd's options; qsd's list lacks sandbox.
+        assert_eq!(
+            stderr(&["--=x"]),
+            "bulkhead: option '--=x' is ambiguous; possibilities: '--blockdev' '--chardev' \
+             '--daemonize' '--export' '--help' '--monitor' '--nbd-server' '--object' '--pidfile' \
+             '--sandbox' '--trace' '--version'"
         );
     }
 

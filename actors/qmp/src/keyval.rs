@@ -74,11 +74,12 @@ pub enum KeyvalError {
 /// `implied_key` names the key of a leading bare value (`--export nbd,...` means
 /// `type=nbd`). The result is always a JSON object.
 pub fn parse(params: &str, implied_key: Option<&str>) -> Result<Value, KeyvalError> {
-    let (tree, help) = parse_with_help(params, implied_key)?;
+    let (root, help) = parse_items(params, implied_key)?;
+    // keyval.c refuses help before listifying, so this error beats array errors.
     if help {
         return Err(KeyvalError::HelpNotAvailable);
     }
-    Ok(tree)
+    listify_root(root)
 }
 
 /// Parses `params` like [`parse`], but reports a bare `help`/`?` item as `true` instead of
@@ -89,6 +90,15 @@ pub fn parse_with_help(
     params: &str,
     implied_key: Option<&str>,
 ) -> Result<(Value, bool), KeyvalError> {
+    let (root, help) = parse_items(params, implied_key)?;
+    Ok((listify_root(root)?, help))
+}
+
+/// Parses every item into an unlistified tree; also says whether help was asked for.
+fn parse_items(
+    params: &str,
+    implied_key: Option<&str>,
+) -> Result<(Map<String, Value>, bool), KeyvalError> {
     let mut root = Map::new();
     let mut help = false;
     let mut pos = 0;
@@ -97,10 +107,7 @@ pub fn parse_with_help(
         pos = parse_one(&mut root, params, pos, implied, &mut help)?;
         implied = None;
     }
-    if help {
-        return Ok((listify_root(root)?, true));
-    }
-    Ok((listify_root(root)?, false))
+    Ok((root, help))
 }
 
 fn listify_root(mut root: Map<String, Value>) -> Result<Value, KeyvalError> {
@@ -591,8 +598,16 @@ mod tests {
             parse_with_help("help=on", None),
             Ok((json!({"help": "on"}), false))
         );
-        // Syntax errors win over help.
+        // Syntax errors win over help, help wins over array errors.
         assert_eq!(err("help,a..b=1", None), "Invalid parameter 'a..b'");
+        assert_eq!(
+            err("help,x.1=1", None),
+            "Help is not available for this option"
+        );
+        assert_eq!(
+            parse_with_help("help,x.1=1", None),
+            Err(KeyvalError::ElementMissing("x.0".to_owned()))
+        );
         // A bare word that merely starts with "help" is a value.
         assert_eq!(
             parse("helpx", Some("driver")),
