@@ -792,8 +792,8 @@ impl MonitorOptions {
 /// The member QEMU's `qobject_input_check_struct` reports: the first key left in a GLib
 /// `GHashTable` that was filled in QDict order, iterated in slot order.
 ///
-/// Exact while the table never resizes (up to 7 members, which covers any sane
-/// `--monitor`); past that, resizing is approximated by reinsertion in slot order.
+/// Growth follows GLib 2.7x's relocation; shrinking (only after removing most members,
+/// which a four-member struct cannot do to a table that grew) is not modelled.
 fn first_unvisited<'a>(
     keys_in_insertion_order: impl Iterator<Item = &'a str>,
     visited: &[&str],
@@ -820,8 +820,9 @@ struct GHashOrder<'a> {
 }
 
 /// GLib's `prime_mod` table, indexed by the table's shift.
-const GHASH_PRIME_MOD: [u32; 17] = [
-    1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521,
+const GHASH_PRIME_MOD: [u32; 25] = [
+    1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071,
+    262139, 524287, 1048573, 2097143, 4194301, 8388593, 16777213,
 ];
 
 impl<'a> GHashOrder<'a> {
@@ -863,6 +864,12 @@ impl<'a> GHashOrder<'a> {
         if self.slots.iter().flatten().any(|(k, _)| *k == key) {
             return;
         }
+        if self.nnodes >= self.slots.len() {
+            // Unreachable with GLib's growth rule; keeps probing from spinning forever.
+            self.nnodes += 1;
+            self.resize();
+            self.nnodes -= 1;
+        }
         self.place(key, Self::hash(key));
         self.nnodes += 1;
         let size = self.slots.len();
@@ -871,19 +878,52 @@ impl<'a> GHashOrder<'a> {
         }
     }
 
+    /// GLib's `g_hash_table_resize` when growing: the arrays are extended in place, then
+    /// every old slot's entry is relocated by probing over a "relocated" bitmap, evicting
+    /// (and then relocating) whatever still sits in its target slot.
     fn resize(&mut self) {
-        // g_hash_table_set_shift_from_size(nnodes * 1.333), at least 3.
-        let mut target = self.nnodes * 4 / 3;
-        let mut shift = 0;
+        // g_hash_table_set_shift_from_size(nnodes * 1.333): a double truncated to gint.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let mut target = (self.nnodes as f64 * 1.333) as usize;
+        let mut shift = 0u32;
         while target > 0 {
             target >>= 1;
             shift += 1;
         }
-        let shift = shift.clamp(3, 16);
-        let old = std::mem::replace(&mut self.slots, vec![None; 1usize << shift]);
+        let shift = shift.clamp(3, 24);
+        let old_size = self.slots.len();
+        let new_size = 1usize << shift;
+        if new_size <= old_size {
+            return;
+        }
+        self.slots.resize(new_size, None);
         self.shift = shift;
-        for (key, hash) in old.into_iter().flatten() {
-            self.place(key, hash);
+        let modulus = GHASH_PRIME_MOD
+            .get(shift as usize)
+            .copied()
+            .unwrap_or(16_777_213);
+        let mask = new_size - 1;
+        let mut relocated = vec![false; new_size];
+        for i in 0..old_size {
+            if relocated[i] {
+                continue;
+            }
+            let Some(mut entry) = self.slots[i].take() else {
+                continue;
+            };
+            loop {
+                let mut index = (entry.1.wrapping_mul(11) % modulus) as usize;
+                let mut step = 0;
+                while relocated[index] {
+                    step += 1;
+                    index = (index + step) & mask;
+                }
+                relocated[index] = true;
+                match self.slots[index].replace(entry) {
+                    None => break,
+                    Some(evicted) => entry = evicted,
+                }
+            }
         }
     }
 
@@ -1712,6 +1752,25 @@ mod tests {
         assert_eq!(
             stderr(&["--monitor", "chardev=c0,pretty=n,zz=1,b=2"]),
             "bulkhead: --monitor chardev=c0,pretty=n,zz=1,b=2: Parameter 'b' is unexpected"
+        );
+    }
+
+    #[test]
+    fn the_unexpected_member_reported_follows_glib_hash_order_after_the_table_grows() {
+        let line = "v9=1,b9=1,bx=1,z9=1,y=1,t=1,a-y=1,g9=1,chardev=c0,pretty=on,id=m";
+        assert_eq!(
+            stderr(&["--monitor", line]),
+            format!("bulkhead: --monitor {line}: Parameter 'b9' is unexpected")
+        );
+        let line = "p9=1,ox=1,chardev=c0,hx=1,m=1,y=1,d=1,m9=1,h=1";
+        assert_eq!(
+            stderr(&["--monitor", line]),
+            format!("bulkhead: --monitor {line}: Parameter 'h' is unexpected")
+        );
+        let line = "ux=1,t9=1,w-y=1,chardev=c0,r=1,xx=1,w9=1,jx=1,w=1,y=1,m9=1,kx=1,x9=1,s-y=1,u=1";
+        assert_eq!(
+            stderr(&["--monitor", line]),
+            format!("bulkhead: --monitor {line}: Parameter 't9' is unexpected")
         );
     }
 
