@@ -70,9 +70,11 @@
 //! | `--chardev` | `stdio` with `--daemonize` (anywhere on the line) | `cannot use stdio with -daemonize` |
 //! | `--chardev` | server with `wait=on` (the default) | not an error: `bulkhead: <given>: info: QEMU waiting for connection on: disconnected:unix:<path>,server=on`, then blocks until a client connects |
 //! | `-T` | pattern matching no event | warning, continues: `bulkhead: -T <p>: warning: trace event '<p>' does not exist` |
-//! | `-T` | `events=<file>` unreadable | `qemu-storage-daemon:<file>: No such file or directory` (no space after the colon), exit 1 |
+//! | `-T` | `events=<file>` unreadable | `bulkhead:<file>: No such file or directory` (no location, no space after the colon), exit 1 |
 //! | `-T help` | lists trace events on stdout | exit 0 |
 //! | `--pidfile` | cannot create (after all options ran) | `bulkhead: cannot create PID file: Could not create '<path>': No such file or directory` (no location) |
+//!
+//! | `--daemonize` | startup finished | the parent exits 0 once every option ran and the pid file exists; a startup error exits 1 with the text above |
 //!
 //! qsd exits 0 on `quit`, SIGINT, SIGHUP and SIGTERM once running.
 
