@@ -509,7 +509,6 @@ QEMU storage daemon (bulkhead, compatible with qemu-storage-daemon {QSD_COMPATIB
 
   --sandbox on|off       run block drivers and exports in sandboxed,
                          restartable worker processes (default: on)
-
 "
     )
 }
@@ -2139,7 +2138,7 @@ mod tests {
         assert!(
             help.contains("\n  --pidfile <path>       write process ID to a file after startup\n")
         );
-        assert!(help.ends_with("(default: on)\n\n"));
+        assert!(help.ends_with("(default: on)\n"));
         assert_eq!(
             version_text(),
             format!(
