@@ -4,6 +4,7 @@
 //! This binary is glue. Run as `bulkhead [qsd options]` it is the supervisor; run as
 //! `bulkhead worker --kind KIND` (only the supervisor does that) it is a worker.
 
+mod cli;
 mod startup;
 
 use std::process::ExitCode;
