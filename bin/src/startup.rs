@@ -1,12 +1,14 @@
 //! Supervisor start-up: carry out the command line strictly in order, like qsd, then
 //! serve until `quit` or a termination signal.
 //!
-//! Stage one (parsing) touches nothing; stage two (here) binds sockets, starts
-//! monitors and creates nodes, and any failure prints `bulkhead: OPTION: MESSAGE` and
-//! exits 1, as qsd does.
+//! Stage one (`cli`) parsed argv without touching anything; here each option is
+//! executed in turn (bind sockets, start monitors, create nodes, start the NBD server,
+//! add exports), and the first failure prints `bulkhead: OPTION: MESSAGE` and exits 1,
+//! as qsd does. The pid file is written once every option ran.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
@@ -15,150 +17,52 @@ use actix::Actor;
 use bulkhead_actors::events::{EventBus, EventSink};
 use bulkhead_actors::front::{self, Chardev, Front};
 use bulkhead_actors::supervisor::actor::{Execute, Shutdown, SupervisorActor};
+use bulkhead_qmp::json::JsonStreamer;
 use serde_json::{Map, Value};
 
-/// One start-up option, in command-line order.
-#[derive(Debug)]
-enum Opt {
-    Chardev {
-        id: String,
-        backend: ChardevBackend,
-        given: String,
-    },
-    Monitor {
-        chardev: String,
-        pretty: bool,
-        given: String,
-    },
-    Blockdev {
-        options: Value,
-        given: String,
-    },
-    Pidfile(PathBuf),
-    Daemonize,
-}
+use crate::cli::{
+    self, ChardevBackend, CliAction, CliOption, MonitorArg, MonitorMode, MonitorOptions, OptionArg,
+    OptionKind, SocketChardevAddr,
+};
 
-#[derive(Debug)]
-enum ChardevBackend {
-    Socket(PathBuf),
-    Stdio,
-}
-
-/// Minimal argv parsing (to be replaced by the full qsd command line parser).
-fn parse(args: &[String]) -> Result<Vec<Opt>, String> {
-    let mut out = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let (name, inline) = match a.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (a.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("option '{name}' requires an argument"))
-        };
-        match name.as_str() {
-            "--chardev" => {
-                let v = value()?;
-                let kv = keyval(&v, "backend");
-                let id = kv.get("id").cloned().unwrap_or_default();
-                let backend = match kv.get("backend").map(String::as_str) {
-                    Some("socket") => ChardevBackend::Socket(PathBuf::from(
-                        kv.get("path").cloned().unwrap_or_default(),
-                    )),
-                    Some("stdio") => ChardevBackend::Stdio,
-                    other => return Err(format!("--chardev {v}: unsupported backend {other:?}")),
-                };
-                out.push(Opt::Chardev {
-                    id,
-                    backend,
-                    given: v,
-                });
-            }
-            "--monitor" => {
-                let v = value()?;
-                let kv = keyval(&v, "chardev");
-                out.push(Opt::Monitor {
-                    chardev: kv.get("chardev").cloned().unwrap_or_default(),
-                    pretty: kv.get("pretty").map(String::as_str) == Some("on"),
-                    given: v,
-                });
-            }
-            "--blockdev" => {
-                let v = value()?;
-                let options = if v.starts_with('{') {
-                    serde_json::from_str(&v).map_err(|e| format!("--blockdev {v}: {e}"))?
-                } else {
-                    nested(&v)
-                };
-                out.push(Opt::Blockdev { options, given: v });
-            }
-            "--pidfile" => out.push(Opt::Pidfile(PathBuf::from(value()?))),
-            "--daemonize" => out.push(Opt::Daemonize),
-            other => return Err(format!("{other}: Unexpected argument")),
-        }
-    }
-    Ok(out)
-}
-
-fn keyval(s: &str, implied: &str) -> HashMap<String, String> {
-    let mut m = HashMap::new();
-    for (i, part) in s.split(',').enumerate() {
-        match part.split_once('=') {
-            Some((k, v)) => m.insert(k.to_string(), v.to_string()),
-            None if i == 0 => m.insert(implied.to_string(), part.to_string()),
-            None => m.insert(part.to_string(), "on".to_string()),
-        };
-    }
-    m
-}
-
-fn nested(s: &str) -> Value {
-    let mut root = Map::new();
-    for (k, v) in keyval(s, "driver") {
-        let leaf = if let Ok(n) = v.parse::<u64>() {
-            Value::from(n)
-        } else if v == "on" || v == "off" {
-            Value::Bool(v == "on")
-        } else {
-            Value::String(v)
-        };
-        let mut cur = &mut root;
-        let parts: Vec<&str> = k.split('.').collect();
-        for p in &parts[..parts.len() - 1] {
-            let e = cur
-                .entry(p.to_string())
-                .or_insert_with(|| Value::Object(Map::new()));
-            if !e.is_object() {
-                *e = Value::Object(Map::new());
-            }
-            let Value::Object(next) = e else {
-                unreachable!()
-            };
-            cur = next;
-        }
-        cur.insert(parts[parts.len() - 1].to_string(), leaf);
-    }
-    Value::Object(root)
-}
+/// Environment variable that tells workers to skip their sandbox (`--sandbox off`).
+const SANDBOX_ENV: &str = "BULKHEAD_SANDBOX";
 
 /// Runs the supervisor; returns the process exit code.
 pub fn main(args: &[String]) -> ExitCode {
-    let opts = match parse(args) {
-        Ok(o) => o,
+    let opts = match cli::parse_args(args) {
+        Ok(CliAction::Help) => {
+            print!("{}", cli::help_text());
+            return ExitCode::SUCCESS;
+        }
+        Ok(CliAction::Version) => {
+            print!("{}", cli::version_text());
+            return ExitCode::SUCCESS;
+        }
+        Ok(CliAction::Run(opts)) => opts,
         Err(e) => {
-            eprintln!("bulkhead: {e}");
+            eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    let daemonize = opts.iter().any(|o| matches!(o, Opt::Daemonize));
+    let sandbox = opts.iter().rev().find_map(|o| match o.parsed {
+        Ok(OptionKind::Sandbox(on)) => Some(on),
+        _ => None,
+    });
+    if sandbox == Some(false) {
+        eprintln!(
+            "bulkhead: --sandbox off: warning: workers run without a sandbox; use this only for debugging"
+        );
+        // SAFETY: no other thread exists yet; workers inherit the environment.
+        unsafe { std::env::set_var(SANDBOX_ENV, "off") };
+    }
+    let daemonize = opts
+        .iter()
+        .any(|o| matches!(o.parsed, Ok(OptionKind::Daemonize)));
     // Fork before any thread exists; the parent waits for the child's start-up result.
     let ready_pipe = if daemonize {
         match daemonize_now() {
-            Ok(Some(pipe)) => Some(pipe),
-            Ok(None) => unreachable_parent(),
+            Ok(pipe) => Some(pipe),
             Err(e) => {
                 eprintln!("bulkhead: --daemonize: {e}");
                 return ExitCode::FAILURE;
@@ -168,17 +72,13 @@ pub fn main(args: &[String]) -> ExitCode {
         None
     };
     let sys = actix::System::new();
-    let code = sys.block_on(run(opts, ready_pipe));
+    let code = sys.block_on(run(opts, ready_pipe, daemonize));
     ExitCode::from(code)
-}
-
-fn unreachable_parent() -> ! {
-    std::process::exit(0)
 }
 
 /// Forks; the parent waits for one status byte from the child and exits with it. In
 /// the child returns the pipe to report on.
-fn daemonize_now() -> Result<Option<std::fs::File>, String> {
+fn daemonize_now() -> Result<std::fs::File, String> {
     let (r, w) =
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| e.to_string())?;
     // SAFETY: no other thread exists yet (the runtime has not been built), so the child
@@ -196,10 +96,216 @@ fn daemonize_now() -> Result<Option<std::fs::File>, String> {
     }
     drop(r);
     let _ = rustix::process::setsid();
-    Ok(Some(std::fs::File::from(w)))
+    Ok(std::fs::File::from(w))
 }
 
-async fn run(opts: Vec<Opt>, mut ready: Option<std::fs::File>) -> u8 {
+/// Parses a JSON option argument with the QMP parser: exactly one value.
+fn parse_json_arg(text: &str) -> Result<Value, String> {
+    let mut parser = JsonStreamer::new();
+    let items = parser.feed(text.as_bytes());
+    let mut values = Vec::new();
+    for item in items {
+        match item {
+            Ok(v) => values.push(v),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    match values.len() {
+        0 => Err("JSON parse error, premature EOI".to_string()),
+        1 => Ok(values.remove(0)),
+        _ => Err("Expecting at most one JSON value".to_string()),
+    }
+}
+
+/// Checks an option argument against its QAPI type; returns the normalized arguments.
+fn visit(arg: &OptionArg, type_name: &str) -> Result<Map<String, Value>, String> {
+    let (value, json) = match arg {
+        OptionArg::Keyval(v) => (v.clone(), false),
+        OptionArg::Json(text) => (parse_json_arg(text)?, true),
+    };
+    match bulkhead_actors::dispatch::validate_type(type_name, &value, json) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Ok(Map::new()),
+        Err(e) => Err(e.desc),
+    }
+}
+
+struct Startup {
+    supervisor: actix::Addr<SupervisorActor>,
+    front: Front,
+    chardevs: HashMap<String, Chardev>,
+    chardev_ids: HashSet<String>,
+    used_chardevs: HashSet<String>,
+    stdio_used: bool,
+    daemonize: bool,
+    /// Monitors start serving only once every option ran: like qsd, a client that
+    /// connects during start-up gets its greeting when start-up is complete.
+    monitors: Vec<(Chardev, bool)>,
+}
+
+impl Startup {
+    async fn execute(&self, command: &str, args: Map<String, Value>) -> Result<(), String> {
+        match self
+            .supervisor
+            .send(Execute {
+                command: command.into(),
+                args,
+            })
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.desc),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Runs one option; on failure returns the message to print after its location.
+    async fn run_option(&mut self, opt: &CliOption) -> Result<(), String> {
+        let kind = match &opt.parsed {
+            Ok(k) => k,
+            Err(e) => return Err(e.to_string()),
+        };
+        match kind {
+            OptionKind::Blockdev(arg) => {
+                let args = visit(arg, "BlockdevOptions")?;
+                self.execute("blockdev-add", args).await
+            }
+            OptionKind::NbdServer(arg) => {
+                let args = visit(arg, "NbdServerOptions")?;
+                self.execute("nbd-server-start", args).await
+            }
+            OptionKind::Export(arg) => {
+                let args = visit(arg, "BlockExportOptions")?;
+                self.execute("block-export-add", args).await
+            }
+            OptionKind::Object(arg) => {
+                visit(arg, "ObjectOptions")?;
+                Err("bulkhead does not support --object yet".to_string())
+            }
+            OptionKind::ObjectHelp(_) => Err("bulkhead does not support --object yet".to_string()),
+            OptionKind::ChardevHelp { stdout, exit_code } => {
+                print!("{stdout}");
+                let _ = std::io::stdout().flush();
+                std::process::exit(*exit_code);
+            }
+            OptionKind::Chardev(c) => self.chardev(c).await,
+            OptionKind::Monitor(arg) => {
+                let options = match arg {
+                    MonitorArg::Options(o) => o.clone(),
+                    MonitorArg::Json(text) => MonitorOptions::from_json(&parse_json_arg(text)?)
+                        .map_err(|e| e.to_string())?,
+                };
+                self.monitor(options)
+            }
+            OptionKind::Trace(_)
+            | OptionKind::Pidfile(_)
+            | OptionKind::Daemonize
+            | OptionKind::Sandbox(_) => Ok(()),
+        }
+    }
+
+    async fn chardev(&mut self, c: &cli::ChardevOptions) -> Result<(), String> {
+        let is_socket = matches!(c.backend, ChardevBackend::Socket(_));
+        if self.chardev_ids.contains(&c.id) {
+            return Err(if is_socket {
+                "duplicate yank instance".to_string()
+            } else {
+                format!(
+                    "attempt to add duplicate property '{}' to object (type 'container')",
+                    c.id
+                )
+            });
+        }
+        let dev = match &c.backend {
+            ChardevBackend::Stdio { .. } => {
+                if self.daemonize {
+                    return Err("cannot use stdio with -daemonize".to_string());
+                }
+                if self.stdio_used {
+                    return Err("cannot use stdio by multiple character devices".to_string());
+                }
+                self.stdio_used = true;
+                Chardev::Stdio
+            }
+            ChardevBackend::Socket(s) if s.server => match &s.addr {
+                SocketChardevAddr::Unix { path, .. } => {
+                    let mut dev = Chardev::bind(PathBuf::from(path)).map_err(|e| {
+                        let reason = e.raw_os_error().map(bulkhead_actors::supervisor::strerror);
+                        format!(
+                            "Failed to bind socket to {path}: {}",
+                            reason.unwrap_or_else(|| e.to_string())
+                        )
+                    })?;
+                    if s.wait != Some(false) {
+                        // qsd waits for the first client before it goes on with start-up.
+                        eprintln!(
+                            "bulkhead: --chardev {}: info: QEMU waiting for connection on: disconnected:unix:{path},server=on",
+                            c.id
+                        );
+                        if let Chardev::Socket(listener, _, first) = &mut dev {
+                            use interprocess::local_socket::traits::tokio::Listener as _;
+                            *first = listener.accept().await.ok();
+                        }
+                    }
+                    dev
+                }
+                SocketChardevAddr::Fd(fd) => {
+                    let fd = cli::parse_fd_number(fd).map_err(|e| e.to_string())?;
+                    let not_socket = || format!("File descriptor '{fd}' is not a socket");
+                    if fd < 0 {
+                        return Err(not_socket());
+                    }
+                    // SAFETY: the operator passed this descriptor to us for this chardev;
+                    // we take ownership once, after checking it is a listening socket.
+                    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                    if rustix::net::getsockname(&owned).is_err() {
+                        std::mem::forget(owned);
+                        return Err(not_socket());
+                    }
+                    let std = std::os::unix::net::UnixListener::from(owned);
+                    std.set_nonblocking(true).map_err(|e| e.to_string())?;
+                    Chardev::Inherited(
+                        tokio::net::UnixListener::from_std(std).map_err(|e| e.to_string())?,
+                    )
+                }
+                _ => {
+                    return Err("bulkhead supports only Unix socket and stdio chardevs".to_string());
+                }
+            },
+            ChardevBackend::Socket(_) => {
+                return Err("bulkhead supports only server sockets for monitors".to_string());
+            }
+            ChardevBackend::Other(name) => {
+                return Err(format!(
+                    "bulkhead does not support chardev backend '{name}'"
+                ));
+            }
+        };
+        self.chardev_ids.insert(c.id.clone());
+        self.chardevs.insert(c.id.clone(), dev);
+        Ok(())
+    }
+
+    fn monitor(&mut self, o: MonitorOptions) -> Result<(), String> {
+        if !self.chardev_ids.contains(&o.chardev) {
+            return Err(format!("chardev \"{}\" not found", o.chardev));
+        }
+        if self.used_chardevs.contains(&o.chardev) {
+            return Err(format!("chardev '{}' is already in use", o.chardev));
+        }
+        if o.mode == Some(MonitorMode::Readline) {
+            return Err("Only QMP is supported".to_string());
+        }
+        let Some(dev) = self.chardevs.remove(&o.chardev) else {
+            return Err(format!("chardev '{}' is already in use", o.chardev));
+        };
+        self.used_chardevs.insert(o.chardev);
+        self.monitors.push((dev, o.pretty.unwrap_or(false)));
+        Ok(())
+    }
+}
+
+async fn run(opts: Vec<CliOption>, mut ready: Option<std::fs::File>, daemonize: bool) -> u8 {
     let bus = EventBus::default().start();
     let supervisor = SupervisorActor::new(EventSink(bus.clone())).start();
     let (quit_tx, mut quit_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -210,144 +316,112 @@ async fn run(opts: Vec<Opt>, mut ready: Option<std::fs::File>) -> u8 {
             let _ = quit_tx.send(());
         }),
     };
-
-    let mut chardevs: HashMap<String, Chardev> = HashMap::new();
-    let mut pidfile = None;
-    let fail = |given: &str, msg: &str| {
-        eprintln!("bulkhead: {given}: {msg}");
-        1u8
+    let mut startup = Startup {
+        supervisor: supervisor.clone(),
+        front,
+        chardevs: HashMap::new(),
+        chardev_ids: HashSet::new(),
+        used_chardevs: HashSet::new(),
+        stdio_used: false,
+        daemonize,
+        monitors: Vec::new(),
     };
-    for opt in opts {
-        match opt {
-            Opt::Chardev { id, backend, given } => {
-                let dev = match backend {
-                    ChardevBackend::Stdio => Chardev::Stdio,
-                    ChardevBackend::Socket(path) => match Chardev::bind(path.clone()) {
-                        Ok(d) => d,
-                        Err(e) => {
-                            return finish(
-                                &supervisor,
-                                fail(
-                                    &format!("--chardev {given}"),
-                                    &format!("Failed to bind socket to {}: {e}", path.display()),
-                                ),
-                                &pidfile,
-                                ready,
-                            )
-                            .await;
-                        }
-                    },
-                };
-                chardevs.insert(id, dev);
-            }
-            Opt::Monitor {
-                chardev,
-                pretty,
-                given,
-            } => {
-                let Some(dev) = chardevs.remove(&chardev) else {
-                    return finish(
-                        &supervisor,
-                        fail(
-                            &format!("--monitor {given}"),
-                            &format!("chardev \"{chardev}\" not found"),
-                        ),
-                        &pidfile,
-                        ready,
-                    )
-                    .await;
-                };
-                let f = front.clone();
-                tokio::task::spawn_local(async move { front::run_monitor(dev, pretty, f).await });
-            }
-            Opt::Blockdev { options, given } => {
-                let Value::Object(args) = options else {
-                    continue;
-                };
-                let args = match bulkhead_actors::dispatch::validate("blockdev-add", &args) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        return finish(
-                            &supervisor,
-                            fail(&format!("--blockdev {given}"), &e.desc),
-                            &pidfile,
-                            ready,
-                        )
-                        .await;
-                    }
-                };
-                match supervisor
-                    .send(Execute {
-                        command: "blockdev-add".into(),
-                        args,
-                    })
-                    .await
-                {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        return finish(
-                            &supervisor,
-                            fail(&format!("--blockdev {given}"), &e.desc),
-                            &pidfile,
-                            ready,
-                        )
-                        .await;
-                    }
-                    Err(e) => {
-                        return finish(
-                            &supervisor,
-                            fail(&format!("--blockdev {given}"), &e.to_string()),
-                            &pidfile,
-                            ready,
-                        )
-                        .await;
-                    }
-                }
-            }
-            Opt::Pidfile(p) => pidfile = Some(p),
-            Opt::Daemonize => {}
+    let mut pidfile = None;
+    for opt in &opts {
+        for w in &opt.warnings {
+            eprintln!("{}", cli::diagnostic(&opt.given, w));
+        }
+        if let Ok(OptionKind::Pidfile(p)) = &opt.parsed {
+            pidfile = Some(PathBuf::from(p));
+        }
+        if let Some(text) = opt.error_text() {
+            eprintln!("{text}");
+            return finish(&supervisor, 1, &None, ready).await;
+        }
+        if let Err(msg) = startup.run_option(opt).await {
+            eprintln!("{}", cli::diagnostic(&opt.given, &msg));
+            return finish(&supervisor, 1, &None, ready).await;
         }
     }
     if let Some(p) = &pidfile
-        && let Err(e) = std::fs::write(p, format!("{}\n", std::process::id()))
+        && let Err(e) = write_pidfile(p)
     {
-        return finish(
-            &supervisor,
-            fail(
-                &format!("--pidfile {}", p.display()),
-                &format!("Cannot write pid file: {e}"),
-            ),
-            &None,
-            ready,
-        )
-        .await;
+        eprintln!("bulkhead: cannot create PID file: {e}");
+        return finish(&supervisor, 1, &None, ready).await;
     }
     if let Some(mut w) = ready.take() {
         let _ = w.write_all(&[0]);
-        // Detach stdio like a daemon: the parent has exited.
-        if let Ok(null) = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/null")
-        {
-            use std::os::fd::AsRawFd;
-            for target in 0..3 {
-                // SAFETY: dup2 onto the standard descriptors, which we own.
-                unsafe { libc::dup2(null.as_raw_fd(), target) };
-            }
-        }
+        detach_stdio();
+    }
+    for (dev, pretty) in std::mem::take(&mut startup.monitors) {
+        let f = startup.front.clone();
+        tokio::task::spawn_local(async move { front::run_monitor(dev, pretty, f).await });
     }
 
     let mut term = signal(tokio::signal::unix::SignalKind::terminate());
     let mut int = signal(tokio::signal::unix::SignalKind::interrupt());
     let mut hup = signal(tokio::signal::unix::SignalKind::hangup());
-    tokio::select! {
-        _ = quit_rx.recv() => {}
-        _ = recv(&mut term) => {}
-        _ = recv(&mut int) => {}
-        _ = recv(&mut hup) => {}
+    let quit_by_signal = tokio::select! {
+        _ = quit_rx.recv() => false,
+        _ = recv(&mut term) => true,
+        _ = recv(&mut int) => true,
+        _ = recv(&mut hup) => true,
+    };
+    if quit_by_signal {
+        // Like qsd: exports are deleted (with their events) before exiting.
+        let _ = supervisor
+            .send(Execute {
+                command: "quit".into(),
+                args: Map::new(),
+            })
+            .await;
     }
     finish(&supervisor, 0, &pidfile, None).await
+}
+
+/// Writes our pid to `path`, refusing if another live process holds the file's lock
+/// (as qsd does with `qemu_write_pidfile`).
+fn write_pidfile(path: &PathBuf) -> Result<(), String> {
+    let could_not = |e: std::io::Error| {
+        let reason = e
+            .raw_os_error()
+            .map(bulkhead_actors::supervisor::strerror)
+            .unwrap_or_else(|| e.to_string());
+        format!("Could not create '{}': {reason}", path.display())
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(could_not)?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+        format!(
+            "Cannot lock pid file '{}': Resource temporarily unavailable",
+            path.display()
+        )
+    })?;
+    f.set_len(0).map_err(could_not)?;
+    f.write_all(format!("{}\n", std::process::id()).as_bytes())
+        .map_err(could_not)?;
+    // The lock lives as long as the descriptor: keep it open until exit.
+    std::mem::forget(f);
+    Ok(())
+}
+
+/// After daemonizing: the parent has exited, so stdio goes to /dev/null.
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for target in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors, which this process owns.
+            unsafe { libc::dup2(null.as_raw_fd(), target) };
+        }
+    }
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> Option<tokio::signal::unix::Signal> {

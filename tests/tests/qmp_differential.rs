@@ -618,7 +618,6 @@ fn exports_script() -> Script {
 }
 
 #[test]
-#[ignore = "needs NBD exports, issue 3"]
 fn nbd_export_lifecycle_and_its_events_match_qsd_byte_for_byte() {
     if let Err(report) = differential(&exports_script()) {
         panic!("{report}");

@@ -244,7 +244,6 @@ fn sigkill_of_the_supervisor_leaves_no_worker_alive() {
 }
 
 #[test]
-#[ignore = "needs NBD exports, issue 3"]
 fn an_nbd_export_runs_in_one_nbd_worker_process() {
     let daemon = start_with_file_raw_null();
     let supervisor = daemon.pid();

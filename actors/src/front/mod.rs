@@ -42,8 +42,15 @@ pub fn render(v: &Value, pretty: bool) -> Vec<u8> {
 /// Where a monitor talks to its clients.
 #[derive(Debug)]
 pub enum Chardev {
-    /// A listening Unix socket we created at this path.
-    Socket(interprocess::local_socket::tokio::Listener, PathBuf),
+    /// A listening Unix socket we created at this path, with the first client if start-up
+    /// already waited for it (`wait=on`).
+    Socket(
+        interprocess::local_socket::tokio::Listener,
+        PathBuf,
+        Option<interprocess::local_socket::tokio::Stream>,
+    ),
+    /// A listening Unix socket inherited as a descriptor (`fd=N`).
+    Inherited(tokio::net::UnixListener),
     /// The daemon's standard input and output.
     Stdio,
 }
@@ -56,7 +63,7 @@ impl Chardev {
             .name(name)
             .try_overwrite(true)
             .create_tokio()?;
-        Ok(Chardev::Socket(listener, path))
+        Ok(Chardev::Socket(listener, path, None))
     }
 }
 
@@ -118,8 +125,12 @@ static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 /// Runs a monitor until its chardev closes: serves one client after another.
 pub async fn run_monitor(chardev: Chardev, pretty: bool, front: Front) {
     match chardev {
-        Chardev::Socket(listener, path) => loop {
-            match listener.accept().await {
+        Chardev::Socket(listener, path, mut first) => loop {
+            let next = match first.take() {
+                Some(stream) => Ok(stream),
+                None => listener.accept().await,
+            };
+            match next {
                 Ok(stream) => {
                     let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
                     let stream = std::rc::Rc::new(stream);
@@ -128,6 +139,19 @@ pub async fn run_monitor(chardev: Chardev, pretty: bool, front: Front) {
                 }
                 Err(e) => {
                     tracing::error!(socket = %path.display(), error = %e, "monitor accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        },
+        Chardev::Inherited(listener) => loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+                    let (r, w) = stream.into_split();
+                    session::run(id, r, w, pretty, &front).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "monitor accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             }

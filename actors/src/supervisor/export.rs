@@ -176,18 +176,25 @@ impl Core {
             return Err(QmpError::generic("NBD server not running"));
         }
         self.delete_all_exports().await;
-        if let Some(w) = self.workers.get(&WorkerKind::Nbd) {
-            let _ = w.call(ToWorker::NbdServerStop, &[]).await;
-        }
         self.nbd = None;
         Ok(json!({}))
     }
 
-    /// Deletes every export (nbd-server-stop, quit), one BLOCK_EXPORT_DELETED each.
+    /// Deletes every export and stops the NBD server (nbd-server-stop, quit), one
+    /// BLOCK_EXPORT_DELETED each, all before the command's reply. Like qsd, exports
+    /// without clients go first (newest first); then the server stops, which waits for
+    /// the clients it disconnects, and the exports they held go last.
     pub(super) async fn delete_all_exports(&mut self) {
         let ids: Vec<String> = self.exports.iter().map(|e| e.id.clone()).collect();
         for id in ids {
             let _ = self.remove_export(&id, true, false).await;
+        }
+        if let Some(w) = self.workers.get(&WorkerKind::Nbd) {
+            let _ = w.call(ToWorker::NbdServerStop, &[]).await;
+        }
+        let deferred: Vec<String> = self.exports.iter().map(|e| e.id.clone()).collect();
+        for id in deferred {
+            self.finish_export_removal(&id).await;
         }
     }
 

@@ -88,8 +88,10 @@ impl NbdWorker {
                 Ok(Reply::Done)
             }
             ToWorker::NbdServerStop => {
+                // Answer once every client is gone, so the supervisor can report their
+                // exports deleted before its reply (the disconnects are immediate).
                 if let Some(server) = self.server.take() {
-                    tokio::spawn(async move { server.shutdown().await });
+                    server.shutdown().await;
                 }
                 Ok(Reply::Done)
             }
