@@ -137,8 +137,11 @@ impl NbdWorker {
                 } else {
                     RemoveMode::Safe
                 };
+                // Like qsd, an export whose clients had to be disconnected is deleted
+                // after the command's reply, however fast the disconnect is.
+                let had_clients = server.client_count(&name).unwrap_or(0) > 0;
                 let removal = server.remove_export(&name, mode).map_err(export_error)?;
-                if removal.is_finished() {
+                if !had_clients {
                     return Ok(Reply::ExportRemoved { deferred: false });
                 }
                 let control = Arc::clone(&self.control);
