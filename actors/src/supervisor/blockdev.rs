@@ -427,13 +427,14 @@ impl Core {
             .graph
             .get(name)
             .ok_or_else(|| QmpError::generic("node vanished"))?;
-        let child = match node.child.as_deref().and_then(|c| self.graph.get(c)) {
-            Some(c) => Some(NodeRef {
+        let child = node
+            .child
+            .as_deref()
+            .and_then(|c| self.graph.get(c))
+            .map(|c| NodeRef {
                 node: c.id,
                 home: c.driver.worker(),
-            }),
-            None => None,
-        };
+            });
         let fd = match &node.image {
             Some(f) => Some(fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?),
             None => None,

@@ -175,10 +175,10 @@ impl Core {
     /// live in it, a replacement is started and their state replayed, within a budget
     /// of [`RESTART_BUDGET`] restarts per [`RESTART_WINDOW`].
     pub async fn worker_died(&mut self, died: &WorkerDied) {
-        if !self
+        if self
             .workers
             .get(&died.kind)
-            .is_some_and(|w| w.pid() == died.pid)
+            .is_none_or(|w| w.pid() != died.pid)
         {
             return;
         }

@@ -129,7 +129,7 @@ impl DriverWorker {
                 })?;
                 self.peers
                     .entry(peer)
-                    .or_insert_with(Peer::new)
+                    .or_default()
                     .attach(generation, client);
                 Ok(Reply::Done)
             }

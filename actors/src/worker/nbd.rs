@@ -63,7 +63,7 @@ impl NbdWorker {
                 })?;
                 self.peers
                     .entry(peer)
-                    .or_insert_with(Peer::new)
+                    .or_default()
                     .attach(generation, client);
                 Ok(Reply::Done)
             }
