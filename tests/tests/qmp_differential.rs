@@ -75,7 +75,8 @@ fn command_names(output: &StepOutput) -> Result<Vec<String>, String> {
 }
 
 /// query-commands is not compared byte for byte: bulkhead lists what it implements. It must
-/// list every implemented command, only commands qsd has, each once.
+/// list every implemented command, only commands qsd has (or bulkhead's own, named
+/// `x-bulkhead-*`), each once.
 fn check_query_commands(reference: &StepOutput, tested: &StepOutput) -> Result<(), String> {
     let qsd = command_names(reference).map_err(|e| format!("qsd: {e}"))?;
     let ours = command_names(tested)?;
@@ -83,7 +84,10 @@ fn check_query_commands(reference: &StepOutput, tested: &StepOutput) -> Result<(
         .iter()
         .filter(|c| !ours.iter().any(|o| o == *c))
         .collect();
-    let unknown: Vec<&String> = ours.iter().filter(|o| !qsd.contains(o)).collect();
+    let unknown: Vec<&String> = ours
+        .iter()
+        .filter(|o| !qsd.contains(o) && !o.starts_with("x-bulkhead-"))
+        .collect();
     let mut sorted = ours.clone();
     sorted.sort();
     sorted.dedup();

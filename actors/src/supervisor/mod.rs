@@ -64,6 +64,7 @@ pub const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "x-bulkhead-query-workers",
 ];
 
 /// Most restarts of one worker kind within [`RESTART_WINDOW`].
@@ -161,6 +162,7 @@ impl Core {
             "block-export-add" => self.block_export_add(&args).await?,
             "block-export-del" => self.block_export_del(&args).await?,
             "query-block-exports" => self.query_block_exports(),
+            "x-bulkhead-query-workers" => self.query_workers(),
             other => {
                 return Err(QmpError {
                     class: ErrorClass::CommandNotFound,
@@ -298,6 +300,40 @@ impl Core {
     /// The daemon is exiting: stop replacing workers.
     pub fn stop(&mut self) {
         self.stopping = true;
+    }
+
+    /// `x-bulkhead-query-workers`: every running worker, by kind.
+    fn query_workers(&self) -> Value {
+        let mut kinds: Vec<_> = self.workers.keys().copied().collect();
+        kinds.sort();
+        let list = kinds
+            .into_iter()
+            .filter_map(|k| self.workers.get(&k))
+            .map(|w| {
+                let kind = w.kind();
+                let nodes: Vec<&str> = self
+                    .graph
+                    .iter()
+                    .filter(|n| n.driver.worker() == kind)
+                    .map(|n| n.name.as_str())
+                    .collect();
+                let exports: Vec<&str> = if kind == WorkerKind::Nbd {
+                    self.exports.iter().map(|e| e.id.as_str()).collect()
+                } else {
+                    Vec::new()
+                };
+                json!({
+                    "kind": kind.as_str(),
+                    "pid": w.pid(),
+                    "generation": self.generation(kind),
+                    "restarts": self.restart_count(kind),
+                    "nodes": nodes,
+                    "exports": exports,
+                    "sandbox": w.sandbox(),
+                })
+            })
+            .collect();
+        Value::Array(list)
     }
 
     /// A worker reported something unasked.

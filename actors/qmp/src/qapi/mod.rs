@@ -214,7 +214,9 @@ mod tests {
         let schema = Schema::load();
         assert!(schema.is_ok(), "{:?}", schema.err());
         let schema = Schema::get();
-        assert_eq!(schema.command_names().count(), 76);
+        // qsd 10.0.2's 76 commands plus bulkhead's own x-bulkhead-query-workers.
+        assert_eq!(schema.command_names().count(), 77);
+        assert!(schema.command("x-bulkhead-query-workers").is_some());
         for name in schema.command_names() {
             let cmd = schema.command(name);
             assert_eq!(cmd.map(|c| c.name.as_str()), Some(name));

@@ -30,6 +30,7 @@ pub(crate) const FILES: &[(&str, &str)] = &[
     ("control.json", include_str!("schema/control.json")),
     ("transaction.json", include_str!("schema/transaction.json")),
     ("qom.json", include_str!("schema/qom.json")),
+    ("bulkhead.json", include_str!("schema/bulkhead.json")),
 ];
 
 /// A reference to a type: a named type or a list of a named type (`['Name']`).
