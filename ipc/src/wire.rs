@@ -137,23 +137,15 @@ pub enum ToWorker {
         max_connections: u32,
         /// Seconds a client may take to finish the handshake; 0 = no limit.
         handshake_max_seconds: u32,
+        /// Exports to add before the first client is accepted (a restarted worker gets
+        /// all of them here, so a reconnecting client never finds its export missing).
+        exports: Vec<NbdExport>,
     },
     /// NBD worker: stop listening and drop every export and client.
     NbdServerStop,
     /// NBD worker: export a node. The supervisor has already checked names, sizes and
     /// permissions; the worker only refuses what it alone can know.
-    NbdExportAdd {
-        /// The NBD export name.
-        name: String,
-        /// Its description.
-        description: Option<String>,
-        /// Clients may write.
-        writable: bool,
-        /// Offer `qemu:allocation-depth`.
-        allocation_depth: bool,
-        /// The exported node.
-        node: NodeRef,
-    },
+    NbdExportAdd(NbdExport),
     /// NBD worker: remove an export. Safe mode fails with `InUse` while clients are
     /// attached; hard mode drops them and reports `ExportRemoved { deferred: true }` if
     /// any were, followed later by `WorkerEvent::ExportGone`.
@@ -163,6 +155,21 @@ pub enum ToWorker {
         /// Drop attached clients.
         hard: bool,
     },
+}
+
+/// One NBD export as the NBD worker needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdExport {
+    /// The NBD export name.
+    pub name: String,
+    /// Its description.
+    pub description: Option<String>,
+    /// Clients may write.
+    pub writable: bool,
+    /// Offer `qemu:allocation-depth`.
+    pub allocation_depth: bool,
+    /// The exported node.
+    pub node: NodeRef,
 }
 
 /// A message from a worker to the supervisor.

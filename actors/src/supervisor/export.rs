@@ -9,7 +9,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use bulkhead_ipc::wire::{NodeRef, Reply, ToWorker, WorkerErrorKind, WorkerKind};
+use bulkhead_ipc::wire::{NbdExport, NodeRef, Reply, ToWorker, WorkerErrorKind, WorkerKind};
 use serde_json::{Map, Value, json};
 
 use super::workers::CallError;
@@ -158,6 +158,7 @@ impl Core {
             ToWorker::NbdServerStart {
                 max_connections,
                 handshake_max_seconds: handshake,
+                exports: Vec::new(),
             },
             &[copy.as_fd()],
         )
@@ -273,13 +274,13 @@ impl Core {
         self.connect(WorkerKind::Nbd, target.home).await?;
         let w = self.worker(WorkerKind::Nbd).await?;
         w.call(
-            ToWorker::NbdExportAdd {
+            ToWorker::NbdExportAdd(NbdExport {
                 name: name.clone(),
                 description: description.clone(),
                 writable,
                 allocation_depth,
                 node: target,
-            },
+            }),
             &[],
         )
         .await
@@ -430,14 +431,8 @@ impl Core {
         };
         let listener = bulkhead_ipc::fd::dup(&server.listener)
             .map_err(|e| QmpError::generic(e.to_string()))?;
-        let start = ToWorker::NbdServerStart {
-            max_connections: server.max_connections,
-            handshake_max_seconds: server.handshake_max_seconds,
-        };
-        let w = self.worker(WorkerKind::Nbd).await?;
-        w.call(start, &[listener.as_fd()])
-            .await
-            .map_err(call_error)?;
+        let (max_connections, handshake_max_seconds) =
+            (server.max_connections, server.handshake_max_seconds);
         let gone: Vec<String> = self
             .exports
             .iter()
@@ -447,6 +442,9 @@ impl Core {
         for id in gone {
             self.finish_export_removal(&id).await;
         }
+        // Every export goes with the start message, so the worker accepts its first
+        // (reconnecting) client only once all of them exist.
+        let mut exports = Vec::new();
         for e in self.exports.clone().into_iter().rev() {
             let Some(node) = self.graph.get(&e.node) else {
                 continue;
@@ -456,16 +454,23 @@ impl Core {
                 home: node.driver.worker(),
             };
             self.connect(WorkerKind::Nbd, target.home).await?;
-            let body = ToWorker::NbdExportAdd {
+            exports.push(NbdExport {
                 name: e.nbd_name.clone(),
                 description: e.description.clone(),
                 writable: e.writable,
                 allocation_depth: e.allocation_depth,
                 node: target,
-            };
-            let w = self.worker(WorkerKind::Nbd).await?;
-            w.call(body, &[]).await.map_err(call_error)?;
+            });
         }
+        let start = ToWorker::NbdServerStart {
+            max_connections,
+            handshake_max_seconds,
+            exports,
+        };
+        let w = self.worker(WorkerKind::Nbd).await?;
+        w.call(start, &[listener.as_fd()])
+            .await
+            .map_err(call_error)?;
         Ok(())
     }
 

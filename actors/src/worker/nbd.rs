@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::data::{DataClient, Peer};
 use bulkhead_ipc::wire::{
-    FromWorker, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent, WorkerKind,
+    FromWorker, NbdExport, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent, WorkerKind,
 };
 use bulkhead_nbd::server::{ExportConfig, ExportError, NbdServer, RemoveMode, ServerConfig};
 
@@ -34,6 +34,33 @@ impl NbdWorker {
             peers: HashMap::new(),
             control,
         }
+    }
+
+    async fn add_export(&self, server: &NbdServer, export: NbdExport) -> Result<(), WorkerError> {
+        let node = export.node;
+        let peer = self.peers.get(&node.home).ok_or_else(|| {
+            err(
+                WorkerErrorKind::NotFound,
+                libc::ENOENT,
+                format!("no channel to {}", node.home),
+            )
+        })?;
+        let backend = peer.node(node.node).await.map_err(|e| {
+            err(
+                WorkerErrorKind::Io,
+                e.errno(),
+                format!("exported node: {e}"),
+            )
+        })?;
+        let config = ExportConfig {
+            name: export.name,
+            description: export.description,
+            writable: export.writable,
+            allocation_depth: export.allocation_depth,
+        };
+        server
+            .add_export(config, Arc::new(backend))
+            .map_err(export_error)
     }
 
     fn server(&self) -> Result<&Arc<NbdServer>, WorkerError> {
@@ -70,6 +97,7 @@ impl NbdWorker {
             ToWorker::NbdServerStart {
                 max_connections,
                 handshake_max_seconds,
+                exports,
             } => {
                 if self.server.is_some() {
                     return Err(err(
@@ -83,6 +111,10 @@ impl NbdWorker {
                     max_connections,
                     handshake_max_seconds,
                 }));
+                // Every export exists before the first client is accepted.
+                for export in exports {
+                    self.add_export(&server, export).await?;
+                }
                 spawn_listener(Arc::clone(&server), listener)?;
                 self.server = Some(server);
                 Ok(Reply::Done)
@@ -95,39 +127,9 @@ impl NbdWorker {
                 }
                 Ok(Reply::Done)
             }
-            ToWorker::NbdExportAdd {
-                name,
-                description,
-                writable,
-                allocation_depth,
-                node,
-            } => {
+            ToWorker::NbdExportAdd(export) => {
                 let server = Arc::clone(self.server()?);
-                let peer = self.peers.get(&node.home).ok_or_else(|| {
-                    err(
-                        WorkerErrorKind::NotFound,
-                        libc::ENOENT,
-                        format!("no channel to {}", node.home),
-                    )
-                })?;
-                let backend = peer.node(node.node).await.map_err(|e| {
-                    err(
-                        WorkerErrorKind::Io,
-                        e.errno(),
-                        format!("exported node: {e}"),
-                    )
-                })?;
-                server
-                    .add_export(
-                        ExportConfig {
-                            name,
-                            description,
-                            writable,
-                            allocation_depth,
-                        },
-                        Arc::new(backend),
-                    )
-                    .map_err(export_error)?;
+                self.add_export(&server, export).await?;
                 Ok(Reply::Done)
             }
             ToWorker::NbdExportRemove { name, hard } => {

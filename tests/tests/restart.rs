@@ -1,0 +1,286 @@
+//! Crash-restartable workers: SIGKILL of the NBD worker and of each driver worker while
+//! QEMU's NBD client writes a verifiable pattern. Every write the client saw
+//! acknowledged must be in the image afterwards (compared with `qemu-img compare`
+//! against the same writes applied directly), and a QMP client connected throughout
+//! sees only normal replies. bulkhead only; qsd has no workers to kill.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bulkhead_systests::procs;
+use bulkhead_systests::{Daemon, DaemonKind, QmpConnection, TempDir};
+use serde_json::{Value, json};
+
+const IMAGE_SIZE: u64 = 64 << 20;
+const BLOCK: u64 = 64 << 10;
+/// Writes per round, so a kill lands while the client is busy.
+const WRITES_PER_ROUND: u64 = 48;
+const ROUNDS: u64 = 24;
+
+/// Both tests set `BULKHEAD_RESTART_BUDGET` for the daemon they start; run them one at
+/// a time so each daemon sees its own value.
+static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn sparse_file(path: &Path, size: u64) {
+    if let Err(e) = File::create(path).and_then(|f| f.set_len(size)) {
+        panic!("cannot create {}: {e}", path.display());
+    }
+}
+
+fn start(dir: TempDir, budget: &str) -> Daemon {
+    sparse_file(&dir.path().join("disk.img"), IMAGE_SIZE);
+    let args: Vec<String> = [
+        "--blockdev",
+        "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=raw,node-name=raw0,file=file0",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=e0,node-name=raw0,writable=on",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    // The kill loop kills each worker eight times within a minute, past the default
+    // budget of five; the budget itself is tested below.
+    // SAFETY: callers hold ENV_LOCK, so no other test thread touches the environment
+    // while it changes.
+    unsafe { std::env::set_var("BULKHEAD_RESTART_BUDGET", budget) };
+    match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The pid of the supervisor's worker of `kind`, waiting for it to exist.
+fn worker_pid(supervisor: u32, kind: &str, not: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = procs::children(supervisor).into_iter().find(|p| {
+            matches!(p.argv.as_slice(), [_, w, f, k, ..] if w == "worker" && f == "--kind" && k == kind)
+                && Some(p.pid) != not
+        });
+        if let Some(p) = found {
+            return p.pid;
+        }
+        assert!(Instant::now() < deadline, "no {kind} worker appeared");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn writes_for(round: u64) -> Vec<(u64, u8)> {
+    let pattern = (round % 250) as u8 + 1;
+    let blocks = IMAGE_SIZE / BLOCK;
+    let mut writes: Vec<(u64, u8)> = (0..WRITES_PER_ROUND)
+        .map(|j| {
+            (
+                ((round * WRITES_PER_ROUND + j) * 7 % blocks) * BLOCK,
+                pattern,
+            )
+        })
+        .collect();
+    // Overwrite something an earlier round wrote, so a stale replay would show.
+    if round > 0 {
+        writes.push((
+            ((round - 1) * WRITES_PER_ROUND * 7 % blocks) * BLOCK,
+            pattern,
+        ));
+    }
+    writes
+}
+
+fn qemu_io(args: &[String]) -> Command {
+    let mut c = Command::new("qemu-io");
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn write_commands(writes: &[(u64, u8)]) -> Vec<String> {
+    let mut args = Vec::new();
+    for (offset, pattern) in writes {
+        args.push("-c".to_string());
+        args.push(format!("write -P {pattern} {offset} {BLOCK}"));
+    }
+    args
+}
+
+fn nbd_client(dir: &Path, writes: &[(u64, u8)]) -> Child {
+    let mut args = vec![
+        "--image-opts".to_string(),
+        format!(
+            "driver=nbd,server.type=unix,server.path={},export=raw0,reconnect-delay=30,open-timeout=30",
+            dir.join("nbd.sock").display()
+        ),
+    ];
+    args.extend(write_commands(writes));
+    match qemu_io(&args).spawn() {
+        Ok(c) => c,
+        Err(e) => panic!("cannot run qemu-io (install qemu-utils): {e}"),
+    }
+}
+
+fn wait_ok(child: Child, what: &str) {
+    let out = match child.wait_with_output() {
+        Ok(o) => o,
+        Err(e) => panic!("{what}: {e}"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
+    assert!(
+        !text.contains("error") && !text.contains("failed"),
+        "{what} reported errors:\n{text}"
+    );
+}
+
+fn exports(qmp: &mut QmpConnection) -> Value {
+    match qmp.execute("query-block-exports", None) {
+        Ok(reply) => reply["return"].clone(),
+        Err(e) => panic!("QMP stopped answering: {e}"),
+    }
+}
+
+#[test]
+fn sigkill_of_any_worker_loses_no_acknowledged_write() {
+    let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = match TempDir::new("bulkhead-restart") {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let daemon = start(dir, "1000");
+    let d = daemon.dir().to_path_buf();
+    sparse_file(&d.join("expected.img"), IMAGE_SIZE);
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}\n{}", daemon.stderr()),
+    };
+    let supervisor = daemon.pid();
+    let kinds = ["nbd", "raw", "file"];
+    let normal = json!([{"node-name": "raw0", "shutting-down": false, "type": "nbd", "id": "e0"}]);
+    for round in 0..ROUNDS {
+        let kind = kinds[(round % 3) as usize];
+        let victim = worker_pid(supervisor, kind, None);
+        let writes = writes_for(round);
+        let client = nbd_client(&d, &writes);
+        // Let the client get going, then kill the worker under it.
+        thread::sleep(Duration::from_millis(20 + 15 * (round % 4)));
+        // SAFETY: plain kill(2) of a pid we just read from /proc as our child's child.
+        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        wait_ok(
+            client,
+            &format!("round {round}: qemu-io while the {kind} worker was killed"),
+        );
+        // The same writes, applied directly: the expected image.
+        let mut args = vec![
+            "-f".to_string(),
+            "raw".to_string(),
+            d.join("expected.img").display().to_string(),
+        ];
+        let cmds = write_commands(&writes);
+        args.splice(0..0, cmds);
+        wait_ok(
+            match qemu_io(&args).spawn() {
+                Ok(c) => c,
+                Err(e) => panic!("{e}"),
+            },
+            "qemu-io on the expected image",
+        );
+        let replacement = worker_pid(supervisor, kind, Some(victim));
+        assert_ne!(replacement, victim);
+        assert_eq!(
+            exports(&mut qmp),
+            normal,
+            "round {round}: the export must survive"
+        );
+    }
+    let workers = match qmp.execute("x-bulkhead-query-workers", None) {
+        Ok(w) => w,
+        Err(e) => panic!("{e}"),
+    };
+    for kind in kinds {
+        let restarts = workers["return"]
+            .as_array()
+            .and_then(|l| l.iter().find(|w| w["kind"] == kind))
+            .map(|w| w["restarts"].clone());
+        assert_eq!(
+            restarts,
+            Some(json!(ROUNDS / 3)),
+            "restarts of {kind}: {workers}"
+        );
+    }
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(d.join("disk.img"))
+        .arg(d.join("expected.img"))
+        .output();
+    match out {
+        Ok(o) => assert!(
+            o.status.success(),
+            "image differs from the acknowledged writes:\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => panic!("cannot run qemu-img: {e}"),
+    }
+}
+
+#[test]
+fn a_worker_that_keeps_dying_has_its_export_deleted_after_the_budget() {
+    let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = match TempDir::new("bulkhead-budget") {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let daemon = start(dir, "3");
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}\n{}", daemon.stderr()),
+    };
+    let supervisor = daemon.pid();
+    let mut last = None;
+    for _ in 0..4 {
+        let pid = worker_pid(supervisor, "raw", last);
+        // SAFETY: kill(2) of our child's child, read from /proc just now.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        last = Some(pid);
+        thread::sleep(Duration::from_millis(1500));
+    }
+    // The fourth death exceeds a budget of three: the export goes, with its event.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = exports(&mut qmp);
+        if reply == json!([]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "export still there: {reply}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let events = qmp.take_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "BLOCK_EXPORT_DELETED" && e["data"]["id"] == "e0"),
+        "no BLOCK_EXPORT_DELETED in {events:?}"
+    );
+    assert_eq!(
+        qmp.execute("query-version", None)
+            .ok()
+            .map(|v| v["return"]["package"].is_string()),
+        Some(true),
+        "the supervisor must be unharmed"
+    );
+}
