@@ -482,3 +482,202 @@ read 4096/4096 bytes at offset 6291456
 read 512/512 bytes at offset 7340032
 read 1048064/1048064 bytes at offset 7340544
 ";
+
+// ---------------------------------------------------------------------------------------
+// Copies
+
+/// Compares two files with cmp(1): equal contents and length, or the test fails with cmp's
+/// report.
+fn assert_same_file(a: &Path, b: &Path, what: &str) {
+    let (a, b) = (a.to_string_lossy(), b.to_string_lossy());
+    let output = run("cmp", &[&a, &b]);
+    assert!(
+        output.status.success(),
+        "{what}: cmp {a} {b} ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn nbdcopy_and_qemu_img_convert_round_trips_are_byte_for_byte() {
+    let prepare = |dir: &Path| {
+        make_image(
+            dir,
+            "src.img",
+            32 << 20,
+            &[
+                "write -P 0xa5 0 1M",
+                "write -P 0x3c 5M 7M",
+                "write -P 0x01 31M 1M",
+            ],
+        );
+        make_image(dir, "dst.img", 32 << 20, &["write -P 0xff 0 32M"]);
+    };
+    let args = [
+        "--blockdev",
+        "driver=file,node-name=fsrc,filename=$DIR/src.img",
+        "--blockdev",
+        "driver=raw,node-name=src,file=fsrc",
+        "--blockdev",
+        "driver=file,node-name=fdst,filename=$DIR/dst.img",
+        "--blockdev",
+        "driver=raw,node-name=dst,file=fdst",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=esrc,node-name=src,name=src",
+        "--export",
+        "type=nbd,id=edst,node-name=dst,name=dst,writable=on",
+    ];
+    let s = Served::start(under_test(), &prepare, &args);
+    let (src, dst) = (s.file("src.img"), s.file("dst.img"));
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+
+    let out1 = s.file("out1.img");
+    run_ok("nbdcopy", &[&s.uri("src"), &path(&out1)]);
+    assert_same_file(&src, &out1, "nbdcopy export -> file");
+    let out2 = s.file("out2.img");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &s.uri("src"),
+            &path(&out2),
+        ],
+    );
+    assert_same_file(&src, &out2, "qemu-img convert export -> file");
+
+    run_ok("nbdcopy", &[&path(&src), &s.uri("dst")]);
+    assert_same_file(&src, &dst, "nbdcopy file -> export over 0xff");
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 0 32M", &s.uri("dst")],
+    );
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &path(&src),
+            &s.uri("dst"),
+        ],
+    );
+    assert_same_file(&src, &dst, "qemu-img convert -n file -> export over 0x77");
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 0 32M", &s.uri("dst")],
+    );
+    run_ok(
+        "nbdcopy",
+        &["--connections=4", &s.uri("src"), &s.uri("dst")],
+    );
+    assert_same_file(&src, &dst, "nbdcopy export -> export, 4 connections");
+}
+
+// ---------------------------------------------------------------------------------------
+// Many clients
+
+/// Child processes killed (and reaped) on drop, so a failing test leaves none behind.
+struct Children(Vec<(usize, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn sixty_four_qemu_io_clients_at_once_write_disjoint_regions_correctly() {
+    const CLIENTS: usize = 64;
+    let prepare = |dir: &Path| {
+        make_image(dir, "disk.img", (CLIENTS as u64) << 20, &[]);
+    };
+    let args = [
+        "--blockdev",
+        "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=raw,node-name=raw0,file=file0",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=e0,node-name=raw0,name=exp,writable=on",
+    ];
+    let s = Served::start(under_test(), &prepare, &args);
+    let uri = s.uri("exp");
+    let mut children = Children(Vec::new());
+    for i in 0..CLIENTS {
+        let write = format!("write -P {} {i}M 1M", i + 1);
+        let read = format!("read -P {} {i}M 1M", i + 1);
+        let child = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", &write, "-c", &read, &uri])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        match child {
+            Ok(child) => children.0.push((i, child)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                panic!(
+                    "qemu-io is not installed (install {})",
+                    package_of("qemu-io")
+                )
+            }
+            Err(e) => panic!("cannot start qemu-io client {i}: {e}"),
+        }
+    }
+    let mut failures = Vec::new();
+    for (i, child) in std::mem::take(&mut children.0) {
+        let offset = i << 20;
+        let expected = format!(
+            "wrote 1048576/1048576 bytes at offset {offset}\nread 1048576/1048576 bytes at offset {offset}\n"
+        );
+        match child.wait_with_output() {
+            Ok(out) => {
+                let stdout = without_timings(&String::from_utf8_lossy(&out.stdout));
+                if !out.status.success() || stdout != expected || !out.stderr.is_empty() {
+                    failures.push(format!(
+                        "client {i}: {} stdout {stdout:?} stderr {:?}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("client {i}: {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {CLIENTS} clients failed:\n{}\ndaemon stderr:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        s.daemon.stderr()
+    );
+    let checks: Vec<String> = (0..CLIENTS)
+        .map(|i| format!("read -P {} {i}M 1M", i + 1))
+        .collect();
+    let mut read_args = vec!["-f", "raw", "-r", "-U"];
+    for c in &checks {
+        read_args.push("-c");
+        read_args.push(c);
+    }
+    let file = s.file("disk.img").to_string_lossy().into_owned();
+    read_args.push(&file);
+    let direct = without_timings(&run_ok("qemu-io", &read_args));
+    let expected: String = (0..CLIENTS)
+        .map(|i| format!("read 1048576/1048576 bytes at offset {}\n", i << 20))
+        .collect();
+    assert_eq!(direct, expected, "the image file after {CLIENTS} clients");
+}
