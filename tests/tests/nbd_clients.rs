@@ -681,3 +681,420 @@ fn sixty_four_qemu_io_clients_at_once_write_disjoint_regions_correctly() {
         .collect();
     assert_eq!(direct, expected, "the image file after {CLIENTS} clients");
 }
+
+// ---------------------------------------------------------------------------------------
+// A raw NBD peer
+
+/// `IHAVEOPT`, the option request magic.
+const OPTION_MAGIC: &[u8; 8] = b"IHAVEOPT";
+/// The option reply magic.
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Client flags: fixed newstyle, no zeroes.
+const CLIENT_FLAGS: u32 = 3;
+const OPT_ABORT: u32 = 2;
+const OPT_GO: u32 = 7;
+const REP_ACK: u32 = 1;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+/// The largest option reply payload we accept from a server.
+const MAX_REPLY_PAYLOAD: usize = 64 << 10;
+
+/// How a raw peer's reading ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ending {
+    /// The server closed the connection (EOF or reset: which one depends on whether the
+    /// server read everything we sent, not on the protocol).
+    Closed,
+    /// Nothing more arrived within [`QUIET`].
+    Silent,
+}
+
+/// Everything a server sent to a raw peer after the greeting, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Transcript {
+    bytes: String,
+    ending: Ending,
+}
+
+/// A raw NBD connection, with the server's greeting read and the client flags sent.
+struct Peer {
+    stream: UnixStream,
+}
+
+/// An option request: magic, option, length, data.
+fn option(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = OPTION_MAGIC.to_vec();
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// A transmission request header.
+fn request(command: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut out = REQUEST_MAGIC.to_be_bytes().to_vec();
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&command.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&length.to_be_bytes());
+    out
+}
+
+fn be32(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_be_bytes(b)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Peer {
+    /// Connects, checks the fixed-newstyle greeting (flags 3) and sends the client flags.
+    fn connect(socket: &Path) -> Peer {
+        let stream = match UnixStream::connect(socket) {
+            Ok(stream) => stream,
+            Err(e) => panic!("cannot connect to {}: {e}", socket.display()),
+        };
+        let mut peer = Peer { stream };
+        let greeting = match peer.read_exact(18) {
+            Ok(g) => g,
+            Err(e) => panic!("no NBD greeting from {}: {e}", socket.display()),
+        };
+        assert_eq!(
+            hex(&greeting),
+            hex(b"NBDMAGICIHAVEOPT\x00\x03"),
+            "fixed-newstyle greeting"
+        );
+        peer.send(&CLIENT_FLAGS.to_be_bytes());
+        peer
+    }
+
+    /// Connects and selects `export` with NBD_OPT_GO (no structured replies, so
+    /// transmission uses simple replies).
+    fn open_export(socket: &Path, export: &str) -> Peer {
+        let mut peer = Peer::connect(socket);
+        let mut data = u32::try_from(export.len())
+            .unwrap_or(0)
+            .to_be_bytes()
+            .to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        peer.send(&option(OPT_GO, &data));
+        loop {
+            let header = match peer.read_exact(20) {
+                Ok(h) => h,
+                Err(e) => panic!("NBD_OPT_GO reply header: {e}"),
+            };
+            assert_eq!(hex(&header[..8]), format!("{REPLY_MAGIC:016x}"));
+            let kind = be32(&header, 12);
+            let length = be32(&header, 16) as usize;
+            assert!(length <= MAX_REPLY_PAYLOAD, "reply length {length}");
+            let payload = match peer.read_exact(length) {
+                Ok(p) => p,
+                Err(e) => panic!("NBD_OPT_GO reply payload: {e}"),
+            };
+            match kind {
+                REP_ACK => return peer,
+                k if k & 0x8000_0000 != 0 => panic!(
+                    "NBD_OPT_GO {export:?} refused: type {k:#x} {:?}",
+                    String::from_utf8_lossy(&payload)
+                ),
+                _ => {}
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        if let Err(e) = self.stream.write_all(bytes) {
+            panic!("sending {} bytes: {e}", bytes.len());
+        }
+    }
+
+    fn read_exact(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        self.stream.set_read_timeout(Some(PATIENCE))?;
+        let mut buf = vec![0u8; n];
+        self.stream.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads until the server closes or stays silent for [`QUIET`].
+    fn drain(&mut self) -> Transcript {
+        let mut bytes = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let ending = loop {
+            if self.stream.set_read_timeout(Some(QUIET)).is_err() {
+                break Ending::Closed;
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => break Ending::Closed,
+                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break Ending::Silent;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break Ending::Closed,
+            }
+        };
+        Transcript {
+            bytes: hex(&bytes),
+            ending,
+        }
+    }
+
+    /// NBD_CMD_READ with a simple reply: the data, or how it failed (`error N` for an
+    /// error reply, `closed` if the connection is gone).
+    fn read(&mut self, cookie: u64, offset: u64, length: u32) -> Result<Vec<u8>, String> {
+        self.stream
+            .write_all(&request(CMD_READ, cookie, offset, length))
+            .map_err(|_| "closed".to_string())?;
+        let header = self.read_exact(16).map_err(|_| "closed".to_string())?;
+        if be32(&header, 0) != SIMPLE_REPLY_MAGIC || header[8..16] != cookie.to_be_bytes() {
+            return Err(format!("bad reply header {}", hex(&header)));
+        }
+        match be32(&header, 4) {
+            0 => self
+                .read_exact(length as usize)
+                .map_err(|_| "closed in data".to_string()),
+            error => Err(format!("error {error}")),
+        }
+    }
+}
+
+/// One bad peer: what it does, then what the server answered.
+type BadPeer = fn(&Path) -> Transcript;
+
+fn wrong_magic(socket: &Path) -> Transcript {
+    let mut peer = Peer::connect(socket);
+    let mut bytes = b"BADMAGIC".to_vec();
+    bytes.extend_from_slice(&option(OPT_GO, b"")[8..]);
+    peer.send(&bytes);
+    peer.drain()
+}
+
+fn unknown_option_then_abort(socket: &Path) -> Transcript {
+    let mut peer = Peer::connect(socket);
+    peer.send(&option(0x4242, b""));
+    peer.send(&option(OPT_ABORT, b""));
+    peer.drain()
+}
+
+fn oversized_option_length(socket: &Path) -> Transcript {
+    let mut peer = Peer::connect(socket);
+    let mut bytes = option(OPT_GO, b"");
+    bytes[12..16].copy_from_slice(&0xffff_fff0u32.to_be_bytes());
+    peer.send(&bytes);
+    // qsd hangs up at the length, so these bytes may meet a closed socket.
+    let _ = peer.stream.write_all(&[0u8; 64]);
+    peer.drain()
+}
+
+fn truncated_option_then_close(socket: &Path) -> Transcript {
+    let mut peer = Peer::connect(socket);
+    let mut bytes = option(OPT_GO, &[0u8; 100]);
+    bytes.truncate(16 + 10);
+    peer.send(&bytes);
+    let _ = peer.stream.shutdown(std::net::Shutdown::Write);
+    peer.drain()
+}
+
+fn vanish_in_a_write_payload(socket: &Path) -> Transcript {
+    let mut peer = Peer::open_export(socket, "exp");
+    peer.send(&request(CMD_WRITE, 7, 0, 65536));
+    peer.send(&[0xabu8; 1000]);
+    Transcript {
+        bytes: String::new(),
+        ending: Ending::Closed,
+    }
+}
+
+fn vanish_before_a_read_reply(socket: &Path) -> Transcript {
+    let mut peer = Peer::open_export(socket, "exp");
+    peer.send(&request(CMD_READ, 8, 0, 32 << 20));
+    Transcript {
+        bytes: String::new(),
+        ending: Ending::Closed,
+    }
+}
+
+/// qsd's answers to option 0x4242 and then NBD_OPT_ABORT: NBD_REP_ERR_UNSUP with the text
+/// "Unsupported option 16962 (<unknown>)", then NBD_REP_ACK for the abort.
+const UNKNOWN_OPTION_REPLIES: &str = concat!(
+    "0003e889045565a9",
+    "00004242",
+    "80000001",
+    "00000024",
+    "556e737570706f72746564206f7074696f6e20313639363220283c756e6b6e6f776e3e29",
+    "0003e889045565a9",
+    "00000002",
+    "00000001",
+    "00000000",
+);
+
+/// The command line of the raw-peer tests: a writable 4 MiB export `exp` (id `e0`) with
+/// 0x5a at 1 MiB.
+const RAW_PEER_ARGS: &[&str] = &[
+    "--blockdev",
+    "driver=file,node-name=file0,filename=$DIR/disk.img",
+    "--blockdev",
+    "driver=raw,node-name=raw0,file=file0",
+    "--nbd-server",
+    "addr.type=unix,addr.path=$DIR/nbd.sock",
+    "--export",
+    "type=nbd,id=e0,node-name=raw0,name=exp,writable=on",
+];
+
+#[test]
+fn bad_peers_get_qsd_answers_and_the_daemon_keeps_serving_clients_and_qmp() {
+    let closed = |bytes: &str| Transcript {
+        bytes: bytes.into(),
+        ending: Ending::Closed,
+    };
+    let peers: &[(&str, BadPeer, Transcript)] = &[
+        ("wrong magic", wrong_magic, closed("")),
+        (
+            "unknown option, then abort",
+            unknown_option_then_abort,
+            closed(UNKNOWN_OPTION_REPLIES),
+        ),
+        (
+            "oversized option length",
+            oversized_option_length,
+            closed(""),
+        ),
+        (
+            "truncated option, then close",
+            truncated_option_then_close,
+            closed(""),
+        ),
+        (
+            "vanish in a write payload",
+            vanish_in_a_write_payload,
+            closed(""),
+        ),
+        (
+            "vanish before a read reply",
+            vanish_before_a_read_reply,
+            closed(""),
+        ),
+    ];
+    let (qsd, ours) = start_pair(&disk_with_data, RAW_PEER_ARGS);
+    let expected_exports = json!([
+        {"node-name": "raw0", "shutting-down": false, "type": "nbd", "id": "e0"}
+    ]);
+    let mut sessions = Vec::new();
+    for served in [&qsd, &ours] {
+        let steady = Peer::open_export(&served.socket(), "exp");
+        sessions.push((served, steady, served.qmp()));
+    }
+    for (what, bad, expected) in peers {
+        let theirs = bad(&qsd.socket());
+        let mine = bad(&ours.socket());
+        assert_eq!(mine, theirs, "{what}: what the server sent back");
+        assert_eq!(&mine, expected, "{what}");
+        for (served, steady, qmp) in &mut sessions {
+            let exports = qmp.execute_ok("query-block-exports", None);
+            assert_eq!(
+                exports.ok(),
+                Some(expected_exports.clone()),
+                "{} after {what}; stderr:\n{}",
+                served.name(),
+                served.daemon.stderr()
+            );
+            let data = steady.read(1, 1 << 20, 4096);
+            assert_eq!(
+                data,
+                Ok(vec![0x5au8; 4096]),
+                "{}: a client connected before {what} still reads",
+                served.name()
+            );
+            let mut fresh = Peer::open_export(&served.socket(), "exp");
+            assert_eq!(
+                fresh.read(2, 0, 512),
+                Ok(vec![0u8; 512]),
+                "{}: a new client after {what}",
+                served.name()
+            );
+        }
+    }
+    let (theirs, mine) = both(&qsd, &ours, "nbdinfo", &["--json", "{URI:exp}"]);
+    assert_eq!(mine, theirs, "nbdinfo after all bad peers");
+}
+
+#[test]
+fn block_export_del_with_a_client_connected_refuses_safe_and_disconnects_hard_like_qsd() {
+    let (qsd, ours) = start_pair(&disk_with_data, RAW_PEER_ARGS);
+    let mut transcripts = Vec::new();
+    for served in [&qsd, &ours] {
+        let mut qmp = served.qmp();
+        let mut client = Peer::open_export(&served.socket(), "exp");
+        let mut log = Vec::new();
+        let mut step = |what: &str, value: String| log.push(format!("{what}: {value}"));
+
+        let reply = qmp.execute("block-export-del", Some(json!({"id": "e0"})));
+        step(
+            "safe del",
+            reply.map_or_else(|e| e.to_string(), |r| r["error"].to_string()),
+        );
+        step("exports", exports_of(&mut qmp));
+        step(
+            "read",
+            format!("{:?}", client.read(1, 1 << 20, 8).map(|d| hex(&d))),
+        );
+        let reply = qmp.execute_ok(
+            "block-export-del",
+            Some(json!({"id": "e0", "mode": "hard"})),
+        );
+        step(
+            "hard del",
+            reply.map_or_else(|e| e.to_string(), |r| r.to_string()),
+        );
+        let mut events = qmp.take_events();
+        let deadline = Instant::now() + PATIENCE;
+        while events.is_empty() && Instant::now() < deadline {
+            match qmp.read_message() {
+                Ok(message) => events.push(message),
+                Err(e) => {
+                    step("waiting for the event", e.to_string());
+                    break;
+                }
+            }
+        }
+        for mut event in events {
+            event["timestamp"] = json!("masked");
+            step("event", event.to_string());
+        }
+        step(
+            "read",
+            format!("{:?}", client.read(2, 0, 8).map(|d| hex(&d))),
+        );
+        step("exports", exports_of(&mut qmp));
+        transcripts.push(log.join("\n"));
+    }
+    assert_eq!(transcripts[1], transcripts[0], "against qsd");
+    assert_eq!(transcripts[1], EXPECTED_DEL);
+}
+
+/// query-block-exports, as JSON text or the error.
+fn exports_of(qmp: &mut QmpConnection) -> String {
+    qmp.execute_ok("query-block-exports", None)
+        .map_or_else(|e| e.to_string(), |v| v.to_string())
+}
+
+/// What a client and QMP see around `block-export-del` (qsd 10.0.2).
+const EXPECTED_DEL: &str = r#"safe del: {"class":"GenericError","desc":"export 'e0' still in use"}
+exports: [{"node-name":"raw0","shutting-down":false,"type":"nbd","id":"e0"}]
+read: Ok("5a5a5a5a5a5a5a5a")
+hard del: {}
+event: {"timestamp":"masked","event":"BLOCK_EXPORT_DELETED","data":{"id":"e0"}}
+read: Err("closed")
+exports: []"#;
