@@ -854,16 +854,22 @@ impl Peer {
     /// NBD_CMD_READ with a simple reply: the data, or how it failed (`error N` for an
     /// error reply, `closed` if the connection is gone).
     fn read(&mut self, cookie: u64, offset: u64, length: u32) -> Result<Vec<u8>, String> {
+        self.command(request(CMD_READ, cookie, offset, length), length as usize)
+    }
+
+    /// Sends a request (header and payload) and reads its simple reply with `data` bytes
+    /// of data on success.
+    fn command(&mut self, request: Vec<u8>, data: usize) -> Result<Vec<u8>, String> {
         self.stream
-            .write_all(&request(CMD_READ, cookie, offset, length))
+            .write_all(&request)
             .map_err(|_| "closed".to_string())?;
         let header = self.read_exact(16).map_err(|_| "closed".to_string())?;
-        if be32(&header, 0) != SIMPLE_REPLY_MAGIC || header[8..16] != cookie.to_be_bytes() {
+        if be32(&header, 0) != SIMPLE_REPLY_MAGIC || header[8..16] != request[8..16] {
             return Err(format!("bad reply header {}", hex(&header)));
         }
         match be32(&header, 4) {
             0 => self
-                .read_exact(length as usize)
+                .read_exact(data)
                 .map_err(|_| "closed in data".to_string()),
             error => Err(format!("error {error}")),
         }
@@ -1098,3 +1104,228 @@ hard del: {}
 event: {"timestamp":"masked","event":"BLOCK_EXPORT_DELETED","data":{"id":"e0"}}
 read: Err("closed")
 exports: []"#;
+
+/// qsd's stderr after the four deterministic bad peers, program name masked.
+const BAD_PEER_STDERR: &str = "<prog>: option negotiation failed: Bad magic received
+<prog>: option negotiation failed: len (4294967280) is larger than max len (33554432)
+<prog>: option negotiation failed: Unexpected end-of-file before all data were read
+<prog>: Disconnect client, due to: Failed to read CMD_WRITE data: Unexpected end-of-file before all data were read
+";
+
+#[test]
+#[ignore = "bulkhead does not report failed NBD negotiations and disconnects on stderr as qsd does"]
+fn bad_peers_are_reported_on_stderr_with_qsd_texts() {
+    let served = Served::start(under_test(), &disk_with_data, RAW_PEER_ARGS);
+    let peers: [BadPeer; 4] = [
+        wrong_magic,
+        oversized_option_length,
+        truncated_option_then_close,
+        vanish_in_a_write_payload,
+    ];
+    let mut stderr = String::new();
+    for (n, bad) in peers.iter().enumerate() {
+        bad(&served.socket());
+        // Reported asynchronously: wait for this peer's line before the next peer, so the
+        // order is fixed.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            stderr = bulkhead_systests::daemon::mask_program_output(
+                &served.daemon.stderr(),
+                served.daemon.dir(),
+                served.daemon.program(),
+            );
+            if stderr.lines().count() > n || Instant::now() >= deadline {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(stderr, BAD_PEER_STDERR);
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors clients see
+
+/// The same client command against both daemons, whatever its exit status; returns
+/// (qsd's, ours) as `status` + stdout + stderr with the temp dir masked.
+fn both_any(qsd: &Served, ours: &Served, program: &str, args: &[&str]) -> (String, String) {
+    let one = |s: &Served| {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| match a.strip_prefix("{URI:") {
+                Some(rest) => s.uri(rest.trim_end_matches('}')),
+                None => a.to_string(),
+            })
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = run(program, &args);
+        s.mask(&format!(
+            "{}\n{}{}",
+            output.status,
+            without_timings(&String::from_utf8_lossy(&output.stdout)),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+        .replace(&*s.socket().to_string_lossy(), "$SOCK")
+    };
+    (one(qsd), one(ours))
+}
+
+#[test]
+fn clients_see_qsd_errors_for_read_only_writes_and_requests_past_the_end() {
+    let args = [
+        "--blockdev",
+        "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=raw,node-name=raw0,file=file0",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=ero,node-name=raw0,name=ro",
+        "--export",
+        "type=nbd,id=erw,node-name=raw0,name=rw,writable=on",
+    ];
+    let (qsd, ours) = start_pair(&disk_with_data, &args);
+    let cases: &[&[&str]] = &[
+        &["qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", "{URI:ro}"],
+        &["qemu-io", "-f", "raw", "-c", "write -z 0 4k", "{URI:ro}"],
+        &["qemu-io", "-f", "raw", "-c", "discard 0 4k", "{URI:ro}"],
+        &["qemu-io", "-f", "raw", "-c", "write -P 1 4M 4k", "{URI:rw}"],
+        &["qemu-io", "-f", "raw", "-c", "read 4194300 8", "{URI:rw}"],
+        &[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -z 4190208 8k",
+            "{URI:rw}",
+        ],
+        &["qemu-img", "info", "--output=json", "{URI:ro}"],
+        &["nbdinfo", "--json", "{URI:nosuch}"],
+        &["nbdinfo", "--list", "--json", "{URI:}"],
+    ];
+    for case in cases {
+        let (theirs, mine) = both_any(&qsd, &ours, case[0], &case[1..]);
+        assert_eq!(mine, theirs, "{case:?}");
+    }
+}
+
+#[test]
+fn raw_requests_that_must_fail_get_qsd_error_codes() {
+    let args = [
+        "--blockdev",
+        "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=raw,node-name=raw0,file=file0",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=ero,node-name=raw0,name=ro",
+        "--export",
+        "type=nbd,id=erw,node-name=raw0,name=rw,writable=on",
+    ];
+    let (qsd, ours) = start_pair(&disk_with_data, &args);
+    let with_payload = |mut header: Vec<u8>, payload: usize| {
+        header.extend(std::iter::repeat_n(0x61u8, payload));
+        header
+    };
+    // (what, export, request, data bytes expected on success, qsd's outcome and whether
+    // the connection still serves a read afterwards)
+    let cases: Vec<(&str, &str, Vec<u8>, usize, &str)> = vec![
+        (
+            "write to a read-only export",
+            "ro",
+            with_payload(request(CMD_WRITE, 1, 0, 512), 512),
+            0,
+            r#"Err("error 22") then Ok("0000000000000000")"#,
+        ),
+        (
+            "write zeroes to a read-only export",
+            "ro",
+            request(6, 2, 0, 512),
+            0,
+            r#"Err("error 22") then Ok("0000000000000000")"#,
+        ),
+        (
+            "trim on a read-only export",
+            "ro",
+            request(4, 3, 0, 512),
+            0,
+            r#"Err("error 22") then Ok("0000000000000000")"#,
+        ),
+        (
+            "read crossing the end",
+            "rw",
+            request(CMD_READ, 4, 4194300, 8),
+            8,
+            r#"Err("error 22") then Ok("0000000000000000")"#,
+        ),
+        (
+            "read starting past the end",
+            "rw",
+            request(CMD_READ, 5, 8 << 20, 8),
+            8,
+            r#"Err("error 22") then Ok("0000000000000000")"#,
+        ),
+        (
+            "write crossing the end",
+            "rw",
+            with_payload(request(CMD_WRITE, 6, 4194300, 8), 8),
+            0,
+            r#"Err("error 22") then Ok("0000000000000000")"#,
+        ),
+        (
+            "zero-length read",
+            "rw",
+            request(CMD_READ, 7, 0, 0),
+            0,
+            r#"Ok("") then Ok("0000000000000000")"#,
+        ),
+        (
+            "flush",
+            "rw",
+            request(3, 8, 0, 0),
+            0,
+            r#"Ok("") then Ok("0000000000000000")"#,
+        ),
+        (
+            "cache",
+            "rw",
+            request(5, 9, 0, 4096),
+            0,
+            r#"Ok("") then Ok("0000000000000000")"#,
+        ),
+        (
+            "block status without a negotiated context",
+            "rw",
+            request(7, 10, 0, 4096),
+            0,
+            r#"Err("error 22") then Ok("0000000000000000")"#,
+        ),
+        (
+            "unknown command 99",
+            "rw",
+            request(99, 11, 0, 512),
+            0,
+            r#"Err("error 22") then Ok("0000000000000000")"#,
+        ),
+        (
+            "read of 32 MiB + 1",
+            "rw",
+            request(CMD_READ, 12, 0, (32 << 20) + 1),
+            0,
+            r#"Err("error 22") then Ok("0000000000000000")"#,
+        ),
+    ];
+    for (what, export, bytes, data, expected) in &cases {
+        let outcome = |s: &Served| {
+            let mut peer = Peer::open_export(&s.socket(), export);
+            let first = peer.command(bytes.clone(), *data).map(|d| hex(&d));
+            // Whether the connection survived the request.
+            let after = peer.read(100, 0, 8).map(|d| hex(&d));
+            format!("{first:?} then {after:?}")
+        };
+        let (theirs, mine) = (outcome(&qsd), outcome(&ours));
+        assert_eq!(mine, theirs, "{what}");
+        assert_eq!(&mine, expected, "{what}");
+    }
+}
