@@ -1329,3 +1329,188 @@ fn raw_requests_that_must_fail_get_qsd_error_codes() {
         assert_eq!(&mine, expected, "{what}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Option haggling
+
+/// Data of NBD_OPT_INFO/GO: export name, then information requests.
+fn go_data(export: &str, infos: &[u16]) -> Vec<u8> {
+    let mut data = u32::try_from(export.len())
+        .unwrap_or(0)
+        .to_be_bytes()
+        .to_vec();
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&u16::try_from(infos.len()).unwrap_or(0).to_be_bytes());
+    for info in infos {
+        data.extend_from_slice(&info.to_be_bytes());
+    }
+    data
+}
+
+/// Data of NBD_OPT_LIST/SET_META_CONTEXT: export name, then queries.
+fn meta_data(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut data = u32::try_from(export.len())
+        .unwrap_or(0)
+        .to_be_bytes()
+        .to_vec();
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&u32::try_from(queries.len()).unwrap_or(0).to_be_bytes());
+    for query in queries {
+        data.extend_from_slice(&u32::try_from(query.len()).unwrap_or(0).to_be_bytes());
+        data.extend_from_slice(query.as_bytes());
+    }
+    data
+}
+
+/// qsd's NBD_OPT_LIST answer for exports `exp` ("hello world") and `null`, then the ACKs
+/// of LIST and ABORT.
+const LIST_REPLIES: &str = concat!(
+    "0003e889045565a9000000030000000200000012",
+    "00000003",
+    "657870",
+    "68656c6c6f20776f726c64",
+    "0003e889045565a9000000030000000200000008",
+    "00000004",
+    "6e756c6c",
+    "0003e889045565a9000000030000000100000000",
+    "0003e889045565a9000000020000000100000000",
+);
+
+#[test]
+fn option_haggling_transcripts_equal_qsd() {
+    let args = [
+        "--blockdev",
+        "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=raw,node-name=raw0,file=file0",
+        "--blockdev",
+        "driver=null-co,node-name=null0,size=8388608",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=e0,node-name=raw0,name=exp,writable=on,description=hello world,allocation-depth=on",
+        "--export",
+        "type=nbd,id=e1,node-name=null0,name=null",
+    ];
+    let (qsd, ours) = start_pair(&disk_with_data, &args);
+    const LIST: u32 = 3;
+    const STARTTLS: u32 = 5;
+    const INFO: u32 = 6;
+    const STRUCTURED: u32 = 8;
+    const LIST_META: u32 = 9;
+    const SET_META: u32 = 10;
+    const EXTENDED: u32 = 11;
+    let sessions: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("list", vec![option(LIST, b"")]),
+        ("list with data", vec![option(LIST, b"abcd")]),
+        (
+            "info with every request",
+            vec![option(INFO, &go_data("exp", &[0, 1, 2, 3]))],
+        ),
+        (
+            "info of the null export",
+            vec![option(INFO, &go_data("null", &[1, 2]))],
+        ),
+        (
+            "info of an unknown export",
+            vec![option(INFO, &go_data("nosuch", &[]))],
+        ),
+        (
+            "info of the empty name",
+            vec![option(INFO, &go_data("", &[]))],
+        ),
+        (
+            "info with a short body",
+            vec![option(INFO, b"\x00\x00\x00\x09exp")],
+        ),
+        (
+            "info with an unknown request",
+            vec![option(INFO, &go_data("exp", &[77]))],
+        ),
+        ("starttls without tls", vec![option(STARTTLS, b"")]),
+        (
+            "structured twice",
+            vec![option(STRUCTURED, b""), option(STRUCTURED, b"")],
+        ),
+        ("structured with data", vec![option(STRUCTURED, b"x")]),
+        (
+            "extended headers then structured",
+            vec![option(EXTENDED, b""), option(STRUCTURED, b"")],
+        ),
+        (
+            "set meta context before structured",
+            vec![option(SET_META, &meta_data("exp", &["base:allocation"]))],
+        ),
+        (
+            "list meta contexts, all",
+            vec![
+                option(STRUCTURED, b""),
+                option(LIST_META, &meta_data("exp", &[])),
+            ],
+        ),
+        (
+            "list meta contexts by namespace",
+            vec![
+                option(STRUCTURED, b""),
+                option(LIST_META, &meta_data("exp", &["qemu:", "base:", "x:"])),
+            ],
+        ),
+        (
+            "set meta contexts, some unknown",
+            vec![
+                option(STRUCTURED, b""),
+                option(
+                    SET_META,
+                    &meta_data(
+                        "exp",
+                        &[
+                            "base:allocation",
+                            "qemu:allocation-depth",
+                            "qemu:dirty-bitmap:nosuch",
+                            "bogus:thing",
+                        ],
+                    ),
+                ),
+            ],
+        ),
+        (
+            "set meta context on the export without depth",
+            vec![
+                option(EXTENDED, b""),
+                option(
+                    SET_META,
+                    &meta_data("null", &["qemu:allocation-depth", "base:allocation"]),
+                ),
+            ],
+        ),
+        (
+            "set meta context of an unknown export",
+            vec![
+                option(STRUCTURED, b""),
+                option(SET_META, &meta_data("nosuch", &["base:allocation"])),
+            ],
+        ),
+        ("abort with data", vec![option(OPT_ABORT, b"xy")]),
+        (
+            "go with name and description requests",
+            vec![option(OPT_GO, &go_data("exp", &[1, 2]))],
+        ),
+        ("export name", vec![option(1, b"exp")]),
+    ];
+    for (what, options) in &sessions {
+        let transcript = |s: &Served| {
+            let mut peer = Peer::connect(&s.socket());
+            for o in options {
+                peer.send(o);
+            }
+            // Ends the haggling unless an option already did (GO, EXPORT_NAME).
+            let _ = peer.stream.write_all(&option(OPT_ABORT, b""));
+            peer.drain()
+        };
+        let (theirs, mine) = (transcript(&qsd), transcript(&ours));
+        assert_eq!(mine, theirs, "{what}");
+        if *what == "list" {
+            assert_eq!(mine.bytes, LIST_REPLIES, "{what}");
+        }
+    }
+}
