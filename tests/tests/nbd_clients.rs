@@ -119,7 +119,8 @@ impl Served {
         }
         let socket = daemon.dir().join(NBD_SOCKET);
         let deadline = Instant::now() + PATIENCE;
-        while !socket.exists() {
+        let serves_nbd = args.iter().any(|a| a == "--nbd-server");
+        while serves_nbd && !socket.exists() {
             assert!(
                 Instant::now() < deadline,
                 "{} did not create {}; stderr:\n{}",
@@ -822,6 +823,14 @@ impl Peer {
         Ok(buf)
     }
 
+    /// Connects without reading anything.
+    fn connect_silently(socket: &Path) -> Peer {
+        match UnixStream::connect(socket) {
+            Ok(stream) => Peer { stream },
+            Err(e) => panic!("cannot connect to {}: {e}", socket.display()),
+        }
+    }
+
     /// Reads until the server closes or stays silent for [`QUIET`].
     fn drain(&mut self) -> Transcript {
         let mut bytes = Vec::new();
@@ -1513,4 +1522,196 @@ fn option_haggling_transcripts_equal_qsd() {
             assert_eq!(mine.bytes, LIST_REPLIES, "{what}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Server limits and life cycle
+
+#[test]
+fn with_max_connections_one_a_second_client_waits_until_the_first_leaves() {
+    let args = nbdinfo_args(
+        ",max-connections=1",
+        "type=nbd,id=e0,node-name=raw0,name=exp,writable=on",
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (qsd, ours) = start_pair(&disk_with_data, &args);
+    let mut logs = Vec::new();
+    for served in [&qsd, &ours] {
+        let mut log = Vec::new();
+        let first = Peer::open_export(&served.socket(), "exp");
+        let mut second = Peer::connect_silently(&served.socket());
+        log.push(format!(
+            "while the first is connected: {:?}",
+            second.drain()
+        ));
+        drop(first);
+        let greeting = second.read_exact(18).map(|g| hex(&g));
+        log.push(format!("after the first left: {greeting:?}"));
+        logs.push(log.join("\n"));
+    }
+    assert_eq!(logs[1], logs[0], "against qsd");
+    assert_eq!(
+        logs[1],
+        format!(
+            "while the first is connected: {:?}\nafter the first left: Ok({:?})",
+            Transcript {
+                bytes: String::new(),
+                ending: Ending::Silent
+            },
+            hex(b"NBDMAGICIHAVEOPT\x00\x03")
+        )
+    );
+}
+
+/// Waits for the next event (or returns the error text).
+fn next_event(qmp: &mut QmpConnection) -> String {
+    let mut events = qmp.take_events();
+    if events.is_empty() {
+        match qmp.read_message() {
+            Ok(message) => events.push(message),
+            Err(e) => return e.to_string(),
+        }
+    }
+    events
+        .into_iter()
+        .map(|mut e| {
+            e["timestamp"] = json!("masked");
+            e.to_string()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn nbd_server_stop_disconnects_clients_and_a_restarted_server_serves_again_like_qsd() {
+    let args = [
+        "--blockdev",
+        "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=raw,node-name=raw0,file=file0",
+    ];
+    let (qsd, ours) = start_pair(&disk_with_data, &args);
+    let mut logs = Vec::new();
+    for served in [&qsd, &ours] {
+        let mut log = Vec::new();
+        let mut qmp = served.qmp();
+        let socket = served.socket().to_string_lossy().into_owned();
+        let start = json!({
+            "addr": {"type": "unix", "data": {"path": socket}},
+            "handshake-max-seconds": 1
+        });
+        let add = json!({"type": "nbd", "id": "e0", "node-name": "raw0", "name": "exp"});
+        let mut exec = |qmp: &mut QmpConnection, command: &str, arguments: &Value| {
+            let reply = qmp.execute(command, Some(arguments.clone()));
+            let text = reply.map_or_else(
+                |e| e.to_string(),
+                |mut r| {
+                    if let Some(map) = r.as_object_mut() {
+                        map.remove("id");
+                    }
+                    r.to_string()
+                },
+            );
+            log.push(format!("{command}: {text}"));
+        };
+        exec(&mut qmp, "nbd-server-start", &start);
+        exec(&mut qmp, "block-export-add", &add);
+        let mut client = Peer::open_export(&served.socket(), "exp");
+        let mut idle = Peer::connect(&served.socket());
+        exec(&mut qmp, "nbd-server-stop", &json!({}));
+        let event = next_event(&mut qmp);
+        let read = client.read(1, 1 << 20, 8).map(|d| hex(&d));
+        let idle = idle.drain();
+        exec(&mut qmp, "query-block-exports", &json!({}));
+        exec(&mut qmp, "nbd-server-start", &start);
+        exec(&mut qmp, "block-export-add", &add);
+        let mut again = Peer::open_export(&served.socket(), "exp");
+        let read_again = again.read(2, 1 << 20, 8).map(|d| hex(&d));
+        // A client that never negotiates is dropped after handshake-max-seconds.
+        let mut silent = Peer::connect(&served.socket());
+        let started = Instant::now();
+        let mut transcript = silent.drain();
+        while transcript.ending == Ending::Silent && started.elapsed() < Duration::from_secs(5) {
+            transcript = silent.drain();
+        }
+        let waited = started.elapsed();
+        log.push(format!("event: {event}"));
+        log.push(format!("read after stop: {read:?}"));
+        log.push(format!("handshaking client after stop: {idle:?}"));
+        log.push(format!("read after restart: {read_again:?}"));
+        log.push(format!("silent client: {transcript:?}"));
+        assert!(
+            waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+            "{}: the silent client was dropped after {waited:?}, expected about 1 s",
+            served.name()
+        );
+        logs.push(log.join("\n"));
+    }
+    assert_eq!(logs[1], logs[0], "against qsd");
+    assert_eq!(logs[1], EXPECTED_STOP);
+}
+
+/// What QMP and clients see around nbd-server-stop and a restart (qsd 10.0.2).
+const EXPECTED_STOP: &str = r#"nbd-server-start: {"return":{}}
+block-export-add: {"return":{}}
+nbd-server-stop: {"return":{}}
+query-block-exports: {"return":[]}
+nbd-server-start: {"return":{}}
+block-export-add: {"return":{}}
+event: {"timestamp":"masked","event":"BLOCK_EXPORT_DELETED","data":{"id":"e0"}}
+read after stop: Err("closed")
+handshaking client after stop: Transcript { bytes: "", ending: Closed }
+read after restart: Ok("5a5a5a5a5a5a5a5a")
+silent client: Transcript { bytes: "", ending: Closed }"#;
+
+/// What QMP, a client and the process show when `quit` runs with a client connected.
+/// qsd emits BLOCK_EXPORT_DELETED before the reply to `quit`.
+const EXPECTED_QUIT: &str = r#"quit: Ok("{}")
+then: before the reply: {"timestamp":"masked","event":"BLOCK_EXPORT_DELETED","data":{"id":"e0"}}
+read: Err("closed")
+exit: Ok(Some("exit status: 0"))"#;
+
+#[test]
+fn quit_with_a_client_connected_ends_the_daemon_and_the_connection() {
+    let (mut qsd, mut ours) = start_pair(&disk_with_data, RAW_PEER_ARGS);
+    let mut logs = Vec::new();
+    for served in [&mut qsd, &mut ours] {
+        let mut qmp = served.qmp();
+        let mut client = Peer::open_export(&served.socket(), "exp");
+        let reply = qmp.execute_ok("quit", None).map(|v| v.to_string());
+        let mut rest: Vec<String> = qmp
+            .take_events()
+            .into_iter()
+            .map(|mut v| {
+                v["timestamp"] = json!("masked");
+                format!("before the reply: {v}")
+            })
+            .collect();
+        match qmp.read_to_eof(PATIENCE) {
+            Ok(lines) => {
+                for line in lines {
+                    let text = String::from_utf8_lossy(&line).into_owned();
+                    match serde_json::from_str::<Value>(&text) {
+                        Ok(mut v) => {
+                            v["timestamp"] = json!("masked");
+                            rest.push(v.to_string());
+                        }
+                        Err(_) => rest.push(text),
+                    }
+                }
+            }
+            Err(e) => rest.push(e.to_string()),
+        }
+        let read = client.read(1, 0, 8).map(|d| hex(&d));
+        let exit = served
+            .daemon
+            .wait_exit(PATIENCE)
+            .map(|s| s.map(|s| s.to_string()));
+        logs.push(format!(
+            "quit: {reply:?}\nthen: {}\nread: {read:?}\nexit: {exit:?}",
+            rest.join(" ")
+        ));
+    }
+    assert_eq!(logs[1], logs[0], "against qsd");
+    assert_eq!(logs[1], EXPECTED_QUIT);
 }
