@@ -1715,3 +1715,100 @@ fn quit_with_a_client_connected_ends_the_daemon_and_the_connection() {
     assert_eq!(logs[1], logs[0], "against qsd");
     assert_eq!(logs[1], EXPECTED_QUIT);
 }
+
+// ---------------------------------------------------------------------------------------
+// Worker crashes (bulkhead only: qsd has no workers)
+
+/// The pid of the supervisor's `bulkhead worker --kind <kind>` child, waiting up to
+/// [`PATIENCE`] for one (a restarted worker needs a moment), other than `not`.
+fn worker_pid(supervisor: u32, kind: &str, not: Option<u32>) -> Option<u32> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let found = bulkhead_systests::procs::children(supervisor)
+            .into_iter()
+            .find(|p| {
+                p.state != 'Z'
+                    && Some(p.pid) != not
+                    && p.argv
+                        .get(1..4)
+                        .is_some_and(|a| a == ["worker", "--kind", kind])
+            })
+            .map(|p| p.pid);
+        if found.is_some() || Instant::now() >= deadline {
+            return found;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigkill_of_the_driver_worker_is_invisible_to_a_connected_client_and_of_the_nbd_worker_needs_a_reconnect()
+ {
+    if under_test() == DaemonKind::Qsd {
+        eprintln!("qsd has no worker processes; nothing to test");
+        return;
+    }
+    let s = Served::start(DaemonKind::Bulkhead, &disk_with_data, RAW_PEER_ARGS);
+    let supervisor = s.daemon.pid();
+    let mut client = Peer::open_export(&s.socket(), "exp");
+    let write = with_payload_of(request(CMD_WRITE, 1, 0, 4096), 4096, 0x6b);
+    assert_eq!(
+        client.command(write, 0),
+        Ok(Vec::new()),
+        "write before the kill"
+    );
+    assert_eq!(
+        client.command(request(3, 2, 0, 0), 0),
+        Ok(Vec::new()),
+        "flush"
+    );
+
+    let Some(raw) = worker_pid(supervisor, "raw", None) else {
+        panic!("no raw worker; stderr:\n{}", s.daemon.stderr());
+    };
+    if let Err(e) = bulkhead_systests::procs::send_signal(raw, libc::SIGKILL) {
+        panic!("cannot kill the raw worker {raw}: {e}");
+    }
+    let restarted = worker_pid(supervisor, "raw", Some(raw));
+    assert!(restarted.is_some(), "the raw worker was restarted");
+    assert_eq!(
+        client.read(3, 0, 4096),
+        Ok(vec![0x6b; 4096]),
+        "a client connected across a raw worker restart; stderr:\n{}",
+        s.daemon.stderr()
+    );
+    assert_eq!(
+        client.read(4, 1 << 20, 4096),
+        Ok(vec![0x5a; 4096]),
+        "the second read across a raw worker restart"
+    );
+
+    let Some(nbd) = worker_pid(supervisor, "nbd", None) else {
+        panic!("no nbd worker; stderr:\n{}", s.daemon.stderr());
+    };
+    if let Err(e) = bulkhead_systests::procs::send_signal(nbd, libc::SIGKILL) {
+        panic!("cannot kill the nbd worker {nbd}: {e}");
+    }
+    assert_eq!(
+        client.read(5, 0, 8),
+        Err("closed".to_string()),
+        "the connection of a killed nbd worker"
+    );
+    assert!(
+        worker_pid(supervisor, "nbd", Some(nbd)).is_some(),
+        "the nbd worker was restarted"
+    );
+    let mut again = Peer::open_export(&s.socket(), "exp");
+    assert_eq!(again.read(6, 0, 4096), Ok(vec![0x6b; 4096]), "a new client");
+    let mut qmp = s.qmp();
+    assert_eq!(
+        qmp.execute_ok("query-block-exports", None).ok(),
+        Some(json!([{"node-name": "raw0", "shutting-down": false, "type": "nbd", "id": "e0"}]))
+    );
+}
+
+/// `header` followed by `length` bytes of `byte`.
+fn with_payload_of(mut header: Vec<u8>, length: usize, byte: u8) -> Vec<u8> {
+    header.extend(std::iter::repeat_n(byte, length));
+    header
+}
