@@ -305,7 +305,7 @@ fn nbdinfo_json_equals_qsd_with_max_connections_one() {
 // Block status
 
 #[test]
-fn qemu_img_map_and_nbdinfo_map_equal_qsd_on_a_sparse_image() {
+fn qemu_img_map_and_nbdinfo_map_equal_qsd_on_sparse_raw_file_and_null_exports() {
     let prepare = |dir: &Path| {
         make_image(
             dir,
@@ -326,17 +326,25 @@ fn qemu_img_map_and_nbdinfo_map_equal_qsd_on_a_sparse_image() {
         "driver=raw,node-name=raw0,file=file0",
         "--blockdev",
         "driver=raw,node-name=off0,file=file0,offset=1048576,size=8388608",
+        "--blockdev",
+        "driver=null-co,node-name=null0,size=8388608",
+        "--blockdev",
+        "driver=null-aio,node-name=zero0,size=3145728,read-zeroes=on",
         "--nbd-server",
         "addr.type=unix,addr.path=$DIR/nbd.sock",
         "--export",
         "type=nbd,id=efile,node-name=file0,name=file,allocation-depth=on",
+        "--export",
+        "type=nbd,id=enull,node-name=null0,name=null,allocation-depth=on",
+        "--export",
+        "type=nbd,id=ezero,node-name=zero0,name=zero,allocation-depth=on",
         "--export",
         "type=nbd,id=eraw,node-name=raw0,name=raw,allocation-depth=on",
         "--export",
         "type=nbd,id=eoff,node-name=off0,name=off,allocation-depth=on",
     ];
     let (qsd, ours) = start_pair(&prepare, &args);
-    for export in ["file", "raw", "off"] {
+    for export in ["file", "raw", "off", "null", "zero"] {
         let uri = format!("{{URI:{export}}}");
         let (theirs, mine) = both(
             &qsd,
@@ -373,6 +381,16 @@ fn qemu_img_map_and_nbdinfo_map_equal_qsd_on_a_sparse_image() {
         &["--map=base:allocation", "{URI:off}"],
     );
     assert_eq!(offset_map, OFFSET_BASE_ALLOCATION, "raw with offset=1M");
+    let (_, null_map) = both(
+        &qsd,
+        &ours,
+        "nbdinfo",
+        &["--map=qemu:allocation-depth", "{URI:null}"],
+    );
+    assert_eq!(
+        null_map, "         0     8388608    0  absent\n",
+        "null-co depth"
+    );
 }
 
 /// `nbdinfo --map=base:allocation` of the 8 MiB window at 1 MiB of the sparse image.
