@@ -33,6 +33,7 @@ fn package_of(tool: &str) -> &'static str {
         "nbdinfo" | "nbdcopy" => "libnbd-bin",
         "qemu-img" | "qemu-io" => "qemu-utils (10.0.2, bookworm-backports)",
         "cmp" => "diffutils",
+        "fio" => "fio (with its nbd engine)",
         _ => "the package providing it",
     }
 }
@@ -605,6 +606,51 @@ fn nbdcopy_and_qemu_img_convert_round_trips_are_byte_for_byte() {
 
 // ---------------------------------------------------------------------------------------
 // Many clients
+#[test]
+fn fio_random_writes_with_32_in_flight_per_connection_verify() {
+    let prepare = |dir: &Path| {
+        make_image(dir, "disk.img", 64 << 20, &[]);
+    };
+    let args = [
+        "--blockdev",
+        "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=raw,node-name=raw0,file=file0",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=e0,node-name=raw0,name=exp,writable=on",
+    ];
+    let s = Served::start(under_test(), &prepare, &args);
+    let uri = format!("--uri={}", s.uri("exp"));
+    // Two jobs, two connections, each on its own 32 MiB; fio checks every block it wrote.
+    let output = run_ok(
+        "fio",
+        &[
+            "--name=verify",
+            "--ioengine=nbd",
+            &uri,
+            "--rw=randwrite",
+            "--bsrange=512-256k",
+            "--size=32M",
+            "--offset_increment=32M",
+            "--numjobs=2",
+            "--iodepth=32",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--output-format=terse",
+            "--terse-version=3",
+        ],
+    );
+    // Terse v3: field 5 (index 4) is the job's error number, one line per job.
+    let errors: Vec<&str> = output
+        .lines()
+        .filter(|l| l.starts_with("3;"))
+        .map(|l| l.split(';').nth(4).unwrap_or("missing"))
+        .collect();
+    assert_eq!(errors, vec!["0", "0"], "fio output:\n{output}");
+}
 
 /// Child processes killed (and reaped) on drop, so a failing test leaves none behind.
 struct Children(Vec<(usize, Child)>);
