@@ -2,6 +2,14 @@
 //! nbdcopy) and to hand-made bad peers, with qemu-storage-daemon 10.0.2 run with the same
 //! command line on an identical image as the oracle.
 //!
+//! Covered: nbdinfo `--json`/`--list` for several export configurations; block status
+//! (qemu-img map, nbdinfo --map for base:allocation and qemu:allocation-depth) on sparse
+//! raw, file, raw-with-offset and null exports; qemu-io patterns (FUA, zeroes with and
+//! without unmap, discard, flush) checked in the image file; nbdcopy and qemu-img convert
+//! round trips; 64 parallel clients; fio verify; bad peers and raw option/command
+//! transcripts; block-export-del, nbd-server-stop and quit with clients connected;
+//! max-connections=1; SIGKILL of bulkhead's workers under a connected client.
+//!
 //! Runs in the test process. Each test starts its daemons in fresh temp dirs (removed on
 //! drop, with every process the daemon spawned); client tools are waited for or killed.
 //! Everything a daemon sends is untrusted: the raw NBD client below bounds every length it
@@ -756,12 +764,19 @@ const OPTION_MAGIC: &[u8; 8] = b"IHAVEOPT";
 const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Client flags: fixed newstyle, no zeroes.
 const CLIENT_FLAGS: u32 = 3;
+/// NBD_OPT_ABORT.
 const OPT_ABORT: u32 = 2;
+/// NBD_OPT_GO.
 const OPT_GO: u32 = 7;
+/// NBD_REP_ACK.
 const REP_ACK: u32 = 1;
+/// The compact (not extended) request magic.
 const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// The simple reply magic (no structured replies are negotiated by [`Peer`]).
 const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// NBD_CMD_READ.
 const CMD_READ: u16 = 0;
+/// NBD_CMD_WRITE.
 const CMD_WRITE: u16 = 1;
 /// The largest option reply payload we accept from a server.
 const MAX_REPLY_PAYLOAD: usize = 64 << 10;
@@ -933,17 +948,23 @@ impl Peer {
     /// Sends a request (header and payload) and reads its simple reply with `data` bytes
     /// of data on success.
     fn command(&mut self, request: Vec<u8>, data: usize) -> Result<Vec<u8>, String> {
-        self.stream
-            .write_all(&request)
-            .map_err(|_| "closed".to_string())?;
-        let header = self.read_exact(16).map_err(|_| "closed".to_string())?;
+        // A server that neither answers nor hangs up is a different failure from one that
+        // closed the connection.
+        let failure = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                format!("no reply within {PATIENCE:?}")
+            }
+            _ => "closed".to_string(),
+        };
+        self.stream.write_all(&request).map_err(failure)?;
+        let header = self.read_exact(16).map_err(failure)?;
         if be32(&header, 0) != SIMPLE_REPLY_MAGIC || header[8..16] != request[8..16] {
             return Err(format!("bad reply header {}", hex(&header)));
         }
         match be32(&header, 4) {
             0 => self
                 .read_exact(data)
-                .map_err(|_| "closed in data".to_string()),
+                .map_err(|e| format!("{} in data", failure(e))),
             error => Err(format!("error {error}")),
         }
     }
