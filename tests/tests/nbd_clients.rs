@@ -1028,6 +1028,28 @@ fn vanish_in_a_write_payload(socket: &Path) -> Transcript {
     }
 }
 
+fn vanish_with_many_requests_in_flight(socket: &Path) -> Transcript {
+    let mut peer = Peer::open_export(socket, "exp");
+    // 32 writes of 64 KiB into the unused second half, then 32 reads, no reply read.
+    for i in 0..32u64 {
+        let offset = (2 << 20) + i * 65536;
+        let _ = peer.stream.write_all(&with_payload_of(
+            request(CMD_WRITE, i, offset, 65536),
+            65536,
+            0x77,
+        ));
+    }
+    for i in 0..32u64 {
+        let _ = peer
+            .stream
+            .write_all(&request(CMD_READ, 100 + i, 0, 1 << 20));
+    }
+    Transcript {
+        bytes: String::new(),
+        ending: Ending::Closed,
+    }
+}
+
 fn vanish_before_a_read_reply(socket: &Path) -> Transcript {
     let mut peer = Peer::open_export(socket, "exp");
     peer.send(&request(CMD_READ, 8, 0, 32 << 20));
@@ -1097,6 +1119,11 @@ fn bad_peers_get_qsd_answers_and_the_daemon_keeps_serving_clients_and_qmp() {
             vanish_before_a_read_reply,
             closed(""),
         ),
+        (
+            "vanish with 64 requests in flight",
+            vanish_with_many_requests_in_flight,
+            closed(""),
+        ),
     ];
     let (qsd, ours) = start_pair(&disk_with_data, RAW_PEER_ARGS);
     let expected_exports = json!([
@@ -1139,6 +1166,12 @@ fn bad_peers_get_qsd_answers_and_the_daemon_keeps_serving_clients_and_qmp() {
     }
     let (theirs, mine) = both(&qsd, &ours, "nbdinfo", &["--json", "{URI:exp}"]);
     assert_eq!(mine, theirs, "nbdinfo after all bad peers");
+    let stderr = ours.daemon.stderr();
+    assert!(
+        !stderr.contains("panicked"),
+        "a bad peer made a process of {} panic:\n{stderr}",
+        ours.name()
+    );
 }
 
 #[test]
