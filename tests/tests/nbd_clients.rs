@@ -836,9 +836,19 @@ fn hex(bytes: &[u8]) -> String {
 impl Peer {
     /// Connects, checks the fixed-newstyle greeting (flags 3) and sends the client flags.
     fn connect(socket: &Path) -> Peer {
-        let stream = match UnixStream::connect(socket) {
-            Ok(stream) => stream,
-            Err(e) => panic!("cannot connect to {}: {e}", socket.display()),
+        // A socket file can exist a moment before it listens (bind, then listen).
+        let deadline = Instant::now() + PATIENCE;
+        let stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(stream) => break stream,
+                Err(e)
+                    if e.kind() == io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    thread::sleep(Duration::from_micros(200));
+                }
+                Err(e) => panic!("cannot connect to {}: {e}", socket.display()),
+            }
         };
         let mut peer = Peer { stream };
         let greeting = match peer.read_exact(18) {
@@ -857,33 +867,39 @@ impl Peer {
     /// Connects and selects `export` with NBD_OPT_GO (no structured replies, so
     /// transmission uses simple replies).
     fn open_export(socket: &Path, export: &str) -> Peer {
+        match Peer::try_open_export(socket, export) {
+            Ok(peer) => peer,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Like [`Peer::open_export`], but a refusal is an error message instead of a panic.
+    fn try_open_export(socket: &Path, export: &str) -> Result<Peer, String> {
         let mut peer = Peer::connect(socket);
-        let mut data = u32::try_from(export.len())
-            .unwrap_or(0)
-            .to_be_bytes()
-            .to_vec();
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        peer.send(&option(OPT_GO, &data));
+        peer.send(&option(OPT_GO, &go_data(export, &[])));
         loop {
-            let header = match peer.read_exact(20) {
-                Ok(h) => h,
-                Err(e) => panic!("NBD_OPT_GO reply header: {e}"),
-            };
-            assert_eq!(hex(&header[..8]), format!("{REPLY_MAGIC:016x}"));
+            let header = peer
+                .read_exact(20)
+                .map_err(|e| format!("NBD_OPT_GO reply header: {e}"))?;
+            if hex(&header[..8]) != format!("{REPLY_MAGIC:016x}") {
+                return Err(format!("bad option reply header {}", hex(&header)));
+            }
             let kind = be32(&header, 12);
             let length = be32(&header, 16) as usize;
-            assert!(length <= MAX_REPLY_PAYLOAD, "reply length {length}");
-            let payload = match peer.read_exact(length) {
-                Ok(p) => p,
-                Err(e) => panic!("NBD_OPT_GO reply payload: {e}"),
-            };
+            if length > MAX_REPLY_PAYLOAD {
+                return Err(format!("option reply length {length}"));
+            }
+            let payload = peer
+                .read_exact(length)
+                .map_err(|e| format!("NBD_OPT_GO reply payload: {e}"))?;
             match kind {
-                REP_ACK => return peer,
-                k if k & 0x8000_0000 != 0 => panic!(
-                    "NBD_OPT_GO {export:?} refused: type {k:#x} {:?}",
-                    String::from_utf8_lossy(&payload)
-                ),
+                REP_ACK => return Ok(peer),
+                k if k & 0x8000_0000 != 0 => {
+                    return Err(format!(
+                        "NBD_OPT_GO {export:?} refused: type {k:#x} {:?}",
+                        String::from_utf8_lossy(&payload)
+                    ));
+                }
                 _ => {}
             }
         }
@@ -1939,4 +1955,135 @@ fn sigkill_of_the_driver_worker_is_invisible_to_a_connected_client_and_of_the_nb
 fn with_payload_of(mut header: Vec<u8>, length: usize, byte: u8) -> Vec<u8> {
     header.extend(std::iter::repeat_n(byte, length));
     header
+}
+
+#[test]
+fn fio_verify_passes_while_the_raw_and_file_workers_are_killed_under_it() {
+    if under_test() == DaemonKind::Qsd {
+        eprintln!("qsd has no worker processes; nothing to test");
+        return;
+    }
+    let prepare = |dir: &Path| {
+        make_image(dir, "disk.img", 64 << 20, &[]);
+    };
+    let args = [
+        "--blockdev",
+        "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=raw,node-name=raw0,file=file0",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=e0,node-name=raw0,name=exp,writable=on",
+    ];
+    let s = Served::start(DaemonKind::Bulkhead, &prepare, &args);
+    let supervisor = s.daemon.pid();
+    let uri = format!("--uri={}", s.uri("exp"));
+    // Rate-limited so that the write phase lasts about 2 s and the kills land inside it.
+    let fio = Command::new("fio")
+        .args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &uri,
+            "--rw=randwrite",
+            "--bsrange=4k-128k",
+            "--size=64M",
+            "--rate=32m",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+            "--output-format=terse",
+            "--terse-version=3",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut fio = match fio {
+        Ok(child) => Children(vec![(0, child)]),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            panic!("fio is not installed (install {})", package_of("fio"))
+        }
+        Err(e) => panic!("cannot start fio: {e}"),
+    };
+    for kind in ["raw", "file"] {
+        thread::sleep(Duration::from_millis(500));
+        let Some(pid) = worker_pid(supervisor, kind, None) else {
+            panic!("no {kind} worker; stderr:\n{}", s.daemon.stderr());
+        };
+        let running = fio
+            .0
+            .first_mut()
+            .map(|(_, c)| matches!(c.try_wait(), Ok(None)));
+        assert_eq!(
+            running,
+            Some(true),
+            "fio still runs when the {kind} worker is killed"
+        );
+        if let Err(e) = bulkhead_systests::procs::send_signal(pid, libc::SIGKILL) {
+            panic!("cannot kill the {kind} worker {pid}: {e}");
+        }
+    }
+    let Some((_, child)) = fio.0.pop() else {
+        panic!("fio vanished from its guard");
+    };
+    let output = match child.wait_with_output() {
+        Ok(output) => output,
+        Err(e) => panic!("waiting for fio: {e}"),
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let errors: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("3;"))
+        .map(|l| l.split(';').nth(4).unwrap_or("missing"))
+        .collect();
+    assert!(
+        output.status.success() && errors == ["0"],
+        "fio across worker restarts ({}): errors {errors:?}\n{stdout}{}\ndaemon stderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        s.daemon.stderr()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Start-up
+
+#[test]
+#[ignore = "bulkhead serves NBD negotiation before the command line's --export exists (report)"]
+fn a_client_connecting_as_soon_as_the_socket_exists_finds_the_command_line_export() {
+    const ROUNDS: usize = 20;
+    let kind = under_test();
+    let mut failures = Vec::new();
+    for round in 0..ROUNDS {
+        let dir = match TempDir::new(&format!("bulkhead-nbd-early-{}", kind.name())) {
+            Ok(dir) => dir,
+            Err(e) => panic!("{e}"),
+        };
+        make_image(dir.path(), "disk.img", 4 << 20, &[]);
+        let args: Vec<String> = RAW_PEER_ARGS.iter().map(|a| a.to_string()).collect();
+        // No monitor: the NBD socket is the first thing the daemon creates.
+        let daemon = match Daemon::start_in(kind, dir, 0, &args, &[]) {
+            Ok(daemon) => daemon,
+            Err(e) => panic!("{e}"),
+        };
+        let socket = daemon.dir().join(NBD_SOCKET);
+        let deadline = Instant::now() + PATIENCE;
+        while !socket.exists() && Instant::now() < deadline {
+            thread::sleep(Duration::from_micros(200));
+        }
+        // qsd may create the socket before the export, but serves no client before its
+        // whole command line has run; the client waits in the listen backlog meanwhile.
+        if let Err(e) = Peer::try_open_export(&socket, "exp") {
+            failures.push(format!("round {round}: {e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {ROUNDS} early clients of {} were refused:\n{}",
+        failures.len(),
+        kind.name(),
+        failures.join("\n")
+    );
 }
