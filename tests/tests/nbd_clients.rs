@@ -647,6 +647,8 @@ fn fio_random_writes_with_32_in_flight_per_connection_verify() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            // Otherwise fio leaves *-verify.state files in the working directory.
+            "--verify_state_save=0",
             "--output-format=terse",
             "--terse-version=3",
         ],
@@ -1993,6 +1995,8 @@ fn fio_verify_passes_while_the_raw_and_file_workers_are_killed_under_it() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            // Otherwise fio leaves *-verify.state files in the working directory.
+            "--verify_state_save=0",
             "--output-format=terse",
             "--terse-version=3",
         ])
