@@ -16,7 +16,7 @@ use std::rc::Rc;
 use actix::Actor;
 use bulkhead_actors::events::{EventBus, EventSink};
 use bulkhead_actors::front::{self, Chardev, Front};
-use bulkhead_actors::supervisor::actor::{Execute, Shutdown, SupervisorActor};
+use bulkhead_actors::supervisor::actor::{Execute, Shutdown, StartupComplete, SupervisorActor};
 use bulkhead_qmp::json::JsonStreamer;
 use serde_json::{Map, Value};
 
@@ -340,6 +340,17 @@ async fn run(opts: Vec<CliOption>, mut ready: Option<std::fs::File>, daemonize: 
         }
         if let Err(msg) = startup.run_option(opt).await {
             eprintln!("{}", cli::diagnostic(&opt.given, &msg));
+            return finish(&supervisor, 1, &None, ready).await;
+        }
+    }
+    match supervisor.send(StartupComplete).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            eprintln!("bulkhead: {}", e.desc);
+            return finish(&supervisor, 1, &None, ready).await;
+        }
+        Err(e) => {
+            eprintln!("bulkhead: {e}");
             return finish(&supervisor, 1, &None, ready).await;
         }
     }

@@ -2055,7 +2055,6 @@ fn fio_verify_passes_while_the_raw_and_file_workers_are_killed_under_it() {
 // Start-up
 
 #[test]
-#[ignore = "bulkhead serves NBD negotiation before the command line's --export exists (report)"]
 fn a_client_connecting_as_soon_as_the_socket_exists_finds_the_command_line_export() {
     const ROUNDS: usize = 20;
     let kind = under_test();

@@ -124,6 +124,34 @@ impl Handler<Execute> for SupervisorActor {
     }
 }
 
+/// The command line has run; start serving.
+#[derive(Debug)]
+pub struct StartupComplete;
+
+impl Message for StartupComplete {
+    type Result = Result<(), QmpError>;
+}
+
+impl Handler<StartupComplete> for SupervisorActor {
+    type Result = AtomicResponse<Self, Result<(), QmpError>>;
+
+    fn handle(&mut self, _: StartupComplete, _: &mut Context<Self>) -> Self::Result {
+        let Some(mut core) = self.core.take() else {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(QmpError::generic(
+                "supervisor is busy",
+            )))));
+        };
+        let fut = async move {
+            let r = core.startup_complete().await;
+            (core, r)
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|(core, r), act, _| {
+            act.core = Some(core);
+            r
+        })))
+    }
+}
+
 /// Shut down: stop every worker. Sent once, when the daemon exits.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]

@@ -151,19 +151,23 @@ impl Core {
             .unwrap_or(10) as u32;
         let addr = args.get("addr").cloned().unwrap_or(Value::Null);
         let listener = listen(&addr, max_connections)?;
-        let copy =
-            bulkhead_ipc::fd::dup(&listener).map_err(|e| QmpError::generic(e.to_string()))?;
-        let w = self.worker(WorkerKind::Nbd).await?;
-        w.call(
-            ToWorker::NbdServerStart {
-                max_connections,
-                handshake_max_seconds: handshake,
-                exports: Vec::new(),
-            },
-            &[copy.as_fd()],
-        )
-        .await
-        .map_err(call_error)?;
+        // During start-up the server only records itself: like qsd, no client is served
+        // before the whole command line ran (its `--export`s included).
+        if self.started {
+            let copy =
+                bulkhead_ipc::fd::dup(&listener).map_err(|e| QmpError::generic(e.to_string()))?;
+            let w = self.worker(WorkerKind::Nbd).await?;
+            w.call(
+                ToWorker::NbdServerStart {
+                    max_connections,
+                    handshake_max_seconds: handshake,
+                    exports: Vec::new(),
+                },
+                &[copy.as_fd()],
+            )
+            .await
+            .map_err(call_error)?;
+        }
         self.nbd = Some(NbdServer {
             listener,
             max_connections,
@@ -271,20 +275,22 @@ impl Core {
             node: node.id,
             home: node.driver.worker(),
         };
-        self.connect(WorkerKind::Nbd, target.home).await?;
-        let w = self.worker(WorkerKind::Nbd).await?;
-        w.call(
-            ToWorker::NbdExportAdd(NbdExport {
-                name: name.clone(),
-                description: description.clone(),
-                writable,
-                allocation_depth,
-                node: target,
-            }),
-            &[],
-        )
-        .await
-        .map_err(call_error)?;
+        if self.started {
+            self.connect(WorkerKind::Nbd, target.home).await?;
+            let w = self.worker(WorkerKind::Nbd).await?;
+            w.call(
+                ToWorker::NbdExportAdd(NbdExport {
+                    name: name.clone(),
+                    description: description.clone(),
+                    writable,
+                    allocation_depth,
+                    node: target,
+                }),
+                &[],
+            )
+            .await
+            .map_err(call_error)?;
+        }
         if let Some(n) = self.graph.get_mut(&node_name) {
             n.exported = true;
         }

@@ -109,6 +109,9 @@ pub struct Core {
     restart_counts: HashMap<WorkerKind, u64>,
     /// Set once the daemon is exiting: dying workers are not replaced.
     stopping: bool,
+    /// Start-up (the command line) is complete; until then the NBD server accepts no
+    /// client.
+    started: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -140,6 +143,7 @@ impl Core {
             restarts: HashMap::new(),
             restart_counts: HashMap::new(),
             stopping: false,
+            started: false,
         }
     }
 
@@ -304,6 +308,13 @@ impl Core {
     /// Restarts so far of `kind`.
     pub fn restart_count(&self, kind: WorkerKind) -> u64 {
         self.restart_counts.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// The command line has run: start serving NBD clients (the server and every
+    /// export from the command line go to the NBD worker in one message).
+    pub async fn startup_complete(&mut self) -> Result<(), QmpError> {
+        self.started = true;
+        self.replay_nbd().await
     }
 
     /// The daemon is exiting: stop replacing workers.

@@ -100,6 +100,10 @@ impl WorkerHandle {
             .arg("worker")
             .arg("--kind")
             .arg(kind.as_str());
+        // A process group of its own: a terminal's ^C or a signal to the daemon's group
+        // reaches only the supervisor, which shuts workers down itself (PDEATHSIG still
+        // takes them if the supervisor dies).
+        cmd.process_group(0);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true);
