@@ -1,0 +1,290 @@
+//! Seccomp allow-lists, one per worker kind, built at run time from the Rust tables in
+//! this module's children.
+//!
+//! Runs in every worker, once, after the tokio runtime and the I/O threads exist: the
+//! filter goes onto every thread at once (TSYNC) and any call outside the list kills the
+//! whole process (`SECCOMP_RET_KILL_PROCESS`, the worker dies of SIGSYS), so a
+//! compromised worker can neither carry on half-alive nor try again. The supervisor
+//! sees the death and replaces the worker.
+//!
+//! A policy is the common list ([`common`]: runtime, logging, control and data
+//! channels) plus the kind's own list ([`file`] for `file` and `host_device`, [`raw`],
+//! [`null`], [`nbd`]). Every line allows one system call, names the code path that
+//! needs it, and restricts its arguments where that is cheap: `ioctl` per request,
+//! `mmap`/`mprotect` never with `PROT_EXEC`, `clone` only for threads, `fcntl` per
+//! command. Nothing opens a path, creates a socket or executes a program.
+//!
+//! A few calls are answered with an error instead of killing, by a first, separate
+//! filter ([`ERRNO_CALLS`]), because code we do not control makes them on paths we
+//! cannot rule out, and handles the error: `clone3` (its flags sit behind a pointer, so
+//! it cannot be checked; `ENOSYS` makes the C library fall back to `clone`, whose flags
+//! the allow-list checks) and `open`/`openat` (glibc's malloc reads
+//! `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread's heap; `ENOENT`
+//! is what it would get in the empty root anyway). The allow-list lets these calls
+//! through to the first filter's answer: with two filters the kernel takes the
+//! stricter result, so they never reach the kernel proper.
+
+pub mod common;
+pub mod file;
+pub mod nbd;
+pub mod null;
+pub mod raw;
+
+use std::collections::BTreeMap;
+
+use bulkhead_ipc::wire::WorkerKind;
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use crate::SandboxError;
+
+/// One allowed system call.
+pub struct Allowed {
+    /// The system call number (`libc::SYS_*` of the build target).
+    pub nr: i64,
+    /// Its name, for reports and tests.
+    pub name: &'static str,
+    /// Argument filters, any of which allows the call; empty means any arguments.
+    pub when: Vec<SeccompRule>,
+    /// The code path that needs it.
+    pub why: &'static str,
+}
+
+/// A policy table, or the seccompiler error of a malformed argument filter.
+pub type Table = Result<Vec<Allowed>, seccompiler::BackendError>;
+
+/// Builds an [`Allowed`] line: `sys!(SYS_read, "why")` or
+/// `sys!(SYS_ioctl if rules, "why")`.
+macro_rules! sys {
+    ($sys:ident, $why:literal) => {
+        $crate::policy::Allowed {
+            nr: libc::$sys,
+            name: $crate::policy::strip_sys(stringify!($sys)),
+            when: Vec::new(),
+            why: $why,
+        }
+    };
+    ($sys:ident if $rules:expr, $why:literal) => {
+        $crate::policy::Allowed {
+            nr: libc::$sys,
+            name: $crate::policy::strip_sys(stringify!($sys)),
+            when: $rules,
+            why: $why,
+        }
+    };
+}
+pub(crate) use sys;
+
+#[doc(hidden)]
+pub const fn strip_sys(name: &'static str) -> &'static str {
+    match name.as_bytes() {
+        [b'S', b'Y', b'S', b'_', rest @ ..] => match std::str::from_utf8(rest) {
+            Ok(s) => s,
+            Err(_) => name,
+        },
+        _ => name,
+    }
+}
+
+/// Allows the call when argument `arg` equals one of `values` (compared on the low 32
+/// bits, as the kernel does for `int` and `unsigned int` arguments such as ioctl
+/// requests and fcntl commands).
+pub(crate) fn arg_in(
+    arg: u8,
+    values: &[u64],
+) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    values
+        .iter()
+        .map(|&v| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                arg,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                v,
+            )?])
+        })
+        .collect()
+}
+
+/// Allows the call when every bit of `mask` is clear in argument `arg`.
+pub(crate) fn arg_clear(arg: u8, mask: u64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(mask),
+        0,
+    )?])?])
+}
+
+/// Allows the call when every bit of `mask` is set in argument `arg`.
+pub(crate) fn arg_set(arg: u8, mask: u64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(mask),
+        mask,
+    )?])?])
+}
+
+/// The full table of a worker kind: the common lines, then the kind's own.
+pub fn table(kind: WorkerKind) -> Table {
+    let mut lines = common::table()?;
+    lines.extend(match kind {
+        WorkerKind::File | WorkerKind::HostDevice => file::table()?,
+        WorkerKind::Raw => raw::table()?,
+        WorkerKind::NullCo | WorkerKind::NullAio => null::table()?,
+        WorkerKind::Nbd => nbd::table()?,
+    });
+    Ok(lines)
+}
+
+/// Merges lines for the same call: any unconditional line wins, otherwise the argument
+/// filters are OR-ed.
+fn merge(lines: Vec<Allowed>) -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut merged: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for line in lines {
+        let entry = merged.entry(line.nr).or_insert_with(|| Some(Vec::new()));
+        match (entry.as_mut(), line.when.is_empty()) {
+            (_, true) => *entry = None,
+            (Some(rules), false) => rules.extend(line.when),
+            (None, false) => {}
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
+        .collect()
+}
+
+/// The allow-list of `kind` compiled to BPF for `arch`, killing the process on any
+/// other call (or only logging it when `log_only`).
+pub fn seccomp_program_for(
+    kind: WorkerKind,
+    arch: TargetArch,
+    log_only: bool,
+) -> Result<BpfProgram, SandboxError> {
+    let policy_err = |e: &dyn std::fmt::Display| SandboxError::Policy {
+        kind,
+        detail: e.to_string(),
+    };
+    let lines = table(kind).map_err(|e| policy_err(&e))?;
+    let mismatch = if log_only {
+        SeccompAction::Log
+    } else {
+        SeccompAction::KillProcess
+    };
+    let mut rules = merge(lines);
+    // Answered by the errno filters; letting them through here keeps this filter from
+    // overriding that answer with a kill.
+    for &(nr, _, _, _) in ERRNO_CALLS {
+        rules.insert(nr, Vec::new());
+    }
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
+        .map_err(|e| policy_err(&e))?;
+    filter.try_into().map_err(|e| policy_err(&e))
+}
+
+/// The allow-list of `kind` for the architecture this binary runs on.
+pub fn seccomp_program(kind: WorkerKind) -> Result<BpfProgram, SandboxError> {
+    seccomp_program_for(kind, host_arch(kind)?, false)
+}
+
+/// Calls answered with an errno by the first filter, never executed: (number, name,
+/// errno, why).
+pub const ERRNO_CALLS: &[(i64, &str, i32, &str)] = &[
+    (
+        libc::SYS_clone3,
+        "clone3",
+        libc::ENOSYS,
+        "flags unreadable by seccomp; the C library falls back to clone (checked)",
+    ),
+    (
+        libc::SYS_openat,
+        "openat",
+        libc::ENOENT,
+        "glibc malloc reads /proc/sys/vm/overcommit_memory when shrinking a heap",
+    ),
+    #[cfg(target_arch = "x86_64")]
+    (
+        libc::SYS_open,
+        "open",
+        libc::ENOENT,
+        "as openat, for C libraries that still use open",
+    ),
+];
+
+/// The filters that answer [`ERRNO_CALLS`], one per errno (a seccompiler filter has
+/// one match action), each allowing everything else: the allow-list, installed with
+/// them, decides about the rest.
+pub fn errno_programs(arch: TargetArch) -> Result<Vec<BpfProgram>, SandboxError> {
+    let mut by_errno: BTreeMap<i32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
+    for &(nr, _, errno, _) in ERRNO_CALLS {
+        by_errno.entry(errno).or_default().insert(nr, Vec::new());
+    }
+    by_errno
+        .into_iter()
+        .map(|(errno, rules)| {
+            let filter = SeccompFilter::new(
+                rules,
+                SeccompAction::Allow,
+                SeccompAction::Errno(errno as u32),
+                arch,
+            )
+            .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+            filter
+                .try_into()
+                .map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))
+        })
+        .collect()
+}
+
+fn host_arch(kind: WorkerKind) -> Result<TargetArch, SandboxError> {
+    std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| SandboxError::Policy {
+            kind,
+            detail: e.to_string(),
+        })
+}
+
+/// Why [`apply`] did not install the filter.
+pub(crate) enum ApplyError {
+    /// The kernel has no seccomp filters; the worker carries on and reports it.
+    Unsupported(String),
+    /// Anything else stops the worker.
+    Failed(SandboxError),
+}
+
+/// Installs the errno filters and the allow-list of `kind` on every thread.
+pub(crate) fn apply(kind: WorkerKind, log_only: bool) -> Result<(), ApplyError> {
+    let arch = host_arch(kind).map_err(ApplyError::Failed)?;
+    let mut programs = errno_programs(arch).map_err(ApplyError::Failed)?;
+    programs.push(seccomp_program_for(kind, arch, log_only).map_err(ApplyError::Failed)?);
+    for (index, program) in programs.iter().enumerate() {
+        match seccompiler::apply_filter_all_threads(program) {
+            Ok(()) => {}
+            // Only the first installation can tell us the kernel lacks seccomp filters;
+            // once one filter is in, any failure is a real error.
+            Err(seccompiler::Error::Seccomp(e))
+                if index == 0
+                    && matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) =>
+            {
+                return Err(ApplyError::Unsupported(e.to_string()));
+            }
+            Err(e) => return Err(ApplyError::Failed(SandboxError::Seccomp(e.to_string()))),
+        }
+    }
+    Ok(())
+}
+
+/// Installs the allow-list of `kind` on every thread of this process, killing the
+/// process on any other call. Unlike the worker start-up ([`crate::apply_late`]) this
+/// ignores `BULKHEAD_SANDBOX` and fails when the kernel has no seccomp.
+pub fn apply_seccomp(kind: WorkerKind) -> Result<(), SandboxError> {
+    apply(kind, false).map_err(|e| match e {
+        ApplyError::Unsupported(reason) => SandboxError::Seccomp(reason),
+        ApplyError::Failed(e) => e,
+    })
+}
