@@ -169,3 +169,38 @@ pub fn apply_late(kind: WorkerKind, layers: &mut Vec<String>) -> Result<(), Sand
     hooks::forbidden_syscall_if_asked(kind);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sandbox_is_on_unless_the_environment_says_off_or_log() {
+        assert_eq!(Mode::from_env_value(None), Mode::On);
+        assert_eq!(Mode::from_env_value(Some("on")), Mode::On);
+        assert_eq!(Mode::from_env_value(Some("OFF")), Mode::On);
+        assert_eq!(Mode::from_env_value(Some("")), Mode::On);
+        assert_eq!(Mode::from_env_value(Some("off")), Mode::Off);
+        assert_eq!(Mode::from_env_value(Some("log")), Mode::Log);
+    }
+
+    #[test]
+    fn the_sandbox_switched_off_reports_only_off() {
+        let layers = apply_early_in(WorkerKind::Raw, Mode::Off).ok();
+        assert_eq!(layers, Some(vec!["off".to_string()]));
+    }
+
+    #[test]
+    fn an_unavailable_layer_is_reported_with_its_reason() {
+        let mut report = Report::default();
+        report.applied("netns");
+        report.unavailable("userns", rustix::io::Errno::PERM);
+        assert_eq!(
+            report.0,
+            [
+                "netns",
+                "unavailable:userns:Operation not permitted (os error 1)"
+            ]
+        );
+    }
+}

@@ -60,15 +60,15 @@ class Qmp:
         json.loads(self.file.readline())
         self.cmd("qmp_capabilities")
 
-    def cmd(self, name, **args):
-        msg = {"execute": name}
+    def cmd(self, command, /, **args):
+        msg = {"execute": command}
         if args:
             msg["arguments"] = args
         self.sock.sendall(json.dumps(msg).encode())
         while True:
             line = self.file.readline()
             if not line:
-                raise RuntimeError(f"QMP closed during {name}")
+                raise RuntimeError(f"QMP closed during {command}")
             reply = json.loads(line)
             if "event" in reply:
                 self.events.append(reply)
@@ -195,6 +195,54 @@ def namespaces_differ(pid, ns):
         return False
 
 
+# --- lone workers ---------------------------------------------------------------------
+
+
+def lone_worker(binary, kind, env):
+    """Starts `bulkhead worker --kind KIND` with our end of a seqpacket pair on fd 3,
+    waits for its first message, closes the channel and returns (first message, exit
+    status). A worker whose channel closes ends its runtime and exits 0."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def to_fd3():
+        os.dup2(theirs.fileno(), 3)
+
+    proc = subprocess.Popen([binary, "worker", "--kind", kind], env=env, close_fds=False,
+                            preexec_fn=to_fd3, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    theirs.close()
+    ours.settimeout(20)
+    try:
+        first = ours.recv(65536)
+    except OSError:
+        first = b""
+    ours.close()
+    try:
+        code = proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    return first, code
+
+
+def check_lone_workers(binary, mode):
+    env = dict(os.environ)
+    env["BULKHEAD_SANDBOX"] = mode
+    env.pop("BULKHEAD_TEST_FORBIDDEN_SYSCALL", None)
+    for kind in KINDS + ["host_device"]:
+        first, code = lone_worker(binary, kind, env)
+        check(first != b"" and code == 0,
+              f"lone {kind} worker says Ready and exits 0 when its channel closes "
+              f"(runtime shutdown under the filter): exit {code}")
+    env["BULKHEAD_TEST_FORBIDDEN_SYSCALL"] = "raw"
+    first, code = lone_worker(binary, "raw", env)
+    if first != b"" and code == 0:
+        print("skip test hook: binary built without --features test-hooks")
+    elif mode == "on":
+        check(first == b"" and code == -signal.SIGSYS,
+              f"test hook: a worker making a forbidden call dies of SIGSYS: exit {code}")
+
+
 # --- strace summary -------------------------------------------------------------------
 
 SYSCALL_RE = re.compile(r"^(\d+)\s+(?:<\.\.\. )?([a-z0-9_]+)[( ]")
@@ -239,6 +287,17 @@ def summarize_trace(path, worker_pids):
 
 
 def main():
+    children = []
+    try:
+        return run(children)
+    finally:
+        for proc in children:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def run(children):
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=os.path.join(REPO, "target/debug/bulkhead"))
     ap.add_argument("--strace")
@@ -269,6 +328,7 @@ def main():
     log_path = f"{tmp}/stderr.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(argv, env=env, stderr=log)
+    children.append(proc)
     for _ in range(400):
         if os.path.exists(qmp_path):
             break
@@ -370,9 +430,11 @@ def main():
     r = q.cmd("nbd-server-start", addr={"type": "inet", "data": {"host": "127.0.0.1",
                                                                  "port": str(port)}})
     check(r == {"return": {}}, f"nbd-server-start inet: {r}")
-    r = q.cmd("block-export-add", type="nbd", id="t0", **{"node-name": "disk"}, writable=True)
+    # A new name: exports of the stopped server may linger until their clients are gone.
+    r = q.cmd("block-export-add", type="nbd", id="t0", **{"node-name": "disk"}, writable=True,
+              name="tcpdisk")
     check(r == {"return": {}}, f"block-export-add over TCP: {r}")
-    r = qemu_io(f"nbd://127.0.0.1:{port}/disk", "read -P 0x5a 1052672 61440", "write -P 0x21 8M 4k",
+    r = qemu_io(f"nbd://127.0.0.1:{port}/tcpdisk", "read -P 0x5a 1052672 61440", "write -P 0x21 8M 4k",
                 "read -P 0x21 8M 4k")
     check(r.returncode == 0 and "verification failed" not in r.stdout,
           f"TCP export works from the NBD worker's namespace: {r.stderr.strip()}")
@@ -386,6 +448,12 @@ def main():
             continue
         check(st.get("Seccomp") == "2", f"{kind} (pid {pid}): Seccomp: {st.get('Seccomp')}")
         check(st.get("NoNewPrivs") == "1", f"{kind}: NoNewPrivs: {st.get('NoNewPrivs')}")
+        tasks = os.listdir(f"/proc/{pid}/task")
+        unfiltered = [t for t in tasks
+                      if status_of(f"{pid}/task/{t}").get("Seccomp") != "2"
+                      or status_of(f"{pid}/task/{t}").get("CapEff") != "0000000000000000"]
+        check(not unfiltered, f"{kind}: all {len(tasks)} threads filtered and without "
+                              f"capabilities (TSYNC): {unfiltered}")
         for cap in ["CapEff", "CapPrm", "CapInh", "CapAmb"]:
             check(st.get(cap) == "0000000000000000", f"{kind}: {cap}: {st.get(cap)}")
         if os.geteuid() == 0 or not opts.allow_degraded:
@@ -422,6 +490,7 @@ def main():
         check(not any("unavailable:" in l for l in layers), "no sandbox layer unavailable")
     if opts.strace:
         summarize_trace(opts.strace, workers)
+    check_lone_workers(opts.bin, opts.sandbox)
     if opts.keep:
         print("kept", tmp)
     else:

@@ -288,3 +288,321 @@ pub fn apply_seccomp(kind: WorkerKind) -> Result<(), SandboxError> {
         ApplyError::Failed(e) => e,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Calls no worker may make under any circumstance.
+    const NEVER: &[(i64, &str)] = &[
+        (libc::SYS_openat, "openat"),
+        (libc::SYS_openat2, "openat2"),
+        (libc::SYS_open, "open"),
+        (libc::SYS_creat, "creat"),
+        (libc::SYS_execve, "execve"),
+        (libc::SYS_execveat, "execveat"),
+        (libc::SYS_socket, "socket"),
+        (libc::SYS_socketpair, "socketpair"),
+        (libc::SYS_connect, "connect"),
+        (libc::SYS_bind, "bind"),
+        (libc::SYS_listen, "listen"),
+        (libc::SYS_fork, "fork"),
+        (libc::SYS_vfork, "vfork"),
+        (libc::SYS_ptrace, "ptrace"),
+        (libc::SYS_kill, "kill"),
+        (libc::SYS_mount, "mount"),
+        (libc::SYS_unshare, "unshare"),
+        (libc::SYS_setns, "setns"),
+        (libc::SYS_io_uring_setup, "io_uring_setup"),
+        (libc::SYS_memfd_create, "memfd_create"),
+        (libc::SYS_process_vm_writev, "process_vm_writev"),
+        (libc::SYS_unlinkat, "unlinkat"),
+    ];
+
+    fn tables() -> Vec<(WorkerKind, Vec<Allowed>)> {
+        WorkerKind::ALL
+            .into_iter()
+            .map(|k| match table(k) {
+                Ok(t) => (k, t),
+                Err(e) => panic!("table of {k} does not build: {e}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_kinds_filter_compiles_for_x86_64() {
+        for kind in WorkerKind::ALL {
+            let program = seccomp_program_for(kind, TargetArch::x86_64, false)
+                .unwrap_or_else(|e| panic!("{kind}: {e}"));
+            assert!(program.len() > 50, "{kind}: {} instructions", program.len());
+        }
+        assert_eq!(
+            errno_programs(TargetArch::x86_64).map(|p| p.len()).ok(),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn no_table_lets_a_worker_open_files_create_sockets_or_run_programs() {
+        for (kind, lines) in tables() {
+            for line in &lines {
+                assert!(
+                    !NEVER.iter().any(|&(nr, _)| nr == line.nr),
+                    "{kind} allows {}",
+                    line.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn calls_answered_with_an_errno_are_exactly_clone3_open_and_openat() {
+        let names: Vec<(&str, i32)> = ERRNO_CALLS.iter().map(|c| (c.1, c.2)).collect();
+        assert_eq!(
+            names,
+            [
+                ("clone3", libc::ENOSYS),
+                ("openat", libc::ENOENT),
+                ("open", libc::ENOENT)
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_nbd_worker_may_accept_connections_or_set_socket_options() {
+        for (kind, lines) in tables() {
+            let has = |name: &str| lines.iter().any(|l| l.name == name);
+            assert_eq!(has("accept4"), kind == WorkerKind::Nbd, "{kind}");
+            assert_eq!(has("setsockopt"), kind == WorkerKind::Nbd, "{kind}");
+            assert!(!has("accept"), "{kind}");
+        }
+    }
+
+    #[test]
+    fn only_file_workers_may_do_file_io() {
+        for (kind, lines) in tables() {
+            let file = matches!(kind, WorkerKind::File | WorkerKind::HostDevice);
+            for name in ["pread64", "pwrite64", "fallocate", "ftruncate", "fdatasync"] {
+                assert_eq!(lines.iter().any(|l| l.name == name), file, "{kind} {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn risky_calls_are_always_argument_filtered() {
+        for (kind, lines) in tables() {
+            for line in &lines {
+                if [
+                    "ioctl", "mmap", "mprotect", "clone", "fcntl", "prctl", "tgkill",
+                ]
+                .contains(&line.name)
+                {
+                    assert!(!line.when.is_empty(), "{kind}: {} unfiltered", line.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_line_says_why_and_names_its_call() {
+        for (kind, lines) in tables() {
+            for line in &lines {
+                assert!(line.why.len() > 10, "{kind}: {}", line.name);
+                assert!(!line.name.starts_with("SYS_"), "{kind}: {}", line.name);
+            }
+        }
+        assert_eq!(strip_sys("SYS_read"), "read");
+    }
+
+    #[test]
+    fn an_unconditional_line_wins_over_argument_filters_when_merged() {
+        let lines = vec![
+            sys!(SYS_ioctl if arg_in(1, &[1]).unwrap_or_default(), "first, filtered"),
+            sys!(SYS_ioctl, "second, unconditional"),
+            sys!(SYS_fcntl if arg_in(1, &[1, 2]).unwrap_or_default(), "filtered twice"),
+            sys!(SYS_fcntl if arg_in(1, &[3]).unwrap_or_default(), "and once more"),
+        ];
+        let merged = merge(lines);
+        assert_eq!(merged.get(&libc::SYS_ioctl).map(Vec::len), Some(0));
+        assert_eq!(merged.get(&libc::SYS_fcntl).map(Vec::len), Some(3));
+    }
+
+    // The tests below install a filter in a forked child, which only makes raw system
+    // calls (no allocation, no locks) before `_exit`, as is safe after fork in a
+    // multi-threaded test process. The parent never gets a filter.
+
+    /// What became of a child.
+    #[derive(Debug, PartialEq, Eq)]
+    enum End {
+        Exit(i32),
+        Signal(i32),
+    }
+
+    fn in_filtered_child(kind: WorkerKind, body: fn() -> i32) -> End {
+        let mut programs = errno_programs(TargetArch::x86_64).unwrap_or_default();
+        match seccomp_program_for(kind, TargetArch::x86_64, false) {
+            Ok(p) => programs.push(p),
+            Err(e) => panic!("{kind}: {e}"),
+        }
+        // SAFETY: the child only calls async-signal-safe functions (prctl, seccomp,
+        // raw syscalls, _exit) on memory prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            for p in &programs {
+                if seccompiler::apply_filter(p).is_err() {
+                    // SAFETY: _exit ends the child without running the parent's atexit
+                    // handlers or destructors.
+                    unsafe { libc::_exit(100) };
+                }
+            }
+            let code = body();
+            // SAFETY: as above.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; status is a valid out-pointer.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid);
+        if libc::WIFSIGNALED(status) {
+            End::Signal(libc::WTERMSIG(status))
+        } else {
+            End::Exit(libc::WEXITSTATUS(status))
+        }
+    }
+
+    fn errno() -> i32 {
+        // SAFETY: __errno_location returns this thread's errno slot.
+        unsafe { *libc::__errno_location() }
+    }
+
+    #[test]
+    fn a_worker_creating_a_socket_dies_of_sigsys() {
+        for kind in WorkerKind::ALL {
+            let end = in_filtered_child(kind, || {
+                // SAFETY: socket() takes no pointers.
+                unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
+                0
+            });
+            assert_eq!(end, End::Signal(libc::SIGSYS), "{kind}");
+        }
+    }
+
+    #[test]
+    fn allowed_calls_pass_the_filter() {
+        let end = in_filtered_child(WorkerKind::Raw, || {
+            // SAFETY: plain syscalls with valid pointers to local memory, on stderr,
+            // which exists in any process.
+            unsafe {
+                libc::syscall(libc::SYS_gettid);
+                libc::syscall(libc::SYS_sched_yield);
+                let byte = 7u8;
+                if libc::syscall(libc::SYS_write, 2, &byte as *const u8, 0) != 0 {
+                    return 1;
+                }
+                if libc::syscall(libc::SYS_fcntl, 2, libc::F_GETFD) < 0 {
+                    return 2;
+                }
+            }
+            0
+        });
+        assert_eq!(end, End::Exit(0));
+    }
+
+    #[test]
+    fn openat_fails_with_enoent_even_for_a_path_that_exists() {
+        let end = in_filtered_child(WorkerKind::File, || {
+            // SAFETY: a valid NUL-terminated path; no out-pointers.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    c"/".as_ptr(),
+                    libc::O_RDONLY,
+                )
+            };
+            if fd == -1 && errno() == libc::ENOENT {
+                0
+            } else {
+                1
+            }
+        });
+        assert_eq!(end, End::Exit(0));
+    }
+
+    #[test]
+    fn clone3_fails_with_enosys_and_a_fork_through_clone_dies_of_sigsys() {
+        let end = in_filtered_child(WorkerKind::Nbd, || {
+            // SAFETY: clone3 is refused before the kernel reads the (null) argument.
+            let rc = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+            if rc != -1 || errno() != libc::ENOSYS {
+                return 1;
+            }
+            // A fork (no CLONE_THREAD): the filter kills us before a child exists.
+            // SAFETY: fork-style clone with no stack and no pointers.
+            unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+            2
+        });
+        assert_eq!(end, End::Signal(libc::SIGSYS));
+    }
+
+    #[test]
+    fn executable_memory_is_refused_with_sigsys() {
+        let end = in_filtered_child(WorkerKind::NullCo, || {
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+            // SAFETY: anonymous mappings, no file, no fixed address.
+            let plain = unsafe {
+                libc::syscall(
+                    libc::SYS_mmap,
+                    0,
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    -1,
+                    0,
+                )
+            };
+            if plain < 0 {
+                return 1;
+            }
+            // SAFETY: as above.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_mmap,
+                    0,
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    flags,
+                    -1,
+                    0,
+                )
+            };
+            2
+        });
+        assert_eq!(end, End::Signal(libc::SIGSYS));
+    }
+
+    #[test]
+    fn an_unlisted_ioctl_request_dies_of_sigsys() {
+        let end = in_filtered_child(WorkerKind::File, || {
+            let mut size = 0u64;
+            // SAFETY: BLKGETSIZE64 on stderr fails with ENOTTY; the pointer is valid.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_ioctl,
+                    2,
+                    file::BLKGETSIZE64,
+                    &mut size as *mut u64,
+                )
+            };
+            if rc != -1 {
+                return 1;
+            }
+            let mut ws = [0u16; 4];
+            // SAFETY: TIOCGWINSZ writes 8 bytes into ws.
+            unsafe { libc::syscall(libc::SYS_ioctl, 2, libc::TIOCGWINSZ, ws.as_mut_ptr()) };
+            2
+        });
+        assert_eq!(end, End::Signal(libc::SIGSYS));
+    }
+}
