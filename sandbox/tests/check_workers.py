@@ -1,28 +1,33 @@
 #!/usr/bin/env python3
 """End-to-end check of the worker sandbox.
 
-Starts the real `bulkhead` supervisor with file, raw, null-co and null-aio nodes and
-NBD exports, drives real traffic through them (qemu-io, qemu-img, nbdinfo, 64 parallel
-clients, misbehaving raw NBD clients, block_resize), including error paths, and then:
+Starts the real `bulkhead` supervisor with file, raw, null-co, null-aio and (as root,
+on a loop device) host_device nodes and NBD exports, drives real traffic through them
+(qemu-io, qemu-img, nbdinfo, 64 parallel clients, misbehaving raw NBD clients,
+block_resize), including error paths, and then:
 
-- checks every worker's /proc/PID/status: `Seccomp: 2`, `NoNewPrivs: 1`,
-  `CapEff/CapPrm/CapInh/CapAmb: 0`, and (unless --allow-degraded) that it runs in its
-  own user, mount, IPC and network namespaces;
+- checks every worker's /proc/PID/status and every thread's: `Seccomp: 2`,
+  `NoNewPrivs: 1`, all capability sets 0, and (unless --allow-degraded) its own user,
+  mount, IPC and network namespaces and an empty root;
 - checks the traffic did what it should (data read back, expected errors);
-- checks no worker died on the way (same pids at the end, no "worker process ended"
-  before quit, in particular no SIGSYS = signal 31);
-- serves the same export over a TCP listener bound by the supervisor, from inside the
-  NBD worker's empty network namespace.
+- checks no worker died or was restarted on the way (in particular no SIGSYS, signal
+  31) and that the layer list has no `unavailable:` entry;
+- serves an export over a TCP listener bound by the supervisor, from inside the NBD
+  worker's empty network namespace;
+- starts each worker kind alone and checks it exits 0 when its channel closes (runtime
+  shutdown under the filter), and, with a `--features test-hooks` build, that a worker
+  told to make a forbidden call dies of SIGSYS.
 
-Usage (from the repository root, after `cargo build -p bulkhead`):
+Usage (from the repository root, after `cargo build -p bulkhead`, optionally with
+`--features test-hooks`):
 
     python3 sandbox/tests/check_workers.py [--bin target/debug/bulkhead]
-        [--strace TRACE] [--sandbox on|log|off] [--keep]
+        [--strace TRACE] [--sandbox on|log|off] [--allow-degraded] [--keep]
 
-With `--strace TRACE` the supervisor runs under `strace -f -o TRACE` (use
-`--sandbox log` to see every call without kills) and the script prints, per worker
-kind, the system calls made after the seccomp filter was installed.
-Exit status 0 means every check passed.
+With `--strace TRACE` the supervisor runs under `strace -f -o TRACE` and the script
+prints, per worker kind, the system calls made after the seccomp filter was installed
+(`--sandbox log` logs violations instead of killing). Exit status 0 means every check
+passed.
 """
 
 import argparse
