@@ -57,21 +57,39 @@ fn run(kind: WorkerKind) -> Result<(), WorkerExit> {
     // else above stderr); we take sole ownership of it here, exactly once.
     let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
 
-    let sandbox =
+    // Everything that must hold for every thread comes before the first thread:
+    // namespaces, capabilities, no_new_privs and Landlock are inherited by threads
+    // started later, and unshare(CLONE_NEWUSER) refuses a multi-threaded process.
+    let mut sandbox =
         bulkhead_sandbox::apply_early(kind).map_err(|e| WorkerExit::Setup(e.to_string()))?;
 
-    // Two threads: the machine has few cores and every worker shares them.
+    // File drivers' blocking I/O threads, started now so that no thread needs to be
+    // created once the seccomp filter is in.
+    if matches!(kind, WorkerKind::File | WorkerKind::HostDevice) {
+        bulkhead_block::threads::start_io_threads(bulkhead_block::threads::DEFAULT_IO_THREADS)
+            .map_err(|e| WorkerExit::Setup(format!("I/O threads: {e}")))?;
+    }
+
+    // Two threads: the machine has few cores and every worker shares them. An explicit
+    // count also keeps tokio from reading cgroup files for the CPU count.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(format!("bulkhead-{kind}"))
         .enable_all()
         .build()
         .map_err(WorkerExit::Runtime)?;
-    rt.block_on(serve(kind, control, sandbox))
+    rt.block_on(async move {
+        // Every thread of the worker exists now (main, runtime, I/O): the seccomp filter
+        // goes onto all of them at once, before the first request is read.
+        bulkhead_sandbox::apply_late(kind, &mut sandbox)
+            .map_err(|e| WorkerExit::Setup(e.to_string()))?;
+        serve(kind, control, sandbox).await
+    })
 }
 
 async fn serve(kind: WorkerKind, control: OwnedFd, sandbox: Vec<String>) -> Result<(), WorkerExit> {
     let chan = Arc::new(ControlChannel::new(control)?);
+    tracing::info!(worker = %kind, layers = %sandbox.join(","), "sandbox in place");
     chan.send(&FromWorker::Ready { sandbox }, &[]).await?;
     let mut state = match kind {
         WorkerKind::Nbd => State::Nbd(nbd::NbdWorker::new(Arc::clone(&chan))),
