@@ -77,6 +77,25 @@ impl ControlChannel {
         }
     }
 
+    /// Sends `bytes` as one message, unencoded. Only tests use it, to play a peer that
+    /// breaks the protocol; a real peer could send any bytes anyway.
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), ChannelError> {
+        loop {
+            let mut guard = self
+                .fd
+                .writable()
+                .await
+                .map_err(|e| ChannelError::Fd(FdError::from_io(e)))?;
+            match guard.try_io(|inner| {
+                fd::send_with_fds(inner.get_ref().as_fd(), bytes, &[]).map_err(FdError::into_io)
+            }) {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => return Err(ChannelError::Fd(FdError::from_io(e))),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
     /// Receives one message and the descriptors that came with it.
     pub async fn recv<T: DeserializeOwned>(&self) -> Result<(T, Vec<OwnedFd>), ChannelError> {
         let mut buf = vec![0u8; MAX_CONTROL_MESSAGE];

@@ -8,6 +8,8 @@
 //! supervisor's requests, so the supervisor can replace it.
 
 mod driver;
+#[cfg(feature = "test-hooks")]
+mod hooks;
 mod nbd;
 
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -81,14 +83,22 @@ fn run(kind: WorkerKind) -> Result<(), WorkerExit> {
     rt.block_on(async move {
         // Every thread of the worker exists now (main, runtime, I/O): the seccomp filter
         // goes onto all of them at once, before the first request is read.
+        #[cfg(feature = "test-hooks")]
+        let hooks = hooks::install().map_err(|e| WorkerExit::Setup(format!("test hooks: {e}")))?;
         bulkhead_sandbox::apply_late(kind, &mut sandbox)
             .map_err(|e| WorkerExit::Setup(e.to_string()))?;
-        serve(kind, control, sandbox).await
+        let chan = Arc::new(ControlChannel::new(control)?);
+        #[cfg(feature = "test-hooks")]
+        hooks.spawn(Arc::clone(&chan));
+        serve(kind, chan, sandbox).await
     })
 }
 
-async fn serve(kind: WorkerKind, control: OwnedFd, sandbox: Vec<String>) -> Result<(), WorkerExit> {
-    let chan = Arc::new(ControlChannel::new(control)?);
+async fn serve(
+    kind: WorkerKind,
+    chan: Arc<ControlChannel>,
+    sandbox: Vec<String>,
+) -> Result<(), WorkerExit> {
     tracing::info!(worker = %kind, layers = %sandbox.join(","), "sandbox in place");
     chan.send(&FromWorker::Ready { sandbox }, &[]).await?;
     let mut state = match kind {

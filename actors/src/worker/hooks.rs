@@ -1,0 +1,67 @@
+//! Test hooks, compiled only with the `test-hooks` feature (test builds, never a
+//! release): signals that make a worker misbehave on demand, so system tests can check
+//! what the supervisor does about it.
+//!
+//! - SIGUSR1: the worker makes a system call its seccomp filter forbids
+//!   (`socket(AF_INET)`): the kernel kills it with SIGSYS.
+//! - SIGUSR2: the worker sends the supervisor a control message that breaks the
+//!   protocol; `BULKHEAD_TEST_MISBEHAVE` picks it: `garbage` (default), `oversized` (more
+//!   than the message limit) or `truncated` (the first half of a valid reply).
+//!
+//! The signal handlers are installed before the seccomp filter (which forbids
+//! `rt_sigaction`), the tasks that act on them once the control channel exists.
+
+use std::sync::Arc;
+
+use bulkhead_ipc::codec;
+use bulkhead_ipc::control::ControlChannel;
+use bulkhead_ipc::wire::{FromWorker, Reply};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+/// The installed signal streams.
+pub(crate) struct Hooks {
+    forbidden: Signal,
+    misbehave: Signal,
+}
+
+/// Installs the handlers; call before the seccomp filter.
+pub(crate) fn install() -> std::io::Result<Hooks> {
+    Ok(Hooks {
+        forbidden: signal(SignalKind::user_defined1())?,
+        misbehave: signal(SignalKind::user_defined2())?,
+    })
+}
+
+impl Hooks {
+    /// Starts acting on the signals.
+    pub(crate) fn spawn(self, chan: Arc<ControlChannel>) {
+        let Hooks {
+            mut forbidden,
+            mut misbehave,
+        } = self;
+        tokio::spawn(async move {
+            forbidden.recv().await;
+            // SAFETY: a plain system call with constant arguments; the filter kills the
+            // process before it returns.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        });
+        tokio::spawn(async move {
+            misbehave.recv().await;
+            let bytes = match std::env::var("BULKHEAD_TEST_MISBEHAVE").as_deref() {
+                Ok("oversized") => vec![0x42u8; codec::MAX_CONTROL_MESSAGE + 4096],
+                Ok("truncated") => {
+                    let reply = FromWorker::Reply {
+                        id: 1,
+                        result: Ok(Reply::NodeInfo { size: u64::MAX }),
+                    };
+                    let full = codec::encode(&reply).unwrap_or_default();
+                    full[..full.len() / 2].to_vec()
+                }
+                _ => vec![0xFFu8; 64],
+            };
+            if let Err(e) = chan.send_raw(&bytes).await {
+                tracing::warn!(error = %e, "test hook could not misbehave");
+            }
+        });
+    }
+}

@@ -1,0 +1,241 @@
+//! Every worker runs sandboxed (seccomp in filter mode, no_new_privs, no capabilities),
+//! a worker that makes a forbidden system call dies of SIGSYS and is replaced, and a
+//! worker that breaks the control protocol is killed and replaced while the supervisor
+//! carries on. Needs a binary built with `--features bulkhead/test-hooks` (the README's
+//! test command builds one); bulkhead only.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bulkhead_systests::procs;
+use bulkhead_systests::{Daemon, DaemonKind, QmpConnection, TempDir};
+use serde_json::{Value, json};
+
+/// Tests that set `BULKHEAD_TEST_MISBEHAVE` for their daemon run one at a time.
+static ENV_LOCK: Mutex<()> = Mutex::new(());
+
+const KINDS: &[&str] = &["file", "raw", "null-co", "null-aio", "nbd"];
+
+fn start() -> Daemon {
+    let dir = match TempDir::new("bulkhead-sandbox") {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    if let Err(e) =
+        std::fs::File::create(dir.path().join("disk.img")).and_then(|f| f.set_len(16 << 20))
+    {
+        panic!("cannot create disk.img: {e}");
+    }
+    let args: Vec<String> = [
+        "--blockdev",
+        "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=raw,node-name=raw0,file=file0",
+        "--blockdev",
+        "driver=null-co,node-name=null0,size=1048576",
+        "--blockdev",
+        "driver=null-aio,node-name=null1,size=1048576",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=e0,node-name=raw0,writable=on",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn worker_pid(supervisor: u32, kind: &str, not: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = procs::children(supervisor).into_iter().find(|p| {
+            matches!(p.argv.as_slice(), [_, w, f, k, ..] if w == "worker" && f == "--kind" && k == kind)
+                && Some(p.pid) != not
+        });
+        if let Some(p) = found {
+            return p.pid;
+        }
+        assert!(Instant::now() < deadline, "no (new) {kind} worker appeared");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn qemu_io(dir: &Path, cmds: &[&str]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    c.arg("--image-opts").arg(format!(
+        "driver=nbd,server.type=unix,server.path={},export=raw0,reconnect-delay=30,open-timeout=30",
+        dir.join("nbd.sock").display()
+    ));
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    match c.output() {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => panic!("cannot run qemu-io (install qemu-utils): {e}"),
+    }
+}
+
+fn execute(qmp: &mut QmpConnection, command: &str) -> Value {
+    match qmp.execute(command, None) {
+        Ok(v) => v["return"].clone(),
+        Err(e) => panic!("QMP stopped answering: {e}"),
+    }
+}
+
+fn wait_for_stderr(daemon: &Daemon, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !daemon.stderr().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "stderr never said {needle:?}:\n{}",
+            daemon.stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn every_worker_kind_runs_with_seccomp_no_new_privs_and_no_capabilities() {
+    let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let daemon = start();
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}\n{}", daemon.stderr()),
+    };
+    let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x33 0 64k", "read -P 0x33 0 64k"]);
+    assert!(ok, "traffic failed: {out}");
+    let workers = execute(&mut qmp, "x-bulkhead-query-workers");
+    for kind in KINDS {
+        let pid = worker_pid(daemon.pid(), kind, None);
+        assert_eq!(
+            status_field(pid, "Seccomp"),
+            "2",
+            "{kind} worker (pid {pid}) seccomp mode"
+        );
+        assert_eq!(
+            status_field(pid, "NoNewPrivs"),
+            "1",
+            "{kind} worker no_new_privs"
+        );
+        for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+            assert_eq!(
+                status_field(pid, set),
+                "0000000000000000",
+                "{kind} worker {set}"
+            );
+        }
+        let layers = workers
+            .as_array()
+            .and_then(|l| l.iter().find(|w| w["kind"] == *kind))
+            .map(|w| w["sandbox"].clone())
+            .unwrap_or(Value::Null);
+        for layer in [
+            "seccomp",
+            "no-new-privs",
+            "caps-dropped",
+            "close-fds",
+            "not-dumpable",
+        ] {
+            assert!(
+                layers
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|x| x == layer)),
+                "{kind} worker does not report {layer}: {layers}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_forbidden_syscall_kills_the_worker_with_sigsys_and_the_export_serves_again() {
+    let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let daemon = start();
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}\n{}", daemon.stderr()),
+    };
+    let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x44 1M 64k"]);
+    assert!(ok, "{out}");
+    for kind in ["raw", "file", "nbd", "null-co"] {
+        let victim = worker_pid(daemon.pid(), kind, None);
+        // SAFETY: kill(2) of our child's child, read from /proc just now.
+        unsafe { libc::kill(victim as i32, libc::SIGUSR1) };
+        let replacement = worker_pid(daemon.pid(), kind, Some(victim));
+        assert_ne!(replacement, victim);
+        wait_for_stderr(
+            &daemon,
+            &format!("pid={victim} status=killed by signal {}", libc::SIGSYS),
+        );
+        let (ok, out) = qemu_io(
+            daemon.dir(),
+            &[
+                "read -P 0x44 1M 64k",
+                "write -P 0x45 2M 4k",
+                "read -P 0x45 2M 4k",
+            ],
+        );
+        assert!(
+            ok,
+            "after the {kind} worker's SIGSYS the export must serve: {out}"
+        );
+        assert_eq!(
+            execute(&mut qmp, "query-block-exports"),
+            json!([{"node-name": "raw0", "shutting-down": false, "type": "nbd", "id": "e0"}])
+        );
+    }
+}
+
+#[test]
+fn a_worker_that_breaks_the_control_protocol_is_killed_and_replaced() {
+    for mode in ["garbage", "oversized", "truncated"] {
+        let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: ENV_LOCK keeps other test threads of this binary off the environment.
+        unsafe { std::env::set_var("BULKHEAD_TEST_MISBEHAVE", mode) };
+        let daemon = start();
+        // SAFETY: as above.
+        unsafe { std::env::remove_var("BULKHEAD_TEST_MISBEHAVE") };
+        let mut qmp = match daemon.qmp(0) {
+            Ok(q) => q,
+            Err(e) => panic!("{e}\n{}", daemon.stderr()),
+        };
+        let victim = worker_pid(daemon.pid(), "raw", None);
+        // SAFETY: kill(2) of our child's child, read from /proc just now.
+        unsafe { libc::kill(victim as i32, libc::SIGUSR2) };
+        wait_for_stderr(&daemon, "killing misbehaving worker");
+        let replacement = worker_pid(daemon.pid(), "raw", Some(victim));
+        assert_ne!(replacement, victim, "{mode}");
+        let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x55 0 64k", "read -P 0x55 0 64k"]);
+        assert!(
+            ok,
+            "{mode}: the export must serve through the replacement: {out}"
+        );
+        let version = execute(&mut qmp, "query-version");
+        assert!(
+            version["package"].is_string(),
+            "{mode}: supervisor unharmed: {version}"
+        );
+    }
+}
