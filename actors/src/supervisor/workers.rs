@@ -141,18 +141,9 @@ impl WorkerHandle {
             {
                 sandbox
             }
-            Ok(Ok(_)) => {
-                let _ = child.start_kill();
-                return Err(SpawnError::Handshake("unexpected first message".into()));
-            }
-            Ok(Err(e)) => {
-                let _ = child.start_kill();
-                return Err(SpawnError::Handshake(e.to_string()));
-            }
-            Err(_) => {
-                let _ = child.start_kill();
-                return Err(SpawnError::Handshake("no Ready in time".into()));
-            }
+            Ok(Ok(_)) => return Err(abandon(kind, child, "unexpected first message".into()).await),
+            Ok(Err(e)) => return Err(abandon(kind, child, e.to_string()).await),
+            Err(_) => return Err(abandon(kind, child, "no Ready in time".into()).await),
         };
 
         let pending: Pending = Rc::new(RefCell::new(HashMap::new()));
@@ -295,6 +286,18 @@ async fn read_replies(
             Err(e) => return Some(e.to_string()),
         }
     }
+}
+
+/// Kills a worker that failed its start-up handshake, reaps it and logs how it ended
+/// (a worker killed by its own seccomp filter shows up here as signal 31).
+async fn abandon(kind: WorkerKind, mut child: tokio::process::Child, why: String) -> SpawnError {
+    let _ = child.start_kill();
+    let status = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
+        Ok(Ok(s)) => describe(s),
+        _ => "unknown".to_string(),
+    };
+    tracing::error!(worker = %kind, %status, reason = %why, "worker failed to start");
+    SpawnError::Handshake(why)
 }
 
 fn describe(status: std::process::ExitStatus) -> String {
