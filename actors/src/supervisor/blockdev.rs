@@ -368,6 +368,14 @@ impl Core {
             Some(f) => Some(fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?),
             None => None,
         };
+        let lock = match (&image, &config) {
+            (Some(f), DriverConfig::File(c) | DriverConfig::HostDevice(c)) => {
+                let copy = fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?;
+                let path = filename.as_deref().unwrap_or("");
+                Some(bulkhead_block::lock::ImageLock::new(copy, path, c.locking))
+            }
+            _ => None,
+        };
         let id = self.graph.allocate_id();
         let fixed_window =
             matches!(&config, DriverConfig::Raw(r) if r.offset > 0 || r.size.is_some());
@@ -411,13 +419,66 @@ impl Core {
             size,
             strong_options: spec.strong,
             path: filename,
+            lock,
             image,
             fixed_window,
             exported: false,
             config: saved_config,
         });
         created.push(name.clone());
+        if fixed_window {
+            // A raw window refuses to share `resize` of the image below it.
+            self.refresh_locks()?;
+        }
         Ok(name)
+    }
+
+    /// Recomputes the permissions every image's users need and applies them as
+    /// QEMU-compatible OFD locks, so bulkhead, qsd, qemu-img and qemu-io exclude each
+    /// other as QEMU processes do. A node nobody uses holds no lock (as in qsd). An NBD
+    /// export needs consistent read (and write when writable) and refuses to share
+    /// resize; a raw window refuses to share resize.
+    pub(super) fn refresh_locks(&mut self) -> Result<(), QmpError> {
+        use bulkhead_block::lock::perm;
+        let mut wanted: Vec<(String, u64, u64)> = Vec::new();
+        let mut add =
+            |name: &str, p: u64, unshare: u64| match wanted.iter_mut().find(|w| w.0 == name) {
+                Some(w) => {
+                    w.1 |= p;
+                    w.2 &= !unshare;
+                }
+                None => wanted.push((name.to_string(), p, perm::ALL & !unshare)),
+            };
+        for e in &self.exports {
+            if e.shutting_down {
+                continue;
+            }
+            let p = perm::CONSISTENT_READ | if e.writable { perm::WRITE } else { 0 };
+            if let Some(bottom) = self.graph.chain(&e.node).last() {
+                add(&bottom.name, p, perm::RESIZE);
+            }
+        }
+        for n in self.graph.iter().filter(|n| n.fixed_window) {
+            if let Some(bottom) = self.graph.chain(&n.name).last() {
+                add(&bottom.name, 0, perm::RESIZE);
+            }
+        }
+        let mut result = Ok(());
+        for node in self.graph.iter_mut() {
+            let Some(lock) = node.lock.as_mut() else {
+                continue;
+            };
+            let (p, shared) = wanted
+                .iter()
+                .find(|w| w.0 == node.name)
+                .map_or((0, perm::ALL), |w| (w.1, w.2));
+            if let Err(e) = lock.set_perm(p, shared)
+                && result.is_ok()
+            {
+                result = Err(QmpError::generic(e.to_string()));
+            }
+        }
+        result
     }
 
     /// Opens an existing node again in a restarted worker: same id, same config, the
@@ -470,9 +531,13 @@ impl Core {
     /// Closes a node in its worker and forgets it; children that only it used and
     /// that the monitor does not own go with it.
     async fn destroy(&mut self, name: &str) {
-        let Some(node) = self.graph.remove(name) else {
+        let Some(mut node) = self.graph.remove(name) else {
             return;
         };
+        if let Some(lock) = node.lock.as_mut() {
+            lock.release();
+        }
+        let _ = self.refresh_locks();
         if let Some(w) = self.workers.get(&node.driver.worker())
             && let Err(e) = w.call(ToWorker::RemoveNode { node: node.id }, &[]).await
         {

@@ -275,12 +275,53 @@ impl Core {
             node: node.id,
             home: node.driver.worker(),
         };
+        // The image locks come first: a conflict with another process (qemu-io, qsd)
+        // refuses the export before any worker is involved.
+        self.exports.insert(
+            0,
+            Export {
+                id: id.clone(),
+                node: node_name.clone(),
+                nbd_name: name.clone(),
+                shutting_down: false,
+                writable,
+                description: description.clone(),
+                allocation_depth,
+            },
+        );
+        if let Err(e) = self.refresh_locks() {
+            self.exports.remove(0);
+            let _ = self.refresh_locks();
+            return Err(e);
+        }
+        let added = self
+            .add_export_to_worker(&name, &description, writable, allocation_depth, target)
+            .await;
+        if let Err(e) = added {
+            self.exports.remove(0);
+            let _ = self.refresh_locks();
+            return Err(e);
+        }
+        if let Some(n) = self.graph.get_mut(&node_name) {
+            n.exported = true;
+        }
+        Ok(json!({}))
+    }
+
+    async fn add_export_to_worker(
+        &mut self,
+        name: &str,
+        description: &Option<String>,
+        writable: bool,
+        allocation_depth: bool,
+        target: NodeRef,
+    ) -> Result<(), QmpError> {
         if self.started {
             self.connect(WorkerKind::Nbd, target.home).await?;
             let w = self.worker(WorkerKind::Nbd).await?;
             w.call(
                 ToWorker::NbdExportAdd(NbdExport {
-                    name: name.clone(),
+                    name: name.to_string(),
                     description: description.clone(),
                     writable,
                     allocation_depth,
@@ -291,22 +332,7 @@ impl Core {
             .await
             .map_err(call_error)?;
         }
-        if let Some(n) = self.graph.get_mut(&node_name) {
-            n.exported = true;
-        }
-        self.exports.insert(
-            0,
-            Export {
-                id,
-                node: node_name,
-                nbd_name: name,
-                shutting_down: false,
-                writable,
-                description,
-                allocation_depth,
-            },
-        );
-        Ok(json!({}))
+        Ok(())
     }
 
     pub(super) async fn block_export_del(
@@ -419,6 +445,7 @@ impl Core {
             return;
         };
         let export = self.exports.remove(pos);
+        let _ = self.refresh_locks();
         if !self.exports.iter().any(|e| e.node == export.node)
             && let Some(n) = self.graph.get_mut(&export.node)
         {

@@ -81,6 +81,8 @@ pub struct Node {
     /// Our copy of the image descriptor (file drivers): keeps the OFD locks and lets
     /// us fstat for `actual-size` without asking the worker.
     pub image: Option<OwnedFd>,
+    /// QEMU-style OFD locks on the image (file drivers), on a duplicate of `image`.
+    pub lock: Option<bulkhead_block::lock::ImageLock>,
     /// raw's window makes the child unshare `resize`.
     pub fixed_window: bool,
     /// Whether an export uses the node.
@@ -155,6 +157,25 @@ impl Graph {
             }
         }
         Some(n)
+    }
+
+    /// The nodes from `name` down its chain, top first.
+    pub fn chain(&self, name: &str) -> Vec<&Node> {
+        let mut out = Vec::new();
+        let mut cur = self.get(name);
+        while let Some(n) = cur {
+            if out.len() > 64 {
+                break;
+            }
+            out.push(n);
+            cur = n.child.as_deref().and_then(|c| self.get(c));
+        }
+        out
+    }
+
+    /// Every node, mutably.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Node> {
+        self.nodes.iter_mut()
     }
 
     /// QEMU's full open options of a node: driver, strong options, children.
