@@ -983,6 +983,312 @@ mod tests {
                 r#"{"error": {"class": "GenericError", "desc": "QMP input member 'arguments' must be an object"}}"#,
             ],
         },
+        Probe {
+            name: r#"list separator"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":[1 2]}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in list"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"object as key"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{{\"a\":1}: 2}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, key is not a string in object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"bad object as key"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{{\"a\" 1}: 2}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, missing : in object pair"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"bad keyword in array"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":[tru]}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'tru'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"three closers"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"}}}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"object then closer"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"ok\"}}"],
+            replies: &[
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"empty array top"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"[]"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"whitespace variants"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"\x09{\x0d\x0a\"execute\"\x09:\x0d\"nope\" , \"id\"\x0a:\x091}\x0d\x0a"],
+            replies: &[
+                r#"{"id": 1, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"sq escapes"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{'execute':'nope','id':'a\\\"b\"c\\'d'}"],
+            replies: &[
+                r#"{"id": "a\"b\"c'd", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"dq apostrophe escape"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":\"x\\'y\"}"],
+            replies: &[
+                r#"{"id": "x'y", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"u0041"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":\"\\u0041\\u00e9\"}"],
+            replies: &[
+                r#"{"id": "A\u00E9", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"dup key nested"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":{\"a\":1,\"a\":2}}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"value error beats dup"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"execute\":foo}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'foo'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"error inside string at depth"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":[\"\\q\"]}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid escape sequence in string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"negative exp"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":[1e-2, -1.5E+3, 0.5e1, -0, 0]}"],
+            replies: &[
+                r#"{"id": [0.01, -1500, 5, 0, 0], "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"stray in array then resync"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"[1, @, 2]{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"colon top"#,
+            mode: Mode::Negotiated,
+            chunks: &[b":"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"comma top"#,
+            mode: Mode::Negotiated,
+            chunks: &[b","],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"string top then object"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"\"a\"{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"keyword followed by object"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"true{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"number then object"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"12{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"ctrl in recovery gives another error"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"@\x01{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\u0001'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"ff in recovery"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"@\xff{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"high bytes in recovery skipped"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"@\xc3\xa9 x{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"stray utf8 lead"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"\xc3\xa9{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"del char"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"\x7f{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\u007F'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"del in string"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":\"a\x7fb\"}"],
+            replies: &[
+                r#"{"id": "a\u007Fb", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"lone continuation in string"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":\"a\x80b\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"4byte utf8 in string"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":\"\xf0\x90\x80\x80\"}"],
+            replies: &[
+                r#"{"id": "\uD800\uDC00", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"pretty-like input"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\x0a    \"execute\": \"nope\",\x0a    \"id\": 5\x0a}\x0a"],
+            replies: &[
+                r#"{"id": 5, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id large negative int"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":-9223372036854775808}"],
+            replies: &[
+                r#"{"id": -9223372036854775808, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id 2^63"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":9223372036854775808}"],
+            replies: &[
+                r#"{"id": 9223372036854775808, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id 2^64"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":18446744073709551616}"],
+            replies: &[
+                r#"{"id": 1.8446744073709552e+19, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id 1e308"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":1e308}"],
+            replies: &[
+                r#"{"id": 1e+308, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id 123456789.123456789"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":123456789.123456789}"],
+            replies: &[
+                r#"{"id": 123456789.12345679, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id 100000000000000000000.0"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":100000000000000000000.0}"],
+            replies: &[
+                r#"{"id": 1e+20, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
     ];
 
     /// Captured on a monitor with `pretty=on`.
