@@ -1449,4 +1449,95 @@ mod tests {
         let complete = [b"[".to_vec(), b"1,".repeat((1 << 20) - 1), b"1]".to_vec()].concat();
         assert_eq!(negotiated(&[&complete, QV]), [TOKEN_COUNT, QV_REPLY]);
     }
+
+    const TOKEN_SIZE: &str =
+        r#"{"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}}"#;
+
+    /// Replies of a negotiated session whose streamer has a token size limit of
+    /// `size` and a token count limit of `count`.
+    fn limited(size: usize, count: usize, chunks: &[&[u8]]) -> Vec<String> {
+        let mut s = JsonStreamer::with_limits(size, count);
+        let results = chunks.iter().flat_map(|c| s.feed(c));
+        results
+            .map(|r| to_string(&reply(r, Mode::Negotiated)))
+            .collect()
+    }
+
+    fn string(len: usize) -> Vec<u8> {
+        [b"\"".to_vec(), b"a".repeat(len - 2), b"\"".to_vec()].concat()
+    }
+
+    #[test]
+    fn a_top_level_string_of_64_mib_is_refused_after_qsds_one_byte_allowance() {
+        // qsd 10.0.2: a string token of 64 MiB - 1 bytes passes, one of 64 MiB does not.
+        let m = 64 << 20;
+        assert_eq!(negotiated(&[&string(m), QV]), [TOKEN_SIZE, QV_REPLY]);
+    }
+
+    #[test]
+    fn the_size_limit_counts_every_token_of_the_message_plus_one_byte() {
+        let m = 1000;
+        assert_eq!(
+            limited(m, 1 << 21, &[&string(m - 1), QV]),
+            [NOT_OBJECT, QV_REPLY]
+        );
+        assert_eq!(
+            limited(m, 1 << 21, &[&string(m), QV]),
+            [TOKEN_SIZE, QV_REPLY]
+        );
+        // After '[' the same m - 1 bytes are too many; the ']' is then a stray closer.
+        let array = [b"[".to_vec(), string(m - 1), b"]".to_vec(), QV.to_vec()].concat();
+        assert_eq!(
+            limited(m, 1 << 21, &[&array]),
+            [TOKEN_SIZE, EXPECTING_VALUE, QV_REPLY]
+        );
+    }
+
+    #[test]
+    fn the_count_limit_allows_exactly_max_tokens() {
+        // '[' + k times "1," + "[]]" is 2k + 4 tokens.
+        let msg = |k: usize, tail: &[u8]| [b"[".to_vec(), b"1,".repeat(k), tail.to_vec()].concat();
+        assert_eq!(limited(1 << 20, 100, &[&msg(48, b"[]]")]), [NOT_OBJECT]);
+        assert_eq!(
+            limited(1 << 20, 100, &[&msg(48, b"[1]]"), QV]),
+            [TOKEN_COUNT, QV_REPLY]
+        );
+    }
+
+    #[test]
+    fn a_token_longer_than_64_mib_is_cut_and_lexing_restarts_inside_it() {
+        const M: usize = 64 << 20;
+        // The lexer gives up after M + 1 bytes of the string and starts over, so the
+        // closing quote opens a new string that the newline then breaks.
+        let input = [
+            b"\"".to_vec(),
+            b"a".repeat(M),
+            b"\"\n".to_vec(),
+            QV.to_vec(),
+        ]
+        .concat();
+        let stray =
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\n'"}}"#;
+        assert_eq!(negotiated(&[&input]), [TOKEN_SIZE, stray, QV_REPLY]);
+    }
+
+    #[test]
+    fn a_long_token_split_across_many_feeds_is_cut_at_the_same_byte() {
+        let mut s = JsonStreamer::with_limits(100, 1 << 21);
+        let input = [
+            b"\"".to_vec(),
+            b"a".repeat(100),
+            b"\"\n".to_vec(),
+            QV.to_vec(),
+        ]
+        .concat();
+        let got: Vec<String> = input
+            .chunks(7)
+            .flat_map(|c| s.feed(c))
+            .map(|r| to_string(&reply(r, Mode::Negotiated)))
+            .collect();
+        let stray =
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\n'"}}"#;
+        assert_eq!(got, [TOKEN_SIZE, stray, QV_REPLY]);
+    }
 }
