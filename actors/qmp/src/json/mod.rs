@@ -1497,7 +1497,8 @@ mod tests {
 
     #[test]
     fn the_count_limit_allows_exactly_max_tokens() {
-        // '[' + k times "1," + "[]]" is 2k + 4 tokens.
+        // '[' + k times "1," + "[]]" is 2k + 4 tokens. qsd 10.0.2 gave these replies
+        // with k = 2^20 - 2 at its real limit of 2^21 tokens.
         let msg = |k: usize, tail: &[u8]| [b"[".to_vec(), b"1,".repeat(k), tail.to_vec()].concat();
         assert_eq!(limited(1 << 20, 100, &[&msg(48, b"[]]")]), [NOT_OBJECT]);
         assert_eq!(
