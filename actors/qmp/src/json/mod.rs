@@ -983,6 +983,312 @@ mod tests {
                 r#"{"error": {"class": "GenericError", "desc": "QMP input member 'arguments' must be an object"}}"#,
             ],
         },
+        Probe {
+            name: r#"list separator"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":[1 2]}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in list"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"object as key"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{{\"a\":1}: 2}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, key is not a string in object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"bad object as key"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{{\"a\" 1}: 2}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, missing : in object pair"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"bad keyword in array"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":[tru]}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'tru'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"three closers"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"}}}{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"object then closer"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"query-version\",\"id\":\"ok\"}}"],
+            replies: &[
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"empty array top"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"[]"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"whitespace variants"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"\x09{\x0d\x0a\"execute\"\x09:\x0d\"nope\" , \"id\"\x0a:\x091}\x0d\x0a"],
+            replies: &[
+                r#"{"id": 1, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"sq escapes"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{'execute':'nope','id':'a\\\"b\"c\\'d'}"],
+            replies: &[
+                r#"{"id": "a\"b\"c'd", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"dq apostrophe escape"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":\"x\\'y\"}"],
+            replies: &[
+                r#"{"id": "x'y", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"u0041"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":\"\\u0041\\u00e9\"}"],
+            replies: &[
+                r#"{"id": "A\u00E9", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"dup key nested"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":{\"a\":1,\"a\":2}}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"value error beats dup"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"execute\":foo}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'foo'"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"error inside string at depth"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":[\"\\q\"]}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid escape sequence in string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"negative exp"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":[1e-2, -1.5E+3, 0.5e1, -0, 0]}"],
+            replies: &[
+                r#"{"id": [0.01, -1500, 5, 0, 0], "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"stray in array then resync"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"[1, @, 2]{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"colon top"#,
+            mode: Mode::Negotiated,
+            chunks: &[b":"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"comma top"#,
+            mode: Mode::Negotiated,
+            chunks: &[b","],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"string top then object"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"\"a\"{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"keyword followed by object"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"true{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"number then object"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"12{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"ctrl in recovery gives another error"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"@\x01{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\u0001'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"ff in recovery"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"@\xff{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"high bytes in recovery skipped"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"@\xc3\xa9 x{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"stray utf8 lead"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"\xc3\xa9{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"del char"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"\x7f{\"execute\":\"query-version\",\"id\":\"ok\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\u007F'"}}"#,
+                r#"{"return": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "id": "ok"}"#,
+            ],
+        },
+        Probe {
+            name: r#"del in string"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":\"a\x7fb\"}"],
+            replies: &[
+                r#"{"id": "a\u007Fb", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"lone continuation in string"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":\"a\x80b\"}"],
+            replies: &[
+                r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"4byte utf8 in string"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":\"\xf0\x90\x80\x80\"}"],
+            replies: &[
+                r#"{"id": "\uD800\uDC00", "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"pretty-like input"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\x0a    \"execute\": \"nope\",\x0a    \"id\": 5\x0a}\x0a"],
+            replies: &[
+                r#"{"id": 5, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id large negative int"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":-9223372036854775808}"],
+            replies: &[
+                r#"{"id": -9223372036854775808, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id 2^63"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":9223372036854775808}"],
+            replies: &[
+                r#"{"id": 9223372036854775808, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id 2^64"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":18446744073709551616}"],
+            replies: &[
+                r#"{"id": 1.8446744073709552e+19, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id 1e308"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":1e308}"],
+            replies: &[
+                r#"{"id": 1e+308, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id 123456789.123456789"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":123456789.123456789}"],
+            replies: &[
+                r#"{"id": 123456789.12345679, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
+        Probe {
+            name: r#"id 100000000000000000000.0"#,
+            mode: Mode::Negotiated,
+            chunks: &[b"{\"execute\":\"nope\",\"id\":100000000000000000000.0}"],
+            replies: &[
+                r#"{"id": 1e+20, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+            ],
+        },
     ];
 
     /// Captured on a monitor with `pretty=on`.
@@ -1142,5 +1448,100 @@ mod tests {
         // The check also applies to the token that would complete the message.
         let complete = [b"[".to_vec(), b"1,".repeat((1 << 20) - 1), b"1]".to_vec()].concat();
         assert_eq!(negotiated(&[&complete, QV]), [TOKEN_COUNT, QV_REPLY]);
+    }
+
+    const TOKEN_SIZE: &str =
+        r#"{"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}}"#;
+
+    /// Replies of a negotiated session whose streamer has a token size limit of
+    /// `size` and a token count limit of `count`.
+    fn limited(size: usize, count: usize, chunks: &[&[u8]]) -> Vec<String> {
+        let mut s = JsonStreamer::with_limits(size, count);
+        let results = chunks.iter().flat_map(|c| s.feed(c));
+        results
+            .map(|r| to_string(&reply(r, Mode::Negotiated)))
+            .collect()
+    }
+
+    fn string(len: usize) -> Vec<u8> {
+        [b"\"".to_vec(), b"a".repeat(len - 2), b"\"".to_vec()].concat()
+    }
+
+    #[test]
+    fn a_top_level_string_of_64_mib_is_refused_after_qsds_one_byte_allowance() {
+        // qsd 10.0.2: a string token of 64 MiB - 1 bytes passes, one of 64 MiB does not.
+        let m = 64 << 20;
+        assert_eq!(negotiated(&[&string(m), QV]), [TOKEN_SIZE, QV_REPLY]);
+    }
+
+    #[test]
+    fn the_size_limit_counts_every_token_of_the_message_plus_one_byte() {
+        // The same three shapes at the real 64 MiB limit gave exactly these replies
+        // from qsd 10.0.2 (40 minutes of probing: qsd reads its monitor byte by byte).
+        let m = 1000;
+        assert_eq!(
+            limited(m, 1 << 21, &[&string(m - 1), QV]),
+            [NOT_OBJECT, QV_REPLY]
+        );
+        assert_eq!(
+            limited(m, 1 << 21, &[&string(m), QV]),
+            [TOKEN_SIZE, QV_REPLY]
+        );
+        // After '[' the same m - 1 bytes are too many; the ']' is then a stray closer.
+        let array = [b"[".to_vec(), string(m - 1), b"]".to_vec(), QV.to_vec()].concat();
+        assert_eq!(
+            limited(m, 1 << 21, &[&array]),
+            [TOKEN_SIZE, EXPECTING_VALUE, QV_REPLY]
+        );
+    }
+
+    #[test]
+    fn the_count_limit_allows_exactly_max_tokens() {
+        // '[' + k times "1," + "[]]" is 2k + 4 tokens. qsd 10.0.2 gave these replies
+        // with k = 2^20 - 2 at its real limit of 2^21 tokens.
+        let msg = |k: usize, tail: &[u8]| [b"[".to_vec(), b"1,".repeat(k), tail.to_vec()].concat();
+        assert_eq!(limited(1 << 20, 100, &[&msg(48, b"[]]")]), [NOT_OBJECT]);
+        assert_eq!(
+            limited(1 << 20, 100, &[&msg(48, b"[1]]"), QV]),
+            [TOKEN_COUNT, QV_REPLY]
+        );
+    }
+
+    #[test]
+    fn a_token_longer_than_64_mib_is_cut_and_lexing_restarts_inside_it() {
+        const M: usize = 64 << 20;
+        // qsd 10.0.2 transcript. The lexer gives up after M + 1 bytes of the string
+        // and starts over, so the closing quote opens a new string that the newline
+        // then breaks.
+        let input = [
+            b"\"".to_vec(),
+            b"a".repeat(M),
+            b"\"\n".to_vec(),
+            QV.to_vec(),
+        ]
+        .concat();
+        let stray =
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\n'"}}"#;
+        assert_eq!(negotiated(&[&input]), [TOKEN_SIZE, stray, QV_REPLY]);
+    }
+
+    #[test]
+    fn a_long_token_split_across_many_feeds_is_cut_at_the_same_byte() {
+        let mut s = JsonStreamer::with_limits(100, 1 << 21);
+        let input = [
+            b"\"".to_vec(),
+            b"a".repeat(100),
+            b"\"\n".to_vec(),
+            QV.to_vec(),
+        ]
+        .concat();
+        let got: Vec<String> = input
+            .chunks(7)
+            .flat_map(|c| s.feed(c))
+            .map(|r| to_string(&reply(r, Mode::Negotiated)))
+            .collect();
+        let stray =
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\n'"}}"#;
+        assert_eq!(got, [TOKEN_SIZE, stray, QV_REPLY]);
     }
 }

@@ -173,6 +173,10 @@ pub struct JsonStreamer {
     brace_count: i64,
     /// Open `[` minus `]` in the current message.
     bracket_count: i64,
+    /// `MAX_TOKEN_SIZE`; smaller only in tests, to keep them fast.
+    max_token_size: usize,
+    /// `MAX_TOKEN_COUNT`; smaller only in tests.
+    max_token_count: usize,
 }
 
 impl Default for JsonStreamer {
@@ -191,6 +195,19 @@ impl JsonStreamer {
             text: Vec::new(),
             brace_count: 0,
             bracket_count: 0,
+            max_token_size: MAX_TOKEN_SIZE,
+            max_token_count: MAX_TOKEN_COUNT,
+        }
+    }
+
+    /// A streamer with smaller size and count limits, so that tests can check the
+    /// behaviour at the limits without feeding 64 MiB.
+    #[cfg(test)]
+    pub(crate) fn with_limits(max_token_size: usize, max_token_count: usize) -> Self {
+        Self {
+            max_token_size,
+            max_token_count,
+            ..Self::new()
         }
     }
 
@@ -198,10 +215,38 @@ impl JsonStreamer {
     /// order.
     pub fn feed(&mut self, bytes: &[u8]) -> Vec<Result<Value, JsonError>> {
         let mut out = Vec::new();
-        for &b in bytes {
-            self.feed_byte(b, &mut out);
+        let mut rest = bytes;
+        while let Some((&b, tail)) = rest.split_first() {
+            let run = self.plain_string_run(rest);
+            if run > 0 {
+                // Same effect as feeding the bytes one by one: they only extend the
+                // token, and the run stops where the size check would fire.
+                self.token.extend_from_slice(&rest[..run]);
+                rest = &rest[run..];
+                self.check_token_size(&mut out);
+            } else {
+                self.feed_byte(b, &mut out);
+                rest = tail;
+            }
         }
         out
+    }
+
+    /// How many bytes at the start of `bytes` simply continue the string being lexed
+    /// (no quote, backslash, control or impossible byte), capped so that the token
+    /// grows at most to the size at which the lexer gives up.
+    fn plain_string_run(&self, bytes: &[u8]) -> usize {
+        let quote = match self.state {
+            State::DqString => b'"',
+            State::SqString => b'\'',
+            _ => return 0,
+        };
+        let cap = (self.max_token_size + 1).saturating_sub(self.token.len());
+        bytes
+            .iter()
+            .take(cap)
+            .take_while(|&&c| (0x20..=0xFD).contains(&c) && c != quote && c != b'\\')
+            .count()
     }
 
     fn feed_byte(&mut self, b: u8, out: &mut Vec<Result<Value, JsonError>>) {
@@ -253,9 +298,13 @@ impl JsonStreamer {
                 }
             }
         }
-        // A single token may not grow without bound. QEMU hands the partial token to
-        // the streamer, whose size check always rejects it, and lexes on from Start.
-        if self.token.len() > MAX_TOKEN_SIZE {
+        self.check_token_size(out);
+    }
+
+    /// A single token may not grow without bound. QEMU hands the partial token to the
+    /// streamer, whose size check always rejects it, and lexes on from Start.
+    fn check_token_size(&mut self, out: &mut Vec<Result<Value, JsonError>>) {
+        if self.token.len() > self.max_token_size {
             self.emit(Err(JsonError::TokenSizeLimit), out);
             self.clear_token();
             self.state = State::Start;
@@ -280,11 +329,11 @@ impl JsonStreamer {
             _ => {}
         }
         let len = self.token.len();
-        if self.text.len() + len + 1 > MAX_TOKEN_SIZE {
+        if self.text.len() + len + 1 > self.max_token_size {
             self.emit(Err(JsonError::TokenSizeLimit), out);
             return;
         }
-        if self.tokens.len() + 1 > MAX_TOKEN_COUNT {
+        if self.tokens.len() + 1 > self.max_token_count {
             self.emit(Err(JsonError::TokenCountLimit), out);
             return;
         }

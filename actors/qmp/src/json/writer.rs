@@ -307,4 +307,27 @@ mod tests {
             "[\r\n    1,\r\n    [\r\n        2\r\n    ]\r\n]"
         );
     }
+
+    #[test]
+    fn the_greeting_built_in_qemus_insertion_order_prints_as_qsd_sends_it() {
+        let mut qemu = Map::new();
+        qemu.insert("major".into(), json!(10));
+        qemu.insert("minor".into(), json!(0));
+        qemu.insert("micro".into(), json!(2));
+        let mut version = Map::new();
+        version.insert("qemu".into(), Value::Object(qemu));
+        version.insert(
+            "package".into(),
+            json!("Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"),
+        );
+        let mut qmp = Map::new();
+        qmp.insert("version".into(), Value::Object(version));
+        qmp.insert("capabilities".into(), json!(["oob"]));
+        let mut greeting = Map::new();
+        greeting.insert("QMP".into(), Value::Object(qmp));
+        assert_eq!(
+            to_string(&Value::Object(greeting)),
+            r#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1"}, "capabilities": ["oob"]}}"#
+        );
+    }
 }
