@@ -20,21 +20,15 @@ use serde_json::Value;
 use crate::events::EventBus;
 use crate::supervisor::actor::SupervisorActor;
 
-/// Renders one outgoing message as qsd writes it: compact or pretty JSON, then CRLF.
-/// Pretty output has CRLF line ends too (QEMU's monitor turns every LF into CRLF).
+/// Renders one outgoing message as qsd writes it: compact or pretty JSON (whose line
+/// breaks are already CRLF, as QEMU's monitor turns every LF into CRLF), then CRLF.
 pub fn render(v: &Value, pretty: bool) -> Vec<u8> {
     let text = if pretty {
         bulkhead_qmp::json::to_string_pretty(v)
     } else {
         bulkhead_qmp::json::to_string(v)
     };
-    let mut out = Vec::with_capacity(text.len() + 2);
-    for b in text.bytes() {
-        if b == b'\n' {
-            out.push(b'\r');
-        }
-        out.push(b);
-    }
+    let mut out = text.into_bytes();
     out.extend_from_slice(b"\r\n");
     out
 }
@@ -160,5 +154,21 @@ pub async fn run_monitor(chardev: Chardev, pretty: bool, front: Front) {
             let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
             session::run(id, tokio::io::stdin(), tokio::io::stdout(), pretty, &front).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render;
+    use serde_json::json;
+
+    #[test]
+    fn pretty_messages_end_every_line_with_one_crlf_like_qsd() {
+        let out = render(&json!({"return": {}}), true);
+        assert_eq!(out, b"{\r\n    \"return\": {\r\n    }\r\n}\r\n");
+        assert_eq!(
+            render(&json!({"return": {}}), false),
+            b"{\"return\": {}}\r\n"
+        );
     }
 }
