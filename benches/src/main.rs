@@ -145,6 +145,11 @@ fn real_main(args: &[String]) -> Result<(), BenchError> {
     let report = header(&options, &command_line, &started, &machine, &versions)
         + &format!("load average after the run: {}\n\n", load_after.trim())
         + &table::render(&samples.sections());
+    let report = if outcome.is_err() {
+        format!("PARTIAL RESULTS: the run stopped early (the error follows the table)\n{report}")
+    } else {
+        report
+    };
     let raw = json!({
         "started": started, "finished": finished, "command": command_line,
         "machine": machine, "versions": versions,

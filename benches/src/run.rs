@@ -117,8 +117,11 @@ impl Metric {
     pub const CONTROL: [Metric; 2] = [Metric::StartupMs, Metric::QmpRttUs];
 }
 
+/// Takes one number out of a fio result.
+type Extract = fn(&fio::FioResult) -> f64;
+
 /// The metrics a fio job yields, and how to get each from its result.
-fn job_metrics(job: &str) -> &'static [(Metric, fn(&fio::FioResult) -> f64)] {
+fn job_metrics(job: &str) -> &'static [(Metric, Extract)] {
     fn iops(r: &fio::FioResult) -> f64 {
         r.iops
     }
@@ -287,7 +290,7 @@ pub struct Plan<'a> {
 
 /// qsd and bulkhead, in the order repetition `r` runs them.
 pub fn order(r: u32) -> [Server; 2] {
-    if r % 2 == 0 {
+    if r.is_multiple_of(2) {
         [Server::Qsd, Server::Bulkhead]
     } else {
         [Server::Bulkhead, Server::Qsd]
@@ -327,15 +330,17 @@ impl Plan<'_> {
             let t0 = Instant::now();
             let (mut child, qmp_sock, log) =
                 daemon::spawn_qmp_daemon(self.programs, server, self.scratch, &tag)?;
-            let stream =
-                qmp::connect_when_ready(&qmp_sock, Duration::from_secs(20), || alive(&mut child))?;
-            let (_qmp, _greeting) = Qmp::greet(stream).map_err(|source| DaemonError::Qmp {
+            let wrap = |source| DaemonError::Qmp {
                 server,
                 source,
                 log: daemon::log_tail(&log, 20),
-            })?;
+            };
+            let stream =
+                qmp::connect_when_ready(&qmp_sock, Duration::from_secs(20), || alive(&mut child))
+                    .map_err(wrap)?;
+            let (qmp, _greeting) = Qmp::greet(stream).map_err(wrap)?;
             starts.push(t0.elapsed().as_secs_f64() * 1000.0);
-            drop(_qmp);
+            drop(qmp);
             child.stop();
         }
         let startup = stats::median(&starts).unwrap_or(f64::NAN);
