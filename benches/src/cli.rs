@@ -13,7 +13,7 @@ Benchmarks bulkhead against qemu-storage-daemon (and nbdkit as a reference) in t
 same run, one server at a time, alternating, and prints medians with min-max spread.
 
 options:
-  --quick           2 s per fio job instead of 5, fewer qemu-img bench requests
+  --quick           2 s per fio job instead of 5 (qemu-img bench runs follow)
   --repeat N        measure everything N times (default 3)
   --runtime SECS    seconds per fio job (overrides --quick)
   --json PATH       write the raw results (every sample, every fio JSON output) to PATH

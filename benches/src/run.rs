@@ -400,6 +400,8 @@ impl Plan<'_> {
             self.scratch,
         )?;
         let limit = Duration::from_secs(self.options.runtime_s + 60);
+        // fio's QD32 IOPS of this very server size the qemu-img bench runs below.
+        let mut qd32_iops = [None, None];
         for job in &JOBS {
             let out_file = self.record_dir.join(format!(
                 "{}-{}-{}-r{}.json",
@@ -430,6 +432,11 @@ impl Plan<'_> {
             }
             for (metric, get) in job_metrics(job.name) {
                 samples.push((server, Some(backing), *metric), get(&result));
+                match metric {
+                    Metric::RandReadQd32Iops => qd32_iops[0] = Some(result.iops),
+                    Metric::RandWriteQd32Iops => qd32_iops[1] = Some(result.iops),
+                    _ => {}
+                }
             }
             samples.fio_outputs.push(json!({
                 "server": server.name(), "backing": backing.name(), "job": job.name,
@@ -437,12 +444,22 @@ impl Plan<'_> {
             }));
             self.still_alive(&mut running)?;
         }
-        for (write, metric) in [
-            (false, Metric::QemuImgReadIops),
-            (true, Metric::QemuImgWriteIops),
+        for (write, metric, fio_iops) in [
+            (false, Metric::QemuImgReadIops, qd32_iops[0]),
+            (true, Metric::QemuImgWriteIops, qd32_iops[1]),
         ] {
-            let iops = self.qemu_img_bench(&running, write)?;
+            let count = qemu_img_count(
+                fio_iops,
+                self.options.runtime_s,
+                self.options.qemu_img_count,
+            );
+            let iops = self.qemu_img_bench(&running, write, count)?;
             samples.push((server, Some(backing), metric), iops);
+            samples.details.push(json!({
+                "server": server.name(), "backing": backing.name(), "repeat": r + 1,
+                "what": if write { "qemu_img_bench_write" } else { "qemu_img_bench_read" },
+                "count": count, "iops": iops
+            }));
             self.still_alive(&mut running)?;
         }
         std::thread::sleep(IDLE_BEFORE_RSS);
@@ -470,8 +487,7 @@ impl Plan<'_> {
         }
     }
 
-    fn qemu_img_bench(&self, running: &Running, write: bool) -> Result<f64, RunError> {
-        let count = self.options.qemu_img_count;
+    fn qemu_img_bench(&self, running: &Running, write: bool, count: u64) -> Result<f64, RunError> {
         let mut cmd = Command::new("qemu-img");
         cmd.args(["bench", "-f", "raw", "-t", "none", "-d", "32"]);
         cmd.args(["-c", &count.to_string()]);
@@ -496,6 +512,25 @@ impl Plan<'_> {
     }
 }
 
+/// Requests for one `qemu-img bench` run: what the server did in `runtime_s` seconds at
+/// the same depth under fio, between [`MIN_QEMU_IMG_COUNT`] and `max`. A fixed count
+/// would take minutes on a server that manages only a few hundred IOPS (bulkhead's file
+/// driver on a large tmpfs file, today), so the run lasts about as long as a fio job.
+fn qemu_img_count(fio_iops: Option<f64>, runtime_s: u64, max: u64) -> u64 {
+    let guess = fio_iops.map_or(max, |iops| {
+        let n = (iops * runtime_s as f64).round();
+        if n.is_finite() && n > 0.0 {
+            n as u64
+        } else {
+            0
+        }
+    });
+    guess.clamp(MIN_QEMU_IMG_COUNT.min(max), max)
+}
+
+/// Fewer requests than this make the run too short to time.
+const MIN_QEMU_IMG_COUNT: u64 = 1000;
+
 fn parse_job(text: &str, direction: Direction) -> Result<(fio::FioResult, Value), FioError> {
     fio::parse_fio_json(text, direction)
 }
@@ -517,6 +552,14 @@ mod tests {
         assert_eq!(order(0), [Server::Qsd, Server::Bulkhead]);
         assert_eq!(order(1), [Server::Bulkhead, Server::Qsd]);
         assert_eq!(order(2), [Server::Qsd, Server::Bulkhead]);
+    }
+
+    #[test]
+    fn qemu_img_bench_runs_about_as_long_as_a_fio_job_within_bounds() {
+        assert_eq!(qemu_img_count(Some(4000.4), 5, 50_000), 20_002);
+        assert_eq!(qemu_img_count(Some(100_000.0), 5, 50_000), 50_000);
+        assert_eq!(qemu_img_count(Some(80.0), 5, 50_000), 1000);
+        assert_eq!(qemu_img_count(None, 5, 50_000), 50_000);
     }
 
     #[test]
