@@ -144,7 +144,8 @@ fn real_main(args: &[String]) -> Result<(), BenchError> {
 
     let report = header(&options, &command_line, &started, &machine, &versions)
         + &format!("load average after the run: {}\n\n", load_after.trim())
-        + &table::render(&samples.sections());
+        + &table::render(&samples.sections())
+        + &notes(&samples.notes);
     let report = if outcome.is_err() {
         format!("PARTIAL RESULTS: the run stopped early (the error follows the table)\n{report}")
     } else {
@@ -171,6 +172,17 @@ fn real_main(args: &[String]) -> Result<(), BenchError> {
     println!("{report}");
     outcome?;
     Ok(())
+}
+
+fn notes(notes: &[String]) -> String {
+    if notes.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nnotes:\n");
+    for n in notes {
+        out.push_str(&format!("- {}\n", n.replace('\n', " ")));
+    }
+    out
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<(), BenchError> {
