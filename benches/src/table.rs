@@ -57,7 +57,15 @@ pub fn format_cell(s: Option<&Summary>) -> String {
 /// bulkhead's median over qsd's, or `-` when either is missing or qsd's is zero.
 pub fn format_ratio(row: &Row) -> String {
     match (&row.bulkhead, &row.qsd) {
-        (Some(b), Some(q)) if q.median != 0.0 => format!("{:.2}", b.median / q.median),
+        // Three decimals below 0.1, so a 250x gap does not print as 0.00.
+        (Some(b), Some(q)) if q.median != 0.0 => {
+            let r = b.median / q.median;
+            if r.abs() < 0.1 {
+                format!("{r:.3}")
+            } else {
+                format!("{r:.2}")
+            }
+        }
         _ => "-".to_owned(),
     }
 }
@@ -144,6 +152,18 @@ mod tests {
         );
         assert_eq!(format_cell(s(7.0, 7.0, 7.0).as_ref()), "7.00");
         assert_eq!(format_cell(None), "-");
+    }
+
+    #[test]
+    fn a_ratio_far_below_one_keeps_a_significant_digit() {
+        let row = |b: f64| Row {
+            metric: String::new(),
+            qsd: s(18819.0, 1.0, 2.0),
+            bulkhead: s(b, 1.0, 2.0),
+            nbdkit: None,
+        };
+        assert_eq!(format_ratio(&row(76.1)), "0.004");
+        assert_eq!(format_ratio(&row(9409.5)), "0.50");
     }
 
     #[test]
