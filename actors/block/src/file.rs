@@ -73,6 +73,46 @@ pub struct FileDriver {
     /// In direct mode an unaligned write is a read-modify-write of whole aligned blocks,
     /// which must not interleave with other writes; aligned writes share the lock.
     rmw: Arc<RwLock<()>>,
+    /// The last run of data `SEEK_DATA`/`SEEK_HOLE` found (QEMU's block-status cache):
+    /// an NBD server asks for block status before every read, and on a large file each
+    /// `SEEK_HOLE` can walk far, so repeated lookups inside a known data run skip it.
+    data_run: DataRunCache,
+}
+
+/// A cached `[start, end)` known to hold data. Writes keep data data, so only discard,
+/// write-zeroes and truncate invalidate it; the generation keeps a lookup that raced an
+/// invalidation from putting a stale run back.
+#[derive(Debug, Default)]
+struct DataRunCache {
+    inner: std::sync::Mutex<(u64, Option<(u64, u64)>)>,
+}
+
+impl DataRunCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Option<(u64, u64)>)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached run covering `offset`, as (generation, run end) or the generation.
+    fn lookup(&self, offset: u64) -> Result<u64, u64> {
+        let g = self.lock();
+        match g.1 {
+            Some((start, end)) if start <= offset && offset < end => Ok(end),
+            _ => Err(g.0),
+        }
+    }
+
+    fn store(&self, generation: u64, start: u64, end: u64) {
+        let mut g = self.lock();
+        if g.0 == generation && start < end {
+            g.1 = Some((start, end));
+        }
+    }
+
+    fn invalidate(&self) {
+        let mut g = self.lock();
+        g.0 += 1;
+        g.1 = None;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +145,7 @@ impl FileDriver {
             read_only: config.common.read_only,
             direct: config.direct,
             rmw: Arc::new(RwLock::new(())),
+            data_run: DataRunCache::default(),
         })
     }
 
@@ -340,15 +381,22 @@ fn zero_range_without_writing(fd: BorrowedFd<'_>, offset: u64, len: u64) -> IoRe
     }
 }
 
-/// Block status of a regular file from `SEEK_DATA`/`SEEK_HOLE`, one extent per run.
-fn seek_extents(fd: BorrowedFd<'_>, offset: u64, len: u64) -> IoResult<Vec<Extent>> {
+/// Block status of a regular file from `SEEK_DATA`/`SEEK_HOLE`, one extent per run,
+/// and the end of the data run starting at `offset` (beyond `len`) if there is one.
+fn seek_extents(fd: BorrowedFd<'_>, offset: u64, len: u64) -> IoResult<(Vec<Extent>, Option<u64>)> {
     let end = offset + len;
     let mut extents: Vec<Extent> = Vec::new();
+    let mut first_run = None;
     let mut pos = offset;
     while pos < end && extents.len() < MAX_EXTENTS {
         let (data, next) = match rustix::fs::seek(fd, SeekFrom::Data(pos)) {
             Ok(data_at) if data_at == pos => match rustix::fs::seek(fd, SeekFrom::Hole(pos)) {
-                Ok(hole_at) if hole_at > pos => (true, hole_at),
+                Ok(hole_at) if hole_at > pos => {
+                    if pos == offset {
+                        first_run = Some(hole_at);
+                    }
+                    (true, hole_at)
+                }
                 // A racing truncate; report the rest as data, as QEMU does on errors.
                 _ => (true, end),
             },
@@ -371,7 +419,7 @@ fn seek_extents(fd: BorrowedFd<'_>, offset: u64, len: u64) -> IoResult<Vec<Exten
         }
         pos = next;
     }
-    Ok(extents)
+    Ok((extents, first_run))
 }
 
 impl BlockIo for FileDriver {
@@ -433,13 +481,15 @@ impl BlockIo for FileDriver {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.check_write(offset, len)?;
+            // Before and after: the range may turn into a hole.
+            self.data_run.invalidate();
             if len == 0 {
                 return Ok(());
             }
             let fd = Arc::clone(&self.fd);
             let rmw = Arc::clone(&self.rmw);
             let (device, direct) = (self.device, self.direct);
-            threads::run(move || {
+            let result = threads::run(move || {
                 let fd = fd.as_fd();
                 // An unaligned direct write's read-modify-write must not straddle this.
                 let _shared = direct.then(|| rmw.read().unwrap_or_else(|p| p.into_inner()));
@@ -478,20 +528,24 @@ impl BlockIo for FileDriver {
                 }
                 if flags.fua { fdatasync(fd) } else { Ok(()) }
             })
-            .await
+            .await;
+            self.data_run.invalidate();
+            result
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.check_write(offset, len)?;
+            // Before and after: the range may turn into a hole.
+            self.data_run.invalidate();
             if len == 0 {
                 return Ok(());
             }
             let fd = Arc::clone(&self.fd);
             let rmw = Arc::clone(&self.rmw);
             let (device, direct) = (self.device, self.direct);
-            threads::run(move || {
+            let result = threads::run(move || {
                 let fd = fd.as_fd();
                 let _shared = direct.then(|| rmw.read().unwrap_or_else(|p| p.into_inner()));
                 // A discard the storage cannot do is not an error (QEMU ignores ENOTSUP).
@@ -516,7 +570,9 @@ impl BlockIo for FileDriver {
                     DeviceType::Char => Ok(()),
                 }
             })
-            .await
+            .await;
+            self.data_run.invalidate();
+            result
         })
     }
 
@@ -541,8 +597,24 @@ impl BlockIo for FileDriver {
                     depth: 1,
                 }]);
             }
+            let generation = match self.data_run.lookup(offset) {
+                Ok(run_end) => {
+                    return Ok(vec![Extent {
+                        length: run_end.min(offset + len) - offset,
+                        data: true,
+                        zero: false,
+                        depth: 1,
+                    }]);
+                }
+                Err(generation) => generation,
+            };
             let fd = Arc::clone(&self.fd);
-            threads::run(move || seek_extents(fd.as_fd(), offset, len)).await
+            let (extents, run) =
+                threads::run(move || seek_extents(fd.as_fd(), offset, len)).await?;
+            if let Some(run_end) = run {
+                self.data_run.store(generation, offset, run_end);
+            }
+            Ok(extents)
         })
     }
 
@@ -558,6 +630,7 @@ impl BlockIo for FileDriver {
                         rustix::fs::ftruncate(fd.as_fd(), new_size).map_err(errno)
                     })
                     .await?;
+                    self.data_run.invalidate();
                     self.size.store(round_up(new_size, 512), Ordering::Release);
                     Ok(())
                 }

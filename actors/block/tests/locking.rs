@@ -37,6 +37,13 @@ fn texts(result: Result<(), LockError>) -> Result<(), (String, String)> {
 }
 
 /// Lock byte ranges held on `path`'s inode, from /proc/locks.
+/// These tests read the system-wide `/proc/locks` while taking and dropping locks; run
+/// them one at a time so one test's lock churn never shows up in another's snapshot.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn held_bytes(path: &Path) -> Vec<(u64, u64)> {
     let ino = match std::fs::metadata(path) {
         Ok(m) => std::os::unix::fs::MetadataExt::ino(&m),
@@ -62,6 +69,7 @@ fn held_bytes(path: &Path) -> Vec<(u64, u64)> {
 
 #[test]
 fn a_second_writer_is_refused_the_resize_lock_like_qsd() {
+    let _serial = serial();
     let s = Scratch::new("lock2");
     let path = s.sparse("a.img", 1 << 20);
     let mut export = lock_for(&path, OnOffAuto::Auto);
@@ -90,6 +98,7 @@ fn a_second_writer_is_refused_the_resize_lock_like_qsd() {
 
 #[test]
 fn locking_off_neither_takes_nor_checks_locks() {
+    let _serial = serial();
     let s = Scratch::new("lockoff");
     let path = s.sparse("a.img", 1 << 20);
     let mut holder = lock_for(&path, OnOffAuto::Auto);
@@ -104,6 +113,7 @@ fn locking_off_neither_takes_nor_checks_locks() {
 
 #[test]
 fn dropping_permissions_releases_their_bytes_without_checking() {
+    let _serial = serial();
     let s = Scratch::new("lockdrop");
     let path = s.sparse("a.img", 1 << 20);
     let mut lock = lock_for(&path, OnOffAuto::Auto);
@@ -167,6 +177,7 @@ fn qcow2_image(s: &Scratch) -> std::path::PathBuf {
 
 #[test]
 fn qemu_io_holding_a_qcow2_image_excludes_our_writers_and_readers_with_qsd_texts() {
+    let _serial = serial();
     let s = Scratch::new("qemuio");
     let path = qcow2_image(&s);
     let holder = QemuIo::hold(&path);
@@ -197,6 +208,7 @@ fn qemu_io_holding_a_qcow2_image_excludes_our_writers_and_readers_with_qsd_texts
 
 #[test]
 fn qemu_img_is_refused_while_we_hold_an_image_like_a_qcow2_node() {
+    let _serial = serial();
     let s = Scratch::new("qemuimg");
     let path = qcow2_image(&s);
     let mut lock = lock_for(&path, OnOffAuto::Auto);
@@ -269,6 +281,7 @@ impl Drop for Qsd {
 
 #[test]
 fn qsd_and_bulkhead_exclude_each_other_both_ways() {
+    let _serial = serial();
     let s = Scratch::new("qsd");
     let path = s.sparse("a.raw", 1 << 20);
     {
