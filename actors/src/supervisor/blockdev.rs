@@ -57,6 +57,7 @@ struct Spec {
     discard: Discard,
     detect_zeroes: DetectZeroes,
     force_share: bool,
+    auto_read_only: bool,
     strong: Map<String, Value>,
     kind: SpecKind,
 }
@@ -179,6 +180,7 @@ fn parse_spec(v: &Value) -> Result<Spec, QmpError> {
         discard,
         detect_zeroes,
         force_share: get_bool(m, "force-share").unwrap_or(false),
+        auto_read_only: get_bool(m, "auto-read-only").unwrap_or(false),
         strong,
         kind,
     })
@@ -240,7 +242,7 @@ impl Core {
         };
 
         // Children first: QEMU opens a format node's file child before it names the node.
-        let (config, child, filename) = match spec.kind {
+        let (mut config, child, filename) = match spec.kind {
             SpecKind::Raw {
                 offset,
                 size,
@@ -336,10 +338,26 @@ impl Core {
                 } else {
                     FileKind::File
                 };
-                Some(
-                    posix::open_image(path, kind, read_only, direct)
-                        .map_err(|e| QmpError::generic(e.to_string()))?,
-                )
+                match posix::open_image(path, kind, read_only, direct) {
+                    Ok(fd) => Some(fd),
+                    // auto-read-only: a writable open refused for permission reasons
+                    // falls back to read-only, as in QEMU. The node still reports
+                    // `ro: false` (QEMU would reopen it writable for a writer), but
+                    // the worker refuses writes.
+                    Err(posix::OpenImageError::Open { errno, .. })
+                        if spec.auto_read_only
+                            && !read_only
+                            && matches!(errno, libc::EACCES | libc::EPERM | libc::EROFS) =>
+                    {
+                        let fd = posix::open_image(path, kind, true, direct)
+                            .map_err(|e| QmpError::generic(e.to_string()))?;
+                        if let DriverConfig::File(c) | DriverConfig::HostDevice(c) = &mut config {
+                            c.common.read_only = true;
+                        }
+                        Some(fd)
+                    }
+                    Err(e) => return Err(QmpError::generic(e.to_string())),
+                }
             }
             None => None,
         };
