@@ -135,4 +135,69 @@ pub trait BlockIo: Send + Sync {
     fn resize(&self, _new_size: u64) -> IoFuture<'_, ()> {
         Box::pin(async { Err(IoError::Unsupported) })
     }
+
+    /// A buffer of at least `len` bytes that this node's transport can use without
+    /// copying (a slot of a shared-memory pool for a node in another process), or
+    /// `None` when it has no such memory (or none free right now). Exports receive
+    /// payloads into it and send replies from it; any other buffer works too, at the
+    /// cost of one copy.
+    fn alloc_buffer(&self, _len: usize) -> Option<IoBuffer> {
+        None
+    }
+}
+
+/// A byte buffer in memory owned by something other than the caller (a shared-memory
+/// pool); it is exclusively the holder's until dropped, when the owner gets it back.
+pub struct IoBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    /// Returns the memory to its pool when dropped (after `ptr` is last used).
+    _owner: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for IoBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBuffer")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the buffer is exclusively the holder's (see `from_raw_parts`), like a Vec.
+unsafe impl Send for IoBuffer {}
+// SAFETY: shared access only hands out `&[u8]`.
+unsafe impl Sync for IoBuffer {}
+
+impl IoBuffer {
+    /// Wraps `len` bytes at `ptr`, kept valid by `owner` until it is dropped.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be valid for reads and writes for as long as `owner`
+    /// lives, and nothing else in this process may access it meanwhile.
+    pub unsafe fn from_raw_parts(
+        ptr: std::ptr::NonNull<u8>,
+        len: usize,
+        owner: Box<dyn Send + Sync>,
+    ) -> IoBuffer {
+        IoBuffer {
+            ptr,
+            len,
+            _owner: owner,
+        }
+    }
+}
+
+impl std::ops::Deref for IoBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: valid and exclusive while `_owner` lives (constructor contract).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for IoBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
 }
