@@ -584,22 +584,34 @@ impl<T: Copy> Consumer<T> {
     }
 }
 
-/// How long a side spins for new entries before sleeping on its doorbell, in µs:
-/// `BULKHEAD_DATA_SPIN_US` if set (0 disables spinning), else [`DEFAULT_SPIN_US`].
-pub fn spin_budget() -> std::time::Duration {
-    static SPIN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let us = *SPIN.get_or_init(|| {
-        std::env::var("BULKHEAD_DATA_SPIN_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_SPIN_US)
-            .min(1000)
-    });
+/// How long the client's completion reaper spins for completions, while requests
+/// are in flight, before sleeping on its doorbell: `BULKHEAD_DATA_SPIN_US` if set
+/// (0 disables spinning), else [`DEFAULT_CLIENT_SPIN_US`].
+pub fn client_spin() -> std::time::Duration {
+    static SPIN: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| spin_from_env("BULKHEAD_DATA_SPIN_US", DEFAULT_CLIENT_SPIN_US))
+}
+
+/// How long the server spins for new submissions after its last batch before
+/// sleeping: `BULKHEAD_DATA_SERVER_SPIN_US` if set, else [`DEFAULT_SERVER_SPIN_US`].
+pub fn server_spin() -> std::time::Duration {
+    static SPIN: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| spin_from_env("BULKHEAD_DATA_SERVER_SPIN_US", DEFAULT_SERVER_SPIN_US))
+}
+
+fn spin_from_env(var: &str, default: u64) -> std::time::Duration {
+    let us = std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .min(1000);
     std::time::Duration::from_micros(us)
 }
 
-/// Default spin before sleeping (see `design/data-path.md` for the measurements).
-pub const DEFAULT_SPIN_US: u64 = 30;
+/// Default client spin (see `design/data-path.md` for the measurements).
+pub const DEFAULT_CLIENT_SPIN_US: u64 = 30;
+/// Default server spin (see `design/data-path.md` for the measurements).
+pub const DEFAULT_SERVER_SPIN_US: u64 = 30;
 
 /// Spins until `ready()` or `budget` has passed. Yields the CPU between probes, so
 /// on a machine with fewer cores than runnable threads the peer we wait for still
