@@ -29,7 +29,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bulkhead_block::{
-    BlockIo, Extent, IoBuffer, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags,
+    BlockIo, Extent, IoBuffer, IoError, IoFuture, IoResult, SparseFuture, SparseReadError,
+    WriteFlags, ZeroFlags,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
@@ -45,9 +46,8 @@ pub const MAX_IO_PAYLOAD: usize = 32 << 20;
 
 /// Most extents one block-status completion carries; callers ask again from where it
 /// stopped (the trait allows fewer extents than asked for).
-pub const MAX_EXTENTS: usize = 1024;
-/// Bytes of one extent in the pool: length u64, flags u32 (1 data, 2 zero), depth u32.
-const EXTENT_BYTES: usize = 16;
+pub use crate::ring::MAX_EXTENTS;
+use crate::ring::{EXTENT_BUFFER, EXTENT_BYTES};
 
 /// How long a request may wait (for a ring slot, pool space and its completion) before
 /// it fails with `ETIMEDOUT`. The channel stays usable: a late completion is consumed
@@ -382,11 +382,21 @@ impl Pool {
         })
     }
 
-    /// A lease of `len` bytes, waiting for space if the pool is busy.
-    async fn lease(self: &Arc<Self>, len: usize) -> IoResult<Lease> {
+    /// A lease of `len` bytes, waiting (at most `timeout`) for space if the pool is
+    /// busy.
+    async fn lease(self: &Arc<Self>, len: usize, timeout: Duration) -> IoResult<Lease> {
         if len > self.region.pool_len() {
             return Err(IoError::Invalid);
         }
+        if let Some(l) = self.try_lease(len) {
+            return Ok(l);
+        }
+        tokio::time::timeout(timeout, self.wait_lease(len))
+            .await
+            .unwrap_or(Err(IoError::Os(libc::ETIMEDOUT)))
+    }
+
+    async fn wait_lease(self: &Arc<Self>, len: usize) -> IoResult<Lease> {
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
@@ -474,7 +484,10 @@ impl Drop for Lease {
 
 /// One request waiting for its completion.
 struct Pending {
-    tx: oneshot::Sender<Cqe>,
+    /// Taken when the request is answered, or given up on by the watchdog.
+    tx: Option<oneshot::Sender<Cqe>>,
+    /// When the watchdog fails the request with `ETIMEDOUT`.
+    deadline: std::time::Instant,
     /// Pool range the server may touch until it completes.
     buf: (u64, u64),
 }
@@ -541,12 +554,21 @@ impl std::fmt::Debug for DataClient {
 enum Done {
     Unit,
     Extents(Vec<Extent>),
-    Info { size: u64, read_only: bool },
+    /// A sparse read's outcome as the server reported it.
+    Sparse(Result<Vec<Extent>, SparseReadError>),
+    Info {
+        size: u64,
+        read_only: bool,
+    },
 }
 
 /// A request as the client side sees it, borrowing the caller's buffer.
 enum Req<'a> {
     Read {
+        offset: u64,
+        buf: &'a mut [u8],
+    },
+    ReadSparse {
         offset: u64,
         buf: &'a mut [u8],
     },
@@ -570,6 +592,47 @@ enum Req<'a> {
         len: u64,
     },
     Info,
+}
+
+/// Writes `extents` into an extent buffer; returns how many fit.
+fn encode_extents(extents: &[Extent], buf: &mut [u8]) -> u32 {
+    let mut count = 0;
+    for (e, out) in extents.iter().zip(buf.chunks_exact_mut(EXTENT_BYTES)) {
+        out[..8].copy_from_slice(&e.length.to_le_bytes());
+        let flags = u32::from(e.data) | (u32::from(e.zero) << 1);
+        out[8..12].copy_from_slice(&flags.to_le_bytes());
+        out[12..16].copy_from_slice(&e.depth.to_le_bytes());
+        count += 1;
+    }
+    count
+}
+
+/// Reads `count` extents written by the server; `None` if any is malformed or they
+/// add up to more than `len` (or, with `exact`, to anything but `len`).
+fn decode_extents(buf: &[u8], count: usize, len: u64, exact: bool) -> Option<Vec<Extent>> {
+    if count == 0 || count > MAX_EXTENTS || count * EXTENT_BYTES > buf.len() {
+        return None;
+    }
+    let mut extents = Vec::with_capacity(count);
+    let mut total = 0u64;
+    for raw in buf[..count * EXTENT_BYTES].chunks_exact(EXTENT_BYTES) {
+        let mut l = [0u8; 8];
+        l.copy_from_slice(&raw[..8]);
+        let length = u64::from_le_bytes(l);
+        let flags = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+        let depth = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]);
+        total = total.checked_add(length)?;
+        if length == 0 || total > len || flags & !3 != 0 {
+            return None;
+        }
+        extents.push(Extent {
+            length,
+            data: flags & 1 != 0,
+            zero: flags & 2 != 0,
+            depth,
+        });
+    }
+    (!exact || total == len).then_some(extents)
 }
 
 fn error_of(cqe: &Cqe) -> Option<IoError> {
@@ -637,6 +700,22 @@ impl DataClient {
             close_notify: Notify::new(),
             liveness: fds.liveness,
             options,
+        });
+        let watchdog = Arc::downgrade(&client);
+        tokio::spawn(async move {
+            // Holds the client only while checking, so a dropped channel ends it.
+            loop {
+                let Some(c) = watchdog.upgrade() else { return };
+                if c.is_closed() {
+                    return;
+                }
+                let period = (c.options.timeout / 4)
+                    .clamp(Duration::from_millis(10), Duration::from_secs(1));
+                drop(c);
+                tokio::time::sleep(period).await;
+                let Some(c) = watchdog.upgrade() else { return };
+                c.expire();
+            }
         });
         let reaper = Arc::clone(&client);
         tokio::spawn(async move {
@@ -764,7 +843,9 @@ impl DataClient {
                 self.pool.unpin(p.buf.0, p.buf.1);
             }
             // The caller may have given up (timeout, cancelled): nothing to do then.
-            let _ = p.tx.send(*cqe);
+            if let Some(tx) = p.tx {
+                let _ = tx.send(*cqe);
+            }
         }
         Ok(())
     }
@@ -772,11 +853,19 @@ impl DataClient {
     /// Submits one descriptor and waits for its completion.
     async fn submit(&self, mut sqe: Sqe) -> IoResult<Cqe> {
         let rx = {
-            let permit = self
-                .tags
-                .acquire()
-                .await
-                .map_err(|_| IoError::Disconnected)?;
+            // No timer on the fast path: a free slot is taken at once; only waiting for
+            // one is bounded by a timer.
+            let permit = match self.tags.try_acquire() {
+                Ok(p) => p,
+                Err(tokio::sync::TryAcquireError::Closed) => return Err(IoError::Disconnected),
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    match tokio::time::timeout(self.options.timeout, self.tags.acquire()).await {
+                        Ok(Ok(p)) => p,
+                        Ok(Err(_)) => return Err(IoError::Disconnected),
+                        Err(_) => return Err(IoError::Os(libc::ETIMEDOUT)),
+                    }
+                }
+            };
             permit.forget();
             let (tx, rx) = oneshot::channel();
             let buf = (sqe.buf_off, sqe.buf_len);
@@ -790,7 +879,11 @@ impl DataClient {
                 };
                 let slot = &mut s.slots[index as usize];
                 slot.seq = slot.seq.wrapping_add(1);
-                slot.pending = Some(Pending { tx, buf });
+                slot.pending = Some(Pending {
+                    tx: Some(tx),
+                    deadline: std::time::Instant::now() + self.options.timeout,
+                    buf,
+                });
                 sqe.tag = (u64::from(slot.seq) << 32) | u64::from(index);
             }
             if buf.1 > 0 {
@@ -846,13 +939,27 @@ impl DataClient {
         }
     }
 
-    async fn execute(&self, node: NodeId, req: &mut Req<'_>) -> IoResult<Done> {
-        let result =
-            tokio::time::timeout(self.options.timeout, self.execute_inner(node, req)).await;
-        result.unwrap_or(Err(IoError::Os(libc::ETIMEDOUT)))
+    /// Fails requests that have waited past their deadline with `ETIMEDOUT` (a
+    /// synthetic completion). Their ring slot and pool chunks stay reserved until the
+    /// server answers: it may still be working on them. Run periodically by one
+    /// watchdog task per channel, instead of one timer per request.
+    fn expire(&self) {
+        let now = std::time::Instant::now();
+        let mut s = mutex(&self.slots);
+        for (index, slot) in s.slots.iter_mut().enumerate() {
+            let Some(p) = slot.pending.as_mut() else {
+                continue;
+            };
+            if p.deadline <= now
+                && let Some(tx) = p.tx.take()
+            {
+                let tag = (u64::from(slot.seq) << 32) | index as u64;
+                let _ = tx.send(Cqe::new(tag, status::OS, libc::ETIMEDOUT as u64, 0));
+            }
+        }
     }
 
-    async fn execute_inner(&self, node: NodeId, req: &mut Req<'_>) -> IoResult<Done> {
+    async fn execute(&self, node: NodeId, req: &mut Req<'_>) -> IoResult<Done> {
         if self.is_closed() {
             return Err(IoError::Disconnected);
         }
@@ -866,7 +973,7 @@ impl DataClient {
                         .await?;
                     return self.expect_unit(&cqe);
                 }
-                let lease = self.pool.lease(buf.len()).await?;
+                let lease = self.pool.lease(buf.len(), self.options.timeout).await?;
                 let cqe = self
                     .submit(Sqe::new(
                         0,
@@ -883,6 +990,47 @@ impl DataClient {
                 buf.copy_from_slice(lease.bytes());
                 Ok(done)
             }
+            Req::ReadSparse { offset, buf } => {
+                let len = payload_len(buf.len())?;
+                let extents = self.pool.lease(EXTENT_BUFFER, self.options.timeout).await?;
+                let in_pool = self.region.pool_offset_of(buf.as_ptr(), buf.len());
+                let mut copy = None;
+                let off = match in_pool {
+                    Some(off) => off,
+                    None => {
+                        let l = self.pool.lease(buf.len(), self.options.timeout).await?;
+                        let off = l.offset();
+                        copy = Some(l);
+                        off
+                    }
+                };
+                let sqe = Sqe::new(0, n, op::READ_SPARSE, 0, *offset, len, off, len)
+                    .with_aux(extents.offset());
+                let cqe = self.submit(sqe).await?;
+                if cqe.status != status::OK {
+                    let e = error_of(&cqe).ok_or_else(|| self.fail("unknown completion status"))?;
+                    return match cqe.aux {
+                        1 => Ok(Done::Sparse(Err(SparseReadError::Status(e)))),
+                        2 => Ok(Done::Sparse(Err(SparseReadError::Read(e)))),
+                        // Not answered by the node (unknown node, timeout, ...).
+                        _ => Err(e),
+                    };
+                }
+                let list = decode_extents(extents.bytes(), cqe.aux as usize, len, true)
+                    .ok_or_else(|| self.fail("bad sparse-read extents"))?;
+                if let Some(l) = copy {
+                    // Only the data runs were filled; holes stay as the caller had them.
+                    let mut at = 0usize;
+                    for e in &list {
+                        let end = at + e.length as usize;
+                        if !e.zero {
+                            buf[at..end].copy_from_slice(&l.bytes()[at..end]);
+                        }
+                        at = end;
+                    }
+                }
+                Ok(Done::Sparse(Ok(list)))
+            }
             Req::Write { offset, buf, fua } => {
                 let len = payload_len(buf.len())?;
                 let flags = if *fua { flag::FUA } else { 0 };
@@ -892,7 +1040,7 @@ impl DataClient {
                         .await?;
                     return self.expect_unit(&cqe);
                 }
-                let mut lease = self.pool.lease(buf.len()).await?;
+                let mut lease = self.pool.lease(buf.len(), self.options.timeout).await?;
                 lease.bytes_mut().copy_from_slice(buf);
                 let cqe = self
                     .submit(Sqe::new(
@@ -937,8 +1085,8 @@ impl DataClient {
                 self.expect_unit(&cqe)
             }
             Req::BlockStatus { offset, len } => {
-                let cap = MAX_EXTENTS * EXTENT_BYTES;
-                let lease = self.pool.lease(cap).await?;
+                let cap = EXTENT_BUFFER;
+                let lease = self.pool.lease(cap, self.options.timeout).await?;
                 let cqe = self
                     .submit(Sqe::new(
                         0,
@@ -952,29 +1100,8 @@ impl DataClient {
                     ))
                     .await?;
                 self.expect_unit(&cqe)?;
-                let count = cqe.aux as usize;
-                if count == 0 || count > MAX_EXTENTS {
-                    return Err(self.fail("bad extent count"));
-                }
-                let mut extents = Vec::with_capacity(count);
-                let mut total = 0u64;
-                for raw in lease.bytes()[..count * EXTENT_BYTES].chunks_exact(EXTENT_BYTES) {
-                    let mut l = [0u8; 8];
-                    l.copy_from_slice(&raw[..8]);
-                    let length = u64::from_le_bytes(l);
-                    let flags = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
-                    let depth = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]);
-                    total = total.saturating_add(length);
-                    if length == 0 || total > *len || flags & !3 != 0 {
-                        return Err(self.fail("bad extent"));
-                    }
-                    extents.push(Extent {
-                        length,
-                        data: flags & 1 != 0,
-                        zero: flags & 2 != 0,
-                        depth,
-                    });
-                }
+                let extents = decode_extents(lease.bytes(), cqe.aux as usize, *len, false)
+                    .ok_or_else(|| self.fail("bad extents"))?;
                 Ok(Done::Extents(extents))
             }
             Req::Info => {
@@ -1188,6 +1315,17 @@ impl BlockIo for RemoteNode {
         })
     }
 
+    fn read_sparse<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> SparseFuture<'a> {
+        Box::pin(async move {
+            let mut req = Req::ReadSparse { offset, buf };
+            match self.peer.call(self.node, &mut req).await {
+                Ok(Done::Sparse(r)) => r,
+                Ok(_) => Err(SparseReadError::Read(IoError::Invalid)),
+                Err(e) => Err(SparseReadError::Read(e)),
+            }
+        })
+    }
+
     fn alloc_buffer(&self, len: usize) -> Option<IoBuffer> {
         let state = self.peer.state.borrow();
         let (_, client) = state.as_ref()?;
@@ -1205,6 +1343,20 @@ impl BlockIo for RemoteNode {
 pub trait NodeLookup: Send + Sync + 'static {
     /// The node with this id, if this worker has it.
     fn lookup(&self, node: NodeId) -> Option<Arc<dyn BlockIo>>;
+}
+
+/// The extent buffer of a sparse read (empty for other ops).
+fn aux_range(sqe: &Sqe) -> (u64, u64) {
+    if sqe.op == op::READ_SPARSE {
+        (sqe.aux_off, EXTENT_BUFFER as u64)
+    } else {
+        (0, 0)
+    }
+}
+
+/// Whether two non-empty pool ranges share a byte.
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.1 > 0 && b.1 > 0 && a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
 }
 
 /// Server state shared by the ring loop and the request tasks it spawns.
@@ -1245,13 +1397,15 @@ impl Server {
         }
     }
 
-    fn release(&self, range: (u64, u64)) {
-        if range.1 == 0 {
-            return;
-        }
+    fn release(&self, ranges: [(u64, u64); 2]) {
         let mut busy = mutex(&self.busy);
-        if let Some(i) = busy.iter().position(|r| *r == range) {
-            busy.swap_remove(i);
+        for range in ranges {
+            if range.1 == 0 {
+                continue;
+            }
+            if let Some(i) = busy.iter().position(|r| *r == range) {
+                busy.swap_remove(i);
+            }
         }
     }
 
@@ -1261,7 +1415,7 @@ impl Server {
         let allowed_flags = match sqe.op {
             op::WRITE => flag::FUA,
             op::WRITE_ZEROES => flag::ALL,
-            op::READ | op::DISCARD | op::FLUSH | op::BLOCK_STATUS | op::INFO => 0,
+            op::READ | op::READ_SPARSE | op::DISCARD | op::FLUSH | op::BLOCK_STATUS | op::INFO => 0,
             _ => return bad("unknown op"),
         };
         if sqe.flags & !allowed_flags != 0 {
@@ -1271,15 +1425,13 @@ impl Server {
             return bad("range overflow");
         }
         match sqe.op {
-            op::READ | op::WRITE => {
+            op::READ | op::WRITE | op::READ_SPARSE => {
                 if sqe.len > MAX_IO_PAYLOAD as u64 || sqe.buf_len != sqe.len {
                     return bad("payload length");
                 }
             }
             op::BLOCK_STATUS => {
-                if sqe.buf_len < EXTENT_BYTES as u64
-                    || sqe.buf_len > (MAX_EXTENTS * EXTENT_BYTES) as u64
-                {
+                if sqe.buf_len < EXTENT_BYTES as u64 || sqe.buf_len > EXTENT_BUFFER as u64 {
                     return bad("extent buffer length");
                 }
             }
@@ -1292,13 +1444,27 @@ impl Server {
         if !self.region.pool_contains(sqe.buf_off, sqe.buf_len) {
             return bad("buffer outside the pool");
         }
-        if sqe.buf_len > 0 {
-            let (start, end) = (sqe.buf_off, sqe.buf_off + sqe.buf_len);
-            let mut busy = mutex(&self.busy);
-            if busy.iter().any(|&(o, l)| start < o + l && o < end) {
+        let aux = aux_range(sqe);
+        if sqe.op == op::READ_SPARSE {
+            if !self.region.pool_contains(aux.0, aux.1) {
+                return bad("extent buffer outside the pool");
+            }
+            if overlaps(aux, (sqe.buf_off, sqe.buf_len)) {
+                return bad("extent buffer overlapping the data buffer");
+            }
+        } else if sqe.aux_off != 0 {
+            return bad("extent buffer on an op without one");
+        }
+        let mut busy = mutex(&self.busy);
+        for r in [(sqe.buf_off, sqe.buf_len), aux] {
+            if r.1 > 0 && busy.iter().any(|&b| overlaps(b, r)) {
                 return bad("buffer overlapping a request in flight");
             }
-            busy.push((sqe.buf_off, sqe.buf_len));
+        }
+        for r in [(sqe.buf_off, sqe.buf_len), aux] {
+            if r.1 > 0 {
+                busy.push(r);
+            }
         }
         Ok(())
     }
@@ -1316,12 +1482,12 @@ impl Server {
 }
 
 async fn run_request(server: Arc<Server>, node: Option<Arc<dyn BlockIo>>, sqe: Sqe) -> Cqe {
-    let range = (sqe.buf_off, sqe.buf_len);
+    let ranges = [(sqe.buf_off, sqe.buf_len), aux_range(&sqe)];
     let cqe = match node {
         None => Cqe::new(sqe.tag, status::INVALID, 0, 0),
         Some(node) => execute(&server, node.as_ref(), &sqe).await,
     };
-    server.release(range);
+    server.release(ranges);
     cqe
 }
 
@@ -1358,22 +1524,51 @@ async fn execute(server: &Server, node: &dyn BlockIo, sqe: &Sqe) -> Cqe {
         op::BLOCK_STATUS => match node.block_status(sqe.offset, sqe.len).await {
             Ok(extents) => {
                 let buf = server.pool_slice(sqe.buf_off, sqe.buf_len);
-                let mut count = 0u32;
-                for (e, out) in extents.iter().zip(buf.chunks_exact_mut(EXTENT_BYTES)) {
-                    out[..8].copy_from_slice(&e.length.to_le_bytes());
-                    let flags = u32::from(e.data) | (u32::from(e.zero) << 1);
-                    out[8..12].copy_from_slice(&flags.to_le_bytes());
-                    out[12..16].copy_from_slice(&e.depth.to_le_bytes());
-                    count += 1;
-                }
-                if count == 0 {
-                    Cqe::new(sqe.tag, status::INVALID, 0, 0)
-                } else {
-                    Cqe::new(sqe.tag, status::OK, 0, count)
+                match encode_extents(&extents, buf) {
+                    0 => Cqe::new(sqe.tag, status::INVALID, 0, 0),
+                    count => Cqe::new(sqe.tag, status::OK, 0, count),
                 }
             }
             Err(e) => unit(Err(e)),
         },
+        op::READ_SPARSE => {
+            let buf = server.pool_slice(sqe.buf_off, sqe.buf_len);
+            let failed = |stage: u32, e: IoError| {
+                let (s, v) = status_of(&e);
+                Cqe::new(sqe.tag, s, v, stage)
+            };
+            let mut extents = match node.read_sparse(sqe.offset, buf).await {
+                Ok(e) => e,
+                Err(SparseReadError::Status(e)) => return failed(1, e),
+                Err(SparseReadError::Read(e)) => return failed(2, e),
+            };
+            let total: u64 = extents.iter().map(|e| e.length).sum();
+            if total != sqe.len || extents.iter().any(|e| e.length == 0) {
+                return failed(1, IoError::Os(libc::EIO));
+            }
+            if extents.len() > MAX_EXTENTS {
+                // Too fragmented for one completion: report the tail as one data run
+                // (always correct: data may be zeroes) and read it whole.
+                let tail_start: u64 = extents[..MAX_EXTENTS - 1].iter().map(|e| e.length).sum();
+                let depth = extents[MAX_EXTENTS - 1].depth;
+                extents.truncate(MAX_EXTENTS - 1);
+                extents.push(Extent {
+                    length: sqe.len - tail_start,
+                    data: true,
+                    zero: false,
+                    depth,
+                });
+                let tail = &mut server.pool_slice(sqe.buf_off, sqe.buf_len)[tail_start as usize..];
+                if let Err(e) = node.read(sqe.offset + tail_start, tail).await {
+                    return failed(2, e);
+                }
+            }
+            let count = encode_extents(
+                &extents,
+                server.pool_slice(sqe.aux_off, EXTENT_BUFFER as u64),
+            );
+            Cqe::new(sqe.tag, status::OK, 0, count)
+        }
         _ => Cqe::new(
             sqe.tag,
             status::OK,
@@ -1438,7 +1633,10 @@ pub async fn serve(
         if !batch.is_empty() {
             continue;
         }
-        if ring::spin_until(spin, || sq.has_work()) {
+        // Spin only when idle: requests running in spawned tasks (file I/O) need this
+        // thread to post their completions, and must not wait for the spin to end.
+        if server.inflight.load(Ordering::Acquire) == 0 && ring::spin_until(spin, || sq.has_work())
+        {
             continue;
         }
         if !sq.prepare_sleep() {
@@ -1645,6 +1843,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sparse_read_fills_only_data_runs_in_one_round_trip() {
+        let (peer, _server) = served(small(), mem(1 << 20));
+        let node = peer.node(NodeId(1)).await.unwrap();
+        node.write(0, &[3u8; 1000], WriteFlags::default())
+            .await
+            .unwrap();
+        let expect = vec![
+            Extent {
+                length: 500,
+                data: true,
+                zero: false,
+                depth: 1,
+            },
+            Extent {
+                length: 500,
+                data: false,
+                zero: true,
+                depth: 0,
+            },
+        ];
+        // Copy path (a Vec): the hole half keeps what the caller had.
+        let mut v = vec![0xeeu8; 1000];
+        assert_eq!(node.read_sparse(0, &mut v).await, Ok(expect.clone()));
+        assert_eq!(&v[..500], &[3u8; 500][..]);
+        assert_eq!(&v[500..], &[0xeeu8; 500][..]);
+        // In place.
+        let mut b = node.alloc_buffer(1000).unwrap();
+        b.fill(0xee);
+        assert_eq!(node.read_sparse(0, &mut b).await, Ok(expect));
+        assert_eq!(&b[..500], &[3u8; 500][..]);
+        assert_eq!(&b[500..], &[0xeeu8; 500][..]);
+        // Errors keep their stage.
+        let mut past = vec![0u8; 16];
+        assert_eq!(
+            node.read_sparse(1 << 20, &mut past).await,
+            Err(SparseReadError::Read(IoError::OutOfRange))
+        );
+    }
+
+    #[tokio::test]
     async fn more_requests_than_ring_entries_wait_for_slots_and_all_complete() {
         let (peer, _server) = served(small(), mem(1 << 20));
         let node = Arc::new(peer.node(NodeId(1)).await.unwrap());
@@ -1767,6 +2005,18 @@ mod tests {
             (
                 "buffer on an op without payload",
                 Sqe::new(1, 1, op::FLUSH, 0, 0, 0, 0, 512),
+            ),
+            (
+                "extent buffer on an op without one",
+                Sqe::new(1, 1, op::READ, 0, 0, 512, 0, 512).with_aux(CHUNK as u64),
+            ),
+            (
+                "extent buffer outside the pool",
+                Sqe::new(1, 1, op::READ_SPARSE, 0, 0, 512, 0, 512).with_aux(pool - 512),
+            ),
+            (
+                "extent buffer overlapping the data buffer",
+                Sqe::new(1, 1, op::READ_SPARSE, 0, 0, 4096, 0, 4096).with_aux(1024),
             ),
             (
                 "extent buffer length",
@@ -1999,21 +2249,30 @@ mod bench {
             let peer = Peer::new();
             peer.attach(1, DataClient::spawn(c, layout).unwrap());
             let node = peer.node(NodeId(1)).await.unwrap();
-            let n: u64 = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(20000);
+            let n: u64 = std::env::var("ROUNDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(20000);
             let start = std::time::Instant::now();
             for i in 0..n {
                 let mut buf = node.alloc_buffer(4096).unwrap();
                 node.read(i * 4096 % (1 << 30), &mut buf).await.unwrap();
             }
             let el = start.elapsed();
-            println!("{n} QD1 4 KiB reads in place: {:.2} us each", el.as_secs_f64() * 1e6 / n as f64);
+            println!(
+                "{n} QD1 4 KiB reads in place: {:.2} us each",
+                el.as_secs_f64() * 1e6 / n as f64
+            );
             let start = std::time::Instant::now();
             let mut v = vec![0u8; 4096];
             for i in 0..n {
                 node.read(i * 4096 % (1 << 30), &mut v).await.unwrap();
             }
             let el = start.elapsed();
-            println!("{n} QD1 4 KiB reads copied: {:.2} us each", el.as_secs_f64() * 1e6 / n as f64);
+            println!(
+                "{n} QD1 4 KiB reads copied: {:.2} us each",
+                el.as_secs_f64() * 1e6 / n as f64
+            );
         });
     }
 }

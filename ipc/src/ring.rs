@@ -146,6 +146,9 @@ pub mod op {
     pub const BLOCK_STATUS: u8 = 6;
     /// Size and read-only state.
     pub const INFO: u8 = 7;
+    /// Block status of `len` bytes and a read of every non-zero run into the
+    /// buffer; extents go to the extent buffer at `aux_off`.
+    pub const READ_SPARSE: u8 = 8;
 }
 
 /// Flag bits of a submission.
@@ -176,12 +179,22 @@ pub struct Sqe {
     pub buf_off: u64,
     /// Length of the buffer.
     pub buf_len: u64,
+    /// READ_SPARSE: offset in the pool of the extent buffer
+    /// ([`EXTENT_BUFFER`] bytes); 0 for other ops.
+    pub aux_off: u64,
     /// One of [`op`].
     pub op: u8,
     /// Bits of [`flag`].
     pub flags: u8,
-    _pad: [u8; 14],
+    _pad: [u8; 6],
 }
+
+/// Bytes of one extent in the pool: length u64, flags u32 (1 data, 2 zero), depth u32.
+pub const EXTENT_BYTES: usize = 16;
+/// Most extents one completion carries.
+pub const MAX_EXTENTS: usize = 1024;
+/// Size of an extent buffer (block status, sparse reads).
+pub const EXTENT_BUFFER: usize = MAX_EXTENTS * EXTENT_BYTES;
 
 /// A completion descriptor (server → client), 32 bytes.
 #[repr(C)]
@@ -193,7 +206,8 @@ pub struct Cqe {
     pub value: u64,
     /// One of [`status`].
     pub status: u32,
-    /// Info: 1 if read-only. Block status: number of extents in the buffer.
+    /// Info: 1 if read-only. Block status, sparse read: number of extents in the
+    /// buffer. A failed sparse read: 1 if the block status failed, 2 the read.
     pub aux: u32,
     _pad: [u8; 8],
 }
@@ -236,10 +250,16 @@ impl Sqe {
             len,
             buf_off,
             buf_len,
+            aux_off: 0,
             op,
             flags,
-            _pad: [0; 14],
+            _pad: [0; 6],
         }
+    }
+
+    /// The same submission with an extent buffer.
+    pub fn with_aux(self, aux_off: u64) -> Sqe {
+        Sqe { aux_off, ..self }
     }
 }
 
