@@ -631,7 +631,7 @@ fn spin_from_env(var: &str, default: u64) -> std::time::Duration {
 /// Default client spin (see `design/data-path.md` for the measurements).
 pub const DEFAULT_CLIENT_SPIN_US: u64 = 30;
 /// Default server spin (see `design/data-path.md` for the measurements).
-pub const DEFAULT_SERVER_SPIN_US: u64 = 30;
+pub const DEFAULT_SERVER_SPIN_US: u64 = 60;
 
 /// Spins until `ready()` or `budget` has passed. Yields the CPU between probes, so
 /// on a machine with fewer cores than runnable threads the peer we wait for still
