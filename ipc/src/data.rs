@@ -889,7 +889,8 @@ impl DataClient {
             if buf.1 > 0 {
                 self.pool.pin(buf.0, buf.1);
             }
-            self.inflight.fetch_add(1, Ordering::AcqRel);
+            let depth = self.inflight.fetch_add(1, Ordering::AcqRel) + 1;
+            self.region.depth_hint().store(depth, Ordering::Relaxed);
             let wake = {
                 let mut sq = mutex(&self.sq);
                 if let Err(e) = sq.push(sqe) {
@@ -903,33 +904,38 @@ impl DataClient {
             }
             rx
         };
-        // Alone in flight (queue depth 1): wait for the completion right here for a
-        // little while. A server that is awake answers within microseconds, and then
-        // the request finishes with no wake-up and no task switch at all.
+        // Alone in flight (queue depth 1): poll for the completion ourselves for a
+        // little while. An awake server answers within microseconds, and then the
+        // request finishes with no wake-up at all. The polling is cooperative (the
+        // task re-queues itself instead of blocking the thread), so other requests
+        // still get submitted meanwhile; as soon as one is, this one stops polling
+        // and waits for the reaper like any other.
         let mut rx = rx;
         let spin = ring::client_spin();
-        if !spin.is_zero() && self.inflight.load(Ordering::Acquire) == 1 {
-            let mut got = None;
-            ring::spin_until(spin, || {
-                if let Err(e) = self.try_reap() {
-                    tracing::warn!(error = %e, "data channel closed");
-                    self.close();
-                    return true;
-                }
-                match rx.try_recv() {
-                    Ok(cqe) => {
-                        got = Some(cqe);
-                        true
-                    }
-                    Err(oneshot::error::TryRecvError::Empty) => false,
-                    Err(oneshot::error::TryRecvError::Closed) => true,
-                }
-            });
-            if let Some(cqe) = got {
-                return Ok(cqe);
+        let mut deadline = (!spin.is_zero()).then(|| std::time::Instant::now() + spin);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
+                return Poll::Ready(r.map_err(|_| IoError::Disconnected));
             }
-        }
-        rx.await.map_err(|_| IoError::Disconnected)
+            let Some(until) = deadline else {
+                return Poll::Pending;
+            };
+            if self.inflight.load(Ordering::Acquire) != 1 || std::time::Instant::now() >= until {
+                deadline = None;
+                return Poll::Pending;
+            }
+            if let Err(e) = self.try_reap() {
+                tracing::warn!(error = %e, "data channel closed");
+                self.close();
+            }
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
+                return Poll::Ready(r.map_err(|_| IoError::Disconnected));
+            }
+            std::hint::spin_loop();
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await
     }
 
     fn expect_unit(&self, cqe: &Cqe) -> IoResult<Done> {
@@ -1637,10 +1643,12 @@ pub async fn serve(
         }
         // Spin only when idle (requests running in spawned tasks, such as file I/O,
         // need this thread to post their completions and must not wait for the spin
-        // to end) and after a lone request: that is a client at queue depth 1, whose
-        // next request comes soon and finds us awake. Deeper queues submit in bursts
-        // and are better served by the CPU the spin would take.
+        // to end) and for a client at queue depth 1 (its depth hint, and a lone
+        // request in the last batch): its next request comes soon and finds us awake.
+        // Deeper queues submit in bursts and are better served by the CPU a spin
+        // would take from them on a small machine.
         if last_batch == 1
+            && server.region.depth_hint().load(Ordering::Relaxed) <= 1
             && server.inflight.load(Ordering::Acquire) == 0
             && ring::spin_until(spin, || sq.has_work())
         {

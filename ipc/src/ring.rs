@@ -15,7 +15,7 @@
 //! ```text
 //! 0        control page: magic/version/entries/pool size (informational), then one
 //!          128-byte line each for sq_tail, sq_head, cq_tail, cq_head,
-//!          server_sleeping, client_sleeping (u32 atomics)
+//!          server_sleeping, client_sleeping, depth_hint (u32 atomics)
 //! 4096     submission ring: `entries` × 64-byte [`Sqe`]
 //! ...      completion ring: `entries` × 32-byte [`Cqe`]
 //! pool     buffer pool (64 KiB aligned): `pool_bytes`, carved in [`CHUNK`]s by the client
@@ -42,6 +42,7 @@ const OFF_CQ_TAIL: usize = 3 * LINE;
 const OFF_CQ_HEAD: usize = 4 * LINE;
 const OFF_SERVER_SLEEPING: usize = 5 * LINE;
 const OFF_CLIENT_SLEEPING: usize = 6 * LINE;
+const OFF_DEPTH_HINT: usize = 7 * LINE;
 
 /// Magic number at offset 0 ("BHDPRING").
 pub const MAGIC: u64 = u64::from_le_bytes(*b"BHDPRING");
@@ -369,6 +370,13 @@ impl Region {
         // SAFETY: `offset` is one of the control-page constants: in bounds, 4-aligned
         // (the mapping is page-aligned), and only ever accessed atomically.
         unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(offset).cast()) }
+    }
+
+    /// The client's queue depth at its latest submission, written by the client
+    /// and read by the server only to decide whether to spin (an untrusted hint: a
+    /// lying client only changes how long the server polls, within its bound).
+    pub fn depth_hint(&self) -> &AtomicU32 {
+        self.atomic(OFF_DEPTH_HINT)
     }
 
     /// First byte of the buffer pool.
