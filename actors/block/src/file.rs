@@ -2,7 +2,9 @@
 //!
 //! Runs in the `file` and `host_device` driver workers. The supervisor opened the image
 //! (see [`crate::posix::open_image`]) and passed the fd in; this module never opens a
-//! path. Blocking syscalls run on the worker's start-up I/O threads ([`crate::threads`]).
+//! path. Blocking syscalls run on the worker's start-up I/O threads ([`crate::threads`]),
+//! reads and writes directly on the caller's buffer (often a shared-memory pool slot);
+//! `SEEK_DATA`/`SEEK_HOLE` for block status run inline, as in QEMU.
 //! Inputs are request offsets/lengths from other bulkhead processes, checked against the
 //! node size before any syscall; no untrusted bytes are parsed.
 //!
