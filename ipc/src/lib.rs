@@ -9,6 +9,8 @@
 //! - [`codec`]: the one place that turns wire types into bytes (bincode 2, bounded).
 //! - [`wire`]: control-plane message types, one enum per direction.
 //! - [`control`]: the async control channel between the supervisor and one worker.
+//! - [`ring`]: the shared-memory region of a data channel: layout, descriptors and
+//!   the single-producer/single-consumer rings with their wake-up protocol.
 //! - [`data`]: the data channel through which a worker reaches nodes served by another
 //!   worker; it implements [`bulkhead_block::BlockIo`] on the client side.
 #![warn(missing_docs)]
@@ -17,4 +19,5 @@ pub mod codec;
 pub mod control;
 pub mod data;
 pub mod fd;
+pub mod ring;
 pub mod wire;

@@ -8,6 +8,8 @@
 use bulkhead_block::config::DriverConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::ring::RingLayout;
+
 /// The kind of a worker process. There is one worker per kind in use: one per block
 /// driver, one per export type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -88,19 +90,25 @@ pub struct Request {
 /// Supervisor → worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToWorker {
-    /// Serve I/O for this worker's nodes on the attached stream socket, to `peer`.
+    /// Serve I/O for this worker's nodes to `peer` on the attached data channel: four
+    /// descriptors in the order of [`crate::data::ChannelFds`] (liveness socket, sealed
+    /// region memfd, submission doorbell, completion doorbell).
     ServeDataChannel {
         /// The worker at the other end.
         peer: WorkerKind,
+        /// Geometry of the region.
+        layout: RingLayout,
     },
-    /// Reach the nodes of `peer` through the attached stream socket. `generation`
-    /// numbers the serving worker's incarnation: requests that were pending on an older
-    /// one are resubmitted here.
+    /// Reach the nodes of `peer` through the attached data channel (same four
+    /// descriptors). `generation` numbers the serving worker's incarnation: requests
+    /// that were pending on an older one are resubmitted here.
     ConnectDataChannel {
         /// The worker serving the nodes.
         peer: WorkerKind,
         /// Incarnation of that worker (grows with every restart).
         generation: u64,
+        /// Geometry of the region.
+        layout: RingLayout,
     },
     /// Open a node. A `file`/`host_device` node comes with its image descriptor
     /// attached; a node with a child names where the child lives.

@@ -135,4 +135,145 @@ pub trait BlockIo: Send + Sync {
     fn resize(&self, _new_size: u64) -> IoFuture<'_, ()> {
         Box::pin(async { Err(IoError::Unsupported) })
     }
+
+    /// Reads `buf.len()` bytes at `offset` for a reader that skips holes (NBD's
+    /// structured reads): returns extents tiling exactly `[offset, offset +
+    /// buf.len())`, adjacent ones merged when both are or both are not `zero`, and
+    /// fills `buf` wherever an extent is not `zero` (zero ranges are left as they
+    /// are). The default asks [`BlockIo::block_status`] until the range is covered,
+    /// then reads the data runs; a node in another process does both in one round
+    /// trip.
+    fn read_sparse<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> SparseFuture<'a> {
+        Box::pin(read_sparse_default(self, offset, buf))
+    }
+
+    /// A buffer of at least `len` bytes that this node's transport can use without
+    /// copying (a slot of a shared-memory pool for a node in another process), or
+    /// `None` when it has no such memory (or none free right now). Exports receive
+    /// payloads into it and send replies from it; any other buffer works too, at the
+    /// cost of one copy.
+    fn alloc_buffer(&self, _len: usize) -> Option<IoBuffer> {
+        None
+    }
+}
+
+/// The future of [`BlockIo::read_sparse`].
+pub type SparseFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Extent>, SparseReadError>> + Send + 'a>>;
+
+/// Which half of a sparse read failed (NBD reports them with different texts).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SparseReadError {
+    /// Asking for the block status failed (or it made no progress: `Os(EIO)`).
+    #[error("block status: {0}")]
+    Status(IoError),
+    /// Reading a data run failed.
+    #[error("read: {0}")]
+    Read(IoError),
+}
+
+/// [`BlockIo::read_sparse`] from `block_status` and `read`.
+pub async fn read_sparse_default<N: BlockIo + ?Sized>(
+    node: &N,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<Vec<Extent>, SparseReadError> {
+    let end = offset + buf.len() as u64;
+    let mut runs: Vec<Extent> = Vec::with_capacity(4);
+    let mut pos = offset;
+    while pos < end {
+        let extents = node
+            .block_status(pos, end - pos)
+            .await
+            .map_err(SparseReadError::Status)?;
+        let before = pos;
+        for e in &extents {
+            let len = e.length.min(end - pos);
+            if len == 0 {
+                break;
+            }
+            match runs.last_mut() {
+                Some(last) if last.zero == e.zero => {
+                    last.length += len;
+                    last.data |= e.data;
+                }
+                _ => runs.push(Extent { length: len, ..*e }),
+            }
+            pos += len;
+            if pos >= end {
+                break;
+            }
+        }
+        if pos == before {
+            // A node breaking its contract (no progress): an I/O error.
+            return Err(SparseReadError::Status(IoError::Os(libc::EIO)));
+        }
+    }
+    let mut at = 0usize;
+    for run in &runs {
+        let len = run.length as usize;
+        if !run.zero {
+            node.read(offset + at as u64, &mut buf[at..at + len])
+                .await
+                .map_err(SparseReadError::Read)?;
+        }
+        at += len;
+    }
+    Ok(runs)
+}
+
+/// A byte buffer in memory owned by something other than the caller (a shared-memory
+/// pool); it is exclusively the holder's until dropped, when the owner gets it back.
+pub struct IoBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    /// Returns the memory to its pool when dropped (after `ptr` is last used).
+    _owner: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for IoBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoBuffer")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the buffer is exclusively the holder's (see `from_raw_parts`), like a Vec.
+unsafe impl Send for IoBuffer {}
+// SAFETY: shared access only hands out `&[u8]`.
+unsafe impl Sync for IoBuffer {}
+
+impl IoBuffer {
+    /// Wraps `len` bytes at `ptr`, kept valid by `owner` until it is dropped.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be valid for reads and writes for as long as `owner`
+    /// lives, and nothing else in this process may access it meanwhile.
+    pub unsafe fn from_raw_parts(
+        ptr: std::ptr::NonNull<u8>,
+        len: usize,
+        owner: Box<dyn Send + Sync>,
+    ) -> IoBuffer {
+        IoBuffer {
+            ptr,
+            len,
+            _owner: owner,
+        }
+    }
+}
+
+impl std::ops::Deref for IoBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: valid and exclusive while `_owner` lives (constructor contract).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for IoBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
 }

@@ -31,7 +31,10 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 pub use config::DriverConfig;
-pub use io::{BlockIo, Extent, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags};
+pub use io::{
+    BlockIo, Extent, IoBuffer, IoError, IoFuture, IoResult, SparseFuture, SparseReadError,
+    WriteFlags, ZeroFlags,
+};
 
 /// Why a worker could not open a node.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use crate::config::{CommonOptions, DetectZeroes, Discard, DriverConfig};
 use crate::file::check_range;
-use crate::io::{BlockIo, Extent, IoError, IoFuture, WriteFlags, ZeroFlags};
+use crate::io::{
+    BlockIo, Extent, IoError, IoFuture, SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
+};
 
 /// A driver together with the generic options of its node.
 pub struct Node {
@@ -160,6 +162,14 @@ impl BlockIo for Node {
         Box::pin(async move {
             check_range(offset, len, self.driver.size())?;
             self.driver.block_status(offset, len).await
+        })
+    }
+
+    fn read_sparse<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> SparseFuture<'a> {
+        Box::pin(async move {
+            check_range(offset, buf.len() as u64, self.driver.size())
+                .map_err(SparseReadError::Status)?;
+            self.driver.read_sparse(offset, buf).await
         })
     }
 

@@ -13,7 +13,10 @@ use std::sync::Arc;
 
 use crate::config::RawConfig;
 use crate::file::check_range;
-use crate::io::{BlockIo, Extent, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags};
+use crate::io::{
+    BlockIo, Extent, IoError, IoFuture, IoResult, SparseFuture, SparseReadError, WriteFlags,
+    ZeroFlags, read_sparse_default,
+};
 
 /// Why a raw window cannot be opened over its child; texts are qsd's (the double space
 /// in the second one is QEMU's).
@@ -171,6 +174,20 @@ impl BlockIo for RawDriver {
         self.child.flush()
     }
 
+    fn read_sparse<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> SparseFuture<'a> {
+        Box::pin(async move {
+            let len = buf.len() as u64;
+            let at = self.map(offset, len).map_err(SparseReadError::Status)?;
+            // Wholly inside the child: let it do both halves (one round trip when it
+            // lives in another worker). The rounded-up tail past the child's end
+            // needs the window logic of `read` and `block_status`.
+            if len > 0 && self.child.size().saturating_sub(at) >= len {
+                return self.child.read_sparse(at, buf).await;
+            }
+            read_sparse_default(self, offset, buf).await
+        })
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
         Box::pin(async move {
             let at = self.map(offset, len)?;
@@ -271,6 +288,67 @@ mod tests {
             RawDriver::new(&odd, child).map(|_| ()),
             Err(RawOpenError::SizeUnaligned)
         );
+    }
+
+    #[tokio::test]
+    async fn a_sparse_read_is_the_childs_inside_the_window_and_covers_the_tail_past_it() {
+        // Wholly inside the child: the child's answer (read-zeroes: one zero run).
+        let child = null(1 << 20, true);
+        let raw = RawDriver::new(
+            &RawConfig {
+                offset: 4096,
+                ..RawConfig::default()
+            },
+            Arc::clone(&child),
+        )
+        .map_err(|e| e.to_string());
+        let Ok(raw) = raw else {
+            panic!("window should open")
+        };
+        let mut buf = vec![9u8; 8192];
+        assert_eq!(
+            raw.read_sparse(0, &mut buf).await,
+            Ok(vec![Extent {
+                length: 8192,
+                data: false,
+                zero: true,
+                depth: 1
+            }])
+        );
+        assert_eq!(
+            raw.read_sparse((1 << 20) - 4096, &mut buf[..1]).await,
+            Err(SparseReadError::Status(IoError::OutOfRange))
+        );
+        let odd = RawDriver::new(
+            &RawConfig {
+                offset: 100,
+                ..RawConfig::default()
+            },
+            null(1536, false),
+        );
+        let Ok(odd) = odd else {
+            panic!("window should open")
+        };
+        // 1536-byte node whose last 100 bytes lie past the child: data then zero tail.
+        let mut buf = vec![9u8; 1536];
+        assert_eq!(
+            odd.read_sparse(0, &mut buf).await,
+            Ok(vec![
+                Extent {
+                    length: 1436,
+                    data: false,
+                    zero: false,
+                    depth: 0
+                },
+                Extent {
+                    length: 100,
+                    data: false,
+                    zero: true,
+                    depth: 1
+                },
+            ])
+        );
+        assert!(buf[..1436].iter().all(|&b| b == 0));
     }
 
     #[tokio::test]

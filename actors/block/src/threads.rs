@@ -8,13 +8,18 @@
 //! Requests reach the threads over a channel; each returns its result through a tokio
 //! oneshot, so an async caller awaits without blocking the executor.
 //!
-//! Jobs own their data (`'static`): the threads never see a caller's borrowed buffer,
-//! because a cancelled (dropped) future must not leave a thread writing into memory
-//! the caller has already reused. The price is one copy per read and per write.
-//! No untrusted bytes are parsed here.
+//! Most jobs own their data (`'static`). Reads and writes instead work on the caller's
+//! buffer in place ([`run_on_buffer`]), so a payload is never copied between the
+//! caller (possibly a slot of a shared-memory pool) and `pread`/`pwrite`. A cancelled
+//! (dropped) future must not leave a thread writing into memory the caller has
+//! already reused: dropping such a future before its job finished blocks until it
+//! has. No untrusted bytes are parsed here.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
 
 use crate::io::{IoError, IoResult};
 
@@ -78,19 +83,167 @@ where
     T: Send + 'static,
     F: FnOnce() -> IoResult<T> + Send + 'static,
 {
-    let pool = match POOL.get() {
-        Some(pool) => pool,
-        None => {
-            start_io_threads(DEFAULT_IO_THREADS)?;
-            POOL.get().ok_or(IoError::Os(libc::EAGAIN))?
-        }
-    };
+    let pool = pool()?;
     let (done, result) = tokio::sync::oneshot::channel();
     let job: Job = Box::new(move || {
         let _ = done.send(work());
     });
     pool.queue.send(job).map_err(|_| IoError::Os(libc::EIO))?;
     result.await.unwrap_or(Err(IoError::Os(libc::EIO)))
+}
+
+fn pool() -> IoResult<&'static IoThreads> {
+    match POOL.get() {
+        Some(pool) => Ok(pool),
+        None => {
+            start_io_threads(DEFAULT_IO_THREADS)?;
+            POOL.get().ok_or(IoError::Os(libc::EAGAIN))
+        }
+    }
+}
+
+/// A borrowed buffer's address, sent to an I/O thread.
+#[derive(Clone, Copy)]
+struct RawBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the address is only dereferenced by the job while the borrow it came from
+// is still alive (see `BufferJob`'s drop).
+unsafe impl Send for RawBuf {}
+
+/// State shared by a buffer job and the future awaiting it.
+struct JobState<T> {
+    slot: Mutex<JobSlot<T>>,
+    finished: Condvar,
+}
+
+struct JobSlot<T> {
+    result: Option<IoResult<T>>,
+    waker: Option<Waker>,
+    done: bool,
+}
+
+/// The future of [`run_on_buffer`]. Holds the caller's borrow until the job is done.
+struct BufferJob<'a, T> {
+    state: Arc<JobState<T>>,
+    _borrow: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl<T> Future for BufferJob<'_, T> {
+    type Output = IoResult<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoResult<T>> {
+        let mut slot = self
+            .state
+            .slot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slot.done {
+            return Poll::Ready(slot.result.take().unwrap_or(Err(IoError::Os(libc::EIO))));
+        }
+        slot.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl<T> Drop for BufferJob<'_, T> {
+    fn drop(&mut self) {
+        // Cancelled while the thread may still use the buffer: wait for it, so the
+        // borrow never ends under a running pread/pwrite. Only cancellation blocks.
+        let mut slot = self
+            .state
+            .slot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while !slot.done {
+            slot = self
+                .state
+                .finished
+                .wait(slot)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+}
+
+/// Runs `work` on an I/O thread on the caller's buffer, without copying it. `work`
+/// gets the buffer's address and length and must only use them as one slice of
+/// `buf` (reading, or writing if `buf` came in mutable).
+fn run_raw<'a, T, F>(buf: RawBuf, work: F) -> IoResult<BufferJob<'a, T>>
+where
+    T: Send + 'static,
+    F: FnOnce(RawBuf) -> IoResult<T> + Send + 'static,
+{
+    let pool = pool()?;
+    let state = Arc::new(JobState {
+        slot: Mutex::new(JobSlot {
+            result: None,
+            waker: None,
+            done: false,
+        }),
+        finished: Condvar::new(),
+    });
+    let job_state = Arc::clone(&state);
+    let job: Job = Box::new(move || {
+        // A panic in `work` still marks the job done (as EIO), so nobody waits forever.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(buf)))
+            .unwrap_or(Err(IoError::Os(libc::EIO)));
+        let waker = {
+            let mut slot = job_state
+                .slot
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            slot.result = Some(result);
+            slot.done = true;
+            slot.waker.take()
+        };
+        job_state.finished.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    });
+    pool.queue.send(job).map_err(|_| IoError::Os(libc::EIO))?;
+    Ok(BufferJob {
+        state,
+        _borrow: std::marker::PhantomData,
+    })
+}
+
+/// Runs `work` on an I/O thread, filling the caller's `buf` in place.
+pub(crate) async fn run_on_buffer<T, F>(buf: &mut [u8], work: F) -> IoResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut [u8]) -> IoResult<T> + Send + 'static,
+{
+    let raw = RawBuf {
+        ptr: buf.as_mut_ptr(),
+        len: buf.len(),
+    };
+    run_raw(raw, move |b| {
+        // SAFETY: `b` is `buf`, exclusively borrowed until the job is done (the
+        // returned future holds the borrow and waits for the job if dropped early).
+        work(unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len) })
+    })?
+    .await
+}
+
+/// Runs `work` on an I/O thread, reading the caller's `buf` in place.
+pub(crate) async fn run_on_slice<T, F>(buf: &[u8], work: F) -> IoResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&[u8]) -> IoResult<T> + Send + 'static,
+{
+    let raw = RawBuf {
+        ptr: buf.as_ptr().cast_mut(),
+        len: buf.len(),
+    };
+    run_raw(raw, move |b| {
+        // SAFETY: `b` is `buf`, borrowed until the job is done (as above); it is
+        // only read.
+        work(unsafe { std::slice::from_raw_parts(b.ptr.cast_const(), b.len) })
+    })?
+    .await
 }
 
 #[cfg(test)]
@@ -112,5 +265,42 @@ mod tests {
         let failed = run::<(), _>(|| panic!("job panics")).await;
         assert_eq!(failed, Err(IoError::Os(libc::EIO)));
         assert_eq!(run(|| Ok(7)).await, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn a_buffer_job_fills_the_callers_buffer_in_place() {
+        let mut buf = vec![0u8; 8];
+        let n = run_on_buffer(&mut buf, |b| {
+            b.copy_from_slice(b"in place");
+            Ok(b.len())
+        })
+        .await;
+        assert_eq!(n, Ok(8));
+        assert_eq!(&buf, b"in place");
+        let sum = run_on_slice(&buf, |b| Ok(b.iter().map(|&x| u32::from(x)).sum::<u32>())).await;
+        assert_eq!(sum, Ok(b"in place".iter().map(|&x| u32::from(x)).sum()));
+    }
+
+    #[tokio::test]
+    async fn dropping_a_buffer_job_waits_until_the_thread_let_go_of_the_buffer() {
+        start_io_threads(1).ok();
+        let mut buf = vec![0u8; 4];
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        {
+            let fut = run_on_buffer(&mut buf, move |b| {
+                let _ = started_tx.send(());
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                b.fill(7);
+                Ok(())
+            });
+            let mut fut = Box::pin(fut);
+            // Start the job, then cancel the future while the thread sleeps.
+            let waker = Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+            started_rx.recv().unwrap();
+        }
+        // The drop above returned only after the job wrote the buffer.
+        assert_eq!(buf, vec![7u8; 4]);
     }
 }

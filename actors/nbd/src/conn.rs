@@ -16,7 +16,7 @@
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex};
 
-use bulkhead_block::{BlockIo, Extent, IoError, WriteFlags, ZeroFlags};
+use bulkhead_block::{BlockIo, Extent, IoBuffer, IoError, SparseReadError, WriteFlags, ZeroFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -84,9 +84,43 @@ struct Request {
     offset: u64,
     len: u64,
     /// READ target or WRITE payload, `len` bytes long (pooled).
-    buf: Vec<u8>,
+    buf: Buf,
     /// Contexts selected for a BLOCK_STATUS request.
     contexts: Selected,
+}
+
+/// A request's data buffer: lent by the backend when it has memory it can use without
+/// copying (the shared-memory pool of a node in another worker, so the payload goes
+/// from the socket to the node's worker and back with no copy in between), else one
+/// of the connection's pooled vectors.
+enum Buf {
+    Local(Vec<u8>),
+    Backend(IoBuffer),
+}
+
+impl Default for Buf {
+    fn default() -> Buf {
+        Buf::Local(Vec::new())
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Buf::Local(v) => v,
+            Buf::Backend(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Buf::Local(v) => v,
+            Buf::Backend(b) => b,
+        }
+    }
 }
 
 /// Meta contexts a BLOCK_STATUS request asks for.
@@ -200,7 +234,12 @@ impl Stop {
 }
 
 impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
-    fn take_buf(&self, len: usize) -> Vec<u8> {
+    fn take_buf(&self, len: usize) -> Buf {
+        if len > 0
+            && let Some(b) = self.export.backend.alloc_buffer(len)
+        {
+            return Buf::Backend(b);
+        }
         let mut buf = {
             let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
             pool.pop().unwrap_or_default()
@@ -208,10 +247,14 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         if buf.len() < len {
             buf.resize(len, 0);
         }
-        buf
+        Buf::Local(buf)
     }
 
-    fn put_buf(&self, buf: Vec<u8>) {
+    fn put_buf(&self, buf: Buf) {
+        let Buf::Local(buf) = buf else {
+            // Backend memory goes back to its owner when dropped.
+            return;
+        };
         if buf.capacity() == 0 || buf.capacity() > POOL_MAX_BUF {
             return;
         }
@@ -327,7 +370,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             return fail(too_long(h.len), payload_len != 0);
         }
         // Lengths of READ/WRITE/CACHE and payloads are now at most 32 MiB.
-        let mut buf = Vec::new();
+        let mut buf = Buf::default();
         if payload_len != 0 && !alloc {
             // A payload on a command that takes none: skip it, then let the flag
             // check below refuse the request.
@@ -594,52 +637,20 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
 
     /// A structured read that sends holes as OFFSET_HOLE chunks, deciding from
     /// block status like qsd's `nbd_co_send_sparse_read` (zero ranges are holes).
+    /// The backend does block status and the data reads together
+    /// ([`BlockIo::read_sparse`]): one round trip when the node is in another worker.
     async fn sparse_read(&self, req: &mut Request) -> std::io::Result<()> {
         let backend: &dyn BlockIo = &*self.export.backend;
-        let end = req.offset + req.len;
-        let mut runs: Vec<Run> = Vec::with_capacity(4);
-        let mut pos = req.offset;
-        while pos < end {
-            let extents = match backend.block_status(pos, end - pos).await {
-                Ok(e) => e,
-                Err(e) => {
-                    let msg = format!("unable to check for holes: {}", strerror(e.errno()));
-                    return self
-                        .send_error(req.cookie, req.offset, e.errno(), &msg)
-                        .await;
-                }
-            };
-            let before = pos;
-            for e in &extents {
-                let len = e.length.min(end - pos);
-                if len == 0 {
-                    break;
-                }
-                match runs.last_mut() {
-                    Some(last) if last.hole == e.zero => last.len += len,
-                    _ => runs.push(Run {
-                        offset: pos,
-                        len,
-                        hole: e.zero,
-                    }),
-                }
-                pos += len;
-                if pos >= end {
-                    break;
-                }
-            }
-            if pos == before {
-                // A backend breaking its contract (no progress): treat as an I/O error.
-                let msg = "unable to check for holes: Input/output error";
+        let n = req.len as usize;
+        let extents = match backend.read_sparse(req.offset, &mut req.buf[..n]).await {
+            Ok(e) => e,
+            Err(SparseReadError::Status(e)) => {
+                let msg = format!("unable to check for holes: {}", strerror(e.errno()));
                 return self
-                    .send_error(req.cookie, req.offset, libc::EIO, msg)
+                    .send_error(req.cookie, req.offset, e.errno(), &msg)
                     .await;
             }
-        }
-        for run in runs.iter().filter(|r| !r.hole) {
-            let at = (run.offset - req.offset) as usize;
-            let range = at..at + run.len as usize;
-            if let Err(e) = backend.read(run.offset, &mut req.buf[range]).await {
+            Err(SparseReadError::Read(e)) => {
                 return self
                     .send_error(
                         req.cookie,
@@ -649,6 +660,26 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                     )
                     .await;
             }
+        };
+        let mut runs: Vec<Run> = Vec::with_capacity(extents.len());
+        let mut pos = req.offset;
+        for e in &extents {
+            match runs.last_mut() {
+                Some(last) if last.hole == e.zero => last.len += e.length,
+                _ => runs.push(Run {
+                    offset: pos,
+                    len: e.length,
+                    hole: e.zero,
+                }),
+            }
+            pos += e.length;
+        }
+        if pos != req.offset + req.len {
+            // A backend breaking its contract (extents not tiling the request).
+            let msg = "unable to check for holes: Input/output error";
+            return self
+                .send_error(req.cookie, req.offset, libc::EIO, msg)
+                .await;
         }
         self.send_data_chunks(req, &runs).await
     }

@@ -13,11 +13,11 @@ pub mod graph;
 pub mod workers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bulkhead_ipc::fd;
+use bulkhead_ipc::data::NewChannel;
+use bulkhead_ipc::ring::RingLayout;
 use bulkhead_ipc::wire::{ToWorker, WorkerEvent, WorkerKind};
 use bulkhead_qmp::request::ErrorClass;
 use serde_json::{Map, Value, json};
@@ -397,7 +397,10 @@ impl Core {
         if client == server || self.channels.contains(&(client, server)) {
             return Ok(());
         }
-        let (a, b) = fd::stream_pair()
+        // A new region per channel, so every incarnation of the server gets its own
+        // (the generation fence of `bulkhead_ipc::data::Peer`).
+        let layout = RingLayout::default();
+        let channel = NewChannel::create(layout)
             .map_err(|e| QmpError::generic(format!("Could not create a data channel: {e}")))?;
         self.worker(server).await?;
         self.worker(client).await?;
@@ -405,15 +408,22 @@ impl Core {
         let (Some(s), Some(c)) = (call(server), call(client)) else {
             return Err(QmpError::generic("worker vanished"));
         };
-        s.call(ToWorker::ServeDataChannel { peer: client }, &[a.as_fd()])
-            .await
-            .map_err(call_error)?;
+        s.call(
+            ToWorker::ServeDataChannel {
+                peer: client,
+                layout,
+            },
+            &channel.server_fds(),
+        )
+        .await
+        .map_err(call_error)?;
         c.call(
             ToWorker::ConnectDataChannel {
                 peer: server,
                 generation: self.generation(server),
+                layout,
             },
-            &[b.as_fd()],
+            &channel.client_fds(),
         )
         .await
         .map_err(call_error)?;

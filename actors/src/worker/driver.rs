@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, RwLock};
 
 use bulkhead_block::BlockIo;
-use bulkhead_ipc::data::{self, DataClient, NodeLookup, Peer};
+use bulkhead_ipc::data::{self, ChannelFds, DataClient, NodeLookup, Peer};
 use bulkhead_ipc::wire::{
     NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerKind,
 };
@@ -68,6 +68,20 @@ fn one_fd(mut fds: Vec<OwnedFd>, what: &str) -> Result<OwnedFd, WorkerError> {
         .ok_or_else(|| err(WorkerErrorKind::Invalid, libc::EINVAL, "no descriptor"))
 }
 
+/// The four descriptors of a data channel message.
+pub(crate) fn channel_fds(fds: Vec<OwnedFd>) -> Result<ChannelFds, WorkerError> {
+    ChannelFds::from_vec(fds).map_err(channel_error)
+}
+
+/// A data channel that could not be set up (bad descriptors or region).
+pub(crate) fn channel_error(e: data::DataError) -> WorkerError {
+    let errno = match &e {
+        data::DataError::Io(io) => io.raw_os_error().unwrap_or(libc::EIO),
+        _ => libc::EINVAL,
+    };
+    err(WorkerErrorKind::Invalid, errno, e.to_string())
+}
+
 impl DriverWorker {
     pub(crate) fn new(kind: WorkerKind) -> DriverWorker {
         DriverWorker {
@@ -107,26 +121,23 @@ impl DriverWorker {
         fds: Vec<OwnedFd>,
     ) -> Result<Reply, WorkerError> {
         match req {
-            ToWorker::ServeDataChannel { peer } => {
-                let sock = one_fd(fds, "ServeDataChannel")?;
+            ToWorker::ServeDataChannel { peer, layout } => {
+                let fds = channel_fds(fds)?;
                 let nodes: Arc<dyn NodeLookup> = self.nodes.clone();
                 let me = self.kind;
                 tokio::spawn(async move {
-                    if let Err(e) = data::serve(sock, nodes).await {
+                    if let Err(e) = data::serve(fds, layout, nodes).await {
                         tracing::warn!(worker = %me, %peer, error = %e, "data channel ended");
                     }
                 });
                 Ok(Reply::Done)
             }
-            ToWorker::ConnectDataChannel { peer, generation } => {
-                let sock = one_fd(fds, "ConnectDataChannel")?;
-                let client = DataClient::spawn(sock).map_err(|e| {
-                    err(
-                        WorkerErrorKind::Io,
-                        e.raw_os_error().unwrap_or(0),
-                        e.to_string(),
-                    )
-                })?;
+            ToWorker::ConnectDataChannel {
+                peer,
+                generation,
+                layout,
+            } => {
+                let client = DataClient::spawn(channel_fds(fds)?, layout).map_err(channel_error)?;
                 self.peers
                     .entry(peer)
                     .or_default()

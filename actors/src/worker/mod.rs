@@ -72,10 +72,11 @@ fn run(kind: WorkerKind) -> Result<(), WorkerExit> {
             .map_err(|e| WorkerExit::Setup(format!("I/O threads: {e}")))?;
     }
 
-    // Two threads: the machine has few cores and every worker shares them. An explicit
-    // count also keeps tokio from reading cgroup files for the CPU count.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread, like a qsd iothread: every hop of a request (socket, ring, task)
+    // stays on it, so no request pays for waking another runtime thread (with two
+    // threads, those futex/eventfd wake-ups cost more CPU than the I/O itself; see
+    // design/data-path.md). Blocking syscalls run on the driver's I/O threads.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .thread_name(format!("bulkhead-{kind}"))
         .enable_all()
         .build()

@@ -79,15 +79,14 @@ impl NbdWorker {
         mut fds: Vec<OwnedFd>,
     ) -> Result<Reply, WorkerError> {
         match req {
-            ToWorker::ConnectDataChannel { peer, generation } => {
-                let sock = single(fds)?;
-                let client = DataClient::spawn(sock).map_err(|e| {
-                    err(
-                        WorkerErrorKind::Io,
-                        e.raw_os_error().unwrap_or(0),
-                        e.to_string(),
-                    )
-                })?;
+            ToWorker::ConnectDataChannel {
+                peer,
+                generation,
+                layout,
+            } => {
+                let fds = super::driver::channel_fds(fds)?;
+                let client =
+                    DataClient::spawn(fds, layout).map_err(super::driver::channel_error)?;
                 self.peers
                     .entry(peer)
                     .or_default()

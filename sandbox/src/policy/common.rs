@@ -113,7 +113,12 @@ pub fn table() -> Table {
             libc::F_GETFL as u64,
             libc::F_SETFL as u64,
             libc::F_DUPFD_CLOEXEC as u64,
-        ])?, "ipc::fd: descriptor flags, O_NONBLOCK, dup above stdio"),
+            libc::F_GET_SEALS as u64,
+        ])?, "ipc::fd: descriptor flags, O_NONBLOCK, dup above stdio; ipc::data: check a channel region's seals before mapping it"),
+        sys!(
+            SYS_fstat,
+            "ipc::data: check a channel region's size before mapping it"
+        ),
         sys!(SYS_ioctl if arg_in(1, &[FIONBIO, FIOCLEX])?, "std set_nonblocking / set_cloexec on received sockets"),
     ])
 }
