@@ -28,6 +28,26 @@ impl SupervisorActor {
     pub fn new(events: EventSink) -> SupervisorActor {
         SupervisorActor { core: None, events }
     }
+
+    /// Runs `work` on `Core` with nothing else handled meanwhile: `Core` leaves the
+    /// actor for the duration and comes back with the result. (`busy` answers in the
+    /// impossible case that `Core` is already out.)
+    fn on_core<R, F, Fut>(&mut self, busy: R, work: F) -> AtomicResponse<Self, R>
+    where
+        R: 'static,
+        F: FnOnce(Core) -> Fut,
+        Fut: std::future::Future<Output = (Core, R)> + 'static,
+    {
+        let Some(core) = self.core.take() else {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(busy)));
+        };
+        AtomicResponse::new(Box::pin(work(core).into_actor(self).map(
+            |(core, r), act, _| {
+                act.core = Some(core);
+                r
+            },
+        )))
+    }
 }
 
 impl Actor for SupervisorActor {
@@ -53,16 +73,10 @@ impl Handler<WorkerDied> for SupervisorActor {
     /// Restarting (and replaying state) runs like a command: nothing else is handled
     /// meanwhile, so no command sees a half-restored worker.
     fn handle(&mut self, msg: WorkerDied, _: &mut Context<Self>) -> Self::Result {
-        let Some(mut core) = self.core.take() else {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
-        };
-        let fut = async move {
+        self.on_core((), |mut core| async move {
             core.worker_died(&msg).await;
-            core
-        };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|core, act, _| {
-            act.core = Some(core);
-        })))
+            (core, ())
+        })
     }
 }
 
@@ -78,16 +92,10 @@ impl Handler<FromWorkerEvent> for SupervisorActor {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: FromWorkerEvent, _: &mut Context<Self>) -> Self::Result {
-        let Some(mut core) = self.core.take() else {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
-        };
-        let fut = async move {
+        self.on_core((), |mut core| async move {
             core.worker_event(msg.0).await;
-            core
-        };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|core, act, _| {
-            act.core = Some(core);
-        })))
+            (core, ())
+        })
     }
 }
 
@@ -108,19 +116,11 @@ impl Handler<Execute> for SupervisorActor {
     type Result = AtomicResponse<Self, Result<(Value, After), QmpError>>;
 
     fn handle(&mut self, msg: Execute, _: &mut Context<Self>) -> Self::Result {
-        let Some(mut core) = self.core.take() else {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(QmpError::generic(
-                "supervisor is busy",
-            )))));
-        };
-        let fut = async move {
+        let busy = Err(QmpError::generic("supervisor is busy"));
+        self.on_core(busy, |mut core| async move {
             let r = core.execute(&msg.command, msg.args).await;
             (core, r)
-        };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|(core, r), act, _| {
-            act.core = Some(core);
-            r
-        })))
+        })
     }
 }
 
@@ -136,19 +136,11 @@ impl Handler<StartupComplete> for SupervisorActor {
     type Result = AtomicResponse<Self, Result<(), QmpError>>;
 
     fn handle(&mut self, _: StartupComplete, _: &mut Context<Self>) -> Self::Result {
-        let Some(mut core) = self.core.take() else {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(QmpError::generic(
-                "supervisor is busy",
-            )))));
-        };
-        let fut = async move {
+        let busy = Err(QmpError::generic("supervisor is busy"));
+        self.on_core(busy, |mut core| async move {
             let r = core.startup_complete().await;
             (core, r)
-        };
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|(core, r), act, _| {
-            act.core = Some(core);
-            r
-        })))
+        })
     }
 }
 

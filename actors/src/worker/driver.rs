@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, RwLock};
 
 use bulkhead_block::BlockIo;
-use bulkhead_ipc::data::{self, ChannelFds, DataClient, NodeLookup, Peer};
+use bulkhead_ipc::data::{self, ChannelFds, NodeLookup};
 use bulkhead_ipc::wire::{
     NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerKind,
 };
@@ -49,7 +49,7 @@ impl Nodes {
 pub(crate) struct DriverWorker {
     kind: WorkerKind,
     nodes: Arc<Nodes>,
-    peers: HashMap<WorkerKind, Arc<Peer>>,
+    peers: super::Peers,
 }
 
 fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerError {
@@ -87,7 +87,7 @@ impl DriverWorker {
         DriverWorker {
             kind,
             nodes: Arc::new(Nodes::default()),
-            peers: HashMap::new(),
+            peers: super::Peers::default(),
         }
     }
 
@@ -101,18 +101,7 @@ impl DriverWorker {
                 )
             });
         }
-        let peer = self.peers.get(&child.home).ok_or_else(|| {
-            err(
-                WorkerErrorKind::NotFound,
-                libc::ENOENT,
-                format!("no channel to {}", child.home),
-            )
-        })?;
-        let node = peer
-            .node(child.node)
-            .await
-            .map_err(|e| err(WorkerErrorKind::Io, e.errno(), format!("child node: {e}")))?;
-        Ok(Arc::new(node))
+        self.peers.open(child, "child node").await
     }
 
     pub(crate) async fn handle(
@@ -137,11 +126,7 @@ impl DriverWorker {
                 generation,
                 layout,
             } => {
-                let client = DataClient::spawn(channel_fds(fds)?, layout).map_err(channel_error)?;
-                self.peers
-                    .entry(peer)
-                    .or_default()
-                    .attach(generation, client);
+                self.peers.connect(peer, generation, layout, fds)?;
                 Ok(Reply::Done)
             }
             ToWorker::AddNode {

@@ -126,3 +126,45 @@ enum State {
     Driver(driver::DriverWorker),
     Nbd(nbd::NbdWorker),
 }
+
+/// The workers whose nodes this worker reaches, by kind, across their restarts
+/// (shared by driver workers, for children, and the NBD worker, for exports).
+#[derive(Default)]
+pub(crate) struct Peers(std::collections::HashMap<WorkerKind, Arc<bulkhead_ipc::data::Peer>>);
+
+impl Peers {
+    /// `ConnectDataChannel`: attaches the channel to incarnation `generation` of `peer`.
+    pub(crate) fn connect(
+        &mut self,
+        peer: WorkerKind,
+        generation: u64,
+        layout: bulkhead_ipc::ring::RingLayout,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), bulkhead_ipc::wire::WorkerError> {
+        let fds = driver::channel_fds(fds)?;
+        let client =
+            bulkhead_ipc::data::DataClient::spawn(fds, layout).map_err(driver::channel_error)?;
+        self.0.entry(peer).or_default().attach(generation, client);
+        Ok(())
+    }
+
+    /// Opens `node` in the worker that serves it; `what` names it for errors.
+    pub(crate) async fn open(
+        &self,
+        node: bulkhead_ipc::wire::NodeRef,
+        what: &str,
+    ) -> Result<Arc<dyn bulkhead_block::BlockIo>, bulkhead_ipc::wire::WorkerError> {
+        use bulkhead_ipc::wire::{WorkerError, WorkerErrorKind};
+        let peer = self.0.get(&node.home).ok_or_else(|| {
+            WorkerError::new(
+                WorkerErrorKind::NotFound,
+                libc::ENOENT,
+                format!("no channel to {}", node.home),
+            )
+        })?;
+        let remote = peer.node(node.node).await.map_err(|e| {
+            WorkerError::new(WorkerErrorKind::Io, e.errno(), format!("{what}: {e}"))
+        })?;
+        Ok(Arc::new(remote))
+    }
+}

@@ -5,14 +5,13 @@
 //! channels to their driver workers. Clients' bytes are untrusted and handled by
 //! `bulkhead-nbd`; this module only wires it to the control plane.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use bulkhead_ipc::control::ControlChannel;
-use bulkhead_ipc::data::{DataClient, Peer};
+
 use bulkhead_ipc::wire::{
-    FromWorker, NbdExport, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent, WorkerKind,
+    FromWorker, NbdExport, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent,
 };
 use bulkhead_nbd::server::{ExportConfig, ExportError, NbdServer, RemoveMode, ServerConfig};
 
@@ -23,7 +22,7 @@ fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerEr
 /// State of the NBD worker.
 pub(crate) struct NbdWorker {
     server: Option<Arc<NbdServer>>,
-    peers: HashMap<WorkerKind, Arc<Peer>>,
+    peers: super::Peers,
     control: Arc<ControlChannel>,
 }
 
@@ -31,36 +30,20 @@ impl NbdWorker {
     pub(crate) fn new(control: Arc<ControlChannel>) -> NbdWorker {
         NbdWorker {
             server: None,
-            peers: HashMap::new(),
+            peers: super::Peers::default(),
             control,
         }
     }
 
     async fn add_export(&self, server: &NbdServer, export: NbdExport) -> Result<(), WorkerError> {
-        let node = export.node;
-        let peer = self.peers.get(&node.home).ok_or_else(|| {
-            err(
-                WorkerErrorKind::NotFound,
-                libc::ENOENT,
-                format!("no channel to {}", node.home),
-            )
-        })?;
-        let backend = peer.node(node.node).await.map_err(|e| {
-            err(
-                WorkerErrorKind::Io,
-                e.errno(),
-                format!("exported node: {e}"),
-            )
-        })?;
+        let backend = self.peers.open(export.node, "exported node").await?;
         let config = ExportConfig {
             name: export.name,
             description: export.description,
             writable: export.writable,
             allocation_depth: export.allocation_depth,
         };
-        server
-            .add_export(config, Arc::new(backend))
-            .map_err(export_error)
+        server.add_export(config, backend).map_err(export_error)
     }
 
     fn server(&self) -> Result<&Arc<NbdServer>, WorkerError> {
@@ -84,13 +67,7 @@ impl NbdWorker {
                 generation,
                 layout,
             } => {
-                let fds = super::driver::channel_fds(fds)?;
-                let client =
-                    DataClient::spawn(fds, layout).map_err(super::driver::channel_error)?;
-                self.peers
-                    .entry(peer)
-                    .or_default()
-                    .attach(generation, client);
+                self.peers.connect(peer, generation, layout, fds)?;
                 Ok(Reply::Done)
             }
             ToWorker::NbdServerStart {
@@ -194,44 +171,23 @@ fn spawn_listener(server: Arc<NbdServer>, listener: OwnedFd) -> Result<(), Worke
                 "listener is not a socket",
             )
         })?;
+    let io = |e: std::io::Error| {
+        err(
+            WorkerErrorKind::Io,
+            e.raw_os_error().unwrap_or(0),
+            e.to_string(),
+        )
+    };
     if family == rustix::net::AddressFamily::UNIX {
         let std = std::os::unix::net::UnixListener::from(listener);
-        std.set_nonblocking(true).map_err(|e| {
-            err(
-                WorkerErrorKind::Io,
-                e.raw_os_error().unwrap_or(0),
-                e.to_string(),
-            )
-        })?;
-        let l = tokio::net::UnixListener::from_std(std).map_err(|e| {
-            err(
-                WorkerErrorKind::Io,
-                e.raw_os_error().unwrap_or(0),
-                e.to_string(),
-            )
-        })?;
-        tokio::spawn(async move {
-            server.serve_unix_listener(l).await;
-        });
+        std.set_nonblocking(true).map_err(io)?;
+        let l = tokio::net::UnixListener::from_std(std).map_err(io)?;
+        tokio::spawn(async move { server.serve_unix_listener(l).await });
     } else {
         let std = std::net::TcpListener::from(listener);
-        std.set_nonblocking(true).map_err(|e| {
-            err(
-                WorkerErrorKind::Io,
-                e.raw_os_error().unwrap_or(0),
-                e.to_string(),
-            )
-        })?;
-        let l = tokio::net::TcpListener::from_std(std).map_err(|e| {
-            err(
-                WorkerErrorKind::Io,
-                e.raw_os_error().unwrap_or(0),
-                e.to_string(),
-            )
-        })?;
-        tokio::spawn(async move {
-            server.serve_tcp_listener(l).await;
-        });
+        std.set_nonblocking(true).map_err(io)?;
+        let l = tokio::net::TcpListener::from_std(std).map_err(io)?;
+        tokio::spawn(async move { server.serve_tcp_listener(l).await });
     }
     Ok(())
 }
