@@ -1,6 +1,6 @@
 //! System calls every worker needs once it serves: the tokio runtime (epoll, futex,
 //! timers), memory allocation, logging to stderr, the control channel (seqpacket with
-//! descriptors) and data channels (stream sockets), thread exit at shutdown.
+//! descriptors) and data channels (shared-memory rings with eventfd doorbells and a liveness socket), thread exit at shutdown.
 //!
 //! Part of the seccomp policy installed in every worker (see the parent module). The
 //! runtime, the I/O threads and the logger exist before the filter, so what they need
