@@ -400,41 +400,44 @@ impl NbdServer {
     /// `max_connections` connections are open. Accept failures (for example
     /// running out of descriptors) are logged and retried after a pause.
     pub async fn serve_unix_listener(&self, listener: UnixListener) {
-        let mut shutdown = self.shared.shutdown_signal();
-        loop {
-            let Some(permit) = self.permit().await else {
-                return;
-            };
-            let stream = tokio::select! {
-                _ = signalled(&mut shutdown) => return,
-                r = listener.accept() => match r {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!("NBD accept failed: {e}");
-                        drop(permit);
-                        tokio::time::sleep(ACCEPT_RETRY).await;
-                        continue;
-                    }
-                },
-            };
-            let slot = self.slot(permit);
-            let (r, w) = stream.into_split();
-            tokio::spawn(crate::conn::run(self.shared.clone(), slot, r, w));
-        }
+        self.accept_loop(|| listener.accept(), |(stream, _)| stream.into_split())
+            .await;
     }
 
     /// Accepts and serves connections from a TCP listener until
     /// [`NbdServer::shutdown`]; see [`NbdServer::serve_unix_listener`].
     pub async fn serve_tcp_listener(&self, listener: TcpListener) {
+        self.accept_loop(
+            || listener.accept(),
+            |(stream, _)| {
+                // Small replies must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                stream.into_split()
+            },
+        )
+        .await;
+    }
+
+    /// The accept loop of both listener kinds: `accept` yields a connection, `split`
+    /// turns it into the halves a connection task reads and writes.
+    async fn accept_loop<C, Fut, R, W>(
+        &self,
+        mut accept: impl FnMut() -> Fut,
+        split: impl Fn(C) -> (R, W),
+    ) where
+        Fut: std::future::Future<Output = std::io::Result<C>>,
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let mut shutdown = self.shared.shutdown_signal();
         loop {
             let Some(permit) = self.permit().await else {
                 return;
             };
-            let stream = tokio::select! {
+            let conn = tokio::select! {
                 _ = signalled(&mut shutdown) => return,
-                r = listener.accept() => match r {
-                    Ok((stream, _)) => stream,
+                r = accept() => match r {
+                    Ok(conn) => conn,
                     Err(e) => {
                         tracing::warn!("NBD accept failed: {e}");
                         drop(permit);
@@ -444,9 +447,7 @@ impl NbdServer {
                 },
             };
             let slot = self.slot(permit);
-            // Small replies must not wait for Nagle.
-            let _ = stream.set_nodelay(true);
-            let (r, w) = stream.into_split();
+            let (r, w) = split(conn);
             tokio::spawn(crate::conn::run(self.shared.clone(), slot, r, w));
         }
     }
