@@ -128,6 +128,27 @@ pub fn send_signal_to_group(pgid: i32, signal: i32) -> io::Result<()> {
     kill_process_group(pid, signal).map_err(io::Error::from)
 }
 
+/// The pid of `supervisor`'s worker of `kind` (argv `[_, "worker", "--kind", kind]`)
+/// other than `not`, waiting up to 20 s for one to appear (a restarted worker takes a
+/// moment). Panics with a clear message when none does: for tests only.
+pub fn worker_pid(supervisor: u32, kind: &str, not: Option<u32>) -> u32 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let found = children(supervisor).into_iter().find(|p| {
+            matches!(p.argv.as_slice(), [_, w, f, k, ..] if w == "worker" && f == "--kind" && k == kind)
+                && Some(p.pid) != not
+        });
+        if let Some(p) = found {
+            return p.pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no (new) {kind} worker appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bulkhead_systests::procs;
+use bulkhead_systests::procs::{self, worker_pid};
 use bulkhead_systests::{Daemon, DaemonKind, QmpConnection, TempDir};
 use serde_json::{Value, json};
 
@@ -53,22 +53,6 @@ fn start(dir: TempDir, budget: &str) -> Daemon {
     match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
         Ok(d) => d,
         Err(e) => panic!("{e}"),
-    }
-}
-
-/// The pid of the supervisor's worker of `kind`, waiting for it to exist.
-fn worker_pid(supervisor: u32, kind: &str, not: Option<u32>) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let found = procs::children(supervisor).into_iter().find(|p| {
-            matches!(p.argv.as_slice(), [_, w, f, k, ..] if w == "worker" && f == "--kind" && k == kind)
-                && Some(p.pid) != not
-        });
-        if let Some(p) = found {
-            return p.pid;
-        }
-        assert!(Instant::now() < deadline, "no {kind} worker appeared");
-        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -178,8 +162,9 @@ fn sigkill_of_any_worker_loses_no_acknowledged_write() {
         let client = nbd_client(&d, &writes);
         // Let the client get going, then kill the worker under it.
         thread::sleep(Duration::from_millis(20 + 15 * (round % 4)));
-        // SAFETY: plain kill(2) of a pid we just read from /proc as our child's child.
-        unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+        if let Err(e) = procs::send_signal(victim, libc::SIGKILL) {
+            panic!("cannot signal worker {}: {e}", victim);
+        }
         wait_ok(
             client,
             &format!("round {round}: qemu-io while the {kind} worker was killed"),
@@ -254,8 +239,9 @@ fn a_worker_that_keeps_dying_has_its_export_deleted_after_the_budget() {
     let mut last = None;
     for _ in 0..4 {
         let pid = worker_pid(supervisor, "raw", last);
-        // SAFETY: kill(2) of our child's child, read from /proc just now.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        if let Err(e) = procs::send_signal(pid, libc::SIGKILL) {
+            panic!("cannot signal worker {}: {e}", pid);
+        }
         last = Some(pid);
         thread::sleep(Duration::from_millis(1500));
     }

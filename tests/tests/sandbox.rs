@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bulkhead_systests::procs;
+use bulkhead_systests::procs::{self, worker_pid};
 use bulkhead_systests::{Daemon, DaemonKind, QmpConnection, TempDir};
 use serde_json::{Value, json};
 
@@ -49,21 +49,6 @@ fn start() -> Daemon {
     match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
         Ok(d) => d,
         Err(e) => panic!("{e}"),
-    }
-}
-
-fn worker_pid(supervisor: u32, kind: &str, not: Option<u32>) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let found = procs::children(supervisor).into_iter().find(|p| {
-            matches!(p.argv.as_slice(), [_, w, f, k, ..] if w == "worker" && f == "--kind" && k == kind)
-                && Some(p.pid) != not
-        });
-        if let Some(p) = found {
-            return p.pid;
-        }
-        assert!(Instant::now() < deadline, "no (new) {kind} worker appeared");
-        thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -181,8 +166,9 @@ fn a_forbidden_syscall_kills_the_worker_with_sigsys_and_the_export_serves_again(
     assert!(ok, "{out}");
     for kind in ["raw", "file", "nbd", "null-co"] {
         let victim = worker_pid(daemon.pid(), kind, None);
-        // SAFETY: kill(2) of our child's child, read from /proc just now.
-        unsafe { libc::kill(victim as i32, libc::SIGUSR1) };
+        if let Err(e) = procs::send_signal(victim, libc::SIGUSR1) {
+            panic!("cannot signal worker {}: {e}", victim);
+        }
         let replacement = worker_pid(daemon.pid(), kind, Some(victim));
         assert_ne!(replacement, victim);
         wait_for_stderr(
@@ -222,8 +208,9 @@ fn a_worker_that_breaks_the_control_protocol_is_killed_and_replaced() {
             Err(e) => panic!("{e}\n{}", daemon.stderr()),
         };
         let victim = worker_pid(daemon.pid(), "raw", None);
-        // SAFETY: kill(2) of our child's child, read from /proc just now.
-        unsafe { libc::kill(victim as i32, libc::SIGUSR2) };
+        if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
+            panic!("cannot signal worker {}: {e}", victim);
+        }
         wait_for_stderr(&daemon, "killing misbehaving worker");
         let replacement = worker_pid(daemon.pid(), "raw", Some(victim));
         assert_ne!(replacement, victim, "{mode}");
