@@ -54,6 +54,11 @@ use crate::ring::{EXTENT_BUFFER, EXTENT_BYTES};
 /// and the request's pool memory stays reserved until then.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Longest period of a client's watchdog, which also trims the pool: a pool idle for
+/// one full tick gives its used pages back, so memory returns within half a second
+/// of the last request.
+const TICK_MAX: Duration = Duration::from_millis(250);
+
 /// Data channel errors (the channel is unusable afterwards).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -269,6 +274,10 @@ struct PoolState {
     pins: Vec<u32>,
     /// Chunks released by their owner while pinned.
     deferred: Vec<u64>,
+    /// Chunks leased since the last trim: their pages may hold memory.
+    dirty: Vec<u64>,
+    /// Leases taken so far; the trimmer compares it between ticks to see idleness.
+    leases: u64,
     chunks: usize,
     /// Set when the channel closed: nothing is allocated any more.
     closed: bool,
@@ -357,6 +366,8 @@ impl Pool {
                 free,
                 pins: vec![0; chunks],
                 deferred: vec![0; words],
+                dirty: vec![0; words],
+                leases: 0,
                 chunks,
                 closed: false,
             }),
@@ -373,7 +384,9 @@ impl Pool {
         let first = s.find(count)?;
         for c in first..first + count {
             s.set_free(c, false);
+            s.dirty[c / 64] |= 1 << (c % 64);
         }
+        s.leases += 1;
         Some(Lease {
             pool: Arc::clone(self),
             first,
@@ -431,6 +444,56 @@ impl Pool {
     fn close(&self) {
         mutex(&self.state).closed = true;
         self.space.notify_waiters();
+    }
+
+    /// Gives the memory of used chunks back to the system once the pool has been idle
+    /// (no lease taken) since the previous call, whose lease count `seen` holds.
+    ///
+    /// Pool pages are shared memory, so every touched page stays resident (and counts
+    /// in the RSS of both ends) until the pool is unmapped: a burst of 1 MiB requests
+    /// would otherwise pin megabytes per channel for the life of the worker. Only free,
+    /// unpinned chunks are punched (`MADV_REMOVE`, which frees the memfd's pages for
+    /// both mappings; they read as zeroes afterwards), under the state lock so no
+    /// lease can take one meanwhile. Returns how many chunks were released.
+    fn trim_if_idle(&self, seen: &mut u64) -> usize {
+        let mut s = mutex(&self.state);
+        if s.closed || s.leases != *seen {
+            *seen = s.leases;
+            return 0;
+        }
+        let mut released = 0;
+        let mut c = 0;
+        while c < s.chunks {
+            if s.dirty[c / 64] == 0 && c % 64 == 0 {
+                c += 64;
+                continue;
+            }
+            let trimmable = |s: &PoolState, c: usize| {
+                s.dirty[c / 64] & (1 << (c % 64)) != 0 && s.is_free(c) && s.pins[c] == 0
+            };
+            if !trimmable(&s, c) {
+                c += 1;
+                continue;
+            }
+            let first = c;
+            while c < s.chunks && trimmable(&s, c) {
+                s.dirty[c / 64] &= !(1 << (c % 64));
+                c += 1;
+            }
+            // SAFETY: the range lies inside the pool mapping; no lease or request
+            // uses it (free, unpinned) and none can take it while we hold the lock.
+            let punched = unsafe {
+                rustix::mm::madvise(
+                    self.region.pool_ptr().add(first * CHUNK).cast(),
+                    (c - first) * CHUNK,
+                    rustix::mm::Advice::LinuxRemove,
+                )
+            };
+            if punched.is_ok() {
+                released += c - first;
+            }
+        }
+        released
     }
 }
 
@@ -703,18 +766,19 @@ impl DataClient {
         });
         let watchdog = Arc::downgrade(&client);
         tokio::spawn(async move {
+            let mut seen_leases = 0;
             // Holds the client only while checking, so a dropped channel ends it.
             loop {
                 let Some(c) = watchdog.upgrade() else { return };
                 if c.is_closed() {
                     return;
                 }
-                let period = (c.options.timeout / 4)
-                    .clamp(Duration::from_millis(10), Duration::from_secs(1));
+                let period = (c.options.timeout / 4).clamp(Duration::from_millis(10), TICK_MAX);
                 drop(c);
                 tokio::time::sleep(period).await;
                 let Some(c) = watchdog.upgrade() else { return };
                 c.expire();
+                c.pool.trim_if_idle(&mut seen_leases);
             }
         });
         let reaper = Arc::clone(&client);
@@ -1829,6 +1893,67 @@ mod tests {
         let mut huge = vec![0u8; 5 * CHUNK];
         assert_eq!(node.read(0, &mut huge).await, Err(IoError::Invalid));
         assert_eq!(node.read(0, &mut past).await, Ok(()));
+    }
+
+    /// Resident pages of the mapping that contains `ptr` (from /proc/self/smaps).
+    fn resident_kib_of(ptr: *const u8) -> u64 {
+        let addr = ptr as u64;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((a, b)) = range.split_once('-')
+                && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+            {
+                inside = (a..b).contains(&addr);
+            } else if inside && let Some(kib) = line.strip_prefix("Rss:") {
+                return kib.trim().trim_end_matches(" kB").trim().parse().unwrap();
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_pool_gives_its_pages_back_but_never_a_leased_or_pinned_chunk() {
+        let (peer, _server) = served(small(), mem(1 << 20));
+        let client = client_of(&peer);
+        let pool = Arc::clone(&client.pool);
+        let mut kept = pool.try_lease(CHUNK).unwrap();
+        kept.bytes_mut().fill(0xAA);
+        let mut pinned = pool.try_lease(CHUNK).unwrap();
+        pinned.bytes_mut().fill(0xBB);
+        pool.pin(pinned.offset(), CHUNK as u64);
+        let pinned_off = pinned.offset();
+        drop(pinned);
+        let mut freed = pool.try_lease(2 * CHUNK).unwrap();
+        freed.bytes_mut().fill(0xCC);
+        let freed_off = freed.offset() as usize;
+        drop(freed);
+        let before = resident_kib_of(pool.region.pool_ptr());
+        let mut seen = 0;
+        // The first tick sees leases since the last one: not idle, nothing released.
+        assert_eq!(pool.trim_if_idle(&mut seen), 0);
+        assert_eq!(pool.trim_if_idle(&mut seen), 2);
+        assert_eq!(pool.trim_if_idle(&mut seen), 0, "already released");
+        let after = resident_kib_of(pool.region.pool_ptr());
+        assert!(
+            after + 2 * CHUNK as u64 / 1024 <= before,
+            "{before} KiB resident before, {after} after"
+        );
+        // SAFETY: test-only look at chunks nobody leases now.
+        let view = |off: usize| unsafe { *pool.region.pool_ptr().add(off) };
+        assert_eq!(view(freed_off), 0, "a released chunk reads as zeroes");
+        assert_eq!(view(pinned_off as usize), 0xBB, "pinned chunk untouched");
+        assert!(
+            kept.bytes().iter().all(|&b| b == 0xAA),
+            "leased chunk untouched"
+        );
+        // Once its request completes, the pinned chunk is free and goes next time.
+        pool.unpin(pinned_off, CHUNK as u64);
+        assert_eq!(pool.trim_if_idle(&mut seen), 1);
+        // A new lease makes the pool busy again for one tick.
+        drop(pool.try_lease(CHUNK).unwrap());
+        assert_eq!(pool.trim_if_idle(&mut seen), 0);
     }
 
     #[tokio::test]

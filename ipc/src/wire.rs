@@ -176,8 +176,14 @@ pub struct NbdExport {
     pub writable: bool,
     /// Offer `qemu:allocation-depth`.
     pub allocation_depth: bool,
-    /// The exported node.
+    /// The node that holds the data: the exported node, or the bottom of its `raw`
+    /// chain.
     pub node: NodeRef,
+    /// `raw` nodes stacked over `node`, bottom first, ending with the exported node.
+    /// A raw node only shifts and clips offsets (there is no metadata to parse), so the
+    /// NBD worker runs that translation itself instead of paying a process hop per
+    /// request; the raw worker still owns the node for everything else.
+    pub layers: Vec<DriverConfig>,
 }
 
 /// A message from a worker to the supervisor.

@@ -414,8 +414,50 @@ const OFFSET_BASE_ALLOCATION: &str = "         0     1048576    0  data
 
 #[test]
 fn qemu_io_patterns_through_raw_over_file_reach_the_file_like_qsd() {
+    qemu_io_patterns_through_raw_over_file(false);
+}
+
+/// The same on an image in tmpfs, which the file worker reads and writes on its own
+/// thread instead of its I/O threads (and under its seccomp filter).
+#[test]
+fn qemu_io_patterns_reach_an_image_on_tmpfs_like_qsd() {
+    qemu_io_patterns_through_raw_over_file(true);
+}
+
+/// Where an image on tmpfs lives for the daemon whose temp dir is `dir`.
+fn tmpfs_image(dir: &Path) -> PathBuf {
+    let tag = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    PathBuf::from(format!("/dev/shm/{tag}-disk.img"))
+}
+
+/// Removes the tmpfs images of the daemons when the test ends, even by a panic.
+struct TmpfsImages(Vec<PathBuf>);
+
+impl Drop for TmpfsImages {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+fn qemu_io_patterns_through_raw_over_file(on_tmpfs: bool) {
     let prepare = |dir: &Path| {
         make_image(dir, "disk.img", 8 << 20, &["write -P 0xee 0 8M"]);
+        if on_tmpfs {
+            // The daemons open $DIR/disk.img, a link to the copy in /dev/shm.
+            let target = tmpfs_image(dir);
+            let moved = fs::copy(dir.join("disk.img"), &target)
+                .and_then(|_| fs::remove_file(dir.join("disk.img")))
+                .and_then(|_| std::os::unix::fs::symlink(&target, dir.join("disk.img")));
+            if let Err(e) = moved {
+                let _ = fs::remove_file(&target);
+                panic!("cannot put the image on tmpfs at {}: {e}", target.display());
+            }
+        }
     };
     let args = [
         "--blockdev",
@@ -428,6 +470,13 @@ fn qemu_io_patterns_through_raw_over_file_reach_the_file_like_qsd() {
         "type=nbd,id=e0,node-name=raw0,name=exp,writable=on",
     ];
     let (qsd, ours) = start_pair(&prepare, &args);
+    let _tmpfs = TmpfsImages(match on_tmpfs {
+        true => vec![
+            tmpfs_image(qsd.daemon.dir()),
+            tmpfs_image(ours.daemon.dir()),
+        ],
+        false => Vec::new(),
+    });
     let writes = [
         "write -P 0x11 0 64k",
         "write -f -P 0x22 64k 64k",
@@ -481,6 +530,72 @@ fn qemu_io_patterns_through_raw_over_file_reach_the_file_like_qsd() {
     match (a, b) {
         (Ok(a), Ok(b)) => assert!(a == b, "the image files of qsd and {} differ", ours.name()),
         (a, b) => panic!("cannot read the images: {:?} {:?}", a.err(), b.err()),
+    }
+}
+
+/// Writes through an exported raw window (offset and size) land at the window's
+/// offset in the file and leave the rest alone, as with qsd.
+#[test]
+fn writes_through_a_raw_window_land_at_its_offset_in_the_file() {
+    let prepare = |dir: &Path| {
+        make_image(dir, "disk.img", 8 << 20, &["write -P 0xee 0 8M"]);
+    };
+    let args = [
+        "--blockdev",
+        "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=raw,node-name=win0,file=file0,offset=1048576,size=2097152",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=e0,node-name=win0,name=win,writable=on",
+    ];
+    let (qsd, ours) = start_pair(&prepare, &args);
+    let io = [
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x66 0 64k",
+        "-c",
+        "write -P 0x77 2093056 4k",
+        "-c",
+        "write -z 64k 4k",
+        "-c",
+        "read -P 0x66 0 64k",
+        "-c",
+        "read -P 0 64k 4k",
+        "{URI:win}",
+    ];
+    let (theirs, mine) = both(&qsd, &ours, "qemu-io", &io);
+    assert_eq!(without_timings(&mine), without_timings(&theirs));
+    let checks = [
+        "read -P 0xee 0 1M",
+        "read -P 0x66 1M 64k",
+        "read -P 0 1114112 4k",
+        "read -P 0xee 1118208 1044480",
+        "read -P 0x77 3141632 4k",
+        "read -P 0xee 3M 5M",
+    ];
+    for served in [&qsd, &ours] {
+        let file = served.file("disk.img").to_string_lossy().into_owned();
+        let mut read_args = vec!["-f", "raw", "-r", "-U"];
+        for c in &checks {
+            read_args.push("-c");
+            read_args.push(c);
+        }
+        read_args.push(&file);
+        let out = without_timings(&run_ok("qemu-io", &read_args));
+        assert!(
+            !out.contains("Pattern verification failed"),
+            "{}: {out}",
+            served.name()
+        );
+        assert_eq!(
+            out.lines().count(),
+            checks.len(),
+            "{}: {out}",
+            served.name()
+        );
     }
 }
 

@@ -16,7 +16,7 @@
 //! as a protocol node always is); device nodes report everything as data.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rustix::fs::{FallocateFlags, FileType, SeekFrom};
@@ -79,6 +79,75 @@ pub struct FileDriver {
     /// an NBD server asks for block status before every read, and on a large file each
     /// `SEEK_HOLE` can walk far, so repeated lookups inside a known data run skip it.
     data_run: DataRunCache,
+    /// Which reads and writes run on the caller's thread instead of an I/O thread.
+    inline: Inline,
+}
+
+/// Largest request served inline: a copy this size takes a few microseconds; larger
+/// ones go to the I/O threads, which also spread them over the cores.
+const INLINE_MAX: usize = 128 << 10;
+
+/// When a read or write may skip the hand-off to an I/O thread (two thread wake-ups,
+/// which cost more than a small copy from the page cache). Never in direct mode: that
+/// goes to the device.
+#[derive(Debug)]
+struct Inline {
+    /// The image is a regular file on a file system that lives in memory (tmpfs,
+    /// ramfs): its reads and writes are memory copies that never wait for a device.
+    memory: bool,
+    /// Reads try `preadv2(RWF_NOWAIT)` first: served from the page cache or refused
+    /// with `EAGAIN`, never blocking. Cleared when the file system does not support it.
+    nowait_reads: AtomicBool,
+}
+
+impl Inline {
+    fn new(fd: BorrowedFd<'_>, device: DeviceType, direct: bool) -> Inline {
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        const RAMFS_MAGIC: i64 = 0x8584_58f6;
+        // A block device's node lives on devtmpfs, whose magic is tmpfs's: only a
+        // regular file's file system says where its data is.
+        let memory = !direct
+            && device == DeviceType::Regular
+            && rustix::fs::fstatfs(fd).is_ok_and(|s| {
+                // `f_type`'s integer type differs between architectures.
+                #[allow(clippy::unnecessary_cast)]
+                let magic = s.f_type as i64;
+                magic == TMPFS_MAGIC || magic == RAMFS_MAGIC
+            });
+        Inline {
+            memory,
+            nowait_reads: AtomicBool::new(!direct && !memory),
+        }
+    }
+
+    /// Reads what it can without blocking; returns how many bytes it read.
+    fn read(&self, fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> IoResult<usize> {
+        if buf.len() > INLINE_MAX {
+            return Ok(0);
+        }
+        if self.memory {
+            pread_full(fd, buf, offset)?;
+            return Ok(buf.len());
+        }
+        if !self.nowait_reads.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        match rustix::io::preadv2(fd, &mut iov, offset, rustix::io::ReadWriteFlags::NOWAIT) {
+            Ok(n) => Ok(n),
+            Err(Errno::OPNOTSUPP) => {
+                self.nowait_reads.store(false, Ordering::Relaxed);
+                Ok(0)
+            }
+            // EAGAIN (not cached), EINTR, or anything else: the I/O thread retries
+            // with a plain pread and reports its errors.
+            Err(_) => Ok(0),
+        }
+    }
+
+    fn write(&self, len: usize) -> bool {
+        self.memory && len <= INLINE_MAX
+    }
 }
 
 /// A cached `[start, end)` known to hold data. Writes keep data data, so only discard,
@@ -140,7 +209,6 @@ impl FileDriver {
         };
         let length = device_length(fd.as_fd(), device).map_err(|e| FileOpenError::Os(e.errno()))?;
         Ok(FileDriver {
-            fd: Arc::new(fd),
             kind,
             device,
             size: AtomicU64::new(round_up(length, 512)),
@@ -148,6 +216,8 @@ impl FileDriver {
             direct: config.direct,
             rmw: Arc::new(RwLock::new(())),
             data_run: DataRunCache::default(),
+            inline: Inline::new(fd.as_fd(), device, config.direct),
+            fd: Arc::new(fd),
         })
     }
 
@@ -456,6 +526,15 @@ impl BlockIo for FileDriver {
             if buf.is_empty() {
                 return Ok(());
             }
+            let done = if self.direct {
+                0
+            } else {
+                self.inline.read(self.fd.as_fd(), buf, offset)?
+            };
+            if done >= buf.len() {
+                return Ok(());
+            }
+            let (offset, buf) = (offset + done as u64, &mut buf[done..]);
             let fd = Arc::clone(&self.fd);
             let direct = self.direct;
             // In place: the caller's buffer (often a shared-memory pool slot) is the
@@ -474,6 +553,13 @@ impl BlockIo for FileDriver {
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.check_write(offset, buf.len() as u64)?;
+            if self.inline.write(buf.len()) {
+                pwrite_full(self.fd.as_fd(), buf, offset)?;
+                return match flags.fua {
+                    true => fdatasync(self.fd.as_fd()),
+                    false => Ok(()),
+                };
+            }
             let fd = Arc::clone(&self.fd);
             let rmw = Arc::clone(&self.rmw);
             let direct = self.direct;

@@ -9,6 +9,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
+use bulkhead_block::config::DriverConfig;
 use bulkhead_ipc::wire::{NbdExport, NodeRef, Reply, ToWorker, WorkerErrorKind, WorkerKind};
 use serde_json::{Map, Value, json};
 
@@ -271,10 +272,7 @@ impl Core {
             .get("allocation-depth")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let target = NodeRef {
-            node: node.id,
-            home: node.driver.worker(),
-        };
+        let target = self.export_target(node);
         // The image locks come first: a conflict with another process (qemu-io, qsd)
         // refuses the export before any worker is involved.
         self.exports.insert(
@@ -308,13 +306,34 @@ impl Core {
         Ok(json!({}))
     }
 
+    /// Where the NBD worker finds an export's data: the bottom of the node's chain of
+    /// `raw` nodes, and those raw nodes' configs (bottom first) for the worker to stack
+    /// over it, so a request crosses one process boundary, not one per node.
+    fn export_target(&self, node: &super::graph::Node) -> (NodeRef, Vec<DriverConfig>) {
+        let mut layers = Vec::new();
+        let mut cur = node;
+        while let (DriverConfig::Raw(_), Some(child)) = (
+            &cur.config,
+            cur.child.as_deref().and_then(|c| self.graph.get(c)),
+        ) {
+            layers.push(cur.config);
+            cur = child;
+        }
+        layers.reverse();
+        let target = NodeRef {
+            node: cur.id,
+            home: cur.driver.worker(),
+        };
+        (target, layers)
+    }
+
     async fn add_export_to_worker(
         &mut self,
         name: &str,
         description: &Option<String>,
         writable: bool,
         allocation_depth: bool,
-        target: NodeRef,
+        (target, layers): (NodeRef, Vec<DriverConfig>),
     ) -> Result<(), QmpError> {
         if self.started {
             self.connect(WorkerKind::Nbd, target.home).await?;
@@ -326,6 +345,7 @@ impl Core {
                     writable,
                     allocation_depth,
                     node: target,
+                    layers,
                 }),
                 &[],
             )
@@ -482,10 +502,7 @@ impl Core {
             let Some(node) = self.graph.get(&e.node) else {
                 continue;
             };
-            let target = NodeRef {
-                node: node.id,
-                home: node.driver.worker(),
-            };
+            let (target, layers) = self.export_target(node);
             self.connect(WorkerKind::Nbd, target.home).await?;
             exports.push(NbdExport {
                 name: e.nbd_name.clone(),
@@ -493,6 +510,7 @@ impl Core {
                 writable: e.writable,
                 allocation_depth: e.allocation_depth,
                 node: target,
+                layers,
             });
         }
         let start = ToWorker::NbdServerStart {

@@ -86,7 +86,7 @@ pub fn table() -> Table {
         sys!(SYS_mprotect if arg_clear(2, libc::PROT_EXEC as u64)?, "malloc arena growth, thread stack guards; never executable"),
         sys!(SYS_munmap, "freeing large buffers, thread stacks at exit"),
         sys!(SYS_mremap, "realloc of large buffers"),
-        sys!(SYS_madvise if arg_in(2, &[libc::MADV_DONTNEED as u64, libc::MADV_FREE as u64])?, "malloc trimming, thread stack release at exit"),
+        sys!(SYS_madvise if arg_in(2, &[libc::MADV_DONTNEED as u64, libc::MADV_FREE as u64, libc::MADV_REMOVE as u64])?, "malloc trimming, thread stack release at exit; ipc::data: an idle pool's pages given back (MADV_REMOVE)"),
         // Signals and threads.
         sys!(SYS_rt_sigprocmask, "C library: thread start/exit, abort()"),
         sys!(SYS_rt_sigreturn, "returning from a signal handler"),

@@ -19,6 +19,11 @@ pub fn table() -> Table {
     Ok(vec![
         sys!(SYS_pread64, "block::file: reads (pread_full)"),
         sys!(SYS_pwrite64, "block::file: writes (pwrite_full)"),
+        sys!(SYS_preadv2 if arg_in(5, &[libc::RWF_NOWAIT as u64])?, "block::file: a read tried inline first with RWF_NOWAIT (page-cache hits only); flags are the sixth argument after pos_l, pos_h"),
+        sys!(
+            SYS_fstatfs,
+            "block::file: at open, whether the image lives in memory (tmpfs)"
+        ),
         sys!(SYS_fdatasync, "block::file: flush, FUA writes"),
         sys!(
             SYS_fsync,
