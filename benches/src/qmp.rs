@@ -108,10 +108,27 @@ impl Qmp {
         limit: Duration,
         alive: impl FnMut() -> Result<(), QmpError>,
     ) -> Result<Qmp, QmpError> {
-        let stream = connect_when_ready(path, limit, alive)?;
-        let (mut qmp, _) = Qmp::greet(stream)?;
-        qmp.execute("qmp_capabilities", None)?;
-        Ok(qmp)
+        let mut alive = alive;
+        let mut attempt = 0;
+        loop {
+            let stream = connect_when_ready(path, limit, &mut alive)?;
+            let (mut qmp, _) = Qmp::greet(stream)?;
+            match qmp.execute("qmp_capabilities", None) {
+                Ok(_) => return Ok(qmp),
+                // Seen once from qsd on a connection made the instant its socket
+                // appeared ("JSON parse error, expected separator in dict" for a
+                // well-formed command): a fresh connection negotiates fine, and one
+                // odd reply should not end a run of many minutes.
+                Err(QmpError::Command { desc, .. }) if attempt < 2 => {
+                    eprintln!(
+                        "bulkhead-bench: {}: qmp_capabilities refused ({desc}); reconnecting",
+                        path.display()
+                    );
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn read_object(&mut self) -> Result<Value, QmpError> {

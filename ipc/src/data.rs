@@ -581,6 +581,31 @@ impl Default for ClientOptions {
     }
 }
 
+/// The submission ring's producer.
+struct SqState {
+    producer: Producer<Sqe>,
+    /// A submitter has pushed and will publish (with everything pushed meanwhile)
+    /// once the requests that are ready now have been pushed too.
+    publisher: bool,
+}
+
+/// Publishes the submissions pushed so far when dropped: the deferred publisher
+/// holds one across its yield, so even a cancelled submitter publishes.
+struct PublishOnDrop<'a>(&'a DataClient);
+
+impl Drop for PublishOnDrop<'_> {
+    fn drop(&mut self) {
+        let wake = {
+            let mut sq = mutex(&self.0.sq);
+            sq.publisher = false;
+            sq.producer.publish()
+        };
+        if wake {
+            ring_bell(self.0.sq_bell.as_fd());
+        }
+    }
+}
+
 /// The completion ring's consumer and a reusable batch.
 struct CqState {
     consumer: Consumer<Cqe>,
@@ -590,7 +615,7 @@ struct CqState {
 /// The client end of a data channel, shared by every [`RemoteNode`] reached through it.
 pub struct DataClient {
     region: Arc<Region>,
-    sq: Mutex<Producer<Sqe>>,
+    sq: Mutex<SqState>,
     cq: Mutex<CqState>,
     sq_bell: OwnedFd,
     slots: Mutex<Slots>,
@@ -742,7 +767,10 @@ impl DataClient {
         let bell = async_fd(fds.cq_bell)?;
         let live = stream(crate::fd::dup(&fds.liveness).map_err(std::io::Error::other)?)?;
         let client = Arc::new(DataClient {
-            sq: Mutex::new(region.sq_producer()),
+            sq: Mutex::new(SqState {
+                producer: region.sq_producer(),
+                publisher: false,
+            }),
             cq,
             sq_bell: fds.sq_bell,
             slots: Mutex::new(Slots {
@@ -955,16 +983,37 @@ impl DataClient {
             }
             let depth = self.inflight.fetch_add(1, Ordering::AcqRel) + 1;
             self.region.depth_hint().store(depth, Ordering::Relaxed);
-            let wake = {
+            // Alone in flight, publish at once. Otherwise the first submitter of a
+            // burst publishes for all of it after one yield, so the server is woken
+            // (and wakes us) once per burst, not once per request: with a sleeping
+            // server each publish costs a doorbell write and a process wake-up.
+            enum Publish {
+                Now,
+                AfterYield,
+                ByAnother,
+            }
+            let publish = {
                 let mut sq = mutex(&self.sq);
-                if let Err(e) = sq.push(sqe) {
+                if let Err(e) = sq.producer.push(sqe) {
                     drop(sq);
                     return Err(self.fail(&e.to_string()));
                 }
-                sq.publish()
+                match (depth, sq.publisher) {
+                    (1, _) => Publish::Now,
+                    (_, true) => Publish::ByAnother,
+                    (_, false) => {
+                        sq.publisher = true;
+                        Publish::AfterYield
+                    }
+                }
             };
-            if wake {
-                ring_bell(self.sq_bell.as_fd());
+            match publish {
+                Publish::Now => drop(PublishOnDrop(self)),
+                Publish::AfterYield => {
+                    let _publish = PublishOnDrop(self);
+                    tokio::task::yield_now().await;
+                }
+                Publish::ByAnother => {}
             }
             rx
         };
@@ -1954,6 +2003,42 @@ mod tests {
         // A new lease makes the pool busy again for one tick.
         drop(pool.try_lease(CHUNK).unwrap());
         assert_eq!(pool.trim_if_idle(&mut seen), 0);
+    }
+
+    /// Submissions made while others are in flight are published together by the
+    /// first of them after a yield; if that submitter is cancelled meanwhile, its
+    /// guard still publishes, so the requests that relied on it complete.
+    #[tokio::test]
+    async fn a_burst_is_published_once_even_if_its_publisher_is_cancelled() {
+        let (peer, _server) = served(small(), mem(1 << 20));
+        let node = peer.node(NodeId(1)).await.unwrap();
+        let client = client_of(&peer);
+        node.write(0, &[7u8; 4096], WriteFlags::default())
+            .await
+            .unwrap();
+        let (mut a, mut b, mut c) = (vec![0u8; 512], vec![0u8; 512], vec![0u8; 512]);
+        let mut ra = node.read(0, &mut a);
+        let mut rb = node.read(512, &mut b);
+        let mut rc = node.read(1024, &mut c);
+        // A alone in flight: published at once. B: the burst's publisher, waiting
+        // for its yield. C: pushed, left for B to publish.
+        assert!(poll_once(&mut ra).is_none());
+        assert!(poll_once(&mut rb).is_none());
+        assert!(poll_once(&mut rc).is_none());
+        let published = || {
+            let sq = mutex(&client.sq);
+            sq.publisher
+        };
+        assert!(published(), "B holds the publisher role");
+        drop(rb);
+        assert!(!published(), "dropping B published the burst");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            ra.await.unwrap();
+            rc.await.unwrap();
+        })
+        .await
+        .expect("A and C complete");
+        assert_eq!((a[0], c[0]), (7, 7));
     }
 
     #[tokio::test]

@@ -9,9 +9,11 @@
 //! A request travels like this: the connection task reads its header (and
 //! payload) into a pooled buffer, validates it, takes one of 16 in-flight slots
 //! and spawns a request task; it then goes straight back to reading. The request
-//! task calls the export's `BlockIo`, then takes the connection's write lock and
-//! sends the whole reply with one vectored write, so replies go out as requests
-//! finish, in any order, never interleaved. Buffers return to the pool.
+//! task calls the export's `BlockIo`, then sends the whole reply: small replies
+//! that are ready together are copied into one output buffer and written with one
+//! system call, large ones are written directly with one vectored write under the
+//! connection's write lock. Replies go out as requests finish, in any order, never
+//! interleaved. Buffers return to the pool.
 
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex};
@@ -138,8 +140,31 @@ struct Conn<W> {
     contexts: Contexts,
     writer: tokio::sync::Mutex<W>,
     pool: Mutex<Vec<Vec<u8>>>,
+    /// Small replies waiting to go out together (see [`Conn::send`]).
+    out: Mutex<Out>,
+    /// Request tasks running.
+    running: std::sync::atomic::AtomicUsize,
     /// Set when a reply could not be written; the reader stops.
     dead: watch::Sender<bool>,
+}
+
+/// Replies of at most this many bytes are copied into the connection's output buffer
+/// and written together with the other replies ready at the same moment: at queue
+/// depth 32 the completions of a node come in batches, and one write per batch
+/// instead of one per reply saves most of the connection's system calls (a 16 KiB
+/// copy costs less than a `writev`).
+const COALESCE_MAX: usize = 16 * 1024;
+/// Most bytes the output buffer holds; a reply that does not fit waits for the
+/// socket like a large one, so a client that stops reading cannot make us buffer
+/// without bound.
+const OUT_MAX: usize = 256 * 1024;
+
+/// The output buffer: replies appended whole, so they never interleave.
+#[derive(Default)]
+struct Out {
+    bytes: Vec<u8>,
+    /// A request task has taken on writing the buffer out (until it is empty).
+    flushing: bool,
 }
 
 async fn transmission<R, W>(shared: Arc<Shared>, session: Session, mut r: BufReader<R>, w: W)
@@ -158,6 +183,8 @@ where
         contexts,
         writer: tokio::sync::Mutex::new(w),
         pool: Mutex::new(Vec::new()),
+        out: Mutex::new(Out::default()),
+        running: std::sync::atomic::AtomicUsize::new(0),
         dead: watch::Sender::new(false),
     });
     let mut stop = Stop {
@@ -462,8 +489,17 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
 
     /// Runs one request against the backend and sends its reply.
     async fn execute(self: Arc<Self>, mut req: Request, permit: OwnedSemaphorePermit) {
-        // The slot is released when the reply is sent (or the task aborted).
+        // The slot is released when the reply is sent or queued (or the task aborted).
         let _permit = permit;
+        struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _running = Running(&self.running);
         let backend: &dyn BlockIo = &*self.export.backend;
         let sent = match req.kind {
             CMD_READ => self.read(&mut req).await,
@@ -585,10 +621,68 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             .await
     }
 
-    /// Writes one whole reply under the connection's write lock.
+    /// Sends one whole reply. A small one is appended to the output buffer; the task
+    /// that finds nobody writing the buffer writes it (after letting the other
+    /// requests that are ready append theirs). A large one, or one that does not fit,
+    /// is written directly under the connection's write lock. Either way a reply's
+    /// bytes go out contiguously.
     async fn send(&self, bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total <= COALESCE_MAX {
+            let flusher = {
+                let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+                if out.bytes.len() + total <= OUT_MAX {
+                    for b in bufs.iter() {
+                        out.bytes.extend_from_slice(b);
+                    }
+                    Some(!std::mem::replace(&mut out.flushing, true))
+                } else {
+                    None
+                }
+            };
+            match flusher {
+                Some(true) => return self.flush_out().await,
+                Some(false) => return Ok(()),
+                None => {}
+            }
+        }
         let mut w = self.writer.lock().await;
         write_all_vectored(&mut *w, bufs).await
+    }
+
+    /// Writes the output buffer until it is empty.
+    async fn flush_out(&self) -> std::io::Result<()> {
+        if self.running.load(std::sync::atomic::Ordering::Relaxed) > 1 {
+            // Other requests may be about to reply (their completions arrived in
+            // the same batch): let them run first. Alone in flight, no need to.
+            tokio::task::yield_now().await;
+        }
+        let mut spare = Vec::new();
+        loop {
+            let mut pending = {
+                let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+                if out.bytes.is_empty() {
+                    out.flushing = false;
+                    return Ok(());
+                }
+                std::mem::replace(&mut out.bytes, spare)
+            };
+            let written = {
+                let mut w = self.writer.lock().await;
+                match w.write_all(&pending).await {
+                    Ok(()) => w.flush().await,
+                    Err(e) => Err(e),
+                }
+            };
+            if let Err(e) = written {
+                // The connection is over (the caller marks it dead); later
+                // replies go nowhere.
+                self.out.lock().unwrap_or_else(|e| e.into_inner()).flushing = false;
+                return Err(e);
+            }
+            pending.clear();
+            spare = pending;
+        }
     }
 
     /// NBD_CMD_READ, as qsd's `nbd_do_cmd_read`.
