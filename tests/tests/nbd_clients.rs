@@ -1384,7 +1384,6 @@ const BAD_PEER_STDERR: &str = "<prog>: option negotiation failed: Bad magic rece
 ";
 
 #[test]
-#[ignore = "bulkhead does not report failed NBD negotiations and disconnects on stderr as qsd does"]
 fn bad_peers_are_reported_on_stderr_with_qsd_texts() {
     let served = Served::start(under_test(), &disk_with_data, RAW_PEER_ARGS);
     let peers: [BadPeer; 4] = [

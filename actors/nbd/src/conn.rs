@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::handshake::{self, Contexts, Mode, Session};
+use crate::handshake::{self, Contexts, HandshakeError, Mode, Session};
 use crate::proto::*;
 use crate::server::{ConnectionSlot, Export, Shared, signalled};
 
@@ -57,7 +57,20 @@ where
     };
     match session {
         Ok(session) => transmission(shared, session, r, w).await,
-        Err(e) => tracing::debug!("NBD negotiation ended: {e}"),
+        Err(e) => {
+            tracing::debug!("NBD negotiation ended: {e}");
+            // What qsd prints for a failed negotiation; a client that said
+            // NBD_OPT_ABORT, or was cut off by handshake-max-seconds, is not reported.
+            let text = match &e {
+                HandshakeError::Aborted => None,
+                HandshakeError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => None,
+                HandshakeError::Io(io) => Some(io_text(io)),
+                other => Some(other.to_string()),
+            };
+            if let Some(text) = text {
+                shared.report(&format!("option negotiation failed: {text}"));
+            }
+        }
     }
 }
 
@@ -74,8 +87,9 @@ enum Received {
         msg: String,
         fatal: bool,
     },
-    /// Drop the connection (NBD_CMD_DISC, bad magic, client gone mid-payload).
-    Disconnect { drain: bool },
+    /// Drop the connection (NBD_CMD_DISC, bad magic, client gone mid-payload);
+    /// `why` is what qsd reports on stderr, if it reports anything.
+    Disconnect { drain: bool, why: Option<String> },
 }
 
 /// A validated request ready for the backend.
@@ -223,7 +237,12 @@ where
                     break false;
                 }
             }
-            Received::Disconnect { drain } => break drain,
+            Received::Disconnect { drain, why } => {
+                if let Some(why) = why {
+                    shared.report(&format!("Disconnect client, due to: {why}"));
+                }
+                break drain;
+            }
         }
         while tasks.try_join_next().is_some() {}
     };
@@ -304,8 +323,18 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         // requests finish their replies (they may still be read).
         match read_exact_or_eof(r, &mut raw[..size]).await {
             Ok(true) => {}
-            Ok(false) => return Received::Disconnect { drain: true },
-            Err(_) => return Received::Disconnect { drain: false },
+            Ok(false) => {
+                return Received::Disconnect {
+                    drain: true,
+                    why: None,
+                };
+            }
+            Err(_) => {
+                return Received::Disconnect {
+                    drain: false,
+                    why: None,
+                };
+            }
         }
         let h = RequestHeader::decode(&raw, extended);
         let expect = if extended {
@@ -324,7 +353,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             };
         }
         if h.kind == CMD_DISC {
-            return Received::Disconnect { drain: true };
+            return Received::Disconnect {
+                drain: true,
+                why: None,
+            };
         }
         let fail = |msg: String, fatal: bool| Received::Fail {
             cookie: h.cookie,
@@ -384,7 +416,12 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                             len = 0;
                             selected = Selected::default();
                         }
-                        Err(_) => return Received::Disconnect { drain: false },
+                        Err(_) => {
+                            return Received::Disconnect {
+                                drain: false,
+                                why: None,
+                            };
+                        }
                     }
                     payload_len = 0;
                     check_length = false;
@@ -402,12 +439,19 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             // A payload on a command that takes none: skip it, then let the flag
             // check below refuse the request.
             if skip(r, payload_len).await.is_err() {
-                return Received::Disconnect { drain: false };
+                return Received::Disconnect {
+                    drain: false,
+                    why: None,
+                };
             }
         } else if alloc {
             buf = self.take_buf(h.len as usize);
-            if payload_len != 0 && r.read_exact(&mut buf[..h.len as usize]).await.is_err() {
-                return Received::Disconnect { drain: false };
+            if payload_len != 0
+                && let Err(e) = r.read_exact(&mut buf[..h.len as usize]).await
+            {
+                let why = (h.kind == CMD_WRITE)
+                    .then(|| format!("Failed to read CMD_WRITE data: {}", io_text(&e)));
+                return Received::Disconnect { drain: false, why };
             }
         }
         if let Some(msg) = self.sanity(&h, len, check_ro, valid) {
@@ -993,6 +1037,20 @@ fn too_long(len: u64) -> String {
 }
 
 /// The C library's text for an errno, without Rust's " (os error N)" suffix.
+/// QEMU's text for a failed socket read or write (`qio_channel_*_all`).
+fn io_text(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            "Unexpected end-of-file before all data were read".to_owned()
+        }
+        std::io::ErrorKind::BrokenPipe => "Unable to write to socket: Broken pipe".to_owned(),
+        _ => format!(
+            "Unable to read from socket: {}",
+            strerror(e.raw_os_error().unwrap_or(libc::EIO))
+        ),
+    }
+}
+
 fn strerror(errno: i32) -> String {
     let s = std::io::Error::from_raw_os_error(errno).to_string();
     match s.rfind(" (os error") {

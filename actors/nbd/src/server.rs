@@ -167,8 +167,13 @@ impl ExportRemoval {
 }
 
 /// State shared by the server handle, the listeners and every connection.
+/// Receives the lines qsd prints on stderr about clients (failed negotiations,
+/// disconnects), without the program name.
+pub type Reporter = Arc<dyn Fn(&str) + Send + Sync>;
+
 pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
+    report: Option<Reporter>,
     exports: Mutex<Vec<Arc<Export>>>,
     conn_limit: Option<Arc<Semaphore>>,
     connections: watch::Sender<usize>,
@@ -176,6 +181,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Reports one line about a client, if the server was asked to.
+    pub(crate) fn report(&self, line: &str) {
+        if let Some(report) = &self.report {
+            report(line);
+        }
+    }
+
     fn exports(&self) -> MutexGuard<'_, Vec<Arc<Export>>> {
         // A panic while holding this lock cannot leave the Vec inconsistent.
         self.exports.lock().unwrap_or_else(|e| e.into_inner())
@@ -248,6 +260,15 @@ impl std::fmt::Debug for NbdServer {
 impl NbdServer {
     /// Creates a server with no exports and no listeners.
     pub fn new(config: ServerConfig) -> NbdServer {
+        NbdServer::build(config, None)
+    }
+
+    /// A server that reports client failures as qsd does on stderr, through `report`.
+    pub fn reporting(config: ServerConfig, report: Reporter) -> NbdServer {
+        NbdServer::build(config, Some(report))
+    }
+
+    fn build(config: ServerConfig, report: Option<Reporter>) -> NbdServer {
         let conn_limit = match config.max_connections {
             0 => None,
             n => Some(Arc::new(Semaphore::new(n as usize))),
@@ -255,6 +276,7 @@ impl NbdServer {
         NbdServer {
             shared: Arc::new(Shared {
                 config,
+                report,
                 exports: Mutex::new(Vec::new()),
                 conn_limit,
                 connections: watch::Sender::new(0),

@@ -15,6 +15,13 @@ use bulkhead_ipc::wire::{
 };
 use bulkhead_nbd::server::{ExportConfig, ExportError, NbdServer, RemoveMode, ServerConfig};
 
+/// Prints a line about an NBD client on stderr the way qsd does (its program name,
+/// then the text), as one write so lines from concurrent connections never mix.
+fn report(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("bulkhead: {line}\n").as_bytes());
+}
+
 fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerError {
     WorkerError::new(kind, errno, detail)
 }
@@ -101,10 +108,11 @@ impl NbdWorker {
                     ));
                 }
                 let listener = single(std::mem::take(&mut fds))?;
-                let server = Arc::new(NbdServer::new(ServerConfig {
+                let config = ServerConfig {
                     max_connections,
                     handshake_max_seconds,
-                }));
+                };
+                let server = Arc::new(NbdServer::reporting(config, Arc::new(report)));
                 // Every export exists before the first client is accepted.
                 for export in exports {
                     self.add_export(&server, export).await?;
