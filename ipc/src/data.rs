@@ -595,14 +595,7 @@ struct PublishOnDrop<'a>(&'a DataClient);
 
 impl Drop for PublishOnDrop<'_> {
     fn drop(&mut self) {
-        let wake = {
-            let mut sq = mutex(&self.0.sq);
-            sq.publisher = false;
-            sq.producer.publish()
-        };
-        if wake {
-            ring_bell(self.0.sq_bell.as_fd());
-        }
+        self.0.publish();
     }
 }
 
@@ -818,6 +811,19 @@ impl DataClient {
         Ok(client)
     }
 
+    /// Makes every pushed submission visible to the server (ringing its doorbell if
+    /// it sleeps) and ends any burst's publisher role.
+    fn publish(&self) {
+        let wake = {
+            let mut sq = mutex(&self.sq);
+            sq.publisher = false;
+            sq.producer.publish()
+        };
+        if wake {
+            ring_bell(self.sq_bell.as_fd());
+        }
+    }
+
     /// Whether the channel is gone (the serving worker died or misbehaved).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
@@ -1008,7 +1014,7 @@ impl DataClient {
                 }
             };
             match publish {
-                Publish::Now => drop(PublishOnDrop(self)),
+                Publish::Now => self.publish(),
                 Publish::AfterYield => {
                     let _publish = PublishOnDrop(self);
                     tokio::task::yield_now().await;

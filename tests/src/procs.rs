@@ -170,11 +170,20 @@ mod tests {
         let Ok(mut child) = child else {
             panic!("cannot run sleep");
         };
-        let kids = children(std::process::id());
-        let argv = kids
-            .iter()
-            .find(|p| p.pid == child.id())
-            .map(|p| p.argv.clone());
+        // Right after fork the child's command line is still empty (it has not
+        // exec'd yet): look again until it is set, for a while.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let argv = loop {
+            let argv = children(std::process::id())
+                .iter()
+                .find(|p| p.pid == child.id())
+                .map(|p| p.argv.clone());
+            if argv.as_ref().is_some_and(|a| !a.is_empty()) || std::time::Instant::now() >= deadline
+            {
+                break argv;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(argv, Some(vec!["sleep".to_string(), "30".to_string()]));

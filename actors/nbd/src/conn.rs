@@ -16,6 +16,7 @@
 //! interleaved. Buffers return to the pool.
 
 use std::io::IoSlice;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bulkhead_block::{BlockIo, Extent, IoBuffer, IoError, SparseReadError, WriteFlags, ZeroFlags};
@@ -92,6 +93,13 @@ enum Received {
     Disconnect { drain: bool, why: Option<String> },
 }
 
+impl Received {
+    /// Drop the connection without a report (`drain`: answer what is in flight).
+    fn gone(drain: bool) -> Received {
+        Received::Disconnect { drain, why: None }
+    }
+}
+
 /// A validated request ready for the backend.
 struct Request {
     kind: u16,
@@ -157,7 +165,7 @@ struct Conn<W> {
     /// Small replies waiting to go out together (see [`Conn::send`]).
     out: Mutex<Out>,
     /// Request tasks running.
-    running: std::sync::atomic::AtomicUsize,
+    running: AtomicUsize,
     /// Set when a reply could not be written; the reader stops.
     dead: watch::Sender<bool>,
 }
@@ -198,7 +206,7 @@ where
         writer: tokio::sync::Mutex::new(w),
         pool: Mutex::new(Vec::new()),
         out: Mutex::new(Out::default()),
-        running: std::sync::atomic::AtomicUsize::new(0),
+        running: AtomicUsize::new(0),
         dead: watch::Sender::new(false),
     });
     let mut stop = Stop {
@@ -323,18 +331,8 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         // requests finish their replies (they may still be read).
         match read_exact_or_eof(r, &mut raw[..size]).await {
             Ok(true) => {}
-            Ok(false) => {
-                return Received::Disconnect {
-                    drain: true,
-                    why: None,
-                };
-            }
-            Err(_) => {
-                return Received::Disconnect {
-                    drain: false,
-                    why: None,
-                };
-            }
+            Ok(false) => return Received::gone(true),
+            Err(_) => return Received::gone(false),
         }
         let h = RequestHeader::decode(&raw, extended);
         let expect = if extended {
@@ -353,10 +351,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             };
         }
         if h.kind == CMD_DISC {
-            return Received::Disconnect {
-                drain: true,
-                why: None,
-            };
+            return Received::gone(true);
         }
         let fail = |msg: String, fatal: bool| Received::Fail {
             cookie: h.cookie,
@@ -417,10 +412,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                             selected = Selected::default();
                         }
                         Err(_) => {
-                            return Received::Disconnect {
-                                drain: false,
-                                why: None,
-                            };
+                            return Received::gone(false);
                         }
                     }
                     payload_len = 0;
@@ -439,10 +431,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             // A payload on a command that takes none: skip it, then let the flag
             // check below refuse the request.
             if skip(r, payload_len).await.is_err() {
-                return Received::Disconnect {
-                    drain: false,
-                    why: None,
-                };
+                return Received::gone(false);
             }
         } else if alloc {
             buf = self.take_buf(h.len as usize);
@@ -535,14 +524,13 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
     async fn execute(self: Arc<Self>, mut req: Request, permit: OwnedSemaphorePermit) {
         // The slot is released when the reply is sent or queued (or the task aborted).
         let _permit = permit;
-        struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
+        struct Running<'a>(&'a AtomicUsize);
         impl Drop for Running<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                self.0.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        self.running
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.running.fetch_add(1, Ordering::Relaxed);
         let _running = Running(&self.running);
         let backend: &dyn BlockIo = &*self.export.backend;
         let sent = match req.kind {
@@ -696,7 +684,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
 
     /// Writes the output buffer until it is empty.
     async fn flush_out(&self) -> std::io::Result<()> {
-        if self.running.load(std::sync::atomic::Ordering::Relaxed) > 1 {
+        if self.running.load(Ordering::Relaxed) > 1 {
             // Other requests may be about to reply (their completions arrived in
             // the same batch): let them run first. Alone in flight, no need to.
             tokio::task::yield_now().await;
