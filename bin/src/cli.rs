@@ -80,6 +80,7 @@
 
 use std::fmt;
 
+use bulkhead_actors::supervisor::Isolation;
 use bulkhead_qmp::keyval::{self, KeyvalError};
 use bulkhead_qmp::qdict;
 use serde_json::Value;
@@ -156,6 +157,9 @@ pub enum OptionKind {
     Daemonize,
     /// `--sandbox on|off` (bulkhead's own, pre-init: the last one wins; default on).
     Sandbox(bool),
+    /// `--isolation kind|image` (bulkhead's own, pre-init: the last one wins; default
+    /// kind).
+    Isolation(Isolation),
 }
 
 /// The argument of an option qsd reads with `qobject_input_visitor_new_str`.
@@ -325,6 +329,9 @@ pub enum OptionError {
     /// A boolean that is not on/yes/true/y/off/no/false/n.
     #[error("Parameter '{0}' expects 'on' or 'off'")]
     ExpectsOnOff(String),
+    /// `--isolation` with a value other than kind or image.
+    #[error("Parameter 'isolation' does not accept value '{0}' (expected 'kind' or 'image')")]
+    IsolationValue(String),
     /// QemuOpts number.
     #[error("Parameter '{0}' expects a number")]
     ExpectsNumber(String),
@@ -509,6 +516,12 @@ QEMU storage daemon (bulkhead, compatible with qemu-storage-daemon {QSD_COMPATIB
 
   --sandbox on|off       run block drivers and exports in sandboxed,
                          restartable worker processes (default: on)
+
+  --isolation kind|image how nodes are spread over worker processes:
+                         kind: one worker per block driver and one per
+                         export type (default); image: one worker per
+                         image (a top node and the nodes only it uses),
+                         so a compromised worker reaches only its image
 "
     )
 }
@@ -528,13 +541,14 @@ enum HasArg {
     Required,
 }
 
-/// The long options, qsd's plus `sandbox`, in qsd's table order.
+/// The long options, qsd's plus `sandbox` and `isolation`, in alphabetical order like qsd's table.
 const LONG_OPTIONS: &[(&str, HasArg)] = &[
     ("blockdev", HasArg::Required),
     ("chardev", HasArg::Required),
     ("daemonize", HasArg::No),
     ("export", HasArg::Required),
     ("help", HasArg::No),
+    ("isolation", HasArg::Required),
     ("monitor", HasArg::Required),
     ("nbd-server", HasArg::Required),
     ("object", HasArg::Required),
@@ -620,6 +634,15 @@ pub fn parse_args(args: &[String]) -> Result<CliAction, CliError> {
                     return Err(CliError::Option {
                         given,
                         error: OptionError::ExpectsOnOff("sandbox".to_owned()),
+                    });
+                }
+            },
+            "isolation" => match Isolation::parse(&value) {
+                Some(i) => simple(given, OptionKind::Isolation(i)),
+                None => {
+                    return Err(CliError::Option {
+                        given,
+                        error: OptionError::IsolationValue(value),
                     });
                 }
             },
@@ -1503,12 +1526,13 @@ mod tests {
 
     #[test]
     fn an_ambiguous_prefix_lists_every_candidate_and_keeps_the_inline_value() {
-        // Only the empty prefix is ambiguous among qsd's options; qsd's list lacks sandbox.
+        // Only the empty prefix is ambiguous among qsd's options; qsd's list lacks sandbox
+        // and isolation.
         assert_eq!(
             stderr(&["--=x"]),
             "bulkhead: option '--=x' is ambiguous; possibilities: '--blockdev' '--chardev' \
-             '--daemonize' '--export' '--help' '--monitor' '--nbd-server' '--object' '--pidfile' \
-             '--sandbox' '--trace' '--version'"
+             '--daemonize' '--export' '--help' '--isolation' '--monitor' '--nbd-server' '--object' \
+             '--pidfile' '--sandbox' '--trace' '--version'"
         );
     }
 
@@ -2138,7 +2162,9 @@ mod tests {
         assert!(
             help.contains("\n  --pidfile <path>       write process ID to a file after startup\n")
         );
-        assert!(help.ends_with("(default: on)\n"));
+        assert!(help.contains("(default: on)\n"));
+        assert!(help.contains("\n  --isolation kind|image how nodes are spread"));
+        assert!(help.ends_with("reaches only its image\n"));
         assert_eq!(
             version_text(),
             format!(

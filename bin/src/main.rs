@@ -2,27 +2,32 @@
 //! sandboxed worker processes.
 //!
 //! This binary is glue. Run as `bulkhead [qsd options]` it is the supervisor; run as
-//! `bulkhead worker --kind KIND` (only the supervisor does that) it is a worker.
+//! `bulkhead worker --kind KIND --id N` (only the supervisor does that) it is a worker.
 
 mod cli;
 mod startup;
 
 use std::process::ExitCode;
 
-use bulkhead_ipc::wire::WorkerKind;
+use bulkhead_ipc::wire::{WorkerId, WorkerKind};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     init_logging();
     if args.get(1).map(String::as_str) == Some("worker") {
+        let flag = |i: usize| args.get(i).map(String::as_str);
         return match (
-            args.get(2).map(String::as_str),
+            flag(2),
             args.get(3).and_then(|k| WorkerKind::parse(k)),
+            flag(4),
+            args.get(5).and_then(|n| n.parse().ok()),
         ) {
-            (Some("--kind"), Some(kind)) if args.len() == 4 => bulkhead_actors::worker::main(kind),
+            (Some("--kind"), Some(kind), Some("--id"), Some(id)) if args.len() == 6 => {
+                bulkhead_actors::worker::main(kind, WorkerId(id))
+            }
             _ => {
                 eprintln!(
-                    "bulkhead: worker: expected '--kind KIND' (workers are started by the supervisor)"
+                    "bulkhead: worker: expected '--kind KIND --id N' (workers are started by the supervisor)"
                 );
                 ExitCode::FAILURE
             }

@@ -200,7 +200,8 @@ impl Startup {
             OptionKind::Trace(_)
             | OptionKind::Pidfile(_)
             | OptionKind::Daemonize
-            | OptionKind::Sandbox(_) => Ok(()),
+            | OptionKind::Sandbox(_)
+            | OptionKind::Isolation(_) => Ok(()),
         }
     }
 
@@ -306,8 +307,16 @@ impl Startup {
 }
 
 async fn run(opts: Vec<CliOption>, mut ready: Option<std::fs::File>, daemonize: bool) -> u8 {
+    let isolation = opts
+        .iter()
+        .rev()
+        .find_map(|o| match o.parsed {
+            Ok(OptionKind::Isolation(i)) => Some(i),
+            _ => None,
+        })
+        .unwrap_or_default();
     let bus = EventBus::default().start();
-    let supervisor = SupervisorActor::new(EventSink(bus.clone())).start();
+    let supervisor = SupervisorActor::new(EventSink(bus.clone()), isolation).start();
     let (quit_tx, mut quit_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let front = Front {
         supervisor: supervisor.clone(),

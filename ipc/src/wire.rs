@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ring::RingLayout;
 
-/// The kind of a worker process. There is one worker per kind in use: one per block
-/// driver, one per export type.
+/// The kind (role) of a worker process: what it runs and which seccomp policy it
+/// applies. How many workers of a kind exist is the supervisor's placement policy
+/// (`--isolation`): one per driver kind, or one per image and per export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum WorkerKind {
     /// Driver worker for `file` nodes.
@@ -26,17 +27,21 @@ pub enum WorkerKind {
     NullAio,
     /// Export worker for NBD.
     Nbd,
+    /// Driver worker for one image (`--isolation image`): a top node and the nodes
+    /// under it that no other image uses, whatever their drivers.
+    Image,
 }
 
 impl WorkerKind {
     /// Every kind, for parsing and listings.
-    pub const ALL: [WorkerKind; 6] = [
+    pub const ALL: [WorkerKind; 7] = [
         WorkerKind::File,
         WorkerKind::HostDevice,
         WorkerKind::Raw,
         WorkerKind::NullCo,
         WorkerKind::NullAio,
         WorkerKind::Nbd,
+        WorkerKind::Image,
     ];
 
     /// The name used on the worker's command line (`bulkhead worker --kind NAME`),
@@ -49,7 +54,23 @@ impl WorkerKind {
             WorkerKind::NullCo => "null-co",
             WorkerKind::NullAio => "null-aio",
             WorkerKind::Nbd => "nbd",
+            WorkerKind::Image => "image",
         }
+    }
+
+    /// Whether a worker of this kind hosts block nodes (as opposed to exports).
+    pub fn hosts_nodes(self) -> bool {
+        !matches!(self, WorkerKind::Nbd)
+    }
+
+    /// Whether a worker of this kind starts blocking I/O threads for image files:
+    /// the protocol drivers, and the kinds that host a format node together with
+    /// its local protocol child.
+    pub fn does_file_io(self) -> bool {
+        matches!(
+            self,
+            WorkerKind::File | WorkerKind::HostDevice | WorkerKind::Raw | WorkerKind::Image
+        )
     }
 
     /// Parses a name produced by [`WorkerKind::as_str`].
@@ -64,6 +85,17 @@ impl std::fmt::Display for WorkerKind {
     }
 }
 
+/// A worker instance, assigned by the supervisor. It outlives the processes that serve
+/// it: a restarted worker keeps its instance's id, and the generation grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WorkerId(pub u32);
+
+impl std::fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "w{}", self.0)
+    }
+}
+
 /// A node's identity across processes, assigned by the supervisor. Node names are a
 /// QMP concept and stay in the supervisor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -74,8 +106,8 @@ pub struct NodeId(pub u64);
 pub struct NodeRef {
     /// The node.
     pub node: NodeId,
-    /// The worker serving it.
-    pub home: WorkerKind,
+    /// The worker instance serving it.
+    pub home: WorkerId,
 }
 
 /// A request from the supervisor to a worker.
@@ -95,7 +127,7 @@ pub enum ToWorker {
     /// region memfd, submission doorbell, completion doorbell).
     ServeDataChannel {
         /// The worker at the other end.
-        peer: WorkerKind,
+        peer: WorkerId,
         /// Geometry of the region.
         layout: RingLayout,
     },
@@ -104,7 +136,7 @@ pub enum ToWorker {
     /// that were pending on an older one are resubmitted here.
     ConnectDataChannel {
         /// The worker serving the nodes.
-        peer: WorkerKind,
+        peer: WorkerId,
         /// Incarnation of that worker (grows with every restart).
         generation: u64,
         /// Geometry of the region.
@@ -176,14 +208,9 @@ pub struct NbdExport {
     pub writable: bool,
     /// Offer `qemu:allocation-depth`.
     pub allocation_depth: bool,
-    /// The node that holds the data: the exported node, or the bottom of its `raw`
-    /// chain.
+    /// The exported node. A format node and its local protocol child share a worker,
+    /// so a request crosses one process boundary whatever the chain.
     pub node: NodeRef,
-    /// `raw` nodes stacked over `node`, bottom first, ending with the exported node.
-    /// A raw node only shifts and clips offsets (there is no metadata to parse), so the
-    /// NBD worker runs that translation itself instead of paying a process hop per
-    /// request; the raw worker still owns the node for everything else.
-    pub layers: Vec<DriverConfig>,
 }
 
 /// A message from a worker to the supervisor.
@@ -308,7 +335,7 @@ mod tests {
                 }),
                 child: Some(NodeRef {
                     node: NodeId(2),
-                    home: WorkerKind::File,
+                    home: WorkerId(1),
                 }),
             },
         };

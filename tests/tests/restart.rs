@@ -1,5 +1,6 @@
-//! Crash-restartable workers: SIGKILL of the NBD worker and of each driver worker while
-//! QEMU's NBD client writes a verifiable pattern. Every write the client saw
+//! Crash-restartable workers: SIGKILL of the NBD worker and of the image's worker, in
+//! both placements (`--isolation kind` and `image`), while QEMU's NBD client writes a
+//! verifiable pattern. Every write the client saw
 //! acknowledged must be in the image afterwards (compared with `qemu-img compare`
 //! against the same writes applied directly), and a QMP client connected throughout
 //! sees only normal replies. bulkhead only; qsd has no workers to kill.
@@ -18,7 +19,6 @@ const IMAGE_SIZE: u64 = 64 << 20;
 const BLOCK: u64 = 64 << 10;
 /// Writes per round, so a kill lands while the client is busy.
 const WRITES_PER_ROUND: u64 = 48;
-const ROUNDS: u64 = 24;
 
 /// Both tests set `BULKHEAD_RESTART_BUDGET` for the daemon they start; run them one at
 /// a time so each daemon sees its own value.
@@ -30,9 +30,11 @@ fn sparse_file(path: &Path, size: u64) {
     }
 }
 
-fn start(dir: TempDir, budget: &str) -> Daemon {
+fn start(dir: TempDir, budget: &str, isolation: &str) -> Daemon {
     sparse_file(&dir.path().join("disk.img"), IMAGE_SIZE);
     let args: Vec<String> = [
+        "--isolation",
+        isolation,
         "--blockdev",
         "driver=file,node-name=file0,filename=$DIR/disk.img",
         "--blockdev",
@@ -140,12 +142,23 @@ fn exports(qmp: &mut QmpConnection) -> Value {
 
 #[test]
 fn sigkill_of_any_worker_loses_no_acknowledged_write() {
+    // The raw node and its file child share the raw worker.
+    kill_rounds("kind", ["nbd", "raw"], 16);
+}
+
+#[test]
+fn sigkill_of_any_worker_loses_no_acknowledged_write_with_one_worker_per_image() {
+    kill_rounds("image", ["nbd", "image"], 12);
+}
+
+/// `rounds` rounds of writes, each killing the next of `kinds` under them.
+fn kill_rounds(isolation: &str, kinds: [&str; 2], rounds: u64) {
     let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = match TempDir::new("bulkhead-restart") {
         Ok(d) => d,
         Err(e) => panic!("{e}"),
     };
-    let daemon = start(dir, "1000");
+    let daemon = start(dir, "1000", isolation);
     let d = daemon.dir().to_path_buf();
     sparse_file(&d.join("expected.img"), IMAGE_SIZE);
     let mut qmp = match daemon.qmp(0) {
@@ -153,10 +166,9 @@ fn sigkill_of_any_worker_loses_no_acknowledged_write() {
         Err(e) => panic!("{e}\n{}", daemon.stderr()),
     };
     let supervisor = daemon.pid();
-    let kinds = ["nbd", "raw", "file"];
     let normal = json!([{"node-name": "raw0", "shutting-down": false, "type": "nbd", "id": "e0"}]);
-    for round in 0..ROUNDS {
-        let kind = kinds[(round % 3) as usize];
+    for round in 0..rounds {
+        let kind = kinds[(round % 2) as usize];
         let victim = worker_pid(supervisor, kind, None);
         let writes = writes_for(round);
         let client = nbd_client(&d, &writes);
@@ -203,7 +215,7 @@ fn sigkill_of_any_worker_loses_no_acknowledged_write() {
             .map(|w| w["restarts"].clone());
         assert_eq!(
             restarts,
-            Some(json!(ROUNDS / 3)),
+            Some(json!(rounds / 2)),
             "restarts of {kind}: {workers}"
         );
     }
@@ -230,7 +242,7 @@ fn a_worker_that_keeps_dying_has_its_export_deleted_after_the_budget() {
         Ok(d) => d,
         Err(e) => panic!("{e}"),
     };
-    let daemon = start(dir, "3");
+    let daemon = start(dir, "3", "kind");
     let mut qmp = match daemon.qmp(0) {
         Ok(q) => q,
         Err(e) => panic!("{e}\n{}", daemon.stderr()),

@@ -17,21 +17,35 @@ use serde_json::{Value, json};
 /// Tests that set `BULKHEAD_TEST_MISBEHAVE` for their daemon run one at a time.
 static ENV_LOCK: Mutex<()> = Mutex::new(());
 
+/// Worker kinds under `--isolation kind` (`file`: a file node with no parent; raw0's
+/// file child lives in the raw worker).
 const KINDS: &[&str] = &["file", "raw", "null-co", "null-aio", "nbd"];
+/// Worker kinds under `--isolation image`.
+const IMAGE_KINDS: &[&str] = &["image", "nbd"];
 
 fn start() -> Daemon {
+    start_with("kind")
+}
+
+fn start_with(isolation: &str) -> Daemon {
     let dir = match TempDir::new("bulkhead-sandbox") {
         Ok(d) => d,
         Err(e) => panic!("{e}"),
     };
-    if let Err(e) =
-        std::fs::File::create(dir.path().join("disk.img")).and_then(|f| f.set_len(16 << 20))
-    {
-        panic!("cannot create disk.img: {e}");
+    for name in ["disk.img", "disk2.img"] {
+        if let Err(e) =
+            std::fs::File::create(dir.path().join(name)).and_then(|f| f.set_len(16 << 20))
+        {
+            panic!("cannot create {name}: {e}");
+        }
     }
     let args: Vec<String> = [
+        "--isolation",
+        isolation,
         "--blockdev",
         "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=file,node-name=file1,filename=$DIR/disk2.img",
         "--blockdev",
         "driver=raw,node-name=raw0,file=file0",
         "--blockdev",
@@ -105,7 +119,12 @@ fn wait_for_stderr(daemon: &Daemon, needle: &str) {
 #[test]
 fn every_worker_kind_runs_with_seccomp_no_new_privs_and_no_capabilities() {
     let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let daemon = start();
+    check_sandboxes("kind", KINDS);
+    check_sandboxes("image", IMAGE_KINDS);
+}
+
+fn check_sandboxes(isolation: &str, kinds: &[&str]) {
+    let daemon = start_with(isolation);
     let mut qmp = match daemon.qmp(0) {
         Ok(q) => q,
         Err(e) => panic!("{e}\n{}", daemon.stderr()),
@@ -113,7 +132,7 @@ fn every_worker_kind_runs_with_seccomp_no_new_privs_and_no_capabilities() {
     let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x33 0 64k", "read -P 0x33 0 64k"]);
     assert!(ok, "traffic failed: {out}");
     let workers = execute(&mut qmp, "x-bulkhead-query-workers");
-    for kind in KINDS {
+    for kind in kinds {
         let pid = worker_pid(daemon.pid(), kind, None);
         assert_eq!(
             status_field(pid, "Seccomp"),

@@ -1,7 +1,9 @@
-//! bulkhead runs every block driver kind in its own worker process: the supervisor
-//! re-executes its own binary as `bulkhead worker --kind <kind>`, one process per kind in
-//! use, each a direct child of the supervisor, and no worker survives a SIGKILL of the
-//! supervisor (PR_SET_PDEATHSIG). bulkhead only; qsd has no workers.
+//! Under `--isolation kind` (the default) bulkhead runs every block driver kind in its
+//! own worker process: the supervisor re-executes its own binary as
+//! `bulkhead worker --kind <kind> --id <instance>`, one process per kind in use (a raw
+//! node's file child lives in the raw worker), each a direct child of the supervisor,
+//! and no worker survives a SIGKILL of the supervisor (PR_SET_PDEATHSIG). bulkhead
+//! only; qsd has no workers. `--isolation image` is tested in `placement.rs`.
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -55,12 +57,18 @@ fn start_with_file_raw_null() -> Daemon {
         Ok(dir) => dir,
         Err(e) => panic!("{e}"),
     };
-    if let Err(e) = File::create(dir.path().join("disk.img")).and_then(|f| f.set_len(1 << 20)) {
-        panic!("cannot create disk.img: {e}");
+    for name in ["disk.img", "disk2.img"] {
+        if let Err(e) = File::create(dir.path().join(name)).and_then(|f| f.set_len(1 << 20)) {
+            panic!("cannot create {name}: {e}");
+        }
     }
+    // file1 has no parent, so it stays in the file worker; file0 moves into the raw
+    // worker when raw0 is put over it.
     let args: Vec<String> = [
         "--blockdev",
         "driver=file,node-name=file0,filename=$DIR/disk.img",
+        "--blockdev",
+        "driver=file,node-name=file1,filename=$DIR/disk2.img",
         "--blockdev",
         "driver=raw,node-name=raw0,file=file0",
         "--blockdev",
@@ -133,9 +141,16 @@ fn each_driver_kind_in_use_runs_in_exactly_one_worker_process_named_after_it() {
         assert_ne!(worker.pid, supervisor);
         assert_eq!(worker.ppid, supervisor, "parent of the {kind} worker");
         assert_eq!(
-            worker.argv[1..].to_vec(),
-            vec!["worker".to_string(), "--kind".into(), kind.clone()],
-            "argv of the {kind} worker is exactly [exe, worker, --kind, {kind}]"
+            worker.argv.get(1..4).map(<[String]>::to_vec),
+            Some(vec!["worker".to_string(), "--kind".into(), kind.clone()]),
+            "argv of the {kind} worker starts [exe, worker, --kind, {kind}]"
+        );
+        assert!(
+            worker.argv.len() == 6
+                && worker.argv[4] == "--id"
+                && worker.argv[5].parse::<u32>().is_ok(),
+            "argv of the {kind} worker ends with --id N: {:?}",
+            worker.argv
         );
         assert_eq!(
             resolved_argv0(worker),

@@ -10,10 +10,10 @@ use std::rc::Rc;
 use actix::prelude::*;
 use serde_json::{Map, Value};
 
-use bulkhead_ipc::wire::{WorkerEvent, WorkerKind};
+use bulkhead_ipc::wire::{WorkerEvent, WorkerId};
 
 use super::workers::WorkerDied;
-use super::{After, Core, QmpError};
+use super::{After, Core, Isolation, QmpError};
 use crate::events::EventSink;
 
 /// The supervisor actor.
@@ -21,12 +21,17 @@ use crate::events::EventSink;
 pub struct SupervisorActor {
     core: Option<Core>,
     events: EventSink,
+    isolation: Isolation,
 }
 
 impl SupervisorActor {
     /// Creates the actor; `Core` is built in `started` so it can address the actor.
-    pub fn new(events: EventSink) -> SupervisorActor {
-        SupervisorActor { core: None, events }
+    pub fn new(events: EventSink, isolation: Isolation) -> SupervisorActor {
+        SupervisorActor {
+            core: None,
+            events,
+            isolation,
+        }
     }
 
     /// Runs `work` on `Core` with nothing else handled meanwhile: `Core` leaves the
@@ -57,9 +62,14 @@ impl Actor for SupervisorActor {
         let me = ctx.address();
         let on_death: Rc<dyn Fn(WorkerDied)> = Rc::new(move |d| me.do_send(d));
         let me = ctx.address();
-        let on_event: Rc<dyn Fn(WorkerKind, WorkerEvent)> =
-            Rc::new(move |_, e| me.do_send(FromWorkerEvent(e)));
-        self.core = Some(Core::new(self.events.clone(), on_event, on_death));
+        let on_event: Rc<dyn Fn(WorkerId, WorkerEvent)> =
+            Rc::new(move |id, e| me.do_send(FromWorkerEvent(id, e)));
+        self.core = Some(Core::new(
+            self.events.clone(),
+            self.isolation,
+            on_event,
+            on_death,
+        ));
     }
 }
 
@@ -82,7 +92,7 @@ impl Handler<WorkerDied> for SupervisorActor {
 
 /// An unsolicited worker event, handled between commands.
 #[derive(Debug)]
-pub struct FromWorkerEvent(pub WorkerEvent);
+pub struct FromWorkerEvent(pub WorkerId, pub WorkerEvent);
 
 impl Message for FromWorkerEvent {
     type Result = ();
@@ -93,7 +103,7 @@ impl Handler<FromWorkerEvent> for SupervisorActor {
 
     fn handle(&mut self, msg: FromWorkerEvent, _: &mut Context<Self>) -> Self::Result {
         self.on_core((), |mut core| async move {
-            core.worker_event(msg.0).await;
+            core.worker_event(msg.0, msg.1).await;
             (core, ())
         })
     }

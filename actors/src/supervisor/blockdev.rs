@@ -14,10 +14,11 @@ use bulkhead_block::config::{
 use bulkhead_block::file::FileKind;
 use bulkhead_block::posix;
 use bulkhead_ipc::fd;
-use bulkhead_ipc::wire::{NodeRef, Reply, ToWorker};
+use bulkhead_ipc::wire::{NodeId, NodeRef, Reply, ToWorker, WorkerId};
 use serde_json::{Map, Value, json};
 
 use super::graph::{Driver, Node};
+use super::placement::Placement;
 use super::{Core, QmpError, call_error};
 
 /// QEMU's limit on node names (`BlockDriverState.node_name[32]`).
@@ -210,7 +211,7 @@ impl Core {
             ));
         }
         let mut created = Vec::new();
-        match Box::pin(self.create(spec, Inherited::default(), true, &mut created)).await {
+        match Box::pin(self.create(spec, Inherited::default(), true, None, &mut created)).await {
             Ok(_) => Ok(json!({})),
             Err(e) => {
                 for name in created.into_iter().rev() {
@@ -222,12 +223,14 @@ impl Core {
     }
 
     /// Creates `spec` and its inline children; records every created name in `created`
-    /// so a failure can undo them.
+    /// so a failure can undo them. `hint` is the instance the parent chose for an
+    /// inline child (see `placement`).
     async fn create(
         &mut self,
         spec: Spec,
         inherited: Inherited,
         root: bool,
+        hint: Option<WorkerId>,
         created: &mut Vec<String>,
     ) -> Result<String, QmpError> {
         let read_only = spec.read_only.unwrap_or(inherited.read_only);
@@ -263,7 +266,8 @@ impl Core {
                             direct,
                             no_flush,
                         };
-                        Box::pin(self.create(*s, inherit, false, created)).await?
+                        let child_hint = self.inline_child_hint(spec.driver);
+                        Box::pin(self.create(*s, inherit, false, child_hint, created)).await?
                     }
                 };
                 let cfg = RawConfig {
@@ -362,22 +366,24 @@ impl Core {
             None => None,
         };
 
-        let kind = spec.driver.worker();
-        let child_ref = match &child {
-            Some(c) => {
-                let cnode = self
-                    .graph
-                    .get(c)
-                    .ok_or_else(|| QmpError::generic("child vanished"))?;
-                if let DriverConfig::Raw(raw) = &config {
-                    bulkhead_block::raw::check_window(raw, cnode.size)
-                        .map_err(|e| QmpError::generic(e.to_string()))?;
+        if let (DriverConfig::Raw(raw), Some(c)) = (&config, child.as_deref()) {
+            let csize = self.graph.get(c).map_or(0, |n| n.size);
+            bulkhead_block::raw::check_window(raw, csize)
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+        }
+        let home = match self.place(spec.driver, child.as_deref(), hint) {
+            Placement::On(home) => home,
+            Placement::WithChild(home, c) => {
+                self.move_node(&c, home).await?;
+                home
+            }
+        };
+        let child_ref = match child.as_deref().and_then(|c| self.node_ref(c)) {
+            Some(r) => {
+                if let Err(e) = self.connect(home, r.home).await {
+                    self.retire_if_idle(home);
+                    return Err(e);
                 }
-                let r = NodeRef {
-                    node: cnode.id,
-                    home: cnode.driver.worker(),
-                };
-                self.connect(kind, r.home).await?;
                 Some(r)
             }
             None => None,
@@ -398,29 +404,19 @@ impl Core {
         let fixed_window =
             matches!(&config, DriverConfig::Raw(r) if r.offset > 0 || r.size.is_some());
         let saved_config = config;
-        let worker = self.worker(kind).await?;
-        let fds: Vec<_> = worker_fd.iter().map(|f| f.as_fd()).collect();
-        worker
-            .call(
-                ToWorker::AddNode {
-                    node: id,
-                    name: name.clone(),
-                    config,
-                    child: child_ref,
-                },
-                &fds,
-            )
-            .await
-            .map_err(|e| {
-                tracing::warn!(node = %name, error = %e, "node could not be opened");
-                call_error(e)
-            })?;
-        let size = match worker.call(ToWorker::QueryNode { node: id }, &[]).await {
-            Ok(Reply::NodeInfo { size }) => size,
-            _ => 0,
+        let opened = self
+            .open_on(home, id, &name, config, child_ref, worker_fd.as_ref())
+            .await;
+        let size = match opened {
+            Ok(size) => size,
+            Err(e) => {
+                self.retire_if_idle(home);
+                return Err(e);
+            }
         };
         self.graph.insert(Node {
             id,
+            home,
             name: name.clone(),
             driver: spec.driver,
             child,
@@ -499,35 +495,56 @@ impl Core {
         result
     }
 
-    /// Opens an existing node again in a restarted worker: same id, same config, the
-    /// same image (a new descriptor for the same open file description).
+    /// Opens node `id` on instance `home` and returns its size.
+    async fn open_on(
+        &mut self,
+        home: WorkerId,
+        id: NodeId,
+        name: &str,
+        config: DriverConfig,
+        child: Option<NodeRef>,
+        image: Option<&std::os::fd::OwnedFd>,
+    ) -> Result<u64, QmpError> {
+        let worker = self.worker(home).await?;
+        let fds: Vec<_> = image.iter().map(|f| f.as_fd()).collect();
+        let body = ToWorker::AddNode {
+            node: id,
+            name: name.to_string(),
+            config,
+            child,
+        };
+        worker.call(body, &fds).await.map_err(|e| {
+            tracing::warn!(node = %name, error = %e, "node could not be opened");
+            call_error(e)
+        })?;
+        Ok(
+            match worker.call(ToWorker::QueryNode { node: id }, &[]).await {
+                Ok(Reply::NodeInfo { size }) => size,
+                _ => 0,
+            },
+        )
+    }
+
+    /// Opens an existing node again on its instance (a restarted worker, or one it
+    /// moved to): same id, same config, the same image (a new descriptor for the same
+    /// open file description). A child in another instance is reached over a channel.
     pub(super) async fn replay_node(&mut self, name: &str) -> Result<(), QmpError> {
         let node = self
             .graph
             .get(name)
             .ok_or_else(|| QmpError::generic("node vanished"))?;
-        let child = node
-            .child
-            .as_deref()
-            .and_then(|c| self.graph.get(c))
-            .map(|c| NodeRef {
-                node: c.id,
-                home: c.driver.worker(),
-            });
+        let child = node.child.as_deref().and_then(|c| self.node_ref(c));
         let fd = match &node.image {
             Some(f) => Some(fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?),
             None => None,
         };
-        let body = ToWorker::AddNode {
-            node: node.id,
-            name: name.to_string(),
-            config: node.config,
-            child,
-        };
-        let w = self.worker(node.driver.worker()).await?;
-        let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
-        w.call(body, &fds).await.map_err(call_error)?;
-        Ok(())
+        let (id, home, config) = (node.id, node.home, node.config);
+        if let Some(c) = child {
+            self.connect(home, c.home).await?;
+        }
+        self.open_on(home, id, name, config, child, fd.as_ref())
+            .await
+            .map(|_| ())
     }
 
     /// QEMU's generated names: `#block`, a counter, two random digits.
@@ -556,11 +573,12 @@ impl Core {
             lock.release();
         }
         let _ = self.refresh_locks();
-        if let Some(w) = self.workers.get(&node.driver.worker())
+        if let Some(w) = self.running(node.home)
             && let Err(e) = w.call(ToWorker::RemoveNode { node: node.id }, &[]).await
         {
             tracing::warn!(node = name, error = %e, "worker could not close node");
         }
+        self.retire_if_idle(node.home);
         if let Some(child) = node.child
             && self
                 .graph
@@ -671,8 +689,8 @@ impl Core {
                 }
             }
         }
-        let (bottom_id, kind) = (cur.id, cur.driver.worker());
-        let w = self.worker(kind).await?;
+        let (bottom_id, home, host_device) = (cur.id, cur.home, cur.driver == Driver::HostDevice);
+        let w = self.worker(home).await?;
         match w
             .call(
                 ToWorker::ResizeNode {
@@ -692,7 +710,7 @@ impl Core {
                 } else {
                     bulkhead_block::IoError::Os(e.errno)
                 };
-                let cfg = if kind == bulkhead_ipc::wire::WorkerKind::HostDevice {
+                let cfg = if host_device {
                     DriverConfig::HostDevice(FileConfig::default())
                 } else {
                     DriverConfig::File(FileConfig::default())
@@ -714,10 +732,10 @@ impl Core {
             .iter()
             .rev()
             .filter_map(|name| self.graph.get(name))
-            .map(|n| (n.name.clone(), n.id, n.driver.worker()))
+            .map(|n| (n.name.clone(), n.id, n.home))
             .collect();
-        for (name, id, kind) in nodes {
-            let Some(w) = self.workers.get(&kind) else {
+        for (name, id, home) in nodes {
+            let Some(w) = self.running(home) else {
                 continue;
             };
             if let Ok(Reply::NodeInfo { size }) =

@@ -9,8 +9,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use bulkhead_block::config::DriverConfig;
-use bulkhead_ipc::wire::{NbdExport, NodeRef, Reply, ToWorker, WorkerErrorKind, WorkerKind};
+use bulkhead_ipc::wire::{NbdExport, NodeRef, Reply, ToWorker, WorkerErrorKind};
 use serde_json::{Map, Value, json};
 
 use super::workers::CallError;
@@ -157,7 +156,8 @@ impl Core {
         if self.started {
             let copy =
                 bulkhead_ipc::fd::dup(&listener).map_err(|e| QmpError::generic(e.to_string()))?;
-            let w = self.worker(WorkerKind::Nbd).await?;
+            let nbd = self.nbd_instance();
+            let w = self.worker(nbd).await?;
             w.call(
                 ToWorker::NbdServerStart {
                     max_connections,
@@ -195,7 +195,7 @@ impl Core {
         for id in ids {
             let _ = self.remove_export(&id, true, false).await;
         }
-        if let Some(w) = self.workers.get(&WorkerKind::Nbd) {
+        if let Some(w) = self.nbd_home.and_then(|id| self.running(id)) {
             let _ = w.call(ToWorker::NbdServerStop, &[]).await;
         }
         let deferred: Vec<String> = self.exports.iter().map(|e| e.id.clone()).collect();
@@ -272,7 +272,10 @@ impl Core {
             .get("allocation-depth")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let target = self.export_target(node);
+        let target = NodeRef {
+            node: node.id,
+            home: node.home,
+        };
         // The image locks come first: a conflict with another process (qemu-io, qsd)
         // refuses the export before any worker is involved.
         self.exports.insert(
@@ -306,38 +309,18 @@ impl Core {
         Ok(json!({}))
     }
 
-    /// Where the NBD worker finds an export's data: the bottom of the node's chain of
-    /// `raw` nodes, and those raw nodes' configs (bottom first) for the worker to stack
-    /// over it, so a request crosses one process boundary, not one per node.
-    fn export_target(&self, node: &super::graph::Node) -> (NodeRef, Vec<DriverConfig>) {
-        let mut layers = Vec::new();
-        let mut cur = node;
-        while let (DriverConfig::Raw(_), Some(child)) = (
-            &cur.config,
-            cur.child.as_deref().and_then(|c| self.graph.get(c)),
-        ) {
-            layers.push(cur.config);
-            cur = child;
-        }
-        layers.reverse();
-        let target = NodeRef {
-            node: cur.id,
-            home: cur.driver.worker(),
-        };
-        (target, layers)
-    }
-
     async fn add_export_to_worker(
         &mut self,
         name: &str,
         description: &Option<String>,
         writable: bool,
         allocation_depth: bool,
-        (target, layers): (NodeRef, Vec<DriverConfig>),
+        target: NodeRef,
     ) -> Result<(), QmpError> {
         if self.started {
-            self.connect(WorkerKind::Nbd, target.home).await?;
-            let w = self.worker(WorkerKind::Nbd).await?;
+            let nbd = self.nbd_instance();
+            self.connect(nbd, target.home).await?;
+            let w = self.worker(nbd).await?;
             w.call(
                 ToWorker::NbdExportAdd(NbdExport {
                     name: name.to_string(),
@@ -345,7 +328,6 @@ impl Core {
                     writable,
                     allocation_depth,
                     node: target,
-                    layers,
                 }),
                 &[],
             )
@@ -435,7 +417,7 @@ impl Core {
             return Ok(());
         }
         let name = self.exports[pos].nbd_name.clone();
-        let reply = match self.workers.get(&WorkerKind::Nbd) {
+        let reply = match self.nbd_home.and_then(|id| self.running(id)) {
             Some(w) => w.call(ToWorker::NbdExportRemove { name, hard }, &[]).await,
             None => Ok(Reply::ExportRemoved { deferred: false }),
         };
@@ -497,20 +479,19 @@ impl Core {
         }
         // Every export goes with the start message, so the worker accepts its first
         // (reconnecting) client only once all of them exist.
+        let nbd = self.nbd_instance();
         let mut exports = Vec::new();
         for e in self.exports.clone().into_iter().rev() {
-            let Some(node) = self.graph.get(&e.node) else {
+            let Some(target) = self.node_ref(&e.node) else {
                 continue;
             };
-            let (target, layers) = self.export_target(node);
-            self.connect(WorkerKind::Nbd, target.home).await?;
+            self.connect(nbd, target.home).await?;
             exports.push(NbdExport {
                 name: e.nbd_name.clone(),
                 description: e.description.clone(),
                 writable: e.writable,
                 allocation_depth: e.allocation_depth,
                 node: target,
-                layers,
             });
         }
         let start = ToWorker::NbdServerStart {
@@ -518,7 +499,7 @@ impl Core {
             handshake_max_seconds,
             exports,
         };
-        let w = self.worker(WorkerKind::Nbd).await?;
+        let w = self.worker(nbd).await?;
         w.call(start, &[listener.as_fd()])
             .await
             .map_err(call_error)?;

@@ -7,7 +7,7 @@
 
 use std::os::fd::OwnedFd;
 
-use bulkhead_ipc::wire::{NodeId, WorkerKind};
+use bulkhead_ipc::wire::{NodeId, WorkerId, WorkerKind};
 use serde_json::{Map, Value, json};
 
 /// A node driver bulkhead implements.
@@ -31,7 +31,8 @@ impl Driver {
         self.worker().as_str()
     }
 
-    /// The worker kind serving nodes of this driver.
+    /// The worker kind serving a standalone node of this driver under the `kind`
+    /// isolation policy.
     pub fn worker(self) -> WorkerKind {
         match self {
             Driver::File => WorkerKind::File,
@@ -46,6 +47,11 @@ impl Driver {
     pub fn is_posix(self) -> bool {
         matches!(self, Driver::File | Driver::HostDevice)
     }
+
+    /// Whether this is a protocol driver (the bottom of a chain, with no child).
+    pub fn is_protocol(self) -> bool {
+        !matches!(self, Driver::Raw)
+    }
 }
 
 /// One node.
@@ -56,6 +62,8 @@ pub struct Node {
     pub id: NodeId,
     /// node-name (given or generated).
     pub name: String,
+    /// The worker instance hosting it.
+    pub home: WorkerId,
     /// Driver.
     pub driver: Driver,
     /// The `file` child's name.

@@ -10,20 +10,24 @@ pub mod actor;
 pub mod blockdev;
 pub mod export;
 pub mod graph;
+pub mod placement;
+mod restart;
 pub mod workers;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
 
 use bulkhead_ipc::data::NewChannel;
 use bulkhead_ipc::ring::RingLayout;
-use bulkhead_ipc::wire::{ToWorker, WorkerEvent, WorkerKind};
+use bulkhead_ipc::wire::{ToWorker, WorkerEvent, WorkerId, WorkerKind};
 use bulkhead_qmp::request::ErrorClass;
 use serde_json::{Map, Value, json};
 
 use crate::events::EventSink;
 use graph::Graph;
+use placement::Instance;
+pub use placement::Isolation;
+pub use restart::{RESTART_BUDGET, RESTART_WINDOW};
 use workers::{CallError, WorkerDied, WorkerHandle};
 
 /// A QMP error: class and the exact `desc` text.
@@ -67,20 +71,6 @@ pub const COMMANDS: &[&str] = &[
     "x-bulkhead-query-workers",
 ];
 
-/// Most restarts of one worker kind within [`RESTART_WINDOW`].
-pub const RESTART_BUDGET: usize = 5;
-/// The window of the restart budget.
-pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
-
-/// The restart budget: [`RESTART_BUDGET`], or `BULKHEAD_RESTART_BUDGET` from the
-/// environment (kill-loop tests and operators with flaky hardware raise it).
-fn restart_budget() -> usize {
-    std::env::var("BULKHEAD_RESTART_BUDGET")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(RESTART_BUDGET)
-}
-
 /// What the session must do after sending a command's reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum After {
@@ -93,31 +83,35 @@ pub enum After {
 /// The supervisor's state and command implementations.
 pub struct Core {
     graph: Graph,
-    workers: HashMap<WorkerKind, WorkerHandle>,
-    channels: HashSet<(WorkerKind, WorkerKind)>,
+    /// Worker instances, with the process serving each (if any).
+    instances: BTreeMap<WorkerId, Instance>,
+    next_worker: u32,
+    /// How nodes and exports are placed on instances (`--isolation`).
+    isolation: Isolation,
+    /// Data channels (client, server) in place.
+    channels: HashSet<(WorkerId, WorkerId)>,
     events: EventSink,
     on_death: Rc<dyn Fn(WorkerDied)>,
-    on_event: Rc<dyn Fn(WorkerKind, WorkerEvent)>,
+    on_event: Rc<dyn Fn(WorkerId, WorkerEvent)>,
     generated_names: u64,
     nbd: Option<export::NbdServer>,
+    /// The instance serving NBD exports.
+    nbd_home: Option<WorkerId>,
     exports: Vec<export::Export>,
-    /// Incarnation number of each worker kind (grows with every spawn).
-    generations: HashMap<WorkerKind, u64>,
-    /// Recent restart times per kind, for the restart budget.
-    restarts: HashMap<WorkerKind, VecDeque<Instant>>,
-    /// Restarts so far per kind, for `x-bulkhead-query-workers`.
-    restart_counts: HashMap<WorkerKind, u64>,
     /// Set once the daemon is exiting: dying workers are not replaced.
     stopping: bool,
     /// Start-up (the command line) is complete; until then the NBD server accepts no
     /// client.
     started: bool,
+    /// Instances being restored right now (a restore that needs another instance
+    /// restores it first; this stops a cycle should the graph ever have one).
+    restoring: HashSet<WorkerId>,
 }
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
-            .field("workers", &self.workers.keys())
+            .field("instances", &self.instances.keys())
             .finish_non_exhaustive()
     }
 }
@@ -126,24 +120,26 @@ impl Core {
     /// A supervisor with no nodes. `on_death` is told when a worker process ends.
     pub fn new(
         events: EventSink,
-        on_event: Rc<dyn Fn(WorkerKind, WorkerEvent)>,
+        isolation: Isolation,
+        on_event: Rc<dyn Fn(WorkerId, WorkerEvent)>,
         on_death: Rc<dyn Fn(WorkerDied)>,
     ) -> Core {
         Core {
             graph: Graph::default(),
-            workers: HashMap::new(),
+            instances: BTreeMap::new(),
+            next_worker: 0,
+            isolation,
             channels: HashSet::new(),
             events,
             on_death,
             on_event,
             generated_names: 0,
             nbd: None,
+            nbd_home: None,
             exports: Vec::new(),
-            generations: HashMap::new(),
-            restarts: HashMap::new(),
-            restart_counts: HashMap::new(),
             stopping: false,
             started: false,
+            restoring: HashSet::new(),
         }
     }
 
@@ -186,130 +182,6 @@ impl Core {
         Ok((ret, After::Continue))
     }
 
-    /// Called when a worker process ended (it has been reaped). If nodes or exports
-    /// live in it, a replacement is started and their state replayed, within a budget
-    /// of [`RESTART_BUDGET`] restarts per [`RESTART_WINDOW`].
-    pub async fn worker_died(&mut self, died: &WorkerDied) {
-        if self
-            .workers
-            .get(&died.kind)
-            .is_none_or(|w| w.pid() != died.pid)
-        {
-            return;
-        }
-        self.workers.remove(&died.kind);
-        let kind = died.kind;
-        let has_state = self.graph.iter().any(|n| n.driver.worker() == kind)
-            || (kind == WorkerKind::Nbd && self.nbd.is_some());
-        if self.stopping || !has_state {
-            self.channels.retain(|(a, b)| *a != kind && *b != kind);
-            return;
-        }
-        let now = Instant::now();
-        let history = self.restarts.entry(kind).or_default();
-        history.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
-        if history.len() >= restart_budget() {
-            tracing::error!(worker = %kind, status = %died.status, "restart budget exhausted; giving up on this worker");
-            self.give_up(kind).await;
-            return;
-        }
-        // Back off a little more for each recent restart: 0, 100, 200, 400, 800 ms.
-        let delay = match history.len() {
-            0 => Duration::ZERO,
-            n => Duration::from_millis(100 << (n - 1).min(4)),
-        };
-        history.push_back(now);
-        *self.restart_counts.entry(kind).or_default() += 1;
-        tracing::warn!(worker = %kind, status = %died.status, ?delay, "restarting worker");
-        tokio::time::sleep(delay).await;
-        if let Err(e) = self.restore(kind).await {
-            tracing::error!(worker = %kind, error = %e.desc, "worker could not be restored; giving up");
-            if let Some(w) = self.workers.remove(&kind) {
-                w.kill();
-            }
-            self.give_up(kind).await;
-        }
-    }
-
-    /// Starts a replacement for `kind` and replays its state: the data channels it
-    /// uses, its nodes (same ids, same image descriptors), the channels others use to
-    /// reach it (whose pending requests are then resubmitted), and for the NBD worker
-    /// the same listening socket and every export.
-    async fn restore(&mut self, kind: WorkerKind) -> Result<(), QmpError> {
-        self.worker(kind).await?;
-        let channels: Vec<_> = self
-            .channels
-            .iter()
-            .filter(|(a, b)| *a == kind || *b == kind)
-            .copied()
-            .collect();
-        for c in &channels {
-            self.channels.remove(c);
-        }
-        for (client, server) in channels.iter().filter(|(c, _)| *c == kind) {
-            self.connect(*client, *server).await?;
-        }
-        let nodes: Vec<String> = self
-            .graph
-            .iter()
-            .filter(|n| n.driver.worker() == kind)
-            .map(|n| n.name.clone())
-            .collect();
-        for name in nodes {
-            self.replay_node(&name).await?;
-        }
-        for (client, server) in channels.iter().filter(|(_, s)| *s == kind) {
-            self.connect(*client, *server).await?;
-        }
-        if kind == WorkerKind::Nbd {
-            self.replay_nbd().await?;
-        }
-        tracing::info!(worker = %kind, "worker restored");
-        Ok(())
-    }
-
-    /// After the restart budget is spent: exports that depend on the worker are
-    /// deleted (with BLOCK_EXPORT_DELETED); its nodes stay in the graph but fail I/O.
-    async fn give_up(&mut self, kind: WorkerKind) {
-        self.channels.retain(|(a, b)| *a != kind && *b != kind);
-        let doomed: Vec<String> = self
-            .exports
-            .iter()
-            .filter(|e| kind == WorkerKind::Nbd || self.chain_uses(&e.node, kind))
-            .map(|e| e.id.clone())
-            .collect();
-        for id in doomed {
-            tracing::error!(export = %id, worker = %kind, "deleting export: its worker keeps dying");
-            self.finish_export_removal(&id).await;
-        }
-        if kind == WorkerKind::Nbd {
-            self.nbd = None;
-        }
-    }
-
-    /// Whether `name` or a node below it is served by `kind`.
-    fn chain_uses(&self, name: &str, kind: WorkerKind) -> bool {
-        let mut cur = self.graph.get(name);
-        for _ in 0..64 {
-            match cur {
-                Some(n) if n.driver.worker() == kind => return true,
-                Some(n) => cur = n.child.as_deref().and_then(|c| self.graph.get(c)),
-                None => return false,
-            }
-        }
-        false
-    }
-
-    /// The current incarnation number of `kind`.
-    pub(crate) fn generation(&self, kind: WorkerKind) -> u64 {
-        self.generations.get(&kind).copied().unwrap_or(0)
-    }
-
-    /// Restarts so far of `kind`.
-    pub fn restart_count(&self, kind: WorkerKind) -> u64 {
-        self.restart_counts.get(&kind).copied().unwrap_or(0)
-    }
-
     /// The command line has run: start serving NBD clients (the server and every
     /// export from the command line go to the NBD worker in one message).
     pub async fn startup_complete(&mut self) -> Result<(), QmpError> {
@@ -322,31 +194,31 @@ impl Core {
         self.stopping = true;
     }
 
-    /// `x-bulkhead-query-workers`: every running worker, by kind.
+    /// `x-bulkhead-query-workers`: every instance with a running process, by id.
     fn query_workers(&self) -> Value {
-        let mut kinds: Vec<_> = self.workers.keys().copied().collect();
-        kinds.sort();
-        let list = kinds
-            .into_iter()
-            .filter_map(|k| self.workers.get(&k))
-            .map(|w| {
-                let kind = w.kind();
+        let list = self
+            .instances
+            .iter()
+            .filter_map(|(id, inst)| inst.handle.as_ref().map(|w| (id, inst, w)))
+            .map(|(&id, inst, w)| {
                 let nodes: Vec<&str> = self
                     .graph
                     .iter()
-                    .filter(|n| n.driver.worker() == kind)
+                    .filter(|n| n.home == id)
                     .map(|n| n.name.as_str())
                     .collect();
-                let exports: Vec<&str> = if kind == WorkerKind::Nbd {
+                let exports: Vec<&str> = if self.nbd_home == Some(id) {
                     self.exports.iter().map(|e| e.id.as_str()).collect()
                 } else {
                     Vec::new()
                 };
                 json!({
-                    "kind": kind.as_str(),
+                    "id": id.0,
+                    "kind": inst.kind.as_str(),
+                    "role": inst.role(),
                     "pid": w.pid(),
-                    "generation": self.generation(kind),
-                    "restarts": self.restart_count(kind),
+                    "generation": inst.generation,
+                    "restarts": inst.restart_count,
                     "nodes": nodes,
                     "exports": exports,
                     "sandbox": w.sandbox(),
@@ -356,16 +228,22 @@ impl Core {
         Value::Array(list)
     }
 
-    /// A worker reported something unasked.
-    pub async fn worker_event(&mut self, event: WorkerEvent) {
+    /// A worker reported something unasked. Only the instance serving NBD exports
+    /// may report an export gone (anything else was refused by the reader already).
+    pub async fn worker_event(&mut self, from: WorkerId, event: WorkerEvent) {
         match event {
-            WorkerEvent::ExportGone { name } => self.export_gone(&name).await,
+            WorkerEvent::ExportGone { name } if self.nbd_home == Some(from) => {
+                self.export_gone(&name).await
+            }
+            WorkerEvent::ExportGone { .. } => {
+                tracing::warn!(worker = %from, "export report from a worker that serves no export");
+            }
         }
     }
 
     /// Running workers, for tests and `x-bulkhead-query-workers`.
     pub fn workers(&self) -> impl Iterator<Item = &WorkerHandle> {
-        self.workers.values()
+        self.instances.values().filter_map(|i| i.handle.as_ref())
     }
 
     /// Emits an event to every negotiated monitor (before the command's reply).
@@ -373,27 +251,125 @@ impl Core {
         self.events.emit(name, data).await;
     }
 
-    async fn worker(&mut self, kind: WorkerKind) -> Result<&WorkerHandle, QmpError> {
-        let alive = self.workers.get(&kind).is_some_and(WorkerHandle::is_alive);
-        if !alive {
-            let on_death = Rc::clone(&self.on_death);
-            let on_event = Rc::clone(&self.on_event);
-            let handle =
-                WorkerHandle::spawn(kind, move |k, e| on_event(k, e), move |d| on_death(d))
-                    .await
-                    .map_err(|e| {
-                        QmpError::generic(format!("Could not start the {kind} worker: {e}"))
-                    })?;
-            *self.generations.entry(kind).or_default() += 1;
-            self.workers.insert(kind, handle);
+    /// Allocates a new instance of `kind` (no process yet: one starts on first use).
+    fn new_instance(&mut self, kind: WorkerKind) -> WorkerId {
+        self.next_worker += 1;
+        let id = WorkerId(self.next_worker);
+        self.instances.insert(id, Instance::new(kind));
+        id
+    }
+
+    /// The instance serving `kind` under the `kind` policy (one per kind), created on
+    /// first use. One that was given up on is not reused.
+    fn kind_instance(&mut self, kind: WorkerKind) -> WorkerId {
+        match self
+            .instances
+            .iter()
+            .find(|(_, i)| i.kind == kind && !i.given_up)
+        {
+            Some((&id, _)) => id,
+            None => self.new_instance(kind),
         }
-        self.workers
-            .get(&kind)
-            .ok_or_else(|| QmpError::generic(format!("The {kind} worker is not running")))
+    }
+
+    /// The instance that serves NBD exports.
+    fn nbd_instance(&mut self) -> WorkerId {
+        match self.nbd_home {
+            Some(id) => id,
+            None => {
+                let id = self.new_instance(WorkerKind::Nbd);
+                self.nbd_home = Some(id);
+                id
+            }
+        }
+    }
+
+    /// Whether instance `id` holds state a replacement must get back.
+    fn has_state(&self, id: WorkerId) -> bool {
+        self.graph.iter().any(|n| n.home == id) || (self.nbd_home == Some(id) && self.nbd.is_some())
+    }
+
+    /// A running worker for instance `id`. A process is started on first use; an
+    /// instance whose process died with state is restored first (its nodes, channels
+    /// and exports replayed), so nothing ever talks to a blank replacement.
+    async fn worker(&mut self, id: WorkerId) -> Result<&WorkerHandle, QmpError> {
+        let Some(inst) = self.instances.get(&id) else {
+            return Err(QmpError::generic(format!("worker {id} does not exist")));
+        };
+        if inst.given_up {
+            return Err(QmpError::generic(format!(
+                "The {} worker keeps failing and was given up",
+                inst.kind
+            )));
+        }
+        let alive = inst.handle.as_ref().is_some_and(WorkerHandle::is_alive);
+        if !alive {
+            if inst.handle.is_some() && self.has_state(id) {
+                Box::pin(self.restore(id)).await?;
+            } else {
+                self.spawn(id).await?;
+            }
+        }
+        self.instances
+            .get(&id)
+            .and_then(|i| i.handle.as_ref())
+            .ok_or_else(|| QmpError::generic(format!("The worker {id} is not running")))
+    }
+
+    /// The running worker of `id`, if its process is alive; never starts one.
+    fn running(&self, id: WorkerId) -> Option<&WorkerHandle> {
+        self.instances
+            .get(&id)
+            .and_then(|i| i.handle.as_ref())
+            .filter(|w| w.is_alive())
+    }
+
+    /// Starts a new process for instance `id` (replacing any previous one, which must
+    /// be dead or is killed) and bumps its generation.
+    async fn spawn(&mut self, id: WorkerId) -> Result<(), QmpError> {
+        let kind = self
+            .instances
+            .get(&id)
+            .map(|i| i.kind)
+            .ok_or_else(|| QmpError::generic(format!("worker {id} does not exist")))?;
+        if let Some(old) = self.instances.get_mut(&id).and_then(|i| i.handle.take()) {
+            old.kill();
+        }
+        // Channels to or from the old process died with it.
+        self.channels.retain(|(a, b)| *a != id && *b != id);
+        let on_death = Rc::clone(&self.on_death);
+        let on_event = Rc::clone(&self.on_event);
+        let handle =
+            WorkerHandle::spawn(kind, id, move |i, e| on_event(i, e), move |d| on_death(d))
+                .await
+                .map_err(|e| {
+                    QmpError::generic(format!("Could not start the {kind} worker: {e}"))
+                })?;
+        if let Some(inst) = self.instances.get_mut(&id) {
+            inst.generation += 1;
+            inst.handle = Some(handle);
+        }
+        Ok(())
+    }
+
+    /// Stops instance `id` if it holds nothing any more (its last node moved away or
+    /// was deleted), so idle processes do not linger.
+    fn retire_if_idle(&mut self, id: WorkerId) {
+        if self.has_state(id) || self.nbd_home == Some(id) {
+            return;
+        }
+        // A peer's channel to it just closes; nothing can be pending on a worker
+        // without nodes.
+        if let Some(inst) = self.instances.remove(&id)
+            && let Some(w) = inst.handle
+        {
+            w.retire();
+        }
+        self.channels.retain(|(a, b)| *a != id && *b != id);
     }
 
     /// Makes sure `client` can reach nodes served by `server`.
-    async fn connect(&mut self, client: WorkerKind, server: WorkerKind) -> Result<(), QmpError> {
+    async fn connect(&mut self, client: WorkerId, server: WorkerId) -> Result<(), QmpError> {
         if client == server || self.channels.contains(&(client, server)) {
             return Ok(());
         }
@@ -404,8 +380,8 @@ impl Core {
             .map_err(|e| QmpError::generic(format!("Could not create a data channel: {e}")))?;
         self.worker(server).await?;
         self.worker(client).await?;
-        let call = |k: WorkerKind| self.workers.get(&k);
-        let (Some(s), Some(c)) = (call(server), call(client)) else {
+        let generation = self.instances.get(&server).map_or(0, |i| i.generation);
+        let (Some(s), Some(c)) = (self.running(server), self.running(client)) else {
             return Err(QmpError::generic("worker vanished"));
         };
         s.call(
@@ -420,7 +396,7 @@ impl Core {
         c.call(
             ToWorker::ConnectDataChannel {
                 peer: server,
-                generation: self.generation(server),
+                generation,
                 layout,
             },
             &channel.client_fds(),

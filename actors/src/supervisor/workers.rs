@@ -16,7 +16,7 @@ use std::time::Duration;
 use bulkhead_ipc::control::{ChannelError, ControlChannel};
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{
-    FromWorker, Reply, Request, ToWorker, WorkerError, WorkerEvent, WorkerKind,
+    FromWorker, Reply, Request, ToWorker, WorkerError, WorkerEvent, WorkerId, WorkerKind,
 };
 use tokio::sync::oneshot;
 
@@ -63,18 +63,23 @@ type Pending = Rc<RefCell<HashMap<u64, oneshot::Sender<Result<Reply, WorkerError
 #[derive(Debug)]
 pub struct WorkerHandle {
     kind: WorkerKind,
+    id: WorkerId,
     pid: u32,
     pidfd: Option<OwnedFd>,
     chan: Rc<ControlChannel>,
     pending: Pending,
     next_id: Cell<u64>,
     alive: Rc<Cell<bool>>,
+    /// Stopped on purpose (nothing left to serve): its end is not news.
+    retired: Rc<Cell<bool>>,
     sandbox: Vec<String>,
 }
 
 /// Reported when a worker process ends.
 #[derive(Debug, Clone)]
 pub struct WorkerDied {
+    /// The instance it served.
+    pub id: WorkerId,
     /// Its kind.
     pub kind: WorkerKind,
     /// Its pid.
@@ -84,11 +89,12 @@ pub struct WorkerDied {
 }
 
 impl WorkerHandle {
-    /// Starts a worker of `kind` and waits for its `Ready`. `on_death` runs (on this
-    /// thread) when the process ends, whatever the reason.
+    /// Starts a worker of `kind` for instance `id` and waits for its `Ready`.
+    /// `on_death` runs (on this thread) when the process ends, whatever the reason.
     pub async fn spawn(
         kind: WorkerKind,
-        on_event: impl Fn(WorkerKind, WorkerEvent) + 'static,
+        id: WorkerId,
+        on_event: impl Fn(WorkerId, WorkerEvent) + 'static,
         on_death: impl FnOnce(WorkerDied) + 'static,
     ) -> Result<WorkerHandle, SpawnError> {
         let (ours, theirs) = fd::seqpacket_pair()?;
@@ -99,7 +105,9 @@ impl WorkerHandle {
         cmd.arg0(&exe)
             .arg("worker")
             .arg("--kind")
-            .arg(kind.as_str());
+            .arg(kind.as_str())
+            .arg("--id")
+            .arg(id.0.to_string());
         // A process group of its own: a terminal's ^C or a signal to the daemon's group
         // reaches only the supervisor, which shuts workers down itself (PDEATHSIG still
         // takes them if the supervisor dies).
@@ -148,24 +156,27 @@ impl WorkerHandle {
 
         let pending: Pending = Rc::new(RefCell::new(HashMap::new()));
         let alive = Rc::new(Cell::new(true));
+        let retired = Rc::new(Cell::new(false));
         let handle = WorkerHandle {
             kind,
+            id,
             pid,
             pidfd,
             chan: Rc::clone(&chan),
             pending: Rc::clone(&pending),
             next_id: Cell::new(1),
             alive: Rc::clone(&alive),
+            retired: Rc::clone(&retired),
             sandbox,
         };
-        tracing::info!(worker = %kind, pid, "worker started");
+        tracing::info!(worker = %kind, %id, pid, "worker started");
 
         // Reader: routes replies; any protocol violation kills the worker.
         let reader_alive = Rc::clone(&alive);
         let reader_pending = Rc::clone(&pending);
         let kill_pidfd = handle.pidfd.as_ref().and_then(|f| fd::dup(f).ok());
         tokio::task::spawn_local(async move {
-            let why = read_replies(kind, &chan, &reader_pending, &on_event).await;
+            let why = read_replies(kind, id, &chan, &reader_pending, &on_event).await;
             if let Some(why) = why {
                 tracing::error!(worker = %kind, pid, reason = %why, "killing misbehaving worker");
                 if let Some(p) = &kill_pidfd {
@@ -185,8 +196,17 @@ impl WorkerHandle {
                 Err(e) => format!("wait failed: {e}"),
             };
             waiter_alive.set(false);
-            tracing::warn!(worker = %kind, pid, %status, "worker process ended");
-            on_death(WorkerDied { kind, pid, status });
+            if retired.get() {
+                tracing::debug!(worker = %kind, pid, %status, "idle worker stopped");
+            } else {
+                tracing::warn!(worker = %kind, pid, %status, "worker process ended");
+            }
+            on_death(WorkerDied {
+                id,
+                kind,
+                pid,
+                status,
+            });
         });
         Ok(handle)
     }
@@ -194,6 +214,11 @@ impl WorkerHandle {
     /// The worker's kind.
     pub fn kind(&self) -> WorkerKind {
         self.kind
+    }
+
+    /// The instance it serves.
+    pub fn id(&self) -> WorkerId {
+        self.id
     }
 
     /// The worker's pid.
@@ -236,6 +261,12 @@ impl WorkerHandle {
         }
     }
 
+    /// Stops a worker that has nothing left to serve (quietly: its end is expected).
+    pub fn retire(&self) {
+        self.retired.set(true);
+        self.kill();
+    }
+
     /// Kills the process (it is reaped and reported by the waiter).
     pub fn kill(&self) {
         if let Some(p) = &self.pidfd {
@@ -253,9 +284,10 @@ impl WorkerHandle {
 /// protocol (returns why).
 async fn read_replies(
     kind: WorkerKind,
+    id: WorkerId,
     chan: &ControlChannel,
     pending: &Pending,
-    on_event: &dyn Fn(WorkerKind, WorkerEvent),
+    on_event: &dyn Fn(WorkerId, WorkerEvent),
 ) -> Option<String> {
     loop {
         match chan.recv::<FromWorker>().await {
@@ -277,7 +309,7 @@ async fn read_replies(
                     WorkerEvent::ExportGone { name }
                         if kind == WorkerKind::Nbd && name.len() <= 4096 =>
                     {
-                        on_event(kind, event)
+                        on_event(id, event)
                     }
                     _ => return Some("event not expected from this worker".into()),
                 }

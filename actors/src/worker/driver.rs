@@ -1,8 +1,10 @@
-//! The driver worker: hosts every node of one block driver kind.
+//! The driver worker: hosts the block nodes the supervisor placed on this instance
+//! (every node of one driver kind, or one image; a format node's local protocol child
+//! always lives with it).
 //!
 //! Nodes are opened from configs and descriptors the supervisor sends; a node's child
-//! is found either in this worker or, through a data channel, in the worker of the
-//! child's driver. Other workers reach this worker's nodes through data channels it
+//! is found either in this worker or, through a data channel, in the worker instance
+//! that serves it. Other workers reach this worker's nodes through data channels it
 //! serves.
 
 use std::collections::HashMap;
@@ -12,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use bulkhead_block::BlockIo;
 use bulkhead_ipc::data::{self, ChannelFds, NodeLookup};
 use bulkhead_ipc::wire::{
-    NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerKind,
+    NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerId, WorkerKind,
 };
 
 /// The nodes this worker serves, shared with its data channel servers.
@@ -48,6 +50,7 @@ impl Nodes {
 /// State of a driver worker.
 pub(crate) struct DriverWorker {
     kind: WorkerKind,
+    id: WorkerId,
     nodes: Arc<Nodes>,
     peers: super::Peers,
 }
@@ -83,16 +86,17 @@ pub(crate) fn channel_error(e: data::DataError) -> WorkerError {
 }
 
 impl DriverWorker {
-    pub(crate) fn new(kind: WorkerKind) -> DriverWorker {
+    pub(crate) fn new(kind: WorkerKind, id: WorkerId) -> DriverWorker {
         DriverWorker {
             kind,
+            id,
             nodes: Arc::new(Nodes::default()),
             peers: super::Peers::default(),
         }
     }
 
     async fn child(&self, child: NodeRef) -> Result<Arc<dyn BlockIo>, WorkerError> {
-        if child.home == self.kind {
+        if child.home == self.id {
             return self.nodes.lookup(child.node).ok_or_else(|| {
                 err(
                     WorkerErrorKind::NotFound,

@@ -1,6 +1,7 @@
 //! Worker processes: the runtime every worker kind shares.
 //!
-//! A worker is the `bulkhead` binary re-executed as `bulkhead worker --kind KIND`, with
+//! A worker is the `bulkhead` binary re-executed as `bulkhead worker --kind KIND --id N`
+//! (N: the instance it serves), with
 //! its control socket on descriptor 3 and nothing else inherited. It asks the kernel to
 //! kill it when the supervisor dies, says `Ready`, then carries out the supervisor's
 //! requests one at a time. Node I/O from other workers arrives on data channels and is
@@ -17,7 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bulkhead_ipc::control::ControlChannel;
-use bulkhead_ipc::wire::{FromWorker, Request, WorkerKind};
+use bulkhead_ipc::wire::{FromWorker, Request, WorkerId, WorkerKind};
 
 /// The descriptor on which a worker finds its control socket.
 pub const CONTROL_FD: i32 = 3;
@@ -36,9 +37,9 @@ pub enum WorkerExit {
     Setup(String),
 }
 
-/// Entry point of `bulkhead worker --kind KIND`.
-pub fn main(kind: WorkerKind) -> ExitCode {
-    match run(kind) {
+/// Entry point of `bulkhead worker --kind KIND --id N`.
+pub fn main(kind: WorkerKind, id: WorkerId) -> ExitCode {
+    match run(kind, id) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(worker = %kind, error = %e, "worker exiting");
@@ -47,7 +48,7 @@ pub fn main(kind: WorkerKind) -> ExitCode {
     }
 }
 
-fn run(kind: WorkerKind) -> Result<(), WorkerExit> {
+fn run(kind: WorkerKind, id: WorkerId) -> Result<(), WorkerExit> {
     // First thing: die with the supervisor, so no orphan keeps an image locked. Then
     // re-check the parent, in case it died before the prctl took effect.
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
@@ -66,8 +67,8 @@ fn run(kind: WorkerKind) -> Result<(), WorkerExit> {
         bulkhead_sandbox::apply_early(kind).map_err(|e| WorkerExit::Setup(e.to_string()))?;
 
     // File drivers' blocking I/O threads, started now so that no thread needs to be
-    // created once the seccomp filter is in.
-    if matches!(kind, WorkerKind::File | WorkerKind::HostDevice) {
+    // created once the seccomp filter is in (format workers host their file child).
+    if kind.does_file_io() {
         bulkhead_block::threads::start_io_threads(bulkhead_block::threads::DEFAULT_IO_THREADS)
             .map_err(|e| WorkerExit::Setup(format!("I/O threads: {e}")))?;
     }
@@ -91,12 +92,13 @@ fn run(kind: WorkerKind) -> Result<(), WorkerExit> {
         let chan = Arc::new(ControlChannel::new(control)?);
         #[cfg(feature = "test-hooks")]
         hooks.spawn(Arc::clone(&chan));
-        serve(kind, chan, sandbox).await
+        serve(kind, id, chan, sandbox).await
     })
 }
 
 async fn serve(
     kind: WorkerKind,
+    id: WorkerId,
     chan: Arc<ControlChannel>,
     sandbox: Vec<String>,
 ) -> Result<(), WorkerExit> {
@@ -104,7 +106,7 @@ async fn serve(
     chan.send(&FromWorker::Ready { sandbox }, &[]).await?;
     let mut state = match kind {
         WorkerKind::Nbd => State::Nbd(nbd::NbdWorker::new(Arc::clone(&chan))),
-        _ => State::Driver(driver::DriverWorker::new(kind)),
+        _ => State::Driver(driver::DriverWorker::new(kind, id)),
     };
     loop {
         let (req, fds): (Request, _) = match chan.recv().await {
@@ -127,16 +129,16 @@ enum State {
     Nbd(nbd::NbdWorker),
 }
 
-/// The workers whose nodes this worker reaches, by kind, across their restarts
+/// The workers whose nodes this worker reaches, by instance, across their restarts
 /// (shared by driver workers, for children, and the NBD worker, for exports).
 #[derive(Default)]
-pub(crate) struct Peers(std::collections::HashMap<WorkerKind, Arc<bulkhead_ipc::data::Peer>>);
+pub(crate) struct Peers(std::collections::HashMap<WorkerId, Arc<bulkhead_ipc::data::Peer>>);
 
 impl Peers {
     /// `ConnectDataChannel`: attaches the channel to incarnation `generation` of `peer`.
     pub(crate) fn connect(
         &mut self,
-        peer: WorkerKind,
+        peer: WorkerId,
         generation: u64,
         layout: bulkhead_ipc::ring::RingLayout,
         fds: Vec<OwnedFd>,

@@ -2,13 +2,13 @@
 //!
 //! The listening socket comes from the supervisor (which keeps its own copy, so a
 //! replacement worker serves the same socket). Exported nodes are reached through data
-//! channels to their driver workers. Clients' bytes are untrusted and handled by
+//! channels to the workers that host them (a format node with its protocol child, so
+//! one hop whatever the chain). Clients' bytes are untrusted and handled by
 //! `bulkhead-nbd`; this module only wires it to the control plane.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use bulkhead_block::config::DriverConfig;
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::wire::{
     FromWorker, NbdExport, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent,
@@ -43,25 +43,7 @@ impl NbdWorker {
     }
 
     async fn add_export(&self, server: &NbdServer, export: NbdExport) -> Result<(), WorkerError> {
-        let mut backend = self.peers.open(export.node, "exported node").await?;
-        for layer in export.layers {
-            // Only raw runs here: it parses nothing, so the NBD worker's exposure
-            // stays what it was. Anything else belongs in its own worker.
-            if !matches!(layer, DriverConfig::Raw(_)) {
-                return Err(err(
-                    WorkerErrorKind::Invalid,
-                    libc::EINVAL,
-                    "only raw nodes are stacked in the NBD worker",
-                ));
-            }
-            backend = bulkhead_block::open(layer, None, Some(backend)).map_err(|e| {
-                err(
-                    WorkerErrorKind::Invalid,
-                    libc::EINVAL,
-                    format!("exported raw node: {e}"),
-                )
-            })?;
-        }
+        let backend = self.peers.open(export.node, "exported node").await?;
         let config = ExportConfig {
             name: export.name,
             description: export.description,

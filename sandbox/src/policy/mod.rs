@@ -133,7 +133,14 @@ pub fn table(kind: WorkerKind) -> Table {
     let mut lines = common::table()?;
     lines.extend(match kind {
         WorkerKind::File | WorkerKind::HostDevice => file::table()?,
-        WorkerKind::Raw => raw::table()?,
+        // A format node's local protocol child (file, host_device, null) lives in the
+        // format node's worker: a hop between them would isolate nothing.
+        WorkerKind::Raw | WorkerKind::Image => {
+            let mut t = raw::table()?;
+            t.extend(file::table()?);
+            t.extend(null::table()?);
+            t
+        }
         WorkerKind::NullCo | WorkerKind::NullAio => null::table()?,
         WorkerKind::Nbd => nbd::table()?,
     });
@@ -381,9 +388,9 @@ mod tests {
     }
 
     #[test]
-    fn only_file_workers_may_do_file_io() {
+    fn only_workers_hosting_protocol_nodes_may_do_file_io() {
         for (kind, lines) in tables() {
-            let file = matches!(kind, WorkerKind::File | WorkerKind::HostDevice);
+            let file = kind.does_file_io();
             for name in ["pread64", "pwrite64", "fallocate", "ftruncate", "fdatasync"] {
                 assert_eq!(lines.iter().any(|l| l.name == name), file, "{kind} {name}");
             }

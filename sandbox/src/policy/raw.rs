@@ -1,6 +1,7 @@
-//! System calls of the `raw` driver worker beyond the common list: none. A raw node
-//! only shifts and bounds requests and passes them to its child, which lives in another
-//! worker and is reached over a data channel (covered by the common list).
+//! System calls of the `raw` driver beyond the common list: none. A raw node only
+//! shifts and bounds requests and passes them to its child. The child, a protocol node,
+//! usually lives in the same worker, so the `raw` and `image` worker kinds add the
+//! protocol drivers' lines (see `table` in the parent module).
 //!
 //! Part of the seccomp policy (see the parent module).
 

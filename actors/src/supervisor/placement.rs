@@ -1,0 +1,184 @@
+//! Worker instances and where nodes go: the `--isolation` policy.
+//!
+//! Runs in the supervisor. A worker *instance* has an id, a kind (what the process
+//! runs and which seccomp policy it applies) and, while it runs, a process; restarts
+//! replace the process and keep the instance. Placement decides which instance hosts
+//! each node:
+//!
+//! - `kind` (default): one instance per driver kind, one for NBD. A format node's
+//!   protocol child (`file`, `host_device`, `null-*`) lives in the format node's
+//!   instance: a process hop between them would isolate nothing, since the format
+//!   node can already read and write every byte of its child.
+//! - `image`: one instance per image, i.e. a top node with the nodes under it that no
+//!   other node uses. A compromised worker then reaches only the image it serves.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bulkhead_ipc::wire::{NodeRef, WorkerId, WorkerKind};
+
+use super::graph::{Driver, Node};
+use super::workers::WorkerHandle;
+use super::{Core, QmpError};
+
+/// How nodes are spread over worker processes (`--isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// One worker per driver kind, one per export type.
+    #[default]
+    Kind,
+    /// One worker per image.
+    Image,
+}
+
+impl Isolation {
+    /// Parses the command-line value.
+    pub fn parse(s: &str) -> Option<Isolation> {
+        match s {
+            "kind" => Some(Isolation::Kind),
+            "image" => Some(Isolation::Image),
+            _ => None,
+        }
+    }
+}
+
+/// One worker instance.
+#[derive(Debug)]
+pub(super) struct Instance {
+    /// What its process runs.
+    pub kind: WorkerKind,
+    /// The current process (alive or dead and not yet replaced).
+    pub handle: Option<WorkerHandle>,
+    /// Incarnation number (grows with every process started for it).
+    pub generation: u64,
+    /// Recent restarts, for the restart budget.
+    pub recent_restarts: VecDeque<Instant>,
+    /// Restarts so far.
+    pub restart_count: u64,
+    /// The restart budget ran out: its nodes fail I/O, nothing restarts it.
+    pub given_up: bool,
+    /// The last restore failed because an instance it depends on died meanwhile: the
+    /// next restore does not count against this instance's budget.
+    pub free_retry: bool,
+}
+
+impl Instance {
+    pub(super) fn new(kind: WorkerKind) -> Instance {
+        Instance {
+            kind,
+            handle: None,
+            generation: 0,
+            recent_restarts: VecDeque::new(),
+            restart_count: 0,
+            given_up: false,
+            free_retry: false,
+        }
+    }
+
+    /// What `x-bulkhead-query-workers` calls its role.
+    pub(super) fn role(&self) -> &'static str {
+        match self.kind {
+            WorkerKind::Nbd => "export",
+            WorkerKind::Image => "image",
+            _ => "driver",
+        }
+    }
+}
+
+/// Where a new node goes.
+pub(super) enum Placement {
+    /// On this instance.
+    On(WorkerId),
+    /// On this instance, after moving its (so far unused) child `name` there too.
+    WithChild(WorkerId, String),
+}
+
+impl Core {
+    /// Where a node of `driver` goes, given its `child` (already in the graph), and
+    /// `hint`: the instance its future parent chose for an inline child.
+    pub(super) fn place(
+        &mut self,
+        driver: Driver,
+        child: Option<&str>,
+        hint: Option<WorkerId>,
+    ) -> Placement {
+        if let Some(h) = hint {
+            return Placement::On(h);
+        }
+        // (name, home, parents, movable) of the child.
+        let child = child
+            .and_then(|c| self.graph.get(c))
+            .map(|c| (c.name.clone(), c.home, c.parents, self.movable(c)));
+        match self.isolation {
+            Isolation::Kind => {
+                let home = self.kind_instance(driver.worker());
+                match child {
+                    Some((name, chome, _, true)) if chome != home => {
+                        Placement::WithChild(home, name)
+                    }
+                    _ => Placement::On(home),
+                }
+            }
+            Isolation::Image => match child {
+                // The child belongs to this image alone: the node joins its worker.
+                Some((_, chome, 0, _)) => Placement::On(chome),
+                // A node another image also uses (a shared base) stays where it is;
+                // the new image gets a worker of its own and reaches it over a channel.
+                _ => Placement::On(self.new_instance(WorkerKind::Image)),
+            },
+        }
+    }
+
+    /// The instance an inline child of a new `driver` node should be created on, so it
+    /// starts where it will stay.
+    pub(super) fn inline_child_hint(&mut self, driver: Driver) -> Option<WorkerId> {
+        match (self.isolation, driver) {
+            (Isolation::Kind, Driver::Raw) => Some(self.kind_instance(driver.worker())),
+            _ => None,
+        }
+    }
+
+    /// Whether `node` can move to its new parent's worker: a protocol node nobody uses
+    /// yet (moving a node under live I/O would need its users re-routed).
+    fn movable(&self, node: &Node) -> bool {
+        node.driver.is_protocol() && node.parents == 0 && !node.exported
+    }
+
+    /// Moves the unused node `name` to instance `to`: opened there with the same id
+    /// and image, then closed where it was.
+    pub(super) async fn move_node(&mut self, name: &str, to: WorkerId) -> Result<(), QmpError> {
+        let Some(node) = self.graph.get(name) else {
+            return Err(QmpError::generic("node vanished"));
+        };
+        let (from, id) = (node.home, node.id);
+        if from == to {
+            return Ok(());
+        }
+        if let Some(n) = self.graph.get_mut(name) {
+            n.home = to;
+        }
+        if let Err(e) = self.replay_node(name).await {
+            if let Some(n) = self.graph.get_mut(name) {
+                n.home = from;
+            }
+            return Err(e);
+        }
+        if let Some(w) = self.running(from)
+            && let Err(e) = w
+                .call(bulkhead_ipc::wire::ToWorker::RemoveNode { node: id }, &[])
+                .await
+        {
+            tracing::warn!(node = name, error = %e, "old worker could not close a moved node");
+        }
+        self.retire_if_idle(from);
+        Ok(())
+    }
+
+    /// Where node `name` lives, as workers address it.
+    pub(super) fn node_ref(&self, name: &str) -> Option<NodeRef> {
+        self.graph.get(name).map(|n| NodeRef {
+            node: n.id,
+            home: n.home,
+        })
+    }
+}
