@@ -12,6 +12,7 @@
 //! - [`script`]: data-driven QMP sessions, run against two daemons and compared byte for byte.
 //! - [`procs`]: `/proc` reading (children, argv, liveness) and signals.
 //! - [`loopdev`]: a loop device for host_device tests.
+//! - [`writes`]: verifiable write rounds over NBD and their expected image.
 //!
 //! The daemon compared with qsd is bulkhead unless `BULKHEAD_DIFF_AGAINST=qsd`; bulkhead is
 //! `BULKHEAD_BIN` or `target/<profile>/bulkhead` next to the test executable's `deps/`.
@@ -23,6 +24,7 @@ pub mod mask;
 pub mod procs;
 pub mod qmp;
 pub mod script;
+pub mod writes;
 
 pub use daemon::{Daemon, DaemonKind, TempDir};
 pub use error::HarnessError;

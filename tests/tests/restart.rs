@@ -5,13 +5,11 @@
 //! against the same writes applied directly), and a QMP client connected throughout
 //! sees only normal replies. bulkhead only; qsd has no workers to kill.
 
-use std::fs::File;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bulkhead_systests::procs::{self, worker_pid};
+use bulkhead_systests::writes::{self, Write, sparse_file, wait_ok};
 use bulkhead_systests::{Daemon, DaemonKind, QmpConnection, TempDir};
 use serde_json::{Value, json};
 
@@ -23,12 +21,6 @@ const WRITES_PER_ROUND: u64 = 48;
 /// Both tests set `BULKHEAD_RESTART_BUDGET` for the daemon they start; run them one at
 /// a time so each daemon sees its own value.
 static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn sparse_file(path: &Path, size: u64) {
-    if let Err(e) = File::create(path).and_then(|f| f.set_len(size)) {
-        panic!("cannot create {}: {e}", path.display());
-    }
-}
 
 fn start(dir: TempDir, budget: &str, isolation: &str) -> Daemon {
     sparse_file(&dir.path().join("disk.img"), IMAGE_SIZE);
@@ -58,79 +50,8 @@ fn start(dir: TempDir, budget: &str, isolation: &str) -> Daemon {
     }
 }
 
-fn writes_for(round: u64) -> Vec<(u64, u8)> {
-    let pattern = (round % 250) as u8 + 1;
-    let blocks = IMAGE_SIZE / BLOCK;
-    let mut writes: Vec<(u64, u8)> = (0..WRITES_PER_ROUND)
-        .map(|j| {
-            (
-                ((round * WRITES_PER_ROUND + j) * 7 % blocks) * BLOCK,
-                pattern,
-            )
-        })
-        .collect();
-    // Overwrite something an earlier round wrote, so a stale replay would show.
-    if round > 0 {
-        writes.push((
-            ((round - 1) * WRITES_PER_ROUND * 7 % blocks) * BLOCK,
-            pattern,
-        ));
-    }
-    writes
-}
-
-fn qemu_io(args: &[String]) -> Command {
-    let mut c = Command::new("qemu-io");
-    c.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
-
-fn write_commands(writes: &[(u64, u8)]) -> Vec<String> {
-    let mut args = Vec::new();
-    for (offset, pattern) in writes {
-        args.push("-c".to_string());
-        args.push(format!("write -P {pattern} {offset} {BLOCK}"));
-    }
-    args
-}
-
-fn nbd_client(dir: &Path, writes: &[(u64, u8)]) -> Child {
-    let mut args = vec![
-        "--image-opts".to_string(),
-        format!(
-            "driver=nbd,server.type=unix,server.path={},export=raw0,reconnect-delay=30,open-timeout=30",
-            dir.join("nbd.sock").display()
-        ),
-    ];
-    args.extend(write_commands(writes));
-    match qemu_io(&args).spawn() {
-        Ok(c) => c,
-        Err(e) => panic!("cannot run qemu-io (install qemu-utils): {e}"),
-    }
-}
-
-fn wait_ok(child: Child, what: &str) {
-    let out = match child.wait_with_output() {
-        Ok(o) => o,
-        Err(e) => panic!("{what}: {e}"),
-    };
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{text}",
-        out.status
-    );
-    assert!(
-        !text.contains("error") && !text.contains("failed"),
-        "{what} reported errors:\n{text}"
-    );
+fn writes_for(round: u64) -> Vec<Write> {
+    writes::writes_for(round, WRITES_PER_ROUND, BLOCK, IMAGE_SIZE)
 }
 
 fn exports(qmp: &mut QmpConnection) -> Value {
@@ -171,7 +92,7 @@ fn kill_rounds(isolation: &str, kinds: [&str; 2], rounds: u64) {
         let kind = kinds[(round % 2) as usize];
         let victim = worker_pid(supervisor, kind, None);
         let writes = writes_for(round);
-        let client = nbd_client(&d, &writes);
+        let client = writes::nbd_writer(&d.join("nbd.sock"), "raw0", &writes, BLOCK);
         // Let the client get going, then kill the worker under it.
         thread::sleep(Duration::from_millis(20 + 15 * (round % 4)));
         if let Err(e) = procs::send_signal(victim, libc::SIGKILL) {
@@ -182,20 +103,7 @@ fn kill_rounds(isolation: &str, kinds: [&str; 2], rounds: u64) {
             &format!("round {round}: qemu-io while the {kind} worker was killed"),
         );
         // The same writes, applied directly: the expected image.
-        let mut args = vec![
-            "-f".to_string(),
-            "raw".to_string(),
-            d.join("expected.img").display().to_string(),
-        ];
-        let cmds = write_commands(&writes);
-        args.splice(0..0, cmds);
-        wait_ok(
-            match qemu_io(&args).spawn() {
-                Ok(c) => c,
-                Err(e) => panic!("{e}"),
-            },
-            "qemu-io on the expected image",
-        );
+        writes::apply_directly(&d.join("expected.img"), &writes, BLOCK);
         let replacement = worker_pid(supervisor, kind, Some(victim));
         assert_ne!(replacement, victim);
         assert_eq!(
@@ -219,20 +127,12 @@ fn kill_rounds(isolation: &str, kinds: [&str; 2], rounds: u64) {
             "restarts of {kind}: {workers}"
         );
     }
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(d.join("disk.img"))
-        .arg(d.join("expected.img"))
-        .output();
-    match out {
-        Ok(o) => assert!(
-            o.status.success(),
-            "image differs from the acknowledged writes:\n{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => panic!("cannot run qemu-img: {e}"),
-    }
+    let (disk, expected) = (d.join("disk.img"), d.join("expected.img"));
+    writes::assert_same_images(
+        &["-f", "raw", &disk.to_string_lossy()],
+        &["-F", "raw", &expected.to_string_lossy()],
+        "the image against the acknowledged writes",
+    );
 }
 
 #[test]
