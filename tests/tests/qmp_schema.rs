@@ -385,3 +385,152 @@ fn bulkheads_own_command_is_listed_as_unstable_with_its_return_type() {
         "{cmd}"
     );
 }
+
+/// Checks `value` against the introspected type `ty`, collecting mismatches.
+fn conforms(schema: &Introspection, ty: &str, value: &Value, path: &str, errors: &mut Vec<String>) {
+    let Some(def) = schema.get(ty) else {
+        errors.push(format!("{path}: type {ty} is not listed"));
+        return;
+    };
+    let ok = match str_of(def, "meta-type").as_str() {
+        "builtin" => match ty {
+            "str" => value.is_string(),
+            "int" => value.is_i64() || value.is_u64(),
+            "number" => value.is_number(),
+            "bool" => value.is_boolean(),
+            "null" => value.is_null(),
+            _ => true,
+        },
+        "enum" => list_of(def, "values").contains(value),
+        "array" => match value.as_array() {
+            Some(items) => {
+                let element = str_of(def, "element-type");
+                for (i, item) in items.iter().enumerate() {
+                    conforms(schema, &element, item, &format!("{path}[{i}]"), errors);
+                }
+                true
+            }
+            None => false,
+        },
+        "alternate" => list_of(def, "members").iter().any(|m| {
+            let mut branch = Vec::new();
+            conforms(schema, &str_of(m, "type"), value, path, &mut branch);
+            branch.is_empty()
+        }),
+        "object" => match value.as_object() {
+            Some(object) => {
+                let mut members: Vec<Value> = list_of(def, "members").to_vec();
+                if let Some(tag) = def.get("tag").and_then(Value::as_str) {
+                    let variant = list_of(def, "variants")
+                        .iter()
+                        .find(|v| Some(&v["case"]) == object.get(tag))
+                        .and_then(|v| schema.get(&str_of(v, "type")));
+                    match variant {
+                        Some(v) => members.extend(list_of(v, "members").iter().cloned()),
+                        None => errors.push(format!("{path}: no variant for {tag}")),
+                    }
+                }
+                for m in &members {
+                    let name = str_of(m, "name");
+                    match object.get(&name) {
+                        Some(v) => conforms(
+                            schema,
+                            &str_of(m, "type"),
+                            v,
+                            &format!("{path}.{name}"),
+                            errors,
+                        ),
+                        None if m.get("default").is_some() => {}
+                        None => errors.push(format!("{path}: {name} is missing")),
+                    }
+                }
+                for key in object.keys() {
+                    if !members.iter().any(|m| m["name"] == *key) {
+                        errors.push(format!("{path}: {key} is not in the schema"));
+                    }
+                }
+                true
+            }
+            None => false,
+        },
+        _ => false,
+    };
+    if !ok {
+        errors.push(format!("{path}: {value} is not a {ty} ({def})"));
+    }
+}
+
+/// What `kind` returns for the query commands (and the event of an export's deletion)
+/// fits the types its own `query-qmp-schema` declares. Run on qsd too, which proves the
+/// check.
+fn replies_fit_the_declared_types(kind: DaemonKind) -> Result<Vec<String>, HarnessError> {
+    let daemon = Daemon::start(
+        kind,
+        1,
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=null0,size=1048576",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=e0,node-name=null0",
+        ],
+    )?;
+    let mut qmp = daemon.qmp(0)?;
+    let schema = Introspection::new(qmp.execute_ok("query-qmp-schema", None)?);
+    let mut errors = Vec::new();
+    let mut queries = vec![
+        "query-qmp-schema",
+        "query-version",
+        "query-commands",
+        "query-named-block-nodes",
+        "query-block",
+        "x-debug-query-block-graph",
+        "query-block-exports",
+    ];
+    if kind == DaemonKind::Bulkhead {
+        queries.push("x-bulkhead-query-workers");
+    }
+    for command in queries {
+        let value = qmp.execute_ok(command, None)?;
+        let Some(ret) = schema.get(command).map(|c| str_of(c, "ret-type")) else {
+            errors.push(format!("{command} is not listed"));
+            continue;
+        };
+        conforms(&schema, &ret, &value, command, &mut errors);
+    }
+    qmp.execute_ok("block-export-del", Some(json!({"id": "e0"})))?;
+    let mut events = qmp.take_events();
+    while events.is_empty() {
+        let message = qmp.read_message()?;
+        events.push(message);
+    }
+    let deleted = events.iter().find(|e| e["event"] == "BLOCK_EXPORT_DELETED");
+    match (deleted, schema.get("BLOCK_EXPORT_DELETED")) {
+        (Some(e), Some(def)) => conforms(
+            &schema,
+            &str_of(def, "arg-type"),
+            &e["data"],
+            "BLOCK_EXPORT_DELETED",
+            &mut errors,
+        ),
+        other => errors.push(format!("BLOCK_EXPORT_DELETED: {other:?}")),
+    }
+    Ok(errors)
+}
+
+#[test]
+fn replies_and_events_fit_the_types_query_qmp_schema_declares() {
+    for kind in [DaemonKind::Qsd, DaemonKind::Bulkhead] {
+        match replies_fit_the_declared_types(kind) {
+            Ok(errors) => assert!(
+                errors.is_empty(),
+                "{}: {} replies do not fit:\n{}",
+                kind.name(),
+                errors.len(),
+                errors.join("\n")
+            ),
+            Err(e) => panic!("{}: {e}", kind.name()),
+        }
+    }
+}
