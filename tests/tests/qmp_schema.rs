@@ -345,6 +345,31 @@ fn implemented_commands_and_events_have_qsds_types() {
         cmp.errors.join("\n")
     );
     assert!(compared >= 18, "only {compared} entities compared");
+
+    // Type identity: one of our types stands for exactly one of qsd's and back, so a type
+    // QEMU defines once is not split in two (or two merged into one).
+    let mut ours_to_qsd: HashMap<&str, HashSet<&str>> = HashMap::new();
+    let mut qsd_to_ours: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for (a, b) in &cmp.seen {
+        ours_to_qsd.entry(a).or_default().insert(b);
+        qsd_to_ours.entry(b).or_default().insert(a);
+    }
+    let split: Vec<String> = ours_to_qsd
+        .iter()
+        .map(|(a, bs)| (format!("ours {a}"), bs))
+        .chain(
+            qsd_to_ours
+                .iter()
+                .map(|(b, as_)| (format!("qsd's {b}"), as_)),
+        )
+        .filter(|(_, other)| other.len() > 1)
+        .map(|(who, other)| format!("{who} stands for {other:?}"))
+        .collect();
+    assert!(
+        split.is_empty(),
+        "type identity differs:\n{}",
+        split.join("\n")
+    );
 }
 
 #[test]
