@@ -11,6 +11,10 @@ use actix::prelude::*;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
+/// The events bulkhead emits, as `query-qmp-schema` lists them (each must be defined
+/// in the QAPI schema files).
+pub const EVENTS: &[&str] = &["BLOCK_EXPORT_DELETED"];
+
 /// One queued output item of a session.
 #[derive(Debug)]
 pub enum Output {

@@ -55,6 +55,7 @@ pub const COMMANDS: &[&str] = &[
     "query-version",
     "query-commands",
     "quit",
+    "query-qmp-schema",
     "blockdev-add",
     "blockdev-del",
     "query-named-block-nodes",
@@ -154,6 +155,9 @@ impl Core {
             "query-commands" => {
                 Value::Array(COMMANDS.iter().rev().map(|c| json!({"name": c})).collect())
             }
+            "query-qmp-schema" => bulkhead_qmp::qapi::Schema::get()
+                .introspect(COMMANDS, crate::events::EVENTS)
+                .map_err(|e| QmpError::generic(e.to_string()))?,
             "quit" => {
                 self.delete_all_exports().await;
                 return Ok((json!({}), After::Quit));

@@ -25,6 +25,9 @@
 //!    `query-qmp-schema` (integer widths it cannot see; take them from QEMU).
 //! 3. Add its serde struct to [`types`] and a line to the drift test there.
 //! 4. Write the handler; it receives only arguments the visitor accepted.
+//! 5. Give it its `returns` type (and define any event it emits, adding the event to
+//!    `EVENTS` in the actors crate) so that `query-qmp-schema` ([`introspect`]) lists it
+//!    as qsd does; the system test `qmp_schema` compares them with a live qsd.
 //!
 //! Command-line options that qsd visits this way: `--blockdev` (`BlockdevOptions`,
 //! implied key `driver`), `--export` (`BlockExportOptions`, `type`), `--nbd-server`
@@ -34,6 +37,7 @@
 //! Deprecated/unstable features are accepted, as qsd's default compatibility policy does.
 
 mod ghash;
+pub mod introspect;
 pub mod schema;
 mod strtox;
 pub mod types;
@@ -132,6 +136,7 @@ impl Schema {
                 base: None,
                 members: Vec::new(),
                 union: None,
+                features: Vec::new(),
             },
         })
     }

@@ -3,8 +3,10 @@
 //! The definitions in `schema/*.json` are written in QAPI's own syntax (single-quoted
 //! strings, `#` comments, a sequence of top-level objects), as QEMU's `qapi/*.json`
 //! are. At first use they are preprocessed into plain JSON, parsed with serde_json and
-//! resolved into [`TypeDef`]s: anonymous command arguments and inline union bases get
-//! QEMU's generated names (`q_obj_<command>-arg`, `q_obj_<union>-base`).
+//! resolved into [`TypeDef`]s: anonymous command and event arguments and inline union
+//! bases get QEMU's generated names (`q_obj_<command>-arg`, `q_obj_<union>-base`).
+//! Return types, events and features are kept for introspection (`introspect.rs`); the
+//! visitor ignores them.
 //!
 //! Runs in the supervisor; it reads only data compiled into the binary.
 
@@ -30,6 +32,7 @@ pub(crate) const FILES: &[(&str, &str)] = &[
     ("control.json", include_str!("schema/control.json")),
     ("transaction.json", include_str!("schema/transaction.json")),
     ("qom.json", include_str!("schema/qom.json")),
+    ("introspect.json", include_str!("schema/introspect.json")),
     ("bulkhead.json", include_str!("schema/bulkhead.json")),
 ];
 
@@ -85,7 +88,7 @@ pub enum Builtin {
 }
 
 impl Builtin {
-    fn from_name(name: &str) -> Option<Builtin> {
+    pub(crate) fn from_name(name: &str) -> Option<Builtin> {
         Some(match name {
             "str" => Builtin::Str,
             "int" | "int64" => Builtin::Int {
@@ -143,6 +146,8 @@ pub struct Member {
     pub optional: bool,
     /// Its type.
     pub ty: TypeRef,
+    /// Feature flags (`deprecated`, `unstable`), for introspection.
+    pub features: Vec<String>,
 }
 
 /// The variant part of a (flat) union.
@@ -165,6 +170,8 @@ pub struct ObjectDef {
     pub members: Vec<Member>,
     /// Present for unions.
     pub union: Option<UnionVariants>,
+    /// Feature flags, for introspection.
+    pub features: Vec<String>,
 }
 
 /// An enum type.
@@ -174,6 +181,10 @@ pub struct EnumDef {
     pub name: String,
     /// Accepted values, in schema order.
     pub values: Vec<String>,
+    /// Each value's feature flags, parallel to `values`, for introspection.
+    pub value_features: Vec<Vec<String>>,
+    /// Feature flags of the type, for introspection.
+    pub features: Vec<String>,
 }
 
 /// An alternate: one of several types, chosen by the JSON type of the value.
@@ -183,6 +194,8 @@ pub struct AlternateDef {
     pub name: String,
     /// `(branch name, type)` in schema order.
     pub branches: Vec<(String, TypeRef)>,
+    /// Feature flags, for introspection.
+    pub features: Vec<String>,
 }
 
 /// Any named type.
@@ -211,6 +224,26 @@ pub struct CommandDef {
     pub returns: Option<TypeRef>,
     /// Feature flags (`deprecated`, `unstable`, ...).
     pub features: Vec<String>,
+}
+
+/// A QMP event (only introspection reads these).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventDef {
+    /// Event name as emitted.
+    pub name: String,
+    /// The object type of its `data`; None when it has none.
+    pub arg_type: Option<String>,
+    /// Feature flags.
+    pub features: Vec<String>,
+}
+
+/// A command or an event, in definition order (introspection lists them so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entity {
+    /// Index into `SchemaData::commands`.
+    Command(usize),
+    /// Index into `SchemaData::events`.
+    Event(usize),
 }
 
 /// A problem in the embedded schema text (a bug in bulkhead, caught by unit tests).
@@ -254,6 +287,10 @@ pub(crate) struct SchemaData {
     pub(crate) types: HashMap<String, TypeDef>,
     pub(crate) commands: Vec<CommandDef>,
     pub(crate) command_index: HashMap<String, usize>,
+    pub(crate) events: Vec<EventDef>,
+    pub(crate) event_index: HashMap<String, usize>,
+    /// Commands and events in definition order.
+    pub(crate) entities: Vec<Entity>,
 }
 
 /// Turns QAPI syntax into JSON: drops `#` comments and turns `'` into `"` (QAPI
@@ -314,11 +351,36 @@ fn parse_members(
                 Some(n) => (n.to_owned(), true),
                 None => (key.clone(), false),
             };
+            let features = match ty {
+                Value::Object(o) => parse_features(file, o)?,
+                _ => Vec::new(),
+            };
             Ok(Member {
                 name,
                 optional,
                 ty: parse_typeref(file, ty)?,
+                features,
             })
+        })
+        .collect()
+}
+
+/// A definition's `'features'`: names, or `{ 'name': ... }` (conditions are not
+/// kept: the files hold what qsd's build has).
+fn parse_features(
+    file: &'static str,
+    def: &Map<String, Value>,
+) -> Result<Vec<String>, SchemaError> {
+    let Some(list) = def.get("features") else {
+        return Ok(Vec::new());
+    };
+    list.as_array()
+        .ok_or_else(|| bad(file, format!("features {list}")))?
+        .iter()
+        .map(|f| match f {
+            Value::String(s) => Ok(s.clone()),
+            Value::Object(o) => Ok(str_field(file, o, "name")?.to_owned()),
+            _ => Err(bad(file, format!("feature {f}"))),
         })
         .collect()
 }
@@ -362,6 +424,7 @@ impl SchemaData {
                         base: None,
                         members,
                         union: None,
+                        features: Vec::new(),
                     }),
                 )?;
                 Ok(generated)
@@ -376,6 +439,7 @@ impl SchemaData {
         def: &Map<String, Value>,
     ) -> Result<(), SchemaError> {
         let empty = Map::new();
+        let features = parse_features(file, def)?;
         if let Some(name) = def.get("struct").and_then(Value::as_str) {
             let data = def.get("data").and_then(Value::as_object).unwrap_or(&empty);
             let base = def
@@ -390,6 +454,7 @@ impl SchemaData {
                     base,
                     members,
                     union: None,
+                    features,
                 }),
             )
         } else if let Some(name) = def.get("union").and_then(Value::as_str) {
@@ -413,25 +478,33 @@ impl SchemaData {
                         discriminator,
                         variants,
                     }),
+                    features,
                 }),
             )
         } else if let Some(name) = def.get("enum").and_then(Value::as_str) {
-            let values = def
+            let (values, value_features) = def
                 .get("data")
                 .and_then(Value::as_array)
                 .ok_or_else(|| bad(file, format!("enum {name} without data")))?
                 .iter()
                 .map(|v| match v {
-                    Value::String(s) => Ok(s.clone()),
-                    Value::Object(o) => Ok(str_field(file, o, "name")?.to_owned()),
+                    Value::String(s) => Ok((s.clone(), Vec::new())),
+                    Value::Object(o) => Ok((
+                        str_field(file, o, "name")?.to_owned(),
+                        parse_features(file, o)?,
+                    )),
                     _ => Err(bad(file, format!("enum {name} value {v}"))),
                 })
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .unzip();
             self.add_type(
                 name.to_owned(),
                 TypeDef::Enum(EnumDef {
                     name: name.to_owned(),
                     values,
+                    value_features,
+                    features,
                 }),
             )
         } else if let Some(name) = def.get("alternate").and_then(Value::as_str) {
@@ -448,6 +521,7 @@ impl SchemaData {
                 TypeDef::Alternate(AlternateDef {
                     name: name.to_owned(),
                     branches,
+                    features,
                 }),
             )
         } else if let Some(name) = def.get("command").and_then(Value::as_str) {
@@ -459,21 +533,12 @@ impl SchemaData {
                 .get("returns")
                 .map(|r| parse_typeref(file, r))
                 .transpose()?;
-            let features = def
-                .get("features")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default();
             if self.command_index.contains_key(name) {
                 return Err(SchemaError::Duplicate(name.to_owned()));
             }
             self.command_index
                 .insert(name.to_owned(), self.commands.len());
+            self.entities.push(Entity::Command(self.commands.len()));
             self.commands.push(CommandDef {
                 name: name.to_owned(),
                 arg_type,
@@ -482,10 +547,23 @@ impl SchemaData {
                 features,
             });
             Ok(())
-        } else if def.contains_key("event")
-            || def.contains_key("include")
-            || def.contains_key("pragma")
-        {
+        } else if let Some(name) = def.get("event").and_then(Value::as_str) {
+            let arg_type = def
+                .get("data")
+                .map(|d| self.object_ref(file, d, format!("q_obj_{name}-arg")))
+                .transpose()?;
+            if self.event_index.contains_key(name) {
+                return Err(SchemaError::Duplicate(name.to_owned()));
+            }
+            self.event_index.insert(name.to_owned(), self.events.len());
+            self.entities.push(Entity::Event(self.events.len()));
+            self.events.push(EventDef {
+                name: name.to_owned(),
+                arg_type,
+                features,
+            });
+            Ok(())
+        } else if def.contains_key("include") || def.contains_key("pragma") {
             Ok(())
         } else {
             Err(bad(
@@ -501,6 +579,9 @@ impl SchemaData {
             types: HashMap::new(),
             commands: Vec::new(),
             command_index: HashMap::new(),
+            events: Vec::new(),
+            event_index: HashMap::new(),
+            entities: Vec::new(),
         };
         for name in [
             "str", "int", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -613,6 +694,11 @@ impl SchemaData {
             }
             if let Some(r) = &c.returns {
                 self.require(&c.name, r.name())?;
+            }
+        }
+        for e in &self.events {
+            if let Some(arg) = &e.arg_type {
+                self.require_object(&e.name, arg)?;
             }
         }
         Ok(())

@@ -100,7 +100,8 @@ def cmp(mine, live, path):
     if mine not in M: errs.append(f"{path}: undefined {mine}"); return
     k,d=M[mine]
     if k=="enum":
-        if lmt!="enum" or le["values"]!=d["data"]: errs.append(f"{path}: enum {mine} {d['data']} vs {le.get('values')}")
+        vals=[v if isinstance(v,str) else v["name"] for v in d["data"]]
+        if lmt!="enum" or le["values"]!=vals: errs.append(f"{path}: enum {mine} {vals} vs {le.get('values')}")
         return
     if k=="alternate":
         if lmt!="alternate": errs.append(f"{path}: alt vs {lmt}"); return
