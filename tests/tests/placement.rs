@@ -12,7 +12,7 @@ use std::time::Duration;
 use bulkhead_systests::procs;
 use bulkhead_systests::writes::{self, Write, sparse_file, wait_ok};
 use bulkhead_systests::{Daemon, DaemonKind, QmpConnection, TempDir};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const IMAGE_SIZE: u64 = 16 << 20;
 const BLOCK: u64 = 64 << 10;

@@ -396,7 +396,9 @@ fn bulkheads_own_command_is_listed_as_unstable_with_its_return_type() {
         })
         .unwrap_or_default();
     let expected = [
+        ("id", "int"),
         ("kind", "str"),
+        ("role", "str"),
         ("pid", "int"),
         ("generation", "int"),
         ("restarts", "int"),
