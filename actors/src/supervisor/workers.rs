@@ -86,6 +86,9 @@ pub struct WorkerDied {
     pub pid: u32,
     /// How it ended, for logs.
     pub status: String,
+    /// The report comes back after the restart backoff (the restart is already
+    /// counted against the budget).
+    pub backed_off: bool,
 }
 
 impl WorkerHandle {
@@ -206,6 +209,7 @@ impl WorkerHandle {
                 kind,
                 pid,
                 status,
+                backed_off: false,
             });
         });
         Ok(handle)
