@@ -12,6 +12,7 @@
 //! - [`script`]: data-driven QMP sessions, run against two daemons and compared byte for byte.
 //! - [`procs`]: `/proc` reading (children, argv, liveness) and signals.
 //! - [`loopdev`]: a loop device for host_device tests.
+//! - [`nbd`]: a raw NBD client (handshake, READ/WRITE/FLUSH, the errno a server sends).
 //!
 //! The daemon compared with qsd is bulkhead unless `BULKHEAD_DIFF_AGAINST=qsd`; bulkhead is
 //! `BULKHEAD_BIN` or `target/<profile>/bulkhead` next to the test executable's `deps/`.
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod error;
 pub mod loopdev;
 pub mod mask;
+pub mod nbd;
 pub mod procs;
 pub mod qmp;
 pub mod script;

@@ -61,9 +61,9 @@ where
         Err(e) => {
             tracing::debug!("NBD negotiation ended: {e}");
             // What qsd prints for a failed negotiation; a client that said
-            // NBD_OPT_ABORT, or never sent its flags, is not reported.
+            // NBD_OPT_ABORT, or left before sending its flags, is not reported.
             let text = match &e {
-                HandshakeError::Aborted | HandshakeError::NoFlags => None,
+                HandshakeError::Aborted | HandshakeError::Probe => None,
                 HandshakeError::Io(io) => Some(io_text(io)),
                 HandshakeError::Read(what, io) => {
                     Some(format!("Failed to read {what}: {}", io_text(io)))

@@ -60,9 +60,9 @@ pub(crate) enum HandshakeError {
     /// description: "Failed to read opts magic: ...").
     #[error("Failed to read {0}: {1}")]
     Read(&'static str, std::io::Error),
-    /// The client never sent its flags (a port probe); qsd reports nothing.
-    #[error("no client flags")]
-    NoFlags,
+    /// The client left before sending its flags (a port probe); qsd reports nothing.
+    #[error("client left before sending its flags")]
+    Probe,
     #[error("Unknown client flags 0x{0:x} received")]
     UnknownClientFlags(u32),
     #[error("Bad magic received")]
@@ -187,11 +187,14 @@ where
     greeting[0..8].copy_from_slice(&NBD_MAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&OPTS_MAGIC.to_be_bytes());
     greeting[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&greeting).await?;
+    // A client gone before the greeting is a probe as well.
+    w.write_all(&greeting)
+        .await
+        .map_err(|_| HandshakeError::Probe)?;
 
     // Like qsd, a failure to read the very first field is not an error worth
     // reporting: that is a port probe, not a client.
-    let flags = r.read_u32().await.map_err(|_| HandshakeError::NoFlags)?;
+    let flags = r.read_u32().await.map_err(|_| HandshakeError::Probe)?;
     let fixed = flags & FLAG_C_FIXED_NEWSTYLE != 0;
     let no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
     let unknown = flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
