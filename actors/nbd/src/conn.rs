@@ -44,34 +44,99 @@ where
     let _slot = slot;
     let mut r = BufReader::with_capacity(READ_BUF, r);
     let mut shutdown = shared.shutdown_signal();
-    let negotiation = handshake::negotiate(&shared, &mut r, &mut w);
+    // handshake-max-seconds ends the negotiation the way qsd's timer does: qsd shuts
+    // the socket down, so the read it was waiting in sees end-of-file and the usual
+    // report follows (none for a client that never sent its flags).
+    let deadline = shared
+        .handshake_limit()
+        .map(|limit| tokio::time::Instant::now() + limit);
+    let mut limited_r = Deadline::new(&mut r, deadline);
+    let mut limited_w = Deadline::new(&mut w, deadline);
     let session = tokio::select! {
         _ = signalled(&mut shutdown) => return,
-        s = async {
-            match shared.handshake_limit() {
-                Some(limit) => tokio::time::timeout(limit, negotiation)
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into())),
-                None => negotiation.await,
-            }
-        } => s,
+        s = handshake::negotiate(&shared, &mut limited_r, &mut limited_w) => s,
     };
     match session {
         Ok(session) => transmission(shared, session, r, w).await,
         Err(e) => {
             tracing::debug!("NBD negotiation ended: {e}");
             // What qsd prints for a failed negotiation; a client that said
-            // NBD_OPT_ABORT, or was cut off by handshake-max-seconds, is not reported.
+            // NBD_OPT_ABORT, or left before sending its flags, is not reported.
             let text = match &e {
-                HandshakeError::Aborted => None,
-                HandshakeError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => None,
+                HandshakeError::Aborted | HandshakeError::Probe => None,
                 HandshakeError::Io(io) => Some(io_text(io)),
+                HandshakeError::Read(what, io) => {
+                    Some(format!("Failed to read {what}: {}", io_text(io)))
+                }
                 other => Some(other.to_string()),
             };
             if let Some(text) = text {
                 shared.report(&format!("option negotiation failed: {text}"));
             }
         }
+    }
+}
+
+/// A stream whose reads reach end-of-file, and whose writes fail with EPIPE, once
+/// its deadline has passed (like a socket qsd shut down); no deadline, no limit.
+struct Deadline<'a, T> {
+    inner: &'a mut T,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<'a, T> Deadline<'a, T> {
+    fn new(inner: &'a mut T, at: Option<tokio::time::Instant>) -> Deadline<'a, T> {
+        Deadline {
+            inner,
+            deadline: at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Deadline<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.expired(cx) {
+            // Nothing filled: end-of-file.
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Deadline<'_, T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.expired(cx) {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 

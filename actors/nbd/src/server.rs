@@ -452,6 +452,10 @@ impl NbdServer {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mut shutdown = self.shared.shutdown_signal();
+        // Accept failures in a row. Out of descriptors (EMFILE), the pending client
+        // stays in the backlog and the listener stays readable: retrying at once
+        // would spin, so we pause, and log once per run of failures.
+        let mut failures: u64 = 0;
         loop {
             let Some(permit) = self.permit().await else {
                 return;
@@ -461,13 +465,23 @@ impl NbdServer {
                 r = accept() => match r {
                     Ok(conn) => conn,
                     Err(e) => {
-                        tracing::warn!("NBD accept failed: {e}");
+                        if failures == 0 {
+                            tracing::warn!("NBD accept failed, retrying every {ACCEPT_RETRY:?}: {e}");
+                        }
+                        failures += 1;
                         drop(permit);
-                        tokio::time::sleep(ACCEPT_RETRY).await;
+                        tokio::select! {
+                            _ = signalled(&mut shutdown) => return,
+                            _ = tokio::time::sleep(ACCEPT_RETRY) => {}
+                        }
                         continue;
                     }
                 },
             };
+            if failures > 0 {
+                tracing::warn!("NBD accept works again after {failures} failed attempts");
+                failures = 0;
+            }
             let slot = self.slot(permit);
             let (r, w) = split(conn);
             tokio::spawn(crate::conn::run(self.shared.clone(), slot, r, w));

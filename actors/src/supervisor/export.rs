@@ -59,12 +59,14 @@ fn well_formed(id: &str) -> bool {
 }
 
 /// Binds the listening socket `addr` (SocketAddressLegacy or flat SocketAddress).
-fn listen(addr: &Value, backlog: u32) -> Result<OwnedFd, QmpError> {
+/// The backlog is SOMAXCONN whatever max-connections says, as in qsd: clients
+/// beyond the limit wait there, and a small backlog would refuse them instead.
+fn listen(addr: &Value) -> Result<OwnedFd, QmpError> {
     let kind = addr.get("type").and_then(Value::as_str).unwrap_or("");
     // SocketAddressLegacy nests the members under `data`; flat SocketAddress does not.
     let data = addr.get("data").cloned().unwrap_or_else(|| addr.clone());
     let data = data.as_object().cloned().unwrap_or_default();
-    let backlog = if backlog == 0 { 128 } else { backlog.min(4096) } as i32;
+    let backlog = libc::SOMAXCONN;
     match kind {
         "unix" => {
             let path = get_str(&data, "path").unwrap_or("");
@@ -114,7 +116,15 @@ fn listen(addr: &Value, backlog: u32) -> Result<OwnedFd, QmpError> {
                         .unwrap_or_else(|| e.to_string())
                 ))
             })?;
-            Ok(OwnedFd::from(listener))
+            let listener = OwnedFd::from(listener);
+            // std listens with its own backlog; a second listen() only resizes it.
+            rustix::net::listen(&listener, backlog).map_err(|e| {
+                QmpError::generic(format!(
+                    "Failed to listen on socket: {}",
+                    super::strerror(e.raw_os_error())
+                ))
+            })?;
+            Ok(listener)
         }
         other => Err(QmpError::generic(format!(
             "bulkhead does not support NBD server addresses of type '{other}'"
@@ -150,7 +160,7 @@ impl Core {
             .and_then(Value::as_u64)
             .unwrap_or(10) as u32;
         let addr = args.get("addr").cloned().unwrap_or(Value::Null);
-        let listener = listen(&addr, max_connections)?;
+        let listener = listen(&addr)?;
         // During start-up the server only records itself: like qsd, no client is served
         // before the whole command line ran (its `--export`s included).
         if self.started {
