@@ -215,7 +215,13 @@ fn a_forbidden_syscall_kills_the_worker_with_sigsys_and_the_export_serves_again(
 
 #[test]
 fn a_worker_that_breaks_the_control_protocol_is_killed_and_replaced() {
-    for mode in ["garbage", "oversized", "truncated"] {
+    // The NBD worker is the one kind that may send events; flooding them is a violation.
+    for (mode, kind) in [
+        ("garbage", "raw"),
+        ("oversized", "raw"),
+        ("truncated", "raw"),
+        ("event-flood", "nbd"),
+    ] {
         let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: ENV_LOCK keeps other test threads of this binary off the environment.
         unsafe { std::env::set_var("BULKHEAD_TEST_MISBEHAVE", mode) };
@@ -226,12 +232,15 @@ fn a_worker_that_breaks_the_control_protocol_is_killed_and_replaced() {
             Ok(q) => q,
             Err(e) => panic!("{e}\n{}", daemon.stderr()),
         };
-        let victim = worker_pid(daemon.pid(), "raw", None);
+        let victim = worker_pid(daemon.pid(), kind, None);
         if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
             panic!("cannot signal worker {}: {e}", victim);
         }
         wait_for_stderr(&daemon, "killing misbehaving worker");
-        let replacement = worker_pid(daemon.pid(), "raw", Some(victim));
+        if mode == "event-flood" {
+            wait_for_stderr(&daemon, "reason=event flood");
+        }
+        let replacement = worker_pid(daemon.pid(), kind, Some(victim));
         assert_ne!(replacement, victim, "{mode}");
         let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x55 0 64k", "read -P 0x55 0 64k"]);
         assert!(

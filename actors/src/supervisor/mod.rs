@@ -93,7 +93,7 @@ pub struct Core {
     channels: HashSet<(WorkerId, WorkerId)>,
     events: EventSink,
     on_death: Rc<dyn Fn(WorkerDied)>,
-    on_event: Rc<dyn Fn(WorkerId, WorkerEvent)>,
+    on_event: Rc<dyn Fn(WorkerId, WorkerEvent, workers::EventTicket)>,
     generated_names: u64,
     nbd: Option<export::NbdServer>,
     /// The instance serving NBD exports.
@@ -122,7 +122,7 @@ impl Core {
     pub fn new(
         events: EventSink,
         isolation: Isolation,
-        on_event: Rc<dyn Fn(WorkerId, WorkerEvent)>,
+        on_event: Rc<dyn Fn(WorkerId, WorkerEvent, workers::EventTicket)>,
         on_death: Rc<dyn Fn(WorkerDied)>,
     ) -> Core {
         Core {
@@ -343,12 +343,14 @@ impl Core {
         self.channels.retain(|(a, b)| *a != id && *b != id);
         let on_death = Rc::clone(&self.on_death);
         let on_event = Rc::clone(&self.on_event);
-        let handle =
-            WorkerHandle::spawn(kind, id, move |i, e| on_event(i, e), move |d| on_death(d))
-                .await
-                .map_err(|e| {
-                    QmpError::generic(format!("Could not start the {kind} worker: {e}"))
-                })?;
+        let handle = WorkerHandle::spawn(
+            kind,
+            id,
+            move |i, e, t| on_event(i, e, t),
+            move |d| on_death(d),
+        )
+        .await
+        .map_err(|e| QmpError::generic(format!("Could not start the {kind} worker: {e}")))?;
         if let Some(inst) = self.instances.get_mut(&id) {
             inst.generation += 1;
             inst.handle = Some(handle);

@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::process::Stdio;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bulkhead_ipc::control::{ChannelError, ControlChannel};
@@ -22,6 +24,22 @@ use tokio::sync::oneshot;
 
 /// How long a worker may take to say `Ready`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most events from one worker the supervisor has not handled yet. A worker that
+/// sends faster than the supervisor handles is flooding it and is killed, so a peer
+/// cannot grow the supervisor's mailbox without bound.
+pub const MAX_PENDING_EVENTS: usize = 64;
+
+/// One event of a worker in the supervisor's mailbox; dropping it (once the event is
+/// handled) frees its place under [`MAX_PENDING_EVENTS`].
+#[derive(Debug)]
+pub struct EventTicket(Arc<AtomicUsize>);
+
+impl Drop for EventTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// How long a worker may take to answer one control request. Control requests do no
 /// bulk I/O; anything slower than this is a hung worker.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -97,7 +115,7 @@ impl WorkerHandle {
     pub async fn spawn(
         kind: WorkerKind,
         id: WorkerId,
-        on_event: impl Fn(WorkerId, WorkerEvent) + 'static,
+        on_event: impl Fn(WorkerId, WorkerEvent, EventTicket) + 'static,
         on_death: impl FnOnce(WorkerDied) + 'static,
     ) -> Result<WorkerHandle, SpawnError> {
         let (ours, theirs) = fd::seqpacket_pair()?;
@@ -291,8 +309,9 @@ async fn read_replies(
     id: WorkerId,
     chan: &ControlChannel,
     pending: &Pending,
-    on_event: &dyn Fn(WorkerId, WorkerEvent),
+    on_event: &dyn Fn(WorkerId, WorkerEvent, EventTicket),
 ) -> Option<String> {
+    let pending_events = Arc::new(AtomicUsize::new(0));
     loop {
         match chan.recv::<FromWorker>().await {
             Ok((FromWorker::Reply { id, result }, fds)) => {
@@ -313,7 +332,10 @@ async fn read_replies(
                     WorkerEvent::ExportGone { name }
                         if kind == WorkerKind::Nbd && name.len() <= 4096 =>
                     {
-                        on_event(id, event)
+                        if pending_events.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_EVENTS {
+                            return Some("event flood".into());
+                        }
+                        on_event(id, event, EventTicket(Arc::clone(&pending_events)))
                     }
                     _ => return Some("event not expected from this worker".into()),
                 }

@@ -6,7 +6,8 @@
 //!   (`socket(AF_INET)`): the kernel kills it with SIGSYS.
 //! - SIGUSR2: the worker sends the supervisor a control message that breaks the
 //!   protocol; `BULKHEAD_TEST_MISBEHAVE` picks it: `garbage` (default), `oversized` (more
-//!   than the message limit) or `truncated` (the first half of a valid reply).
+//!   than the message limit), `truncated` (the first half of a valid reply) or
+//!   `event-flood` (valid events, far faster than the supervisor handles them).
 //!
 //! The signal handlers are installed before the seccomp filter (which forbids
 //! `rt_sigaction`), the tasks that act on them once the control channel exists.
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 use bulkhead_ipc::codec;
 use bulkhead_ipc::control::ControlChannel;
-use bulkhead_ipc::wire::{FromWorker, Reply};
+use bulkhead_ipc::wire::{FromWorker, Reply, WorkerEvent};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// The installed signal streams.
@@ -47,6 +48,17 @@ impl Hooks {
         });
         tokio::spawn(async move {
             misbehave.recv().await;
+            if std::env::var("BULKHEAD_TEST_MISBEHAVE").as_deref() == Ok("event-flood") {
+                let event = FromWorker::Event(WorkerEvent::ExportGone {
+                    name: "flood".into(),
+                });
+                for _ in 0..100_000 {
+                    if chan.send(&event, &[]).await.is_err() {
+                        break;
+                    }
+                }
+                return;
+            }
             let bytes = match std::env::var("BULKHEAD_TEST_MISBEHAVE").as_deref() {
                 Ok("oversized") => vec![0x42u8; codec::MAX_CONTROL_MESSAGE + 4096],
                 Ok("truncated") => {
