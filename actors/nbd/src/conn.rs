@@ -34,6 +34,11 @@ const READ_BUF: usize = 64 * 1024;
 const POOL_MAX_BUF: usize = 4 * 1024 * 1024;
 /// Most iovecs per writev (Linux `IOV_MAX`).
 const IOV_MAX: usize = 1024;
+/// Request buffer memory one connection may hold at once: two requests of the
+/// largest size. QEMU allows 16 requests of 32 MiB per connection (512 MiB); past
+/// this bound a request waits for its share before its payload is read, which
+/// pushes back on the client through the socket.
+pub const CONN_BUFFER_BYTES: usize = 2 * MAX_BUFFER_SIZE as usize;
 
 /// Runs one connection to its end.
 pub(crate) async fn run<R, W>(shared: Arc<Shared>, slot: ConnectionSlot, r: R, mut w: W)
@@ -176,6 +181,9 @@ struct Request {
     buf: Buf,
     /// Contexts selected for a BLOCK_STATUS request.
     contexts: Selected,
+    /// The buffer's share of the connection's and the export's memory budgets,
+    /// returned when the request is done.
+    _memory: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 /// A request's data buffer: lent by the backend when it has memory it can use without
@@ -233,6 +241,8 @@ struct Conn<W> {
     running: AtomicUsize,
     /// Set when a reply could not be written; the reader stops.
     dead: watch::Sender<bool>,
+    /// Request buffer memory of this connection ([`CONN_BUFFER_BYTES`]).
+    memory: Arc<Semaphore>,
 }
 
 /// Replies of at most this many bytes are copied into the connection's output buffer
@@ -273,6 +283,7 @@ where
         out: Mutex::new(Out::default()),
         running: AtomicUsize::new(0),
         dead: watch::Sender::new(false),
+        memory: Arc::new(Semaphore::new(CONN_BUFFER_BYTES)),
     });
     let mut stop = Stop {
         export: client.export.closing(),
@@ -492,6 +503,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         }
         // Lengths of READ/WRITE/CACHE and payloads are now at most 32 MiB.
         let mut buf = Buf::default();
+        let mut memory = None;
         if payload_len != 0 && !alloc {
             // A payload on a command that takes none: skip it, then let the flag
             // check below refuse the request.
@@ -499,6 +511,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                 return Received::gone(false);
             }
         } else if alloc {
+            memory = match self.reserve(h.len).await {
+                Some(m) => Some(m),
+                None => return Received::gone(false),
+            };
             buf = self.take_buf(h.len as usize);
             if payload_len != 0
                 && let Err(e) = r.read_exact(&mut buf[..h.len as usize]).await
@@ -520,7 +536,24 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             len,
             buf,
             contexts: selected,
+            _memory: memory,
         })
+    }
+
+    /// Waits for `len` bytes of the connection's, then the export's, buffer budget
+    /// (always in that order, and released together, so waits cannot form a cycle).
+    /// `None` if a semaphore was closed (never, today).
+    async fn reserve(&self, len: u64) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let n = u32::try_from(len.max(1)).ok()?;
+        let conn = self.memory.clone().acquire_many_owned(n).await.ok()?;
+        let export = self
+            .export
+            .memory
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .ok()?;
+        Some((conn, export))
     }
 
     /// qsd's final checks, in its order: read-only, bounds, flags. (qsd computes

@@ -111,7 +111,14 @@ pub(crate) struct Export {
     clients: watch::Sender<usize>,
     /// Set once on hard removal (or server shutdown); attached connections stop.
     closing: watch::Sender<bool>,
+    /// Bytes of request buffers all its connections may hold at once
+    /// ([`EXPORT_BUFFER_BYTES`]): a request waits for its share before its payload is
+    /// read, so many clients cannot make the worker allocate without bound.
+    pub(crate) memory: Arc<Semaphore>,
 }
+
+/// Request buffer memory one export's connections may hold together.
+pub const EXPORT_BUFFER_BYTES: usize = 256 * 1024 * 1024;
 
 impl Export {
     pub(crate) fn read_only(&self) -> bool {
@@ -334,6 +341,7 @@ impl NbdServer {
             backend,
             clients: watch::Sender::new(0),
             closing: watch::Sender::new(false),
+            memory: Arc::new(Semaphore::new(EXPORT_BUFFER_BYTES)),
         });
         let mut table = self.shared.exports();
         if table.iter().any(|e| e.name == export.name) {
