@@ -254,3 +254,58 @@ fn a_worker_that_breaks_the_control_protocol_is_killed_and_replaced() {
         );
     }
 }
+
+#[test]
+fn a_worker_may_open_files_beside_its_own_images_only_and_not_flood_questions() {
+    let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    // Node ids follow creation order: file0 1, file1 2, raw0 3. The raw worker hosts
+    // raw0 and its child file0; file1 stays in the file worker.
+    // SAFETY: ENV_LOCK keeps other test threads of this binary off the environment.
+    unsafe {
+        std::env::set_var("BULKHEAD_TEST_MISBEHAVE", "ask");
+        std::env::set_var(
+            "BULKHEAD_TEST_ASK",
+            "1:disk2.img;3:./disk2.img;2:disk2.img;1:/etc/passwd;1:../disk2.img;1:nothing.img",
+        );
+    }
+    let daemon = start();
+    // SAFETY: as above.
+    unsafe {
+        std::env::remove_var("BULKHEAD_TEST_MISBEHAVE");
+        std::env::remove_var("BULKHEAD_TEST_ASK");
+    }
+    let victim = worker_pid(daemon.pid(), "raw", None);
+    if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
+        panic!("cannot signal worker {victim}: {e}");
+    }
+    for expected in [
+        "node=1 file=disk2.img: opened, 16777216 bytes",
+        "node=3 file=./disk2.img: opened, 16777216 bytes",
+        "node=2 file=disk2.img: refused: NotFound",
+        "node=1 file=/etc/passwd: refused: Invalid",
+        "node=1 file=../disk2.img: refused: Io",
+        "node=1 file=nothing.img: refused: Io",
+    ] {
+        wait_for_stderr(&daemon, expected);
+    }
+    assert_eq!(
+        worker_pid(daemon.pid(), "raw", None),
+        victim,
+        "questions within the rules keep the worker alive"
+    );
+
+    // SAFETY: as above.
+    unsafe { std::env::set_var("BULKHEAD_TEST_MISBEHAVE", "ask-flood") };
+    let daemon = start();
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("BULKHEAD_TEST_MISBEHAVE") };
+    let victim = worker_pid(daemon.pid(), "raw", None);
+    if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
+        panic!("cannot signal worker {victim}: {e}");
+    }
+    wait_for_stderr(&daemon, "reason=question flood");
+    let replacement = worker_pid(daemon.pid(), "raw", Some(victim));
+    assert_ne!(replacement, victim);
+    let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x66 0 64k", "read -P 0x66 0 64k"]);
+    assert!(ok, "the export serves through the replacement: {out}");
+}

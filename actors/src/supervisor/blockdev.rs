@@ -404,6 +404,14 @@ impl Core {
         let fixed_window =
             matches!(&config, DriverConfig::Raw(r) if r.offset > 0 || r.size.is_some());
         let saved_config = config;
+        // Its image's directory: its own file, or the file at the bottom of its child.
+        let image_path = filename.clone().or_else(|| {
+            child
+                .as_deref()
+                .and_then(|c| self.graph.chain(c).last().and_then(|b| b.path.clone()))
+        });
+        let dir = image_path.as_deref().map(super::asks::image_dir);
+        self.asks.borrow_mut().insert(id, home, dir);
         let opened = self
             .open_on(home, id, &name, config, child_ref, worker_fd.as_ref())
             .await;

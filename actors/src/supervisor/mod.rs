@@ -7,6 +7,7 @@
 //! commands. Commands reach `Core` already checked against the QAPI schema.
 
 pub mod actor;
+pub mod asks;
 pub mod blockdev;
 pub mod export;
 pub mod graph;
@@ -107,6 +108,8 @@ pub struct Core {
     /// Instances being restored right now (a restore that needs another instance
     /// restores it first; this stops a cycle should the graph ever have one).
     restoring: HashSet<WorkerId>,
+    /// What workers' questions are answered from (see `asks`).
+    asks: asks::SharedAskTable,
 }
 
 impl std::fmt::Debug for Core {
@@ -141,7 +144,23 @@ impl Core {
             stopping: false,
             started: false,
             restoring: HashSet::new(),
+            asks: Rc::default(),
         }
+    }
+
+    /// Brings the table workers' questions are answered from up to date: who hosts
+    /// each node and the directory of the image under it.
+    fn refresh_asks(&self) {
+        let nodes = self.graph.iter().map(|n| {
+            let dir = self
+                .graph
+                .chain(&n.name)
+                .last()
+                .and_then(|b| b.path.as_deref())
+                .map(asks::image_dir);
+            (n.id, n.home, dir)
+        });
+        self.asks.borrow_mut().set(nodes);
     }
 
     /// Runs one command with already validated arguments.
@@ -150,7 +169,17 @@ impl Core {
         command: &str,
         args: Map<String, Value>,
     ) -> Result<(Value, After), QmpError> {
-        let ret = match command {
+        if command == "quit" {
+            self.delete_all_exports().await;
+            return Ok((json!({}), After::Quit));
+        }
+        let ret = self.run(command, args).await;
+        self.refresh_asks();
+        Ok((ret?, After::Continue))
+    }
+
+    async fn run(&mut self, command: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        Ok(match command {
             "query-version" => crate::version::query_version(),
             "query-commands" => {
                 Value::Array(COMMANDS.iter().rev().map(|c| json!({"name": c})).collect())
@@ -158,10 +187,6 @@ impl Core {
             "query-qmp-schema" => bulkhead_qmp::qapi::Schema::get()
                 .introspect(COMMANDS, crate::events::EVENTS)
                 .map_err(|e| QmpError::generic(e.to_string()))?,
-            "quit" => {
-                self.delete_all_exports().await;
-                return Ok((json!({}), After::Quit));
-            }
             "blockdev-add" => self.blockdev_add(Value::Object(args)).await?,
             "blockdev-del" => self.blockdev_del(&args).await?,
             "query-named-block-nodes" => self.graph.query_named_block_nodes(),
@@ -182,8 +207,7 @@ impl Core {
                     desc: format!("The command {other} has not been found"),
                 });
             }
-        };
-        Ok((ret, After::Continue))
+        })
     }
 
     /// The command line has run: start serving NBD clients (the server and every
@@ -343,9 +367,13 @@ impl Core {
         self.channels.retain(|(a, b)| *a != id && *b != id);
         let on_death = Rc::clone(&self.on_death);
         let on_event = Rc::clone(&self.on_event);
+        // Nodes about to be replayed into this worker may ask already.
+        self.refresh_asks();
+        let asks = Rc::clone(&self.asks);
         let handle = WorkerHandle::spawn(
             kind,
             id,
+            asks,
             move |i, e, t| on_event(i, e, t),
             move |d| on_death(d),
         )

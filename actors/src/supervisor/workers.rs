@@ -18,9 +18,12 @@ use std::time::Duration;
 use bulkhead_ipc::control::{ChannelError, ControlChannel};
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{
-    FromWorker, Reply, Request, ToWorker, WorkerError, WorkerEvent, WorkerId, WorkerKind,
+    FromWorker, Reply, Request, SupervisorMessage, ToWorker, WorkerError, WorkerEvent, WorkerId,
+    WorkerKind,
 };
 use tokio::sync::oneshot;
+
+use super::asks::{AskRate, SharedAskTable};
 
 /// How long a worker may take to say `Ready`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,6 +118,7 @@ impl WorkerHandle {
     pub async fn spawn(
         kind: WorkerKind,
         id: WorkerId,
+        asks: SharedAskTable,
         on_event: impl Fn(WorkerId, WorkerEvent, EventTicket) + 'static,
         on_death: impl FnOnce(WorkerDied) + 'static,
     ) -> Result<WorkerHandle, SpawnError> {
@@ -197,7 +201,7 @@ impl WorkerHandle {
         let reader_pending = Rc::clone(&pending);
         let kill_pidfd = handle.pidfd.as_ref().and_then(|f| fd::dup(f).ok());
         tokio::task::spawn_local(async move {
-            let why = read_replies(kind, id, &chan, &reader_pending, &on_event).await;
+            let why = read_replies(kind, id, &chan, &reader_pending, &asks, &on_event).await;
             if let Some(why) = why {
                 tracing::error!(worker = %kind, pid, reason = %why, "killing misbehaving worker");
                 if let Some(p) = &kill_pidfd {
@@ -267,7 +271,8 @@ impl WorkerHandle {
         self.next_id.set(id + 1);
         let (tx, rx) = oneshot::channel();
         self.pending.borrow_mut().insert(id, tx);
-        if let Err(e) = self.chan.send(&Request { id, body }, fds).await {
+        let msg = SupervisorMessage::Request(Request { id, body });
+        if let Err(e) = self.chan.send(&msg, fds).await {
             self.pending.borrow_mut().remove(&id);
             return Err(e.into());
         }
@@ -309,11 +314,39 @@ async fn read_replies(
     id: WorkerId,
     chan: &ControlChannel,
     pending: &Pending,
+    asks: &SharedAskTable,
     on_event: &dyn Fn(WorkerId, WorkerEvent, EventTicket),
 ) -> Option<String> {
     let pending_events = Arc::new(AtomicUsize::new(0));
+    let mut rate = AskRate::default();
     loop {
         match chan.recv::<FromWorker>().await {
+            Ok((FromWorker::Ask { id: question, body }, fds)) => {
+                if !fds.is_empty() {
+                    return Some("question carried descriptors".into());
+                }
+                if !rate.take() {
+                    return Some("question flood".into());
+                }
+                // Answered here, not by the actor, which may be waiting for this very
+                // worker (see `asks`).
+                let answer = asks.borrow().answer(id, &body);
+                if let Err(e) = &answer {
+                    tracing::warn!(worker = %id, ?body, error = %e, "question refused");
+                }
+                let (result, fds) = match answer {
+                    Ok((a, fds)) => (Ok(a), fds),
+                    Err(e) => (Err(e), Vec::new()),
+                };
+                let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+                let msg = SupervisorMessage::Answer {
+                    id: question,
+                    result,
+                };
+                if let Err(e) = chan.send(&msg, &borrowed).await {
+                    return (!e.is_closed()).then(|| e.to_string());
+                }
+            }
             Ok((FromWorker::Reply { id, result }, fds)) => {
                 if !fds.is_empty() {
                     return Some("reply carried descriptors".into());

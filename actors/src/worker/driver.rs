@@ -51,6 +51,7 @@ impl Nodes {
 pub(crate) struct DriverWorker {
     kind: WorkerKind,
     id: WorkerId,
+
     nodes: Arc<Nodes>,
     peers: super::Peers,
 }
