@@ -19,6 +19,7 @@ use std::io::IoSlice;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_block::posix::strerror;
 use bulkhead_block::{BlockIo, Extent, IoBuffer, IoError, SparseReadError, WriteFlags, ZeroFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -1122,7 +1123,6 @@ fn too_long(len: u64) -> String {
     format!("len ({len}) is larger than max len ({MAX_BUFFER_SIZE})")
 }
 
-/// The C library's text for an errno, without Rust's " (os error N)" suffix.
 /// QEMU's text for a failed socket read or write (`qio_channel_*_all`).
 fn io_text(e: &std::io::Error) -> String {
     match e.kind() {
@@ -1134,14 +1134,6 @@ fn io_text(e: &std::io::Error) -> String {
             "Unable to read from socket: {}",
             strerror(e.raw_os_error().unwrap_or(libc::EIO))
         ),
-    }
-}
-
-fn strerror(errno: i32) -> String {
-    let s = std::io::Error::from_raw_os_error(errno).to_string();
-    match s.rfind(" (os error") {
-        Some(i) => s[..i].to_owned(),
-        None => s,
     }
 }
 

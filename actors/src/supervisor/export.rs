@@ -13,7 +13,8 @@ use bulkhead_ipc::wire::{NbdExport, NodeRef, Reply, ToWorker, WorkerErrorKind};
 use serde_json::{Map, Value, json};
 
 use super::workers::CallError;
-use super::{Core, QmpError, call_error};
+use super::{Core, QmpError, call_error, get_str};
+use bulkhead_qmp::qapi::id_wellformed;
 
 /// NBD's limit on names and descriptions (NBD_MAX_STRING_SIZE).
 const NBD_MAX_STRING: usize = 4096;
@@ -46,16 +47,6 @@ pub struct Export {
     pub description: Option<String>,
     /// Offer `qemu:allocation-depth`.
     pub allocation_depth: bool,
-}
-
-fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    m.get(k).and_then(Value::as_str)
-}
-
-fn well_formed(id: &str) -> bool {
-    let mut c = id.chars();
-    c.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && c.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
 /// Binds the listening socket `addr` (SocketAddressLegacy or flat SocketAddress).
@@ -219,7 +210,7 @@ impl Core {
         args: &Map<String, Value>,
     ) -> Result<Value, QmpError> {
         let id = get_str(args, "id").unwrap_or("").to_string();
-        if !well_formed(&id) {
+        if !id_wellformed(&id) {
             return Err(QmpError::generic("Invalid block export id"));
         }
         if self.exports.iter().any(|e| e.id == id) {

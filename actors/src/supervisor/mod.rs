@@ -453,11 +453,9 @@ pub(crate) fn call_error(e: CallError) -> QmpError {
     }
 }
 
-/// The C library's text for an errno, as QEMU prints it (no "(os error N)" suffix).
-pub fn strerror(errno: i32) -> String {
-    let s = std::io::Error::from_raw_os_error(errno).to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
+pub use bulkhead_block::posix::strerror;
+
+/// A string argument of a command (already checked against the schema).
+pub(crate) fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    m.get(k).and_then(Value::as_str)
 }
