@@ -182,6 +182,10 @@ pub enum ToWorker {
         /// New size in bytes.
         size: u64,
     },
+    /// Answer at once: the heartbeat. A worker's control loop must never be busy for
+    /// long (long work runs in tasks of its own), so a ping that goes unanswered
+    /// means the worker hangs.
+    Ping,
     /// Report a node's current state.
     QueryNode {
         /// The node.

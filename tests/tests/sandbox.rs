@@ -274,6 +274,10 @@ fn a_worker_may_open_files_beside_its_own_images_only_and_not_flood_questions() 
         std::env::remove_var("BULKHEAD_TEST_MISBEHAVE");
         std::env::remove_var("BULKHEAD_TEST_ASK");
     }
+    // The greeting comes once the command line has run: every worker is up.
+    if let Err(e) = daemon.qmp(0) {
+        panic!("{e}\n{}", daemon.stderr());
+    }
     let victim = worker_pid(daemon.pid(), "raw", None);
     if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
         panic!("cannot signal worker {victim}: {e}");
@@ -299,6 +303,9 @@ fn a_worker_may_open_files_beside_its_own_images_only_and_not_flood_questions() 
     let daemon = start();
     // SAFETY: as above.
     unsafe { std::env::remove_var("BULKHEAD_TEST_MISBEHAVE") };
+    if let Err(e) = daemon.qmp(0) {
+        panic!("{e}\n{}", daemon.stderr());
+    }
     let victim = worker_pid(daemon.pid(), "raw", None);
     if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
         panic!("cannot signal worker {victim}: {e}");
@@ -307,5 +314,33 @@ fn a_worker_may_open_files_beside_its_own_images_only_and_not_flood_questions() 
     let replacement = worker_pid(daemon.pid(), "raw", Some(victim));
     assert_ne!(replacement, victim);
     let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x66 0 64k", "read -P 0x66 0 64k"]);
+    assert!(ok, "the export serves through the replacement: {out}");
+}
+
+#[test]
+fn a_hung_worker_misses_its_heartbeat_and_is_replaced() {
+    let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: ENV_LOCK keeps other test threads of this binary off the environment.
+    unsafe {
+        std::env::set_var("BULKHEAD_TEST_MISBEHAVE", "hang");
+        std::env::set_var("BULKHEAD_HEARTBEAT_MS", "200");
+    }
+    let daemon = start();
+    // SAFETY: as above.
+    unsafe {
+        std::env::remove_var("BULKHEAD_TEST_MISBEHAVE");
+        std::env::remove_var("BULKHEAD_HEARTBEAT_MS");
+    }
+    if let Err(e) = daemon.qmp(0) {
+        panic!("{e}\n{}", daemon.stderr());
+    }
+    let victim = worker_pid(daemon.pid(), "raw", None);
+    if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
+        panic!("cannot signal worker {victim}: {e}");
+    }
+    wait_for_stderr(&daemon, "killing hung worker (no heartbeat)");
+    let replacement = worker_pid(daemon.pid(), "raw", Some(victim));
+    assert_ne!(replacement, victim);
+    let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x77 0 64k", "read -P 0x77 0 64k"]);
     assert!(ok, "the export serves through the replacement: {out}");
 }

@@ -183,6 +183,7 @@ impl DriverWorker {
                 })?;
                 Ok(Reply::NodeInfo { size: n.size() })
             }
+            ToWorker::Ping => Ok(Reply::Done),
             ToWorker::NbdServerStart { .. }
             | ToWorker::NbdServerStop
             | ToWorker::NbdExportAdd { .. }

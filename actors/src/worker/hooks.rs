@@ -10,7 +10,9 @@
 //!   `event-flood` (valid events, far faster than the supervisor handles them), or
 //!   `ask`: not a violation, but the questions in `BULKHEAD_TEST_ASK`
 //!   (`node:filename;...`) asked in turn, each outcome logged at warn level as
-//!   `test hook asked node=N file=F: ...` (`ask-flood`: one question, far too often).
+//!   `test hook asked node=N file=F: ...` (`ask-flood`: one question, far too often),
+//!   or `hang`: the worker's only runtime thread blocks for good (a hung worker, for
+//!   the supervisor's heartbeat to find).
 //!
 //! The signal handlers are installed before the seccomp filter (which forbids
 //! `rt_sigaction`), the tasks that act on them once the control channel exists.
@@ -53,6 +55,9 @@ impl Hooks {
             misbehave.recv().await;
             match std::env::var("BULKHEAD_TEST_MISBEHAVE").as_deref() {
                 Ok("ask") => return ask_listed(&link).await,
+                Ok("hang") => loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                },
                 Ok("ask-flood") => {
                     for _ in 0..10_000 {
                         let q = WorkerAsk::OpenFile {
