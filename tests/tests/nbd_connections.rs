@@ -352,6 +352,20 @@ fn with_the_default_limits_a_thousand_idle_clients_do_not_delay_a_new_one() {
         greeted < Duration::from_secs(5),
         "{IDLE_CLIENTS} clients greeted after {greeted:?}: they waited for slots"
     );
+    let worker = bulkhead_systests::procs::worker_pid(daemon.pid(), "nbd", None);
+    // About 7 KiB per negotiating client (a 4 KiB read buffer, the task): the bound
+    // of 1024 of them keeps the worker small.
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{worker}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(u64::MAX);
+    eprintln!("NBD worker RSS with {IDLE_CLIENTS} idle clients: {rss_kib} KiB");
+    assert!(
+        rss_kib < 32 << 10,
+        "NBD worker RSS {rss_kib} KiB with {IDLE_CLIENTS} idle clients"
+    );
     let started = Instant::now();
     let result = served(&socket);
     let latency = started.elapsed();

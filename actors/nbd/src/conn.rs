@@ -30,6 +30,9 @@ use crate::server::{ConnectionSlot, Export, Shared, signalled};
 
 /// Read buffer size: big enough to batch many small request headers per syscall.
 const READ_BUF: usize = 64 * 1024;
+/// Read buffer size during negotiation: option headers are small, and up to a
+/// thousand clients may be negotiating at once.
+const HANDSHAKE_BUF: usize = 4 * 1024;
 /// Buffers above this size are freed after use instead of pooled.
 const POOL_MAX_BUF: usize = 4 * 1024 * 1024;
 /// Most iovecs per writev (Linux `IOV_MAX`).
@@ -46,7 +49,7 @@ where
     // waits for that).
     let mut slot = slot;
     let mut w = w;
-    let mut r = BufReader::with_capacity(READ_BUF, r);
+    let mut r = BufReader::with_capacity(HANDSHAKE_BUF, r);
     let mut shutdown = shared.shutdown_signal();
     // handshake-max-seconds ends the negotiation the way qsd's timer does: qsd shuts
     // the socket down, so the read it was waiting in sees end-of-file and the usual
@@ -87,6 +90,10 @@ where
                 return;
             }
             let _slot = slot;
+            // The bigger buffer of the transmission phase; bytes the client sent
+            // after its GO (pipelined requests) are read first.
+            let early = std::io::Cursor::new(r.buffer().to_vec());
+            let r = BufReader::with_capacity(READ_BUF, early.chain(r.into_inner()));
             transmission(shared, session, r, w).await
         }
         Err(e) => {

@@ -308,6 +308,36 @@ fn with_one_connection_allowed_a_second_client_negotiates_then_waits_for_the_fir
 }
 
 #[test]
+fn requests_sent_with_go_in_one_write_are_served() {
+    let s = server_with_image(ServerConfig::default());
+    let mut r = Raw::connect(&s.sock);
+    // Flags, GO and two READs in one write: the READs reach the server in the same
+    // segment as GO, before it replies.
+    let mut m = 3u32.to_be_bytes().to_vec();
+    let mut d = name_bytes("exp");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&OPTS_MAGIC.to_be_bytes());
+    m.extend_from_slice(&7u32.to_be_bytes());
+    m.extend_from_slice(&(d.len() as u32).to_be_bytes());
+    m.extend_from_slice(&d);
+    for cookie in [1u64, 2] {
+        m.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&0u64.to_be_bytes());
+        m.extend_from_slice(&512u32.to_be_bytes());
+    }
+    r.send(&m);
+    assert_eq!(r.replies().and_then(|r| r.last().map(|l| l.0)), Some(1));
+    for _ in 0..2 {
+        let (err, cookie) = r.simple().expect("a reply");
+        assert_eq!(err, 0, "cookie {cookie}");
+        assert_eq!(r.read_n(512), Some(vec![0x42; 512]));
+    }
+}
+
+#[test]
 fn when_too_many_clients_negotiate_the_one_idle_longest_is_dropped() {
     let s = server_with_image(ServerConfig {
         max_connections: 100,
