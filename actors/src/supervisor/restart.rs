@@ -4,12 +4,13 @@
 //! Runs in the supervisor, on the actor thread, like a command: nothing else is handled
 //! while an instance is restored. See `design/restart.md`.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bulkhead_ipc::wire::WorkerId;
 
-use super::workers::WorkerDied;
+use super::workers::{WorkerDied, WorkerHandle};
 use super::{Core, QmpError};
 
 /// Most restarts of one worker instance within [`RESTART_WINDOW`]. Counted per
@@ -149,8 +150,19 @@ impl Core {
         let Some(kind) = self.instances.get(&id).map(|i| i.kind) else {
             return Err(QmpError::generic(format!("worker {id} does not exist")));
         };
-        // Instances this one reaches (children elsewhere) must be up before it replays.
+        // Instances this one reaches (children elsewhere) must be up before it replays:
+        // any that is dead is restored first.
         let deps = self.dependencies(id);
+        for d in &deps {
+            self.worker(*d).await?;
+        }
+        // If one of them dies while this one replays, a call may wait on it (a data
+        // channel request waits for the dead peer's replacement), and the supervisor,
+        // busy here, could not replace it: watch for that and give up the attempt.
+        let watched: Vec<_> = deps
+            .iter()
+            .filter_map(|d| self.running(*d).map(WorkerHandle::alive_flag))
+            .collect();
         // Instances that reach this one and whose channels must be re-made.
         let clients: Vec<WorkerId> = self
             .channels
@@ -159,14 +171,21 @@ impl Core {
             .map(|(c, _)| *c)
             .collect();
         self.spawn(id).await?;
-        match self.replay(id, &clients).await {
+        let outcome = tokio::select! {
+            r = self.replay(id, &clients) => r,
+            () = any_died(&watched) => Err(QmpError::generic(
+                "a worker it depends on died during the restore",
+            )),
+        };
+        match outcome {
             Ok(()) => {
                 tracing::info!(worker = %id, %kind, "worker restored");
                 Ok(())
             }
             Err(e) => {
                 // A dependency that died meanwhile is not this instance's fault.
-                let dep_died = deps.iter().any(|d| self.running(*d).is_none());
+                let dep_died = watched.iter().any(|a| !a.get())
+                    || deps.iter().any(|d| self.running(*d).is_none());
                 if let Some(inst) = self.instances.get_mut(&id) {
                     inst.free_retry = dep_died;
                     if let Some(w) = &inst.handle {
@@ -177,6 +196,7 @@ impl Core {
             }
         }
     }
+
     /// Replays instance `id`'s state into its fresh process, children first.
     async fn replay(&mut self, id: WorkerId, clients: &[WorkerId]) -> Result<(), QmpError> {
         // Nodes in creation order: a child is always older than its parents.
@@ -255,5 +275,18 @@ impl Core {
     /// Whether `name` or a node below it lives on instance `id`.
     fn chain_uses(&self, name: &str, id: WorkerId) -> bool {
         self.graph.chain(name).iter().any(|n| n.home == id)
+    }
+}
+
+/// Resolves once any of the watched workers is no longer alive (never, for none).
+async fn any_died(flags: &[Rc<Cell<bool>>]) {
+    if flags.is_empty() {
+        return std::future::pending().await;
+    }
+    loop {
+        if flags.iter().any(|a| !a.get()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

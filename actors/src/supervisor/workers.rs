@@ -342,6 +342,12 @@ impl WorkerHandle {
         &self.sandbox
     }
 
+    /// The flag [`WorkerHandle::is_alive`] reads, for watching the process while the
+    /// supervisor is busy elsewhere.
+    pub fn alive_flag(&self) -> Rc<Cell<bool>> {
+        Rc::clone(&self.alive)
+    }
+
     /// Whether the process is still running.
     pub fn is_alive(&self) -> bool {
         self.alive.get()
