@@ -248,6 +248,9 @@ pub struct SocketChardev {
     pub wait: Option<bool>,
     /// `nodelay=`/`delay=` combined, if either was given.
     pub nodelay: Option<bool>,
+    /// `reconnect-ms=`, or `reconnect=` in seconds: a client retries connecting at
+    /// start-up instead of failing (0 or absent: no retries).
+    pub reconnect_ms: Option<u64>,
 }
 
 /// A socket chardev address.
@@ -368,6 +371,12 @@ pub enum OptionError {
     /// Client socket chardev with `wait=`.
     #[error("'wait' option is incompatible with socket in client connect mode")]
     SocketWaitInClientMode,
+    /// Listening socket chardev with `reconnect` (`reconnect-ms` is let through).
+    #[error("'reconnect' option is incompatible with socket in server listen mode")]
+    SocketReconnectServer,
+    /// Socket chardev with both `reconnect` and `reconnect-ms`.
+    #[error("'reconnect' and 'reconnect-ms' are mutually exclusive")]
+    SocketReconnectConflict,
     /// A socket chardev's `fd=` that is not a number (see [`parse_fd_number`]).
     #[error("Unable to parse FD number {0}")]
     BadFdNumber(String),
@@ -1330,6 +1339,9 @@ fn parse_socket_chardev(opts: &QemuOpts) -> Result<SocketChardev, OptionError> {
     if opts.get("tls-authz").is_some() && opts.get("tls-creds").is_none() {
         return Err(OptionError::SocketAuthzWithoutCreds);
     }
+    if server && opts.get("reconnect").is_some() {
+        return Err(OptionError::SocketReconnectServer);
+    }
     if !server {
         if opts.get_bool("websocket", false) {
             return Err(OptionError::SocketWebsocketClient);
@@ -1338,7 +1350,15 @@ fn parse_socket_chardev(opts: &QemuOpts) -> Result<SocketChardev, OptionError> {
             return Err(OptionError::SocketWaitInClientMode);
         }
     }
+    let reconnect_ms = match (opts.get("reconnect"), opts.get("reconnect-ms")) {
+        (Some(_), Some(_)) => return Err(OptionError::SocketReconnectConflict),
+        (Some(secs), None) => secs.parse::<u64>().ok().map(|s| s.saturating_mul(1000)),
+        (None, Some(ms)) => ms.parse::<u64>().ok(),
+        (None, None) => None,
+    }
+    .filter(|&ms| ms > 0);
     Ok(SocketChardev {
+        reconnect_ms,
         addr,
         server,
         wait,
@@ -1825,6 +1845,7 @@ mod tests {
                     server: true,
                     wait: Some(false),
                     nodelay: None,
+                    reconnect_ms: None,
                 }),
                 opts: vec![
                     ("backend".to_owned(), "socket".to_owned()),
@@ -1966,7 +1987,8 @@ mod tests {
                         addr: SocketChardevAddr::Fd(String::new()),
                         server: false,
                         wait: None,
-                        nodelay: None
+                        nodelay: None,
+                        reconnect_ms: None
                     })
                 );
             }

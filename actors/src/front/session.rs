@@ -175,6 +175,19 @@ impl Session {
             };
             return Self::error(e, id);
         }
+        // Chardevs belong to the front (monitors use them), not to the supervisor core.
+        let chardev = match command.as_str() {
+            "query-chardev" => Some(Ok(self.front.chardevs.borrow().query())),
+            "chardev-add" => Some(self.front.chardevs.borrow_mut().add(&args)),
+            "chardev-remove" => Some(self.front.chardevs.borrow_mut().remove(&args)),
+            _ => None,
+        };
+        if let Some(result) = chardev {
+            return match result {
+                Ok(ret) => (request::success_response(ret, id), After::Continue),
+                Err(e) => Self::error(e, id),
+            };
+        }
         match self.front.supervisor.send(Execute { command, args }).await {
             Ok(Ok((ret, after))) => (request::success_response(ret, id), after),
             Ok(Err(e)) => Self::error(e, id),

@@ -65,6 +65,10 @@ pub const COMMANDS: &[&str] = &[
     "block-export-del",
     "query-block-exports",
     "x-bulkhead-query-workers",
+    // Served by the QMP front (`front::chardev`), never sent to the core.
+    "query-chardev",
+    "chardev-add",
+    "chardev-remove",
 ];
 
 /// Most restarts of one worker kind within [`RESTART_WINDOW`].
