@@ -65,6 +65,9 @@
 //! | `--chardev` | `fd=N` not a socket (also `-1`) | `File descriptor '<N>' is not a socket` |
 //! | `--chardev` | server socket, bind fails | `Failed to bind socket to <path>: <strerror>` |
 //! | `--chardev` | client socket, connect fails | `Failed to connect to '<path>': <strerror>` |
+//! | `--chardev` | client socket with `reconnect`/`reconnect-ms`, connect fails | not an error: `bulkhead: Unable to connect character device <id>: Failed to connect to '<path>': <strerror>` (no location), start-up goes on and the monitor retries |
+//! | `--chardev` | both `reconnect` and `reconnect-ms` | `'reconnect' and 'reconnect-ms' are mutually exclusive` |
+//! | `--chardev` | `server=on` with `reconnect` (`reconnect-ms` is accepted) | `'reconnect' option is incompatible with socket in server listen mode` |
 //! | `--chardev` | `tls-creds=<x>` unknown | `No TLS credentials with id '<x>'` |
 //! | `--chardev` | second `stdio` | `cannot use stdio by multiple character devices` |
 //! | `--chardev` | `stdio` with `--daemonize` (anywhere on the line) | `cannot use stdio with -daemonize` |

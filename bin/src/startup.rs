@@ -408,6 +408,9 @@ async fn run(opts: Vec<CliOption>, mut ready: Option<std::fs::File>, daemonize: 
         let _ = w.write_all(&[0]);
         detach_stdio();
     }
+    for (id, dev) in startup.chardevs.drain() {
+        startup.front.chardevs.borrow_mut().hold(&id, Box::new(dev));
+    }
     for (dev, pretty, label) in std::mem::take(&mut startup.monitors) {
         let f = startup.front.clone();
         tokio::task::spawn_local(async move { front::run_monitor(dev, pretty, f, label).await });

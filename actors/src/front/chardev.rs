@@ -38,6 +38,8 @@ pub enum Held {
     Listener(std::os::unix::net::UnixListener),
     /// A connection.
     Stream(std::os::unix::net::UnixStream),
+    /// A command-line chardev no monitor took (its listener or connection).
+    Unused(Box<dyn std::fmt::Debug>),
 }
 
 #[derive(Debug)]
@@ -117,6 +119,14 @@ impl ChardevTable {
         );
     }
 
+    /// Gives `id` the resources of a command-line chardev no monitor took, so that
+    /// `chardev-remove` releases them.
+    pub fn hold(&mut self, id: &str, held: Box<dyn std::fmt::Debug>) {
+        if let Some(e) = self.devs.get_mut(id) {
+            e._held = Some(Held::Unused(held));
+        }
+    }
+
     /// Marks `id` as served by a monitor.
     pub fn attach_monitor(&mut self, id: &str) {
         if let Some(e) = self.devs.get_mut(id) {
@@ -158,7 +168,7 @@ impl ChardevTable {
         }
         if let Some(e) = self.devs.remove(id) {
             // QEMU unlinks a listening Unix socket's path when the chardev goes.
-            if let (Kind::UnixServer(p), Some(Held::Listener(_))) = (&e.kind, &e._held) {
+            if let (Kind::UnixServer(p), Some(_)) = (&e.kind, &e._held) {
                 let _ = std::fs::remove_file(p);
             }
         }
