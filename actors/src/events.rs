@@ -189,3 +189,76 @@ impl EventSink {
             .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tokio::io::AsyncBufReadExt;
+
+    async fn next_event(
+        lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::io::DuplexStream>>,
+    ) -> Value {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
+        match line {
+            Ok(Ok(Some(l))) => serde_json::from_str(&l).unwrap_or(Value::Null),
+            other => panic!("no event: {other:?}"),
+        }
+    }
+
+    #[actix::test]
+    async fn rate_limited_events_send_the_first_and_the_last_of_a_period_like_qemu() {
+        let bus = EventBus::default().start();
+        let (out, writer) = OutQueue::new();
+        let (client, server) = tokio::io::duplex(1 << 16);
+        actix_rt::spawn(OutQueue::write_loop(server, writer));
+        let _ = bus
+            .send(Subscribe {
+                session: 1,
+                out,
+                pretty: false,
+            })
+            .await;
+        let emit = |name: &str, data: Value| Emit {
+            name: name.to_owned(),
+            data: Some(data),
+        };
+        for i in 0..3 {
+            let data = json!({"reference": format!("r{i}"), "sector-num": 0, "sectors-count": 1});
+            let _ = bus.send(emit("QUORUM_FAILURE", data)).await;
+        }
+        // Keyed per node: another node's report is not held back by the first one's.
+        let _ = bus
+            .send(emit("QUORUM_REPORT_BAD", json!({"node-name": "a"})))
+            .await;
+        let _ = bus
+            .send(emit("QUORUM_REPORT_BAD", json!({"node-name": "b"})))
+            .await;
+        let _ = bus
+            .send(emit("BLOCK_EXPORT_DELETED", json!({"id": "e"})))
+            .await;
+        let mut lines = tokio::io::BufReader::new(client).lines();
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            let e = next_event(&mut lines).await;
+            got.push((e["event"].clone(), e["data"].clone()));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (
+                    json!("QUORUM_FAILURE"),
+                    json!({"reference": "r0", "sector-num": 0, "sectors-count": 1})
+                ),
+                (json!("QUORUM_REPORT_BAD"), json!({"node-name": "a"})),
+                (json!("QUORUM_REPORT_BAD"), json!({"node-name": "b"})),
+                (json!("BLOCK_EXPORT_DELETED"), json!({"id": "e"})),
+                // r1 was replaced by r2, which goes out when the period ends.
+                (
+                    json!("QUORUM_FAILURE"),
+                    json!({"reference": "r2", "sector-num": 0, "sectors-count": 1})
+                ),
+            ]
+        );
+    }
+}
