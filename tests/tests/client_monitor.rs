@@ -155,3 +155,104 @@ fn a_reconnecting_client_mode_monitor_connects_once_the_client_listens() {
     let tested = run(tested(), ",reconnect-ms=100", false);
     assert_eq!(tested, reference);
 }
+
+/// The `filename` `query-chardev` shows for `label`, polled until it satisfies `want`
+/// (the daemon notices a peer asynchronously); gives up after [`ACCEPT_WITHIN`].
+fn filename_when(
+    qmp: &mut bulkhead_systests::QmpConnection,
+    dir: &Path,
+    label: &str,
+    want: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + ACCEPT_WITHIN;
+    loop {
+        let list = match qmp.execute_ok("query-chardev", None) {
+            Ok(v) => v,
+            Err(e) => panic!("query-chardev: {e}"),
+        };
+        let name = list
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["label"] == label))
+            .and_then(|c| c["filename"].as_str())
+            .unwrap_or("(none)")
+            .replace(&*dir.to_string_lossy(), "$DIR");
+        if want(&name) || Instant::now() >= deadline {
+            return name;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Chardevs `chardev-add` creates without a monitor: a listener takes a peer and shows
+/// it as connected until it leaves; a client connects to our listener and shows the
+/// peer leaving. Returns what `query-chardev` showed at each point.
+fn unattached_sockets(kind: DaemonKind) -> Vec<String> {
+    let mut daemon = match Daemon::start(kind, 1, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{}: {e}", kind.name()),
+    };
+    let dir = daemon.dir().to_path_buf();
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}"),
+    };
+    let mut seen = Vec::new();
+    let s1 = dir.join("s1.sock");
+    let add = serde_json::json!({"id": "s1", "backend": {"type": "socket", "data": {
+        "addr": {"type": "unix", "data": {"path": s1.to_string_lossy()}}, "wait": false}}});
+    if let Err(e) = qmp.execute_ok("chardev-add", Some(add)) {
+        panic!("{e}");
+    }
+    seen.push(filename_when(&mut qmp, &dir, "s1", |_| true));
+    let peer = match UnixStream::connect(&s1) {
+        Ok(p) => p,
+        Err(e) => panic!("connect: {e}"),
+    };
+    seen.push(filename_when(&mut qmp, &dir, "s1", |f| {
+        !f.starts_with("disconnected:")
+    }));
+    drop(peer);
+    seen.push(filename_when(&mut qmp, &dir, "s1", |f| {
+        f.starts_with("disconnected:")
+    }));
+    let removed = qmp.execute_ok("chardev-remove", Some(serde_json::json!({"id": "s1"})));
+    assert!(removed.is_ok(), "{removed:?}");
+    seen.push(format!("socket file left: {}", s1.exists()));
+
+    let listen = dir.join("listen.sock");
+    let listener = match UnixListener::bind(&listen) {
+        Ok(l) => l,
+        Err(e) => panic!("bind: {e}"),
+    };
+    let add = serde_json::json!({"id": "c1", "backend": {"type": "socket", "data": {
+        "addr": {"type": "unix", "data": {"path": listen.to_string_lossy()}}, "server": false}}});
+    if let Err(e) = qmp.execute_ok("chardev-add", Some(add)) {
+        panic!("{e}");
+    }
+    let accepted = accept(&listener);
+    seen.push(filename_when(&mut qmp, &dir, "c1", |_| true));
+    drop(accepted);
+    seen.push(filename_when(&mut qmp, &dir, "c1", |f| {
+        f.starts_with("disconnected:")
+    }));
+    let _ = qmp.execute("quit", None);
+    let _ = daemon.wait_exit(Duration::from_secs(20));
+    seen
+}
+
+#[test]
+fn chardevs_without_a_monitor_show_their_peers_like_qsd() {
+    let reference = unattached_sockets(DaemonKind::Qsd);
+    assert_eq!(
+        reference,
+        [
+            "disconnected:unix:$DIR/s1.sock,server=on",
+            "unix:$DIR/s1.sock,server=on",
+            "disconnected:unix:$DIR/s1.sock,server=on",
+            "socket file left: false",
+            "unix:$DIR/listen.sock",
+            "disconnected:unix:$DIR/listen.sock",
+        ]
+    );
+    assert_eq!(unattached_sockets(tested()), reference);
+}

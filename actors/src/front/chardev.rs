@@ -50,6 +50,8 @@ struct Entry {
     /// A peer is connected.
     connected: bool,
     _held: Option<Held>,
+    /// Dropped with the entry: stops the task serving a `chardev-add`ed socket.
+    _cancel: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Entry {
@@ -115,6 +117,7 @@ impl ChardevTable {
                 monitor: false,
                 connected,
                 _held: held,
+                _cancel: None,
             },
         );
     }
@@ -168,7 +171,9 @@ impl ChardevTable {
         }
         if let Some(e) = self.devs.remove(id) {
             // QEMU unlinks a listening Unix socket's path when the chardev goes.
-            if let (Kind::UnixServer(p), Some(_)) = (&e.kind, &e._held) {
+            if let Kind::UnixServer(p) = &e.kind
+                && (e._held.is_some() || e._cancel.is_some())
+            {
                 let _ = std::fs::remove_file(p);
             }
         }
@@ -176,8 +181,12 @@ impl ChardevTable {
         Ok(json!({}))
     }
 
-    /// `chardev-add` (arguments already checked against the schema).
-    pub fn add(&mut self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    /// `chardev-add` (arguments already checked against the schema). A socket comes
+    /// back as a [`Background`] for [`serve_unattached`] to run.
+    pub fn add(
+        &mut self,
+        args: &Map<String, Value>,
+    ) -> Result<(Value, Option<Background>), QmpError> {
         let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
         if self.contains(id) {
             return Err(QmpError::generic(format!(
@@ -207,8 +216,21 @@ impl ChardevTable {
                 return Err(failed(format!("'{k}' is not a valid char driver name")));
             }
         };
-        self.insert(id, kind, held);
-        Ok(json!({}))
+        let connected = matches!(held, Some(Held::Stream(_)));
+        self.insert(id, kind, None);
+        self.set_connected(id, connected);
+        let background = held.map(|held| {
+            let (cancel, cancelled) = tokio::sync::oneshot::channel();
+            if let Some(e) = self.devs.get_mut(id) {
+                e._cancel = Some(cancel);
+            }
+            Background {
+                id: id.to_owned(),
+                held,
+                cancelled,
+            }
+        });
+        Ok((json!({}), background))
     }
 }
 
@@ -281,6 +303,86 @@ fn add_socket(id: &str, data: &Value) -> Result<(Kind, Option<Held>), String> {
     }
 }
 
+/// A `chardev-add`ed socket no monitor uses, to be served by [`serve_unattached`].
+#[derive(Debug)]
+pub struct Background {
+    id: String,
+    held: Held,
+    cancelled: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Keeps a `chardev-add`ed socket alive as qsd does for a chardev without a frontend:
+/// a listener accepts one peer at a time, and `query-chardev` shows whether one is
+/// connected. Whatever a peer sends is discarded. Ends when the chardev is removed.
+pub async fn serve_unattached(
+    table: std::rc::Rc<std::cell::RefCell<ChardevTable>>,
+    bg: Background,
+) {
+    let Background {
+        id,
+        held,
+        mut cancelled,
+    } = bg;
+    let set = |up: bool| table.borrow_mut().set_connected(&id, up);
+    match held {
+        Held::Listener(std) => {
+            let listener = match std
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixListener::from_std(std))
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(chardev = %id, error = %e, "cannot serve chardev");
+                    return;
+                }
+            };
+            loop {
+                let stream = tokio::select! {
+                    biased;
+                    _ = &mut cancelled => return,
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => s,
+                        Err(_) => continue,
+                    },
+                };
+                set(true);
+                tokio::select! {
+                    biased;
+                    _ = &mut cancelled => return,
+                    () = drain(stream) => {}
+                }
+                set(false);
+            }
+        }
+        Held::Stream(std) => {
+            let Ok(stream) = std
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(std))
+            else {
+                return;
+            };
+            tokio::select! {
+                biased;
+                _ = &mut cancelled => return,
+                () = drain(stream) => {}
+            }
+            set(false);
+        }
+        Held::Unused(_) => {}
+    }
+}
+
+/// Reads and discards until the peer leaves.
+async fn drain(mut stream: tokio::net::UnixStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
 /// Connects to a Unix socket without ever blocking the supervisor (a full backlog
 /// fails with EAGAIN instead of waiting).
 pub fn connect_nonblocking(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
@@ -316,13 +418,14 @@ mod tests {
         let null = |id: &str| args(json!({"id": id, "backend": {"type": "null", "data": {}}}));
         assert!(t.add(&null("n0")).is_ok());
         assert_eq!(
-            t.add(&null("c0")).map_err(|e| e.desc),
+            t.add(&null("c0")).map(|r| r.0).map_err(|e| e.desc),
             Err("Chardev with id 'c0' already exists".to_owned())
         );
         assert_eq!(
             t.add(&args(
                 json!({"id": "v", "backend": {"type": "vc", "data": {}}})
             ))
+            .map(|r| r.0)
             .map_err(|e| e.desc),
             Err("Failed to add chardev 'v': 'vc' is not a valid char driver name".to_owned())
         );

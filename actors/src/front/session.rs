@@ -178,7 +178,16 @@ impl Session {
         // Chardevs belong to the front (monitors use them), not to the supervisor core.
         let chardev = match command.as_str() {
             "query-chardev" => Some(Ok(self.front.chardevs.borrow().query())),
-            "chardev-add" => Some(self.front.chardevs.borrow_mut().add(&args)),
+            "chardev-add" => {
+                let added = self.front.chardevs.borrow_mut().add(&args);
+                Some(added.map(|(ret, background)| {
+                    if let Some(bg) = background {
+                        let table = std::rc::Rc::clone(&self.front.chardevs);
+                        tokio::task::spawn_local(super::chardev::serve_unattached(table, bg));
+                    }
+                    ret
+                }))
+            }
             "chardev-remove" => Some(self.front.chardevs.borrow_mut().remove(&args)),
             _ => None,
         };
