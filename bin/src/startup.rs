@@ -308,7 +308,15 @@ impl Startup {
         };
         let kind = match &dev {
             Chardev::Socket(_, path, _) => chardev::Kind::UnixServer(path.clone()),
-            Chardev::Inherited(_) => chardev::Kind::Fd,
+            // qsd names an inherited listener by its address, like one it bound.
+            Chardev::Inherited(l) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(PathBuf::from))
+            {
+                Some(path) => chardev::Kind::UnixServer(path),
+                None => chardev::Kind::Fd,
+            },
             Chardev::Stdio => chardev::Kind::Stdio,
             Chardev::Client { path, .. } => chardev::Kind::UnixClient(path.clone()),
             Chardev::Null => chardev::Kind::Null,
