@@ -4,8 +4,9 @@
 //! (stops reading, as qsd suspends a monitor) while more than [`SOFT_LIMIT`] bytes are
 //! unwritten: a client that sends without reading fills its own socket buffers, not
 //! our memory. Events arrive whether or not the client reads; once a session has more
-//! than [`HARD_LIMIT`] bytes unwritten, the next event closes it instead of growing the
-//! queue (qsd's buffer would grow without bound; we drop the connection, and the
+//! than [`HARD_LIMIT`] bytes of events unwritten, the next event closes it instead of
+//! growing the queue (only events count: a large reply to a client that reads must not
+//! close it; qsd's buffer would grow without bound; we drop the connection, and the
 //! monitor serves the next client).
 
 use std::sync::Arc;
@@ -16,14 +17,14 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 /// Unwritten bytes above which a session stops reading requests.
 pub const SOFT_LIMIT: usize = 64 * 1024;
-/// Unwritten bytes above which an event closes the session.
+/// Unwritten event bytes above which an event closes the session.
 pub const HARD_LIMIT: usize = 1024 * 1024;
 
 /// One queued output item of a session.
 #[derive(Debug)]
 enum Output {
-    /// Bytes to write (a full message with its CRLF).
-    Bytes(Vec<u8>),
+    /// Bytes to write (a full message with its CRLF), and whether they are an event.
+    Bytes(Vec<u8>, bool),
     /// Completes once everything queued before it has been written.
     Flush(oneshot::Sender<()>),
 }
@@ -32,6 +33,8 @@ enum Output {
 struct State {
     /// Bytes queued and not yet written.
     queued: AtomicUsize,
+    /// The part of `queued` that is events.
+    events: AtomicUsize,
     /// The connection failed, or the queue overflowed: nothing more is written.
     closed: AtomicBool,
     /// Woken whenever `queued` shrinks or `closed` is set.
@@ -96,9 +99,12 @@ impl OutQueue {
         )
     }
 
-    fn push(&self, bytes: Vec<u8>) {
+    fn push(&self, bytes: Vec<u8>, event: bool) {
         self.state.queued.fetch_add(bytes.len(), Ordering::AcqRel);
-        if self.tx.send(Output::Bytes(bytes)).is_err() {
+        if event {
+            self.state.events.fetch_add(bytes.len(), Ordering::AcqRel);
+        }
+        if self.tx.send(Output::Bytes(bytes, event)).is_err() {
             self.state.close();
         }
     }
@@ -106,7 +112,7 @@ impl OutQueue {
     /// Queues a reply or the greeting. Bounded because the reader waits in
     /// [`OutQueue::writable`] before each request.
     pub fn reply(&self, bytes: Vec<u8>) {
-        self.push(bytes);
+        self.push(bytes, false);
     }
 
     /// Queues an event; false (and the session is closed) if the client has left
@@ -115,7 +121,7 @@ impl OutQueue {
         if self.state.is_closed() {
             return false;
         }
-        if self.state.queued.load(Ordering::Acquire) + bytes.len() > HARD_LIMIT {
+        if self.state.events.load(Ordering::Acquire) + bytes.len() > HARD_LIMIT {
             tracing::warn!(
                 limit = HARD_LIMIT,
                 "QMP client does not read its output: closing the session"
@@ -123,7 +129,7 @@ impl OutQueue {
             self.state.close();
             return false;
         }
-        self.push(bytes);
+        self.push(bytes, true);
         true
     }
 
@@ -160,12 +166,15 @@ impl OutQueue {
             };
             let Some(item) = item else { break };
             match item {
-                Output::Bytes(b) => {
+                Output::Bytes(b, event) => {
                     let ok = tokio::select! {
                         r = w.write_all(&b) => r.is_ok(),
                         _ = &mut closed => false,
                     };
                     state.queued.fetch_sub(b.len(), Ordering::AcqRel);
+                    if event {
+                        state.events.fetch_sub(b.len(), Ordering::AcqRel);
+                    }
                     state.changed.notify_waiters();
                     if !ok {
                         break;
@@ -211,6 +220,13 @@ mod tests {
                 assert!(!q.event(b"late".to_vec()));
             })
             .await;
+    }
+
+    #[tokio::test]
+    async fn a_large_unwritten_reply_does_not_count_against_events() {
+        let (q, _writer) = OutQueue::new();
+        q.reply(vec![b'r'; 2 * HARD_LIMIT]);
+        assert!(q.event(b"e\r\n".to_vec()));
     }
 
     #[tokio::test]
