@@ -1980,6 +1980,40 @@ mod tests {
     }
 
     #[test]
+    fn client_socket_reconnect_is_in_milliseconds_and_zero_means_none() {
+        let reconnect = |spec: &str| match single(&["--chardev", spec]) {
+            OptionKind::Chardev(ChardevOptions {
+                backend: ChardevBackend::Socket(s),
+                ..
+            }) => s.reconnect_ms,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reconnect("socket,id=c0,path=/x,reconnect=2"), Some(2000));
+        assert_eq!(
+            reconnect("socket,id=c0,path=/x,reconnect-ms=150"),
+            Some(150)
+        );
+        assert_eq!(reconnect("socket,id=c0,path=/x,reconnect=0"), None);
+        assert_eq!(reconnect("socket,id=c0,path=/x"), None);
+        // qsd 10.0.2 lets `reconnect-ms` through on a listener (and ignores it).
+        assert_eq!(
+            reconnect("socket,id=c0,path=/x,server=on,wait=off,reconnect-ms=5"),
+            Some(5)
+        );
+        assert_eq!(
+            stderr(&["--chardev", "socket,id=c0,path=/x,server=on,reconnect=1"]),
+            "bulkhead: --chardev socket,id=c0,path=/x,server=on,reconnect=1: 'reconnect' option is incompatible with socket in server listen mode"
+        );
+        assert_eq!(
+            stderr(&[
+                "--chardev",
+                "socket,id=c0,path=/x,reconnect=1,reconnect-ms=1"
+            ]),
+            "bulkhead: --chardev socket,id=c0,path=/x,reconnect=1,reconnect-ms=1: 'reconnect' and 'reconnect-ms' are mutually exclusive"
+        );
+    }
+
+    #[test]
     fn chardev_first_id_wins_and_missing_address_is_an_empty_fd() {
         match single(&["--chardev", "socket,id=c0,id=0x"]) {
             OptionKind::Chardev(c) => {
