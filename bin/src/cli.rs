@@ -65,6 +65,9 @@
 //! | `--chardev` | `fd=N` not a socket (also `-1`) | `File descriptor '<N>' is not a socket` |
 //! | `--chardev` | server socket, bind fails | `Failed to bind socket to <path>: <strerror>` |
 //! | `--chardev` | client socket, connect fails | `Failed to connect to '<path>': <strerror>` |
+//! | `--chardev` | client socket with `reconnect`/`reconnect-ms`, connect fails | not an error: `bulkhead: Unable to connect character device <id>: Failed to connect to '<path>': <strerror>` (no location), start-up goes on and the monitor retries |
+//! | `--chardev` | both `reconnect` and `reconnect-ms` | `'reconnect' and 'reconnect-ms' are mutually exclusive` |
+//! | `--chardev` | `server=on` with `reconnect` (`reconnect-ms` is accepted) | `'reconnect' option is incompatible with socket in server listen mode` |
 //! | `--chardev` | `tls-creds=<x>` unknown | `No TLS credentials with id '<x>'` |
 //! | `--chardev` | second `stdio` | `cannot use stdio by multiple character devices` |
 //! | `--chardev` | `stdio` with `--daemonize` (anywhere on the line) | `cannot use stdio with -daemonize` |
@@ -253,6 +256,9 @@ pub struct SocketChardev {
     pub wait: Option<bool>,
     /// `nodelay=`/`delay=` combined, if either was given.
     pub nodelay: Option<bool>,
+    /// `reconnect-ms=`, or `reconnect=` in seconds: a client retries connecting at
+    /// start-up instead of failing (0 or absent: no retries).
+    pub reconnect_ms: Option<u64>,
 }
 
 /// A socket chardev address.
@@ -376,6 +382,12 @@ pub enum OptionError {
     /// Client socket chardev with `wait=`.
     #[error("'wait' option is incompatible with socket in client connect mode")]
     SocketWaitInClientMode,
+    /// Listening socket chardev with `reconnect` (`reconnect-ms` is let through).
+    #[error("'reconnect' option is incompatible with socket in server listen mode")]
+    SocketReconnectServer,
+    /// Socket chardev with both `reconnect` and `reconnect-ms`.
+    #[error("'reconnect' and 'reconnect-ms' are mutually exclusive")]
+    SocketReconnectConflict,
     /// A socket chardev's `fd=` that is not a number (see [`parse_fd_number`]).
     #[error("Unable to parse FD number {0}")]
     BadFdNumber(String),
@@ -1347,6 +1359,9 @@ fn parse_socket_chardev(opts: &QemuOpts) -> Result<SocketChardev, OptionError> {
     if opts.get("tls-authz").is_some() && opts.get("tls-creds").is_none() {
         return Err(OptionError::SocketAuthzWithoutCreds);
     }
+    if server && opts.get("reconnect").is_some() {
+        return Err(OptionError::SocketReconnectServer);
+    }
     if !server {
         if opts.get_bool("websocket", false) {
             return Err(OptionError::SocketWebsocketClient);
@@ -1355,7 +1370,15 @@ fn parse_socket_chardev(opts: &QemuOpts) -> Result<SocketChardev, OptionError> {
             return Err(OptionError::SocketWaitInClientMode);
         }
     }
+    let reconnect_ms = match (opts.get("reconnect"), opts.get("reconnect-ms")) {
+        (Some(_), Some(_)) => return Err(OptionError::SocketReconnectConflict),
+        (Some(secs), None) => secs.parse::<u64>().ok().map(|s| s.saturating_mul(1000)),
+        (None, Some(ms)) => ms.parse::<u64>().ok(),
+        (None, None) => None,
+    }
+    .filter(|&ms| ms > 0);
     Ok(SocketChardev {
+        reconnect_ms,
         addr,
         server,
         wait,
@@ -1843,6 +1866,7 @@ mod tests {
                     server: true,
                     wait: Some(false),
                     nodelay: None,
+                    reconnect_ms: None,
                 }),
                 opts: vec![
                     ("backend".to_owned(), "socket".to_owned()),
@@ -1974,6 +1998,40 @@ mod tests {
     }
 
     #[test]
+    fn client_socket_reconnect_is_in_milliseconds_and_zero_means_none() {
+        let reconnect = |spec: &str| match single(&["--chardev", spec]) {
+            OptionKind::Chardev(ChardevOptions {
+                backend: ChardevBackend::Socket(s),
+                ..
+            }) => s.reconnect_ms,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reconnect("socket,id=c0,path=/x,reconnect=2"), Some(2000));
+        assert_eq!(
+            reconnect("socket,id=c0,path=/x,reconnect-ms=150"),
+            Some(150)
+        );
+        assert_eq!(reconnect("socket,id=c0,path=/x,reconnect=0"), None);
+        assert_eq!(reconnect("socket,id=c0,path=/x"), None);
+        // qsd 10.0.2 lets `reconnect-ms` through on a listener (and ignores it).
+        assert_eq!(
+            reconnect("socket,id=c0,path=/x,server=on,wait=off,reconnect-ms=5"),
+            Some(5)
+        );
+        assert_eq!(
+            stderr(&["--chardev", "socket,id=c0,path=/x,server=on,reconnect=1"]),
+            "bulkhead: --chardev socket,id=c0,path=/x,server=on,reconnect=1: 'reconnect' option is incompatible with socket in server listen mode"
+        );
+        assert_eq!(
+            stderr(&[
+                "--chardev",
+                "socket,id=c0,path=/x,reconnect=1,reconnect-ms=1"
+            ]),
+            "bulkhead: --chardev socket,id=c0,path=/x,reconnect=1,reconnect-ms=1: 'reconnect' and 'reconnect-ms' are mutually exclusive"
+        );
+    }
+
+    #[test]
     fn chardev_first_id_wins_and_missing_address_is_an_empty_fd() {
         match single(&["--chardev", "socket,id=c0,id=0x"]) {
             OptionKind::Chardev(c) => {
@@ -1984,7 +2042,8 @@ mod tests {
                         addr: SocketChardevAddr::Fd(String::new()),
                         server: false,
                         wait: None,
-                        nodelay: None
+                        nodelay: None,
+                        reconnect_ms: None
                     })
                 );
             }

@@ -15,7 +15,7 @@ use std::rc::Rc;
 
 use actix::Actor;
 use bulkhead_actors::events::{EventBus, EventSink};
-use bulkhead_actors::front::{self, Chardev, Front};
+use bulkhead_actors::front::{self, Chardev, Front, chardev};
 use bulkhead_actors::supervisor::actor::{Execute, Shutdown, StartupComplete, SupervisorActor};
 use bulkhead_qmp::json::JsonStreamer;
 use serde_json::{Map, Value};
@@ -140,7 +140,7 @@ struct Startup {
     daemonize: bool,
     /// Monitors start serving only once every option ran: like qsd, a client that
     /// connects during start-up gets its greeting when start-up is complete.
-    monitors: Vec<(Chardev, bool)>,
+    monitors: Vec<(Chardev, bool, String)>,
 }
 
 impl Startup {
@@ -273,15 +273,64 @@ impl Startup {
                     return Err("bulkhead supports only Unix socket and stdio chardevs".to_string());
                 }
             },
-            ChardevBackend::Socket(_) => {
-                return Err("bulkhead supports only server sockets for monitors".to_string());
-            }
+            ChardevBackend::Socket(s) => match &s.addr {
+                SocketChardevAddr::Unix { path, .. } => {
+                    let path = PathBuf::from(path);
+                    let reconnect = s.reconnect_ms.map(std::time::Duration::from_millis);
+                    let stream = match tokio::net::UnixStream::connect(&path).await {
+                        Ok(stream) => Some(stream),
+                        Err(e) if reconnect.is_some() => {
+                            // qsd goes on and retries; it reports the first failure only.
+                            eprintln!(
+                                "bulkhead: Unable to connect character device {}: {}",
+                                c.id,
+                                chardev::connect_error(&path, &e)
+                            );
+                            None
+                        }
+                        Err(e) => return Err(chardev::connect_error(&path, &e)),
+                    };
+                    Chardev::Client {
+                        path,
+                        stream,
+                        reconnect,
+                    }
+                }
+                _ => {
+                    return Err("bulkhead supports only Unix socket client chardevs".to_string());
+                }
+            },
+            ChardevBackend::Other(name) if name == "null" => Chardev::Null,
             ChardevBackend::Other(name) => {
                 return Err(format!(
                     "bulkhead does not support chardev backend '{name}'"
                 ));
             }
         };
+        let kind = match &dev {
+            Chardev::Socket(_, path, _) => chardev::Kind::UnixServer(path.clone()),
+            // qsd names an inherited listener by its address, like one it bound.
+            Chardev::Inherited(l) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(PathBuf::from))
+            {
+                Some(path) => chardev::Kind::UnixServer(path),
+                None => chardev::Kind::Fd,
+            },
+            Chardev::Stdio => chardev::Kind::Stdio,
+            Chardev::Client { path, .. } => chardev::Kind::UnixClient(path.clone()),
+            Chardev::Null => chardev::Kind::Null,
+        };
+        let mut table = self.front.chardevs.borrow_mut();
+        table.insert(&c.id, kind, None);
+        if let Chardev::Client {
+            stream: Some(_), ..
+        } = &dev
+        {
+            table.set_connected(&c.id, true);
+        }
+        drop(table);
         self.chardev_ids.insert(c.id.clone());
         self.chardevs.insert(c.id.clone(), dev);
         Ok(())
@@ -300,8 +349,10 @@ impl Startup {
         let Some(dev) = self.chardevs.remove(&o.chardev) else {
             return Err(format!("chardev '{}' is already in use", o.chardev));
         };
-        self.used_chardevs.insert(o.chardev);
-        self.monitors.push((dev, o.pretty.unwrap_or(false)));
+        self.front.chardevs.borrow_mut().attach_monitor(&o.chardev);
+        self.used_chardevs.insert(o.chardev.clone());
+        self.monitors
+            .push((dev, o.pretty.unwrap_or(false), o.chardev));
         Ok(())
     }
 }
@@ -324,6 +375,7 @@ async fn run(opts: Vec<CliOption>, mut ready: Option<std::fs::File>, daemonize: 
         quit: Rc::new(move || {
             let _ = quit_tx.send(());
         }),
+        chardevs: Rc::default(),
     };
     let mut startup = Startup {
         supervisor: supervisor.clone(),
@@ -373,9 +425,12 @@ async fn run(opts: Vec<CliOption>, mut ready: Option<std::fs::File>, daemonize: 
         let _ = w.write_all(&[0]);
         detach_stdio();
     }
-    for (dev, pretty) in std::mem::take(&mut startup.monitors) {
+    for (id, dev) in startup.chardevs.drain() {
+        startup.front.chardevs.borrow_mut().hold(&id, Box::new(dev));
+    }
+    for (dev, pretty, label) in std::mem::take(&mut startup.monitors) {
         let f = startup.front.clone();
-        tokio::task::spawn_local(async move { front::run_monitor(dev, pretty, f).await });
+        tokio::task::spawn_local(async move { front::run_monitor(dev, pretty, f, label).await });
     }
 
     let mut term = signal(tokio::signal::unix::SignalKind::terminate());

@@ -69,6 +69,27 @@ const REJECTED: &[&[&str]] = &[
         "type=nbd,id=e,node-name=n",
     ],
     &["--nbd-server", "addr.type=unix"],
+    // Client-mode chardevs: nobody listens; option clashes.
+    &[
+        "--chardev",
+        "socket,path=$DIR/nobody.sock,id=c0",
+        "--monitor",
+        "c0",
+    ],
+    &[
+        "--chardev",
+        "socket,path=$DIR/nobody.sock,id=c0,reconnect=1,reconnect-ms=100",
+    ],
+    &[
+        "--chardev",
+        "socket,path=$DIR/x.sock,id=c0,server=on,wait=off,reconnect=1",
+    ],
+    &[
+        "--chardev",
+        "socket,path=$DIR/nobody.sock,id=c0,reconnect=0",
+        "--monitor",
+        "c0",
+    ],
     &["--object", "iothread"],
 ];
 

@@ -488,6 +488,132 @@ fn three_monitors_negotiate_independently_and_share_state_like_qsd() {
     }
 }
 
+/// Chardevs: `query-chardev` (labels, filenames, `frontend-open`, and QEMU's hash-table
+/// order), `chardev-add` of the backends bulkhead implements and qsd's errors for the
+/// rest, `chardev-remove` of a free, a missing and a monitor's chardev.
+fn chardevs_script() -> Script {
+    let add = |id: &str, backend: &str, note: &'static str| {
+        Step::line(&format!(
+            r#"{{"execute": "chardev-add", "arguments": {{"id": "{id}", "backend": {backend}}}, "id": "add-{id}"}}"#
+        ))
+        .note(note)
+    };
+    let null = r#"{"type": "null", "data": {}}"#;
+    let unix = |path: &str, extra: &str| {
+        format!(
+            r#"{{"type": "socket", "data": {{"addr": {{"type": "unix", "data": {{"path": "{path}"}}}}{extra}}}}}"#
+        )
+    };
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#).note("negotiate"),
+        Step::line(r#"{"execute": "query-chardev", "id": "q0"}"#)
+            .note("the command line's chardevs: monitors, a null monitor, a spare listener"),
+        add("n0", null, "a null chardev"),
+        add("n0", null, "duplicate id"),
+        add(
+            "qmp0",
+            r#"{"type": "vc", "data": {}}"#,
+            "a monitor's id, bad backend: duplicate first",
+        ),
+        add(
+            "v0",
+            r#"{"type": "vc", "data": {}}"#,
+            "a backend qsd does not have",
+        ),
+        add("braille", r#"{"type": "braille", "data": {}}"#, "another"),
+        add(
+            "s1",
+            &unix("$DIR/s1.sock", r#", "server": true, "wait": false"#),
+            "a listening socket",
+        ),
+        add(
+            "s2",
+            &unix("$DIR/s2.sock", ""),
+            "server is the default in QMP",
+        ),
+        add(
+            "c1",
+            &unix("$DIR/nobody.sock", r#", "server": false"#),
+            "a client nobody listens for",
+        ),
+        add(
+            "c2",
+            &unix("$DIR/nobody.sock", r#", "server": false, "wait": false"#),
+            "wait in client mode",
+        ),
+        add(
+            "c3",
+            &unix(
+                "$DIR/nobody.sock",
+                r#", "server": false, "reconnect": 1, "reconnect-ms": 5"#,
+            ),
+            "both reconnects",
+        ),
+        add(
+            "c4",
+            &unix("$DIR/nobody.sock", r#", "reconnect-ms": 5"#),
+            "reconnect on a listener",
+        ),
+        add(
+            "s3",
+            &unix("$DIR/no/such/dir.sock", r#", "server": true"#),
+            "bind fails",
+        ),
+        add(
+            "f0",
+            r#"{"type": "socket", "data": {"addr": {"type": "fd", "data": {"str": "7"}}, "server": false}}"#,
+            "fd passing",
+        ),
+        add("", null, "an empty id is accepted"),
+        add("9x", null, "so is one that is no identifier"),
+        Step::line(r#"{"execute": "query-chardev", "id": "q1"}"#)
+            .note("all of them, in qsd's order"),
+        Step::line(
+            r#"{"execute": "chardev-remove", "arguments": {"id": "qmp1"}, "id": "rm-busy"}"#,
+        )
+        .note("a monitor's chardev is busy"),
+        Step::line(
+            r#"{"execute": "chardev-remove", "arguments": {"id": "zz"}, "id": "rm-missing"}"#,
+        )
+        .note("no such chardev"),
+        Step::line(r#"{"execute": "chardev-remove", "arguments": {"id": "n0"}, "id": "rm-n0"}"#)
+            .note("a free chardev"),
+        Step::line(r#"{"execute": "chardev-remove", "arguments": {"id": "s1"}, "id": "rm-s1"}"#)
+            .note("a listener"),
+        Step::line(
+            r#"{"execute": "chardev-remove", "arguments": {"id": "spare"}, "id": "rm-spare"}"#,
+        )
+        .note("a command-line chardev no monitor uses"),
+        add("n0", null, "an id is free again after removal"),
+        Step::line(r#"{"execute": "query-chardev", "id": "q2"}"#).note("the order after removals"),
+        Step::line(r#"{"execute": "quit", "id": "quit"}"#)
+            .until_eof()
+            .note("quit"),
+    ];
+    Script {
+        name: "chardevs".into(),
+        monitors: 2,
+        args: vec![
+            "--chardev".into(),
+            "null,id=nul".into(),
+            "--monitor".into(),
+            "nul".into(),
+            "--chardev".into(),
+            "socket,path=$DIR/spare.sock,server=on,wait=off,id=spare".into(),
+        ],
+        vars: Vec::new(),
+        setup: None,
+        steps,
+    }
+}
+
+#[test]
+fn chardev_commands_match_qsd_byte_for_byte() {
+    if let Err(report) = differential(&chardevs_script()) {
+        panic!("{report}");
+    }
+}
+
 /// A hook that connects `qemu-io` (read-only) to NBD export `export` on `$DIR/nbd.sock` and
 /// keeps it connected; returns once a read succeeded, so the server has seen the client.
 fn connect_nbd_client(

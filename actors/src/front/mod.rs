@@ -7,6 +7,8 @@
 //! with QEMU's JSON rules, checks the envelope and the negotiation state, validates
 //! arguments against the QAPI schema, and only then asks the supervisor to act.
 
+pub mod chardev;
+pub mod output;
 pub mod session;
 
 use std::path::PathBuf;
@@ -47,6 +49,20 @@ pub enum Chardev {
     Inherited(tokio::net::UnixListener),
     /// The daemon's standard input and output.
     Stdio,
+    /// A Unix socket we connect to (`server=off`): the QMP client listens. `stream` is
+    /// the connection start-up made; without one, connect every `reconnect` until it
+    /// works. Like qsd, a client chardev serves one session: once the peer leaves, the
+    /// monitor stays disconnected.
+    Client {
+        /// The socket path.
+        path: PathBuf,
+        /// The connection, if start-up made it.
+        stream: Option<tokio::net::UnixStream>,
+        /// The retry period while no connection is up.
+        reconnect: Option<std::time::Duration>,
+    },
+    /// `null`: output goes nowhere, input never comes.
+    Null,
 }
 
 impl Chardev {
@@ -70,6 +86,8 @@ pub struct Front {
     pub bus: Addr<EventBus>,
     /// Called after `quit` has been answered.
     pub quit: std::rc::Rc<dyn Fn()>,
+    /// Every chardev, for `query-chardev`, `chardev-add` and `chardev-remove`.
+    pub chardevs: std::rc::Rc<std::cell::RefCell<chardev::ChardevTable>>,
 }
 
 impl std::fmt::Debug for Front {
@@ -117,7 +135,9 @@ impl tokio::io::AsyncWrite for Shared {
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// Runs a monitor until its chardev closes: serves one client after another.
-pub async fn run_monitor(chardev: Chardev, pretty: bool, front: Front) {
+/// `label` is the chardev's id (its `query-chardev` entry shows the connection).
+pub async fn run_monitor(chardev: Chardev, pretty: bool, front: Front, label: String) {
+    let connected = |up: bool| front.chardevs.borrow_mut().set_connected(&label, up);
     match chardev {
         Chardev::Socket(listener, path, mut first) => loop {
             let next = match first.take() {
@@ -129,7 +149,9 @@ pub async fn run_monitor(chardev: Chardev, pretty: bool, front: Front) {
                     let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
                     let stream = std::rc::Rc::new(stream);
                     let (r, w) = (Shared(std::rc::Rc::clone(&stream)), Shared(stream));
+                    connected(true);
                     session::run(id, r, w, pretty, &front).await;
+                    connected(false);
                 }
                 Err(e) => {
                     tracing::error!(socket = %path.display(), error = %e, "monitor accept failed");
@@ -142,7 +164,9 @@ pub async fn run_monitor(chardev: Chardev, pretty: bool, front: Front) {
                 Ok((stream, _)) => {
                     let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
                     let (r, w) = stream.into_split();
+                    connected(true);
                     session::run(id, r, w, pretty, &front).await;
+                    connected(false);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "monitor accept failed");
@@ -154,6 +178,28 @@ pub async fn run_monitor(chardev: Chardev, pretty: bool, front: Front) {
             let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
             session::run(id, tokio::io::stdin(), tokio::io::stdout(), pretty, &front).await;
         }
+        Chardev::Client {
+            path,
+            mut stream,
+            reconnect,
+        } => {
+            let stream = loop {
+                if let Some(s) = stream.take() {
+                    break s;
+                }
+                let Some(period) = reconnect else { return };
+                tokio::time::sleep(period).await;
+                // Later failures are quiet: qsd reports only the first.
+                stream = tokio::net::UnixStream::connect(&path).await.ok();
+            };
+            let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+            let (r, w) = stream.into_split();
+            connected(true);
+            session::run(id, r, w, pretty, &front).await;
+            connected(false);
+        }
+        // The greeting goes nowhere and no request ever comes.
+        Chardev::Null => {}
     }
 }
 

@@ -3,11 +3,11 @@
 use bulkhead_qmp::json::JsonStreamer;
 use bulkhead_qmp::request::{self, ErrorClass, Request};
 use serde_json::{Map, Value};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
+use super::output::OutQueue;
 use super::{Front, render};
-use crate::events::{Output, Subscribe, Unsubscribe};
+use crate::events::{Subscribe, Unsubscribe};
 use crate::supervisor::actor::Execute;
 use crate::supervisor::{After, COMMANDS, QmpError};
 
@@ -17,8 +17,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + 'static,
 {
-    let (out, rx) = mpsc::unbounded_channel::<Output>();
-    let writer_task = tokio::task::spawn_local(write_loop(writer, rx));
+    let (out, rx) = OutQueue::new();
+    let writer_task = tokio::task::spawn_local(OutQueue::write_loop(writer, rx));
     let mut session = Session {
         id,
         pretty,
@@ -33,11 +33,20 @@ where
     let mut buf = vec![0u8; 64 * 1024];
     let mut quit = false;
     'read: loop {
-        let n = match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        // A session closed for not reading its output stops reading at once.
+        let n = tokio::select! {
+            r = reader.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            () = out.closed() => break,
         };
         for item in parser.feed(&buf[..n]) {
+            // Backpressure: the next request waits until the client has read enough
+            // of the replies so far (qsd suspends reading the same way).
+            if !out.writable().await {
+                break 'read;
+            }
             let reply = match item {
                 Err(e) => Some(request::error_response(
                     ErrorClass::GenericError,
@@ -59,9 +68,7 @@ where
         }
     }
     front.bus.do_send(Unsubscribe(id));
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let _ = out.send(Output::Flush(done_tx));
-    let _ = done_rx.await;
+    out.flush().await;
     drop(out);
     drop(session);
     let _ = writer_task.await;
@@ -70,30 +77,10 @@ where
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, mut rx: mpsc::UnboundedReceiver<Output>) {
-    while let Some(item) = rx.recv().await {
-        match item {
-            Output::Bytes(b) => {
-                if w.write_all(&b).await.is_err() {
-                    break;
-                }
-                // Flush only when nothing else is queued, so bursts go out together.
-                if rx.is_empty() && w.flush().await.is_err() {
-                    break;
-                }
-            }
-            Output::Flush(done) => {
-                let _ = w.flush().await;
-                let _ = done.send(());
-            }
-        }
-    }
-}
-
 struct Session {
     id: u64,
     pretty: bool,
-    out: mpsc::UnboundedSender<Output>,
+    out: OutQueue,
     negotiated: bool,
     /// The client enabled the `oob` capability (then `exec-oob` is a known member).
     oob_enabled: bool,
@@ -102,7 +89,7 @@ struct Session {
 
 impl Session {
     fn send(&self, v: &Value) {
-        let _ = self.out.send(Output::Bytes(render(v, self.pretty)));
+        self.out.reply(render(v, self.pretty));
     }
 
     fn error(e: QmpError, id: Option<Value>) -> (Value, After) {
@@ -187,6 +174,28 @@ impl Session {
                 desc: "Capabilities negotiation is already complete, command ignored".into(),
             };
             return Self::error(e, id);
+        }
+        // Chardevs belong to the front (monitors use them), not to the supervisor core.
+        let chardev = match command.as_str() {
+            "query-chardev" => Some(Ok(self.front.chardevs.borrow().query())),
+            "chardev-add" => {
+                let added = self.front.chardevs.borrow_mut().add(&args);
+                Some(added.map(|(ret, background)| {
+                    if let Some(bg) = background {
+                        let table = std::rc::Rc::clone(&self.front.chardevs);
+                        tokio::task::spawn_local(super::chardev::serve_unattached(table, bg));
+                    }
+                    ret
+                }))
+            }
+            "chardev-remove" => Some(self.front.chardevs.borrow_mut().remove(&args)),
+            _ => None,
+        };
+        if let Some(result) = chardev {
+            return match result {
+                Ok(ret) => (request::success_response(ret, id), After::Continue),
+                Err(e) => Self::error(e, id),
+            };
         }
         match self.front.supervisor.send(Execute { command, args }).await {
             Ok(Ok((ret, after))) => (request::success_response(ret, id), after),

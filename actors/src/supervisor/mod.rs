@@ -71,6 +71,10 @@ pub const COMMANDS: &[&str] = &[
     "block-export-del",
     "query-block-exports",
     "x-bulkhead-query-workers",
+    // Served by the QMP front (`front::chardev`), never sent to the core.
+    "query-chardev",
+    "chardev-add",
+    "chardev-remove",
 ];
 
 /// What the session must do after sending a command's reply.

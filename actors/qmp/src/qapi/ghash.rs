@@ -62,19 +62,27 @@ fn str_hash(key: &str) -> u32 {
     })
 }
 
-/// A set of member names laid out exactly as a `GHashTable` with the same history.
+/// A set of string keys laid out exactly as a `GHashTable` with the same history.
+/// `K` is `&str` for the visitor's borrowed member names, `String` where the set owns
+/// its keys (the QOM container of chardevs, whose iteration order `query-chardev` shows).
 #[derive(Debug, Clone)]
-pub(crate) struct KeySet<'a> {
+pub struct KeySet<K> {
     hashes: Vec<u32>,
-    keys: Vec<Option<&'a str>>,
+    keys: Vec<Option<K>>,
     shift: u32,
     nnodes: usize,
     noccupied: usize,
 }
 
-impl<'a> KeySet<'a> {
+impl<K: AsRef<str> + Clone> Default for KeySet<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K: AsRef<str> + Clone> KeySet<K> {
     /// An empty table (`g_hash_table_new`).
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         let size = 1usize << MIN_SHIFT;
         KeySet {
             hashes: vec![UNUSED; size],
@@ -112,7 +120,7 @@ impl<'a> KeySet<'a> {
         while self.hashes[index] != UNUSED {
             let node_hash = self.hashes[index];
             if node_hash == hash {
-                if self.keys[index] == Some(key) {
+                if self.keys[index].as_ref().map(AsRef::as_ref) == Some(key) {
                     return (index, hash);
                 }
             } else if node_hash == TOMBSTONE && first_tombstone.is_none() {
@@ -125,8 +133,8 @@ impl<'a> KeySet<'a> {
     }
 
     /// `g_hash_table_insert` of a key that maps to NULL.
-    pub(crate) fn insert(&mut self, key: &'a str) {
-        let (index, hash) = self.lookup(key);
+    pub fn insert(&mut self, key: K) {
+        let (index, hash) = self.lookup(key.as_ref());
         let old = self.hashes[index];
         if old >= 2 {
             return;
@@ -141,7 +149,7 @@ impl<'a> KeySet<'a> {
     }
 
     /// `g_hash_table_remove`; true if the key was present.
-    pub(crate) fn remove(&mut self, key: &str) -> bool {
+    pub fn remove(&mut self, key: &str) -> bool {
         let (index, _) = self.lookup(key);
         if self.hashes[index] < 2 {
             return false;
@@ -154,21 +162,20 @@ impl<'a> KeySet<'a> {
     }
 
     /// The key `g_hash_table_iter_next` yields first.
-    pub(crate) fn first(&self) -> Option<&'a str> {
+    pub fn first(&self) -> Option<K> {
         self.hashes
             .iter()
             .position(|&h| h >= 2)
-            .and_then(|i| self.keys[i])
+            .and_then(|i| self.keys[i].clone())
     }
 
-    /// Keys in iteration order (for tests and diagnostics).
-    #[cfg(test)]
-    pub(crate) fn iter_order(&self) -> Vec<&'a str> {
+    /// Keys in `g_hash_table_iter_next` order.
+    pub fn iter_order(&self) -> Vec<&K> {
         self.hashes
             .iter()
             .zip(&self.keys)
             .filter(|(h, _)| **h >= 2)
-            .filter_map(|(_, k)| *k)
+            .filter_map(|(_, k)| k.as_ref())
             .collect()
     }
 
@@ -252,7 +259,7 @@ mod tests {
         let names: Vec<String> = (0..40).map(|i| format!("key{i}")).collect();
         let mut set = KeySet::new();
         for n in &names {
-            set.insert(n);
+            set.insert(n.as_str());
         }
         assert_eq!(set.iter_order().len(), 40);
         for n in &names {
@@ -267,12 +274,12 @@ mod tests {
         let names: Vec<String> = (0..100).map(|i| format!("m-{i}")).collect();
         let mut set = KeySet::new();
         for n in &names {
-            set.insert(n);
+            set.insert(n.as_str());
         }
         for n in names.iter().step_by(2) {
             assert!(set.remove(n));
         }
-        let mut left = set.iter_order();
+        let mut left: Vec<&str> = set.iter_order().into_iter().copied().collect();
         left.sort_unstable();
         let mut want: Vec<&str> = names
             .iter()
@@ -282,5 +289,33 @@ mod tests {
             .collect();
         want.sort_unstable();
         assert_eq!(left, want);
+    }
+
+    #[test]
+    fn chardev_container_order_is_what_qsd_query_chardev_shows() {
+        // qsd 10.0.2: chardevs added in this order (qmp chardev-add), `query-chardev`
+        // lists them in reverse iteration order of the QOM container's table.
+        let mut set: KeySet<String> = KeySet::new();
+        for id in [
+            "c0", "n0", "s1", "s2", "s4", "p0", "f0", "r0", "m0", "st", "i0", "9bad", "",
+        ] {
+            set.insert(id.to_owned());
+        }
+        let listed: Vec<&str> = set.iter_order().iter().rev().map(|k| k.as_str()).collect();
+        assert_eq!(
+            listed,
+            [
+                "9bad", "st", "m0", "s4", "n0", "p0", "c0", "r0", "f0", "", "s1", "i0", "s2"
+            ]
+        );
+        set.remove("n0");
+        set.remove("s1");
+        let listed: Vec<&str> = set.iter_order().iter().rev().map(|k| k.as_str()).collect();
+        assert_eq!(
+            listed,
+            [
+                "9bad", "st", "m0", "s4", "p0", "c0", "r0", "f0", "", "i0", "s2"
+            ]
+        );
     }
 }

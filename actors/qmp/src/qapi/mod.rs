@@ -36,7 +36,7 @@
 //! is not QAPI-visited in qsd (QemuOpts: `Invalid parameter 'foo'`), so it is not here.
 //! Deprecated/unstable features are accepted, as qsd's default compatibility policy does.
 
-mod ghash;
+pub mod ghash;
 pub mod introspect;
 pub mod schema;
 mod strtox;

@@ -43,7 +43,7 @@ enum Frame<'s, 'v> {
     Dict {
         name: Option<&'s str>,
         map: &'v Map<String, Value>,
-        unvisited: KeySet<'v>,
+        unvisited: KeySet<&'v str>,
     },
     List {
         name: Option<&'s str>,
