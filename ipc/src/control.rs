@@ -29,9 +29,15 @@ pub enum ChannelError {
 }
 
 impl ChannelError {
-    /// Whether the peer is gone (as opposed to one bad message).
+    /// Whether the peer is gone (as opposed to one bad message). A peer killed with
+    /// messages unread shows as a reset connection, not a protocol error.
     pub fn is_closed(&self) -> bool {
-        matches!(self, ChannelError::Fd(FdError::Closed))
+        matches!(
+            self,
+            ChannelError::Fd(FdError::Closed)
+                | ChannelError::Fd(FdError::Os(rustix::io::Errno::CONNRESET))
+                | ChannelError::Fd(FdError::Os(rustix::io::Errno::PIPE))
+        )
     }
 }
 

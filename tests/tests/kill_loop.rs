@@ -119,12 +119,21 @@ fn a_hundred_random_kills_under_write_load_lose_no_acknowledged_write() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut kills = 0;
     let mut slowest_qmp = Duration::ZERO;
+    let mut last_worker_seen = Instant::now();
     while kills < KILLS {
         thread::sleep(Duration::from_millis(50 + rng.below(251)));
         let pids = worker_pids(supervisor);
         if pids.is_empty() {
+            // Every worker dead at once is fine for a moment; for long, nothing is
+            // restoring them.
+            assert!(
+                last_worker_seen.elapsed() < Duration::from_secs(30),
+                "no worker for 30 s after {kills} kills\n{}",
+                daemon.stderr()
+            );
             continue;
         }
+        last_worker_seen = Instant::now();
         // One victim usually, sometimes two or three at once.
         let victims = match rng.below(10) {
             0 => 3,

@@ -173,6 +173,8 @@ impl Core {
         command: &str,
         args: Map<String, Value>,
     ) -> Result<(Value, After), QmpError> {
+        // A top-level entry: no restore is running (see `worker_died`).
+        self.restoring.clear();
         if command == "quit" {
             self.delete_all_exports().await;
             return Ok((json!({}), After::Quit));
@@ -336,7 +338,7 @@ impl Core {
         }
         let alive = inst.handle.as_ref().is_some_and(WorkerHandle::is_alive);
         if !alive {
-            if inst.handle.is_some() && self.has_state(id) {
+            if inst.started && self.has_state(id) {
                 Box::pin(self.restore(id)).await?;
             } else {
                 self.spawn(id).await?;
@@ -386,6 +388,7 @@ impl Core {
         if let Some(inst) = self.instances.get_mut(&id) {
             inst.generation += 1;
             inst.handle = Some(handle);
+            inst.started = true;
         }
         Ok(())
     }

@@ -62,6 +62,12 @@ pub(super) struct Instance {
     pub free_retry: bool,
     /// A restart is counted against the budget and waits out its backoff.
     pub restart_pending: bool,
+    /// A process was started for it once: from then on a missing process means its
+    /// state must be replayed, never a blank start.
+    pub started: bool,
+    /// A restore failed with no process left to report a death (the replacement did
+    /// not even start): a retry is scheduled.
+    pub retry_scheduled: bool,
 }
 
 impl Instance {
@@ -75,6 +81,8 @@ impl Instance {
             given_up: false,
             free_retry: false,
             restart_pending: false,
+            started: false,
+            retry_scheduled: false,
         }
     }
 

@@ -20,6 +20,8 @@ use super::{Core, QmpError};
 pub const RESTART_BUDGET: usize = 5;
 /// The window of the restart budget.
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// How soon a restore whose replacement could not even start is tried again.
+const RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// The restart budget: [`RESTART_BUDGET`], or `BULKHEAD_RESTART_BUDGET` from the
 /// environment (kill-loop tests and operators with flaky hardware raise it).
@@ -37,11 +39,20 @@ impl Core {
     /// sent again once it is over, and commands keep running meanwhile (one that needs
     /// the instance restores it at once).
     pub async fn worker_died(&mut self, died: &WorkerDied) {
-        let current = self
-            .instances
-            .get(&died.id)
-            .and_then(|i| i.handle.as_ref())
-            .is_some_and(|w| w.pid() == died.pid && !w.is_alive());
+        // A top-level entry: no restore is running. (One abandoned mid-way, when a
+        // dependency died under it, may have left its mark.)
+        self.restoring.clear();
+        let current = self.instances.get_mut(&died.id).is_some_and(|i| {
+            let dead = i.handle.as_ref().is_none_or(|w| !w.is_alive());
+            match (&i.handle, died.pid) {
+                // A scheduled retry of a restore that left no process to report: it
+                // is due whatever happened meanwhile (so a later failure can schedule
+                // another), and acted on only if the instance is still down.
+                (_, 0) => std::mem::take(&mut i.retry_scheduled) && dead,
+                (Some(w), pid) => w.pid() == pid && dead,
+                (None, _) => false,
+            }
+        });
         if !current {
             // An older process of the instance (already replaced, e.g. restored early
             // because another instance needed it) or a retired instance.
@@ -61,6 +72,12 @@ impl Core {
             };
             tracing::warn!(worker = %id, kind = %died.kind, status = %died.status, ?delay, "restarting worker");
             if !delay.is_zero() {
+                if died.pid == 0
+                    && let Some(inst) = self.instances.get_mut(&id)
+                {
+                    // The retry comes back after the backoff, still a retry.
+                    inst.retry_scheduled = true;
+                }
                 let on_death = Rc::clone(&self.on_death);
                 let again = WorkerDied {
                     backed_off: true,
@@ -75,7 +92,36 @@ impl Core {
         }
         if let Err(e) = self.restore_now(id).await {
             tracing::error!(worker = %id, status = %died.status, error = %e.desc, "worker not restored");
+            self.retry_if_silent(id);
         }
+    }
+
+    /// After a failed restore: if no process is left whose death would bring the
+    /// instance back here (its replacement failed to start), schedule a retry, so a
+    /// failure is never final while the budget lasts.
+    fn retry_if_silent(&mut self, id: WorkerId) {
+        let Some(inst) = self.instances.get_mut(&id) else {
+            return;
+        };
+        // A live process (the replacement, killed after a failed replay) reports its
+        // own death; a dead one has already been reported.
+        let alive = inst.handle.as_ref().is_some_and(WorkerHandle::is_alive);
+        if inst.given_up || alive || inst.retry_scheduled {
+            return;
+        }
+        inst.retry_scheduled = true;
+        let on_death = Rc::clone(&self.on_death);
+        let again = WorkerDied {
+            id,
+            kind: inst.kind,
+            pid: 0,
+            status: "restore failed".into(),
+            backed_off: false,
+        };
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(RETRY_DELAY).await;
+            on_death(again);
+        });
     }
 
     /// Counts a restart of `id` against its budget and returns the backoff before it:
@@ -101,7 +147,7 @@ impl Core {
         }
         let delay = match inst.recent_restarts.len() {
             0 => Duration::ZERO,
-            n => Duration::from_millis(100 << (n - 1).min(4)),
+            n => Duration::from_millis(100 << (n - 1).min(3)),
         };
         if !free {
             inst.recent_restarts.push_back(now);
@@ -121,7 +167,11 @@ impl Core {
                 None => format!("worker {id} does not exist"),
             }));
         }
-        self.restore_now(id).await
+        let restored = self.restore_now(id).await;
+        if restored.is_err() {
+            self.retry_if_silent(id);
+        }
+        restored
     }
 
     /// Starts a replacement for instance `id` and replays its state: its nodes (same
@@ -154,7 +204,13 @@ impl Core {
         // any that is dead is restored first.
         let deps = self.dependencies(id);
         for d in &deps {
-            self.worker(*d).await?;
+            if let Err(e) = self.worker(*d).await {
+                // Not this instance's fault: its retry does not use its budget.
+                if let Some(inst) = self.instances.get_mut(&id) {
+                    inst.free_retry = true;
+                }
+                return Err(e);
+            }
         }
         // If one of them dies while this one replays, a call may wait on it (a data
         // channel request waits for the dead peer's replacement), and the supervisor,
