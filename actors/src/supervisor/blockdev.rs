@@ -59,8 +59,35 @@ struct Spec {
     detect_zeroes: DetectZeroes,
     force_share: bool,
     auto_read_only: bool,
+    /// `active`: absent means active.
+    active: Option<bool>,
     strong: Map<String, Value>,
+    /// The options as given, flattened (`cache.direct`); an inline child's become
+    /// its node-name once it exists (see `Node::options`).
+    given: Map<String, Value>,
     kind: SpecKind,
+}
+
+/// QEMU's `qdict_flatten`: nested objects become dotted keys.
+pub(super) fn flatten(m: &Map<String, Value>) -> Map<String, Value> {
+    fn walk(prefix: &str, m: &Map<String, Value>, out: &mut Map<String, Value>) {
+        for (k, v) in m {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                Value::Object(inner) => walk(&key, inner, out),
+                other => {
+                    out.insert(key, other.clone());
+                }
+            }
+        }
+    }
+    let mut out = Map::new();
+    walk("", m, &mut out);
+    out
 }
 
 fn get_bool(m: &Map<String, Value>, k: &str) -> Option<bool> {
@@ -182,7 +209,13 @@ fn parse_spec(v: &Value) -> Result<Spec, QmpError> {
         detect_zeroes,
         force_share: get_bool(m, "force-share").unwrap_or(false),
         auto_read_only: get_bool(m, "auto-read-only").unwrap_or(false),
+        active: get_bool(m, "active"),
         strong,
+        given: {
+            let mut top = m.clone();
+            top.remove("file");
+            flatten(&top)
+        },
         kind,
     })
 }
@@ -242,7 +275,9 @@ impl Core {
             discard: spec.discard,
             no_flush,
             force_share: spec.force_share,
+            inactive: spec.active == Some(false),
         };
+        let active = spec.active != Some(false);
 
         // Children first: QEMU opens a format node's file child before it names the node.
         let (mut config, child, filename) = match spec.kind {
@@ -270,6 +305,15 @@ impl Core {
                         Box::pin(self.create(*s, inherit, false, child_hint, created)).await?
                     }
                 };
+                if let Some(c) = self.graph.get(&name)
+                    && active
+                    && !c.active
+                {
+                    return Err(QmpError::generic(format!(
+                        "Inactive '{name}' can't be a file child of active '{}'",
+                        spec.name.as_deref().unwrap_or("")
+                    )));
+                }
                 let cfg = RawConfig {
                     common,
                     offset: offset.unwrap_or(0),
@@ -414,7 +458,14 @@ impl Core {
                 return Err(e);
             }
         };
+        let mut options = spec.given;
+        options.insert("node-name".into(), name.clone().into());
+        if let Some(c) = &child {
+            options.insert("file".into(), c.clone().into());
+        }
         self.graph.insert(Node {
+            active,
+            options,
             id,
             home,
             name: name.clone(),
@@ -468,12 +519,22 @@ impl Core {
                 continue;
             }
             let p = perm::CONSISTENT_READ | if e.writable { perm::WRITE } else { 0 };
-            if let Some(bottom) = self.graph.chain(&e.node).last() {
+            let chain = self.graph.chain(&e.node);
+            // An inactive node passes no permission down (QEMU drops them when it
+            // inactivates a node, which is what lets another process take over).
+            if chain.iter().any(|n| !n.active) {
+                continue;
+            }
+            if let Some(bottom) = chain.last() {
                 add(&bottom.name, p, perm::RESIZE);
             }
         }
         for n in self.graph.iter().filter(|n| n.fixed_window) {
-            if let Some(bottom) = self.graph.chain(&n.name).last() {
+            let chain = self.graph.chain(&n.name);
+            if chain.iter().any(|n| !n.active) {
+                continue;
+            }
+            if let Some(bottom) = chain.last() {
                 add(&bottom.name, 0, perm::RESIZE);
             }
         }
@@ -565,7 +626,7 @@ impl Core {
 
     /// Closes a node in its worker and forgets it; children that only it used and
     /// that the monitor does not own go with it.
-    async fn destroy(&mut self, name: &str) {
+    pub(super) async fn destroy(&mut self, name: &str) {
         let Some(mut node) = self.graph.remove(name) else {
             return;
         };
@@ -629,6 +690,12 @@ impl Core {
             Some(s) if s >= 0 => s as u64,
             _ => return Err(QmpError::generic("Parameter 'size' expects a >0 size")),
         };
+        // An inactive node holds no permissions, and can take none.
+        if !node.active {
+            return Err(QmpError::generic(
+                "Permission 'resize' unavailable on inactive node",
+            ));
+        }
         // Users of the node: a raw parent with a fixed window and an export both
         // refuse to share `resize`.
         if node.exported {
@@ -727,7 +794,7 @@ impl Core {
 
     /// Re-reads the sizes of the nodes a resize went through, bottom first. Like QEMU,
     /// nodes above the resized one keep the size they had (each node caches its own).
-    async fn refresh_sizes(&mut self, chain: &[String]) {
+    pub(super) async fn refresh_sizes(&mut self, chain: &[String]) {
         let nodes: Vec<_> = chain
             .iter()
             .rev()

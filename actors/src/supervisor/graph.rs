@@ -97,6 +97,13 @@ pub struct Node {
     pub exported: bool,
     /// What the worker was told to open, replayed into a restarted worker.
     pub config: bulkhead_block::config::DriverConfig,
+    /// Not inactivated (`active=off`, `blockdev-set-active`). An inactive node
+    /// refuses writes and needs no permissions of its image (it holds no lock).
+    pub active: bool,
+    /// The options the node was opened (or last reopened) with, flattened to QEMU's
+    /// dotted keys (`cache.direct`), a child given by its node-name: what
+    /// `blockdev-reopen` compares against (QEMU's `bs->options`).
+    pub options: Map<String, Value>,
 }
 
 /// All nodes, in creation order.
@@ -143,6 +150,27 @@ impl Graph {
             c.parents = c.parents.saturating_sub(1);
         }
         Some(node)
+    }
+
+    /// Points `name`'s `file` child at `child` (parent counts follow).
+    pub fn set_child(&mut self, name: &str, child: Option<String>) {
+        let Some(node) = self.get_mut(name) else {
+            return;
+        };
+        let old = std::mem::replace(&mut node.child, child.clone());
+        if let Some(c) = old.and_then(|o| self.get_mut(&o)) {
+            c.parents = c.parents.saturating_sub(1);
+        }
+        if let Some(c) = child.and_then(|c| self.get_mut(&c)) {
+            c.parents += 1;
+        }
+    }
+
+    /// The nodes whose `file` child is `name`.
+    pub fn parents_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
+        self.nodes
+            .iter()
+            .filter(move |n| n.child.as_deref() == Some(name))
     }
 
     /// Whether any node has this name.
@@ -265,7 +293,7 @@ impl Graph {
         m.insert("ro".into(), node.read_only.into());
         m.insert("drv".into(), node.driver.as_str().into());
         m.insert("backing_file_depth".into(), 0.into());
-        m.insert("active".into(), true.into());
+        m.insert("active".into(), node.active.into());
         m.insert("encrypted".into(), false.into());
         m.insert("detect_zeroes".into(), node.detect_zeroes.into());
         for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
