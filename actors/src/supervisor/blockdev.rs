@@ -17,7 +17,7 @@ use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{NodeId, NodeRef, Reply, ToWorker, WorkerId};
 use serde_json::{Map, Value, json};
 
-use super::graph::{Driver, Node};
+use super::graph::{Driver, Node, Role};
 use super::placement::Placement;
 use super::{Core, QmpError, call_error};
 
@@ -470,7 +470,7 @@ impl Core {
             home,
             name: name.clone(),
             driver: spec.driver,
-            child,
+            children: child.into_iter().map(|c| (Role::File, c)).collect(),
             parents: 0,
             monitor_owned: root,
             read_only,
@@ -594,7 +594,7 @@ impl Core {
             .graph
             .get(name)
             .ok_or_else(|| QmpError::generic("node vanished"))?;
-        let child = node.child.as_deref().and_then(|c| self.node_ref(c));
+        let child = node.file().and_then(|c| self.node_ref(c));
         let fd = match &node.image {
             Some(f) => Some(fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?),
             None => None,
@@ -640,13 +640,14 @@ impl Core {
             tracing::warn!(node = name, error = %e, "worker could not close node");
         }
         self.retire_if_idle(node.home);
-        if let Some(child) = node.child
-            && self
+        for (_, child) in std::mem::take(&mut node.children) {
+            if self
                 .graph
                 .get(&child)
                 .is_some_and(|c| c.parents == 0 && !c.monitor_owned)
-        {
-            Box::pin(self.destroy(&child)).await;
+            {
+                Box::pin(self.destroy(&child)).await;
+            }
         }
     }
 
@@ -707,7 +708,7 @@ impl Core {
         if let Some(parent) = self
             .graph
             .iter()
-            .find(|p| p.child.as_deref() == Some(node.name.as_str()) && p.fixed_window)
+            .find(|p| p.file() == Some(node.name.as_str()) && p.fixed_window)
         {
             return Err(QmpError::generic(format!(
                 "Permission conflict on node '{0}': permissions 'resize' are both required by an unnamed block device (uses node '{0}' as 'root' child) and unshared by node '{1}' (uses node '{0}' as 'file' child).",
@@ -736,7 +737,7 @@ impl Core {
                     target = target.checked_add(offset).ok_or_else(|| {
                         QmpError::generic("Disk size too large for the chosen offset")
                     })?;
-                    match cur.child.as_deref().and_then(|c| self.graph.get(c)) {
+                    match cur.file().and_then(|c| self.graph.get(c)) {
                         Some(c) => {
                             chain.push(c.name.clone());
                             cur = c;

@@ -54,6 +54,24 @@ impl Driver {
     }
 }
 
+/// The role a child plays for its parent (QEMU's child names: `file`, `backing`,
+/// `data-file`, `children.N` of quorum). Only `file` exists so far; mirror, commit,
+/// snapshots and quorum add the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// A format or filter node's protocol child.
+    File,
+}
+
+impl Role {
+    /// The child name QEMU shows (`x-debug-query-block-graph` edges, options).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::File => "file",
+        }
+    }
+}
+
 /// One node.
 #[derive(Debug)]
 pub struct Node {
@@ -66,8 +84,8 @@ pub struct Node {
     pub home: WorkerId,
     /// Driver.
     pub driver: Driver,
-    /// The `file` child's name.
-    pub child: Option<String>,
+    /// Its children by role, in the order QEMU attaches them.
+    pub children: Vec<(Role, String)>,
     /// Number of parents.
     pub parents: usize,
     /// Created by blockdev-add as a root (may be deleted by blockdev-del).
@@ -106,6 +124,21 @@ pub struct Node {
     pub options: Map<String, Value>,
 }
 
+impl Node {
+    /// The child in `role`, if any.
+    pub fn child(&self, role: Role) -> Option<&str> {
+        self.children
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, c)| c.as_str())
+    }
+
+    /// The `file` child.
+    pub fn file(&self) -> Option<&str> {
+        self.child(Role::File)
+    }
+}
+
 /// All nodes, in creation order.
 #[derive(Debug, Default)]
 pub struct Graph {
@@ -130,12 +163,12 @@ impl Graph {
         self.nodes.iter_mut().find(|n| n.name == name)
     }
 
-    /// Adds a node (its child's parent count is bumped).
+    /// Adds a node (its children's parent counts are bumped).
     pub fn insert(&mut self, node: Node) {
-        if let Some(child) = node.child.clone()
-            && let Some(c) = self.get_mut(&child)
-        {
-            c.parents += 1;
+        for (_, child) in &node.children {
+            if let Some(c) = self.nodes.iter_mut().find(|n| &n.name == child) {
+                c.parents += 1;
+            }
         }
         self.nodes.push(node);
     }
@@ -144,20 +177,28 @@ impl Graph {
     pub fn remove(&mut self, name: &str) -> Option<Node> {
         let pos = self.nodes.iter().position(|n| n.name == name)?;
         let node = self.nodes.remove(pos);
-        if let Some(child) = &node.child
-            && let Some(c) = self.get_mut(child)
-        {
-            c.parents = c.parents.saturating_sub(1);
+        for (_, child) in &node.children {
+            if let Some(c) = self.nodes.iter_mut().find(|n| &n.name == child) {
+                c.parents = c.parents.saturating_sub(1);
+            }
         }
         Some(node)
     }
 
-    /// Points `name`'s `file` child at `child` (parent counts follow).
-    pub fn set_child(&mut self, name: &str, child: Option<String>) {
+    /// Points `name`'s child in `role` at `child`, or detaches it (parent counts
+    /// follow).
+    pub fn set_child(&mut self, name: &str, role: Role, child: Option<String>) {
         let Some(node) = self.get_mut(name) else {
             return;
         };
-        let old = std::mem::replace(&mut node.child, child.clone());
+        let old = node
+            .children
+            .iter()
+            .position(|(r, _)| *r == role)
+            .map(|i| node.children.remove(i).1);
+        if let Some(c) = &child {
+            node.children.push((role, c.clone()));
+        }
         if let Some(c) = old.and_then(|o| self.get_mut(&o)) {
             c.parents = c.parents.saturating_sub(1);
         }
@@ -166,11 +207,11 @@ impl Graph {
         }
     }
 
-    /// The nodes whose `file` child is `name`.
+    /// The nodes that have `name` as a child, in any role.
     pub fn parents_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
         self.nodes
             .iter()
-            .filter(move |n| n.child.as_deref() == Some(name))
+            .filter(move |n| n.children.iter().any(|(_, c)| c == name))
     }
 
     /// Whether any node has this name.
@@ -187,7 +228,7 @@ impl Graph {
     fn bottom(&self, name: &str) -> Option<&Node> {
         let mut n = self.get(name)?;
         for _ in 0..64 {
-            match n.child.as_deref().and_then(|c| self.get(c)) {
+            match n.file().and_then(|c| self.get(c)) {
                 Some(c) => n = c,
                 None => return Some(n),
             }
@@ -204,7 +245,7 @@ impl Graph {
                 break;
             }
             out.push(n);
-            cur = n.child.as_deref().and_then(|c| self.get(c));
+            cur = n.file().and_then(|c| self.get(c));
         }
         out
     }
@@ -226,8 +267,10 @@ impl Graph {
             m.insert(k.clone(), v.clone());
         }
         m.insert("driver".into(), node.driver.as_str().into());
-        if let Some(c) = node.child.as_deref().and_then(|c| self.get(c)) {
-            m.insert("file".into(), self.full_options(c));
+        for (role, c) in &node.children {
+            if let Some(c) = self.get(c) {
+                m.insert(role.as_str().into(), self.full_options(c));
+            }
         }
         Value::Object(m)
     }
@@ -239,7 +282,7 @@ impl Graph {
             return path.clone();
         }
         if node.strong_options.is_empty() {
-            match node.child.as_deref().and_then(|c| self.get(c)) {
+            match node.file().and_then(|c| self.get(c)) {
                 None => return format!("{}://", node.driver.as_str()),
                 Some(c) => {
                     let f = self.filename(c);
@@ -338,14 +381,17 @@ impl Graph {
             .collect();
         let mut edges = Vec::new();
         for n in self.nodes.iter().rev() {
-            if let Some(c) = n.child.as_deref().and_then(|c| self.get(c)) {
+            for (role, c) in &n.children {
+                let Some(c) = self.get(c) else {
+                    continue;
+                };
                 let mut shared = Vec::new();
                 if !n.fixed_window {
                     shared.push("resize");
                 }
                 shared.extend(["write-unchanged", "write", "consistent-read"]);
                 edges.push(json!({
-                    "parent": number(&n.name), "child": number(&c.name), "name": "file",
+                    "parent": number(&n.name), "child": number(&c.name), "name": role.as_str(),
                     "perm": [], "shared-perm": shared,
                 }));
             }

@@ -20,7 +20,7 @@ use bulkhead_ipc::wire::ToWorker;
 use serde_json::{Map, Value, json};
 
 use super::blockdev::flatten;
-use super::graph::Driver;
+use super::graph::{Driver, Role};
 use super::{Core, QmpError, call_error};
 
 /// Options every driver takes that a reopen applies itself (QEMU's
@@ -86,7 +86,10 @@ impl Core {
         let mut touched = Vec::new();
         for plan in plans {
             touched.push(plan.name.clone());
-            let old_child = self.graph.get(&plan.name).and_then(|n| n.child.clone());
+            let old_child = self
+                .graph
+                .get(&plan.name)
+                .and_then(|n| n.file().map(str::to_string));
             self.apply_plan(plan).await?;
             if let Some(old) = old_child
                 && self
@@ -186,7 +189,7 @@ impl Core {
             common.inactive = !active;
         }
         let mut strong = node.strong_options.clone();
-        let mut child = node.child.clone();
+        let mut child = node.file().map(str::to_string);
         match &mut config {
             DriverConfig::File(c) | DriverConfig::HostDevice(c) => c.direct = direct,
             DriverConfig::Raw(raw) => {
@@ -318,7 +321,8 @@ impl Core {
         let name = plan.name.clone();
         self.reopen_on(home, id, &name, plan.config, child_ref, image)
             .await?;
-        self.graph.set_child(&plan.name, plan.child.clone());
+        self.graph
+            .set_child(&plan.name, Role::File, plan.child.clone());
         if let Some(n) = self.graph.get_mut(&plan.name) {
             n.config = plan.config;
             n.read_only = plan.read_only;
@@ -376,7 +380,7 @@ impl Core {
         }
         let mut config = node.config;
         config.common_mut().inactive = !active;
-        let child_ref = node.child.as_deref().and_then(|c| self.node_ref(c));
+        let child_ref = node.file().and_then(|c| self.node_ref(c));
         let image = match &node.image {
             Some(f) => Some(fd::dup(f).map_err(|e| err(e.to_string()))?),
             None => None,
@@ -431,7 +435,7 @@ impl Core {
                 let Some(node) = self.graph.get(&n) else {
                     break;
                 };
-                let child = node.child.clone();
+                let child = node.file().map(str::to_string);
                 if node.active {
                     if self.graph.parents_of(&n).any(|p| p.active) {
                         if top {

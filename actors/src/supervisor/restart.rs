@@ -165,7 +165,7 @@ impl Core {
             .graph
             .iter()
             .filter(|n| n.home == id)
-            .filter_map(|n| n.child.as_deref().and_then(|c| self.graph.get(c)))
+            .filter_map(|n| n.file().and_then(|c| self.graph.get(c)))
             .map(|c| c.home)
             .filter(|h| *h != id)
             .collect();
