@@ -722,6 +722,25 @@ fn reopen_script() -> Script {
         Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "f0"}]}, "id": 23}"#)
             .note("back to the first child, whole"),
         Step::line(r#"{"execute": "x-debug-query-block-graph", "id": 24}"#).note("graph"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "f0", "offset": 2097152}]}, "id": 25}"#)
+            .note("window past the child"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "f0", "size": 1000}]}, "id": 26}"#)
+            .note("unaligned window"),
+        Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r1", "file": {"driver": "file", "filename": "$DIR/ro.img"}}, "id": 27}"#)
+            .note("raw with an inline child"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r1", "file": "f1"}]}, "id": 28}"#)
+            .note("replacing it drops the inline child"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": 29}"#).note("inline child gone"),
+        Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "r1"}, "id": 291}"#)
+            .note("del"),
+        Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f3", "filename": "$DIR/ro.img", "read-only": true, "force-share": true}, "id": 292}"#)
+            .note("force-share node"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f3", "filename": "$DIR/ro.img"}]}, "id": 293}"#)
+            .note("force-share cannot be reset"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f3", "filename": "$DIR/ro.img", "force-share": true, "read-only": true}]}, "id": 294}"#)
+            .note("nor given again"),
+        Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "f3"}, "id": 295}"#)
+            .note("del"),
         // Under a writable export.
         Step::line(r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "r0", "writable": true}, "id": 30}"#)
             .note("writable export"),

@@ -160,7 +160,9 @@ impl Core {
                 // An inline child where the node already has one.
                 return Err(err(format!("Cannot change the option '{k}'")));
             }
-            if !applied(k) && old.get(k) != Some(v) {
+            // qsd keeps `force-share` in a form no new value equals: giving it at
+            // all is a change.
+            if !applied(k) && (old.get(k) != Some(v) || k == "force-share") {
                 return Err(err(format!("Cannot change the option '{k}'")));
             }
         }
