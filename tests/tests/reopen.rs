@@ -222,3 +222,99 @@ fn replacing_a_child_under_nbd_writes_loses_nothing() {
 fn replacing_a_child_under_nbd_writes_loses_nothing_with_one_worker_per_image() {
     reopen_rounds("image");
 }
+
+/// An inactive node stays inactive when its worker is replaced (the state travels in
+/// the node's config, which restarts replay), and a reopened image descriptor (read-only
+/// to read-write) is what the replacement gets.
+#[test]
+fn activation_and_access_mode_survive_a_worker_restart() {
+    let daemon = start("kind");
+    let d = daemon.dir().to_path_buf();
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}\n{}", daemon.stderr()),
+    };
+    execute_ok(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "i1", "read-only": true,
+               "file": {"driver": "file", "filename": d.join("b.img"), "node-name": "i1f"}}),
+    );
+    execute_ok(
+        &mut qmp,
+        "blockdev-set-active",
+        json!({"node-name": "i1", "active": false}),
+    );
+    execute_ok(
+        &mut qmp,
+        "block-export-add",
+        json!({"type": "nbd", "id": "x1", "node-name": "i1", "allow-inactive": true}),
+    );
+    let victim = worker_of(&mut qmp, "i1");
+    if let Err(e) = procs::send_signal(victim, libc::SIGKILL) {
+        panic!("cannot signal worker {victim}: {e}");
+    }
+    let opts = writes::nbd_image_opts(&d.join("nbd.sock"), "i1");
+    qemu_io_ok(
+        &["-r", "--image-opts", &opts, "-c", "read 0 512"],
+        "read from the inactive node after the restart",
+    );
+    assert_ne!(
+        worker_of(&mut qmp, "i1"),
+        victim,
+        "i1's worker was replaced"
+    );
+    let nodes = execute_ok(&mut qmp, "query-named-block-nodes", json!({}));
+    let i1 = nodes
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["node-name"] == "i1"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (i1["active"].clone(), i1["ro"].clone()),
+        (json!(false), json!(true))
+    );
+    // Read-write and active again: the supervisor reopens b.img for writing, and a
+    // second restart must hand the replacement that descriptor.
+    execute_ok(
+        &mut qmp,
+        "blockdev-reopen",
+        json!({"options": [{"driver": "file", "node-name": "i1f", "filename": d.join("b.img")},
+                           {"driver": "raw", "node-name": "i1", "file": "i1f"}]}),
+    );
+    execute_ok(
+        &mut qmp,
+        "blockdev-set-active",
+        json!({"node-name": "i1", "active": true}),
+    );
+    let victim = worker_of(&mut qmp, "i1");
+    if let Err(e) = procs::send_signal(victim, libc::SIGKILL) {
+        panic!("cannot signal worker {victim}: {e}");
+    }
+    // A command right after a death could reach the dead process's channel before
+    // the supervisor saw the death; wait for the replacement first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while worker_of(&mut qmp, "i1") == victim {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "i1's worker not replaced"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    // The first export is read-only; write through a writable one.
+    execute_ok(
+        &mut qmp,
+        "block-export-add",
+        json!({"type": "nbd", "id": "x2", "node-name": "i1", "name": "i1w", "writable": true}),
+    );
+    let opts = writes::nbd_image_opts(&d.join("nbd.sock"), "i1w");
+    qemu_io_ok(
+        &["--image-opts", &opts, "-c", "write -P 0x3c 0 4096"],
+        "write to the reactivated, read-write node",
+    );
+    let b = d.join("b.img").display().to_string();
+    qemu_io_ok(
+        &["-U", "-r", "-f", "raw", "-c", "read -P 0x3c 0 4096", &b],
+        "the write is in b.img",
+    );
+}
