@@ -318,3 +318,49 @@ fn activation_and_access_mode_survive_a_worker_restart() {
         "the write is in b.img",
     );
 }
+
+/// After a reopen gives r0 a child younger than itself in the same worker (a raw node
+/// over f1, created later), a restart must open the child first.
+#[test]
+fn a_younger_child_in_the_same_worker_is_replayed_before_its_parent() {
+    let daemon = start("kind");
+    let d = daemon.dir().to_path_buf();
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}\n{}", daemon.stderr()),
+    };
+    execute_ok(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r2", "file": "f1"}),
+    );
+    execute_ok(
+        &mut qmp,
+        "blockdev-reopen",
+        json!({"options": [{"driver": "raw", "node-name": "r0", "file": "r2"}]}),
+    );
+    let victim = worker_of(&mut qmp, "r0");
+    assert_eq!(
+        worker_of(&mut qmp, "r2"),
+        victim,
+        "r0 and r2 share the raw worker"
+    );
+    if let Err(e) = procs::send_signal(victim, libc::SIGKILL) {
+        panic!("cannot signal worker {victim}: {e}");
+    }
+    let opts = writes::nbd_image_opts(&d.join("nbd.sock"), "r0");
+    qemu_io_ok(
+        &["--image-opts", &opts, "-c", "write -P 0x69 8192 4096"],
+        "write through r0 after the restart",
+    );
+    let b = d.join("b.img").display().to_string();
+    qemu_io_ok(
+        &["-U", "-r", "-f", "raw", "-c", "read -P 0x69 8192 4096", &b],
+        "the write is in b.img",
+    );
+    assert_ne!(
+        worker_of(&mut qmp, "r0"),
+        victim,
+        "the raw worker was replaced"
+    );
+}

@@ -207,6 +207,36 @@ impl Graph {
         }
     }
 
+    /// The names of the nodes `keep` selects, every child before its parents (creation
+    /// order otherwise). A reopen can give an old node a younger child, so creation
+    /// order alone is not enough for replay.
+    pub fn children_first(&self, keep: impl Fn(&Node) -> bool) -> Vec<String> {
+        fn visit<'a>(
+            graph: &'a Graph,
+            node: &'a Node,
+            keep: &dyn Fn(&Node) -> bool,
+            out: &mut Vec<String>,
+            depth: usize,
+        ) {
+            if depth > 64 || out.iter().any(|n| n == &node.name) {
+                return;
+            }
+            for (_, c) in &node.children {
+                if let Some(c) = graph.get(c) {
+                    visit(graph, c, keep, out, depth + 1);
+                }
+            }
+            if keep(node) && !out.iter().any(|n| n == &node.name) {
+                out.push(node.name.clone());
+            }
+        }
+        let mut out = Vec::new();
+        for n in self.nodes.iter().filter(|n| keep(n)) {
+            visit(self, n, &keep, &mut out, 0);
+        }
+        out
+    }
+
     /// The nodes that have `name` as a child, in any role.
     pub fn parents_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
         self.nodes
