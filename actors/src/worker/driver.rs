@@ -61,6 +61,7 @@ impl Nodes {
 pub(crate) struct DriverWorker {
     kind: WorkerKind,
     id: WorkerId,
+
     nodes: Arc<Nodes>,
     peers: super::Peers,
 }
@@ -231,6 +232,7 @@ impl DriverWorker {
                 })?;
                 Ok(Reply::NodeInfo { size: n.size() })
             }
+            ToWorker::Ping => Ok(Reply::Done),
             ToWorker::NbdServerStart { .. }
             | ToWorker::NbdServerStop
             | ToWorker::NbdExportAdd { .. }
