@@ -84,13 +84,19 @@ impl Core {
             plan.image = self.reopen_image(plan)?;
         }
         let mut touched = Vec::new();
+        let mut result = Ok(());
         for plan in plans {
             touched.push(plan.name.clone());
             let old_child = self
                 .graph
                 .get(&plan.name)
                 .and_then(|n| n.file().map(str::to_string));
-            self.apply_plan(plan).await?;
+            // A worker that fails part-way leaves the nodes before it reopened (the
+            // graph records what each worker confirmed); sizes and locks follow below.
+            if let Err(e) = self.apply_plan(plan).await {
+                result = Err(e);
+                break;
+            }
             if let Some(old) = old_child
                 && self
                     .graph
@@ -104,8 +110,8 @@ impl Core {
         for name in &touched {
             self.refresh_sizes(std::slice::from_ref(name)).await;
         }
-        self.refresh_locks()?;
-        Ok(json!({}))
+        let locks = self.refresh_locks();
+        result.and(locks).map(|()| json!({}))
     }
 
     /// Checks one entry against its node as QEMU's `bdrv_reopen_prepare` does.
