@@ -429,3 +429,89 @@ impl Graph {
         json!({"nodes": nodes, "edges": edges})
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bulkhead_block::config::{DriverConfig, NullConfig};
+
+    use super::*;
+
+    fn node(graph: &mut Graph, name: &str, child: Option<&str>) {
+        let id = graph.allocate_id();
+        graph.insert(Node {
+            id,
+            name: name.to_string(),
+            home: WorkerId(1),
+            driver: if child.is_some() {
+                Driver::Raw
+            } else {
+                Driver::NullCo
+            },
+            children: child
+                .map(|c| (Role::File, c.to_string()))
+                .into_iter()
+                .collect(),
+            parents: 0,
+            monitor_owned: true,
+            read_only: false,
+            direct: false,
+            no_flush: false,
+            detect_zeroes: "off",
+            size: 0,
+            strong_options: Map::new(),
+            path: None,
+            image: None,
+            lock: None,
+            fixed_window: false,
+            exported: false,
+            config: DriverConfig::NullCo(NullConfig::default()),
+            active: true,
+            options: Map::new(),
+        });
+    }
+
+    fn parents(graph: &Graph, name: &str) -> usize {
+        graph.get(name).map_or(usize::MAX, |n| n.parents)
+    }
+
+    #[test]
+    fn replacing_a_child_moves_the_parent_count_and_replay_order_follows() {
+        let mut g = Graph::default();
+        node(&mut g, "f0", None);
+        node(&mut g, "r0", Some("f0"));
+        node(&mut g, "f1", None);
+        node(&mut g, "r2", Some("f1"));
+        assert_eq!((parents(&g, "f0"), parents(&g, "f1")), (1, 1));
+        // r0 now sits on r2, younger than itself.
+        g.set_child("r0", Role::File, Some("r2".into()));
+        assert_eq!(
+            (parents(&g, "f0"), parents(&g, "r2"), parents(&g, "f1")),
+            (0, 1, 1)
+        );
+        assert_eq!(g.get("r0").and_then(Node::file), Some("r2"));
+        assert_eq!(
+            g.parents_of("r2")
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["r0"]
+        );
+        // Creation order would open r0 before r2; children first puts r2, f1 first.
+        assert_eq!(g.children_first(|_| true), vec!["f0", "f1", "r2", "r0"]);
+        assert_eq!(
+            g.children_first(|n| n.name.starts_with('r')),
+            vec!["r2", "r0"]
+        );
+        let edges = g.debug_graph()["edges"].clone();
+        assert_eq!(
+            edges
+                .as_array()
+                .map(|e| e.iter().map(|e| e["name"].clone()).collect::<Vec<_>>()),
+            Some(vec![json!("file"), json!("file")])
+        );
+        // Detaching drops the count; removing a parent does too.
+        g.set_child("r0", Role::File, None);
+        assert_eq!(parents(&g, "r2"), 0);
+        g.remove("r2");
+        assert_eq!(parents(&g, "f1"), 0);
+    }
+}
