@@ -313,7 +313,7 @@ pub struct Region {
 
 // SAFETY: the mapping is plain shared memory; every access goes through atomics,
 // volatile copies of descriptors, or pool slices whose exclusivity the data channel
-// guarantees (see `data.rs`).
+// guarantees (see `data/server.rs`).
 unsafe impl Send for Region {}
 // SAFETY: as above.
 unsafe impl Sync for Region {}

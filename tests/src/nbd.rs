@@ -86,6 +86,14 @@ impl NbdPeer {
         if greeting != GREETING {
             return Err(NbdError::Protocol(format!("greeting {greeting:02x?}")));
         }
+        peer.send_go(export)?;
+        peer.await_go()?;
+        Ok(peer)
+    }
+
+    /// Sends the client flags and NBD_OPT_GO for `export` (the greeting may still
+    /// be unread: a client may send these before the server speaks).
+    pub fn send_go(&mut self, export: &str) -> Result<(), NbdError> {
         let mut go = Vec::new();
         go.extend_from_slice(&CLIENT_FLAGS.to_be_bytes());
         go.extend_from_slice(OPTION_MAGIC);
@@ -97,9 +105,14 @@ impl NbdPeer {
         go.extend_from_slice(&(len - 6).to_be_bytes());
         go.extend_from_slice(name);
         go.extend_from_slice(&0u16.to_be_bytes());
-        peer.stream.write_all(&go)?;
+        self.stream.write_all(&go)?;
+        Ok(())
+    }
+
+    /// Reads NBD_OPT_GO's replies up to its ACK.
+    pub fn await_go(&mut self) -> Result<(), NbdError> {
         loop {
-            let header = peer.read_exact(20)?;
+            let header = self.read_exact(20)?;
             if be64(&header[..8]) != OPTION_REPLY_MAGIC {
                 return Err(NbdError::Protocol(format!("option reply {header:02x?}")));
             }
@@ -108,9 +121,9 @@ impl NbdPeer {
             if length > MAX_OPTION_REPLY {
                 return Err(NbdError::Protocol(format!("option reply length {length}")));
             }
-            let payload = peer.read_exact(length)?;
+            let payload = self.read_exact(length)?;
             if kind == REP_ACK {
-                return Ok(peer);
+                return Ok(());
             }
             if kind & 0x8000_0000 != 0 {
                 return Err(NbdError::Protocol(format!(
@@ -119,6 +132,47 @@ impl NbdPeer {
                 )));
             }
         }
+    }
+
+    /// Everything the server sends within `within` (less if it hangs up), at most
+    /// 64 KiB.
+    pub fn received_within(&mut self, within: Duration) -> io::Result<Vec<u8>> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while out.len() < MAX_OPTION_REPLY {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The option reply types in `bytes` (whole replies only, in order).
+    pub fn option_reply_types(mut bytes: &[u8]) -> Vec<u32> {
+        let mut types = Vec::new();
+        while bytes.len() >= 20 && be64(&bytes[..8]) == OPTION_REPLY_MAGIC {
+            let length = be32(&bytes[16..20]) as usize;
+            types.push(be32(&bytes[12..16]));
+            bytes = bytes.get(20 + length..).unwrap_or(&[]);
+        }
+        types
     }
 
     /// NBD_CMD_WRITE of `data` at `offset`.

@@ -31,6 +31,9 @@ use crate::server::{ConnectionSlot, Export, Shared, signalled};
 
 /// Read buffer size: big enough to batch many small request headers per syscall.
 const READ_BUF: usize = 64 * 1024;
+/// Read buffer size during negotiation: option headers are small, and up to a
+/// thousand clients may be negotiating at once.
+const HANDSHAKE_BUF: usize = 4 * 1024;
 /// Buffers above this size are freed after use instead of pooled.
 const POOL_MAX_BUF: usize = 4 * 1024 * 1024;
 /// Most iovecs per writev (Linux `IOV_MAX`).
@@ -42,13 +45,17 @@ const IOV_MAX: usize = 1024;
 pub const CONN_BUFFER_BYTES: usize = 2 * MAX_BUFFER_SIZE as usize;
 
 /// Runs one connection to its end.
-pub(crate) async fn run<R, W>(shared: Arc<Shared>, slot: ConnectionSlot, r: R, mut w: W)
+pub(crate) async fn run<R, W>(shared: Arc<Shared>, slot: ConnectionSlot, r: R, w: W)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let _slot = slot;
-    let mut r = BufReader::with_capacity(READ_BUF, r);
+    // Locals drop in reverse order: the socket halves before the slot, so that a
+    // dropped slot means a closed descriptor (the accept loop, out of descriptors,
+    // waits for that).
+    let mut slot = slot;
+    let mut w = w;
+    let mut r = BufReader::with_capacity(HANDSHAKE_BUF, r);
     let mut shutdown = shared.shutdown_signal();
     // handshake-max-seconds ends the negotiation the way qsd's timer does: qsd shuts
     // the socket down, so the read it was waiting in sees end-of-file and the usual
@@ -56,14 +63,45 @@ where
     let deadline = shared
         .handshake_limit()
         .map(|limit| tokio::time::Instant::now() + limit);
-    let mut limited_r = Deadline::new(&mut r, deadline);
-    let mut limited_w = Deadline::new(&mut w, deadline);
+    let mut limited_r = Deadline::new(&mut r, deadline, Some(&slot));
+    let mut limited_w = Deadline::new(&mut w, deadline, None);
     let session = tokio::select! {
         _ = signalled(&mut shutdown) => return,
+        _ = slot.evicted() => {
+            tracing::debug!("NBD client dropped while negotiating, to make room");
+            return;
+        }
         s = handshake::negotiate(&shared, &mut limited_r, &mut limited_w) => s,
     };
+    drop(limited_r);
+    drop(limited_w);
     match session {
-        Ok(session) => transmission(shared, session, r, w).await,
+        Ok(session) => {
+            // Wait for a max-connections slot before the final reply, outside the
+            // handshake deadline: the client did its part (a qsd client over the
+            // limit waits too, in the listen backlog).
+            slot.waiting();
+            let mut closing = session.client.export.closing();
+            let permit = tokio::select! {
+                _ = signalled(&mut shutdown) => return,
+                _ = signalled(&mut closing) => return,
+                _ = slot.evicted() => return,
+                p = shared.admission() => match p {
+                    Some(p) => p,
+                    None => return,
+                },
+            };
+            slot.admitted(permit);
+            if w.write_all(&session.pending).await.is_err() {
+                return;
+            }
+            let _slot = slot;
+            // The bigger buffer of the transmission phase; bytes the client sent
+            // after its GO (pipelined requests) are read first.
+            let early = std::io::Cursor::new(r.buffer().to_vec());
+            let r = BufReader::with_capacity(READ_BUF, early.chain(r.into_inner()));
+            transmission(shared, session, r, w).await
+        }
         Err(e) => {
             tracing::debug!("NBD negotiation ended: {e}");
             // What qsd prints for a failed negotiation; a client that said
@@ -85,16 +123,23 @@ where
 
 /// A stream whose reads reach end-of-file, and whose writes fail with EPIPE, once
 /// its deadline has passed (like a socket qsd shut down); no deadline, no limit.
+/// Reads that bring bytes mark `activity`'s client as active.
 struct Deadline<'a, T> {
     inner: &'a mut T,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    activity: Option<&'a ConnectionSlot>,
 }
 
 impl<'a, T> Deadline<'a, T> {
-    fn new(inner: &'a mut T, at: Option<tokio::time::Instant>) -> Deadline<'a, T> {
+    fn new(
+        inner: &'a mut T,
+        at: Option<tokio::time::Instant>,
+        activity: Option<&'a ConnectionSlot>,
+    ) -> Deadline<'a, T> {
         Deadline {
             inner,
             deadline: at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            activity,
         }
     }
 
@@ -115,7 +160,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Deadline<'_, T> {
             // Nothing filled: end-of-file.
             return std::task::Poll::Ready(Ok(()));
         }
-        std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Some(slot) = self.activity
+        {
+            slot.touch();
+        }
+        r
     }
 }
 
@@ -274,6 +326,7 @@ where
         client,
         mode,
         contexts,
+        pending: _,
     } = session;
     let conn = Arc::new(Conn {
         export: client.export.clone(),

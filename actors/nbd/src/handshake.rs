@@ -49,6 +49,9 @@ pub(crate) struct Session {
     pub(crate) client: ExportClient,
     pub(crate) mode: Mode,
     pub(crate) contexts: Contexts,
+    /// The final reply (GO's ACK, or EXPORT_NAME's export data), not yet sent: it
+    /// goes out once the client holds a `max-connections` slot.
+    pub(crate) pending: Vec<u8>,
 }
 
 /// Why negotiation ended without a session. These are logged, never sent.
@@ -368,11 +371,10 @@ where
         buf[0..8].copy_from_slice(&client.export.size.to_be_bytes());
         buf[8..10].copy_from_slice(&flags.to_be_bytes());
         let n = if no_zeroes { 10 } else { buf.len() };
-        self.w.write_all(&buf[..n]).await?;
-        Ok(self.session(client))
+        Ok(self.session(client, buf[..n].to_vec()))
     }
 
-    fn session(&mut self, client: ExportClient) -> Session {
+    fn session(&mut self, client: ExportClient, pending: Vec<u8>) -> Session {
         let mut contexts = std::mem::take(&mut self.contexts);
         if !contexts.is_for(&client.export) {
             contexts = Contexts::default();
@@ -381,6 +383,7 @@ where
             client,
             mode: self.mode,
             contexts,
+            pending,
         }
     }
 
@@ -449,8 +452,16 @@ where
         ex[0..8].copy_from_slice(&export.size.to_be_bytes());
         ex[8..10].copy_from_slice(&self.flags_for(&export, opt).to_be_bytes());
         self.info_reply(opt, INFO_EXPORT, &ex).await?;
-        self.reply(opt, REP_ACK, &[]).await?;
-        Ok(client.map(|c| self.session(c)))
+        match client {
+            // GO's ACK waits for a `max-connections` slot.
+            Some(c) => Ok(Some(
+                self.session(c, option_reply(opt, REP_ACK, 0).to_vec()),
+            )),
+            None => {
+                self.reply(opt, REP_ACK, &[]).await?;
+                Ok(None)
+            }
+        }
     }
 
     /// LIST_META_CONTEXT and SET_META_CONTEXT.

@@ -8,13 +8,15 @@
 //! over or as already-accepted streams. This module handles no client bytes itself;
 //! each accepted connection is handed to the handshake and transmission code.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bulkhead_block::BlockIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::proto::{
     MAX_STRING_SIZE, TF_CAN_MULTI_CONN, TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_CACHE,
@@ -24,14 +26,25 @@ use crate::proto::{
 /// Pause after a failed accept, so a persistent failure does not spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
+/// Most clients negotiating (or waiting for a `max-connections` slot) at once.
+pub const NEGOTIATING_MAX: usize = 1024;
+/// How long the accept loop waits for a client it dropped to make room for a
+/// descriptor to close before it tries again.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+/// Out of descriptors, only a negotiating client idle this long is dropped for a
+/// new one. accept(2) fails with EMFILE whether or not a client is pending, so a
+/// fresh client (a real one, mid-negotiation) must not be dropped on a guess.
+const EVICTABLE_IDLE_MS: u64 = 1000;
+
 /// Server-wide settings, fixed for the server's life (qsd's `nbd-server-start`
 /// arguments that matter on the wire).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// Most simultaneous connections (handshaking or attached); 0 means unlimited.
-    /// Like qsd, connections beyond the limit wait in the listen backlog (or, for
-    /// handed-in streams, before the greeting) until a slot frees up. A limit of 1
-    /// also drops `NBD_FLAG_CAN_MULTI_CONN` from every export.
+    /// Most clients past negotiation at once; 0 means unlimited. Unlike qsd, clients
+    /// still negotiating take no slot (they have their own bound, see
+    /// [`NEGOTIATING_MAX`]): a client that finishes negotiation while every slot is
+    /// taken waits before the final reply until one frees up. A limit of 1 also
+    /// drops `NBD_FLAG_CAN_MULTI_CONN` from every export.
     pub max_connections: u32,
     /// Seconds a client may take from connect to the end of option negotiation
     /// before it is dropped; 0 means no limit (qsd's `handshake-max-seconds`).
@@ -183,8 +196,34 @@ pub(crate) struct Shared {
     report: Option<Reporter>,
     exports: Mutex<Vec<Arc<Export>>>,
     conn_limit: Option<Arc<Semaphore>>,
+    negotiating: Mutex<Negotiating>,
+    /// Zero point of [`Negotiator::last_active`].
+    epoch: Instant,
     connections: watch::Sender<usize>,
     shutdown: watch::Sender<bool>,
+}
+
+/// Clients from accept until they hold a `max-connections` slot, bounded: when full,
+/// a new client makes room by dropping the one idle longest, so a flood of sockets
+/// that never negotiate cannot lock out a real client.
+struct Negotiating {
+    limit: usize,
+    next_id: u64,
+    clients: HashMap<u64, Arc<Negotiator>>,
+}
+
+/// One client in [`Negotiating`].
+pub(crate) struct Negotiator {
+    id: u64,
+    /// When the client last sent a byte, in milliseconds after `Shared::epoch`.
+    last_active: AtomicU64,
+    /// Negotiation is over; the client waits for a `max-connections` slot. Such
+    /// clients are dropped for room only when nobody is still negotiating.
+    waiting: AtomicBool,
+    /// Notified when the client is dropped for room.
+    evict: Notify,
+    /// Notified when its connection has ended and its descriptor is closed.
+    gone: Notify,
 }
 
 impl Shared {
@@ -227,6 +266,31 @@ impl Shared {
         self.shutdown.subscribe()
     }
 
+    /// Milliseconds since the server started.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn negotiating(&self) -> MutexGuard<'_, Negotiating> {
+        // Every update leaves the map consistent, even one cut short by a panic.
+        self.negotiating.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for a `max-connections` slot; `None` once the server shuts down.
+    pub(crate) async fn admission(&self) -> Option<Option<OwnedSemaphorePermit>> {
+        let mut shutdown = self.shutdown_signal();
+        if *shutdown.borrow() {
+            return None;
+        }
+        match &self.conn_limit {
+            None => Some(None),
+            Some(sem) => tokio::select! {
+                _ = signalled(&mut shutdown) => None,
+                p = sem.clone().acquire_owned() => Some(Some(p.ok()?)),
+            },
+        }
+    }
+
     pub(crate) fn handshake_limit(&self) -> Option<Duration> {
         match self.config.handshake_max_seconds {
             0 => None,
@@ -235,18 +299,83 @@ impl Shared {
     }
 }
 
-/// Counts a live connection for [`NbdServer::shutdown`] and holds its slot under
-/// `max_connections`.
+/// Counts a live connection for [`NbdServer::shutdown`]; keeps it in the bounded set
+/// of negotiating clients until it is admitted, then holds its `max-connections` slot.
+/// Dropped after the connection's socket (see `conn::run`).
 pub(crate) struct ConnectionSlot {
     shared: Arc<Shared>,
+    negotiator: Arc<Negotiator>,
+    /// Still in the negotiating set.
+    listed: bool,
     _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl ConnectionSlot {
+    /// Notes that the client sent something (it is not idle).
+    pub(crate) fn touch(&self) {
+        self.negotiator
+            .last_active
+            .store(self.shared.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Resolves if the client is dropped to make room for another.
+    pub(crate) async fn evicted(&self) {
+        self.negotiator.evict.notified().await;
+    }
+
+    /// Negotiation is over: the client now waits for a `max-connections` slot.
+    pub(crate) fn waiting(&self) {
+        self.negotiator.waiting.store(true, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// The client got its slot: it leaves the negotiating set.
+    pub(crate) fn admitted(&mut self, permit: Option<OwnedSemaphorePermit>) {
+        self.leave();
+        self._permit = permit;
+    }
+
+    fn leave(&mut self) {
+        if std::mem::take(&mut self.listed) {
+            self.shared
+                .negotiating()
+                .clients
+                .remove(&self.negotiator.id);
+        }
+    }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
+        self.leave();
+        self.negotiator.gone.notify_one();
         self.shared
             .connections
             .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl Negotiating {
+    /// Takes the client idle longest out of the set and tells it to go: among those
+    /// still negotiating, or (if `waiting_too`) among those waiting for a slot when
+    /// nobody is negotiating; only one idle since `idle_since` ms or earlier.
+    fn evict(&mut self, waiting_too: bool, idle_since: u64) -> Option<Arc<Negotiator>> {
+        let victim = self
+            .clients
+            .values()
+            .filter(|n| waiting_too || !n.waiting.load(Ordering::Relaxed))
+            .filter(|n| n.last_active.load(Ordering::Relaxed) <= idle_since)
+            .min_by_key(|n| {
+                (
+                    n.waiting.load(Ordering::Relaxed),
+                    n.last_active.load(Ordering::Relaxed),
+                    n.id,
+                )
+            })
+            .map(|n| n.id)?;
+        let victim = self.clients.remove(&victim)?;
+        victim.evict.notify_one();
+        Some(victim)
     }
 }
 
@@ -286,6 +415,12 @@ impl NbdServer {
                 report,
                 exports: Mutex::new(Vec::new()),
                 conn_limit,
+                negotiating: Mutex::new(Negotiating {
+                    limit: NEGOTIATING_MAX,
+                    next_id: 0,
+                    clients: HashMap::new(),
+                }),
+                epoch: Instant::now(),
                 connections: watch::Sender::new(0),
                 shutdown: watch::Sender::new(false),
             }),
@@ -394,41 +529,80 @@ impl NbdServer {
             .map(|e| *e.clients.borrow())
     }
 
-    /// Number of open connections (handshaking or attached).
+    /// Number of open connections (negotiating, waiting for a slot, or attached).
     pub fn connection_count(&self) -> usize {
         *self.shared.connections.borrow()
     }
 
-    /// Waits for room under `max_connections`; `None` once the server shuts
-    /// down. The permit is taken before accepting, so that (like qsd) excess
-    /// clients wait in the listen backlog.
-    async fn permit(&self) -> Option<Option<OwnedSemaphorePermit>> {
-        let mut shutdown = self.shared.shutdown_signal();
-        if *shutdown.borrow() {
-            return None;
-        }
-        match &self.shared.conn_limit {
-            None => Some(None),
-            Some(sem) => tokio::select! {
-                _ = signalled(&mut shutdown) => None,
-                p = sem.clone().acquire_owned() => Some(Some(p.ok()?)),
-            },
-        }
+    /// How many clients may negotiate at once.
+    pub fn negotiating_limit(&self) -> usize {
+        self.shared.negotiating().limit
     }
 
-    /// Counts an accepted connection.
-    fn slot(&self, permit: Option<OwnedSemaphorePermit>) -> ConnectionSlot {
-        self.shared.connections.send_modify(|n| *n += 1);
-        ConnectionSlot {
-            shared: self.shared.clone(),
-            _permit: permit,
+    /// Changes how many clients may negotiate at once (at least one; the default is
+    /// [`NEGOTIATING_MAX`]). Clients over a lowered limit go as newer ones arrive.
+    pub fn set_negotiating_limit(&self, limit: usize) {
+        self.shared.negotiating().limit = limit.max(1);
+    }
+
+    /// Counts a new connection and enters it in the negotiating set, dropping the
+    /// client idle longest if the set is full; `None` once the server shuts down.
+    fn slot(&self) -> Option<ConnectionSlot> {
+        if *self.shared.shutdown.borrow() {
+            return None;
         }
+        let now = self.shared.now_ms();
+        let negotiator = {
+            let mut set = self.shared.negotiating();
+            if set.clients.len() >= set.limit && set.evict(true, u64::MAX).is_some() {
+                tracing::debug!(
+                    "NBD: {} clients negotiating; dropped the one idle longest",
+                    set.limit
+                );
+            }
+            let id = set.next_id;
+            set.next_id += 1;
+            let n = Arc::new(Negotiator {
+                id,
+                last_active: AtomicU64::new(now),
+                waiting: AtomicBool::new(false),
+                evict: Notify::new(),
+                gone: Notify::new(),
+            });
+            set.clients.insert(id, n.clone());
+            n
+        };
+        self.shared.connections.send_modify(|n| *n += 1);
+        Some(ConnectionSlot {
+            shared: self.shared.clone(),
+            negotiator,
+            listed: true,
+            _permit: None,
+        })
+    }
+
+    /// Out of descriptors: drops the negotiating client idle longest, if idle for
+    /// [`EVICTABLE_IDLE_MS`] (not one that waits for a slot: it has done its part),
+    /// and waits until its descriptor is closed. `false` if there was none to drop.
+    async fn make_room(&self) -> bool {
+        let Some(idle_since) = self.shared.now_ms().checked_sub(EVICTABLE_IDLE_MS) else {
+            return false;
+        };
+        let victim = self.shared.negotiating().evict(false, idle_since);
+        let Some(victim) = victim else {
+            return false;
+        };
+        tracing::debug!("NBD: out of descriptors; dropped the negotiating client idle longest");
+        let _ = tokio::time::timeout(EVICTION_WAIT, victim.gone.notified()).await;
+        true
     }
 
     /// Accepts and serves connections from a Unix listener until
-    /// [`NbdServer::shutdown`]. Like qsd, it stops accepting while
-    /// `max_connections` connections are open. Accept failures (for example
-    /// running out of descriptors) are logged and retried after a pause.
+    /// [`NbdServer::shutdown`]. It never stops accepting for `max_connections`
+    /// (clients wait after negotiation instead). Out of descriptors, it drops the
+    /// negotiating client idle longest to accept the next; other accept failures
+    /// (and running out with nobody negotiating) are logged and retried after a
+    /// pause.
     pub async fn serve_unix_listener(&self, listener: UnixListener) {
         self.accept_loop(|| listener.accept(), |(stream, _)| stream.into_split())
             .await;
@@ -465,19 +639,16 @@ impl NbdServer {
         // would spin, so we pause, and log once per run of failures.
         let mut failures: u64 = 0;
         loop {
-            let Some(permit) = self.permit().await else {
-                return;
-            };
             let conn = tokio::select! {
                 _ = signalled(&mut shutdown) => return,
                 r = accept() => match r {
                     Ok(conn) => conn,
+                    Err(e) if is_out_of_descriptors(&e) && self.make_room().await => continue,
                     Err(e) => {
                         if failures == 0 {
                             tracing::warn!("NBD accept failed, retrying every {ACCEPT_RETRY:?}: {e}");
                         }
                         failures += 1;
-                        drop(permit);
                         tokio::select! {
                             _ = signalled(&mut shutdown) => return,
                             _ = tokio::time::sleep(ACCEPT_RETRY) => {}
@@ -490,7 +661,9 @@ impl NbdServer {
                 tracing::warn!("NBD accept works again after {failures} failed attempts");
                 failures = 0;
             }
-            let slot = self.slot(permit);
+            let Some(slot) = self.slot() else {
+                return;
+            };
             let (r, w) = split(conn);
             tokio::spawn(crate::conn::run(self.shared.clone(), slot, r, w));
         }
@@ -498,20 +671,18 @@ impl NbdServer {
 
     /// Serves one already-accepted Unix connection; returns when it ends.
     pub async fn serve_unix_stream(&self, stream: UnixStream) {
-        let Some(permit) = self.permit().await else {
+        let Some(slot) = self.slot() else {
             return;
         };
-        let slot = self.slot(permit);
         let (r, w) = stream.into_split();
         crate::conn::run(self.shared.clone(), slot, r, w).await;
     }
 
     /// Serves one already-accepted TCP connection; returns when it ends.
     pub async fn serve_tcp_stream(&self, stream: TcpStream) {
-        let Some(permit) = self.permit().await else {
+        let Some(slot) = self.slot() else {
             return;
         };
-        let slot = self.slot(permit);
         let _ = stream.set_nodelay(true);
         let (r, w) = stream.into_split();
         crate::conn::run(self.shared.clone(), slot, r, w).await;
@@ -523,10 +694,9 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let Some(permit) = self.permit().await else {
+        let Some(slot) = self.slot() else {
             return;
         };
-        let slot = self.slot(permit);
         let (r, w) = tokio::io::split(stream);
         crate::conn::run(self.shared.clone(), slot, r, w).await;
     }
@@ -542,6 +712,10 @@ impl NbdServer {
         let mut conns = self.shared.connections.subscribe();
         let _ = conns.wait_for(|n| *n == 0).await;
     }
+}
+
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// Waits until a stop flag is set (or its sender is gone). Returns `()` so that

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -269,27 +268,117 @@ fn hard_removal_aborts_requests_stuck_in_the_backend() {
 }
 
 #[test]
-fn with_one_connection_allowed_a_second_client_waits_for_the_first() {
+fn with_one_connection_allowed_a_second_client_negotiates_then_waits_for_the_first() {
     let s = server_with_image(ServerConfig {
         max_connections: 1,
-        handshake_max_seconds: 10,
+        handshake_max_seconds: 1,
     });
     let first = Raw::go(&s.sock, "exp", false, false, &[]);
-    // The second connect succeeds at the socket level (backlog) but gets no
-    // greeting while the first is open.
-    let mut second = UnixStream::connect(&s.sock).unwrap();
+    // The second is greeted and negotiates (it takes no slot while it does), but
+    // its GO gets every reply except the final ACK while the first is attached...
+    let mut second = Raw::fixed(&s.sock);
+    let mut d = name_bytes("exp");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    second.opt(7, &d);
+    let mut infos = Vec::new();
+    for _ in 0..2 {
+        let h = second.read_n(20).expect("an INFO reply");
+        let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+        let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]) as usize;
+        second.read_n(len).expect("its payload");
+        infos.push(kind);
+    }
+    assert_eq!(infos, vec![3, 3]);
+    // ...and the handshake limit does not apply to that wait.
     second
-        .set_read_timeout(Some(Duration::from_millis(300)))
+        .s
+        .set_read_timeout(Some(Duration::from_millis(1500)))
         .unwrap();
-    let mut g = [0u8; 18];
-    assert!(std::io::Read::read_exact(&mut second, &mut g).is_err());
+    assert_eq!(second.read_n(1), None, "no ACK while the first is attached");
+    assert_eq!(s.server.connection_count(), 2);
     drop(first);
     second
+        .s
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    std::io::Read::read_exact(&mut second, &mut g).unwrap();
-    assert_eq!(&g[..8], b"NBDMAGIC");
-    second.write_all(&3u32.to_be_bytes()).unwrap();
+    assert_eq!(second.replies().map(|r| r[0].0), Some(1), "the ACK");
+    second.request(0, 0, 9, 0, 512);
+    assert_eq!(second.simple(), Some((0, 9)));
+    assert_eq!(second.read_n(512), Some(vec![0x42; 512]));
+}
+
+#[test]
+fn requests_sent_with_go_in_one_write_are_served() {
+    let s = server_with_image(ServerConfig::default());
+    let mut r = Raw::connect(&s.sock);
+    // Flags, GO and two READs in one write: the READs reach the server in the same
+    // segment as GO, before it replies.
+    let mut m = 3u32.to_be_bytes().to_vec();
+    let mut d = name_bytes("exp");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&OPTS_MAGIC.to_be_bytes());
+    m.extend_from_slice(&7u32.to_be_bytes());
+    m.extend_from_slice(&(d.len() as u32).to_be_bytes());
+    m.extend_from_slice(&d);
+    for cookie in [1u64, 2] {
+        m.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&0u64.to_be_bytes());
+        m.extend_from_slice(&512u32.to_be_bytes());
+    }
+    r.send(&m);
+    assert_eq!(r.replies().and_then(|r| r.last().map(|l| l.0)), Some(1));
+    for _ in 0..2 {
+        let (err, cookie) = r.simple().expect("a reply");
+        assert_eq!(err, 0, "cookie {cookie}");
+        assert_eq!(r.read_n(512), Some(vec![0x42; 512]));
+    }
+}
+
+#[test]
+fn when_too_many_clients_negotiate_the_one_idle_longest_is_dropped() {
+    let s = server_with_image(ServerConfig {
+        max_connections: 100,
+        handshake_max_seconds: 0,
+    });
+    assert_eq!(
+        s.server.negotiating_limit(),
+        bulkhead_nbd::server::NEGOTIATING_MAX
+    );
+    let limit = 16;
+    s.server.set_negotiating_limit(limit);
+    // The oldest client then talks (INFO for a missing export): it is the most
+    // recently active, so the second oldest is the one idle longest.
+    let mut idle: Vec<Raw> = (0..limit).map(|_| Raw::connect(&s.sock)).collect();
+    std::thread::sleep(Duration::from_millis(20));
+    idle[0].send(&3u32.to_be_bytes());
+    let mut d = name_bytes("none");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    idle[0].opt(6, &d);
+    assert_eq!(idle[0].replies().map(|r| r[0].0), Some(0x8000_0006));
+    std::thread::sleep(Duration::from_millis(20));
+    // One more client: the set is full, so the one idle longest goes.
+    healthy_read(&s);
+    assert!(idle[1].closed(), "the client idle longest was dropped");
+    for (i, c) in idle.iter_mut().enumerate().skip(2) {
+        c.s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        let r = std::io::Read::read(&mut c.s, &mut b);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "client {i}: {r:?}"
+        );
+    }
+    // The active one still negotiates.
+    let mut d = name_bytes("exp");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    idle[0].opt(7, &d);
+    assert_eq!(
+        idle[0].replies().and_then(|r| r.last().map(|l| l.0)),
+        Some(1)
+    );
 }
 
 #[test]

@@ -53,8 +53,9 @@ pub struct Export {
 }
 
 /// Binds the listening socket `addr` (SocketAddressLegacy or flat SocketAddress).
-/// The backlog is SOMAXCONN whatever max-connections says, as in qsd: clients
-/// beyond the limit wait there, and a small backlog would refuse them instead.
+/// The backlog is SOMAXCONN whatever max-connections says, as in qsd: clients the
+/// NBD worker has not accepted yet (out of descriptors, or restarting) wait there,
+/// and a small backlog would refuse them instead.
 fn listen(addr: &Value) -> Result<OwnedFd, QmpError> {
     let kind = addr.get("type").and_then(Value::as_str).unwrap_or("");
     // SocketAddressLegacy nests the members under `data`; flat SocketAddress does not.
