@@ -170,6 +170,21 @@ pub enum ToWorker {
         /// The child (`file`) node, if the driver has one.
         child: Option<NodeRef>,
     },
+    /// Replace an open node's implementation (`blockdev-reopen`, `blockdev-set-active`):
+    /// new options, the child it now uses, and for `file`/`host_device` the image
+    /// descriptor attached (the supervisor reopens the image when the access mode
+    /// changes). Requests in flight finish on the old implementation; the reply comes
+    /// once they have.
+    ReopenNode {
+        /// The node.
+        node: NodeId,
+        /// Its node-name, for logs only.
+        name: String,
+        /// The new driver options (same driver).
+        config: DriverConfig,
+        /// The child (`file`) node after the reopen.
+        child: Option<NodeRef>,
+    },
     /// Close a node.
     RemoveNode {
         /// The node.

@@ -753,3 +753,202 @@ fn nbd_export_lifecycle_and_its_events_match_qsd_byte_for_byte() {
         panic!("{report}");
     }
 }
+
+/// A hook that runs `program` once (arguments substituted) and requires it to succeed
+/// (`ok`) or fail, with `needle` in its output either way: the same expectation holds
+/// for qsd and bulkhead, so what a client sees is compared too.
+fn run_tool(
+    program: &'static str,
+    args: &'static [&'static str],
+    ok: bool,
+    needle: &'static str,
+) -> impl Fn(&mut HookContext<'_>) -> Result<(), HarnessError> + Send + Sync + 'static {
+    move |ctx| {
+        let args: Vec<String> = args.iter().map(|a| ctx.substitute(a)).collect();
+        let out = std::process::Command::new(program)
+            .args(&args)
+            .current_dir(ctx.dir)
+            .output()
+            .map_err(|source| HarnessError::Spawn {
+                program: program.into(),
+                source,
+            })?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() != ok || !text.contains(needle) {
+            return Err(HarnessError::Tool {
+                program: program.into(),
+                args,
+                detail: format!(
+                    "against {:?}: expected success={ok} with {needle:?}, got {}: {text}",
+                    ctx.kind, out.status
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `blockdev-reopen`, `blockdev-set-active`, `active=off` and `allow-inactive`: what
+/// may change and qsd's errors for what may not, a raw node's child replaced under a
+/// writable export (the data and the image locks follow it), read-only refused under
+/// a writer, inactive nodes refusing writes and holding no lock.
+fn reopen_script() -> Script {
+    const NBD_R0: &str = "nbd+unix:///r0?socket=$DIR/nbd.sock";
+    const NBD_I1: &str = "nbd+unix:///i1?socket=$DIR/nbd.sock";
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#).note("negotiate"),
+        // What cannot change, with qsd's texts.
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0"}]}, "id": 1}"#)
+            .note("raw without file"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "null-co", "size": 1048576}]}, "id": 2}"#)
+            .note("no node-name"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "null-co", "node-name": "nosuch"}]}, "id": 3}"#)
+            .note("missing node"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "r0", "filename": "x"}]}, "id": 4}"#)
+            .note("driver change"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f0", "filename": "$DIR/disk2.img"}]}, "id": 5}"#)
+            .note("filename change"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f2", "filename": "$DIR/cache.img"}]}, "id": 6}"#)
+            .note("aio given at creation cannot be reset"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f2", "filename": "$DIR/cache.img", "aio": "threads", "locking": "off"}]}, "id": 7}"#)
+            .note("locking change"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "null-co", "node-name": "n0"}]}, "id": 8}"#)
+            .note("null size cannot be reset"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "null-co", "node-name": "n0", "size": 1048576, "read-zeroes": true}]}, "id": 9}"#)
+            .note("read-zeroes change"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "null-co", "node-name": "n0", "size": 1048576, "force-share": true}]}, "id": 10}"#)
+            .note("force-share change"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "null-co", "node-name": "n0", "detect-zeroes": "unmap"}]}, "id": 11}"#)
+            .note("detect-zeroes=unmap without discard, checked before the rest"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "nosuch"}]}, "id": 12}"#)
+            .note("missing child"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": {"driver": "file", "filename": "$DIR/disk.img"}}]}, "id": 13}"#)
+            .note("inline child"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "r0"}]}, "id": 14}"#)
+            .note("cycle"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f1", "filename": "$DIR/disk2.img", "read-only": true}, {"driver": "null-co", "node-name": "nosuch"}]}, "id": 15}"#)
+            .note("a failing entry changes nothing"),
+        // What can.
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "null-co", "node-name": "n0", "size": 1048576, "detect-zeroes": "on", "discard": "unmap", "cache": {"no-flush": true}}]}, "id": 16}"#)
+            .note("generic options"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f0", "filename": "$DIR/disk.img", "read-only": true}]}, "id": 17}"#)
+            .note("file read-only"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "f0", "read-only": true}]}, "id": 18}"#)
+            .note("raw read-only"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": 19}"#).note("ro and options shown"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f0", "filename": "$DIR/disk.img"}, {"driver": "raw", "node-name": "r0", "file": "f0"}]}, "id": 20}"#)
+            .note("both read-write again in one reopen"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "f1", "offset": 512, "size": 4096}]}, "id": 21}"#)
+            .note("new child and window"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": 22}"#).note("json filename and size follow"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "f0"}]}, "id": 23}"#)
+            .note("back to the first child, whole"),
+        Step::line(r#"{"execute": "x-debug-query-block-graph", "id": 24}"#).note("graph"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "f0", "offset": 2097152}]}, "id": 25}"#)
+            .note("window past the child"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "f0", "size": 1000}]}, "id": 26}"#)
+            .note("unaligned window"),
+        Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "r1", "file": {"driver": "file", "filename": "$DIR/ro.img"}}, "id": 27}"#)
+            .note("raw with an inline child"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r1", "file": "f1"}]}, "id": 28}"#)
+            .note("replacing it drops the inline child"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": 29}"#).note("inline child gone"),
+        Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "r1"}, "id": 291}"#)
+            .note("del"),
+        Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "f3", "filename": "$DIR/ro.img", "read-only": true, "force-share": true}, "id": 292}"#)
+            .note("force-share node"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f3", "filename": "$DIR/ro.img"}]}, "id": 293}"#)
+            .note("force-share cannot be reset"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f3", "filename": "$DIR/ro.img", "force-share": true, "read-only": true}]}, "id": 294}"#)
+            .note("nor given again"),
+        Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "f3"}, "id": 295}"#)
+            .note("del"),
+        // Under a writable export.
+        Step::line(r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "r0", "writable": true}, "id": 30}"#)
+            .note("writable export"),
+        Step::hook("disk.img is in use", run_tool("qemu-img", &["resize", "-f", "raw", "$DIR/disk.img", "1M"], false, "Failed to get")),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "f0", "read-only": true}]}, "id": 31}"#)
+            .note("read-only under a writer"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "file", "node-name": "f0", "filename": "$DIR/disk.img", "read-only": true}]}, "id": 32}"#)
+            .note("child read-only under a writer"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "r0", "file": "f1"}]}, "id": 33}"#)
+            .note("new child under the export"),
+        Step::hook("a write lands in the new child", run_tool("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 4096 512", NBD_R0], true, "wrote 512/512")),
+        Step::hook("read back from disk2.img", run_tool("qemu-io", &["-U", "-r", "-f", "raw", "-c", "read -P 0x5a 4096 512", "$DIR/disk2.img"], true, "read 512/512")),
+        Step::hook("disk.img is free", run_tool("qemu-img", &["resize", "-f", "raw", "$DIR/disk.img", "1M"], true, "Image resized")),
+        Step::hook("disk2.img is in use", run_tool("qemu-img", &["resize", "-f", "raw", "$DIR/disk2.img", "2M"], false, "Failed to get")),
+        // Activation.
+        Step::line(r#"{"execute": "blockdev-set-active", "arguments": {"node-name": "nosuch", "active": false}, "id": 40}"#)
+            .note("missing node"),
+        Step::line(r#"{"execute": "blockdev-set-active", "arguments": {"node-name": "r0", "active": false}, "id": 41}"#)
+            .note("a writable export refuses"),
+        Step::line(r#"{"execute": "blockdev-set-active", "arguments": {"node-name": "f1", "active": false}, "id": 42}"#)
+            .note("active parent"),
+        Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "i0", "size": 1048576, "active": false}, "id": 43}"#)
+            .note("add inactive"),
+        Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "i1", "active": false, "file": {"driver": "file", "filename": "$DIR/grow.img", "node-name": "i1f"}}, "id": 44}"#)
+            .note("add inactive over an active inline child"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": 45}"#).note("active flags"),
+        Step::line(r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "x0", "node-name": "i0"}, "id": 46}"#)
+            .note("an export without allow-inactive activates"),
+        Step::line(r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "x1", "node-name": "i1", "writable": true, "allow-inactive": true}, "id": 47}"#)
+            .note("allow-inactive leaves it inactive"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": 48}"#).note("active flags"),
+        Step::hook("inactive node refuses writes", run_tool("qemu-io", &["-f", "raw", "-c", "write 0 512", NBD_I1], false, "Operation not permitted")),
+        Step::hook("and serves reads", run_tool("qemu-io", &["-r", "-f", "raw", "-c", "read 0 512", NBD_I1], true, "read 512/512")),
+        Step::hook("grow.img is not locked", run_tool("qemu-img", &["resize", "-f", "raw", "$DIR/grow.img", "1M"], true, "Image resized")),
+        Step::line(r#"{"execute": "blockdev-set-active", "arguments": {"node-name": "i1", "active": true}, "id": 49}"#)
+            .note("activate"),
+        Step::hook("active node takes writes", run_tool("qemu-io", &["-f", "raw", "-c", "write 0 512", NBD_I1], true, "wrote 512/512")),
+        Step::hook("grow.img is locked", run_tool("qemu-img", &["resize", "-f", "raw", "$DIR/grow.img", "1M"], false, "Failed to get")),
+        Step::line(r#"{"execute": "blockdev-set-active", "arguments": {"node-name": "i1", "active": false}, "id": 50}"#)
+            .note("inactivate again: its child too"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": 51}"#).note("active flags"),
+        Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "i2", "file": "i1f"}, "id": 52}"#)
+            .note("active parent over an inactive child"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "raw", "node-name": "i1", "file": "i1f"}]}, "id": 53}"#)
+            .note("a node added with 'active' cannot be reopened"),
+        Step::line(r#"{"execute": "blockdev-set-active", "arguments": {"node-name": "i0", "active": false}, "id": 54}"#)
+            .note("a read-only export does not refuse"),
+        Step::line(r#"{"execute": "block_resize", "arguments": {"node-name": "i0", "size": 4096}, "id": 55}"#)
+            .note("resize of an inactive node"),
+        Step::line(r#"{"execute": "blockdev-set-active", "arguments": {"active": true}, "id": 56}"#)
+            .note("activate everything"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": 57}"#).note("all active"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#)
+            .until_eof()
+            .note("quit"),
+    ];
+    Script {
+        name: "reopen".into(),
+        monitors: 1,
+        args: vec![
+            "--blockdev".into(),
+            "driver=file,node-name=f0,filename=$DIR/disk.img".into(),
+            "--blockdev".into(),
+            "driver=raw,node-name=r0,file=f0".into(),
+            "--blockdev".into(),
+            "driver=file,node-name=f1,filename=$DIR/disk2.img".into(),
+            "--blockdev".into(),
+            "driver=file,node-name=f2,filename=$DIR/cache.img,aio=threads".into(),
+            "--blockdev".into(),
+            "driver=null-co,node-name=n0,size=1048576".into(),
+            "--nbd-server".into(),
+            "addr.type=unix,addr.path=$DIR/nbd.sock".into(),
+        ],
+        vars: Vec::new(),
+        setup: Some(make_images),
+        steps,
+    }
+}
+
+#[test]
+fn reopen_and_activation_match_qsd_byte_for_byte() {
+    if let Err(report) = differential(&reopen_script()) {
+        panic!("{report}");
+    }
+}

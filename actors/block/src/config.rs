@@ -72,6 +72,9 @@ pub struct CommonOptions {
     pub no_flush: bool,
     /// `force-share`: other users may write; only valid with `read_only`.
     pub force_share: bool,
+    /// Not `active` (`blockdev-set-active`, `active=off`): the node refuses writes
+    /// (EPERM, as qsd's inactive nodes do) and serves reads.
+    pub inactive: bool,
 }
 
 /// `file` and `host_device` options (`BlockdevOptionsFile`, minus the filename, which
@@ -181,6 +184,15 @@ impl DriverConfig {
         }
     }
 
+    /// The generic node options, mutably (a reopen changes them in place).
+    pub fn common_mut(&mut self) -> &mut CommonOptions {
+        match self {
+            DriverConfig::File(c) | DriverConfig::HostDevice(c) => &mut c.common,
+            DriverConfig::Raw(c) => &mut c.common,
+            DriverConfig::NullCo(c) | DriverConfig::NullAio(c) => &mut c.common,
+        }
+    }
+
     /// Checks the cross-field rules qsd applies when opening a node, in qsd's order
     /// (generic options first, then the driver's own).
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -231,6 +243,7 @@ mod tests {
             discard: Discard::Unmap,
             no_flush: true,
             force_share: true,
+            inactive: true,
         };
         let configs = [
             DriverConfig::File(FileConfig {

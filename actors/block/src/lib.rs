@@ -13,6 +13,7 @@
 //! - [`config`]: serde driver configurations ([`DriverConfig`]) and their validation.
 //! - [`file`], [`raw`], [`null`]: the drivers; [`node`]: the generic option layer
 //!   (read-only, detect-zeroes, discard, no-flush) around each of them.
+//! - [`slot`]: a node whose implementation `blockdev-reopen` can replace under load.
 //! - [`threads`]: the start-up I/O threads that run blocking syscalls.
 //! - [`posix`], [`lock`]: supervisor side, opening images and QEMU-compatible locking.
 //! - [`open`]: the single entry point a driver worker calls.
@@ -25,6 +26,7 @@ pub mod node;
 pub mod null;
 pub mod posix;
 pub mod raw;
+pub mod slot;
 pub mod threads;
 
 use std::os::fd::OwnedFd;

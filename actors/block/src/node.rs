@@ -50,7 +50,9 @@ impl Node {
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<(), IoError> {
-        if self.read_only() {
+        // An inactive node refuses writes with EPERM, like a read-only one, without
+        // telling clients it is read-only (qsd's NBD export stays writable).
+        if self.read_only() || self.options.inactive {
             return Err(IoError::ReadOnly);
         }
         check_range(offset, len, self.driver.size())
@@ -179,7 +181,7 @@ impl BlockIo for Node {
 
     fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.read_only() {
+            if self.read_only() || self.options.inactive {
                 return Err(IoError::ReadOnly);
             }
             self.driver.resize(new_size).await
@@ -348,6 +350,25 @@ mod tests {
         let mut buf = [0u8; 512];
         assert_eq!(node.read(0, &mut buf).await, Ok(()));
         assert_eq!(rec.take(), vec!["read 0 512"]);
+    }
+
+    #[tokio::test]
+    async fn inactive_nodes_refuse_writes_but_serve_reads_and_stay_writable() {
+        let (rec, node) = node(CommonOptions {
+            inactive: true,
+            ..CommonOptions::default()
+        });
+        assert!(!node.read_only());
+        assert_eq!(
+            node.write(0, &[1u8; 512], WriteFlags::default()).await,
+            Err(IoError::ReadOnly)
+        );
+        assert_eq!(IoError::ReadOnly.errno(), libc::EPERM);
+        assert_eq!(node.discard(0, 512).await, Err(IoError::ReadOnly));
+        let mut buf = [0u8; 512];
+        assert_eq!(node.read(0, &mut buf).await, Ok(()));
+        assert_eq!(node.flush().await, Ok(()));
+        assert_eq!(rec.take(), vec!["read 0 512", "flush"]);
     }
 
     #[tokio::test]

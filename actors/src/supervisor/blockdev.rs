@@ -17,7 +17,7 @@ use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{NodeId, NodeRef, Reply, ToWorker, WorkerId};
 use serde_json::{Map, Value, json};
 
-use super::graph::{Driver, Node};
+use super::graph::{Driver, Node, Role};
 use super::placement::Placement;
 use super::{Core, QmpError, call_error, get_str};
 use bulkhead_qmp::qapi::id_wellformed;
@@ -60,8 +60,35 @@ struct Spec {
     detect_zeroes: DetectZeroes,
     force_share: bool,
     auto_read_only: bool,
+    /// `active`: absent means active.
+    active: Option<bool>,
     strong: Map<String, Value>,
+    /// The options as given, flattened (`cache.direct`); an inline child's become
+    /// its node-name once it exists (see `Node::options`).
+    given: Map<String, Value>,
     kind: SpecKind,
+}
+
+/// QEMU's `qdict_flatten`: nested objects become dotted keys.
+pub(super) fn flatten(m: &Map<String, Value>) -> Map<String, Value> {
+    fn walk(prefix: &str, m: &Map<String, Value>, out: &mut Map<String, Value>) {
+        for (k, v) in m {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                Value::Object(inner) => walk(&key, inner, out),
+                other => {
+                    out.insert(key, other.clone());
+                }
+            }
+        }
+    }
+    let mut out = Map::new();
+    walk("", m, &mut out);
+    out
 }
 
 fn get_bool(m: &Map<String, Value>, k: &str) -> Option<bool> {
@@ -179,7 +206,13 @@ fn parse_spec(v: &Value) -> Result<Spec, QmpError> {
         detect_zeroes,
         force_share: get_bool(m, "force-share").unwrap_or(false),
         auto_read_only: get_bool(m, "auto-read-only").unwrap_or(false),
+        active: get_bool(m, "active"),
         strong,
+        given: {
+            let mut top = m.clone();
+            top.remove("file");
+            flatten(&top)
+        },
         kind,
     })
 }
@@ -232,7 +265,9 @@ impl Core {
             discard: spec.discard,
             no_flush,
             force_share: spec.force_share,
+            inactive: spec.active == Some(false),
         };
+        let active = spec.active != Some(false);
 
         // Children first: QEMU opens a format node's file child before it names the node.
         let (mut config, child, filename) = match spec.kind {
@@ -260,6 +295,15 @@ impl Core {
                         Box::pin(self.create(*s, inherit, false, child_hint, created)).await?
                     }
                 };
+                if let Some(c) = self.graph.get(&name)
+                    && active
+                    && !c.active
+                {
+                    return Err(QmpError::generic(format!(
+                        "Inactive '{name}' can't be a file child of active '{}'",
+                        spec.name.as_deref().unwrap_or("")
+                    )));
+                }
                 let cfg = RawConfig {
                     common,
                     offset: offset.unwrap_or(0),
@@ -412,12 +456,19 @@ impl Core {
                 return Err(e);
             }
         };
+        let mut options = spec.given;
+        options.insert("node-name".into(), name.clone().into());
+        if let Some(c) = &child {
+            options.insert("file".into(), c.clone().into());
+        }
         self.graph.insert(Node {
+            active,
+            options,
             id,
             home,
             name: name.clone(),
             driver: spec.driver,
-            child,
+            children: child.into_iter().map(|c| (Role::File, c)).collect(),
             parents: 0,
             monitor_owned: root,
             read_only,
@@ -466,12 +517,22 @@ impl Core {
                 continue;
             }
             let p = perm::CONSISTENT_READ | if e.writable { perm::WRITE } else { 0 };
-            if let Some(bottom) = self.graph.chain(&e.node).last() {
+            let chain = self.graph.chain(&e.node);
+            // An inactive node passes no permission down (QEMU drops them when it
+            // inactivates a node, which is what lets another process take over).
+            if chain.iter().any(|n| !n.active) {
+                continue;
+            }
+            if let Some(bottom) = chain.last() {
                 add(&bottom.name, p, perm::RESIZE);
             }
         }
         for n in self.graph.iter().filter(|n| n.fixed_window) {
-            if let Some(bottom) = self.graph.chain(&n.name).last() {
+            let chain = self.graph.chain(&n.name);
+            if chain.iter().any(|n| !n.active) {
+                continue;
+            }
+            if let Some(bottom) = chain.last() {
                 add(&bottom.name, 0, perm::RESIZE);
             }
         }
@@ -531,7 +592,7 @@ impl Core {
             .graph
             .get(name)
             .ok_or_else(|| QmpError::generic("node vanished"))?;
-        let child = node.child.as_deref().and_then(|c| self.node_ref(c));
+        let child = node.file().and_then(|c| self.node_ref(c));
         let fd = match &node.image {
             Some(f) => Some(fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?),
             None => None,
@@ -563,7 +624,7 @@ impl Core {
 
     /// Closes a node in its worker and forgets it; children that only it used and
     /// that the monitor does not own go with it.
-    async fn destroy(&mut self, name: &str) {
+    pub(super) async fn destroy(&mut self, name: &str) {
         let Some(mut node) = self.graph.remove(name) else {
             return;
         };
@@ -577,13 +638,14 @@ impl Core {
             tracing::warn!(node = name, error = %e, "worker could not close node");
         }
         self.retire_if_idle(node.home);
-        if let Some(child) = node.child
-            && self
+        for (_, child) in std::mem::take(&mut node.children) {
+            if self
                 .graph
                 .get(&child)
                 .is_some_and(|c| c.parents == 0 && !c.monitor_owned)
-        {
-            Box::pin(self.destroy(&child)).await;
+            {
+                Box::pin(self.destroy(&child)).await;
+            }
         }
     }
 
@@ -627,6 +689,12 @@ impl Core {
             Some(s) if s >= 0 => s as u64,
             _ => return Err(QmpError::generic("Parameter 'size' expects a >0 size")),
         };
+        // An inactive node holds no permissions, and can take none.
+        if !node.active {
+            return Err(QmpError::generic(
+                "Permission 'resize' unavailable on inactive node",
+            ));
+        }
         // Users of the node: a raw parent with a fixed window and an export both
         // refuse to share `resize`.
         if node.exported {
@@ -638,7 +706,7 @@ impl Core {
         if let Some(parent) = self
             .graph
             .iter()
-            .find(|p| p.child.as_deref() == Some(node.name.as_str()) && p.fixed_window)
+            .find(|p| p.file() == Some(node.name.as_str()) && p.fixed_window)
         {
             return Err(QmpError::generic(format!(
                 "Permission conflict on node '{0}': permissions 'resize' are both required by an unnamed block device (uses node '{0}' as 'root' child) and unshared by node '{1}' (uses node '{0}' as 'file' child).",
@@ -667,7 +735,7 @@ impl Core {
                     target = target.checked_add(offset).ok_or_else(|| {
                         QmpError::generic("Disk size too large for the chosen offset")
                     })?;
-                    match cur.child.as_deref().and_then(|c| self.graph.get(c)) {
+                    match cur.file().and_then(|c| self.graph.get(c)) {
                         Some(c) => {
                             chain.push(c.name.clone());
                             cur = c;
@@ -725,7 +793,7 @@ impl Core {
 
     /// Re-reads the sizes of the nodes a resize went through, bottom first. Like QEMU,
     /// nodes above the resized one keep the size they had (each node caches its own).
-    async fn refresh_sizes(&mut self, chain: &[String]) {
+    pub(super) async fn refresh_sizes(&mut self, chain: &[String]) {
         let nodes: Vec<_> = chain
             .iter()
             .rev()

@@ -47,6 +47,9 @@ pub struct Export {
     pub description: Option<String>,
     /// Offer `qemu:allocation-depth`.
     pub allocation_depth: bool,
+    /// `allow-inactive`: the export neither activates its node nor stops it from
+    /// being inactivated.
+    pub allow_inactive: bool,
 }
 
 /// Binds the listening socket `addr` (SocketAddressLegacy or flat SocketAddress).
@@ -278,6 +281,14 @@ impl Core {
             node: node.id,
             home: node.home,
         };
+        let allow_inactive = args
+            .get("allow-inactive")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        // Like qsd, an export that does not allow an inactive node activates it.
+        if !allow_inactive && !node.active {
+            self.set_active(&node_name, true).await?;
+        }
         // The image locks come first: a conflict with another process (qemu-io, qsd)
         // refuses the export before any worker is involved.
         self.exports.insert(
@@ -290,6 +301,7 @@ impl Core {
                 writable,
                 description: description.clone(),
                 allocation_depth,
+                allow_inactive,
             },
         );
         if let Err(e) = self.refresh_locks() {

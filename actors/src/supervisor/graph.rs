@@ -54,6 +54,24 @@ impl Driver {
     }
 }
 
+/// The role a child plays for its parent (QEMU's child names: `file`, `backing`,
+/// `data-file`, `children.N` of quorum). Only `file` exists so far; mirror, commit,
+/// snapshots and quorum add the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// A format or filter node's protocol child.
+    File,
+}
+
+impl Role {
+    /// The child name QEMU shows (`x-debug-query-block-graph` edges, options).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::File => "file",
+        }
+    }
+}
+
 /// One node.
 #[derive(Debug)]
 pub struct Node {
@@ -66,8 +84,8 @@ pub struct Node {
     pub home: WorkerId,
     /// Driver.
     pub driver: Driver,
-    /// The `file` child's name.
-    pub child: Option<String>,
+    /// Its children by role, in the order QEMU attaches them.
+    pub children: Vec<(Role, String)>,
     /// Number of parents.
     pub parents: usize,
     /// Created by blockdev-add as a root (may be deleted by blockdev-del).
@@ -97,6 +115,28 @@ pub struct Node {
     pub exported: bool,
     /// What the worker was told to open, replayed into a restarted worker.
     pub config: bulkhead_block::config::DriverConfig,
+    /// Not inactivated (`active=off`, `blockdev-set-active`). An inactive node
+    /// refuses writes and needs no permissions of its image (it holds no lock).
+    pub active: bool,
+    /// The options the node was opened (or last reopened) with, flattened to QEMU's
+    /// dotted keys (`cache.direct`), a child given by its node-name: what
+    /// `blockdev-reopen` compares against (QEMU's `bs->options`).
+    pub options: Map<String, Value>,
+}
+
+impl Node {
+    /// The child in `role`, if any.
+    pub fn child(&self, role: Role) -> Option<&str> {
+        self.children
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, c)| c.as_str())
+    }
+
+    /// The `file` child.
+    pub fn file(&self) -> Option<&str> {
+        self.child(Role::File)
+    }
 }
 
 /// All nodes, in creation order.
@@ -123,12 +163,12 @@ impl Graph {
         self.nodes.iter_mut().find(|n| n.name == name)
     }
 
-    /// Adds a node (its child's parent count is bumped).
+    /// Adds a node (its children's parent counts are bumped).
     pub fn insert(&mut self, node: Node) {
-        if let Some(child) = node.child.clone()
-            && let Some(c) = self.get_mut(&child)
-        {
-            c.parents += 1;
+        for (_, child) in &node.children {
+            if let Some(c) = self.nodes.iter_mut().find(|n| &n.name == child) {
+                c.parents += 1;
+            }
         }
         self.nodes.push(node);
     }
@@ -137,12 +177,71 @@ impl Graph {
     pub fn remove(&mut self, name: &str) -> Option<Node> {
         let pos = self.nodes.iter().position(|n| n.name == name)?;
         let node = self.nodes.remove(pos);
-        if let Some(child) = &node.child
-            && let Some(c) = self.get_mut(child)
-        {
-            c.parents = c.parents.saturating_sub(1);
+        for (_, child) in &node.children {
+            if let Some(c) = self.nodes.iter_mut().find(|n| &n.name == child) {
+                c.parents = c.parents.saturating_sub(1);
+            }
         }
         Some(node)
+    }
+
+    /// Points `name`'s child in `role` at `child`, or detaches it (parent counts
+    /// follow).
+    pub fn set_child(&mut self, name: &str, role: Role, child: Option<String>) {
+        let Some(node) = self.get_mut(name) else {
+            return;
+        };
+        let old = node
+            .children
+            .iter()
+            .position(|(r, _)| *r == role)
+            .map(|i| node.children.remove(i).1);
+        if let Some(c) = &child {
+            node.children.push((role, c.clone()));
+        }
+        if let Some(c) = old.and_then(|o| self.get_mut(&o)) {
+            c.parents = c.parents.saturating_sub(1);
+        }
+        if let Some(c) = child.and_then(|c| self.get_mut(&c)) {
+            c.parents += 1;
+        }
+    }
+
+    /// The names of the nodes `keep` selects, every child before its parents (creation
+    /// order otherwise). A reopen can give an old node a younger child, so creation
+    /// order alone is not enough for replay.
+    pub fn children_first(&self, keep: impl Fn(&Node) -> bool) -> Vec<String> {
+        fn visit<'a>(
+            graph: &'a Graph,
+            node: &'a Node,
+            keep: &dyn Fn(&Node) -> bool,
+            out: &mut Vec<String>,
+            depth: usize,
+        ) {
+            if depth > 64 || out.iter().any(|n| n == &node.name) {
+                return;
+            }
+            for (_, c) in &node.children {
+                if let Some(c) = graph.get(c) {
+                    visit(graph, c, keep, out, depth + 1);
+                }
+            }
+            if keep(node) && !out.iter().any(|n| n == &node.name) {
+                out.push(node.name.clone());
+            }
+        }
+        let mut out = Vec::new();
+        for n in self.nodes.iter().filter(|n| keep(n)) {
+            visit(self, n, &keep, &mut out, 0);
+        }
+        out
+    }
+
+    /// The nodes that have `name` as a child, in any role.
+    pub fn parents_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
+        self.nodes
+            .iter()
+            .filter(move |n| n.children.iter().any(|(_, c)| c == name))
     }
 
     /// Whether any node has this name.
@@ -159,7 +258,7 @@ impl Graph {
     fn bottom(&self, name: &str) -> Option<&Node> {
         let mut n = self.get(name)?;
         for _ in 0..64 {
-            match n.child.as_deref().and_then(|c| self.get(c)) {
+            match n.file().and_then(|c| self.get(c)) {
                 Some(c) => n = c,
                 None => return Some(n),
             }
@@ -176,7 +275,7 @@ impl Graph {
                 break;
             }
             out.push(n);
-            cur = n.child.as_deref().and_then(|c| self.get(c));
+            cur = n.file().and_then(|c| self.get(c));
         }
         out
     }
@@ -198,8 +297,10 @@ impl Graph {
             m.insert(k.clone(), v.clone());
         }
         m.insert("driver".into(), node.driver.as_str().into());
-        if let Some(c) = node.child.as_deref().and_then(|c| self.get(c)) {
-            m.insert("file".into(), self.full_options(c));
+        for (role, c) in &node.children {
+            if let Some(c) = self.get(c) {
+                m.insert(role.as_str().into(), self.full_options(c));
+            }
         }
         Value::Object(m)
     }
@@ -211,7 +312,7 @@ impl Graph {
             return path.clone();
         }
         if node.strong_options.is_empty() {
-            match node.child.as_deref().and_then(|c| self.get(c)) {
+            match node.file().and_then(|c| self.get(c)) {
                 None => return format!("{}://", node.driver.as_str()),
                 Some(c) => {
                     let f = self.filename(c);
@@ -265,7 +366,7 @@ impl Graph {
         m.insert("ro".into(), node.read_only.into());
         m.insert("drv".into(), node.driver.as_str().into());
         m.insert("backing_file_depth".into(), 0.into());
-        m.insert("active".into(), true.into());
+        m.insert("active".into(), node.active.into());
         m.insert("encrypted".into(), false.into());
         m.insert("detect_zeroes".into(), node.detect_zeroes.into());
         for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
@@ -310,18 +411,107 @@ impl Graph {
             .collect();
         let mut edges = Vec::new();
         for n in self.nodes.iter().rev() {
-            if let Some(c) = n.child.as_deref().and_then(|c| self.get(c)) {
+            for (role, c) in &n.children {
+                let Some(c) = self.get(c) else {
+                    continue;
+                };
                 let mut shared = Vec::new();
                 if !n.fixed_window {
                     shared.push("resize");
                 }
                 shared.extend(["write-unchanged", "write", "consistent-read"]);
                 edges.push(json!({
-                    "parent": number(&n.name), "child": number(&c.name), "name": "file",
+                    "parent": number(&n.name), "child": number(&c.name), "name": role.as_str(),
                     "perm": [], "shared-perm": shared,
                 }));
             }
         }
         json!({"nodes": nodes, "edges": edges})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bulkhead_block::config::{DriverConfig, NullConfig};
+
+    use super::*;
+
+    fn node(graph: &mut Graph, name: &str, child: Option<&str>) {
+        let id = graph.allocate_id();
+        graph.insert(Node {
+            id,
+            name: name.to_string(),
+            home: WorkerId(1),
+            driver: if child.is_some() {
+                Driver::Raw
+            } else {
+                Driver::NullCo
+            },
+            children: child
+                .map(|c| (Role::File, c.to_string()))
+                .into_iter()
+                .collect(),
+            parents: 0,
+            monitor_owned: true,
+            read_only: false,
+            direct: false,
+            no_flush: false,
+            detect_zeroes: "off",
+            size: 0,
+            strong_options: Map::new(),
+            path: None,
+            image: None,
+            lock: None,
+            fixed_window: false,
+            exported: false,
+            config: DriverConfig::NullCo(NullConfig::default()),
+            active: true,
+            options: Map::new(),
+        });
+    }
+
+    fn parents(graph: &Graph, name: &str) -> usize {
+        graph.get(name).map_or(usize::MAX, |n| n.parents)
+    }
+
+    #[test]
+    fn replacing_a_child_moves_the_parent_count_and_replay_order_follows() {
+        let mut g = Graph::default();
+        node(&mut g, "f0", None);
+        node(&mut g, "r0", Some("f0"));
+        node(&mut g, "f1", None);
+        node(&mut g, "r2", Some("f1"));
+        assert_eq!((parents(&g, "f0"), parents(&g, "f1")), (1, 1));
+        // r0 now sits on r2, younger than itself.
+        g.set_child("r0", Role::File, Some("r2".into()));
+        assert_eq!(
+            (parents(&g, "f0"), parents(&g, "r2"), parents(&g, "f1")),
+            (0, 1, 1)
+        );
+        assert_eq!(g.get("r0").and_then(Node::file), Some("r2"));
+        assert_eq!(
+            g.parents_of("r2")
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["r0"]
+        );
+        // Creation order would open r0 before r2; children first puts r2, f1 first.
+        assert_eq!(g.children_first(|_| true), vec!["f0", "f1", "r2", "r0"]);
+        assert_eq!(
+            g.children_first(|n| n.name.starts_with('r')),
+            vec!["r2", "r0"]
+        );
+        let edges = g.debug_graph()["edges"].clone();
+        assert_eq!(
+            edges
+                .as_array()
+                .map(|e| e.iter().map(|e| e["name"].clone()).collect::<Vec<_>>()),
+            Some(vec![json!("file"), json!("file")])
+        );
+        // Detaching drops the count; removing a parent does too.
+        g.set_child("r0", Role::File, None);
+        assert_eq!(parents(&g, "r2"), 0);
+        g.remove("r2");
+        assert_eq!(parents(&g, "f1"), 0);
     }
 }

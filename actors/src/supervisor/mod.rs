@@ -12,6 +12,7 @@ pub mod blockdev;
 pub mod export;
 pub mod graph;
 pub mod placement;
+mod reopen;
 mod restart;
 pub mod workers;
 
@@ -59,6 +60,8 @@ pub const COMMANDS: &[&str] = &[
     "query-qmp-schema",
     "blockdev-add",
     "blockdev-del",
+    "blockdev-reopen",
+    "blockdev-set-active",
     "query-named-block-nodes",
     "query-block",
     "x-debug-query-block-graph",
@@ -195,6 +198,8 @@ impl Core {
                 .map_err(|e| QmpError::generic(e.to_string()))?,
             "blockdev-add" => self.blockdev_add(Value::Object(args)).await?,
             "blockdev-del" => self.blockdev_del(&args).await?,
+            "blockdev-reopen" => self.blockdev_reopen(&args).await?,
+            "blockdev-set-active" => self.blockdev_set_active(&args).await?,
             "query-named-block-nodes" => self.graph.query_named_block_nodes(),
             "query-block" => json!([]),
             "x-debug-query-block-graph" => self.graph.debug_graph(),

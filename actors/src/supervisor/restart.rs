@@ -255,13 +255,8 @@ impl Core {
 
     /// Replays instance `id`'s state into its fresh process, children first.
     async fn replay(&mut self, id: WorkerId, clients: &[WorkerId]) -> Result<(), QmpError> {
-        // Nodes in creation order: a child is always older than its parents.
-        let nodes: Vec<String> = self
-            .graph
-            .iter()
-            .filter(|n| n.home == id)
-            .map(|n| n.name.clone())
-            .collect();
+        // Children first (a reopen may have given a node a younger child).
+        let nodes = self.graph.children_first(|n| n.home == id);
         for name in nodes {
             self.replay_node(&name).await?;
         }
@@ -284,7 +279,8 @@ impl Core {
             .graph
             .iter()
             .filter(|n| n.home == id)
-            .filter_map(|n| n.child.as_deref().and_then(|c| self.graph.get(c)))
+            .flat_map(|n| n.children.iter())
+            .filter_map(|(_, c)| self.graph.get(c))
             .map(|c| c.home)
             .filter(|h| *h != id)
             .collect();

@@ -12,34 +12,44 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, RwLock};
 
 use bulkhead_block::BlockIo;
+use bulkhead_block::slot::Slot;
 use bulkhead_ipc::data::{self, ChannelFds, NodeLookup};
 use bulkhead_ipc::wire::{
     NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerId, WorkerKind,
 };
 
-/// The nodes this worker serves, shared with its data channel servers.
+/// The nodes this worker serves, shared with its data channel servers. Each sits in a
+/// [`Slot`], which parents and channels hold, so a reopen replaces it under them.
 #[derive(Default)]
-struct Nodes(RwLock<HashMap<NodeId, Arc<dyn BlockIo>>>);
+struct Nodes(RwLock<HashMap<NodeId, Arc<Slot>>>);
+
+/// How long a reopen waits for requests on the old implementation: well inside the
+/// supervisor's 30 s control-call limit.
+const REOPEN_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl NodeLookup for Nodes {
     fn lookup(&self, node: NodeId) -> Option<Arc<dyn BlockIo>> {
+        self.slot(node).map(|s| s as Arc<dyn BlockIo>)
+    }
+}
+
+impl Nodes {
+    fn slot(&self, node: NodeId) -> Option<Arc<Slot>> {
         self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&node)
             .cloned()
     }
-}
 
-impl Nodes {
     fn insert(&self, id: NodeId, node: Arc<dyn BlockIo>) {
         self.0
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, node);
+            .insert(id, Arc::new(Slot::new(node)));
     }
 
-    fn remove(&self, id: NodeId) -> Option<Arc<dyn BlockIo>> {
+    fn remove(&self, id: NodeId) -> Option<Arc<Slot>> {
         self.0
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -164,6 +174,45 @@ impl DriverWorker {
                 })?;
                 tracing::debug!(worker = %self.kind, node = %name, "node opened");
                 self.nodes.insert(node, opened);
+                Ok(Reply::Done)
+            }
+            ToWorker::ReopenNode {
+                node,
+                name,
+                config,
+                child,
+            } => {
+                let slot = self
+                    .nodes
+                    .slot(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                let child = match child {
+                    Some(c) if c.node == node && c.home == self.id => {
+                        return Err(err(
+                            WorkerErrorKind::Invalid,
+                            libc::EINVAL,
+                            "node is its own child",
+                        ));
+                    }
+                    Some(c) => Some(self.child(c).await?),
+                    None => None,
+                };
+                let fd = match fds.len() {
+                    0 => None,
+                    _ => Some(one_fd(fds, "ReopenNode")?),
+                };
+                let opened = bulkhead_block::open(config, fd, child).map_err(|e| {
+                    err(
+                        WorkerErrorKind::Invalid,
+                        libc::EINVAL,
+                        format!("{name}: {e}"),
+                    )
+                })?;
+                if let Err(e) = slot.replace(opened, REOPEN_DRAIN).await {
+                    // The new implementation is in place; stragglers finish on the old.
+                    tracing::warn!(worker = %self.kind, node = %name, error = %e, "reopen drain");
+                }
+                tracing::debug!(worker = %self.kind, node = %name, "node reopened");
                 Ok(Reply::Done)
             }
             ToWorker::RemoveNode { node } => match self.nodes.remove(node) {
