@@ -128,9 +128,17 @@ fn three_images_run_in_three_workers_and_one_dying_leaves_the_others_serving() {
             .collect::<Vec<_>>(),
         "one image worker per image, holding the image's raw and file nodes: {list:?}"
     );
+    // One NBD listener, and one NBD worker per export.
     assert_eq!(
-        list.iter().filter(|w| w["kind"] == "nbd").count(),
+        list.iter().filter(|w| w["role"] == "listener").count(),
         1,
+        "{list:?}"
+    );
+    assert_eq!(
+        list.iter()
+            .filter(|w| w["kind"] == "nbd" && w["role"] == "export")
+            .count(),
+        3,
         "{list:?}"
     );
     let victim = pid_hosting(&mut qmp, "raw-a");
