@@ -364,3 +364,98 @@ fn killing_the_listener_leaves_transmissions_alone_and_new_clients_are_served_ag
         Err(e) => panic!("e-b's connection: {e}"),
     }
 }
+
+#[test]
+fn exports_added_and_removed_at_run_time_get_and_lose_their_own_worker() {
+    let dir = match TempDir::new("bulkhead-handoff-qmp") {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    sparse_file(&dir.path().join("disk-a.img"), IMAGE_SIZE);
+    let args: Vec<String> = [
+        "--isolation",
+        "image",
+        "--blockdev",
+        "driver=file,node-name=file-a,filename=$DIR/disk-a.img",
+        "--blockdev",
+        "driver=raw,node-name=raw-a,file=file-a",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let daemon = match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let dir = daemon.dir().to_path_buf();
+    let mut qmp = qmp(&daemon);
+    let ok = |qmp: &mut QmpConnection, cmd: &str, args: Value| {
+        if let Err(e) = qmp.execute_ok(cmd, Some(args)) {
+            panic!("{cmd}: {e}");
+        }
+    };
+    let sock = dir.join("nbd.sock").to_string_lossy().into_owned();
+    ok(
+        &mut qmp,
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    assert_eq!(listener(&mut qmp)["exports"], json!([]));
+    ok(
+        &mut qmp,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e-a", "node-name": "raw-a", "name": "raw-a", "writable": true}),
+    );
+    let e = export_worker(&mut qmp, "a");
+    let image = image_worker(&mut qmp, "raw-a");
+    assert_eq!(e["reaches"], json!([image["id"]]));
+    let out = tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri(&dir, "a"),
+            "-c",
+            "write -P 0x61 0 64k",
+            "-c",
+            "read -P 0x61 0 64k",
+        ],
+    );
+    assert!(out.contains("read 65536/65536"), "{out}");
+    // No client left: the event comes with the command, and the worker goes.
+    let reply = match qmp.execute("block-export-del", Some(json!({"id": "e-a"}))) {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(reply["return"], json!({}), "{reply}");
+    let events = qmp.take_events();
+    assert!(
+        events
+            .iter()
+            .any(|ev| ev["event"] == "BLOCK_EXPORT_DELETED" && ev["data"]["id"] == "e-a"),
+        "{events:?}"
+    );
+    let left = workers(&mut qmp);
+    assert!(
+        !left.iter().any(|w| w["role"] == "export"),
+        "no export worker without an export: {left:?}"
+    );
+    // The export can come back, and the server stops cleanly.
+    ok(
+        &mut qmp,
+        "block-export-add",
+        json!({"type": "nbd", "id": "e-a2", "node-name": "raw-a", "name": "raw-a"}),
+    );
+    let info = tool("nbdinfo", &["--size", &uri(&dir, "a")]);
+    assert_eq!(info.trim(), IMAGE_SIZE.to_string());
+    ok(&mut qmp, "nbd-server-stop", json!({}));
+    let events = qmp.take_events();
+    assert!(
+        events
+            .iter()
+            .any(|ev| ev["event"] == "BLOCK_EXPORT_DELETED" && ev["data"]["id"] == "e-a2"),
+        "{events:?}"
+    );
+    let left = workers(&mut qmp);
+    assert!(!left.iter().any(|w| w["role"] == "export"), "{left:?}");
+}
