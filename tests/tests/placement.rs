@@ -1,6 +1,6 @@
 //! `--isolation image`: one worker per image. Three raw images exported over NBD run in
 //! three image workers (each holding its raw node and that node's file child) plus the
-//! NBD worker; a SIGKILL of one image's worker leaves the other two exports serving
+//! NBD listener and one NBD worker per export; a SIGKILL of one image's worker leaves the other two exports serving
 //! without one failed request, and its own export serves again with every acknowledged
 //! write in place. Also: worker deaths close together (several at once, one during
 //! another's restore) with the default restart budget delete nothing. bulkhead only.
