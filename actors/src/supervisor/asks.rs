@@ -271,6 +271,38 @@ mod tests {
     }
 
     #[test]
+    fn only_the_listener_hands_off_and_only_to_a_known_export() {
+        let hand = |export: &str, leftover: usize| NbdHandOff {
+            export: export.into(),
+            mode: bulkhead_ipc::wire::NbdMode::Structured,
+            base_allocation: false,
+            allocation_depth: false,
+            reply: vec![0; 20],
+            leftover: vec![0; leftover],
+        };
+        let mut t = AskTable::default();
+        // No listener (`--isolation kind`): a hand-off is a protocol violation.
+        assert!(matches!(
+            t.hand_off_target(WorkerId(3), &hand("e", 0)),
+            Err(None)
+        ));
+        t.set_exports(Some(WorkerId(3)), []);
+        assert!(matches!(
+            t.hand_off_target(WorkerId(4), &hand("e", 0)),
+            Err(None)
+        ));
+        assert!(matches!(
+            t.hand_off_target(WorkerId(3), &hand("e", 4097)),
+            Err(None)
+        ));
+        let refused = t.hand_off_target(WorkerId(3), &hand("e", 4096));
+        assert!(
+            matches!(&refused, Err(Some(e)) if e.kind == WorkerErrorKind::NotFound),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
     fn the_rate_allows_a_burst_then_refuses() {
         let mut r = AskRate::default();
         let granted = (0..200).filter(|_| r.take()).count();
