@@ -459,3 +459,98 @@ fn exports_added_and_removed_at_run_time_get_and_lose_their_own_worker() {
     let left = workers(&mut qmp);
     assert!(!left.iter().any(|w| w["role"] == "export"), "{left:?}");
 }
+
+#[test]
+fn tcp_clients_are_handed_off_too() {
+    let dir = match TempDir::new("bulkhead-handoff-tcp") {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    sparse_file(&dir.path().join("disk-a.img"), IMAGE_SIZE);
+    // A free port: bound by the kernel's choice, then released for the daemon.
+    let port = match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+        Ok(a) => a.port(),
+        Err(e) => panic!("{e}"),
+    };
+    let args: Vec<String> = vec![
+        "--isolation".into(),
+        "image".into(),
+        "--blockdev".into(),
+        "driver=file,node-name=file-a,filename=$DIR/disk-a.img".into(),
+        "--blockdev".into(),
+        "driver=raw,node-name=raw-a,file=file-a".into(),
+        "--nbd-server".into(),
+        format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+        "--export".into(),
+        "type=nbd,id=e-a,node-name=raw-a,writable=on".into(),
+    ];
+    let daemon = match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let mut qmp = qmp(&daemon);
+    let uri = format!("nbd://127.0.0.1:{port}/raw-a");
+    let out = tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x74 0 64k",
+            "-c",
+            "read -P 0x74 0 64k",
+        ],
+    );
+    assert!(out.contains("read 65536/65536"), "{out}");
+    assert_eq!(export_worker(&mut qmp, "a")["restarts"], json!(0));
+}
+
+#[test]
+fn max_connections_counts_per_export() {
+    let dir = match TempDir::new("bulkhead-handoff-max") {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let mut args: Vec<String> = vec!["--isolation".into(), "image".into()];
+    for x in IMAGES {
+        sparse_file(&dir.path().join(format!("disk-{x}.img")), IMAGE_SIZE);
+        args.extend([
+            "--blockdev".to_string(),
+            format!("driver=file,node-name=file-{x},filename=$DIR/disk-{x}.img"),
+            "--blockdev".to_string(),
+            format!("driver=raw,node-name=raw-{x},file=file-{x}"),
+        ]);
+    }
+    args.extend([
+        "--nbd-server".to_string(),
+        "addr.type=unix,addr.path=$DIR/nbd.sock,max-connections=1".to_string(),
+    ]);
+    for x in IMAGES {
+        args.extend([
+            "--export".to_string(),
+            format!("type=nbd,id=e-{x},node-name=raw-{x},writable=on"),
+        ]);
+    }
+    let daemon = match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let socket = daemon.dir().join("nbd.sock");
+    // One client on each export at once: the limit is each export worker's.
+    let mut peers: Vec<NbdPeer> = IMAGES
+        .iter()
+        .map(
+            |x| match NbdPeer::open(&socket, &format!("raw-{x}"), Duration::from_secs(10)) {
+                Ok(p) => p,
+                Err(e) => panic!("raw-{x}: {e}\n{}", daemon.stderr()),
+            },
+        )
+        .collect();
+    for peer in &mut peers {
+        match peer.read(0, 512) {
+            Ok(data) => assert_eq!(data, vec![0; 512]),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
