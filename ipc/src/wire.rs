@@ -215,6 +215,10 @@ pub enum ToWorker {
         /// Exports to add before the first client is accepted (a restarted worker gets
         /// all of them here, so a reconnecting client never finds its export missing).
         exports: Vec<NbdExport>,
+        /// The listener of `--isolation image`: negotiate only, and hand every
+        /// negotiated client to the supervisor ([`WorkerAsk::NbdHandOff`]). Without a
+        /// listening socket attached, the worker serves only adopted clients.
+        hand_off: bool,
     },
     /// NBD worker: stop listening and drop every export and client.
     NbdServerStop,
@@ -230,6 +234,39 @@ pub enum ToWorker {
         /// Drop attached clients.
         hard: bool,
     },
+    /// NBD export worker: serve a client the listener negotiated (its socket is
+    /// attached).
+    NbdAdopt(NbdHandOff),
+}
+
+/// A negotiated NBD client, as the listener hands it over (`--isolation image`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdHandOff {
+    /// The NBD export name it chose.
+    pub export: String,
+    /// Reply format negotiated.
+    pub mode: NbdMode,
+    /// `base:allocation` selected.
+    pub base_allocation: bool,
+    /// `qemu:allocation-depth` selected.
+    pub allocation_depth: bool,
+    /// The final negotiation reply, still to be sent (at most 134 bytes).
+    pub reply: Vec<u8>,
+    /// Bytes the client sent after it that the listener read (at most 4 KiB).
+    pub leftover: Vec<u8>,
+}
+
+/// NBD reply format negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NbdMode {
+    /// Old-style EXPORT_NAME, simple replies.
+    ExportName,
+    /// Simple replies.
+    Simple,
+    /// Structured replies.
+    Structured,
+    /// Extended headers.
+    Extended,
 }
 
 /// One NBD export as the NBD worker needs it.
@@ -246,6 +283,9 @@ pub struct NbdExport {
     /// The exported node. A format node and its local protocol child share a worker,
     /// so a request crosses one process boundary whatever the chain.
     pub node: NodeRef,
+    /// For the listener of `--isolation image`: the node's size, and the export is
+    /// metadata only (negotiation, no data channel; `node` is not opened).
+    pub metadata_size: Option<u64>,
 }
 
 /// A message from a worker to the supervisor.
@@ -291,6 +331,10 @@ pub enum WorkerAsk {
         /// Open for writing too.
         writable: bool,
     },
+    /// The NBD listener (`--isolation image`) negotiated a client: pass its socket
+    /// (attached: the only question that carries a descriptor, and only from the
+    /// listener) to the export's own worker. Answered [`Answer::HandedOff`].
+    NbdHandOff(NbdHandOff),
 }
 
 /// A successful answer to a [`WorkerAsk`].
@@ -298,6 +342,8 @@ pub enum WorkerAsk {
 pub enum Answer {
     /// The file is open; its descriptor is attached.
     File,
+    /// The export's worker took the client over.
+    HandedOff,
 }
 
 /// Unsolicited news from a worker.

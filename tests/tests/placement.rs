@@ -1,6 +1,6 @@
 //! `--isolation image`: one worker per image. Three raw images exported over NBD run in
 //! three image workers (each holding its raw node and that node's file child) plus the
-//! NBD worker; a SIGKILL of one image's worker leaves the other two exports serving
+//! NBD listener and one NBD worker per export; a SIGKILL of one image's worker leaves the other two exports serving
 //! without one failed request, and its own export serves again with every acknowledged
 //! write in place. Also: worker deaths close together (several at once, one during
 //! another's restore) with the default restart budget delete nothing. bulkhead only.
@@ -128,9 +128,17 @@ fn three_images_run_in_three_workers_and_one_dying_leaves_the_others_serving() {
             .collect::<Vec<_>>(),
         "one image worker per image, holding the image's raw and file nodes: {list:?}"
     );
+    // One NBD listener, and one NBD worker per export.
     assert_eq!(
-        list.iter().filter(|w| w["kind"] == "nbd").count(),
+        list.iter().filter(|w| w["role"] == "listener").count(),
         1,
+        "{list:?}"
+    );
+    assert_eq!(
+        list.iter()
+            .filter(|w| w["kind"] == "nbd" && w["role"] == "export")
+            .count(),
+        3,
         "{list:?}"
     );
     let victim = pid_hosting(&mut qmp, "raw-a");

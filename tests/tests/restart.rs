@@ -1,5 +1,6 @@
 //! Crash-restartable workers: SIGKILL of the NBD worker and of the image's worker, in
-//! both placements (`--isolation kind` and `image`), while QEMU's NBD client writes a
+//! both placements (`--isolation kind` and `image`; under `image` the NBD worker is
+//! the export's own and the NBD listener is killed too), while QEMU's NBD client writes a
 //! verifiable pattern. Every write the client saw
 //! acknowledged must be in the image afterwards (compared with `qemu-img compare`
 //! against the same writes applied directly), and a QMP client connected throughout
@@ -64,16 +65,47 @@ fn exports(qmp: &mut QmpConnection) -> Value {
 #[test]
 fn sigkill_of_any_worker_loses_no_acknowledged_write() {
     // The raw node and its file child share the raw worker.
-    kill_rounds("kind", ["nbd", "raw"], 16);
+    kill_rounds("kind", &["nbd", "raw"], 16);
 }
 
 #[test]
 fn sigkill_of_any_worker_loses_no_acknowledged_write_with_one_worker_per_image() {
-    kill_rounds("image", ["nbd", "image"], 12);
+    kill_rounds("image", &["export", "image", "listener"], 12);
+}
+
+/// Whether worker `w` (from x-bulkhead-query-workers) is the one `what` names: a kind,
+/// or a role (`export`: the NBD worker serving the export; `listener`).
+fn is(w: &Value, what: &str) -> bool {
+    w["kind"] == what || w["role"] == what
+}
+
+/// The pid of the worker `what` names, other than `not` (waiting for a replacement).
+fn pid_of(qmp: &mut QmpConnection, what: &str, not: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let workers = match qmp.execute_ok("x-bulkhead-query-workers", None) {
+            Ok(w) => w,
+            Err(e) => panic!("QMP stopped answering: {e}"),
+        };
+        let found = workers
+            .as_array()
+            .and_then(|l| l.iter().find(|w| is(w, what)))
+            .and_then(|w| w["pid"].as_u64())
+            .map(|p| p as u32)
+            .filter(|p| Some(*p) != not);
+        if let Some(p) = found {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no (new) {what} worker: {workers}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `rounds` rounds of writes, each killing the next of `kinds` under them.
-fn kill_rounds(isolation: &str, kinds: [&str; 2], rounds: u64) {
+fn kill_rounds(isolation: &str, kinds: &[&str], rounds: u64) {
     let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = match TempDir::new("bulkhead-restart") {
         Ok(d) => d,
@@ -86,11 +118,10 @@ fn kill_rounds(isolation: &str, kinds: [&str; 2], rounds: u64) {
         Ok(q) => q,
         Err(e) => panic!("{e}\n{}", daemon.stderr()),
     };
-    let supervisor = daemon.pid();
     let normal = json!([{"node-name": "raw0", "shutting-down": false, "type": "nbd", "id": "e0"}]);
     for round in 0..rounds {
-        let kind = kinds[(round % 2) as usize];
-        let victim = worker_pid(supervisor, kind, None);
+        let kind = kinds[(round % kinds.len() as u64) as usize];
+        let victim = pid_of(&mut qmp, kind, None);
         let writes = writes_for(round);
         let client = writes::nbd_writer(&d.join("nbd.sock"), "raw0", &writes, BLOCK);
         // Let the client get going, then kill the worker under it.
@@ -104,7 +135,7 @@ fn kill_rounds(isolation: &str, kinds: [&str; 2], rounds: u64) {
         );
         // The same writes, applied directly: the expected image.
         writes::apply_directly(&d.join("expected.img"), &writes, BLOCK);
-        let replacement = worker_pid(supervisor, kind, Some(victim));
+        let replacement = pid_of(&mut qmp, kind, Some(victim));
         assert_ne!(replacement, victim);
         assert_eq!(
             exports(&mut qmp),
@@ -119,11 +150,11 @@ fn kill_rounds(isolation: &str, kinds: [&str; 2], rounds: u64) {
     for kind in kinds {
         let restarts = workers["return"]
             .as_array()
-            .and_then(|l| l.iter().find(|w| w["kind"] == kind))
+            .and_then(|l| l.iter().find(|w| is(w, kind)))
             .map(|w| w["restarts"].clone());
         assert_eq!(
             restarts,
-            Some(json!(rounds / 2)),
+            Some(json!(rounds / kinds.len() as u64)),
             "restarts of {kind}: {workers}"
         );
     }

@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::handoff::HandOff;
 use crate::handshake::{self, Contexts, HandshakeError, Mode, Session};
 use crate::proto::*;
 use crate::server::{ConnectionSlot, Export, Shared, signalled};
@@ -33,7 +34,7 @@ use crate::server::{ConnectionSlot, Export, Shared, signalled};
 const READ_BUF: usize = 64 * 1024;
 /// Read buffer size during negotiation: option headers are small, and up to a
 /// thousand clients may be negotiating at once.
-const HANDSHAKE_BUF: usize = 4 * 1024;
+pub(crate) const HANDSHAKE_BUF: usize = 4 * 1024;
 /// Buffers above this size are freed after use instead of pooled.
 const POOL_MAX_BUF: usize = 4 * 1024 * 1024;
 /// Most iovecs per writev (Linux `IOV_MAX`).
@@ -44,8 +45,15 @@ const IOV_MAX: usize = 1024;
 /// pushes back on the client through the socket.
 pub const CONN_BUFFER_BYTES: usize = 2 * MAX_BUFFER_SIZE as usize;
 
-/// Runs one connection to its end.
-pub(crate) async fn run<R, W>(shared: Arc<Shared>, slot: ConnectionSlot, r: R, w: W)
+/// Runs one connection: negotiation, then the transmission phase, or, on a server
+/// that hands clients off, returns what was negotiated with the socket halves and
+/// the slot (to be released once the socket has been passed on).
+pub(crate) async fn run<R, W>(
+    shared: Arc<Shared>,
+    slot: ConnectionSlot,
+    r: R,
+    w: W,
+) -> Option<(HandOff, R, W, ConnectionSlot)>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -53,7 +61,7 @@ where
     // Locals drop in reverse order: the socket halves before the slot, so that a
     // dropped slot means a closed descriptor (the accept loop, out of descriptors,
     // waits for that).
-    let mut slot = slot;
+    let slot = slot;
     let mut w = w;
     let mut r = BufReader::with_capacity(HANDSHAKE_BUF, r);
     let mut shutdown = shared.shutdown_signal();
@@ -66,41 +74,33 @@ where
     let mut limited_r = Deadline::new(&mut r, deadline, Some(&slot));
     let mut limited_w = Deadline::new(&mut w, deadline, None);
     let session = tokio::select! {
-        _ = signalled(&mut shutdown) => return,
+        _ = signalled(&mut shutdown) => return None,
         _ = slot.evicted() => {
             tracing::debug!("NBD client dropped while negotiating, to make room");
-            return;
+            return None;
         }
         s = handshake::negotiate(&shared, &mut limited_r, &mut limited_w) => s,
     };
     drop(limited_r);
     drop(limited_w);
     match session {
-        Ok(session) => {
-            // Wait for a max-connections slot before the final reply, outside the
-            // handshake deadline: the client did its part (a qsd client over the
-            // limit waits too, in the listen backlog).
-            slot.waiting();
-            let mut closing = session.client.export.closing();
-            let permit = tokio::select! {
-                _ = signalled(&mut shutdown) => return,
-                _ = signalled(&mut closing) => return,
-                _ = slot.evicted() => return,
-                p = shared.admission() => match p {
-                    Some(p) => p,
-                    None => return,
-                },
+        Ok(session) if shared.hands_off() => {
+            // The listener's part ends here; the client's hold on the metadata
+            // export (`session.client`) ends with this function.
+            let hand = HandOff {
+                export: session.client.export.name.clone(),
+                mode: session.mode,
+                base_allocation: session.contexts.base_allocation,
+                allocation_depth: session.contexts.allocation_depth,
+                reply: session.pending,
+                leftover: r.buffer().to_vec(),
             };
-            slot.admitted(permit);
-            if w.write_all(&session.pending).await.is_err() {
-                return;
-            }
-            let _slot = slot;
-            // The bigger buffer of the transmission phase; bytes the client sent
-            // after its GO (pipelined requests) are read first.
-            let early = std::io::Cursor::new(r.buffer().to_vec());
-            let r = BufReader::with_capacity(READ_BUF, early.chain(r.into_inner()));
-            transmission(shared, session, r, w).await
+            Some((hand, r.into_inner(), w, slot))
+        }
+        Ok(session) => {
+            let early = r.buffer().to_vec();
+            serve_negotiated(shared, slot, session, early, r.into_inner(), w).await;
+            None
         }
         Err(e) => {
             tracing::debug!("NBD negotiation ended: {e}");
@@ -117,8 +117,49 @@ where
             if let Some(text) = text {
                 shared.report(&format!("option negotiation failed: {text}"));
             }
+            None
         }
     }
+}
+
+/// A negotiated client (here or in a listener that handed it over): waits for a
+/// `max-connections` slot, sends the final negotiation reply and serves requests.
+/// `early`: bytes the client sent after its final option, read before the socket.
+pub(crate) async fn serve_negotiated<R, W>(
+    shared: Arc<Shared>,
+    mut slot: ConnectionSlot,
+    session: Session,
+    early: Vec<u8>,
+    r: R,
+    mut w: W,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut shutdown = shared.shutdown_signal();
+    // Wait for a max-connections slot before the final reply, outside the
+    // handshake deadline: the client did its part (a qsd client over the
+    // limit waits too, in the listen backlog).
+    slot.waiting();
+    let mut closing = session.client.export.closing();
+    let permit = tokio::select! {
+        _ = signalled(&mut shutdown) => return,
+        _ = signalled(&mut closing) => return,
+        _ = slot.evicted() => return,
+        p = shared.admission() => match p {
+            Some(p) => p,
+            None => return,
+        },
+    };
+    slot.admitted(permit);
+    if w.write_all(&session.pending).await.is_err() {
+        return;
+    }
+    let _slot = slot;
+    // The bigger buffer of the transmission phase; bytes the client sent
+    // after its GO (pipelined requests) are read first.
+    let r = BufReader::with_capacity(READ_BUF, std::io::Cursor::new(early).chain(r));
+    transmission(shared, session, r, w).await
 }
 
 /// A stream whose reads reach end-of-file, and whose writes fail with EPIPE, once

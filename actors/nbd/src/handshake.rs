@@ -17,7 +17,7 @@ use crate::server::{Export, ExportClient, Shared};
 /// Reply format negotiated for the transmission phase, in increasing order of
 /// capability (qsd's `NBDMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Mode {
+pub enum Mode {
     /// Old (non-fixed) newstyle client: only EXPORT_NAME, simple replies.
     ExportName,
     /// Fixed newstyle, simple replies.

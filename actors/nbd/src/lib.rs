@@ -12,12 +12,14 @@
 //! - `handshake`: option negotiation (untrusted bytes).
 //! - `conn`: transmission phase: request parsing (untrusted bytes), request
 //!   tasks, replies.
+//! - [`handoff`]: negotiating in one server and serving in another.
 //! - [`proto`]: wire constants and header codecs.
 //!
 //! Not supported: TLS (STARTTLS is refused with qsd's "TLS not configured"),
 //! dirty-bitmap contexts, NBD_CMD_RESIZE.
 
 mod conn;
+pub mod handoff;
 mod handshake;
 pub mod proto;
 pub mod server;
@@ -25,5 +27,6 @@ pub mod server;
 mod testing;
 
 pub use conn::CONN_BUFFER_BYTES;
+pub use handoff::{HandOff, HandOffHook, MetadataOnly, Mode};
 pub use server::EXPORT_BUFFER_BYTES;
 pub use server::{ExportConfig, ExportError, ExportRemoval, NbdServer, RemoveMode, ServerConfig};

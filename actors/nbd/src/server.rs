@@ -9,8 +9,9 @@
 //! each accepted connection is handed to the handshake and transmission code.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bulkhead_block::BlockIo;
@@ -18,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::handoff::{HandOff, HandOffHook, MetadataOnly};
+use crate::handshake::{Contexts, Session};
 use crate::proto::{
     MAX_STRING_SIZE, TF_CAN_MULTI_CONN, TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_CACHE,
     TF_SEND_FAST_ZERO, TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES,
@@ -108,6 +111,10 @@ pub enum ExportError {
     /// The server is shutting down.
     #[error("NBD server is shutting down")]
     ShuttingDown,
+    /// A handed-over connection's state is not one negotiation can produce for the
+    /// export (oversized, or a context the export does not offer).
+    #[error("invalid hand-off for export '{0}'")]
+    BadHandOff(String),
 }
 
 /// An export as the connections see it. Immutable apart from its counters.
@@ -201,6 +208,8 @@ pub(crate) struct Shared {
     epoch: Instant,
     connections: watch::Sender<usize>,
     shutdown: watch::Sender<bool>,
+    /// Set on a listener that only negotiates: where negotiated clients go.
+    hand_off: OnceLock<HandOffHook>,
 }
 
 /// Clients from accept until they hold a `max-connections` slot, bounded: when full,
@@ -260,6 +269,11 @@ impl Shared {
             .iter()
             .map(|e| (e.name.clone(), e.description.clone()))
             .collect()
+    }
+
+    /// Whether negotiated clients are handed off instead of served here.
+    pub(crate) fn hands_off(&self) -> bool {
+        self.hand_off.get().is_some()
     }
 
     pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -423,6 +437,7 @@ impl NbdServer {
                 epoch: Instant::now(),
                 connections: watch::Sender::new(0),
                 shutdown: watch::Sender::new(false),
+                hand_off: OnceLock::new(),
             }),
         }
     }
@@ -483,6 +498,79 @@ impl NbdServer {
             return Err(ExportError::DuplicateName(export.name.clone()));
         }
         table.push(export);
+        Ok(())
+    }
+
+    /// Adds an export that negotiation can offer but that serves no I/O (a
+    /// listener that hands its clients off): `size` and the config are all it has.
+    pub fn add_metadata_export(&self, config: ExportConfig, size: u64) -> Result<(), ExportError> {
+        let read_only = !config.writable;
+        self.add_export(config, Arc::new(MetadataOnly { size, read_only }))
+    }
+
+    /// Makes this server a listener that only negotiates: every client that
+    /// finishes negotiation goes to `hook` with its socket, instead of being served
+    /// here. Must be set before the first client is accepted; set once.
+    pub fn set_hand_off(&self, hook: HandOffHook) {
+        let _ = self.shared.hand_off.set(hook);
+    }
+
+    /// Takes over a Unix connection another server negotiated (see
+    /// [`NbdServer::set_hand_off`]) and serves it.
+    pub fn adopt_unix(&self, stream: UnixStream, hand: HandOff) -> Result<(), ExportError> {
+        let (r, w) = stream.into_split();
+        self.adopt(r, w, hand)
+    }
+
+    /// Takes over a TCP connection another server negotiated.
+    pub fn adopt_tcp(&self, stream: TcpStream, hand: HandOff) -> Result<(), ExportError> {
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        self.adopt(r, w, hand)
+    }
+
+    /// Checks `hand` against the export, then serves the connection in a task of
+    /// its own: the client waits for a `max-connections` slot here, gets the final
+    /// negotiation reply and its requests are served. The state comes from another
+    /// process, so it is checked as a client's bytes would be.
+    pub fn adopt<R, W>(&self, r: R, w: W, hand: HandOff) -> Result<(), ExportError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        if !hand.is_bounded() {
+            return Err(ExportError::BadHandOff(String::new()));
+        }
+        let client = self
+            .shared
+            .attach(hand.export.as_bytes())
+            .ok_or_else(|| ExportError::NotFound(hand.export.clone()))?;
+        let structured = hand.mode >= crate::handoff::Mode::Structured;
+        let selected = hand.base_allocation || hand.allocation_depth;
+        if (selected && !structured) || (hand.allocation_depth && !client.export.allocation_depth) {
+            return Err(ExportError::BadHandOff(hand.export));
+        }
+        let contexts = Contexts {
+            export: selected.then(|| client.export.clone()),
+            base_allocation: hand.base_allocation,
+            allocation_depth: hand.allocation_depth,
+            count: u32::from(hand.base_allocation) + u32::from(hand.allocation_depth),
+        };
+        let slot = self.slot().ok_or(ExportError::ShuttingDown)?;
+        let session = Session {
+            client,
+            mode: hand.mode,
+            contexts,
+            pending: hand.reply,
+        };
+        tokio::spawn(crate::conn::serve_negotiated(
+            self.shared.clone(),
+            slot,
+            session,
+            hand.leftover,
+            r,
+            w,
+        ));
         Ok(())
     }
 
@@ -604,8 +692,12 @@ impl NbdServer {
     /// (and running out with nobody negotiating) are logged and retried after a
     /// pause.
     pub async fn serve_unix_listener(&self, listener: UnixListener) {
-        self.accept_loop(|| listener.accept(), |(stream, _)| stream.into_split())
-            .await;
+        self.accept_loop(
+            || listener.accept(),
+            |(stream, _)| stream.into_split(),
+            join_unix,
+        )
+        .await;
     }
 
     /// Accepts and serves connections from a TCP listener until
@@ -618,16 +710,19 @@ impl NbdServer {
                 let _ = stream.set_nodelay(true);
                 stream.into_split()
             },
+            join_tcp,
         )
         .await;
     }
 
     /// The accept loop of both listener kinds: `accept` yields a connection, `split`
-    /// turns it into the halves a connection task reads and writes.
+    /// turns it into the halves a connection task reads and writes, `join` turns
+    /// them back into a descriptor to hand off.
     async fn accept_loop<C, Fut, R, W>(
         &self,
         mut accept: impl FnMut() -> Fut,
         split: impl Fn(C) -> (R, W),
+        join: fn(R, W) -> Option<OwnedFd>,
     ) where
         Fut: std::future::Future<Output = std::io::Result<C>>,
         R: AsyncRead + Unpin + Send + 'static,
@@ -665,7 +760,7 @@ impl NbdServer {
                 return;
             };
             let (r, w) = split(conn);
-            tokio::spawn(crate::conn::run(self.shared.clone(), slot, r, w));
+            tokio::spawn(run_connection(self.shared.clone(), slot, r, w, join));
         }
     }
 
@@ -675,7 +770,7 @@ impl NbdServer {
             return;
         };
         let (r, w) = stream.into_split();
-        crate::conn::run(self.shared.clone(), slot, r, w).await;
+        run_connection(self.shared.clone(), slot, r, w, join_unix).await;
     }
 
     /// Serves one already-accepted TCP connection; returns when it ends.
@@ -685,7 +780,7 @@ impl NbdServer {
         };
         let _ = stream.set_nodelay(true);
         let (r, w) = stream.into_split();
-        crate::conn::run(self.shared.clone(), slot, r, w).await;
+        run_connection(self.shared.clone(), slot, r, w, join_tcp).await;
     }
 
     /// Serves one connection over any byte stream (for example a TLS session or a
@@ -698,7 +793,8 @@ impl NbdServer {
             return;
         };
         let (r, w) = tokio::io::split(stream);
-        crate::conn::run(self.shared.clone(), slot, r, w).await;
+        // Not a socket: it cannot be handed off, and is dropped if it would be.
+        run_connection(self.shared.clone(), slot, r, w, |_, _| None).await;
     }
 
     /// Stops the listeners, drops every export and connection (like a hard removal
@@ -712,6 +808,49 @@ impl NbdServer {
         let mut conns = self.shared.connections.subscribe();
         let _ = conns.wait_for(|n| *n == 0).await;
     }
+}
+
+/// Runs one connection; on a listener that hands clients off, passes the negotiated
+/// socket to the hook (the connection counts as open until the hook is done, or the
+/// server shuts down).
+async fn run_connection<R, W>(
+    shared: Arc<Shared>,
+    slot: ConnectionSlot,
+    r: R,
+    w: W,
+    join: fn(R, W) -> Option<OwnedFd>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let Some((hand, r, w, slot)) = crate::conn::run(shared.clone(), slot, r, w).await else {
+        return;
+    };
+    let (Some(hook), Some(fd)) = (shared.hand_off.get(), join(r, w)) else {
+        return;
+    };
+    let mut shutdown = shared.shutdown_signal();
+    tokio::select! {
+        _ = signalled(&mut shutdown) => {}
+        _ = hook(hand, fd) => {}
+    }
+    drop(slot);
+}
+
+fn join_unix(
+    r: tokio::net::unix::OwnedReadHalf,
+    w: tokio::net::unix::OwnedWriteHalf,
+) -> Option<OwnedFd> {
+    let stream = r.reunite(w).ok()?.into_std().ok()?;
+    Some(OwnedFd::from(stream))
+}
+
+fn join_tcp(
+    r: tokio::net::tcp::OwnedReadHalf,
+    w: tokio::net::tcp::OwnedWriteHalf,
+) -> Option<OwnedFd> {
+    let stream = r.reunite(w).ok()?.into_std().ok()?;
+    Some(OwnedFd::from(stream))
 }
 
 fn is_out_of_descriptors(e: &std::io::Error) -> bool {

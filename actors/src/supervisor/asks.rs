@@ -17,7 +17,11 @@ use std::time::Instant;
 
 use bulkhead_block::file::FileKind;
 use bulkhead_block::posix;
-use bulkhead_ipc::wire::{Answer, NodeId, WorkerAsk, WorkerError, WorkerErrorKind, WorkerId};
+use bulkhead_ipc::wire::{
+    Answer, NbdHandOff, NodeId, WorkerAsk, WorkerError, WorkerErrorKind, WorkerId,
+};
+
+use super::workers::WorkerCaller;
 
 /// Longest file name a worker may ask about (QEMU's PATH_MAX-sized buffers).
 const MAX_NAME: usize = 4096;
@@ -30,6 +34,10 @@ const PER_SECOND: f64 = 32.0;
 #[derive(Debug, Default)]
 pub struct AskTable {
     nodes: HashMap<NodeId, (WorkerId, Option<PathBuf>)>,
+    /// The NBD listener of `--isolation image`, the only worker that hands off.
+    listener: Option<WorkerId>,
+    /// Each export's own worker, by NBD export name (exports being removed left out).
+    exporters: HashMap<String, WorkerCaller>,
 }
 
 /// The table, shared by `Core` (writer) and the reader tasks (readers), all on the
@@ -40,6 +48,40 @@ impl AskTable {
     /// Replaces the table's contents.
     pub fn set(&mut self, nodes: impl IntoIterator<Item = (NodeId, WorkerId, Option<PathBuf>)>) {
         self.nodes = nodes.into_iter().map(|(n, w, d)| (n, (w, d))).collect();
+    }
+
+    /// Replaces what NBD hand-offs are answered from.
+    pub fn set_exports(
+        &mut self,
+        listener: Option<WorkerId>,
+        exporters: impl IntoIterator<Item = (String, WorkerCaller)>,
+    ) {
+        self.listener = listener;
+        self.exporters = exporters.into_iter().collect();
+    }
+
+    /// Where the listener's negotiated client for `hand.export` goes. `Err(None)`: the
+    /// asker is not the listener (a protocol violation); `Err(Some(_))`: refused.
+    pub fn hand_off_target(
+        &self,
+        asker: WorkerId,
+        hand: &NbdHandOff,
+    ) -> Result<WorkerCaller, Option<WorkerError>> {
+        if self.listener != Some(asker) {
+            return Err(None);
+        }
+        // What one negotiation can produce (NBD_MAX_STRING_SIZE, the final reply,
+        // the listener's 4 KiB negotiation buffer).
+        if hand.export.len() > 4096 || hand.reply.len() > 134 || hand.leftover.len() > 4096 {
+            return Err(None);
+        }
+        self.exporters.get(&hand.export).cloned().ok_or_else(|| {
+            Some(refuse(
+                WorkerErrorKind::NotFound,
+                libc::ENOENT,
+                "no such export",
+            ))
+        })
     }
 
     /// Adds one node (being opened: it may ask before it is in the graph).
@@ -63,6 +105,12 @@ impl AskTable {
                 let fd = open_named(&dir, filename, *writable)?;
                 Ok((Answer::File, vec![fd]))
             }
+            // Carries a descriptor: handled by the reader itself (`workers.rs`).
+            WorkerAsk::NbdHandOff(_) => Err(refuse(
+                WorkerErrorKind::Invalid,
+                libc::EINVAL,
+                "a hand-off carries the client's socket",
+            )),
         }
     }
 
@@ -220,6 +268,38 @@ mod tests {
         assert_eq!(ask(&t, 7, 1, "missing.img"), Err(WorkerErrorKind::Io));
         let _ = std::fs::remove_file(outside);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_the_listener_hands_off_and_only_to_a_known_export() {
+        let hand = |export: &str, leftover: usize| NbdHandOff {
+            export: export.into(),
+            mode: bulkhead_ipc::wire::NbdMode::Structured,
+            base_allocation: false,
+            allocation_depth: false,
+            reply: vec![0; 20],
+            leftover: vec![0; leftover],
+        };
+        let mut t = AskTable::default();
+        // No listener (`--isolation kind`): a hand-off is a protocol violation.
+        assert!(matches!(
+            t.hand_off_target(WorkerId(3), &hand("e", 0)),
+            Err(None)
+        ));
+        t.set_exports(Some(WorkerId(3)), []);
+        assert!(matches!(
+            t.hand_off_target(WorkerId(4), &hand("e", 0)),
+            Err(None)
+        ));
+        assert!(matches!(
+            t.hand_off_target(WorkerId(3), &hand("e", 4097)),
+            Err(None)
+        ));
+        let refused = t.hand_off_target(WorkerId(3), &hand("e", 4096));
+        assert!(
+            matches!(&refused, Err(Some(e)) if e.kind == WorkerErrorKind::NotFound),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -162,12 +162,14 @@ impl Core {
             let copy =
                 bulkhead_ipc::fd::dup(&listener).map_err(|e| QmpError::generic(e.to_string()))?;
             let nbd = self.nbd_instance();
+            let hand_off = self.per_export();
             let w = self.worker(nbd).await?;
             w.call(
                 ToWorker::NbdServerStart {
                     max_connections,
                     handshake_max_seconds: handshake,
                     exports: Vec::new(),
+                    hand_off,
                 },
                 &[copy.as_fd()],
             )
@@ -203,6 +205,7 @@ impl Core {
         if let Some(w) = self.nbd_home.and_then(|id| self.running(id)) {
             let _ = w.call(ToWorker::NbdServerStop, &[]).await;
         }
+        self.stop_export_workers().await;
         let deferred: Vec<String> = self.exports.iter().map(|e| e.id.clone()).collect();
         for id in deferred {
             self.finish_export_removal(&id).await;
@@ -309,9 +312,12 @@ impl Core {
             let _ = self.refresh_locks();
             return Err(e);
         }
-        let added = self
-            .add_export_to_worker(&name, &description, writable, allocation_depth, target)
-            .await;
+        let added = if self.per_export() {
+            self.add_export_workers(&id).await
+        } else {
+            self.add_export_to_worker(&name, &description, writable, allocation_depth, target)
+                .await
+        };
         if let Err(e) = added {
             self.exports.remove(0);
             let _ = self.refresh_locks();
@@ -321,6 +327,35 @@ impl Core {
             n.exported = true;
         }
         Ok(json!({}))
+    }
+
+    /// Under `--isolation image`: the export's own worker first (so a client the
+    /// listener negotiates always has somewhere to go), then the listener's
+    /// metadata-only export.
+    async fn add_export_workers(&mut self, id: &str) -> Result<(), QmpError> {
+        if !self.started {
+            return Ok(());
+        }
+        let result = async {
+            self.start_export_worker(id).await?;
+            let export = self
+                .exports
+                .iter()
+                .find(|e| e.id == id)
+                .and_then(|e| self.metadata_export(e))
+                .ok_or_else(|| QmpError::generic("node vanished"))?;
+            let nbd = self.nbd_instance();
+            let w = self.worker(nbd).await?;
+            w.call(ToWorker::NbdExportAdd(export), &[])
+                .await
+                .map_err(call_error)?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            self.retire_export_worker(id);
+        }
+        result
     }
 
     async fn add_export_to_worker(
@@ -342,6 +377,7 @@ impl Core {
                     writable,
                     allocation_depth,
                     node: target,
+                    metadata_size: None,
                 }),
                 &[],
             )
@@ -431,10 +467,33 @@ impl Core {
             return Ok(());
         }
         let name = self.exports[pos].nbd_name.clone();
-        let reply = match self.nbd_home.and_then(|id| self.running(id)) {
-            Some(w) => w.call(ToWorker::NbdExportRemove { name, hard }, &[]).await,
+        // Under per-export workers the clients live in the export's own worker; the
+        // listener holds only negotiating ones, dropped at once (after the export's
+        // worker agreed, so a refused safe removal leaves the export offered).
+        let serving = if self.per_export() {
+            self.export_homes.get(id).copied()
+        } else {
+            self.nbd_home
+        };
+        let remove = ToWorker::NbdExportRemove {
+            name: name.clone(),
+            hard,
+        };
+        let reply = match serving.and_then(|id| self.running(id)) {
+            Some(w) => w.call(remove, &[]).await,
             None => Ok(Reply::ExportRemoved { deferred: false }),
         };
+        let in_use =
+            matches!(&reply, Err(CallError::Worker(e)) if e.kind == WorkerErrorKind::InUse);
+        if self.per_export()
+            && !in_use
+            && let Some(w) = self.nbd_home.and_then(|id| self.running(id))
+        {
+            let remove = ToWorker::NbdExportRemove { name, hard: true };
+            if let Err(e) = w.call(remove, &[]).await {
+                tracing::debug!(error = %e, "the NBD listener did not offer the export");
+            }
+        }
         match reply {
             Ok(Reply::ExportRemoved { deferred: true }) => {
                 self.exports[pos].shutting_down = true;
@@ -461,6 +520,7 @@ impl Core {
             return;
         };
         let export = self.exports.remove(pos);
+        self.retire_export_worker(&export.id);
         let _ = self.refresh_locks();
         if !self.exports.iter().any(|e| e.node == export.node)
             && let Some(n) = self.graph.get_mut(&export.node)
@@ -474,14 +534,34 @@ impl Core {
     /// Replays the NBD server into a restarted NBD worker: the same listening socket
     /// (clients reconnect to it) and every export that is not being removed; exports
     /// whose removal was waiting for clients are finished, since those clients are gone.
+    /// Under `--isolation image` this is the listener (metadata-only exports; the
+    /// clients live in the exports' own workers, which are started first if they do
+    /// not run yet, e.g. for exports of the command line).
     pub(super) async fn replay_nbd(&mut self) -> Result<(), QmpError> {
         let Some(server) = &self.nbd else {
             return Ok(());
         };
         let listener = bulkhead_ipc::fd::dup(&server.listener)
             .map_err(|e| QmpError::generic(e.to_string()))?;
-        let (max_connections, handshake_max_seconds) =
-            (server.max_connections, server.handshake_max_seconds);
+        if self.per_export() {
+            let missing: Vec<String> = self
+                .exports
+                .iter()
+                .filter(|e| !e.shutting_down && !self.export_homes.contains_key(&e.id))
+                .map(|e| e.id.clone())
+                .collect();
+            for id in missing {
+                self.start_export_worker(&id).await?;
+            }
+            let exports = self
+                .exports
+                .iter()
+                .rev()
+                .filter(|e| !e.shutting_down)
+                .filter_map(|e| self.metadata_export(e))
+                .collect();
+            return self.start_listener(exports, listener).await;
+        }
         let gone: Vec<String> = self
             .exports
             .iter()
@@ -506,18 +586,10 @@ impl Core {
                 writable: e.writable,
                 allocation_depth: e.allocation_depth,
                 node: target,
+                metadata_size: None,
             });
         }
-        let start = ToWorker::NbdServerStart {
-            max_connections,
-            handshake_max_seconds,
-            exports,
-        };
-        let w = self.worker(nbd).await?;
-        w.call(start, &[listener.as_fd()])
-            .await
-            .map_err(call_error)?;
-        Ok(())
+        self.start_listener(exports, listener).await
     }
 
     /// The NBD worker reports the last client of export `nbd_name` gone.

@@ -11,6 +11,7 @@ pub mod asks;
 pub mod blockdev;
 pub mod export;
 pub mod graph;
+mod handoff;
 pub mod placement;
 mod reopen;
 mod restart;
@@ -104,8 +105,11 @@ pub struct Core {
     on_event: Rc<dyn Fn(WorkerId, WorkerEvent, workers::EventTicket)>,
     generated_names: u64,
     nbd: Option<export::NbdServer>,
-    /// The instance serving NBD exports.
+    /// The instance serving NBD exports (under `--isolation image`: the listener,
+    /// which only negotiates).
     nbd_home: Option<WorkerId>,
+    /// Under `--isolation image`: each export's own NBD instance, by export id.
+    export_homes: BTreeMap<String, WorkerId>,
     exports: Vec<export::Export>,
     /// Set once the daemon is exiting: dying workers are not replaced.
     stopping: bool,
@@ -147,6 +151,7 @@ impl Core {
             generated_names: 0,
             nbd: None,
             nbd_home: None,
+            export_homes: BTreeMap::new(),
             exports: Vec::new(),
             stopping: false,
             started: false,
@@ -168,6 +173,17 @@ impl Core {
             (n.id, n.home, dir)
         });
         self.asks.borrow_mut().set(nodes);
+        let listener = self.nbd_home.filter(|_| self.per_export());
+        let exporters: Vec<(String, workers::WorkerCaller)> = self
+            .exports
+            .iter()
+            .filter(|e| !e.shutting_down)
+            .filter_map(|e| {
+                let w = self.running(*self.export_homes.get(&e.id)?)?;
+                Some((e.nbd_name.clone(), w.caller()))
+            })
+            .collect();
+        self.asks.borrow_mut().set_exports(listener, exporters);
     }
 
     /// Runs one command with already validated arguments.
@@ -249,12 +265,30 @@ impl Core {
                 let exports: Vec<&str> = if self.nbd_home == Some(id) {
                     self.exports.iter().map(|e| e.id.as_str()).collect()
                 } else {
-                    Vec::new()
+                    self.export_homes
+                        .iter()
+                        .filter(|(_, w)| **w == id)
+                        .map(|(e, _)| e.as_str())
+                        .collect()
                 };
+                let role = if self.per_export() && self.nbd_home == Some(id) {
+                    "listener"
+                } else {
+                    inst.role()
+                };
+                // The instances it holds data channels to.
+                let mut reaches: Vec<u32> = self
+                    .channels
+                    .iter()
+                    .filter(|(c, _)| *c == id)
+                    .map(|(_, s)| s.0)
+                    .collect();
+                reaches.sort_unstable();
                 json!({
                     "id": id.0,
                     "kind": inst.kind.as_str(),
-                    "role": inst.role(),
+                    "role": role,
+                    "reaches": reaches,
                     "pid": w.pid(),
                     "generation": inst.generation,
                     "restarts": inst.restart_count,
@@ -268,9 +302,20 @@ impl Core {
     }
 
     /// A worker reported something unasked. Only the instance serving NBD exports
-    /// may report an export gone (anything else was refused by the reader already).
+    /// may report an export gone (anything else was refused by the reader already);
+    /// under `--isolation image` that is the export's own instance, never the
+    /// listener (whose clients are only negotiating).
     pub async fn worker_event(&mut self, from: WorkerId, event: WorkerEvent) {
         match event {
+            WorkerEvent::ExportGone { name } if self.per_export() => {
+                let own = self
+                    .exports
+                    .iter()
+                    .any(|e| e.nbd_name == name && self.export_homes.get(&e.id) == Some(&from));
+                if own {
+                    self.export_gone(&name).await
+                }
+            }
             WorkerEvent::ExportGone { name } if self.nbd_home == Some(from) => {
                 self.export_gone(&name).await
             }
@@ -325,7 +370,9 @@ impl Core {
 
     /// Whether instance `id` holds state a replacement must get back.
     fn has_state(&self, id: WorkerId) -> bool {
-        self.graph.iter().any(|n| n.home == id) || (self.nbd_home == Some(id) && self.nbd.is_some())
+        self.graph.iter().any(|n| n.home == id)
+            || (self.nbd_home == Some(id) && self.nbd.is_some())
+            || self.export_homes.values().any(|w| *w == id)
     }
 
     /// A running worker for instance `id`. A process is started on first use; an

@@ -190,6 +190,8 @@ impl Core {
         }
         let result = self.restore_once(id).await;
         self.restoring.remove(&id);
+        // A replaced export worker takes hand-offs again.
+        self.refresh_asks();
         if let Some(inst) = self.instances.get_mut(&id) {
             inst.restart_pending = false;
         }
@@ -269,6 +271,9 @@ impl Core {
         if self.nbd_home == Some(id) {
             self.replay_nbd().await?;
         }
+        if self.export_served_by(id).is_some() {
+            self.replay_export_worker(id).await?;
+        }
         Ok(())
     }
 
@@ -284,10 +289,20 @@ impl Core {
             .map(|c| c.home)
             .filter(|h| *h != id)
             .collect();
-        if self.nbd_home == Some(id) {
+        // The listener of per-export workers reaches no node.
+        if self.nbd_home == Some(id) && !self.per_export() {
             deps.extend(
                 self.exports
                     .iter()
+                    .filter_map(|e| self.graph.get(&e.node))
+                    .map(|n| n.home),
+            );
+        }
+        if let Some(export) = self.export_served_by(id) {
+            deps.extend(
+                self.exports
+                    .iter()
+                    .filter(|e| e.id == export)
                     .filter_map(|e| self.graph.get(&e.node))
                     .map(|n| n.home),
             );
@@ -308,10 +323,11 @@ impl Core {
         }
         self.channels.retain(|(a, b)| *a != id && *b != id);
         let is_nbd = self.nbd_home == Some(id);
+        let own = self.export_served_by(id);
         let doomed: Vec<String> = self
             .exports
             .iter()
-            .filter(|e| is_nbd || self.chain_uses(&e.node, id))
+            .filter(|e| is_nbd || own.as_ref() == Some(&e.id) || self.chain_uses(&e.node, id))
             .map(|e| e.id.clone())
             .collect();
         for export in doomed {

@@ -18,8 +18,8 @@ use std::time::Duration;
 use bulkhead_ipc::control::{ChannelError, ControlChannel};
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{
-    FromWorker, Reply, Request, SupervisorMessage, ToWorker, WorkerError, WorkerEvent, WorkerId,
-    WorkerKind,
+    Answer, FromWorker, Reply, Request, SupervisorMessage, ToWorker, WorkerAsk, WorkerError,
+    WorkerErrorKind, WorkerEvent, WorkerId, WorkerKind,
 };
 use tokio::sync::oneshot;
 
@@ -42,6 +42,10 @@ impl Drop for EventTicket {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// Hand-offs of one NBD listener being passed on at once (the listener itself waits
+/// beyond 64; more means it misbehaves).
+const MAX_HAND_OFFS: usize = 64;
 
 /// How long a worker may take to answer one control request. Control requests do no
 /// bulk I/O; anything slower than this is a hung worker.
@@ -138,6 +142,18 @@ impl Caller {
         if let Some(p) = &self.pidfd {
             let _ = rustix::process::pidfd_send_signal(p, rustix::process::Signal::KILL);
         }
+    }
+}
+
+/// Calls to one worker process, for tasks that outlive a borrow of `Core` (the
+/// reader task passing an NBD client on to its export's worker).
+#[derive(Debug, Clone)]
+pub struct WorkerCaller(Rc<Caller>);
+
+impl WorkerCaller {
+    /// Sends `body` with `fds` and waits for the answer.
+    pub async fn call(&self, body: ToWorker, fds: &[BorrowedFd<'_>]) -> Result<Reply, CallError> {
+        self.0.call(body, fds, CALL_TIMEOUT).await
     }
 }
 
@@ -358,6 +374,11 @@ impl WorkerHandle {
         self.caller.call(body, fds, CALL_TIMEOUT).await
     }
 
+    /// A handle for calls from tasks of their own.
+    pub fn caller(&self) -> WorkerCaller {
+        WorkerCaller(Rc::clone(&self.caller))
+    }
+
     /// Stops a worker that has nothing left to serve (quietly: its end is expected).
     pub fn retire(&self) {
         self.retired.set(true);
@@ -380,15 +401,73 @@ impl WorkerHandle {
 async fn read_replies(
     kind: WorkerKind,
     id: WorkerId,
-    chan: &ControlChannel,
+    chan: &Rc<ControlChannel>,
     pending: &Pending,
     asks: &SharedAskTable,
     on_event: &dyn Fn(WorkerId, WorkerEvent, EventTicket),
 ) -> Option<String> {
     let pending_events = Arc::new(AtomicUsize::new(0));
     let mut rate = AskRate::default();
+    let hand_offs = Rc::new(Cell::new(0usize));
     loop {
         match chan.recv::<FromWorker>().await {
+            Ok((
+                FromWorker::Ask {
+                    id: question,
+                    body: WorkerAsk::NbdHandOff(hand),
+                },
+                fds,
+            )) => {
+                // Only the NBD listener asks this, one socket attached, with few
+                // outstanding (it waits for answers beyond MAX_HAND_OFFS).
+                let Ok([socket]) = <[OwnedFd; 1]>::try_from(fds) else {
+                    return Some("hand-off without exactly one descriptor".into());
+                };
+                if hand_offs.get() >= MAX_HAND_OFFS {
+                    return Some("hand-off flood".into());
+                }
+                let target = asks.borrow().hand_off_target(id, &hand);
+                let target = match target {
+                    Ok(t) => t,
+                    Err(None) => return Some("hand-off from a worker that is no listener".into()),
+                    Err(Some(e)) => {
+                        tracing::debug!(worker = %id, error = %e, "hand-off refused");
+                        let msg = SupervisorMessage::Answer {
+                            id: question,
+                            result: Err(e),
+                        };
+                        if let Err(e) = chan.send(&msg, &[]).await {
+                            return (!e.is_closed()).then(|| e.to_string());
+                        }
+                        continue;
+                    }
+                };
+                // Answered in a task of its own: the export's worker may take a
+                // moment, and the listener's other messages must not wait for it.
+                hand_offs.set(hand_offs.get() + 1);
+                let (chan, count) = (Rc::clone(chan), Rc::clone(&hand_offs));
+                tokio::task::spawn_local(async move {
+                    let adopted = target
+                        .call(ToWorker::NbdAdopt(hand), &[socket.as_fd()])
+                        .await;
+                    drop(socket);
+                    let result = match adopted {
+                        Ok(_) => Ok(Answer::HandedOff),
+                        Err(CallError::Worker(e)) => Err(e),
+                        Err(e) => Err(WorkerError::new(
+                            WorkerErrorKind::Io,
+                            libc::EPIPE,
+                            e.to_string(),
+                        )),
+                    };
+                    count.set(count.get().saturating_sub(1));
+                    let msg = SupervisorMessage::Answer {
+                        id: question,
+                        result,
+                    };
+                    let _ = chan.send(&msg, &[]).await;
+                });
+            }
             Ok((FromWorker::Ask { id: question, body }, fds)) => {
                 if !fds.is_empty() {
                     return Some("question carried descriptors".into());

@@ -236,7 +236,8 @@ impl DriverWorker {
             ToWorker::NbdServerStart { .. }
             | ToWorker::NbdServerStop
             | ToWorker::NbdExportAdd { .. }
-            | ToWorker::NbdExportRemove { .. } => Err(err(
+            | ToWorker::NbdExportRemove { .. }
+            | ToWorker::NbdAdopt(_) => Err(err(
                 WorkerErrorKind::Invalid,
                 libc::EINVAL,
                 "not an export worker",

@@ -65,7 +65,7 @@ impl Hooks {
                             filename: "x".into(),
                             writable: false,
                         };
-                        if let Err(e) = link.ask(q).await
+                        if let Err(e) = link.ask(q, &[]).await
                             && e.errno == libc::EPIPE
                         {
                             break;
@@ -118,7 +118,7 @@ async fn ask_listed(link: &super::link::Link) {
             filename: file.to_string(),
             writable: false,
         };
-        let outcome = match link.ask(q).await {
+        let outcome = match link.ask(q, &[]).await {
             Ok((_, fds)) => match fds.first().map(rustix::fs::fstat) {
                 Some(Ok(st)) if fds.len() == 1 => format!("opened, {} bytes", st.st_size),
                 other => format!("bad answer: {} descriptors, {other:?}", fds.len()),

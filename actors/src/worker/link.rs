@@ -22,7 +22,6 @@ type Waiting = Mutex<HashMap<u64, oneshot::Sender<(Result<Answer, WorkerError>, 
 /// Asking the supervisor, from any task of the worker.
 pub(crate) struct Link {
     chan: Arc<ControlChannel>,
-    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     next: Mutex<u64>,
     waiting: Waiting,
 }
@@ -78,10 +77,13 @@ impl Link {
         }
     }
 
-    /// Asks the supervisor `body` and waits for the answer and its descriptors.
-    /// (Format drivers with backing files will ask; today only the test hooks do.)
-    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
-    pub(crate) async fn ask(&self, body: WorkerAsk) -> Result<(Answer, Vec<OwnedFd>), WorkerError> {
+    /// Asks the supervisor `body`, with `fds` attached (only a hand-off carries one),
+    /// and waits for the answer and its descriptors.
+    pub(crate) async fn ask(
+        &self,
+        body: WorkerAsk,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Answer, Vec<OwnedFd>), WorkerError> {
         let id = {
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
             *next += 1;
@@ -95,7 +97,7 @@ impl Link {
         let gone = || WorkerError::new(WorkerErrorKind::Io, libc::EPIPE, "supervisor gone");
         if self
             .chan
-            .send(&FromWorker::Ask { id, body }, &[])
+            .send(&FromWorker::Ask { id, body }, fds)
             .await
             .is_err()
         {

@@ -113,7 +113,7 @@ async fn serve(
     let (link, mut requests) = link::Link::start(Arc::clone(&chan));
     on_link(Arc::clone(&link));
     let mut state = match kind {
-        WorkerKind::Nbd => State::Nbd(nbd::NbdWorker::new(Arc::clone(&chan))),
+        WorkerKind::Nbd => State::Nbd(nbd::NbdWorker::new(Arc::clone(&chan), Arc::clone(&link))),
         _ => State::Driver(driver::DriverWorker::new(kind, id)),
     };
     // Requests one at a time; the link routes answers to questions meanwhile.

@@ -1,4 +1,12 @@
-//! The NBD export worker: one NBD server for every NBD export.
+//! The NBD export worker: one NBD server, in one of three roles.
+//!
+//! - `--isolation kind`: one worker listens and serves every export.
+//! - `--isolation image`, the listener: negotiates every client against metadata-only
+//!   exports (no data channel at all) and hands each negotiated client to the
+//!   supervisor ([`WorkerAsk::NbdHandOff`], the socket attached), which passes it on.
+//! - `--isolation image`, one export worker per export: no listener; serves the
+//!   clients it adopts ([`ToWorker::NbdAdopt`]) over one data channel, to the
+//!   exported image's worker.
 //!
 //! The listening socket comes from the supervisor (which keeps its own copy, so a
 //! replacement worker serves the same socket). Exported nodes are reached through data
@@ -11,9 +19,18 @@ use std::sync::Arc;
 
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::wire::{
-    FromWorker, NbdExport, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent,
+    FromWorker, NbdExport, NbdHandOff, NbdMode, Reply, ToWorker, WorkerAsk, WorkerError,
+    WorkerErrorKind, WorkerEvent,
 };
 use bulkhead_nbd::server::{ExportConfig, ExportError, NbdServer, RemoveMode, ServerConfig};
+use bulkhead_nbd::{HandOff, HandOffHook, Mode};
+use tokio::sync::Semaphore;
+
+use super::link::Link;
+
+/// Hand-offs the listener has asked about and not had answered yet; further
+/// negotiated clients wait (counted as connections) until one is answered.
+const HAND_OFFS_IN_FLIGHT: usize = 64;
 
 /// Prints a line about an NBD client on stderr the way qsd does (its program name,
 /// then the text), as one write so lines from concurrent connections never mix.
@@ -31,25 +48,32 @@ pub(crate) struct NbdWorker {
     server: Option<Arc<NbdServer>>,
     peers: super::Peers,
     control: Arc<ControlChannel>,
+    link: Arc<Link>,
 }
 
 impl NbdWorker {
-    pub(crate) fn new(control: Arc<ControlChannel>) -> NbdWorker {
+    pub(crate) fn new(control: Arc<ControlChannel>, link: Arc<Link>) -> NbdWorker {
         NbdWorker {
             server: None,
             peers: super::Peers::default(),
             control,
+            link,
         }
     }
 
     async fn add_export(&self, server: &NbdServer, export: NbdExport) -> Result<(), WorkerError> {
-        let backend = self.peers.open(export.node, "exported node").await?;
         let config = ExportConfig {
             name: export.name,
             description: export.description,
             writable: export.writable,
             allocation_depth: export.allocation_depth,
         };
+        if let Some(size) = export.metadata_size {
+            return server
+                .add_metadata_export(config, size)
+                .map_err(export_error);
+        }
+        let backend = self.peers.open(export.node, "exported node").await?;
         server.add_export(config, backend).map_err(export_error)
     }
 
@@ -81,6 +105,7 @@ impl NbdWorker {
                 max_connections,
                 handshake_max_seconds,
                 exports,
+                hand_off,
             } => {
                 if self.server.is_some() {
                     return Err(err(
@@ -89,17 +114,26 @@ impl NbdWorker {
                         "NBD server already running",
                     ));
                 }
-                let listener = single(std::mem::take(&mut fds))?;
+                // No listening socket: an export worker, serving adopted clients only.
+                let listener = match fds.len() {
+                    0 => None,
+                    _ => Some(single(std::mem::take(&mut fds))?),
+                };
                 let config = ServerConfig {
                     max_connections,
                     handshake_max_seconds,
                 };
                 let server = Arc::new(NbdServer::reporting(config, Arc::new(report)));
+                if hand_off {
+                    server.set_hand_off(hand_off_hook(Arc::clone(&self.link)));
+                }
                 // Every export exists before the first client is accepted.
                 for export in exports {
                     self.add_export(&server, export).await?;
                 }
-                spawn_listener(Arc::clone(&server), listener)?;
+                if let Some(listener) = listener {
+                    spawn_listener(Arc::clone(&server), listener)?;
+                }
                 self.server = Some(server);
                 Ok(Reply::Done)
             }
@@ -140,6 +174,12 @@ impl NbdWorker {
                 });
                 Ok(Reply::ExportRemoved { deferred: true })
             }
+            ToWorker::NbdAdopt(hand) => {
+                let server = self.server()?;
+                let socket = single(std::mem::take(&mut fds))?;
+                adopt(server, socket, from_wire(hand))?;
+                Ok(Reply::Done)
+            }
             ToWorker::Ping => Ok(Reply::Done),
             _ => Err(err(
                 WorkerErrorKind::Invalid,
@@ -147,6 +187,83 @@ impl NbdWorker {
                 "not a driver worker",
             )),
         }
+    }
+}
+
+/// The listener's hook: every negotiated client goes to the supervisor with its
+/// socket; whatever the answer, our copy of the socket is closed afterwards (a
+/// refused client sees its connection end and reconnects).
+fn hand_off_hook(link: Arc<Link>) -> HandOffHook {
+    let in_flight = Arc::new(Semaphore::new(HAND_OFFS_IN_FLIGHT));
+    Arc::new(move |hand: HandOff, socket: OwnedFd| {
+        let link = Arc::clone(&link);
+        let in_flight = Arc::clone(&in_flight);
+        Box::pin(async move {
+            let Ok(_permit) = in_flight.acquire().await else {
+                return;
+            };
+            let ask = WorkerAsk::NbdHandOff(to_wire(hand));
+            if let Err(e) = link.ask(ask, &[socket.as_fd()]).await {
+                tracing::debug!(error = %e, "NBD hand-off refused");
+            }
+        })
+    })
+}
+
+/// Serves a client the listener negotiated, on its unix or TCP socket.
+fn adopt(server: &NbdServer, socket: OwnedFd, hand: HandOff) -> Result<(), WorkerError> {
+    let family = rustix::net::getsockname(socket.as_fd())
+        .map(|a| a.address_family())
+        .map_err(|e| err(WorkerErrorKind::Invalid, e.raw_os_error(), "not a socket"))?;
+    let io = |e: std::io::Error| {
+        err(
+            WorkerErrorKind::Io,
+            e.raw_os_error().unwrap_or(0),
+            e.to_string(),
+        )
+    };
+    if family == rustix::net::AddressFamily::UNIX {
+        let std = std::os::unix::net::UnixStream::from(socket);
+        std.set_nonblocking(true).map_err(io)?;
+        let stream = tokio::net::UnixStream::from_std(std).map_err(io)?;
+        server.adopt_unix(stream, hand).map_err(export_error)
+    } else {
+        let std = std::net::TcpStream::from(socket);
+        std.set_nonblocking(true).map_err(io)?;
+        let stream = tokio::net::TcpStream::from_std(std).map_err(io)?;
+        server.adopt_tcp(stream, hand).map_err(export_error)
+    }
+}
+
+fn to_wire(h: HandOff) -> NbdHandOff {
+    NbdHandOff {
+        export: h.export,
+        mode: match h.mode {
+            Mode::ExportName => NbdMode::ExportName,
+            Mode::Simple => NbdMode::Simple,
+            Mode::Structured => NbdMode::Structured,
+            Mode::Extended => NbdMode::Extended,
+        },
+        base_allocation: h.base_allocation,
+        allocation_depth: h.allocation_depth,
+        reply: h.reply,
+        leftover: h.leftover,
+    }
+}
+
+fn from_wire(h: NbdHandOff) -> HandOff {
+    HandOff {
+        export: h.export,
+        mode: match h.mode {
+            NbdMode::ExportName => Mode::ExportName,
+            NbdMode::Simple => Mode::Simple,
+            NbdMode::Structured => Mode::Structured,
+            NbdMode::Extended => Mode::Extended,
+        },
+        base_allocation: h.base_allocation,
+        allocation_depth: h.allocation_depth,
+        reply: h.reply,
+        leftover: h.leftover,
     }
 }
 
