@@ -13,7 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// The events bulkhead emits, as `query-qmp-schema` lists them (each must be defined
 /// in the QAPI schema files).
-pub const EVENTS: &[&str] = &["BLOCK_EXPORT_DELETED"];
+pub const EVENTS: &[&str] = &["BLOCK_EXPORT_DELETED", "BLOCK_WRITE_THRESHOLD"];
 
 /// One queued output item of a session.
 #[derive(Debug)]

@@ -97,6 +97,8 @@ pub struct Node {
     pub exported: bool,
     /// What the worker was told to open, replayed into a restarted worker.
     pub config: bulkhead_block::config::DriverConfig,
+    /// Its statistics region and write threshold (passed again on every replay).
+    pub stats: super::stats::NodeStats,
 }
 
 /// All nodes, in creation order.
@@ -276,7 +278,10 @@ impl Graph {
             "cache".into(),
             json!({"writeback": true, "direct": node.direct, "no-flush": node.no_flush}),
         );
-        m.insert("write_threshold".into(), 0.into());
+        m.insert(
+            "write_threshold".into(),
+            node.stats.write_threshold().into(),
+        );
         Value::Object(m)
     }
 

@@ -12,6 +12,7 @@ pub mod export;
 pub mod graph;
 pub mod placement;
 mod restart;
+pub mod stats;
 pub mod workers;
 
 use std::collections::{BTreeMap, HashSet};
@@ -69,6 +70,8 @@ pub const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "query-blockstats",
+    "block-set-write-threshold",
     "x-bulkhead-query-workers",
 ];
 
@@ -175,6 +178,8 @@ impl Core {
             "block-export-add" => self.block_export_add(&args).await?,
             "block-export-del" => self.block_export_del(&args).await?,
             "query-block-exports" => self.query_block_exports(),
+            "query-blockstats" => self.query_blockstats(&args),
+            "block-set-write-threshold" => self.block_set_write_threshold(&args)?,
             "x-bulkhead-query-workers" => self.query_workers(),
             other => {
                 return Err(QmpError {
@@ -241,6 +246,14 @@ impl Core {
             }
             WorkerEvent::ExportGone { .. } => {
                 tracing::warn!(worker = %from, "export report from a worker that serves no export");
+            }
+            WorkerEvent::WriteThreshold {
+                node,
+                threshold,
+                end,
+            } => {
+                self.write_threshold_crossed(from, node, threshold, end)
+                    .await
             }
         }
     }

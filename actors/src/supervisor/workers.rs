@@ -311,6 +311,9 @@ async fn read_replies(
                     {
                         on_event(id, event)
                     }
+                    // At most one per threshold the monitor set; the supervisor checks
+                    // node, instance and threshold before emitting anything.
+                    WorkerEvent::WriteThreshold { .. } if kind.hosts_nodes() => on_event(id, event),
                     _ => return Some("event not expected from this worker".into()),
                 }
             }

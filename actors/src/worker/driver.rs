@@ -8,13 +8,17 @@
 //! serves.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, RwLock};
 
 use bulkhead_block::BlockIo;
+use bulkhead_block::stats::{Accounting, SinkFuture, ThresholdSink};
+use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::data::{self, ChannelFds, NodeLookup};
+use bulkhead_ipc::stats::StatsRegion;
 use bulkhead_ipc::wire::{
-    NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerId, WorkerKind,
+    FromWorker, NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent,
+    WorkerId, WorkerKind,
 };
 
 /// The nodes this worker serves, shared with its data channel servers.
@@ -53,6 +57,30 @@ pub(crate) struct DriverWorker {
     id: WorkerId,
     nodes: Arc<Nodes>,
     peers: super::Peers,
+    /// The control channel, for events the nodes report (write thresholds).
+    chan: Arc<ControlChannel>,
+}
+
+/// Reports one node's write-threshold crossings to the supervisor. The node awaits the
+/// send, so the event is on the control socket before the write completes.
+struct ThresholdEvents {
+    node: NodeId,
+    chan: Arc<ControlChannel>,
+}
+
+impl ThresholdSink for ThresholdEvents {
+    fn crossed(&self, threshold: u64, end: u64) -> SinkFuture<'_> {
+        Box::pin(async move {
+            let event = WorkerEvent::WriteThreshold {
+                node: self.node,
+                threshold,
+                end,
+            };
+            if let Err(e) = self.chan.send(&FromWorker::Event(event), &[]).await {
+                tracing::warn!(error = %e, "could not report a write threshold crossing");
+            }
+        })
+    }
 }
 
 fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerError {
@@ -86,12 +114,13 @@ pub(crate) fn channel_error(e: data::DataError) -> WorkerError {
 }
 
 impl DriverWorker {
-    pub(crate) fn new(kind: WorkerKind, id: WorkerId) -> DriverWorker {
+    pub(crate) fn new(kind: WorkerKind, id: WorkerId, chan: Arc<ControlChannel>) -> DriverWorker {
         DriverWorker {
             kind,
             id,
             nodes: Arc::new(Nodes::default()),
             peers: super::Peers::default(),
+            chan,
         }
     }
 
@@ -150,17 +179,43 @@ impl DriverWorker {
                     Some(c) => Some(self.child(c).await?),
                     None => None,
                 };
-                let fd = match fds.len() {
-                    0 => None,
-                    _ => Some(one_fd(fds, "AddNode")?),
-                };
-                let opened = bulkhead_block::open(config, fd, child).map_err(|e| {
+                // The statistics region first, then the image (file nodes).
+                let mut fds = fds.into_iter();
+                let region = fds.next().ok_or_else(|| {
+                    err(
+                        WorkerErrorKind::Invalid,
+                        libc::EINVAL,
+                        "AddNode without a statistics region",
+                    )
+                })?;
+                let region = StatsRegion::map(region.as_fd()).map_err(|e| {
                     err(
                         WorkerErrorKind::Invalid,
                         libc::EINVAL,
                         format!("{name}: {e}"),
                     )
                 })?;
+                let rest: Vec<OwnedFd> = fds.collect();
+                let fd = match rest.len() {
+                    0 => None,
+                    _ => Some(one_fd(rest, "AddNode")?),
+                };
+                let accounting = Accounting {
+                    counters: Arc::new(region).into_counters_ref(),
+                    threshold_sink: Some(Arc::new(ThresholdEvents {
+                        node,
+                        chan: Arc::clone(&self.chan),
+                    })),
+                    notifiers: Vec::new(),
+                };
+                let opened =
+                    bulkhead_block::open_with(config, fd, child, accounting).map_err(|e| {
+                        err(
+                            WorkerErrorKind::Invalid,
+                            libc::EINVAL,
+                            format!("{name}: {e}"),
+                        )
+                    })?;
                 tracing::debug!(worker = %self.kind, node = %name, "node opened");
                 self.nodes.insert(node, opened);
                 Ok(Reply::Done)

@@ -106,7 +106,7 @@ async fn serve(
     chan.send(&FromWorker::Ready { sandbox }, &[]).await?;
     let mut state = match kind {
         WorkerKind::Nbd => State::Nbd(nbd::NbdWorker::new(Arc::clone(&chan))),
-        _ => State::Driver(driver::DriverWorker::new(kind, id)),
+        _ => State::Driver(driver::DriverWorker::new(kind, id, Arc::clone(&chan))),
     };
     loop {
         let (req, fds): (Request, _) = match chan.recv().await {
