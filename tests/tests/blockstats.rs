@@ -16,6 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bulkhead_systests::daemon::run_tool;
+use bulkhead_systests::loopdev::LoopDevice;
 use bulkhead_systests::procs::{self, worker_pid};
 use bulkhead_systests::script::HookContext;
 use bulkhead_systests::{
@@ -151,6 +152,83 @@ fn blockstats_and_write_thresholds_match_qsd_with_one_worker_per_image() {
     if let Err(report) = differential_with(&blockstats_script(), &["--isolation", "image"]) {
         panic!("{report}");
     }
+}
+
+/// Nodes added over QMP: a raw node with an inline file child (a generated name, masked
+/// as `#blockNNN`), and, with a loop device, an exported host_device node whose
+/// discards reach the driver. The host_device steps are skipped without a loop device.
+fn added_nodes_script(loop_device: Option<&LoopDevice>) -> Script {
+    let all =
+        r#"{"execute": "query-blockstats", "arguments": {"query-nodes": true}, "id": "nodes"}"#;
+    let mut steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities"}"#).note("negotiate"),
+        Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "raw", "node-name": "inl", "file": {"driver": "file", "filename": "$DIR/disk0.img"}}, "id": 1}"#)
+            .note("raw with an inline file child"),
+        Step::line(r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "$DIR/nbd.sock"}}}, "id": 2}"#)
+            .note("NBD server"),
+        Step::line(r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e0", "node-name": "inl", "writable": true}, "id": 3}"#)
+            .note("export it"),
+        Step::line(r#"{"execute": "block-set-write-threshold", "arguments": {"node-name": "inl", "write-threshold": 65536}, "id": 4}"#)
+            .note("threshold on the QMP-added node"),
+        Step::hook(
+            "writes past the threshold",
+            nbd_io("inl", &["write 61440 8192", "write -z 131072 512"]),
+        ),
+        Step::line(all).note("the generated child name, its highest offset"),
+    ];
+    if loop_device.is_some() {
+        steps.extend([
+            Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "host_device", "node-name": "hd0", "filename": "$LOOP", "discard": "unmap"}, "id": 10}"#)
+                .note("host_device on a loop device"),
+            Step::line(r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e1", "node-name": "hd0", "writable": true}, "id": 11}"#)
+                .note("export it"),
+            Step::hook(
+                "a write and discards on the device",
+                nbd_io("hd0", &["write 0 4096", "discard 0 4096", "discard 65536 65536"]),
+            ),
+            Step::line(all).note("host_device's driver-specific discard counts"),
+            Step::line(r#"{"execute": "block-export-del", "arguments": {"id": "e1"}, "id": 12}"#)
+                .until_event("BLOCK_EXPORT_DELETED")
+                .note("unexport the device"),
+            Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "hd0"}, "id": 13}"#)
+                .note("delete it"),
+        ]);
+    }
+    steps.push(Step::line(all).note("after the deletions"));
+    Script {
+        name: "blockstats-added".into(),
+        monitors: 1,
+        args: Vec::new(),
+        vars: loop_device
+            .map(|d| vec![("LOOP".to_string(), d.path().to_string())])
+            .unwrap_or_default(),
+        setup: Some(make_images),
+        steps,
+    }
+}
+
+fn added_nodes(isolation: &str) {
+    let loop_device = match LoopDevice::attach(8 << 20) {
+        Ok(device) => Some(device),
+        Err(e) => {
+            println!("note: no loop device ({e}); the host_device steps are skipped");
+            None
+        }
+    };
+    let script = added_nodes_script(loop_device.as_ref());
+    if let Err(report) = differential_with(&script, &["--isolation", isolation]) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn blockstats_of_qmp_added_nodes_match_qsd_with_one_worker_per_kind() {
+    added_nodes("kind");
+}
+
+#[test]
+fn blockstats_of_qmp_added_nodes_match_qsd_with_one_worker_per_image() {
+    added_nodes("image");
 }
 
 fn execute(qmp: &mut QmpConnection, command: &str, args: Option<Value>) -> Value {
