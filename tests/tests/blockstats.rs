@@ -127,8 +127,10 @@ fn blockstats_script() -> Script {
             nbd_io("raw0", &["discard 0 1000", "write 0 512"]),
         ),
         Step::line(all).note("file0's discard count and bytes grow; no event"),
-        Step::line(r#"{"execute": "query-named-block-nodes", "id": 13}"#)
-            .note("every threshold 0"),
+        Step::line(r#"{"execute": "block-set-write-threshold", "arguments": {"node-name": "null0", "write-threshold": 18446744073709551615}, "id": 13}"#)
+            .note("the largest uint64"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": 14}"#)
+            .note("crossed and disabled thresholds read 0; null0's prints as an int (-1)"),
     ];
     Script {
         name: "blockstats".into(),

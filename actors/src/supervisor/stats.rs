@@ -221,3 +221,42 @@ impl Core {
         self.emit("BLOCK_WRITE_THRESHOLD", Some(data)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_threshold_shown_is_the_monitors_or_zero_whatever_the_worker_writes() {
+        let mut stats = NodeStats::create().expect("memfd");
+        assert_eq!(stats.write_threshold(), 0);
+        stats.set_threshold(10000);
+        assert_eq!(stats.write_threshold(), 10000);
+        let worker = StatsRegion::map_owned(stats.fd()).expect("map");
+        // A worker writing some other value cannot make it show.
+        worker
+            .counters()
+            .write_threshold
+            .store(12345, Ordering::Relaxed);
+        assert_eq!(stats.write_threshold(), 10000);
+        // Clearing it (a crossing) shows 0.
+        worker
+            .counters()
+            .write_threshold
+            .store(0, Ordering::Relaxed);
+        assert_eq!(stats.write_threshold(), 0);
+        // QEMU prints the uint64 as an int.
+        stats.set_threshold(u64::MAX);
+        assert_eq!(stats.write_threshold(), -1);
+    }
+
+    #[test]
+    fn counters_beyond_int_are_clamped() {
+        assert_eq!(int(u64::MAX), i64::MAX);
+        assert_eq!(int(69632), 69632);
+        let v = device_stats(int(u64::MAX));
+        assert_eq!(v["wr_highest_offset"], i64::MAX);
+        assert_eq!(v["rd_operations"], 0);
+        assert_eq!(v.as_object().map(Map::len), Some(32));
+    }
+}
