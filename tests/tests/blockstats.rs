@@ -233,6 +233,117 @@ fn blockstats_of_qmp_added_nodes_match_qsd_with_one_worker_per_image() {
     added_nodes("image");
 }
 
+/// A 64 KiB tmpfs, so writes to a larger sparse image in it fail with ENOSPC; unmounted
+/// on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    /// Where the scripts find it (one per test process; the one test using it runs its
+    /// placements one after the other).
+    fn path() -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("bulkhead-enospc-{}", std::process::id()))
+    }
+
+    fn mount() -> Result<SmallFs, String> {
+        let path = SmallFs::path();
+        std::fs::create_dir_all(&path).map_err(|e| e.to_string())?;
+        let p = path.to_string_lossy().into_owned();
+        match run_tool("mount", &["-t", "tmpfs", "-o", "size=64k", "tmpfs", &p]) {
+            Ok(_) => Ok(SmallFs(path)),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&path);
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let p = self.0.to_string_lossy().into_owned();
+        let _ = run_tool("umount", &[&p]);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A fresh sparse 1 MiB image in the small tmpfs (the previous daemon's writes filled it).
+fn make_small_image(_dir: &Path) -> std::io::Result<()> {
+    let image = SmallFs::path().join("small.img");
+    let _ = std::fs::remove_file(&image);
+    std::fs::File::create(&image)?.set_len(1 << 20)
+}
+
+/// Writes that fail (ENOSPC): they still cross the threshold and move
+/// `wr_highest_offset` (QEMU updates both whatever the result), and the failed
+/// counters stay 0 on nodes.
+fn failed_writes_script() -> Script {
+    let all =
+        r#"{"execute": "query-blockstats", "arguments": {"query-nodes": true}, "id": "nodes"}"#;
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities"}"#).note("negotiate"),
+        Step::line(r#"{"execute": "block-set-write-threshold", "arguments": {"node-name": "raw0", "write-threshold": 1000}, "id": 1}"#)
+            .note("threshold"),
+        Step::hook("writes that fail with ENOSPC", |ctx| {
+            let uri = ctx.substitute("nbd+unix:///raw0?socket=$DIR/nbd.sock");
+            let out = std::process::Command::new("qemu-io")
+                .args(["-f", "raw", "-c", "write 0 524288", "-c", "write 600000 1000", &uri])
+                .output()
+                .map_err(|e| HarnessError::io("running qemu-io", e))?;
+            // Both writes must have reached the image and failed there.
+            let text = String::from_utf8_lossy(&out.stdout);
+            if text.matches("No space left on device").count() == 2 {
+                Ok(())
+            } else {
+                Err(HarnessError::io(
+                    format!("qemu-io did not fail twice with ENOSPC: {text}"),
+                    std::io::Error::other("unexpected qemu-io output"),
+                ))
+            }
+        }),
+        Step::line(all).note("the failed writes' ends, no failed counts"),
+    ];
+    Script {
+        name: "blockstats-failed".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=file0,filename=$SMALL/small.img",
+            "--blockdev",
+            "driver=raw,node-name=raw0,file=file0",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=exp0,node-name=raw0,writable=on",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+        vars: vec![(
+            "SMALL".to_string(),
+            SmallFs::path().to_string_lossy().into_owned(),
+        )],
+        setup: Some(make_small_image),
+        steps,
+    }
+}
+
+#[test]
+fn failed_writes_count_like_qsd_in_both_placements() {
+    let _fs = match SmallFs::mount() {
+        Ok(fs) => fs,
+        Err(e) => {
+            println!("note: cannot mount a small tmpfs ({e}); skipped");
+            return;
+        }
+    };
+    for isolation in ["kind", "image"] {
+        if let Err(report) = differential_with(&failed_writes_script(), &["--isolation", isolation])
+        {
+            panic!("--isolation {isolation}: {report}");
+        }
+    }
+}
+
 fn execute(qmp: &mut QmpConnection, command: &str, args: Option<Value>) -> Value {
     match qmp.execute(command, args) {
         Ok(reply) => reply,
