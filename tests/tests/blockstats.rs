@@ -82,6 +82,16 @@ fn blockstats_script() -> Script {
             .note("unknown node"),
         Step::line(r#"{"execute": "block-set-write-threshold", "arguments": {"node-name": "raw0"}, "id": 4}"#)
             .note("threshold missing"),
+        Step::line(r#"{"execute": "block-set-write-threshold", "arguments": {"node-name": "raw0", "write-threshold": -1}, "id": "neg"}"#)
+            .note("negative threshold: taken modulo 2^64"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": "negq"}"#)
+            .note("it prints as -1"),
+        Step::line(r#"{"execute": "block-set-write-threshold", "arguments": {"node-name": "raw0", "write-threshold": "10"}, "id": "str"}"#)
+            .note("threshold as a string"),
+        Step::line(r#"{"execute": "block-set-write-threshold", "arguments": {"node-name": "raw0", "write-threshold": 1, "extra": 1}, "id": "extra"}"#)
+            .note("unexpected member"),
+        Step::line(r#"{"execute": "query-blockstats", "arguments": {"query-nodes": "yes"}, "id": "bad"}"#)
+            .note("query-nodes not a bool"),
         Step::line(r#"{"execute": "block-set-write-threshold", "arguments": {"node-name": "raw0", "write-threshold": 10000}, "id": 5}"#)
             .note("exported raw node"),
         Step::line(r#"{"execute": "block-set-write-threshold", "arguments": {"node-name": "file0", "write-threshold": 20000}, "id": 6}"#)

@@ -177,9 +177,11 @@ impl Core {
         args: &Map<String, Value>,
     ) -> Result<Value, QmpError> {
         let name = args.get("node-name").and_then(Value::as_str).unwrap_or("");
-        let value = args
-            .get("write-threshold")
+        // QEMU's uint64 visitor takes a negative number modulo 2^64 (-1 is u64::MAX).
+        let threshold = args.get("write-threshold");
+        let value = threshold
             .and_then(Value::as_u64)
+            .or_else(|| threshold.and_then(Value::as_i64).map(|v| v as u64))
             .unwrap_or(0);
         let node = self
             .graph
