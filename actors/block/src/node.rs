@@ -128,7 +128,9 @@ impl BlockIo for Node {
         Box::pin(async move {
             let len = buf.len() as u64;
             self.check_write(offset, len)?;
-            self.accounting.before_write(offset, len).await;
+            if let Some(report) = self.accounting.before_write(offset, len) {
+                report.await;
+            }
             let fua = flags.fua && !self.options.no_flush;
             let result = if self.options.detect_zeroes != DetectZeroes::Off
                 && self.caps.write_zeroes
@@ -154,7 +156,9 @@ impl BlockIo for Node {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.check_write(offset, len)?;
-            self.accounting.before_write(offset, len).await;
+            if let Some(report) = self.accounting.before_write(offset, len) {
+                report.await;
+            }
             let flags = ZeroFlags {
                 fua: flags.fua && !self.options.no_flush,
                 may_unmap: flags.may_unmap && self.options.discard == Discard::Unmap,
@@ -174,7 +178,9 @@ impl BlockIo for Node {
             if self.options.discard == Discard::Ignore || !self.caps.discard {
                 return Ok(());
             }
-            self.accounting.before_write(offset, len).await;
+            if let Some(report) = self.accounting.before_write(offset, len) {
+                report.await;
+            }
             let result = self.driver.discard(offset, len).await;
             if self.caps.discard_stats {
                 self.accounting.discarded(len, result.is_ok());

@@ -39,7 +39,11 @@ pub const COUNTERS_BYTES: usize = std::mem::size_of::<Counters>();
 impl Counters {
     /// Raises `wr_highest_offset` to `end` if it is below.
     fn wrote_up_to(&self, end: u64) {
-        self.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
+        // A plain load first: most writes do not raise it, and a read-modify-write
+        // would take the cache line exclusively on every request.
+        if end > self.wr_highest_offset.load(Ordering::Relaxed) {
+            self.wr_highest_offset.fetch_max(end, Ordering::Relaxed);
+        }
     }
 
     /// A copy of the current values.
@@ -181,21 +185,21 @@ impl Accounting {
     /// Before a write-type request reaches the driver (QEMU's
     /// `bdrv_co_write_req_prepare`): checks the write threshold. Whoever clears a set
     /// threshold reports it, so two racing requests report it once.
-    pub(crate) async fn before_write(&self, offset: u64, len: u64) {
+    /// Returns the report to await when this request crossed the threshold; `None`
+    /// (the common case) costs one load.
+    pub(crate) fn before_write(&self, offset: u64, len: u64) -> Option<SinkFuture<'_>> {
         let end = offset.saturating_add(len);
         let threshold = self.counters.write_threshold.load(Ordering::Relaxed);
         if threshold == 0 || end <= threshold {
-            return;
+            return None;
         }
-        if self
-            .counters
+        self.counters
             .write_threshold
             .compare_exchange(threshold, 0, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-            && let Some(sink) = &self.threshold_sink
-        {
-            sink.crossed(threshold, end).await;
-        }
+            .ok()?;
+        self.threshold_sink
+            .as_ref()
+            .map(|sink| sink.crossed(threshold, end))
     }
 
     /// After the driver carried out (or failed) a write-type request (QEMU's
