@@ -1,5 +1,5 @@
 //! The results table: one Markdown table per section, medians with their spread and the
-//! bulkhead/qsd ratio, so the same text reads well in a terminal and in
+//! bulkhead/qsd and bulkhead/nbdkit ratios, so the same text reads well in a terminal and in
 //! `design/data-path.md`.
 //!
 //! Runs in the benchmark harness only; pure formatting.
@@ -56,7 +56,16 @@ pub fn format_cell(s: Option<&Summary>) -> String {
 
 /// bulkhead's median over qsd's, or `-` when either is missing or qsd's is zero.
 pub fn format_ratio(row: &Row) -> String {
-    match (&row.bulkhead, &row.qsd) {
+    ratio(row.bulkhead.as_ref(), row.qsd.as_ref())
+}
+
+/// bulkhead's median over nbdkit's, or `-`.
+pub fn format_nbdkit_ratio(row: &Row) -> String {
+    ratio(row.bulkhead.as_ref(), row.nbdkit.as_ref())
+}
+
+fn ratio(ours: Option<&Summary>, theirs: Option<&Summary>) -> String {
+    match (ours, theirs) {
         // Three decimals below 0.1, so a 250x gap does not print as 0.00.
         (Some(b), Some(q)) if q.median != 0.0 => {
             let r = b.median / q.median;
@@ -70,7 +79,14 @@ pub fn format_ratio(row: &Row) -> String {
     }
 }
 
-const HEADER: [&str; 5] = ["metric", "qsd", "bulkhead", "bulkhead/qsd", "nbdkit"];
+const HEADER: [&str; 6] = [
+    "metric",
+    "qsd",
+    "bulkhead",
+    "bulkhead/qsd",
+    "nbdkit",
+    "bulkhead/nbdkit",
+];
 
 /// Renders every section as a heading line and an aligned Markdown table.
 pub fn render(sections: &[Section]) -> String {
@@ -80,7 +96,7 @@ pub fn render(sections: &[Section]) -> String {
             out.push('\n');
         }
         out.push_str(&format!("**{}**\n\n", section.title));
-        let mut cells: Vec<[String; 5]> = vec![HEADER.map(str::to_owned)];
+        let mut cells: Vec<[String; 6]> = vec![HEADER.map(str::to_owned)];
         for row in &section.rows {
             cells.push([
                 row.metric.clone(),
@@ -88,9 +104,10 @@ pub fn render(sections: &[Section]) -> String {
                 format_cell(row.bulkhead.as_ref()),
                 format_ratio(row),
                 format_cell(row.nbdkit.as_ref()),
+                format_nbdkit_ratio(row),
             ]);
         }
-        let mut widths = [0usize; 5];
+        let mut widths = [0usize; 6];
         for line in &cells {
             for (w, c) in widths.iter_mut().zip(line) {
                 *w = (*w).max(c.chars().count());
@@ -188,10 +205,10 @@ mod tests {
         let expected = "\
 **null**
 
-| metric               |                 qsd |           bulkhead | bulkhead/qsd |              nbdkit |
-| -------------------- | ------------------: | -----------------: | -----------: | ------------------: |
-| 4k randread QD1 IOPS | 20000 (19000-21000) | 10000 (9000-11000) |         0.50 | 15000 (14000-16000) |
-| startup ms           |    12.5 (12.0-13.0) |               5.00 |         0.40 |                   - |
+| metric               |                 qsd |           bulkhead | bulkhead/qsd |              nbdkit | bulkhead/nbdkit |
+| -------------------- | ------------------: | -----------------: | -----------: | ------------------: | --------------: |
+| 4k randread QD1 IOPS | 20000 (19000-21000) | 10000 (9000-11000) |         0.50 | 15000 (14000-16000) |            0.67 |
+| startup ms           |    12.5 (12.0-13.0) |               5.00 |         0.40 |                   - |               - |
 ";
         assert_eq!(render(&sections), expected);
     }

@@ -82,6 +82,7 @@ use std::fmt;
 
 use bulkhead_actors::supervisor::Isolation;
 use bulkhead_qmp::keyval::{self, KeyvalError};
+use bulkhead_qmp::qapi::id_wellformed;
 use bulkhead_qmp::qdict;
 use serde_json::Value;
 
@@ -1143,13 +1144,6 @@ fn opt_item(params: &str, pos: usize, firstname: Option<&str>) -> (OptItem, usiz
         end
     };
     (item, next)
-}
-
-/// `id_wellformed`.
-fn id_wellformed(id: &str) -> bool {
-    let mut chars = id.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
 /// `qemu_strtou64(value, NULL, 0, ...)` acceptance: optional blanks and sign, then a

@@ -33,6 +33,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    // The supervisor holds a descriptor per monitor client and per image; its
+    // workers set their own limits in the sandbox.
+    bulkhead_sandbox::raise_nofile_soft_limit();
     startup::main(&args[1..])
 }
 

@@ -110,6 +110,22 @@ pub struct NodeRef {
     pub home: WorkerId,
 }
 
+/// Everything the supervisor sends a worker: a request, or the answer to one of the
+/// worker's questions ([`FromWorker::Ask`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SupervisorMessage {
+    /// Do something and reply.
+    Request(Request),
+    /// The answer to the worker's question `id` (descriptors attached where the
+    /// answer says so).
+    Answer {
+        /// The question's id, chosen by the worker.
+        id: u64,
+        /// The outcome.
+        result: Result<Answer, WorkerError>,
+    },
+}
+
 /// A request from the supervisor to a worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Request {
@@ -167,6 +183,10 @@ pub enum ToWorker {
         /// New size in bytes.
         size: u64,
     },
+    /// Answer at once: the heartbeat. A worker's control loop must never be busy for
+    /// long (long work runs in tasks of its own), so a ping that goes unanswered
+    /// means the worker hangs.
+    Ping,
     /// Report a node's current state.
     QueryNode {
         /// The node.
@@ -231,6 +251,39 @@ pub enum FromWorker {
         /// Its outcome.
         result: Result<Reply, WorkerError>,
     },
+    /// A question for the supervisor (answered with [`SupervisorMessage::Answer`]).
+    /// A worker may ask only about its own nodes, with few questions outstanding and
+    /// at a bounded rate; the supervisor checks every one against its policy.
+    Ask {
+        /// Chosen by the worker, echoed in the answer.
+        id: u64,
+        /// The question.
+        body: WorkerAsk,
+    },
+}
+
+/// What a worker can ask the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerAsk {
+    /// Open a file named inside the image of `node` (a backing file, an external data
+    /// file). Workers never open paths: the supervisor resolves the name (relative to
+    /// the image's directory), applies its policy and answers [`Answer::File`] with the
+    /// descriptor attached.
+    OpenFile {
+        /// The asking worker's node whose image names the file.
+        node: NodeId,
+        /// The name as the image spells it.
+        filename: String,
+        /// Open for writing too.
+        writable: bool,
+    },
+}
+
+/// A successful answer to a [`WorkerAsk`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    /// The file is open; its descriptor is attached.
+    File,
 }
 
 /// Unsolicited news from a worker.

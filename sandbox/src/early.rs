@@ -8,10 +8,14 @@
 use caps::{CapSet, Capability};
 use rustix::process::{Resource, Rlimit};
 
+use bulkhead_ipc::wire::WorkerKind;
+
 use crate::{Report, SandboxError, WORKER_NOFILE, layer};
 
-/// `RLIMIT_CORE` 0 (no core file with image data in it) and a bounded `RLIMIT_NOFILE`.
-pub(crate) fn rlimits(report: &mut Report) -> Result<(), SandboxError> {
+/// `RLIMIT_CORE` 0 (no core file with image data in it) and a bounded `RLIMIT_NOFILE`:
+/// [`WORKER_NOFILE`], except for the NBD worker, which needs one descriptor per client
+/// and so gets the whole hard limit it inherited (soft raised to it), as the supervisor.
+pub(crate) fn rlimits(kind: WorkerKind, report: &mut Report) -> Result<(), SandboxError> {
     let zero = Rlimit {
         current: Some(0),
         maximum: Some(0),
@@ -19,13 +23,49 @@ pub(crate) fn rlimits(report: &mut Report) -> Result<(), SandboxError> {
     rustix::process::setrlimit(Resource::Core, zero).map_err(layer("rlimit-core"))?;
     report.applied("rlimit-core");
 
+    let hard = rustix::process::getrlimit(Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX);
+    let limit = if kind == WorkerKind::Nbd {
+        nofile_ceiling(hard)
+    } else {
+        // Never above what we inherited: raising a hard limit needs CAP_SYS_RESOURCE.
+        WORKER_NOFILE.min(hard)
+    };
     let nofile = Rlimit {
-        current: Some(WORKER_NOFILE),
-        maximum: Some(WORKER_NOFILE),
+        current: Some(limit),
+        maximum: Some(limit),
     };
     rustix::process::setrlimit(Resource::Nofile, nofile).map_err(layer("rlimit-nofile"))?;
     report.applied("rlimit-nofile");
     Ok(())
+}
+
+/// The highest soft `RLIMIT_NOFILE` a hard limit allows: the hard limit itself, or
+/// the kernel's `nr_open` when the hard limit is infinite (setrlimit refuses more).
+fn nofile_ceiling(hard: u64) -> u64 {
+    if hard != u64::MAX {
+        return hard;
+    }
+    std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, for a process that holds one
+/// descriptor per client (the supervisor at start-up). Best effort: on failure the
+/// limit stays as it was and clients beyond it wait in the listen backlog.
+pub fn raise_nofile_soft_limit() {
+    let current = rustix::process::getrlimit(Resource::Nofile);
+    let hard = current.maximum.unwrap_or(u64::MAX);
+    let wanted = Rlimit {
+        current: Some(nofile_ceiling(hard)),
+        maximum: current.maximum,
+    };
+    if let Err(e) = rustix::process::setrlimit(Resource::Nofile, wanted) {
+        tracing::warn!(error = %e, "cannot raise the descriptor limit");
+    }
 }
 
 /// Descriptor 3 is the control socket; anything above it leaked from the parent.

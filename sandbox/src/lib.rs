@@ -27,6 +27,7 @@ pub mod policy;
 
 use bulkhead_ipc::wire::WorkerKind;
 
+pub use early::raise_nofile_soft_limit;
 pub use policy::{apply_seccomp, seccomp_program};
 
 /// Highest number of open descriptors a worker may hold (crosvm uses 4096).
@@ -133,7 +134,7 @@ pub fn apply_early_in(kind: WorkerKind, mode: Mode) -> Result<Vec<String>, Sandb
         report.applied(OFF);
         return Ok(report.0);
     }
-    early::rlimits(&mut report)?;
+    early::rlimits(kind, &mut report)?;
     early::close_inherited(&mut report)?;
     namespaces::enter(&mut report);
     early::drop_caps(&mut report)?;

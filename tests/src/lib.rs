@@ -13,6 +13,7 @@
 //! - [`procs`]: `/proc` reading (children, argv, liveness) and signals.
 //! - [`loopdev`]: a loop device for host_device tests.
 //! - [`writes`]: verifiable write rounds over NBD and their expected image.
+//! - [`nbd`]: a raw NBD client (handshake, READ/WRITE/FLUSH, the errno a server sends).
 //!
 //! The daemon compared with qsd is bulkhead unless `BULKHEAD_DIFF_AGAINST=qsd`; bulkhead is
 //! `BULKHEAD_BIN` or `target/<profile>/bulkhead` next to the test executable's `deps/`.
@@ -21,6 +22,7 @@ pub mod daemon;
 pub mod error;
 pub mod loopdev;
 pub mod mask;
+pub mod nbd;
 pub mod procs;
 pub mod qmp;
 pub mod script;

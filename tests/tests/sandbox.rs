@@ -215,7 +215,13 @@ fn a_forbidden_syscall_kills_the_worker_with_sigsys_and_the_export_serves_again(
 
 #[test]
 fn a_worker_that_breaks_the_control_protocol_is_killed_and_replaced() {
-    for mode in ["garbage", "oversized", "truncated"] {
+    // The NBD worker is the one kind that may send events; flooding them is a violation.
+    for (mode, kind) in [
+        ("garbage", "raw"),
+        ("oversized", "raw"),
+        ("truncated", "raw"),
+        ("event-flood", "nbd"),
+    ] {
         let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: ENV_LOCK keeps other test threads of this binary off the environment.
         unsafe { std::env::set_var("BULKHEAD_TEST_MISBEHAVE", mode) };
@@ -226,12 +232,15 @@ fn a_worker_that_breaks_the_control_protocol_is_killed_and_replaced() {
             Ok(q) => q,
             Err(e) => panic!("{e}\n{}", daemon.stderr()),
         };
-        let victim = worker_pid(daemon.pid(), "raw", None);
+        let victim = worker_pid(daemon.pid(), kind, None);
         if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
             panic!("cannot signal worker {}: {e}", victim);
         }
         wait_for_stderr(&daemon, "killing misbehaving worker");
-        let replacement = worker_pid(daemon.pid(), "raw", Some(victim));
+        if mode == "event-flood" {
+            wait_for_stderr(&daemon, "reason=event flood");
+        }
+        let replacement = worker_pid(daemon.pid(), kind, Some(victim));
         assert_ne!(replacement, victim, "{mode}");
         let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x55 0 64k", "read -P 0x55 0 64k"]);
         assert!(
@@ -244,4 +253,94 @@ fn a_worker_that_breaks_the_control_protocol_is_killed_and_replaced() {
             "{mode}: supervisor unharmed: {version}"
         );
     }
+}
+
+#[test]
+fn a_worker_may_open_files_beside_its_own_images_only_and_not_flood_questions() {
+    let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    // Node ids follow creation order: file0 1, file1 2, raw0 3. The raw worker hosts
+    // raw0 and its child file0; file1 stays in the file worker.
+    // SAFETY: ENV_LOCK keeps other test threads of this binary off the environment.
+    unsafe {
+        std::env::set_var("BULKHEAD_TEST_MISBEHAVE", "ask");
+        std::env::set_var(
+            "BULKHEAD_TEST_ASK",
+            "1:disk2.img;3:./disk2.img;2:disk2.img;1:/etc/passwd;1:../disk2.img;1:nothing.img",
+        );
+    }
+    let daemon = start();
+    // SAFETY: as above.
+    unsafe {
+        std::env::remove_var("BULKHEAD_TEST_MISBEHAVE");
+        std::env::remove_var("BULKHEAD_TEST_ASK");
+    }
+    // The greeting comes once the command line has run: every worker is up.
+    if let Err(e) = daemon.qmp(0) {
+        panic!("{e}\n{}", daemon.stderr());
+    }
+    let victim = worker_pid(daemon.pid(), "raw", None);
+    if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
+        panic!("cannot signal worker {victim}: {e}");
+    }
+    for expected in [
+        "node=1 file=disk2.img: opened, 16777216 bytes",
+        "node=3 file=./disk2.img: opened, 16777216 bytes",
+        "node=2 file=disk2.img: refused: NotFound",
+        "node=1 file=/etc/passwd: refused: Invalid",
+        "node=1 file=../disk2.img: refused: Io",
+        "node=1 file=nothing.img: refused: Io",
+    ] {
+        wait_for_stderr(&daemon, expected);
+    }
+    assert_eq!(
+        worker_pid(daemon.pid(), "raw", None),
+        victim,
+        "questions within the rules keep the worker alive"
+    );
+
+    // SAFETY: as above.
+    unsafe { std::env::set_var("BULKHEAD_TEST_MISBEHAVE", "ask-flood") };
+    let daemon = start();
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("BULKHEAD_TEST_MISBEHAVE") };
+    if let Err(e) = daemon.qmp(0) {
+        panic!("{e}\n{}", daemon.stderr());
+    }
+    let victim = worker_pid(daemon.pid(), "raw", None);
+    if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
+        panic!("cannot signal worker {victim}: {e}");
+    }
+    wait_for_stderr(&daemon, "reason=question flood");
+    let replacement = worker_pid(daemon.pid(), "raw", Some(victim));
+    assert_ne!(replacement, victim);
+    let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x66 0 64k", "read -P 0x66 0 64k"]);
+    assert!(ok, "the export serves through the replacement: {out}");
+}
+
+#[test]
+fn a_hung_worker_misses_its_heartbeat_and_is_replaced() {
+    let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: ENV_LOCK keeps other test threads of this binary off the environment.
+    unsafe {
+        std::env::set_var("BULKHEAD_TEST_MISBEHAVE", "hang");
+        std::env::set_var("BULKHEAD_HEARTBEAT_MS", "200");
+    }
+    let daemon = start();
+    // SAFETY: as above.
+    unsafe {
+        std::env::remove_var("BULKHEAD_TEST_MISBEHAVE");
+        std::env::remove_var("BULKHEAD_HEARTBEAT_MS");
+    }
+    if let Err(e) = daemon.qmp(0) {
+        panic!("{e}\n{}", daemon.stderr());
+    }
+    let victim = worker_pid(daemon.pid(), "raw", None);
+    if let Err(e) = procs::send_signal(victim, libc::SIGUSR2) {
+        panic!("cannot signal worker {victim}: {e}");
+    }
+    wait_for_stderr(&daemon, "killing hung worker (no heartbeat)");
+    let replacement = worker_pid(daemon.pid(), "raw", Some(victim));
+    assert_ne!(replacement, victim);
+    let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x77 0 64k", "read -P 0x77 0 64k"]);
+    assert!(ok, "the export serves through the replacement: {out}");
 }

@@ -3,8 +3,8 @@
 //! Every method takes `&self`: a node serves many requests at once (several NBD
 //! clients, each with many requests in flight), so implementations use interior
 //! mutability where they need it. Buffers are borrowed from the caller so that an
-//! export can hand in the very buffer it received a payload into (and, later, a slot
-//! of a shared-memory pool) without an extra copy.
+//! export can hand in the very buffer it received a payload into (or a slot of a data
+//! channel's shared-memory pool, see `alloc_buffer`) without an extra copy.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,12 +1,12 @@
 //! Block node drivers and the narrow I/O interface every node is reached through.
 //!
-//! Runs inside driver workers (one worker process per driver kind), except
-//! [`posix`] and [`lock`], which the supervisor uses to open and lock image files. The
-//! drivers here never open paths: the supervisor opens image files and passes
-//! descriptors in. Export workers and other drivers reach a node only through
-//! [`BlockIo`], whether the node lives in the same process or behind a data channel to
-//! another worker, so the transport under it can change (socket today, shared-memory
-//! rings later) without touching drivers or exports.
+//! Runs inside driver workers (one per driver kind or per image, see the supervisor's
+//! placement), except [`posix`] and [`lock`], which the supervisor uses to open and lock
+//! image files. The drivers here never open paths: the supervisor opens image files and
+//! passes descriptors in. Export workers and other drivers reach a node only through
+//! [`BlockIo`], whether the node lives in the same process or behind a shared-memory
+//! data channel to another worker, so drivers and exports do not depend on the
+//! transport.
 //!
 //! # Layout
 //! - [`io`]: the [`BlockIo`] trait, its error type and block-status extents.

@@ -19,6 +19,7 @@ use std::io::IoSlice;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_block::posix::strerror;
 use bulkhead_block::{BlockIo, Extent, IoBuffer, IoError, SparseReadError, WriteFlags, ZeroFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -34,6 +35,11 @@ const READ_BUF: usize = 64 * 1024;
 const POOL_MAX_BUF: usize = 4 * 1024 * 1024;
 /// Most iovecs per writev (Linux `IOV_MAX`).
 const IOV_MAX: usize = 1024;
+/// Request buffer memory one connection may hold at once: two requests of the
+/// largest size. QEMU allows 16 requests of 32 MiB per connection (512 MiB); past
+/// this bound a request waits for its share before its payload is read, which
+/// pushes back on the client through the socket.
+pub const CONN_BUFFER_BYTES: usize = 2 * MAX_BUFFER_SIZE as usize;
 
 /// Runs one connection to its end.
 pub(crate) async fn run<R, W>(shared: Arc<Shared>, slot: ConnectionSlot, r: R, mut w: W)
@@ -44,34 +50,99 @@ where
     let _slot = slot;
     let mut r = BufReader::with_capacity(READ_BUF, r);
     let mut shutdown = shared.shutdown_signal();
-    let negotiation = handshake::negotiate(&shared, &mut r, &mut w);
+    // handshake-max-seconds ends the negotiation the way qsd's timer does: qsd shuts
+    // the socket down, so the read it was waiting in sees end-of-file and the usual
+    // report follows (none for a client that never sent its flags).
+    let deadline = shared
+        .handshake_limit()
+        .map(|limit| tokio::time::Instant::now() + limit);
+    let mut limited_r = Deadline::new(&mut r, deadline);
+    let mut limited_w = Deadline::new(&mut w, deadline);
     let session = tokio::select! {
         _ = signalled(&mut shutdown) => return,
-        s = async {
-            match shared.handshake_limit() {
-                Some(limit) => tokio::time::timeout(limit, negotiation)
-                    .await
-                    .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into())),
-                None => negotiation.await,
-            }
-        } => s,
+        s = handshake::negotiate(&shared, &mut limited_r, &mut limited_w) => s,
     };
     match session {
         Ok(session) => transmission(shared, session, r, w).await,
         Err(e) => {
             tracing::debug!("NBD negotiation ended: {e}");
             // What qsd prints for a failed negotiation; a client that said
-            // NBD_OPT_ABORT, or was cut off by handshake-max-seconds, is not reported.
+            // NBD_OPT_ABORT, or left before sending its flags, is not reported.
             let text = match &e {
-                HandshakeError::Aborted => None,
-                HandshakeError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => None,
+                HandshakeError::Aborted | HandshakeError::Probe => None,
                 HandshakeError::Io(io) => Some(io_text(io)),
+                HandshakeError::Read(what, io) => {
+                    Some(format!("Failed to read {what}: {}", io_text(io)))
+                }
                 other => Some(other.to_string()),
             };
             if let Some(text) = text {
                 shared.report(&format!("option negotiation failed: {text}"));
             }
         }
+    }
+}
+
+/// A stream whose reads reach end-of-file, and whose writes fail with EPIPE, once
+/// its deadline has passed (like a socket qsd shut down); no deadline, no limit.
+struct Deadline<'a, T> {
+    inner: &'a mut T,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<'a, T> Deadline<'a, T> {
+    fn new(inner: &'a mut T, at: Option<tokio::time::Instant>) -> Deadline<'a, T> {
+        Deadline {
+            inner,
+            deadline: at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Deadline<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.expired(cx) {
+            // Nothing filled: end-of-file.
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Deadline<'_, T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.expired(cx) {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
@@ -111,6 +182,9 @@ struct Request {
     buf: Buf,
     /// Contexts selected for a BLOCK_STATUS request.
     contexts: Selected,
+    /// The buffer's share of the connection's and the export's memory budgets,
+    /// returned when the request is done.
+    _memory: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 /// A request's data buffer: lent by the backend when it has memory it can use without
@@ -168,6 +242,8 @@ struct Conn<W> {
     running: AtomicUsize,
     /// Set when a reply could not be written; the reader stops.
     dead: watch::Sender<bool>,
+    /// Request buffer memory of this connection ([`CONN_BUFFER_BYTES`]).
+    memory: Arc<Semaphore>,
 }
 
 /// Replies of at most this many bytes are copied into the connection's output buffer
@@ -208,6 +284,7 @@ where
         out: Mutex::new(Out::default()),
         running: AtomicUsize::new(0),
         dead: watch::Sender::new(false),
+        memory: Arc::new(Semaphore::new(CONN_BUFFER_BYTES)),
     });
     let mut stop = Stop {
         export: client.export.closing(),
@@ -427,6 +504,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         }
         // Lengths of READ/WRITE/CACHE and payloads are now at most 32 MiB.
         let mut buf = Buf::default();
+        let mut memory = None;
         if payload_len != 0 && !alloc {
             // A payload on a command that takes none: skip it, then let the flag
             // check below refuse the request.
@@ -434,6 +512,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                 return Received::gone(false);
             }
         } else if alloc {
+            memory = match self.reserve(h.len).await {
+                Some(m) => Some(m),
+                None => return Received::gone(false),
+            };
             buf = self.take_buf(h.len as usize);
             if payload_len != 0
                 && let Err(e) = r.read_exact(&mut buf[..h.len as usize]).await
@@ -455,7 +537,24 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             len,
             buf,
             contexts: selected,
+            _memory: memory,
         })
+    }
+
+    /// Waits for `len` bytes of the connection's, then the export's, buffer budget
+    /// (always in that order, and released together, so waits cannot form a cycle).
+    /// `None` if a semaphore was closed (never, today).
+    async fn reserve(&self, len: u64) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let n = u32::try_from(len.max(1)).ok()?;
+        let conn = self.memory.clone().acquire_many_owned(n).await.ok()?;
+        let export = self
+            .export
+            .memory
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .ok()?;
+        Some((conn, export))
     }
 
     /// qsd's final checks, in its order: read-only, bounds, flags. (qsd computes
@@ -1024,7 +1123,6 @@ fn too_long(len: u64) -> String {
     format!("len ({len}) is larger than max len ({MAX_BUFFER_SIZE})")
 }
 
-/// The C library's text for an errno, without Rust's " (os error N)" suffix.
 /// QEMU's text for a failed socket read or write (`qio_channel_*_all`).
 fn io_text(e: &std::io::Error) -> String {
     match e.kind() {
@@ -1036,14 +1134,6 @@ fn io_text(e: &std::io::Error) -> String {
             "Unable to read from socket: {}",
             strerror(e.raw_os_error().unwrap_or(libc::EIO))
         ),
-    }
-}
-
-fn strerror(errno: i32) -> String {
-    let s = std::io::Error::from_raw_os_error(errno).to_string();
-    match s.rfind(" (os error") {
-        Some(i) => s[..i].to_owned(),
-        None => s,
     }
 }
 

@@ -56,6 +56,13 @@ pub(crate) struct Session {
 pub(crate) enum HandshakeError {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// A named protocol field could not be read (qsd's `nbd_read` with a
+    /// description: "Failed to read opts magic: ...").
+    #[error("Failed to read {0}: {1}")]
+    Read(&'static str, std::io::Error),
+    /// The client left before sending its flags (a port probe); qsd reports nothing.
+    #[error("client left before sending its flags")]
+    Probe,
     #[error("Unknown client flags 0x{0:x} received")]
     UnknownClientFlags(u32),
     #[error("Bad magic received")]
@@ -149,6 +156,14 @@ fn unexpected_length(opt: u32) -> OptErr {
     )
 }
 
+/// Awaits the read of a named field, naming it in the error.
+async fn read_field<T>(
+    read: impl std::future::Future<Output = std::io::Result<T>>,
+    what: &'static str,
+) -> Result<T, HandshakeError> {
+    read.await.map_err(|e| HandshakeError::Read(what, e))
+}
+
 /// Negotiation state of one connection.
 struct Negotiation<'a, R, W> {
     shared: &'a Shared,
@@ -172,9 +187,14 @@ where
     greeting[0..8].copy_from_slice(&NBD_MAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&OPTS_MAGIC.to_be_bytes());
     greeting[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    w.write_all(&greeting).await?;
+    // A client gone before the greeting is a probe as well.
+    w.write_all(&greeting)
+        .await
+        .map_err(|_| HandshakeError::Probe)?;
 
-    let flags = r.read_u32().await?;
+    // Like qsd, a failure to read the very first field is not an error worth
+    // reporting: that is a port probe, not a client.
+    let flags = r.read_u32().await.map_err(|_| HandshakeError::Probe)?;
     let fixed = flags & FLAG_C_FIXED_NEWSTYLE != 0;
     let no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
     let unknown = flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
@@ -194,13 +214,10 @@ where
     };
     let mut payload = Vec::new();
     loop {
-        let mut head = [0u8; 16];
-        n.r.read_exact(&mut head).await?;
-        let magic = u64::from_be_bytes([
-            head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7],
-        ]);
-        let opt = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
-        let len = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
+        // Three reads, so an early end names the field it cut, as qsd does.
+        let magic = read_field(n.r.read_u64(), "opts magic").await?;
+        let opt = read_field(n.r.read_u32(), "option").await?;
+        let len = read_field(n.r.read_u32(), "option length").await?;
         if magic != OPTS_MAGIC {
             return Err(HandshakeError::BadMagic);
         }
@@ -341,7 +358,7 @@ where
             return Err(HandshakeError::BadExportNameLength);
         }
         let mut name = vec![0u8; len as usize];
-        self.r.read_exact(&mut name).await?;
+        read_field(self.r.read_exact(&mut name), "export name").await?;
         let client = self
             .shared
             .attach(&name)

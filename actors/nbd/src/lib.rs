@@ -24,4 +24,6 @@ pub mod server;
 #[cfg(test)]
 mod testing;
 
+pub use conn::CONN_BUFFER_BYTES;
+pub use server::EXPORT_BUFFER_BYTES;
 pub use server::{ExportConfig, ExportError, ExportRemoval, NbdServer, RemoveMode, ServerConfig};

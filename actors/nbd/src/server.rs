@@ -111,7 +111,14 @@ pub(crate) struct Export {
     clients: watch::Sender<usize>,
     /// Set once on hard removal (or server shutdown); attached connections stop.
     closing: watch::Sender<bool>,
+    /// Bytes of request buffers all its connections may hold at once
+    /// ([`EXPORT_BUFFER_BYTES`]): a request waits for its share before its payload is
+    /// read, so many clients cannot make the worker allocate without bound.
+    pub(crate) memory: Arc<Semaphore>,
 }
+
+/// Request buffer memory one export's connections may hold together.
+pub const EXPORT_BUFFER_BYTES: usize = 256 * 1024 * 1024;
 
 impl Export {
     pub(crate) fn read_only(&self) -> bool {
@@ -334,6 +341,7 @@ impl NbdServer {
             backend,
             clients: watch::Sender::new(0),
             closing: watch::Sender::new(false),
+            memory: Arc::new(Semaphore::new(EXPORT_BUFFER_BYTES)),
         });
         let mut table = self.shared.exports();
         if table.iter().any(|e| e.name == export.name) {
@@ -452,6 +460,10 @@ impl NbdServer {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let mut shutdown = self.shared.shutdown_signal();
+        // Accept failures in a row. Out of descriptors (EMFILE), the pending client
+        // stays in the backlog and the listener stays readable: retrying at once
+        // would spin, so we pause, and log once per run of failures.
+        let mut failures: u64 = 0;
         loop {
             let Some(permit) = self.permit().await else {
                 return;
@@ -461,13 +473,23 @@ impl NbdServer {
                 r = accept() => match r {
                     Ok(conn) => conn,
                     Err(e) => {
-                        tracing::warn!("NBD accept failed: {e}");
+                        if failures == 0 {
+                            tracing::warn!("NBD accept failed, retrying every {ACCEPT_RETRY:?}: {e}");
+                        }
+                        failures += 1;
                         drop(permit);
-                        tokio::time::sleep(ACCEPT_RETRY).await;
+                        tokio::select! {
+                            _ = signalled(&mut shutdown) => return,
+                            _ = tokio::time::sleep(ACCEPT_RETRY) => {}
+                        }
                         continue;
                     }
                 },
             };
+            if failures > 0 {
+                tracing::warn!("NBD accept works again after {failures} failed attempts");
+                failures = 0;
+            }
             let slot = self.slot(permit);
             let (r, w) = split(conn);
             tokio::spawn(crate::conn::run(self.shared.clone(), slot, r, w));

@@ -545,3 +545,96 @@ fn random_garbage_in_every_phase_never_takes_the_server_down() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Reads that never finish, counted as they start.
+struct CountingStuck {
+    started: std::sync::atomic::AtomicUsize,
+}
+
+impl BlockIo for CountingStuck {
+    fn size(&self) -> u64 {
+        64 << 20
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read<'a>(&'a self, _: u64, _: &'a mut [u8]) -> IoFuture<'a, ()> {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(std::future::pending())
+    }
+    fn write<'a>(&'a self, _: u64, _: &'a [u8], _: WriteFlags) -> IoFuture<'a, ()> {
+        Box::pin(async { Err(bulkhead_block::IoError::ReadOnly) })
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(bulkhead_block::IoError::ReadOnly) })
+    }
+    fn discard(&self, _: u64, _: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(bulkhead_block::IoError::ReadOnly) })
+    }
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    fn block_status(&self, _: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async move {
+            Ok(vec![Extent {
+                length: len,
+                data: true,
+                zero: false,
+                depth: 1,
+            }])
+        })
+    }
+}
+
+#[test]
+fn a_connection_holds_at_most_its_buffer_budget_in_flight() {
+    let s = Server::start(ServerConfig::default());
+    let backend = Arc::new(CountingStuck {
+        started: std::sync::atomic::AtomicUsize::new(0),
+    });
+    s.server
+        .add_export(
+            ExportConfig {
+                name: "big".to_owned(),
+                description: None,
+                writable: false,
+                allocation_depth: false,
+            },
+            backend.clone(),
+        )
+        .unwrap();
+    let mut r = Raw::go(&s.sock, "big", false, false, &[]);
+    // Sixteen 32 MiB reads fit QEMU's request limit (512 MiB of buffers); the
+    // connection's budget lets only two of them hold a buffer at once.
+    let largest = bulkhead_nbd::proto::MAX_BUFFER_SIZE;
+    for i in 0..16 {
+        r.request(0, 0, i, 0, largest);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no read reached the backend");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Time for more to start, were the budget not enforced (a debug build zero-fills
+    // each 32 MiB buffer slowly, so give it a few seconds).
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline
+        && backend.started.load(std::sync::atomic::Ordering::SeqCst) <= 2
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = backend.started.load(std::sync::atomic::Ordering::SeqCst);
+    // Two requests of the largest size, however the constant is spelled.
+    let budget = 2;
+    assert!(
+        (1..=budget).contains(&started),
+        "{started} reads of 32 MiB in flight; the budget allows {budget}"
+    );
+    let removal = s.server.remove_export("big", RemoveMode::Hard).unwrap();
+    s.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), removal.finished())
+            .await
+            .expect("in-flight requests are aborted");
+    });
+}

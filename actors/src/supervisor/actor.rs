@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use bulkhead_ipc::wire::{WorkerEvent, WorkerId};
 
-use super::workers::WorkerDied;
+use super::workers::{EventTicket, WorkerDied};
 use super::{After, Core, Isolation, QmpError};
 use crate::events::EventSink;
 
@@ -62,8 +62,8 @@ impl Actor for SupervisorActor {
         let me = ctx.address();
         let on_death: Rc<dyn Fn(WorkerDied)> = Rc::new(move |d| me.do_send(d));
         let me = ctx.address();
-        let on_event: Rc<dyn Fn(WorkerId, WorkerEvent)> =
-            Rc::new(move |id, e| me.do_send(FromWorkerEvent(id, e)));
+        let on_event: Rc<dyn Fn(WorkerId, WorkerEvent, EventTicket)> =
+            Rc::new(move |id, e, ticket| me.do_send(FromWorkerEvent(id, e, ticket)));
         self.core = Some(Core::new(
             self.events.clone(),
             self.isolation,
@@ -92,7 +92,7 @@ impl Handler<WorkerDied> for SupervisorActor {
 
 /// An unsolicited worker event, handled between commands.
 #[derive(Debug)]
-pub struct FromWorkerEvent(pub WorkerId, pub WorkerEvent);
+pub struct FromWorkerEvent(pub WorkerId, pub WorkerEvent, pub EventTicket);
 
 impl Message for FromWorkerEvent {
     type Result = ();
@@ -103,7 +103,8 @@ impl Handler<FromWorkerEvent> for SupervisorActor {
 
     fn handle(&mut self, msg: FromWorkerEvent, _: &mut Context<Self>) -> Self::Result {
         self.on_core((), |mut core| async move {
-            core.worker_event(msg.0, msg.1).await;
+            let FromWorkerEvent(from, event, _ticket) = msg;
+            core.worker_event(from, event).await;
             (core, ())
         })
     }

@@ -19,7 +19,8 @@ use serde_json::{Map, Value, json};
 
 use super::graph::{Driver, Node};
 use super::placement::Placement;
-use super::{Core, QmpError, call_error};
+use super::{Core, QmpError, call_error, get_str};
+use bulkhead_qmp::qapi::id_wellformed;
 
 /// QEMU's limit on node names (`BlockDriverState.node_name[32]`).
 const MAX_NODE_NAME: usize = 31;
@@ -65,10 +66,6 @@ struct Spec {
 
 fn get_bool(m: &Map<String, Value>, k: &str) -> Option<bool> {
     m.get(k).and_then(Value::as_bool)
-}
-
-fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    m.get(k).and_then(Value::as_str)
 }
 
 /// A non-negative integer option; QEMU's size parser rejects negatives with this text
@@ -185,13 +182,6 @@ fn parse_spec(v: &Value) -> Result<Spec, QmpError> {
         strong,
         kind,
     })
-}
-
-/// QEMU's `id_wellformed`: a letter, then letters, digits, '-', '.', '_'.
-pub(super) fn well_formed(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
 /// Options a parent passes down to an inline child unless the child sets them.
@@ -315,7 +305,7 @@ impl Core {
 
         let name = match spec.name {
             Some(n) => {
-                if !well_formed(&n) {
+                if !id_wellformed(&n) {
                     return Err(QmpError::generic(format!("Invalid node-name: '{n}'")));
                 }
                 if n.len() > MAX_NODE_NAME {
@@ -404,6 +394,14 @@ impl Core {
         let fixed_window =
             matches!(&config, DriverConfig::Raw(r) if r.offset > 0 || r.size.is_some());
         let saved_config = config;
+        // Its image's directory: its own file, or the file at the bottom of its child.
+        let image_path = filename.clone().or_else(|| {
+            child
+                .as_deref()
+                .and_then(|c| self.graph.chain(c).last().and_then(|b| b.path.clone()))
+        });
+        let dir = image_path.as_deref().map(super::asks::image_dir);
+        self.asks.borrow_mut().insert(id, home, dir);
         let stats = super::stats::NodeStats::create()?;
         let opened = self
             .open_on(

@@ -13,7 +13,8 @@ use bulkhead_ipc::wire::{NbdExport, NodeRef, Reply, ToWorker, WorkerErrorKind};
 use serde_json::{Map, Value, json};
 
 use super::workers::CallError;
-use super::{Core, QmpError, call_error};
+use super::{Core, QmpError, call_error, get_str};
+use bulkhead_qmp::qapi::id_wellformed;
 
 /// NBD's limit on names and descriptions (NBD_MAX_STRING_SIZE).
 const NBD_MAX_STRING: usize = 4096;
@@ -48,23 +49,15 @@ pub struct Export {
     pub allocation_depth: bool,
 }
 
-fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    m.get(k).and_then(Value::as_str)
-}
-
-fn well_formed(id: &str) -> bool {
-    let mut c = id.chars();
-    c.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && c.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
 /// Binds the listening socket `addr` (SocketAddressLegacy or flat SocketAddress).
-fn listen(addr: &Value, backlog: u32) -> Result<OwnedFd, QmpError> {
+/// The backlog is SOMAXCONN whatever max-connections says, as in qsd: clients
+/// beyond the limit wait there, and a small backlog would refuse them instead.
+fn listen(addr: &Value) -> Result<OwnedFd, QmpError> {
     let kind = addr.get("type").and_then(Value::as_str).unwrap_or("");
     // SocketAddressLegacy nests the members under `data`; flat SocketAddress does not.
     let data = addr.get("data").cloned().unwrap_or_else(|| addr.clone());
     let data = data.as_object().cloned().unwrap_or_default();
-    let backlog = if backlog == 0 { 128 } else { backlog.min(4096) } as i32;
+    let backlog = libc::SOMAXCONN;
     match kind {
         "unix" => {
             let path = get_str(&data, "path").unwrap_or("");
@@ -114,7 +107,15 @@ fn listen(addr: &Value, backlog: u32) -> Result<OwnedFd, QmpError> {
                         .unwrap_or_else(|| e.to_string())
                 ))
             })?;
-            Ok(OwnedFd::from(listener))
+            let listener = OwnedFd::from(listener);
+            // std listens with its own backlog; a second listen() only resizes it.
+            rustix::net::listen(&listener, backlog).map_err(|e| {
+                QmpError::generic(format!(
+                    "Failed to listen on socket: {}",
+                    super::strerror(e.raw_os_error())
+                ))
+            })?;
+            Ok(listener)
         }
         other => Err(QmpError::generic(format!(
             "bulkhead does not support NBD server addresses of type '{other}'"
@@ -150,7 +151,7 @@ impl Core {
             .and_then(Value::as_u64)
             .unwrap_or(10) as u32;
         let addr = args.get("addr").cloned().unwrap_or(Value::Null);
-        let listener = listen(&addr, max_connections)?;
+        let listener = listen(&addr)?;
         // During start-up the server only records itself: like qsd, no client is served
         // before the whole command line ran (its `--export`s included).
         if self.started {
@@ -209,7 +210,7 @@ impl Core {
         args: &Map<String, Value>,
     ) -> Result<Value, QmpError> {
         let id = get_str(args, "id").unwrap_or("").to_string();
-        if !well_formed(&id) {
+        if !id_wellformed(&id) {
             return Err(QmpError::generic("Invalid block export id"));
         }
         if self.exports.iter().any(|e| e.id == id) {

@@ -7,6 +7,7 @@
 //! commands. Commands reach `Core` already checked against the QAPI schema.
 
 pub mod actor;
+pub mod asks;
 pub mod blockdev;
 pub mod export;
 pub mod graph;
@@ -96,7 +97,7 @@ pub struct Core {
     channels: HashSet<(WorkerId, WorkerId)>,
     events: EventSink,
     on_death: Rc<dyn Fn(WorkerDied)>,
-    on_event: Rc<dyn Fn(WorkerId, WorkerEvent)>,
+    on_event: Rc<dyn Fn(WorkerId, WorkerEvent, workers::EventTicket)>,
     generated_names: u64,
     nbd: Option<export::NbdServer>,
     /// The instance serving NBD exports.
@@ -110,6 +111,8 @@ pub struct Core {
     /// Instances being restored right now (a restore that needs another instance
     /// restores it first; this stops a cycle should the graph ever have one).
     restoring: HashSet<WorkerId>,
+    /// What workers' questions are answered from (see `asks`).
+    asks: asks::SharedAskTable,
 }
 
 impl std::fmt::Debug for Core {
@@ -125,7 +128,7 @@ impl Core {
     pub fn new(
         events: EventSink,
         isolation: Isolation,
-        on_event: Rc<dyn Fn(WorkerId, WorkerEvent)>,
+        on_event: Rc<dyn Fn(WorkerId, WorkerEvent, workers::EventTicket)>,
         on_death: Rc<dyn Fn(WorkerDied)>,
     ) -> Core {
         Core {
@@ -144,7 +147,23 @@ impl Core {
             stopping: false,
             started: false,
             restoring: HashSet::new(),
+            asks: Rc::default(),
         }
+    }
+
+    /// Brings the table workers' questions are answered from up to date: who hosts
+    /// each node and the directory of the image under it.
+    fn refresh_asks(&self) {
+        let nodes = self.graph.iter().map(|n| {
+            let dir = self
+                .graph
+                .chain(&n.name)
+                .last()
+                .and_then(|b| b.path.as_deref())
+                .map(asks::image_dir);
+            (n.id, n.home, dir)
+        });
+        self.asks.borrow_mut().set(nodes);
     }
 
     /// Runs one command with already validated arguments.
@@ -153,7 +172,17 @@ impl Core {
         command: &str,
         args: Map<String, Value>,
     ) -> Result<(Value, After), QmpError> {
-        let ret = match command {
+        if command == "quit" {
+            self.delete_all_exports().await;
+            return Ok((json!({}), After::Quit));
+        }
+        let ret = self.run(command, args).await;
+        self.refresh_asks();
+        Ok((ret?, After::Continue))
+    }
+
+    async fn run(&mut self, command: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        Ok(match command {
             "query-version" => crate::version::query_version(),
             "query-commands" => {
                 Value::Array(COMMANDS.iter().rev().map(|c| json!({"name": c})).collect())
@@ -161,10 +190,6 @@ impl Core {
             "query-qmp-schema" => bulkhead_qmp::qapi::Schema::get()
                 .introspect(COMMANDS, crate::events::EVENTS)
                 .map_err(|e| QmpError::generic(e.to_string()))?,
-            "quit" => {
-                self.delete_all_exports().await;
-                return Ok((json!({}), After::Quit));
-            }
             "blockdev-add" => self.blockdev_add(Value::Object(args)).await?,
             "blockdev-del" => self.blockdev_del(&args).await?,
             "query-named-block-nodes" => self.graph.query_named_block_nodes(),
@@ -187,8 +212,7 @@ impl Core {
                     desc: format!("The command {other} has not been found"),
                 });
             }
-        };
-        Ok((ret, After::Continue))
+        })
     }
 
     /// The command line has run: start serving NBD clients (the server and every
@@ -356,12 +380,18 @@ impl Core {
         self.channels.retain(|(a, b)| *a != id && *b != id);
         let on_death = Rc::clone(&self.on_death);
         let on_event = Rc::clone(&self.on_event);
-        let handle =
-            WorkerHandle::spawn(kind, id, move |i, e| on_event(i, e), move |d| on_death(d))
-                .await
-                .map_err(|e| {
-                    QmpError::generic(format!("Could not start the {kind} worker: {e}"))
-                })?;
+        // Nodes about to be replayed into this worker may ask already.
+        self.refresh_asks();
+        let asks = Rc::clone(&self.asks);
+        let handle = WorkerHandle::spawn(
+            kind,
+            id,
+            asks,
+            move |i, e, t| on_event(i, e, t),
+            move |d| on_death(d),
+        )
+        .await
+        .map_err(|e| QmpError::generic(format!("Could not start the {kind} worker: {e}")))?;
         if let Some(inst) = self.instances.get_mut(&id) {
             inst.generation += 1;
             inst.handle = Some(handle);
@@ -436,11 +466,9 @@ pub(crate) fn call_error(e: CallError) -> QmpError {
     }
 }
 
-/// The C library's text for an errno, as QEMU prints it (no "(os error N)" suffix).
-pub fn strerror(errno: i32) -> String {
-    let s = std::io::Error::from_raw_os_error(errno).to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
+pub use bulkhead_block::posix::strerror;
+
+/// A string argument of a command (already checked against the schema).
+pub(crate) fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    m.get(k).and_then(Value::as_str)
 }

@@ -60,6 +60,8 @@ pub(super) struct Instance {
     /// The last restore failed because an instance it depends on died meanwhile: the
     /// next restore does not count against this instance's budget.
     pub free_retry: bool,
+    /// A restart is counted against the budget and waits out its backoff.
+    pub restart_pending: bool,
 }
 
 impl Instance {
@@ -72,6 +74,7 @@ impl Instance {
             restart_count: 0,
             given_up: false,
             free_retry: false,
+            restart_pending: false,
         }
     }
 

@@ -4,6 +4,7 @@
 //! Runs in the supervisor, on the actor thread, like a command: nothing else is handled
 //! while an instance is restored. See `design/restart.md`.
 
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bulkhead_ipc::wire::WorkerId;
@@ -30,13 +31,16 @@ fn restart_budget() -> usize {
 
 impl Core {
     /// Called when a worker process ended (it has been reaped). If the instance holds
-    /// state, a replacement is started and the state replayed, within the budget.
+    /// state, a replacement is started and the state replayed, within the budget and
+    /// after the backoff. The backoff does not hold the supervisor: the report is
+    /// sent again once it is over, and commands keep running meanwhile (one that needs
+    /// the instance restores it at once).
     pub async fn worker_died(&mut self, died: &WorkerDied) {
         let current = self
             .instances
             .get(&died.id)
             .and_then(|i| i.handle.as_ref())
-            .is_some_and(|w| w.pid() == died.pid);
+            .is_some_and(|w| w.pid() == died.pid && !w.is_alive());
         if !current {
             // An older process of the instance (already replaced, e.g. restored early
             // because another instance needed it) or a retired instance.
@@ -50,50 +54,50 @@ impl Core {
             self.channels.retain(|(a, b)| *a != id && *b != id);
             return;
         }
-        if let Err(e) = self.restore(id).await {
+        if !died.backed_off {
+            let Some(delay) = self.charge_restart(id).await else {
+                return;
+            };
+            tracing::warn!(worker = %id, kind = %died.kind, status = %died.status, ?delay, "restarting worker");
+            if !delay.is_zero() {
+                let on_death = Rc::clone(&self.on_death);
+                let again = WorkerDied {
+                    backed_off: true,
+                    ..died.clone()
+                };
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(delay).await;
+                    on_death(again);
+                });
+                return;
+            }
+        }
+        if let Err(e) = self.restore_now(id).await {
             tracing::error!(worker = %id, status = %died.status, error = %e.desc, "worker not restored");
         }
     }
 
-    /// Starts a replacement for instance `id` and replays its state: its nodes (same
-    /// ids, same image descriptors; a child in another instance is restored first if
-    /// that one is dead too), the channels others use to reach it (whose pending
-    /// requests are then resubmitted), and for the NBD instance the same listening
-    /// socket and every export. Counts against the instance's restart budget; past it,
-    /// the instance is given up.
-    ///
-    /// If the replacement fails, it is killed: its death comes back here as a new
-    /// death of the instance, so a failed restore is retried within the budget (and
-    /// without using it when an instance it depends on died meanwhile).
-    pub(super) async fn restore(&mut self, id: WorkerId) -> Result<(), QmpError> {
-        if !self.restoring.insert(id) {
-            return Err(QmpError::generic(format!("worker {id} depends on itself")));
-        }
-        let result = self.restore_once(id).await;
-        self.restoring.remove(&id);
-        result
-    }
-
-    async fn restore_once(&mut self, id: WorkerId) -> Result<(), QmpError> {
-        let Some(inst) = self.instances.get_mut(&id) else {
-            return Err(QmpError::generic(format!("worker {id} does not exist")));
-        };
+    /// Counts a restart of `id` against its budget and returns the backoff before it:
+    /// 0, 100, 200, 400, 800 ms for successive recent restarts. Past the budget the
+    /// instance is given up and `None` returned.
+    async fn charge_restart(&mut self, id: WorkerId) -> Option<Duration> {
+        let inst = self.instances.get_mut(&id)?;
         if inst.given_up {
-            return Err(QmpError::generic(format!("worker {id} was given up")));
+            return None;
         }
-        let kind = inst.kind;
+        if inst.restart_pending {
+            return Some(Duration::ZERO);
+        }
         let now = Instant::now();
         inst.recent_restarts
             .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
         let free = std::mem::take(&mut inst.free_retry);
         if !free && inst.recent_restarts.len() >= restart_budget() {
+            let kind = inst.kind;
             tracing::error!(worker = %id, %kind, "restart budget exhausted; giving up on this worker");
             self.give_up(id).await;
-            return Err(QmpError::generic(format!(
-                "The {kind} worker keeps failing and was given up"
-            )));
+            return None;
         }
-        // Back off a little more for each recent restart: 0, 100, 200, 400, 800 ms.
         let delay = match inst.recent_restarts.len() {
             0 => Duration::ZERO,
             n => Duration::from_millis(100 << (n - 1).min(4)),
@@ -102,9 +106,49 @@ impl Core {
             inst.recent_restarts.push_back(now);
         }
         inst.restart_count += 1;
-        tracing::warn!(worker = %id, %kind, ?delay, "restarting worker");
-        tokio::time::sleep(delay).await;
+        inst.restart_pending = true;
+        Some(delay)
+    }
 
+    /// Restores instance `id` now (a command or another restore needs it): the
+    /// restart is counted, the backoff skipped.
+    pub(super) async fn restore(&mut self, id: WorkerId) -> Result<(), QmpError> {
+        if self.charge_restart(id).await.is_none() {
+            let kind = self.instances.get(&id).map(|i| i.kind);
+            return Err(QmpError::generic(match kind {
+                Some(k) => format!("The {k} worker keeps failing and was given up"),
+                None => format!("worker {id} does not exist"),
+            }));
+        }
+        self.restore_now(id).await
+    }
+
+    /// Starts a replacement for instance `id` and replays its state: its nodes (same
+    /// ids, same image descriptors; a child in another instance is restored first if
+    /// that one is dead too), the channels others use to reach it (whose pending
+    /// requests are then resubmitted), and for the NBD instance the same listening
+    /// socket and every export.
+    ///
+    /// If the replacement fails, it is killed: its death comes back to
+    /// [`Core::worker_died`] as a new death of the instance, so a failed restore is
+    /// retried within the budget (and without using it when an instance it depends on
+    /// died meanwhile).
+    async fn restore_now(&mut self, id: WorkerId) -> Result<(), QmpError> {
+        if !self.restoring.insert(id) {
+            return Err(QmpError::generic(format!("worker {id} depends on itself")));
+        }
+        let result = self.restore_once(id).await;
+        self.restoring.remove(&id);
+        if let Some(inst) = self.instances.get_mut(&id) {
+            inst.restart_pending = false;
+        }
+        result
+    }
+
+    async fn restore_once(&mut self, id: WorkerId) -> Result<(), QmpError> {
+        let Some(kind) = self.instances.get(&id).map(|i| i.kind) else {
+            return Err(QmpError::generic(format!("worker {id} does not exist")));
+        };
         // Instances this one reaches (children elsewhere) must be up before it replays.
         let deps = self.dependencies(id);
         // Instances that reach this one and whose channels must be re-made.
@@ -133,7 +177,6 @@ impl Core {
             }
         }
     }
-
     /// Replays instance `id`'s state into its fresh process, children first.
     async fn replay(&mut self, id: WorkerId, clients: &[WorkerId]) -> Result<(), QmpError> {
         // Nodes in creation order: a child is always older than its parents.

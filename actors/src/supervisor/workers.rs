@@ -11,20 +11,52 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::process::Stdio;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bulkhead_ipc::control::{ChannelError, ControlChannel};
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{
-    FromWorker, Reply, Request, ToWorker, WorkerError, WorkerEvent, WorkerId, WorkerKind,
+    FromWorker, Reply, Request, SupervisorMessage, ToWorker, WorkerError, WorkerEvent, WorkerId,
+    WorkerKind,
 };
 use tokio::sync::oneshot;
 
+use super::asks::{AskRate, SharedAskTable};
+
 /// How long a worker may take to say `Ready`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most events from one worker the supervisor has not handled yet. A worker that
+/// sends faster than the supervisor handles is flooding it and is killed, so a peer
+/// cannot grow the supervisor's mailbox without bound.
+pub const MAX_PENDING_EVENTS: usize = 64;
+
+/// One event of a worker in the supervisor's mailbox; dropping it (once the event is
+/// handled) frees its place under [`MAX_PENDING_EVENTS`].
+#[derive(Debug)]
+pub struct EventTicket(Arc<AtomicUsize>);
+
+impl Drop for EventTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// How long a worker may take to answer one control request. Control requests do no
 /// bulk I/O; anything slower than this is a hung worker.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an idle worker is pinged (`BULKHEAD_HEARTBEAT_MS` overrides it, for
+/// tests); a ping unanswered for [`CALL_TIMEOUT`] gets the worker killed as hung, even
+/// when no command is waiting for it.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+fn heartbeat_interval() -> Duration {
+    std::env::var("BULKHEAD_HEARTBEAT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(HEARTBEAT, Duration::from_millis)
+}
 
 /// Why a worker could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -59,16 +91,63 @@ pub enum CallError {
 
 type Pending = Rc<RefCell<HashMap<u64, oneshot::Sender<Result<Reply, WorkerError>>>>>;
 
+/// What sending a request and waiting for its reply needs; shared by the handle and
+/// the heartbeat task.
+#[derive(Debug)]
+struct Caller {
+    kind: WorkerKind,
+    chan: Rc<ControlChannel>,
+    pending: Pending,
+    next_id: Cell<u64>,
+    alive: Rc<Cell<bool>>,
+    pidfd: Option<OwnedFd>,
+}
+
+impl Caller {
+    async fn call(
+        &self,
+        body: ToWorker,
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<Reply, CallError> {
+        if !self.alive.get() {
+            return Err(CallError::Dead(self.kind));
+        }
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        let (tx, rx) = oneshot::channel();
+        self.pending.borrow_mut().insert(id, tx);
+        let msg = SupervisorMessage::Request(Request { id, body });
+        if let Err(e) = self.chan.send(&msg, fds).await {
+            self.pending.borrow_mut().remove(&id);
+            return Err(e.into());
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(e))) => Err(CallError::Worker(e)),
+            Ok(Err(_)) => Err(CallError::Dead(self.kind)),
+            Err(_) => {
+                self.pending.borrow_mut().remove(&id);
+                self.kill();
+                Err(CallError::Timeout(self.kind))
+            }
+        }
+    }
+
+    fn kill(&self) {
+        if let Some(p) = &self.pidfd {
+            let _ = rustix::process::pidfd_send_signal(p, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 /// A running worker.
 #[derive(Debug)]
 pub struct WorkerHandle {
     kind: WorkerKind,
     id: WorkerId,
     pid: u32,
-    pidfd: Option<OwnedFd>,
-    chan: Rc<ControlChannel>,
-    pending: Pending,
-    next_id: Cell<u64>,
+    caller: Rc<Caller>,
     alive: Rc<Cell<bool>>,
     /// Stopped on purpose (nothing left to serve): its end is not news.
     retired: Rc<Cell<bool>>,
@@ -86,6 +165,9 @@ pub struct WorkerDied {
     pub pid: u32,
     /// How it ended, for logs.
     pub status: String,
+    /// The report comes back after the restart backoff (the restart is already
+    /// counted against the budget).
+    pub backed_off: bool,
 }
 
 impl WorkerHandle {
@@ -94,7 +176,8 @@ impl WorkerHandle {
     pub async fn spawn(
         kind: WorkerKind,
         id: WorkerId,
-        on_event: impl Fn(WorkerId, WorkerEvent) + 'static,
+        asks: SharedAskTable,
+        on_event: impl Fn(WorkerId, WorkerEvent, EventTicket) + 'static,
         on_death: impl FnOnce(WorkerDied) + 'static,
     ) -> Result<WorkerHandle, SpawnError> {
         let (ours, theirs) = fd::seqpacket_pair()?;
@@ -157,14 +240,20 @@ impl WorkerHandle {
         let pending: Pending = Rc::new(RefCell::new(HashMap::new()));
         let alive = Rc::new(Cell::new(true));
         let retired = Rc::new(Cell::new(false));
+        let kill_pidfd = pidfd.as_ref().and_then(|f| fd::dup(f).ok());
+        let caller = Rc::new(Caller {
+            kind,
+            chan: Rc::clone(&chan),
+            pending: Rc::clone(&pending),
+            next_id: Cell::new(1),
+            alive: Rc::clone(&alive),
+            pidfd,
+        });
         let handle = WorkerHandle {
             kind,
             id,
             pid,
-            pidfd,
-            chan: Rc::clone(&chan),
-            pending: Rc::clone(&pending),
-            next_id: Cell::new(1),
+            caller: Rc::clone(&caller),
             alive: Rc::clone(&alive),
             retired: Rc::clone(&retired),
             sandbox,
@@ -174,9 +263,8 @@ impl WorkerHandle {
         // Reader: routes replies; any protocol violation kills the worker.
         let reader_alive = Rc::clone(&alive);
         let reader_pending = Rc::clone(&pending);
-        let kill_pidfd = handle.pidfd.as_ref().and_then(|f| fd::dup(f).ok());
         tokio::task::spawn_local(async move {
-            let why = read_replies(kind, id, &chan, &reader_pending, &on_event).await;
+            let why = read_replies(kind, id, &chan, &reader_pending, &asks, &on_event).await;
             if let Some(why) = why {
                 tracing::error!(worker = %kind, pid, reason = %why, "killing misbehaving worker");
                 if let Some(p) = &kill_pidfd {
@@ -186,6 +274,28 @@ impl WorkerHandle {
             reader_alive.set(false);
             for (_, tx) in reader_pending.borrow_mut().drain() {
                 drop(tx);
+            }
+        });
+        // Heartbeat: a worker whose control loop stops answering is killed even when
+        // no command is waiting for it (the restart path then replaces it).
+        let interval = heartbeat_interval();
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if !caller.alive.get() {
+                    return;
+                }
+                match caller
+                    .call(ToWorker::Ping, &[], CALL_TIMEOUT.min(interval * 6))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(CallError::Timeout(_)) => {
+                        tracing::error!(worker = %kind, pid, "killing hung worker (no heartbeat)");
+                        return;
+                    }
+                    Err(_) => return,
+                }
             }
         });
         // Waiter: reaps the process and reports its end.
@@ -206,6 +316,7 @@ impl WorkerHandle {
                 kind,
                 pid,
                 status,
+                backed_off: false,
             });
         });
         Ok(handle)
@@ -238,27 +349,7 @@ impl WorkerHandle {
 
     /// Sends `body` with `fds` and waits for the answer.
     pub async fn call(&self, body: ToWorker, fds: &[BorrowedFd<'_>]) -> Result<Reply, CallError> {
-        if !self.is_alive() {
-            return Err(CallError::Dead(self.kind));
-        }
-        let id = self.next_id.get();
-        self.next_id.set(id + 1);
-        let (tx, rx) = oneshot::channel();
-        self.pending.borrow_mut().insert(id, tx);
-        if let Err(e) = self.chan.send(&Request { id, body }, fds).await {
-            self.pending.borrow_mut().remove(&id);
-            return Err(e.into());
-        }
-        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
-            Ok(Ok(Ok(reply))) => Ok(reply),
-            Ok(Ok(Err(e))) => Err(CallError::Worker(e)),
-            Ok(Err(_)) => Err(CallError::Dead(self.kind)),
-            Err(_) => {
-                self.pending.borrow_mut().remove(&id);
-                self.kill();
-                Err(CallError::Timeout(self.kind))
-            }
-        }
+        self.caller.call(body, fds, CALL_TIMEOUT).await
     }
 
     /// Stops a worker that has nothing left to serve (quietly: its end is expected).
@@ -269,14 +360,12 @@ impl WorkerHandle {
 
     /// Kills the process (it is reaped and reported by the waiter).
     pub fn kill(&self) {
-        if let Some(p) = &self.pidfd {
-            let _ = rustix::process::pidfd_send_signal(p, rustix::process::Signal::KILL);
-        }
+        self.caller.kill();
     }
 
     /// A borrowed pidfd, for callers that want to watch the process themselves.
     pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
-        self.pidfd.as_ref().map(|f| f.as_fd())
+        self.caller.pidfd.as_ref().map(|f| f.as_fd())
     }
 }
 
@@ -287,10 +376,39 @@ async fn read_replies(
     id: WorkerId,
     chan: &ControlChannel,
     pending: &Pending,
-    on_event: &dyn Fn(WorkerId, WorkerEvent),
+    asks: &SharedAskTable,
+    on_event: &dyn Fn(WorkerId, WorkerEvent, EventTicket),
 ) -> Option<String> {
+    let pending_events = Arc::new(AtomicUsize::new(0));
+    let mut rate = AskRate::default();
     loop {
         match chan.recv::<FromWorker>().await {
+            Ok((FromWorker::Ask { id: question, body }, fds)) => {
+                if !fds.is_empty() {
+                    return Some("question carried descriptors".into());
+                }
+                if !rate.take() {
+                    return Some("question flood".into());
+                }
+                // Answered here, not by the actor, which may be waiting for this very
+                // worker (see `asks`).
+                let answer = asks.borrow().answer(id, &body);
+                if let Err(e) = &answer {
+                    tracing::warn!(worker = %id, ?body, error = %e, "question refused");
+                }
+                let (result, fds) = match answer {
+                    Ok((a, fds)) => (Ok(a), fds),
+                    Err(e) => (Err(e), Vec::new()),
+                };
+                let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+                let msg = SupervisorMessage::Answer {
+                    id: question,
+                    result,
+                };
+                if let Err(e) = chan.send(&msg, &borrowed).await {
+                    return (!e.is_closed()).then(|| e.to_string());
+                }
+            }
             Ok((FromWorker::Reply { id, result }, fds)) => {
                 if !fds.is_empty() {
                     return Some("reply carried descriptors".into());
@@ -305,17 +423,21 @@ async fn read_replies(
                 if !fds.is_empty() {
                     return Some("event carried descriptors".into());
                 }
-                match &event {
-                    WorkerEvent::ExportGone { name }
-                        if kind == WorkerKind::Nbd && name.len() <= 4096 =>
-                    {
-                        on_event(id, event)
+                let expected = match &event {
+                    WorkerEvent::ExportGone { name } => {
+                        kind == WorkerKind::Nbd && name.len() <= 4096
                     }
-                    // At most one per threshold the monitor set; the supervisor checks
-                    // node, instance and threshold before emitting anything.
-                    WorkerEvent::WriteThreshold { .. } if kind.hosts_nodes() => on_event(id, event),
-                    _ => return Some("event not expected from this worker".into()),
+                    // The supervisor checks node, instance and threshold before it
+                    // emits anything (at most one per threshold the monitor set).
+                    WorkerEvent::WriteThreshold { .. } => kind.hosts_nodes(),
+                };
+                if !expected {
+                    return Some("event not expected from this worker".into());
                 }
+                if pending_events.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_EVENTS {
+                    return Some("event flood".into());
+                }
+                on_event(id, event, EventTicket(Arc::clone(&pending_events)))
             }
             Err(e) if e.is_closed() => return None,
             Err(e) => return Some(e.to_string()),

@@ -55,6 +55,7 @@ impl Nodes {
 pub(crate) struct DriverWorker {
     kind: WorkerKind,
     id: WorkerId,
+
     nodes: Arc<Nodes>,
     peers: super::Peers,
     /// The control channel, for events the nodes report (write thresholds).
@@ -237,6 +238,7 @@ impl DriverWorker {
                 })?;
                 Ok(Reply::NodeInfo { size: n.size() })
             }
+            ToWorker::Ping => Ok(Reply::Done),
             ToWorker::NbdServerStart { .. }
             | ToWorker::NbdServerStop
             | ToWorker::NbdExportAdd { .. }

@@ -11,6 +11,7 @@
 mod driver;
 #[cfg(feature = "test-hooks")]
 mod hooks;
+mod link;
 mod nbd;
 
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bulkhead_ipc::control::ControlChannel;
-use bulkhead_ipc::wire::{FromWorker, Request, WorkerId, WorkerKind};
+use bulkhead_ipc::wire::{FromWorker, WorkerId, WorkerKind};
 
 /// The descriptor on which a worker finds its control socket.
 pub const CONTROL_FD: i32 = 3;
@@ -91,8 +92,12 @@ fn run(kind: WorkerKind, id: WorkerId) -> Result<(), WorkerExit> {
             .map_err(|e| WorkerExit::Setup(e.to_string()))?;
         let chan = Arc::new(ControlChannel::new(control)?);
         #[cfg(feature = "test-hooks")]
-        hooks.spawn(Arc::clone(&chan));
-        serve(kind, id, chan, sandbox).await
+        let chan_for_hooks = Arc::clone(&chan);
+        #[cfg(feature = "test-hooks")]
+        let on_link = move |link: Arc<link::Link>| hooks.spawn(chan_for_hooks, link);
+        #[cfg(not(feature = "test-hooks"))]
+        let on_link = |_: Arc<link::Link>| {};
+        serve(kind, id, chan, sandbox, on_link).await
     })
 }
 
@@ -101,26 +106,26 @@ async fn serve(
     id: WorkerId,
     chan: Arc<ControlChannel>,
     sandbox: Vec<String>,
+    on_link: impl FnOnce(Arc<link::Link>),
 ) -> Result<(), WorkerExit> {
     tracing::info!(worker = %kind, layers = %sandbox.join(","), "sandbox in place");
     chan.send(&FromWorker::Ready { sandbox }, &[]).await?;
+    let (link, mut requests) = link::Link::start(Arc::clone(&chan));
+    on_link(Arc::clone(&link));
     let mut state = match kind {
         WorkerKind::Nbd => State::Nbd(nbd::NbdWorker::new(Arc::clone(&chan))),
         _ => State::Driver(driver::DriverWorker::new(kind, id, Arc::clone(&chan))),
     };
-    loop {
-        let (req, fds): (Request, _) = match chan.recv().await {
-            Ok(m) => m,
-            Err(e) if e.is_closed() => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
+    // Requests one at a time; the link routes answers to questions meanwhile.
+    while let Some((req, fds)) = requests.recv().await {
         let result = match &mut state {
             State::Driver(d) => d.handle(req.body, fds).await,
             State::Nbd(n) => n.handle(req.body, fds).await,
         };
-        chan.send(&FromWorker::Reply { id: req.id, result }, &[])
+        link.send(&FromWorker::Reply { id: req.id, result }, &[])
             .await?;
     }
+    Ok(())
 }
 
 /// What a worker of each kind keeps.

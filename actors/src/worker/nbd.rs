@@ -140,6 +140,7 @@ impl NbdWorker {
                 });
                 Ok(Reply::ExportRemoved { deferred: true })
             }
+            ToWorker::Ping => Ok(Reply::Done),
             _ => Err(err(
                 WorkerErrorKind::Invalid,
                 libc::EINVAL,

@@ -43,6 +43,14 @@ mod strtox;
 pub mod types;
 mod visit;
 
+/// QEMU's `id_wellformed`: a letter, then letters, digits, '-', '.' and '_'. The rule
+/// for node names, export ids, chardev ids and object ids alike.
+pub fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
 use std::sync::OnceLock;
 
 use serde_json::{Map, Value};
