@@ -13,6 +13,7 @@
 //!   the single-producer/single-consumer rings with their wake-up protocol.
 //! - [`data`]: the data channel through which a worker reaches nodes served by another
 //!   worker; it implements [`bulkhead_block::BlockIo`] on the client side.
+//! - [`stats`]: a node's statistics region (shared memory the supervisor reads).
 #![warn(missing_docs)]
 
 pub mod codec;
@@ -20,4 +21,5 @@ pub mod control;
 pub mod data;
 pub mod fd;
 pub mod ring;
+pub mod stats;
 pub mod wire;

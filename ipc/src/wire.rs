@@ -158,8 +158,9 @@ pub enum ToWorker {
         /// Geometry of the region.
         layout: RingLayout,
     },
-    /// Open a node. A `file`/`host_device` node comes with its image descriptor
-    /// attached; a node with a child names where the child lives.
+    /// Open a node. The first attached descriptor is the node's statistics region
+    /// ([`crate::stats`]); a `file`/`host_device` node's image descriptor follows. A
+    /// node with a child names where the child lives.
     AddNode {
         /// The new node.
         node: NodeId,
@@ -353,6 +354,17 @@ pub enum WorkerEvent {
     ExportGone {
         /// The NBD export name.
         name: String,
+    },
+    /// A write-type request of `node` ending at `end` crossed its write threshold
+    /// `threshold`, which the node has cleared (driver workers; at most one per
+    /// threshold the supervisor set).
+    WriteThreshold {
+        /// The node.
+        node: NodeId,
+        /// The threshold it crossed.
+        threshold: u64,
+        /// End offset of the request.
+        end: u64,
     },
 }
 

@@ -31,4 +31,4 @@ pub mod writes;
 pub use daemon::{Daemon, DaemonKind, TempDir};
 pub use error::HarnessError;
 pub use qmp::QmpConnection;
-pub use script::{Script, Step, differential};
+pub use script::{Script, Step, differential, differential_with};

@@ -552,11 +552,25 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// Plays `script` against a fresh `kind` daemon. Errors only if the daemon cannot be
 /// started; a failure during the session is recorded in [`Transcript::aborted`].
 pub fn run_script(kind: DaemonKind, script: &Script) -> Result<Transcript, HarnessError> {
+    run_script_with(kind, script, &[])
+}
+
+/// [`run_script`], with `bulkhead_args` appended to the command line when `kind` is
+/// bulkhead (its own options, such as `--isolation image`, which qsd does not know).
+pub fn run_script_with(
+    kind: DaemonKind,
+    script: &Script,
+    bulkhead_args: &[&str],
+) -> Result<Transcript, HarnessError> {
     let dir = TempDir::new(&format!("bulkhead-{}", kind.name()))?;
     if let Some(setup) = script.setup {
         setup(dir.path()).map_err(|e| HarnessError::io("running the script setup", e))?;
     }
-    let daemon = Daemon::start_in(kind, dir, script.monitors, &script.args, &script.vars)?;
+    let mut args = script.args.clone();
+    if kind == DaemonKind::Bulkhead {
+        args.extend(bulkhead_args.iter().map(|a| a.to_string()));
+    }
+    let daemon = Daemon::start_in(kind, dir, script.monitors, &args, &script.vars)?;
     let masker = Masker::new().with_literal(daemon.dir().to_string_lossy().as_bytes(), "$DIR");
     let mut session = Session {
         daemon,
@@ -739,6 +753,12 @@ const MAX_REPORTED: usize = 12;
 /// Runs `script` against qsd and against [`DaemonKind::under_test`], and returns a report
 /// of every difference (the first [`MAX_REPORTED`] in full) as the error.
 pub fn differential(script: &Script) -> Result<(), String> {
+    differential_with(script, &[])
+}
+
+/// [`differential`], with `bulkhead_args` added to bulkhead's command line only (see
+/// [`run_script_with`]).
+pub fn differential_with(script: &Script, bulkhead_args: &[&str]) -> Result<(), String> {
     let tested_kind = DaemonKind::under_test().map_err(|e| e.to_string())?;
     let reference = run_script(DaemonKind::Qsd, script)
         .map_err(|e| format!("script {}: cannot run qsd: {e}", script.name))?;
@@ -753,7 +773,7 @@ pub fn differential(script: &Script) -> Result<(), String> {
             reference.render(script)
         ));
     }
-    let tested = run_script(tested_kind, script).map_err(|e| {
+    let tested = run_script_with(tested_kind, script, bulkhead_args).map_err(|e| {
         format!(
             "script {}: cannot run {}: {e}",
             script.name,

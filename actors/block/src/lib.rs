@@ -14,6 +14,8 @@
 //! - [`file`], [`raw`], [`null`]: the drivers; [`node`]: the generic option layer
 //!   (read-only, detect-zeroes, discard, no-flush) around each of them.
 //! - [`slot`]: a node whose implementation `blockdev-reopen` can replace under load.
+//! - [`stats`]: per-node counters, write threshold and write notifiers, which
+//!   [`node::Node`] updates for every request.
 //! - [`threads`]: the start-up I/O threads that run blocking syscalls.
 //! - [`posix`], [`lock`]: supervisor side, opening images and QEMU-compatible locking.
 //! - [`open`]: the single entry point a driver worker calls.
@@ -27,6 +29,7 @@ pub mod null;
 pub mod posix;
 pub mod raw;
 pub mod slot;
+pub mod stats;
 pub mod threads;
 
 use std::os::fd::OwnedFd;
@@ -61,13 +64,23 @@ pub enum OpenError {
     Raw(#[from] raw::RawOpenError),
 }
 
-/// Opens a node in a driver worker: the driver for `config`, on `fd` (file and
-/// host_device) or over `child` (raw), wrapped in the generic option layer
-/// ([`node::Node`]).
+/// Opens a node with counters nobody else reads; see [`open_with`].
 pub fn open(
     config: DriverConfig,
     fd: Option<OwnedFd>,
     child: Option<Arc<dyn BlockIo>>,
+) -> Result<Arc<dyn BlockIo>, OpenError> {
+    open_with(config, fd, child, stats::Accounting::default())
+}
+
+/// Opens a node in a driver worker: the driver for `config`, on `fd` (file and
+/// host_device) or over `child` (raw), wrapped in the generic option layer
+/// ([`node::Node`]) that records into `accounting`.
+pub fn open_with(
+    config: DriverConfig,
+    fd: Option<OwnedFd>,
+    child: Option<Arc<dyn BlockIo>>,
+    accounting: stats::Accounting,
 ) -> Result<Arc<dyn BlockIo>, OpenError> {
     config.validate()?;
     let name = config.driver_name();
@@ -93,9 +106,12 @@ pub fn open(
         }
         _ => return Err(OpenError::Unexpected(name)),
     };
-    Ok(Arc::new(node::Node::new(
-        driver,
-        common,
-        native_write_zeroes,
-    )))
+    // The native drivers (file, host_device, raw) zero and discard; null does neither.
+    // Only file-posix counts its discards.
+    let caps = node::Capabilities {
+        write_zeroes: native_write_zeroes,
+        discard: native_write_zeroes,
+        discard_stats: matches!(name, "file" | "host_device"),
+    };
+    Ok(Arc::new(node::Node::new(driver, common, caps, accounting)))
 }

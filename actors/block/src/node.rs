@@ -8,6 +8,11 @@
 //! loses its permission to unmap), and `cache.no-flush` (flushes, including the flush
 //! half of a FUA write, complete at once). Buffers come from exports and may hold
 //! client data; they are only scanned for zeroes, never interpreted.
+//!
+//! It is also the one place every write, write-zeroes and discard of a node passes,
+//! whoever sent it: [`crate::stats::Accounting`] checks the write threshold before the
+//! driver runs and updates the node's counters and write notifiers after, where QEMU's
+//! `bdrv_co_write_req_prepare`/`_finish` do.
 
 use std::sync::Arc;
 
@@ -16,14 +21,27 @@ use crate::file::check_range;
 use crate::io::{
     BlockIo, Extent, IoError, IoFuture, SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
 };
+use crate::stats::{Accounting, WriteKind};
+
+/// What the driver under a node can do, for the policies that depend on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The driver zeroes without writing (file, host_device, raw). QEMU only turns
+    /// detected zero writes into write-zeroes when it does (null has none).
+    pub write_zeroes: bool,
+    /// The driver discards (QEMU drivers without `bdrv_co_pdiscard`, like null, have
+    /// their discards succeed before the write threshold or bitmaps see them).
+    pub discard: bool,
+    /// The driver counts its discards (file-posix's `discard-nb-ok` and friends).
+    pub discard_stats: bool,
+}
 
 /// A driver together with the generic options of its node.
 pub struct Node {
     driver: Arc<dyn BlockIo>,
     options: CommonOptions,
-    /// Whether the driver has a native write-zeroes. QEMU only turns detected zero
-    /// writes into write-zeroes when it does (null has none).
-    detect_zeroes_applies: bool,
+    caps: Capabilities,
+    accounting: Accounting,
 }
 
 impl std::fmt::Debug for Node {
@@ -35,17 +53,19 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Wraps `driver` with `options`. `native_write_zeroes` says whether the driver
-    /// zeroes without writing (file, host_device, raw), which `detect-zeroes` needs.
+    /// Wraps `driver` (which can do `caps`) with `options`, recording into
+    /// `accounting`.
     pub fn new(
         driver: Arc<dyn BlockIo>,
         options: CommonOptions,
-        native_write_zeroes: bool,
+        caps: Capabilities,
+        accounting: Accounting,
     ) -> Node {
         Node {
             driver,
             options,
-            detect_zeroes_applies: native_write_zeroes,
+            caps,
+            accounting,
         }
     }
 
@@ -108,10 +128,14 @@ impl BlockIo for Node {
 
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            self.check_write(offset, buf.len() as u64)?;
+            let len = buf.len() as u64;
+            self.check_write(offset, len)?;
+            if let Some(report) = self.accounting.before_write(offset, len) {
+                report.await;
+            }
             let fua = flags.fua && !self.options.no_flush;
-            if self.options.detect_zeroes != DetectZeroes::Off
-                && self.detect_zeroes_applies
+            let result = if self.options.detect_zeroes != DetectZeroes::Off
+                && self.caps.write_zeroes
                 && !buf.is_empty()
                 && is_zero(buf)
             {
@@ -122,34 +146,49 @@ impl BlockIo for Node {
                     may_unmap,
                     no_fallback: false,
                 };
-                return self
-                    .driver
-                    .write_zeroes(offset, buf.len() as u64, zero)
-                    .await;
-            }
-            self.driver.write(offset, buf, WriteFlags { fua }).await
+                self.driver.write_zeroes(offset, len, zero).await
+            } else {
+                self.driver.write(offset, buf, WriteFlags { fua }).await
+            };
+            self.accounting.after_write(WriteKind::Write, offset, len);
+            result
         })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.check_write(offset, len)?;
+            if let Some(report) = self.accounting.before_write(offset, len) {
+                report.await;
+            }
             let flags = ZeroFlags {
                 fua: flags.fua && !self.options.no_flush,
                 may_unmap: flags.may_unmap && self.options.discard == Discard::Unmap,
                 no_fallback: flags.no_fallback,
             };
-            self.driver.write_zeroes(offset, len, flags).await
+            let result = self.driver.write_zeroes(offset, len, flags).await;
+            self.accounting
+                .after_write(WriteKind::WriteZeroes, offset, len);
+            result
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             self.check_write(offset, len)?;
-            if self.options.discard == Discard::Ignore {
+            // QEMU returns before the request is tracked: no threshold, no bitmaps.
+            if self.options.discard == Discard::Ignore || !self.caps.discard {
                 return Ok(());
             }
-            self.driver.discard(offset, len).await
+            if let Some(report) = self.accounting.before_write(offset, len) {
+                report.await;
+            }
+            let result = self.driver.discard(offset, len).await;
+            if self.caps.discard_stats {
+                self.accounting.discarded(len, result.is_ok());
+            }
+            self.accounting.after_write(WriteKind::Discard, offset, len);
+            result
         })
     }
 
@@ -259,7 +298,17 @@ mod tests {
 
     fn node(options: CommonOptions) -> (Arc<Recorder>, Node) {
         let recorder = Arc::new(Recorder::default());
-        let node = Node::new(Arc::clone(&recorder) as Arc<dyn BlockIo>, options, true);
+        let caps = Capabilities {
+            write_zeroes: true,
+            discard: true,
+            discard_stats: true,
+        };
+        let node = Node::new(
+            Arc::clone(&recorder) as Arc<dyn BlockIo>,
+            options,
+            caps,
+            Accounting::default(),
+        );
         (recorder, node)
     }
 
@@ -388,6 +437,192 @@ mod tests {
             Err(IoError::OutOfRange)
         );
         assert!(rec.take().is_empty());
+    }
+
+    /// A write notifier that records what it is told (a dirty bitmap's view).
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(WriteKind, u64, u64)>>);
+
+    impl crate::stats::WriteNotifier for Seen {
+        fn written(&self, kind: WriteKind, offset: u64, len: u64) {
+            if let Ok(mut v) = self.0.lock() {
+                v.push((kind, offset, len));
+            }
+        }
+    }
+
+    /// A threshold sink that records crossings.
+    #[derive(Default)]
+    struct Crossings(Mutex<Vec<(u64, u64)>>);
+
+    impl crate::stats::ThresholdSink for Crossings {
+        fn crossed(&self, threshold: u64, end: u64) -> crate::stats::SinkFuture<'_> {
+            if let Ok(mut v) = self.0.lock() {
+                v.push((threshold, end));
+            }
+            Box::pin(async {})
+        }
+    }
+
+    fn watched(
+        options: CommonOptions,
+        caps: Capabilities,
+    ) -> (Arc<Recorder>, Arc<Seen>, Arc<Crossings>, Node) {
+        let recorder = Arc::new(Recorder::default());
+        let seen = Arc::new(Seen::default());
+        let crossings = Arc::new(Crossings::default());
+        let accounting = Accounting {
+            threshold_sink: Some(Arc::clone(&crossings) as Arc<dyn crate::stats::ThresholdSink>),
+            notifiers: vec![Arc::clone(&seen) as Arc<dyn crate::stats::WriteNotifier>],
+            ..Accounting::default()
+        };
+        let node = Node::new(
+            Arc::clone(&recorder) as Arc<dyn BlockIo>,
+            options,
+            caps,
+            accounting,
+        );
+        (recorder, seen, crossings, node)
+    }
+
+    const NATIVE: Capabilities = Capabilities {
+        write_zeroes: true,
+        discard: true,
+        discard_stats: true,
+    };
+
+    #[tokio::test]
+    async fn every_write_zero_write_and_discard_reaches_the_write_notifiers() {
+        let (_rec, seen, _, node) = watched(
+            CommonOptions {
+                discard: Discard::Unmap,
+                detect_zeroes: DetectZeroes::On,
+                ..CommonOptions::default()
+            },
+            NATIVE,
+        );
+        assert_eq!(
+            node.write(0, &[1u8; 512], WriteFlags::default()).await,
+            Ok(())
+        );
+        // detect-zeroes turns this into write-zeroes; it is still a write for bitmaps.
+        assert_eq!(
+            node.write(4096, &[0u8; 512], WriteFlags::default()).await,
+            Ok(())
+        );
+        assert_eq!(
+            node.write_zeroes(8192, 1024, ZeroFlags::default()).await,
+            Ok(())
+        );
+        assert_eq!(node.discard(16384, 4096).await, Ok(()));
+        // Refused before the driver: nothing changed, nothing to record.
+        assert_eq!(
+            node.write((1 << 20) - 1, &[1u8; 2], WriteFlags::default())
+                .await,
+            Err(IoError::OutOfRange)
+        );
+        let mut buf = [0u8; 512];
+        assert_eq!(node.read(0, &mut buf).await, Ok(()));
+        assert_eq!(node.flush().await, Ok(()));
+        let seen = seen.0.lock().map(|v| v.clone()).unwrap_or_default();
+        assert_eq!(
+            seen,
+            vec![
+                (WriteKind::Write, 0, 512),
+                (WriteKind::Write, 4096, 512),
+                (WriteKind::WriteZeroes, 8192, 1024),
+                (WriteKind::Discard, 16384, 4096),
+            ]
+        );
+        let c = node.accounting.counters.snapshot();
+        assert_eq!(
+            c.wr_highest_offset, 9216,
+            "discards do not count, like QEMU"
+        );
+        assert_eq!((c.discard_nb_ok, c.discard_bytes_ok), (1, 4096));
+    }
+
+    #[tokio::test]
+    async fn discards_qemu_drops_before_tracking_reach_no_notifier_or_threshold() {
+        let (rec, seen, crossings, ignore) = watched(CommonOptions::default(), NATIVE);
+        ignore
+            .accounting
+            .counters
+            .write_threshold
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(ignore.discard(0, 4096).await, Ok(()));
+        let (_, seen_null, crossings_null, null) = watched(
+            CommonOptions {
+                discard: Discard::Unmap,
+                ..CommonOptions::default()
+            },
+            Capabilities::default(),
+        );
+        null.accounting
+            .counters
+            .write_threshold
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(null.discard(0, 4096).await, Ok(()));
+        assert!(rec.take().is_empty());
+        for s in [&seen, &seen_null] {
+            assert!(s.0.lock().map(|v| v.is_empty()).unwrap_or(false));
+        }
+        for c in [&crossings, &crossings_null] {
+            assert!(c.0.lock().map(|v| v.is_empty()).unwrap_or(false));
+        }
+        assert_eq!(ignore.accounting.counters.snapshot().discard_nb_ok, 0);
+    }
+
+    #[tokio::test]
+    async fn the_write_threshold_fires_once_before_the_write_and_then_is_zero() {
+        use std::sync::atomic::Ordering;
+        let (rec, _, crossings, node) = watched(
+            CommonOptions {
+                discard: Discard::Unmap,
+                ..CommonOptions::default()
+            },
+            NATIVE,
+        );
+        node.accounting
+            .counters
+            .write_threshold
+            .store(10000, Ordering::Relaxed);
+        // Ending exactly at the threshold does not cross it.
+        assert_eq!(
+            node.write(0, &vec![1u8; 10000], WriteFlags::default())
+                .await,
+            Ok(())
+        );
+        assert_eq!(node.discard(8192, 4096).await, Ok(()));
+        assert_eq!(
+            node.write_zeroes(20000, 100, ZeroFlags::default()).await,
+            Ok(())
+        );
+        assert_eq!(
+            crossings.0.lock().map(|v| v.clone()).unwrap_or_default(),
+            vec![(10000, 12288)]
+        );
+        assert_eq!(
+            node.accounting
+                .counters
+                .write_threshold
+                .load(Ordering::Relaxed),
+            0
+        );
+        // Set again: a write-zeroes crosses it.
+        node.accounting
+            .counters
+            .write_threshold
+            .store(30000, Ordering::Relaxed);
+        assert_eq!(
+            node.write_zeroes(29999, 2, ZeroFlags::default()).await,
+            Ok(())
+        );
+        assert_eq!(
+            crossings.0.lock().map(|v| v.clone()).unwrap_or_default(),
+            vec![(10000, 12288), (30000, 30001)]
+        );
+        assert_eq!(rec.take().len(), 4);
     }
 
     #[test]

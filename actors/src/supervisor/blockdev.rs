@@ -446,8 +446,17 @@ impl Core {
         });
         let dir = image_path.as_deref().map(super::asks::image_dir);
         self.asks.borrow_mut().insert(id, home, dir);
+        let stats = super::stats::NodeStats::create()?;
         let opened = self
-            .open_on(home, id, &name, config, child_ref, worker_fd.as_ref())
+            .open_on(
+                home,
+                id,
+                &name,
+                config,
+                child_ref,
+                stats.fd(),
+                worker_fd.as_ref(),
+            )
             .await;
         let size = match opened {
             Ok(size) => size,
@@ -487,6 +496,7 @@ impl Core {
             fixed_window,
             exported: false,
             config: saved_config,
+            stats,
         });
         created.push(name.clone());
         if fixed_window {
@@ -554,7 +564,9 @@ impl Core {
         result
     }
 
-    /// Opens node `id` on instance `home` and returns its size.
+    /// Opens node `id` on instance `home` with its statistics region `stats` and
+    /// returns its size.
+    #[allow(clippy::too_many_arguments)]
     async fn open_on(
         &mut self,
         home: WorkerId,
@@ -562,10 +574,14 @@ impl Core {
         name: &str,
         config: DriverConfig,
         child: Option<NodeRef>,
+        stats: &std::os::fd::OwnedFd,
         image: Option<&std::os::fd::OwnedFd>,
     ) -> Result<u64, QmpError> {
         let worker = self.worker(home).await?;
-        let fds: Vec<_> = image.iter().map(|f| f.as_fd()).collect();
+        let fds: Vec<_> = std::iter::once(stats)
+            .chain(image)
+            .map(|f| f.as_fd())
+            .collect();
         let body = ToWorker::AddNode {
             node: id,
             name: name.to_string(),
@@ -597,11 +613,13 @@ impl Core {
             Some(f) => Some(fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?),
             None => None,
         };
+        // The same statistics region: counters and threshold carry over.
+        let stats = fd::dup(node.stats.fd()).map_err(|e| QmpError::generic(e.to_string()))?;
         let (id, home, config) = (node.id, node.home, node.config);
         if let Some(c) = child {
             self.connect(home, c.home).await?;
         }
-        self.open_on(home, id, name, config, child, fd.as_ref())
+        self.open_on(home, id, name, config, child, &stats, fd.as_ref())
             .await
             .map(|_| ())
     }

@@ -122,6 +122,8 @@ pub struct Node {
     /// dotted keys (`cache.direct`), a child given by its node-name: what
     /// `blockdev-reopen` compares against (QEMU's `bs->options`).
     pub options: Map<String, Value>,
+    /// Its statistics region and write threshold (passed again on every replay).
+    pub stats: super::stats::NodeStats,
 }
 
 impl Node {
@@ -377,7 +379,10 @@ impl Graph {
             "cache".into(),
             json!({"writeback": true, "direct": node.direct, "no-flush": node.no_flush}),
         );
-        m.insert("write_threshold".into(), 0.into());
+        m.insert(
+            "write_threshold".into(),
+            node.stats.write_threshold().into(),
+        );
         Value::Object(m)
     }
 

@@ -15,6 +15,7 @@ mod handoff;
 pub mod placement;
 mod reopen;
 mod restart;
+pub mod stats;
 pub mod workers;
 
 use std::collections::{BTreeMap, HashSet};
@@ -74,6 +75,8 @@ pub const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "query-blockstats",
+    "block-set-write-threshold",
     "x-bulkhead-query-workers",
     // Served by the QMP front (`front::chardev`), never sent to the core.
     "query-chardev",
@@ -227,6 +230,8 @@ impl Core {
             "block-export-add" => self.block_export_add(&args).await?,
             "block-export-del" => self.block_export_del(&args).await?,
             "query-block-exports" => self.query_block_exports(),
+            "query-blockstats" => self.query_blockstats(&args),
+            "block-set-write-threshold" => self.block_set_write_threshold(&args)?,
             "x-bulkhead-query-workers" => self.query_workers(),
             other => {
                 return Err(QmpError {
@@ -321,6 +326,14 @@ impl Core {
             }
             WorkerEvent::ExportGone { .. } => {
                 tracing::warn!(worker = %from, "export report from a worker that serves no export");
+            }
+            WorkerEvent::WriteThreshold {
+                node,
+                threshold,
+                end,
+            } => {
+                self.write_threshold_crossed(from, node, threshold, end)
+                    .await
             }
         }
     }

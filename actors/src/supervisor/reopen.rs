@@ -359,8 +359,19 @@ impl Core {
         child: Option<bulkhead_ipc::wire::NodeRef>,
         image: Option<OwnedFd>,
     ) -> Result<(), QmpError> {
+        // The node keeps its statistics region (counters and write threshold carry
+        // over a reopen), sent first as with AddNode.
+        let stats = match self.graph.iter().find(|n| n.id == id) {
+            Some(n) => {
+                bulkhead_ipc::fd::dup(n.stats.fd()).map_err(|e| QmpError::generic(e.to_string()))?
+            }
+            None => return Err(QmpError::generic("node vanished")),
+        };
         let worker = self.worker(home).await?;
-        let fds: Vec<_> = image.iter().map(|f| f.as_fd()).collect();
+        let fds: Vec<_> = std::iter::once(&stats)
+            .chain(image.iter())
+            .map(|f| f.as_fd())
+            .collect();
         let body = ToWorker::ReopenNode {
             node: id,
             name: name.to_string(),

@@ -508,17 +508,21 @@ async fn read_replies(
                 if !fds.is_empty() {
                     return Some("event carried descriptors".into());
                 }
-                match &event {
-                    WorkerEvent::ExportGone { name }
-                        if kind == WorkerKind::Nbd && name.len() <= 4096 =>
-                    {
-                        if pending_events.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_EVENTS {
-                            return Some("event flood".into());
-                        }
-                        on_event(id, event, EventTicket(Arc::clone(&pending_events)))
+                let expected = match &event {
+                    WorkerEvent::ExportGone { name } => {
+                        kind == WorkerKind::Nbd && name.len() <= 4096
                     }
-                    _ => return Some("event not expected from this worker".into()),
+                    // The supervisor checks node, instance and threshold before it
+                    // emits anything (at most one per threshold the monitor set).
+                    WorkerEvent::WriteThreshold { .. } => kind.hosts_nodes(),
+                };
+                if !expected {
+                    return Some("event not expected from this worker".into());
                 }
+                if pending_events.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_EVENTS {
+                    return Some("event flood".into());
+                }
+                on_event(id, event, EventTicket(Arc::clone(&pending_events)))
             }
             Err(e) if e.is_closed() => return None,
             Err(e) => return Some(e.to_string()),

@@ -8,14 +8,18 @@
 //! serves.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, RwLock};
 
 use bulkhead_block::BlockIo;
 use bulkhead_block::slot::Slot;
+use bulkhead_block::stats::{Accounting, SinkFuture, ThresholdSink};
+use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::data::{self, ChannelFds, NodeLookup};
+use bulkhead_ipc::stats::StatsRegion;
 use bulkhead_ipc::wire::{
-    NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerId, WorkerKind,
+    FromWorker, NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent,
+    WorkerId, WorkerKind,
 };
 
 /// The nodes this worker serves, shared with its data channel servers. Each sits in a
@@ -64,6 +68,30 @@ pub(crate) struct DriverWorker {
 
     nodes: Arc<Nodes>,
     peers: super::Peers,
+    /// The control channel, for events the nodes report (write thresholds).
+    chan: Arc<ControlChannel>,
+}
+
+/// Reports one node's write-threshold crossings to the supervisor. The node awaits the
+/// send, so the event is on the control socket before the write completes.
+struct ThresholdEvents {
+    node: NodeId,
+    chan: Arc<ControlChannel>,
+}
+
+impl ThresholdSink for ThresholdEvents {
+    fn crossed(&self, threshold: u64, end: u64) -> SinkFuture<'_> {
+        Box::pin(async move {
+            let event = WorkerEvent::WriteThreshold {
+                node: self.node,
+                threshold,
+                end,
+            };
+            if let Err(e) = self.chan.send(&FromWorker::Event(event), &[]).await {
+                tracing::warn!(error = %e, "could not report a write threshold crossing");
+            }
+        })
+    }
 }
 
 fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerError {
@@ -97,12 +125,13 @@ pub(crate) fn channel_error(e: data::DataError) -> WorkerError {
 }
 
 impl DriverWorker {
-    pub(crate) fn new(kind: WorkerKind, id: WorkerId) -> DriverWorker {
+    pub(crate) fn new(kind: WorkerKind, id: WorkerId, chan: Arc<ControlChannel>) -> DriverWorker {
         DriverWorker {
             kind,
             id,
             nodes: Arc::new(Nodes::default()),
             peers: super::Peers::default(),
+            chan,
         }
     }
 
@@ -117,6 +146,45 @@ impl DriverWorker {
             });
         }
         self.peers.open(child, "child node").await
+    }
+
+    /// A node's accounting from the descriptors of AddNode/ReopenNode: its statistics
+    /// region first, then (file nodes) its image, returned apart.
+    fn accounting(
+        &self,
+        node: NodeId,
+        name: &str,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(Accounting, Option<OwnedFd>), WorkerError> {
+        let mut fds = fds.into_iter();
+        let region = fds.next().ok_or_else(|| {
+            err(
+                WorkerErrorKind::Invalid,
+                libc::EINVAL,
+                "a node without its statistics region",
+            )
+        })?;
+        let region = StatsRegion::map(region.as_fd()).map_err(|e| {
+            err(
+                WorkerErrorKind::Invalid,
+                libc::EINVAL,
+                format!("{name}: {e}"),
+            )
+        })?;
+        let rest: Vec<OwnedFd> = fds.collect();
+        let fd = match rest.len() {
+            0 => None,
+            _ => Some(one_fd(rest, "node image")?),
+        };
+        let accounting = Accounting {
+            counters: Arc::new(region).into_counters_ref(),
+            threshold_sink: Some(Arc::new(ThresholdEvents {
+                node,
+                chan: Arc::clone(&self.chan),
+            })),
+            notifiers: Vec::new(),
+        };
+        Ok((accounting, fd))
     }
 
     pub(crate) async fn handle(
@@ -161,17 +229,16 @@ impl DriverWorker {
                     Some(c) => Some(self.child(c).await?),
                     None => None,
                 };
-                let fd = match fds.len() {
-                    0 => None,
-                    _ => Some(one_fd(fds, "AddNode")?),
-                };
-                let opened = bulkhead_block::open(config, fd, child).map_err(|e| {
-                    err(
-                        WorkerErrorKind::Invalid,
-                        libc::EINVAL,
-                        format!("{name}: {e}"),
-                    )
-                })?;
+                // The statistics region first, then the image (file nodes).
+                let (accounting, fd) = self.accounting(node, &name, fds)?;
+                let opened =
+                    bulkhead_block::open_with(config, fd, child, accounting).map_err(|e| {
+                        err(
+                            WorkerErrorKind::Invalid,
+                            libc::EINVAL,
+                            format!("{name}: {e}"),
+                        )
+                    })?;
                 tracing::debug!(worker = %self.kind, node = %name, "node opened");
                 self.nodes.insert(node, opened);
                 Ok(Reply::Done)
@@ -197,17 +264,17 @@ impl DriverWorker {
                     Some(c) => Some(self.child(c).await?),
                     None => None,
                 };
-                let fd = match fds.len() {
-                    0 => None,
-                    _ => Some(one_fd(fds, "ReopenNode")?),
-                };
-                let opened = bulkhead_block::open(config, fd, child).map_err(|e| {
-                    err(
-                        WorkerErrorKind::Invalid,
-                        libc::EINVAL,
-                        format!("{name}: {e}"),
-                    )
-                })?;
+                // As with AddNode: the node's statistics region first (the same one,
+                // so counters and the write threshold carry over), then the image.
+                let (accounting, fd) = self.accounting(node, &name, fds)?;
+                let opened =
+                    bulkhead_block::open_with(config, fd, child, accounting).map_err(|e| {
+                        err(
+                            WorkerErrorKind::Invalid,
+                            libc::EINVAL,
+                            format!("{name}: {e}"),
+                        )
+                    })?;
                 if let Err(e) = slot.replace(opened, REOPEN_DRAIN).await {
                     // The new implementation is in place; stragglers finish on the old.
                     tracing::warn!(worker = %self.kind, node = %name, error = %e, "reopen drain");

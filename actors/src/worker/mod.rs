@@ -114,7 +114,7 @@ async fn serve(
     on_link(Arc::clone(&link));
     let mut state = match kind {
         WorkerKind::Nbd => State::Nbd(nbd::NbdWorker::new(Arc::clone(&chan), Arc::clone(&link))),
-        _ => State::Driver(driver::DriverWorker::new(kind, id)),
+        _ => State::Driver(driver::DriverWorker::new(kind, id, Arc::clone(&chan))),
     };
     // Requests one at a time; the link routes answers to questions meanwhile.
     while let Some((req, fds)) = requests.recv().await {
