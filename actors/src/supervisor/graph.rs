@@ -472,6 +472,10 @@ mod tests {
             config: DriverConfig::NullCo(NullConfig::default()),
             active: true,
             options: Map::new(),
+            stats: match crate::supervisor::stats::NodeStats::create() {
+                Ok(s) => s,
+                Err(e) => panic!("statistics region: {}", e.desc),
+            },
         });
     }
 
