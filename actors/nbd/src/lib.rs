@@ -21,7 +21,8 @@ mod conn;
 mod handshake;
 pub mod proto;
 pub mod server;
-#[cfg(test)]
-mod testing;
+/// In-memory export backend for tests and the fuzzer (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use server::{ExportConfig, ExportError, ExportRemoval, NbdServer, RemoveMode, ServerConfig};

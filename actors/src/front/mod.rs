@@ -7,6 +7,7 @@
 //! with QEMU's JSON rules, checks the envelope and the negotiation state, validates
 //! arguments against the QAPI schema, and only then asks the supervisor to act.
 
+pub mod gate;
 pub mod session;
 
 use std::path::PathBuf;
