@@ -23,8 +23,9 @@ pub mod handoff;
 mod handshake;
 pub mod proto;
 pub mod server;
-#[cfg(test)]
-mod testing;
+/// In-memory export backend for tests and the fuzzer (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use conn::CONN_BUFFER_BYTES;
 pub use handoff::{HandOff, HandOffHook, MetadataOnly, Mode};

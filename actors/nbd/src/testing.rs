@@ -1,6 +1,6 @@
-//! In-memory `BlockIo` for unit tests: a byte vector plus a per-sector
-//! allocation map, so block status has real holes. Test-only; handles no
-//! untrusted bytes.
+//! In-memory `BlockIo` for unit tests and the fuzzer: a byte vector plus a
+//! per-sector allocation map, so block status has real holes. Test-only (never in
+//! the daemon: feature `testing`); handles no untrusted bytes.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,17 +8,20 @@ use bulkhead_block::{BlockIo, Extent, IoError, IoFuture, WriteFlags, ZeroFlags};
 
 const SECTOR: u64 = 512;
 
-pub(crate) struct MemBackend {
+/// An in-memory node.
+pub struct MemBackend {
     state: Mutex<(Vec<u8>, Vec<bool>)>,
     read_only: bool,
 }
 
 impl MemBackend {
-    pub(crate) fn new(size: u64) -> Arc<MemBackend> {
+    /// A writable node of `size` bytes, all unallocated zeroes.
+    pub fn new(size: u64) -> Arc<MemBackend> {
         Self::build(size, false)
     }
 
-    pub(crate) fn read_only(size: u64) -> Arc<MemBackend> {
+    /// A read-only node of `size` bytes.
+    pub fn read_only(size: u64) -> Arc<MemBackend> {
         Self::build(size, true)
     }
 

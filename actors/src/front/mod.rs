@@ -8,6 +8,7 @@
 //! arguments against the QAPI schema, and only then asks the supervisor to act.
 
 pub mod chardev;
+pub mod gate;
 pub mod output;
 pub mod session;
 

@@ -1,15 +1,16 @@
 //! One QMP client session: greeting, negotiation, requests, replies and events.
 
 use bulkhead_qmp::json::JsonStreamer;
-use bulkhead_qmp::request::{self, ErrorClass, Request};
-use serde_json::{Map, Value};
+use bulkhead_qmp::request::{self, ErrorClass};
+use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
+use super::gate::{Admission, Gate};
 use super::output::OutQueue;
 use super::{Front, render};
 use crate::events::{Subscribe, Unsubscribe};
 use crate::supervisor::actor::Execute;
-use crate::supervisor::{After, COMMANDS, QmpError};
+use crate::supervisor::{After, QmpError};
 
 /// Serves one client until it disconnects (or asks the daemon to quit).
 pub async fn run<R, W>(id: u64, mut reader: R, writer: W, pretty: bool, front: &Front)
@@ -23,8 +24,7 @@ where
         id,
         pretty,
         out: out.clone(),
-        negotiated: false,
-        oob_enabled: false,
+        gate: Gate::default(),
         front: front.clone(),
     };
     session.send(&crate::version::greeting());
@@ -81,9 +81,8 @@ struct Session {
     id: u64,
     pretty: bool,
     out: OutQueue,
-    negotiated: bool,
-    /// The client enabled the `oob` capability (then `exec-oob` is a known member).
-    oob_enabled: bool,
+    /// Everything checked before the supervisor acts (see `gate`).
+    gate: Gate,
     front: Front,
 }
 
@@ -101,85 +100,42 @@ impl Session {
 
     /// Handles one parsed JSON value; returns the reply to send.
     async fn handle(&mut self, v: Value) -> (Value, After) {
-        let req = match request::parse_request(v, self.oob_enabled) {
-            Ok(r) => r,
-            Err(e) => {
-                return (
-                    request::error_response(e.class, &e.desc, e.id),
-                    After::Continue,
-                );
+        match self.gate.admit(v) {
+            Admission::Reply(reply) => (reply, After::Continue),
+            Admission::Negotiated(reply) => {
+                self.front.bus.do_send(Subscribe {
+                    session: self.id,
+                    out: self.out.clone(),
+                    pretty: self.pretty,
+                });
+                (reply, After::Continue)
             }
-        };
-        let Request {
-            command,
-            arguments,
-            id,
-            oob,
-        } = req;
-        let known = COMMANDS.contains(&command.as_str());
+            Admission::Execute { command, args, id } => {
+                if let Some(result) = self.chardev_command(&command, &args) {
+                    return match result {
+                        Ok(ret) => (request::success_response(ret, id), After::Continue),
+                        Err(e) => Self::error(e, id),
+                    };
+                }
+                match self.front.supervisor.send(Execute { command, args }).await {
+                    Ok(Ok((ret, after))) => (request::success_response(ret, id), after),
+                    Ok(Err(e)) => Self::error(e, id),
+                    Err(_) => Self::error(QmpError::generic("The supervisor is not running"), id),
+                }
+            }
+        }
+    }
 
-        if !self.negotiated {
-            if command != "qmp_capabilities" {
-                let e = QmpError {
-                    class: ErrorClass::CommandNotFound,
-                    desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
-                };
-                return Self::error(e, id);
-            }
-            if oob {
-                return Self::error(
-                    QmpError::generic(format!("The command {command} does not support OOB")),
-                    id,
-                );
-            }
-            if let Err(e) = crate::dispatch::validate(&command, &arguments) {
-                return Self::error(e, id);
-            }
-            self.negotiated = true;
-            self.oob_enabled = arguments
-                .get("enable")
-                .and_then(Value::as_array)
-                .is_some_and(|caps| caps.iter().any(|c| c == "oob"));
-            self.front.bus.do_send(Subscribe {
-                session: self.id,
-                out: self.out.clone(),
-                pretty: self.pretty,
-            });
-            return (
-                request::success_response(Value::Object(Map::new()), id),
-                After::Continue,
-            );
-        }
-
-        if !known {
-            let e = QmpError {
-                class: ErrorClass::CommandNotFound,
-                desc: format!("The command {command} has not been found"),
-            };
-            return Self::error(e, id);
-        }
-        if oob {
-            return Self::error(
-                QmpError::generic(format!("The command {command} does not support OOB")),
-                id,
-            );
-        }
-        let args = match crate::dispatch::validate(&command, &arguments) {
-            Ok(a) => a,
-            Err(e) => return Self::error(e, id),
-        };
-        if command == "qmp_capabilities" {
-            let e = QmpError {
-                class: ErrorClass::CommandNotFound,
-                desc: "Capabilities negotiation is already complete, command ignored".into(),
-            };
-            return Self::error(e, id);
-        }
-        // Chardevs belong to the front (monitors use them), not to the supervisor core.
-        let chardev = match command.as_str() {
+    /// Chardevs belong to the front (monitors use them), not to the supervisor core.
+    fn chardev_command(
+        &self,
+        command: &str,
+        args: &serde_json::Map<String, Value>,
+    ) -> Option<Result<Value, QmpError>> {
+        match command {
             "query-chardev" => Some(Ok(self.front.chardevs.borrow().query())),
             "chardev-add" => {
-                let added = self.front.chardevs.borrow_mut().add(&args);
+                let added = self.front.chardevs.borrow_mut().add(args);
                 Some(added.map(|(ret, background)| {
                     if let Some(bg) = background {
                         let table = std::rc::Rc::clone(&self.front.chardevs);
@@ -188,19 +144,8 @@ impl Session {
                     ret
                 }))
             }
-            "chardev-remove" => Some(self.front.chardevs.borrow_mut().remove(&args)),
+            "chardev-remove" => Some(self.front.chardevs.borrow_mut().remove(args)),
             _ => None,
-        };
-        if let Some(result) = chardev {
-            return match result {
-                Ok(ret) => (request::success_response(ret, id), After::Continue),
-                Err(e) => Self::error(e, id),
-            };
-        }
-        match self.front.supervisor.send(Execute { command, args }).await {
-            Ok(Ok((ret, after))) => (request::success_response(ret, id), after),
-            Ok(Err(e)) => Self::error(e, id),
-            Err(_) => Self::error(QmpError::generic("The supervisor is not running"), id),
         }
     }
 }
