@@ -273,3 +273,117 @@ fn workers_dying_together_or_during_a_restore_lose_nothing_with_one_worker_per_i
 fn workers_dying_together_or_during_a_restore_lose_nothing_with_one_worker_per_kind() {
     correlated_deaths("kind");
 }
+
+/// The hosts of `nodes` by worker: one sorted list of node names per image worker.
+fn image_workers(qmp: &mut QmpConnection) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = workers(qmp)
+        .iter()
+        .filter(|w| w["kind"] == "image")
+        .map(|w| {
+            let mut nodes: Vec<String> = w["nodes"]
+                .as_array()
+                .map(|n| {
+                    n.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            nodes.sort();
+            nodes
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_base_shared_by_a_second_image_gets_a_worker_of_its_own_under_live_writes() {
+    let dir = match TempDir::new("bulkhead-shared-base") {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    sparse_file(&dir.path().join("base.img"), IMAGE_SIZE);
+    let args: Vec<String> = [
+        "--isolation",
+        "image",
+        "--blockdev",
+        "driver=file,node-name=base,filename=$DIR/base.img",
+        "--blockdev",
+        "driver=raw,node-name=top1,file=base",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=e1,node-name=top1,writable=on",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let daemon = match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let d = daemon.dir().to_path_buf();
+    let socket = d.join("nbd.sock");
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}\n{}", daemon.stderr()),
+    };
+    assert_eq!(
+        image_workers(&mut qmp),
+        vec![vec!["base".to_string(), "top1".to_string()]],
+        "one image, one worker"
+    );
+    sparse_file(&d.join("expected.img"), IMAGE_SIZE);
+    let first = writes_for(0);
+    wait_ok(
+        writes::nbd_writer(&socket, "top1", &first, BLOCK),
+        "writes before the split",
+    );
+    writes::apply_directly(&d.join("expected.img"), &first, BLOCK);
+    // A second image over the same base, added while writes run on the first.
+    let second = writes_for(1);
+    let writer = writes::nbd_writer(&socket, "top1", &second, BLOCK);
+    let added = qmp.execute(
+        "blockdev-add",
+        Some(serde_json::json!({"driver": "raw", "node-name": "top2", "file": "base", "read-only": true})),
+    );
+    assert!(
+        added.as_ref().is_ok_and(|r| r.get("return").is_some()),
+        "blockdev-add top2: {added:?}\n{}",
+        daemon.stderr()
+    );
+    wait_ok(writer, "writes during the split");
+    writes::apply_directly(&d.join("expected.img"), &second, BLOCK);
+    assert_eq!(
+        image_workers(&mut qmp),
+        vec![
+            vec!["base".to_string()],
+            vec!["top1".to_string()],
+            vec!["top2".to_string()],
+        ],
+        "the shared base has a worker of its own; each image reaches it over a channel"
+    );
+    let third = writes_for(2);
+    wait_ok(
+        writes::nbd_writer(&socket, "top1", &third, BLOCK),
+        "writes after the split",
+    );
+    writes::apply_directly(&d.join("expected.img"), &third, BLOCK);
+    // Killing the base's worker: both images come back through it.
+    let base = pid_hosting(&mut qmp, "base");
+    if let Err(e) = procs::send_signal(base, libc::SIGKILL) {
+        panic!("cannot kill the base's worker: {e}");
+    }
+    let fourth = writes_for(3);
+    wait_ok(
+        writes::nbd_writer(&socket, "top1", &fourth, BLOCK),
+        "writes after the base's worker died",
+    );
+    writes::apply_directly(&d.join("expected.img"), &fourth, BLOCK);
+    let (disk, expected) = (d.join("base.img"), d.join("expected.img"));
+    writes::assert_same_images(
+        &["-f", "raw", &disk.to_string_lossy()],
+        &["-F", "raw", &expected.to_string_lossy()],
+        "the base against every acknowledged write",
+    );
+}

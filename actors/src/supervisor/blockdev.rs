@@ -407,6 +407,13 @@ impl Core {
         }
         let home = match self.place(spec.driver, child.as_deref(), hint) {
             Placement::On(home) => home,
+            Placement::SharingChild(home, c) => {
+                if let Err(e) = self.isolate_shared(&c).await {
+                    self.retire_if_idle(home);
+                    return Err(e);
+                }
+                home
+            }
             Placement::WithChild(home, c) => {
                 self.move_node(&c, home).await?;
                 home

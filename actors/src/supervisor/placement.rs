@@ -102,6 +102,9 @@ pub(super) enum Placement {
     On(WorkerId),
     /// On this instance, after moving its (so far unused) child `name` there too.
     WithChild(WorkerId, String),
+    /// On this instance; its child `name` is already used by another node and must
+    /// first get an instance of its own (`Core::isolate_shared`).
+    SharingChild(WorkerId, String),
 }
 
 impl Core {
@@ -133,9 +136,13 @@ impl Core {
             Isolation::Image => match child {
                 // The child belongs to this image alone: the node joins its worker.
                 Some((_, chome, 0, _)) => Placement::On(chome),
-                // A node another image also uses (a shared base) stays where it is;
-                // the new image gets a worker of its own and reaches it over a channel.
-                _ => Placement::On(self.new_instance(WorkerKind::Image)),
+                // A node another image uses too becomes a shared base: it gets a worker
+                // of its own (unless it has one already), and each image reaches it
+                // over a channel, so neither image's worker holds the other's data.
+                Some((name, _, _, _)) => {
+                    Placement::SharingChild(self.new_instance(WorkerKind::Image), name)
+                }
+                None => Placement::On(self.new_instance(WorkerKind::Image)),
             },
         }
     }
@@ -182,6 +189,53 @@ impl Core {
             tracing::warn!(node = name, error = %e, "old worker could not close a moved node");
         }
         self.retire_if_idle(from);
+        Ok(())
+    }
+
+    /// Gives node `name`, which another image is about to share, a worker instance of
+    /// its own (`--isolation image`): it is opened there (same id, image and
+    /// statistics), each parent sharing its old instance is reopened with the child
+    /// reached over a channel (requests in flight finish on the old child), and then
+    /// it is closed where it was. Already alone in its instance: nothing to do.
+    pub(super) async fn isolate_shared(&mut self, name: &str) -> Result<(), QmpError> {
+        let Some(node) = self.graph.get(name) else {
+            return Err(QmpError::generic("node vanished"));
+        };
+        let (from, id) = (node.home, node.id);
+        let neighbours = self.graph.iter().any(|n| n.home == from && n.name != name);
+        if !neighbours {
+            return Ok(());
+        }
+        let to = self.new_instance(WorkerKind::Image);
+        if let Some(n) = self.graph.get_mut(name) {
+            n.home = to;
+        }
+        if let Err(e) = self.replay_node(name).await {
+            if let Some(n) = self.graph.get_mut(name) {
+                n.home = from;
+            }
+            self.retire_if_idle(to);
+            return Err(e);
+        }
+        let parents: Vec<_> = self
+            .graph
+            .iter()
+            .filter(|p| p.home == from && p.children.iter().any(|(_, c)| c == name))
+            .map(|p| (p.name.clone(), p.id, p.config))
+            .collect();
+        self.connect(from, to).await?;
+        for (pname, pid, config) in parents {
+            let child = Some(NodeRef { node: id, home: to });
+            self.reopen_on(from, pid, &pname, config, child, None)
+                .await?;
+        }
+        if let Some(w) = self.running(from)
+            && let Err(e) = w
+                .call(bulkhead_ipc::wire::ToWorker::RemoveNode { node: id }, &[])
+                .await
+        {
+            tracing::warn!(node = name, error = %e, "old worker could not close a shared node");
+        }
         Ok(())
     }
 

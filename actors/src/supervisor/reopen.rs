@@ -350,7 +350,7 @@ impl Core {
         Ok(())
     }
 
-    async fn reopen_on(
+    pub(super) async fn reopen_on(
         &mut self,
         home: bulkhead_ipc::wire::WorkerId,
         id: bulkhead_ipc::wire::NodeId,
