@@ -13,6 +13,7 @@
 //! - [`procs`]: `/proc` reading (children, argv, liveness) and signals.
 //! - [`loopdev`]: a loop device for host_device tests.
 //! - [`writes`]: verifiable write rounds over NBD and their expected image.
+//! - [`workers`]: multi-image daemons and what `x-bulkhead-query-workers` reports.
 //! - [`nbd`]: a raw NBD client (handshake, READ/WRITE/FLUSH, the errno a server sends).
 //!
 //! The daemon compared with qsd is bulkhead unless `BULKHEAD_DIFF_AGAINST=qsd`; bulkhead is
@@ -26,6 +27,7 @@ pub mod nbd;
 pub mod procs;
 pub mod qmp;
 pub mod script;
+pub mod workers;
 pub mod writes;
 
 pub use daemon::{Daemon, DaemonKind, TempDir};

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use bulkhead_systests::daemon::run_tool;
 use bulkhead_systests::nbd::NbdPeer;
 use bulkhead_systests::procs;
+use bulkhead_systests::workers::{start_images, workers};
 use bulkhead_systests::writes::{self, Write, sparse_file, wait_ok};
 use bulkhead_systests::{Daemon, DaemonKind, QmpConnection, TempDir};
 use serde_json::{Value, json};
@@ -19,49 +20,14 @@ const IMAGE_SIZE: u64 = 16 << 20;
 const BLOCK: u64 = 64 << 10;
 const IMAGES: [&str; 2] = ["a", "b"];
 
-/// Two images `disk-{a,b}.img` (`file-X` under `raw-X`), exported as `raw-X` (id `e-X`).
 fn start() -> Daemon {
-    let dir = match TempDir::new("bulkhead-handoff") {
-        Ok(d) => d,
-        Err(e) => panic!("{e}"),
-    };
-    let mut args: Vec<String> = vec!["--isolation".into(), "image".into()];
-    for x in IMAGES {
-        sparse_file(&dir.path().join(format!("disk-{x}.img")), IMAGE_SIZE);
-        args.extend([
-            "--blockdev".to_string(),
-            format!("driver=file,node-name=file-{x},filename=$DIR/disk-{x}.img"),
-            "--blockdev".to_string(),
-            format!("driver=raw,node-name=raw-{x},file=file-{x}"),
-        ]);
-    }
-    args.extend([
-        "--nbd-server".to_string(),
-        "addr.type=unix,addr.path=$DIR/nbd.sock".to_string(),
-    ]);
-    for x in IMAGES {
-        args.extend([
-            "--export".to_string(),
-            format!("type=nbd,id=e-{x},node-name=raw-{x},writable=on"),
-        ]);
-    }
-    match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
-        Ok(d) => d,
-        Err(e) => panic!("{e}"),
-    }
+    start_images("bulkhead-handoff", "image", &IMAGES, IMAGE_SIZE)
 }
 
 fn qmp(daemon: &Daemon) -> QmpConnection {
     match daemon.qmp(0) {
         Ok(q) => q,
         Err(e) => panic!("{e}\n{}", daemon.stderr()),
-    }
-}
-
-fn workers(qmp: &mut QmpConnection) -> Vec<Value> {
-    match qmp.execute_ok("x-bulkhead-query-workers", None) {
-        Ok(v) => v.as_array().cloned().unwrap_or_default(),
-        Err(e) => panic!("QMP stopped answering: {e}"),
     }
 }
 

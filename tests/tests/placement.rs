@@ -10,51 +10,16 @@ use std::thread;
 use std::time::Duration;
 
 use bulkhead_systests::procs;
+use bulkhead_systests::workers::{image_workers, pid_hosting, start_images, workers};
 use bulkhead_systests::writes::{self, Write, sparse_file, wait_ok};
 use bulkhead_systests::{Daemon, DaemonKind, QmpConnection, TempDir};
-use serde_json::Value;
 
 const IMAGE_SIZE: u64 = 16 << 20;
 const BLOCK: u64 = 64 << 10;
 const IMAGES: [&str; 3] = ["a", "b", "c"];
 
-/// Three images `disk-{a,b,c}.img`, each `file-X` under `raw-X`, exported as `raw-X`.
 fn start(isolation: &str) -> Daemon {
-    let dir = match TempDir::new("bulkhead-placement") {
-        Ok(d) => d,
-        Err(e) => panic!("{e}"),
-    };
-    let mut args: Vec<String> = vec!["--isolation".into(), isolation.into()];
-    for x in IMAGES {
-        sparse_file(&dir.path().join(format!("disk-{x}.img")), IMAGE_SIZE);
-        args.extend([
-            "--blockdev".to_string(),
-            format!("driver=file,node-name=file-{x},filename=$DIR/disk-{x}.img"),
-            "--blockdev".to_string(),
-            format!("driver=raw,node-name=raw-{x},file=file-{x}"),
-        ]);
-    }
-    args.extend([
-        "--nbd-server".to_string(),
-        "addr.type=unix,addr.path=$DIR/nbd.sock".to_string(),
-    ]);
-    for x in IMAGES {
-        args.extend([
-            "--export".to_string(),
-            format!("type=nbd,id=e-{x},node-name=raw-{x},writable=on"),
-        ]);
-    }
-    match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
-        Ok(d) => d,
-        Err(e) => panic!("{e}"),
-    }
-}
-
-fn workers(qmp: &mut QmpConnection) -> Vec<Value> {
-    match qmp.execute("x-bulkhead-query-workers", None) {
-        Ok(v) => v["return"].as_array().cloned().unwrap_or_default(),
-        Err(e) => panic!("QMP stopped answering: {e}"),
-    }
+    start_images("bulkhead-placement", isolation, &IMAGES, IMAGE_SIZE)
 }
 
 fn exports(qmp: &mut QmpConnection) -> usize {
@@ -62,19 +27,6 @@ fn exports(qmp: &mut QmpConnection) -> usize {
         Ok(v) => v["return"].as_array().map_or(0, Vec::len),
         Err(e) => panic!("QMP stopped answering: {e}"),
     }
-}
-
-/// The pid of the worker hosting `node`.
-fn pid_hosting(qmp: &mut QmpConnection, node: &str) -> u32 {
-    workers(qmp)
-        .iter()
-        .find(|w| {
-            w["nodes"]
-                .as_array()
-                .is_some_and(|n| n.iter().any(|x| x == node))
-        })
-        .and_then(|w| w["pid"].as_u64())
-        .map_or_else(|| panic!("no worker hosts {node}"), |p| p as u32)
 }
 
 fn writes_for(round: u64) -> Vec<Write> {
@@ -103,23 +55,7 @@ fn three_images_run_in_three_workers_and_one_dying_leaves_the_others_serving() {
         Err(e) => panic!("{e}\n{}", daemon.stderr()),
     };
     let list = workers(&mut qmp);
-    let mut images: Vec<Vec<String>> = list
-        .iter()
-        .filter(|w| w["kind"] == "image")
-        .map(|w| {
-            let mut nodes: Vec<String> = w["nodes"]
-                .as_array()
-                .map(|n| {
-                    n.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
-            nodes.sort();
-            nodes
-        })
-        .collect();
-    images.sort();
+    let images = image_workers(&mut qmp);
     assert_eq!(
         images,
         IMAGES
@@ -272,28 +208,6 @@ fn workers_dying_together_or_during_a_restore_lose_nothing_with_one_worker_per_i
 #[test]
 fn workers_dying_together_or_during_a_restore_lose_nothing_with_one_worker_per_kind() {
     correlated_deaths("kind");
-}
-
-/// The hosts of `nodes` by worker: one sorted list of node names per image worker.
-fn image_workers(qmp: &mut QmpConnection) -> Vec<Vec<String>> {
-    let mut out: Vec<Vec<String>> = workers(qmp)
-        .iter()
-        .filter(|w| w["kind"] == "image")
-        .map(|w| {
-            let mut nodes: Vec<String> = w["nodes"]
-                .as_array()
-                .map(|n| {
-                    n.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
-            nodes.sort();
-            nodes
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 #[test]
