@@ -265,7 +265,7 @@ fn a_worker_may_open_files_beside_its_own_images_only_and_not_flood_questions() 
         std::env::set_var("BULKHEAD_TEST_MISBEHAVE", "ask");
         std::env::set_var(
             "BULKHEAD_TEST_ASK",
-            "1:disk2.img;3:./disk2.img;2:disk2.img;1:/etc/passwd;1:../disk2.img;1:nothing.img",
+            "1:disk.img;3:./disk.img;2:disk.img;1:disk2.img;1:/etc/passwd;1:../disk2.img;1:nothing.img",
         );
     }
     let daemon = start();
@@ -283,9 +283,11 @@ fn a_worker_may_open_files_beside_its_own_images_only_and_not_flood_questions() 
         panic!("cannot signal worker {victim}: {e}");
     }
     for expected in [
-        "node=1 file=disk2.img: opened, 16777216 bytes",
-        "node=3 file=./disk2.img: opened, 16777216 bytes",
-        "node=2 file=disk2.img: refused: NotFound",
+        "node=1 file=disk.img: opened, 16777216 bytes",
+        "node=3 file=./disk.img: opened, 16777216 bytes",
+        "node=2 file=disk.img: refused: NotFound",
+        // file1's image, served by the file worker: never handed to another worker.
+        "node=1 file=disk2.img: refused: Invalid",
         "node=1 file=/etc/passwd: refused: Invalid",
         "node=1 file=../disk2.img: refused: Io",
         "node=1 file=nothing.img: refused: Io",

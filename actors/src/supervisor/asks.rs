@@ -34,6 +34,9 @@ const PER_SECOND: f64 = 32.0;
 #[derive(Debug, Default)]
 pub struct AskTable {
     nodes: HashMap<NodeId, (WorkerId, Option<PathBuf>)>,
+    /// The image files nodes have open (canonical paths) and the instances hosting
+    /// those nodes: a worker may never be handed another instance's image.
+    images: Vec<(PathBuf, WorkerId)>,
     /// The NBD listener of `--isolation image`, the only worker that hands off.
     listener: Option<WorkerId>,
     /// Each export's own worker, by NBD export name (exports being removed left out).
@@ -48,6 +51,15 @@ impl AskTable {
     /// Replaces the table's contents.
     pub fn set(&mut self, nodes: impl IntoIterator<Item = (NodeId, WorkerId, Option<PathBuf>)>) {
         self.nodes = nodes.into_iter().map(|(n, w, d)| (n, (w, d))).collect();
+    }
+
+    /// Replaces the list of open images (path as the node was given it, and the
+    /// instance hosting the node).
+    pub fn set_images(&mut self, images: impl IntoIterator<Item = (String, WorkerId)>) {
+        self.images = images
+            .into_iter()
+            .filter_map(|(p, w)| std::fs::canonicalize(p).ok().map(|c| (c, w)))
+            .collect();
     }
 
     /// Replaces what NBD hand-offs are answered from.
@@ -102,7 +114,18 @@ impl AskTable {
                 writable,
             } => {
                 let dir = self.own_image_dir(asker, *node)?;
-                let fd = open_named(&dir, filename, *writable)?;
+                if *writable {
+                    // Backing and data files are read; what may write them (a commit
+                    // job) will come with a policy of its own.
+                    return Err(refuse(
+                        WorkerErrorKind::Unsupported,
+                        libc::EACCES,
+                        "named files are opened read-only",
+                    ));
+                }
+                let fd = open_named(&dir, filename, false, |path| {
+                    self.images.iter().any(|(p, w)| p == path && *w != asker)
+                })?;
                 Ok((Answer::File, vec![fd]))
             }
             // Carries a descriptor: handled by the reader itself (`workers.rs`).
@@ -146,7 +169,12 @@ pub fn image_dir(path: &str) -> PathBuf {
 /// Opens `name` as an image names it: relative to the image's directory `dir`. The
 /// policy: the file must resolve (symlinks followed) to a place inside `dir`, so an
 /// image cannot make the supervisor open arbitrary host files for it.
-fn open_named(dir: &Path, name: &str, writable: bool) -> Result<OwnedFd, WorkerError> {
+fn open_named(
+    dir: &Path,
+    name: &str,
+    writable: bool,
+    foreign: impl Fn(&Path) -> bool,
+) -> Result<OwnedFd, WorkerError> {
     if name.is_empty() || name.len() > MAX_NAME || name.contains('\0') {
         return Err(refuse(
             WorkerErrorKind::Invalid,
@@ -173,6 +201,15 @@ fn open_named(dir: &Path, name: &str, writable: bool) -> Result<OwnedFd, WorkerE
             WorkerErrorKind::Invalid,
             libc::EACCES,
             "the file is outside the image's directory",
+        ));
+    }
+    if foreign(&path) {
+        // Another image's file (another tenant's, under `--isolation image`): an
+        // image naming it must not get a worker at its bytes.
+        return Err(refuse(
+            WorkerErrorKind::Invalid,
+            libc::EACCES,
+            "the file is an image another worker serves",
         ));
     }
     let path = path.to_string_lossy();
@@ -266,6 +303,33 @@ mod tests {
         assert_eq!(ask(&t, 7, 3, "base.img"), Err(WorkerErrorKind::Unsupported));
         assert_eq!(ask(&t, 7, 1, ""), Err(WorkerErrorKind::Invalid));
         assert_eq!(ask(&t, 7, 1, "missing.img"), Err(WorkerErrorKind::Io));
+        // Another worker's image in the same directory is never handed out; the
+        // asker's own is.
+        let mut t = table(&dir);
+        std::fs::write(dir.join("tenant.img"), b"x").unwrap_or_else(|e| panic!("{e}"));
+        t.set_images([
+            (dir.join("tenant.img").display().to_string(), WorkerId(8)),
+            (dir.join("base.img").display().to_string(), WorkerId(7)),
+        ]);
+        assert_eq!(ask(&t, 7, 1, "tenant.img"), Err(WorkerErrorKind::Invalid));
+        assert_eq!(
+            ask(&t, 7, 1, "./sub/../tenant.img"),
+            Err(WorkerErrorKind::Invalid)
+        );
+        assert_eq!(ask(&t, 7, 1, "base.img"), Ok(1));
+        // Writable opens are refused outright.
+        let writable = t.answer(
+            WorkerId(7),
+            &WorkerAsk::OpenFile {
+                node: NodeId(1),
+                filename: "base.img".into(),
+                writable: true,
+            },
+        );
+        assert_eq!(
+            writable.map(|_| ()).map_err(|e| e.kind),
+            Err(WorkerErrorKind::Unsupported)
+        );
         let _ = std::fs::remove_file(outside);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -176,6 +176,11 @@ impl Core {
             (n.id, n.home, dir)
         });
         self.asks.borrow_mut().set(nodes);
+        let images = self
+            .graph
+            .iter()
+            .filter_map(|n| n.path.clone().map(|p| (p, n.home)));
+        self.asks.borrow_mut().set_images(images);
         let listener = self.nbd_home.filter(|_| self.per_export());
         let exporters: Vec<(String, workers::WorkerCaller)> = self
             .exports
