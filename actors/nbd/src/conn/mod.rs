@@ -1,0 +1,588 @@
+//! One client connection: handshake, then the transmission phase.
+//!
+//! Runs in the NBD export worker, one tokio task per connection plus one per
+//! request in flight. Handles untrusted bytes: request headers and WRITE
+//! payloads come straight from the client and are checked (magic, lengths,
+//! flags, bounds) in [`Conn::receive`] before any I/O is started, in qsd's order
+//! and with qsd's errno choices.
+//!
+//! A request travels like this: the connection task reads its header (and
+//! payload) into a pooled buffer, validates it, takes one of 16 in-flight slots
+//! and spawns a request task; it then goes straight back to reading. The request
+//! task calls the export's `BlockIo`, then sends the whole reply: small replies
+//! that are ready together are copied into one output buffer and written with one
+//! system call, large ones are written directly with one vectored write under the
+//! connection's write lock. Replies go out as requests finish, in any order, never
+//! interleaved. Buffers return to the pool.
+//!
+//! Layout: this file holds the connection's state, its task and buffers;
+//! [`parse`] reads and checks requests, [`exec`] runs them, [`reply`] encodes and
+//! writes replies.
+
+mod exec;
+mod parse;
+mod reply;
+
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bulkhead_block::posix::strerror;
+use bulkhead_block::{BlockIo, Extent, IoBuffer, IoError, SparseReadError, WriteFlags, ZeroFlags};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::handoff::HandOff;
+use crate::handshake::{self, Contexts, HandshakeError, Mode, Session};
+use crate::proto::*;
+use crate::server::{ConnectionSlot, Export, Shared, signalled};
+
+/// Read buffer size: big enough to batch many small request headers per syscall.
+const READ_BUF: usize = 64 * 1024;
+/// Read buffer size during negotiation: option headers are small, and up to a
+/// thousand clients may be negotiating at once.
+pub(crate) const HANDSHAKE_BUF: usize = 4 * 1024;
+/// Buffers above this size are freed after use instead of pooled.
+const POOL_MAX_BUF: usize = 4 * 1024 * 1024;
+/// Most iovecs per writev (Linux `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+/// Request buffer memory one connection may hold at once: two requests of the
+/// largest size. QEMU allows 16 requests of 32 MiB per connection (512 MiB); past
+/// this bound a request waits for its share before its payload is read, which
+/// pushes back on the client through the socket.
+pub const CONN_BUFFER_BYTES: usize = 2 * MAX_BUFFER_SIZE as usize;
+
+/// Runs one connection: negotiation, then the transmission phase, or, on a server
+/// that hands clients off, returns what was negotiated with the socket halves and
+/// the slot (to be released once the socket has been passed on).
+pub(crate) async fn run<R, W>(
+    shared: Arc<Shared>,
+    slot: ConnectionSlot,
+    r: R,
+    w: W,
+) -> Option<(HandOff, R, W, ConnectionSlot)>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    // Locals drop in reverse order: the socket halves before the slot, so that a
+    // dropped slot means a closed descriptor (the accept loop, out of descriptors,
+    // waits for that).
+    let slot = slot;
+    let mut w = w;
+    let mut r = BufReader::with_capacity(HANDSHAKE_BUF, r);
+    let mut shutdown = shared.shutdown_signal();
+    // handshake-max-seconds ends the negotiation the way qsd's timer does: qsd shuts
+    // the socket down, so the read it was waiting in sees end-of-file and the usual
+    // report follows (none for a client that never sent its flags).
+    let deadline = shared
+        .handshake_limit()
+        .map(|limit| tokio::time::Instant::now() + limit);
+    let mut limited_r = Deadline::new(&mut r, deadline, Some(&slot));
+    let mut limited_w = Deadline::new(&mut w, deadline, None);
+    let session = tokio::select! {
+        _ = signalled(&mut shutdown) => return None,
+        _ = slot.evicted() => {
+            tracing::debug!("NBD client dropped while negotiating, to make room");
+            return None;
+        }
+        s = handshake::negotiate(&shared, &mut limited_r, &mut limited_w) => s,
+    };
+    drop(limited_r);
+    drop(limited_w);
+    match session {
+        Ok(session) if shared.hands_off() => {
+            // The listener's part ends here; the client's hold on the metadata
+            // export (`session.client`) ends with this function.
+            let hand = HandOff {
+                export: session.client.export.name.clone(),
+                mode: session.mode,
+                base_allocation: session.contexts.base_allocation,
+                allocation_depth: session.contexts.allocation_depth,
+                reply: session.pending,
+                leftover: r.buffer().to_vec(),
+            };
+            Some((hand, r.into_inner(), w, slot))
+        }
+        Ok(session) => {
+            let early = r.buffer().to_vec();
+            serve_negotiated(shared, slot, session, early, r.into_inner(), w).await;
+            None
+        }
+        Err(e) => {
+            tracing::debug!("NBD negotiation ended: {e}");
+            // What qsd prints for a failed negotiation; a client that said
+            // NBD_OPT_ABORT, or left before sending its flags, is not reported.
+            let text = match &e {
+                HandshakeError::Aborted | HandshakeError::Probe => None,
+                HandshakeError::Io(io) => Some(io_text(io)),
+                HandshakeError::Read(what, io) => {
+                    Some(format!("Failed to read {what}: {}", io_text(io)))
+                }
+                other => Some(other.to_string()),
+            };
+            if let Some(text) = text {
+                shared.report(&format!("option negotiation failed: {text}"));
+            }
+            None
+        }
+    }
+}
+
+/// A negotiated client (here or in a listener that handed it over): waits for a
+/// `max-connections` slot, sends the final negotiation reply and serves requests.
+/// `early`: bytes the client sent after its final option, read before the socket.
+pub(crate) async fn serve_negotiated<R, W>(
+    shared: Arc<Shared>,
+    mut slot: ConnectionSlot,
+    session: Session,
+    early: Vec<u8>,
+    r: R,
+    mut w: W,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut shutdown = shared.shutdown_signal();
+    // Wait for a max-connections slot before the final reply, outside the
+    // handshake deadline: the client did its part (a qsd client over the
+    // limit waits too, in the listen backlog).
+    slot.waiting();
+    let mut closing = session.client.export.closing();
+    let permit = tokio::select! {
+        _ = signalled(&mut shutdown) => return,
+        _ = signalled(&mut closing) => return,
+        _ = slot.evicted() => return,
+        p = shared.admission() => match p {
+            Some(p) => p,
+            None => return,
+        },
+    };
+    slot.admitted(permit);
+    if w.write_all(&session.pending).await.is_err() {
+        return;
+    }
+    let _slot = slot;
+    // The bigger buffer of the transmission phase; bytes the client sent
+    // after its GO (pipelined requests) are read first.
+    let r = BufReader::with_capacity(READ_BUF, std::io::Cursor::new(early).chain(r));
+    transmission(shared, session, r, w).await
+}
+
+/// A stream whose reads reach end-of-file, and whose writes fail with EPIPE, once
+/// its deadline has passed (like a socket qsd shut down); no deadline, no limit.
+/// Reads that bring bytes mark `activity`'s client as active.
+struct Deadline<'a, T> {
+    inner: &'a mut T,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    activity: Option<&'a ConnectionSlot>,
+}
+
+impl<'a, T> Deadline<'a, T> {
+    fn new(
+        inner: &'a mut T,
+        at: Option<tokio::time::Instant>,
+        activity: Option<&'a ConnectionSlot>,
+    ) -> Deadline<'a, T> {
+        Deadline {
+            inner,
+            deadline: at.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            activity,
+        }
+    }
+
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        self.deadline
+            .as_mut()
+            .is_some_and(|d| d.as_mut().poll(cx).is_ready())
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Deadline<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.expired(cx) {
+            // Nothing filled: end-of-file.
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Some(slot) = self.activity
+        {
+            slot.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Deadline<'_, T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.expired(cx) {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// What the connection task decided about one request.
+enum Received {
+    /// Run it.
+    Run(Request),
+    /// Reply EINVAL with this message (qsd answers every request it refuses
+    /// before running it with EINVAL, whatever the reason); then drop the
+    /// connection if `fatal`.
+    Fail {
+        cookie: u64,
+        offset: u64,
+        msg: String,
+        fatal: bool,
+    },
+    /// Drop the connection (NBD_CMD_DISC, bad magic, client gone mid-payload);
+    /// `why` is what qsd reports on stderr, if it reports anything.
+    Disconnect { drain: bool, why: Option<String> },
+}
+
+impl Received {
+    /// Drop the connection without a report (`drain`: answer what is in flight).
+    fn gone(drain: bool) -> Received {
+        Received::Disconnect { drain, why: None }
+    }
+}
+
+/// A validated request ready for the backend.
+struct Request {
+    kind: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+    /// READ target or WRITE payload, `len` bytes long (pooled).
+    buf: Buf,
+    /// Contexts selected for a BLOCK_STATUS request.
+    contexts: Selected,
+    /// The buffer's share of the connection's and the export's memory budgets,
+    /// returned when the request is done.
+    _memory: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
+/// A request's data buffer: lent by the backend when it has memory it can use without
+/// copying (the shared-memory pool of a node in another worker, so the payload goes
+/// from the socket to the node's worker and back with no copy in between), else one
+/// of the connection's pooled vectors.
+enum Buf {
+    Local(Vec<u8>),
+    Backend(IoBuffer),
+}
+
+impl Default for Buf {
+    fn default() -> Buf {
+        Buf::Local(Vec::new())
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Buf::Local(v) => v,
+            Buf::Backend(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Buf::Local(v) => v,
+            Buf::Backend(b) => b,
+        }
+    }
+}
+
+/// Meta contexts a BLOCK_STATUS request asks for.
+#[derive(Clone, Copy, Default)]
+struct Selected {
+    base_allocation: bool,
+    allocation_depth: bool,
+    count: u32,
+}
+
+/// State shared by a connection's reader and its request tasks.
+struct Conn<W> {
+    export: Arc<Export>,
+    mode: Mode,
+    contexts: Contexts,
+    writer: tokio::sync::Mutex<W>,
+    pool: Mutex<Vec<Vec<u8>>>,
+    /// Small replies waiting to go out together (see [`Conn::send`]).
+    out: Mutex<Out>,
+    /// Request tasks running.
+    running: AtomicUsize,
+    /// Set when a reply could not be written; the reader stops.
+    dead: watch::Sender<bool>,
+    /// Request buffer memory of this connection ([`CONN_BUFFER_BYTES`]).
+    memory: Arc<Semaphore>,
+}
+
+/// Replies of at most this many bytes are copied into the connection's output buffer
+/// and written together with the other replies ready at the same moment: at queue
+/// depth 32 the completions of a node come in batches, and one write per batch
+/// instead of one per reply saves most of the connection's system calls (a 16 KiB
+/// copy costs less than a `writev`).
+const COALESCE_MAX: usize = 16 * 1024;
+/// Most bytes the output buffer holds; a reply that does not fit waits for the
+/// socket like a large one, so a client that stops reading cannot make us buffer
+/// without bound.
+const OUT_MAX: usize = 256 * 1024;
+
+/// The output buffer: replies appended whole, so they never interleave.
+#[derive(Default)]
+struct Out {
+    bytes: Vec<u8>,
+    /// A request task has taken on writing the buffer out (until it is empty).
+    flushing: bool,
+}
+
+async fn transmission<R, W>(shared: Arc<Shared>, session: Session, mut r: BufReader<R>, w: W)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let Session {
+        client,
+        mode,
+        contexts,
+        pending: _,
+    } = session;
+    let conn = Arc::new(Conn {
+        export: client.export.clone(),
+        mode,
+        contexts,
+        writer: tokio::sync::Mutex::new(w),
+        pool: Mutex::new(Vec::new()),
+        out: Mutex::new(Out::default()),
+        running: AtomicUsize::new(0),
+        dead: watch::Sender::new(false),
+        memory: Arc::new(Semaphore::new(CONN_BUFFER_BYTES)),
+    });
+    let mut stop = Stop {
+        export: client.export.closing(),
+        shutdown: shared.shutdown_signal(),
+        dead: conn.dead.subscribe(),
+    };
+    let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
+    let mut tasks = JoinSet::new();
+    let drain = loop {
+        let permit = tokio::select! {
+            _ = stop.wait() => break false,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break false,
+            },
+        };
+        let received = tokio::select! {
+            _ = stop.wait() => break false,
+            r = conn.receive(&mut r) => r,
+        };
+        match received {
+            Received::Run(req) => {
+                tasks.spawn(conn.clone().execute(req, permit));
+            }
+            Received::Fail {
+                cookie,
+                offset,
+                msg,
+                fatal,
+            } => {
+                let sent = conn
+                    .reply_generic(cookie, offset, Err(libc::EINVAL), &msg)
+                    .await;
+                if fatal || sent.is_err() {
+                    break false;
+                }
+            }
+            Received::Disconnect { drain, why } => {
+                if let Some(why) = why {
+                    shared.report(&format!("Disconnect client, due to: {why}"));
+                }
+                break drain;
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+    };
+    if drain {
+        // NBD_CMD_DISC or EOF: answer what is in flight, unless told to stop.
+        loop {
+            tokio::select! {
+                _ = stop.wait() => break,
+                t = tasks.join_next() => if t.is_none() { break },
+            }
+        }
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    // Dropping the last `Conn` closes the socket; `client` then detaches.
+    drop(conn);
+    drop(client);
+}
+
+/// The reasons a connection stops early.
+struct Stop {
+    export: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    dead: watch::Receiver<bool>,
+}
+
+impl Stop {
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = signalled(&mut self.export) => {},
+            _ = signalled(&mut self.shutdown) => {},
+            _ = signalled(&mut self.dead) => {},
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
+    fn take_buf(&self, len: usize) -> Buf {
+        if len > 0
+            && let Some(b) = self.export.backend.alloc_buffer(len)
+        {
+            return Buf::Backend(b);
+        }
+        let mut buf = {
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.pop().unwrap_or_default()
+        };
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        Buf::Local(buf)
+    }
+
+    fn put_buf(&self, buf: Buf) {
+        let Buf::Local(buf) = buf else {
+            // Backend memory goes back to its owner when dropped.
+            return;
+        };
+        if buf.capacity() == 0 || buf.capacity() > POOL_MAX_BUF {
+            return;
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < MAX_REQUESTS {
+            pool.push(buf);
+        }
+    }
+}
+
+/// A run of a read reply: data or hole.
+#[derive(Clone, Copy)]
+struct Run {
+    offset: u64,
+    len: u64,
+    hole: bool,
+}
+
+fn too_long(len: u64) -> String {
+    format!("len ({len}) is larger than max len ({MAX_BUFFER_SIZE})")
+}
+
+/// QEMU's text for a failed socket read or write (`qio_channel_*_all`).
+fn io_text(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            "Unexpected end-of-file before all data were read".to_owned()
+        }
+        std::io::ErrorKind::BrokenPipe => "Unable to write to socket: Broken pipe".to_owned(),
+        _ => format!(
+            "Unable to read from socket: {}",
+            strerror(e.raw_os_error().unwrap_or(libc::EIO))
+        ),
+    }
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` on EOF before the first byte.
+async fn read_exact_or_eof<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = r.read(&mut buf[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+/// Discards `len` bytes of the stream.
+async fn skip<R: AsyncRead + Unpin>(r: &mut R, len: u64) -> std::io::Result<()> {
+    let copied = tokio::io::copy(&mut r.take(len), &mut tokio::io::sink()).await?;
+    if copied != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Writes every byte of `bufs`, at most `IOV_MAX` slices per call.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let end = bufs.len().min(IOV_MAX);
+        let n = w.write_vectored(&bufs[..end]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strerror_drops_the_rust_suffix() {
+        assert_eq!(strerror(libc::EIO), "Input/output error");
+    }
+
+    #[test]
+    fn too_long_uses_qsd_text() {
+        assert_eq!(
+            too_long(33554433),
+            "len (33554433) is larger than max len (33554432)"
+        );
+    }
+}
