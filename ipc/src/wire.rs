@@ -208,6 +208,8 @@ pub enum ToWorker {
         node: NodeId,
     },
     /// NBD worker: serve NBD on the attached listening socket (unix or TCP).
+    /// Starting and stopping a front's server are per front; adding and removing
+    /// exports ([`ToWorker::ExportAdd`], [`ToWorker::ExportRemove`]) are not.
     NbdServerStart {
         /// Most simultaneous clients; 0 = unlimited.
         max_connections: u32,
@@ -215,7 +217,7 @@ pub enum ToWorker {
         handshake_max_seconds: u32,
         /// Exports to add before the first client is accepted (a restarted worker gets
         /// all of them here, so a reconnecting client never finds its export missing).
-        exports: Vec<NbdExport>,
+        exports: Vec<ExportSpec>,
         /// The listener of `--isolation image`: negotiate only, and hand every
         /// negotiated client to the supervisor ([`WorkerAsk::NbdHandOff`]). Without a
         /// listening socket attached, the worker serves only adopted clients.
@@ -223,15 +225,16 @@ pub enum ToWorker {
     },
     /// NBD worker: stop listening and drop every export and client.
     NbdServerStop,
-    /// NBD worker: export a node. The supervisor has already checked names, sizes and
-    /// permissions; the worker only refuses what it alone can know.
-    NbdExportAdd(NbdExport),
-    /// NBD worker: remove an export. Safe mode fails with `InUse` while clients are
-    /// attached; hard mode drops them and reports `ExportRemoved { deferred: true }` if
-    /// any were, followed later by `WorkerEvent::ExportGone`.
-    NbdExportRemove {
-        /// The NBD export name.
-        name: String,
+    /// Export worker: export a node through its front. The supervisor has already
+    /// checked names, sizes and permissions; the worker only refuses what it alone
+    /// can know.
+    ExportAdd(ExportSpec),
+    /// Export worker: remove an export. Safe mode fails with `InUse` while clients
+    /// are attached; hard mode drops them and reports `ExportRemoved { deferred: true
+    /// }` if any were, followed later by `WorkerEvent::ExportGone`.
+    ExportRemove {
+        /// The export.
+        export: ExportKey,
         /// Drop attached clients.
         hard: bool,
     },
@@ -270,20 +273,49 @@ pub enum NbdMode {
     Extended,
 }
 
-/// One NBD export as the NBD worker needs it.
+/// A block export as the supervisor numbers it: assigned at `block-export-add`,
+/// never reused, so a late report about an old export cannot hit a new one of the
+/// same name. Workers key their exports by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ExportKey(pub u64);
+
+impl std::fmt::Display for ExportKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "export#{}", self.0)
+    }
+}
+
+/// One export as an export worker needs it: what every front has, and the front's
+/// own options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportSpec {
+    /// The export.
+    pub key: ExportKey,
+    /// The exported node. A format node and its local protocol child share a worker,
+    /// so a request crosses one process boundary whatever the chain.
+    pub node: NodeRef,
+    /// Clients may write.
+    pub writable: bool,
+    /// The front's options.
+    pub front: FrontSpec,
+}
+
+/// The front an export is served through, with its options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FrontSpec {
+    /// NBD.
+    Nbd(NbdExport),
+}
+
+/// The NBD options of an export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NbdExport {
     /// The NBD export name.
     pub name: String,
     /// Its description.
     pub description: Option<String>,
-    /// Clients may write.
-    pub writable: bool,
     /// Offer `qemu:allocation-depth`.
     pub allocation_depth: bool,
-    /// The exported node. A format node and its local protocol child share a worker,
-    /// so a request crosses one process boundary whatever the chain.
-    pub node: NodeRef,
     /// For the listener of `--isolation image`: the node's size, and the export is
     /// metadata only (negotiation, no data channel; `node` is not opened).
     pub metadata_size: Option<u64>,
@@ -352,8 +384,8 @@ pub enum Answer {
 pub enum WorkerEvent {
     /// The last client of a removed export has gone.
     ExportGone {
-        /// The NBD export name.
-        name: String,
+        /// The export.
+        export: ExportKey,
     },
     /// A write-type request of `node` ending at `end` crossed its write threshold
     /// `threshold`, which the node has cleared (driver workers; at most one per

@@ -11,7 +11,9 @@
 //! - [`server`]: [`NbdServer`], export table, connection limit, removal, shutdown.
 //! - `handshake`: option negotiation (untrusted bytes).
 //! - `conn`: transmission phase: request parsing (untrusted bytes), request
-//!   tasks, replies.
+//!   tasks, replies. Requests run through the front-independent executor of
+//!   `bulkhead-export`, which also holds the in-flight bound, the buffer budgets and
+//!   each export's attach/removal lifecycle.
 //! - [`handoff`]: negotiating in one server and serving in another.
 //! - [`proto`]: wire constants and header codecs.
 //!

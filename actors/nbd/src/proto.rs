@@ -128,8 +128,11 @@ pub const MAX_BUFFER_SIZE: u32 = 32 * 1024 * 1024;
 pub const MAX_STRING_SIZE: usize = 4096;
 /// Most extents in one BLOCK_STATUS chunk (QEMU's `NBD_MAX_BLOCK_STATUS_EXTENTS`).
 pub const MAX_BLOCK_STATUS_EXTENTS: usize = 1024 * 1024 / 8;
-/// Most requests one client may have in flight (QEMU's `MAX_NBD_REQUESTS`).
-pub const MAX_REQUESTS: usize = 16;
+/// Most requests one client may have in flight (QEMU's `MAX_NBD_REQUESTS`; the
+/// bound every export front shares).
+pub const MAX_REQUESTS: usize = bulkhead_export::MAX_IN_FLIGHT;
+// The executor's buffer budgets are sized for NBD's largest request.
+const _: () = assert!(MAX_BUFFER_SIZE == bulkhead_export::MAX_REQUEST_BYTES);
 /// Size of a compact request header.
 pub const REQUEST_SIZE: usize = 28;
 /// Size of an extended request header.

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bulkhead_block::BlockIo;
+use bulkhead_export::{Attachment, Lifecycle, Removal};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
@@ -117,7 +118,9 @@ pub enum ExportError {
     BadHandOff(String),
 }
 
-/// An export as the connections see it. Immutable apart from its counters.
+/// An export as the connections see it: the NBD part (name, description, flags,
+/// contexts) and the part every front shares ([`Lifecycle`]: attached clients,
+/// closing flag, buffer budget).
 pub(crate) struct Export {
     pub(crate) name: String,
     pub(crate) description: Option<String>,
@@ -127,18 +130,17 @@ pub(crate) struct Export {
     pub(crate) flags: u16,
     pub(crate) allocation_depth: bool,
     pub(crate) backend: Arc<dyn BlockIo>,
-    /// Number of attached clients; watched by deferred deletes.
-    clients: watch::Sender<usize>,
-    /// Set once on hard removal (or server shutdown); attached connections stop.
-    closing: watch::Sender<bool>,
-    /// Bytes of request buffers all its connections may hold at once
-    /// ([`EXPORT_BUFFER_BYTES`]): a request waits for its share before its payload is
-    /// read, so many clients cannot make the worker allocate without bound.
-    pub(crate) memory: Arc<Semaphore>,
+    pub(crate) life: Lifecycle,
 }
 
 /// Request buffer memory one export's connections may hold together.
-pub const EXPORT_BUFFER_BYTES: usize = 256 * 1024 * 1024;
+pub use bulkhead_export::EXPORT_BUFFER_BYTES;
+
+impl AsRef<Lifecycle> for Export {
+    fn as_ref(&self) -> &Lifecycle {
+        &self.life
+    }
+}
 
 impl Export {
     pub(crate) fn read_only(&self) -> bool {
@@ -146,52 +148,17 @@ impl Export {
     }
 
     pub(crate) fn closing(&self) -> watch::Receiver<bool> {
-        self.closing.subscribe()
+        self.life.closing()
     }
 }
 
 /// A client's hold on an export: counted from a successful GO/EXPORT_NAME until
 /// the connection and all its requests are finished.
-pub(crate) struct ExportClient {
-    pub(crate) export: Arc<Export>,
-}
+pub(crate) type ExportClient = Attachment<Export>;
 
-impl ExportClient {
-    fn new(export: Arc<Export>) -> ExportClient {
-        export.clients.send_modify(|n| *n += 1);
-        ExportClient { export }
-    }
-}
-
-impl Drop for ExportClient {
-    fn drop(&mut self) {
-        self.export
-            .clients
-            .send_modify(|n| *n = n.saturating_sub(1));
-    }
-}
-
-/// Resolves once the last client of a removed export has gone, so a deferred
-/// delete (qsd's `BLOCK_EXPORT_DELETED` after a hard `block-export-del`) can
-/// complete and the node can be released.
-#[derive(Debug)]
-pub struct ExportRemoval {
-    clients: watch::Receiver<usize>,
-}
-
-impl ExportRemoval {
-    /// Whether no client is attached any more.
-    pub fn is_finished(&self) -> bool {
-        *self.clients.borrow() == 0
-    }
-
-    /// Waits until no client is attached any more (at once if none was).
-    pub async fn finished(mut self) {
-        // An error means the export's sender is gone, i.e. the export and all
-        // its clients were dropped: also finished.
-        let _ = self.clients.wait_for(|n| *n == 0).await;
-    }
-}
+/// Resolves once the last client of a removed export has gone (the generic
+/// [`Removal`]).
+pub type ExportRemoval = Removal;
 
 /// State shared by the server handle, the listeners and every connection.
 /// Receives the lines qsd prints on stderr about clients (failed negotiations,
@@ -260,7 +227,7 @@ impl Shared {
     pub(crate) fn attach(&self, name: &[u8]) -> Option<ExportClient> {
         let table = self.exports();
         let export = table.iter().find(|e| e.name.as_bytes() == name)?;
-        Some(ExportClient::new(export.clone()))
+        Some(Attachment::new(export.clone()))
     }
 
     /// (name, description) of every export, oldest first, for NBD_OPT_LIST.
@@ -489,9 +456,7 @@ impl NbdServer {
             flags,
             allocation_depth: config.allocation_depth,
             backend,
-            clients: watch::Sender::new(0),
-            closing: watch::Sender::new(false),
-            memory: Arc::new(Semaphore::new(EXPORT_BUFFER_BYTES)),
+            life: Lifecycle::new(),
         });
         let mut table = self.shared.exports();
         if table.iter().any(|e| e.name == export.name) {
@@ -588,15 +553,13 @@ impl NbdServer {
             .iter()
             .position(|e| e.name == name)
             .ok_or_else(|| ExportError::NotFound(name.to_owned()))?;
-        if mode == RemoveMode::Safe && *table[pos].clients.borrow() > 0 {
+        if mode == RemoveMode::Safe && table[pos].life.clients() > 0 {
             return Err(ExportError::InUse(name.to_owned()));
         }
         let export = table.remove(pos);
         drop(table);
-        export.closing.send_replace(true);
-        Ok(ExportRemoval {
-            clients: export.clients.subscribe(),
-        })
+        export.life.close();
+        Ok(export.life.removal())
     }
 
     /// Names of the exports, oldest first.
@@ -614,7 +577,7 @@ impl NbdServer {
             .exports()
             .iter()
             .find(|e| e.name == name)
-            .map(|e| *e.clients.borrow())
+            .map(|e| e.life.clients())
     }
 
     /// Number of open connections (negotiating, waiting for a slot, or attached).
@@ -803,7 +766,7 @@ impl NbdServer {
         self.shared.shutdown.send_replace(true);
         let exports: Vec<Arc<Export>> = std::mem::take(&mut *self.shared.exports());
         for e in &exports {
-            e.closing.send_replace(true);
+            e.life.close();
         }
         let mut conns = self.shared.connections.subscribe();
         let _ = conns.wait_for(|n| *n == 0).await;

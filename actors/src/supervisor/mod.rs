@@ -11,7 +11,6 @@ pub mod asks;
 pub mod blockdev;
 pub mod export;
 pub mod graph;
-mod handoff;
 pub mod placement;
 mod reopen;
 mod restart;
@@ -111,9 +110,8 @@ pub struct Core {
     /// The instance serving NBD exports (under `--isolation image`: the listener,
     /// which only negotiates).
     nbd_home: Option<WorkerId>,
-    /// Under `--isolation image`: each export's own NBD instance, by export id.
-    export_homes: BTreeMap<String, WorkerId>,
-    exports: Vec<export::Export>,
+    /// Every block export, newest first.
+    exports: export::ExportTable,
     /// Set once the daemon is exiting: dying workers are not replaced.
     stopping: bool,
     /// Start-up (the command line) is complete; until then the NBD server accepts no
@@ -154,8 +152,7 @@ impl Core {
             generated_names: 0,
             nbd: None,
             nbd_home: None,
-            export_homes: BTreeMap::new(),
-            exports: Vec::new(),
+            exports: export::ExportTable::default(),
             stopping: false,
             started: false,
             restoring: HashSet::new(),
@@ -181,16 +178,7 @@ impl Core {
             .iter()
             .filter_map(|n| n.path.clone().map(|p| (p, n.home)));
         self.asks.borrow_mut().set_images(images);
-        let listener = self.nbd_home.filter(|_| self.per_export());
-        let exporters: Vec<(String, workers::WorkerCaller)> = self
-            .exports
-            .iter()
-            .filter(|e| !e.shutting_down)
-            .filter_map(|e| {
-                let w = self.running(*self.export_homes.get(&e.id)?)?;
-                Some((e.nbd_name.clone(), w.caller()))
-            })
-            .collect();
+        let (listener, exporters) = self.nbd_hand_off_table();
         self.asks.borrow_mut().set_exports(listener, exporters);
     }
 
@@ -278,15 +266,7 @@ impl Core {
                     .filter(|n| n.home == id)
                     .map(|n| n.name.as_str())
                     .collect();
-                let exports: Vec<&str> = if self.nbd_home == Some(id) {
-                    self.exports.iter().map(|e| e.id.as_str()).collect()
-                } else {
-                    self.export_homes
-                        .iter()
-                        .filter(|(_, w)| **w == id)
-                        .map(|(e, _)| e.as_str())
-                        .collect()
-                };
+                let exports = self.exports_on(id);
                 let role = if self.per_export() && self.nbd_home == Some(id) {
                     "listener"
                 } else {
@@ -317,27 +297,11 @@ impl Core {
         Value::Array(list)
     }
 
-    /// A worker reported something unasked. Only the instance serving NBD exports
-    /// may report an export gone (anything else was refused by the reader already);
-    /// under `--isolation image` that is the export's own instance, never the
-    /// listener (whose clients are only negotiating).
+    /// A worker reported something unasked (the reader accepted it from this kind
+    /// of worker; `export_gone` checks the worker serves the export).
     pub async fn worker_event(&mut self, from: WorkerId, event: WorkerEvent) {
         match event {
-            WorkerEvent::ExportGone { name } if self.per_export() => {
-                let own = self
-                    .exports
-                    .iter()
-                    .any(|e| e.nbd_name == name && self.export_homes.get(&e.id) == Some(&from));
-                if own {
-                    self.export_gone(&name).await
-                }
-            }
-            WorkerEvent::ExportGone { name } if self.nbd_home == Some(from) => {
-                self.export_gone(&name).await
-            }
-            WorkerEvent::ExportGone { .. } => {
-                tracing::warn!(worker = %from, "export report from a worker that serves no export");
-            }
+            WorkerEvent::ExportGone { export } => self.export_gone(from, export).await,
             WorkerEvent::WriteThreshold {
                 node,
                 threshold,
@@ -394,9 +358,7 @@ impl Core {
 
     /// Whether instance `id` holds state a replacement must get back.
     fn has_state(&self, id: WorkerId) -> bool {
-        self.graph.iter().any(|n| n.home == id)
-            || (self.nbd_home == Some(id) && self.nbd.is_some())
-            || self.export_homes.values().any(|w| *w == id)
+        self.graph.iter().any(|n| n.home == id) || self.has_export_state(id)
     }
 
     /// A running worker for instance `id`. A process is started on first use; an

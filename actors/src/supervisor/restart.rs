@@ -268,13 +268,7 @@ impl Core {
                 self.connect(*client, id).await?;
             }
         }
-        if self.nbd_home == Some(id) {
-            self.replay_nbd().await?;
-        }
-        if self.export_served_by(id).is_some() {
-            self.replay_export_worker(id).await?;
-        }
-        Ok(())
+        self.replay_exports(id).await
     }
 
     /// The instances hosting nodes that instance `id` uses: children of its nodes in
@@ -289,24 +283,8 @@ impl Core {
             .map(|c| c.home)
             .filter(|h| *h != id)
             .collect();
-        // The listener of per-export workers reaches no node.
-        if self.nbd_home == Some(id) && !self.per_export() {
-            deps.extend(
-                self.exports
-                    .iter()
-                    .filter_map(|e| self.graph.get(&e.node))
-                    .map(|n| n.home),
-            );
-        }
-        if let Some(export) = self.export_served_by(id) {
-            deps.extend(
-                self.exports
-                    .iter()
-                    .filter(|e| e.id == export)
-                    .filter_map(|e| self.graph.get(&e.node))
-                    .map(|n| n.home),
-            );
-        }
+        // The exports it serves (the NBD listener of per-export workers serves none).
+        deps.extend(self.export_dependencies(id));
         deps.sort();
         deps.dedup();
         deps
@@ -322,26 +300,11 @@ impl Core {
             }
         }
         self.channels.retain(|(a, b)| *a != id && *b != id);
-        let is_nbd = self.nbd_home == Some(id);
-        let own = self.export_served_by(id);
-        let doomed: Vec<String> = self
-            .exports
-            .iter()
-            .filter(|e| is_nbd || own.as_ref() == Some(&e.id) || self.chain_uses(&e.node, id))
-            .map(|e| e.id.clone())
-            .collect();
-        for export in doomed {
-            tracing::error!(%export, worker = %id, "deleting export: its worker keeps dying");
-            self.finish_export_removal(&export).await;
-        }
-        if is_nbd {
-            self.nbd = None;
-            self.nbd_home = None;
-        }
+        self.give_up_exports(id).await;
     }
 
     /// Whether `name` or a node below it lives on instance `id`.
-    fn chain_uses(&self, name: &str, id: WorkerId) -> bool {
+    pub(super) fn chain_uses(&self, name: &str, id: WorkerId) -> bool {
         self.graph.chain(name).iter().any(|n| n.home == id)
     }
 }

@@ -509,9 +509,9 @@ async fn read_replies(
                     return Some("event carried descriptors".into());
                 }
                 let expected = match &event {
-                    WorkerEvent::ExportGone { name } => {
-                        kind == WorkerKind::Nbd && name.len() <= 4096
-                    }
+                    // Export workers only; the supervisor checks the instance
+                    // serves the export.
+                    WorkerEvent::ExportGone { .. } => !kind.hosts_nodes(),
                     // The supervisor checks node, instance and threshold before it
                     // emits anything (at most one per threshold the monitor set).
                     WorkerEvent::WriteThreshold { .. } => kind.hosts_nodes(),

@@ -302,8 +302,8 @@ impl DriverWorker {
             ToWorker::Ping => Ok(Reply::Done),
             ToWorker::NbdServerStart { .. }
             | ToWorker::NbdServerStop
-            | ToWorker::NbdExportAdd { .. }
-            | ToWorker::NbdExportRemove { .. }
+            | ToWorker::ExportAdd { .. }
+            | ToWorker::ExportRemove { .. }
             | ToWorker::NbdAdopt(_) => Err(err(
                 WorkerErrorKind::Invalid,
                 libc::EINVAL,

@@ -77,7 +77,7 @@ impl Hooks {
             }
             if std::env::var("BULKHEAD_TEST_MISBEHAVE").as_deref() == Ok("event-flood") {
                 let event = FromWorker::Event(WorkerEvent::ExportGone {
-                    name: "flood".into(),
+                    export: bulkhead_ipc::wire::ExportKey(u64::MAX),
                 });
                 for _ in 0..100_000 {
                     if chan.send(&event, &[]).await.is_err() {

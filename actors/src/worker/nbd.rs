@@ -12,15 +12,19 @@
 //! replacement worker serves the same socket). Exported nodes are reached through data
 //! channels to the workers that host them (a format node with its protocol child, so
 //! one hop whatever the chain). Clients' bytes are untrusted and handled by
-//! `bulkhead-nbd`; this module only wires it to the control plane.
+//! `bulkhead-nbd`; this module only wires it to the control plane: the generic
+//! export messages ([`ToWorker::ExportAdd`], [`ToWorker::ExportRemove`],
+//! [`WorkerEvent::ExportGone`], keyed by [`ExportKey`]) and NBD's own (server start
+//! and stop, hand-off and adoption).
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::wire::{
-    FromWorker, NbdExport, NbdHandOff, NbdMode, Reply, ToWorker, WorkerAsk, WorkerError,
-    WorkerErrorKind, WorkerEvent,
+    ExportKey, ExportSpec, FromWorker, FrontSpec, NbdHandOff, NbdMode, Reply, ToWorker, WorkerAsk,
+    WorkerError, WorkerErrorKind, WorkerEvent,
 };
 use bulkhead_nbd::server::{ExportConfig, ExportError, NbdServer, RemoveMode, ServerConfig};
 use bulkhead_nbd::{HandOff, HandOffHook, Mode};
@@ -46,6 +50,8 @@ fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerEr
 /// State of the NBD worker.
 pub(crate) struct NbdWorker {
     server: Option<Arc<NbdServer>>,
+    /// The NBD name of each export the server has, by the supervisor's key.
+    names: HashMap<ExportKey, String>,
     peers: super::Peers,
     control: Arc<ControlChannel>,
     link: Arc<Link>,
@@ -55,26 +61,42 @@ impl NbdWorker {
     pub(crate) fn new(control: Arc<ControlChannel>, link: Arc<Link>) -> NbdWorker {
         NbdWorker {
             server: None,
+            names: HashMap::new(),
             peers: super::Peers::default(),
             control,
             link,
         }
     }
 
-    async fn add_export(&self, server: &NbdServer, export: NbdExport) -> Result<(), WorkerError> {
-        let config = ExportConfig {
-            name: export.name,
-            description: export.description,
-            writable: export.writable,
-            allocation_depth: export.allocation_depth,
-        };
-        if let Some(size) = export.metadata_size {
-            return server
-                .add_metadata_export(config, size)
-                .map_err(export_error);
+    async fn add_export(
+        &mut self,
+        server: &NbdServer,
+        export: ExportSpec,
+    ) -> Result<(), WorkerError> {
+        let FrontSpec::Nbd(nbd) = export.front;
+        if self.names.contains_key(&export.key) {
+            return Err(err(
+                WorkerErrorKind::Invalid,
+                libc::EEXIST,
+                "export key in use",
+            ));
         }
-        let backend = self.peers.open(export.node, "exported node").await?;
-        server.add_export(config, backend).map_err(export_error)
+        let config = ExportConfig {
+            name: nbd.name.clone(),
+            description: nbd.description,
+            writable: export.writable,
+            allocation_depth: nbd.allocation_depth,
+        };
+        match nbd.metadata_size {
+            Some(size) => server.add_metadata_export(config, size),
+            None => {
+                let backend = self.peers.open(export.node, "exported node").await?;
+                server.add_export(config, backend)
+            }
+        }
+        .map_err(export_error)?;
+        self.names.insert(export.key, nbd.name);
+        Ok(())
     }
 
     fn server(&self) -> Result<&Arc<NbdServer>, WorkerError> {
@@ -128,6 +150,7 @@ impl NbdWorker {
                     server.set_hand_off(hand_off_hook(Arc::clone(&self.link)));
                 }
                 // Every export exists before the first client is accepted.
+                self.names.clear();
                 for export in exports {
                     self.add_export(&server, export).await?;
                 }
@@ -140,18 +163,26 @@ impl NbdWorker {
             ToWorker::NbdServerStop => {
                 // Answer once every client is gone, so the supervisor can report their
                 // exports deleted before its reply (the disconnects are immediate).
+                self.names.clear();
                 if let Some(server) = self.server.take() {
                     server.shutdown().await;
                 }
                 Ok(Reply::Done)
             }
-            ToWorker::NbdExportAdd(export) => {
+            ToWorker::ExportAdd(export) => {
                 let server = Arc::clone(self.server()?);
                 self.add_export(&server, export).await?;
                 Ok(Reply::Done)
             }
-            ToWorker::NbdExportRemove { name, hard } => {
-                let server = self.server()?;
+            ToWorker::ExportRemove { export, hard } => {
+                let server = Arc::clone(self.server()?);
+                let Some(name) = self.names.get(&export).cloned() else {
+                    return Err(err(
+                        WorkerErrorKind::NotFound,
+                        libc::ENOENT,
+                        format!("{export} is not found"),
+                    ));
+                };
                 let mode = if hard {
                     RemoveMode::Hard
                 } else {
@@ -161,13 +192,14 @@ impl NbdWorker {
                 // after the command's reply, however fast the disconnect is.
                 let had_clients = server.client_count(&name).unwrap_or(0) > 0;
                 let removal = server.remove_export(&name, mode).map_err(export_error)?;
+                self.names.remove(&export);
                 if !had_clients {
                     return Ok(Reply::ExportRemoved { deferred: false });
                 }
                 let control = Arc::clone(&self.control);
                 tokio::spawn(async move {
                     removal.finished().await;
-                    let event = FromWorker::Event(WorkerEvent::ExportGone { name });
+                    let event = FromWorker::Event(WorkerEvent::ExportGone { export });
                     if let Err(e) = control.send(&event, &[]).await {
                         tracing::warn!(error = %e, "cannot report a finished export removal");
                     }

@@ -6,18 +6,20 @@
 //! flags, bounds) in [`Conn::receive`] before any I/O is started, in qsd's order
 //! and with qsd's errno choices.
 //!
-//! A request travels like this: the connection task reads its header (and
-//! payload) into a pooled buffer, validates it, takes one of 16 in-flight slots
-//! and spawns a request task; it then goes straight back to reading. The request
-//! task calls the export's `BlockIo`, then sends the whole reply: small replies
+//! A request travels like this: the connection task takes one of 16 in-flight
+//! slots, reads its header (and payload) into a pooled or backend-lent buffer,
+//! validates it and spawns a request task; it then goes straight back to reading.
+//! The request task runs it through the generic executor (`bulkhead_export::exec`,
+//! which calls the export's `BlockIo`), then sends the whole reply: small replies
 //! that are ready together are copied into one output buffer and written with one
 //! system call, large ones are written directly with one vectored write under the
 //! connection's write lock. Replies go out as requests finish, in any order, never
 //! interleaved. Buffers return to the pool.
 //!
-//! Layout: this file holds the connection's state, its task and buffers;
-//! [`parse`] reads and checks requests, [`exec`] runs them, [`reply`] encodes and
-//! writes replies.
+//! Layout: this file holds the connection's state and its task; [`parse`] reads and
+//! checks requests (NBD wire), [`exec`] turns them into executor calls and picks
+//! the reply, [`reply`] encodes and writes replies. The in-flight slots, buffer
+//! budgets and buffers are the generic ones of `bulkhead_export::memory`.
 
 mod exec;
 mod parse;
@@ -27,10 +29,12 @@ use std::io::IoSlice;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_block::ZeroFlags;
 use bulkhead_block::posix::strerror;
-use bulkhead_block::{BlockIo, Extent, IoBuffer, IoError, SparseReadError, WriteFlags, ZeroFlags};
+use bulkhead_export::exec::{self as executor, Failed, Failure, Op, Run};
+use bulkhead_export::{Buf, ConnBounds, Reservation};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::task::JoinSet;
 
 use crate::handoff::HandOff;
@@ -43,15 +47,10 @@ const READ_BUF: usize = 64 * 1024;
 /// Read buffer size during negotiation: option headers are small, and up to a
 /// thousand clients may be negotiating at once.
 pub(crate) const HANDSHAKE_BUF: usize = 4 * 1024;
-/// Buffers above this size are freed after use instead of pooled.
-const POOL_MAX_BUF: usize = 4 * 1024 * 1024;
 /// Most iovecs per writev (Linux `IOV_MAX`).
 const IOV_MAX: usize = 1024;
-/// Request buffer memory one connection may hold at once: two requests of the
-/// largest size. QEMU allows 16 requests of 32 MiB per connection (512 MiB); past
-/// this bound a request waits for its share before its payload is read, which
-/// pushes back on the client through the socket.
-pub const CONN_BUFFER_BYTES: usize = 2 * MAX_BUFFER_SIZE as usize;
+/// Request buffer memory one connection may hold at once (the generic bound).
+pub use bulkhead_export::CONN_BUFFER_BYTES;
 
 /// Runs one connection: negotiation, then the transmission phase, or, on a server
 /// that hands clients off, returns what was negotiated with the socket halves and
@@ -285,41 +284,7 @@ struct Request {
     contexts: Selected,
     /// The buffer's share of the connection's and the export's memory budgets,
     /// returned when the request is done.
-    _memory: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
-}
-
-/// A request's data buffer: lent by the backend when it has memory it can use without
-/// copying (the shared-memory pool of a node in another worker, so the payload goes
-/// from the socket to the node's worker and back with no copy in between), else one
-/// of the connection's pooled vectors.
-enum Buf {
-    Local(Vec<u8>),
-    Backend(IoBuffer),
-}
-
-impl Default for Buf {
-    fn default() -> Buf {
-        Buf::Local(Vec::new())
-    }
-}
-
-impl std::ops::Deref for Buf {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Buf::Local(v) => v,
-            Buf::Backend(b) => b,
-        }
-    }
-}
-
-impl std::ops::DerefMut for Buf {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        match self {
-            Buf::Local(v) => v,
-            Buf::Backend(b) => b,
-        }
-    }
+    _memory: Option<Reservation>,
 }
 
 /// Meta contexts a BLOCK_STATUS request asks for.
@@ -336,15 +301,14 @@ struct Conn<W> {
     mode: Mode,
     contexts: Contexts,
     writer: tokio::sync::Mutex<W>,
-    pool: Mutex<Vec<Vec<u8>>>,
+    /// In-flight slots, buffer budget and buffer pool.
+    bounds: ConnBounds,
     /// Small replies waiting to go out together (see [`Conn::send`]).
     out: Mutex<Out>,
     /// Request tasks running.
     running: AtomicUsize,
     /// Set when a reply could not be written; the reader stops.
     dead: watch::Sender<bool>,
-    /// Request buffer memory of this connection ([`CONN_BUFFER_BYTES`]).
-    memory: Arc<Semaphore>,
 }
 
 /// Replies of at most this many bytes are copied into the connection's output buffer
@@ -382,25 +346,23 @@ where
         mode,
         contexts,
         writer: tokio::sync::Mutex::new(w),
-        pool: Mutex::new(Vec::new()),
+        bounds: ConnBounds::new(),
         out: Mutex::new(Out::default()),
         running: AtomicUsize::new(0),
         dead: watch::Sender::new(false),
-        memory: Arc::new(Semaphore::new(CONN_BUFFER_BYTES)),
     });
     let mut stop = Stop {
         export: client.export.closing(),
         shutdown: shared.shutdown_signal(),
         dead: conn.dead.subscribe(),
     };
-    let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
     let mut tasks = JoinSet::new();
     let drain = loop {
         let permit = tokio::select! {
             _ = stop.wait() => break false,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break false,
+            p = conn.bounds.slot() => match p {
+                Some(p) => p,
+                None => break false,
             },
         };
         let received = tokio::select! {
@@ -468,42 +430,12 @@ impl Stop {
 
 impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
     fn take_buf(&self, len: usize) -> Buf {
-        if len > 0
-            && let Some(b) = self.export.backend.alloc_buffer(len)
-        {
-            return Buf::Backend(b);
-        }
-        let mut buf = {
-            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            pool.pop().unwrap_or_default()
-        };
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        Buf::Local(buf)
+        self.bounds.take(&*self.export.backend, len)
     }
 
     fn put_buf(&self, buf: Buf) {
-        let Buf::Local(buf) = buf else {
-            // Backend memory goes back to its owner when dropped.
-            return;
-        };
-        if buf.capacity() == 0 || buf.capacity() > POOL_MAX_BUF {
-            return;
-        }
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < MAX_REQUESTS {
-            pool.push(buf);
-        }
+        self.bounds.put(buf);
     }
-}
-
-/// A run of a read reply: data or hole.
-#[derive(Clone, Copy)]
-struct Run {
-    offset: u64,
-    len: u64,
-    hole: bool,
 }
 
 fn too_long(len: u64) -> String {

@@ -150,23 +150,9 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         })
     }
 
-    /// Waits for `len` bytes of the connection's, then the export's, buffer budget
-    /// (always in that order, and released together, so waits cannot form a cycle).
-    /// `None` if a semaphore was closed (never, today).
-    pub(super) async fn reserve(
-        &self,
-        len: u64,
-    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
-        let n = u32::try_from(len.max(1)).ok()?;
-        let conn = self.memory.clone().acquire_many_owned(n).await.ok()?;
-        let export = self
-            .export
-            .memory
-            .clone()
-            .acquire_many_owned(n)
-            .await
-            .ok()?;
-        Some((conn, export))
+    /// Waits for `len` bytes of the connection's, then the export's, buffer budget.
+    pub(super) async fn reserve(&self, len: u64) -> Option<Reservation> {
+        self.bounds.reserve(&self.export.life, len).await
     }
 
     /// qsd's final checks, in its order: read-only, bounds, flags. (qsd computes

@@ -4,14 +4,29 @@
 use super::*;
 
 impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
-    pub(super) async fn reply_io(
+    /// The reply to a request that returns no data: success, or its failure with
+    /// qsd's text for the step that failed.
+    pub(super) async fn reply_done(
         &self,
         req: &Request,
-        r: Result<(), IoError>,
-        msg: &str,
+        r: Result<(), Failure>,
     ) -> std::io::Result<()> {
-        self.reply_generic(req.cookie, req.offset, r.map_err(|e| e.errno()), msg)
-            .await
+        match r {
+            Ok(()) => self.reply_generic(req.cookie, req.offset, Ok(()), "").await,
+            Err(f) => self.reply_failure(req.cookie, req.offset, f).await,
+        }
+    }
+
+    /// A failed request's reply (an error chunk once structured replies are
+    /// negotiated, else a simple reply with the NBD error code).
+    pub(super) async fn reply_failure(
+        &self,
+        cookie: u64,
+        offset: u64,
+        f: Failure,
+    ) -> std::io::Result<()> {
+        let msg = super::exec::failure_text(f);
+        self.reply_generic(cookie, offset, Err(f.errno), &msg).await
     }
 
     /// qsd's `nbd_send_generic_reply`: errors as an error chunk once structured

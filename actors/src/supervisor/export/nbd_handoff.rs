@@ -16,46 +16,52 @@
 
 use std::os::fd::AsFd;
 
-use bulkhead_ipc::wire::{NbdExport, ToWorker, WorkerId, WorkerKind};
+use bulkhead_ipc::wire::{ExportSpec, ToWorker, WorkerId, WorkerKind};
 
-use super::export::Export;
-use super::{Core, Isolation, QmpError, call_error};
+use super::Export;
+use crate::supervisor::workers::WorkerCaller;
+use crate::supervisor::{Core, Isolation, QmpError, call_error};
 
 impl Core {
     /// Whether every export gets a worker of its own (`--isolation image`).
-    pub(super) fn per_export(&self) -> bool {
+    pub(in crate::supervisor) fn per_export(&self) -> bool {
         self.isolation == Isolation::Image
     }
 
-    /// The export (by QMP id) instance `id` serves, if it is an export's own worker.
-    pub(super) fn export_served_by(&self, id: WorkerId) -> Option<String> {
-        self.export_homes
-            .iter()
-            .find(|(_, w)| **w == id)
-            .map(|(e, _)| e.clone())
+    /// What the listener offers for `export`: metadata only.
+    pub(super) fn metadata_export(&self, export: &Export) -> Option<ExportSpec> {
+        let node = self.graph.get(&export.node)?;
+        let target = bulkhead_ipc::wire::NodeRef {
+            node: node.id,
+            home: node.home,
+        };
+        Some(Self::nbd_spec(export, target, Some(node.size)))
     }
 
-    /// What the listener offers for `export`: metadata only.
-    pub(super) fn metadata_export(&self, export: &Export) -> Option<NbdExport> {
-        let node = self.graph.get(&export.node)?;
-        Some(NbdExport {
-            name: export.nbd_name.clone(),
-            description: export.description.clone(),
-            writable: export.writable,
-            allocation_depth: export.allocation_depth,
-            node: bulkhead_ipc::wire::NodeRef {
-                node: node.id,
-                home: node.home,
-            },
-            metadata_size: Some(node.size),
-        })
+    /// Where the listener's hand-offs go: the listener (under per-export workers)
+    /// and each export's own worker by NBD name (exports being removed left out).
+    pub(in crate::supervisor) fn nbd_hand_off_table(
+        &self,
+    ) -> (Option<WorkerId>, Vec<(String, WorkerCaller)>) {
+        let listener = self.nbd_home.filter(|_| self.per_export());
+        let exporters = self
+            .exports
+            .iter()
+            .filter(|e| !e.shutting_down)
+            .filter_map(|e| {
+                let super::Front::Nbd(o) = &e.front;
+                let w = self.running(e.worker?)?;
+                Some((o.name.clone(), w.caller()))
+            })
+            .collect();
+        (listener, exporters)
     }
 
     /// Starts (or, after a restart, replays) the own worker of export `id`: a
     /// channel to the exported node's instance and an NBD server without a listener
     /// that serves only this export.
     pub(super) async fn start_export_worker(&mut self, id: &str) -> Result<(), QmpError> {
-        let Some(export) = self.exports.iter().find(|e| e.id == id).cloned() else {
+        let Some(export) = self.exports.get(id).cloned() else {
             return Err(QmpError::generic(format!("Export '{id}' is not found")));
         };
         let Some(server) = &self.nbd else {
@@ -66,11 +72,13 @@ impl Core {
         let Some(target) = self.node_ref(&export.node) else {
             return Err(QmpError::generic("node vanished"));
         };
-        let inst = match self.export_homes.get(id) {
-            Some(w) => *w,
+        let inst = match export.worker {
+            Some(w) => w,
             None => {
                 let w = self.new_instance(WorkerKind::Nbd);
-                self.export_homes.insert(id.to_string(), w);
+                if let Some(e) = self.exports.get_mut(id) {
+                    e.worker = Some(w);
+                }
                 w
             }
         };
@@ -78,14 +86,7 @@ impl Core {
         let start = ToWorker::NbdServerStart {
             max_connections,
             handshake_max_seconds,
-            exports: vec![NbdExport {
-                name: export.nbd_name.clone(),
-                description: export.description.clone(),
-                writable: export.writable,
-                allocation_depth: export.allocation_depth,
-                node: target,
-                metadata_size: None,
-            }],
+            exports: vec![Self::nbd_spec(&export, target, None)],
             hand_off: false,
         };
         let w = self.worker(inst).await?;
@@ -94,30 +95,10 @@ impl Core {
         Ok(())
     }
 
-    /// Replays an export's own worker after its restart: its clients are gone, so an
-    /// export being removed is finished; any other export is served again.
-    pub(super) async fn replay_export_worker(&mut self, inst: WorkerId) -> Result<(), QmpError> {
-        let Some(id) = self.export_served_by(inst) else {
-            return Ok(());
-        };
-        if self.exports.iter().any(|e| e.id == id && e.shutting_down) {
-            self.finish_export_removal(&id).await;
-            return Ok(());
-        }
-        self.start_export_worker(&id).await
-    }
-
-    /// Stops the own worker of export `id` (its removal is complete).
-    pub(super) fn retire_export_worker(&mut self, id: &str) {
-        if let Some(inst) = self.export_homes.remove(id) {
-            self.retire_if_idle(inst);
-        }
-    }
-
     /// Stops the NBD server in every export's own worker (each answers once its
     /// clients are gone), as `nbd-server-stop` does in the listener.
     pub(super) async fn stop_export_workers(&mut self) {
-        let workers: Vec<WorkerId> = self.export_homes.values().copied().collect();
+        let workers: Vec<WorkerId> = self.exports.iter().filter_map(|e| e.worker).collect();
         for w in workers {
             if let Some(h) = self.running(w) {
                 let _ = h.call(ToWorker::NbdServerStop, &[]).await;
@@ -128,7 +109,7 @@ impl Core {
     /// Sends the listener its start message (`hand_off` under per-export workers).
     pub(super) async fn start_listener(
         &mut self,
-        exports: Vec<NbdExport>,
+        exports: Vec<ExportSpec>,
         listener: std::os::fd::OwnedFd,
     ) -> Result<(), QmpError> {
         let Some(server) = &self.nbd else {
