@@ -219,3 +219,180 @@ pub async fn block_status(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_block::IoFuture;
+
+    /// A node whose calls fail as configured, with fixed block status.
+    #[derive(Default)]
+    struct Node {
+        fail_discard: bool,
+        fail_flush: bool,
+        /// `block_status` answers these (at most `len` of them is used by callers).
+        extents: Vec<Extent>,
+        /// `read_sparse` answers these.
+        sparse: Vec<Extent>,
+    }
+
+    fn os(fail: bool, errno: i32) -> Result<(), IoError> {
+        if fail {
+            Err(IoError::Os(errno))
+        } else {
+            Ok(())
+        }
+    }
+
+    impl BlockIo for Node {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read<'a>(&'a self, _: u64, _: &'a mut [u8]) -> IoFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn write<'a>(&'a self, _: u64, _: &'a [u8], _: WriteFlags) -> IoFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> IoFuture<'_, ()> {
+            Box::pin(async { Err(IoError::Os(libc::ENOSPC)) })
+        }
+        fn discard(&self, _: u64, _: u64) -> IoFuture<'_, ()> {
+            Box::pin(async move { os(self.fail_discard, libc::EIO) })
+        }
+        fn flush(&self) -> IoFuture<'_, ()> {
+            Box::pin(async move { os(self.fail_flush, libc::EIO) })
+        }
+        fn block_status(&self, _: u64, _: u64) -> IoFuture<'_, Vec<Extent>> {
+            Box::pin(async move { Ok(self.extents.clone()) })
+        }
+        fn read_sparse<'a>(&'a self, _: u64, _: &'a mut [u8]) -> bulkhead_block::SparseFuture<'a> {
+            Box::pin(async move { Ok(self.sparse.clone()) })
+        }
+    }
+
+    fn extent(length: u64, zero: bool) -> Extent {
+        Extent {
+            length,
+            data: !zero,
+            zero,
+            depth: u32::from(!zero),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_fua_flush_after_a_discard_is_a_failed_discard() {
+        let node = Node {
+            fail_flush: true,
+            ..Node::default()
+        };
+        let r = run(&node, Op::Discard { fua: false }, 0, 512, &[]).await;
+        assert_eq!(r, Ok(()));
+        let r = run(&node, Op::Discard { fua: true }, 0, 512, &[]).await;
+        assert_eq!(
+            r,
+            Err(Failure {
+                failed: Failed::Discard,
+                errno: libc::EIO
+            })
+        );
+        let r = run(&node, Op::Flush, 0, 0, &[]).await;
+        assert_eq!(r.map_err(|f| f.failed), Err(Failed::Flush));
+    }
+
+    #[tokio::test]
+    async fn a_fua_read_flushes_first_and_reports_the_flush() {
+        let node = Node {
+            fail_flush: true,
+            ..Node::default()
+        };
+        let mut buf = [0u8; 512];
+        assert_eq!(read(&node, 0, &mut buf, false).await, Ok(()));
+        let r = read(&node, 0, &mut buf, true).await;
+        assert_eq!(r.map_err(|f| f.failed), Err(Failed::Flush));
+        let r = read_sparse(&node, 0, &mut buf, true).await;
+        assert_eq!(r.map_err(|f| f.failed), Err(Failed::Flush));
+    }
+
+    #[tokio::test]
+    async fn errnos_pass_through_with_the_failed_step() {
+        let node = Node {
+            fail_discard: true,
+            ..Node::default()
+        };
+        let zero = ZeroFlags {
+            fua: false,
+            may_unmap: true,
+            no_fallback: false,
+        };
+        let r = run(&node, Op::WriteZeroes(zero), 0, 512, &[]).await;
+        assert_eq!(
+            r,
+            Err(Failure {
+                failed: Failed::WriteZeroes,
+                errno: libc::ENOSPC
+            })
+        );
+        let r = run(&node, Op::Discard { fua: true }, 0, 512, &[]).await;
+        assert_eq!(r.map_err(|f| f.failed), Err(Failed::Discard));
+    }
+
+    #[tokio::test]
+    async fn sparse_runs_merge_and_must_tile_the_request() {
+        let mut node = Node {
+            sparse: vec![extent(512, false), extent(512, true), extent(1024, true)],
+            ..Node::default()
+        };
+        let mut buf = vec![0u8; 2048];
+        let runs = read_sparse(&node, 4096, &mut buf, false).await;
+        assert_eq!(
+            runs,
+            Ok(vec![
+                Run {
+                    offset: 4096,
+                    len: 512,
+                    hole: false
+                },
+                Run {
+                    offset: 4608,
+                    len: 1536,
+                    hole: true
+                },
+            ])
+        );
+        node.sparse.pop();
+        let r = read_sparse(&node, 4096, &mut buf, false).await;
+        assert_eq!(
+            r,
+            Err(Failure {
+                failed: Failed::HoleCheck,
+                errno: libc::EIO
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn block_status_merges_caps_and_fails_without_progress() {
+        let node = Node {
+            extents: vec![extent(512, false), extent(512, false), extent(1024, true)],
+            ..Node::default()
+        };
+        let zero = |e: &Extent| u32::from(e.zero);
+        let runs = block_status(&node, 0, 2048, 8, zero).await;
+        assert_eq!(runs, Ok(vec![(1024, 0), (1024, 1)]));
+        let one = block_status(&node, 0, 2048, 1, zero).await;
+        assert_eq!(one, Ok(vec![(1024, 0)]));
+        let stuck = Node::default();
+        let r = block_status(&stuck, 0, 2048, 8, zero).await;
+        assert_eq!(
+            r,
+            Err(Failure {
+                failed: Failed::BlockStatus,
+                errno: libc::EIO
+            })
+        );
+    }
+}

@@ -511,6 +511,27 @@ mod tests {
     }
 
     #[test]
+    fn failed_steps_get_qsd_texts() {
+        let text = |failed, errno| exec::failure_text(Failure { failed, errno });
+        assert_eq!(text(Failed::Read, libc::EIO), "reading from file failed");
+        assert_eq!(text(Failed::Write, libc::EIO), "writing to file failed");
+        assert_eq!(
+            text(Failed::WriteZeroes, libc::ENOSPC),
+            "writing to file failed"
+        );
+        assert_eq!(text(Failed::Discard, libc::EIO), "discard failed");
+        assert_eq!(text(Failed::Flush, libc::EIO), "flush failed");
+        assert_eq!(
+            text(Failed::HoleCheck, libc::EIO),
+            "unable to check for holes: Input/output error"
+        );
+        assert_eq!(
+            text(Failed::BlockStatus, libc::EIO),
+            "can't get block status"
+        );
+    }
+
+    #[test]
     fn too_long_uses_qsd_text() {
         assert_eq!(
             too_long(33554433),

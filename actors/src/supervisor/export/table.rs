@@ -108,3 +108,47 @@ impl<'a> IntoIterator for &'a ExportTable {
         self.list.iter()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(id: &str, key: ExportKey) -> Export {
+        Export {
+            id: id.into(),
+            key,
+            node: "n".into(),
+            writable: false,
+            allow_inactive: false,
+            shutting_down: false,
+            worker: None,
+            front: Front::Nbd(NbdOptions {
+                name: id.into(),
+                description: None,
+                allocation_depth: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn newest_first_and_keys_are_never_reused() {
+        let mut t = ExportTable::default();
+        let a = t.new_key();
+        t.insert(export("a", a));
+        let b = t.new_key();
+        t.insert(export("b", b));
+        assert_eq!(t.ids(), ["b", "a"]);
+        assert_eq!(t.by_key(a).map(|e| e.id.as_str()), Some("a"));
+        assert!(t.remove("a").is_some());
+        assert!(t.by_key(a).is_none());
+        let again = t.new_key();
+        assert!(again != a && again != b);
+        t.insert(export("a", again));
+        assert!(
+            t.by_key(a).is_none(),
+            "a late report about the old 'a' misses"
+        );
+        assert_eq!(t.get("a").map(|e| e.key), Some(again));
+        assert_eq!(t.iter().next().map(|e| e.front.type_name()), Some("nbd"));
+    }
+}
