@@ -9,6 +9,7 @@
 //! supervisor's requests, so the supervisor can replace it.
 
 mod driver;
+mod export;
 #[cfg(feature = "test-hooks")]
 mod hooks;
 mod link;

@@ -17,19 +17,19 @@
 //! [`WorkerEvent::ExportGone`], keyed by [`ExportKey`]) and NBD's own (server start
 //! and stop, hand-off and adoption).
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::wire::{
-    ExportKey, ExportSpec, FromWorker, FrontSpec, NbdHandOff, NbdMode, Reply, ToWorker, WorkerAsk,
-    WorkerError, WorkerErrorKind, WorkerEvent,
+    ExportSpec, FrontSpec, NbdHandOff, NbdMode, Reply, ToWorker, WorkerAsk, WorkerError,
+    WorkerErrorKind,
 };
 use bulkhead_nbd::server::{ExportConfig, ExportError, NbdServer, RemoveMode, ServerConfig};
 use bulkhead_nbd::{HandOff, HandOffHook, Mode};
 use tokio::sync::Semaphore;
 
+use super::export::{ExportKeys, removal_reply};
 use super::link::Link;
 
 /// Hand-offs the listener has asked about and not had answered yet; further
@@ -51,7 +51,7 @@ fn err(kind: WorkerErrorKind, errno: i32, detail: impl Into<String>) -> WorkerEr
 pub(crate) struct NbdWorker {
     server: Option<Arc<NbdServer>>,
     /// The NBD name of each export the server has, by the supervisor's key.
-    names: HashMap<ExportKey, String>,
+    names: ExportKeys<String>,
     peers: super::Peers,
     control: Arc<ControlChannel>,
     link: Arc<Link>,
@@ -61,7 +61,7 @@ impl NbdWorker {
     pub(crate) fn new(control: Arc<ControlChannel>, link: Arc<Link>) -> NbdWorker {
         NbdWorker {
             server: None,
-            names: HashMap::new(),
+            names: ExportKeys::new(),
             peers: super::Peers::default(),
             control,
             link,
@@ -74,13 +74,7 @@ impl NbdWorker {
         export: ExportSpec,
     ) -> Result<(), WorkerError> {
         let FrontSpec::Nbd(nbd) = export.front;
-        if self.names.contains_key(&export.key) {
-            return Err(err(
-                WorkerErrorKind::Invalid,
-                libc::EEXIST,
-                "export key in use",
-            ));
-        }
+        self.names.check_free(export.key)?;
         let config = ExportConfig {
             name: nbd.name.clone(),
             description: nbd.description,
@@ -176,35 +170,16 @@ impl NbdWorker {
             }
             ToWorker::ExportRemove { export, hard } => {
                 let server = Arc::clone(self.server()?);
-                let Some(name) = self.names.get(&export).cloned() else {
-                    return Err(err(
-                        WorkerErrorKind::NotFound,
-                        libc::ENOENT,
-                        format!("{export} is not found"),
-                    ));
-                };
+                let name = self.names.get(export)?;
                 let mode = if hard {
                     RemoveMode::Hard
                 } else {
                     RemoveMode::Safe
                 };
-                // Like qsd, an export whose clients had to be disconnected is deleted
-                // after the command's reply, however fast the disconnect is.
                 let had_clients = server.client_count(&name).unwrap_or(0) > 0;
                 let removal = server.remove_export(&name, mode).map_err(export_error)?;
-                self.names.remove(&export);
-                if !had_clients {
-                    return Ok(Reply::ExportRemoved { deferred: false });
-                }
-                let control = Arc::clone(&self.control);
-                tokio::spawn(async move {
-                    removal.finished().await;
-                    let event = FromWorker::Event(WorkerEvent::ExportGone { export });
-                    if let Err(e) = control.send(&event, &[]).await {
-                        tracing::warn!(error = %e, "cannot report a finished export removal");
-                    }
-                });
-                Ok(Reply::ExportRemoved { deferred: true })
+                self.names.remove(export);
+                Ok(removal_reply(&self.control, export, had_clients, removal))
             }
             ToWorker::NbdAdopt(hand) => {
                 let server = self.server()?;
