@@ -272,7 +272,8 @@ impl Core {
     }
 
     /// The instances hosting nodes that instance `id` uses: children of its nodes in
-    /// other instances, and for the NBD instance every exported node's instance.
+    /// other instances, and the instances of the nodes exported by the exports it
+    /// serves.
     fn dependencies(&self, id: WorkerId) -> Vec<WorkerId> {
         let mut deps: Vec<WorkerId> = self
             .graph
