@@ -9,7 +9,7 @@ use bulkhead_qmp::request::{self, ErrorClass, Request};
 use serde_json::{Map, Value};
 
 use super::render;
-use crate::supervisor::{COMMANDS, QmpError};
+use crate::supervisor::{QmpError, commands, errors};
 
 /// The verdict on one message.
 #[derive(Debug)]
@@ -54,7 +54,7 @@ impl Gate {
             id,
             oob,
         } = req;
-        let known = COMMANDS.contains(&command.as_str());
+        let known = commands::find(&command).is_some();
 
         if !self.negotiated {
             if command != "qmp_capabilities" {
@@ -82,11 +82,7 @@ impl Gate {
         }
 
         if !known {
-            let e = QmpError {
-                class: ErrorClass::CommandNotFound,
-                desc: format!("The command {command} has not been found"),
-            };
-            return refuse(e, id);
+            return refuse(errors::command_not_found(&command), id);
         }
         if oob {
             return refuse(

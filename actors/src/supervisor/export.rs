@@ -10,11 +10,16 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use bulkhead_ipc::wire::{NbdExport, NodeRef, Reply, ToWorker, WorkerErrorKind};
-use serde_json::{Map, Value, json};
+use bulkhead_qmp::qapi::id_wellformed;
+use bulkhead_qmp::qapi::types::{
+    BlockDirtyBitmapOrStr, BlockExportCommon, BlockExportDelArgs, BlockExportKind,
+    BlockExportOptions, BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType,
+    NbdServerAddArgs, NbdServerOptions, NbdServerRemoveArgs, SocketAddress,
+};
+use serde_json::{Value, json};
 
 use super::workers::CallError;
-use super::{Core, QmpError, call_error, get_str};
-use bulkhead_qmp::qapi::id_wellformed;
+use super::{Core, QmpError, call_error, errors};
 
 /// NBD's limit on names and descriptions (NBD_MAX_STRING_SIZE).
 const NBD_MAX_STRING: usize = 4096;
@@ -52,19 +57,15 @@ pub struct Export {
     pub allow_inactive: bool,
 }
 
-/// Binds the listening socket `addr` (SocketAddressLegacy or flat SocketAddress).
+/// Binds the listening socket `addr`.
 /// The backlog is SOMAXCONN whatever max-connections says, as in qsd: clients the
 /// NBD worker has not accepted yet (out of descriptors, or restarting) wait there,
 /// and a small backlog would refuse them instead.
-fn listen(addr: &Value) -> Result<OwnedFd, QmpError> {
-    let kind = addr.get("type").and_then(Value::as_str).unwrap_or("");
-    // SocketAddressLegacy nests the members under `data`; flat SocketAddress does not.
-    let data = addr.get("data").cloned().unwrap_or_else(|| addr.clone());
-    let data = data.as_object().cloned().unwrap_or_default();
+fn listen(addr: &SocketAddress) -> Result<OwnedFd, QmpError> {
     let backlog = libc::SOMAXCONN;
-    match kind {
-        "unix" => {
-            let path = get_str(&data, "path").unwrap_or("");
+    match addr {
+        SocketAddress::Unix(unix) => {
+            let path = unix.path.as_str();
             // QEMU replaces a stale socket file.
             let _ = std::fs::remove_file(path);
             let sock = rustix::net::socket_with(
@@ -73,94 +74,62 @@ fn listen(addr: &Value) -> Result<OwnedFd, QmpError> {
                 rustix::net::SocketFlags::CLOEXEC,
                 None,
             )
-            .map_err(|e| {
-                QmpError::generic(format!(
-                    "Failed to create socket: {}",
-                    super::strerror(e.raw_os_error())
-                ))
-            })?;
+            .map_err(|e| errors::socket_create(&super::strerror(e.raw_os_error())))?;
             let sa = rustix::net::SocketAddrUnix::new(path)
-                .map_err(|_| QmpError::generic(format!("UNIX socket path '{path}' is too long")))?;
-            rustix::net::bind(&sock, &sa).map_err(|e| {
-                QmpError::generic(format!(
-                    "Failed to bind socket to {path}: {}",
-                    super::strerror(e.raw_os_error())
-                ))
-            })?;
-            rustix::net::listen(&sock, backlog).map_err(|e| {
-                QmpError::generic(format!(
-                    "Failed to listen on socket: {}",
-                    super::strerror(e.raw_os_error())
-                ))
-            })?;
+                .map_err(|_| errors::unix_path_too_long(path))?;
+            rustix::net::bind(&sock, &sa)
+                .map_err(|e| errors::unix_bind(path, &super::strerror(e.raw_os_error())))?;
+            rustix::net::listen(&sock, backlog)
+                .map_err(|e| errors::socket_listen(&super::strerror(e.raw_os_error())))?;
             Ok(sock)
         }
-        "inet" => {
-            let host = get_str(&data, "host").unwrap_or("");
-            let port = get_str(&data, "port").unwrap_or("");
+        SocketAddress::Inet(inet) => {
+            let (host, port) = (inet.host.as_str(), inet.port.as_str());
             let target = if host.contains(':') {
                 format!("[{host}]:{port}")
             } else {
                 format!("{host}:{port}")
             };
             let listener = std::net::TcpListener::bind(&target).map_err(|e| {
-                QmpError::generic(format!(
-                    "Failed to bind socket: {}",
-                    e.raw_os_error()
+                errors::inet_bind(
+                    &e.raw_os_error()
                         .map(super::strerror)
-                        .unwrap_or_else(|| e.to_string())
-                ))
+                        .unwrap_or_else(|| e.to_string()),
+                )
             })?;
             let listener = OwnedFd::from(listener);
             // std listens with its own backlog; a second listen() only resizes it.
-            rustix::net::listen(&listener, backlog).map_err(|e| {
-                QmpError::generic(format!(
-                    "Failed to listen on socket: {}",
-                    super::strerror(e.raw_os_error())
-                ))
-            })?;
+            rustix::net::listen(&listener, backlog)
+                .map_err(|e| errors::socket_listen(&super::strerror(e.raw_os_error())))?;
             Ok(listener)
         }
-        other => Err(QmpError::generic(format!(
-            "bulkhead does not support NBD server addresses of type '{other}'"
-        ))),
+        SocketAddress::Vsock(_) => Err(errors::address_type_unsupported("vsock")),
+        SocketAddress::Fd(_) => Err(errors::address_type_unsupported("fd")),
     }
 }
 
 impl Core {
     pub(super) async fn nbd_server_start(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
+        args: &NbdServerOptions,
+    ) -> Result<(), QmpError> {
         if self.nbd.is_some() {
-            return Err(QmpError::generic("NBD server already running"));
+            return Err(errors::nbd_server_running());
         }
-        if let Some(creds) = get_str(args, "tls-creds") {
+        if let Some(creds) = &args.tls_creds {
             // No --object support yet, so no credentials object can exist.
-            return Err(QmpError::generic(format!(
-                "No TLS credentials with id '{creds}'"
-            )));
+            return Err(errors::no_tls_creds(creds));
         }
-        if get_str(args, "tls-authz").is_some() {
-            return Err(QmpError::generic(
-                "'tls-authz' is only valid with 'tls-creds'",
-            ));
+        if args.tls_authz.is_some() {
+            return Err(errors::tls_authz_without_creds());
         }
-        let max_connections = args
-            .get("max-connections")
-            .and_then(Value::as_u64)
-            .unwrap_or(100) as u32;
-        let handshake = args
-            .get("handshake-max-seconds")
-            .and_then(Value::as_u64)
-            .unwrap_or(10) as u32;
-        let addr = args.get("addr").cloned().unwrap_or(Value::Null);
-        let listener = listen(&addr)?;
+        let max_connections = args.max_connections.unwrap_or(100);
+        let handshake = args.handshake_max_seconds.unwrap_or(10);
+        let listener = listen(&args.addr)?;
         // During start-up the server only records itself: like qsd, no client is served
         // before the whole command line ran (its `--export`s included).
         if self.started {
-            let copy =
-                bulkhead_ipc::fd::dup(&listener).map_err(|e| QmpError::generic(e.to_string()))?;
+            let copy = bulkhead_ipc::fd::dup(&listener).map_err(errors::from_error)?;
             let nbd = self.nbd_instance();
             let hand_off = self.per_export();
             let w = self.worker(nbd).await?;
@@ -181,16 +150,16 @@ impl Core {
             max_connections,
             handshake_max_seconds: handshake,
         });
-        Ok(json!({}))
+        Ok(())
     }
 
-    pub(super) async fn nbd_server_stop(&mut self) -> Result<Value, QmpError> {
+    pub(super) async fn nbd_server_stop(&mut self) -> Result<(), QmpError> {
         if self.nbd.is_none() {
-            return Err(QmpError::generic("NBD server not running"));
+            return Err(errors::nbd_server_not_running());
         }
         self.delete_all_exports().await;
         self.nbd = None;
-        Ok(json!({}))
+        Ok(())
     }
 
     /// Deletes every export and stops the NBD server (nbd-server-stop, quit), one
@@ -214,80 +183,60 @@ impl Core {
 
     pub(super) async fn block_export_add(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
-        let id = get_str(args, "id").unwrap_or("").to_string();
+        options: &BlockExportOptions,
+    ) -> Result<(), QmpError> {
+        let common = &options.common;
+        let id = common.id.clone();
         if !id_wellformed(&id) {
-            return Err(QmpError::generic("Invalid block export id"));
+            return Err(errors::invalid_export_id());
         }
         if self.exports.iter().any(|e| e.id == id) {
-            return Err(QmpError::generic(format!(
-                "Block export id '{id}' is already in use"
-            )));
+            return Err(errors::export_id_in_use(&id));
         }
-        match get_str(args, "type") {
-            Some("nbd") => {}
-            _ => {
-                return Err(QmpError::generic(
-                    "bulkhead supports only NBD exports so far",
-                ));
-            }
-        }
-        let node_name = get_str(args, "node-name").unwrap_or("").to_string();
-        let Some(node) = self.graph.get(&node_name) else {
-            return Err(QmpError::generic(format!(
-                "Cannot find device='' nor node-name='{node_name}'"
-            )));
+        let BlockExportKind::Nbd(nbd) = &options.kind else {
+            return Err(errors::export_type_unsupported());
         };
-        if let Some(t) = get_str(args, "iothread") {
-            return Err(QmpError::generic(format!("iothread \"{t}\" not found")));
+        let node_name = common.node_name.clone();
+        let Some(node) = self.graph.get(&node_name) else {
+            return Err(errors::device_not_found("", &node_name));
+        };
+        if let Some(t) = &common.iothread {
+            return Err(errors::iothread_not_found(t));
         }
-        let writable = args
-            .get("writable")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let writable = common.writable.unwrap_or(false);
         if writable && node.read_only {
-            return Err(QmpError::generic(
-                "Cannot export read-only node as writable",
-            ));
+            return Err(errors::export_read_only_writable());
         }
         if self.nbd.is_none() {
-            return Err(QmpError::generic("NBD server not running"));
+            return Err(errors::nbd_server_not_running());
         }
-        let name = get_str(args, "name").unwrap_or(&node_name).to_string();
+        let name = nbd.name.clone().unwrap_or_else(|| node_name.clone());
         if name.len() > NBD_MAX_STRING {
-            return Err(QmpError::generic(format!("export name '{name}' too long")));
+            return Err(errors::export_name_too_long(&name));
         }
-        let description = get_str(args, "description").map(str::to_string);
+        let description = nbd.description.clone();
         if let Some(d) = &description
             && d.len() > NBD_MAX_STRING
         {
-            return Err(QmpError::generic(format!("description '{d}' too long")));
+            return Err(errors::export_description_too_long(d));
         }
         if self.exports.iter().any(|e| e.nbd_name == name) {
-            return Err(QmpError::generic(format!(
-                "NBD server already has export named '{name}'"
-            )));
+            return Err(errors::export_name_in_use(&name));
         }
-        if let Some(Value::Array(bitmaps)) = args.get("bitmaps")
-            && let Some(first) = bitmaps.first()
-        {
+        if let Some(first) = nbd.bitmaps.as_ref().and_then(|b| b.first()) {
             // No node has dirty bitmaps yet, so any named bitmap is missing.
-            let bm = first.as_str().unwrap_or("");
-            return Err(QmpError::generic(format!("Bitmap '{bm}' is not found")));
+            let bm = match first {
+                BlockDirtyBitmapOrStr::Local(name) => name.as_str(),
+                BlockDirtyBitmapOrStr::External(_) => "",
+            };
+            return Err(errors::bitmap_not_found(bm));
         }
-        let allocation_depth = args
-            .get("allocation-depth")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let allocation_depth = nbd.allocation_depth.unwrap_or(false);
         let target = NodeRef {
             node: node.id,
             home: node.home,
         };
-        let allow_inactive = args
-            .get("allow-inactive")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let allow_inactive = common.allow_inactive.unwrap_or(false);
         // Like qsd, an export that does not allow an inactive node activates it.
         if !allow_inactive && !node.active {
             self.set_active(&node_name, true).await?;
@@ -326,7 +275,7 @@ impl Core {
         if let Some(n) = self.graph.get_mut(&node_name) {
             n.exported = true;
         }
-        Ok(json!({}))
+        Ok(())
     }
 
     /// Under `--isolation image`: the export's own worker first (so a client the
@@ -343,7 +292,7 @@ impl Core {
                 .iter()
                 .find(|e| e.id == id)
                 .and_then(|e| self.metadata_export(e))
-                .ok_or_else(|| QmpError::generic("node vanished"))?;
+                .ok_or_else(errors::node_vanished)?;
             let nbd = self.nbd_instance();
             let w = self.worker(nbd).await?;
             w.call(ToWorker::NbdExportAdd(export), &[])
@@ -389,60 +338,56 @@ impl Core {
 
     pub(super) async fn block_export_del(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
-        let id = get_str(args, "id").unwrap_or("").to_string();
-        let hard = get_str(args, "mode") == Some("hard");
-        self.remove_export(&id, hard, true).await?;
-        Ok(json!({}))
+        args: &BlockExportDelArgs,
+    ) -> Result<(), QmpError> {
+        let hard = args.mode == Some(BlockExportRemoveMode::Hard);
+        self.remove_export(&args.id, hard, true).await
     }
 
-    pub(super) async fn nbd_server_add(
-        &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
+    pub(super) async fn nbd_server_add(&mut self, args: &NbdServerAddArgs) -> Result<(), QmpError> {
         if self.nbd.is_none() {
-            return Err(QmpError::generic("NBD server not running"));
+            return Err(errors::nbd_server_not_running());
         }
-        let device = get_str(args, "device").unwrap_or("").to_string();
+        let device = args.device.clone();
         let Some(node) = self.graph.get(&device) else {
-            return Err(QmpError::generic(format!(
-                "Cannot find device='{device}' nor node-name='{device}'"
-            )));
+            return Err(errors::device_not_found(&device, &device));
         };
         // nbd-server-add downgrades a writable export of a read-only node silently.
-        let writable = args
-            .get("writable")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-            && !node.read_only;
-        let name = get_str(args, "name").unwrap_or(&device).to_string();
-        let mut m = Map::new();
-        m.insert("type".into(), "nbd".into());
-        m.insert("id".into(), name.clone().into());
-        m.insert("node-name".into(), device.into());
-        m.insert("name".into(), name.into());
-        m.insert("writable".into(), writable.into());
-        if let Some(d) = args.get("description") {
-            m.insert("description".into(), d.clone());
-        }
-        if let Some(b) = get_str(args, "bitmap") {
-            m.insert("bitmaps".into(), json!([b]));
-        }
-        self.block_export_add(&m).await
+        let writable = args.writable.unwrap_or(false) && !node.read_only;
+        let name = args.name.clone().unwrap_or_else(|| device.clone());
+        let options = BlockExportOptions {
+            common: BlockExportCommon {
+                export_type: BlockExportType::Nbd,
+                id: name.clone(),
+                fixed_iothread: None,
+                iothread: None,
+                node_name: device,
+                writable: Some(writable),
+                writethrough: None,
+                allow_inactive: None,
+            },
+            kind: BlockExportKind::Nbd(BlockExportOptionsNbd {
+                name: Some(name),
+                description: args.description.clone(),
+                bitmaps: args
+                    .bitmap
+                    .clone()
+                    .map(|b| vec![BlockDirtyBitmapOrStr::Local(b)]),
+                allocation_depth: None,
+            }),
+        };
+        self.block_export_add(&options).await
     }
 
     pub(super) async fn nbd_server_remove(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
+        args: &NbdServerRemoveArgs,
+    ) -> Result<(), QmpError> {
         if self.nbd.is_none() {
-            return Err(QmpError::generic("NBD server not running"));
+            return Err(errors::nbd_server_not_running());
         }
-        let name = get_str(args, "name").unwrap_or("").to_string();
-        let hard = get_str(args, "mode") == Some("hard");
-        self.remove_export(&name, hard, true).await?;
-        Ok(json!({}))
+        let hard = args.mode == Some(BlockExportRemoveMode::Hard);
+        self.remove_export(&args.name, hard, true).await
     }
 
     pub(super) fn query_block_exports(&self) -> Value {
@@ -458,11 +403,11 @@ impl Core {
     /// the worker reports the last client gone.
     async fn remove_export(&mut self, id: &str, hard: bool, user: bool) -> Result<(), QmpError> {
         let Some(pos) = self.exports.iter().position(|e| e.id == id) else {
-            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+            return Err(errors::export_not_found(id));
         };
         if self.exports[pos].shutting_down {
             if user && !hard {
-                return Err(QmpError::generic(format!("export '{id}' still in use")));
+                return Err(errors::export_in_use(id));
             }
             return Ok(());
         }
@@ -504,7 +449,7 @@ impl Core {
                 Ok(())
             }
             Err(CallError::Worker(e)) if e.kind == WorkerErrorKind::InUse => {
-                Err(QmpError::generic(format!("export '{id}' still in use")))
+                Err(errors::export_in_use(id))
             }
             Err(CallError::Worker(e)) if e.kind == WorkerErrorKind::NotFound => {
                 self.finish_export_removal(id).await;
@@ -541,8 +486,7 @@ impl Core {
         let Some(server) = &self.nbd else {
             return Ok(());
         };
-        let listener = bulkhead_ipc::fd::dup(&server.listener)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        let listener = bulkhead_ipc::fd::dup(&server.listener).map_err(errors::from_error)?;
         if self.per_export() {
             let missing: Vec<String> = self
                 .exports
