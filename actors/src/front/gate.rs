@@ -58,17 +58,10 @@ impl Gate {
 
         if !self.negotiated {
             if command != "qmp_capabilities" {
-                let e = QmpError {
-                    class: ErrorClass::CommandNotFound,
-                    desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
-                };
-                return refuse(e, id);
+                return refuse(errors::negotiation_expected(), id);
             }
             if oob {
-                return refuse(
-                    QmpError::generic(format!("The command {command} does not support OOB")),
-                    id,
-                );
+                return refuse(errors::oob_unsupported(&command), id);
             }
             if let Err(e) = crate::dispatch::validate(&command, &arguments) {
                 return refuse(e, id);
@@ -85,21 +78,14 @@ impl Gate {
             return refuse(errors::command_not_found(&command), id);
         }
         if oob {
-            return refuse(
-                QmpError::generic(format!("The command {command} does not support OOB")),
-                id,
-            );
+            return refuse(errors::oob_unsupported(&command), id);
         }
         let args = match crate::dispatch::validate(&command, &arguments) {
             Ok(a) => a,
             Err(e) => return refuse(e, id),
         };
         if command == "qmp_capabilities" {
-            let e = QmpError {
-                class: ErrorClass::CommandNotFound,
-                desc: "Capabilities negotiation is already complete, command ignored".into(),
-            };
-            return refuse(e, id);
+            return refuse(errors::negotiation_complete(), id);
         }
         Admission::Execute { command, args, id }
     }

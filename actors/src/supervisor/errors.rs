@@ -34,6 +34,27 @@ pub fn command_not_found(command: &str) -> QmpError {
     }
 }
 
+/// A command before `qmp_capabilities`.
+pub fn negotiation_expected() -> QmpError {
+    QmpError {
+        class: ErrorClass::CommandNotFound,
+        desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+    }
+}
+
+/// `qmp_capabilities` after negotiation.
+pub fn negotiation_complete() -> QmpError {
+    QmpError {
+        class: ErrorClass::CommandNotFound,
+        desc: "Capabilities negotiation is already complete, command ignored".into(),
+    }
+}
+
+/// `exec-oob` of a command without OOB support (none has it here).
+pub fn oob_unsupported(command: &str) -> QmpError {
+    generic(format!("The command {command} does not support OOB"))
+}
+
 /// An integer option below zero where QEMU parses a size (`parse_option_size`).
 pub fn out_of_range(value: i64, parameter: &str) -> QmpError {
     generic(format!(
@@ -313,7 +334,35 @@ pub fn export_in_use(id: &str) -> QmpError {
     generic(format!("export '{id}' still in use"))
 }
 
+// ---------------------------------------------------------------- qsd's texts: chardevs (the front's)
+
+/// `chardev-remove` of an unknown chardev.
+pub fn chardev_not_found(id: &str) -> QmpError {
+    generic(format!("Chardev '{id}' not found"))
+}
+
+/// `chardev-remove` of a monitor's chardev.
+pub fn chardev_busy(id: &str) -> QmpError {
+    generic(format!("Chardev '{id}' is busy"))
+}
+
+/// `chardev-add` of a taken id.
+pub fn chardev_exists(id: &str) -> QmpError {
+    generic(format!("Chardev with id '{id}' already exists"))
+}
+
+/// `chardev-add` refused by the backend (`why` is qsd's text, or bulkhead's own for
+/// backends it lacks).
+pub fn chardev_add_failed(id: &str, why: &str) -> QmpError {
+    generic(format!("Failed to add chardev '{id}': {why}"))
+}
+
 // ---------------------------------------------------------------- bulkhead's own texts
+
+/// The supervisor actor is gone (the daemon is exiting).
+pub fn supervisor_not_running() -> QmpError {
+    generic("The supervisor is not running")
+}
 
 /// A driver qsd has and bulkhead does not implement.
 pub fn driver_unsupported(driver: &str) -> QmpError {

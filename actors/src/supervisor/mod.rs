@@ -4,7 +4,9 @@
 //! Runs in the supervisor process on the actix System thread. [`Core`] is plain async
 //! code; [`actor`] wraps it so that commands from every monitor are serialized (one
 //! command at a time, as QEMU does under its big lock) and worker deaths arrive between
-//! commands. Commands reach `Core` already checked against the QAPI schema.
+//! commands. Commands reach `Core` already checked against the QAPI schema, and run
+//! through their line in the [`commands`] registry; every error text comes from
+//! [`errors`].
 
 pub mod actor;
 pub mod asks;
@@ -47,7 +49,7 @@ pub struct QmpError {
 }
 
 impl QmpError {
-    /// A `GenericError`.
+    /// A `GenericError` (the constructors in [`errors`] hold the texts).
     pub fn generic(desc: impl Into<String>) -> QmpError {
         QmpError {
             class: ErrorClass::GenericError,

@@ -150,8 +150,9 @@ impl Core {
     /// The instance an inline child of a new `driver` node should be created on, so it
     /// starts where it will stay.
     pub(super) fn inline_child_hint(&mut self, driver: Driver) -> Option<WorkerId> {
-        match (self.isolation, driver) {
-            (Isolation::Kind, Driver::Raw) => Some(self.kind_instance(driver.worker())),
+        match self.isolation {
+            // A format node's protocol child lives in the format node's instance.
+            Isolation::Kind if !driver.is_protocol() => Some(self.kind_instance(driver.worker())),
             _ => None,
         }
     }
