@@ -30,7 +30,7 @@ use bulkhead_ipc::data::NewChannel;
 use bulkhead_ipc::ring::RingLayout;
 use bulkhead_ipc::wire::{ToWorker, WorkerEvent, WorkerId, WorkerKind};
 use bulkhead_qmp::request::ErrorClass;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::events::EventSink;
 use graph::Graph;
@@ -56,6 +56,32 @@ impl QmpError {
             desc: desc.into(),
         }
     }
+}
+
+/// One `XBulkheadWorkerInfo` of `x-bulkhead-query-workers`. Members in the order
+/// they are printed (which is not the schema's: `reaches` comes after `role`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerInfo {
+    /// Instance id.
+    pub id: u32,
+    /// Worker kind (block driver, export type, or `image`).
+    pub kind: &'static str,
+    /// `driver`, `image`, `export`, or `listener`.
+    pub role: &'static str,
+    /// The instances it holds data channels to.
+    pub reaches: Vec<u32>,
+    /// Its process.
+    pub pid: u32,
+    /// Incarnation number.
+    pub generation: u64,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// The nodes it hosts.
+    pub nodes: Vec<String>,
+    /// The exports it serves.
+    pub exports: Vec<String>,
+    /// The sandbox layers it reported applying.
+    pub sandbox: Vec<String>,
 }
 
 /// What the session must do after sending a command's reply.
@@ -209,25 +235,24 @@ impl Core {
     }
 
     /// `x-bulkhead-query-workers`: every instance with a running process, by id.
-    fn query_workers(&self) -> Value {
-        let list = self
-            .instances
+    fn query_workers(&self) -> Vec<WorkerInfo> {
+        self.instances
             .iter()
             .filter_map(|(id, inst)| inst.handle.as_ref().map(|w| (id, inst, w)))
             .map(|(&id, inst, w)| {
-                let nodes: Vec<&str> = self
+                let nodes = self
                     .graph
                     .iter()
                     .filter(|n| n.home == id)
-                    .map(|n| n.name.as_str())
+                    .map(|n| n.name.clone())
                     .collect();
-                let exports: Vec<&str> = if self.nbd_home == Some(id) {
-                    self.exports.iter().map(|e| e.id.as_str()).collect()
+                let exports = if self.nbd_home == Some(id) {
+                    self.exports.iter().map(|e| e.id.clone()).collect()
                 } else {
                     self.export_homes
                         .iter()
                         .filter(|(_, w)| **w == id)
-                        .map(|(e, _)| e.as_str())
+                        .map(|(e, _)| e.clone())
                         .collect()
                 };
                 let role = if self.per_export() && self.nbd_home == Some(id) {
@@ -243,21 +268,20 @@ impl Core {
                     .map(|(_, s)| s.0)
                     .collect();
                 reaches.sort_unstable();
-                json!({
-                    "id": id.0,
-                    "kind": inst.kind.as_str(),
-                    "role": role,
-                    "reaches": reaches,
-                    "pid": w.pid(),
-                    "generation": inst.generation,
-                    "restarts": inst.restart_count,
-                    "nodes": nodes,
-                    "exports": exports,
-                    "sandbox": w.sandbox(),
-                })
+                WorkerInfo {
+                    id: id.0,
+                    kind: inst.kind.as_str(),
+                    role,
+                    reaches,
+                    pid: w.pid(),
+                    generation: inst.generation,
+                    restarts: inst.restart_count,
+                    nodes,
+                    exports,
+                    sandbox: w.sandbox().to_vec(),
+                }
             })
-            .collect();
-        Value::Array(list)
+            .collect()
     }
 
     /// A worker reported something unasked. Only the instance serving NBD exports

@@ -7,43 +7,47 @@ use bulkhead_qmp::qapi::types::{
 };
 use serde::Deserialize;
 
-use super::{Reply, WithGiven, empty};
-use crate::supervisor::Core;
+use super::WithGiven;
+use crate::supervisor::{Core, QmpError};
 
 /// `blockdev-add`: the options, and the object they came from (recorded as the node's
 /// options, which later reopens compare against).
-pub(super) async fn blockdev_add(core: &mut Core, args: WithGiven<BlockdevOptions>) -> Reply {
-    core.blockdev_add(&args.typed, &args.given).await?;
-    Ok(empty())
+pub(super) async fn blockdev_add(
+    core: &mut Core,
+    args: WithGiven<BlockdevOptions>,
+) -> Result<(), QmpError> {
+    core.blockdev_add(&args.typed, &args.given).await
 }
 
-pub(super) async fn blockdev_del(core: &mut Core, args: BlockdevDelArgs) -> Reply {
-    core.blockdev_del(&args.node_name).await?;
-    Ok(empty())
+pub(super) async fn blockdev_del(core: &mut Core, args: BlockdevDelArgs) -> Result<(), QmpError> {
+    core.blockdev_del(&args.node_name).await
 }
 
 /// `blockdev-reopen` (`BlockdevReopenArgs`, each entry with the object it came from:
 /// a reopen compares the options as given, key order included).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(in crate::supervisor) struct BlockdevReopenArgs {
+pub(super) struct BlockdevReopenArgs {
     /// New options, one per node.
     pub options: Vec<WithGiven<BlockdevOptions>>,
 }
 
-pub(super) async fn blockdev_reopen(core: &mut Core, args: BlockdevReopenArgs) -> Reply {
-    core.blockdev_reopen(&args.options).await?;
-    Ok(empty())
+pub(super) async fn blockdev_reopen(
+    core: &mut Core,
+    args: BlockdevReopenArgs,
+) -> Result<(), QmpError> {
+    core.blockdev_reopen(&args.options).await
 }
 
-pub(super) async fn blockdev_set_active(core: &mut Core, args: BlockdevSetActiveArgs) -> Reply {
+pub(super) async fn blockdev_set_active(
+    core: &mut Core,
+    args: BlockdevSetActiveArgs,
+) -> Result<(), QmpError> {
     core.blockdev_set_active(args.node_name.as_deref(), args.active)
-        .await?;
-    Ok(empty())
+        .await
 }
 
-pub(super) async fn block_resize(core: &mut Core, args: BlockResizeArgs) -> Reply {
+pub(super) async fn block_resize(core: &mut Core, args: BlockResizeArgs) -> Result<(), QmpError> {
     core.block_resize(args.device.as_deref(), args.node_name.as_deref(), args.size)
-        .await?;
-    Ok(empty())
+        .await
 }

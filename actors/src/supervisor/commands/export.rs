@@ -8,8 +8,9 @@ use bulkhead_qmp::qapi::types::{
 };
 use serde::Deserialize;
 
-use super::{Reply, empty};
-use crate::supervisor::Core;
+use serde_json::Value;
+
+use crate::supervisor::{Core, QmpError};
 
 /// `nbd-server-start` from QMP (`SocketAddressLegacy`) or from `--nbd-server` (flat
 /// `SocketAddress`), which start-up sends as the same command.
@@ -37,39 +38,48 @@ impl From<NbdServerStart> for NbdServerOptions {
     }
 }
 
-pub(super) async fn nbd_server_start(core: &mut Core, args: NbdServerStart) -> Reply {
-    core.nbd_server_start(&args.into()).await?;
-    Ok(empty())
+pub(super) async fn nbd_server_start(
+    core: &mut Core,
+    args: NbdServerStart,
+) -> Result<(), QmpError> {
+    core.nbd_server_start(&args.into()).await
 }
 
-pub(super) async fn nbd_server_stop(core: &mut Core, _: NoArgs) -> Reply {
-    core.nbd_server_stop().await?;
-    Ok(empty())
+pub(super) async fn nbd_server_stop(core: &mut Core, _: NoArgs) -> Result<(), QmpError> {
+    core.nbd_server_stop().await
 }
 
 /// The deprecated `nbd-server-add` (a `block-export-add` of type `nbd`).
-pub(super) async fn nbd_server_add(core: &mut Core, args: NbdServerAddArgs) -> Reply {
-    core.nbd_server_add(&args).await?;
-    Ok(empty())
+pub(super) async fn nbd_server_add(
+    core: &mut Core,
+    args: NbdServerAddArgs,
+) -> Result<(), QmpError> {
+    core.nbd_server_add(&args).await
 }
 
 /// The deprecated `nbd-server-remove` (a `block-export-del`).
-pub(super) async fn nbd_server_remove(core: &mut Core, args: NbdServerRemoveArgs) -> Reply {
-    core.nbd_server_remove(&args).await?;
-    Ok(empty())
+pub(super) async fn nbd_server_remove(
+    core: &mut Core,
+    args: NbdServerRemoveArgs,
+) -> Result<(), QmpError> {
+    core.nbd_server_remove(&args).await
 }
 
-pub(super) async fn block_export_add(core: &mut Core, args: BlockExportOptions) -> Reply {
-    core.block_export_add(&args).await?;
-    Ok(empty())
+pub(super) async fn block_export_add(
+    core: &mut Core,
+    args: BlockExportOptions,
+) -> Result<(), QmpError> {
+    core.block_export_add(&args).await
 }
 
-pub(super) async fn block_export_del(core: &mut Core, args: BlockExportDelArgs) -> Reply {
-    core.block_export_del(&args).await?;
-    Ok(empty())
+pub(super) async fn block_export_del(
+    core: &mut Core,
+    args: BlockExportDelArgs,
+) -> Result<(), QmpError> {
+    core.block_export_del(&args).await
 }
 
-pub(super) async fn query_block_exports(core: &mut Core, _: NoArgs) -> Reply {
+pub(super) async fn query_block_exports(core: &mut Core, _: NoArgs) -> Result<Value, QmpError> {
     Ok(core.query_block_exports())
 }
 

@@ -27,8 +27,39 @@ use serde_json::{Map, Value};
 
 use super::{Core, QmpError, errors};
 
-/// What a handler's future resolves to: the `return` value or the error.
+/// What a registered handler's future resolves to: the `return` value or the error.
 pub(crate) type Reply = Result<Value, QmpError>;
+
+/// A command's `return` value: a handler returns `()` for QMP's empty object, a
+/// typed struct (serialized in its field order), or a `Value` built by hand.
+pub(crate) trait Return {
+    /// The `return` member of the reply.
+    fn into_return(self) -> Reply;
+}
+
+impl Return for Value {
+    fn into_return(self) -> Reply {
+        Ok(self)
+    }
+}
+
+impl Return for () {
+    fn into_return(self) -> Reply {
+        Ok(Value::Object(Map::new()))
+    }
+}
+
+impl<T: serde::Serialize> Return for Vec<T> {
+    fn into_return(self) -> Reply {
+        serde_json::to_value(self).map_err(errors::from_error)
+    }
+}
+
+impl Return for crate::version::VersionInfo {
+    fn into_return(self) -> Reply {
+        serde_json::to_value(self).map_err(errors::from_error)
+    }
+}
 
 /// A registered handler: decodes the arguments, then runs the command on `Core`.
 type Run =
@@ -70,13 +101,14 @@ impl std::fmt::Debug for Command {
 }
 
 /// A line for a command the core serves: `$handler(core, args)` is an `async fn`
-/// taking `&mut Core` and its typed argument struct, returning [`Reply`].
+/// taking `&mut Core` and its typed argument struct, returning
+/// `Result<impl Return, QmpError>`.
 macro_rules! command {
     ($name:literal, $effect:ident, $handler:path) => {
         Command {
             name: $name,
             served: Served::Core(Effect::$effect, |core, args| {
-                Box::pin(async move { $handler(core, decode($name, args)?).await })
+                Box::pin(async move { $handler(core, decode($name, args)?).await?.into_return() })
             }),
         }
     };
@@ -182,11 +214,6 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for WithGiven<T> {
     }
 }
 
-/// The empty `return` value of commands that return nothing.
-fn empty() -> Value {
-    Value::Object(Map::new())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +260,39 @@ mod tests {
         assert!(
             e.starts_with("Internal error: the arguments of blockdev-del"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn typed_returns_print_like_the_json_they_replace() {
+        assert_eq!(().into_return().ok(), Some(serde_json::json!({})));
+        let info = crate::supervisor::WorkerInfo {
+            id: 1,
+            kind: "raw",
+            role: "driver",
+            reaches: vec![2],
+            pid: 10,
+            generation: 1,
+            restarts: 0,
+            nodes: vec!["n".into()],
+            exports: Vec::new(),
+            sandbox: vec!["seccomp".into()],
+        };
+        let text = vec![info]
+            .into_return()
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        assert_eq!(
+            text,
+            r#"[{"id":1,"kind":"raw","role":"driver","reaches":[2],"pid":10,"generation":1,"restarts":0,"nodes":["n"],"exports":[],"sandbox":["seccomp"]}]"#
+        );
+        let version = crate::version::query_version()
+            .into_return()
+            .map(|v| v.to_string());
+        assert!(
+            version
+                .unwrap_or_default()
+                .starts_with(r#"{"qemu":{"major":10,"minor":0,"micro":2},"package":"bulkhead "#)
         );
     }
 

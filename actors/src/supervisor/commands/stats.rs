@@ -2,18 +2,20 @@
 //! `block-set-write-threshold` (the work is in `supervisor::stats`).
 
 use bulkhead_qmp::qapi::types::{BlockSetWriteThresholdArgs, QueryBlockstatsArgs};
+use serde_json::Value;
 
-use super::{Reply, empty};
-use crate::supervisor::Core;
+use crate::supervisor::{Core, QmpError};
 
-pub(super) async fn query_blockstats(core: &mut Core, args: QueryBlockstatsArgs) -> Reply {
+pub(super) async fn query_blockstats(
+    core: &mut Core,
+    args: QueryBlockstatsArgs,
+) -> Result<Value, QmpError> {
     Ok(core.query_blockstats(args.query_nodes == Some(true)))
 }
 
 pub(super) async fn block_set_write_threshold(
     core: &mut Core,
     args: BlockSetWriteThresholdArgs,
-) -> Reply {
-    core.block_set_write_threshold(&args.node_name, args.write_threshold)?;
-    Ok(empty())
+) -> Result<(), QmpError> {
+    core.block_set_write_threshold(&args.node_name, args.write_threshold)
 }

@@ -2,9 +2,11 @@
 
 use bulkhead_qmp::qapi::types::NoArgs;
 
-use super::Reply;
-use crate::supervisor::Core;
+use crate::supervisor::{Core, QmpError, WorkerInfo};
 
-pub(super) async fn x_bulkhead_query_workers(core: &mut Core, _: NoArgs) -> Reply {
+pub(super) async fn x_bulkhead_query_workers(
+    core: &mut Core,
+    _: NoArgs,
+) -> Result<Vec<WorkerInfo>, QmpError> {
     Ok(core.query_workers())
 }
