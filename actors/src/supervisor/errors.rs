@@ -189,8 +189,8 @@ pub fn option_change(option: &str) -> QmpError {
     generic(format!("Cannot change the option '{option}'"))
 }
 
-/// `blockdev-reopen` with a raw option that is not an integer (a wrong type cannot pass
-/// the visitor; kept for the flattened options' sake).
+/// `blockdev-reopen` with a negative raw `offset` or `size` (`blockdev-add` answers
+/// [`out_of_range`] instead).
 pub fn expected_integer(parameter: &str) -> QmpError {
     generic(format!(
         "Invalid parameter type for '{parameter}', expected: integer"

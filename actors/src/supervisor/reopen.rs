@@ -195,8 +195,8 @@ impl Core {
                     BlockdevDriverOptions::Raw(r) => Some(r),
                     _ => None,
                 };
-                // Unlike blockdev-add, a negative offset or size is refused as a type
-                // error here (qsd's reopen reads the flattened options as uint64).
+                // Unlike blockdev-add, a negative offset or size is refused with a
+                // type error here.
                 let size_opt = |v: Option<i64>, k: &str| -> Result<Option<u64>, QmpError> {
                     v.map(|n| u64::try_from(n).map_err(|_| errors::expected_integer(k)))
                         .transpose()
