@@ -77,7 +77,7 @@ pub enum Effect {
 }
 
 /// Who serves a command.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub enum Served {
     /// The supervisor core, through this handler.
     Core(Effect, Run),
@@ -86,18 +86,12 @@ pub enum Served {
 }
 
 /// One registry line.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct Command {
     /// The QMP name.
     pub name: &'static str,
     /// Who serves it.
     pub served: Served,
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Command").field("name", &self.name).finish()
-    }
 }
 
 /// A line for a command the core serves: `$handler(core, args)` is an `async fn`
