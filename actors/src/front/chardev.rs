@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use bulkhead_qmp::qapi::ghash::KeySet;
 use serde_json::{Map, Value, json};
 
-use crate::supervisor::QmpError;
+use crate::supervisor::{QmpError, errors};
 
 /// What a chardev is, as far as `query-chardev`'s `filename` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,10 +164,10 @@ impl ChardevTable {
     pub fn remove(&mut self, args: &Map<String, Value>) -> Result<Value, QmpError> {
         let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
         let Some(entry) = self.devs.get(id) else {
-            return Err(QmpError::generic(format!("Chardev '{id}' not found")));
+            return Err(errors::chardev_not_found(id));
         };
         if entry.monitor {
-            return Err(QmpError::generic(format!("Chardev '{id}' is busy")));
+            return Err(errors::chardev_busy(id));
         }
         if let Some(e) = self.devs.remove(id) {
             // QEMU unlinks a listening Unix socket's path when the chardev goes.
@@ -189,12 +189,9 @@ impl ChardevTable {
     ) -> Result<(Value, Option<Background>), QmpError> {
         let id = args.get("id").and_then(Value::as_str).unwrap_or_default();
         if self.contains(id) {
-            return Err(QmpError::generic(format!(
-                "Chardev with id '{id}' already exists"
-            )));
+            return Err(errors::chardev_exists(id));
         }
-        let failed =
-            |why: String| QmpError::generic(format!("Failed to add chardev '{id}': {why}"));
+        let failed = |why: String| errors::chardev_add_failed(id, &why);
         let backend = args.get("backend").cloned().unwrap_or(Value::Null);
         let kind = backend
             .get("type")

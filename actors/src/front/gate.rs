@@ -9,7 +9,7 @@ use bulkhead_qmp::request::{self, ErrorClass, Request};
 use serde_json::{Map, Value};
 
 use super::render;
-use crate::supervisor::{COMMANDS, QmpError};
+use crate::supervisor::{QmpError, commands, errors};
 
 /// The verdict on one message.
 #[derive(Debug)]
@@ -54,21 +54,14 @@ impl Gate {
             id,
             oob,
         } = req;
-        let known = COMMANDS.contains(&command.as_str());
+        let known = commands::find(&command).is_some();
 
         if !self.negotiated {
             if command != "qmp_capabilities" {
-                let e = QmpError {
-                    class: ErrorClass::CommandNotFound,
-                    desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
-                };
-                return refuse(e, id);
+                return refuse(errors::negotiation_expected(), id);
             }
             if oob {
-                return refuse(
-                    QmpError::generic(format!("The command {command} does not support OOB")),
-                    id,
-                );
+                return refuse(errors::oob_unsupported(&command), id);
             }
             if let Err(e) = crate::dispatch::validate(&command, &arguments) {
                 return refuse(e, id);
@@ -82,28 +75,17 @@ impl Gate {
         }
 
         if !known {
-            let e = QmpError {
-                class: ErrorClass::CommandNotFound,
-                desc: format!("The command {command} has not been found"),
-            };
-            return refuse(e, id);
+            return refuse(errors::command_not_found(&command), id);
         }
         if oob {
-            return refuse(
-                QmpError::generic(format!("The command {command} does not support OOB")),
-                id,
-            );
+            return refuse(errors::oob_unsupported(&command), id);
         }
         let args = match crate::dispatch::validate(&command, &arguments) {
             Ok(a) => a,
             Err(e) => return refuse(e, id),
         };
         if command == "qmp_capabilities" {
-            let e = QmpError {
-                class: ErrorClass::CommandNotFound,
-                desc: "Capabilities negotiation is already complete, command ignored".into(),
-            };
-            return refuse(e, id);
+            return refuse(errors::negotiation_complete(), id);
         }
         Admission::Execute { command, args, id }
     }

@@ -10,7 +10,7 @@ use super::output::OutQueue;
 use super::{Front, render};
 use crate::events::{Subscribe, Unsubscribe};
 use crate::supervisor::actor::Execute;
-use crate::supervisor::{After, QmpError};
+use crate::supervisor::{After, QmpError, errors};
 
 /// Serves one client until it disconnects (or asks the daemon to quit).
 pub async fn run<R, W>(id: u64, mut reader: R, writer: W, pretty: bool, front: &Front)
@@ -120,7 +120,7 @@ impl Session {
                 match self.front.supervisor.send(Execute { command, args }).await {
                     Ok(Ok((ret, after))) => (request::success_response(ret, id), after),
                     Ok(Err(e)) => Self::error(e, id),
-                    Err(_) => Self::error(QmpError::generic("The supervisor is not running"), id),
+                    Err(_) => Self::error(errors::supervisor_not_running(), id),
                 }
             }
         }

@@ -127,7 +127,7 @@ impl Handler<Execute> for SupervisorActor {
     type Result = AtomicResponse<Self, Result<(Value, After), QmpError>>;
 
     fn handle(&mut self, msg: Execute, _: &mut Context<Self>) -> Self::Result {
-        let busy = Err(QmpError::generic("supervisor is busy"));
+        let busy = Err(super::errors::supervisor_busy());
         self.on_core(busy, |mut core| async move {
             let r = core.execute(&msg.command, msg.args).await;
             (core, r)
@@ -147,7 +147,7 @@ impl Handler<StartupComplete> for SupervisorActor {
     type Result = AtomicResponse<Self, Result<(), QmpError>>;
 
     fn handle(&mut self, _: StartupComplete, _: &mut Context<Self>) -> Self::Result {
-        let busy = Err(QmpError::generic("supervisor is busy"));
+        let busy = Err(super::errors::supervisor_busy());
         self.on_core(busy, |mut core| async move {
             let r = core.startup_complete().await;
             (core, r)

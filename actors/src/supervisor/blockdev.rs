@@ -15,12 +15,17 @@ use bulkhead_block::file::FileKind;
 use bulkhead_block::posix;
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{NodeId, NodeRef, Reply, ToWorker, WorkerId};
-use serde_json::{Map, Value, json};
+use bulkhead_qmp::qapi::id_wellformed;
+use bulkhead_qmp::qapi::types::{
+    self, BlockdevAioOptions, BlockdevDetectZeroesOptions, BlockdevDiscardOptions,
+    BlockdevDriverOptions, BlockdevOptions, BlockdevOptionsFile, BlockdevRef,
+};
+use serde_json::{Map, Value};
 
+use super::drivers::Resize;
 use super::graph::{Driver, Node, Role};
 use super::placement::Placement;
-use super::{Core, QmpError, call_error, get_str};
-use bulkhead_qmp::qapi::id_wellformed;
+use super::{Core, QmpError, call_error, errors};
 
 /// QEMU's limit on node names (`BlockDriverState.node_name[32]`).
 const MAX_NODE_NAME: usize = 31;
@@ -49,7 +54,7 @@ enum SpecKind {
     },
 }
 
-/// One node's options, parsed from BlockdevOptions.
+/// One node's options, parsed from `BlockdevOptions`.
 struct Spec {
     name: Option<String>,
     driver: Driver,
@@ -91,125 +96,113 @@ pub(super) fn flatten(m: &Map<String, Value>) -> Map<String, Value> {
     out
 }
 
-fn get_bool(m: &Map<String, Value>, k: &str) -> Option<bool> {
-    m.get(k).and_then(Value::as_bool)
+/// A QAPI `int` where QEMU parses a size: negatives are refused with
+/// `parse_option_size`'s text (qsd aborts there; we answer).
+fn size(value: Option<i64>, parameter: &str) -> Result<Option<u64>, QmpError> {
+    value
+        .map(|n| u64::try_from(n).map_err(|_| errors::out_of_range(n, parameter)))
+        .transpose()
 }
 
-/// A non-negative integer option; QEMU's size parser rejects negatives with this text
-/// (qsd aborts there; we answer).
-fn get_size(m: &Map<String, Value>, k: &str) -> Result<Option<u64>, QmpError> {
-    match m.get(k) {
-        None => Ok(None),
-        Some(v) => match (v.as_u64(), v.as_i64()) {
-            (Some(n), _) => Ok(Some(n)),
-            (None, Some(n)) => Err(QmpError::generic(format!(
-                "Value '{n}' is out of range for parameter '{k}'"
-            ))),
-            _ => Err(QmpError::generic(format!(
-                "Invalid parameter type for '{k}', expected: integer"
-            ))),
+fn posix_kind(f: &BlockdevOptionsFile) -> SpecKind {
+    SpecKind::Posix {
+        filename: f.filename.clone(),
+        aio: match f.aio {
+            Some(BlockdevAioOptions::Native) => Aio::Native,
+            Some(BlockdevAioOptions::IoUring) => Aio::IoUring,
+            Some(BlockdevAioOptions::Threads) | None => Aio::Threads,
+        },
+        locking: match f.locking {
+            Some(types::OnOffAuto::On) => OnOffAuto::On,
+            Some(types::OnOffAuto::Off) => OnOffAuto::Off,
+            Some(types::OnOffAuto::Auto) | None => OnOffAuto::Auto,
         },
     }
 }
 
-fn parse_spec(v: &Value) -> Result<Spec, QmpError> {
-    let Value::Object(m) = v else {
-        return Err(QmpError::generic(
-            "Invalid parameter type for 'options', expected: object",
-        ));
-    };
-    let driver_name =
-        get_str(m, "driver").ok_or_else(|| QmpError::generic("Parameter 'driver' is missing"))?;
-    let driver = match driver_name {
-        "file" => Driver::File,
-        "host_device" => Driver::HostDevice,
-        "raw" => Driver::Raw,
-        "null-co" => Driver::NullCo,
-        "null-aio" => Driver::NullAio,
-        other => {
-            return Err(QmpError::generic(format!(
-                "Driver '{other}' is not supported by bulkhead"
-            )));
-        }
-    };
-    let cache = m.get("cache").and_then(Value::as_object);
-    let discard = match get_str(m, "discard") {
-        Some("unmap" | "on") => Discard::Unmap,
-        _ => Discard::Ignore,
-    };
-    let detect_zeroes = match get_str(m, "detect-zeroes") {
-        Some("on") => DetectZeroes::On,
-        Some("unmap") => DetectZeroes::Unmap,
-        _ => DetectZeroes::Off,
-    };
+/// Parses one node's options; `given` is the object they were decoded from (an inline
+/// child's is its `file` member).
+fn parse_spec(options: &BlockdevOptions, given: &Map<String, Value>) -> Result<Spec, QmpError> {
+    let base = &options.base;
     let mut strong = Map::new();
-    let kind = match driver {
-        Driver::File | Driver::HostDevice => SpecKind::Posix {
-            filename: get_str(m, "filename").unwrap_or("").to_string(),
-            aio: match get_str(m, "aio") {
-                Some("native") => Aio::Native,
-                Some("io_uring") => Aio::IoUring,
-                _ => Aio::Threads,
-            },
-            locking: match get_str(m, "locking") {
-                Some("on") => OnOffAuto::On,
-                Some("off") => OnOffAuto::Off,
-                _ => OnOffAuto::Auto,
-            },
-        },
-        Driver::Raw => {
-            let offset = get_size(m, "offset")?;
-            let size = get_size(m, "size")?;
+    let (driver, kind) = match &options.driver {
+        BlockdevDriverOptions::File(f) => (Driver::File, posix_kind(f)),
+        BlockdevDriverOptions::HostDevice(f) => (Driver::HostDevice, posix_kind(f)),
+        BlockdevDriverOptions::Raw(raw) => {
+            let offset = size(raw.offset, "offset")?;
+            let size = size(raw.size, "size")?;
             if let Some(o) = offset {
                 strong.insert("offset".into(), o.into());
             }
             if let Some(s) = size {
                 strong.insert("size".into(), s.into());
             }
-            let child = match m.get("file") {
-                Some(Value::String(name)) => ChildSpec::Ref(name.clone()),
-                Some(inline @ Value::Object(_)) => ChildSpec::Inline(Box::new(parse_spec(inline)?)),
-                _ => return Err(QmpError::generic("Parameter 'file' is missing")),
+            let child = match &raw.file {
+                BlockdevRef::Reference(name) => ChildSpec::Ref(name.clone()),
+                BlockdevRef::Definition(inline) => {
+                    let inline_given = given
+                        .get("file")
+                        .and_then(Value::as_object)
+                        .cloned()
+                        .unwrap_or_default();
+                    ChildSpec::Inline(Box::new(parse_spec(inline, &inline_given)?))
+                }
             };
-            SpecKind::Raw {
+            let kind = SpecKind::Raw {
                 offset,
                 size,
                 child,
-            }
+            };
+            (Driver::Raw, kind)
         }
-        Driver::NullCo | Driver::NullAio => {
-            let size = get_size(m, "size")?;
-            let latency = get_size(m, "latency-ns")?;
-            let read_zeroes = get_bool(m, "read-zeroes");
+        BlockdevDriverOptions::NullCo(null) | BlockdevDriverOptions::NullAio(null) => {
+            let size = size(null.size, "size")?;
             // QEMU's null driver reports `size` and `read-zeroes` as given (its strong
             // options); `latency-ns` does not show in the filename.
             if let Some(s) = size {
                 strong.insert("size".into(), s.into());
             }
-            if let Some(z) = read_zeroes {
+            if let Some(z) = null.read_zeroes {
                 strong.insert("read-zeroes".into(), z.into());
             }
-            SpecKind::Null {
+            let driver = match options.driver {
+                BlockdevDriverOptions::NullAio(_) => Driver::NullAio,
+                _ => Driver::NullCo,
+            };
+            let kind = SpecKind::Null {
                 size,
-                read_zeroes: read_zeroes.unwrap_or(false),
-                latency_ns: latency.unwrap_or(0),
-            }
+                read_zeroes: null.read_zeroes.unwrap_or(false),
+                latency_ns: null.latency_ns.unwrap_or(0),
+            };
+            (driver, kind)
+        }
+        BlockdevDriverOptions::Other(_) => {
+            let name = given.get("driver").and_then(Value::as_str).unwrap_or("");
+            return Err(errors::driver_unsupported(name));
         }
     };
+    let cache = base.cache.as_ref();
     Ok(Spec {
-        name: get_str(m, "node-name").map(str::to_string),
+        name: base.node_name.clone(),
         driver,
-        read_only: get_bool(m, "read-only"),
-        direct: cache.and_then(|c| get_bool(c, "direct")),
-        no_flush: cache.and_then(|c| get_bool(c, "no-flush")),
-        discard,
-        detect_zeroes,
-        force_share: get_bool(m, "force-share").unwrap_or(false),
-        auto_read_only: get_bool(m, "auto-read-only").unwrap_or(false),
-        active: get_bool(m, "active"),
+        read_only: base.read_only,
+        direct: cache.and_then(|c| c.direct),
+        no_flush: cache.and_then(|c| c.no_flush),
+        discard: match base.discard {
+            Some(BlockdevDiscardOptions::Unmap) => Discard::Unmap,
+            Some(BlockdevDiscardOptions::Ignore) | None => Discard::Ignore,
+        },
+        detect_zeroes: match base.detect_zeroes {
+            Some(BlockdevDetectZeroesOptions::On) => DetectZeroes::On,
+            Some(BlockdevDetectZeroesOptions::Unmap) => DetectZeroes::Unmap,
+            Some(BlockdevDetectZeroesOptions::Off) | None => DetectZeroes::Off,
+        },
+        force_share: base.force_share.unwrap_or(false),
+        auto_read_only: base.auto_read_only.unwrap_or(false),
+        active: base.active,
         strong,
         given: {
-            let mut top = m.clone();
+            let mut top = given.clone();
             top.remove("file");
             flatten(&top)
         },
@@ -226,16 +219,19 @@ struct Inherited {
 }
 
 impl Core {
-    pub(super) async fn blockdev_add(&mut self, options: Value) -> Result<Value, QmpError> {
-        let spec = parse_spec(&options)?;
+    /// `blockdev-add` of `options`, decoded from `given`.
+    pub(super) async fn blockdev_add(
+        &mut self,
+        options: &BlockdevOptions,
+        given: &Map<String, Value>,
+    ) -> Result<(), QmpError> {
+        let spec = parse_spec(options, given)?;
         if spec.name.is_none() {
-            return Err(QmpError::generic(
-                "'node-name' must be specified for the root node",
-            ));
+            return Err(errors::root_node_name_missing());
         }
         let mut created = Vec::new();
         match Box::pin(self.create(spec, Inherited::default(), true, None, &mut created)).await {
-            Ok(_) => Ok(json!({})),
+            Ok(_) => Ok(()),
             Err(e) => {
                 for name in created.into_iter().rev() {
                     self.destroy(&name).await;
@@ -279,9 +275,7 @@ impl Core {
                 let name = match child {
                     ChildSpec::Ref(name) => {
                         if !self.graph.contains(&name) {
-                            return Err(QmpError::generic(format!(
-                                "Cannot find device='{name}' nor node-name='{name}'"
-                            )));
+                            return Err(errors::device_not_found(&name, &name));
                         }
                         name
                     }
@@ -299,10 +293,10 @@ impl Core {
                     && active
                     && !c.active
                 {
-                    return Err(QmpError::generic(format!(
-                        "Inactive '{name}' can't be a file child of active '{}'",
-                        spec.name.as_deref().unwrap_or("")
-                    )));
+                    return Err(errors::inactive_file_child(
+                        &name,
+                        spec.name.as_deref().unwrap_or(""),
+                    ));
                 }
                 let cfg = RawConfig {
                     common,
@@ -350,32 +344,24 @@ impl Core {
         let name = match spec.name {
             Some(n) => {
                 if !id_wellformed(&n) {
-                    return Err(QmpError::generic(format!("Invalid node-name: '{n}'")));
+                    return Err(errors::invalid_node_name(&n));
                 }
                 if n.len() > MAX_NODE_NAME {
-                    return Err(QmpError::generic("Node name too long"));
+                    return Err(errors::node_name_too_long());
                 }
                 if self.graph.contains(&n) {
-                    return Err(QmpError::generic(format!(
-                        "Duplicate nodes with node-name='{n}'"
-                    )));
+                    return Err(errors::duplicate_node_name(&n));
                 }
                 n
             }
             None => self.generate_name(),
         };
-        config
-            .validate()
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        config.validate().map_err(errors::from_error)?;
 
         // The supervisor opens the image; the worker only ever sees the descriptor.
         let image = match &filename {
             Some(path) => {
-                let kind = if spec.driver == Driver::HostDevice {
-                    FileKind::HostDevice
-                } else {
-                    FileKind::File
-                };
+                let kind = spec.driver.image().unwrap_or(FileKind::File);
                 match posix::open_image(path, kind, read_only, direct) {
                     Ok(fd) => Some(fd),
                     // auto-read-only: a writable open refused for permission reasons
@@ -388,13 +374,13 @@ impl Core {
                             && matches!(errno, libc::EACCES | libc::EPERM | libc::EROFS) =>
                     {
                         let fd = posix::open_image(path, kind, true, direct)
-                            .map_err(|e| QmpError::generic(e.to_string()))?;
+                            .map_err(errors::from_error)?;
                         if let DriverConfig::File(c) | DriverConfig::HostDevice(c) = &mut config {
                             c.common.read_only = true;
                         }
                         Some(fd)
                     }
-                    Err(e) => return Err(QmpError::generic(e.to_string())),
+                    Err(e) => return Err(errors::from_error(e)),
                 }
             }
             None => None,
@@ -402,8 +388,7 @@ impl Core {
 
         if let (DriverConfig::Raw(raw), Some(c)) = (&config, child.as_deref()) {
             let csize = self.graph.get(c).map_or(0, |n| n.size);
-            bulkhead_block::raw::check_window(raw, csize)
-                .map_err(|e| QmpError::generic(e.to_string()))?;
+            bulkhead_block::raw::check_window(raw, csize).map_err(errors::from_error)?;
         }
         let home = match self.place(spec.driver, child.as_deref(), hint) {
             Placement::On(home) => home,
@@ -430,12 +415,12 @@ impl Core {
             None => None,
         };
         let worker_fd = match &image {
-            Some(f) => Some(fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?),
+            Some(f) => Some(fd::dup(f).map_err(errors::from_error)?),
             None => None,
         };
         let lock = match (&image, &config) {
             (Some(f), DriverConfig::File(c) | DriverConfig::HostDevice(c)) => {
-                let copy = fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?;
+                let copy = fd::dup(f).map_err(errors::from_error)?;
                 let path = filename.as_deref().unwrap_or("");
                 Some(bulkhead_block::lock::ImageLock::new(copy, path, c.locking))
             }
@@ -565,7 +550,7 @@ impl Core {
             if let Err(e) = lock.set_perm(p, shared)
                 && result.is_ok()
             {
-                result = Err(QmpError::generic(e.to_string()));
+                result = Err(errors::from_error(e));
             }
         }
         result
@@ -611,17 +596,14 @@ impl Core {
     /// moved to): same id, same config, the same image (a new descriptor for the same
     /// open file description). A child in another instance is reached over a channel.
     pub(super) async fn replay_node(&mut self, name: &str) -> Result<(), QmpError> {
-        let node = self
-            .graph
-            .get(name)
-            .ok_or_else(|| QmpError::generic("node vanished"))?;
+        let node = self.graph.get(name).ok_or_else(errors::node_vanished)?;
         let child = node.file().and_then(|c| self.node_ref(c));
         let fd = match &node.image {
-            Some(f) => Some(fd::dup(f).map_err(|e| QmpError::generic(e.to_string()))?),
+            Some(f) => Some(fd::dup(f).map_err(errors::from_error)?),
             None => None,
         };
         // The same statistics region: counters and threshold carry over.
-        let stats = fd::dup(node.stats.fd()).map_err(|e| QmpError::generic(e.to_string()))?;
+        let stats = fd::dup(node.stats.fd()).map_err(errors::from_error)?;
         let (id, home, config) = (node.id, node.home, node.config);
         if let Some(c) = child {
             self.connect(home, c.home).await?;
@@ -674,72 +656,60 @@ impl Core {
         }
     }
 
-    pub(super) async fn blockdev_del(
-        &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
-        let name = get_str(args, "node-name").unwrap_or_default().to_string();
-        let node = self.graph.get(&name).ok_or_else(|| {
-            QmpError::generic(format!("Failed to find node with node-name='{name}'"))
-        })?;
+    /// `blockdev-del`.
+    pub(super) async fn blockdev_del(&mut self, name: &str) -> Result<(), QmpError> {
+        let node = self
+            .graph
+            .get(name)
+            .ok_or_else(|| errors::node_not_found(name))?;
         if node.exported {
-            return Err(QmpError::generic(format!("Node {name} is in use")));
+            return Err(errors::node_in_use(name));
         }
         if !node.monitor_owned {
-            return Err(QmpError::generic(format!(
-                "Node {name} is not owned by the monitor"
-            )));
+            return Err(errors::node_not_monitor_owned(name));
         }
         if node.parents > 0 {
-            return Err(QmpError::generic(format!("Block device {name} is in use")));
+            return Err(errors::block_device_in_use(name));
         }
-        self.destroy(&name).await;
-        Ok(json!({}))
+        self.destroy(name).await;
+        Ok(())
     }
 
+    /// `block_resize` (`device` is only ever named in the error: qsd has no
+    /// BlockBackends).
     pub(super) async fn block_resize(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
-        let device = get_str(args, "device");
-        let node_name = get_str(args, "node-name");
+        device: Option<&str>,
+        node_name: Option<&str>,
+        size: i64,
+    ) -> Result<(), QmpError> {
         let Some(node) = node_name.and_then(|n| self.graph.get(n)) else {
-            return Err(QmpError::generic(format!(
-                "Cannot find device='{}' nor node-name='{}'",
+            return Err(errors::device_not_found(
                 device.unwrap_or(""),
-                node_name.unwrap_or("")
-            )));
+                node_name.unwrap_or(""),
+            ));
         };
-        let size = match args.get("size").and_then(Value::as_i64) {
-            Some(s) if s >= 0 => s as u64,
-            _ => return Err(QmpError::generic("Parameter 'size' expects a >0 size")),
+        let Ok(size) = u64::try_from(size) else {
+            return Err(errors::resize_negative_size());
         };
         // An inactive node holds no permissions, and can take none.
         if !node.active {
-            return Err(QmpError::generic(
-                "Permission 'resize' unavailable on inactive node",
-            ));
+            return Err(errors::resize_inactive());
         }
         // Users of the node: a raw parent with a fixed window and an export both
         // refuse to share `resize`.
         if node.exported {
-            return Err(QmpError::generic(format!(
-                "Permission conflict on node '{0}': permissions 'resize' are both required by an unnamed block device (uses node '{0}' as 'root' child) and unshared by an unnamed block device (uses node '{0}' as 'root' child).",
-                node.name
-            )));
+            return Err(errors::resize_conflict_export(&node.name));
         }
         if let Some(parent) = self
             .graph
             .iter()
             .find(|p| p.file() == Some(node.name.as_str()) && p.fixed_window)
         {
-            return Err(QmpError::generic(format!(
-                "Permission conflict on node '{0}': permissions 'resize' are both required by an unnamed block device (uses node '{0}' as 'root' child) and unshared by node '{1}' (uses node '{0}' as 'file' child).",
-                node.name, parent.name
-            )));
+            return Err(errors::resize_conflict_window(&node.name, &parent.name));
         }
         if node.read_only {
-            return Err(QmpError::generic("Image is read-only"));
+            return Err(errors::image_read_only());
         }
         // Resizing goes down the chain: each raw window adds its offset, a sized
         // window cannot change, and the bottom node must be able to grow.
@@ -747,40 +717,32 @@ impl Core {
         let mut cur = node;
         let mut chain = vec![node.name.clone()];
         loop {
-            match cur.driver {
-                Driver::Raw => {
+            match cur.driver.resize() {
+                Resize::Window => {
                     if cur.strong_options.contains_key("size") {
-                        return Err(QmpError::generic("Cannot resize fixed-size raw disks"));
+                        return Err(errors::resize_fixed_raw());
                     }
                     let offset = cur
                         .strong_options
                         .get("offset")
                         .and_then(Value::as_u64)
                         .unwrap_or(0);
-                    target = target.checked_add(offset).ok_or_else(|| {
-                        QmpError::generic("Disk size too large for the chosen offset")
-                    })?;
+                    target = target
+                        .checked_add(offset)
+                        .ok_or_else(errors::resize_offset_overflow)?;
                     match cur.file().and_then(|c| self.graph.get(c)) {
                         Some(c) => {
                             chain.push(c.name.clone());
                             cur = c;
                         }
-                        None => {
-                            return Err(QmpError::generic(
-                                "Image format driver does not support resize",
-                            ));
-                        }
+                        None => return Err(errors::resize_unsupported()),
                     }
                 }
-                Driver::File | Driver::HostDevice => break,
-                Driver::NullCo | Driver::NullAio => {
-                    return Err(QmpError::generic(
-                        "Image format driver does not support resize",
-                    ));
-                }
+                Resize::Image => break,
+                Resize::Unsupported => return Err(errors::resize_unsupported()),
             }
         }
-        let (bottom_id, home, host_device) = (cur.id, cur.home, cur.driver == Driver::HostDevice);
+        let (bottom_id, home, image) = (cur.id, cur.home, cur.driver.image());
         let w = self.worker(home).await?;
         match w
             .call(
@@ -801,19 +763,18 @@ impl Core {
                 } else {
                     bulkhead_block::IoError::Os(e.errno)
                 };
-                let cfg = if host_device {
-                    DriverConfig::HostDevice(FileConfig::default())
-                } else {
-                    DriverConfig::File(FileConfig::default())
+                let cfg = match image {
+                    Some(FileKind::HostDevice) => DriverConfig::HostDevice(FileConfig::default()),
+                    _ => DriverConfig::File(FileConfig::default()),
                 };
-                return Err(QmpError::generic(bulkhead_block::node::resize_error_text(
+                return Err(errors::from_error(bulkhead_block::node::resize_error_text(
                     &cfg, &io,
                 )));
             }
             Err(e) => return Err(call_error(e)),
         }
         self.refresh_sizes(&chain).await;
-        Ok(json!({}))
+        Ok(())
     }
 
     /// Re-reads the sizes of the nodes a resize went through, bottom first. Like QEMU,

@@ -7,52 +7,10 @@
 
 use std::os::fd::OwnedFd;
 
-use bulkhead_ipc::wire::{NodeId, WorkerId, WorkerKind};
+use bulkhead_ipc::wire::{NodeId, WorkerId};
 use serde_json::{Map, Value, json};
 
-/// A node driver bulkhead implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Driver {
-    /// `file`.
-    File,
-    /// `host_device`.
-    HostDevice,
-    /// `raw`.
-    Raw,
-    /// `null-co`.
-    NullCo,
-    /// `null-aio`.
-    NullAio,
-}
-
-impl Driver {
-    /// The QAPI name.
-    pub fn as_str(self) -> &'static str {
-        self.worker().as_str()
-    }
-
-    /// The worker kind serving a standalone node of this driver under the `kind`
-    /// isolation policy.
-    pub fn worker(self) -> WorkerKind {
-        match self {
-            Driver::File => WorkerKind::File,
-            Driver::HostDevice => WorkerKind::HostDevice,
-            Driver::Raw => WorkerKind::Raw,
-            Driver::NullCo => WorkerKind::NullCo,
-            Driver::NullAio => WorkerKind::NullAio,
-        }
-    }
-
-    /// Whether this is a protocol driver sitting on an image file.
-    pub fn is_posix(self) -> bool {
-        matches!(self, Driver::File | Driver::HostDevice)
-    }
-
-    /// Whether this is a protocol driver (the bottom of a chain, with no child).
-    pub fn is_protocol(self) -> bool {
-        !matches!(self, Driver::Raw)
-    }
-}
+pub use super::drivers::Driver;
 
 /// The role a child plays for its parent (QEMU's child names: `file`, `backing`,
 /// `data-file`, `children.N` of quorum). Only `file` exists so far; mirror, commit,

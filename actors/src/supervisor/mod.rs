@@ -4,11 +4,16 @@
 //! Runs in the supervisor process on the actix System thread. [`Core`] is plain async
 //! code; [`actor`] wraps it so that commands from every monitor are serialized (one
 //! command at a time, as QEMU does under its big lock) and worker deaths arrive between
-//! commands. Commands reach `Core` already checked against the QAPI schema.
+//! commands. Commands reach `Core` already checked against the QAPI schema, and run
+//! through their line in the [`commands`] registry; every error text comes from
+//! [`errors`].
 
 pub mod actor;
 pub mod asks;
 pub mod blockdev;
+pub mod commands;
+pub mod drivers;
+pub mod errors;
 pub mod export;
 pub mod graph;
 pub mod placement;
@@ -24,7 +29,7 @@ use bulkhead_ipc::data::NewChannel;
 use bulkhead_ipc::ring::RingLayout;
 use bulkhead_ipc::wire::{ToWorker, WorkerEvent, WorkerId, WorkerKind};
 use bulkhead_qmp::request::ErrorClass;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::events::EventSink;
 use graph::Graph;
@@ -43,7 +48,7 @@ pub struct QmpError {
 }
 
 impl QmpError {
-    /// A `GenericError`.
+    /// A `GenericError` (the constructors in [`errors`] hold the texts).
     pub fn generic(desc: impl Into<String>) -> QmpError {
         QmpError {
             class: ErrorClass::GenericError,
@@ -52,36 +57,31 @@ impl QmpError {
     }
 }
 
-/// The commands bulkhead implements, as `query-commands` lists them.
-pub const COMMANDS: &[&str] = &[
-    "qmp_capabilities",
-    "query-version",
-    "query-commands",
-    "quit",
-    "query-qmp-schema",
-    "blockdev-add",
-    "blockdev-del",
-    "blockdev-reopen",
-    "blockdev-set-active",
-    "query-named-block-nodes",
-    "query-block",
-    "x-debug-query-block-graph",
-    "block_resize",
-    "nbd-server-start",
-    "nbd-server-stop",
-    "nbd-server-add",
-    "nbd-server-remove",
-    "block-export-add",
-    "block-export-del",
-    "query-block-exports",
-    "query-blockstats",
-    "block-set-write-threshold",
-    "x-bulkhead-query-workers",
-    // Served by the QMP front (`front::chardev`), never sent to the core.
-    "query-chardev",
-    "chardev-add",
-    "chardev-remove",
-];
+/// One `XBulkheadWorkerInfo` of `x-bulkhead-query-workers`. Members in the order
+/// they are printed (which is not the schema's: `reaches` comes after `role`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerInfo {
+    /// Instance id.
+    pub id: u32,
+    /// Worker kind (block driver, export type, or `image`).
+    pub kind: &'static str,
+    /// `driver`, `image`, `export`, or `listener`.
+    pub role: &'static str,
+    /// The instances it holds data channels to.
+    pub reaches: Vec<u32>,
+    /// Its process.
+    pub pid: u32,
+    /// Incarnation number.
+    pub generation: u64,
+    /// Restarts so far.
+    pub restarts: u64,
+    /// The nodes it hosts.
+    pub nodes: Vec<String>,
+    /// The exports it serves.
+    pub exports: Vec<String>,
+    /// The sandbox layers it reported applying.
+    pub sandbox: Vec<String>,
+}
 
 /// What the session must do after sending a command's reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +182,8 @@ impl Core {
         self.asks.borrow_mut().set_exports(listener, exporters);
     }
 
-    /// Runs one command with already validated arguments.
+    /// Runs one command with already validated arguments (through its registry
+    /// line, see `commands`).
     pub async fn execute(
         &mut self,
         command: &str,
@@ -190,55 +191,23 @@ impl Core {
     ) -> Result<(Value, After), QmpError> {
         // A top-level entry: no restore is running (see `worker_died`).
         self.restoring.clear();
-        if command == "quit" {
-            self.delete_all_exports().await;
-            return Ok((json!({}), After::Quit));
-        }
-        // Queries change nothing the ask table holds (it canonicalizes image paths, a
-        // few syscalls per node): skip it for them, so a QMP query flood stays cheap.
-        // A restore a query set off refreshes the table itself.
-        let changes = !(command.starts_with("query-") || command.contains("-query-"));
-        let ret = self.run(command, args).await;
-        if changes {
-            self.refresh_asks();
+        let Some(commands::Command {
+            served: commands::Served::Core(effect, run),
+            ..
+        }) = commands::find(command)
+        else {
+            return Err(errors::command_not_found(command));
+        };
+        let ret = run(self, args).await;
+        match effect {
+            commands::Effect::Quit => return Ok((ret?, After::Quit)),
+            // Queries change nothing the ask table holds (it canonicalizes image
+            // paths, a few syscalls per node): skip it for them, so a QMP query flood
+            // stays cheap. A restore a query set off refreshes the table itself.
+            commands::Effect::Query => {}
+            commands::Effect::Change => self.refresh_asks(),
         }
         Ok((ret?, After::Continue))
-    }
-
-    async fn run(&mut self, command: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
-        Ok(match command {
-            "query-version" => crate::version::query_version(),
-            "query-commands" => {
-                Value::Array(COMMANDS.iter().rev().map(|c| json!({"name": c})).collect())
-            }
-            "query-qmp-schema" => bulkhead_qmp::qapi::Schema::get()
-                .introspect(COMMANDS, crate::events::EVENTS)
-                .map_err(|e| QmpError::generic(e.to_string()))?,
-            "blockdev-add" => self.blockdev_add(Value::Object(args)).await?,
-            "blockdev-del" => self.blockdev_del(&args).await?,
-            "blockdev-reopen" => self.blockdev_reopen(&args).await?,
-            "blockdev-set-active" => self.blockdev_set_active(&args).await?,
-            "query-named-block-nodes" => self.graph.query_named_block_nodes(),
-            "query-block" => json!([]),
-            "x-debug-query-block-graph" => self.graph.debug_graph(),
-            "block_resize" => self.block_resize(&args).await?,
-            "nbd-server-start" => self.nbd_server_start(&args).await?,
-            "nbd-server-stop" => self.nbd_server_stop().await?,
-            "nbd-server-add" => self.nbd_server_add(&args).await?,
-            "nbd-server-remove" => self.nbd_server_remove(&args).await?,
-            "block-export-add" => self.block_export_add(&args).await?,
-            "block-export-del" => self.block_export_del(&args).await?,
-            "query-block-exports" => self.query_block_exports(),
-            "query-blockstats" => self.query_blockstats(&args),
-            "block-set-write-threshold" => self.block_set_write_threshold(&args)?,
-            "x-bulkhead-query-workers" => self.query_workers(),
-            other => {
-                return Err(QmpError {
-                    class: ErrorClass::CommandNotFound,
-                    desc: format!("The command {other} has not been found"),
-                });
-            }
-        })
     }
 
     /// The command line has run: start serving NBD clients (the server and every
@@ -254,19 +223,22 @@ impl Core {
     }
 
     /// `x-bulkhead-query-workers`: every instance with a running process, by id.
-    fn query_workers(&self) -> Value {
-        let list = self
-            .instances
+    fn query_workers(&self) -> Vec<WorkerInfo> {
+        self.instances
             .iter()
             .filter_map(|(id, inst)| inst.handle.as_ref().map(|w| (id, inst, w)))
             .map(|(&id, inst, w)| {
-                let nodes: Vec<&str> = self
+                let nodes = self
                     .graph
                     .iter()
                     .filter(|n| n.home == id)
-                    .map(|n| n.name.as_str())
+                    .map(|n| n.name.clone())
                     .collect();
-                let exports = self.exports_on(id);
+                let exports = self
+                    .exports_on(id)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect();
                 let role = if self.per_export() && self.nbd_home == Some(id) {
                     "listener"
                 } else {
@@ -280,21 +252,20 @@ impl Core {
                     .map(|(_, s)| s.0)
                     .collect();
                 reaches.sort_unstable();
-                json!({
-                    "id": id.0,
-                    "kind": inst.kind.as_str(),
-                    "role": role,
-                    "reaches": reaches,
-                    "pid": w.pid(),
-                    "generation": inst.generation,
-                    "restarts": inst.restart_count,
-                    "nodes": nodes,
-                    "exports": exports,
-                    "sandbox": w.sandbox(),
-                })
+                WorkerInfo {
+                    id: id.0,
+                    kind: inst.kind.as_str(),
+                    role,
+                    reaches,
+                    pid: w.pid(),
+                    generation: inst.generation,
+                    restarts: inst.restart_count,
+                    nodes,
+                    exports,
+                    sandbox: w.sandbox().to_vec(),
+                }
             })
-            .collect();
-        Value::Array(list)
+            .collect()
     }
 
     /// A worker reported something unasked (the reader accepted it from this kind
@@ -366,13 +337,10 @@ impl Core {
     /// and exports replayed), so nothing ever talks to a blank replacement.
     async fn worker(&mut self, id: WorkerId) -> Result<&WorkerHandle, QmpError> {
         let Some(inst) = self.instances.get(&id) else {
-            return Err(QmpError::generic(format!("worker {id} does not exist")));
+            return Err(errors::no_such_worker(id));
         };
         if inst.given_up {
-            return Err(QmpError::generic(format!(
-                "The {} worker keeps failing and was given up",
-                inst.kind
-            )));
+            return Err(errors::worker_given_up(inst.kind));
         }
         let alive = inst.handle.as_ref().is_some_and(WorkerHandle::is_alive);
         if !alive {
@@ -385,7 +353,7 @@ impl Core {
         self.instances
             .get(&id)
             .and_then(|i| i.handle.as_ref())
-            .ok_or_else(|| QmpError::generic(format!("The worker {id} is not running")))
+            .ok_or_else(|| errors::worker_not_running(id))
     }
 
     /// The running worker of `id`, if its process is alive; never starts one.
@@ -403,7 +371,7 @@ impl Core {
             .instances
             .get(&id)
             .map(|i| i.kind)
-            .ok_or_else(|| QmpError::generic(format!("worker {id} does not exist")))?;
+            .ok_or_else(|| errors::no_such_worker(id))?;
         if let Some(old) = self.instances.get_mut(&id).and_then(|i| i.handle.take()) {
             old.kill();
         }
@@ -422,7 +390,7 @@ impl Core {
             move |d| on_death(d),
         )
         .await
-        .map_err(|e| QmpError::generic(format!("Could not start the {kind} worker: {e}")))?;
+        .map_err(|e| errors::worker_spawn(kind, e))?;
         if let Some(inst) = self.instances.get_mut(&id) {
             inst.generation += 1;
             inst.handle = Some(handle);
@@ -455,13 +423,12 @@ impl Core {
         // A new region per channel, so every incarnation of the server gets its own
         // (the generation fence of `bulkhead_ipc::data::Peer`).
         let layout = RingLayout::default();
-        let channel = NewChannel::create(layout)
-            .map_err(|e| QmpError::generic(format!("Could not create a data channel: {e}")))?;
+        let channel = NewChannel::create(layout).map_err(errors::data_channel)?;
         self.worker(server).await?;
         self.worker(client).await?;
         let generation = self.instances.get(&server).map_or(0, |i| i.generation);
         let (Some(s), Some(c)) = (self.running(server), self.running(client)) else {
-            return Err(QmpError::generic("worker vanished"));
+            return Err(errors::worker_vanished());
         };
         s.call(
             ToWorker::ServeDataChannel {
@@ -492,15 +459,10 @@ impl Core {
 pub(crate) fn call_error(e: CallError) -> QmpError {
     tracing::warn!(error = %e, "worker call failed");
     match e {
-        CallError::Worker(w) if w.errno != 0 => QmpError::generic(strerror(w.errno)),
-        CallError::Worker(_) => QmpError::generic("Operation failed in worker"),
-        other => QmpError::generic(other.to_string()),
+        CallError::Worker(w) if w.errno != 0 => errors::from_error(strerror(w.errno)),
+        CallError::Worker(_) => errors::worker_failed(),
+        other => errors::from_error(other),
     }
 }
 
 pub use bulkhead_block::posix::strerror;
-
-/// A string argument of a command (already checked against the schema).
-pub(crate) fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    m.get(k).and_then(Value::as_str)
-}

@@ -19,7 +19,7 @@ use bulkhead_ipc::wire::{NodeRef, WorkerId, WorkerKind};
 
 use super::graph::{Driver, Node};
 use super::workers::WorkerHandle;
-use super::{Core, QmpError};
+use super::{Core, QmpError, errors};
 
 /// How nodes are spread over worker processes (`--isolation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -150,8 +150,9 @@ impl Core {
     /// The instance an inline child of a new `driver` node should be created on, so it
     /// starts where it will stay.
     pub(super) fn inline_child_hint(&mut self, driver: Driver) -> Option<WorkerId> {
-        match (self.isolation, driver) {
-            (Isolation::Kind, Driver::Raw) => Some(self.kind_instance(driver.worker())),
+        match self.isolation {
+            // A format node's protocol child lives in the format node's instance.
+            Isolation::Kind if !driver.is_protocol() => Some(self.kind_instance(driver.worker())),
             _ => None,
         }
     }
@@ -166,7 +167,7 @@ impl Core {
     /// and image, then closed where it was.
     pub(super) async fn move_node(&mut self, name: &str, to: WorkerId) -> Result<(), QmpError> {
         let Some(node) = self.graph.get(name) else {
-            return Err(QmpError::generic("node vanished"));
+            return Err(errors::node_vanished());
         };
         let (from, id) = (node.home, node.id);
         if from == to {
@@ -199,7 +200,7 @@ impl Core {
     /// it is closed where it was. Already alone in its instance: nothing to do.
     pub(super) async fn isolate_shared(&mut self, name: &str) -> Result<(), QmpError> {
         let Some(node) = self.graph.get(name) else {
-            return Err(QmpError::generic("node vanished"));
+            return Err(errors::node_vanished());
         };
         let (from, id) = (node.home, node.id);
         let neighbours = self.graph.iter().any(|n| n.home == from && n.name != name);

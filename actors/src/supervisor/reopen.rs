@@ -17,11 +17,16 @@ use bulkhead_block::file::FileKind;
 use bulkhead_block::posix;
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::ToWorker;
-use serde_json::{Map, Value, json};
+use bulkhead_qmp::qapi::types::{
+    BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevDriverOptions, BlockdevOptions,
+    BlockdevRef,
+};
+use serde_json::{Map, Value};
 
 use super::blockdev::flatten;
+use super::commands::WithGiven;
 use super::graph::{Driver, Role};
-use super::{Core, QmpError, call_error};
+use super::{Core, QmpError, call_error, errors};
 
 /// Options every driver takes that a reopen applies itself (QEMU's
 /// `bdrv_runtime_opts` and `active`); the rest must stay as they are.
@@ -54,29 +59,17 @@ struct Plan {
     image: Option<OwnedFd>,
 }
 
-fn err(desc: impl Into<String>) -> QmpError {
-    QmpError::generic(desc)
-}
-
 impl Core {
+    /// `blockdev-reopen` of `entries`, each with the object it was decoded from.
     pub(super) async fn blockdev_reopen(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
-        let entries = match args.get("options") {
-            Some(Value::Array(a)) => a.clone(),
-            _ => Vec::new(),
-        };
+        entries: &[WithGiven<BlockdevOptions>],
+    ) -> Result<(), QmpError> {
         // qsd 10.0.2 aborts on an empty list (an assertion); an empty reopen does
         // nothing here.
         let mut plans = Vec::new();
-        for entry in &entries {
-            let Value::Object(m) = entry else {
-                return Err(err(
-                    "Invalid parameter type for 'options', expected: object",
-                ));
-            };
-            plans.push(self.plan_reopen(m, &plans)?);
+        for entry in entries {
+            plans.push(self.plan_reopen(entry, &plans)?);
         }
         self.check_reopen_perms(&plans)?;
         // Descriptors first: a refused open changes nothing.
@@ -111,81 +104,78 @@ impl Core {
             self.refresh_sizes(std::slice::from_ref(name)).await;
         }
         let locks = self.refresh_locks();
-        result.and(locks).map(|()| json!({}))
+        result.and(locks)
     }
 
     /// Checks one entry against its node as QEMU's `bdrv_reopen_prepare` does.
     /// `earlier` holds the plans of the entries before it.
-    fn plan_reopen(&self, m: &Map<String, Value>, earlier: &[Plan]) -> Result<Plan, QmpError> {
-        let Some(name) = m.get("node-name").and_then(Value::as_str) else {
-            return Err(err("node-name not specified"));
+    fn plan_reopen(
+        &self,
+        entry: &WithGiven<BlockdevOptions>,
+        earlier: &[Plan],
+    ) -> Result<Plan, QmpError> {
+        let base = &entry.typed.base;
+        let Some(name) = base.node_name.as_deref() else {
+            return Err(errors::reopen_node_name_missing());
         };
         let Some(node) = self.graph.get(name) else {
-            return Err(err(format!("Failed to find node with node-name='{name}'")));
+            return Err(errors::node_not_found(name));
         };
         let old = earlier
             .iter()
             .rev()
             .find(|p| p.name == name)
             .map_or(&node.options, |p| &p.options);
-        let new = flatten(m);
+        let new = flatten(&entry.given);
         // The generic options are parsed first (bdrv_reopen_prepare).
-        if new.get("detect-zeroes").and_then(Value::as_str) == Some("unmap")
-            && !matches!(
-                new.get("discard").and_then(Value::as_str),
-                Some("unmap" | "on")
-            )
+        if base.detect_zeroes == Some(BlockdevDetectZeroesOptions::Unmap)
+            && base.discard != Some(BlockdevDiscardOptions::Unmap)
         {
-            return Err(err(
-                bulkhead_block::config::ConfigError::DetectZeroesUnmapNeedsDiscard.to_string(),
+            return Err(errors::from_error(
+                bulkhead_block::config::ConfigError::DetectZeroesUnmapNeedsDiscard,
             ));
         }
         // What the driver's own reopen takes: raw's window and child.
-        let consumed: &[&str] = match node.driver {
-            Driver::Raw => &["offset", "size", "file"],
-            _ => &[],
-        };
+        let consumed = node.driver.reopen_options();
         let applied = |k: &str| GENERIC.contains(&k) || consumed.contains(&k);
         // `active` is taken out of the new options before this check, so once a node
         // has it, no reopen can pass (qsd 10.0.2 behaves so).
         if old.contains_key("active") {
-            return Err(err("Option 'active' cannot be reset to its default value"));
+            return Err(errors::option_reset("active"));
         }
         for k in old.keys() {
             if !applied(k) && !new.contains_key(k) {
-                return Err(err(format!(
-                    "Option '{k}' cannot be reset to its default value"
-                )));
+                return Err(errors::option_reset(k));
             }
         }
-        if new.get("driver").and_then(Value::as_str) != Some(node.driver.as_str()) {
-            return Err(err("Cannot change the option 'driver'"));
+        if Driver::from_qapi(base.driver) != Some(node.driver) {
+            return Err(errors::option_change("driver"));
         }
         for (k, v) in &new {
             if k.starts_with("file.") && node.driver == Driver::Raw {
                 // An inline child where the node already has one.
-                return Err(err(format!("Cannot change the option '{k}'")));
+                return Err(errors::option_change(k));
             }
             // qsd keeps `force-share` in a form no new value equals: giving it at
             // all is a change.
             if !applied(k) && (old.get(k) != Some(v) || k == "force-share") {
-                return Err(err(format!("Cannot change the option '{k}'")));
+                return Err(errors::option_change(k));
             }
         }
 
-        let get_bool = |k: &str| new.get(k).and_then(Value::as_bool);
-        let read_only = get_bool("read-only").unwrap_or(false);
-        let direct = get_bool("cache.direct").unwrap_or(false);
-        let no_flush = get_bool("cache.no-flush").unwrap_or(false);
-        let active = get_bool("active").unwrap_or(node.active);
-        let discard = match new.get("discard").and_then(Value::as_str) {
-            Some("unmap" | "on") => Discard::Unmap,
-            _ => Discard::Ignore,
+        let cache = base.cache.as_ref();
+        let read_only = base.read_only.unwrap_or(false);
+        let direct = cache.and_then(|c| c.direct).unwrap_or(false);
+        let no_flush = cache.and_then(|c| c.no_flush).unwrap_or(false);
+        let active = base.active.unwrap_or(node.active);
+        let discard = match base.discard {
+            Some(BlockdevDiscardOptions::Unmap) => Discard::Unmap,
+            Some(BlockdevDiscardOptions::Ignore) | None => Discard::Ignore,
         };
-        let (detect_zeroes, detect_name) = match new.get("detect-zeroes").and_then(Value::as_str) {
-            Some("on") => (DetectZeroes::On, "on"),
-            Some("unmap") => (DetectZeroes::Unmap, "unmap"),
-            _ => (DetectZeroes::Off, "off"),
+        let (detect_zeroes, detect_name) = match base.detect_zeroes {
+            Some(BlockdevDetectZeroesOptions::On) => (DetectZeroes::On, "on"),
+            Some(BlockdevDetectZeroesOptions::Unmap) => (DetectZeroes::Unmap, "unmap"),
+            Some(BlockdevDetectZeroesOptions::Off) | None => (DetectZeroes::Off, "off"),
         };
         let mut config = node.config;
         {
@@ -201,46 +191,47 @@ impl Core {
         match &mut config {
             DriverConfig::File(c) | DriverConfig::HostDevice(c) => c.direct = direct,
             DriverConfig::Raw(raw) => {
-                let size_opt = |k: &str| -> Result<Option<u64>, QmpError> {
-                    match new.get(k) {
-                        None => Ok(None),
-                        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                            err(format!(
-                                "Invalid parameter type for '{k}', expected: integer"
-                            ))
-                        }),
-                    }
+                let given = match &entry.typed.driver {
+                    BlockdevDriverOptions::Raw(r) => Some(r),
+                    _ => None,
                 };
-                raw.offset = size_opt("offset")?.unwrap_or(0);
-                raw.size = size_opt("size")?;
+                // Unlike blockdev-add, a negative offset or size is refused with a
+                // type error here.
+                let size_opt = |v: Option<i64>, k: &str| -> Result<Option<u64>, QmpError> {
+                    v.map(|n| u64::try_from(n).map_err(|_| errors::expected_integer(k)))
+                        .transpose()
+                };
+                let offset = size_opt(given.and_then(|r| r.offset), "offset")?;
+                let size = size_opt(given.and_then(|r| r.size), "size")?;
+                raw.offset = offset.unwrap_or(0);
+                raw.size = size;
                 strong = Map::new();
-                if let Some(o) = new.get("offset") {
-                    strong.insert("offset".into(), o.clone());
+                if let Some(o) = offset {
+                    strong.insert("offset".into(), o.into());
                 }
-                if let Some(s) = new.get("size") {
-                    strong.insert("size".into(), s.clone());
+                if let Some(s) = size {
+                    strong.insert("size".into(), s.into());
                 }
-                let c = new.get("file").and_then(Value::as_str).unwrap_or("");
+                let c = match given.map(|r| &r.file) {
+                    Some(BlockdevRef::Reference(c)) => c.as_str(),
+                    // An inline child was refused above (`file.*` options).
+                    Some(BlockdevRef::Definition(_)) | None => "",
+                };
                 let Some(cnode) = self.graph.get(c) else {
-                    return Err(err(format!("Cannot find device='' nor node-name='{c}'")));
+                    return Err(errors::device_not_found("", c));
                 };
                 if self.graph.chain(c).iter().any(|n| n.name == name) {
-                    return Err(err(format!(
-                        "Making '{c}' a file child of '{name}' would create a cycle"
-                    )));
+                    return Err(errors::reopen_cycle(c, name));
                 }
                 if active && !cnode.active {
-                    return Err(err(format!(
-                        "Inactive '{c}' can't be a file child of active '{name}'"
-                    )));
+                    return Err(errors::inactive_file_child(c, name));
                 }
-                bulkhead_block::raw::check_window(raw, cnode.size)
-                    .map_err(|e| err(e.to_string()))?;
+                bulkhead_block::raw::check_window(raw, cnode.size).map_err(errors::from_error)?;
                 child = Some(c.to_string());
             }
             DriverConfig::NullCo(_) | DriverConfig::NullAio(_) => {}
         }
-        config.validate().map_err(|e| err(e.to_string()))?;
+        config.validate().map_err(errors::from_error)?;
         let fixed_window =
             matches!(&config, DriverConfig::Raw(r) if r.offset > 0 || r.size.is_some());
         Ok(Plan {
@@ -265,10 +256,7 @@ impl Core {
         for plan in plans.iter().filter(|p| p.read_only) {
             let written = self.writers_of(&plan.name, true);
             if written {
-                return Err(err(format!(
-                    "Read-only block node '{}' cannot support read-write users",
-                    plan.name
-                )));
+                return Err(errors::read_only_with_writers(&plan.name));
             }
         }
         Ok(())
@@ -301,25 +289,21 @@ impl Core {
         if node.read_only == plan.read_only && node.direct == plan.direct {
             return Ok(None);
         }
-        let kind = if node.driver == Driver::HostDevice {
-            FileKind::HostDevice
-        } else {
-            FileKind::File
-        };
+        let kind = node.driver.image().unwrap_or(FileKind::File);
         posix::open_image(path, kind, plan.read_only, plan.direct)
             .map(Some)
-            .map_err(|e| err(e.to_string()))
+            .map_err(errors::from_error)
     }
 
     /// Sends one node's new state to its worker, then records it in the graph.
     async fn apply_plan(&mut self, plan: Plan) -> Result<(), QmpError> {
         let Some(node) = self.graph.get(&plan.name) else {
-            return Err(err("node vanished"));
+            return Err(errors::node_vanished());
         };
         let (home, id) = (node.home, node.id);
         let image = match (&plan.image, &node.image) {
-            (Some(new), _) => Some(fd::dup(new).map_err(|e| err(e.to_string()))?),
-            (None, Some(old)) => Some(fd::dup(old).map_err(|e| err(e.to_string()))?),
+            (Some(new), _) => Some(fd::dup(new).map_err(errors::from_error)?),
+            (None, Some(old)) => Some(fd::dup(old).map_err(errors::from_error)?),
             (None, None) => None,
         };
         let child_ref = plan.child.as_deref().and_then(|c| self.node_ref(c));
@@ -362,10 +346,8 @@ impl Core {
         // The node keeps its statistics region (counters and write threshold carry
         // over a reopen), sent first as with AddNode.
         let stats = match self.graph.iter().find(|n| n.id == id) {
-            Some(n) => {
-                bulkhead_ipc::fd::dup(n.stats.fd()).map_err(|e| QmpError::generic(e.to_string()))?
-            }
-            None => return Err(QmpError::generic("node vanished")),
+            Some(n) => bulkhead_ipc::fd::dup(n.stats.fd()).map_err(errors::from_error)?,
+            None => return Err(errors::node_vanished()),
         };
         let worker = self.worker(home).await?;
         let fds: Vec<_> = std::iter::once(&stats)
@@ -395,13 +377,13 @@ impl Core {
             return Ok(());
         }
         if active && node.read_only && self.writers_of(name, false) {
-            return Err(err("Block node is read-only"));
+            return Err(errors::block_node_read_only());
         }
         let mut config = node.config;
         config.common_mut().inactive = !active;
         let child_ref = node.file().and_then(|c| self.node_ref(c));
         let image = match &node.image {
-            Some(f) => Some(fd::dup(f).map_err(|e| err(e.to_string()))?),
+            Some(f) => Some(fd::dup(f).map_err(errors::from_error)?),
             None => None,
         };
         let (home, id) = (node.home, node.id);
@@ -458,12 +440,12 @@ impl Core {
                 if node.active {
                     if self.graph.parents_of(&n).any(|p| p.active) {
                         if top {
-                            return Err(err("Node has active parent node"));
+                            return Err(errors::active_parent());
                         }
                         break;
                     }
                     if self.blocks_inactivation(&n) {
-                        return Err(err("Failed to inactivate node: Operation not permitted"));
+                        return Err(errors::inactivate_refused());
                     }
                     self.push_active(&n, false).await?;
                 }
@@ -474,15 +456,16 @@ impl Core {
         Ok(())
     }
 
+    /// `blockdev-set-active` of `node_name`, or of every node.
     pub(super) async fn blockdev_set_active(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
-        let active = args.get("active").and_then(Value::as_bool).unwrap_or(true);
-        let result = match args.get("node-name").and_then(Value::as_str) {
+        node_name: Option<&str>,
+        active: bool,
+    ) -> Result<(), QmpError> {
+        let result = match node_name {
             Some(name) => {
                 if !self.graph.contains(name) {
-                    return Err(err(format!("Failed to find node with node-name='{name}'")));
+                    return Err(errors::node_not_found(name));
                 }
                 self.set_active(name, active).await
             }
@@ -513,8 +496,8 @@ impl Core {
                         continue;
                     }
                     if let Err(e) = self.set_active_from(&n, false, false).await {
-                        result = Err(if e.desc.starts_with("Failed to inactivate node") {
-                            err("Failed to inactivate all nodes: Operation not permitted")
+                        result = Err(if errors::is_inactivate_refused(&e) {
+                            errors::inactivate_all_refused()
                         } else {
                             e
                         });
@@ -525,6 +508,6 @@ impl Core {
             }
         };
         let locks = self.refresh_locks();
-        result.and(locks).map(|()| json!({}))
+        result.and(locks)
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bulkhead_ipc::wire::WorkerId;
 
 use super::workers::{WorkerDied, WorkerHandle};
-use super::{Core, QmpError};
+use super::{Core, QmpError, errors};
 
 /// Most restarts of one worker instance within [`RESTART_WINDOW`]. Counted per
 /// instance: a crash loop (an image that kills its worker on every open) stops after
@@ -162,10 +162,10 @@ impl Core {
     pub(super) async fn restore(&mut self, id: WorkerId) -> Result<(), QmpError> {
         if self.charge_restart(id).await.is_none() {
             let kind = self.instances.get(&id).map(|i| i.kind);
-            return Err(QmpError::generic(match kind {
-                Some(k) => format!("The {k} worker keeps failing and was given up"),
-                None => format!("worker {id} does not exist"),
-            }));
+            return Err(match kind {
+                Some(k) => errors::worker_given_up(k),
+                None => errors::no_such_worker(id),
+            });
         }
         let restored = self.restore_now(id).await;
         if restored.is_err() {
@@ -186,7 +186,7 @@ impl Core {
     /// died meanwhile).
     async fn restore_now(&mut self, id: WorkerId) -> Result<(), QmpError> {
         if !self.restoring.insert(id) {
-            return Err(QmpError::generic(format!("worker {id} depends on itself")));
+            return Err(errors::restore_cycle(id));
         }
         let result = self.restore_once(id).await;
         self.restoring.remove(&id);
@@ -200,7 +200,7 @@ impl Core {
 
     async fn restore_once(&mut self, id: WorkerId) -> Result<(), QmpError> {
         let Some(kind) = self.instances.get(&id).map(|i| i.kind) else {
-            return Err(QmpError::generic(format!("worker {id} does not exist")));
+            return Err(errors::no_such_worker(id));
         };
         // Instances this one reaches (children elsewhere) must be up before it replays:
         // any that is dead is restored first.
@@ -231,9 +231,7 @@ impl Core {
         self.spawn(id).await?;
         let outcome = tokio::select! {
             r = self.replay(id, &clients) => r,
-            () = any_died(&watched) => Err(QmpError::generic(
-                "a worker it depends on died during the restore",
-            )),
+            () = any_died(&watched) => Err(errors::restore_dependency_died()),
         };
         match outcome {
             Ok(()) => {

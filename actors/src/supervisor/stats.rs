@@ -16,8 +16,8 @@ use bulkhead_ipc::stats::{StatsRegion, create_region};
 use bulkhead_ipc::wire::{NodeId, WorkerId};
 use serde_json::{Map, Value, json};
 
-use super::graph::{Driver, Node};
-use super::{Core, QmpError};
+use super::graph::Node;
+use super::{Core, QmpError, errors};
 
 /// A node's statistics region and the supervisor's own record of its threshold.
 #[derive(Debug)]
@@ -34,9 +34,7 @@ pub struct NodeStats {
 impl NodeStats {
     /// A fresh, zeroed region for a new node.
     pub fn create() -> Result<NodeStats, QmpError> {
-        let fail = |e: bulkhead_ipc::stats::StatsError| {
-            QmpError::generic(format!("Could not create node statistics: {e}"))
-        };
+        let fail = errors::node_stats::<bulkhead_ipc::stats::StatsError>;
         let fd = create_region().map_err(fail)?;
         let region = StatsRegion::map_owned(&fd).map_err(fail)?;
         Ok(NodeStats {
@@ -138,10 +136,7 @@ impl Core {
         m.insert("node-name".into(), node.name.clone().into());
         m.insert("stats".into(), device_stats(int(c.wr_highest_offset)));
         if node.driver.is_posix() {
-            let driver = match node.driver {
-                Driver::HostDevice => "host_device",
-                _ => "file",
-            };
+            let driver = node.driver.as_str();
             m.insert(
                 "driver-specific".into(),
                 json!({
@@ -164,31 +159,26 @@ impl Core {
     /// `query-blockstats`. Without `query-nodes` it lists named BlockBackends, which
     /// qsd never has (exports' BlockBackends are anonymous): `[]`. With it, every node
     /// in creation order.
-    pub(super) fn query_blockstats(&self, args: &Map<String, Value>) -> Value {
-        if args.get("query-nodes").and_then(Value::as_bool) != Some(true) {
+    pub(super) fn query_blockstats(&self, query_nodes: bool) -> Value {
+        if !query_nodes {
             return json!([]);
         }
         Value::Array(self.graph.iter().map(|n| self.node_stats(n, 0)).collect())
     }
 
-    /// `block-set-write-threshold`: any node, exported or not; 0 disables.
+    /// `block-set-write-threshold`: any node, exported or not; 0 disables. (QEMU's
+    /// uint64 visitor already took a negative number modulo 2^64: -1 is u64::MAX.)
     pub(super) fn block_set_write_threshold(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
-        let name = args.get("node-name").and_then(Value::as_str).unwrap_or("");
-        // QEMU's uint64 visitor takes a negative number modulo 2^64 (-1 is u64::MAX).
-        let threshold = args.get("write-threshold");
-        let value = threshold
-            .and_then(Value::as_u64)
-            .or_else(|| threshold.and_then(Value::as_i64).map(|v| v as u64))
-            .unwrap_or(0);
+        name: &str,
+        value: u64,
+    ) -> Result<(), QmpError> {
         let node = self
             .graph
             .get_mut(name)
-            .ok_or_else(|| QmpError::generic(format!("Device '{name}' not found")))?;
+            .ok_or_else(|| errors::device_not_found_short(name))?;
         node.stats.set_threshold(value);
-        Ok(json!({}))
+        Ok(())
     }
 
     /// A worker reports that `node` crossed `threshold` with a request ending at `end`.

@@ -56,6 +56,14 @@ pub struct QueryNamedBlockNodesArgs {
     pub flat: Option<bool>,
 }
 
+/// `query-blockstats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct QueryBlockstatsArgs {
+    /// List every node (not only named BlockBackends).
+    pub query_nodes: Option<bool>,
+}
+
 /// `block_resize`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -1407,6 +1415,7 @@ mod tests {
             let _: JobIdArgs = full_args(cmd, "");
         }
         let _: BlockSetWriteThresholdArgs = full_args("block-set-write-threshold", "");
+        let _: QueryBlockstatsArgs = full_args("query-blockstats", "");
         let _: BlockdevSnapshotSync = full_args("blockdev-snapshot-sync", "");
         let _: BlockdevSnapshot = full_args("blockdev-snapshot", "");
         let _: BlockdevSnapshotInternal = full_args("blockdev-snapshot-internal-sync", "");

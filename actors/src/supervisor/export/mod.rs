@@ -16,60 +16,49 @@ mod nbd_handoff;
 mod table;
 
 use bulkhead_ipc::wire::{ExportKey, Reply, WorkerErrorKind, WorkerId};
-use serde_json::{Map, Value, json};
+use bulkhead_qmp::qapi::types::{
+    BlockExportDelArgs, BlockExportKind, BlockExportOptions, BlockExportRemoveMode,
+};
+use serde_json::{Value, json};
 
 pub use nbd::{NbdOptions, NbdServer};
 pub use table::{Export, ExportTable, Front};
 
 use super::workers::CallError;
-use super::{Core, QmpError, call_error, get_str};
+use super::{Core, QmpError, call_error, errors};
 use bulkhead_qmp::qapi::id_wellformed;
 
 impl Core {
     pub(super) async fn block_export_add(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
+        options: &BlockExportOptions,
+    ) -> Result<(), QmpError> {
         // Generic checks, then the front's, in qsd's order.
-        let id = get_str(args, "id").unwrap_or("").to_string();
+        let common = &options.common;
+        let id = common.id.clone();
         if !id_wellformed(&id) {
-            return Err(QmpError::generic("Invalid block export id"));
+            return Err(errors::invalid_export_id());
         }
         if self.exports.contains(&id) {
-            return Err(QmpError::generic(format!(
-                "Block export id '{id}' is already in use"
-            )));
+            return Err(errors::export_id_in_use(&id));
         }
-        let kind = get_str(args, "type");
-        if kind != Some("nbd") {
-            return Err(QmpError::generic(
-                "bulkhead supports only NBD exports so far",
-            ));
-        }
-        let node_name = get_str(args, "node-name").unwrap_or("").to_string();
-        let Some(node) = self.graph.get(&node_name) else {
-            return Err(QmpError::generic(format!(
-                "Cannot find device='' nor node-name='{node_name}'"
-            )));
+        let BlockExportKind::Nbd(nbd) = &options.kind else {
+            return Err(errors::export_type_unsupported());
         };
-        if let Some(t) = get_str(args, "iothread") {
-            return Err(QmpError::generic(format!("iothread \"{t}\" not found")));
+        let node_name = common.node_name.clone();
+        let Some(node) = self.graph.get(&node_name) else {
+            return Err(errors::device_not_found("", &node_name));
+        };
+        if let Some(t) = &common.iothread {
+            return Err(errors::iothread_not_found(t));
         }
-        let writable = args
-            .get("writable")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let writable = common.writable.unwrap_or(false);
         if writable && node.read_only {
-            return Err(QmpError::generic(
-                "Cannot export read-only node as writable",
-            ));
+            return Err(errors::export_read_only_writable());
         }
         let node_active = node.active;
-        let front = Front::Nbd(self.nbd_options(args, &node_name)?);
-        let allow_inactive = args
-            .get("allow-inactive")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let front = Front::Nbd(self.nbd_options(nbd, &node_name)?);
+        let allow_inactive = common.allow_inactive.unwrap_or(false);
         // Like qsd, an export that does not allow an inactive node activates it.
         if !allow_inactive && !node_active {
             self.set_active(&node_name, true).await?;
@@ -101,17 +90,15 @@ impl Core {
         if let Some(n) = self.graph.get_mut(&node_name) {
             n.exported = true;
         }
-        Ok(json!({}))
+        Ok(())
     }
 
     pub(super) async fn block_export_del(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
-        let id = get_str(args, "id").unwrap_or("").to_string();
-        let hard = get_str(args, "mode") == Some("hard");
-        self.remove_export(&id, hard, true).await?;
-        Ok(json!({}))
+        args: &BlockExportDelArgs,
+    ) -> Result<(), QmpError> {
+        let hard = args.mode == Some(BlockExportRemoveMode::Hard);
+        self.remove_export(&args.id, hard, true).await
     }
 
     pub(super) fn query_block_exports(&self) -> Value {
@@ -134,7 +121,7 @@ impl Core {
     /// start-up is complete: the command line's exports go with the server start).
     async fn attach_export(&mut self, id: &str) -> Result<(), QmpError> {
         let Some(e) = self.exports.get(id) else {
-            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+            return Err(errors::export_not_found(id));
         };
         match &e.front {
             Front::Nbd(_) => self.nbd_attach(id).await,
@@ -151,11 +138,11 @@ impl Core {
         user: bool,
     ) -> Result<(), QmpError> {
         let Some(e) = self.exports.get(id) else {
-            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+            return Err(errors::export_not_found(id));
         };
         if e.shutting_down {
             if user && !hard {
-                return Err(QmpError::generic(format!("export '{id}' still in use")));
+                return Err(errors::export_in_use(id));
             }
             return Ok(());
         }
@@ -174,7 +161,7 @@ impl Core {
                 Ok(())
             }
             Err(CallError::Worker(e)) if e.kind == WorkerErrorKind::InUse => {
-                Err(QmpError::generic(format!("export '{id}' still in use")))
+                Err(errors::export_in_use(id))
             }
             Err(CallError::Worker(e)) if e.kind == WorkerErrorKind::NotFound => {
                 self.finish_export_removal(id).await;

@@ -13,11 +13,15 @@ use std::os::fd::{AsFd, OwnedFd};
 use bulkhead_ipc::wire::{
     ExportSpec, FrontSpec, NbdExport, NodeRef, Reply, ToWorker, WorkerErrorKind, WorkerId,
 };
-use serde_json::{Map, Value, json};
+use bulkhead_qmp::qapi::types::{
+    BlockDirtyBitmapOrStr, BlockExportCommon, BlockExportKind, BlockExportOptions,
+    BlockExportOptionsNbd, BlockExportRemoveMode, BlockExportType, NbdServerAddArgs,
+    NbdServerOptions, NbdServerRemoveArgs, SocketAddress,
+};
 
 use super::{Export, Front};
 use crate::supervisor::workers::CallError;
-use crate::supervisor::{Core, QmpError, call_error, get_str};
+use crate::supervisor::{Core, QmpError, call_error, errors};
 
 /// NBD's limit on names and descriptions (NBD_MAX_STRING_SIZE).
 const NBD_MAX_STRING: usize = 4096;
@@ -45,19 +49,15 @@ pub struct NbdOptions {
     pub allocation_depth: bool,
 }
 
-/// Binds the listening socket `addr` (SocketAddressLegacy or flat SocketAddress).
+/// Binds the listening socket `addr`.
 /// The backlog is SOMAXCONN whatever max-connections says, as in qsd: clients the
 /// NBD worker has not accepted yet (out of descriptors, or restarting) wait there,
 /// and a small backlog would refuse them instead.
-fn listen(addr: &Value) -> Result<OwnedFd, QmpError> {
-    let kind = addr.get("type").and_then(Value::as_str).unwrap_or("");
-    // SocketAddressLegacy nests the members under `data`; flat SocketAddress does not.
-    let data = addr.get("data").cloned().unwrap_or_else(|| addr.clone());
-    let data = data.as_object().cloned().unwrap_or_default();
+fn listen(addr: &SocketAddress) -> Result<OwnedFd, QmpError> {
     let backlog = libc::SOMAXCONN;
-    match kind {
-        "unix" => {
-            let path = get_str(&data, "path").unwrap_or("");
+    match addr {
+        SocketAddress::Unix(unix) => {
+            let path = unix.path.as_str();
             // QEMU replaces a stale socket file.
             let _ = std::fs::remove_file(path);
             let sock = rustix::net::socket_with(
@@ -66,94 +66,65 @@ fn listen(addr: &Value) -> Result<OwnedFd, QmpError> {
                 rustix::net::SocketFlags::CLOEXEC,
                 None,
             )
-            .map_err(|e| {
-                QmpError::generic(format!(
-                    "Failed to create socket: {}",
-                    crate::supervisor::strerror(e.raw_os_error())
-                ))
-            })?;
+            .map_err(|e| errors::socket_create(&crate::supervisor::strerror(e.raw_os_error())))?;
             let sa = rustix::net::SocketAddrUnix::new(path)
-                .map_err(|_| QmpError::generic(format!("UNIX socket path '{path}' is too long")))?;
+                .map_err(|_| errors::unix_path_too_long(path))?;
             rustix::net::bind(&sock, &sa).map_err(|e| {
-                QmpError::generic(format!(
-                    "Failed to bind socket to {path}: {}",
-                    crate::supervisor::strerror(e.raw_os_error())
-                ))
+                errors::unix_bind(path, &crate::supervisor::strerror(e.raw_os_error()))
             })?;
             rustix::net::listen(&sock, backlog).map_err(|e| {
-                QmpError::generic(format!(
-                    "Failed to listen on socket: {}",
-                    crate::supervisor::strerror(e.raw_os_error())
-                ))
+                errors::socket_listen(&crate::supervisor::strerror(e.raw_os_error()))
             })?;
             Ok(sock)
         }
-        "inet" => {
-            let host = get_str(&data, "host").unwrap_or("");
-            let port = get_str(&data, "port").unwrap_or("");
+        SocketAddress::Inet(inet) => {
+            let (host, port) = (inet.host.as_str(), inet.port.as_str());
             let target = if host.contains(':') {
                 format!("[{host}]:{port}")
             } else {
                 format!("{host}:{port}")
             };
             let listener = std::net::TcpListener::bind(&target).map_err(|e| {
-                QmpError::generic(format!(
-                    "Failed to bind socket: {}",
-                    e.raw_os_error()
+                errors::inet_bind(
+                    &e.raw_os_error()
                         .map(crate::supervisor::strerror)
-                        .unwrap_or_else(|| e.to_string())
-                ))
+                        .unwrap_or_else(|| e.to_string()),
+                )
             })?;
             let listener = OwnedFd::from(listener);
             // std listens with its own backlog; a second listen() only resizes it.
             rustix::net::listen(&listener, backlog).map_err(|e| {
-                QmpError::generic(format!(
-                    "Failed to listen on socket: {}",
-                    crate::supervisor::strerror(e.raw_os_error())
-                ))
+                errors::socket_listen(&crate::supervisor::strerror(e.raw_os_error()))
             })?;
             Ok(listener)
         }
-        other => Err(QmpError::generic(format!(
-            "bulkhead does not support NBD server addresses of type '{other}'"
-        ))),
+        SocketAddress::Vsock(_) => Err(errors::address_type_unsupported("vsock")),
+        SocketAddress::Fd(_) => Err(errors::address_type_unsupported("fd")),
     }
 }
 
 impl Core {
     pub(in crate::supervisor) async fn nbd_server_start(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
+        args: &NbdServerOptions,
+    ) -> Result<(), QmpError> {
         if self.nbd.is_some() {
-            return Err(QmpError::generic("NBD server already running"));
+            return Err(errors::nbd_server_running());
         }
-        if let Some(creds) = get_str(args, "tls-creds") {
+        if let Some(creds) = &args.tls_creds {
             // No --object support yet, so no credentials object can exist.
-            return Err(QmpError::generic(format!(
-                "No TLS credentials with id '{creds}'"
-            )));
+            return Err(errors::no_tls_creds(creds));
         }
-        if get_str(args, "tls-authz").is_some() {
-            return Err(QmpError::generic(
-                "'tls-authz' is only valid with 'tls-creds'",
-            ));
+        if args.tls_authz.is_some() {
+            return Err(errors::tls_authz_without_creds());
         }
-        let max_connections = args
-            .get("max-connections")
-            .and_then(Value::as_u64)
-            .unwrap_or(100) as u32;
-        let handshake = args
-            .get("handshake-max-seconds")
-            .and_then(Value::as_u64)
-            .unwrap_or(10) as u32;
-        let addr = args.get("addr").cloned().unwrap_or(Value::Null);
-        let listener = listen(&addr)?;
+        let max_connections = args.max_connections.unwrap_or(100);
+        let handshake = args.handshake_max_seconds.unwrap_or(10);
+        let listener = listen(&args.addr)?;
         // During start-up the server only records itself: like qsd, no client is served
         // before the whole command line ran (its `--export`s included).
         if self.started {
-            let copy =
-                bulkhead_ipc::fd::dup(&listener).map_err(|e| QmpError::generic(e.to_string()))?;
+            let copy = bulkhead_ipc::fd::dup(&listener).map_err(errors::from_error)?;
             let nbd = self.nbd_instance();
             let hand_off = self.per_export();
             let w = self.worker(nbd).await?;
@@ -174,17 +145,17 @@ impl Core {
             max_connections,
             handshake_max_seconds: handshake,
         });
-        Ok(json!({}))
+        Ok(())
     }
 
-    pub(in crate::supervisor) async fn nbd_server_stop(&mut self) -> Result<Value, QmpError> {
+    pub(in crate::supervisor) async fn nbd_server_stop(&mut self) -> Result<(), QmpError> {
         if self.nbd.is_none() {
-            return Err(QmpError::generic("NBD server not running"));
+            return Err(errors::nbd_server_not_running());
         }
         // Every export is an NBD export so far.
         self.delete_all_exports().await;
         self.nbd = None;
-        Ok(json!({}))
+        Ok(())
     }
 
     /// Stops the NBD server in the NBD worker and in every export's own worker;
@@ -198,92 +169,88 @@ impl Core {
 
     pub(in crate::supervisor) async fn nbd_server_add(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
+        args: &NbdServerAddArgs,
+    ) -> Result<(), QmpError> {
         if self.nbd.is_none() {
-            return Err(QmpError::generic("NBD server not running"));
+            return Err(errors::nbd_server_not_running());
         }
-        let device = get_str(args, "device").unwrap_or("").to_string();
+        let device = args.device.clone();
         let Some(node) = self.graph.get(&device) else {
-            return Err(QmpError::generic(format!(
-                "Cannot find device='{device}' nor node-name='{device}'"
-            )));
+            return Err(errors::device_not_found(&device, &device));
         };
         // nbd-server-add downgrades a writable export of a read-only node silently.
-        let writable = args
-            .get("writable")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-            && !node.read_only;
-        let name = get_str(args, "name").unwrap_or(&device).to_string();
-        let mut m = Map::new();
-        m.insert("type".into(), "nbd".into());
-        m.insert("id".into(), name.clone().into());
-        m.insert("node-name".into(), device.into());
-        m.insert("name".into(), name.into());
-        m.insert("writable".into(), writable.into());
-        if let Some(d) = args.get("description") {
-            m.insert("description".into(), d.clone());
-        }
-        if let Some(b) = get_str(args, "bitmap") {
-            m.insert("bitmaps".into(), json!([b]));
-        }
-        self.block_export_add(&m).await
+        let writable = args.writable.unwrap_or(false) && !node.read_only;
+        let name = args.name.clone().unwrap_or_else(|| device.clone());
+        let options = BlockExportOptions {
+            common: BlockExportCommon {
+                export_type: BlockExportType::Nbd,
+                id: name.clone(),
+                fixed_iothread: None,
+                iothread: None,
+                node_name: device,
+                writable: Some(writable),
+                writethrough: None,
+                allow_inactive: None,
+            },
+            kind: BlockExportKind::Nbd(BlockExportOptionsNbd {
+                name: Some(name),
+                description: args.description.clone(),
+                bitmaps: args
+                    .bitmap
+                    .clone()
+                    .map(|b| vec![BlockDirtyBitmapOrStr::Local(b)]),
+                allocation_depth: None,
+            }),
+        };
+        self.block_export_add(&options).await
     }
 
     pub(in crate::supervisor) async fn nbd_server_remove(
         &mut self,
-        args: &Map<String, Value>,
-    ) -> Result<Value, QmpError> {
+        args: &NbdServerRemoveArgs,
+    ) -> Result<(), QmpError> {
         if self.nbd.is_none() {
-            return Err(QmpError::generic("NBD server not running"));
+            return Err(errors::nbd_server_not_running());
         }
-        let name = get_str(args, "name").unwrap_or("").to_string();
-        let hard = get_str(args, "mode") == Some("hard");
-        self.remove_export(&name, hard, true).await?;
-        Ok(json!({}))
+        let hard = args.mode == Some(BlockExportRemoveMode::Hard);
+        self.remove_export(&args.name, hard, true).await
     }
 
     /// The NBD options of `block-export-add`, checked in qsd's order after the
     /// generic ones.
     pub(super) fn nbd_options(
         &self,
-        args: &Map<String, Value>,
+        nbd: &BlockExportOptionsNbd,
         node_name: &str,
     ) -> Result<NbdOptions, QmpError> {
         if self.nbd.is_none() {
-            return Err(QmpError::generic("NBD server not running"));
+            return Err(errors::nbd_server_not_running());
         }
-        let name = get_str(args, "name").unwrap_or(node_name).to_string();
+        let name = nbd.name.clone().unwrap_or_else(|| node_name.to_string());
         if name.len() > NBD_MAX_STRING {
-            return Err(QmpError::generic(format!("export name '{name}' too long")));
+            return Err(errors::export_name_too_long(&name));
         }
-        let description = get_str(args, "description").map(str::to_string);
+        let description = nbd.description.clone();
         if let Some(d) = &description
             && d.len() > NBD_MAX_STRING
         {
-            return Err(QmpError::generic(format!("description '{d}' too long")));
+            return Err(errors::export_description_too_long(d));
         }
         if self.nbd_export_named(&name).is_some() {
-            return Err(QmpError::generic(format!(
-                "NBD server already has export named '{name}'"
-            )));
+            return Err(errors::export_name_in_use(&name));
         }
-        if let Some(Value::Array(bitmaps)) = args.get("bitmaps")
-            && let Some(first) = bitmaps.first()
-        {
+        if let Some(first) = nbd.bitmaps.as_ref().and_then(|b| b.first()) {
             // No node has dirty bitmaps yet, so any named bitmap is missing.
-            let bm = first.as_str().unwrap_or("");
-            return Err(QmpError::generic(format!("Bitmap '{bm}' is not found")));
+            let bm = match first {
+                BlockDirtyBitmapOrStr::Local(name) => name.as_str(),
+                BlockDirtyBitmapOrStr::External(_) => "",
+            };
+            return Err(errors::bitmap_not_found(bm));
         }
-        let allocation_depth = args
-            .get("allocation-depth")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
         Ok(NbdOptions {
             name,
             description,
-            allocation_depth,
+            allocation_depth: nbd.allocation_depth.unwrap_or(false),
         })
     }
 
@@ -326,7 +293,7 @@ impl Core {
             .exports
             .get(id)
             .and_then(|e| Some(Self::nbd_spec(e, self.node_ref(&e.node)?, None)))
-            .ok_or_else(|| QmpError::generic("node vanished"))?;
+            .ok_or_else(errors::node_vanished)?;
         let nbd = self.nbd_instance();
         self.connect(nbd, spec.node.home).await?;
         let w = self.worker(nbd).await?;
@@ -345,7 +312,7 @@ impl Core {
             .exports
             .get(id)
             .and_then(|e| self.metadata_export(e))
-            .ok_or_else(|| QmpError::generic("node vanished"))?;
+            .ok_or_else(errors::node_vanished)?;
         let nbd = self.nbd_instance();
         let w = self.worker(nbd).await?;
         w.call(ToWorker::ExportAdd(export), &[])
@@ -417,8 +384,7 @@ impl Core {
         let Some(server) = &self.nbd else {
             return Ok(());
         };
-        let listener = bulkhead_ipc::fd::dup(&server.listener)
-            .map_err(|e| QmpError::generic(e.to_string()))?;
+        let listener = bulkhead_ipc::fd::dup(&server.listener).map_err(errors::from_error)?;
         if self.per_export() {
             let missing: Vec<String> = self
                 .exports

@@ -20,7 +20,7 @@ use bulkhead_ipc::wire::{ExportSpec, ToWorker, WorkerId, WorkerKind};
 
 use super::Export;
 use crate::supervisor::workers::WorkerCaller;
-use crate::supervisor::{Core, Isolation, QmpError, call_error};
+use crate::supervisor::{Core, Isolation, QmpError, call_error, errors};
 
 impl Core {
     /// Whether every export gets a worker of its own (`--isolation image`).
@@ -62,15 +62,15 @@ impl Core {
     /// that serves only this export.
     pub(super) async fn start_export_worker(&mut self, id: &str) -> Result<(), QmpError> {
         let Some(export) = self.exports.get(id).cloned() else {
-            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+            return Err(errors::export_not_found(id));
         };
         let Some(server) = &self.nbd else {
-            return Err(QmpError::generic("NBD server not running"));
+            return Err(errors::nbd_server_not_running());
         };
         let (max_connections, handshake_max_seconds) =
             (server.max_connections, server.handshake_max_seconds);
         let Some(target) = self.node_ref(&export.node) else {
-            return Err(QmpError::generic("node vanished"));
+            return Err(errors::node_vanished());
         };
         let inst = match export.worker {
             Some(w) => w,

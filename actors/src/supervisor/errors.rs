@@ -1,0 +1,452 @@
+//! Every error text the supervisor answers QMP with, one constructor each.
+//!
+//! The texts under "qsd's texts" are byte for byte what qsd 10.0.2 says in the same
+//! situation (the differential tests compare them); the QEMU function that produces
+//! each is named where it helps to find it. The texts under "bulkhead's own" have no
+//! qsd counterpart (sandbox and worker failures, features bulkhead lacks) and may be
+//! worded freely. Texts that lower layers produce (`bulkhead_block`'s typed errors,
+//! the QAPI visitor) keep their own `Display` and go through [`from_error`].
+
+use std::fmt::Display;
+
+use bulkhead_ipc::wire::{WorkerId, WorkerKind};
+use bulkhead_qmp::request::ErrorClass;
+
+use super::QmpError;
+
+fn generic(desc: impl Into<String>) -> QmpError {
+    QmpError::generic(desc)
+}
+
+/// A lower layer's error whose `Display` already is the text to show (qsd's, where
+/// qsd has one): `bulkhead_block` config, open, window and lock errors, `strerror`.
+pub fn from_error<E: Display>(e: E) -> QmpError {
+    generic(e.to_string())
+}
+
+// ---------------------------------------------------------------- qsd's texts: dispatch
+
+/// A command qsd does not know (`qmp_dispatch`).
+pub fn command_not_found(command: &str) -> QmpError {
+    QmpError {
+        class: ErrorClass::CommandNotFound,
+        desc: format!("The command {command} has not been found"),
+    }
+}
+
+/// A command before `qmp_capabilities`.
+pub fn negotiation_expected() -> QmpError {
+    QmpError {
+        class: ErrorClass::CommandNotFound,
+        desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+    }
+}
+
+/// `qmp_capabilities` after negotiation.
+pub fn negotiation_complete() -> QmpError {
+    QmpError {
+        class: ErrorClass::CommandNotFound,
+        desc: "Capabilities negotiation is already complete, command ignored".into(),
+    }
+}
+
+/// `exec-oob` of a command without OOB support (none has it here).
+pub fn oob_unsupported(command: &str) -> QmpError {
+    generic(format!("The command {command} does not support OOB"))
+}
+
+/// An integer option below zero where QEMU parses a size (`parse_option_size`).
+pub fn out_of_range(value: i64, parameter: &str) -> QmpError {
+    generic(format!(
+        "Value '{value}' is out of range for parameter '{parameter}'"
+    ))
+}
+
+// ---------------------------------------------------------------- qsd's texts: nodes
+
+/// `bdrv_lookup_bs` found neither a BlockBackend nor a node.
+pub fn device_not_found(device: &str, node_name: &str) -> QmpError {
+    generic(format!(
+        "Cannot find device='{device}' nor node-name='{node_name}'"
+    ))
+}
+
+/// `bdrv_find_node` found nothing (`blockdev-del`, `blockdev-reopen`,
+/// `blockdev-set-active`).
+pub fn node_not_found(name: &str) -> QmpError {
+    generic(format!("Failed to find node with node-name='{name}'"))
+}
+
+/// `block-set-write-threshold` on an unknown node.
+pub fn device_not_found_short(name: &str) -> QmpError {
+    generic(format!("Device '{name}' not found"))
+}
+
+/// `blockdev-add` without a top-level `node-name`.
+pub fn root_node_name_missing() -> QmpError {
+    generic("'node-name' must be specified for the root node")
+}
+
+/// A node-name that is not a well-formed QEMU id.
+pub fn invalid_node_name(name: &str) -> QmpError {
+    generic(format!("Invalid node-name: '{name}'"))
+}
+
+/// A node-name longer than QEMU's 31 characters.
+pub fn node_name_too_long() -> QmpError {
+    generic("Node name too long")
+}
+
+/// A node-name that is taken.
+pub fn duplicate_node_name(name: &str) -> QmpError {
+    generic(format!("Duplicate nodes with node-name='{name}'"))
+}
+
+/// An active node over an inactive file child.
+pub fn inactive_file_child(child: &str, parent: &str) -> QmpError {
+    generic(format!(
+        "Inactive '{child}' can't be a file child of active '{parent}'"
+    ))
+}
+
+/// `blockdev-del` of a node an export uses.
+pub fn node_in_use(name: &str) -> QmpError {
+    generic(format!("Node {name} is in use"))
+}
+
+/// `blockdev-del` of a node the monitor did not create.
+pub fn node_not_monitor_owned(name: &str) -> QmpError {
+    generic(format!("Node {name} is not owned by the monitor"))
+}
+
+/// `blockdev-del` of a node another node uses.
+pub fn block_device_in_use(name: &str) -> QmpError {
+    generic(format!("Block device {name} is in use"))
+}
+
+// ---------------------------------------------------------------- qsd's texts: block_resize
+
+/// `block_resize` to a negative size.
+pub fn resize_negative_size() -> QmpError {
+    generic("Parameter 'size' expects a >0 size")
+}
+
+/// `block_resize` of an inactive node.
+pub fn resize_inactive() -> QmpError {
+    generic("Permission 'resize' unavailable on inactive node")
+}
+
+/// `block_resize` of an exported node (the export unshares `resize`).
+pub fn resize_conflict_export(node: &str) -> QmpError {
+    generic(format!(
+        "Permission conflict on node '{node}': permissions 'resize' are both required by an unnamed block device (uses node '{node}' as 'root' child) and unshared by an unnamed block device (uses node '{node}' as 'root' child)."
+    ))
+}
+
+/// `block_resize` of a node a raw window sits on (the window unshares `resize`).
+pub fn resize_conflict_window(node: &str, parent: &str) -> QmpError {
+    generic(format!(
+        "Permission conflict on node '{node}': permissions 'resize' are both required by an unnamed block device (uses node '{node}' as 'root' child) and unshared by node '{parent}' (uses node '{node}' as 'file' child)."
+    ))
+}
+
+/// `block_resize` of a read-only node.
+pub fn image_read_only() -> QmpError {
+    generic("Image is read-only")
+}
+
+/// `block_resize` of a raw node with a `size`.
+pub fn resize_fixed_raw() -> QmpError {
+    generic("Cannot resize fixed-size raw disks")
+}
+
+/// `block_resize` of a raw node whose offset plus the new size overflows.
+pub fn resize_offset_overflow() -> QmpError {
+    generic("Disk size too large for the chosen offset")
+}
+
+/// `block_resize` of a driver that cannot resize.
+pub fn resize_unsupported() -> QmpError {
+    generic("Image format driver does not support resize")
+}
+
+// ---------------------------------------------------------------- qsd's texts: reopen, activation
+
+/// A `blockdev-reopen` entry without `node-name`.
+pub fn reopen_node_name_missing() -> QmpError {
+    generic("node-name not specified")
+}
+
+/// `blockdev-reopen` leaving out an option the node was opened with.
+pub fn option_reset(option: &str) -> QmpError {
+    generic(format!(
+        "Option '{option}' cannot be reset to its default value"
+    ))
+}
+
+/// `blockdev-reopen` changing an option the driver cannot change.
+pub fn option_change(option: &str) -> QmpError {
+    generic(format!("Cannot change the option '{option}'"))
+}
+
+/// `blockdev-reopen` with a negative raw `offset` or `size` (`blockdev-add` answers
+/// [`out_of_range`] instead).
+pub fn expected_integer(parameter: &str) -> QmpError {
+    generic(format!(
+        "Invalid parameter type for '{parameter}', expected: integer"
+    ))
+}
+
+/// `blockdev-reopen` making a node its own descendant.
+pub fn reopen_cycle(child: &str, parent: &str) -> QmpError {
+    generic(format!(
+        "Making '{child}' a file child of '{parent}' would create a cycle"
+    ))
+}
+
+/// `blockdev-reopen` making a node read-only under a writer.
+pub fn read_only_with_writers(node: &str) -> QmpError {
+    generic(format!(
+        "Read-only block node '{node}' cannot support read-write users"
+    ))
+}
+
+/// Activating a read-only node under a writer.
+pub fn block_node_read_only() -> QmpError {
+    generic("Block node is read-only")
+}
+
+/// Inactivating a named node that an active parent uses.
+pub fn active_parent() -> QmpError {
+    generic("Node has active parent node")
+}
+
+/// Inactivating a node a writable export uses.
+pub fn inactivate_refused() -> QmpError {
+    generic("Failed to inactivate node: Operation not permitted")
+}
+
+/// Whether `e` is [`inactivate_refused`] (`blockdev-set-active` without a node
+/// rewords it as [`inactivate_all_refused`]).
+pub fn is_inactivate_refused(e: &QmpError) -> bool {
+    e.desc.starts_with("Failed to inactivate node")
+}
+
+/// Inactivating every node, one refused.
+pub fn inactivate_all_refused() -> QmpError {
+    generic("Failed to inactivate all nodes: Operation not permitted")
+}
+
+// ---------------------------------------------------------------- qsd's texts: NBD and exports
+
+/// `nbd-server-start` while one runs.
+pub fn nbd_server_running() -> QmpError {
+    generic("NBD server already running")
+}
+
+/// An NBD command without a server.
+pub fn nbd_server_not_running() -> QmpError {
+    generic("NBD server not running")
+}
+
+/// `tls-creds` naming no object.
+pub fn no_tls_creds(id: &str) -> QmpError {
+    generic(format!("No TLS credentials with id '{id}'"))
+}
+
+/// `tls-authz` without `tls-creds`.
+pub fn tls_authz_without_creds() -> QmpError {
+    generic("'tls-authz' is only valid with 'tls-creds'")
+}
+
+/// `socket()` failed.
+pub fn socket_create(errno_text: &str) -> QmpError {
+    generic(format!("Failed to create socket: {errno_text}"))
+}
+
+/// A Unix socket path beyond `sun_path`.
+pub fn unix_path_too_long(path: &str) -> QmpError {
+    generic(format!("UNIX socket path '{path}' is too long"))
+}
+
+/// `bind()` of a Unix socket failed.
+pub fn unix_bind(path: &str, errno_text: &str) -> QmpError {
+    generic(format!("Failed to bind socket to {path}: {errno_text}"))
+}
+
+/// `bind()` of an inet socket failed.
+pub fn inet_bind(errno_text: &str) -> QmpError {
+    generic(format!("Failed to bind socket: {errno_text}"))
+}
+
+/// `listen()` failed.
+pub fn socket_listen(errno_text: &str) -> QmpError {
+    generic(format!("Failed to listen on socket: {errno_text}"))
+}
+
+/// An export id that is not a well-formed QEMU id.
+pub fn invalid_export_id() -> QmpError {
+    generic("Invalid block export id")
+}
+
+/// An export id that is taken.
+pub fn export_id_in_use(id: &str) -> QmpError {
+    generic(format!("Block export id '{id}' is already in use"))
+}
+
+/// An `iothread` naming no object.
+pub fn iothread_not_found(id: &str) -> QmpError {
+    generic(format!("iothread \"{id}\" not found"))
+}
+
+/// A writable export of a read-only node.
+pub fn export_read_only_writable() -> QmpError {
+    generic("Cannot export read-only node as writable")
+}
+
+/// An NBD export name beyond NBD_MAX_STRING_SIZE.
+pub fn export_name_too_long(name: &str) -> QmpError {
+    generic(format!("export name '{name}' too long"))
+}
+
+/// An NBD description beyond NBD_MAX_STRING_SIZE.
+pub fn export_description_too_long(description: &str) -> QmpError {
+    generic(format!("description '{description}' too long"))
+}
+
+/// An NBD export name that is taken.
+pub fn export_name_in_use(name: &str) -> QmpError {
+    generic(format!("NBD server already has export named '{name}'"))
+}
+
+/// A dirty bitmap that does not exist.
+pub fn bitmap_not_found(name: &str) -> QmpError {
+    generic(format!("Bitmap '{name}' is not found"))
+}
+
+/// Removing an export that does not exist.
+pub fn export_not_found(id: &str) -> QmpError {
+    generic(format!("Export '{id}' is not found"))
+}
+
+/// A safe removal of an export with clients.
+pub fn export_in_use(id: &str) -> QmpError {
+    generic(format!("export '{id}' still in use"))
+}
+
+// ---------------------------------------------------------------- qsd's texts: chardevs (the front's)
+
+/// `chardev-remove` of an unknown chardev.
+pub fn chardev_not_found(id: &str) -> QmpError {
+    generic(format!("Chardev '{id}' not found"))
+}
+
+/// `chardev-remove` of a monitor's chardev.
+pub fn chardev_busy(id: &str) -> QmpError {
+    generic(format!("Chardev '{id}' is busy"))
+}
+
+/// `chardev-add` of a taken id.
+pub fn chardev_exists(id: &str) -> QmpError {
+    generic(format!("Chardev with id '{id}' already exists"))
+}
+
+/// `chardev-add` refused by the backend (`why` is qsd's text, or bulkhead's own for
+/// backends it lacks).
+pub fn chardev_add_failed(id: &str, why: &str) -> QmpError {
+    generic(format!("Failed to add chardev '{id}': {why}"))
+}
+
+// ---------------------------------------------------------------- bulkhead's own texts
+
+/// The supervisor actor is gone (the daemon is exiting).
+pub fn supervisor_not_running() -> QmpError {
+    generic("The supervisor is not running")
+}
+
+/// A driver qsd has and bulkhead does not implement.
+pub fn driver_unsupported(driver: &str) -> QmpError {
+    generic(format!("Driver '{driver}' is not supported by bulkhead"))
+}
+
+/// An export type other than NBD.
+pub fn export_type_unsupported() -> QmpError {
+    generic("bulkhead supports only NBD exports so far")
+}
+
+/// An NBD server address type bulkhead cannot listen on.
+pub fn address_type_unsupported(kind: &str) -> QmpError {
+    generic(format!(
+        "bulkhead does not support NBD server addresses of type '{kind}'"
+    ))
+}
+
+/// A worker call failed without an errno (its own detail text is never shown).
+pub fn worker_failed() -> QmpError {
+    generic("Operation failed in worker")
+}
+
+/// An instance id that is not (or no longer) in the table.
+pub fn no_such_worker(id: WorkerId) -> QmpError {
+    generic(format!("worker {id} does not exist"))
+}
+
+/// An instance whose restart budget ran out.
+pub fn worker_given_up(kind: WorkerKind) -> QmpError {
+    generic(format!("The {kind} worker keeps failing and was given up"))
+}
+
+/// An instance without a process after starting one.
+pub fn worker_not_running(id: WorkerId) -> QmpError {
+    generic(format!("The worker {id} is not running"))
+}
+
+/// A worker process could not be started.
+pub fn worker_spawn<E: Display>(kind: WorkerKind, e: E) -> QmpError {
+    generic(format!("Could not start the {kind} worker: {e}"))
+}
+
+/// A data channel's shared memory could not be made.
+pub fn data_channel<E: Display>(e: E) -> QmpError {
+    generic(format!("Could not create a data channel: {e}"))
+}
+
+/// A node's statistics region could not be made.
+pub fn node_stats<E: Display>(e: E) -> QmpError {
+    generic(format!("Could not create node statistics: {e}"))
+}
+
+/// A worker process vanished between two steps of one command.
+pub fn worker_vanished() -> QmpError {
+    generic("worker vanished")
+}
+
+/// A node vanished between two steps of one command (should not happen: commands run
+/// one at a time).
+pub fn node_vanished() -> QmpError {
+    generic("node vanished")
+}
+
+/// A restore that needs the instance being restored.
+pub fn restore_cycle(id: WorkerId) -> QmpError {
+    generic(format!("worker {id} depends on itself"))
+}
+
+/// A restore given up because an instance it depends on died meanwhile.
+pub fn restore_dependency_died() -> QmpError {
+    generic("a worker it depends on died during the restore")
+}
+
+/// A command arrived while `Core` was out of the actor (cannot happen: commands are
+/// serialized).
+pub fn supervisor_busy() -> QmpError {
+    generic("supervisor is busy")
+}
+
+/// A command's arguments passed the QAPI visitor but not its typed struct: the struct
+/// and the schema disagree (a bulkhead bug, never the client's).
+pub fn arguments_mismatch<E: Display>(command: &str, e: E) -> QmpError {
+    generic(format!(
+        "Internal error: the arguments of {command} do not fit its handler: {e}"
+    ))
+}
