@@ -160,9 +160,9 @@ fn no_client(name: &str) -> HarnessError {
 pub enum Until {
     /// Sync every open monitor (the default).
     Sync,
-    /// Read the step's monitor until this event arrives, then sync every monitor. For
-    /// events that may come after the reply.
-    Event(String),
+    /// Read the step's monitor until this event has arrived this many times, then sync
+    /// every monitor. For events that may come after the reply.
+    Event(String, usize),
     /// Read every monitor until the daemon closes it (`quit`), then wait for the exit.
     Eof,
 }
@@ -264,8 +264,17 @@ impl Step {
     }
 
     /// Waits for `event` on the step's monitor before syncing.
-    pub fn until_event(mut self, event: &str) -> Step {
-        self.until = Until::Event(event.to_string());
+    pub fn until_event(self, event: &str) -> Step {
+        self.until_events(event, 1)
+    }
+
+    /// Waits for `count` occurrences of `event` on the step's monitor before syncing:
+    /// for events a daemon may emit after the step's own action finished (bulkhead's
+    /// `BLOCK_WRITE_THRESHOLD` reaches the monitor a moment after the NBD client saw
+    /// its write complete, see design/node-state.md), so that syncing cannot overtake
+    /// them.
+    pub fn until_events(mut self, event: &str, count: usize) -> Step {
+        self.until = Until::Event(event.to_string(), count);
         self
     }
 
@@ -514,16 +523,16 @@ impl Session {
         }
         match &step.until {
             Until::Sync => self.sync_all(index, step.monitor, output),
-            Until::Event(event) => {
+            Until::Event(event, count) => {
                 let needle = format!("\"event\": \"{event}\"");
                 if let Some(conn) = self.conns.get_mut(step.monitor).and_then(Option::as_mut) {
-                    loop {
+                    let mut seen = 0;
+                    while seen < *count {
                         let line = conn.read_line()?;
-                        let found = contains(&line, needle.as_bytes());
-                        output.push(step.monitor, self.masker.mask(&line));
-                        if found {
-                            break;
+                        if contains(&line, needle.as_bytes()) {
+                            seen += 1;
                         }
+                        output.push(step.monitor, self.masker.mask(&line));
                     }
                 }
                 self.sync_all(index, step.monitor, output)

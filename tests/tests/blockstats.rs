@@ -115,18 +115,23 @@ fn blockstats_script() -> Script {
                     "read 0 1024",
                 ],
             ),
-        ),
+        )
+        // raw0's and file0's thresholds: bulkhead's events may reach the monitor just
+        // after qemu-io returned (design/node-state.md), so wait for both.
+        .until_events("BLOCK_WRITE_THRESHOLD", 2),
         Step::line(all).note("raw0 and file0 crossed (events), highest offsets, one discard"),
         Step::line(r#"{"execute": "query-named-block-nodes", "id": 10}"#)
             .note("crossed thresholds read 0"),
         Step::hook(
             "a write, a read and a flush on null0",
             nbd_io("null0", &["write 4096 4096", "read 0 4096", "flush"]),
-        ),
+        )
+        .until_event("BLOCK_WRITE_THRESHOLD"),
         Step::hook(
             "an ignored discard past raw1's threshold, then a write crossing it",
             nbd_io("raw1", &["discard 0 65536", "write 8192 512"]),
-        ),
+        )
+        .until_event("BLOCK_WRITE_THRESHOLD"),
         Step::line(all).note("null0 and raw1 crossed"),
         Step::line(r#"{"execute": "block-set-write-threshold", "arguments": {"node-name": "raw0", "write-threshold": 1}, "id": 11}"#)
             .note("set again"),
@@ -150,7 +155,8 @@ fn blockstats_script() -> Script {
         Step::hook(
             "a write below, then one crossing the threshold on raw1",
             nbd_io("raw1", &["write 65536 4096", "write 598016 4096"]),
-        ),
+        )
+        .until_event("BLOCK_WRITE_THRESHOLD"),
         Step::line(all).note("the highest offsets carry over the reopen; the event fired"),
     ];
     Script {
@@ -196,7 +202,8 @@ fn added_nodes_script(loop_device: Option<&LoopDevice>) -> Script {
         Step::hook(
             "writes past the threshold",
             nbd_io("inl", &["write 61440 8192", "write -z 131072 512"]),
-        ),
+        )
+        .until_event("BLOCK_WRITE_THRESHOLD"),
         Step::line(all).note("the generated child name, its highest offset"),
     ];
     if loop_device.is_some() {
