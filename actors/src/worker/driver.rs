@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, RwLock};
 
 use bulkhead_block::BlockIo;
+use bulkhead_block::config::DriverConfig;
 use bulkhead_block::slot::Slot;
 use bulkhead_block::stats::{Accounting, SinkFuture, ThresholdSink};
 use bulkhead_ipc::control::ControlChannel;
@@ -148,6 +149,38 @@ impl DriverWorker {
         self.peers.open(child, "child node").await
     }
 
+    /// Opens the implementation of `node` for AddNode/ReopenNode: its child (here or
+    /// over a channel; never the node itself), then its statistics region and image
+    /// from `fds`.
+    async fn open_node(
+        &self,
+        node: NodeId,
+        name: &str,
+        config: DriverConfig,
+        child: Option<NodeRef>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Arc<dyn BlockIo>, WorkerError> {
+        let child = match child {
+            Some(c) if c.node == node && c.home == self.id => {
+                return Err(err(
+                    WorkerErrorKind::Invalid,
+                    libc::EINVAL,
+                    "node is its own child",
+                ));
+            }
+            Some(c) => Some(self.child(c).await?),
+            None => None,
+        };
+        let (accounting, fd) = self.accounting(node, name, fds)?;
+        bulkhead_block::open_with(config, fd, child, accounting).map_err(|e| {
+            err(
+                WorkerErrorKind::Invalid,
+                libc::EINVAL,
+                format!("{name}: {e}"),
+            )
+        })
+    }
+
     /// A node's accounting from the descriptors of AddNode/ReopenNode: its statistics
     /// region first, then (file nodes) its image, returned apart.
     fn accounting(
@@ -225,20 +258,7 @@ impl DriverWorker {
                         format!("node {name} exists"),
                     ));
                 }
-                let child = match child {
-                    Some(c) => Some(self.child(c).await?),
-                    None => None,
-                };
-                // The statistics region first, then the image (file nodes).
-                let (accounting, fd) = self.accounting(node, &name, fds)?;
-                let opened =
-                    bulkhead_block::open_with(config, fd, child, accounting).map_err(|e| {
-                        err(
-                            WorkerErrorKind::Invalid,
-                            libc::EINVAL,
-                            format!("{name}: {e}"),
-                        )
-                    })?;
+                let opened = self.open_node(node, &name, config, child, fds).await?;
                 tracing::debug!(worker = %self.kind, node = %name, "node opened");
                 self.nodes.insert(node, opened);
                 Ok(Reply::Done)
@@ -253,28 +273,9 @@ impl DriverWorker {
                     .nodes
                     .slot(node)
                     .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
-                let child = match child {
-                    Some(c) if c.node == node && c.home == self.id => {
-                        return Err(err(
-                            WorkerErrorKind::Invalid,
-                            libc::EINVAL,
-                            "node is its own child",
-                        ));
-                    }
-                    Some(c) => Some(self.child(c).await?),
-                    None => None,
-                };
-                // As with AddNode: the node's statistics region first (the same one,
-                // so counters and the write threshold carry over), then the image.
-                let (accounting, fd) = self.accounting(node, &name, fds)?;
-                let opened =
-                    bulkhead_block::open_with(config, fd, child, accounting).map_err(|e| {
-                        err(
-                            WorkerErrorKind::Invalid,
-                            libc::EINVAL,
-                            format!("{name}: {e}"),
-                        )
-                    })?;
+                // The same statistics region as before comes with it, so counters
+                // and the write threshold carry over.
+                let opened = self.open_node(node, &name, config, child, fds).await?;
                 if let Err(e) = slot.replace(opened, REOPEN_DRAIN).await {
                     // The new implementation is in place; stragglers finish on the old.
                     tracing::warn!(worker = %self.kind, node = %name, error = %e, "reopen drain");
