@@ -241,6 +241,31 @@ pub enum ToWorker {
     /// NBD export worker: serve a client the listener negotiated (its socket is
     /// attached).
     NbdAdopt(NbdHandOff),
+    /// Export worker: move the bytes of an export's node straight on its image
+    /// descriptor (`Some`: the image descriptor is attached, then one statistics
+    /// region per [`ExportMap::layers`] entry), or stop doing so (`None`: the reply
+    /// comes once no request uses the old mapping).
+    ExportMap {
+        /// The export.
+        export: ExportKey,
+        /// The mapping, or none.
+        map: Option<ExportMap>,
+    },
+}
+
+/// A mapping of an exported node onto its image file (see `design/data-path.md`,
+/// "Mapped I/O"): guest offset `o` is file offset `base + o`, for `o < size`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportMap {
+    /// File offset of guest offset 0.
+    pub base: u64,
+    /// Guest bytes covered.
+    pub size: u64,
+    /// Plain writes may go through the descriptor (it is then open for writing).
+    pub writable: bool,
+    /// For each node a request passes, top first: that node's offset of guest
+    /// offset 0. Its statistics region comes in the same order.
+    pub layers: Vec<u64>,
 }
 
 /// A negotiated NBD client, as the listener hands it over (`--isolation image`).

@@ -110,10 +110,20 @@ pub struct TempDir {
 
 impl TempDir {
     /// Creates a new empty directory under `/tmp` (short, because Unix socket paths are
-    /// limited to 107 bytes).
+    /// limited to 107 bytes), or under `BULKHEAD_TEST_TMPDIR` if set (the whole suite
+    /// can run with its images in memory, `/dev/shm`, where exports move data on the
+    /// image descriptor themselves).
     pub fn new(prefix: &str) -> Result<TempDir, HarnessError> {
+        let base = std::env::var_os("BULKHEAD_TEST_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
+        TempDir::new_in(&base, prefix)
+    }
+
+    /// Creates a new empty directory under `base`.
+    pub fn new_in(base: &Path, prefix: &str) -> Result<TempDir, HarnessError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let base = PathBuf::from("/tmp");
+        let base = base.to_path_buf();
         loop {
             let nanos = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

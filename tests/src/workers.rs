@@ -48,6 +48,28 @@ pub fn workers(qmp: &mut QmpConnection) -> Vec<Value> {
     }
 }
 
+/// Waits (up to 10 s) until every worker `x-bulkhead-query-workers` lists is a live
+/// process: right after a kill, an instance whose restart is backing off still
+/// shows its dead process, and a test picking a victim then would pick that one.
+pub fn wait_all_running(qmp: &mut QmpConnection) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let all = workers(qmp).iter().all(|w| {
+            w["pid"]
+                .as_u64()
+                .and_then(|p| crate::procs::proc_info(p as u32))
+                .is_some_and(|p| crate::procs::is_alive(&p))
+        });
+        if all {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("workers still not running after 10 s: {:?}", workers(qmp));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// The pid of the worker hosting `node`.
 pub fn pid_hosting(qmp: &mut QmpConnection, node: &str) -> u32 {
     workers(qmp)

@@ -10,7 +10,9 @@ use std::thread;
 use std::time::Duration;
 
 use bulkhead_systests::procs;
-use bulkhead_systests::workers::{image_workers, pid_hosting, start_images, workers};
+use bulkhead_systests::workers::{
+    image_workers, pid_hosting, start_images, wait_all_running, workers,
+};
 use bulkhead_systests::writes::{self, Write, sparse_file, wait_ok};
 use bulkhead_systests::{Daemon, DaemonKind, QmpConnection, TempDir};
 
@@ -153,6 +155,9 @@ fn correlated_deaths(isolation: &str) {
             .map_or_else(|| panic!("no nbd worker"), |p| p as u32)
     };
     for round in 0..4 {
+        // The previous round's victims may still be backing off (with fast I/O the
+        // writes can end before the kills).
+        wait_all_running(&mut qmp);
         let batch = writes_for(round);
         let clients: Vec<_> = IMAGES
             .iter()

@@ -91,7 +91,7 @@ const INLINE_MAX: usize = 128 << 10;
 /// which cost more than a small copy from the page cache). Never in direct mode: that
 /// goes to the device.
 #[derive(Debug)]
-struct Inline {
+pub(crate) struct Inline {
     /// The image is a regular file on a file system that lives in memory (tmpfs,
     /// ramfs): its reads and writes are memory copies that never wait for a device.
     memory: bool,
@@ -101,7 +101,7 @@ struct Inline {
 }
 
 impl Inline {
-    fn new(fd: BorrowedFd<'_>, device: DeviceType, direct: bool) -> Inline {
+    pub(crate) fn new(fd: BorrowedFd<'_>, device: DeviceType, direct: bool) -> Inline {
         const TMPFS_MAGIC: i64 = 0x0102_1994;
         const RAMFS_MAGIC: i64 = 0x8584_58f6;
         // A block device's node lives on devtmpfs, whose magic is tmpfs's: only a
@@ -121,7 +121,7 @@ impl Inline {
     }
 
     /// Reads what it can without blocking; returns how many bytes it read.
-    fn read(&self, fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> IoResult<usize> {
+    pub(crate) fn read(&self, fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> IoResult<usize> {
         if buf.len() > INLINE_MAX {
             return Ok(0);
         }
@@ -145,7 +145,12 @@ impl Inline {
         }
     }
 
-    fn write(&self, len: usize) -> bool {
+    /// The file lives in memory (tmpfs, ramfs).
+    pub(crate) fn memory(&self) -> bool {
+        self.memory
+    }
+
+    pub(crate) fn write(&self, len: usize) -> bool {
         self.memory && len <= INLINE_MAX
     }
 }
@@ -154,7 +159,7 @@ impl Inline {
 /// write-zeroes and truncate invalidate it; the generation keeps a lookup that raced an
 /// invalidation from putting a stale run back.
 #[derive(Debug, Default)]
-struct DataRunCache {
+pub(crate) struct DataRunCache {
     inner: std::sync::Mutex<(u64, Option<(u64, u64)>)>,
 }
 
@@ -164,7 +169,7 @@ impl DataRunCache {
     }
 
     /// The cached run covering `offset`, as (generation, run end) or the generation.
-    fn lookup(&self, offset: u64) -> Result<u64, u64> {
+    pub(crate) fn lookup(&self, offset: u64) -> Result<u64, u64> {
         let g = self.lock();
         match g.1 {
             Some((start, end)) if start <= offset && offset < end => Ok(end),
@@ -172,7 +177,7 @@ impl DataRunCache {
         }
     }
 
-    fn store(&self, generation: u64, start: u64, end: u64) {
+    pub(crate) fn store(&self, generation: u64, start: u64, end: u64) {
         let mut g = self.lock();
         if g.0 == generation && start < end {
             g.1 = Some((start, end));
@@ -187,7 +192,7 @@ impl DataRunCache {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DeviceType {
+pub(crate) enum DeviceType {
     Regular,
     Block,
     Char,
@@ -300,7 +305,7 @@ fn block_ioctl_range(
 }
 
 /// Reads until `buf` is full; the part past end of file reads as zeroes.
-fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> IoResult<()> {
+pub(crate) fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> IoResult<()> {
     let mut done = 0usize;
     while done < buf.len() {
         match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
@@ -316,7 +321,7 @@ fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> IoResult<()> {
     Ok(())
 }
 
-fn pwrite_full(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> IoResult<()> {
+pub(crate) fn pwrite_full(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> IoResult<()> {
     let mut done = 0usize;
     while done < buf.len() {
         match rustix::io::pwrite(fd, &buf[done..], offset + done as u64) {
@@ -511,6 +516,32 @@ fn seek_extents(fd: BorrowedFd<'_>, offset: u64, len: u64) -> IoResult<(Vec<Exte
     Ok((extents, first_run))
 }
 
+/// Block status of a regular file through `cache`: the data-run cache keeps a long
+/// `SEEK_HOLE` walk (large fully allocated files) to once per run.
+pub(crate) fn cached_seek_extents(
+    fd: BorrowedFd<'_>,
+    cache: &DataRunCache,
+    offset: u64,
+    len: u64,
+) -> IoResult<Vec<Extent>> {
+    let generation = match cache.lookup(offset) {
+        Ok(run_end) => {
+            return Ok(vec![Extent {
+                length: run_end.min(offset + len) - offset,
+                data: true,
+                zero: false,
+                depth: 1,
+            }]);
+        }
+        Err(generation) => generation,
+    };
+    let (extents, run) = seek_extents(fd, offset, len)?;
+    if let Some(run_end) = run {
+        cache.store(generation, offset, run_end);
+    }
+    Ok(extents)
+}
+
 impl BlockIo for FileDriver {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
@@ -698,27 +729,11 @@ impl BlockIo for FileDriver {
                     depth: 1,
                 }]);
             }
-            let generation = match self.data_run.lookup(offset) {
-                Ok(run_end) => {
-                    return Ok(vec![Extent {
-                        length: run_end.min(offset + len) - offset,
-                        data: true,
-                        zero: false,
-                        depth: 1,
-                    }]);
-                }
-                Err(generation) => generation,
-            };
             // Inline, as QEMU's file-posix does from its coroutine: `SEEK_DATA`/
             // `SEEK_HOLE` only look at the extent map and return without waiting for
             // the disk, and a hop to an I/O thread and back costs two thread
-            // wake-ups, more than the lseeks themselves. The data-run cache keeps a
-            // long `SEEK_HOLE` walk (large fully allocated files) to once per run.
-            let (extents, run) = seek_extents(self.fd.as_fd(), offset, len)?;
-            if let Some(run_end) = run {
-                self.data_run.store(generation, offset, run_end);
-            }
-            Ok(extents)
+            // wake-ups, more than the lseeks themselves.
+            cached_seek_extents(self.fd.as_fd(), &self.data_run, offset, len)
         })
     }
 

@@ -24,6 +24,7 @@ pub mod config;
 pub mod file;
 pub mod io;
 pub mod lock;
+pub mod mapped;
 pub mod node;
 pub mod null;
 pub mod posix;

@@ -37,8 +37,15 @@ pub struct Counters {
 pub const COUNTERS_BYTES: usize = std::mem::size_of::<Counters>();
 
 impl Counters {
+    /// Whether a write-type request ending at `end` stays within the write threshold
+    /// (none set, or not passed), so it needs no crossing report.
+    pub fn within_threshold(&self, end: u64) -> bool {
+        let threshold = self.write_threshold.load(Ordering::Relaxed);
+        threshold == 0 || end <= threshold
+    }
+
     /// Raises `wr_highest_offset` to `end` if it is below.
-    fn wrote_up_to(&self, end: u64) {
+    pub fn wrote_up_to(&self, end: u64) {
         // A plain load first: most writes do not raise it, and a read-modify-write
         // would take the cache line exclusively on every request.
         if end > self.wr_highest_offset.load(Ordering::Relaxed) {

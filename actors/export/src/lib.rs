@@ -15,6 +15,9 @@
 //!   FUA, write-zeroes with flags, discard, flush, block status), with the errno
 //!   that reaches the client and which step failed ([`Failure`]); the front picks
 //!   its wire's text and error code for it.
+//! - [`mapped`]: the exported node as the front sees it ([`MappedNode`]): its
+//!   worker over the data channel, or, while the supervisor grants a [`Mapping`],
+//!   reads and plain writes straight on the image descriptor.
 //!
 //! Nothing here allocates, spawns or boxes per request beyond what the node's
 //! `BlockIo` call itself does; every function is an `async fn` the front's request
@@ -22,10 +25,12 @@
 
 pub mod exec;
 pub mod lifecycle;
+pub mod mapped;
 pub mod memory;
 
 pub use exec::{Failed, Failure, Op, Run};
 pub use lifecycle::{Attachment, Lifecycle, Removal};
+pub use mapped::{MappedLayer, MappedNode, Mapping};
 pub use memory::{
     Buf, CONN_BUFFER_BYTES, ConnBounds, EXPORT_BUFFER_BYTES, MAX_IN_FLIGHT, MAX_REQUEST_BYTES,
     Reservation,

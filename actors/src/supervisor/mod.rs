@@ -79,6 +79,9 @@ pub struct WorkerInfo {
     pub nodes: Vec<String>,
     /// The exports it serves.
     pub exports: Vec<String>,
+    /// The exports whose mapping it holds (it moves their data on the image
+    /// descriptor itself).
+    pub mapped: Vec<String>,
     /// The sandbox layers it reported applying.
     pub sandbox: Vec<String>,
 }
@@ -198,6 +201,11 @@ impl Core {
         else {
             return Err(errors::command_not_found(command));
         };
+        // No export takes the mapped shortcut while a command changes anything
+        // (see `export/mapped.rs`); the grants the graph allows come back after it.
+        if *effect != commands::Effect::Query {
+            self.revoke_mappings().await;
+        }
         let ret = run(self, args).await;
         match effect {
             commands::Effect::Quit => return Ok((ret?, After::Quit)),
@@ -207,6 +215,8 @@ impl Core {
             commands::Effect::Query => {}
             commands::Effect::Change => self.refresh_asks(),
         }
+        // Also after a query: one may have restored an export worker.
+        self.sync_mappings().await;
         Ok((ret?, After::Continue))
     }
 
@@ -214,7 +224,9 @@ impl Core {
     /// export from the command line go to the NBD worker in one message).
     pub async fn startup_complete(&mut self) -> Result<(), QmpError> {
         self.started = true;
-        self.replay_nbd().await
+        self.replay_nbd().await?;
+        self.sync_mappings().await;
+        Ok(())
     }
 
     /// The daemon is exiting: stop replacing workers.
@@ -239,6 +251,12 @@ impl Core {
                     .into_iter()
                     .map(str::to_string)
                     .collect();
+                let mapped = self
+                    .exports
+                    .iter()
+                    .filter(|e| e.mapped.as_ref().is_some_and(|g| g.worker == id))
+                    .map(|e| e.id.clone())
+                    .collect();
                 let role = if self.per_export() && self.nbd_home == Some(id) {
                     "listener"
                 } else {
@@ -262,6 +280,7 @@ impl Core {
                     restarts: inst.restart_count,
                     nodes,
                     exports,
+                    mapped,
                     sandbox: w.sandbox().to_vec(),
                 }
             })

@@ -94,6 +94,8 @@ impl Core {
             tracing::error!(worker = %id, status = %died.status, error = %e.desc, "worker not restored");
             self.retry_if_silent(id);
         }
+        // A restored export worker starts without mappings.
+        self.sync_mappings().await;
     }
 
     /// After a failed restore: if no process is left whose death would bring the

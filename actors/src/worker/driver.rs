@@ -305,6 +305,7 @@ impl DriverWorker {
             | ToWorker::NbdServerStop
             | ToWorker::ExportAdd { .. }
             | ToWorker::ExportRemove { .. }
+            | ToWorker::ExportMap { .. }
             | ToWorker::NbdAdopt(_) => Err(err(
                 WorkerErrorKind::Invalid,
                 libc::EINVAL,

@@ -16,14 +16,23 @@
 //! export messages ([`ToWorker::ExportAdd`], [`ToWorker::ExportRemove`],
 //! [`WorkerEvent::ExportGone`], keyed by [`ExportKey`]) and NBD's own (server start
 //! and stop, hand-off and adoption).
+//!
+//! Each served export's backend is a [`MappedNode`]: its node's worker over the data
+//! channel, or, while the supervisor grants a mapping ([`ToWorker::ExportMap`]),
+//! reads and plain writes straight on the image descriptor.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use bulkhead_block::mapped::MappedFile;
+use bulkhead_export::{MappedLayer, MappedNode, Mapping};
+use bulkhead_ipc::stats::StatsRegion;
+
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::wire::{
-    ExportSpec, FrontSpec, NbdHandOff, NbdMode, Reply, ToWorker, WorkerAsk, WorkerError,
-    WorkerErrorKind,
+    ExportKey, ExportMap, ExportSpec, FrontSpec, NbdHandOff, NbdMode, Reply, ToWorker, WorkerAsk,
+    WorkerError, WorkerErrorKind,
 };
 use bulkhead_nbd::server::{ExportConfig, ExportError, NbdServer, RemoveMode, ServerConfig};
 use bulkhead_nbd::{HandOff, HandOffHook, Mode};
@@ -52,6 +61,9 @@ pub(crate) struct NbdWorker {
     server: Option<Arc<NbdServer>>,
     /// The NBD name of each export the server has, by the supervisor's key.
     names: ExportKeys<String>,
+    /// The backend of each export served here (not the listener's metadata-only
+    /// ones), for mapping grants.
+    backends: HashMap<ExportKey, Arc<MappedNode>>,
     peers: super::Peers,
     control: Arc<ControlChannel>,
     link: Arc<Link>,
@@ -62,6 +74,7 @@ impl NbdWorker {
         NbdWorker {
             server: None,
             names: ExportKeys::new(),
+            backends: HashMap::new(),
             peers: super::Peers::default(),
             control,
             link,
@@ -84,13 +97,47 @@ impl NbdWorker {
         match nbd.metadata_size {
             Some(size) => server.add_metadata_export(config, size),
             None => {
-                let backend = self.peers.open(export.node, "exported node").await?;
+                let remote = self.peers.open(export.node, "exported node").await?;
+                let backend = Arc::new(MappedNode::new(remote));
+                self.backends.insert(export.key, Arc::clone(&backend));
                 server.add_export(config, backend)
             }
         }
-        .map_err(export_error)?;
+        .map_err(|e| {
+            self.backends.remove(&export.key);
+            export_error(e)
+        })?;
         self.names.insert(export.key, nbd.name);
         Ok(())
+    }
+
+    /// Grants or revokes export `key`'s mapping.
+    async fn map_export(
+        &mut self,
+        key: ExportKey,
+        map: Option<ExportMap>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Reply, WorkerError> {
+        let Some(backend) = self.backends.get(&key) else {
+            return Err(err(
+                WorkerErrorKind::NotFound,
+                libc::ENOENT,
+                format!("{key} is not served here"),
+            ));
+        };
+        match map {
+            None => {
+                if !backend.revoke().await {
+                    return Err(err(
+                        WorkerErrorKind::Io,
+                        libc::EBUSY,
+                        "a request still uses the mapping",
+                    ));
+                }
+            }
+            Some(map) => backend.grant(mapping(map, fds)?),
+        }
+        Ok(Reply::Done)
     }
 
     fn server(&self) -> Result<&Arc<NbdServer>, WorkerError> {
@@ -145,6 +192,7 @@ impl NbdWorker {
                 }
                 // Every export exists before the first client is accepted.
                 self.names.clear();
+                self.backends.clear();
                 for export in exports {
                     self.add_export(&server, export).await?;
                 }
@@ -158,6 +206,7 @@ impl NbdWorker {
                 // Answer once every client is gone, so the supervisor can report their
                 // exports deleted before its reply (the disconnects are immediate).
                 self.names.clear();
+                self.backends.clear();
                 if let Some(server) = self.server.take() {
                     server.shutdown().await;
                 }
@@ -179,6 +228,7 @@ impl NbdWorker {
                 let had_clients = server.client_count(&name).unwrap_or(0) > 0;
                 let removal = server.remove_export(&name, mode).map_err(export_error)?;
                 self.names.remove(export);
+                self.backends.remove(&export);
                 Ok(removal_reply(&self.control, export, had_clients, removal))
             }
             ToWorker::NbdAdopt(hand) => {
@@ -187,6 +237,7 @@ impl NbdWorker {
                 adopt(server, socket, from_wire(hand))?;
                 Ok(Reply::Done)
             }
+            ToWorker::ExportMap { export, map } => self.map_export(export, map, fds).await,
             ToWorker::Ping => Ok(Reply::Done),
             _ => Err(err(
                 WorkerErrorKind::Invalid,
@@ -272,6 +323,40 @@ fn from_wire(h: NbdHandOff) -> HandOff {
         reply: h.reply,
         leftover: h.leftover,
     }
+}
+
+/// Most layers a mapping may name (a format node over its protocol node is two).
+const MAX_MAPPED_LAYERS: usize = 8;
+
+/// A mapping from the supervisor's grant: the image descriptor, then one statistics
+/// region per layer.
+fn mapping(map: ExportMap, fds: Vec<OwnedFd>) -> Result<Mapping, WorkerError> {
+    let invalid = |what: &str| err(WorkerErrorKind::Invalid, libc::EINVAL, what.to_owned());
+    if map.layers.len() > MAX_MAPPED_LAYERS || fds.len() != map.layers.len() + 1 {
+        return Err(invalid(
+            "a mapping needs its image and one region per layer",
+        ));
+    }
+    let mut fds = fds.into_iter();
+    let image = fds.next().ok_or_else(|| invalid("no image descriptor"))?;
+    let file = MappedFile::new(image, map.writable)
+        .map_err(|e| invalid(&format!("image descriptor refused: {e}")))?;
+    let mut layers = Vec::with_capacity(map.layers.len());
+    for (shift, fd) in map.layers.iter().zip(fds) {
+        let region = StatsRegion::map_owned(&fd)
+            .map_err(|e| invalid(&format!("statistics region refused: {e}")))?;
+        layers.push(MappedLayer {
+            counters: Arc::new(region).into_counters_ref(),
+            shift: *shift,
+        });
+    }
+    Ok(Mapping {
+        file,
+        base: map.base,
+        size: map.size,
+        writable: map.writable,
+        layers,
+    })
 }
 
 fn single(mut fds: Vec<OwnedFd>) -> Result<OwnedFd, WorkerError> {

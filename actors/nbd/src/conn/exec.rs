@@ -4,19 +4,32 @@
 
 use super::*;
 
+/// A request counted in [`Conn::running`] (see [`Conn::start`]).
+pub(super) struct Running<W: AsyncWrite + Unpin + Send + 'static>(Arc<Conn<W>>);
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Drop for Running<W> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
+    /// Counts a request as running from now until the returned guard is dropped
+    /// (with its task, whether or not the task ever ran).
+    pub(super) fn start(self: &Arc<Self>) -> Running<W> {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        Running(Arc::clone(self))
+    }
+
     /// Runs one request through the executor and sends its reply.
-    pub(super) async fn execute(self: Arc<Self>, mut req: Request, permit: OwnedSemaphorePermit) {
+    pub(super) async fn execute(
+        running: Running<W>,
+        mut req: Request,
+        permit: OwnedSemaphorePermit,
+    ) {
         // The slot is released when the reply is sent or queued (or the task aborted).
         let _permit = permit;
-        struct Running<'a>(&'a AtomicUsize);
-        impl Drop for Running<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        self.running.fetch_add(1, Ordering::Relaxed);
-        let _running = Running(&self.running);
+        let this = &running.0;
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let op = match req.kind {
             CMD_READ => None,
@@ -38,24 +51,24 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                 } else {
                     0
                 };
-                let backend = &*self.export.backend;
+                let backend = &*this.export.backend;
                 let r = executor::run(backend, op, req.offset, req.len, &req.buf[..n]).await;
-                self.reply_done(&req, r).await
+                this.reply_done(&req, r).await
             }
-            (CMD_READ, None) => self.read(&mut req).await,
+            (CMD_READ, None) => this.read(&mut req).await,
             // qsd prefetches with copy-on-read, which only does work for a node
             // with a backing chain; through BlockIo there is nothing to warm up.
-            (CMD_CACHE, None) => self.reply_done(&req, Ok(())).await,
-            (CMD_BLOCK_STATUS, None) => self.block_status(&req).await,
+            (CMD_CACHE, None) => this.reply_done(&req, Ok(())).await,
+            (CMD_BLOCK_STATUS, None) => this.block_status(&req).await,
             (kind, None) => {
                 let msg = format!("invalid request type ({kind}) received");
-                self.reply_generic(req.cookie, req.offset, Err(libc::EINVAL), &msg)
+                this.reply_generic(req.cookie, req.offset, Err(libc::EINVAL), &msg)
                     .await
             }
         };
-        self.put_buf(std::mem::take(&mut req.buf));
+        this.put_buf(std::mem::take(&mut req.buf));
         if sent.is_err() {
-            self.dead.send_replace(true);
+            this.dead.send_replace(true);
         }
     }
 

@@ -24,9 +24,11 @@
 mod exec;
 mod parse;
 mod reply;
+mod spin;
 
+use std::future::Future;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bulkhead_block::ZeroFlags;
@@ -165,7 +167,10 @@ pub(crate) async fn serve_negotiated<R, W>(
     let _slot = slot;
     // The bigger buffer of the transmission phase; bytes the client sent
     // after its GO (pipelined requests) are read first.
-    let r = BufReader::with_capacity(READ_BUF, std::io::Cursor::new(early).chain(r));
+    let r = BufReader::with_capacity(
+        READ_BUF,
+        spin::Spin::new(std::io::Cursor::new(early).chain(r)),
+    );
     transmission(shared, session, r, w).await
 }
 
@@ -305,8 +310,10 @@ struct Conn<W> {
     bounds: ConnBounds,
     /// Small replies waiting to go out together (see [`Conn::send`]).
     out: Mutex<Out>,
-    /// Request tasks running.
+    /// Requests started and not finished.
     running: AtomicUsize,
+    /// The reader holds bytes of further requests (set after each request).
+    more_input: AtomicBool,
     /// Set when a reply could not be written; the reader stops.
     dead: watch::Sender<bool>,
 }
@@ -322,16 +329,26 @@ const COALESCE_MAX: usize = 16 * 1024;
 /// without bound.
 const OUT_MAX: usize = 256 * 1024;
 
+/// Replies gathered while a batch runs before some are written anyway (see
+/// `Conn::flush_early`).
+const EARLY_FLUSH_REPLIES: usize = 8;
+
 /// The output buffer: replies appended whole, so they never interleave.
 #[derive(Default)]
 struct Out {
     bytes: Vec<u8>,
+    /// Replies in `bytes`.
+    replies: usize,
     /// A request task has taken on writing the buffer out (until it is empty).
     flushing: bool,
 }
 
-async fn transmission<R, W>(shared: Arc<Shared>, session: Session, mut r: BufReader<R>, w: W)
-where
+async fn transmission<R, W>(
+    shared: Arc<Shared>,
+    session: Session,
+    mut r: BufReader<spin::Spin<R>>,
+    w: W,
+) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -349,6 +366,7 @@ where
         bounds: ConnBounds::new(),
         out: Mutex::new(Out::default()),
         running: AtomicUsize::new(0),
+        more_input: AtomicBool::new(false),
         dead: watch::Sender::new(false),
     });
     let mut stop = Stop {
@@ -357,21 +375,54 @@ where
         dead: conn.dead.subscribe(),
     };
     let mut tasks = JoinSet::new();
+    // Requests read since the reader last ran out of input.
+    let mut batch = 0usize;
     let drain = loop {
+        // The work first (biased): while requests are buffered, a slot and the next
+        // request are ready at once and the stop signals are never even polled
+        // (registering with three watch channels per request cost more than parsing
+        // it); this check stands in for them.
+        if stop.now() {
+            break false;
+        }
         let permit = tokio::select! {
-            _ = stop.wait() => break false,
+            biased;
             p = conn.bounds.slot() => match p {
                 Some(p) => p,
                 None => break false,
             },
-        };
-        let received = tokio::select! {
             _ = stop.wait() => break false,
-            r = conn.receive(&mut r) => r,
         };
+        if r.buffer().is_empty() {
+            // About to wait for the client: after a lone request that is answered,
+            // it is a queue-depth-1 client, whose next request comes at once.
+            if batch == 1 && conn.running.load(Ordering::Relaxed) == 0 {
+                r.get_mut().arm(spin::budget());
+            }
+            batch = 0;
+        }
+        batch += 1;
+        let received = tokio::select! {
+            biased;
+            r = conn.receive(&mut r) => r,
+            _ = stop.wait() => break false,
+        };
+        // More requests already read: replies can wait for theirs (`flush_out`).
+        conn.more_input
+            .store(!r.buffer().is_empty(), Ordering::Relaxed);
         match received {
             Received::Run(req) => {
-                tasks.spawn(conn.clone().execute(req, permit));
+                // Run it here until it has to wait: a request the backend finishes
+                // at once (mapped I/O) needs no task of its own. Counted from now,
+                // so that the first of a batch of requests parsed from one read
+                // waits for the others' replies to send them all in one write
+                // (`Conn::flush_out`).
+                let mut request = Box::pin(Conn::execute(conn.start(), req, permit));
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                if request.as_mut().poll(&mut cx).is_pending() {
+                    // Polled again by the runtime, which wakes it from now on.
+                    tasks.spawn(request);
+                }
             }
             Received::Fail {
                 cookie,
@@ -419,6 +470,11 @@ struct Stop {
 }
 
 impl Stop {
+    /// Whether a reason to stop is already there.
+    fn now(&self) -> bool {
+        *self.export.borrow() || *self.shutdown.borrow() || *self.dead.borrow()
+    }
+
     async fn wait(&mut self) {
         tokio::select! {
             _ = signalled(&mut self.export) => {},

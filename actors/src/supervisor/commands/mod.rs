@@ -270,6 +270,7 @@ mod tests {
             restarts: 0,
             nodes: vec!["n".into()],
             exports: Vec::new(),
+            mapped: Vec::new(),
             sandbox: vec!["seccomp".into()],
         };
         let text = vec![info]
@@ -278,7 +279,7 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(
             text,
-            r#"[{"id":1,"kind":"raw","role":"driver","reaches":[2],"pid":10,"generation":1,"restarts":0,"nodes":["n"],"exports":[],"sandbox":["seccomp"]}]"#
+            r#"[{"id":1,"kind":"raw","role":"driver","reaches":[2],"pid":10,"generation":1,"restarts":0,"nodes":["n"],"exports":[],"mapped":[],"sandbox":["seccomp"]}]"#
         );
         let version = crate::version::query_version()
             .into_return()

@@ -11,6 +11,7 @@
 //! worker and attached there, and how it is detached. The workers report an export
 //! gone by its [`ExportKey`], whatever the front.
 
+mod mapped;
 mod nbd;
 mod nbd_handoff;
 mod table;
@@ -75,6 +76,7 @@ impl Core {
             shutting_down: false,
             worker: None,
             front,
+            mapped: None,
         });
         if let Err(e) = self.refresh_locks() {
             self.exports.remove(&id);

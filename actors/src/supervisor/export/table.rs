@@ -26,6 +26,8 @@ pub struct Export {
     pub worker: Option<WorkerId>,
     /// The front and its own options.
     pub front: Front,
+    /// The mapping its serving worker holds (see `mapped.rs`).
+    pub mapped: Option<super::mapped::Granted>,
 }
 
 /// The front an export is served through, with the options only it has. A new export
@@ -79,6 +81,16 @@ impl ExportTable {
         self.list.iter().find(|e| e.key == key)
     }
 
+    /// The export with wire key `key`, to change.
+    pub fn by_key_mut(&mut self, key: ExportKey) -> Option<&mut Export> {
+        self.list.iter_mut().find(|e| e.key == key)
+    }
+
+    /// Every export, to change.
+    pub fn iter_mut(&mut self) -> std::slice::IterMut<'_, Export> {
+        self.list.iter_mut()
+    }
+
     /// Whether export `id` exists.
     pub fn contains(&self, id: &str) -> bool {
         self.get(id).is_some()
@@ -127,6 +139,7 @@ mod tests {
                 description: None,
                 allocation_depth: false,
             }),
+            mapped: None,
         }
     }
 
