@@ -85,7 +85,7 @@ pub struct FileDriver {
 
 /// Largest request served inline: a copy this size takes a few microseconds; larger
 /// ones go to the I/O threads, which also spread them over the cores.
-const INLINE_MAX: usize = 128 << 10;
+pub(crate) const INLINE_MAX: usize = 128 << 10;
 
 /// When a read or write may skip the hand-off to an I/O thread (two thread wake-ups,
 /// which cost more than a small copy from the page cache). Never in direct mode: that

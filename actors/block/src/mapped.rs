@@ -18,7 +18,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use rustix::fs::FileType;
 
 use crate::file::{
-    DataRunCache, DeviceType, FileOpenError, Inline, cached_seek_extents, pwrite_full,
+    DataRunCache, DeviceType, FileOpenError, INLINE_MAX, Inline, cached_seek_extents,
+    pwrite_full,
 };
 use crate::io::{Extent, IoResult};
 
@@ -46,6 +47,12 @@ impl MappedFile {
             fd,
             writable,
         })
+    }
+
+    /// Whether a read or write of `len` bytes may be served here (it still may not
+    /// be, if the page cache does not hold it).
+    pub fn serves(&self, len: usize) -> bool {
+        len <= INLINE_MAX
     }
 
     /// Whether the file lives in memory, so that writes are served here too.

@@ -273,9 +273,11 @@ impl BlockIo for MappedNode {
     }
 
     fn alloc_buffer(&self, len: usize) -> Option<IoBuffer> {
-        // A mapped request reads or writes the caller's own buffer; leasing
-        // shared-memory pool space would only cost time.
-        if self.is_mapped() {
+        // A request the mapping serves reads or writes the caller's own buffer:
+        // leasing shared-memory pool space would only cost time. One it does not
+        // (too large to do inline) goes to the worker, which works in place on a
+        // pool buffer and would otherwise need a copy.
+        if self.current().is_some_and(|m| m.file.serves(len)) {
             return None;
         }
         self.remote.alloc_buffer(len)
