@@ -7,6 +7,9 @@
 use std::path::Path;
 use std::process::Output;
 
+use std::time::Duration;
+
+use bulkhead_systests::nbd::NbdPeer;
 use bulkhead_systests::procs::{self, worker_pid};
 use bulkhead_systests::writes::{nbd_image_opts, qemu_io, sparse_file};
 use bulkhead_systests::{Daemon, DaemonKind, QmpConnection, TempDir};
@@ -44,10 +47,15 @@ fn start(isolation: &str) -> Option<Daemon> {
     }
 }
 
-/// qemu-io over NBD running `commands`.
+/// qemu-io over NBD on export `raw0` running `commands`.
 fn io(daemon: &Daemon, commands: &[&str]) -> Output {
+    io_on(daemon, "raw0", commands)
+}
+
+/// qemu-io over NBD on `export` running `commands`.
+fn io_on(daemon: &Daemon, export: &str, commands: &[&str]) -> Output {
     let socket = daemon.dir().join("nbd.sock");
-    let mut args = vec!["--image-opts".to_string(), nbd_image_opts(&socket, "raw0")];
+    let mut args = vec!["--image-opts".to_string(), nbd_image_opts(&socket, export)];
     for c in commands {
         args.push("-c".into());
         args.push((*c).into());
@@ -303,4 +311,61 @@ fn exports_that_cannot_map_do_not() {
         );
     }
     assert!(mapped(&mut qmp).is_empty(), "neither maps");
+}
+
+#[test]
+fn detect_zeroes_still_sees_every_write_of_a_mapped_export() {
+    let Some(daemon) = start("kind") else {
+        return;
+    };
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}"),
+    };
+    let image = daemon.dir().join("dz.img");
+    sparse_file(&image, SIZE);
+    ok(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "dz", "detect-zeroes": "unmap", "discard": "unmap",
+               "file": {"driver": "file", "node-name": "dz-file", "discard": "unmap",
+                        "filename": image.to_string_lossy()}}),
+    );
+    ok(
+        &mut qmp,
+        "block-export-add",
+        json!({"type": "nbd", "id": "dz", "node-name": "dz", "writable": true}),
+    );
+    // Mapped for reads; its writes still go through the node, whose detect-zeroes
+    // turns a zero write into a hole.
+    assert_eq!(mapped(&mut qmp), ["dz"]);
+    // Plain NBD_CMD_WRITEs (QEMU's client would send the zeroes as WRITE_ZEROES),
+    // 64 KiB: small enough to be mapped if writes were.
+    let socket = daemon.dir().join("nbd.sock");
+    let mut peer =
+        NbdPeer::open(&socket, "dz", Duration::from_secs(5)).unwrap_or_else(|e| panic!("NBD: {e}"));
+    for byte in [0xaa, 0] {
+        peer.write(0, &[byte; 64 << 10])
+            .unwrap_or_else(|e| panic!("write: {e}"));
+    }
+    let back = peer
+        .read(0, 64 << 10)
+        .unwrap_or_else(|e| panic!("read: {e}"));
+    assert!(back.iter().all(|b| *b == 0));
+    let map = match std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "raw"])
+        .arg(&image)
+        .output()
+    {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(e) => panic!("qemu-img: {e}"),
+    };
+    let extents: Value = serde_json::from_str(&map).unwrap_or_else(|e| panic!("{e}: {map}"));
+    let first = &extents[0];
+    assert_eq!(
+        (first["start"].as_u64(), first["data"].as_bool()),
+        (Some(0), Some(false)),
+        "the zeroed range is a hole again: {map}"
+    );
+    assert!(first["length"].as_u64().unwrap_or(0) >= 64 << 10, "{map}");
 }

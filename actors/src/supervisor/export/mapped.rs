@@ -24,6 +24,7 @@ use bulkhead_ipc::wire::{ExportKey, ExportMap, ToWorker, WorkerId};
 use super::super::Core;
 use super::super::drivers::Driver;
 use super::super::graph::Node;
+use super::super::workers::CallError;
 
 /// A mapping an export worker holds, as granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,8 +119,11 @@ impl Core {
         Some((id, self.instances.get(&id)?.generation))
     }
 
-    /// Takes back every grant, each once no request uses it. A worker that does not
-    /// confirm (dead, or stuck in a request) is logged; a dead one moves nothing.
+    /// Takes back every grant, each once no request uses it. A worker that cannot
+    /// confirm it (a request stuck on the mapping, or a refusal) is killed: the
+    /// command about to run may make mapped writes wrong (an inactivated node), and
+    /// a dead worker moves nothing; its restart brings the export back unmapped. A
+    /// call that timed out has killed the worker already.
     pub(in crate::supervisor) async fn revoke_mappings(&mut self) {
         let granted: Vec<(ExportKey, Granted)> = self
             .exports
@@ -137,8 +141,12 @@ impl Core {
                 export: key,
                 map: None,
             };
-            if let Err(e) = w.call(revoke, &[]).await {
-                tracing::warn!(%key, error = %e, "mapping not revoked");
+            match w.call(revoke, &[]).await {
+                Ok(_) | Err(CallError::Dead(_) | CallError::Timeout(_)) => {}
+                Err(e) => {
+                    tracing::error!(%key, worker = %g.worker, error = %e, "mapping not revoked: killing the export worker");
+                    w.kill();
+                }
             }
         }
     }
