@@ -404,6 +404,7 @@ fn bulkheads_own_command_is_listed_as_unstable_with_its_return_type() {
         ("restarts", "int"),
         ("nodes", "[str]"),
         ("exports", "[str]"),
+        ("mapped", "[str]"),
         ("reaches", "[int]"),
         ("sandbox", "[str]"),
     ];
