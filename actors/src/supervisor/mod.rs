@@ -16,6 +16,7 @@ pub mod drivers;
 pub mod errors;
 pub mod export;
 pub mod graph;
+pub mod ops;
 pub mod placement;
 mod reopen;
 mod restart;
@@ -125,6 +126,8 @@ pub struct Core {
     restoring: HashSet<WorkerId>,
     /// What workers' questions are answered from (see `asks`).
     asks: asks::SharedAskTable,
+    /// Long operations running in workers, and the last ones that ended (see `ops`).
+    ops: ops::SharedOpTable,
 }
 
 impl std::fmt::Debug for Core {
@@ -160,6 +163,7 @@ impl Core {
             started: false,
             restoring: HashSet::new(),
             asks: Rc::default(),
+            ops: Rc::default(),
         }
     }
 
@@ -300,6 +304,8 @@ impl Core {
                 self.write_threshold_crossed(from, node, threshold, end)
                     .await
             }
+            // Handled by the reader (`workers.rs`), which never passes them on.
+            WorkerEvent::Progress { .. } | WorkerEvent::OperationEnded { .. } => {}
         }
     }
 
@@ -405,6 +411,7 @@ impl Core {
             kind,
             id,
             asks,
+            Rc::clone(&self.ops),
             move |i, e, t| on_event(i, e, t),
             move |d| on_death(d),
         )
