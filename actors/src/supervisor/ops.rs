@@ -1,7 +1,8 @@
 //! Long operations the supervisor started in workers, and their progress (see
 //! `design/processes.md`, "Long operations").
 //!
-//! A caller (the job runner to come) starts one with [`Core::start_operation`] and gets an [`OpWatch`]: a
+//! A caller (the job runner to come; for now the test-only `x-bulkhead-test-fill`)
+//! starts one with [`Core::start_operation`] and gets an [`OpWatch`]: a
 //! `tokio::sync::watch` of the operation's state, so it can await the end or look at
 //! the latest progress; nothing queues (the newest value replaces the last). Progress
 //! and ends arrive from each worker's reader task, which updates [`OpTable`] directly,
