@@ -312,6 +312,18 @@ impl Operation {
     }
 }
 
+/// What a worker learned about an image it hosts (qcow2's header: what
+/// `query-named-block-nodes` and `qemu-img info` report), cached by the supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// The image was not closed cleanly (qcow2 lazy refcounts: `dirty-flag`).
+    pub dirty: bool,
+    /// The image is marked corrupt and may only be opened read-only.
+    pub corrupt: bool,
+    /// Bytes the image takes on its storage (`actual-size`).
+    pub actual_size: u64,
+}
+
 /// A mapping of an exported node onto its image file (see `design/data-path.md`,
 /// "Mapped I/O"): guest offset `o` is file offset `base + o`, for `o < size`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -498,6 +510,14 @@ pub enum WorkerEvent {
         op: OpId,
         /// How.
         result: Result<(), WorkerError>,
+    },
+    /// What the worker learned about `node`'s image (driver workers, for their own
+    /// nodes; none sends it yet: qcow2 will).
+    ImageInfo {
+        /// The node.
+        node: NodeId,
+        /// The information.
+        info: ImageInfo,
     },
 }
 

@@ -17,15 +17,17 @@
 //! has run before.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
 use bulkhead_ipc::wire::{
-    MAX_OPERATIONS, NodeId, OpId, Operation, ToWorker, WorkerError, WorkerErrorKind, WorkerId,
+    ImageInfo, MAX_OPERATIONS, NodeId, OpId, Operation, ToWorker, WorkerError, WorkerErrorKind,
+    WorkerId,
 };
 use tokio::sync::watch;
 
+use super::graph::Graph;
 use super::workers::WorkerCaller;
 use super::{Core, QmpError, call_error, errors};
 
@@ -286,6 +288,37 @@ impl OpTable {
     }
 }
 
+/// What workers reported about their nodes' images ([`WorkerEvent::ImageInfo`]), by
+/// node, with the instance that reported it.
+///
+/// [`WorkerEvent::ImageInfo`]: bulkhead_ipc::wire::WorkerEvent::ImageInfo
+#[derive(Debug, Default)]
+pub struct ImageInfoCache(HashMap<NodeId, (WorkerId, ImageInfo)>);
+
+impl ImageInfoCache {
+    /// `ImageInfo` from instance `from`: kept only for a node it hosts (a worker
+    /// speaks only for its own nodes). Returns whether it was kept.
+    pub fn report(&mut self, graph: &Graph, from: WorkerId, node: NodeId, info: ImageInfo) -> bool {
+        if !graph.iter().any(|n| n.id == node && n.home == from) {
+            tracing::warn!(worker = %from, ?node, "image information about a node it does not host ignored");
+            return false;
+        }
+        self.0.insert(node, (from, info));
+        true
+    }
+
+    /// What the worker hosting `node` last reported about its image.
+    pub fn get(&self, node: NodeId) -> Option<ImageInfo> {
+        self.0.get(&node).map(|(_, i)| *i)
+    }
+
+    /// Forgets nodes deleted or moved to another instance since they reported.
+    pub fn prune(&mut self, graph: &Graph) {
+        self.0
+            .retain(|node, (home, _)| graph.iter().any(|n| n.id == *node && n.home == *home));
+    }
+}
+
 /// Fails `op` when its `done` has not grown for `stall`, and asks its worker to stop
 /// it. Ends with the operation.
 async fn watch_stall(
@@ -463,6 +496,31 @@ mod tests {
         assert_eq!(t.list().len(), KEEP_ENDED + 1);
         assert!(t.home(running.op).is_some());
         assert_eq!((t.running_on(W), t.running_on(WorkerId(4))), (1, 0));
+    }
+
+    #[test]
+    fn image_information_is_kept_only_from_the_nodes_own_instance() {
+        let mut graph = Graph::default();
+        crate::supervisor::graph::tests::node(&mut graph, "a", None);
+        let id = graph.get("a").map(|n| n.id).expect("node a");
+        let info = ImageInfo {
+            dirty: true,
+            corrupt: false,
+            actual_size: 4096,
+        };
+        let mut cache = ImageInfoCache::default();
+        // Instance 1 hosts it; 2 does not, and no one hosts node 99.
+        assert!(!cache.report(&graph, WorkerId(2), id, info));
+        assert!(!cache.report(&graph, WorkerId(1), NodeId(99), info));
+        assert_eq!(cache.get(id), None);
+        assert!(cache.report(&graph, WorkerId(1), id, info));
+        assert_eq!(cache.get(id), Some(info));
+        // Moved to another instance: what the old one said is stale.
+        if let Some(n) = graph.get_mut("a") {
+            n.home = WorkerId(2);
+        }
+        cache.prune(&graph);
+        assert_eq!(cache.get(id), None);
     }
 
     #[test]

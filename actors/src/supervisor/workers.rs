@@ -540,9 +540,9 @@ async fn read_replies(
                     // emits anything (at most one per threshold the monitor set).
                     WorkerEvent::WriteThreshold { .. } => kind.hosts_nodes(),
                     // Driver workers run operations; the supervisor checks the node.
-                    WorkerEvent::Progress { .. } | WorkerEvent::OperationEnded { .. } => {
-                        kind.hosts_nodes()
-                    }
+                    WorkerEvent::Progress { .. }
+                    | WorkerEvent::OperationEnded { .. }
+                    | WorkerEvent::ImageInfo { .. } => kind.hosts_nodes(),
                 };
                 if !expected {
                     return Some("event not expected from this worker".into());
