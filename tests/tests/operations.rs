@@ -2,7 +2,7 @@
 //! test builds' `x-bulkhead-test-fill`: a fill slower than the heartbeat's limit runs
 //! in its worker while the worker keeps answering pings (so it is not killed as
 //! hung), its progress grows, it can be cancelled, a worker runs at most four at
-//! once, and a SIGKILLed worker fails its operation with a clear error and does not
+//! once, one that makes no progress for its limit fails, and a SIGKILLed worker fails its operation with a clear error and does not
 //! bring it back after its restart. bulkhead only.
 
 use std::thread;
@@ -150,6 +150,19 @@ fn long_operations_run_beside_the_control_loop() {
     for id in &slow {
         poll(&mut qmp, *id, |o| o["status"] == "cancelled");
     }
+
+    // A limit on progress, not on duration: one write a second misses a 300 ms limit.
+    let r = ok(
+        &mut qmp,
+        "x-bulkhead-test-fill",
+        json!({"node-name": "file0", "offset": 24 * MIB, "length": MIB, "pattern": 2,
+               "speed": 512, "stall-ms": 300}),
+    );
+    let id = r["id"].as_u64().unwrap_or_else(|| panic!("no id in {r}"));
+    let seen = poll(&mut qmp, id, |o| o["status"] != "running");
+    let last = seen.last().cloned().unwrap_or_default();
+    assert_eq!(last["status"], "failed", "{seen:?}");
+    assert_eq!(last["error"], "no progress for 0.3 s", "{last}");
 
     // A worker killed mid-way fails its operation, which its replacement does not
     // bring back.
