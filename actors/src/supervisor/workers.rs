@@ -284,7 +284,7 @@ impl WorkerHandle {
         let reader_ops = Rc::clone(&ops);
         let (reader_done, reader_ended) = oneshot::channel::<()>();
         tokio::task::spawn_local(async move {
-            let from = Sender { kind, id, pid };
+            let from = Process { kind, id, pid };
             let why =
                 read_replies(from, &chan, &reader_pending, &asks, &reader_ops, &on_event).await;
             if let Some(why) = why {
@@ -410,7 +410,7 @@ impl WorkerHandle {
 
 /// The process a reader reads.
 #[derive(Debug, Clone, Copy)]
-struct Sender {
+struct Process {
     kind: WorkerKind,
     id: WorkerId,
     pid: u32,
@@ -419,14 +419,14 @@ struct Sender {
 /// Reads replies until the channel closes (returns `None`) or the worker breaks the
 /// protocol (returns why).
 async fn read_replies(
-    from: Sender,
+    from: Process,
     chan: &Rc<ControlChannel>,
     pending: &Pending,
     asks: &SharedAskTable,
     ops: &SharedOpTable,
     on_event: &dyn Fn(WorkerId, WorkerEvent, EventTicket),
 ) -> Option<String> {
-    let Sender { kind, id, pid } = from;
+    let Process { kind, id, pid } = from;
     let pending_events = Arc::new(AtomicUsize::new(0));
     let mut rate = AskRate::default();
     // Progress of at most MAX_OPERATIONS operations, one event per 100 ms each, and
@@ -539,7 +539,8 @@ async fn read_replies(
                     // The supervisor checks node, instance and threshold before it
                     // emits anything (at most one per threshold the monitor set).
                     WorkerEvent::WriteThreshold { .. } => kind.hosts_nodes(),
-                    // Driver workers run operations; the supervisor checks the node.
+                    // Driver workers run operations and open images; the operation
+                    // table checks who runs the op, the image cache who hosts the node.
                     WorkerEvent::Progress { .. }
                     | WorkerEvent::OperationEnded { .. }
                     | WorkerEvent::ImageInfo { .. } => kind.hosts_nodes(),
@@ -549,6 +550,13 @@ async fn read_replies(
                 }
                 // Operations are handled here, never queued in the actor's mailbox:
                 // the table keeps only the latest state (see `ops`).
+                let about_op = matches!(
+                    event,
+                    WorkerEvent::Progress { .. } | WorkerEvent::OperationEnded { .. }
+                );
+                if about_op && !op_rate.take() {
+                    return Some("operation event flood".into());
+                }
                 let verdict = match event {
                     WorkerEvent::Progress { op, done, total } => {
                         Some((op, ops.borrow().progress(id, pid, op, done, total)))
@@ -559,9 +567,6 @@ async fn read_replies(
                     _ => None,
                 };
                 if let Some((op, verdict)) = verdict {
-                    if !op_rate.take() {
-                        return Some("operation event flood".into());
-                    }
                     if verdict != Verdict::Accepted {
                         tracing::debug!(worker = %id, %op, ?verdict, "operation event ignored");
                     }
