@@ -28,10 +28,10 @@ fn start() -> Daemon {
     .iter()
     .map(|a| a.to_string())
     .collect();
-    // A ping every 100 ms, unanswered for 600 ms kills the worker: every fill here
-    // runs for seconds.
+    // A ping every 200 ms, unanswered for 1.2 s kills the worker: the fills here run
+    // for seconds.
     // SAFETY: the only test of this binary; no other thread reads the environment.
-    unsafe { std::env::set_var("BULKHEAD_HEARTBEAT_MS", "100") };
+    unsafe { std::env::set_var("BULKHEAD_HEARTBEAT_MS", "200") };
     let daemon = Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]);
     // SAFETY: as above.
     unsafe { std::env::remove_var("BULKHEAD_HEARTBEAT_MS") };
@@ -99,7 +99,7 @@ fn long_operations_run_beside_the_control_loop() {
     };
     let pid = file_worker(&mut qmp)["pid"].clone();
 
-    // 3 MiB at 1 MiB/s: five times the heartbeat's limit.
+    // 3 MiB at 1 MiB/s: 2.5 times the heartbeat's limit.
     let id = fill(&mut qmp, 0, 3 * MIB, 0xab, MIB);
     let seen = poll(&mut qmp, id, |o| o["status"] != "running");
     let last = seen.last().cloned().unwrap_or_default();
