@@ -251,6 +251,77 @@ pub enum ToWorker {
         /// The mapping, or none.
         map: Option<ExportMap>,
     },
+    /// Driver worker: start a long operation in a task of its own and answer at once
+    /// (`Done`: it runs). The control loop stays free; progress and the end come as
+    /// [`WorkerEvent::Progress`] and [`WorkerEvent::OperationEnded`]. Refused when the
+    /// worker already runs [`MAX_OPERATIONS`] or `op` is running.
+    StartOperation {
+        /// Chosen by the supervisor, never reused.
+        op: OpId,
+        /// What to do.
+        operation: Operation,
+    },
+    /// Driver worker: stop operation `op`; its `OperationEnded` follows (cancelled,
+    /// or its real end if it finished first). `NotFound` if it is not running.
+    CancelOperation {
+        /// The operation.
+        op: OpId,
+    },
+}
+
+/// Most long operations one worker runs at once.
+pub const MAX_OPERATIONS: usize = 4;
+
+/// A long operation, as the supervisor numbers it: assigned at start, never reused,
+/// so a late event about an ended one cannot touch a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OpId(pub u64);
+
+impl std::fmt::Display for OpId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "op#{}", self.0)
+    }
+}
+
+/// Long work a driver worker runs on its own nodes (see `design/processes.md`,
+/// "Long operations").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operation {
+    /// Write `len` bytes of `pattern` at `offset` of `node`, at most `speed` bytes per
+    /// second (0: as fast as the node goes), like a block job's `speed`.
+    Fill {
+        /// One of the worker's nodes.
+        node: NodeId,
+        /// Start of the range.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The byte written.
+        pattern: u8,
+        /// Bytes per second, 0 for no limit.
+        speed: u64,
+    },
+}
+
+impl Operation {
+    /// The node the operation works on.
+    pub fn node(&self) -> NodeId {
+        match self {
+            Operation::Fill { node, .. } => *node,
+        }
+    }
+}
+
+/// What a worker learned about an image it hosts (qcow2's header: what
+/// `query-named-block-nodes` and `qemu-img info` report), cached by the supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// The image was not closed cleanly (qcow2 lazy refcounts: `dirty-flag`).
+    pub dirty: bool,
+    /// The image is marked corrupt and may only be opened read-only.
+    pub corrupt: bool,
+    /// Bytes the image takes on its storage (`actual-size`).
+    pub actual_size: u64,
 }
 
 /// A mapping of an exported node onto its image file (see `design/data-path.md`,
@@ -423,6 +494,31 @@ pub enum WorkerEvent {
         /// End offset of the request.
         end: u64,
     },
+    /// Operation `op` has done `done` of `total` units (driver workers; at most one
+    /// per 100 ms per operation; the supervisor keeps only the latest).
+    Progress {
+        /// The operation.
+        op: OpId,
+        /// Units done.
+        done: u64,
+        /// Units in all (may grow while it runs).
+        total: u64,
+    },
+    /// Operation `op` ended (driver workers; once per operation).
+    OperationEnded {
+        /// The operation.
+        op: OpId,
+        /// How.
+        result: Result<(), WorkerError>,
+    },
+    /// What the worker learned about `node`'s image (driver workers, for their own
+    /// nodes; none sends it yet: qcow2 will).
+    ImageInfo {
+        /// The node.
+        node: NodeId,
+        /// The information.
+        info: ImageInfo,
+    },
 }
 
 /// A successful reply.
@@ -469,6 +565,10 @@ pub enum WorkerErrorKind {
     Io,
     /// Clients are attached (safe export removal).
     InUse,
+    /// The operation was cancelled.
+    Cancelled,
+    /// The worker runs as many operations as it may.
+    Busy,
 }
 
 impl WorkerError {

@@ -226,23 +226,32 @@ fn open_named(
 pub struct AskRate {
     tokens: f64,
     last: Instant,
+    burst: f64,
+    per_second: f64,
 }
 
 impl Default for AskRate {
     fn default() -> AskRate {
-        AskRate {
-            tokens: BURST,
-            last: Instant::now(),
-        }
+        AskRate::new(BURST, PER_SECOND)
     }
 }
 
 impl AskRate {
+    /// A bucket of `burst` tokens refilled at `per_second`.
+    pub fn new(burst: f64, per_second: f64) -> AskRate {
+        AskRate {
+            tokens: burst,
+            last: Instant::now(),
+            burst,
+            per_second,
+        }
+    }
+
     /// Takes one token; false when the worker asks faster than allowed.
     pub fn take(&mut self) -> bool {
         let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * PER_SECOND;
-        self.tokens = (self.tokens + refill).min(BURST);
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;

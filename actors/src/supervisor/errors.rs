@@ -450,3 +450,13 @@ pub fn arguments_mismatch<E: Display>(command: &str, e: E) -> QmpError {
         "Internal error: the arguments of {command} do not fit its handler: {e}"
     ))
 }
+
+/// A long operation on a node that is not (or no longer) in the graph.
+pub fn operation_node_gone() -> QmpError {
+    generic("The operation's node does not exist")
+}
+
+/// A long operation that is not running.
+pub fn operation_not_found(op: u64) -> QmpError {
+    generic(format!("Operation {op} is not running"))
+}

@@ -394,12 +394,13 @@ impl Graph {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use bulkhead_block::config::{DriverConfig, NullConfig};
 
     use super::*;
 
-    fn node(graph: &mut Graph, name: &str, child: Option<&str>) {
+    /// Adds a null-co node (a raw one over `child`) hosted by instance 1.
+    pub(crate) fn node(graph: &mut Graph, name: &str, child: Option<&str>) {
         let id = graph.allocate_id();
         graph.insert(Node {
             id,

@@ -16,6 +16,7 @@ pub mod drivers;
 pub mod errors;
 pub mod export;
 pub mod graph;
+pub mod ops;
 pub mod placement;
 mod reopen;
 mod restart;
@@ -27,7 +28,7 @@ use std::rc::Rc;
 
 use bulkhead_ipc::data::NewChannel;
 use bulkhead_ipc::ring::RingLayout;
-use bulkhead_ipc::wire::{ToWorker, WorkerEvent, WorkerId, WorkerKind};
+use bulkhead_ipc::wire::{ImageInfo, NodeId, ToWorker, WorkerEvent, WorkerId, WorkerKind};
 use bulkhead_qmp::request::ErrorClass;
 use serde_json::{Map, Value};
 
@@ -125,6 +126,10 @@ pub struct Core {
     restoring: HashSet<WorkerId>,
     /// What workers' questions are answered from (see `asks`).
     asks: asks::SharedAskTable,
+    /// Long operations running in workers, and the last ones that ended (see `ops`).
+    ops: ops::SharedOpTable,
+    /// What workers reported about their nodes' images.
+    image_info: ops::ImageInfoCache,
 }
 
 impl std::fmt::Debug for Core {
@@ -160,6 +165,8 @@ impl Core {
             started: false,
             restoring: HashSet::new(),
             asks: Rc::default(),
+            ops: Rc::default(),
+            image_info: ops::ImageInfoCache::default(),
         }
     }
 
@@ -213,7 +220,10 @@ impl Core {
             // paths, a few syscalls per node): skip it for them, so a QMP query flood
             // stays cheap. A restore a query set off refreshes the table itself.
             commands::Effect::Query => {}
-            commands::Effect::Change => self.refresh_asks(),
+            commands::Effect::Change => {
+                self.refresh_asks();
+                self.image_info.prune(&self.graph);
+            }
         }
         // Also after a query: one may have restored an export worker.
         self.sync_mappings().await;
@@ -300,7 +310,17 @@ impl Core {
                 self.write_threshold_crossed(from, node, threshold, end)
                     .await
             }
+            WorkerEvent::ImageInfo { node, info } => {
+                self.image_info.report(&self.graph, from, node, info);
+            }
+            // Handled by the reader (`workers.rs`), which never passes them on.
+            WorkerEvent::Progress { .. } | WorkerEvent::OperationEnded { .. } => {}
         }
+    }
+
+    /// What the worker hosting `node` last reported about its image.
+    pub fn image_info(&self, node: NodeId) -> Option<ImageInfo> {
+        self.image_info.get(node)
     }
 
     /// Running workers, for tests and `x-bulkhead-query-workers`.
@@ -405,6 +425,7 @@ impl Core {
             kind,
             id,
             asks,
+            Rc::clone(&self.ops),
             move |i, e, t| on_event(i, e, t),
             move |d| on_death(d),
         )

@@ -24,6 +24,7 @@ use bulkhead_ipc::wire::{
 use tokio::sync::oneshot;
 
 use super::asks::{AskRate, SharedAskTable};
+use super::ops::{SharedOpTable, Verdict};
 
 /// How long a worker may take to say `Ready`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -193,6 +194,7 @@ impl WorkerHandle {
         kind: WorkerKind,
         id: WorkerId,
         asks: SharedAskTable,
+        ops: SharedOpTable,
         on_event: impl Fn(WorkerId, WorkerEvent, EventTicket) + 'static,
         on_death: impl FnOnce(WorkerDied) + 'static,
     ) -> Result<WorkerHandle, SpawnError> {
@@ -279,8 +281,12 @@ impl WorkerHandle {
         // Reader: routes replies; any protocol violation kills the worker.
         let reader_alive = Rc::clone(&alive);
         let reader_pending = Rc::clone(&pending);
+        let reader_ops = Rc::clone(&ops);
+        let (reader_done, reader_ended) = oneshot::channel::<()>();
         tokio::task::spawn_local(async move {
-            let why = read_replies(kind, id, &chan, &reader_pending, &asks, &on_event).await;
+            let from = Process { kind, id, pid };
+            let why =
+                read_replies(from, &chan, &reader_pending, &asks, &reader_ops, &on_event).await;
             if let Some(why) = why {
                 tracing::error!(worker = %kind, pid, reason = %why, "killing misbehaving worker");
                 if let Some(p) = &kill_pidfd {
@@ -291,6 +297,7 @@ impl WorkerHandle {
             for (_, tx) in reader_pending.borrow_mut().drain() {
                 drop(tx);
             }
+            drop(reader_done);
         });
         // Heartbeat: a worker whose control loop stops answering is killed even when
         // no command is waiting for it (the restart path then replaces it).
@@ -322,6 +329,11 @@ impl WorkerHandle {
                 Err(e) => format!("wait failed: {e}"),
             };
             waiter_alive.set(false);
+            // Whatever the process reported before it ended counts (the reader reads
+            // to the end of the channel, which closed with the process); then its
+            // operations that did not end fail.
+            let _ = reader_ended.await;
+            ops.borrow_mut().process_ended(id, pid, &status);
             if retired.get() {
                 tracing::debug!(worker = %kind, pid, %status, "idle worker stopped");
             } else {
@@ -396,18 +408,30 @@ impl WorkerHandle {
     }
 }
 
+/// The process a reader reads.
+#[derive(Debug, Clone, Copy)]
+struct Process {
+    kind: WorkerKind,
+    id: WorkerId,
+    pid: u32,
+}
+
 /// Reads replies until the channel closes (returns `None`) or the worker breaks the
 /// protocol (returns why).
 async fn read_replies(
-    kind: WorkerKind,
-    id: WorkerId,
+    from: Process,
     chan: &Rc<ControlChannel>,
     pending: &Pending,
     asks: &SharedAskTable,
+    ops: &SharedOpTable,
     on_event: &dyn Fn(WorkerId, WorkerEvent, EventTicket),
 ) -> Option<String> {
+    let Process { kind, id, pid } = from;
     let pending_events = Arc::new(AtomicUsize::new(0));
     let mut rate = AskRate::default();
+    // Progress of at most MAX_OPERATIONS operations, one event per 100 ms each, and
+    // their ends: a worker that sends faster floods.
+    let mut op_rate = AskRate::new(64.0, 64.0);
     let hand_offs = Rc::new(Cell::new(0usize));
     loop {
         match chan.recv::<FromWorker>().await {
@@ -515,9 +539,38 @@ async fn read_replies(
                     // The supervisor checks node, instance and threshold before it
                     // emits anything (at most one per threshold the monitor set).
                     WorkerEvent::WriteThreshold { .. } => kind.hosts_nodes(),
+                    // Driver workers run operations and open images; the operation
+                    // table checks who runs the op, the image cache who hosts the node.
+                    WorkerEvent::Progress { .. }
+                    | WorkerEvent::OperationEnded { .. }
+                    | WorkerEvent::ImageInfo { .. } => kind.hosts_nodes(),
                 };
                 if !expected {
                     return Some("event not expected from this worker".into());
+                }
+                // Operations are handled here, never queued in the actor's mailbox:
+                // the table keeps only the latest state (see `ops`).
+                let about_op = matches!(
+                    event,
+                    WorkerEvent::Progress { .. } | WorkerEvent::OperationEnded { .. }
+                );
+                if about_op && !op_rate.take() {
+                    return Some("operation event flood".into());
+                }
+                let verdict = match event {
+                    WorkerEvent::Progress { op, done, total } => {
+                        Some((op, ops.borrow().progress(id, pid, op, done, total)))
+                    }
+                    WorkerEvent::OperationEnded { op, ref result } => {
+                        Some((op, ops.borrow_mut().ended(id, pid, op, result.clone())))
+                    }
+                    _ => None,
+                };
+                if let Some((op, verdict)) = verdict {
+                    if verdict != Verdict::Accepted {
+                        tracing::debug!(worker = %id, %op, ?verdict, "operation event ignored");
+                    }
+                    continue;
                 }
                 if pending_events.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_EVENTS {
                     return Some("event flood".into());

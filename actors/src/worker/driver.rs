@@ -71,6 +71,8 @@ pub(crate) struct DriverWorker {
     peers: super::Peers,
     /// The control channel, for events the nodes report (write thresholds).
     chan: Arc<ControlChannel>,
+    /// Long operations running in tasks of their own.
+    ops: super::ops::Operations,
 }
 
 /// Reports one node's write-threshold crossings to the supervisor. The node awaits the
@@ -132,6 +134,7 @@ impl DriverWorker {
             id,
             nodes: Arc::new(Nodes::default()),
             peers: super::Peers::default(),
+            ops: super::ops::Operations::new(Arc::clone(&chan)),
             chan,
         }
     }
@@ -284,7 +287,10 @@ impl DriverWorker {
                 Ok(Reply::Done)
             }
             ToWorker::RemoveNode { node } => match self.nodes.remove(node) {
-                Some(_) => Ok(Reply::Done),
+                Some(_) => {
+                    self.ops.cancel_node(node);
+                    Ok(Reply::Done)
+                }
                 None => Err(err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node")),
             },
             ToWorker::ResizeNode { node, size } => {
@@ -301,6 +307,18 @@ impl DriverWorker {
                 Ok(Reply::NodeInfo { size: n.size() })
             }
             ToWorker::Ping => Ok(Reply::Done),
+            ToWorker::StartOperation { op, operation } => {
+                let node = self
+                    .nodes
+                    .lookup(operation.node())
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                self.ops.start(op, operation, node)?;
+                Ok(Reply::Done)
+            }
+            ToWorker::CancelOperation { op } => {
+                self.ops.cancel(op)?;
+                Ok(Reply::Done)
+            }
             ToWorker::NbdServerStart { .. }
             | ToWorker::NbdServerStop
             | ToWorker::ExportAdd { .. }

@@ -14,6 +14,7 @@ mod export;
 mod hooks;
 mod link;
 mod nbd;
+mod ops;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;

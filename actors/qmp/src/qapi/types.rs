@@ -1213,6 +1213,32 @@ pub struct MonitorOptions {
     pub chardev: String,
 }
 
+/// `x-bulkhead-test-fill` (bulkhead's own, test builds only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct XBulkheadTestFillArgs {
+    /// The node.
+    pub node_name: String,
+    /// Start of the range.
+    pub offset: u64,
+    /// Its length.
+    pub length: u64,
+    /// The byte written.
+    pub pattern: u8,
+    /// Bytes per second.
+    pub speed: Option<u64>,
+    /// Milliseconds without progress before the operation fails.
+    pub stall_ms: Option<u64>,
+}
+
+/// `x-bulkhead-operation-cancel` (bulkhead's own, test builds only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XBulkheadOperationCancelArgs {
+    /// The operation.
+    pub id: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1336,9 +1362,14 @@ mod tests {
             "x-debug-query-block-graph",
             "nbd-server-stop",
             "query-block-exports",
+            "x-bulkhead-query-operations",
         ] {
             let _: NoArgs = full_args(cmd, "");
         }
+        let fill: XBulkheadTestFillArgs = full_args("x-bulkhead-test-fill", "");
+        assert_eq!((fill.speed, fill.stall_ms), (Some(1), Some(1)));
+        let cancel: XBulkheadOperationCancelArgs = full_args("x-bulkhead-operation-cancel", "");
+        assert_eq!(cancel.id, 1);
         let caps: QmpCapabilitiesArgs = full_args("qmp_capabilities", "");
         assert_eq!(caps.enable, Some(vec![QmpCapability::Oob]));
         let del: BlockdevDelArgs = full_args("blockdev-del", "");

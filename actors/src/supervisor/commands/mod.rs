@@ -13,6 +13,8 @@
 mod blockdev;
 mod control;
 mod export;
+#[cfg(feature = "test-hooks")]
+mod ops;
 mod query;
 mod stats;
 mod workers;
@@ -159,6 +161,21 @@ pub static REGISTRY: &[Command] = &[
         Query,
         workers::x_bulkhead_query_workers
     ),
+    // Long operations, for tests until the job runner exists.
+    #[cfg(feature = "test-hooks")]
+    command!(
+        "x-bulkhead-query-operations",
+        Query,
+        ops::x_bulkhead_query_operations
+    ),
+    #[cfg(feature = "test-hooks")]
+    command!(
+        "x-bulkhead-operation-cancel",
+        Change,
+        ops::x_bulkhead_operation_cancel
+    ),
+    #[cfg(feature = "test-hooks")]
+    command!("x-bulkhead-test-fill", Change, ops::x_bulkhead_test_fill),
     // Served by the QMP front (`front::chardev`), never sent to the core.
     front!("query-chardev"),
     front!("chardev-add"),
