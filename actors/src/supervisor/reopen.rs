@@ -220,7 +220,7 @@ impl Core {
                 let Some(cnode) = self.graph.get(c) else {
                     return Err(errors::device_not_found("", c));
                 };
-                if self.graph.chain(c).iter().any(|n| n.name == name) {
+                if self.graph.reaches(c, name) {
                     return Err(errors::reopen_cycle(c, name));
                 }
                 if active && !cnode.active {
