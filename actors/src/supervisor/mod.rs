@@ -18,6 +18,9 @@ pub mod export;
 pub mod graph;
 pub mod placement;
 mod reopen;
+// Reached only through the test-hook commands until mirror, commit and filters use it.
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+mod replace;
 mod restart;
 pub mod stats;
 pub mod workers;

@@ -265,7 +265,7 @@ impl Core {
     /// Whether a writable export reaches `name` through active nodes (an inactive
     /// node passes no permission down); `name` itself must be active too when
     /// `self_active`.
-    fn writers_of(&self, name: &str, self_active: bool) -> bool {
+    pub(super) fn writers_of(&self, name: &str, self_active: bool) -> bool {
         self.exports.iter().any(|e| {
             if e.shutting_down || !e.writable {
                 return false;
