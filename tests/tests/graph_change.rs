@@ -158,6 +158,20 @@ fn filters_and_retargets(isolation: &str) {
         Ok(q) => q,
         Err(e) => panic!("{e}\n{}", daemon.stderr()),
     };
+    // An inactive node cannot take over an export that does not allow one.
+    ok(
+        &mut qmp,
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "off", "file": "file-a", "active": false}),
+    );
+    assert_eq!(
+        error(
+            &mut qmp,
+            "x-bulkhead-replace-node",
+            json!({"old": "raw-a", "new": "off"})
+        ),
+        "Inactive 'off' can't serve export 'e-a', which does not allow inactive nodes"
+    );
     // The filter and the second node exist before the I/O starts (blockdev-add is
     // not what is under test).
     ok(
@@ -201,6 +215,16 @@ fn filters_and_retargets(isolation: &str) {
         "Read-only block node 'ro' cannot support read-write users"
     );
     ok(&mut qmp, "blockdev-del", json!({"node-name": "ro"}));
+    // flt is a parent of raw-a already.
+    assert_eq!(
+        error(
+            &mut qmp,
+            "x-bulkhead-replace-node",
+            json!({"old": "raw-a", "new": "off"})
+        ),
+        "Inactive 'off' can't be a file child of active 'flt'"
+    );
+    ok(&mut qmp, "blockdev-del", json!({"node-name": "off"}));
     assert_eq!(exported_node(&mut qmp, "e-a"), "raw-a");
 
     let mut insert = |q: &mut QmpConnection| {
