@@ -172,7 +172,16 @@ impl NbdWorker {
         key: ExportKey,
         node: bulkhead_ipc::wire::NodeRef,
     ) -> Result<Reply, WorkerError> {
-        let slot = Arc::clone(&self.backend(key)?.remote);
+        let backend = self.backend(key)?;
+        // Mapped requests would still reach the old node's image.
+        if backend.node.is_mapped() {
+            return Err(err(
+                WorkerErrorKind::Invalid,
+                libc::EBUSY,
+                format!("{key} is mapped: revoke the mapping first"),
+            ));
+        }
+        let slot = Arc::clone(&backend.remote);
         let remote = self.peers.open(node, "new export target").await?;
         if let Err(e) = slot.replace(remote, RETARGET_DRAIN).await {
             // The new node is in place; stragglers finish on the old one.
