@@ -18,7 +18,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use rustix::fs::FileType;
 
 use crate::file::{
-    DataRunCache, DeviceType, FileOpenError, INLINE_MAX, Inline, cached_seek_extents, pwrite_full,
+    DataRunCache, DeviceType, FileOpenError, INLINE_MAX, Inline, cached_seek_extents,
+    pwrite_full,
 };
 use crate::io::{Extent, IoResult};
 
