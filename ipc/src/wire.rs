@@ -251,6 +251,17 @@ pub enum ToWorker {
         /// The mapping, or none.
         map: Option<ExportMap>,
     },
+    /// Export worker: serve an export from another node from now on (the supervisor
+    /// re-points users of a node: filters inserted or removed, a node replaced).
+    /// The supervisor has connected the worker to `node`'s instance and revoked any
+    /// mapping. New requests go to `node` at once; requests in flight finish on the
+    /// old node, and the reply comes once they have.
+    ExportRetarget {
+        /// The export.
+        export: ExportKey,
+        /// The node it serves from now on.
+        node: NodeRef,
+    },
     /// Driver worker: start a long operation in a task of its own and answer at once
     /// (`Done`: it runs). The control loop stays free; progress and the end come as
     /// [`WorkerEvent::Progress`] and [`WorkerEvent::OperationEnded`]. Refused when the

@@ -413,6 +413,17 @@ fn bulkheads_own_command_is_listed_as_unstable_with_its_return_type() {
         expected.map(|(n, t)| (n.to_owned(), t.to_owned())),
         "{cmd}"
     );
+    // The graph test hooks (this binary is a test-hooks build) are unstable too.
+    for hook in [
+        "x-bulkhead-replace-node",
+        "x-bulkhead-insert-filter",
+        "x-bulkhead-remove-filter",
+    ] {
+        let Some(cmd) = ours.get(hook) else {
+            panic!("{hook} is not listed");
+        };
+        assert_eq!(cmd["features"], json!(["unstable"]), "{hook}");
+    }
 }
 
 /// Checks `value` against the introspected type `ty`, collecting mismatches.

@@ -460,3 +460,54 @@ pub fn operation_node_gone() -> QmpError {
 pub fn operation_not_found(op: u64) -> QmpError {
     generic(format!("Operation {op} is not running"))
 }
+
+/// Re-pointing a node's users to the node itself.
+pub fn replace_by_itself(name: &str) -> QmpError {
+    generic(format!("Cannot replace node '{name}' by itself"))
+}
+
+/// Re-pointing a parent's child in a role no driver takes a new child in yet.
+pub fn replace_role_unsupported(parent: &str, role: &str) -> QmpError {
+    generic(format!(
+        "Cannot change the '{role}' child of '{parent}': no driver supports it yet"
+    ))
+}
+
+/// An inactive node as the new child of an active parent (QEMU's
+/// `bdrv_attach_child_noperm`, whatever the role).
+pub fn inactive_child(child: &str, role: &str, parent: &str) -> QmpError {
+    generic(format!(
+        "Inactive '{child}' can't be a {role} child of active '{parent}'"
+    ))
+}
+
+/// An inactive node as the new target of an export that does not allow one.
+pub fn inactive_export_target(node: &str, export: &str) -> QmpError {
+    generic(format!(
+        "Inactive '{node}' can't serve export '{export}', which does not allow inactive nodes"
+    ))
+}
+
+/// An export moved to a node of another size (its clients negotiated the size).
+pub fn export_target_size(export: &str, size: u64, node: &str, new_size: u64) -> QmpError {
+    generic(format!(
+        "Export '{export}' has {size} bytes; '{node}' has {new_size}: its clients would see the size change"
+    ))
+}
+
+/// A filter to insert whose `file` child is not the node it goes above.
+pub fn filter_not_above(filter: &str, node: &str) -> QmpError {
+    generic(format!(
+        "'{filter}' must have '{node}' as its file child to be inserted above it"
+    ))
+}
+
+/// A filter to insert that something already uses.
+pub fn filter_in_use(filter: &str) -> QmpError {
+    generic(format!("'{filter}' already has users"))
+}
+
+/// A filter to remove that has no `file` child.
+pub fn not_a_filter(name: &str) -> QmpError {
+    generic(format!("'{name}' has no file child to give its users"))
+}

@@ -13,20 +13,37 @@ use serde_json::{Map, Value, json};
 pub use super::drivers::Driver;
 
 /// The role a child plays for its parent (QEMU's child names: `file`, `backing`,
-/// `data-file`, `children.N` of quorum). Only `file` exists so far; mirror, commit,
-/// snapshots and quorum add the others.
+/// `data-file`, `children.N` of quorum). Only raw uses one (`file`) so far; qcow2,
+/// quorum, mirror, commit and snapshots will use the others. Everything that walks
+/// the graph (parent counts, replay order, cycle checks, restart dependencies)
+/// follows every role alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// A format or filter node's protocol child.
     File,
+    /// A format node's backing image.
+    Backing,
+    /// A format node's external data file (qcow2's `data-file`).
+    DataFile,
+    /// Quorum's child `children.N`.
+    Child(u32),
 }
 
 impl Role {
     /// The child name QEMU shows (`x-debug-query-block-graph` edges, options).
-    pub fn as_str(self) -> &'static str {
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
         match self {
-            Role::File => "file",
+            Role::File => "file".into(),
+            Role::Backing => "backing".into(),
+            Role::DataFile => "data-file".into(),
+            Role::Child(n) => format!("children.{n}").into(),
         }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
     }
 }
 
@@ -96,6 +113,14 @@ impl Node {
     /// The `file` child.
     pub fn file(&self) -> Option<&str> {
         self.child(Role::File)
+    }
+
+    /// The roles in which `child` is a child of this node.
+    pub fn roles_of<'a>(&'a self, child: &'a str) -> impl Iterator<Item = Role> + 'a {
+        self.children
+            .iter()
+            .filter(move |(_, c)| c == child)
+            .map(|(r, _)| *r)
     }
 }
 
@@ -214,6 +239,30 @@ impl Graph {
         self.nodes.iter()
     }
 
+    /// `name` and every node below it, through children of any role, each once
+    /// (parents before their children; bounded, though the graph has no cycles).
+    pub fn subtree(&self, name: &str) -> Vec<&Node> {
+        let mut out: Vec<&Node> = Vec::new();
+        let mut todo: Vec<&str> = vec![name];
+        while let Some(n) = todo.pop() {
+            if out.len() > 4096 || out.iter().any(|o| o.name == n) {
+                continue;
+            }
+            let Some(node) = self.get(n) else {
+                continue;
+            };
+            out.push(node);
+            todo.extend(node.children.iter().rev().map(|(_, c)| c.as_str()));
+        }
+        out
+    }
+
+    /// Whether `from` reaches `to` through children of any role (a node reaches
+    /// itself): making `from` a child of `to` would create a cycle.
+    pub fn reaches(&self, from: &str, to: &str) -> bool {
+        self.subtree(from).iter().any(|n| n.name == to)
+    }
+
     /// The node at the bottom of `name`'s chain.
     fn bottom(&self, name: &str) -> Option<&Node> {
         let mut n = self.get(name)?;
@@ -226,7 +275,10 @@ impl Graph {
         Some(n)
     }
 
-    /// The nodes from `name` down its chain, top first.
+    /// The nodes from `name` down its `file` chain, top first: the nodes an export's
+    /// data passes (a filter's or format node's protocol child). Other roles
+    /// (`backing`, `data-file`, quorum's children) get their permissions from the
+    /// drivers that will use them.
     pub fn chain(&self, name: &str) -> Vec<&Node> {
         let mut out = Vec::new();
         let mut cur = self.get(name);
@@ -257,10 +309,25 @@ impl Graph {
             m.insert(k.clone(), v.clone());
         }
         m.insert("driver".into(), node.driver.as_str().into());
+        // Quorum's children go as one list `children` in index order (QEMU's
+        // quorum_gather_child_options); every other child under its role's name.
+        let mut quorum: Vec<(u32, Value)> = Vec::new();
         for (role, c) in &node.children {
             if let Some(c) = self.get(c) {
-                m.insert(role.as_str().into(), self.full_options(c));
+                match role {
+                    Role::Child(i) => quorum.push((*i, self.full_options(c))),
+                    _ => {
+                        m.insert(role.name().into_owned(), self.full_options(c));
+                    }
+                }
             }
+        }
+        if !quorum.is_empty() {
+            quorum.sort_by_key(|(i, _)| *i);
+            m.insert(
+                "children".into(),
+                Value::Array(quorum.into_iter().map(|(_, v)| v).collect()),
+            );
         }
         Value::Object(m)
     }
@@ -271,7 +338,9 @@ impl Graph {
         if let Some(path) = &node.path {
             return path.clone();
         }
-        if node.strong_options.is_empty() {
+        // Only a node whose sole child is its `file` takes the child's name.
+        let only_file = node.children.iter().all(|(r, _)| *r == Role::File);
+        if node.strong_options.is_empty() && only_file {
             match node.file().and_then(|c| self.get(c)) {
                 None => return format!("{}://", node.driver.as_str()),
                 Some(c) => {
@@ -384,7 +453,7 @@ impl Graph {
                 }
                 shared.extend(["write-unchanged", "write", "consistent-read"]);
                 edges.push(json!({
-                    "parent": number(&n.name), "child": number(&c.name), "name": role.as_str(),
+                    "parent": number(&n.name), "child": number(&c.name), "name": role.name(),
                     "perm": [], "shared-perm": shared,
                 }));
             }
@@ -401,20 +470,25 @@ pub(crate) mod tests {
 
     /// Adds a null-co node (a raw one over `child`) hosted by instance 1.
     pub(crate) fn node(graph: &mut Graph, name: &str, child: Option<&str>) {
+        let children = child
+            .map(|c| (Role::File, c))
+            .into_iter()
+            .collect::<Vec<_>>();
+        node_with(graph, name, &children);
+    }
+
+    fn node_with(graph: &mut Graph, name: &str, children: &[(Role, &str)]) {
         let id = graph.allocate_id();
         graph.insert(Node {
             id,
             name: name.to_string(),
             home: WorkerId(1),
-            driver: if child.is_some() {
-                Driver::Raw
-            } else {
+            driver: if children.is_empty() {
                 Driver::NullCo
+            } else {
+                Driver::Raw
             },
-            children: child
-                .map(|c| (Role::File, c.to_string()))
-                .into_iter()
-                .collect(),
+            children: children.iter().map(|(r, c)| (*r, c.to_string())).collect(),
             parents: 0,
             monitor_owned: true,
             read_only: false,
@@ -481,5 +555,133 @@ pub(crate) mod tests {
         assert_eq!(parents(&g, "r2"), 0);
         g.remove("r2");
         assert_eq!(parents(&g, "f1"), 0);
+    }
+
+    #[test]
+    fn roles_print_with_qemus_child_names() {
+        let names: Vec<String> = [Role::File, Role::Backing, Role::DataFile, Role::Child(3)]
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(names, ["file", "backing", "data-file", "children.3"]);
+    }
+
+    /// A qcow2-like node with `file`, `backing` and `data-file`, and a quorum-like
+    /// node with numbered children: every role counts, orders replay and shows.
+    #[test]
+    fn every_role_counts_as_a_link_and_orders_replay() {
+        let mut g = Graph::default();
+        node(&mut g, "proto", None);
+        node(&mut g, "base", None);
+        node(&mut g, "data", None);
+        node_with(
+            &mut g,
+            "top",
+            &[
+                (Role::File, "proto"),
+                (Role::Backing, "base"),
+                (Role::DataFile, "data"),
+            ],
+        );
+        node(&mut g, "q1", None);
+        node_with(
+            &mut g,
+            "quorum",
+            &[(Role::Child(1), "q1"), (Role::Child(0), "top")],
+        );
+        for n in ["proto", "base", "data", "q1", "top"] {
+            assert_eq!(parents(&g, n), 1, "{n}");
+        }
+        assert_eq!(
+            g.get("top")
+                .map(|t| (t.child(Role::Backing), t.child(Role::DataFile))),
+            Some((Some("base"), Some("data")))
+        );
+        assert_eq!(
+            g.get("quorum")
+                .map(|q| q.roles_of("top").collect::<Vec<_>>()),
+            Some(vec![Role::Child(0)])
+        );
+        // A backing child younger than its parent still opens first.
+        node(&mut g, "newbase", None);
+        g.set_child("top", Role::Backing, Some("newbase".into()));
+        assert_eq!((parents(&g, "base"), parents(&g, "newbase")), (0, 1));
+        let order = g.children_first(|_| true);
+        let pos = |n: &str| order.iter().position(|o| o == n).unwrap_or(usize::MAX);
+        for (child, parent) in [
+            ("proto", "top"),
+            ("newbase", "top"),
+            ("data", "top"),
+            ("top", "quorum"),
+            ("q1", "quorum"),
+        ] {
+            assert!(
+                pos(child) < pos(parent),
+                "{child} before {parent}: {order:?}"
+            );
+        }
+        // Cycles are seen through any role.
+        assert!(g.reaches("quorum", "newbase"));
+        assert!(g.reaches("top", "data"));
+        assert!(!g.reaches("data", "top"));
+        assert!(!g.reaches("base", "top"));
+        let mut sub: Vec<&str> = g
+            .subtree("quorum")
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        sub.sort_unstable();
+        assert_eq!(sub, ["data", "newbase", "proto", "q1", "quorum", "top"]);
+        assert_eq!(
+            g.parents_of("newbase")
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>(),
+            ["top"]
+        );
+        // Removing the parent frees every child, whatever its role.
+        g.remove("quorum");
+        assert_eq!((parents(&g, "top"), parents(&g, "q1")), (0, 0));
+        g.remove("top");
+        for n in ["proto", "newbase", "data"] {
+            assert_eq!(parents(&g, n), 0, "{n}");
+        }
+    }
+
+    #[test]
+    fn edges_and_json_filenames_use_the_role_names() {
+        let mut g = Graph::default();
+        node(&mut g, "proto", None);
+        node(&mut g, "base", None);
+        node_with(
+            &mut g,
+            "top",
+            &[(Role::File, "proto"), (Role::Backing, "base")],
+        );
+        node(&mut g, "q0", None);
+        node_with(
+            &mut g,
+            "quorum",
+            &[(Role::Child(1), "top"), (Role::Child(0), "q0")],
+        );
+        let edges = g.debug_graph()["edges"].clone();
+        let mut names: Vec<String> = edges
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .map(|e| e["name"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort_unstable();
+        assert_eq!(names, ["backing", "children.0", "children.1", "file"]);
+        let filename = g.get("quorum").map(|q| g.filename(q)).unwrap_or_default();
+        assert_eq!(
+            filename,
+            concat!(
+                r#"json:{"children": [{"driver": "null-co"}, "#,
+                r#"{"backing": {"driver": "null-co"}, "driver": "raw", "#,
+                r#""file": {"driver": "null-co"}}], "driver": "raw"}"#
+            )
+        );
     }
 }

@@ -19,6 +19,9 @@ pub mod graph;
 pub mod ops;
 pub mod placement;
 mod reopen;
+// Reached only through the test-hook commands until mirror, commit and filters use it.
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+mod replace;
 mod restart;
 pub mod stats;
 pub mod workers;

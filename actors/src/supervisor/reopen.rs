@@ -220,7 +220,7 @@ impl Core {
                 let Some(cnode) = self.graph.get(c) else {
                     return Err(errors::device_not_found("", c));
                 };
-                if self.graph.chain(c).iter().any(|n| n.name == name) {
+                if self.graph.reaches(c, name) {
                     return Err(errors::reopen_cycle(c, name));
                 }
                 if active && !cnode.active {
@@ -265,7 +265,7 @@ impl Core {
     /// Whether a writable export reaches `name` through active nodes (an inactive
     /// node passes no permission down); `name` itself must be active too when
     /// `self_active`.
-    fn writers_of(&self, name: &str, self_active: bool) -> bool {
+    pub(super) fn writers_of(&self, name: &str, self_active: bool) -> bool {
         self.exports.iter().any(|e| {
             if e.shutting_down || !e.writable {
                 return false;

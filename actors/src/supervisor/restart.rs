@@ -304,9 +304,9 @@ impl Core {
         self.give_up_exports(id).await;
     }
 
-    /// Whether `name` or a node below it lives on instance `id`.
+    /// Whether `name` or a node below it (any role) lives on instance `id`.
     pub(super) fn chain_uses(&self, name: &str, id: WorkerId) -> bool {
-        self.graph.chain(name).iter().any(|n| n.home == id)
+        self.graph.subtree(name).iter().any(|n| n.home == id)
     }
 }
 

@@ -324,6 +324,7 @@ impl DriverWorker {
             | ToWorker::ExportAdd { .. }
             | ToWorker::ExportRemove { .. }
             | ToWorker::ExportMap { .. }
+            | ToWorker::ExportRetarget { .. }
             | ToWorker::NbdAdopt(_) => Err(err(
                 WorkerErrorKind::Invalid,
                 libc::EINVAL,

@@ -19,13 +19,17 @@
 //!
 //! Each served export's backend is a [`MappedNode`]: its node's worker over the data
 //! channel, or, while the supervisor grants a mapping ([`ToWorker::ExportMap`]),
-//! reads and plain writes straight on the image descriptor.
+//! reads and plain writes straight on the image descriptor. The data channel side
+//! sits in a [`Slot`], so [`ToWorker::ExportRetarget`] moves the export to another
+//! node under live I/O (requests in flight finish on the old node, see
+//! `design/graph.md`).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use bulkhead_block::mapped::MappedFile;
+use bulkhead_block::slot::Slot;
 use bulkhead_export::{MappedLayer, MappedNode, Mapping};
 use bulkhead_ipc::stats::StatsRegion;
 
@@ -40,6 +44,17 @@ use tokio::sync::Semaphore;
 
 use super::export::{ExportKeys, removal_reply};
 use super::link::Link;
+
+/// How long a retarget waits for requests still on the old node (inside the
+/// supervisor's call limit, as a reopen's drain).
+const RETARGET_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An export served here: its backend, and the slot holding the node it reaches
+/// over the data channel (what a retarget replaces).
+struct Backend {
+    node: Arc<MappedNode>,
+    remote: Arc<Slot>,
+}
 
 /// Hand-offs the listener has asked about and not had answered yet; further
 /// negotiated clients wait (counted as connections) until one is answered.
@@ -63,7 +78,7 @@ pub(crate) struct NbdWorker {
     names: ExportKeys<String>,
     /// The backend of each export served here (not the listener's metadata-only
     /// ones), for mapping grants.
-    backends: HashMap<ExportKey, Arc<MappedNode>>,
+    backends: HashMap<ExportKey, Backend>,
     peers: super::Peers,
     control: Arc<ControlChannel>,
     link: Arc<Link>,
@@ -98,8 +113,13 @@ impl NbdWorker {
             Some(size) => server.add_metadata_export(config, size),
             None => {
                 let remote = self.peers.open(export.node, "exported node").await?;
-                let backend = Arc::new(MappedNode::new(remote));
-                self.backends.insert(export.key, Arc::clone(&backend));
+                let remote = Arc::new(Slot::new(remote));
+                let backend = Arc::new(MappedNode::new(Arc::clone(&remote) as _));
+                let entry = Backend {
+                    node: Arc::clone(&backend),
+                    remote,
+                };
+                self.backends.insert(export.key, entry);
                 server.add_export(config, backend)
             }
         }
@@ -118,13 +138,7 @@ impl NbdWorker {
         map: Option<ExportMap>,
         fds: Vec<OwnedFd>,
     ) -> Result<Reply, WorkerError> {
-        let Some(backend) = self.backends.get(&key) else {
-            return Err(err(
-                WorkerErrorKind::NotFound,
-                libc::ENOENT,
-                format!("{key} is not served here"),
-            ));
-        };
+        let backend = &self.backend(key)?.node;
         match map {
             None => {
                 if !backend.revoke().await {
@@ -136,6 +150,42 @@ impl NbdWorker {
                 }
             }
             Some(map) => backend.grant(mapping(map, fds)?),
+        }
+        Ok(Reply::Done)
+    }
+
+    fn backend(&self, key: ExportKey) -> Result<&Backend, WorkerError> {
+        self.backends.get(&key).ok_or_else(|| {
+            err(
+                WorkerErrorKind::NotFound,
+                libc::ENOENT,
+                format!("{key} is not served here"),
+            )
+        })
+    }
+
+    /// Points export `key` at `node` (reached over a channel the supervisor has
+    /// connected): new requests go there at once; the reply comes once no request
+    /// is left on the old node. The supervisor has revoked any mapping first.
+    async fn retarget(
+        &mut self,
+        key: ExportKey,
+        node: bulkhead_ipc::wire::NodeRef,
+    ) -> Result<Reply, WorkerError> {
+        let backend = self.backend(key)?;
+        // Mapped requests would still reach the old node's image.
+        if backend.node.is_mapped() {
+            return Err(err(
+                WorkerErrorKind::Invalid,
+                libc::EBUSY,
+                format!("{key} is mapped: revoke the mapping first"),
+            ));
+        }
+        let slot = Arc::clone(&backend.remote);
+        let remote = self.peers.open(node, "new export target").await?;
+        if let Err(e) = slot.replace(remote, RETARGET_DRAIN).await {
+            // The new node is in place; stragglers finish on the old one.
+            tracing::warn!(%key, error = %e, "export retarget drain");
         }
         Ok(Reply::Done)
     }
@@ -238,6 +288,7 @@ impl NbdWorker {
                 Ok(Reply::Done)
             }
             ToWorker::ExportMap { export, map } => self.map_export(export, map, fds).await,
+            ToWorker::ExportRetarget { export, node } => self.retarget(export, node).await,
             ToWorker::Ping => Ok(Reply::Done),
             _ => Err(err(
                 WorkerErrorKind::Invalid,

@@ -227,10 +227,10 @@ mod tests {
         let schema = Schema::load();
         assert!(schema.is_ok(), "{:?}", schema.err());
         let schema = Schema::get();
-        // qsd 10.0.2's 76 commands plus bulkhead's own: x-bulkhead-query-workers and
-        // the test builds' x-bulkhead-query-operations, x-bulkhead-operation-cancel and
-        // x-bulkhead-test-fill.
-        assert_eq!(schema.command_names().count(), 80);
+        // qsd 10.0.2's 76 commands plus bulkhead's own: x-bulkhead-query-workers, and
+        // the test builds' x-bulkhead-query-operations, x-bulkhead-operation-cancel,
+        // x-bulkhead-test-fill and the three graph hooks.
+        assert_eq!(schema.command_names().count(), 83);
         assert!(schema.command("x-bulkhead-query-workers").is_some());
         for name in schema.command_names() {
             let cmd = schema.command(name);

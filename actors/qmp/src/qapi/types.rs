@@ -48,6 +48,34 @@ pub struct BlockdevDelArgs {
     pub node_name: String,
 }
 
+/// `x-bulkhead-replace-node` (a test hook).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XBulkheadReplaceNodeArgs {
+    /// The node whose users move.
+    pub old: String,
+    /// The node they use from now on.
+    pub new: String,
+}
+
+/// `x-bulkhead-insert-filter` (a test hook).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XBulkheadInsertFilterArgs {
+    /// The node the filter goes above.
+    pub node: String,
+    /// The filter.
+    pub filter: String,
+}
+
+/// `x-bulkhead-remove-filter` (a test hook).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XBulkheadRemoveFilterArgs {
+    /// The filter.
+    pub filter: String,
+}
+
 /// `query-named-block-nodes`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -1374,6 +1402,12 @@ mod tests {
         assert_eq!(caps.enable, Some(vec![QmpCapability::Oob]));
         let del: BlockdevDelArgs = full_args("blockdev-del", "");
         assert_eq!(del.node_name, "s");
+        let r: XBulkheadReplaceNodeArgs = full_args("x-bulkhead-replace-node", "");
+        assert_eq!((r.old.as_str(), r.new.as_str()), ("s", "s"));
+        let i: XBulkheadInsertFilterArgs = full_args("x-bulkhead-insert-filter", "");
+        assert_eq!((i.node.as_str(), i.filter.as_str()), ("s", "s"));
+        let f: XBulkheadRemoveFilterArgs = full_args("x-bulkhead-remove-filter", "");
+        assert_eq!(f.filter, "s");
         let nodes: QueryNamedBlockNodesArgs = full_args("query-named-block-nodes", "");
         assert_eq!(nodes.flat, Some(true));
         let resize: BlockResizeArgs = full_args("block_resize", "");

@@ -5,6 +5,10 @@
 use bulkhead_qmp::qapi::types::{
     BlockResizeArgs, BlockdevDelArgs, BlockdevOptions, BlockdevSetActiveArgs,
 };
+#[cfg(feature = "test-hooks")]
+use bulkhead_qmp::qapi::types::{
+    XBulkheadInsertFilterArgs, XBulkheadRemoveFilterArgs, XBulkheadReplaceNodeArgs,
+};
 use serde::Deserialize;
 
 use super::WithGiven;
@@ -50,4 +54,31 @@ pub(super) async fn blockdev_set_active(
 pub(super) async fn block_resize(core: &mut Core, args: BlockResizeArgs) -> Result<(), QmpError> {
     core.block_resize(args.device.as_deref(), args.node_name.as_deref(), args.size)
         .await
+}
+
+/// `x-bulkhead-replace-node` (test hook): every user of `old` uses `new`.
+#[cfg(feature = "test-hooks")]
+pub(super) async fn x_bulkhead_replace_node(
+    core: &mut Core,
+    args: XBulkheadReplaceNodeArgs,
+) -> Result<(), QmpError> {
+    core.replace_node(&args.old, &args.new).await
+}
+
+/// `x-bulkhead-insert-filter` (test hook).
+#[cfg(feature = "test-hooks")]
+pub(super) async fn x_bulkhead_insert_filter(
+    core: &mut Core,
+    args: XBulkheadInsertFilterArgs,
+) -> Result<(), QmpError> {
+    core.insert_filter(&args.node, &args.filter).await
+}
+
+/// `x-bulkhead-remove-filter` (test hook).
+#[cfg(feature = "test-hooks")]
+pub(super) async fn x_bulkhead_remove_filter(
+    core: &mut Core,
+    args: XBulkheadRemoveFilterArgs,
+) -> Result<(), QmpError> {
+    core.remove_filter(&args.filter).await
 }

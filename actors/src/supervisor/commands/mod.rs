@@ -176,6 +176,25 @@ pub static REGISTRY: &[Command] = &[
     ),
     #[cfg(feature = "test-hooks")]
     command!("x-bulkhead-test-fill", Change, ops::x_bulkhead_test_fill),
+    // Test hooks: graph changes under live I/O before any public command uses them.
+    #[cfg(feature = "test-hooks")]
+    command!(
+        "x-bulkhead-replace-node",
+        Change,
+        blockdev::x_bulkhead_replace_node
+    ),
+    #[cfg(feature = "test-hooks")]
+    command!(
+        "x-bulkhead-insert-filter",
+        Change,
+        blockdev::x_bulkhead_insert_filter
+    ),
+    #[cfg(feature = "test-hooks")]
+    command!(
+        "x-bulkhead-remove-filter",
+        Change,
+        blockdev::x_bulkhead_remove_filter
+    ),
     // Served by the QMP front (`front::chardev`), never sent to the core.
     front!("query-chardev"),
     front!("chardev-add"),
