@@ -160,7 +160,7 @@ pub enum ToWorker {
     },
     /// Open a node. The first attached descriptor is the node's statistics region
     /// ([`crate::stats`]); a `file`/`host_device` node's image descriptor follows. A
-    /// node with a child names where the child lives.
+    /// node with children names each one's role and where it lives.
     AddNode {
         /// The new node.
         node: NodeId,
@@ -168,8 +168,9 @@ pub enum ToWorker {
         name: String,
         /// Driver options.
         config: DriverConfig,
-        /// The child (`file`) node, if the driver has one.
-        child: Option<NodeRef>,
+        /// Its children by role (at most one per role); the worker refuses a role
+        /// the driver does not take.
+        children: Vec<(ChildRole, NodeRef)>,
     },
     /// Replace an open node's implementation (`blockdev-reopen`, `blockdev-set-active`):
     /// new options, the child it now uses, and for `file`/`host_device` the image
@@ -183,8 +184,8 @@ pub enum ToWorker {
         name: String,
         /// The new driver options (same driver).
         config: DriverConfig,
-        /// The child (`file`) node after the reopen.
-        child: Option<NodeRef>,
+        /// Its children by role after the reopen.
+        children: Vec<(ChildRole, NodeRef)>,
     },
     /// Close a node.
     RemoveNode {
@@ -333,6 +334,41 @@ pub struct ImageInfo {
     pub corrupt: bool,
     /// Bytes the image takes on its storage (`actual-size`).
     pub actual_size: u64,
+}
+
+/// The role a child plays for its parent (QEMU's child names: `file`, `backing`,
+/// `data-file`, `children.N` of quorum). Only raw uses one (`file`) so far; qcow2,
+/// quorum, mirror, commit and snapshots will use the others. Everything that walks
+/// the graph (parent counts, replay order, cycle checks, restart dependencies)
+/// follows every role alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ChildRole {
+    /// A format or filter node's protocol child.
+    File,
+    /// A format node's backing image.
+    Backing,
+    /// A format node's external data file (qcow2's `data-file`).
+    DataFile,
+    /// Quorum's child `children.N`.
+    Child(u32),
+}
+
+impl ChildRole {
+    /// The child name QEMU shows (`x-debug-query-block-graph` edges, options).
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            ChildRole::File => "file".into(),
+            ChildRole::Backing => "backing".into(),
+            ChildRole::DataFile => "data-file".into(),
+            ChildRole::Child(n) => format!("children.{n}").into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ChildRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
 }
 
 /// A mapping of an exported node onto its image file (see `design/data-path.md`,
@@ -627,10 +663,13 @@ mod tests {
                     size: Some(4096),
                     ..Default::default()
                 }),
-                child: Some(NodeRef {
-                    node: NodeId(2),
-                    home: WorkerId(1),
-                }),
+                children: vec![(
+                    ChildRole::File,
+                    NodeRef {
+                        node: NodeId(2),
+                        home: WorkerId(1),
+                    },
+                )],
             },
         };
         let bytes = codec::encode(&req).unwrap();

@@ -445,7 +445,7 @@ impl Core {
                 id,
                 &name,
                 config,
-                child_ref,
+                child_ref.map(|c| (Role::File, c)).into_iter().collect(),
                 stats.fd(),
                 worker_fd.as_ref(),
             )
@@ -565,7 +565,7 @@ impl Core {
         id: NodeId,
         name: &str,
         config: DriverConfig,
-        child: Option<NodeRef>,
+        children: Vec<(Role, NodeRef)>,
         stats: &std::os::fd::OwnedFd,
         image: Option<&std::os::fd::OwnedFd>,
     ) -> Result<u64, QmpError> {
@@ -578,7 +578,7 @@ impl Core {
             node: id,
             name: name.to_string(),
             config,
-            child,
+            children,
         };
         worker.call(body, &fds).await.map_err(|e| {
             tracing::warn!(node = %name, error = %e, "node could not be opened");
@@ -597,7 +597,7 @@ impl Core {
     /// open file description). A child in another instance is reached over a channel.
     pub(super) async fn replay_node(&mut self, name: &str) -> Result<(), QmpError> {
         let node = self.graph.get(name).ok_or_else(errors::node_vanished)?;
-        let child = node.file().and_then(|c| self.node_ref(c));
+        let children = self.child_refs(name, None);
         let fd = match &node.image {
             Some(f) => Some(fd::dup(f).map_err(errors::from_error)?),
             None => None,
@@ -605,10 +605,10 @@ impl Core {
         // The same statistics region: counters and threshold carry over.
         let stats = fd::dup(node.stats.fd()).map_err(errors::from_error)?;
         let (id, home, config) = (node.id, node.home, node.config);
-        if let Some(c) = child {
+        for (_, c) in &children {
             self.connect(home, c.home).await?;
         }
-        self.open_on(home, id, name, config, child, &stats, fd.as_ref())
+        self.open_on(home, id, name, config, children, &stats, fd.as_ref())
             .await
             .map(|_| ())
     }

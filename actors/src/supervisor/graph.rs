@@ -12,40 +12,9 @@ use serde_json::{Map, Value, json};
 
 pub use super::drivers::Driver;
 
-/// The role a child plays for its parent (QEMU's child names: `file`, `backing`,
-/// `data-file`, `children.N` of quorum). Only raw uses one (`file`) so far; qcow2,
-/// quorum, mirror, commit and snapshots will use the others. Everything that walks
-/// the graph (parent counts, replay order, cycle checks, restart dependencies)
-/// follows every role alike.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// A format or filter node's protocol child.
-    File,
-    /// A format node's backing image.
-    Backing,
-    /// A format node's external data file (qcow2's `data-file`).
-    DataFile,
-    /// Quorum's child `children.N`.
-    Child(u32),
-}
-
-impl Role {
-    /// The child name QEMU shows (`x-debug-query-block-graph` edges, options).
-    pub fn name(self) -> std::borrow::Cow<'static, str> {
-        match self {
-            Role::File => "file".into(),
-            Role::Backing => "backing".into(),
-            Role::DataFile => "data-file".into(),
-            Role::Child(n) => format!("children.{n}").into(),
-        }
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.name())
-    }
-}
+/// A child's role for its parent; it travels in `AddNode`/`ReopenNode`, so it lives
+/// in the wire crate.
+pub use bulkhead_ipc::wire::ChildRole as Role;
 
 /// One node.
 #[derive(Debug)]

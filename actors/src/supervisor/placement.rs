@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use bulkhead_ipc::wire::{NodeRef, WorkerId, WorkerKind};
 
-use super::graph::{Driver, Node};
+use super::graph::{Driver, Node, Role};
 use super::workers::WorkerHandle;
 use super::{Core, QmpError, errors};
 
@@ -226,8 +226,14 @@ impl Core {
             .collect();
         self.connect(from, to).await?;
         for (pname, pid, config) in parents {
-            let child = Some(NodeRef { node: id, home: to });
-            self.reopen_on(from, pid, &pname, config, child, None)
+            // The moved node's ref already names its new home.
+            let children = self.child_refs(&pname, None);
+            debug_assert!(
+                children
+                    .iter()
+                    .any(|(_, c)| *c == NodeRef { node: id, home: to })
+            );
+            self.reopen_on(from, pid, &pname, config, children, None)
                 .await?;
         }
         if let Some(w) = self.running(from)
@@ -238,6 +244,30 @@ impl Core {
             tracing::warn!(node = name, error = %e, "old worker could not close a shared node");
         }
         Ok(())
+    }
+
+    /// Node `name`'s children by role, as `AddNode`/`ReopenNode` name them; with
+    /// `change`, that role set to another node (or dropped, `None`).
+    pub(super) fn child_refs(
+        &self,
+        name: &str,
+        change: Option<(Role, Option<NodeRef>)>,
+    ) -> Vec<(Role, NodeRef)> {
+        let mut refs: Vec<(Role, NodeRef)> = self
+            .graph
+            .get(name)
+            .map(|n| {
+                n.children
+                    .iter()
+                    .filter(|(r, _)| change.is_none_or(|(c, _)| c != *r))
+                    .filter_map(|(r, c)| self.node_ref(c).map(|c| (*r, c)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some((role, Some(to))) = change {
+            refs.push((role, to));
+        }
+        refs
     }
 
     /// Where node `name` lives, as workers address it.

@@ -311,7 +311,8 @@ impl Core {
             self.connect(home, c.home).await?;
         }
         let name = plan.name.clone();
-        self.reopen_on(home, id, &name, plan.config, child_ref, image)
+        let children = self.child_refs(&name, Some((Role::File, child_ref)));
+        self.reopen_on(home, id, &name, plan.config, children, image)
             .await?;
         self.graph
             .set_child(&plan.name, Role::File, plan.child.clone());
@@ -340,7 +341,7 @@ impl Core {
         id: bulkhead_ipc::wire::NodeId,
         name: &str,
         config: DriverConfig,
-        child: Option<bulkhead_ipc::wire::NodeRef>,
+        children: Vec<(Role, bulkhead_ipc::wire::NodeRef)>,
         image: Option<OwnedFd>,
     ) -> Result<(), QmpError> {
         // The node keeps its statistics region (counters and write threshold carry
@@ -358,7 +359,7 @@ impl Core {
             node: id,
             name: name.to_string(),
             config,
-            child,
+            children,
         };
         worker.call(body, &fds).await.map_err(|e| {
             tracing::warn!(node = %name, error = %e, "node could not be reopened");
@@ -381,13 +382,13 @@ impl Core {
         }
         let mut config = node.config;
         config.common_mut().inactive = !active;
-        let child_ref = node.file().and_then(|c| self.node_ref(c));
         let image = match &node.image {
             Some(f) => Some(fd::dup(f).map_err(errors::from_error)?),
             None => None,
         };
         let (home, id) = (node.home, node.id);
-        self.reopen_on(home, id, name, config, child_ref, image)
+        let children = self.child_refs(name, None);
+        self.reopen_on(home, id, name, config, children, image)
             .await?;
         if let Some(n) = self.graph.get_mut(name) {
             n.config = config;

@@ -105,8 +105,9 @@ impl Core {
                 continue;
             }
             for role in p.roles_of(old) {
-                // ReopenNode carries one child, the `file` one; the other roles
-                // wait for the drivers that have them.
+                // No driver takes a child in another role yet (its worker would
+                // refuse the ReopenNode, part-way through the re-pointing): refuse
+                // before anything changes.
                 if role != Role::File {
                     return Err(errors::replace_role_unsupported(&p.name, &role.name()));
                 }
@@ -169,7 +170,8 @@ impl Core {
                 None => None,
             };
             self.connect(home, target.home).await?;
-            self.reopen_on(home, id, &parent, config, Some(target), image)
+            let children = self.child_refs(&parent, Some((role, Some(target))));
+            self.reopen_on(home, id, &parent, config, children, image)
                 .await?;
             self.graph.set_child(&parent, role, Some(new.to_string()));
             tracing::debug!(%parent, %role, from = old, to = new, "child re-pointed");

@@ -19,8 +19,8 @@ use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::data::{self, ChannelFds, NodeLookup};
 use bulkhead_ipc::stats::StatsRegion;
 use bulkhead_ipc::wire::{
-    FromWorker, NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind, WorkerEvent,
-    WorkerId, WorkerKind,
+    ChildRole, FromWorker, NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind,
+    WorkerEvent, WorkerId, WorkerKind,
 };
 
 /// The nodes this worker serves, shared with its data channel servers. Each sits in a
@@ -160,10 +160,10 @@ impl DriverWorker {
         node: NodeId,
         name: &str,
         config: DriverConfig,
-        child: Option<NodeRef>,
+        children: Vec<(ChildRole, NodeRef)>,
         fds: Vec<OwnedFd>,
     ) -> Result<Arc<dyn BlockIo>, WorkerError> {
-        let child = match child {
+        let child = match file_child(&config, &children)? {
             Some(c) if c.node == node && c.home == self.id => {
                 return Err(err(
                     WorkerErrorKind::Invalid,
@@ -252,7 +252,7 @@ impl DriverWorker {
                 node,
                 name,
                 config,
-                child,
+                children,
             } => {
                 if self.nodes.lookup(node).is_some() {
                     return Err(err(
@@ -261,7 +261,7 @@ impl DriverWorker {
                         format!("node {name} exists"),
                     ));
                 }
-                let opened = self.open_node(node, &name, config, child, fds).await?;
+                let opened = self.open_node(node, &name, config, children, fds).await?;
                 tracing::debug!(worker = %self.kind, node = %name, "node opened");
                 self.nodes.insert(node, opened);
                 Ok(Reply::Done)
@@ -270,7 +270,7 @@ impl DriverWorker {
                 node,
                 name,
                 config,
-                child,
+                children,
             } => {
                 let slot = self
                     .nodes
@@ -278,7 +278,7 @@ impl DriverWorker {
                     .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
                 // The same statistics region as before comes with it, so counters
                 // and the write threshold carry over.
-                let opened = self.open_node(node, &name, config, child, fds).await?;
+                let opened = self.open_node(node, &name, config, children, fds).await?;
                 if let Err(e) = slot.replace(opened, REOPEN_DRAIN).await {
                     // The new implementation is in place; stragglers finish on the old.
                     tracing::warn!(worker = %self.kind, node = %name, error = %e, "reopen drain");
@@ -341,5 +341,60 @@ impl DriverWorker {
                 Ok(Reply::NodeInfo { size: n.size() })
             }
         }
+    }
+}
+
+/// The one child today's drivers take, `file`, from a node's children by role. A
+/// role the driver does not take, or a role given twice, is refused: the drivers
+/// with backing, data-file or quorum children bring their own arms here.
+fn file_child(
+    config: &DriverConfig,
+    children: &[(ChildRole, NodeRef)],
+) -> Result<Option<NodeRef>, WorkerError> {
+    let mut file = None;
+    for (role, child) in children {
+        let refuse = |why: String| err(WorkerErrorKind::Invalid, libc::EINVAL, why);
+        match role {
+            ChildRole::File if file.is_none() => file = Some(*child),
+            ChildRole::File => return Err(refuse("two file children".into())),
+            other => {
+                return Err(refuse(format!(
+                    "the {} driver takes no {other} child",
+                    config.driver_name()
+                )));
+            }
+        }
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(node: u64) -> NodeRef {
+        NodeRef {
+            node: NodeId(node),
+            home: WorkerId(1),
+        }
+    }
+
+    #[test]
+    fn todays_drivers_take_a_file_child_and_refuse_any_other_role() {
+        let raw = DriverConfig::Raw(Default::default());
+        assert_eq!(file_child(&raw, &[]).ok(), Some(None));
+        assert_eq!(
+            file_child(&raw, &[(ChildRole::File, at(2))]).ok(),
+            Some(Some(at(2)))
+        );
+        for role in [ChildRole::Backing, ChildRole::DataFile, ChildRole::Child(0)] {
+            let e = file_child(&raw, &[(ChildRole::File, at(2)), (role, at(3))]);
+            assert!(
+                e.as_ref()
+                    .is_err_and(|e| e.detail.contains(&format!("no {role} child"))),
+                "{e:?}"
+            );
+        }
+        assert!(file_child(&raw, &[(ChildRole::File, at(2)), (ChildRole::File, at(3))]).is_err());
     }
 }
