@@ -53,9 +53,18 @@ fn io(daemon: &Daemon, commands: &[&str]) -> Output {
 }
 
 /// qemu-io over NBD on `export` running `commands`.
+///
+/// With `-t unsafe`: qemu-io's default cache mode (writethrough) would make every write
+/// FUA, which the mapping leaves to the node's worker, and it flushes when it closes;
+/// writeback without flushes keeps plain writes plain and the worker out of it.
 fn io_on(daemon: &Daemon, export: &str, commands: &[&str]) -> Output {
     let socket = daemon.dir().join("nbd.sock");
-    let mut args = vec!["--image-opts".to_string(), nbd_image_opts(&socket, export)];
+    let mut args = vec![
+        "-t".to_string(),
+        "unsafe".to_string(),
+        "--image-opts".to_string(),
+        nbd_image_opts(&socket, export),
+    ];
     for c in commands {
         args.push("-c".into());
         args.push((*c).into());
@@ -236,8 +245,37 @@ fn mapped_export_follows_the_node(isolation: &str) {
         "a refused reopen leaves the grant"
     );
 
-    // The image's worker dies: mapped requests do not even notice.
+    // The image's worker frozen: plain reads and writes on a connection made before
+    // still complete, so they never went to it (a request sent to it would wait
+    // until it runs again; a new connection asks it for the size).
     let kind = if isolation == "image" { "image" } else { "raw" };
+    let victim = worker_pid(daemon.pid(), kind, None);
+    let socket = daemon.dir().join("nbd.sock");
+    let mut peer = NbdPeer::open(&socket, "raw0", Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("NBD: {e}"));
+    if let Err(e) = procs::send_signal(victim, libc::SIGSTOP) {
+        panic!("cannot stop {victim}: {e}");
+    }
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = peer
+            .write(131072, &[0x55; 65536])
+            .and_then(|()| peer.read(131072, 65536));
+        let _ = done.send(r);
+    });
+    let frozen = finished.recv_timeout(Duration::from_secs(10));
+    let _ = procs::send_signal(victim, libc::SIGCONT);
+    match frozen {
+        Ok(Ok(back)) => assert!(back.iter().all(|b| *b == 0x55)),
+        other => panic!("mapped I/O waited for the frozen image worker: {other:?}"),
+    }
+    assert!(
+        file_bytes(&daemon, 131072, 65536)
+            .iter()
+            .all(|b| *b == 0x55)
+    );
+
+    // The image's worker dies: mapped requests do not even notice.
     let victim = worker_pid(daemon.pid(), kind, None);
     if let Err(e) = procs::send_signal(victim, libc::SIGKILL) {
         panic!("cannot kill {victim}: {e}");
