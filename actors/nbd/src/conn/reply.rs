@@ -139,11 +139,14 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             out.replies = 0;
             std::mem::take(&mut out.bytes)
         };
+        self.write_whole(&pending).await
+    }
+
+    /// Writes gathered replies under the connection's write lock.
+    async fn write_whole(&self, bytes: &[u8]) -> std::io::Result<()> {
         let mut w = self.writer.lock().await;
-        match w.write_all(&pending).await {
-            Ok(()) => w.flush().await,
-            Err(e) => Err(e),
-        }
+        w.write_all(bytes).await?;
+        w.flush().await
     }
 
     /// Writes the output buffer until it is empty.
@@ -165,14 +168,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                 out.replies = 0;
                 std::mem::replace(&mut out.bytes, spare)
             };
-            let written = {
-                let mut w = self.writer.lock().await;
-                match w.write_all(&pending).await {
-                    Ok(()) => w.flush().await,
-                    Err(e) => Err(e),
-                }
-            };
-            if let Err(e) = written {
+            if let Err(e) = self.write_whole(&pending).await {
                 // The connection is over (the caller marks it dead); later
                 // replies go nowhere.
                 self.out.lock().unwrap_or_else(|e| e.into_inner()).flushing = false;
