@@ -10,7 +10,9 @@
 //!
 //! # Layout
 //! - [`io`]: the [`BlockIo`] trait, its error type and block-status extents.
-//! - [`config`]: serde driver configurations ([`DriverConfig`]) and their validation.
+//! - [`driver`]: the [`driver::BlockDriver`] trait every driver module implements;
+//!   [`registry`]: the list of driver modules, which derives [`DriverKind`] and
+//!   [`DriverConfig`]; [`config`]: the generic options every configuration shares.
 //! - [`file`], [`raw`], [`null`]: the drivers; [`node`]: the generic option layer
 //!   (read-only, detect-zeroes, discard, no-flush) around each of them.
 //! - [`slot`]: a node whose implementation `blockdev-reopen` can replace under load.
@@ -21,6 +23,7 @@
 //! - [`open`]: the single entry point a driver worker calls.
 
 pub mod config;
+pub mod driver;
 pub mod file;
 pub mod io;
 pub mod lock;
@@ -29,6 +32,7 @@ pub mod node;
 pub mod null;
 pub mod posix;
 pub mod raw;
+pub mod registry;
 pub mod slot;
 pub mod stats;
 pub mod threads;
@@ -37,10 +41,12 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 pub use config::DriverConfig;
+pub use driver::ChildRole;
 pub use io::{
     BlockIo, Extent, IoBuffer, IoError, IoFuture, IoResult, SparseFuture, SparseReadError,
     WriteFlags, ZeroFlags,
 };
+pub use registry::DriverKind;
 
 /// Why a worker could not open a node.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,15 +54,18 @@ pub enum OpenError {
     /// The options are a combination qsd refuses (text is qsd's).
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    /// `file`/`host_device` without an fd.
+    /// A driver on an image file without its descriptor.
     #[error("the {0} driver needs an image descriptor")]
     MissingFd(&'static str),
-    /// `raw` without a child node.
-    #[error("the raw driver needs a child node")]
+    /// A driver that needs a child node got none.
+    #[error("the driver needs a child node")]
     MissingChild,
-    /// An fd or child was passed to a driver that takes none.
-    #[error("the {0} driver takes no descriptor or child")]
+    /// A descriptor was passed to a driver that takes none.
+    #[error("the {0} driver takes no descriptor")]
     Unexpected(&'static str),
+    /// The children do not match the driver's slots.
+    #[error(transparent)]
+    Roles(#[from] driver::RoleError),
     /// The fd is unusable for the driver.
     #[error(transparent)]
     File(#[from] file::FileOpenError),
@@ -69,50 +78,32 @@ pub enum OpenError {
 pub fn open(
     config: DriverConfig,
     fd: Option<OwnedFd>,
-    child: Option<Arc<dyn BlockIo>>,
+    children: Vec<(ChildRole, Arc<dyn BlockIo>)>,
 ) -> Result<Arc<dyn BlockIo>, OpenError> {
-    open_with(config, fd, child, stats::Accounting::default())
+    open_with(config, fd, children, stats::Accounting::default())
 }
 
-/// Opens a node in a driver worker: the driver for `config`, on `fd` (file and
-/// host_device) or over `child` (raw), wrapped in the generic option layer
+/// Opens a node in a driver worker: the driver for `config`, on `fd` (drivers on an
+/// image file) and over its `children`, wrapped in the generic option layer
 /// ([`node::Node`]) that records into `accounting`.
 pub fn open_with(
     config: DriverConfig,
     fd: Option<OwnedFd>,
-    child: Option<Arc<dyn BlockIo>>,
+    children: Vec<(ChildRole, Arc<dyn BlockIo>)>,
     accounting: stats::Accounting,
 ) -> Result<Arc<dyn BlockIo>, OpenError> {
     config.validate()?;
-    let name = config.driver_name();
-    let common = *config.common();
-    let (driver, native_write_zeroes): (Arc<dyn BlockIo>, bool) = match (config, fd, child) {
-        (DriverConfig::File(c), Some(fd), None) => (
-            Arc::new(file::FileDriver::new(fd, file::FileKind::File, &c)?),
-            true,
-        ),
-        (DriverConfig::HostDevice(c), Some(fd), None) => (
-            Arc::new(file::FileDriver::new(fd, file::FileKind::HostDevice, &c)?),
-            true,
-        ),
-        (DriverConfig::File(_) | DriverConfig::HostDevice(_), None, _) => {
-            return Err(OpenError::MissingFd(name));
-        }
-        (DriverConfig::Raw(c), None, Some(child)) => {
-            (Arc::new(raw::RawDriver::new(&c, child)?), true)
-        }
-        (DriverConfig::Raw(_), _, None) => return Err(OpenError::MissingChild),
-        (DriverConfig::NullCo(c) | DriverConfig::NullAio(c), None, None) => {
-            (Arc::new(null::NullDriver::new(&c)), false)
-        }
-        _ => return Err(OpenError::Unexpected(name)),
-    };
-    // The native drivers (file, host_device, raw) zero and discard; null does neither.
-    // Only file-posix counts its discards.
-    let caps = node::Capabilities {
-        write_zeroes: native_write_zeroes,
-        discard: native_write_zeroes,
-        discard_stats: matches!(name, "file" | "host_device"),
-    };
-    Ok(Arc::new(node::Node::new(driver, common, caps, accounting)))
+    let info = config.kind().info();
+    let roles: Vec<ChildRole> = children.iter().map(|(r, _)| *r).collect();
+    driver::check_roles(info, &roles)?;
+    if fd.is_some() && !info.is_posix() {
+        return Err(OpenError::Unexpected(info.name));
+    }
+    let io = config.open_driver(fd, driver::Children::new(children))?;
+    Ok(Arc::new(node::Node::new(
+        io,
+        *config.common(),
+        info.caps,
+        accounting,
+    )))
 }

@@ -4,16 +4,19 @@ mod common;
 
 use std::sync::Arc;
 
-use bulkhead_block::config::{CommonOptions, DetectZeroes, Discard, FileConfig, RawConfig};
+use bulkhead_block::ChildRole;
+use bulkhead_block::config::{CommonOptions, DetectZeroes, Discard};
+use bulkhead_block::file::FileConfig;
 use bulkhead_block::posix::{actual_size, image_file_info};
+use bulkhead_block::raw::RawConfig;
 use bulkhead_block::{BlockIo, DriverConfig, Extent, IoError, WriteFlags, ZeroFlags, open};
 use common::{Scratch, read_back};
 
 const MIB: u64 = 1 << 20;
 
 fn file_node(path: &std::path::Path, config: FileConfig) -> Arc<dyn BlockIo> {
-    let fd = common::open(path, config.common.read_only, config.direct);
-    match open(DriverConfig::File(config), Some(fd), None) {
+    let fd = common::open(path, config.common.read_only, config.common.direct);
+    match open(DriverConfig::File(config), Some(fd), vec![]) {
         Ok(node) => node,
         Err(e) => panic!("open failed: {e}"),
     }
@@ -282,7 +285,7 @@ async fn host_devices_cannot_grow_and_shrinking_changes_nothing() {
     let node = match open(
         DriverConfig::HostDevice(FileConfig::default()),
         Some(fd),
-        None,
+        vec![],
     ) {
         Ok(node) => node,
         Err(e) => panic!("{e}"),
@@ -311,10 +314,8 @@ async fn host_devices_cannot_grow_and_shrinking_changes_nothing() {
 async fn direct_io_handles_unaligned_requests() {
     let s = Scratch::new("direct");
     let path = s.sparse("a.raw", MIB);
-    let config = FileConfig {
-        direct: true,
-        ..FileConfig::default()
-    };
+    let mut config = FileConfig::default();
+    config.common.direct = true;
     let node = file_node(&path, config);
     let pattern: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8 + 1).collect();
     assert_eq!(
@@ -343,7 +344,11 @@ async fn raw_windows_translate_offsets_into_the_file() {
         size: Some(65536),
         ..RawConfig::default()
     };
-    let raw = match open(DriverConfig::Raw(window), None, Some(Arc::clone(&file))) {
+    let raw = match open(
+        DriverConfig::Raw(window),
+        None,
+        vec![(ChildRole::File, Arc::clone(&file))],
+    ) {
         Ok(node) => node,
         Err(e) => panic!("{e}"),
     };
@@ -383,7 +388,11 @@ async fn an_open_ended_raw_window_resizes_its_child_to_offset_plus_size() {
         offset: 131072,
         ..RawConfig::default()
     };
-    let raw = match open(DriverConfig::Raw(window), None, Some(Arc::clone(&file))) {
+    let raw = match open(
+        DriverConfig::Raw(window),
+        None,
+        vec![(ChildRole::File, Arc::clone(&file))],
+    ) {
         Ok(node) => node,
         Err(e) => panic!("{e}"),
     };
@@ -402,7 +411,7 @@ async fn query_info_reports_virtual_and_actual_size() {
     let s = Scratch::new("info");
     let path = s.sparse("a.raw", 1000);
     let fd = common::open(&path, false, false);
-    let node = match open(DriverConfig::File(FileConfig::default()), Some(fd), None) {
+    let node = match open(DriverConfig::File(FileConfig::default()), Some(fd), vec![]) {
         Ok(node) => node,
         Err(e) => panic!("{e}"),
     };
@@ -420,21 +429,21 @@ async fn query_info_reports_virtual_and_actual_size() {
 
 #[test]
 fn open_refuses_missing_or_unexpected_inputs() {
-    let err = open(DriverConfig::File(FileConfig::default()), None, None).map(|_| ());
+    let err = open(DriverConfig::File(FileConfig::default()), None, vec![]).map(|_| ());
     assert_eq!(
         err.map_err(|e| e.to_string()),
         Err("the file driver needs an image descriptor".to_string())
     );
-    let err = open(DriverConfig::Raw(RawConfig::default()), None, None).map(|_| ());
+    let err = open(DriverConfig::Raw(RawConfig::default()), None, vec![]).map(|_| ());
     assert_eq!(
         err.map_err(|e| e.to_string()),
-        Err("the raw driver needs a child node".to_string())
+        Err("the raw driver needs a file child".to_string())
     );
     let mut bad = FileConfig::default();
     bad.common.detect_zeroes = DetectZeroes::Unmap;
     let s = Scratch::new("bad");
     let fd = common::open(&s.sparse("a.raw", 4096), false, false);
-    let err = open(DriverConfig::File(bad), Some(fd), None).map(|_| ());
+    let err = open(DriverConfig::File(bad), Some(fd), vec![]).map(|_| ());
     assert_eq!(
         err.map_err(|e| e.to_string()),
         Err("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".to_string())
@@ -446,13 +455,9 @@ async fn many_concurrent_requests_all_complete_with_their_own_data() {
     let s = Scratch::new("concurrent");
     let path = s.sparse("a.raw", MIB);
     for direct in [false, true] {
-        let node = file_node(
-            &path,
-            FileConfig {
-                direct,
-                ..FileConfig::default()
-            },
-        );
+        let mut config = FileConfig::default();
+        config.common.direct = direct;
+        let node = file_node(&path, config);
         let mut tasks = Vec::new();
         for i in 0..64u64 {
             let node = Arc::clone(&node);

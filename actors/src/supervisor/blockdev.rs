@@ -7,22 +7,18 @@
 
 use std::os::fd::AsFd;
 
-use bulkhead_block::config::{
-    Aio, CommonOptions, DetectZeroes, Discard, DriverConfig, FileConfig, NullConfig, OnOffAuto,
-    RawConfig,
-};
+use bulkhead_block::config::{CommonOptions, DetectZeroes, Discard, DriverConfig};
+use bulkhead_block::driver::{ParseError, Parsed, Resize};
 use bulkhead_block::file::FileKind;
 use bulkhead_block::posix;
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{NodeId, NodeRef, Reply, ToWorker, WorkerId};
 use bulkhead_qmp::qapi::id_wellformed;
 use bulkhead_qmp::qapi::types::{
-    self, BlockdevAioOptions, BlockdevDetectZeroesOptions, BlockdevDiscardOptions,
-    BlockdevDriverOptions, BlockdevOptions, BlockdevOptionsFile, BlockdevRef,
+    self, BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevRefOrNull,
 };
 use serde_json::{Map, Value};
 
-use super::drivers::Resize;
 use super::graph::{Driver, Node, Role};
 use super::placement::Placement;
 use super::{Core, QmpError, call_error, errors};
@@ -30,28 +26,10 @@ use super::{Core, QmpError, call_error, errors};
 /// QEMU's limit on node names (`BlockDriverState.node_name[32]`).
 const MAX_NODE_NAME: usize = 31;
 
-/// A `file` child: an existing node, or options for a new one.
+/// A child named in a node's options: an existing node, or options for a new one.
 enum ChildSpec {
     Ref(String),
     Inline(Box<Spec>),
-}
-
-enum SpecKind {
-    Posix {
-        filename: String,
-        aio: Aio,
-        locking: OnOffAuto,
-    },
-    Raw {
-        offset: Option<u64>,
-        size: Option<u64>,
-        child: ChildSpec,
-    },
-    Null {
-        size: Option<u64>,
-        read_zeroes: bool,
-        latency_ns: u64,
-    },
 }
 
 /// One node's options, parsed from `BlockdevOptions`.
@@ -67,11 +45,14 @@ struct Spec {
     auto_read_only: bool,
     /// `active`: absent means active.
     active: Option<bool>,
-    strong: Map<String, Value>,
-    /// The options as given, flattened (`cache.direct`); an inline child's become
-    /// its node-name once it exists (see `Node::options`).
+    /// The driver's own options, parsed by its module (generic options still the
+    /// defaults).
+    parsed: Parsed<DriverConfig>,
+    /// Its children by role, as named in its options.
+    children: Vec<(Role, ChildSpec)>,
+    /// The options as given, flattened (`cache.direct`), without the children
+    /// (which become their node-names once they exist, see `Node::options`).
     given: Map<String, Value>,
-    kind: SpecKind,
 }
 
 /// QEMU's `qdict_flatten`: nested objects become dotted keys.
@@ -96,91 +77,47 @@ pub(super) fn flatten(m: &Map<String, Value>) -> Map<String, Value> {
     out
 }
 
-/// A QAPI `int` where QEMU parses a size: negatives are refused with
-/// `parse_option_size`'s text (qsd aborts there; we answer).
-fn size(value: Option<i64>, parameter: &str) -> Result<Option<u64>, QmpError> {
-    value
-        .map(|n| u64::try_from(n).map_err(|_| errors::out_of_range(n, parameter)))
-        .transpose()
-}
-
-fn posix_kind(f: &BlockdevOptionsFile) -> SpecKind {
-    SpecKind::Posix {
-        filename: f.filename.clone(),
-        aio: match f.aio {
-            Some(BlockdevAioOptions::Native) => Aio::Native,
-            Some(BlockdevAioOptions::IoUring) => Aio::IoUring,
-            Some(BlockdevAioOptions::Threads) | None => Aio::Threads,
-        },
-        locking: match f.locking {
-            Some(types::OnOffAuto::On) => OnOffAuto::On,
-            Some(types::OnOffAuto::Off) => OnOffAuto::Off,
-            Some(types::OnOffAuto::Auto) | None => OnOffAuto::Auto,
-        },
+/// The driver bulkhead implements for a QAPI `BlockdevDriver`, if any.
+pub(super) fn driver_of(qapi: types::BlockdevDriver) -> Option<Driver> {
+    match serde_json::to_value(qapi) {
+        Ok(Value::String(name)) => Driver::by_name(&name),
+        _ => None,
     }
 }
 
 /// Parses one node's options; `given` is the object they were decoded from (an inline
-/// child's is its `file` member).
+/// child's is its member in its parent's).
 fn parse_spec(options: &BlockdevOptions, given: &Map<String, Value>) -> Result<Spec, QmpError> {
     let base = &options.base;
-    let mut strong = Map::new();
-    let (driver, kind) = match &options.driver {
-        BlockdevDriverOptions::File(f) => (Driver::File, posix_kind(f)),
-        BlockdevDriverOptions::HostDevice(f) => (Driver::HostDevice, posix_kind(f)),
-        BlockdevDriverOptions::Raw(raw) => {
-            let offset = size(raw.offset, "offset")?;
-            let size = size(raw.size, "size")?;
-            if let Some(o) = offset {
-                strong.insert("offset".into(), o.into());
-            }
-            if let Some(s) = size {
-                strong.insert("size".into(), s.into());
-            }
-            let child = match &raw.file {
-                BlockdevRef::Reference(name) => ChildSpec::Ref(name.clone()),
-                BlockdevRef::Definition(inline) => {
-                    let inline_given = given
-                        .get("file")
-                        .and_then(Value::as_object)
-                        .cloned()
-                        .unwrap_or_default();
-                    ChildSpec::Inline(Box::new(parse_spec(inline, &inline_given)?))
-                }
-            };
-            let kind = SpecKind::Raw {
-                offset,
-                size,
-                child,
-            };
-            (Driver::Raw, kind)
-        }
-        BlockdevDriverOptions::NullCo(null) | BlockdevDriverOptions::NullAio(null) => {
-            let size = size(null.size, "size")?;
-            // QEMU's null driver reports `size` and `read-zeroes` as given (its strong
-            // options); `latency-ns` does not show in the filename.
-            if let Some(s) = size {
-                strong.insert("size".into(), s.into());
-            }
-            if let Some(z) = null.read_zeroes {
-                strong.insert("read-zeroes".into(), z.into());
-            }
-            let driver = match options.driver {
-                BlockdevDriverOptions::NullAio(_) => Driver::NullAio,
-                _ => Driver::NullCo,
-            };
-            let kind = SpecKind::Null {
-                size,
-                read_zeroes: null.read_zeroes.unwrap_or(false),
-                latency_ns: null.latency_ns.unwrap_or(0),
-            };
-            (driver, kind)
-        }
-        BlockdevDriverOptions::Other(_) => {
-            let name = given.get("driver").and_then(Value::as_str).unwrap_or("");
-            return Err(errors::driver_unsupported(name));
-        }
+    let Some(driver) = driver_of(base.driver) else {
+        let name = given.get("driver").and_then(Value::as_str).unwrap_or("");
+        return Err(errors::driver_unsupported(name));
     };
+    let mut members = options.members.clone();
+    let mut given_top = given.clone();
+    let mut children = Vec::new();
+    for slot in driver.info().children {
+        given_top.remove(slot.key);
+        let Some(member) = members.remove(slot.key) else {
+            continue;
+        };
+        let child = match serde_json::from_value::<BlockdevRefOrNull>(member) {
+            Ok(BlockdevRefOrNull::Reference(name)) => ChildSpec::Ref(name),
+            Ok(BlockdevRefOrNull::Definition(inline)) => {
+                let inline_given = given
+                    .get(slot.key)
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
+                ChildSpec::Inline(Box::new(parse_spec(&inline, &inline_given)?))
+            }
+            // `null`: explicitly none (`backing: null`).
+            Ok(BlockdevRefOrNull::Null) => continue,
+            Err(e) => return Err(errors::from_error(ParseError::Decode(e.to_string()))),
+        };
+        children.push((slot.role, child));
+    }
+    let parsed = driver.parse(&members).map_err(errors::from_error)?;
     let cache = base.cache.as_ref();
     Ok(Spec {
         name: base.node_name.clone(),
@@ -200,13 +137,9 @@ fn parse_spec(options: &BlockdevOptions, given: &Map<String, Value>) -> Result<S
         force_share: base.force_share.unwrap_or(false),
         auto_read_only: base.auto_read_only.unwrap_or(false),
         active: base.active,
-        strong,
-        given: {
-            let mut top = given.clone();
-            top.remove("file");
-            flatten(&top)
-        },
-        kind,
+        parsed,
+        children,
+        given: flatten(&given_top),
     })
 }
 
@@ -262,84 +195,52 @@ impl Core {
             no_flush,
             force_share: spec.force_share,
             inactive: spec.active == Some(false),
+            direct,
         };
         let active = spec.active != Some(false);
 
-        // Children first: QEMU opens a format node's file child before it names the node.
-        let (mut config, child, filename) = match spec.kind {
-            SpecKind::Raw {
-                offset,
-                size,
-                child,
-            } => {
-                let name = match child {
-                    ChildSpec::Ref(name) => {
-                        if !self.graph.contains(&name) {
-                            return Err(errors::device_not_found(&name, &name));
-                        }
-                        name
+        // Children first: QEMU opens a format node's children before it names the node.
+        let mut children: Vec<(Role, String)> = Vec::new();
+        for (role, child) in spec.children {
+            let name = match child {
+                ChildSpec::Ref(name) => {
+                    if !self.graph.contains(&name) {
+                        return Err(errors::device_not_found(&name, &name));
                     }
-                    ChildSpec::Inline(s) => {
-                        let inherit = Inherited {
-                            read_only,
-                            direct,
-                            no_flush,
-                        };
-                        let child_hint = self.inline_child_hint(spec.driver);
-                        Box::pin(self.create(*s, inherit, false, child_hint, created)).await?
-                    }
-                };
-                if let Some(c) = self.graph.get(&name)
-                    && active
-                    && !c.active
-                {
-                    return Err(errors::inactive_file_child(
-                        &name,
-                        spec.name.as_deref().unwrap_or(""),
-                    ));
+                    name
                 }
-                let cfg = RawConfig {
-                    common,
-                    offset: offset.unwrap_or(0),
-                    size,
-                };
-                (DriverConfig::Raw(cfg), Some(name), None)
+                ChildSpec::Inline(s) => {
+                    let inherit = Inherited {
+                        read_only,
+                        direct,
+                        no_flush,
+                    };
+                    // The local protocol child starts where its parent will live.
+                    let child_hint = match role {
+                        Role::File => self.inline_child_hint(spec.driver),
+                        _ => None,
+                    };
+                    Box::pin(self.create(*s, inherit, false, child_hint, created)).await?
+                }
+            };
+            if let Some(c) = self.graph.get(&name)
+                && active
+                && !c.active
+            {
+                return Err(errors::inactive_child(
+                    &name,
+                    &role.name(),
+                    spec.name.as_deref().unwrap_or(""),
+                ));
             }
-            SpecKind::Posix {
-                filename,
-                aio,
-                locking,
-            } => {
-                let cfg = FileConfig {
-                    common,
-                    aio,
-                    locking,
-                    direct,
-                };
-                let cfg = match spec.driver {
-                    Driver::HostDevice => DriverConfig::HostDevice(cfg),
-                    _ => DriverConfig::File(cfg),
-                };
-                (cfg, None, Some(filename))
-            }
-            SpecKind::Null {
-                size,
-                read_zeroes,
-                latency_ns,
-            } => {
-                let cfg = NullConfig {
-                    common,
-                    size: size.unwrap_or(bulkhead_block::config::NULL_DEFAULT_SIZE),
-                    read_zeroes,
-                    latency_ns,
-                };
-                let cfg = match spec.driver {
-                    Driver::NullAio => DriverConfig::NullAio(cfg),
-                    _ => DriverConfig::NullCo(cfg),
-                };
-                (cfg, None, None)
-            }
-        };
+            children.push((role, name));
+        }
+        let Parsed {
+            mut config,
+            image: image_spec,
+            strong,
+        } = spec.parsed;
+        *config.common_mut() = common;
 
         let name = match spec.name {
             Some(n) => {
@@ -359,8 +260,9 @@ impl Core {
         config.validate().map_err(errors::from_error)?;
 
         // The supervisor opens the image; the worker only ever sees the descriptor.
-        let image = match &filename {
-            Some(path) => {
+        let image = match &image_spec {
+            Some(spec_image) => {
+                let path = &spec_image.filename;
                 let kind = spec.driver.image().unwrap_or(FileKind::File);
                 match posix::open_image(path, kind, read_only, direct) {
                     Ok(fd) => Some(fd),
@@ -375,9 +277,7 @@ impl Core {
                     {
                         let fd = posix::open_image(path, kind, true, direct)
                             .map_err(errors::from_error)?;
-                        if let DriverConfig::File(c) | DriverConfig::HostDevice(c) = &mut config {
-                            c.common.read_only = true;
-                        }
+                        config.common_mut().read_only = true;
                         Some(fd)
                     }
                     Err(e) => return Err(errors::from_error(e)),
@@ -385,12 +285,18 @@ impl Core {
             }
             None => None,
         };
+        let filename = image_spec.as_ref().map(|i| i.filename.clone());
 
-        if let (DriverConfig::Raw(raw), Some(c)) = (&config, child.as_deref()) {
-            let csize = self.graph.get(c).map_or(0, |n| n.size);
-            bulkhead_block::raw::check_window(raw, csize).map_err(errors::from_error)?;
-        }
-        let home = match self.place(spec.driver, child.as_deref(), hint) {
+        let sizes: Vec<(Role, u64)> = children
+            .iter()
+            .map(|(role, c)| (*role, self.graph.get(c).map_or(0, |n| n.size)))
+            .collect();
+        config.check_children(&sizes).map_err(errors::from_error)?;
+        let file_child = children
+            .iter()
+            .find(|(r, _)| *r == Role::File)
+            .map(|(_, c)| c.clone());
+        let home = match self.place(spec.driver, file_child.as_deref(), hint) {
             Placement::On(home) => home,
             Placement::SharingChild(home, c) => {
                 if let Err(e) = self.isolate_shared(&c).await {
@@ -404,35 +310,37 @@ impl Core {
                 home
             }
         };
-        let child_ref = match child.as_deref().and_then(|c| self.node_ref(c)) {
-            Some(r) => {
-                if let Err(e) = self.connect(home, r.home).await {
-                    self.retire_if_idle(home);
-                    return Err(e);
-                }
-                Some(r)
+        let mut child_refs = Vec::new();
+        for (role, c) in &children {
+            let Some(r) = self.node_ref(c) else {
+                continue;
+            };
+            if let Err(e) = self.connect(home, r.home).await {
+                self.retire_if_idle(home);
+                return Err(e);
             }
-            None => None,
-        };
+            child_refs.push((*role, r));
+        }
         let worker_fd = match &image {
             Some(f) => Some(fd::dup(f).map_err(errors::from_error)?),
             None => None,
         };
-        let lock = match (&image, &config) {
-            (Some(f), DriverConfig::File(c) | DriverConfig::HostDevice(c)) => {
+        let lock = match (&image, &image_spec) {
+            (Some(f), Some(spec_image)) => {
                 let copy = fd::dup(f).map_err(errors::from_error)?;
-                let path = filename.as_deref().unwrap_or("");
-                Some(bulkhead_block::lock::ImageLock::new(copy, path, c.locking))
+                Some(bulkhead_block::lock::ImageLock::new(
+                    copy,
+                    &spec_image.filename,
+                    spec_image.locking,
+                ))
             }
             _ => None,
         };
         let id = self.graph.allocate_id();
-        let fixed_window =
-            matches!(&config, DriverConfig::Raw(r) if r.offset > 0 || r.size.is_some());
-        let saved_config = config;
+        let fixed_window = config.holds_size();
         // Its image's directory: its own file, or the file at the bottom of its child.
         let image_path = filename.clone().or_else(|| {
-            child
+            file_child
                 .as_deref()
                 .and_then(|c| self.graph.chain(c).last().and_then(|b| b.path.clone()))
         });
@@ -444,8 +352,8 @@ impl Core {
                 home,
                 id,
                 &name,
-                config,
-                child_ref.map(|c| (Role::File, c)).into_iter().collect(),
+                config.clone(),
+                child_refs,
                 stats.fd(),
                 worker_fd.as_ref(),
             )
@@ -459,8 +367,8 @@ impl Core {
         };
         let mut options = spec.given;
         options.insert("node-name".into(), name.clone().into());
-        if let Some(c) = &child {
-            options.insert("file".into(), c.clone().into());
+        for (role, c) in &children {
+            options.insert(role.name().into_owned(), c.clone().into());
         }
         self.graph.insert(Node {
             active,
@@ -469,7 +377,7 @@ impl Core {
             home,
             name: name.clone(),
             driver: spec.driver,
-            children: child.into_iter().map(|c| (Role::File, c)).collect(),
+            children,
             parents: 0,
             monitor_owned: root,
             read_only,
@@ -481,13 +389,13 @@ impl Core {
                 DetectZeroes::Unmap => "unmap",
             },
             size,
-            strong_options: spec.strong,
+            strong_options: strong,
             path: filename,
             lock,
             image,
             fixed_window,
             exported: false,
-            config: saved_config,
+            config,
             stats,
         });
         created.push(name.clone());
@@ -604,7 +512,7 @@ impl Core {
         };
         // The same statistics region: counters and threshold carry over.
         let stats = fd::dup(node.stats.fd()).map_err(errors::from_error)?;
-        let (id, home, config) = (node.id, node.home, node.config);
+        let (id, home, config) = (node.id, node.home, node.config.clone());
         for (_, c) in &children {
             self.connect(home, c.home).await?;
         }
@@ -742,7 +650,7 @@ impl Core {
                 Resize::Unsupported => return Err(errors::resize_unsupported()),
             }
         }
-        let (bottom_id, home, image) = (cur.id, cur.home, cur.driver.image());
+        let (bottom_id, home, config) = (cur.id, cur.home, cur.config.clone());
         let w = self.worker(home).await?;
         match w
             .call(
@@ -763,12 +671,8 @@ impl Core {
                 } else {
                     bulkhead_block::IoError::Os(e.errno)
                 };
-                let cfg = match image {
-                    Some(FileKind::HostDevice) => DriverConfig::HostDevice(FileConfig::default()),
-                    _ => DriverConfig::File(FileConfig::default()),
-                };
                 return Err(errors::from_error(bulkhead_block::node::resize_error_text(
-                    &cfg, &io,
+                    &config, &io,
                 )));
             }
             Err(e) => return Err(call_error(e)),
@@ -797,5 +701,51 @@ impl Core {
                 n.size = size;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bulkhead_qmp::qapi::types::samples;
+
+    use super::*;
+
+    #[test]
+    fn every_implemented_driver_decodes_every_schema_member() {
+        for &driver in Driver::ALL {
+            let args = match samples::command_args("blockdev-add", driver.as_str()) {
+                Ok(Value::Object(m)) => m,
+                other => panic!("{driver:?}: no sample: {other:?}"),
+            };
+            let options: BlockdevOptions = match serde_json::from_value(Value::Object(args.clone()))
+            {
+                Ok(o) => o,
+                Err(e) => panic!("{driver:?}: {e}"),
+            };
+            assert_eq!(driver_of(options.base.driver), Some(driver));
+            // Every member the schema has reaches the driver's options struct (which
+            // refuses unknown ones) or its child slots.
+            match parse_spec(&options, &args) {
+                Ok(spec) => assert_eq!(spec.driver, driver),
+                Err(e) => panic!("{driver:?}: {}", e.desc),
+            }
+        }
+    }
+
+    #[test]
+    fn a_driver_bulkhead_lacks_is_refused_by_name() {
+        let args = match samples::command_args("blockdev-add", "vhdx") {
+            Ok(Value::Object(m)) => m,
+            other => panic!("no sample: {other:?}"),
+        };
+        let options: BlockdevOptions = match serde_json::from_value(Value::Object(args.clone())) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        let e = parse_spec(&options, &args).err().map(|e| e.desc);
+        assert_eq!(
+            e.as_deref(),
+            Some("Driver 'vhdx' is not supported by bulkhead")
+        );
     }
 }

@@ -102,13 +102,6 @@ pub fn duplicate_node_name(name: &str) -> QmpError {
     generic(format!("Duplicate nodes with node-name='{name}'"))
 }
 
-/// An active node over an inactive file child.
-pub fn inactive_file_child(child: &str, parent: &str) -> QmpError {
-    generic(format!(
-        "Inactive '{child}' can't be a file child of active '{parent}'"
-    ))
-}
-
 /// `blockdev-del` of a node an export uses.
 pub fn node_in_use(name: &str) -> QmpError {
     generic(format!("Node {name} is in use"))

@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use bulkhead_ipc::wire::{NodeId, WorkerId};
 use serde_json::{Map, Value, json};
 
-pub use super::drivers::Driver;
+pub use bulkhead_block::DriverKind as Driver;
 
 /// A child's role for its parent; it travels in `AddNode`/`ReopenNode`, so it lives
 /// in the wire crate.
@@ -433,7 +433,8 @@ impl Graph {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use bulkhead_block::config::{DriverConfig, NullConfig};
+    use bulkhead_block::config::DriverConfig;
+    use bulkhead_block::null::NullConfig;
 
     use super::*;
 

@@ -12,7 +12,6 @@ pub mod actor;
 pub mod asks;
 pub mod blockdev;
 pub mod commands;
-pub mod drivers;
 pub mod errors;
 pub mod export;
 pub mod graph;

@@ -163,19 +163,23 @@ impl DriverWorker {
         children: Vec<(ChildRole, NodeRef)>,
         fds: Vec<OwnedFd>,
     ) -> Result<Arc<dyn BlockIo>, WorkerError> {
-        let child = match file_child(&config, &children)? {
-            Some(c) if c.node == node && c.home == self.id => {
+        // The roles are checked against the driver's slots before anything opens.
+        let roles: Vec<ChildRole> = children.iter().map(|(r, _)| *r).collect();
+        bulkhead_block::driver::check_roles(config.kind().info(), &roles)
+            .map_err(|e| err(WorkerErrorKind::Invalid, libc::EINVAL, e.to_string()))?;
+        let mut opened = Vec::with_capacity(children.len());
+        for (role, c) in children {
+            if c.node == node && c.home == self.id {
                 return Err(err(
                     WorkerErrorKind::Invalid,
                     libc::EINVAL,
                     "node is its own child",
                 ));
             }
-            Some(c) => Some(self.child(c).await?),
-            None => None,
-        };
+            opened.push((role, self.child(c).await?));
+        }
         let (accounting, fd) = self.accounting(node, name, fds)?;
-        bulkhead_block::open_with(config, fd, child, accounting).map_err(|e| {
+        bulkhead_block::open_with(config, fd, opened, accounting).map_err(|e| {
             err(
                 WorkerErrorKind::Invalid,
                 libc::EINVAL,
@@ -341,60 +345,5 @@ impl DriverWorker {
                 Ok(Reply::NodeInfo { size: n.size() })
             }
         }
-    }
-}
-
-/// The one child today's drivers take, `file`, from a node's children by role. A
-/// role the driver does not take, or a role given twice, is refused: the drivers
-/// with backing, data-file or quorum children bring their own arms here.
-fn file_child(
-    config: &DriverConfig,
-    children: &[(ChildRole, NodeRef)],
-) -> Result<Option<NodeRef>, WorkerError> {
-    let mut file = None;
-    for (role, child) in children {
-        let refuse = |why: String| err(WorkerErrorKind::Invalid, libc::EINVAL, why);
-        match role {
-            ChildRole::File if file.is_none() => file = Some(*child),
-            ChildRole::File => return Err(refuse("two file children".into())),
-            other => {
-                return Err(refuse(format!(
-                    "the {} driver takes no {other} child",
-                    config.driver_name()
-                )));
-            }
-        }
-    }
-    Ok(file)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(node: u64) -> NodeRef {
-        NodeRef {
-            node: NodeId(node),
-            home: WorkerId(1),
-        }
-    }
-
-    #[test]
-    fn todays_drivers_take_a_file_child_and_refuse_any_other_role() {
-        let raw = DriverConfig::Raw(Default::default());
-        assert_eq!(file_child(&raw, &[]).ok(), Some(None));
-        assert_eq!(
-            file_child(&raw, &[(ChildRole::File, at(2))]).ok(),
-            Some(Some(at(2)))
-        );
-        for role in [ChildRole::Backing, ChildRole::DataFile, ChildRole::Child(0)] {
-            let e = file_child(&raw, &[(ChildRole::File, at(2)), (role, at(3))]);
-            assert!(
-                e.as_ref()
-                    .is_err_and(|e| e.detail.contains(&format!("no {role} child"))),
-                "{e:?}"
-            );
-        }
-        assert!(file_child(&raw, &[(ChildRole::File, at(2)), (ChildRole::File, at(3))]).is_err());
     }
 }
