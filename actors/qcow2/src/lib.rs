@@ -1,0 +1,1273 @@
+//! A qcow2 image engine (QEMU's docs/interop/qcow2.txt), hand-written for bulkhead's
+//! sandboxed driver worker. It depends on no other bulkhead crate.
+//!
+//! - [`Storage`]: positioned I/O on the image file and an external data file
+//!   ([`FdStorage`] over an owned descriptor, [`MemStorage`] in memory).
+//! - [`Backing`]: reads of the backing node (the supervisor opens it; the engine only
+//!   reports the name from the header in [`Info`]). [`Qcow2`] implements it, for chains.
+//! - [`Qcow2::open`] with [`OpenOptions`]; [`Qcow2::info`] for queries.
+//! - `&self` I/O callable from many threads at once: [`Qcow2::read`], [`Qcow2::write`],
+//!   [`Qcow2::write_zeroes`], [`Qcow2::discard`], [`Qcow2::write_compressed`],
+//!   [`Qcow2::flush`], [`Qcow2::block_status`], [`Qcow2::resize`], [`Qcow2::close`].
+//! - [`Error`]: open errors carry QEMU's texts; run-time metadata inconsistencies are
+//!   [`Error::Corrupt`] with what QEMU's `BLOCK_IMAGE_CORRUPTED` event reports.
+//!
+//! Crash invariant: every metadata update a completed request depends on is written
+//! (pwrite) before the request returns, in the order data → L2 entry → L1 entry, and
+//! a cluster's refcount is on disk (and flushed, batch-wise) before any L2 entry uses
+//! it. See design/qcow2.md.
+
+mod bitmap;
+mod compress;
+mod error;
+mod header;
+mod meta;
+mod refcount;
+mod snapshot;
+mod storage;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+
+pub use bitmap::BitmapInfo;
+pub use error::{Error, Result};
+pub use header::{CompressionType, FeatureName};
+pub use meta::OverlapCheck;
+pub use snapshot::SnapshotInfo;
+pub use storage::{Backing, FdStorage, MemStorage, Storage};
+
+use header::{INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
+use meta::{
+    L2E_OFFSET_MASK, MAX_CLUSTER_OFFSET, Meta, MetaInit, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO, Section,
+};
+
+/// Options of [`Qcow2::open`].
+#[derive(Clone, Default)]
+pub struct OpenOptions {
+    pub writable: bool,
+    /// The external data file, required when the image has one (the engine never opens
+    /// paths: [`Info::data_file`] names it for the caller).
+    pub data_file: Option<Arc<dyn Storage>>,
+    /// The backing node; `None` reads unallocated clusters as zeroes.
+    pub backing: Option<Arc<dyn Backing>>,
+    /// L2 table cache size in bytes (QEMU's `l2-cache-size`; default 32 MiB, never more
+    /// than the image needs, at least 2 tables).
+    pub l2_cache_size: Option<u64>,
+    /// Refcount block cache size in bytes (`refcount-cache-size`; default 4 clusters,
+    /// at least 2 blocks).
+    pub refcount_cache_size: Option<u64>,
+    /// `overlap-check` (default `cached`).
+    pub overlap_check: OverlapCheck,
+    /// `discard-no-unref`: a discard keeps the cluster allocated (it reads as zeroes).
+    pub discard_no_unref: bool,
+    /// `pass-discard-request`-like: clusters freed are discarded on the image file.
+    pub pass_discard: bool,
+    /// Clusters reserved per refcount update + flush (default: 4 MiB worth, 16..1024).
+    pub alloc_batch: Option<usize>,
+}
+
+/// What a parent needs to know about the image.
+#[derive(Debug, Clone)]
+pub struct Info {
+    pub virtual_size: u64,
+    pub cluster_size: u64,
+    /// 2 (compat 0.10) or 3 (compat 1.1).
+    pub version: u32,
+    pub refcount_bits: u32,
+    pub lazy_refcounts: bool,
+    pub dirty: bool,
+    pub corrupt: bool,
+    pub extended_l2: bool,
+    pub compression_type: CompressionType,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    pub data_file: Option<String>,
+    pub data_file_raw: bool,
+    /// 0 none, 1 AES, 2 LUKS (the engine opens only 0).
+    pub crypt_method: u32,
+    pub snapshots: Vec<SnapshotInfo>,
+    /// The bitmaps extension is present (and valid: its autoclear bit is set).
+    pub has_bitmaps: bool,
+    pub bitmaps: Vec<BitmapInfo>,
+    pub feature_table: Vec<FeatureName>,
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+}
+
+/// One extent of [`Qcow2::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    /// Reads as data (allocated here, compressed, or an allocated non-zero subcluster).
+    pub data: bool,
+    /// Reads as zeroes because of a zero flag.
+    pub zero: bool,
+    /// Allocated in this image (false: the backing node or zeroes answer).
+    pub allocated: bool,
+    /// Where the data is in the data file (plain allocated clusters only).
+    pub host_offset: Option<u64>,
+}
+
+/// Geometry derived from the header.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geo {
+    pub cluster_bits: u32,
+    pub cs: u64,
+    pub l2_bits: u32,
+    pub l2_entries: u64,
+    pub ext_l2: bool,
+    /// Subcluster size (the cluster size without extended L2).
+    pub scs: u64,
+    pub sc_per_cluster: u64,
+    pub rc_order: u32,
+    /// log2 of the entries in one refcount block.
+    pub rb_bits: u32,
+    pub csize_shift: u32,
+    pub csize_mask: u64,
+    pub coff_mask: u64,
+    pub version: u32,
+}
+
+/// One L2 entry: the standard 64 bits and, with extended L2, the subcluster bitmap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub l2: u64,
+    pub bitmap: u64,
+}
+
+/// How one subcluster reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sub {
+    Unalloc,
+    Zero,
+    /// Host offset of the subcluster's start.
+    Data(u64),
+    Compressed,
+}
+
+const ALL_ALLOC: u64 = 0xffff_ffff;
+
+impl Geo {
+    fn compressed_span(&self, l2: u64) -> (u64, u64) {
+        let coff = l2 & self.coff_mask;
+        let nb = ((l2 >> self.csize_shift) & self.csize_mask) + 1;
+        (coff, nb * 512 - (coff & 511))
+    }
+}
+
+/// The qcow2 engine. `Send + Sync`; see the crate docs.
+pub struct Qcow2 {
+    file: Arc<dyn Storage>,
+    data: Arc<dyn Storage>,
+    backing: Option<Arc<dyn Backing>>,
+    geo: Geo,
+    writable: bool,
+    external_data: bool,
+    data_raw: bool,
+    discard_no_unref: bool,
+    info: Info,
+    size: AtomicU64,
+    dead: Arc<AtomicBool>,
+    meta: Mutex<Meta>,
+    /// Signalled when an in-flight allocation completes.
+    alloc_done: Condvar,
+    /// Held shared by requests doing I/O on clusters they looked up, exclusively while
+    /// clusters are freed: a cluster is never reused under a request still using it.
+    gate: RwLock<()>,
+}
+
+fn lock_err<T>(e: std::sync::PoisonError<T>) -> T {
+    e.into_inner()
+}
+
+impl Qcow2 {
+    /// Opens an image; checks follow QEMU's order and texts.
+    pub fn open(file: Arc<dyn Storage>, opts: OpenOptions) -> Result<Qcow2> {
+        let mut first = vec![0u8; 512];
+        file.read_at(&mut first, 0)
+            .map_err(Error::io("Could not read qcow2 header"))?;
+        let cb = u32::from_be_bytes(first[20..24].try_into().unwrap_or([0; 4]));
+        if (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cb) && cb > 9 {
+            first = vec![0u8; 1usize << cb];
+            file.read_at(&mut first, 0)
+                .map_err(Error::io("Could not read qcow2 header"))?;
+        }
+        let h = header::parse(
+            &first,
+            header::ParseFlags {
+                writable: opts.writable,
+            },
+        )?;
+        drop(first);
+        let cs = 1u64 << h.cluster_bits;
+        if h.crypt_method != 0 {
+            // Never read an encrypted image as plaintext; LUKS comes with its own issue.
+            let msg = if h.crypt_method == 1 {
+                "Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators"
+                    .to_string()
+            } else {
+                "Parameter 'encrypt.key-secret' is required for cipher".to_string()
+            };
+            return Err(Error::open(libc::ENOSYS.max(libc::EINVAL), msg));
+        }
+        let ext_l2 = h.incompatible & INCOMPAT_EXTL2 != 0;
+        let l2_entry_bytes = if ext_l2 { 16 } else { 8 };
+        let geo = Geo {
+            cluster_bits: h.cluster_bits,
+            cs,
+            l2_bits: h.cluster_bits - if ext_l2 { 4 } else { 3 },
+            l2_entries: cs / l2_entry_bytes,
+            ext_l2,
+            scs: if ext_l2 { cs / 32 } else { cs },
+            sc_per_cluster: if ext_l2 { 32 } else { 1 },
+            rc_order: h.refcount_order,
+            rb_bits: h.cluster_bits + 3 - h.refcount_order,
+            csize_shift: 62 - (h.cluster_bits - 8),
+            csize_mask: (1u64 << (h.cluster_bits - 8)) - 1,
+            coff_mask: (1u64 << (62 - (h.cluster_bits - 8))) - 1,
+            version: h.version,
+        };
+        // External data file.
+        let has_df = h.incompatible & INCOMPAT_DATA_FILE != 0;
+        let data_raw = h.autoclear & header::AUTOCLEAR_DATA_FILE_RAW != 0;
+        let data: Arc<dyn Storage> = match (has_df, opts.data_file.clone()) {
+            (true, Some(d)) => d,
+            (true, None) => {
+                return Err(Error::open(
+                    libc::EINVAL,
+                    "'data-file' is required for this image",
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(Error::open(
+                    libc::EINVAL,
+                    "'data-file' can only be set for images with an external data file",
+                ));
+            }
+            (false, None) => {
+                if data_raw {
+                    return Err(Error::open(
+                        libc::EINVAL,
+                        "data-file-raw requires a data file",
+                    ));
+                }
+                file.clone()
+            }
+        };
+        let file_len = file
+            .len()
+            .map_err(Error::io("Could not read image length"))?;
+        // Snapshots (bounded by QCOW_MAX_SNAPSHOTS_SIZE and by the file).
+        let snapshots = if h.nb_snapshots > 0 {
+            let want = header::MAX_SNAPSHOTS_BYTES.min(file_len.saturating_sub(h.snapshots_offset));
+            let mut raw = vec![0u8; want as usize];
+            file.read_at(&mut raw, h.snapshots_offset)
+                .map_err(Error::io("Failed to read snapshot table"))?;
+            snapshot::parse(&raw, h.nb_snapshots, cs)?
+        } else {
+            (Vec::new(), 0)
+        };
+        let bitmaps = match h.bitmaps {
+            Some(b) => {
+                let want = b
+                    .directory_size
+                    .min(file_len.saturating_sub(b.directory_offset));
+                let mut raw = vec![0u8; want as usize];
+                file.read_at(&mut raw, b.directory_offset)
+                    .map_err(Error::io("Could not read bitmap directory"))?;
+                bitmap::parse(&raw, b.nb_bitmaps, b.directory_offset, cs)?
+            }
+            None => Vec::new(),
+        };
+        // L1 table (<= 32 MiB) and refcount table (<= 8 MiB), capped by the file.
+        let read_table = |off: u64, entries: u64, what: &'static str| -> Result<Vec<u64>> {
+            let avail = file_len.saturating_sub(off) / 8;
+            let mut raw = vec![0u8; (entries.min(avail) * 8) as usize];
+            file.read_at(&mut raw, off).map_err(Error::io(what))?;
+            let mut v: Vec<u64> = raw
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect();
+            v.resize(entries as usize, 0);
+            Ok(v)
+        };
+        let l1 = read_table(
+            h.l1_table_offset,
+            u64::from(h.l1_size),
+            "Could not read L1 table",
+        )?;
+        let rt_entries = u64::from(h.refcount_table_clusters) * cs / 8;
+        let rtable = read_table(
+            h.refcount_table_offset,
+            rt_entries,
+            "Could not read refcount table",
+        )?;
+        if opts.writable && h.incompatible & INCOMPAT_DIRTY != 0 {
+            // QEMU repairs the refcounts of a dirty image on a writable open.
+            return Err(Error::open(
+                libc::ENOTSUP,
+                "Could not repair dirty image: Operation not supported",
+            ));
+        }
+        let virtual_size = h.size;
+        let info = Info {
+            virtual_size,
+            cluster_size: cs,
+            version: h.version,
+            refcount_bits: 1 << h.refcount_order,
+            lazy_refcounts: h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0,
+            dirty: h.incompatible & INCOMPAT_DIRTY != 0,
+            corrupt: h.incompatible & INCOMPAT_CORRUPT != 0,
+            extended_l2: ext_l2,
+            compression_type: h.compression,
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            data_file: h.data_file.clone(),
+            data_file_raw: data_raw,
+            crypt_method: h.crypt_method,
+            snapshots: snapshots.0.clone(),
+            has_bitmaps: h.bitmaps.is_some(),
+            bitmaps: bitmaps.clone(),
+            feature_table: h.feature_table.clone(),
+            incompatible_features: h.incompatible,
+            compatible_features: h.compatible,
+            autoclear_features: h.autoclear,
+        };
+        let l2_cache = opts.l2_cache_size.unwrap_or(32 << 20);
+        let l2_need = virtual_size
+            .div_ceil(cs)
+            .saturating_mul(l2_entry_bytes)
+            .div_ceil(cs);
+        let l2_cap = (l2_cache / cs).min(l2_need).clamp(2, 1 << 16) as usize;
+        let rc_cap = (opts.refcount_cache_size.unwrap_or(4 * cs) / cs).clamp(2, 1 << 16) as usize;
+        let batch = opts
+            .alloc_batch
+            .unwrap_or(((4u64 << 20) / cs).clamp(16, 1024) as usize);
+        let dead = Arc::new(AtomicBool::new(false));
+        let mut meta = Meta::new(MetaInit {
+            file: file.clone(),
+            geo,
+            writable: opts.writable,
+            dead: dead.clone(),
+            incompat: h.incompatible,
+            size: virtual_size,
+            l1,
+            l1_offset: h.l1_table_offset,
+            l2_cap,
+            rc: refcount::Refcounts::new(
+                rtable,
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters),
+                rc_cap,
+            ),
+            batch,
+            overlap_mode: opts.overlap_check,
+            pass_discard: opts.pass_discard,
+        });
+        meta.add_section(0, cs, Section::Header);
+        meta.add_section(
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+            Section::ActiveL1,
+        );
+        meta.add_section(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+            Section::RefcountTable,
+        );
+        meta.add_section(h.snapshots_offset, snapshots.1, Section::SnapshotTable);
+        for s in &snapshots.0 {
+            meta.add_section(
+                s.l1_table_offset,
+                u64::from(s.l1_size) * 8,
+                Section::InactiveL1,
+            );
+        }
+        if let Some(b) = h.bitmaps {
+            meta.add_section(
+                b.directory_offset,
+                b.directory_size,
+                Section::BitmapDirectory,
+            );
+        }
+        if opts.overlap_check != OverlapCheck::None {
+            meta.register_l2_tables();
+            meta.register_refblocks();
+        }
+        if opts.writable {
+            // Unknown autoclear bits are cleared, as QEMU does: their meaning is gone
+            // once this engine writes.
+            let known = h.autoclear & header::AUTOCLEAR_MASK;
+            if known != h.autoclear {
+                file.write_at(&known.to_be_bytes(), header::OFF_AUTOCLEAR)
+                    .map_err(Error::io("Could not update qcow2 header"))?;
+            }
+            // Bitmaps are not updated by this engine: mark them in use, as QEMU does
+            // while it has them loaded, so that nobody trusts them afterwards.
+            let mut any = false;
+            for b in &bitmaps {
+                if !b.in_use() {
+                    let flags = b.flags | bitmap::FLAG_IN_USE;
+                    file.write_at(&flags.to_be_bytes(), b.flags_offset)
+                        .map_err(Error::io("Could not update bitmap directory"))?;
+                    any = true;
+                }
+            }
+            if any || known != h.autoclear {
+                file.flush()
+                    .map_err(Error::io("Could not update qcow2 header"))?;
+            }
+        }
+        Ok(Qcow2 {
+            file,
+            data,
+            backing: opts.backing,
+            geo,
+            writable: opts.writable,
+            external_data: has_df,
+            data_raw,
+            discard_no_unref: opts.discard_no_unref,
+            info,
+            size: AtomicU64::new(virtual_size),
+            dead,
+            meta: Mutex::new(meta),
+            alloc_done: Condvar::new(),
+            gate: RwLock::new(()),
+        })
+    }
+
+    /// The image's description (sizes as of open, except `virtual_size`).
+    pub fn info(&self) -> Info {
+        let mut i = self.info.clone();
+        i.virtual_size = self.size();
+        if self.dead.load(Ordering::SeqCst) {
+            i.corrupt = true;
+        }
+        i
+    }
+
+    /// The current virtual size.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(Error::Dead);
+        }
+        Ok(self.meta.lock().unwrap_or_else(lock_err))
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match off.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange {
+                offset: off,
+                len,
+                size,
+            }),
+        }
+    }
+
+    /// The host cluster of a plain (not compressed) entry. Offset 0 means unallocated,
+    /// except with an external data file, where COPIED marks offset 0 as allocated.
+    fn host_of(&self, e: Entry) -> Option<u64> {
+        if e.l2 & OFLAG_COMPRESSED != 0 {
+            return None;
+        }
+        let off = e.l2 & L2E_OFFSET_MASK;
+        (off != 0 || (self.external_data && e.l2 & OFLAG_COPIED != 0)).then_some(off)
+    }
+
+    /// Classifies subcluster `sc` of `gc`'s entry; corrupt entries are reported.
+    fn sub_kind(&self, m: &mut Meta, gc: u64, e: Entry, sc: u64) -> Result<Sub> {
+        let geo = &self.geo;
+        if e.l2 & OFLAG_COMPRESSED != 0 {
+            if self.external_data {
+                let msg = format!(
+                    "Compressed cluster in an image with a data file (guest cluster {gc:#x})"
+                );
+                return Err(m.corrupt(msg, None, None));
+            }
+            return Ok(Sub::Compressed);
+        }
+        let off = e.l2 & L2E_OFFSET_MASK;
+        if !off.is_multiple_of(geo.cs) {
+            let (l2off, _) = m.l2_offset(gc)?;
+            let msg = format!(
+                "Cluster allocation offset {off:#x} unaligned (L2 offset: {l2off:#x}, L2 index: {:#x})",
+                gc & (geo.l2_entries - 1)
+            );
+            return Err(m.corrupt(msg, Some(off), Some(geo.cs)));
+        }
+        if !geo.ext_l2 {
+            if e.l2 & OFLAG_ZERO != 0 {
+                if geo.version < 3 {
+                    let (l2off, _) = m.l2_offset(gc)?;
+                    let msg = format!(
+                        "Zero cluster entry found in pre-v3 image (L2 offset: {l2off:#x}, L2 index: {:#x})",
+                        gc & (geo.l2_entries - 1)
+                    );
+                    return Err(m.corrupt(msg, None, None));
+                }
+                return Ok(Sub::Zero);
+            }
+            return Ok(match self.host_of(e) {
+                Some(h) => Sub::Data(h),
+                None => Sub::Unalloc,
+            });
+        }
+        let alloc = e.bitmap >> sc & 1 != 0;
+        let zero = e.bitmap >> (32 + sc) & 1 != 0;
+        match (alloc, zero) {
+            (true, true) | (true, false) if zero || self.host_of(e).is_none() => {
+                let (l2off, _) = m.l2_offset(gc)?;
+                let msg = format!(
+                    "Invalid cluster entry found (L2 offset: {l2off:#x}, L2 index: {:#x})",
+                    gc & (geo.l2_entries - 1)
+                );
+                Err(m.corrupt(msg, None, None))
+            }
+            (true, _) => Ok(Sub::Data(off + sc * geo.scs)),
+            (false, true) => Ok(Sub::Zero),
+            (false, false) => Ok(Sub::Unalloc),
+        }
+    }
+
+    fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let blen = b.len().map_err(Error::io("reading the backing node"))?;
+        let n = blen.saturating_sub(off).min(buf.len() as u64) as usize;
+        if n > 0 {
+            b.read_at(&mut buf[..n], off)
+                .map_err(Error::io("reading the backing node"))?;
+        }
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    fn read_compressed(&self, m: Option<&mut Meta>, l2: u64, out: &mut [u8]) -> Result<()> {
+        let (coff, csize) = self.geo.compressed_span(l2);
+        let mut src = vec![0u8; csize as usize];
+        self.file
+            .read_at(&mut src, coff)
+            .map_err(Error::io("reading a compressed cluster"))?;
+        if compress::decompress(self.info.compression_type, &src, out).is_err() {
+            let msg = format!("Compressed cluster at {coff:#x} does not decompress to one cluster");
+            return Err(match m {
+                Some(m) => m.corrupt(msg, Some(coff), Some(csize)),
+                None => self.lock()?.corrupt(msg, Some(coff), Some(csize)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let geo = self.geo;
+        let mut done = 0usize;
+        let mut entries = Vec::new();
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let gc = pos >> geo.cluster_bits;
+            let remaining = (buf.len() - done) as u64;
+            let within = pos & (geo.cs - 1);
+            let n_clusters = (within + remaining).div_ceil(geo.cs);
+            let _gate = self.gate.read().unwrap_or_else(lock_err);
+            let mut m = self.lock()?;
+            m.entries(gc, n_clusters, &mut entries)?;
+            // The run: from pos, while the kind stays the same (and data stays contiguous).
+            let sc = within / geo.scs;
+            let first = self.sub_kind(&mut m, gc, entries[0], sc)?;
+            let mut run = (geo.scs - (within & (geo.scs - 1))).min(remaining);
+            if first != Sub::Compressed {
+                let mut next_host = match first {
+                    Sub::Data(h) => h + geo.scs,
+                    _ => 0,
+                };
+                let mut c = 0usize;
+                let mut s = sc + 1;
+                'ext: while run < remaining {
+                    if s == geo.sc_per_cluster {
+                        c += 1;
+                        s = 0;
+                        if c >= entries.len() {
+                            break;
+                        }
+                    }
+                    let k = self.sub_kind(&mut m, gc + c as u64, entries[c], s)?;
+                    let same = match (first, k) {
+                        (Sub::Data(_), Sub::Data(h)) => h == next_host,
+                        (a, b) => a == b,
+                    };
+                    if !same {
+                        break 'ext;
+                    }
+                    next_host += geo.scs;
+                    run = (run + geo.scs).min(remaining);
+                    s += 1;
+                }
+            }
+            let out = &mut buf[done..done + run as usize];
+            match first {
+                Sub::Data(h) => {
+                    drop(m);
+                    let host = h + (within & (geo.scs - 1));
+                    self.data
+                        .read_at(out, host)
+                        .map_err(Error::io("reading image data"))?;
+                }
+                Sub::Zero => out.fill(0),
+                Sub::Unalloc => {
+                    drop(m);
+                    self.read_backing(out, pos)?;
+                }
+                Sub::Compressed => {
+                    let l2 = entries[0].l2;
+                    drop(m);
+                    let mut tmp = vec![0u8; geo.cs as usize];
+                    self.read_compressed(None, l2, &mut tmp)?;
+                    let w = within as usize;
+                    out.copy_from_slice(&tmp[w..w + run as usize]);
+                }
+            }
+            done += run as usize;
+        }
+        Ok(())
+    }
+
+    /// Fills `out` with what guest bytes `[gc*cs + from, ..)` of cluster `gc` read as
+    /// under entry `e` (for copy-on-write).
+    fn fill_view(&self, gc: u64, e: Entry, from: u64, out: &mut [u8]) -> Result<()> {
+        let geo = self.geo;
+        let mut decompressed: Option<Vec<u8>> = None;
+        let mut pos = from;
+        let end = from + out.len() as u64;
+        while pos < end {
+            let sc = pos / geo.scs;
+            let sc_end = ((sc + 1) * geo.scs).min(end);
+            let part = &mut out[(pos - from) as usize..(sc_end - from) as usize];
+            let kind = {
+                let mut m = self.meta.lock().unwrap_or_else(lock_err);
+                self.sub_kind(&mut m, gc, e, sc)?
+            };
+            match kind {
+                Sub::Data(h) => self
+                    .data
+                    .read_at(part, h + (pos - sc * geo.scs))
+                    .map_err(Error::io("reading for copy-on-write"))?,
+                Sub::Zero => part.fill(0),
+                Sub::Unalloc => self.read_backing(part, gc * geo.cs + pos)?,
+                Sub::Compressed => {
+                    if decompressed.is_none() {
+                        let mut t = vec![0u8; geo.cs as usize];
+                        self.read_compressed(None, e.l2, &mut t)?;
+                        decompressed = Some(t);
+                    }
+                    if let Some(t) = &decompressed {
+                        part.copy_from_slice(&t[pos as usize..sc_end as usize]);
+                    }
+                }
+            }
+            pos = sc_end;
+        }
+        Ok(())
+    }
+
+    /// Host clusters whose reference `e` holds (to drop when `e` is replaced).
+    fn refs_of(&self, e: Entry) -> Vec<u64> {
+        let geo = self.geo;
+        if e.l2 & OFLAG_COMPRESSED != 0 {
+            let (coff, csize) = geo.compressed_span(e.l2);
+            let first = coff / geo.cs;
+            let last = (coff + csize - 1) / geo.cs;
+            return (first..=last).collect();
+        }
+        match self.host_of(e) {
+            Some(off) if !self.external_data => vec![off / geo.cs],
+            _ => Vec::new(),
+        }
+    }
+
+    fn free_clusters(&self, clusters: Vec<u64>) -> Result<()> {
+        if clusters.is_empty() {
+            return Ok(());
+        }
+        let _g = self.gate.write().unwrap_or_else(lock_err);
+        let mut m = self.lock()?;
+        for c in clusters {
+            m.decref(c)?;
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(Error::Dead);
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset`; with `fua`, durable before returning.
+    pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        let geo = self.geo;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let gc = pos >> geo.cluster_bits;
+            let within = pos & (geo.cs - 1);
+            let n = ((geo.cs - within) as usize).min(buf.len() - done);
+            self.write_cluster(gc, within, &buf[done..done + n])?;
+            done += n;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Host offset for an in-place write of `[s, e)` in cluster `gc`, if no metadata
+    /// has to change.
+    fn in_place(&self, m: &mut Meta, gc: u64, ent: Entry, s: u64, e: u64) -> Result<Option<u64>> {
+        if ent.l2 & OFLAG_COPIED == 0 || ent.l2 & OFLAG_COMPRESSED != 0 {
+            return Ok(None);
+        }
+        let Some(host) = self.host_of(ent) else {
+            return Ok(None);
+        };
+        for sc in s / self.geo.scs..=(e - 1) / self.geo.scs {
+            if !matches!(self.sub_kind(m, gc, ent, sc)?, Sub::Data(_)) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(host))
+    }
+
+    fn write_cluster(&self, gc: u64, s: u64, data: &[u8]) -> Result<()> {
+        let geo = self.geo;
+        let e = s + data.len() as u64;
+        loop {
+            {
+                let _gate = self.gate.read().unwrap_or_else(lock_err);
+                let mut m = self.lock()?;
+                let ent = m.entry(gc)?;
+                let (_, l1_copied) = m.l2_offset(gc)?;
+                if l1_copied && let Some(host) = self.in_place(&mut m, gc, ent, s, e)? {
+                    if !self.external_data {
+                        m.check_overlap(host + s, data.len() as u64)?;
+                    }
+                    drop(m);
+                    self.data
+                        .write_at(data, host + s)
+                        .map_err(Error::io("writing image data"))?;
+                    return Ok(());
+                }
+            }
+            let mut m = self.lock()?;
+            if m.inflight.contains(&gc) {
+                let _m = self.alloc_done.wait(m).unwrap_or_else(lock_err);
+                continue;
+            }
+            m.ensure_l2_writable(gc)?;
+            let old = m.entry(gc)?;
+            // Validate the old entry's subclusters now (reports corruption early).
+            for sc in 0..geo.sc_per_cluster {
+                self.sub_kind(&mut m, gc, old, sc)?;
+            }
+            let old_host = self.host_of(old);
+            let full_cow = old.l2 & OFLAG_COMPRESSED != 0
+                || (old_host.is_some() && old.l2 & OFLAG_COPIED == 0 && !self.external_data);
+            let reuse = !full_cow && old_host.is_some();
+            let (host, fresh) = if let (true, Some(h)) = (reuse, old_host) {
+                (h, false)
+            } else if self.external_data {
+                (gc * geo.cs, false)
+            } else {
+                (m.alloc_cluster()?, true)
+            };
+            if !self.external_data
+                && let Err(err) = m.check_overlap(host, geo.cs)
+            {
+                return Err(err);
+            }
+            m.inflight.insert(gc);
+            drop(m);
+            let res = self.alloc_write(gc, old, host, full_cow, s, data);
+            let mut m = self.meta.lock().unwrap_or_else(lock_err);
+            let out = match res {
+                Ok(new) => match m.set_entry(gc, new) {
+                    Ok(()) => Ok(full_cow),
+                    Err(err) => Err(err),
+                },
+                Err(err) => {
+                    if fresh {
+                        m.unalloc_cluster(host);
+                    }
+                    Err(err)
+                }
+            };
+            m.inflight.remove(&gc);
+            drop(m);
+            self.alloc_done.notify_all();
+            return match out {
+                Ok(true) => self.free_clusters(self.refs_of(old)),
+                Ok(false) => Ok(()),
+                Err(err) => Err(err),
+            };
+        }
+    }
+
+    /// The data part of an allocating write: copy-on-write around `[s, s+len)` into
+    /// `host`, then the entry to link.
+    fn alloc_write(
+        &self,
+        gc: u64,
+        old: Entry,
+        host: u64,
+        full: bool,
+        s: u64,
+        data: &[u8],
+    ) -> Result<Entry> {
+        let geo = self.geo;
+        let e = s + data.len() as u64;
+        if full {
+            let mut buf = vec![0u8; geo.cs as usize];
+            self.fill_view(gc, old, 0, &mut buf[..s as usize])?;
+            self.fill_view(gc, old, e, &mut buf[e as usize..])?;
+            buf[s as usize..e as usize].copy_from_slice(data);
+            self.data
+                .write_at(&buf, host)
+                .map_err(Error::io("writing image data"))?;
+            return Ok(Entry {
+                l2: host | OFLAG_COPIED,
+                bitmap: if geo.ext_l2 { ALL_ALLOC } else { 0 },
+            });
+        }
+        let first = s / geo.scs;
+        let last = (e - 1) / geo.scs;
+        let span_s = first * geo.scs;
+        let span_e = (last + 1) * geo.scs;
+        if span_s == s && span_e == e {
+            self.data
+                .write_at(data, host + s)
+                .map_err(Error::io("writing image data"))?;
+        } else {
+            let mut buf = vec![0u8; (span_e - span_s) as usize];
+            let (head, rest) = buf.split_at_mut((s - span_s) as usize);
+            self.fill_view(gc, old, span_s, head)?;
+            let (mid, tail) = rest.split_at_mut(data.len());
+            mid.copy_from_slice(data);
+            self.fill_view(gc, old, e, tail)?;
+            self.data
+                .write_at(&buf, host + span_s)
+                .map_err(Error::io("writing image data"))?;
+        }
+        Ok(if geo.ext_l2 {
+            let bits = (ALL_ALLOC >> (31 - (last - first))) << first;
+            Entry {
+                l2: host | OFLAG_COPIED,
+                bitmap: (old.bitmap | bits) & !(bits << 32),
+            }
+        } else {
+            Entry {
+                l2: host | OFLAG_COPIED,
+                bitmap: 0,
+            }
+        })
+    }
+
+    /// Writes one compressed cluster (`buf` is exactly one cluster, `offset` aligned).
+    /// The guest cluster must be unallocated, as QEMU requires. Data that does not
+    /// compress is written as a normal cluster.
+    pub fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        let geo = self.geo;
+        if buf.len() as u64 != geo.cs || !offset.is_multiple_of(geo.cs) {
+            return Err(Error::Invalid(
+                "compressed writes must be one aligned cluster".into(),
+            ));
+        }
+        if self.external_data {
+            return Err(Error::Unsupported(
+                "Compression is not supported with an external data file".into(),
+            ));
+        }
+        self.check_range(offset, geo.cs.min(self.size() - offset))?;
+        let Some(c) = compress::compress(self.info.compression_type, buf, geo.cs as usize) else {
+            return self.write(buf, offset, false);
+        };
+        let gc = offset >> geo.cluster_bits;
+        loop {
+            let mut m = self.lock()?;
+            if m.inflight.contains(&gc) {
+                let _m = self.alloc_done.wait(m).unwrap_or_else(lock_err);
+                continue;
+            }
+            m.ensure_l2_writable(gc)?;
+            let old = m.entry(gc)?;
+            if old.l2 & (L2E_OFFSET_MASK | OFLAG_COMPRESSED) != 0 {
+                return Err(Error::Invalid(
+                    "compressed write to an allocated cluster".into(),
+                ));
+            }
+            let host = m.alloc_cluster()?;
+            m.check_overlap(host, geo.cs)?;
+            if host > geo.coff_mask {
+                return Err(Error::TooLarge(
+                    "compressed cluster offset too large".into(),
+                ));
+            }
+            m.inflight.insert(gc);
+            drop(m);
+            let mut padded = c.clone();
+            padded.resize(c.len().div_ceil(512) * 512, 0);
+            let res = self
+                .file
+                .write_at(&padded, host)
+                .map_err(Error::io("writing a compressed cluster"));
+            let mut m = self.meta.lock().unwrap_or_else(lock_err);
+            let nb = (padded.len() / 512) as u64;
+            let out = res.and_then(|()| {
+                m.set_entry(
+                    gc,
+                    Entry {
+                        l2: host | OFLAG_COMPRESSED | ((nb - 1) << geo.csize_shift),
+                        bitmap: 0,
+                    },
+                )
+            });
+            if out.is_err() {
+                m.unalloc_cluster(host);
+            }
+            m.inflight.remove(&gc);
+            drop(m);
+            self.alloc_done.notify_all();
+            return out;
+        }
+    }
+
+    /// Zeroes `[offset, offset+len)`. Whole clusters get the zero flag (v3) and, with
+    /// `may_unmap`, lose their allocation; partial clusters are written with zeroes.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.zero_range(offset, len, Mode::Zero { may_unmap })
+    }
+
+    /// Discards whole clusters in the range (partial clusters are ignored, as QEMU's
+    /// discard granularity is one cluster).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let cs = self.geo.cs;
+        let start = offset.div_ceil(cs) * cs;
+        let mut end = (offset + len) / cs * cs;
+        // The partial cluster at the end of an unaligned image counts as whole.
+        if offset + len == self.size() {
+            end = offset + len;
+        }
+        if end <= start {
+            return Ok(());
+        }
+        self.zero_range(start, end - start, Mode::Discard)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64, mode: Mode) -> Result<()> {
+        let geo = self.geo;
+        let size = self.size();
+        let mut pos = offset;
+        let end = offset + len;
+        let zeroes = vec![0u8; geo.cs.min(len) as usize];
+        while pos < end {
+            let gc = pos >> geo.cluster_bits;
+            let within = pos & (geo.cs - 1);
+            let n = (geo.cs - within).min(end - pos);
+            let whole = within == 0 && (n == geo.cs || pos + n == size);
+            let meta_ok = geo.version >= 3 || (mode == Mode::Discard && self.backing.is_none());
+            if whole && (meta_ok || mode == Mode::Discard) {
+                self.zero_cluster(gc, mode)?;
+            } else if matches!(mode, Mode::Zero { .. }) && !self.reads_zero(gc)? {
+                self.write_cluster(gc, within, &zeroes[..n as usize])?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Does the whole cluster read as zeroes without looking at data?
+    fn reads_zero(&self, gc: u64) -> Result<bool> {
+        let mut m = self.lock()?;
+        let e = m.entry(gc)?;
+        for sc in 0..self.geo.sc_per_cluster {
+            match self.sub_kind(&mut m, gc, e, sc)? {
+                Sub::Zero => {}
+                Sub::Unalloc if self.backing.is_none() => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    fn zero_cluster(&self, gc: u64, mode: Mode) -> Result<()> {
+        let geo = self.geo;
+        let mut m = loop {
+            let m = self.lock()?;
+            if m.inflight.contains(&gc) {
+                drop(self.alloc_done.wait(m).unwrap_or_else(lock_err));
+                continue;
+            }
+            break m;
+        };
+        let old = m.entry(gc)?;
+        let (l2off, _) = m.l2_offset(gc)?;
+        if l2off == 0 && self.backing.is_none() && geo.version < 3 {
+            return Ok(());
+        }
+        if old == Entry::default() && self.backing.is_none() {
+            // Unallocated without a backing node already reads as zeroes.
+            return Ok(());
+        }
+        if l2off == 0 && mode == Mode::Discard && self.backing.is_none() {
+            return Ok(());
+        }
+        let old_host = self.host_of(old).unwrap_or(0);
+        let plain = self.host_of(old).is_some();
+        let keep = plain
+            && (old.l2 & OFLAG_COPIED != 0 || self.external_data)
+            && match mode {
+                Mode::Zero { may_unmap } => !may_unmap || self.external_data,
+                Mode::Discard => self.discard_no_unref || self.external_data,
+            };
+        let new = if geo.version < 3 {
+            // v2 has no zero flag: discarding falls back to the backing file (QEMU too).
+            Entry::default()
+        } else if keep {
+            if geo.ext_l2 {
+                Entry {
+                    l2: old_host | OFLAG_COPIED,
+                    bitmap: ALL_ALLOC << 32,
+                }
+            } else {
+                Entry {
+                    l2: old_host | OFLAG_COPIED | OFLAG_ZERO,
+                    bitmap: 0,
+                }
+            }
+        } else if mode == Mode::Discard && self.backing.is_none() && old == Entry::default() {
+            return Ok(());
+        } else if geo.ext_l2 {
+            Entry {
+                l2: 0,
+                bitmap: ALL_ALLOC << 32,
+            }
+        } else {
+            Entry {
+                l2: OFLAG_ZERO,
+                bitmap: 0,
+            }
+        };
+        if new == old {
+            return Ok(());
+        }
+        m.ensure_l2_writable(gc)?;
+        m.set_entry(gc, new)?;
+        drop(m);
+        if keep && self.data_raw {
+            // The raw data file must read what the image reads.
+            let zeroes = vec![0u8; geo.cs as usize];
+            let n = geo.cs.min(self.size() - gc * geo.cs) as usize;
+            self.data
+                .write_at(&zeroes[..n], old_host)
+                .map_err(Error::io("writing zeroes to the data file"))?;
+        }
+        if keep {
+            Ok(())
+        } else {
+            self.free_clusters(self.refs_of(old))
+        }
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        if self.external_data {
+            self.data
+                .flush()
+                .map_err(Error::io("flushing the data file"))?;
+        }
+        self.file.flush().map_err(Error::io("flushing the image"))
+    }
+
+    /// How `[offset, offset + max_len)` starts: one extent of uniform status.
+    pub fn block_status(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        let size = self.size();
+        if offset >= size {
+            return Err(Error::OutOfRange {
+                offset,
+                len: max_len,
+                size,
+            });
+        }
+        let geo = self.geo;
+        let max_len = max_len.min(size - offset);
+        let mut m = self.lock()?;
+        let mut entries = Vec::new();
+        let gc = offset >> geo.cluster_bits;
+        let within = offset & (geo.cs - 1);
+        m.entries(gc, (within + max_len).div_ceil(geo.cs), &mut entries)?;
+        let class = |k: Sub| match k {
+            Sub::Data(_) => (true, false, true),
+            Sub::Compressed => (true, false, true),
+            Sub::Zero => (false, true, true),
+            Sub::Unalloc => (false, false, false),
+        };
+        let sc0 = within / geo.scs;
+        let k0 = self.sub_kind(&mut m, gc, entries[0], sc0)?;
+        let c0 = class(k0);
+        let host_offset = match k0 {
+            Sub::Data(h) => Some(h + (within & (geo.scs - 1))),
+            _ => None,
+        };
+        let mut len = (geo.scs - (within & (geo.scs - 1))).min(max_len);
+        let mut c = 0usize;
+        let mut s = sc0 + 1;
+        let mut next_host = host_offset.map(|h| h + len);
+        while len < max_len {
+            if s == geo.sc_per_cluster {
+                c += 1;
+                s = 0;
+                if c >= entries.len() {
+                    break;
+                }
+            }
+            let k = self.sub_kind(&mut m, gc + c as u64, entries[c], s)?;
+            if class(k) != c0 {
+                break;
+            }
+            if let Some(nh) = next_host {
+                match k {
+                    Sub::Data(h) if h == nh => next_host = Some(nh + geo.scs),
+                    _ => break,
+                }
+            }
+            len = (len + geo.scs).min(max_len);
+            s += 1;
+        }
+        Ok(Extent {
+            offset,
+            len,
+            data: c0.0,
+            zero: c0.1,
+            allocated: c0.2,
+            host_offset,
+        })
+    }
+
+    /// Changes the virtual size. Growing may grow the L1 table; shrinking frees the
+    /// clusters past the end. Images with snapshots are refused, as QEMU does.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        if !self.info.snapshots.is_empty() {
+            return Err(Error::Unsupported(
+                "Can't resize an image which has snapshots".into(),
+            ));
+        }
+        if !self.info.bitmaps.is_empty() {
+            return Err(Error::Unsupported(
+                "Cannot resize an image with persistent bitmaps".into(),
+            ));
+        }
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::Invalid(
+                "The new size must be a multiple of 512".into(),
+            ));
+        }
+        let geo = self.geo;
+        let old = self.size();
+        if new_size > MAX_CLUSTER_OFFSET {
+            return Err(Error::TooLarge("Image size too large".into()));
+        }
+        if new_size < old {
+            // Free every cluster past the new end (the partial one is kept).
+            let start = new_size.div_ceil(geo.cs) * geo.cs;
+            let mut gc = start / geo.cs;
+            while gc * geo.cs < old {
+                self.drop_cluster(gc)?;
+                gc += 1;
+            }
+        }
+        {
+            let mut m = self.lock()?;
+            let entries = new_size.div_ceil(geo.cs).div_ceil(geo.l2_entries);
+            m.grow_l1(entries)?;
+            self.file
+                .write_at(&new_size.to_be_bytes(), header::OFF_SIZE)
+                .map_err(Error::io("updating the header"))?;
+            self.file.flush().map_err(Error::io("flushing"))?;
+            m.size = new_size;
+            self.size.store(new_size, Ordering::SeqCst);
+        }
+        if new_size > old && !old.is_multiple_of(geo.cs) {
+            // What was past the old end in its last cluster must read as zeroes.
+            let tail_end = (old.div_ceil(geo.cs) * geo.cs).min(new_size);
+            self.write_zeroes(old, tail_end - old, false)?;
+        }
+        Ok(())
+    }
+
+    /// Unlinks cluster `gc` entirely (entry 0) and frees what it referenced.
+    fn drop_cluster(&self, gc: u64) -> Result<()> {
+        let mut m = self.lock()?;
+        let old = m.entry(gc)?;
+        if old == Entry::default() {
+            return Ok(());
+        }
+        m.ensure_l2_writable(gc)?;
+        m.set_entry(gc, Entry::default())?;
+        drop(m);
+        self.free_clusters(self.refs_of(old))
+    }
+
+    /// Clean shutdown: returns reserved clusters, flushes. Later calls fail.
+    pub fn close(&self) -> Result<()> {
+        if self.writable && !self.dead.load(Ordering::SeqCst) {
+            let _g = self.gate.write().unwrap_or_else(lock_err);
+            let mut m = self.lock()?;
+            m.release_reserved()?;
+            drop(m);
+            self.flush()?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Zero { may_unmap: bool },
+    Discard,
+}
+
+impl Backing for Qcow2 {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.read(buf, off)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.size())
+    }
+}
+
+// Keep the constant referenced for documentation of limits.
+const _: u64 = MAX_CLUSTER_OFFSET;

@@ -1,0 +1,698 @@
+//! Metadata state behind the engine's one lock: the L1 table, the L2 cache, refcounts,
+//! the cluster allocator, in-flight allocations and the overlap map.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::{Error, Result};
+use crate::header::{self, INCOMPAT_CORRUPT};
+use crate::refcount::{RcError, Refcounts};
+use crate::storage::Storage;
+use crate::{Entry, Geo};
+
+pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub const OFLAG_COPIED: u64 = 1 << 63;
+pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+pub const OFLAG_ZERO: u64 = 1;
+/// Host offsets the format can express (QCOW_MAX_CLUSTER_OFFSET).
+pub const MAX_CLUSTER_OFFSET: u64 = (1 << 56) - 1;
+
+/// Metadata kinds guarded by the overlap check (QEMU's names, for its messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Header,
+    ActiveL1,
+    ActiveL2,
+    RefcountTable,
+    RefcountBlock,
+    SnapshotTable,
+    InactiveL1,
+    BitmapDirectory,
+}
+
+impl Section {
+    pub fn name(self) -> &'static str {
+        match self {
+            Section::Header => "qcow2_header",
+            Section::ActiveL1 => "active L1 table",
+            Section::ActiveL2 => "active L2 table",
+            Section::RefcountTable => "refcount table",
+            Section::RefcountBlock => "refcount block",
+            Section::SnapshotTable => "snapshot table",
+            Section::InactiveL1 => "inactive L1 table",
+            Section::BitmapDirectory => "bitmap directory",
+        }
+    }
+    /// Part of QEMU's "constant" template (no table walks needed)?
+    fn constant(self) -> bool {
+        !matches!(self, Section::ActiveL2 | Section::RefcountBlock)
+    }
+}
+
+/// Which overlap checks run before writes (QEMU's `overlap-check` templates; `All`
+/// also covers inactive L2 tables in QEMU, which this engine treats like `Cached`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverlapCheck {
+    None,
+    Constant,
+    #[default]
+    Cached,
+    All,
+}
+
+struct L2Slot {
+    words: Box<[u64]>,
+    stamp: u64,
+}
+
+pub(crate) struct Meta {
+    pub file: Arc<dyn Storage>,
+    pub geo: Geo,
+    pub writable: bool,
+    pub dead: Arc<AtomicBool>,
+    pub incompat: u64,
+    pub size: u64,
+    pub l1: Vec<u64>,
+    pub l1_offset: u64,
+    l2: HashMap<u64, L2Slot>,
+    l2_cap: usize,
+    tick: u64,
+    pub rc: Refcounts,
+    pub reserved: VecDeque<u64>,
+    pub free_hint: u64,
+    /// One past the highest cluster index this engine reserved or laid out.
+    pub alloc_end: u64,
+    pub batch: usize,
+    pub inflight: HashSet<u64>,
+    overlap: BTreeMap<u64, (u64, Section)>,
+    pub overlap_mode: OverlapCheck,
+    pub pass_discard: bool,
+}
+
+pub(crate) struct MetaInit {
+    pub file: Arc<dyn Storage>,
+    pub geo: Geo,
+    pub writable: bool,
+    pub dead: Arc<AtomicBool>,
+    pub incompat: u64,
+    pub size: u64,
+    pub l1: Vec<u64>,
+    pub l1_offset: u64,
+    pub l2_cap: usize,
+    pub rc: Refcounts,
+    pub batch: usize,
+    pub overlap_mode: OverlapCheck,
+    pub pass_discard: bool,
+}
+
+impl Meta {
+    pub fn new(i: MetaInit) -> Meta {
+        Meta {
+            file: i.file,
+            geo: i.geo,
+            writable: i.writable,
+            dead: i.dead,
+            incompat: i.incompat,
+            size: i.size,
+            l1: i.l1,
+            l1_offset: i.l1_offset,
+            l2: HashMap::new(),
+            l2_cap: i.l2_cap.max(2),
+            tick: 0,
+            rc: i.rc,
+            reserved: VecDeque::new(),
+            free_hint: 0,
+            alloc_end: 0,
+            batch: i.batch.max(1),
+            inflight: HashSet::new(),
+            overlap: BTreeMap::new(),
+            overlap_mode: i.overlap_mode,
+            pass_discard: i.pass_discard,
+        }
+    }
+
+    // ---- corruption -------------------------------------------------------------
+
+    /// Reports a metadata inconsistency as QEMU's `qcow2_signal_corruption` does: on a
+    /// writable image the header gets the corrupt bit and the image takes no more I/O.
+    pub fn corrupt(&mut self, message: String, offset: Option<u64>, size: Option<u64>) -> Error {
+        let fatal = self.writable;
+        if fatal && !self.dead.swap(true, Ordering::SeqCst) {
+            self.incompat |= INCOMPAT_CORRUPT;
+            let _ = self
+                .file
+                .write_at(&self.incompat.to_be_bytes(), header::OFF_INCOMPAT);
+            let _ = self.file.flush();
+        }
+        Error::Corrupt {
+            message,
+            offset,
+            size,
+            fatal,
+        }
+    }
+
+    fn rc_err(&mut self, e: RcError) -> Error {
+        match e {
+            RcError::Corrupt((msg, off)) => self.corrupt(msg, Some(off), None),
+            RcError::Other(e) => e,
+        }
+    }
+
+    // ---- overlap ------------------------------------------------------------------
+
+    pub fn add_section(&mut self, off: u64, len: u64, s: Section) {
+        if len > 0 {
+            self.overlap.insert(off, (len, s));
+        }
+    }
+
+    pub fn remove_section(&mut self, off: u64) {
+        self.overlap.remove(&off);
+    }
+
+    /// QEMU's pre-write overlap check: a write into metadata marks the image corrupt.
+    pub fn check_overlap(&mut self, off: u64, len: u64) -> Result<()> {
+        if self.overlap_mode == OverlapCheck::None || len == 0 {
+            return Ok(());
+        }
+        let end = off.saturating_add(len);
+        let hit = self
+            .overlap
+            .range(..end)
+            .next_back()
+            .filter(|(s, (l, _))| s.saturating_add(*l) > off)
+            .map(|(_, (_, sec))| *sec);
+        if let Some(sec) = hit
+            && (self.overlap_mode != OverlapCheck::Constant || sec.constant())
+        {
+            let msg = format!(
+                "Preventing invalid write on metadata (overlaps with {})",
+                sec.name()
+            );
+            return Err(self.corrupt(msg, Some(off), Some(len)));
+        }
+        Ok(())
+    }
+
+    // ---- L2 tables ----------------------------------------------------------------
+
+    fn l2_words(&self) -> usize {
+        (self.geo.l2_entries * if self.geo.ext_l2 { 2 } else { 1 }) as usize
+    }
+
+    fn load_l2(&mut self, off: u64) -> Result<&mut L2Slot> {
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.l2.contains_key(&off) {
+            if self.l2.len() >= self.l2_cap
+                && let Some((&victim, _)) = self.l2.iter().min_by_key(|(_, s)| s.stamp)
+            {
+                self.l2.remove(&victim);
+            }
+            let mut raw = vec![0u8; self.geo.cs as usize];
+            self.file
+                .read_at(&mut raw, off)
+                .map_err(Error::io("reading an L2 table"))?;
+            let words: Box<[u64]> = raw
+                .chunks_exact(8)
+                .take(self.l2_words())
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect();
+            self.l2.insert(off, L2Slot { words, stamp: tick });
+        }
+        let slot = self.l2.get_mut(&off).expect("present");
+        slot.stamp = tick;
+        Ok(slot)
+    }
+
+    /// The L2 table offset for guest cluster `gc` (0: none), validated.
+    pub fn l2_offset(&mut self, gc: u64) -> Result<(u64, bool)> {
+        let l1i = gc >> self.geo.l2_bits;
+        let Some(&l1e) = self.l1.get(l1i as usize) else {
+            return Ok((0, false));
+        };
+        let off = l1e & L1E_OFFSET_MASK;
+        if !off.is_multiple_of(self.geo.cs) {
+            let msg = format!("L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})");
+            return Err(self.corrupt(msg, None, None));
+        }
+        Ok((off, l1e & OFLAG_COPIED != 0))
+    }
+
+    /// The L2 entry of guest cluster `gc` (zero entry when there is no L2 table).
+    pub fn entry(&mut self, gc: u64) -> Result<Entry> {
+        let (off, _) = self.l2_offset(gc)?;
+        if off == 0 {
+            return Ok(Entry::default());
+        }
+        let i = (gc & (self.geo.l2_entries - 1)) as usize;
+        let ext = self.geo.ext_l2;
+        let slot = self.load_l2(off)?;
+        Ok(if ext {
+            Entry {
+                l2: slot.words[2 * i],
+                bitmap: slot.words[2 * i + 1],
+            }
+        } else {
+            Entry {
+                l2: slot.words[i],
+                bitmap: 0,
+            }
+        })
+    }
+
+    /// Up to `n` consecutive entries from `gc` within one L2 table (for long reads).
+    pub fn entries(&mut self, gc: u64, n: u64, out: &mut Vec<Entry>) -> Result<()> {
+        out.clear();
+        let (off, _) = self.l2_offset(gc)?;
+        let i0 = gc & (self.geo.l2_entries - 1);
+        let n = n.min(self.geo.l2_entries - i0).max(1);
+        if off == 0 {
+            out.resize(n as usize, Entry::default());
+            return Ok(());
+        }
+        let ext = self.geo.ext_l2;
+        let slot = self.load_l2(off)?;
+        for i in i0..i0 + n {
+            let i = i as usize;
+            out.push(if ext {
+                Entry {
+                    l2: slot.words[2 * i],
+                    bitmap: slot.words[2 * i + 1],
+                }
+            } else {
+                Entry {
+                    l2: slot.words[i],
+                    bitmap: 0,
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the entry of `gc` through to the image; its L2 table must be writable.
+    pub fn set_entry(&mut self, gc: u64, e: Entry) -> Result<()> {
+        let (off, copied) = self.l2_offset(gc)?;
+        if off == 0 || !copied {
+            return Err(Error::Invalid("L2 table not writable".into()));
+        }
+        let i = (gc & (self.geo.l2_entries - 1)) as usize;
+        let ext = self.geo.ext_l2;
+        let slot = self.load_l2(off)?;
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&e.l2.to_be_bytes());
+        bytes[8..].copy_from_slice(&e.bitmap.to_be_bytes());
+        let (at, len) = if ext {
+            slot.words[2 * i] = e.l2;
+            slot.words[2 * i + 1] = e.bitmap;
+            (off + 16 * i as u64, 16)
+        } else {
+            slot.words[i] = e.l2;
+            (off + 8 * i as u64, 8)
+        };
+        self.file
+            .write_at(&bytes[..len], at)
+            .map_err(Error::io("writing an L2 entry"))
+    }
+
+    fn write_l1_entry(&mut self, l1i: u64) -> Result<()> {
+        let v = self.l1[l1i as usize];
+        self.file
+            .write_at(&v.to_be_bytes(), self.l1_offset + 8 * l1i)
+            .map_err(Error::io("writing an L1 entry"))
+    }
+
+    /// Makes the L2 table of `gc` exist and belong to the active L1 alone (COPIED):
+    /// allocates a zeroed one, or copies one shared with a snapshot.
+    pub fn ensure_l2_writable(&mut self, gc: u64) -> Result<()> {
+        let l1i = gc >> self.geo.l2_bits;
+        if l1i as usize >= self.l1.len() {
+            return Err(Error::Invalid("write beyond the L1 table".into()));
+        }
+        let (old, copied) = self.l2_offset(gc)?;
+        if old != 0 && copied {
+            return Ok(());
+        }
+        let cs = self.geo.cs;
+        let new = self.alloc_cluster()?;
+        self.check_overlap(new, cs)?;
+        let words: Box<[u64]> = if old == 0 {
+            vec![0u64; self.l2_words()].into_boxed_slice()
+        } else {
+            self.load_l2(old)?.words.clone()
+        };
+        let mut raw = vec![0u8; cs as usize];
+        for (c, w) in raw.chunks_exact_mut(8).zip(words.iter()) {
+            c.copy_from_slice(&w.to_be_bytes());
+        }
+        // Table first, then the L1 entry that points to it.
+        self.file
+            .write_at(&raw, new)
+            .map_err(Error::io("writing an L2 table"))?;
+        self.l1[l1i as usize] = new | OFLAG_COPIED;
+        self.write_l1_entry(l1i)?;
+        self.tick += 1;
+        self.l2.insert(
+            new,
+            L2Slot {
+                words,
+                stamp: self.tick,
+            },
+        );
+        self.add_section(new, cs, Section::ActiveL2);
+        if old != 0 {
+            // The snapshot keeps its copy: one reference fewer.
+            self.remove_section(old);
+            self.l2.remove(&old);
+            self.decref(old / cs)?;
+        }
+        Ok(())
+    }
+
+    /// Registers the active L2 tables in the overlap map.
+    pub fn register_l2_tables(&mut self) {
+        let offs: Vec<u64> = self
+            .l1
+            .iter()
+            .map(|e| e & L1E_OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        let cs = self.geo.cs;
+        for o in offs {
+            self.add_section(o, cs, Section::ActiveL2);
+        }
+    }
+
+    pub fn register_refblocks(&mut self) {
+        let offs: Vec<u64> = self
+            .rc
+            .table
+            .iter()
+            .map(|e| e & crate::refcount::REFT_OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        let cs = self.geo.cs;
+        for o in offs {
+            self.add_section(o, cs, Section::RefcountBlock);
+        }
+    }
+
+    // ---- refcounts and allocation ---------------------------------------------
+
+    pub fn refcount(&mut self, idx: u64) -> Result<u64> {
+        let geo = self.geo;
+        let file = self.file.clone();
+        self.rc.get(&file, &geo, idx).map_err(|e| self.rc_err(e))
+    }
+
+    fn set_refcount(&mut self, idx: u64, v: u64, defer: bool) -> Result<()> {
+        let geo = self.geo;
+        let file = self.file.clone();
+        self.rc
+            .set(&file, &geo, idx, v, defer)
+            .map_err(|e| self.rc_err(e))
+    }
+
+    /// Drops one reference to cluster `idx`; a cluster reaching 0 is free again.
+    pub fn decref(&mut self, idx: u64) -> Result<()> {
+        let v = self.refcount(idx)?;
+        if v == 0 {
+            let off = idx * self.geo.cs;
+            let msg = format!("Cannot free cluster {off:#x}: its refcount is already 0");
+            return Err(self.corrupt(msg, Some(off), Some(self.geo.cs)));
+        }
+        self.set_refcount(idx, v - 1, false)?;
+        if v == 1 {
+            self.free_hint = self.free_hint.min(idx);
+            if self.pass_discard {
+                let _ = self.file.discard(idx * self.geo.cs, self.geo.cs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure a refcount block covers block index `bi`, growing the table if needed.
+    fn ensure_refblock(&mut self, bi: u64) -> Result<()> {
+        if bi as usize >= self.rc.table.len() {
+            self.grow_reftable(bi + 1)?;
+        }
+        let geo = self.geo;
+        let e = self.rc.table[bi as usize] & crate::refcount::REFT_OFFSET_MASK;
+        if e != 0 {
+            if !e.is_multiple_of(geo.cs) {
+                let msg = format!("Refblock offset {e:#x} unaligned (reftable index: {bi:#x})");
+                return Err(self.corrupt(msg, Some(e), None));
+            }
+            return Ok(());
+        }
+        // No block: every cluster it would cover has refcount 0. Put the block in the
+        // first of them, counting itself.
+        let c0 = bi << geo.rb_bits;
+        let off = c0 * geo.cs;
+        if off > MAX_CLUSTER_OFFSET {
+            return Err(Error::TooLarge("image file too large".into()));
+        }
+        self.check_overlap(off, geo.cs)?;
+        let mut b = vec![0u8; geo.cs as usize].into_boxed_slice();
+        crate::refcount::set_entry(&mut b, geo.rc_order, 0, 1);
+        self.file
+            .write_at(&b, off)
+            .map_err(Error::io("writing a refcount block"))?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        self.rc.insert_block(off, b);
+        self.rc.table[bi as usize] = off;
+        self.file
+            .write_at(&off.to_be_bytes(), self.rc.table_offset + 8 * bi)
+            .map_err(Error::io("writing the refcount table"))?;
+        self.add_section(off, geo.cs, Section::RefcountBlock);
+        self.alloc_end = self.alloc_end.max(c0 + 1);
+        Ok(())
+    }
+
+    /// A larger refcount table, with the refcount blocks that count it, laid out past
+    /// everything in use; then the header points to it and the old one is freed.
+    fn grow_reftable(&mut self, min_entries: u64) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cs;
+        let per = 1u64 << geo.rb_bits;
+        let old_len = self.rc.table.len() as u64;
+        let file_clusters = self
+            .file
+            .len()
+            .map_err(Error::io("reading the image length"))?
+            .div_ceil(cs);
+        let a = file_clusters.max(old_len * per).max(self.alloc_end);
+        let mut entries = min_entries.max(old_len + old_len / 2).max(cs / 8);
+        let mut nblocks = 1u64;
+        let mut guard = 0;
+        let (first_b, tclusters) = loop {
+            guard += 1;
+            if guard > 64 {
+                return Err(Error::TooLarge("refcount table layout".into()));
+            }
+            let tclusters = (entries * 8).div_ceil(cs);
+            let total = nblocks + tclusters;
+            let first_b = a / per;
+            let last_b = (a + total - 1) / per;
+            let need_blocks = last_b - first_b + 1;
+            if need_blocks <= nblocks && last_b < entries {
+                break (first_b, tclusters);
+            }
+            nblocks = nblocks.max(need_blocks);
+            entries = entries.max(last_b + 1);
+        };
+        if tclusters * cs > header::MAX_REFTABLE_BYTES
+            || (a + nblocks + tclusters) * cs > MAX_CLUSTER_OFFSET
+        {
+            return Err(Error::TooLarge("Reference count table too large".into()));
+        }
+        let total = nblocks + tclusters;
+        let mut blocks: Vec<Box<[u8]>> = (0..nblocks)
+            .map(|_| vec![0u8; cs as usize].into_boxed_slice())
+            .collect();
+        for c in a..a + total {
+            let k = (c / per - first_b) as usize;
+            crate::refcount::set_entry(&mut blocks[k], geo.rc_order, c % per, 1);
+        }
+        let new_entries = tclusters * cs / 8;
+        let mut table = self.rc.table.clone();
+        table.resize(new_entries as usize, 0);
+        for k in 0..nblocks {
+            table[(first_b + k) as usize] = (a + k) * cs;
+        }
+        for (k, b) in blocks.iter().enumerate() {
+            self.check_overlap((a + k as u64) * cs, cs)?;
+            self.file
+                .write_at(b, (a + k as u64) * cs)
+                .map_err(Error::io("writing a refcount block"))?;
+        }
+        let mut raw = vec![0u8; (tclusters * cs) as usize];
+        for (c, w) in raw.chunks_exact_mut(8).zip(table.iter()) {
+            c.copy_from_slice(&w.to_be_bytes());
+        }
+        let new_off = (a + nblocks) * cs;
+        self.check_overlap(new_off, tclusters * cs)?;
+        self.file
+            .write_at(&raw, new_off)
+            .map_err(Error::io("writing the refcount table"))?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&new_off.to_be_bytes());
+        hdr[8..].copy_from_slice(&(tclusters as u32).to_be_bytes());
+        self.file
+            .write_at(&hdr, header::OFF_REFTABLE)
+            .map_err(Error::io("updating the header"))?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        let (old_off, old_clusters) = (self.rc.table_offset, self.rc.table_clusters);
+        self.rc.table = table;
+        self.rc.table_offset = new_off;
+        self.rc.table_clusters = tclusters;
+        for (k, b) in blocks.into_iter().enumerate() {
+            self.rc.insert_block((a + k as u64) * cs, b);
+            self.add_section((a + k as u64) * cs, cs, Section::RefcountBlock);
+        }
+        self.remove_section(old_off);
+        self.add_section(new_off, tclusters * cs, Section::RefcountTable);
+        self.alloc_end = self.alloc_end.max(a + total);
+        for c in 0..old_clusters {
+            self.decref(old_off / cs + c)?;
+        }
+        Ok(())
+    }
+
+    /// Refcounts for a batch of free clusters, written and flushed once; they are then
+    /// handed out without further refcount I/O. A crash leaks the unused rest.
+    fn reserve_batch(&mut self) -> Result<()> {
+        let geo = self.geo;
+        let mut got = Vec::with_capacity(self.batch);
+        let mut idx = self.free_hint;
+        let max_idx = MAX_CLUSTER_OFFSET / geo.cs;
+        while got.len() < self.batch {
+            if idx >= max_idx {
+                if got.is_empty() {
+                    return Err(Error::TooLarge("No space left in the image".into()));
+                }
+                break;
+            }
+            self.ensure_refblock(idx >> geo.rb_bits)?;
+            if self.refcount(idx)? == 0 {
+                got.push(idx);
+            }
+            idx += 1;
+        }
+        for &c in &got {
+            self.set_refcount(c, 1, true)?;
+        }
+        let file = self.file.clone();
+        self.rc.write_pending(&file)?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        self.free_hint = idx;
+        if let Some(&last) = got.last() {
+            self.alloc_end = self.alloc_end.max(last + 1);
+        }
+        self.reserved.extend(got);
+        Ok(())
+    }
+
+    /// One cluster with refcount 1 on disk (byte offset).
+    pub fn alloc_cluster(&mut self) -> Result<u64> {
+        if self.reserved.is_empty() {
+            self.reserve_batch()?;
+        }
+        let idx = self
+            .reserved
+            .pop_front()
+            .ok_or_else(|| Error::TooLarge("No space left in the image".into()))?;
+        Ok(idx * self.geo.cs)
+    }
+
+    /// Gives back an allocated but unused cluster.
+    pub fn unalloc_cluster(&mut self, off: u64) {
+        self.reserved.push_front(off / self.geo.cs);
+    }
+
+    /// `n` contiguous clusters with refcount 1 (for L1 tables), past everything in use.
+    pub fn alloc_contiguous(&mut self, n: u64) -> Result<u64> {
+        let geo = self.geo;
+        let file_clusters = self
+            .file
+            .len()
+            .map_err(Error::io("reading the image length"))?
+            .div_ceil(geo.cs);
+        let mut a = file_clusters.max(self.alloc_end);
+        let mut c = a;
+        while c < a + n {
+            if (a + n) * geo.cs > MAX_CLUSTER_OFFSET {
+                return Err(Error::TooLarge("No space left in the image".into()));
+            }
+            self.ensure_refblock(c >> geo.rb_bits)?;
+            if self.refcount(c)? != 0 {
+                // A refcount block just landed here: start after it.
+                a = c + 1;
+            }
+            c += 1;
+        }
+        for c in a..a + n {
+            self.set_refcount(c, 1, true)?;
+        }
+        let file = self.file.clone();
+        self.rc.write_pending(&file)?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        self.alloc_end = self.alloc_end.max(a + n);
+        Ok(a * geo.cs)
+    }
+
+    /// Returns every reserved cluster (clean close).
+    pub fn release_reserved(&mut self) -> Result<()> {
+        while let Some(idx) = self.reserved.pop_front() {
+            self.decref(idx)?;
+        }
+        Ok(())
+    }
+
+    /// Grows the active L1 table to `entries` (new table, header, then the old one freed).
+    pub fn grow_l1(&mut self, entries: u64) -> Result<()> {
+        if entries <= self.l1.len() as u64 {
+            return Ok(());
+        }
+        if entries * 8 > header::MAX_L1_BYTES {
+            return Err(Error::TooLarge("Active L1 table too large".into()));
+        }
+        let cs = self.geo.cs;
+        let clusters = (entries * 8).div_ceil(cs);
+        let new_off = self.alloc_contiguous(clusters)?;
+        let mut l1 = self.l1.clone();
+        l1.resize(entries as usize, 0);
+        let mut raw = vec![0u8; (clusters * cs) as usize];
+        for (c, w) in raw.chunks_exact_mut(8).zip(l1.iter()) {
+            c.copy_from_slice(&w.to_be_bytes());
+        }
+        self.check_overlap(new_off, clusters * cs)?;
+        self.file
+            .write_at(&raw, new_off)
+            .map_err(Error::io("writing the L1 table"))?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(entries as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&new_off.to_be_bytes());
+        self.file
+            .write_at(&hdr, header::OFF_L1_SIZE)
+            .map_err(Error::io("updating the header"))?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        let old_off = self.l1_offset;
+        let old_clusters = (self.l1.len() as u64 * 8).div_ceil(cs);
+        self.l1 = l1;
+        self.l1_offset = new_off;
+        self.remove_section(old_off);
+        self.add_section(new_off, entries * 8, Section::ActiveL1);
+        if old_off != 0 {
+            for c in 0..old_clusters {
+                self.decref(old_off / cs + c)?;
+            }
+        }
+        Ok(())
+    }
+}

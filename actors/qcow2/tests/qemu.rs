@@ -1,0 +1,402 @@
+//! The engine against qemu-img/qemu-io 10.0.2 as the oracle, over every image option
+//! qemu-img writes.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+
+const SIZE: u64 = 8 << 20;
+
+/// qemu-img create options for the matrix.
+fn configs() -> Vec<(&'static str, String)> {
+    vec![
+        ("v2-64k", "compat=0.10".into()),
+        ("v3-64k", "compat=1.1".into()),
+        ("v3-512", "cluster_size=512".into()),
+        ("v2-512", "compat=0.10,cluster_size=512".into()),
+        ("v3-4k", "cluster_size=4096".into()),
+        ("v3-2M", "cluster_size=2M".into()),
+        ("rc1", "refcount_bits=1,cluster_size=4096".into()),
+        ("rc64", "refcount_bits=64".into()),
+        ("rc2-512", "refcount_bits=2,cluster_size=512".into()),
+        ("lazy", "lazy_refcounts=on".into()),
+        ("extl2", "extended_l2=on".into()),
+        ("extl2-16k", "extended_l2=on,cluster_size=16k".into()),
+        ("prealloc-meta", "preallocation=metadata".into()),
+        (
+            "prealloc-falloc",
+            "preallocation=falloc,cluster_size=4096".into(),
+        ),
+        (
+            "extl2-prealloc",
+            "extended_l2=on,preallocation=metadata".into(),
+        ),
+        ("zstd", "compression_type=zstd".into()),
+    ]
+}
+
+fn create(dir: &TempDir, name: &str, opts: &str) -> String {
+    let p = dir.path(name);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        &p,
+        &SIZE.to_string(),
+    ]);
+    p
+}
+
+/// Patterns written by qemu-io read back identically through the engine.
+#[test]
+fn reads_what_qemu_wrote() {
+    let dir = TempDir::new("read");
+    for (name, opts) in configs() {
+        let img = create(&dir, name, &opts);
+        qemu_io(
+            &img,
+            &[
+                "write -P 0x11 0 64k",
+                "write -P 0x22 100000 3000",
+                "write -P 0x33 1M 1M",
+                "write -z 1536k 200k",
+                "discard 1792k 256k",
+                "write -P 0x44 7M 1M",
+                "write -P 0x55 5000 1",
+            ],
+        );
+        let q = open(&img, false);
+        let expected = raw_of(&img, &dir, &[]);
+        assert_same(&read_all(&q), &expected, name);
+        // block_status covers the image and agrees with reads of zero extents.
+        let mut off = 0;
+        while off < q.size() {
+            let e = q.block_status(off, q.size() - off).expect("status");
+            assert!(e.len > 0);
+            if e.zero || (!e.allocated && !e.data) {
+                assert!(
+                    expected[off as usize..(off + e.len) as usize]
+                        .iter()
+                        .all(|&b| b == 0)
+                );
+            }
+            off += e.len;
+        }
+    }
+}
+
+/// Random writes through the engine read back identically with qemu-img, and
+/// `qemu-img check` finds nothing.
+#[test]
+fn qemu_reads_what_engine_wrote() {
+    let dir = TempDir::new("write");
+    for (i, (name, opts)) in configs().into_iter().enumerate() {
+        let img = create(&dir, name, &opts);
+        qemu_io(&img, &["write -P 0x66 64k 300k", "write -z 3M 100k"]);
+        let mut reference = raw_of(&img, &dir, &[]);
+        let q = open(&img, true);
+        let cs = q.info().cluster_size;
+        let mut rng = Rng(0x1234_5678 + i as u64);
+        random_ops(&q, &mut reference, &mut rng, 120, cs);
+        assert_same(&read_all(&q), &reference, &format!("{name}: engine"));
+        q.close().expect("close");
+        drop(q);
+        check(&img, false);
+        assert_same(
+            &raw_of(&img, &dir, &[]),
+            &reference,
+            &format!("{name}: qemu-img"),
+        );
+    }
+}
+
+/// Compressed images (zlib, zstd) read correctly; writes over compressed clusters copy
+/// them; compressed writes by the engine read back with qemu-img.
+#[test]
+fn compressed_clusters() {
+    let dir = TempDir::new("compress");
+    for ctype in ["zlib", "zstd"] {
+        for cs in ["64k", "4k"] {
+            let src = create(&dir, &format!("src-{ctype}-{cs}"), "compat=1.1");
+            qemu_io(
+                &src,
+                &[
+                    "write -P 0x11 0 2M",
+                    "write -P 0x22 3M 100k",
+                    "write -P 0x33 5M 1M",
+                ],
+            );
+            let img = dir.path(&format!("c-{ctype}-{cs}"));
+            qemu_img(&[
+                "convert",
+                "-q",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ctype},cluster_size={cs}"),
+                &src,
+                &img,
+            ]);
+            let q = open(&img, false);
+            let mut reference = raw_of(&src, &dir, &[]);
+            assert_same(&read_all(&q), &reference, "compressed read");
+            drop(q);
+            let q = open(&img, true);
+            let csz = q.info().cluster_size;
+            let mut rng = Rng(77);
+            random_ops(&q, &mut reference, &mut rng, 60, csz);
+            // Compressed writes into unallocated clusters.
+            let mut c = vec![0u8; csz as usize];
+            for (k, b) in c.iter_mut().enumerate() {
+                *b = (k / 100) as u8;
+            }
+            let target = SIZE - csz;
+            q.discard(target, csz).expect("discard");
+            q.write_compressed(&c, target).expect("write_compressed");
+            reference[target as usize..].copy_from_slice(&c);
+            assert_same(&read_all(&q), &reference, "engine after writes");
+            q.close().expect("close");
+            drop(q);
+            check(&img, false);
+            assert_same(&raw_of(&img, &dir, &[]), &reference, "qemu after writes");
+        }
+    }
+}
+
+/// A three-deep chain: reads fall through; writes copy from the backing.
+#[test]
+fn backing_chain() {
+    let dir = TempDir::new("chain");
+    let base = create(&dir, "base", "cluster_size=4096");
+    qemu_io(&base, &["write -P 0x11 0 8M"]);
+    let mid = dir.path("mid");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &mid,
+    ]);
+    qemu_io(
+        &mid,
+        &["write -P 0x22 1M 1M", "write -z 3M 64k", "discard 5M 1M"],
+    );
+    let top = dir.path("top");
+    // A shorter backing: the top grows past it.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "-b",
+        &mid,
+        "-F",
+        "qcow2",
+        &top,
+        "12M",
+    ]);
+    qemu_io(&top, &["write -P 0x33 4k 3k", "write -P 0x44 10M 64k"]);
+    let b = Arc::new(open(&base, false));
+    let m = Arc::new(open_with(&mid, false, Some(b.clone()), None));
+    let info = m.info();
+    assert_eq!(info.backing_file.as_deref(), Some(base.as_str()));
+    assert_eq!(info.backing_format.as_deref(), Some("qcow2"));
+    let t = open_with(&top, true, Some(m.clone()), None);
+    let mut reference = raw_of(&top, &dir, &[]);
+    assert_same(&read_all(&t), &reference, "chain read");
+    let mut rng = Rng(99);
+    random_ops(&t, &mut reference, &mut rng, 100, 65536);
+    assert_same(&read_all(&t), &reference, "chain after writes");
+    t.close().expect("close");
+    drop(t);
+    check(&top, false);
+    assert_same(
+        &raw_of(&top, &dir, &[]),
+        &reference,
+        "qemu chain after writes",
+    );
+}
+
+/// Internal snapshots made by qemu-img stay intact; writes copy shared clusters.
+#[test]
+fn snapshots_stay_intact() {
+    let dir = TempDir::new("snap");
+    for opts in [
+        "cluster_size=4096",
+        "compat=0.10",
+        "extended_l2=on",
+        "refcount_bits=2",
+    ] {
+        let img = create(&dir, opts, opts);
+        qemu_io(&img, &["write -P 0x11 0 3M", "write -P 0x12 6M 100k"]);
+        qemu_img(&["snapshot", "-c", "one", &img]);
+        let one = raw_of(&img, &dir, &[]);
+        qemu_io(&img, &["write -P 0x21 1M 1M"]);
+        qemu_img(&["snapshot", "-c", "two", &img]);
+        let two = raw_of(&img, &dir, &[]);
+        let q = open(&img, true);
+        let info = q.info();
+        assert_eq!(info.snapshots.len(), 2);
+        assert_eq!(info.snapshots[0].name, "one");
+        assert_eq!(info.snapshots[1].name, "two");
+        assert_eq!(info.snapshots[1].id, "2");
+        assert_eq!(info.snapshots[0].disk_size, Some(SIZE));
+        let mut reference = two.clone();
+        let mut rng = Rng(5);
+        random_ops(&q, &mut reference, &mut rng, 100, info.cluster_size);
+        assert!(q.resize(SIZE * 2).is_err(), "resize with snapshots");
+        q.close().expect("close");
+        drop(q);
+        check(&img, false);
+        assert_same(&raw_of(&img, &dir, &[]), &reference, "active");
+        assert_same(
+            &raw_of(&img, &dir, &["-l", "snapshot.name=one"]),
+            &one,
+            "one",
+        );
+        assert_same(
+            &raw_of(&img, &dir, &["-l", "snapshot.name=two"]),
+            &two,
+            "two",
+        );
+    }
+}
+
+/// Persistent bitmaps: listed, kept, marked in use after a writable open.
+#[test]
+fn bitmaps_kept() {
+    let dir = TempDir::new("bitmap");
+    let img = create(&dir, "bm", "compat=1.1");
+    qemu_img(&["bitmap", "--add", &img, "b1"]);
+    qemu_img(&["bitmap", "--add", "-g", "128k", &img, "b2"]);
+    qemu_io(&img, &["write -P 0x11 0 1M"]);
+    let q = open(&img, false);
+    let info = q.info();
+    assert!(info.has_bitmaps);
+    let names: Vec<_> = info.bitmaps.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["b1", "b2"]);
+    assert_eq!(info.bitmaps[1].granularity(), 128 << 10);
+    assert!(info.bitmaps[0].auto() && !info.bitmaps[0].in_use());
+    drop(q);
+    let q = open(&img, true);
+    q.write(&[7u8; 70000], 12345, false).expect("write");
+    q.close().expect("close");
+    drop(q);
+    let out = qemu_img(&["info", &img]);
+    assert!(
+        out.contains("name: b1") && out.contains("name: b2"),
+        "{out}"
+    );
+    assert!(out.contains("in-use"), "{out}");
+    check(&img, false);
+}
+
+/// External data files, with and without data-file-raw.
+#[test]
+fn data_file() {
+    let dir = TempDir::new("datafile");
+    for raw in ["off", "on"] {
+        let img = dir.path(&format!("df-{raw}"));
+        let data = dir.path(&format!("df-{raw}.data"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={data},data_file_raw={raw}"),
+            &img,
+            &SIZE.to_string(),
+        ]);
+        qemu_io(&img, &["write -P 0x11 0 1M", "write -z 2M 64k"]);
+        let q = open_with(&img, true, None, Some(&data));
+        let info = q.info();
+        assert_eq!(info.data_file.as_deref(), Some(data.as_str()));
+        assert_eq!(info.data_file_raw, raw == "on");
+        let mut reference = raw_of(&img, &dir, &[]);
+        assert_same(&read_all(&q), &reference, "data file read");
+        let mut rng = Rng(3);
+        random_ops(&q, &mut reference, &mut rng, 80, 65536);
+        q.close().expect("close");
+        drop(q);
+        check(&img, false);
+        assert_same(
+            &raw_of(&img, &dir, &[]),
+            &reference,
+            "data file after writes",
+        );
+        if raw == "on" {
+            let d = std::fs::read(&data).expect("data");
+            let n = d.len().min(reference.len());
+            assert_same(&d[..n], &reference[..n], "raw data file");
+        }
+        // Opening without the data file is refused with QEMU's text.
+        let e = bulkhead_qcow2::Qcow2::open(storage(&img, false), Default::default())
+            .err()
+            .expect("refused");
+        assert_eq!(e.to_string(), "'data-file' is required for this image");
+    }
+}
+
+/// Grow and shrink.
+#[test]
+fn resize() {
+    let dir = TempDir::new("resize");
+    let img = create(&dir, "r", "cluster_size=512");
+    qemu_io(&img, &["write -P 0x11 0 8M"]);
+    let q = open(&img, true);
+    // Past what the L1 table covers (512 B clusters: 64 entries of 32 KiB each... grow a lot).
+    q.resize(64 << 20).expect("grow");
+    q.write(&[9u8; 5000], 60 << 20, false)
+        .expect("write past old end");
+    q.resize(4 << 20).expect("shrink");
+    q.resize((4 << 20) + 1024).expect("grow a little");
+    q.close().expect("close");
+    drop(q);
+    check(&img, false);
+    let raw = raw_of(&img, &dir, &[]);
+    assert_eq!(raw.len(), (4 << 20) + 1024);
+    assert!(raw[..4 << 20].iter().all(|&b| b == 0x11));
+    assert!(raw[4 << 20..].iter().all(|&b| b == 0));
+}
+
+/// Concurrent writers and readers on disjoint and overlapping ranges.
+#[test]
+fn concurrent_io() {
+    let dir = TempDir::new("conc");
+    let img = create(&dir, "c", "cluster_size=4096");
+    let q = Arc::new(open(&img, true));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(t + 1);
+                for _ in 0..300 {
+                    // Each thread owns the bytes at offsets = t (mod 4) in 1 KiB units,
+                    // so writes from different threads share clusters but not bytes.
+                    let unit = rng.below(SIZE / 4096) * 4 + t;
+                    let buf = [t as u8 + 1; 1024];
+                    q.write(&buf, unit * 1024, false).expect("write");
+                    let mut back = [0u8; 1024];
+                    q.read(&mut back, unit * 1024).expect("read");
+                    assert_eq!(back, buf);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    let all = read_all(&q);
+    for (i, chunk) in all.chunks(1024).enumerate() {
+        let owner = (i % 4) as u8 + 1;
+        assert!(chunk.iter().all(|&b| b == 0 || b == owner), "unit {i}");
+    }
+    q.close().expect("close");
+    check(&img, false);
+    assert_same(&raw_of(&img, &dir, &[]), &all, "concurrent");
+}
