@@ -60,6 +60,16 @@ impl WorkerKind {
         }
     }
 
+    /// Whether a worker of this kind starts format threads: kinds that host a driver
+    /// whose code blocks on its children (`DriverInfo::format_threads`).
+    pub fn needs_format_threads(self) -> bool {
+        match self {
+            WorkerKind::Driver(d) => d.info().format_threads,
+            WorkerKind::Nbd => false,
+            WorkerKind::Image => DriverKind::ALL.iter().any(|d| d.info().format_threads),
+        }
+    }
+
     /// Parses a name produced by [`WorkerKind::as_str`].
     pub fn parse(name: &str) -> Option<WorkerKind> {
         WorkerKind::all().find(|k| k.as_str() == name)
@@ -573,6 +583,10 @@ pub enum WorkerErrorKind {
     Cancelled,
     /// The worker runs as many operations as it may.
     Busy,
+    /// The image refuses to open (a format's header or tables): `detail` is QEMU's
+    /// text for it, which the supervisor shows the client once it has checked it is
+    /// short printable text.
+    Image,
 }
 
 impl WorkerError {

@@ -101,6 +101,9 @@ pub struct DriverInfo {
     pub caps: Capabilities,
     /// The seccomp policy its code needs (`bulkhead_sandbox::policy::POLICIES`).
     pub policy: &'static str,
+    /// Its code blocks on its children's I/O (a format engine), so its worker starts
+    /// format threads for it (`crate::threads::start_format_threads`).
+    pub format_threads: bool,
 }
 
 impl DriverInfo {
@@ -145,6 +148,9 @@ pub enum ParseError {
     /// The same, where `blockdev-reopen` answers with a type error.
     #[error("Invalid parameter type for '{0}', expected: integer")]
     ExpectedInteger(&'static str),
+    /// A combination of values the driver refuses (the text is qsd's).
+    #[error("{0}")]
+    Refused(&'static str),
     /// Options the QAPI visitor accepted but the driver's struct refused: a bulkhead
     /// bug, never a panic.
     #[error("internal error: options the schema accepts were refused ({0})")]
@@ -168,6 +174,16 @@ pub fn size_option(value: Option<i64>, parameter: &'static str) -> Result<Option
             })
         })
         .transpose()
+}
+
+/// The future of [`BlockDriver::open`].
+pub type OpenFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Arc<dyn BlockIo>, crate::OpenError>> + Send>,
+>;
+
+/// An [`OpenFuture`] that is already done (drivers that open without I/O).
+pub fn opened(result: Result<Arc<dyn BlockIo>, crate::OpenError>) -> OpenFuture {
+    Box::pin(std::future::ready(result))
 }
 
 /// A node's children as its worker reached them, by role.
@@ -299,12 +315,10 @@ pub trait BlockDriver {
     }
 
     /// Worker: the node's implementation, on its image descriptor (drivers with an
-    /// [`DriverInfo::image`]) and over its children.
-    fn open(
-        config: &Self::Config,
-        fd: Option<OwnedFd>,
-        children: Children,
-    ) -> Result<Arc<dyn BlockIo>, crate::OpenError>;
+    /// [`DriverInfo::image`]) and over its children. Runs on the worker's executor: a
+    /// driver that must read its image to open (a format's header) does that reading
+    /// off it, on its I/O threads.
+    fn open(config: &Self::Config, fd: Option<OwnedFd>, children: Children) -> OpenFuture;
 }
 
 #[cfg(test)]

@@ -27,7 +27,8 @@ use serde_json::{Map, Value};
 
 use crate::config::{Aio, CommonOptions, ConfigError, OnOffAuto};
 use crate::driver::{
-    BlockDriver, Children, DriverInfo, ImageSpec, ParseError, Parsed, Resize, decode,
+    BlockDriver, Children, DriverInfo, ImageSpec, OpenFuture, ParseError, Parsed, Resize, decode,
+    opened,
 };
 use crate::io::{BlockIo, Extent, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags};
 use crate::threads;
@@ -122,6 +123,7 @@ impl BlockDriver for File {
         resize: Resize::Image,
         caps: CAPS,
         policy: "file",
+        format_threads: false,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<FileConfig>, ParseError> {
@@ -136,12 +138,8 @@ impl BlockDriver for File {
     fn validate(config: &FileConfig) -> Result<(), ConfigError> {
         validate_file(config)
     }
-    fn open(
-        config: &FileConfig,
-        fd: Option<OwnedFd>,
-        _: Children,
-    ) -> Result<Arc<dyn BlockIo>, crate::OpenError> {
-        open_file(config, FileKind::File, fd)
+    fn open(config: &FileConfig, fd: Option<OwnedFd>, _: Children) -> OpenFuture {
+        opened(open_file(config, FileKind::File, fd))
     }
 }
 
@@ -156,6 +154,7 @@ impl BlockDriver for HostDevice {
         resize: Resize::Image,
         caps: CAPS,
         policy: "file",
+        format_threads: false,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<FileConfig>, ParseError> {
@@ -173,12 +172,8 @@ impl BlockDriver for HostDevice {
     fn resize_error(_: &FileConfig, err: &IoError) -> Option<String> {
         matches!(err, IoError::Invalid).then(|| "Cannot grow device files".to_string())
     }
-    fn open(
-        config: &FileConfig,
-        fd: Option<OwnedFd>,
-        _: Children,
-    ) -> Result<Arc<dyn BlockIo>, crate::OpenError> {
-        open_file(config, FileKind::HostDevice, fd)
+    fn open(config: &FileConfig, fd: Option<OwnedFd>, _: Children) -> OpenFuture {
+        opened(open_file(config, FileKind::HostDevice, fd))
     }
 }
 

@@ -13,7 +13,7 @@
 //! - [`driver`]: the [`driver::BlockDriver`] trait every driver module implements;
 //!   [`registry`]: the list of driver modules, which derives [`DriverKind`] and
 //!   [`DriverConfig`]; [`config`]: the generic options every configuration shares.
-//! - [`file`], [`raw`], [`null`]: the drivers; [`node`]: the generic option layer
+//! - [`file`], [`raw`], [`null`], [`qcow2`]: the drivers; [`node`]: the generic option layer
 //!   (read-only, detect-zeroes, discard, no-flush) around each of them.
 //! - [`slot`]: a node whose implementation `blockdev-reopen` can replace under load.
 //! - [`stats`]: per-node counters, write threshold and write notifiers, which
@@ -31,6 +31,7 @@ pub mod mapped;
 pub mod node;
 pub mod null;
 pub mod posix;
+pub mod qcow2;
 pub mod raw;
 pub mod registry;
 pub mod slot;
@@ -72,21 +73,28 @@ pub enum OpenError {
     /// The raw window does not fit its child (text is qsd's).
     #[error(transparent)]
     Raw(#[from] raw::RawOpenError),
+    /// The image refuses to open (a format's header or tables); the text is QEMU's
+    /// for the same condition.
+    #[error("{0}")]
+    Image(String),
+    /// A driver that needs the worker's executor was opened outside one.
+    #[error("the driver must be opened on the worker's executor")]
+    NoRuntime,
 }
 
 /// Opens a node with counters nobody else reads; see [`open_with`].
-pub fn open(
+pub async fn open(
     config: DriverConfig,
     fd: Option<OwnedFd>,
     children: Vec<(ChildRole, Arc<dyn BlockIo>)>,
 ) -> Result<Arc<dyn BlockIo>, OpenError> {
-    open_with(config, fd, children, stats::Accounting::default())
+    open_with(config, fd, children, stats::Accounting::default()).await
 }
 
 /// Opens a node in a driver worker: the driver for `config`, on `fd` (drivers on an
 /// image file) and over its `children`, wrapped in the generic option layer
 /// ([`node::Node`]) that records into `accounting`.
-pub fn open_with(
+pub async fn open_with(
     config: DriverConfig,
     fd: Option<OwnedFd>,
     children: Vec<(ChildRole, Arc<dyn BlockIo>)>,
@@ -99,7 +107,9 @@ pub fn open_with(
     if fd.is_some() && !info.is_posix() {
         return Err(OpenError::Unexpected(info.name));
     }
-    let io = config.open_driver(fd, driver::Children::new(children))?;
+    let io = config
+        .open_driver(fd, driver::Children::new(children))
+        .await?;
     Ok(Arc::new(node::Node::new(
         io,
         *config.common(),

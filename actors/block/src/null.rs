@@ -21,7 +21,8 @@ use serde_json::{Map, Value};
 
 use crate::config::CommonOptions;
 use crate::driver::{
-    BlockDriver, Children, DriverInfo, ParseError, Parsed, Resize, decode, size_option,
+    BlockDriver, Children, DriverInfo, OpenFuture, ParseError, Parsed, Resize, decode, opened,
+    size_option,
 };
 use crate::file::check_range;
 use crate::io::{BlockIo, Extent, IoError, IoFuture, WriteFlags, ZeroFlags};
@@ -118,6 +119,7 @@ macro_rules! null_driver {
                 resize: Resize::Unsupported,
                 caps: CAPS,
                 policy: "null",
+                format_threads: false,
             };
 
             fn parse(members: &Map<String, Value>) -> Result<Parsed<NullConfig>, ParseError> {
@@ -129,12 +131,8 @@ macro_rules! null_driver {
             fn common_mut(config: &mut NullConfig) -> &mut CommonOptions {
                 &mut config.common
             }
-            fn open(
-                config: &NullConfig,
-                _: Option<OwnedFd>,
-                _: Children,
-            ) -> Result<Arc<dyn BlockIo>, crate::OpenError> {
-                Ok(Arc::new(NullDriver::new(config)))
+            fn open(config: &NullConfig, _: Option<OwnedFd>, _: Children) -> OpenFuture {
+                opened(Ok(Arc::new(NullDriver::new(config))))
             }
         }
     };

@@ -17,8 +17,8 @@ use serde_json::{Map, Value};
 
 use crate::config::CommonOptions;
 use crate::driver::{
-    BlockDriver, ChildRole, ChildSlot, Children, DriverInfo, ParseError, Parsed, Resize, decode,
-    size_option,
+    BlockDriver, ChildRole, ChildSlot, Children, DriverInfo, OpenFuture, ParseError, Parsed,
+    Resize, decode, opened, size_option,
 };
 use crate::file::check_range;
 use crate::io::{
@@ -83,6 +83,7 @@ impl BlockDriver for Raw {
             discard_stats: false,
         },
         policy: "raw",
+        format_threads: false,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<RawConfig>, ParseError> {
@@ -150,15 +151,14 @@ impl BlockDriver for Raw {
         }
     }
 
-    fn open(
-        config: &RawConfig,
-        _: Option<OwnedFd>,
-        mut children: Children,
-    ) -> Result<Arc<dyn BlockIo>, crate::OpenError> {
-        let child = children
-            .take(ChildRole::File)
-            .ok_or(crate::OpenError::MissingChild)?;
-        Ok(Arc::new(RawDriver::new(config, child)?))
+    fn open(config: &RawConfig, _: Option<OwnedFd>, mut children: Children) -> OpenFuture {
+        let mut opened_raw = || -> Result<Arc<dyn BlockIo>, crate::OpenError> {
+            let child = children
+                .take(ChildRole::File)
+                .ok_or(crate::OpenError::MissingChild)?;
+            Ok(Arc::new(RawDriver::new(config, child)?))
+        };
+        opened(opened_raw())
     }
 }
 

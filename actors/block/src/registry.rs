@@ -7,15 +7,14 @@
 //! (`design/commands.md`).
 
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::{CommonOptions, ConfigError, DetectZeroes, Discard};
 use crate::driver::{BlockDriver, ChildRole, Children, DriverInfo, ParseError, Parsed};
-use crate::io::{BlockIo, IoError};
-use crate::{file, null, raw};
+use crate::io::IoError;
+use crate::{file, null, qcow2, raw};
 
 macro_rules! registry {
     ($($(#[$doc:meta])* $variant:ident => $driver:ty,)*) => {
@@ -131,7 +130,7 @@ macro_rules! registry {
                 &self,
                 fd: Option<OwnedFd>,
                 children: Children,
-            ) -> Result<Arc<dyn BlockIo>, crate::OpenError> {
+            ) -> crate::driver::OpenFuture {
                 match self {
                     $(DriverConfig::$variant(c) => <$driver as BlockDriver>::open(c, fd, children),)*
                 }
@@ -151,6 +150,8 @@ registry! {
     NullCo => null::NullCo,
     /// `null-aio`.
     NullAio => null::NullAio,
+    /// `qcow2`: the qcow2 format over a file child.
+    Qcow2 => qcow2::Qcow2Format,
 }
 
 impl DriverKind {

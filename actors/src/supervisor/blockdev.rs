@@ -23,6 +23,9 @@ use super::graph::{Driver, Node, Role};
 use super::placement::Placement;
 use super::{Core, QmpError, call_error, errors};
 
+/// How long the nodes may take to close when the daemon exits.
+const CLOSE_ALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// QEMU's limit on node names (`BlockDriverState.node_name[32]`).
 const MAX_NODE_NAME: usize = 31;
 
@@ -561,6 +564,32 @@ impl Core {
             {
                 Box::pin(self.destroy(&child)).await;
             }
+        }
+    }
+
+    /// Closes every node in its worker, parents before children, as the daemon exits:
+    /// a format node writes back what a clean close writes (qcow2's leaked
+    /// reservations and dirty bit). Bounded: a worker that does not answer in time is
+    /// killed with the rest.
+    pub(super) async fn close_all_nodes(&mut self) {
+        let mut order = self.graph.children_first(|_| true);
+        order.reverse();
+        let close = async {
+            for name in order {
+                let Some(node) = self.graph.get(&name) else {
+                    continue;
+                };
+                let (id, home) = (node.id, node.home);
+                if let Some(w) = self.running(home) {
+                    let _ = w.call(ToWorker::RemoveNode { node: id }, &[]).await;
+                }
+            }
+        };
+        if tokio::time::timeout(CLOSE_ALL_TIMEOUT, close)
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the nodes at exit timed out");
         }
     }
 

@@ -362,6 +362,19 @@ pub fn driver_unsupported(driver: &str) -> QmpError {
     generic(format!("Driver '{driver}' is not supported by bulkhead"))
 }
 
+/// An image's driver refused to open it, with the text its worker gave (QEMU's text
+/// for the condition). The text comes from a worker that parsed untrusted image
+/// bytes: anything but short printable ASCII is replaced.
+pub fn image_refused(text: &str) -> QmpError {
+    let printable =
+        !text.is_empty() && text.len() <= 512 && text.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if printable {
+        generic(text)
+    } else {
+        generic("Could not open the image: its driver gave no usable reason")
+    }
+}
+
 /// An export type other than NBD.
 pub fn export_type_unsupported() -> QmpError {
     generic("bulkhead supports only NBD exports so far")

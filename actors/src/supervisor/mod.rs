@@ -501,6 +501,9 @@ impl Core {
 pub(crate) fn call_error(e: CallError) -> QmpError {
     tracing::warn!(error = %e, "worker call failed");
     match e {
+        CallError::Worker(w) if w.kind == bulkhead_ipc::wire::WorkerErrorKind::Image => {
+            errors::image_refused(&w.detail)
+        }
         CallError::Worker(w) if w.errno != 0 => errors::from_error(strerror(w.errno)),
         CallError::Worker(_) => errors::worker_failed(),
         other => errors::from_error(other),

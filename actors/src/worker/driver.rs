@@ -179,13 +179,18 @@ impl DriverWorker {
             opened.push((role, self.child(c).await?));
         }
         let (accounting, fd) = self.accounting(node, name, fds)?;
-        bulkhead_block::open_with(config, fd, opened, accounting).map_err(|e| {
-            err(
-                WorkerErrorKind::Invalid,
-                libc::EINVAL,
-                format!("{name}: {e}"),
-            )
-        })
+        bulkhead_block::open_with(config, fd, opened, accounting)
+            .await
+            .map_err(|e| match e {
+                bulkhead_block::OpenError::Image(text) => {
+                    err(WorkerErrorKind::Image, libc::EINVAL, text)
+                }
+                other => err(
+                    WorkerErrorKind::Invalid,
+                    libc::EINVAL,
+                    format!("{name}: {other}"),
+                ),
+            })
     }
 
     /// A node's accounting from the descriptors of AddNode/ReopenNode: its statistics

@@ -28,6 +28,7 @@ pub mod common;
 pub mod file;
 pub mod nbd;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 
 use std::collections::BTreeMap;
@@ -138,6 +139,7 @@ pub const POLICIES: &[(&str, PolicyFn)] = &[
     ("file", file::table),
     ("raw", raw::table),
     ("null", null::table),
+    ("qcow2", qcow2::table),
 ];
 
 /// The table of the policy named `name`.

@@ -1,0 +1,541 @@
+//! The `qcow2` format driver: a node served by the `bulkhead_qcow2` engine over its
+//! `file` child, reading unallocated clusters from its `backing` child and, with an
+//! external data file, its data from its `data-file` child.
+//!
+//! Runs in the qcow2 driver worker (or an image worker). Everything in the image is
+//! untrusted; the engine parses it, bounded by QEMU's limits. The engine is
+//! synchronous: its calls run on the worker's format threads
+//! ([`crate::threads::run_format`]), and its I/O on the children goes through their
+//! [`BlockIo`] (so their own statistics and write thresholds see it), the calling
+//! format thread waiting for each request. A child's requests run on the I/O threads
+//! or, in another worker, over a data channel driven by the executor, never on the
+//! format threads, so a busy format pool cannot starve what it waits for; a backing
+//! qcow2 node in the same worker runs its engine inline on the same thread.
+//!
+//! The backing file named inside the image never reaches this module as a path: the
+//! supervisor reads the name from the node's image information, checks it, opens it
+//! and attaches the backing node as a child.
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+use bulkhead_qcow2::{OpenOptions, OverlapCheck, Qcow2};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::runtime::Handle;
+
+use crate::config::CommonOptions;
+use crate::driver::{
+    BlockDriver, ChildRole, ChildSlot, Children, DriverInfo, OpenFuture, ParseError, Parsed,
+    Resize, decode,
+};
+use crate::io::{BlockIo, Extent, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags};
+use crate::threads;
+
+/// `overlap-check` (`Qcow2OverlapCheckMode`; the per-structure flags form takes its
+/// template).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Overlap {
+    /// `none`.
+    #[serde(rename = "none")]
+    None,
+    /// `constant`.
+    #[serde(rename = "constant")]
+    Constant,
+    /// `cached` (QEMU's default).
+    #[default]
+    #[serde(rename = "cached")]
+    Cached,
+    /// `all`.
+    #[serde(rename = "all")]
+    All,
+}
+
+/// `qcow2` configuration (`BlockdevOptionsQcow2` minus its children).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Qcow2Config {
+    /// The generic node options.
+    pub common: CommonOptions,
+    /// `l2-cache-size` in bytes.
+    pub l2_cache_size: Option<u64>,
+    /// `refcount-cache-size` in bytes.
+    pub refcount_cache_size: Option<u64>,
+    /// `overlap-check`.
+    pub overlap_check: Overlap,
+    /// `discard-no-unref`.
+    pub discard_no_unref: bool,
+    /// `pass-discard-request` (QEMU's default: on with `discard=unmap`).
+    pub pass_discard_request: Option<bool>,
+}
+
+/// `Qcow2OverlapChecks`: a mode, or flags with a template.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+enum OverlapChecks {
+    Mode(Overlap),
+    Flags(OverlapFlags),
+}
+
+/// `Qcow2OverlapCheckFlags` (only the template is applied).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[allow(dead_code)] // Per-structure switches are accepted; the template decides.
+struct OverlapFlags {
+    template: Option<Overlap>,
+    main_header: Option<bool>,
+    active_l1: Option<bool>,
+    active_l2: Option<bool>,
+    refcount_table: Option<bool>,
+    refcount_block: Option<bool>,
+    snapshot_table: Option<bool>,
+    inactive_l1: Option<bool>,
+    inactive_l2: Option<bool>,
+    bitmap_directory: Option<bool>,
+}
+
+/// `BlockdevOptionsQcow2` minus `file`, `backing` and `data-file`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[allow(dead_code)] // Accepted as qsd accepts them; see the field comments.
+struct Qcow2Options {
+    /// The header decides; the option only changes it on reopen in QEMU.
+    lazy_refcounts: Option<bool>,
+    pass_discard_request: Option<bool>,
+    pass_discard_snapshot: Option<bool>,
+    pass_discard_other: Option<bool>,
+    discard_no_unref: Option<bool>,
+    overlap_check: Option<OverlapChecks>,
+    cache_size: Option<i64>,
+    l2_cache_size: Option<i64>,
+    l2_cache_entry_size: Option<i64>,
+    refcount_cache_size: Option<i64>,
+    /// The engine keeps no idle cache to clean.
+    cache_clean_interval: Option<i64>,
+    encrypt: Option<Value>,
+}
+
+/// Why qcow2 options are refused (qsd's texts).
+fn option_error(text: &'static str) -> ParseError {
+    ParseError::Refused(text)
+}
+
+fn parse_qcow2(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, ParseError> {
+    let o: Qcow2Options = decode(members)?;
+    let size = |v: Option<i64>, name: &'static str| crate::driver::size_option(v, name);
+    let cache = size(o.cache_size, "cache-size")?;
+    let l2 = size(o.l2_cache_size, "l2-cache-size")?;
+    let refcount = size(o.refcount_cache_size, "refcount-cache-size")?;
+    size(o.l2_cache_entry_size, "l2-cache-entry-size")?;
+    size(o.cache_clean_interval, "cache-clean-interval")?;
+    // qcow2_update_options_prepare's rules, in its order.
+    let (l2, refcount) = match (cache, l2, refcount) {
+        (Some(_), Some(_), Some(_)) => {
+            return Err(option_error(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
+            ));
+        }
+        (Some(c), Some(l), None) if l > c => {
+            return Err(option_error("l2-cache-size may not exceed cache-size"));
+        }
+        (Some(c), None, Some(r)) if r > c => {
+            return Err(option_error(
+                "refcount-cache-size may not exceed cache-size",
+            ));
+        }
+        (Some(c), Some(l), None) => (Some(l), Some(c - l)),
+        (Some(c), None, Some(r)) => (Some(c - r), Some(r)),
+        (Some(c), None, None) => (Some(c), None),
+        (None, l, r) => (l, r),
+    };
+    let overlap_check = match o.overlap_check {
+        Some(OverlapChecks::Mode(m)) => m,
+        Some(OverlapChecks::Flags(f)) => f.template.unwrap_or_default(),
+        None => Overlap::default(),
+    };
+    Ok(Parsed {
+        config: Qcow2Config {
+            common: CommonOptions::default(),
+            l2_cache_size: l2,
+            refcount_cache_size: refcount,
+            overlap_check,
+            discard_no_unref: o.discard_no_unref.unwrap_or(false),
+            pass_discard_request: o.pass_discard_request,
+        },
+        image: None,
+        strong: Map::new(),
+    })
+}
+
+/// The `qcow2` driver.
+pub struct Qcow2Format;
+
+impl BlockDriver for Qcow2Format {
+    type Config = Qcow2Config;
+    const INFO: DriverInfo = DriverInfo {
+        name: "qcow2",
+        image: None,
+        protocol: false,
+        children: &[
+            ChildSlot {
+                key: "file",
+                role: ChildRole::File,
+                required: true,
+            },
+            ChildSlot {
+                key: "backing",
+                role: ChildRole::Backing,
+                required: false,
+            },
+            ChildSlot {
+                key: "data-file",
+                role: ChildRole::DataFile,
+                required: false,
+            },
+        ],
+        reopen_options: &[],
+        resize: Resize::Image,
+        caps: crate::node::Capabilities {
+            write_zeroes: true,
+            discard: true,
+            discard_stats: false,
+        },
+        policy: "qcow2",
+        format_threads: true,
+    };
+
+    fn parse(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, ParseError> {
+        parse_qcow2(members)
+    }
+
+    fn common(config: &Qcow2Config) -> &CommonOptions {
+        &config.common
+    }
+
+    fn common_mut(config: &mut Qcow2Config) -> &mut CommonOptions {
+        &mut config.common
+    }
+
+    fn open(config: &Qcow2Config, _: Option<OwnedFd>, mut children: Children) -> OpenFuture {
+        let config = *config;
+        let file = children.take(ChildRole::File);
+        let backing = children.take(ChildRole::Backing);
+        let data_file = children.take(ChildRole::DataFile);
+        Box::pin(async move {
+            let file = file.ok_or(crate::OpenError::MissingChild)?;
+            let handle = Handle::try_current().map_err(|_| crate::OpenError::NoRuntime)?;
+            let writable = !config.common.read_only && !config.common.inactive;
+            let pass_discard = config
+                .pass_discard_request
+                .unwrap_or(config.common.discard == crate::config::Discard::Unmap);
+            let options = OpenOptions {
+                writable,
+                data_file: data_file.map(|d| {
+                    Arc::new(NodeStorage::new(d, handle.clone()))
+                        as Arc<dyn bulkhead_qcow2::Storage>
+                }),
+                backing: backing.clone().map(|b| {
+                    Arc::new(NodeStorage::new(b, handle.clone()))
+                        as Arc<dyn bulkhead_qcow2::Backing>
+                }),
+                l2_cache_size: config.l2_cache_size,
+                refcount_cache_size: config.refcount_cache_size,
+                overlap_check: match config.overlap_check {
+                    Overlap::None => OverlapCheck::None,
+                    Overlap::Constant => OverlapCheck::Constant,
+                    Overlap::Cached => OverlapCheck::Cached,
+                    Overlap::All => OverlapCheck::All,
+                },
+                discard_no_unref: config.discard_no_unref,
+                pass_discard,
+                alloc_batch: None,
+            };
+            let storage: Arc<dyn bulkhead_qcow2::Storage> =
+                Arc::new(NodeStorage::new(file, handle.clone()));
+            let engine = threads::run_format(move || Ok(Qcow2::open(storage, options)))
+                .await
+                .map_err(|e| crate::OpenError::Image(crate::posix::strerror(e.errno())))?
+                .map_err(|e| crate::OpenError::Image(e.to_string()))?;
+            Ok(Arc::new(Qcow2Driver {
+                engine: Arc::new(engine),
+                backing,
+                read_only: !writable,
+            }) as Arc<dyn BlockIo>)
+        })
+    }
+}
+
+/// A qcow2 node.
+pub struct Qcow2Driver {
+    engine: Arc<Qcow2>,
+    backing: Option<Arc<dyn BlockIo>>,
+    read_only: bool,
+}
+
+impl std::fmt::Debug for Qcow2Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Driver")
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Qcow2Driver {
+    /// What the image's header and tables say (for queries).
+    pub fn info(&self) -> bulkhead_qcow2::Info {
+        self.engine.info()
+    }
+}
+
+/// The errno an engine error answers a request with.
+fn io_error(e: bulkhead_qcow2::Error) -> IoError {
+    match e {
+        bulkhead_qcow2::Error::ReadOnly => IoError::ReadOnly,
+        bulkhead_qcow2::Error::OutOfRange { .. } => IoError::OutOfRange,
+        bulkhead_qcow2::Error::Unsupported(_) => IoError::Unsupported,
+        other => {
+            if let bulkhead_qcow2::Error::Corrupt { message, .. } = &other {
+                tracing::error!(corruption = %message, "qcow2 metadata inconsistency");
+            }
+            IoError::Os(other.errno())
+        }
+    }
+}
+
+impl Drop for Qcow2Driver {
+    fn drop(&mut self) {
+        // Write back what a clean close writes (the dirty bit, bitmaps in use). The
+        // engine blocks on its file child, whose requests never need this thread.
+        if self.read_only {
+            return;
+        }
+        tracing::debug!("closing a qcow2 image");
+        let engine = Arc::clone(&self.engine);
+        let (done, wait) = std::sync::mpsc::channel();
+        let job = threads::run_format_detached(move || {
+            if let Err(e) = engine.close() {
+                tracing::warn!(error = %e, "qcow2 image could not be closed cleanly");
+            }
+            let _ = done.send(());
+        });
+        if job.is_ok() {
+            let _ = wait.recv();
+        }
+    }
+}
+
+impl BlockIo for Qcow2Driver {
+    fn size(&self) -> u64 {
+        self.engine.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(threads::run_format_on_buffer(buf, move |b| {
+            engine.read(b, offset).map_err(io_error)
+        }))
+    }
+
+    fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(threads::run_format_on_slice(buf, move |b| {
+            engine.write(b, offset, flags.fua).map_err(io_error)
+        }))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(threads::run_format(move || {
+            engine
+                .write_zeroes(offset, len, flags.may_unmap)
+                .map_err(io_error)?;
+            if flags.fua {
+                engine.flush().map_err(io_error)?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(threads::run_format(move || {
+            engine.discard(offset, len).map_err(io_error)
+        }))
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(threads::run_format(move || {
+            engine.flush().map_err(io_error)
+        }))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async move {
+            let engine = Arc::clone(&self.engine);
+            let here = threads::run_format(move || {
+                let mut out = Vec::new();
+                let mut at = offset;
+                let end = offset.saturating_add(len);
+                while at < end && out.len() < MAX_EXTENTS {
+                    let e = engine.block_status(at, end - at).map_err(io_error)?;
+                    if e.len == 0 {
+                        break;
+                    }
+                    out.push(e);
+                    at = e.offset.saturating_add(e.len);
+                }
+                Ok(out)
+            })
+            .await?;
+            let mut extents = Vec::with_capacity(here.len());
+            for e in here {
+                if e.allocated || self.backing.is_none() {
+                    extents.push(Extent {
+                        length: e.len,
+                        data: e.data,
+                        zero: e.zero || !e.allocated,
+                        depth: u32::from(e.allocated),
+                    });
+                    continue;
+                }
+                // Unallocated here: what the backing chain holds, one layer deeper.
+                extents.extend(self.backing_status(e.offset, e.len).await?);
+            }
+            Ok(extents)
+        })
+    }
+
+    fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(threads::run_format(move || {
+            engine.resize(new_size).map_err(io_error)
+        }))
+    }
+}
+
+/// Most extents one block-status call returns (callers ask again from where it
+/// stopped).
+const MAX_EXTENTS: usize = 1024;
+
+impl Qcow2Driver {
+    /// Block status of an unallocated range, from the backing node (zeroes past its
+    /// end), with depths one deeper.
+    async fn backing_status(&self, offset: u64, len: u64) -> IoResult<Vec<Extent>> {
+        let Some(backing) = &self.backing else {
+            return Ok(Vec::new());
+        };
+        let bsize = backing.size();
+        let mut out = Vec::new();
+        let inside = len.min(bsize.saturating_sub(offset));
+        let mut covered = 0;
+        if inside > 0 {
+            for e in backing.block_status(offset, inside).await? {
+                covered += e.length;
+                out.push(Extent {
+                    depth: if e.depth == 0 { 0 } else { e.depth + 1 },
+                    ..e
+                });
+            }
+        }
+        if covered < len {
+            out.push(Extent {
+                length: len - covered,
+                data: false,
+                zero: true,
+                depth: 0,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// One of the engine's storages (its file or data file) or its backing, on a child
+/// node: each request waits for the child's future on the calling format thread.
+struct NodeStorage {
+    node: Arc<dyn BlockIo>,
+    handle: Handle,
+    /// Serialises growing the file, so that a smaller growth never undoes a larger one.
+    grow: Mutex<()>,
+}
+
+/// The file grows in steps of this much (the engine writes past its end to allocate),
+/// so that growth costs one resize per step, not one per cluster.
+const GROW_STEP: u64 = 1 << 20;
+
+impl NodeStorage {
+    fn new(node: Arc<dyn BlockIo>, handle: Handle) -> NodeStorage {
+        NodeStorage {
+            node,
+            handle,
+            grow: Mutex::new(()),
+        }
+    }
+
+    fn io<T>(&self, f: impl std::future::Future<Output = IoResult<T>>) -> std::io::Result<T> {
+        self.handle
+            .block_on(f)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn read_clamped(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let size = self.node.size();
+        let n = usize::try_from(size.saturating_sub(off))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let (inside, past) = buf.split_at_mut(n);
+        past.fill(0);
+        if inside.is_empty() {
+            return Ok(());
+        }
+        self.io(self.node.read(off, inside))
+    }
+}
+
+impl bulkhead_qcow2::Storage for NodeStorage {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.read_clamped(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        let end = off.saturating_add(buf.len() as u64);
+        if end > self.node.size() {
+            let _one = self.grow.lock().unwrap_or_else(|p| p.into_inner());
+            if end > self.node.size() {
+                let to = end.div_ceil(GROW_STEP).saturating_mul(GROW_STEP);
+                self.io(self.node.resize(to))?;
+            }
+        }
+        self.io(self.node.write(off, buf, WriteFlags::default()))
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        self.io(self.node.flush())
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.node.size())
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let _one = self.grow.lock().unwrap_or_else(|p| p.into_inner());
+        self.io(self.node.resize(len))
+    }
+
+    fn discard(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.io(self.node.discard(off, len))
+    }
+}
+
+impl bulkhead_qcow2::Backing for NodeStorage {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.read_clamped(buf, off)
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.node.size())
+    }
+}
