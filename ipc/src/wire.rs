@@ -544,6 +544,8 @@ pub enum Reply {
     NodeInfo {
         /// Size in bytes.
         size: u64,
+        /// What its format driver read from its image (untrusted: image bytes).
+        format: Option<Box<bulkhead_block::FormatInfo>>,
     },
     /// An export was removed; `deferred` when clients were still attached and
     /// `ExportGone` will follow once they have gone.

@@ -44,8 +44,8 @@ use std::sync::Arc;
 pub use config::DriverConfig;
 pub use driver::ChildRole;
 pub use io::{
-    BlockIo, Extent, IoBuffer, IoError, IoFuture, IoResult, SparseFuture, SparseReadError,
-    WriteFlags, ZeroFlags,
+    BitmapEntry, BlockIo, Extent, FormatInfo, IoBuffer, IoError, IoFuture, IoResult, SnapshotEntry,
+    SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
 };
 pub use registry::DriverKind;
 

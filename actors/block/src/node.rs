@@ -214,6 +214,10 @@ impl BlockIo for Node {
         self.driver.refresh()
     }
 
+    fn format_info(&self) -> Option<crate::io::FormatInfo> {
+        self.driver.format_info()
+    }
+
     fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if self.read_only() || self.options.inactive {

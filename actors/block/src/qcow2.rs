@@ -29,7 +29,10 @@ use crate::driver::{
     BlockDriver, ChildRole, ChildSlot, Children, DriverInfo, OpenFuture, ParseError, Parsed,
     Resize, decode,
 };
-use crate::io::{BlockIo, Extent, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags};
+use crate::io::{
+    BitmapEntry, BlockIo, Extent, FormatInfo, IoError, IoFuture, IoResult, SnapshotEntry,
+    WriteFlags, ZeroFlags,
+};
 use crate::threads;
 
 /// `overlap-check` (`Qcow2OverlapCheckMode`; the per-structure flags form takes its
@@ -415,6 +418,49 @@ impl BlockIo for Qcow2Driver {
             engine.resize(new_size).map_err(io_error)
         }))
     }
+
+    fn format_info(&self) -> Option<FormatInfo> {
+        let i = self.engine.info();
+        Some(FormatInfo {
+            cluster_size: i.cluster_size,
+            dirty: i.dirty,
+            compat: if i.version >= 3 { "1.1" } else { "0.10" }.to_string(),
+            lazy_refcounts: i.lazy_refcounts,
+            refcount_bits: i.refcount_bits,
+            corrupt: i.corrupt,
+            extended_l2: i.extended_l2,
+            compression_type: i.compression_type.name().to_string(),
+            backing_file: i.backing_file,
+            backing_format: i.backing_format,
+            data_file: i.data_file,
+            data_file_raw: i.data_file_raw,
+            bitmaps: i.has_bitmaps.then(|| {
+                i.bitmaps
+                    .iter()
+                    .map(|b| BitmapEntry {
+                        name: b.name.clone(),
+                        granularity: 1u64 << b.granularity_bits.min(63),
+                        in_use: b.in_use(),
+                        auto: b.auto(),
+                    })
+                    .collect()
+            }),
+            snapshots: i
+                .snapshots
+                .iter()
+                .map(|s| SnapshotEntry {
+                    id: s.id.clone(),
+                    name: s.name.clone(),
+                    vm_state_size: s.vm_state_size,
+                    date_sec: u64::from(s.date_sec),
+                    date_nsec: u64::from(s.date_nsec),
+                    vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+                    vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+                    icount: s.icount,
+                })
+                .collect(),
+        })
+    }
 }
 
 /// Most extents one block-status call returns (callers ask again from where it
@@ -462,6 +508,32 @@ struct NodeStorage {
     grow: Mutex<()>,
 }
 
+/// Waits for `fut` on the calling (format) thread. Inside the runtime's context, so
+/// that a child over a data channel reaches the executor's reactor, but without
+/// `Handle::block_on`, which refuses to nest: a backing node in the same worker runs
+/// its engine inline, and its file child's request waits here again.
+fn wait<F: std::future::Future>(handle: &Handle, fut: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let _context = handle.enter();
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}
+
 /// The file grows in steps of this much (the engine writes past its end to allocate),
 /// so that growth costs one resize per step, not one per cluster.
 const GROW_STEP: u64 = 1 << 20;
@@ -476,9 +548,7 @@ impl NodeStorage {
     }
 
     fn io<T>(&self, f: impl std::future::Future<Output = IoResult<T>>) -> std::io::Result<T> {
-        self.handle
-            .block_on(f)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        wait(&self.handle, f).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 
     fn read_clamped(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {

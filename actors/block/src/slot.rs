@@ -127,6 +127,10 @@ impl BlockIo for Slot {
     fn alloc_buffer(&self, len: usize) -> Option<IoBuffer> {
         self.current().alloc_buffer(len)
     }
+
+    fn format_info(&self) -> Option<crate::io::FormatInfo> {
+        self.current().format_info()
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 use std::os::fd::AsFd;
 
+use bulkhead_block::FormatInfo;
 use bulkhead_block::config::{CommonOptions, DetectZeroes, Discard, DriverConfig};
 use bulkhead_block::driver::{ParseError, Parsed, Resize};
 use bulkhead_block::file::FileKind;
@@ -36,7 +37,7 @@ enum ChildSpec {
 }
 
 /// One node's options, parsed from `BlockdevOptions`.
-struct Spec {
+pub(super) struct Spec {
     name: Option<String>,
     driver: Driver,
     read_only: Option<bool>,
@@ -53,6 +54,9 @@ struct Spec {
     parsed: Parsed<DriverConfig>,
     /// Its children by role, as named in its options.
     children: Vec<(Role, ChildSpec)>,
+    /// Its options name its backing (a node, options, or `null` for none): the
+    /// backing file its image names is then not opened.
+    backing_given: bool,
     /// The options as given, flattened (`cache.direct`), without the children
     /// (which become their node-names once they exist, see `Node::options`).
     given: Map<String, Value>,
@@ -90,7 +94,10 @@ pub(super) fn driver_of(qapi: types::BlockdevDriver) -> Option<Driver> {
 
 /// Parses one node's options; `given` is the object they were decoded from (an inline
 /// child's is its member in its parent's).
-fn parse_spec(options: &BlockdevOptions, given: &Map<String, Value>) -> Result<Spec, QmpError> {
+pub(super) fn parse_spec(
+    options: &BlockdevOptions,
+    given: &Map<String, Value>,
+) -> Result<Spec, QmpError> {
     let base = &options.base;
     let Some(driver) = driver_of(base.driver) else {
         let name = given.get("driver").and_then(Value::as_str).unwrap_or("");
@@ -99,6 +106,7 @@ fn parse_spec(options: &BlockdevOptions, given: &Map<String, Value>) -> Result<S
     let mut members = options.members.clone();
     let mut given_top = given.clone();
     let mut children = Vec::new();
+    let backing_given = members.contains_key("backing");
     for slot in driver.info().children {
         given_top.remove(slot.key);
         let Some(member) = members.remove(slot.key) else {
@@ -142,16 +150,17 @@ fn parse_spec(options: &BlockdevOptions, given: &Map<String, Value>) -> Result<S
         active: base.active,
         parsed,
         children,
+        backing_given,
         given: flatten(&given_top),
     })
 }
 
 /// Options a parent passes down to an inline child unless the child sets them.
 #[derive(Clone, Copy, Default)]
-struct Inherited {
-    read_only: bool,
-    direct: bool,
-    no_flush: bool,
+pub(super) struct Inherited {
+    pub(super) read_only: bool,
+    pub(super) direct: bool,
+    pub(super) no_flush: bool,
 }
 
 impl Core {
@@ -180,7 +189,7 @@ impl Core {
     /// Creates `spec` and its inline children; records every created name in `created`
     /// so a failure can undo them. `hint` is the instance the parent chose for an
     /// inline child (see `placement`).
-    async fn create(
+    pub(super) async fn create(
         &mut self,
         spec: Spec,
         inherited: Inherited,
@@ -220,7 +229,7 @@ impl Core {
                     };
                     // The local protocol child starts where its parent will live.
                     let child_hint = match role {
-                        Role::File => self.inline_child_hint(spec.driver),
+                        Role::File => hint.or_else(|| self.inline_child_hint(spec.driver)),
                         _ => None,
                     };
                     Box::pin(self.create(*s, inherit, false, child_hint, created)).await?
@@ -361,8 +370,8 @@ impl Core {
                 worker_fd.as_ref(),
             )
             .await;
-        let size = match opened {
-            Ok(size) => size,
+        let (size, format) = match opened {
+            Ok(opened) => opened,
             Err(e) => {
                 self.retire_if_idle(home);
                 return Err(e);
@@ -400,8 +409,20 @@ impl Core {
             exported: false,
             config,
             stats,
+            format,
+            implicit_backing: false,
         });
         created.push(name.clone());
+        let takes_backing = spec
+            .driver
+            .info()
+            .children
+            .iter()
+            .any(|s| s.role == Role::Backing);
+        if takes_backing && !spec.backing_given {
+            // QEMU opens the backing file its image names once the node is open.
+            Box::pin(self.open_implicit_backing(&name, created)).await?;
+        }
         if fixed_window {
             // A raw window refuses to share `resize` of the image below it.
             self.refresh_locks()?;
@@ -468,7 +489,7 @@ impl Core {
     }
 
     /// Opens node `id` on instance `home` with its statistics region `stats` and
-    /// returns its size.
+    /// returns its size and what its format driver read from its image.
     #[allow(clippy::too_many_arguments)]
     async fn open_on(
         &mut self,
@@ -479,7 +500,7 @@ impl Core {
         children: Vec<(Role, NodeRef)>,
         stats: &std::os::fd::OwnedFd,
         image: Option<&std::os::fd::OwnedFd>,
-    ) -> Result<u64, QmpError> {
+    ) -> Result<(u64, Option<Box<FormatInfo>>), QmpError> {
         let worker = self.worker(home).await?;
         let fds: Vec<_> = std::iter::once(stats)
             .chain(image)
@@ -497,8 +518,8 @@ impl Core {
         })?;
         Ok(
             match worker.call(ToWorker::QueryNode { node: id }, &[]).await {
-                Ok(Reply::NodeInfo { size }) => size,
-                _ => 0,
+                Ok(Reply::NodeInfo { size, format }) => (size, format),
+                _ => (0, None),
             },
         )
     }
@@ -723,7 +744,7 @@ impl Core {
             let Some(w) = self.running(home) else {
                 continue;
             };
-            if let Ok(Reply::NodeInfo { size }) =
+            if let Ok(Reply::NodeInfo { size, .. }) =
                 w.call(ToWorker::QueryNode { node: id }, &[]).await
                 && let Some(n) = self.graph.get_mut(&name)
             {

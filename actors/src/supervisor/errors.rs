@@ -362,6 +362,11 @@ pub fn driver_unsupported(driver: &str) -> QmpError {
     generic(format!("Driver '{driver}' is not supported by bulkhead"))
 }
 
+/// A backing file named inside an image could not be opened (QEMU's prefix).
+pub fn backing_open_failed(reason: &str) -> QmpError {
+    generic(format!("Could not open backing file: {reason}"))
+}
+
 /// An image's driver refused to open it, with the text its worker gave (QEMU's text
 /// for the condition). The text comes from a worker that parsed untrusted image
 /// bytes: anything but short printable ASCII is replaced.

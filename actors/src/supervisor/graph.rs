@@ -68,6 +68,11 @@ pub struct Node {
     pub options: Map<String, Value>,
     /// Its statistics region and write threshold (passed again on every replay).
     pub stats: super::stats::NodeStats,
+    /// What its format driver read from its image, as last reported (untrusted).
+    pub format: Option<Box<bulkhead_block::FormatInfo>>,
+    /// Its backing child was opened from the name inside its image, not given in its
+    /// options (it then does not show in the node's `json:` filename).
+    pub implicit_backing: bool,
 }
 
 impl Node {
@@ -479,6 +484,8 @@ pub(crate) mod tests {
                 Ok(s) => s,
                 Err(e) => panic!("statistics region: {}", e.desc),
             },
+            format: None,
+            implicit_backing: false,
         });
     }
 

@@ -10,6 +10,7 @@
 
 pub mod actor;
 pub mod asks;
+mod backing;
 pub mod blockdev;
 pub mod commands;
 pub mod errors;

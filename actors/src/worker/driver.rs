@@ -313,7 +313,10 @@ impl DriverWorker {
                     }
                     _ => err(WorkerErrorKind::Io, e.errno(), e.to_string()),
                 })?;
-                Ok(Reply::NodeInfo { size: n.size() })
+                Ok(Reply::NodeInfo {
+                    size: n.size(),
+                    format: None,
+                })
             }
             ToWorker::Ping => Ok(Reply::Done),
             ToWorker::StartOperation { op, operation } => {
@@ -347,7 +350,10 @@ impl DriverWorker {
                 if let Err(e) = n.refresh().await {
                     tracing::warn!(error = %e, "could not refresh node size");
                 }
-                Ok(Reply::NodeInfo { size: n.size() })
+                Ok(Reply::NodeInfo {
+                    size: n.size(),
+                    format: n.format_info().map(Box::new),
+                })
             }
         }
     }
