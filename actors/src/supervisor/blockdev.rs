@@ -413,6 +413,10 @@ impl Core {
             implicit_backing: false,
         });
         created.push(name.clone());
+        if self.graph.get(&name).is_some_and(|n| n.format.is_some()) {
+            // A format node holds its image's lock bytes from the start.
+            self.refresh_locks()?;
+        }
         let takes_backing = spec
             .driver
             .info()
@@ -459,6 +463,27 @@ impl Core {
             }
             if let Some(bottom) = chain.last() {
                 add(&bottom.name, p, perm::RESIZE);
+            }
+        }
+        // A format node with metadata reads (and, writable, writes and resizes) its
+        // file whether or not anyone uses it, and shares neither writing nor
+        // resizing: qemu-img cannot write an image a qcow2 node has open.
+        for n in self.graph.iter().filter(|n| n.format.is_some() && n.active) {
+            let Some(file) = n.file() else {
+                continue;
+            };
+            let chain = self.graph.chain(file);
+            if chain.iter().any(|c| !c.active) {
+                continue;
+            }
+            if let Some(bottom) = chain.last() {
+                let p = perm::CONSISTENT_READ
+                    | if n.read_only {
+                        0
+                    } else {
+                        perm::WRITE | perm::RESIZE
+                    };
+                add(&bottom.name, p, perm::WRITE | perm::RESIZE);
             }
         }
         for n in self.graph.iter().filter(|n| n.fixed_window) {
@@ -729,6 +754,32 @@ impl Core {
         }
         self.refresh_sizes(&chain).await;
         Ok(())
+    }
+
+    /// Asks the workers of format nodes what their images say now (the dirty flag
+    /// and bitmap flags change as the image is written), for queries. A worker that
+    /// does not answer leaves the last report.
+    pub(super) async fn refresh_format_info(&mut self) {
+        let nodes: Vec<_> = self
+            .graph
+            .iter()
+            .filter(|n| n.format.is_some())
+            .map(|n| (n.name.clone(), n.id, n.home))
+            .collect();
+        for (name, id, home) in nodes {
+            let Some(w) = self.running(home) else {
+                continue;
+            };
+            if let Ok(Reply::NodeInfo {
+                size,
+                format: Some(format),
+            }) = w.call(ToWorker::QueryNode { node: id }, &[]).await
+                && let Some(n) = self.graph.get_mut(&name)
+            {
+                n.size = size;
+                n.format = Some(format);
+            }
+        }
     }
 
     /// Re-reads the sizes of the nodes a resize went through, bottom first. Like QEMU,

@@ -287,6 +287,9 @@ impl Graph {
         // quorum_gather_child_options); every other child under its role's name.
         let mut quorum: Vec<(u32, Value)> = Vec::new();
         for (role, c) in &node.children {
+            if *role == Role::Backing && node.implicit_backing {
+                continue;
+            }
             if let Some(c) = self.get(c) {
                 match role {
                     Role::Child(i) => quorum.push((*i, self.full_options(c))),
@@ -312,8 +315,12 @@ impl Graph {
         if let Some(path) = &node.path {
             return path.clone();
         }
-        // Only a node whose sole child is its `file` takes the child's name.
-        let only_file = node.children.iter().all(|(r, _)| *r == Role::File);
+        // Only a node whose sole child is its `file` takes the child's name (a backing
+        // opened from the name inside the image does not count).
+        let only_file = node
+            .children
+            .iter()
+            .all(|(r, _)| *r == Role::File || (*r == Role::Backing && node.implicit_backing));
         if node.strong_options.is_empty() && only_file {
             match node.file().and_then(|c| self.get(c)) {
                 None => return format!("{}://", node.driver.as_str()),
@@ -344,31 +351,91 @@ impl Graph {
         }
     }
 
-    /// One element of `query-named-block-nodes` (BlockDeviceInfo), members in the order
-    /// QEMU fills them so the writer's QDict ordering matches qsd.
-    pub fn device_info(&self, node: &Node) -> Value {
+    /// `ImageInfo` of `node` (its `backing-image` recursively, bounded by the chain's
+    /// length), members in the order QEMU fills them.
+    fn image_info(&self, node: &Node, depth: usize) -> Map<String, Value> {
         let filename = self.filename(node);
         let bottom_posix = self.bottom(&node.name).is_some_and(|b| b.driver.is_posix());
+        let format = node.format.as_deref();
         let mut image = Map::new();
-        image.insert("filename".into(), filename.clone().into());
+        image.insert("filename".into(), filename.into());
         image.insert("format".into(), node.driver.as_str().into());
-        if bottom_posix {
-            image.insert("dirty-flag".into(), false.into());
+        match format {
+            Some(f) => {
+                image.insert("dirty-flag".into(), f.dirty.into());
+            }
+            None if bottom_posix => {
+                image.insert("dirty-flag".into(), false.into());
+            }
+            None => {}
         }
         image.insert("actual-size".into(), self.actual_size(node).into());
         image.insert("virtual-size".into(), node.size.into());
-        if node.driver.is_posix() {
+        let backing = node.child(Role::Backing).and_then(|b| self.get(b));
+        if let Some(f) = format {
+            image.insert("cluster-size".into(), f.cluster_size.into());
+            if let Some(name) = &f.backing_file {
+                image.insert("backing-filename".into(), name.clone().into());
+                let full = match backing {
+                    Some(b) if node.implicit_backing => self.filename(b),
+                    _ => name.clone(),
+                };
+                image.insert("full-backing-filename".into(), full.into());
+                if let Some(fmt) = &f.backing_format {
+                    image.insert("backing-filename-format".into(), fmt.clone().into());
+                }
+            }
+            if !f.snapshots.is_empty() {
+                let list: Vec<Value> = f.snapshots.iter().map(snapshot_info).collect();
+                image.insert("snapshots".into(), Value::Array(list));
+            }
+            image.insert("format-specific".into(), qcow2_specific(f));
+        } else if node.driver.is_posix() {
             image.insert(
                 "format-specific".into(),
                 json!({"type": "file", "data": {}}),
             );
         }
+        if let Some(b) = backing
+            && depth < 64
+        {
+            image.insert(
+                "backing-image".into(),
+                Value::Object(self.image_info(b, depth + 1)),
+            );
+        }
+        image
+    }
+
+    /// How many backing layers lie below `node` (`backing_file_depth`).
+    fn backing_depth(&self, node: &Node) -> usize {
+        let mut depth = 0;
+        let mut cur = node.child(Role::Backing).and_then(|b| self.get(b));
+        while let Some(n) = cur {
+            depth += 1;
+            if depth > 64 {
+                break;
+            }
+            cur = n.child(Role::Backing).and_then(|b| self.get(b));
+        }
+        depth
+    }
+
+    /// One element of `query-named-block-nodes` (BlockDeviceInfo), members in the order
+    /// QEMU fills them so the writer's QDict ordering matches qsd.
+    pub fn device_info(&self, node: &Node) -> Value {
+        let filename = self.filename(node);
+        let image = self.image_info(node, 0);
+        let backing = node.child(Role::Backing).and_then(|b| self.get(b));
         let mut m = Map::new();
         m.insert("file".into(), filename.into());
         m.insert("node-name".into(), node.name.clone().into());
         m.insert("ro".into(), node.read_only.into());
         m.insert("drv".into(), node.driver.as_str().into());
-        m.insert("backing_file_depth".into(), 0.into());
+        if let Some(b) = backing {
+            m.insert("backing_file".into(), self.filename(b).into());
+        }
+        m.insert("backing_file_depth".into(), self.backing_depth(node).into());
         m.insert("active".into(), node.active.into());
         m.insert("encrypted".into(), false.into());
         m.insert("detect_zeroes".into(), node.detect_zeroes.into());
@@ -387,6 +454,33 @@ impl Graph {
         Value::Object(m)
     }
 
+    /// The nodes in the order QEMU allocated them: as they were named (children
+    /// first), except that a backing node opened from the name inside an image comes
+    /// before its own file (QEMU allocates it before it opens the file by name).
+    fn creation_order(&self) -> Vec<&str> {
+        let implicit: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.implicit_backing)
+            .filter_map(|n| n.child(Role::Backing))
+            .collect();
+        let mut order: Vec<&str> = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            if order.contains(&n.name.as_str()) {
+                continue;
+            }
+            if let Some(parent) = self.nodes.iter().find(|p| {
+                implicit.contains(&p.name.as_str())
+                    && p.file() == Some(n.name.as_str())
+                    && !order.contains(&p.name.as_str())
+            }) {
+                order.push(&parent.name);
+            }
+            order.push(&n.name);
+        }
+        order
+    }
+
     /// `query-named-block-nodes`: newest first, like qsd. Without backing chains the
     /// `flat` flag changes nothing.
     pub fn query_named_block_nodes(&self) -> Value {
@@ -402,18 +496,15 @@ impl Graph {
     /// `x-debug-query-block-graph`. qsd numbers the nodes that exist at query time
     /// 1..N, oldest first.
     pub fn debug_graph(&self) -> Value {
-        let number = |name: &str| {
-            self.nodes
-                .iter()
-                .position(|n| n.name == name)
-                .map_or(0, |i| i + 1)
-        };
+        let order = self.creation_order();
+        let number = |name: &str| order.iter().position(|n| *n == name).map_or(0, |i| i + 1);
+        // Listed newest-named first (as query-named-block-nodes), numbered in
+        // allocation order.
         let nodes: Vec<Value> = self
             .nodes
             .iter()
-            .enumerate()
             .rev()
-            .map(|(i, n)| json!({"id": i + 1, "type": "block-driver", "name": n.name}))
+            .map(|n| json!({"id": number(&n.name), "type": "block-driver", "name": n.name}))
             .collect();
         let mut edges = Vec::new();
         for n in self.nodes.iter().rev() {
@@ -421,19 +512,92 @@ impl Graph {
                 let Some(c) = self.get(c) else {
                     continue;
                 };
-                let mut shared = Vec::new();
-                if !n.fixed_window {
-                    shared.push("resize");
-                }
-                shared.extend(["write-unchanged", "write", "consistent-read"]);
+                let (perm, shared) = edge_perms(n, *role);
                 edges.push(json!({
                     "parent": number(&n.name), "child": number(&c.name), "name": role.name(),
-                    "perm": [], "shared-perm": shared,
+                    "perm": perm, "shared-perm": shared,
                 }));
             }
         }
         json!({"nodes": nodes, "edges": edges})
     }
+}
+
+/// The permissions `parent` takes on its child in `role`, and what it shares, as
+/// `x-debug-query-block-graph` names them (most significant first). A format node
+/// with metadata (qcow2) reads its file always and writes and resizes it when
+/// writable, sharing neither (QEMU's `bdrv_default_perms_for_storage`); every other
+/// edge passes its parents' needs through (none without an export), and a fixed raw
+/// window refuses to share `resize`.
+pub fn edge_perms(parent: &Node, role: Role) -> (Vec<&'static str>, Vec<&'static str>) {
+    if parent.format.is_some() && role == Role::File && parent.active {
+        let mut perm = Vec::new();
+        if !parent.read_only {
+            perm.extend(["resize", "write"]);
+        }
+        perm.push("consistent-read");
+        return (perm, vec!["write-unchanged", "consistent-read"]);
+    }
+    let mut shared = Vec::new();
+    if !parent.fixed_window {
+        shared.push("resize");
+    }
+    shared.extend(["write-unchanged", "write", "consistent-read"]);
+    (Vec::new(), shared)
+}
+
+/// `SnapshotInfo` of one internal snapshot.
+fn snapshot_info(sn: &bulkhead_block::SnapshotEntry) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), sn.id.clone().into());
+    m.insert("name".into(), sn.name.clone().into());
+    m.insert("vm-state-size".into(), sn.vm_state_size.into());
+    m.insert("date-sec".into(), sn.date_sec.into());
+    m.insert("date-nsec".into(), sn.date_nsec.into());
+    m.insert("vm-clock-sec".into(), sn.vm_clock_sec.into());
+    m.insert("vm-clock-nsec".into(), sn.vm_clock_nsec.into());
+    if let Some(i) = sn.icount {
+        m.insert("icount".into(), i.into());
+    }
+    Value::Object(m)
+}
+
+/// `ImageInfoSpecific` of a qcow2 image (QEMU's `qcow2_get_specific_info`).
+fn qcow2_specific(f: &bulkhead_block::FormatInfo) -> Value {
+    let mut d = Map::new();
+    d.insert("compat".into(), f.compat.clone().into());
+    if f.compat != "0.10" {
+        if let Some(df) = &f.data_file {
+            d.insert("data-file".into(), df.clone().into());
+            d.insert("data-file-raw".into(), f.data_file_raw.into());
+        }
+        d.insert("extended-l2".into(), f.extended_l2.into());
+        d.insert("lazy-refcounts".into(), f.lazy_refcounts.into());
+        d.insert("corrupt".into(), f.corrupt.into());
+    }
+    d.insert("refcount-bits".into(), f.refcount_bits.into());
+    if let Some(bitmaps) = f.bitmaps.as_ref().filter(|b| !b.is_empty()) {
+        let list: Vec<Value> = bitmaps
+            .iter()
+            .map(|b| {
+                let mut flags = Vec::new();
+                if b.in_use {
+                    flags.push(Value::from("in-use"));
+                }
+                if b.auto {
+                    flags.push(Value::from("auto"));
+                }
+                let mut m = Map::new();
+                m.insert("name".into(), b.name.clone().into());
+                m.insert("granularity".into(), b.granularity.into());
+                m.insert("flags".into(), Value::Array(flags));
+                Value::Object(m)
+            })
+            .collect();
+        d.insert("bitmaps".into(), Value::Array(list));
+    }
+    d.insert("compression-type".into(), f.compression_type.clone().into());
+    json!({"type": "qcow2", "data": d})
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub(super) async fn query_named_block_nodes(
     core: &mut Core,
     _: QueryNamedBlockNodesArgs,
 ) -> Result<Value, QmpError> {
+    core.refresh_format_info().await;
     Ok(core.graph.query_named_block_nodes())
 }
 
