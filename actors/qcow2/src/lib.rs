@@ -204,14 +204,9 @@ impl Qcow2 {
         drop(first);
         let cs = 1u64 << h.cluster_bits;
         if h.crypt_method != 0 {
-            // Never read an encrypted image as plaintext; LUKS comes with its own issue.
-            let msg = if h.crypt_method == 1 {
-                "Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators"
-                    .to_string()
-            } else {
-                "Parameter 'encrypt.key-secret' is required for cipher".to_string()
-            };
-            return Err(Error::open(libc::ENOSYS.max(libc::EINVAL), msg));
+            // LUKS comes with its own issue; an encrypted image is never read as
+            // plaintext.
+            return Err(Error::open(libc::EINVAL, header::KEY_SECRET_REQUIRED));
         }
         let ext_l2 = h.incompatible & INCOMPAT_EXTL2 != 0;
         let l2_entry_bytes = if ext_l2 { 16 } else { 8 };
