@@ -23,6 +23,7 @@ mod error;
 mod header;
 mod meta;
 mod refcount;
+mod repair;
 mod snapshot;
 mod storage;
 
@@ -300,15 +301,8 @@ impl Qcow2 {
             rt_entries,
             "Could not read refcount table",
         )?;
-        if opts.writable && h.incompatible & INCOMPAT_DIRTY != 0 {
-            // QEMU repairs the refcounts of a dirty image on a writable open.
-            return Err(Error::open(
-                libc::ENOTSUP,
-                "Could not repair dirty image: Operation not supported",
-            ));
-        }
         let virtual_size = h.size;
-        let info = Info {
+        let mut info = Info {
             virtual_size,
             cluster_size: cs,
             version: h.version,
@@ -391,6 +385,21 @@ impl Qcow2 {
         if opts.overlap_check != OverlapCheck::None {
             meta.register_l2_tables();
             meta.register_refblocks();
+        }
+        if opts.writable && h.incompatible & INCOMPAT_DIRTY != 0 {
+            // QEMU repairs the refcounts of a dirty image on a writable open.
+            repair::rebuild(
+                &mut meta,
+                &repair::Extra {
+                    snapshots: &snapshots.0,
+                    snapshot_table: (h.snapshots_offset, snapshots.1),
+                    bitmaps: &bitmaps,
+                    bitmap_dir: h.bitmaps.map(|b| (b.directory_offset, b.directory_size)),
+                    external_data: has_df,
+                },
+            )?;
+            info.dirty = false;
+            info.incompatible_features &= !INCOMPAT_DIRTY;
         }
         if opts.writable {
             // Unknown autoclear bits are cleared, as QEMU does: their meaning is gone
@@ -484,7 +493,8 @@ impl Qcow2 {
         if e.l2 & OFLAG_COMPRESSED != 0 {
             if self.external_data {
                 let msg = format!(
-                    "Compressed cluster in an image with a data file (guest cluster {gc:#x})"
+                    "Compressed cluster in an image with a data file (guest cluster {})",
+                    crate::error::hx(gc)
                 );
                 return Err(m.corrupt(msg, None, None));
             }
@@ -494,8 +504,10 @@ impl Qcow2 {
         if !off.is_multiple_of(geo.cs) {
             let (l2off, _) = m.l2_offset(gc)?;
             let msg = format!(
-                "Cluster allocation offset {off:#x} unaligned (L2 offset: {l2off:#x}, L2 index: {:#x})",
-                gc & (geo.l2_entries - 1)
+                "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
+                crate::error::hx(off),
+                crate::error::hx(l2off),
+                crate::error::hx(gc & (geo.l2_entries - 1))
             );
             return Err(m.corrupt(msg, Some(off), Some(geo.cs)));
         }
@@ -504,8 +516,9 @@ impl Qcow2 {
                 if geo.version < 3 {
                     let (l2off, _) = m.l2_offset(gc)?;
                     let msg = format!(
-                        "Zero cluster entry found in pre-v3 image (L2 offset: {l2off:#x}, L2 index: {:#x})",
-                        gc & (geo.l2_entries - 1)
+                        "Zero cluster entry found in pre-v3 image (L2 offset: {}, L2 index: {})",
+                        crate::error::hx(l2off),
+                        crate::error::hx(gc & (geo.l2_entries - 1))
                     );
                     return Err(m.corrupt(msg, None, None));
                 }
@@ -522,8 +535,9 @@ impl Qcow2 {
             (true, true) | (true, false) if zero || self.host_of(e).is_none() => {
                 let (l2off, _) = m.l2_offset(gc)?;
                 let msg = format!(
-                    "Invalid cluster entry found (L2 offset: {l2off:#x}, L2 index: {:#x})",
-                    gc & (geo.l2_entries - 1)
+                    "Invalid cluster entry found (L2 offset: {}, L2 index: {})",
+                    crate::error::hx(l2off),
+                    crate::error::hx(gc & (geo.l2_entries - 1))
                 );
                 Err(m.corrupt(msg, None, None))
             }
@@ -555,7 +569,10 @@ impl Qcow2 {
             .read_at(&mut src, coff)
             .map_err(Error::io("reading a compressed cluster"))?;
         if compress::decompress(self.info.compression_type, &src, out).is_err() {
-            let msg = format!("Compressed cluster at {coff:#x} does not decompress to one cluster");
+            let msg = format!(
+                "Compressed cluster at {} does not decompress to one cluster",
+                crate::error::hx(coff)
+            );
             return Err(match m {
                 Some(m) => m.corrupt(msg, Some(coff), Some(csize)),
                 None => self.lock()?.corrupt(msg, Some(coff), Some(csize)),

@@ -236,7 +236,11 @@ impl Meta {
         };
         let off = l1e & L1E_OFFSET_MASK;
         if !off.is_multiple_of(self.geo.cs) {
-            let msg = format!("L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})");
+            let msg = format!(
+                "L2 table offset {} unaligned (L1 index: {})",
+                crate::error::hx(off),
+                crate::error::hx(l1i)
+            );
             return Err(self.corrupt(msg, None, None));
         }
         Ok((off, l1e & OFLAG_COPIED != 0))
@@ -416,12 +420,31 @@ impl Meta {
             .map_err(|e| self.rc_err(e))
     }
 
+    /// Sets a refcount (creating its block when needed); written by `flush_refcounts`.
+    pub fn set_refcount_public(&mut self, idx: u64, v: u64) -> Result<()> {
+        self.ensure_refblock(idx >> self.geo.rb_bits)?;
+        self.set_refcount(idx, v, true)?;
+        if v == 0 {
+            self.free_hint = self.free_hint.min(idx);
+        }
+        Ok(())
+    }
+
+    pub fn flush_refcounts(&mut self) -> Result<()> {
+        let file = self.file.clone();
+        self.rc.write_pending(&file)?;
+        self.file.flush().map_err(Error::io("flushing"))
+    }
+
     /// Drops one reference to cluster `idx`; a cluster reaching 0 is free again.
     pub fn decref(&mut self, idx: u64) -> Result<()> {
         let v = self.refcount(idx)?;
         if v == 0 {
             let off = idx * self.geo.cs;
-            let msg = format!("Cannot free cluster {off:#x}: its refcount is already 0");
+            let msg = format!(
+                "Cannot free cluster {}: its refcount is already 0",
+                crate::error::hx(off)
+            );
             return Err(self.corrupt(msg, Some(off), Some(self.geo.cs)));
         }
         self.set_refcount(idx, v - 1, false)?;
@@ -443,7 +466,11 @@ impl Meta {
         let e = self.rc.table[bi as usize] & crate::refcount::REFT_OFFSET_MASK;
         if e != 0 {
             if !e.is_multiple_of(geo.cs) {
-                let msg = format!("Refblock offset {e:#x} unaligned (reftable index: {bi:#x})");
+                let msg = format!(
+                    "Refblock offset {} unaligned (reftable index: {})",
+                    crate::error::hx(e),
+                    crate::error::hx(bi)
+                );
                 return Err(self.corrupt(msg, Some(e), None));
             }
             return Ok(());
