@@ -67,7 +67,7 @@ fn count_l1(m: &Meta, c: &mut Counter, l1: &[u64], external: bool) -> Result<()>
         if l2 == 0 {
             continue;
         }
-        if l2 % geo.cs != 0 {
+        if !l2.is_multiple_of(geo.cs) {
             return Err(failed("unaligned L2 table"));
         }
         c.inc(l2, geo.cs)?;
@@ -83,7 +83,7 @@ fn count_l1(m: &Meta, c: &mut Counter, l1: &[u64], external: bool) -> Result<()>
                     continue;
                 }
                 if off != 0 {
-                    if off % geo.cs != 0 {
+                    if !off.is_multiple_of(geo.cs) {
                         return Err(failed("unaligned data cluster"));
                     }
                     c.inc(off, geo.cs)?;
