@@ -581,12 +581,12 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads `buf.len()` bytes at `offset`. An allocated run costs one cached lookup
+    /// per cluster under the metadata lock and one pread without it.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let geo = self.geo;
         let mut done = 0usize;
-        let mut entries = Vec::new();
         while done < buf.len() {
             let pos = offset + done as u64;
             let gc = pos >> geo.cluster_bits;
@@ -595,58 +595,55 @@ impl Qcow2 {
             let n_clusters = (within + remaining).div_ceil(geo.cs);
             let _gate = self.gate.read().unwrap_or_else(lock_err);
             let mut m = self.lock()?;
-            m.entries(gc, n_clusters, &mut entries)?;
-            // The run: from pos, while the kind stays the same (and data stays contiguous).
+            let e0 = m.entry(gc)?;
+            // The run: from pos, while the kind stays the same (and data contiguous).
             let sc = within / geo.scs;
-            let first = self.sub_kind(&mut m, gc, entries[0], sc)?;
+            let first = self.sub_kind(&mut m, gc, e0, sc)?;
             let mut run = (geo.scs - (within & (geo.scs - 1))).min(remaining);
             if first != Sub::Compressed {
                 let mut next_host = match first {
                     Sub::Data(h) => h + geo.scs,
                     _ => 0,
                 };
-                let mut c = 0usize;
+                let mut c = 0u64;
                 let mut s = sc + 1;
-                'ext: while run < remaining {
+                let mut e = e0;
+                while run < remaining {
                     if s == geo.sc_per_cluster {
                         c += 1;
                         s = 0;
-                        if c >= entries.len() {
+                        if c >= n_clusters {
                             break;
                         }
+                        e = m.entry(gc + c)?;
                     }
-                    let k = self.sub_kind(&mut m, gc + c as u64, entries[c], s)?;
+                    let k = self.sub_kind(&mut m, gc + c, e, s)?;
                     let same = match (first, k) {
                         (Sub::Data(_), Sub::Data(h)) => h == next_host,
                         (a, b) => a == b,
                     };
                     if !same {
-                        break 'ext;
+                        break;
                     }
                     next_host += geo.scs;
                     run = (run + geo.scs).min(remaining);
                     s += 1;
                 }
             }
+            drop(m);
             let out = &mut buf[done..done + run as usize];
             match first {
                 Sub::Data(h) => {
-                    drop(m);
                     let host = h + (within & (geo.scs - 1));
                     self.data
                         .read_at(out, host)
                         .map_err(Error::io("reading image data"))?;
                 }
                 Sub::Zero => out.fill(0),
-                Sub::Unalloc => {
-                    drop(m);
-                    self.read_backing(out, pos)?;
-                }
+                Sub::Unalloc => self.read_backing(out, pos)?,
                 Sub::Compressed => {
-                    let l2 = entries[0].l2;
-                    drop(m);
                     let mut tmp = vec![0u8; geo.cs as usize];
-                    self.read_compressed(None, l2, &mut tmp)?;
+                    self.read_compressed(None, e0.l2, &mut tmp)?;
                     let w = within as usize;
                     out.copy_from_slice(&tmp[w..w + run as usize]);
                 }
@@ -1008,6 +1005,12 @@ impl Qcow2 {
             let within = pos & (geo.cs - 1);
             let n = (geo.cs - within).min(end - pos);
             let whole = within == 0 && (n == geo.cs || pos + n == size);
+            if whole && self.backing.is_none() && self.lock()?.l2_offset(gc)?.0 == 0 {
+                // No L2 table and no backing: the whole table's range reads as zeroes.
+                let next = ((gc >> geo.l2_bits) + 1) << (geo.l2_bits + geo.cluster_bits);
+                pos = next.min(end);
+                continue;
+            }
             let meta_ok = geo.version >= 3 || (mode == Mode::Discard && self.backing.is_none());
             if whole && (meta_ok || mode == Mode::Discard) {
                 self.zero_cluster(gc, mode)?;
@@ -1216,6 +1219,10 @@ impl Qcow2 {
             let start = new_size.div_ceil(geo.cs) * geo.cs;
             let mut gc = start / geo.cs;
             while gc * geo.cs < old {
+                if self.lock()?.l2_offset(gc)?.0 == 0 {
+                    gc = ((gc >> geo.l2_bits) + 1) << geo.l2_bits;
+                    continue;
+                }
                 self.drop_cluster(gc)?;
                 gc += 1;
             }

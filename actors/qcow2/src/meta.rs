@@ -596,7 +596,15 @@ impl Meta {
         let geo = self.geo;
         let mut got = Vec::with_capacity(self.batch);
         let mut idx = self.free_hint;
-        let max_idx = MAX_CLUSTER_OFFSET / geo.cs;
+        // Past the file's end every cluster is free unless refcounts lie (a hostile
+        // image can claim 2^64 clusters in use): the scan stops a bit beyond it.
+        let file_clusters = self
+            .file
+            .len()
+            .map_err(Error::io("reading the image length"))?
+            .div_ceil(geo.cs);
+        let max_idx = (MAX_CLUSTER_OFFSET / geo.cs)
+            .min(file_clusters.max(self.alloc_end) + (1 << 16) + self.batch as u64);
         while got.len() < self.batch {
             if idx >= max_idx {
                 if got.is_empty() {
