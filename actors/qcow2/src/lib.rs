@@ -691,6 +691,27 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Does `[from, to)` of cluster `gc` read as zeroes under `e` without reading data?
+    fn view_is_zero(&self, gc: u64, e: Entry, from: u64, to: u64) -> Result<bool> {
+        if from >= to {
+            return Ok(true);
+        }
+        let geo = self.geo;
+        let backing_len = match &self.backing {
+            Some(b) => b.len().map_err(Error::io("reading the backing node"))?,
+            None => 0,
+        };
+        let mut m = self.meta.lock().unwrap_or_else(lock_err);
+        for sc in from / geo.scs..=(to - 1) / geo.scs {
+            match self.sub_kind(&mut m, gc, e, sc)? {
+                Sub::Zero => {}
+                Sub::Unalloc if gc * geo.cs + sc * geo.scs >= backing_len => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     /// Host clusters whose reference `e` holds (to drop when `e` is replaced).
     fn refs_of(&self, e: Entry) -> Vec<u64> {
         let geo = self.geo;
@@ -800,12 +821,13 @@ impl Qcow2 {
             let full_cow = old.l2 & OFLAG_COMPRESSED != 0
                 || (old_host.is_some() && old.l2 & OFLAG_COPIED == 0 && !self.external_data);
             let reuse = !full_cow && old_host.is_some();
-            let (host, fresh) = if let (true, Some(h)) = (reuse, old_host) {
-                (h, false)
+            let (host, fresh, zeroed) = if let (true, Some(h)) = (reuse, old_host) {
+                (h, false, false)
             } else if self.external_data {
-                (gc * geo.cs, false)
+                (gc * geo.cs, false, false)
             } else {
-                (m.alloc_cluster()?, true)
+                let (h, z) = m.alloc_cluster_z()?;
+                (h, true, z)
             };
             if !self.external_data
                 && let Err(err) = m.check_overlap(host, geo.cs)
@@ -814,7 +836,7 @@ impl Qcow2 {
             }
             m.inflight.insert(gc);
             drop(m);
-            let res = self.alloc_write(gc, old, host, full_cow, s, data);
+            let res = self.alloc_write(gc, old, host, full_cow, zeroed, s, data);
             let mut m = self.meta.lock().unwrap_or_else(lock_err);
             let out = match res {
                 Ok(new) => match m.set_entry(gc, new) {
@@ -847,6 +869,7 @@ impl Qcow2 {
         old: Entry,
         host: u64,
         full: bool,
+        zeroed: bool,
         s: u64,
         data: &[u8],
     ) -> Result<Entry> {
@@ -869,7 +892,11 @@ impl Qcow2 {
         let last = (e - 1) / geo.scs;
         let span_s = first * geo.scs;
         let span_e = (last + 1) * geo.scs;
-        if span_s == s && span_e == e {
+        // A fresh cluster that reads as zeroes needs no copy-on-write of zeroes.
+        let skip_cow = zeroed
+            && self.view_is_zero(gc, old, span_s, s)?
+            && self.view_is_zero(gc, old, e, span_e)?;
+        if (span_s == s && span_e == e) || skip_cow {
             self.data
                 .write_at(data, host + s)
                 .map_err(Error::io("writing image data"))?;

@@ -80,7 +80,9 @@ pub(crate) struct Meta {
     l2_cap: usize,
     tick: u64,
     pub rc: Refcounts,
-    pub reserved: VecDeque<u64>,
+    /// Reserved clusters (refcount 1 on disk, unused), and whether each is known to
+    /// read as zeroes (it was past the end of the file when reserved).
+    pub reserved: VecDeque<(u64, bool)>,
     pub free_hint: u64,
     /// One past the highest cluster index this engine reserved or laid out.
     pub alloc_end: u64,
@@ -628,25 +630,31 @@ impl Meta {
         if let Some(&last) = got.last() {
             self.alloc_end = self.alloc_end.max(last + 1);
         }
-        self.reserved.extend(got);
+        self.reserved
+            .extend(got.into_iter().map(|c| (c, c >= file_clusters)));
         Ok(())
     }
 
     /// One cluster with refcount 1 on disk (byte offset).
     pub fn alloc_cluster(&mut self) -> Result<u64> {
+        Ok(self.alloc_cluster_z()?.0)
+    }
+
+    /// One cluster with refcount 1 on disk, and whether it reads as zeroes.
+    pub fn alloc_cluster_z(&mut self) -> Result<(u64, bool)> {
         if self.reserved.is_empty() {
             self.reserve_batch()?;
         }
-        let idx = self
+        let (idx, zeroed) = self
             .reserved
             .pop_front()
             .ok_or_else(|| Error::TooLarge("No space left in the image".into()))?;
-        Ok(idx * self.geo.cs)
+        Ok((idx * self.geo.cs, zeroed))
     }
 
-    /// Gives back an allocated but unused cluster.
+    /// Gives back an allocated but unused cluster (possibly written to).
     pub fn unalloc_cluster(&mut self, off: u64) {
-        self.reserved.push_front(off / self.geo.cs);
+        self.reserved.push_front((off / self.geo.cs, false));
     }
 
     /// `n` contiguous clusters with refcount 1 (for L1 tables), past everything in use.
@@ -682,7 +690,7 @@ impl Meta {
 
     /// Returns every reserved cluster (clean close).
     pub fn release_reserved(&mut self) -> Result<()> {
-        while let Some(idx) = self.reserved.pop_front() {
+        while let Some((idx, _)) = self.reserved.pop_front() {
             self.decref(idx)?;
         }
         Ok(())
