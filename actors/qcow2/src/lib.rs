@@ -836,7 +836,12 @@ impl Qcow2 {
             }
             m.inflight.insert(gc);
             drop(m);
-            let res = self.alloc_write(gc, old, host, full_cow, zeroed, s, data);
+            let target = Target {
+                host,
+                full: full_cow,
+                zeroed,
+            };
+            let res = self.alloc_write(gc, old, target, s, data);
             let mut m = self.meta.lock().unwrap_or_else(lock_err);
             let out = match res {
                 Ok(new) => match m.set_entry(gc, new) {
@@ -863,16 +868,8 @@ impl Qcow2 {
 
     /// The data part of an allocating write: copy-on-write around `[s, s+len)` into
     /// `host`, then the entry to link.
-    fn alloc_write(
-        &self,
-        gc: u64,
-        old: Entry,
-        host: u64,
-        full: bool,
-        zeroed: bool,
-        s: u64,
-        data: &[u8],
-    ) -> Result<Entry> {
+    fn alloc_write(&self, gc: u64, old: Entry, t: Target, s: u64, data: &[u8]) -> Result<Entry> {
+        let Target { host, full, zeroed } = t;
         let geo = self.geo;
         let e = s + data.len() as u64;
         if full {
@@ -1297,6 +1294,15 @@ impl Qcow2 {
         }
         Ok(())
     }
+}
+
+/// Where an allocating write goes: the host cluster, whether the whole cluster is
+/// copied (old cluster compressed or shared), whether the host reads as zeroes.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    host: u64,
+    full: bool,
+    zeroed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
