@@ -88,7 +88,7 @@ pub fn parse(dir: &[u8], nb: u32, dir_offset: u64, cluster_size: u64) -> Result<
             flags,
             table_offset,
             table_size,
-            flags_offset: dir_offset + off as u64 + 12,
+            flags_offset: dir_offset.saturating_add(off as u64 + 12),
         });
         off = (name_at + name_size as usize + 7) & !7;
     }

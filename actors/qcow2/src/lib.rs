@@ -938,7 +938,7 @@ impl Qcow2 {
                 "Compression is not supported with an external data file".into(),
             ));
         }
-        self.check_range(offset, geo.cs.min(self.size() - offset))?;
+        self.check_range(offset, 1)?;
         let Some(c) = compress::compress(self.info.compression_type, buf, geo.cs as usize) else {
             return self.write(buf, offset, false);
         };
@@ -1031,7 +1031,7 @@ impl Qcow2 {
             let whole = within == 0 && (n == geo.cs || pos + n == size);
             if whole && self.backing.is_none() && self.lock()?.l2_offset(gc)?.0 == 0 {
                 // No L2 table and no backing: the whole table's range reads as zeroes.
-                let next = ((gc >> geo.l2_bits) + 1) << (geo.l2_bits + geo.cluster_bits);
+                let next = ((gc >> geo.l2_bits) + 1).saturating_mul(geo.cs << geo.l2_bits);
                 pos = next.min(end);
                 continue;
             }
@@ -1242,7 +1242,7 @@ impl Qcow2 {
             // Free every cluster past the new end (the partial one is kept).
             let start = new_size.div_ceil(geo.cs) * geo.cs;
             let mut gc = start / geo.cs;
-            while gc * geo.cs < old {
+            while gc.saturating_mul(geo.cs) < old {
                 if self.lock()?.l2_offset(gc)?.0 == 0 {
                     gc = ((gc >> geo.l2_bits) + 1) << geo.l2_bits;
                     continue;

@@ -480,7 +480,7 @@ impl Meta {
         // No block: every cluster it would cover has refcount 0. Put the block in the
         // first of them, counting itself.
         let c0 = bi << geo.rb_bits;
-        let off = c0 * geo.cs;
+        let off = c0.saturating_mul(geo.cs);
         if off > MAX_CLUSTER_OFFSET {
             return Err(Error::TooLarge("image file too large".into()));
         }
@@ -533,9 +533,8 @@ impl Meta {
             nblocks = nblocks.max(need_blocks);
             entries = entries.max(last_b + 1);
         };
-        if tclusters * cs > header::MAX_REFTABLE_BYTES
-            || (a + nblocks + tclusters) * cs > MAX_CLUSTER_OFFSET
-        {
+        let end = (a + nblocks + tclusters).saturating_mul(cs);
+        if tclusters * cs > header::MAX_REFTABLE_BYTES || end > MAX_CLUSTER_OFFSET {
             return Err(Error::TooLarge("Reference count table too large".into()));
         }
         let total = nblocks + tclusters;
@@ -668,7 +667,10 @@ impl Meta {
         let mut a = file_clusters.max(self.alloc_end);
         let mut c = a;
         while c < a + n {
-            if (a + n) * geo.cs > MAX_CLUSTER_OFFSET {
+            if (a + n)
+                .checked_mul(geo.cs)
+                .is_none_or(|e| e > MAX_CLUSTER_OFFSET)
+            {
                 return Err(Error::TooLarge("No space left in the image".into()));
             }
             self.ensure_refblock(c >> geo.rb_bits)?;

@@ -48,7 +48,14 @@ impl Counter {
     }
 }
 
+/// `n` big-endian words at `off`; only what the file holds (the rest would read as
+/// zeroes, which reference nothing).
 fn read_words(m: &Meta, off: u64, n: u64) -> Result<Vec<u64>> {
+    let len = m
+        .file
+        .len()
+        .map_err(Error::io("reading the image length"))?;
+    let n = n.min(len.saturating_sub(off) / 8);
     let mut raw = vec![0u8; (n * 8) as usize];
     m.file
         .read_at(&mut raw, off)
@@ -72,7 +79,7 @@ fn count_l1(m: &Meta, c: &mut Counter, l1: &[u64], external: bool) -> Result<()>
         }
         c.inc(l2, geo.cs)?;
         let words = read_words(m, l2, geo.l2_entries * words_per)?;
-        for i in 0..geo.l2_entries as usize {
+        for i in 0..words.len() / words_per as usize {
             let e = words[i * words_per as usize];
             if e & OFLAG_COMPRESSED != 0 {
                 let (coff, csize) = geo.compressed_span(e);
