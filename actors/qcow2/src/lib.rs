@@ -175,6 +175,11 @@ pub struct Qcow2 {
     meta: Mutex<Meta>,
     /// Signalled when an in-flight allocation completes.
     alloc_done: Condvar,
+    /// Enabled persistent bitmaps tracked while writable (empty otherwise).
+    live: Mutex<Vec<bitmap::Live>>,
+    has_live: bool,
+    /// On-disk bitmap flags as of now (in use while tracked), for `info()`.
+    bitmap_flags: Mutex<Vec<u32>>,
     /// Held shared by requests doing I/O on clusters they looked up, exclusively while
     /// clusters are freed: a cluster is never reused under a request still using it.
     gate: RwLock<()>,
@@ -386,6 +391,7 @@ impl Qcow2 {
             meta.register_l2_tables();
             meta.register_refblocks();
         }
+        let mut live = Vec::new();
         if opts.writable && h.incompatible & INCOMPAT_DIRTY != 0 {
             // QEMU repairs the refcounts of a dirty image on a writable open.
             repair::rebuild(
@@ -409,23 +415,43 @@ impl Qcow2 {
                 file.write_at(&known.to_be_bytes(), header::OFF_AUTOCLEAR)
                     .map_err(Error::io("Could not update qcow2 header"))?;
             }
-            // Bitmaps are not updated by this engine: mark them in use, as QEMU does
-            // while it has them loaded, so that nobody trusts them afterwards.
+            // Enabled bitmaps are tracked: marked in use on disk while open (as QEMU
+            // does), set by every write, stored and released on close. One that
+            // cannot be tracked is left in use: QEMU then treats it as inconsistent
+            // instead of trusting stale bits. Disabled bitmaps never change.
             let mut any = false;
             for b in &bitmaps {
-                if !b.in_use() {
-                    let flags = b.flags | bitmap::FLAG_IN_USE;
-                    file.write_at(&flags.to_be_bytes(), b.flags_offset)
-                        .map_err(Error::io("Could not update bitmap directory"))?;
-                    any = true;
+                if !b.auto() || b.in_use() {
+                    continue;
                 }
+                if let Some(l) = bitmap::Live::load(&*file, b, virtual_size, cs) {
+                    live.push(l);
+                }
+                let flags = b.flags | bitmap::FLAG_IN_USE;
+                file.write_at(&flags.to_be_bytes(), b.flags_offset)
+                    .map_err(Error::io("Could not update bitmap directory"))?;
+                any = true;
             }
             if any || known != h.autoclear {
                 file.flush()
                     .map_err(Error::io("Could not update qcow2 header"))?;
             }
         }
+        let bitmap_flags = bitmaps
+            .iter()
+            .map(|b| {
+                if opts.writable && b.auto() {
+                    b.flags | bitmap::FLAG_IN_USE
+                } else {
+                    b.flags
+                }
+            })
+            .collect();
+        let has_live = !live.is_empty();
         Ok(Qcow2 {
+            live: Mutex::new(live),
+            has_live,
+            bitmap_flags: Mutex::new(bitmap_flags),
             file,
             data,
             backing: opts.backing,
@@ -450,7 +476,79 @@ impl Qcow2 {
         if self.dead.load(Ordering::SeqCst) {
             i.corrupt = true;
         }
+        let flags = self.bitmap_flags.lock().unwrap_or_else(lock_err);
+        for (b, f) in i.bitmaps.iter_mut().zip(flags.iter()) {
+            b.flags = *f;
+        }
         i
+    }
+
+    /// Marks a guest range dirty in every tracked bitmap.
+    fn mark_dirty(&self, off: u64, len: u64) {
+        if self.has_live {
+            for l in self.live.lock().unwrap_or_else(lock_err).iter_mut() {
+                l.set(off, len);
+            }
+        }
+    }
+
+    /// Writes tracked bitmaps back and clears their in-use flags (clean close).
+    fn store_bitmaps(&self, m: &mut Meta) -> Result<()> {
+        let cs = self.geo.cs;
+        let mut live = std::mem::take(&mut *self.live.lock().unwrap_or_else(lock_err));
+        let mut to_free = Vec::new();
+        for l in &mut live {
+            let mut table = l.table.clone();
+            for (i, e) in table.iter_mut().enumerate() {
+                let start = i * cs as usize;
+                let end = (start + cs as usize).min(l.bits.len());
+                let part = l.bits.get(start..end).unwrap_or(&[]);
+                let old = *e & 0x00ff_ffff_ffff_fe00;
+                if part.iter().all(|&b| b == 0) {
+                    *e = 0;
+                    if old != 0 {
+                        to_free.push(old / cs);
+                    }
+                    continue;
+                }
+                let host = if old != 0 { old } else { m.alloc_cluster()? };
+                m.check_overlap(host, cs)?;
+                let mut buf = vec![0u8; cs as usize];
+                buf[..part.len()].copy_from_slice(part);
+                self.file
+                    .write_at(&buf, host)
+                    .map_err(Error::io("writing a bitmap"))?;
+                *e = host;
+            }
+            let mut raw = Vec::with_capacity(table.len() * 8);
+            for e in &table {
+                raw.extend_from_slice(&e.to_be_bytes());
+            }
+            self.file
+                .write_at(&raw, l.info.table_offset)
+                .map_err(Error::io("writing a bitmap table"))?;
+        }
+        self.file.flush().map_err(Error::io("flushing"))?;
+        let mut flags = self.bitmap_flags.lock().unwrap_or_else(lock_err);
+        for l in &live {
+            let f = l.info.flags & !bitmap::FLAG_IN_USE;
+            self.file
+                .write_at(&f.to_be_bytes(), l.info.flags_offset)
+                .map_err(Error::io("updating the bitmap directory"))?;
+            if let Some(i) = self
+                .info
+                .bitmaps
+                .iter()
+                .position(|b| b.flags_offset == l.info.flags_offset)
+            {
+                flags[i] = f;
+            }
+        }
+        self.file.flush().map_err(Error::io("flushing"))?;
+        for c in to_free {
+            m.decref(c)?;
+        }
+        Ok(())
     }
 
     /// The current virtual size.
@@ -753,6 +851,7 @@ impl Qcow2 {
     pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
+        self.mark_dirty(offset, buf.len() as u64);
         let geo = self.geo;
         let mut done = 0usize;
         while done < buf.len() {
@@ -939,6 +1038,7 @@ impl Qcow2 {
             ));
         }
         self.check_range(offset, 1)?;
+        self.mark_dirty(offset, geo.cs);
         let Some(c) = compress::compress(self.info.compression_type, buf, geo.cs as usize) else {
             return self.write(buf, offset, false);
         };
@@ -997,6 +1097,7 @@ impl Qcow2 {
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        self.mark_dirty(offset, len);
         self.zero_range(offset, len, Mode::Zero { may_unmap })
     }
 
@@ -1015,6 +1116,7 @@ impl Qcow2 {
         if end <= start {
             return Ok(());
         }
+        self.mark_dirty(start, end - start);
         self.zero_range(start, end - start, Mode::Discard)
     }
 
@@ -1288,6 +1390,9 @@ impl Qcow2 {
         if self.writable && !self.dead.load(Ordering::SeqCst) {
             let _g = self.gate.write().unwrap_or_else(lock_err);
             let mut m = self.lock()?;
+            if self.has_live {
+                self.store_bitmaps(&mut m)?;
+            }
             m.release_reserved()?;
             drop(m);
             self.flush()?;
