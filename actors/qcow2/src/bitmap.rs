@@ -88,10 +88,90 @@ pub fn parse(dir: &[u8], nb: u32, dir_offset: u64, cluster_size: u64) -> Result<
             flags,
             table_offset,
             table_size,
-            flags_offset: dir_offset + off as u64 + 12,
+            flags_offset: dir_offset.saturating_add(off as u64 + 12),
         });
         off = (name_at + name_size as usize + 7) & !7;
     }
     let _ = header::MAX_BITMAPS;
     Ok(out)
+}
+
+/// Bitmaps whose in-memory copy grows past this are not tracked (left in use).
+const MAX_LIVE_BYTES: u64 = 256 << 20;
+const BME_TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// An enabled ("auto") bitmap tracked while the image is open writable: loaded on open,
+/// every write sets its bits, stored back on close (then no longer in use).
+pub(crate) struct Live {
+    pub info: BitmapInfo,
+    /// Bit i is granularity chunk i, least significant bit first (the on-disk order).
+    pub bits: Vec<u8>,
+    /// The table as read (entries: data cluster offset, 0 zeroes, 1 ones).
+    pub table: Vec<u64>,
+}
+
+impl Live {
+    /// Loads `b` when it can be tracked: enabled, not in use, sane sizes.
+    pub fn load(
+        file: &dyn crate::Storage,
+        b: &BitmapInfo,
+        virtual_size: u64,
+        cluster_size: u64,
+    ) -> Option<Live> {
+        if !b.auto() || b.in_use() {
+            return None;
+        }
+        let chunks = virtual_size.div_ceil(b.granularity());
+        let bytes = chunks.div_ceil(8);
+        let want_table = bytes.div_ceil(cluster_size);
+        if bytes > MAX_LIVE_BYTES || u64::from(b.table_size) != want_table {
+            return None;
+        }
+        let mut raw = vec![0u8; (want_table * 8) as usize];
+        file.read_at(&mut raw, b.table_offset).ok()?;
+        let table: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        let mut bits = vec![0u8; (want_table * cluster_size) as usize];
+        for (i, &e) in table.iter().enumerate() {
+            let part = &mut bits[i * cluster_size as usize..(i + 1) * cluster_size as usize];
+            let off = e & BME_TABLE_OFFSET_MASK;
+            if off == 0 {
+                if e & 1 != 0 {
+                    part.fill(0xff);
+                }
+            } else if !off.is_multiple_of(cluster_size) || file.read_at(part, off).is_err() {
+                return None;
+            }
+        }
+        bits.truncate(bytes as usize);
+        Some(Live {
+            info: b.clone(),
+            bits,
+            table,
+        })
+    }
+
+    /// Marks `[off, off + len)` dirty.
+    pub fn set(&mut self, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let g = self.info.granularity_bits;
+        let first = off >> g;
+        let last = ((off + len - 1) >> g).min(self.bits.len() as u64 * 8 - 1);
+        let mut i = first;
+        while i <= last {
+            if i.is_multiple_of(8) && i + 7 <= last {
+                let fb = (i / 8) as usize;
+                let lb = ((last + 1) / 8) as usize;
+                self.bits[fb..lb].fill(0xff);
+                i = lb as u64 * 8;
+                continue;
+            }
+            self.bits[(i / 8) as usize] |= 1 << (i % 8);
+            i += 1;
+        }
+    }
 }

@@ -75,3 +75,12 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `%#x` as C prints it (QEMU's messages): "0" for zero, else "0x…".
+pub(crate) fn hx(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}

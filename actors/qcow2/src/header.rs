@@ -37,6 +37,10 @@ pub const EXT_CRYPTO_HEADER: u32 = 0x0537_be77;
 pub const EXT_BITMAPS: u32 = 0x2385_2875;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
 
+/// What qsd says for an encrypted image opened without `encrypt.key-secret` (the
+/// engine opens no encrypted image yet: never as plaintext).
+pub const KEY_SECRET_REQUIRED: &str = "Parameter 'encrypt.key-secret' is required for cipher";
+
 /// Header field offsets that the engine rewrites in place.
 pub const OFF_SIZE: u64 = 24;
 pub const OFF_L1_SIZE: u64 = 36;
@@ -322,6 +326,17 @@ pub fn parse(buf: &[u8], flags: ParseFlags) -> Result<Header> {
     if u64::from(l1_size) < l1_needed {
         return Err(Error::open(libc::EINVAL, "L1 table is too small"));
     }
+    // QEMU checks the encryption method with the open options, before extensions.
+    match crypt_method {
+        0 | 2 => {}
+        1 => return Err(Error::open(libc::EINVAL, KEY_SECRET_REQUIRED)),
+        m => {
+            return Err(Error::open(
+                libc::EINVAL,
+                format!("Unsupported encryption method {m}"),
+            ));
+        }
+    }
     let ext = read_extensions(
         buf,
         u64::from(header_length),
@@ -331,7 +346,7 @@ pub fn parse(buf: &[u8], flags: ParseFlags) -> Result<Header> {
         autoclear,
         version,
     )?;
-    if crypt_method != 0 && ext.crypto.is_none() && crypt_method != 1 {
+    if crypt_method == 2 && ext.crypto.is_none() {
         return Err(Error::open(
             libc::EINVAL,
             format!("Missing CRYPTO header for crypt method {crypt_method}"),
@@ -689,6 +704,11 @@ mod tests {
             (
                 Box::new(|b| set32(b, 32, 2)),
                 "Missing CRYPTO header for crypt method 2",
+            ),
+            (Box::new(|b| set32(b, 32, 1)), KEY_SECRET_REQUIRED),
+            (
+                Box::new(|b| set32(b, 32, 9)),
+                "Unsupported encryption method 9",
             ),
         ];
         for (f, want) in cases {

@@ -23,6 +23,7 @@ mod error;
 mod header;
 mod meta;
 mod refcount;
+mod repair;
 mod snapshot;
 mod storage;
 
@@ -174,6 +175,11 @@ pub struct Qcow2 {
     meta: Mutex<Meta>,
     /// Signalled when an in-flight allocation completes.
     alloc_done: Condvar,
+    /// Enabled persistent bitmaps tracked while writable (empty otherwise).
+    live: Mutex<Vec<bitmap::Live>>,
+    has_live: bool,
+    /// On-disk bitmap flags as of now (in use while tracked), for `info()`.
+    bitmap_flags: Mutex<Vec<u32>>,
     /// Held shared by requests doing I/O on clusters they looked up, exclusively while
     /// clusters are freed: a cluster is never reused under a request still using it.
     gate: RwLock<()>,
@@ -204,14 +210,9 @@ impl Qcow2 {
         drop(first);
         let cs = 1u64 << h.cluster_bits;
         if h.crypt_method != 0 {
-            // Never read an encrypted image as plaintext; LUKS comes with its own issue.
-            let msg = if h.crypt_method == 1 {
-                "Use of AES-CBC encrypted qcow2 images is no longer supported in system emulators"
-                    .to_string()
-            } else {
-                "Parameter 'encrypt.key-secret' is required for cipher".to_string()
-            };
-            return Err(Error::open(libc::ENOSYS.max(libc::EINVAL), msg));
+            // LUKS comes with its own issue; an encrypted image is never read as
+            // plaintext.
+            return Err(Error::open(libc::EINVAL, header::KEY_SECRET_REQUIRED));
         }
         let ext_l2 = h.incompatible & INCOMPAT_EXTL2 != 0;
         let l2_entry_bytes = if ext_l2 { 16 } else { 8 };
@@ -305,15 +306,8 @@ impl Qcow2 {
             rt_entries,
             "Could not read refcount table",
         )?;
-        if opts.writable && h.incompatible & INCOMPAT_DIRTY != 0 {
-            // QEMU repairs the refcounts of a dirty image on a writable open.
-            return Err(Error::open(
-                libc::ENOTSUP,
-                "Could not repair dirty image: Operation not supported",
-            ));
-        }
         let virtual_size = h.size;
-        let info = Info {
+        let mut info = Info {
             virtual_size,
             cluster_size: cs,
             version: h.version,
@@ -397,6 +391,22 @@ impl Qcow2 {
             meta.register_l2_tables();
             meta.register_refblocks();
         }
+        let mut live = Vec::new();
+        if opts.writable && h.incompatible & INCOMPAT_DIRTY != 0 {
+            // QEMU repairs the refcounts of a dirty image on a writable open.
+            repair::rebuild(
+                &mut meta,
+                &repair::Extra {
+                    snapshots: &snapshots.0,
+                    snapshot_table: (h.snapshots_offset, snapshots.1),
+                    bitmaps: &bitmaps,
+                    bitmap_dir: h.bitmaps.map(|b| (b.directory_offset, b.directory_size)),
+                    external_data: has_df,
+                },
+            )?;
+            info.dirty = false;
+            info.incompatible_features &= !INCOMPAT_DIRTY;
+        }
         if opts.writable {
             // Unknown autoclear bits are cleared, as QEMU does: their meaning is gone
             // once this engine writes.
@@ -405,23 +415,43 @@ impl Qcow2 {
                 file.write_at(&known.to_be_bytes(), header::OFF_AUTOCLEAR)
                     .map_err(Error::io("Could not update qcow2 header"))?;
             }
-            // Bitmaps are not updated by this engine: mark them in use, as QEMU does
-            // while it has them loaded, so that nobody trusts them afterwards.
+            // Enabled bitmaps are tracked: marked in use on disk while open (as QEMU
+            // does), set by every write, stored and released on close. One that
+            // cannot be tracked is left in use: QEMU then treats it as inconsistent
+            // instead of trusting stale bits. Disabled bitmaps never change.
             let mut any = false;
             for b in &bitmaps {
-                if !b.in_use() {
-                    let flags = b.flags | bitmap::FLAG_IN_USE;
-                    file.write_at(&flags.to_be_bytes(), b.flags_offset)
-                        .map_err(Error::io("Could not update bitmap directory"))?;
-                    any = true;
+                if !b.auto() || b.in_use() {
+                    continue;
                 }
+                if let Some(l) = bitmap::Live::load(&*file, b, virtual_size, cs) {
+                    live.push(l);
+                }
+                let flags = b.flags | bitmap::FLAG_IN_USE;
+                file.write_at(&flags.to_be_bytes(), b.flags_offset)
+                    .map_err(Error::io("Could not update bitmap directory"))?;
+                any = true;
             }
             if any || known != h.autoclear {
                 file.flush()
                     .map_err(Error::io("Could not update qcow2 header"))?;
             }
         }
+        let bitmap_flags = bitmaps
+            .iter()
+            .map(|b| {
+                if opts.writable && b.auto() {
+                    b.flags | bitmap::FLAG_IN_USE
+                } else {
+                    b.flags
+                }
+            })
+            .collect();
+        let has_live = !live.is_empty();
         Ok(Qcow2 {
+            live: Mutex::new(live),
+            has_live,
+            bitmap_flags: Mutex::new(bitmap_flags),
             file,
             data,
             backing: opts.backing,
@@ -446,7 +476,79 @@ impl Qcow2 {
         if self.dead.load(Ordering::SeqCst) {
             i.corrupt = true;
         }
+        let flags = self.bitmap_flags.lock().unwrap_or_else(lock_err);
+        for (b, f) in i.bitmaps.iter_mut().zip(flags.iter()) {
+            b.flags = *f;
+        }
         i
+    }
+
+    /// Marks a guest range dirty in every tracked bitmap.
+    fn mark_dirty(&self, off: u64, len: u64) {
+        if self.has_live {
+            for l in self.live.lock().unwrap_or_else(lock_err).iter_mut() {
+                l.set(off, len);
+            }
+        }
+    }
+
+    /// Writes tracked bitmaps back and clears their in-use flags (clean close).
+    fn store_bitmaps(&self, m: &mut Meta) -> Result<()> {
+        let cs = self.geo.cs;
+        let mut live = std::mem::take(&mut *self.live.lock().unwrap_or_else(lock_err));
+        let mut to_free = Vec::new();
+        for l in &mut live {
+            let mut table = l.table.clone();
+            for (i, e) in table.iter_mut().enumerate() {
+                let start = i * cs as usize;
+                let end = (start + cs as usize).min(l.bits.len());
+                let part = l.bits.get(start..end).unwrap_or(&[]);
+                let old = *e & 0x00ff_ffff_ffff_fe00;
+                if part.iter().all(|&b| b == 0) {
+                    *e = 0;
+                    if old != 0 {
+                        to_free.push(old / cs);
+                    }
+                    continue;
+                }
+                let host = if old != 0 { old } else { m.alloc_cluster()? };
+                m.check_overlap(host, cs)?;
+                let mut buf = vec![0u8; cs as usize];
+                buf[..part.len()].copy_from_slice(part);
+                self.file
+                    .write_at(&buf, host)
+                    .map_err(Error::io("writing a bitmap"))?;
+                *e = host;
+            }
+            let mut raw = Vec::with_capacity(table.len() * 8);
+            for e in &table {
+                raw.extend_from_slice(&e.to_be_bytes());
+            }
+            self.file
+                .write_at(&raw, l.info.table_offset)
+                .map_err(Error::io("writing a bitmap table"))?;
+        }
+        self.file.flush().map_err(Error::io("flushing"))?;
+        let mut flags = self.bitmap_flags.lock().unwrap_or_else(lock_err);
+        for l in &live {
+            let f = l.info.flags & !bitmap::FLAG_IN_USE;
+            self.file
+                .write_at(&f.to_be_bytes(), l.info.flags_offset)
+                .map_err(Error::io("updating the bitmap directory"))?;
+            if let Some(i) = self
+                .info
+                .bitmaps
+                .iter()
+                .position(|b| b.flags_offset == l.info.flags_offset)
+            {
+                flags[i] = f;
+            }
+        }
+        self.file.flush().map_err(Error::io("flushing"))?;
+        for c in to_free {
+            m.decref(c)?;
+        }
+        Ok(())
     }
 
     /// The current virtual size.
@@ -489,7 +591,8 @@ impl Qcow2 {
         if e.l2 & OFLAG_COMPRESSED != 0 {
             if self.external_data {
                 let msg = format!(
-                    "Compressed cluster in an image with a data file (guest cluster {gc:#x})"
+                    "Compressed cluster in an image with a data file (guest cluster {})",
+                    crate::error::hx(gc)
                 );
                 return Err(m.corrupt(msg, None, None));
             }
@@ -499,8 +602,10 @@ impl Qcow2 {
         if !off.is_multiple_of(geo.cs) {
             let (l2off, _) = m.l2_offset(gc)?;
             let msg = format!(
-                "Cluster allocation offset {off:#x} unaligned (L2 offset: {l2off:#x}, L2 index: {:#x})",
-                gc & (geo.l2_entries - 1)
+                "Cluster allocation offset {} unaligned (L2 offset: {}, L2 index: {})",
+                crate::error::hx(off),
+                crate::error::hx(l2off),
+                crate::error::hx(gc & (geo.l2_entries - 1))
             );
             return Err(m.corrupt(msg, Some(off), Some(geo.cs)));
         }
@@ -509,8 +614,9 @@ impl Qcow2 {
                 if geo.version < 3 {
                     let (l2off, _) = m.l2_offset(gc)?;
                     let msg = format!(
-                        "Zero cluster entry found in pre-v3 image (L2 offset: {l2off:#x}, L2 index: {:#x})",
-                        gc & (geo.l2_entries - 1)
+                        "Zero cluster entry found in pre-v3 image (L2 offset: {}, L2 index: {})",
+                        crate::error::hx(l2off),
+                        crate::error::hx(gc & (geo.l2_entries - 1))
                     );
                     return Err(m.corrupt(msg, None, None));
                 }
@@ -527,8 +633,9 @@ impl Qcow2 {
             (true, true) | (true, false) if zero || self.host_of(e).is_none() => {
                 let (l2off, _) = m.l2_offset(gc)?;
                 let msg = format!(
-                    "Invalid cluster entry found (L2 offset: {l2off:#x}, L2 index: {:#x})",
-                    gc & (geo.l2_entries - 1)
+                    "Invalid cluster entry found (L2 offset: {}, L2 index: {})",
+                    crate::error::hx(l2off),
+                    crate::error::hx(gc & (geo.l2_entries - 1))
                 );
                 Err(m.corrupt(msg, None, None))
             }
@@ -560,7 +667,10 @@ impl Qcow2 {
             .read_at(&mut src, coff)
             .map_err(Error::io("reading a compressed cluster"))?;
         if compress::decompress(self.info.compression_type, &src, out).is_err() {
-            let msg = format!("Compressed cluster at {coff:#x} does not decompress to one cluster");
+            let msg = format!(
+                "Compressed cluster at {} does not decompress to one cluster",
+                crate::error::hx(coff)
+            );
             return Err(match m {
                 Some(m) => m.corrupt(msg, Some(coff), Some(csize)),
                 None => self.lock()?.corrupt(msg, Some(coff), Some(csize)),
@@ -569,12 +679,12 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads `buf.len()` bytes at `offset`. An allocated run costs one cached lookup
+    /// per cluster under the metadata lock and one pread without it.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         let geo = self.geo;
         let mut done = 0usize;
-        let mut entries = Vec::new();
         while done < buf.len() {
             let pos = offset + done as u64;
             let gc = pos >> geo.cluster_bits;
@@ -583,58 +693,55 @@ impl Qcow2 {
             let n_clusters = (within + remaining).div_ceil(geo.cs);
             let _gate = self.gate.read().unwrap_or_else(lock_err);
             let mut m = self.lock()?;
-            m.entries(gc, n_clusters, &mut entries)?;
-            // The run: from pos, while the kind stays the same (and data stays contiguous).
+            let e0 = m.entry(gc)?;
+            // The run: from pos, while the kind stays the same (and data contiguous).
             let sc = within / geo.scs;
-            let first = self.sub_kind(&mut m, gc, entries[0], sc)?;
+            let first = self.sub_kind(&mut m, gc, e0, sc)?;
             let mut run = (geo.scs - (within & (geo.scs - 1))).min(remaining);
             if first != Sub::Compressed {
                 let mut next_host = match first {
                     Sub::Data(h) => h + geo.scs,
                     _ => 0,
                 };
-                let mut c = 0usize;
+                let mut c = 0u64;
                 let mut s = sc + 1;
-                'ext: while run < remaining {
+                let mut e = e0;
+                while run < remaining {
                     if s == geo.sc_per_cluster {
                         c += 1;
                         s = 0;
-                        if c >= entries.len() {
+                        if c >= n_clusters {
                             break;
                         }
+                        e = m.entry(gc + c)?;
                     }
-                    let k = self.sub_kind(&mut m, gc + c as u64, entries[c], s)?;
+                    let k = self.sub_kind(&mut m, gc + c, e, s)?;
                     let same = match (first, k) {
                         (Sub::Data(_), Sub::Data(h)) => h == next_host,
                         (a, b) => a == b,
                     };
                     if !same {
-                        break 'ext;
+                        break;
                     }
                     next_host += geo.scs;
                     run = (run + geo.scs).min(remaining);
                     s += 1;
                 }
             }
+            drop(m);
             let out = &mut buf[done..done + run as usize];
             match first {
                 Sub::Data(h) => {
-                    drop(m);
                     let host = h + (within & (geo.scs - 1));
                     self.data
                         .read_at(out, host)
                         .map_err(Error::io("reading image data"))?;
                 }
                 Sub::Zero => out.fill(0),
-                Sub::Unalloc => {
-                    drop(m);
-                    self.read_backing(out, pos)?;
-                }
+                Sub::Unalloc => self.read_backing(out, pos)?,
                 Sub::Compressed => {
-                    let l2 = entries[0].l2;
-                    drop(m);
                     let mut tmp = vec![0u8; geo.cs as usize];
-                    self.read_compressed(None, l2, &mut tmp)?;
+                    self.read_compressed(None, e0.l2, &mut tmp)?;
                     let w = within as usize;
                     out.copy_from_slice(&tmp[w..w + run as usize]);
                 }
@@ -682,6 +789,27 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Does `[from, to)` of cluster `gc` read as zeroes under `e` without reading data?
+    fn view_is_zero(&self, gc: u64, e: Entry, from: u64, to: u64) -> Result<bool> {
+        if from >= to {
+            return Ok(true);
+        }
+        let geo = self.geo;
+        let backing_len = match &self.backing {
+            Some(b) => b.len().map_err(Error::io("reading the backing node"))?,
+            None => 0,
+        };
+        let mut m = self.meta.lock().unwrap_or_else(lock_err);
+        for sc in from / geo.scs..=(to - 1) / geo.scs {
+            match self.sub_kind(&mut m, gc, e, sc)? {
+                Sub::Zero => {}
+                Sub::Unalloc if gc * geo.cs + sc * geo.scs >= backing_len => {}
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     /// Host clusters whose reference `e` holds (to drop when `e` is replaced).
     fn refs_of(&self, e: Entry) -> Vec<u64> {
         let geo = self.geo;
@@ -723,6 +851,7 @@ impl Qcow2 {
     pub fn write(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
+        self.mark_dirty(offset, buf.len() as u64);
         let geo = self.geo;
         let mut done = 0usize;
         while done < buf.len() {
@@ -791,12 +920,13 @@ impl Qcow2 {
             let full_cow = old.l2 & OFLAG_COMPRESSED != 0
                 || (old_host.is_some() && old.l2 & OFLAG_COPIED == 0 && !self.external_data);
             let reuse = !full_cow && old_host.is_some();
-            let (host, fresh) = if let (true, Some(h)) = (reuse, old_host) {
-                (h, false)
+            let (host, fresh, zeroed) = if let (true, Some(h)) = (reuse, old_host) {
+                (h, false, false)
             } else if self.external_data {
-                (gc * geo.cs, false)
+                (gc * geo.cs, false, false)
             } else {
-                (m.alloc_cluster()?, true)
+                let (h, z) = m.alloc_cluster_z()?;
+                (h, true, z)
             };
             if !self.external_data
                 && let Err(err) = m.check_overlap(host, geo.cs)
@@ -805,7 +935,12 @@ impl Qcow2 {
             }
             m.inflight.insert(gc);
             drop(m);
-            let res = self.alloc_write(gc, old, host, full_cow, s, data);
+            let target = Target {
+                host,
+                full: full_cow,
+                zeroed,
+            };
+            let res = self.alloc_write(gc, old, target, s, data);
             let mut m = self.meta.lock().unwrap_or_else(lock_err);
             let out = match res {
                 Ok(new) => match m.set_entry(gc, new) {
@@ -832,15 +967,8 @@ impl Qcow2 {
 
     /// The data part of an allocating write: copy-on-write around `[s, s+len)` into
     /// `host`, then the entry to link.
-    fn alloc_write(
-        &self,
-        gc: u64,
-        old: Entry,
-        host: u64,
-        full: bool,
-        s: u64,
-        data: &[u8],
-    ) -> Result<Entry> {
+    fn alloc_write(&self, gc: u64, old: Entry, t: Target, s: u64, data: &[u8]) -> Result<Entry> {
+        let Target { host, full, zeroed } = t;
         let geo = self.geo;
         let e = s + data.len() as u64;
         if full {
@@ -860,7 +988,11 @@ impl Qcow2 {
         let last = (e - 1) / geo.scs;
         let span_s = first * geo.scs;
         let span_e = (last + 1) * geo.scs;
-        if span_s == s && span_e == e {
+        // A fresh cluster that reads as zeroes needs no copy-on-write of zeroes.
+        let skip_cow = zeroed
+            && self.view_is_zero(gc, old, span_s, s)?
+            && self.view_is_zero(gc, old, e, span_e)?;
+        if (span_s == s && span_e == e) || skip_cow {
             self.data
                 .write_at(data, host + s)
                 .map_err(Error::io("writing image data"))?;
@@ -905,7 +1037,8 @@ impl Qcow2 {
                 "Compression is not supported with an external data file".into(),
             ));
         }
-        self.check_range(offset, geo.cs.min(self.size() - offset))?;
+        self.check_range(offset, 1)?;
+        self.mark_dirty(offset, geo.cs);
         let Some(c) = compress::compress(self.info.compression_type, buf, geo.cs as usize) else {
             return self.write(buf, offset, false);
         };
@@ -964,6 +1097,7 @@ impl Qcow2 {
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
+        self.mark_dirty(offset, len);
         self.zero_range(offset, len, Mode::Zero { may_unmap })
     }
 
@@ -982,6 +1116,7 @@ impl Qcow2 {
         if end <= start {
             return Ok(());
         }
+        self.mark_dirty(start, end - start);
         self.zero_range(start, end - start, Mode::Discard)
     }
 
@@ -996,6 +1131,12 @@ impl Qcow2 {
             let within = pos & (geo.cs - 1);
             let n = (geo.cs - within).min(end - pos);
             let whole = within == 0 && (n == geo.cs || pos + n == size);
+            if whole && self.backing.is_none() && self.lock()?.l2_offset(gc)?.0 == 0 {
+                // No L2 table and no backing: the whole table's range reads as zeroes.
+                let next = ((gc >> geo.l2_bits) + 1).saturating_mul(geo.cs << geo.l2_bits);
+                pos = next.min(end);
+                continue;
+            }
             let meta_ok = geo.version >= 3 || (mode == Mode::Discard && self.backing.is_none());
             if whole && (meta_ok || mode == Mode::Discard) {
                 self.zero_cluster(gc, mode)?;
@@ -1203,7 +1344,11 @@ impl Qcow2 {
             // Free every cluster past the new end (the partial one is kept).
             let start = new_size.div_ceil(geo.cs) * geo.cs;
             let mut gc = start / geo.cs;
-            while gc * geo.cs < old {
+            while gc.saturating_mul(geo.cs) < old {
+                if self.lock()?.l2_offset(gc)?.0 == 0 {
+                    gc = ((gc >> geo.l2_bits) + 1) << geo.l2_bits;
+                    continue;
+                }
                 self.drop_cluster(gc)?;
                 gc += 1;
             }
@@ -1245,12 +1390,24 @@ impl Qcow2 {
         if self.writable && !self.dead.load(Ordering::SeqCst) {
             let _g = self.gate.write().unwrap_or_else(lock_err);
             let mut m = self.lock()?;
+            if self.has_live {
+                self.store_bitmaps(&mut m)?;
+            }
             m.release_reserved()?;
             drop(m);
             self.flush()?;
         }
         Ok(())
     }
+}
+
+/// Where an allocating write goes: the host cluster, whether the whole cluster is
+/// copied (old cluster compressed or shared), whether the host reads as zeroes.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    host: u64,
+    full: bool,
+    zeroed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

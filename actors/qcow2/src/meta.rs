@@ -80,7 +80,9 @@ pub(crate) struct Meta {
     l2_cap: usize,
     tick: u64,
     pub rc: Refcounts,
-    pub reserved: VecDeque<u64>,
+    /// Reserved clusters (refcount 1 on disk, unused), and whether each is known to
+    /// read as zeroes (it was past the end of the file when reserved).
+    pub reserved: VecDeque<(u64, bool)>,
     pub free_hint: u64,
     /// One past the highest cluster index this engine reserved or laid out.
     pub alloc_end: u64,
@@ -236,7 +238,11 @@ impl Meta {
         };
         let off = l1e & L1E_OFFSET_MASK;
         if !off.is_multiple_of(self.geo.cs) {
-            let msg = format!("L2 table offset {off:#x} unaligned (L1 index: {l1i:#x})");
+            let msg = format!(
+                "L2 table offset {} unaligned (L1 index: {})",
+                crate::error::hx(off),
+                crate::error::hx(l1i)
+            );
             return Err(self.corrupt(msg, None, None));
         }
         Ok((off, l1e & OFLAG_COPIED != 0))
@@ -416,12 +422,31 @@ impl Meta {
             .map_err(|e| self.rc_err(e))
     }
 
+    /// Sets a refcount (creating its block when needed); written by `flush_refcounts`.
+    pub fn set_refcount_public(&mut self, idx: u64, v: u64) -> Result<()> {
+        self.ensure_refblock(idx >> self.geo.rb_bits)?;
+        self.set_refcount(idx, v, true)?;
+        if v == 0 {
+            self.free_hint = self.free_hint.min(idx);
+        }
+        Ok(())
+    }
+
+    pub fn flush_refcounts(&mut self) -> Result<()> {
+        let file = self.file.clone();
+        self.rc.write_pending(&file)?;
+        self.file.flush().map_err(Error::io("flushing"))
+    }
+
     /// Drops one reference to cluster `idx`; a cluster reaching 0 is free again.
     pub fn decref(&mut self, idx: u64) -> Result<()> {
         let v = self.refcount(idx)?;
         if v == 0 {
             let off = idx * self.geo.cs;
-            let msg = format!("Cannot free cluster {off:#x}: its refcount is already 0");
+            let msg = format!(
+                "Cannot free cluster {}: its refcount is already 0",
+                crate::error::hx(off)
+            );
             return Err(self.corrupt(msg, Some(off), Some(self.geo.cs)));
         }
         self.set_refcount(idx, v - 1, false)?;
@@ -443,7 +468,11 @@ impl Meta {
         let e = self.rc.table[bi as usize] & crate::refcount::REFT_OFFSET_MASK;
         if e != 0 {
             if !e.is_multiple_of(geo.cs) {
-                let msg = format!("Refblock offset {e:#x} unaligned (reftable index: {bi:#x})");
+                let msg = format!(
+                    "Refblock offset {} unaligned (reftable index: {})",
+                    crate::error::hx(e),
+                    crate::error::hx(bi)
+                );
                 return Err(self.corrupt(msg, Some(e), None));
             }
             return Ok(());
@@ -451,7 +480,7 @@ impl Meta {
         // No block: every cluster it would cover has refcount 0. Put the block in the
         // first of them, counting itself.
         let c0 = bi << geo.rb_bits;
-        let off = c0 * geo.cs;
+        let off = c0.saturating_mul(geo.cs);
         if off > MAX_CLUSTER_OFFSET {
             return Err(Error::TooLarge("image file too large".into()));
         }
@@ -504,9 +533,8 @@ impl Meta {
             nblocks = nblocks.max(need_blocks);
             entries = entries.max(last_b + 1);
         };
-        if tclusters * cs > header::MAX_REFTABLE_BYTES
-            || (a + nblocks + tclusters) * cs > MAX_CLUSTER_OFFSET
-        {
+        let end = (a + nblocks + tclusters).saturating_mul(cs);
+        if tclusters * cs > header::MAX_REFTABLE_BYTES || end > MAX_CLUSTER_OFFSET {
             return Err(Error::TooLarge("Reference count table too large".into()));
         }
         let total = nblocks + tclusters;
@@ -569,7 +597,15 @@ impl Meta {
         let geo = self.geo;
         let mut got = Vec::with_capacity(self.batch);
         let mut idx = self.free_hint;
-        let max_idx = MAX_CLUSTER_OFFSET / geo.cs;
+        // Past the file's end every cluster is free unless refcounts lie (a hostile
+        // image can claim 2^64 clusters in use): the scan stops a bit beyond it.
+        let file_clusters = self
+            .file
+            .len()
+            .map_err(Error::io("reading the image length"))?
+            .div_ceil(geo.cs);
+        let max_idx = (MAX_CLUSTER_OFFSET / geo.cs)
+            .min(file_clusters.max(self.alloc_end) + (1 << 16) + self.batch as u64);
         while got.len() < self.batch {
             if idx >= max_idx {
                 if got.is_empty() {
@@ -593,25 +629,31 @@ impl Meta {
         if let Some(&last) = got.last() {
             self.alloc_end = self.alloc_end.max(last + 1);
         }
-        self.reserved.extend(got);
+        self.reserved
+            .extend(got.into_iter().map(|c| (c, c >= file_clusters)));
         Ok(())
     }
 
     /// One cluster with refcount 1 on disk (byte offset).
     pub fn alloc_cluster(&mut self) -> Result<u64> {
+        Ok(self.alloc_cluster_z()?.0)
+    }
+
+    /// One cluster with refcount 1 on disk, and whether it reads as zeroes.
+    pub fn alloc_cluster_z(&mut self) -> Result<(u64, bool)> {
         if self.reserved.is_empty() {
             self.reserve_batch()?;
         }
-        let idx = self
+        let (idx, zeroed) = self
             .reserved
             .pop_front()
             .ok_or_else(|| Error::TooLarge("No space left in the image".into()))?;
-        Ok(idx * self.geo.cs)
+        Ok((idx * self.geo.cs, zeroed))
     }
 
-    /// Gives back an allocated but unused cluster.
+    /// Gives back an allocated but unused cluster (possibly written to).
     pub fn unalloc_cluster(&mut self, off: u64) {
-        self.reserved.push_front(off / self.geo.cs);
+        self.reserved.push_front((off / self.geo.cs, false));
     }
 
     /// `n` contiguous clusters with refcount 1 (for L1 tables), past everything in use.
@@ -625,7 +667,10 @@ impl Meta {
         let mut a = file_clusters.max(self.alloc_end);
         let mut c = a;
         while c < a + n {
-            if (a + n) * geo.cs > MAX_CLUSTER_OFFSET {
+            if (a + n)
+                .checked_mul(geo.cs)
+                .is_none_or(|e| e > MAX_CLUSTER_OFFSET)
+            {
                 return Err(Error::TooLarge("No space left in the image".into()));
             }
             self.ensure_refblock(c >> geo.rb_bits)?;
@@ -647,7 +692,7 @@ impl Meta {
 
     /// Returns every reserved cluster (clean close).
     pub fn release_reserved(&mut self) -> Result<()> {
-        while let Some(idx) = self.reserved.pop_front() {
+        while let Some((idx, _)) = self.reserved.pop_front() {
             self.decref(idx)?;
         }
         Ok(())

@@ -41,7 +41,11 @@ impl Refcounts {
         let off = e & REFT_OFFSET_MASK;
         if !off.is_multiple_of(geo.cs) {
             return Err((
-                format!("Refblock offset {off:#x} unaligned (reftable index: {bi:#x})"),
+                format!(
+                    "Refblock offset {} unaligned (reftable index: {})",
+                    crate::error::hx(off),
+                    crate::error::hx(bi)
+                ),
                 off,
             ));
         }

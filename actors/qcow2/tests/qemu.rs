@@ -266,33 +266,103 @@ fn snapshots_stay_intact() {
     }
 }
 
-/// Persistent bitmaps: listed, kept, marked in use after a writable open.
+/// Dirty ranges of a persistent bitmap, as QEMU reads them (qemu-nbd exports the
+/// bitmap; `qemu-img map` with x-dirty-bitmap shows dirty areas as not data).
+fn dirty_ranges(dir: &TempDir, img: &str, bitmap: &str) -> Vec<(u64, u64)> {
+    let sock = dir.path(&format!("nbd-{bitmap}.sock"));
+    let mut nbd = std::process::Command::new("qemu-nbd")
+        .args([
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            bitmap,
+            &format!("--socket={sock}"),
+            img,
+        ])
+        .spawn()
+        .expect("qemu-nbd must be installed");
+    for _ in 0..100 {
+        if exists(&sock) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={sock},x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"
+    );
+    let out = qemu_img(&["map", "--output=json", "--image-opts", &opts]);
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for line in out.lines() {
+        let num = |key: &str| -> u64 {
+            let at = line.find(key).expect("key") + key.len();
+            line[at..]
+                .trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("number")
+        };
+        if !line.contains("\"start\"") || !line.contains("\"data\": false") {
+            continue;
+        }
+        let (start, len) = (num("\"start\":"), num("\"length\":"));
+        match ranges.last_mut() {
+            Some(last) if last.0 + last.1 == start => last.1 += len,
+            _ => ranges.push((start, len)),
+        }
+    }
+    ranges
+}
+
+/// Persistent bitmaps: listed; enabled ones track the engine's writes and are stored
+/// on close (no longer in use); disabled ones stay as they were.
 #[test]
 fn bitmaps_kept() {
     let dir = TempDir::new("bitmap");
     let img = create(&dir, "bm", "compat=1.1");
     qemu_img(&["bitmap", "--add", &img, "b1"]);
     qemu_img(&["bitmap", "--add", "-g", "128k", &img, "b2"]);
+    qemu_img(&["bitmap", "--add", "--disable", &img, "b3"]);
     qemu_io(&img, &["write -P 0x11 0 1M"]);
     let q = open(&img, false);
     let info = q.info();
     assert!(info.has_bitmaps);
     let names: Vec<_> = info.bitmaps.iter().map(|b| b.name.as_str()).collect();
-    assert_eq!(names, ["b1", "b2"]);
+    assert_eq!(names, ["b1", "b2", "b3"]);
     assert_eq!(info.bitmaps[1].granularity(), 128 << 10);
     assert!(info.bitmaps[0].auto() && !info.bitmaps[0].in_use());
+    assert!(!info.bitmaps[2].auto());
     drop(q);
     let q = open(&img, true);
-    q.write(&[7u8; 70000], 12345, false).expect("write");
+    // While open writable, enabled bitmaps are in use (on disk too, as with QEMU).
+    assert!(q.info().bitmaps[0].in_use() && !q.info().bitmaps[2].in_use());
+    q.write(&[7u8; 70000], (2 << 20) + 12345, false)
+        .expect("write");
+    q.write_zeroes(5 << 20, 64 << 10, true).expect("zero");
+    q.discard(6 << 20, 128 << 10).expect("discard");
     q.close().expect("close");
+    assert!(!q.info().bitmaps[0].in_use());
     drop(q);
     let out = qemu_img(&["info", &img]);
     assert!(
-        out.contains("name: b1") && out.contains("name: b2"),
+        out.contains("name: b1") && out.contains("name: b3"),
         "{out}"
     );
-    assert!(out.contains("in-use"), "{out}");
+    assert!(!out.contains("in-use"), "{out}");
     check(&img, false);
+    let m = 1u64 << 20;
+    assert_eq!(
+        dirty_ranges(&dir, &img, "b1"),
+        [(0, m), (2 * m, 2 * 65536), (5 * m, 65536), (6 * m, 131072)]
+    );
+    assert_eq!(
+        dirty_ranges(&dir, &img, "b2"),
+        [(0, m), (2 * m, 131072), (5 * m, 131072), (6 * m, 131072)]
+    );
+    assert_eq!(dirty_ranges(&dir, &img, "b3"), []);
 }
 
 /// External data files, with and without data-file-raw.
@@ -399,4 +469,57 @@ fn concurrent_io() {
     q.close().expect("close");
     check(&img, false);
     assert_same(&raw_of(&img, &dir, &[]), &all, "concurrent");
+}
+
+/// A lazy-refcounts image left dirty by a killed qemu-io (stale refcounts) is repaired
+/// on a writable open, as QEMU does; read-only opens read it as it is.
+#[test]
+fn dirty_image_repaired() {
+    let dir = TempDir::new("dirty");
+    for opts in [
+        "lazy_refcounts=on",
+        "lazy_refcounts=on,cluster_size=4096,refcount_bits=2",
+    ] {
+        let img = create(&dir, opts, opts);
+        qemu_io(&img, &["write -P 0x11 0 1M"]);
+        qemu_img(&["snapshot", "-c", "s", &img]);
+        let (_, _) = run_status(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                &img,
+                "-c",
+                "write -P 0x22 512k 2M",
+                "-c",
+                "write -P 0x33 5M 100k",
+                "-c",
+                "sigraise 9",
+            ],
+        );
+        let (ok, out) = run_status("qemu-img", &["check", &img]);
+        assert!(
+            !ok && out.contains("ERROR"),
+            "the kill left stale refcounts: {out}"
+        );
+        let q = open(&img, false);
+        assert!(q.info().dirty);
+        let mut reference = read_all(&q);
+        assert!(
+            reference[512 << 10..(512 << 10) + (2 << 20)]
+                .iter()
+                .all(|&b| b == 0x22)
+        );
+        drop(q);
+        let q = open(&img, true);
+        assert!(!q.info().dirty);
+        let mut rng = Rng(11);
+        random_ops(&q, &mut reference, &mut rng, 40, q.info().cluster_size);
+        q.close().expect("close");
+        drop(q);
+        check(&img, false);
+        assert_same(&raw_of(&img, &dir, &[]), &reference, "repaired");
+        let snap = raw_of(&img, &dir, &["-l", "snapshot.name=s"]);
+        assert!(snap[..1 << 20].iter().all(|&b| b == 0x11));
+    }
 }
