@@ -41,6 +41,11 @@ const VERSION: &[Piece] = &[
 ];
 
 /// Prefix of QEMU's auto-generated node names (`id_generate(ID_BLOCK)`).
+/// A snapshot's creation time (`SnapshotInfo`'s `date-sec` and `date-nsec`): each run
+/// makes its images afresh, so the times differ by when the setup ran.
+const SNAPSHOT_DATE_SEC: &[Piece] = &[Piece::Lit(b"\"date-sec\": "), Piece::Int(b"0")];
+const SNAPSHOT_DATE_NSEC: &[Piece] = &[Piece::Lit(b"\"date-nsec\": "), Piece::Int(b"0")];
+
 const AUTO_NODE_PREFIX: &[u8] = b"#block";
 
 /// Masks one daemon run's output; keeps the auto-name numbering across calls.
@@ -75,6 +80,8 @@ impl Masker {
         }
         out = mask_pattern(&out, TIMESTAMP);
         out = mask_pattern(&out, VERSION);
+        out = mask_pattern(&out, SNAPSHOT_DATE_SEC);
+        out = mask_pattern(&out, SNAPSHOT_DATE_NSEC);
         self.renumber_auto_names(&out)
     }
 

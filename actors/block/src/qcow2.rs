@@ -59,6 +59,8 @@ pub enum Overlap {
 pub struct Qcow2Config {
     /// The generic node options.
     pub common: CommonOptions,
+    /// `cache-size` in bytes (split between the two caches).
+    pub cache_size: Option<u64>,
     /// `l2-cache-size` in bytes.
     pub l2_cache_size: Option<u64>,
     /// `refcount-cache-size` in bytes.
@@ -117,9 +119,33 @@ struct Qcow2Options {
     encrypt: Option<Value>,
 }
 
-/// Why qcow2 options are refused (qsd's texts).
-fn option_error(text: &'static str) -> ParseError {
-    ParseError::Refused(text)
+/// The two cache sizes from `cache-size`, `l2-cache-size` and `refcount-cache-size`,
+/// or the text qsd refuses the combination with (`qcow2_update_options_prepare`,
+/// which checks them once the header is read).
+fn cache_sizes(config: &Qcow2Config) -> Result<(Option<u64>, Option<u64>), &'static str> {
+    Ok(
+        match (
+            config.cache_size,
+            config.l2_cache_size,
+            config.refcount_cache_size,
+        ) {
+            (Some(_), Some(_), Some(_)) => {
+                return Err(
+                    "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
+                );
+            }
+            (Some(c), Some(l), None) if l > c => {
+                return Err("l2-cache-size may not exceed cache-size");
+            }
+            (Some(c), None, Some(r)) if r > c => {
+                return Err("refcount-cache-size may not exceed cache-size");
+            }
+            (Some(c), Some(l), None) => (Some(l), Some(c - l)),
+            (Some(c), None, Some(r)) => (Some(c - r), Some(r)),
+            (Some(c), None, None) => (Some(c), None),
+            (None, l, r) => (l, r),
+        },
+    )
 }
 
 fn parse_qcow2(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, ParseError> {
@@ -130,26 +156,6 @@ fn parse_qcow2(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, Pars
     let refcount = size(o.refcount_cache_size, "refcount-cache-size")?;
     size(o.l2_cache_entry_size, "l2-cache-entry-size")?;
     size(o.cache_clean_interval, "cache-clean-interval")?;
-    // qcow2_update_options_prepare's rules, in its order.
-    let (l2, refcount) = match (cache, l2, refcount) {
-        (Some(_), Some(_), Some(_)) => {
-            return Err(option_error(
-                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
-            ));
-        }
-        (Some(c), Some(l), None) if l > c => {
-            return Err(option_error("l2-cache-size may not exceed cache-size"));
-        }
-        (Some(c), None, Some(r)) if r > c => {
-            return Err(option_error(
-                "refcount-cache-size may not exceed cache-size",
-            ));
-        }
-        (Some(c), Some(l), None) => (Some(l), Some(c - l)),
-        (Some(c), None, Some(r)) => (Some(c - r), Some(r)),
-        (Some(c), None, None) => (Some(c), None),
-        (None, l, r) => (l, r),
-    };
     let overlap_check = match o.overlap_check {
         Some(OverlapChecks::Mode(m)) => m,
         Some(OverlapChecks::Flags(f)) => f.template.unwrap_or_default(),
@@ -158,6 +164,7 @@ fn parse_qcow2(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, Pars
     Ok(Parsed {
         config: Qcow2Config {
             common: CommonOptions::default(),
+            cache_size: cache,
             l2_cache_size: l2,
             refcount_cache_size: refcount,
             overlap_check,
@@ -227,6 +234,8 @@ impl BlockDriver for Qcow2Format {
             let file = file.ok_or(crate::OpenError::MissingChild)?;
             let handle = Handle::try_current().map_err(|_| crate::OpenError::NoRuntime)?;
             let writable = !config.common.read_only && !config.common.inactive;
+            let caches = cache_sizes(&config);
+            let (l2_cache_size, refcount_cache_size) = caches.unwrap_or((None, None));
             let pass_discard = config
                 .pass_discard_request
                 .unwrap_or(config.common.discard == crate::config::Discard::Unmap);
@@ -240,8 +249,8 @@ impl BlockDriver for Qcow2Format {
                     Arc::new(NodeStorage::new(b, handle.clone()))
                         as Arc<dyn bulkhead_qcow2::Backing>
                 }),
-                l2_cache_size: config.l2_cache_size,
-                refcount_cache_size: config.refcount_cache_size,
+                l2_cache_size,
+                refcount_cache_size,
                 overlap_check: match config.overlap_check {
                     Overlap::None => OverlapCheck::None,
                     Overlap::Constant => OverlapCheck::Constant,
@@ -258,6 +267,10 @@ impl BlockDriver for Qcow2Format {
                 .await
                 .map_err(|e| crate::OpenError::Image(crate::posix::strerror(e.errno())))?
                 .map_err(|e| crate::OpenError::Image(e.to_string()))?;
+            // QEMU checks the cache options once the header is read.
+            if let Err(text) = caches {
+                return Err(crate::OpenError::Image(text.to_string()));
+            }
             Ok(Arc::new(Qcow2Driver {
                 engine: Arc::new(engine),
                 backing,

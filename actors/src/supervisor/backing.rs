@@ -38,7 +38,7 @@ fn has_protocol(name: &str) -> bool {
 
 /// Resolves `name` against the image file `image` names it in (QEMU's
 /// `bdrv_get_full_backing_filename`).
-fn resolve(name: &str, image: &str) -> Result<PathBuf, String> {
+pub(super) fn resolve(name: &str, image: &str) -> Result<PathBuf, String> {
     if name.is_empty() || name.len() > 4096 || name.contains('\0') {
         return Err(format!("Could not open '{name}': Invalid argument"));
     }

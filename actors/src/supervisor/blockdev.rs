@@ -57,6 +57,9 @@ pub(super) struct Spec {
     /// Its options name its backing (a node, options, or `null` for none): the
     /// backing file its image names is then not opened.
     backing_given: bool,
+    /// `backing: null`: kept among its options as QEMU keeps it (it shows in the
+    /// node's `json:` filename).
+    backing_null: bool,
     /// The options as given, flattened (`cache.direct`), without the children
     /// (which become their node-names once they exist, see `Node::options`).
     given: Map<String, Value>,
@@ -107,6 +110,7 @@ pub(super) fn parse_spec(
     let mut given_top = given.clone();
     let mut children = Vec::new();
     let backing_given = members.contains_key("backing");
+    let mut backing_null = false;
     for slot in driver.info().children {
         given_top.remove(slot.key);
         let Some(member) = members.remove(slot.key) else {
@@ -123,7 +127,10 @@ pub(super) fn parse_spec(
                 ChildSpec::Inline(Box::new(parse_spec(&inline, &inline_given)?))
             }
             // `null`: explicitly none (`backing: null`).
-            Ok(BlockdevRefOrNull::Null) => continue,
+            Ok(BlockdevRefOrNull::Null) => {
+                backing_null |= slot.role == Role::Backing;
+                continue;
+            }
             Err(e) => return Err(errors::from_error(ParseError::Decode(e.to_string()))),
         };
         children.push((slot.role, child));
@@ -151,6 +158,7 @@ pub(super) fn parse_spec(
         parsed,
         children,
         backing_given,
+        backing_null,
         given: flatten(&given_top),
     })
 }
@@ -250,8 +258,11 @@ impl Core {
         let Parsed {
             mut config,
             image: image_spec,
-            strong,
+            mut strong,
         } = spec.parsed;
+        if spec.backing_null {
+            strong.insert("backing".into(), Value::Null);
+        }
         *config.common_mut() = common;
 
         let name = match spec.name {

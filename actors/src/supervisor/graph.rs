@@ -378,7 +378,14 @@ impl Graph {
                 image.insert("backing-filename".into(), name.clone().into());
                 let full = match backing {
                     Some(b) if node.implicit_backing => self.filename(b),
-                    _ => name.clone(),
+                    // Not opened (or given otherwise): the name resolved as QEMU
+                    // resolves it against the image's own file.
+                    _ => {
+                        let image = self.chain(&node.name).last().and_then(|b| b.path.clone());
+                        image
+                            .and_then(|i| super::backing::resolve(name, &i).ok())
+                            .map_or_else(|| name.clone(), |p| p.to_string_lossy().into_owned())
+                    }
                 };
                 image.insert("full-backing-filename".into(), full.into());
                 if let Some(fmt) = &f.backing_format {

@@ -1,0 +1,437 @@
+//! qcow2 nodes: blockdev-add of images made by qemu-img with its options, backing
+//! chains opened from the names inside images, queries and errors, compared with qsd
+//! byte for byte; then I/O through NBD exports in both placements, checked with
+//! qemu-io, qemu-img compare and qemu-img check on the files afterwards.
+
+use std::path::Path;
+use std::process::Command;
+
+use bulkhead_systests::writes::{nbd_image_opts, qemu_io};
+use bulkhead_systests::{Daemon, DaemonKind, Script, Step, TempDir, differential};
+
+/// Runs qemu-img (or qemu-io) and fails the setup if it fails.
+fn tool(program: &str, args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new(program).args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}
+
+fn img(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+/// Images in every qemu-img flavour the script opens.
+fn make_images(dir: &Path) -> std::io::Result<()> {
+    let create = |name: &str, opts: &str, size: &str| {
+        let path = img(dir, name);
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([path.as_str(), size]);
+        tool("qemu-img", &args)
+    };
+    create("plain.qcow2", "", "64M")?;
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 0 1M",
+            &img(dir, "plain.qcow2"),
+        ],
+    )?;
+    create("v2.qcow2", "compat=0.10", "16M")?;
+    create("cache.qcow2", "", "16M")?;
+    create("small.qcow2", "cluster_size=4096,refcount_bits=1", "16M")?;
+    create("lazy.qcow2", "lazy_refcounts=on", "16M")?;
+    create("extl2.qcow2", "extended_l2=on", "16M")?;
+    create(
+        "zstd.qcow2",
+        "compression_type=zstd,refcount_bits=64",
+        "16M",
+    )?;
+    create("base.qcow2", "", "32M")?;
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 2M",
+            &img(dir, "base.qcow2"),
+        ],
+    )?;
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &img(dir, "top.qcow2"),
+        ],
+    )?;
+    tool(
+        "qemu-img",
+        &["snapshot", "-c", "snap1", &img(dir, "top.qcow2")],
+    )?;
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &img(dir, "nob.qcow2"),
+        ],
+    )?;
+    std::fs::File::create(dir.join("rawbase.img"))?.set_len(8 << 20)?;
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "rawbase.img",
+            "-F",
+            "raw",
+            &img(dir, "overraw.qcow2"),
+        ],
+    )?;
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "nothere.qcow2",
+            "-F",
+            "qcow2",
+            &img(dir, "missing.qcow2"),
+            "16M",
+        ],
+    )?;
+    std::fs::write(dir.join("notqcow2.img"), vec![0x42u8; 65536])?;
+    // Version 4: the header's version field patched.
+    create("v4.qcow2", "", "16M")?;
+    let mut bytes = std::fs::read(dir.join("v4.qcow2"))?;
+    bytes[4..8].copy_from_slice(&4u32.to_be_bytes());
+    std::fs::write(dir.join("v4.qcow2"), bytes)?;
+    Ok(())
+}
+
+fn add(id: &str, node: &str, file: &str, extra: &str) -> Step {
+    Step::line(&format!(
+        r#"{{"execute": "blockdev-add", "arguments": {{"driver": "qcow2", "node-name": "{node}", "file": {{"driver": "file", "filename": "$DIR/{file}"}}{extra}}}, "id": "{id}"}}"#
+    ))
+    .note(&format!("blockdev-add {file}"))
+}
+
+fn queries_script() -> Script {
+    let mut steps = vec![Step::line(
+        r#"{"execute": "qmp_capabilities", "id": "cap"}"#,
+    )];
+    for (i, (node, file)) in [
+        ("plain", "plain.qcow2"),
+        ("v2", "v2.qcow2"),
+        ("small", "small.qcow2"),
+        ("lazy", "lazy.qcow2"),
+        ("extl2", "extl2.qcow2"),
+        ("zstd", "zstd.qcow2"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        steps.push(add(&format!("a{i}"), node, file, ""));
+    }
+    steps.extend([
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": "q1"}"#).note("formats"),
+        add("top", "top", "top.qcow2", "").note("a chain opened from the image's name"),
+        add("overraw", "overraw", "overraw.qcow2", "").note("raw backing"),
+        add(
+            "nob",
+            "nob",
+            "nob.qcow2",
+            r#", "read-only": true, "backing": null"#,
+        )
+        .note("backing: null"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": "q2"}"#).note("chains"),
+        Step::line(r#"{"execute": "x-debug-query-block-graph", "id": "g"}"#).note("graph"),
+        add("missing", "missing", "missing.qcow2", "").note("missing backing file"),
+        add("notq", "notq", "notqcow2.img", "").note("not qcow2"),
+        add("v4", "v4", "v4.qcow2", "").note("version 4"),
+        add(
+            "c1",
+            "c1",
+            "cache.qcow2",
+            r#", "cache-size": 1024, "l2-cache-size": 512, "refcount-cache-size": 512"#,
+        )
+        .note("three cache sizes"),
+        add(
+            "c2",
+            "c2",
+            "cache.qcow2",
+            r#", "cache-size": 1024, "l2-cache-size": 4096"#,
+        )
+        .note("l2 cache above cache-size"),
+        Step::line(
+            r#"{"execute": "blockdev-del", "arguments": {"node-name": "top"}, "id": "del"}"#,
+        )
+        .note("del takes its implicit backing chain along"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": "q3"}"#).note("after del"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#)
+            .until_eof()
+            .note("quit"),
+    ]);
+    Script {
+        name: "qcow2-queries".into(),
+        monitors: 1,
+        args: Vec::new(),
+        vars: Vec::new(),
+        setup: Some(make_images),
+        steps,
+    }
+}
+
+#[test]
+fn qcow2_nodes_chains_queries_and_errors_match_qsd() {
+    if let Err(report) = differential(&queries_script()) {
+        panic!("{report}");
+    }
+}
+
+/// A daemon serving `image` (a qcow2 file in `dir`) over NBD as export `q`.
+fn serve(isolation: &str, dir: TempDir, image: &str) -> Daemon {
+    let args: Vec<String> = [
+        "--isolation",
+        isolation,
+        "--blockdev",
+        &format!("driver=file,node-name=f,filename=$DIR/{image}"),
+        "--blockdev",
+        "driver=qcow2,node-name=q,file=f",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=e,node-name=q,writable=on",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn run(program: &str, args: &[String]) -> String {
+    let out = match Command::new(program).args(args).output() {
+        Ok(o) => o,
+        Err(e) => panic!("{program}: {e}"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{program} {args:?} failed: {text}");
+    text
+}
+
+fn quit(daemon: &mut Daemon) {
+    if let Ok(mut qmp) = daemon.qmp(0) {
+        let _ = qmp.execute_ok("quit", None);
+    }
+    match daemon.wait_exit(std::time::Duration::from_secs(20)) {
+        Ok(Some(_)) => {}
+        other => panic!("bulkhead did not quit: {other:?}"),
+    }
+}
+
+/// Writes of every shape through an NBD export of a fresh sparse image and of an
+/// overlay over a backing file: the same writes on a raw reference file must give the
+/// same guest view, and qemu-img check must find the image clean after quit.
+#[test]
+fn nbd_writes_through_qcow2_match_a_raw_reference_and_leave_a_clean_image() {
+    for isolation in ["kind", "image"] {
+        for overlay in [false, true] {
+            let dir = match TempDir::new("bulkhead-qcow2") {
+                Ok(d) => d,
+                Err(e) => panic!("{e}"),
+            };
+            let d = dir.path().to_path_buf();
+            let reference = img(&d, "ref.raw");
+            if overlay {
+                let base = img(&d, "base.qcow2");
+                run(
+                    "qemu-img",
+                    &[
+                        "create".into(),
+                        "-q".into(),
+                        "-f".into(),
+                        "qcow2".into(),
+                        base.clone(),
+                        "8M".into(),
+                    ],
+                );
+                run(
+                    "qemu-io",
+                    &[
+                        "-f".into(),
+                        "qcow2".into(),
+                        "-c".into(),
+                        "write -P 0x33 0 8M".into(),
+                        base.clone(),
+                    ],
+                );
+                run(
+                    "qemu-img",
+                    &[
+                        "create".into(),
+                        "-q".into(),
+                        "-f".into(),
+                        "qcow2".into(),
+                        "-b".into(),
+                        "base.qcow2".into(),
+                        "-F".into(),
+                        "qcow2".into(),
+                        img(&d, "disk.qcow2"),
+                    ],
+                );
+                run(
+                    "qemu-img",
+                    &[
+                        "convert".into(),
+                        "-O".into(),
+                        "raw".into(),
+                        base,
+                        reference.clone(),
+                    ],
+                );
+            } else {
+                run(
+                    "qemu-img",
+                    &[
+                        "create".into(),
+                        "-q".into(),
+                        "-f".into(),
+                        "qcow2".into(),
+                        img(&d, "disk.qcow2"),
+                        "8M".into(),
+                    ],
+                );
+                run(
+                    "qemu-img",
+                    &[
+                        "create".into(),
+                        "-q".into(),
+                        "-f".into(),
+                        "raw".into(),
+                        reference.clone(),
+                        "8M".into(),
+                    ],
+                );
+            }
+            let mut daemon = serve(isolation, dir, "disk.qcow2");
+            // Unaligned writes, within and across clusters, zero writes and discards.
+            let commands = [
+                "write -P 0xa1 0 4k",
+                "write -P 0xa2 1000 70000",
+                "write -P 0xa3 130000 1",
+                "write -P 0xa4 2M 1M",
+                "write -z 2200k 100k",
+                "write -P 0xa5 4194300 200000",
+                "discard 64k 64k",
+                "write -P 0xa6 7M 1M",
+                "write -z -u 7340032 65536",
+            ];
+            let socket = d.join("nbd.sock");
+            let mut args = vec!["--image-opts".to_string(), nbd_image_opts(&socket, "q")];
+            for c in commands {
+                args.extend(["-c".to_string(), c.to_string()]);
+            }
+            let out = match qemu_io(&args).output() {
+                Ok(o) => o,
+                Err(e) => panic!("qemu-io: {e}"),
+            };
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && !text.contains("failed"),
+                "{isolation} {overlay}: {text}"
+            );
+            // The same on the reference. The node has qsd's default `discard=ignore`,
+            // so the discard changes nothing there either.
+            let mut ref_args = vec!["-f".to_string(), "raw".to_string()];
+            for c in commands.iter().filter(|c| !c.starts_with("discard")) {
+                ref_args.extend(["-c".to_string(), c.to_string()]);
+            }
+            ref_args.push(reference.clone());
+            run("qemu-io", &ref_args);
+            let nbd = format!("nbd+unix:///q?socket={}", socket.display());
+            let dump = img(&d, "dump.raw");
+            run(
+                "qemu-img",
+                &[
+                    "convert".into(),
+                    "-f".into(),
+                    "raw".into(),
+                    "-O".into(),
+                    "raw".into(),
+                    nbd,
+                    dump.clone(),
+                ],
+            );
+            let ours = std::fs::read(&dump).unwrap_or_default();
+            let want = std::fs::read(&reference).unwrap_or_default();
+            assert_eq!(
+                ours.len(),
+                want.len(),
+                "{isolation} overlay={overlay}: sizes"
+            );
+            let first = ours.iter().zip(&want).position(|(a, b)| a != b);
+            assert_eq!(
+                first, None,
+                "{isolation} overlay={overlay}: first differing byte"
+            );
+            quit(&mut daemon);
+            let check = run("qemu-img", &["check".into(), img(&d, "disk.qcow2")]);
+            assert!(
+                check.contains("No errors were found"),
+                "{isolation} overlay={overlay}: {check}"
+            );
+            // The image itself, read by QEMU, holds what was written.
+            run(
+                "qemu-io",
+                &[
+                    "-f".into(),
+                    "qcow2".into(),
+                    "-c".into(),
+                    "read -P 0xa4 2M 100k".into(),
+                    "-c".into(),
+                    "read -P 0xa6 7405568 256k".into(),
+                    img(&d, "disk.qcow2"),
+                ],
+            );
+        }
+    }
+}
