@@ -5,6 +5,8 @@
 
 use std::path::PathBuf;
 
+use crate::daemon::Backing;
+
 /// Usage text printed by `--help` and after a bad option.
 pub const USAGE: &str = "\
 usage: cargo run --release -p bulkhead-benches -- [options]
@@ -18,7 +20,11 @@ options:
   --runtime SECS    seconds per fio job (overrides --quick)
   --json PATH       write the raw results (every sample, every fio JSON output) to PATH
   --bulkhead PATH   use this bulkhead binary instead of building target/release/bulkhead
-  --size MIB        size of the exported image and null device in MiB (default 1024)
+  --size MIB        size of the exported image and null device in MiB (default 1024;
+                    the fresh qcow2 image is 16 times that, mostly unallocated)
+  --only LIST       run only these parts, comma-separated: control, null, raw-file,
+                    file, qcow2-full, qcow2-fresh, qcow2-chain, or qcow2 for all three
+                    qcow2 ones (default: everything)
   --help            print this text
 ";
 
@@ -39,6 +45,10 @@ pub struct Options {
     pub size: u64,
     /// `--quick` was given.
     pub quick: bool,
+    /// Measure the control plane.
+    pub control: bool,
+    /// Backings to measure, in table order.
+    pub backings: Vec<Backing>,
 }
 
 impl Default for Options {
@@ -51,6 +61,8 @@ impl Default for Options {
             bulkhead: None,
             size: 1 << 30,
             quick: false,
+            control: true,
+            backings: Backing::ALL.to_vec(),
         }
     }
 }
@@ -76,6 +88,32 @@ pub enum CliError {
     /// A value that is not a positive whole number.
     #[error("option `{0}` needs a positive whole number, not `{1}`")]
     BadNumber(String, String),
+    /// `--only` named a part that does not exist.
+    #[error("`--only` knows no part `{0}`")]
+    UnknownPart(String),
+}
+
+/// Parses `--only`'s list into (control plane?, backings in table order).
+pub fn parse_only(list: &str) -> Result<(bool, Vec<Backing>), CliError> {
+    let mut control = false;
+    let mut chosen = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "control" => control = true,
+            "qcow2" => chosen.extend(Backing::ALL.into_iter().filter(|b| b.is_qcow2())),
+            _ => chosen.push(
+                Backing::from_name(part).ok_or_else(|| CliError::UnknownPart(part.to_owned()))?,
+            ),
+        }
+    }
+    if !control && chosen.is_empty() {
+        return Err(CliError::UnknownPart(list.to_owned()));
+    }
+    let backings = Backing::ALL
+        .into_iter()
+        .filter(|b| chosen.contains(b))
+        .collect();
+    Ok((control, backings))
 }
 
 fn positive(option: &str, value: &str) -> Result<u64, CliError> {
@@ -121,6 +159,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, CliError> {
                     .checked_mul(1 << 20)
                     .ok_or_else(|| CliError::BadNumber(name.to_owned(), v))?;
             }
+            "--only" => (o.control, o.backings) = parse_only(&value()?)?,
             _ => return Err(CliError::Unknown(arg.clone())),
         }
     }
@@ -172,6 +211,30 @@ mod tests {
         assert_eq!(o.repeat, 5);
         assert_eq!(o.json, Some(PathBuf::from("/tmp/r.json")));
         assert_eq!(o.size, 64 << 20);
+    }
+
+    #[test]
+    fn only_selects_parts_in_table_order_and_qcow2_means_all_three() {
+        let Ok(Parsed::Run(o)) = parse(&args(&["--only", "qcow2"])) else {
+            panic!("--only parses");
+        };
+        assert!(!o.control);
+        assert_eq!(
+            o.backings,
+            [Backing::Qcow2Full, Backing::Qcow2Fresh, Backing::Qcow2Chain]
+        );
+        assert_eq!(
+            parse_only("qcow2-chain, raw-file,control"),
+            Ok((true, vec![Backing::RawFile, Backing::Qcow2Chain]))
+        );
+        assert_eq!(parse_only("control"), Ok((true, vec![])));
+        assert_eq!(
+            parse_only("raw"),
+            Err(CliError::UnknownPart("raw".to_owned()))
+        );
+        assert_eq!(parse_only(","), Err(CliError::UnknownPart(",".to_owned())));
+        assert_eq!(Options::default().backings, Backing::ALL);
+        assert!(Options::default().control);
     }
 
     #[test]

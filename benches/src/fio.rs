@@ -40,6 +40,22 @@ pub struct FioJob {
     pub iodepth: u32,
 }
 
+/// How a job ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// After its runtime, going over the export again as often as it gets there.
+    Time,
+    /// After `ios` requests or its runtime, whichever comes first, never going over the
+    /// export twice; random offsets aligned to `align` bytes (the writes of a fresh
+    /// qcow2 image, one cluster per request).
+    Requests {
+        /// Most requests.
+        ios: u64,
+        /// Alignment of random offsets.
+        align: u64,
+    },
+}
+
 impl FioJob {
     /// fio's `rw=` value.
     pub fn rw(&self) -> &'static str {
@@ -52,9 +68,9 @@ impl FioJob {
     }
 
     /// fio's command-line arguments for this job against `uri`, running `runtime_s`
-    /// seconds and writing JSON to `output`.
-    pub fn args(&self, uri: &str, runtime_s: u64, output: &str) -> Vec<String> {
-        vec![
+    /// seconds (at most, with [`Bound::Requests`]) and writing JSON to `output`.
+    pub fn args(&self, uri: &str, runtime_s: u64, output: &str, bound: Bound) -> Vec<String> {
+        let mut args = vec![
             format!("--name={}", self.name),
             "--ioengine=nbd".to_owned(),
             format!("--uri={uri}"),
@@ -65,11 +81,24 @@ impl FioJob {
             // machine would take away from the server under test.
             "--norandommap".to_owned(),
             "--randrepeat=0".to_owned(),
-            "--time_based".to_owned(),
+        ];
+        match bound {
+            Bound::Time => args.push("--time_based".to_owned()),
+            Bound::Requests { ios, align } => {
+                // Without --time_based fio stops at the first of: `ios` requests, the
+                // runtime, or the export's size in bytes of I/O.
+                args.push(format!("--number_ios={ios}"));
+                if self.random {
+                    args.push(format!("--blockalign={align}"));
+                }
+            }
+        }
+        args.extend([
             format!("--runtime={runtime_s}"),
             "--output-format=json".to_owned(),
             format!("--output={output}"),
-        ]
+        ]);
+        args
     }
 }
 
@@ -291,7 +320,7 @@ mod tests {
 
     #[test]
     fn job_arguments_name_the_engine_uri_and_shape() {
-        let args = JOBS[1].args("nbd+unix:///disk?socket=/s", 5, "/o.json");
+        let args = JOBS[1].args("nbd+unix:///disk?socket=/s", 5, "/o.json", Bound::Time);
         assert_eq!(
             args,
             [
@@ -309,6 +338,30 @@ mod tests {
                 "--output=/o.json",
             ]
         );
+    }
+
+    #[test]
+    fn request_bounded_jobs_are_not_time_based_and_align_only_random_offsets() {
+        let bound = Bound::Requests {
+            ios: 32_768,
+            align: 65_536,
+        };
+        let random = JOBS[3].args("u", 2, "/o", bound);
+        assert_eq!(random[1..8].len(), 7);
+        assert!(!random.contains(&"--time_based".to_owned()));
+        assert_eq!(
+            random[8..],
+            [
+                "--number_ios=32768",
+                "--blockalign=65536",
+                "--runtime=2",
+                "--output-format=json",
+                "--output=/o"
+            ]
+        );
+        let seq = JOBS[5].args("u", 2, "/o", bound);
+        assert_eq!(seq[8], "--number_ios=32768");
+        assert!(!seq.iter().any(|a| a.starts_with("--blockalign")));
     }
 
     #[test]

@@ -12,12 +12,14 @@
 //! - `qmp`: a small blocking QMP client.
 //! - `daemon`: starting qsd, bulkhead and nbdkit on a backing and proving they serve.
 //! - `fio`: fio job lines and JSON parsing; `qemu-img bench` parsing.
+//! - `images`: the qcow2 images (qemu-img) and the bounds of allocating jobs.
 //! - `run`: the measurement plan and the samples.
 //! - `stats`, `table`: medians, spread, the Markdown table.
 
 mod cli;
 mod daemon;
 mod fio;
+mod images;
 mod procs;
 mod qmp;
 mod run;
@@ -31,7 +33,7 @@ use std::process::{Command, ExitCode};
 use serde_json::{Value, json};
 
 use crate::cli::{Options, Parsed};
-use crate::daemon::Programs;
+use crate::daemon::{Backing, Programs};
 use crate::procs::{ProcError, ScratchDir};
 use crate::run::{Plan, RunError, Samples};
 
@@ -55,6 +57,8 @@ enum BenchError {
     NoFioNbd,
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] std::io::Error),
+    #[error("cannot make the qcow2 images: {0}")]
+    Image(#[from] images::ImageError),
 }
 
 fn main() -> ExitCode {
@@ -129,12 +133,23 @@ fn real_main(args: &[String]) -> Result<(), BenchError> {
     let scratch = ScratchDir::new(Path::new("/dev/shm"), "bulkhead-bench")?;
     let image = scratch.path().join("image.raw");
     make_image(&image, options.size)?;
+    let qcow2 = if options
+        .backings
+        .iter()
+        .any(|b| matches!(b, Backing::Qcow2Full | Backing::Qcow2Chain))
+    {
+        eprintln!("bulkhead-bench: making the qcow2 images");
+        Some(images::Qcow2Images::make(&image, scratch.path())?)
+    } else {
+        None
+    };
 
     let mut samples = Samples::default();
     let plan = Plan {
         options: &options,
         programs: &programs,
         image: &image,
+        qcow2: qcow2.as_ref(),
         scratch: scratch.path(),
         record_dir: record_dir.clone(),
     };
@@ -144,7 +159,7 @@ fn real_main(args: &[String]) -> Result<(), BenchError> {
 
     let report = header(&options, &command_line, &started, &machine, &versions)
         + &format!("load average after the run: {}\n\n", load_after.trim())
-        + &table::render(&samples.sections())
+        + &table::render(&samples.sections(options.control, &options.backings))
         + &notes(&samples.notes);
     let report = if outcome.is_err() {
         format!("PARTIAL RESULTS: the run stopped early (the error follows the table)\n{report}")
@@ -158,6 +173,8 @@ fn real_main(args: &[String]) -> Result<(), BenchError> {
             "repeat": options.repeat, "runtime_s": options.runtime_s,
             "qemu_img_count": options.qemu_img_count, "size": options.size,
             "starts": run::STARTS, "qmp_calls": run::QMP_CALLS,
+            "control": options.control,
+            "backings": options.backings.iter().map(|b| b.name()).collect::<Vec<_>>(),
         },
         "complete": outcome.is_ok(),
         "table": report,

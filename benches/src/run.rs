@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 
 use crate::cli::Options;
 use crate::daemon::{self, Backing, DaemonError, Programs, Running, Server};
-use crate::fio::{self, Direction, FioError, JOBS, QemuImgBenchError};
+use crate::fio::{self, Bound, Direction, FioError, FioJob, JOBS, QemuImgBenchError};
+use crate::images::{self, ImageError, Qcow2Images};
 use crate::procs::{self, ProcError};
 use crate::qmp::{self, Qmp, QmpError};
 use crate::stats::{self, Summary};
@@ -115,6 +116,28 @@ impl Metric {
 
     /// Metrics of the control plane, measured without a backing.
     pub const CONTROL: [Metric; 2] = [Metric::StartupMs, Metric::QmpRttUs];
+
+    /// Whether `backing` gets this metric at all (the chain takes no writes, qcow2 no
+    /// `qemu-img bench`), so its section leaves the row out instead of showing `-`.
+    pub fn measured_on(self, backing: Backing) -> bool {
+        let write = matches!(
+            self,
+            Metric::RandWriteQd1Iops
+                | Metric::RandWriteQd32Iops
+                | Metric::RandWriteQd1LatUs
+                | Metric::SeqWriteMiBs
+                | Metric::QemuImgWriteIops
+        );
+        let qemu_img = matches!(self, Metric::QemuImgReadIops | Metric::QemuImgWriteIops);
+        (backing.takes_writes() || !write) && (backing.runs_qemu_img_bench() || !qemu_img)
+    }
+}
+
+/// The fio jobs that run on `backing`, in order.
+pub fn jobs_for(backing: Backing) -> Vec<&'static FioJob> {
+    JOBS.iter()
+        .filter(|j| backing.takes_writes() || j.direction == Direction::Read)
+        .collect()
 }
 
 /// Takes one number out of a fio result.
@@ -173,30 +196,38 @@ impl Samples {
         self.values.get(&key).and_then(|v| stats::summarize(v))
     }
 
-    /// The table: control plane first, then one section per backing.
-    pub fn sections(&self) -> Vec<Section> {
-        let mut out = vec![Section {
-            title: "control plane (no export)".to_owned(),
-            rows: Metric::CONTROL
-                .iter()
-                .map(|&m| Row {
-                    metric: m.label().to_owned(),
-                    qsd: self.summary((Server::Qsd, None, m)),
-                    bulkhead: self.summary((Server::Bulkhead, None, m)),
-                    nbdkit: None,
-                })
-                .collect(),
-        }];
-        for backing in Backing::ALL {
+    /// The table: control plane first (when measured), then one section per backing in
+    /// `backings`, each with the rows that backing gets.
+    pub fn sections(&self, control: bool, backings: &[Backing]) -> Vec<Section> {
+        let mut out = Vec::new();
+        if control {
+            out.push(Section {
+                title: "control plane (no export)".to_owned(),
+                nbdkit: false,
+                rows: Metric::CONTROL
+                    .iter()
+                    .map(|&m| Row {
+                        metric: m.label().to_owned(),
+                        qsd: self.summary((Server::Qsd, None, m)),
+                        bulkhead: self.summary((Server::Bulkhead, None, m)),
+                        nbdkit: None,
+                    })
+                    .collect(),
+            });
+        }
+        for &backing in backings {
+            let twin = backing.nbdkit_twin();
             out.push(Section {
                 title: backing.title().to_owned(),
+                nbdkit: twin.is_some(),
                 rows: Metric::DATA
                     .iter()
+                    .filter(|m| m.measured_on(backing))
                     .map(|&m| Row {
                         metric: m.label().to_owned(),
                         qsd: self.summary((Server::Qsd, Some(backing), m)),
                         bulkhead: self.summary((Server::Bulkhead, Some(backing), m)),
-                        nbdkit: self.summary((Server::Nbdkit, Some(backing.nbdkit_twin()), m)),
+                        nbdkit: twin.and_then(|t| self.summary((Server::Nbdkit, Some(t), m))),
                     })
                     .collect(),
             });
@@ -276,6 +307,9 @@ pub enum RunError {
     /// The server's memory could not be read.
     #[error("cannot read the RSS of {0}")]
     NoRss(Server),
+    /// A qcow2 image could not be made or checked.
+    #[error("{0}: {1}")]
+    Image(&'static str, #[source] ImageError),
 }
 
 /// Everything a measurement needs.
@@ -287,6 +321,8 @@ pub struct Plan<'a> {
     pub programs: &'a Programs,
     /// The shared raw image on /dev/shm.
     pub image: &'a Path,
+    /// The qcow2 images made once per run (when a qcow2 backing is measured).
+    pub qcow2: Option<&'a Qcow2Images>,
     /// Scratch directory for sockets and logs.
     pub scratch: &'a Path,
     /// Where fio's JSON files are kept.
@@ -312,14 +348,16 @@ impl Plan<'_> {
                 self.options.repeat,
                 order(r)[0]
             );
-            for server in order(r) {
-                self.control_plane(server, samples)?;
+            if self.options.control {
+                for server in order(r) {
+                    self.control_plane(server, samples)?;
+                }
             }
-            for backing in Backing::ALL {
+            for &backing in &self.options.backings {
                 for server in order(r) {
                     self.target(server, backing, r, samples)?;
                 }
-                if backing.nbdkit_twin() == backing {
+                if backing.nbdkit_twin() == Some(backing) {
                     self.target(Server::Nbdkit, backing, r, samples)?;
                 }
             }
@@ -386,6 +424,46 @@ impl Plan<'_> {
         Ok(())
     }
 
+    /// The image `backing` is served from (the fresh image's path for
+    /// [`Backing::Qcow2Fresh`]; it is made before each job).
+    fn image_for(&self, backing: Backing) -> PathBuf {
+        match (backing, self.qcow2) {
+            (Backing::Qcow2Full, Some(q)) => q.full.clone(),
+            (Backing::Qcow2Chain, Some(q)) => q.chain_top.clone(),
+            (Backing::Qcow2Fresh, _) => self.scratch.join("fresh.qcow2"),
+            _ => self.image.to_owned(),
+        }
+    }
+
+    fn start(
+        &self,
+        server: Server,
+        backing: Backing,
+        r: u32,
+        samples: &mut Samples,
+    ) -> Result<Running, RunError> {
+        let size = backing.export_size(self.options.size);
+        let image = self.image_for(backing);
+        let start = || Running::start(self.programs, server, backing, &image, size, self.scratch);
+        // One retry with a fresh process when the QMP set-up fails: qsd 10.0.2 once
+        // answered a well-formed blockdev-add with "JSON parse error, missing : in object
+        // pair" under heavy load. The failure is kept in the notes, never hidden; a
+        // second failure stops the run.
+        match start() {
+            Err(e @ DaemonError::Qmp { .. }) => {
+                let note = format!(
+                    "repetition {}: {server} on {}: set-up failed once and was retried: {e}",
+                    r + 1,
+                    backing.name()
+                );
+                eprintln!("   warning: {note}");
+                samples.notes.push(note);
+                Ok(start()?)
+            }
+            other => Ok(other?),
+        }
+    }
+
     fn target(
         &self,
         server: Server,
@@ -395,97 +473,166 @@ impl Plan<'_> {
     ) -> Result<(), RunError> {
         procs::check_interrupted()?;
         eprintln!("   {server} on {}", backing.name());
-        let size = self.options.size;
-        let start = || {
-            Running::start(
-                self.programs,
-                server,
-                backing,
-                self.image,
-                size,
-                self.scratch,
-            )
-        };
-        // One retry with a fresh process when the QMP set-up fails: qsd 10.0.2 once
-        // answered a well-formed blockdev-add with "JSON parse error, missing : in object
-        // pair" under heavy load. The failure is kept in the notes, never hidden; a
-        // second failure stops the run.
-        let mut running = match start() {
-            Err(e @ DaemonError::Qmp { .. }) => {
-                let note = format!(
-                    "repetition {}: {server} on {}: set-up failed once and was retried: {e}",
-                    r + 1,
-                    backing.name()
-                );
-                eprintln!("   warning: {note}");
-                samples.notes.push(note);
-                start()?
-            }
-            other => other?,
-        };
-        let limit = Duration::from_secs(self.options.runtime_s + 60);
+        if backing.fresh_per_job() {
+            return self.target_fresh(server, backing, r, samples);
+        }
+        let mut running = self.start(server, backing, r, samples)?;
         // fio's QD32 IOPS of this very server size the qemu-img bench runs below.
         let mut qd32_iops = [None, None];
-        for job in &JOBS {
-            let out_file = self.record_dir.join(format!(
-                "{}-{}-{}-r{}.json",
-                server.name(),
-                backing.name(),
-                job.name,
-                r + 1
-            ));
-            let out_str = out_file.display().to_string();
-            let mut cmd = Command::new("fio");
-            cmd.args(job.args(&running.uri, self.options.runtime_s, &out_str));
-            let log = self.scratch.join("fio.log");
-            let (status, console) = procs::run_logged("fio", &mut cmd, &log, limit)?;
-            let text = std::fs::read_to_string(&out_file).unwrap_or_default();
-            let fail = |source| RunError::Fio {
-                job: job.name,
-                server,
-                backing: backing.name(),
-                source,
-                output: format!("{console}\n{text}"),
-            };
-            let (result, doc) = parse_job(&text, job.direction).map_err(fail)?;
-            if !status.success() {
-                return Err(fail(FioError::JobFailed {
-                    job: job.name.to_owned(),
-                    errno: i64::from(status.code().unwrap_or(-1)),
-                }));
+        for job in jobs_for(backing) {
+            let result = self.fio_job(&mut running, job, Bound::Time, r, samples)?;
+            match job.name {
+                "randread-4k-qd32" => qd32_iops[0] = Some(result.iops),
+                "randwrite-4k-qd32" => qd32_iops[1] = Some(result.iops),
+                _ => {}
             }
-            for (metric, get) in job_metrics(job.name) {
-                samples.push((server, Some(backing), *metric), get(&result));
-                match metric {
-                    Metric::RandReadQd32Iops => qd32_iops[0] = Some(result.iops),
-                    Metric::RandWriteQd32Iops => qd32_iops[1] = Some(result.iops),
-                    _ => {}
+        }
+        if backing.runs_qemu_img_bench() {
+            for (write, metric, fio_iops) in [
+                (false, Metric::QemuImgReadIops, qd32_iops[0]),
+                (true, Metric::QemuImgWriteIops, qd32_iops[1]),
+            ] {
+                let count = qemu_img_count(
+                    fio_iops,
+                    self.options.runtime_s,
+                    self.options.qemu_img_count,
+                );
+                let iops = self.qemu_img_bench(&running, write, count)?;
+                samples.push((server, Some(backing), metric), iops);
+                samples.details.push(json!({
+                    "server": server.name(), "backing": backing.name(), "repeat": r + 1,
+                    "what": if write { "qemu_img_bench_write" } else { "qemu_img_bench_read" },
+                    "count": count, "iops": iops
+                }));
+                self.still_alive(&mut running)?;
+            }
+        }
+        self.idle_rss(&running, r, samples)?;
+        running.stop();
+        Ok(())
+    }
+
+    /// Every job on its own new image and its own server, so every write job starts
+    /// on an empty image; after each write job, `qemu-img check` counts the clusters it
+    /// allocated (kept in the details; a share of allocating writes far below the
+    /// expected ~94 %, or any check error or leak, goes in the notes).
+    fn target_fresh(
+        &self,
+        server: Server,
+        backing: Backing,
+        r: u32,
+        samples: &mut Samples,
+    ) -> Result<(), RunError> {
+        let image = self.image_for(backing);
+        let log = self.scratch.join("qemu-img-fresh.log");
+        let size = backing.export_size(self.options.size);
+        // At most twice the export size of new data per job (see `images`).
+        let budget = self.options.size.saturating_mul(2);
+        let jobs = jobs_for(backing);
+        for (i, job) in jobs.iter().enumerate() {
+            procs::check_interrupted()?;
+            images::make_fresh(&image, size, &log)
+                .map_err(|e| RunError::Image("making the fresh qcow2 image", e))?;
+            let mut running = self.start(server, backing, r, samples)?;
+            let bound = match job.direction {
+                Direction::Read => Bound::Time,
+                Direction::Write => Bound::Requests {
+                    ios: images::allocating_ios(job.random, job.block_size, size, budget),
+                    align: images::CLUSTER,
+                },
+            };
+            let result = self.fio_job(&mut running, job, bound, r, samples)?;
+            if i + 1 == jobs.len() {
+                self.idle_rss(&running, r, samples)?;
+            }
+            running.stop();
+            if job.direction == Direction::Write {
+                let check = images::check(&image, &log)
+                    .map_err(|e| RunError::Image("checking the fresh qcow2 image", e))?;
+                // The probe wrote one cluster (64 KiB at 1 MiB) before the job.
+                let probe_clusters = 1;
+                let by_job = check.allocated_clusters.saturating_sub(probe_clusters);
+                let per_request = job.block_size.div_ceil(images::CLUSTER);
+                let share = by_job as f64 / (result.total_ios * per_request) as f64;
+                samples.details.push(json!({
+                    "server": server.name(), "backing": backing.name(), "repeat": r + 1,
+                    "what": "fresh_allocation", "job": job.name,
+                    "requests": result.total_ios, "allocated_clusters": check.allocated_clusters,
+                    "allocating_share": share, "check_errors": check.check_errors,
+                    "corruptions": check.corruptions, "leaks": check.leaks,
+                }));
+                if share < 0.85 || check.check_errors + check.corruptions + check.leaks > 0 {
+                    samples.notes.push(format!(
+                        "repetition {}: {server} {} on a fresh image: {by_job} clusters \
+                         allocated by {} requests ({:.0} % allocating); qemu-img check: \
+                         {} errors, {} corruptions, {} leaks",
+                        r + 1,
+                        job.name,
+                        result.total_ios,
+                        share * 100.0,
+                        check.check_errors,
+                        check.corruptions,
+                        check.leaks
+                    ));
                 }
             }
-            samples.fio_outputs.push(json!({
-                "server": server.name(), "backing": backing.name(), "job": job.name,
-                "repeat": r + 1, "output": doc
-            }));
-            self.still_alive(&mut running)?;
+            let _ = std::fs::remove_file(&image);
         }
-        for (write, metric, fio_iops) in [
-            (false, Metric::QemuImgReadIops, qd32_iops[0]),
-            (true, Metric::QemuImgWriteIops, qd32_iops[1]),
-        ] {
-            let count = qemu_img_count(
-                fio_iops,
-                self.options.runtime_s,
-                self.options.qemu_img_count,
-            );
-            let iops = self.qemu_img_bench(&running, write, count)?;
-            samples.push((server, Some(backing), metric), iops);
-            samples.details.push(json!({
-                "server": server.name(), "backing": backing.name(), "repeat": r + 1,
-                "what": if write { "qemu_img_bench_write" } else { "qemu_img_bench_read" },
-                "count": count, "iops": iops
+        Ok(())
+    }
+
+    /// Runs one fio job against `running` and records its metrics.
+    fn fio_job(
+        &self,
+        running: &mut Running,
+        job: &FioJob,
+        bound: Bound,
+        r: u32,
+        samples: &mut Samples,
+    ) -> Result<fio::FioResult, RunError> {
+        let (server, backing) = (running.server, running.backing);
+        let limit = Duration::from_secs(self.options.runtime_s + 60);
+        let out_file = self.record_dir.join(format!(
+            "{}-{}-{}-r{}.json",
+            server.name(),
+            backing.name(),
+            job.name,
+            r + 1
+        ));
+        let out_str = out_file.display().to_string();
+        let mut cmd = Command::new("fio");
+        cmd.args(job.args(&running.uri, self.options.runtime_s, &out_str, bound));
+        let log = self.scratch.join("fio.log");
+        let (status, console) = procs::run_logged("fio", &mut cmd, &log, limit)?;
+        let text = std::fs::read_to_string(&out_file).unwrap_or_default();
+        let fail = |source| RunError::Fio {
+            job: job.name,
+            server,
+            backing: backing.name(),
+            source,
+            output: format!("{console}\n{text}"),
+        };
+        let (result, doc) = parse_job(&text, job.direction).map_err(fail)?;
+        if !status.success() {
+            return Err(fail(FioError::JobFailed {
+                job: job.name.to_owned(),
+                errno: i64::from(status.code().unwrap_or(-1)),
             }));
-            self.still_alive(&mut running)?;
         }
+        for (metric, get) in job_metrics(job.name) {
+            samples.push((server, Some(backing), *metric), get(&result));
+        }
+        samples.fio_outputs.push(json!({
+            "server": server.name(), "backing": backing.name(), "job": job.name,
+            "repeat": r + 1, "output": doc
+        }));
+        self.still_alive(running)?;
+        Ok(result)
+    }
+
+    /// Sum of the RSS of every process of the server after a second idle.
+    fn idle_rss(&self, running: &Running, r: u32, samples: &mut Samples) -> Result<(), RunError> {
+        let (server, backing) = (running.server, running.backing);
         std::thread::sleep(IDLE_BEFORE_RSS);
         let (kib, processes) = running.rss().ok_or(RunError::NoRss(server))?;
         samples.push(
@@ -496,7 +643,6 @@ impl Plan<'_> {
             "server": server.name(), "backing": backing.name(), "repeat": r + 1,
             "what": "idle_rss", "kib": kib, "processes": processes
         }));
-        running.stop();
         Ok(())
     }
 
@@ -612,7 +758,7 @@ mod tests {
             (Server::Bulkhead, Some(Backing::RawFile), Metric::IdleRssMiB),
             30.0,
         );
-        let sections = s.sections();
+        let sections = s.sections(true, &Backing::ALL);
         let rss = |i: usize| {
             sections[i]
                 .rows
@@ -626,5 +772,38 @@ mod tests {
         assert_eq!(raw.bulkhead.map(|s| s.median), Some(30.0));
         assert_eq!(rss(3).and_then(|r| r.nbdkit).map(|s| s.median), Some(3.0));
         assert_eq!(rss(1).and_then(|r| r.nbdkit), None);
+        assert!(sections[1].nbdkit);
+        assert!(!sections[4].nbdkit);
+    }
+
+    #[test]
+    fn the_chain_reads_only_and_qcow2_sections_drop_the_rows_they_never_measure() {
+        let names = |b| jobs_for(b).iter().map(|j| j.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(Backing::Qcow2Chain),
+            ["randread-4k-qd1", "randread-4k-qd32", "seqread-1m-qd8"]
+        );
+        assert_eq!(names(Backing::Qcow2Fresh).len(), JOBS.len());
+        let s = Samples::default();
+        let sections = s.sections(
+            false,
+            &[Backing::RawFile, Backing::Qcow2Full, Backing::Qcow2Chain],
+        );
+        assert_eq!(sections.len(), 3);
+        assert_eq!(sections[0].rows.len(), Metric::DATA.len());
+        // qcow2: the six fio IOPS/bandwidth rows, two latencies and RSS; no qemu-img.
+        assert_eq!(sections[1].rows.len(), Metric::DATA.len() - 2);
+        // chain: reads only (QD1, QD32, latency, 1M read) and RSS.
+        let labels: Vec<&str> = sections[2].rows.iter().map(|r| r.metric.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                Metric::RandReadQd1Iops.label(),
+                Metric::RandReadQd32Iops.label(),
+                Metric::RandReadQd1LatUs.label(),
+                Metric::SeqReadMiBs.label(),
+                Metric::IdleRssMiB.label(),
+            ]
+        );
     }
 }

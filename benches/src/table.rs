@@ -24,6 +24,8 @@ pub struct Row {
 pub struct Section {
     /// Heading.
     pub title: String,
+    /// Whether nbdkit is compared here (its two columns are left out otherwise).
+    pub nbdkit: bool,
     /// Rows in order.
     pub rows: Vec<Row>,
 }
@@ -96,18 +98,22 @@ pub fn render(sections: &[Section]) -> String {
             out.push('\n');
         }
         out.push_str(&format!("**{}**\n\n", section.title));
-        let mut cells: Vec<[String; 6]> = vec![HEADER.map(str::to_owned)];
+        let columns = if section.nbdkit { 6 } else { 4 };
+        let mut cells: Vec<Vec<String>> =
+            vec![HEADER[..columns].iter().map(|h| (*h).to_owned()).collect()];
         for row in &section.rows {
-            cells.push([
+            let mut line = vec![
                 row.metric.clone(),
                 format_cell(row.qsd.as_ref()),
                 format_cell(row.bulkhead.as_ref()),
                 format_ratio(row),
                 format_cell(row.nbdkit.as_ref()),
                 format_nbdkit_ratio(row),
-            ]);
+            ];
+            line.truncate(columns);
+            cells.push(line);
         }
-        let mut widths = [0usize; 6];
+        let mut widths = vec![0usize; columns];
         for line in &cells {
             for (w, c) in widths.iter_mut().zip(line) {
                 *w = (*w).max(c.chars().count());
@@ -187,6 +193,7 @@ mod tests {
     fn the_table_is_aligned_markdown_with_the_ratio_of_medians() {
         let sections = [Section {
             title: "null".to_owned(),
+            nbdkit: true,
             rows: vec![
                 Row {
                     metric: "4k randread QD1 IOPS".to_owned(),
@@ -209,6 +216,28 @@ mod tests {
 | -------------------- | ------------------: | -----------------: | -----------: | ------------------: | --------------: |
 | 4k randread QD1 IOPS | 20000 (19000-21000) | 10000 (9000-11000) |         0.50 | 15000 (14000-16000) |            0.67 |
 | startup ms           |    12.5 (12.0-13.0) |               5.00 |         0.40 |                   - |               - |
+";
+        assert_eq!(render(&sections), expected);
+    }
+
+    #[test]
+    fn a_section_without_nbdkit_has_no_nbdkit_columns() {
+        let sections = [Section {
+            title: "qcow2".to_owned(),
+            nbdkit: false,
+            rows: vec![Row {
+                metric: "4k randread QD1 IOPS".to_owned(),
+                qsd: s(20000.0, 19000.0, 21000.0),
+                bulkhead: s(10000.0, 9000.0, 11000.0),
+                nbdkit: None,
+            }],
+        }];
+        let expected = "\
+**qcow2**
+
+| metric               |                 qsd |           bulkhead | bulkhead/qsd |
+| -------------------- | ------------------: | -----------------: | -----------: |
+| 4k randread QD1 IOPS | 20000 (19000-21000) | 10000 (9000-11000) |         0.50 |
 ";
         assert_eq!(render(&sections), expected);
     }
