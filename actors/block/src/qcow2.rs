@@ -31,7 +31,7 @@ use crate::driver::{
 };
 use crate::io::{
     BitmapEntry, BlockIo, Extent, FormatInfo, IoError, IoFuture, IoResult, SnapshotEntry,
-    WriteFlags, ZeroFlags,
+    SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
 };
 use crate::threads;
 
@@ -275,6 +275,7 @@ impl BlockDriver for Qcow2Format {
                 engine: Arc::new(engine),
                 backing,
                 read_only: !writable,
+                handle,
             }) as Arc<dyn BlockIo>)
         })
     }
@@ -285,6 +286,8 @@ pub struct Qcow2Driver {
     engine: Arc<Qcow2>,
     backing: Option<Arc<dyn BlockIo>>,
     read_only: bool,
+    /// The worker's runtime, for a structured read waiting on a format thread.
+    handle: Handle,
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -390,38 +393,28 @@ impl BlockIo for Qcow2Driver {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(status(&self.engine, self.backing.as_ref(), offset, len))
+    }
+
+    /// One format job for the whole structured read (the status of every layer, then
+    /// the data), instead of the default's job for each layer's status plus one for the
+    /// read: every job is a hand-off to a format thread and a wake-up of the executor.
+    /// On the format thread the calls run inline (a backing qcow2 node in this worker
+    /// too); a backing node in another worker is waited for as the engine's children
+    /// are.
+    fn read_sparse<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> SparseFuture<'a> {
+        let engine = Arc::clone(&self.engine);
+        let backing = self.backing.clone();
+        let handle = self.handle.clone();
         Box::pin(async move {
-            let engine = Arc::clone(&self.engine);
-            let here = threads::run_format(move || {
-                let mut out = Vec::new();
-                let mut at = offset;
-                let end = offset.saturating_add(len);
-                while at < end && out.len() < MAX_EXTENTS {
-                    let e = engine.block_status(at, end - at).map_err(io_error)?;
-                    if e.len == 0 {
-                        break;
-                    }
-                    out.push(e);
-                    at = e.offset.saturating_add(e.len);
-                }
-                Ok(out)
+            threads::run_format_on_buffer(buf, move |b| {
+                Ok(wait(
+                    &handle,
+                    sparse_read(&engine, backing.as_ref(), offset, b),
+                ))
             })
-            .await?;
-            let mut extents = Vec::with_capacity(here.len());
-            for e in here {
-                if e.allocated || self.backing.is_none() {
-                    extents.push(Extent {
-                        length: e.len,
-                        data: e.data,
-                        zero: e.zero || !e.allocated,
-                        depth: u32::from(e.allocated),
-                    });
-                    continue;
-                }
-                // Unallocated here: what the backing chain holds, one layer deeper.
-                extents.extend(self.backing_status(e.offset, e.len).await?);
-            }
-            Ok(extents)
+            .await
+            .map_err(SparseReadError::Read)?
         })
     }
 
@@ -480,36 +473,130 @@ impl BlockIo for Qcow2Driver {
 /// stopped).
 const MAX_EXTENTS: usize = 1024;
 
-impl Qcow2Driver {
-    /// Block status of an unallocated range, from the backing node (zeroes past its
-    /// end), with depths one deeper.
-    async fn backing_status(&self, offset: u64, len: u64) -> IoResult<Vec<Extent>> {
-        let Some(backing) = &self.backing else {
-            return Ok(Vec::new());
-        };
-        let bsize = backing.size();
+/// Block status of `[offset, offset + len)`: this image's, and for what it does not
+/// allocate, its backing chain's (a format job for this image, inline on a format
+/// thread).
+async fn status(
+    engine: &Arc<Qcow2>,
+    backing: Option<&Arc<dyn BlockIo>>,
+    offset: u64,
+    len: u64,
+) -> IoResult<Vec<Extent>> {
+    let engine = Arc::clone(engine);
+    let here = threads::run_format(move || {
         let mut out = Vec::new();
-        let inside = len.min(bsize.saturating_sub(offset));
-        let mut covered = 0;
-        if inside > 0 {
-            for e in backing.block_status(offset, inside).await? {
-                covered += e.length;
-                out.push(Extent {
-                    depth: if e.depth == 0 { 0 } else { e.depth + 1 },
-                    ..e
-                });
+        let mut at = offset;
+        let end = offset.saturating_add(len);
+        while at < end && out.len() < MAX_EXTENTS {
+            let e = engine.block_status(at, end - at).map_err(io_error)?;
+            if e.len == 0 {
+                break;
             }
-        }
-        if covered < len {
-            out.push(Extent {
-                length: len - covered,
-                data: false,
-                zero: true,
-                depth: 0,
-            });
+            out.push(e);
+            at = e.offset.saturating_add(e.len);
         }
         Ok(out)
+    })
+    .await?;
+    let mut extents = Vec::with_capacity(here.len());
+    for e in here {
+        if e.allocated || backing.is_none() {
+            extents.push(Extent {
+                length: e.len,
+                data: e.data,
+                zero: e.zero || !e.allocated,
+                depth: u32::from(e.allocated),
+            });
+            continue;
+        }
+        // Unallocated here: what the backing chain holds, one layer deeper.
+        extents.extend(backing_status(backing, e.offset, e.len).await?);
     }
+    Ok(extents)
+}
+
+/// Block status of an unallocated range, from the backing node (zeroes past its end),
+/// with depths one deeper.
+async fn backing_status(
+    backing: Option<&Arc<dyn BlockIo>>,
+    offset: u64,
+    len: u64,
+) -> IoResult<Vec<Extent>> {
+    let Some(backing) = backing else {
+        return Ok(Vec::new());
+    };
+    let bsize = backing.size();
+    let mut out = Vec::new();
+    let inside = len.min(bsize.saturating_sub(offset));
+    let mut covered = 0;
+    if inside > 0 {
+        for e in backing.block_status(offset, inside).await? {
+            covered += e.length;
+            out.push(Extent {
+                depth: if e.depth == 0 { 0 } else { e.depth + 1 },
+                ..e
+            });
+        }
+    }
+    if covered < len {
+        out.push(Extent {
+            length: len - covered,
+            data: false,
+            zero: true,
+            depth: 0,
+        });
+    }
+    Ok(out)
+}
+
+/// [`crate::io::read_sparse_default`] on a format thread: the status until the range
+/// is covered (runs merged as there), then the engine reads the data runs.
+async fn sparse_read(
+    engine: &Arc<Qcow2>,
+    backing: Option<&Arc<dyn BlockIo>>,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<Vec<Extent>, SparseReadError> {
+    let end = offset + buf.len() as u64;
+    let mut runs: Vec<Extent> = Vec::with_capacity(4);
+    let mut pos = offset;
+    while pos < end {
+        let extents = status(engine, backing, pos, end - pos)
+            .await
+            .map_err(SparseReadError::Status)?;
+        let before = pos;
+        for e in &extents {
+            let len = e.length.min(end - pos);
+            if len == 0 {
+                break;
+            }
+            match runs.last_mut() {
+                Some(last) if last.zero == e.zero => {
+                    last.length += len;
+                    last.data |= e.data;
+                }
+                _ => runs.push(Extent { length: len, ..*e }),
+            }
+            pos += len;
+            if pos >= end {
+                break;
+            }
+        }
+        if pos == before {
+            return Err(SparseReadError::Status(IoError::Os(libc::EIO)));
+        }
+    }
+    let mut at = 0usize;
+    for run in &runs {
+        let len = usize::try_from(run.length).unwrap_or(usize::MAX);
+        if !run.zero {
+            engine
+                .read(&mut buf[at..at + len], offset + at as u64)
+                .map_err(|e| SparseReadError::Read(io_error(e)))?;
+        }
+        at += len;
+    }
+    Ok(runs)
 }
 
 /// One of the engine's storages (its file or data file) or its backing, on a child
