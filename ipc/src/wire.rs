@@ -508,6 +508,21 @@ pub enum WorkerEvent {
         /// End offset of the request.
         end: u64,
     },
+    /// A format driver found its image's metadata inconsistent (driver workers).
+    /// `msg` comes from the worker: untrusted, shown only after the supervisor's
+    /// checks.
+    ImageCorrupted {
+        /// The node.
+        node: NodeId,
+        /// QEMU's message for the inconsistency.
+        msg: String,
+        /// Host offset of the access that found it.
+        offset: Option<u64>,
+        /// Size of that access.
+        size: Option<u64>,
+        /// The image is now marked corrupt.
+        fatal: bool,
+    },
     /// Operation `op` has done `done` of `total` units (driver workers; at most one
     /// per 100 ms per operation; the supervisor keeps only the latest).
     Progress {

@@ -138,7 +138,9 @@ fn make_images(dir: &Path) -> std::io::Result<()> {
     let mut bytes = std::fs::read(dir.join("v4.qcow2"))?;
     bytes[4..8].copy_from_slice(&4u32.to_be_bytes());
     std::fs::write(dir.join("v4.qcow2"), bytes)?;
-    Ok(())
+    // Written back before a daemon looks: `actual-size` (st_blocks) of a file with
+    // delayed allocation can still change until then.
+    tool("sync", &[])
 }
 
 fn add(id: &str, node: &str, file: &str, extra: &str) -> Step {
@@ -177,6 +179,10 @@ fn queries_script() -> Script {
         )
         .note("backing: null"),
         Step::line(r#"{"execute": "query-named-block-nodes", "id": "q2"}"#).note("chains"),
+        Step::line(
+            r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "flat"}"#,
+        )
+        .note("flat: no backing-image"),
         Step::line(r#"{"execute": "x-debug-query-block-graph", "id": "g"}"#).note("graph"),
         add("missing", "missing", "missing.qcow2", "").note("missing backing file"),
         add("notq", "notq", "notqcow2.img", "").note("not qcow2"),
@@ -217,6 +223,65 @@ fn queries_script() -> Script {
 #[test]
 fn qcow2_nodes_chains_queries_and_errors_match_qsd() {
     if let Err(report) = differential(&queries_script()) {
+        panic!("{report}");
+    }
+}
+
+/// An image whose first L1 entry points to an unaligned L2 table.
+fn make_corrupt(dir: &Path) -> std::io::Result<()> {
+    let path = img(dir, "corrupt.qcow2");
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", &path, "16M"])?;
+    tool("qemu-io", &["-f", "qcow2", "-c", "write -P 7 0 64k", &path])?;
+    let mut bytes = std::fs::read(&path)?;
+    let field = |b: &[u8], at: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[at..at + 8]);
+        u64::from_be_bytes(v)
+    };
+    let l1 = usize::try_from(field(&bytes, 40)).map_err(std::io::Error::other)?;
+    let entry = field(&bytes, l1) + 0x200;
+    bytes[l1..l1 + 8].copy_from_slice(&entry.to_be_bytes());
+    std::fs::write(&path, bytes)
+}
+
+fn corruption_script() -> Script {
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        add("c", "c", "corrupt.qcow2", "").note("opens: the L1 table itself is fine"),
+        Step::line(
+            r#"{"execute": "nbd-server-start", "arguments": {"addr": {"type": "unix", "data": {"path": "$DIR/nbd.sock"}}}, "id": "srv"}"#,
+        ),
+        Step::line(
+            r#"{"execute": "block-export-add", "arguments": {"type": "nbd", "id": "e", "node-name": "c"}, "id": "exp"}"#,
+        ),
+        Step::hook("a read through the broken L2 table", |ctx| {
+            let uri = ctx.substitute("nbd+unix:///c?socket=$DIR/nbd.sock");
+            // The read fails (EIO); only the event matters here.
+            let _ = Command::new("qemu-io")
+                .args(["-r", "-f", "raw", "-c", "read 0 4k", &uri])
+                .output();
+            Ok(())
+        })
+        .until_event("BLOCK_IMAGE_CORRUPTED"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": "q"}"#)
+            .note("corrupt: true in the format-specific data"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#)
+            .until_eof()
+            .note("quit"),
+    ];
+    Script {
+        name: "qcow2-corruption".into(),
+        monitors: 1,
+        args: Vec::new(),
+        vars: Vec::new(),
+        setup: Some(make_corrupt),
+        steps,
+    }
+}
+
+#[test]
+fn metadata_corruption_found_at_run_time_is_reported_like_qsd() {
+    if let Err(report) = differential(&corruption_script()) {
         panic!("{report}");
     }
 }

@@ -107,9 +107,8 @@ pub async fn open_with(
     if fd.is_some() && !info.is_posix() {
         return Err(OpenError::Unexpected(info.name));
     }
-    let io = config
-        .open_driver(fd, driver::Children::new(children))
-        .await?;
+    let children = driver::Children::new(children).with_events(accounting.image_events.clone());
+    let io = config.open_driver(fd, children).await?;
     Ok(Arc::new(node::Node::new(
         io,
         *config.common(),

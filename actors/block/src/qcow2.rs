@@ -230,6 +230,7 @@ impl BlockDriver for Qcow2Format {
         let file = children.take(ChildRole::File);
         let backing = children.take(ChildRole::Backing);
         let data_file = children.take(ChildRole::DataFile);
+        let events = children.events();
         Box::pin(async move {
             let file = file.ok_or(crate::OpenError::MissingChild)?;
             let handle = Handle::try_current().map_err(|_| crate::OpenError::NoRuntime)?;
@@ -275,6 +276,7 @@ impl BlockDriver for Qcow2Format {
                 engine: Arc::new(engine),
                 backing,
                 read_only: !writable,
+                events: Errors(events),
             }) as Arc<dyn BlockIo>)
         })
     }
@@ -285,6 +287,29 @@ pub struct Qcow2Driver {
     engine: Arc<Qcow2>,
     backing: Option<Arc<dyn BlockIo>>,
     read_only: bool,
+    events: Errors,
+}
+
+/// Turns engine errors into request errors, reporting corruption on the way.
+#[derive(Clone)]
+struct Errors(Option<Arc<dyn crate::stats::ImageEvents>>);
+
+impl Errors {
+    fn io(&self, e: bulkhead_qcow2::Error) -> IoError {
+        if let bulkhead_qcow2::Error::Corrupt {
+            message,
+            offset,
+            size,
+            fatal,
+        } = &e
+        {
+            tracing::error!(corruption = %message, fatal, "qcow2 metadata inconsistency");
+            if let Some(sink) = &self.0 {
+                sink.corrupted(message, *offset, *size, *fatal);
+            }
+        }
+        io_error(e)
+    }
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -308,12 +333,7 @@ fn io_error(e: bulkhead_qcow2::Error) -> IoError {
         bulkhead_qcow2::Error::ReadOnly => IoError::ReadOnly,
         bulkhead_qcow2::Error::OutOfRange { .. } => IoError::OutOfRange,
         bulkhead_qcow2::Error::Unsupported(_) => IoError::Unsupported,
-        other => {
-            if let bulkhead_qcow2::Error::Corrupt { message, .. } = &other {
-                tracing::error!(corruption = %message, "qcow2 metadata inconsistency");
-            }
-            IoError::Os(other.errno())
-        }
+        other => IoError::Os(other.errno()),
     }
 }
 
@@ -350,26 +370,29 @@ impl BlockIo for Qcow2Driver {
 
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format_on_buffer(buf, move |b| {
-            engine.read(b, offset).map_err(io_error)
+            engine.read(b, offset).map_err(|e| errs.io(e))
         }))
     }
 
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format_on_slice(buf, move |b| {
-            engine.write(b, offset, flags.fua).map_err(io_error)
+            engine.write(b, offset, flags.fua).map_err(|e| errs.io(e))
         }))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format(move || {
             engine
                 .write_zeroes(offset, len, flags.may_unmap)
-                .map_err(io_error)?;
+                .map_err(|e| errs.io(e))?;
             if flags.fua {
-                engine.flush().map_err(io_error)?;
+                engine.flush().map_err(|e| errs.io(e))?;
             }
             Ok(())
         }))
@@ -377,27 +400,30 @@ impl BlockIo for Qcow2Driver {
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format(move || {
-            engine.discard(offset, len).map_err(io_error)
+            engine.discard(offset, len).map_err(|e| errs.io(e))
         }))
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format(move || {
-            engine.flush().map_err(io_error)
+            engine.flush().map_err(|e| errs.io(e))
         }))
     }
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
         Box::pin(async move {
             let engine = Arc::clone(&self.engine);
+            let errs = self.events.clone();
             let here = threads::run_format(move || {
                 let mut out = Vec::new();
                 let mut at = offset;
                 let end = offset.saturating_add(len);
                 while at < end && out.len() < MAX_EXTENTS {
-                    let e = engine.block_status(at, end - at).map_err(io_error)?;
+                    let e = engine.block_status(at, end - at).map_err(|e| errs.io(e))?;
                     if e.len == 0 {
                         break;
                     }
@@ -427,8 +453,9 @@ impl BlockIo for Qcow2Driver {
 
     fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format(move || {
-            engine.resize(new_size).map_err(io_error)
+            engine.resize(new_size).map_err(|e| errs.io(e))
         }))
     }
 

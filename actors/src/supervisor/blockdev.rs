@@ -422,6 +422,7 @@ impl Core {
             stats,
             format,
             implicit_backing: false,
+            ejected: false,
         });
         created.push(name.clone());
         if self.graph.get(&name).is_some_and(|n| n.format.is_some()) {

@@ -362,6 +362,12 @@ pub fn driver_unsupported(driver: &str) -> QmpError {
     generic(format!("Driver '{driver}' is not supported by bulkhead"))
 }
 
+/// A query of a node whose driver a fatal corruption took away (QEMU's
+/// `bdrv_query_image_info` on a node without a driver).
+pub fn block_device_ejected(name: &str) -> QmpError {
+    generic(format!("Block device {name} is ejected"))
+}
+
 /// A backing file named inside an image could not be opened (QEMU's prefix).
 pub fn backing_open_failed(reason: &str) -> QmpError {
     generic(format!("Could not open backing file: {reason}"))

@@ -73,6 +73,10 @@ pub struct Node {
     /// Its backing child was opened from the name inside its image, not given in its
     /// options (it then does not show in the node's `json:` filename).
     pub implicit_backing: bool,
+    /// Its driver found the image corrupt and marked it so (`BLOCK_IMAGE_CORRUPTED`
+    /// with `fatal`): like QEMU's node without a driver, it is "ejected" and
+    /// queries of it fail.
+    pub ejected: bool,
 }
 
 impl Node {
@@ -353,7 +357,7 @@ impl Graph {
 
     /// `ImageInfo` of `node` (its `backing-image` recursively, bounded by the chain's
     /// length), members in the order QEMU fills them.
-    fn image_info(&self, node: &Node, depth: usize) -> Map<String, Value> {
+    fn image_info(&self, node: &Node, depth: usize, flat: bool) -> Map<String, Value> {
         let filename = self.filename(node);
         let bottom_posix = self.bottom(&node.name).is_some_and(|b| b.driver.is_posix());
         let format = node.format.as_deref();
@@ -405,10 +409,11 @@ impl Graph {
         }
         if let Some(b) = backing
             && depth < 64
+            && !flat
         {
             image.insert(
                 "backing-image".into(),
-                Value::Object(self.image_info(b, depth + 1)),
+                Value::Object(self.image_info(b, depth + 1, flat)),
             );
         }
         image
@@ -430,9 +435,9 @@ impl Graph {
 
     /// One element of `query-named-block-nodes` (BlockDeviceInfo), members in the order
     /// QEMU fills them so the writer's QDict ordering matches qsd.
-    pub fn device_info(&self, node: &Node) -> Value {
+    pub fn device_info(&self, node: &Node, flat: bool) -> Value {
         let filename = self.filename(node);
-        let image = self.image_info(node, 0);
+        let image = self.image_info(node, 0, flat);
         let backing = node.child(Role::Backing).and_then(|b| self.get(b));
         let mut m = Map::new();
         m.insert("file".into(), filename.into());
@@ -442,7 +447,9 @@ impl Graph {
         if let Some(b) = backing {
             m.insert("backing_file".into(), self.filename(b).into());
         }
-        m.insert("backing_file_depth".into(), self.backing_depth(node).into());
+        // QEMU counts the depth along `backing-image`, which `flat` leaves out.
+        let depth = if flat { 0 } else { self.backing_depth(node) };
+        m.insert("backing_file_depth".into(), depth.into());
         m.insert("active".into(), node.active.into());
         m.insert("encrypted".into(), false.into());
         m.insert("detect_zeroes".into(), node.detect_zeroes.into());
@@ -490,12 +497,12 @@ impl Graph {
 
     /// `query-named-block-nodes`: newest first, like qsd. Without backing chains the
     /// `flat` flag changes nothing.
-    pub fn query_named_block_nodes(&self) -> Value {
+    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
         Value::Array(
             self.nodes
                 .iter()
                 .rev()
-                .map(|n| self.device_info(n))
+                .map(|n| self.device_info(n, flat))
                 .collect(),
         )
     }
@@ -657,6 +664,7 @@ pub(crate) mod tests {
             },
             format: None,
             implicit_backing: false,
+            ejected: false,
         });
     }
 

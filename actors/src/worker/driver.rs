@@ -80,6 +80,26 @@ pub(crate) struct DriverWorker {
 struct ThresholdEvents {
     node: NodeId,
     chan: Arc<ControlChannel>,
+    /// The worker's executor, where reports from a driver's own threads are sent.
+    handle: tokio::runtime::Handle,
+}
+
+impl bulkhead_block::stats::ImageEvents for ThresholdEvents {
+    fn corrupted(&self, msg: &str, offset: Option<u64>, size: Option<u64>, fatal: bool) {
+        let event = WorkerEvent::ImageCorrupted {
+            node: self.node,
+            msg: msg.chars().take(512).collect(),
+            offset,
+            size,
+            fatal,
+        };
+        let chan = Arc::clone(&self.chan);
+        self.handle.spawn(async move {
+            if let Err(e) = chan.send(&FromWorker::Event(event), &[]).await {
+                tracing::warn!(error = %e, "could not report an image corruption");
+            }
+        });
+    }
 }
 
 impl ThresholdSink for ThresholdEvents {
@@ -221,12 +241,15 @@ impl DriverWorker {
             0 => None,
             _ => Some(one_fd(rest, "node image")?),
         };
+        let events = Arc::new(ThresholdEvents {
+            node,
+            chan: Arc::clone(&self.chan),
+            handle: tokio::runtime::Handle::current(),
+        });
         let accounting = Accounting {
             counters: Arc::new(region).into_counters_ref(),
-            threshold_sink: Some(Arc::new(ThresholdEvents {
-                node,
-                chan: Arc::clone(&self.chan),
-            })),
+            threshold_sink: Some(Arc::clone(&events) as Arc<dyn ThresholdSink>),
+            image_events: Some(events),
             notifiers: Vec::new(),
         };
         Ok((accounting, fd))
