@@ -138,6 +138,22 @@ fn make_images(dir: &Path) -> std::io::Result<()> {
     let mut bytes = std::fs::read(dir.join("v4.qcow2"))?;
     bytes[4..8].copy_from_slice(&4u32.to_be_bytes());
     std::fs::write(dir.join("v4.qcow2"), bytes)?;
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=s0,data=pass",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0",
+            &img(dir, "enc.qcow2"),
+            "16M",
+        ],
+    )?;
+    create("grow.qcow2", "", "16M")?;
     // Written back before a daemon looks: `actual-size` (st_blocks) of a file with
     // delayed allocation can still change until then.
     tool("sync", &[])
@@ -201,6 +217,13 @@ fn queries_script() -> Script {
             r#", "cache-size": 1024, "l2-cache-size": 4096"#,
         )
         .note("l2 cache above cache-size"),
+        add("enc", "enc", "enc.qcow2", "").note("LUKS-encrypted, no key: refused"),
+        add("grow", "grow", "grow.qcow2", "").note("to be resized"),
+        Step::line(r#"{"execute": "block_resize", "arguments": {"node-name": "grow", "size": 1073741824}, "id": "grow"}"#)
+            .note("grow to 1 GiB (the L1 table grows)"),
+        // Where the grown L1 table goes is the allocator's choice (the file's
+        // length and allocation differ from qsd's), so the node goes again unqueried.
+        Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "grow"}, "id": "del-grow"}"#),
         Step::line(
             r#"{"execute": "blockdev-del", "arguments": {"node-name": "top"}, "id": "del"}"#,
         )

@@ -545,6 +545,8 @@ struct NodeStorage {
     node: Arc<dyn BlockIo>,
     handle: Handle,
     /// Serialises growing the file, so that a smaller growth never undoes a larger one.
+    /// The file grows exactly to the end of what is written past it, as QEMU's file
+    /// does (its length shows in queries).
     grow: Mutex<()>,
 }
 
@@ -573,10 +575,6 @@ fn wait<F: std::future::Future>(handle: &Handle, fut: F) -> F::Output {
         std::thread::park();
     }
 }
-
-/// The file grows in steps of this much (the engine writes past its end to allocate),
-/// so that growth costs one resize per step, not one per cluster.
-const GROW_STEP: u64 = 1 << 20;
 
 impl NodeStorage {
     fn new(node: Arc<dyn BlockIo>, handle: Handle) -> NodeStorage {
@@ -615,8 +613,7 @@ impl bulkhead_qcow2::Storage for NodeStorage {
         if end > self.node.size() {
             let _one = self.grow.lock().unwrap_or_else(|p| p.into_inner());
             if end > self.node.size() {
-                let to = end.div_ceil(GROW_STEP).saturating_mul(GROW_STEP);
-                self.io(self.node.resize(to))?;
+                self.io(self.node.resize(end))?;
             }
         }
         self.io(self.node.write(off, buf, WriteFlags::default()))

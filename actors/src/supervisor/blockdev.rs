@@ -772,24 +772,36 @@ impl Core {
     /// and bitmap flags change as the image is written), for queries. A worker that
     /// does not answer leaves the last report.
     pub(super) async fn refresh_format_info(&mut self) {
-        let nodes: Vec<_> = self
+        // Format nodes, and their files, which grow as the format allocates.
+        let formats: Vec<&str> = self
             .graph
             .iter()
             .filter(|n| n.format.is_some())
-            .map(|n| (n.name.clone(), n.id, n.home))
+            .map(|n| n.name.as_str())
             .collect();
+        let nodes: Vec<_> =
+            self.graph
+                .iter()
+                .filter(|n| {
+                    n.format.is_some()
+                        || self.graph.iter().any(|p| {
+                            formats.contains(&p.name.as_str()) && p.file() == Some(&n.name)
+                        })
+                })
+                .map(|n| (n.name.clone(), n.id, n.home))
+                .collect();
         for (name, id, home) in nodes {
             let Some(w) = self.running(home) else {
                 continue;
             };
-            if let Ok(Reply::NodeInfo {
-                size,
-                format: Some(format),
-            }) = w.call(ToWorker::QueryNode { node: id }, &[]).await
+            if let Ok(Reply::NodeInfo { size, format }) =
+                w.call(ToWorker::QueryNode { node: id }, &[]).await
                 && let Some(n) = self.graph.get_mut(&name)
             {
                 n.size = size;
-                n.format = Some(format);
+                if format.is_some() {
+                    n.format = format;
+                }
             }
         }
     }
