@@ -182,6 +182,11 @@ pub fn option_change(option: &str) -> QmpError {
     generic(format!("Cannot change the option '{option}'"))
 }
 
+/// `blockdev-reopen` of a node whose options name a backing, without it.
+pub fn backing_missing(name: &str) -> QmpError {
+    generic(format!("backing is missing for '{name}'"))
+}
+
 /// `blockdev-reopen` with a negative raw `offset` or `size` (`blockdev-add` answers
 /// [`out_of_range`] instead).
 pub fn expected_integer(parameter: &str) -> QmpError {
