@@ -604,6 +604,9 @@ pub enum WorkerErrorKind {
     /// text for it, which the supervisor shows the client once it has checked it is
     /// short printable text.
     Image,
+    /// The image names an external data file its options did not give: `detail` is
+    /// the name, from the image (untrusted).
+    NeedsDataFile,
 }
 
 impl WorkerError {

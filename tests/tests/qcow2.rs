@@ -150,6 +150,24 @@ fn make_images(dir: &Path) -> std::io::Result<()> {
         ],
     )?;
     create("grow.qcow2", "", "16M")?;
+    // An external data file named relative to the working directory, as QEMU opens
+    // it (both daemons run in `$DIR`).
+    let made = Command::new("qemu-img")
+        .current_dir(dir)
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=df.raw",
+            "df.qcow2",
+            "16M",
+        ])
+        .output()?;
+    if !made.status.success() {
+        return Err(std::io::Error::other("qemu-img create with a data file"));
+    }
     // Written back before a daemon looks: `actual-size` (st_blocks) of a file with
     // delayed allocation can still change until then.
     tool("sync", &[])
@@ -224,6 +242,10 @@ fn queries_script() -> Script {
         )
         .note("l2 cache above cache-size"),
         add("enc", "enc", "enc.qcow2", "").note("LUKS-encrypted, no key: refused"),
+        add("df", "df", "df.qcow2", "").note("the data file named inside the image"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "id": "q-df"}"#)
+            .note("the data file node after its format node"),
+        Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "df"}, "id": "del-df"}"#),
         add("grow", "grow", "grow.qcow2", "").note("to be resized"),
         Step::line(r#"{"execute": "block_resize", "arguments": {"node-name": "grow", "size": 1073741824}, "id": "grow"}"#)
             .note("grow to 1 GiB (the L1 table grows)"),

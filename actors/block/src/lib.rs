@@ -77,6 +77,11 @@ pub enum OpenError {
     /// for the same condition.
     #[error("{0}")]
     Image(String),
+    /// The image names an external data file, which its options did not give: the
+    /// supervisor opens the file it names (after its checks) and opens the node again
+    /// with it. The name comes from the image.
+    #[error("the image needs its data file '{0}'")]
+    NeedsDataFile(String),
     /// A driver that needs the worker's executor was opened outside one.
     #[error("the driver must be opened on the worker's executor")]
     NoRuntime,

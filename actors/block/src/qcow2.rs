@@ -264,6 +264,20 @@ impl BlockDriver for Qcow2Format {
             };
             let storage: Arc<dyn bulkhead_qcow2::Storage> =
                 Arc::new(NodeStorage::new(file, handle.clone()));
+            if options.data_file.is_none() {
+                // The image may name a data file; the supervisor opens it and asks
+                // again with it as a child.
+                let probe = Arc::clone(&storage);
+                let named = threads::run_format(move || {
+                    Ok(bulkhead_qcow2::named_data_file(probe.as_ref()))
+                })
+                .await
+                .map_err(|e| crate::OpenError::Image(crate::posix::strerror(e.errno())))?
+                .map_err(|e| crate::OpenError::Image(e.to_string()))?;
+                if let Some(name) = named {
+                    return Err(crate::OpenError::NeedsDataFile(name));
+                }
+            }
             let engine = threads::run_format(move || Ok(Qcow2::open(storage, options)))
                 .await
                 .map_err(|e| crate::OpenError::Image(crate::posix::strerror(e.errno())))?

@@ -73,6 +73,9 @@ pub struct Node {
     /// Its backing child was opened from the name inside its image, not given in its
     /// options (it then does not show in the node's `json:` filename).
     pub implicit_backing: bool,
+    /// Its data file was opened from the name inside its image, not given in its
+    /// options (like an implicit backing, it does not show in the `json:` name).
+    pub implicit_data_file: bool,
     /// Its driver found the image corrupt and marked it so (`BLOCK_IMAGE_CORRUPTED`
     /// with `fatal`): like QEMU's node without a driver, it is "ejected" and
     /// queries of it fail.
@@ -80,6 +83,15 @@ pub struct Node {
 }
 
 impl Node {
+    /// Whether its child in `role` was opened from a name inside its image.
+    pub fn is_implicit(&self, role: Role) -> bool {
+        match role {
+            Role::Backing => self.implicit_backing,
+            Role::DataFile => self.implicit_data_file,
+            _ => false,
+        }
+    }
+
     /// The child in `role`, if any.
     pub fn child(&self, role: Role) -> Option<&str> {
         self.children
@@ -134,6 +146,14 @@ impl Graph {
             }
         }
         self.nodes.push(node);
+    }
+
+    /// Moves node `name` after every other (the order queries list nodes in).
+    pub fn move_to_end(&mut self, name: &str) {
+        if let Some(at) = self.nodes.iter().position(|n| n.name == name) {
+            let node = self.nodes.remove(at);
+            self.nodes.push(node);
+        }
     }
 
     /// Removes a node (its child's parent count drops).
@@ -291,7 +311,7 @@ impl Graph {
         // quorum_gather_child_options); every other child under its role's name.
         let mut quorum: Vec<(u32, Value)> = Vec::new();
         for (role, c) in &node.children {
-            if *role == Role::Backing && node.implicit_backing {
+            if node.is_implicit(*role) {
                 continue;
             }
             if let Some(c) = self.get(c) {
@@ -324,7 +344,7 @@ impl Graph {
         let only_file = node
             .children
             .iter()
-            .all(|(r, _)| *r == Role::File || (*r == Role::Backing && node.implicit_backing));
+            .all(|(r, _)| *r == Role::File || node.is_implicit(*r));
         if node.strong_options.is_empty() && only_file {
             match node.file().and_then(|c| self.get(c)) {
                 None => return format!("{}://", node.driver.as_str()),
@@ -342,17 +362,28 @@ impl Graph {
         )
     }
 
-    /// Allocated bytes on disk (st_blocks * 512 of the image at the chain's bottom).
+    /// Allocated bytes on disk: st_blocks * 512 of a node's own image, or the sum over
+    /// the children that hold its data or metadata (not its backing), as QEMU's
+    /// `bdrv_sum_allocated_file_size` counts them.
     fn actual_size(&self, node: &Node) -> u64 {
-        let Some(bottom) = self.bottom(&node.name) else {
-            return 0;
-        };
-        match &bottom.image {
-            Some(fd) => rustix::fs::fstat(fd)
+        self.actual_size_at(node, 0)
+    }
+
+    fn actual_size_at(&self, node: &Node, depth: usize) -> u64 {
+        if let Some(fd) = &node.image {
+            return rustix::fs::fstat(fd)
                 .map(|st| (st.st_blocks as u64).saturating_mul(512))
-                .unwrap_or(0),
-            None => 0,
+                .unwrap_or(0);
         }
+        if depth > 64 {
+            return 0;
+        }
+        node.children
+            .iter()
+            .filter(|(r, _)| *r != Role::Backing)
+            .filter_map(|(_, c)| self.get(c))
+            .map(|c| self.actual_size_at(c, depth + 1))
+            .fold(0u64, u64::saturating_add)
     }
 
     /// `ImageInfo` of `node` (its `backing-image` recursively, bounded by the chain's
@@ -664,6 +695,7 @@ pub(crate) mod tests {
             },
             format: None,
             implicit_backing: false,
+            implicit_data_file: false,
             ejected: false,
         });
     }

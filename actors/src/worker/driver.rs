@@ -205,6 +205,9 @@ impl DriverWorker {
                 bulkhead_block::OpenError::Image(text) => {
                     err(WorkerErrorKind::Image, libc::EINVAL, text)
                 }
+                bulkhead_block::OpenError::NeedsDataFile(name) => {
+                    err(WorkerErrorKind::NeedsDataFile, libc::EINVAL, name)
+                }
                 other => err(
                     WorkerErrorKind::Invalid,
                     libc::EINVAL,
