@@ -380,8 +380,6 @@ impl Core {
         let dir = image_path.as_deref().map(super::asks::image_dir);
         self.asks.borrow_mut().insert(id, home, dir);
         let stats = super::stats::NodeStats::create()?;
-        let mut children = children;
-        let mut child_refs = child_refs;
         let mut implicit_data_file = false;
         let (size, format) = loop {
             let opened = self
