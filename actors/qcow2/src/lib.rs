@@ -373,6 +373,8 @@ impl Qcow2 {
             Section::RefcountTable,
         );
         meta.add_section(h.snapshots_offset, snapshots.1, Section::SnapshotTable);
+        meta.snapshots = snapshots.0.clone();
+        meta.snap_table = (h.snapshots_offset, snapshots.1);
         for s in &snapshots.0 {
             meta.add_section(
                 s.l1_table_offset,
@@ -476,6 +478,7 @@ impl Qcow2 {
         if self.dead.load(Ordering::SeqCst) {
             i.corrupt = true;
         }
+        i.snapshots = self.meta.lock().unwrap_or_else(lock_err).snapshots.clone();
         let flags = self.bitmap_flags.lock().unwrap_or_else(lock_err);
         for (b, f) in i.bitmaps.iter_mut().zip(flags.iter()) {
             b.flags = *f;
@@ -1320,7 +1323,7 @@ impl Qcow2 {
     /// clusters past the end. Images with snapshots are refused, as QEMU does.
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
-        if !self.info.snapshots.is_empty() {
+        if !self.lock()?.snapshots.is_empty() {
             return Err(Error::Unsupported(
                 "Can't resize an image which has snapshots".into(),
             ));
@@ -1385,6 +1388,168 @@ impl Qcow2 {
         self.free_clusters(self.refs_of(old))
     }
 
+    /// Takes the image quiet for a whole-image metadata change: no request does I/O on
+    /// looked-up clusters (gate held exclusively) and no allocation is in flight.
+    fn quiesce(&self) -> Result<(std::sync::RwLockWriteGuard<'_, ()>, MutexGuard<'_, Meta>)> {
+        let gate = self.gate.write().unwrap_or_else(lock_err);
+        let mut m = self.lock()?;
+        while !m.inflight.is_empty() {
+            m = self.alloc_done.wait(m).unwrap_or_else(lock_err);
+        }
+        Ok((gate, m))
+    }
+
+    /// Creates an internal snapshot of the active state (no VM state), as QEMU's
+    /// `qcow2_snapshot_create`: a copy of the L1 table, +1 on every cluster it
+    /// reaches (COPIED flags cleared), a new snapshot table, then the header.
+    pub fn snapshot_create(&self, new: NewSnapshot) -> Result<SnapshotInfo> {
+        self.check_writable()?;
+        if self.external_data {
+            return Err(Error::Unsupported(
+                "internal snapshots are not supported with an external data file".into(),
+            ));
+        }
+        let (_gate, mut m) = self.quiesce()?;
+        if m.snapshots.len() as u64 >= header::MAX_SNAPSHOTS {
+            return Err(Error::TooLarge("Too many snapshots".into()));
+        }
+        let id = match new.id {
+            Some(id) => id,
+            None => {
+                // QEMU: one more than the largest numeric id.
+                let max = m
+                    .snapshots
+                    .iter()
+                    .filter_map(|s| s.id.parse::<u64>().ok())
+                    .max()
+                    .unwrap_or(0);
+                (max + 1).to_string()
+            }
+        };
+        if m.snapshots.iter().any(|s| s.id == id) {
+            return Err(Error::Invalid(format!("Snapshot ID '{id}' already exists")));
+        }
+        if id.len() > u16::MAX as usize || new.name.len() > u16::MAX as usize {
+            return Err(Error::Invalid("Snapshot name too long".into()));
+        }
+        let cs = self.geo.cs;
+        let l1 = m.l1.clone();
+        m.check_tree_increment(&l1, false)?;
+        let l1_bytes = (l1.len() as u64 * 8).max(1);
+        // 1. the L1 copy
+        let l1_off = m.alloc_contiguous(l1_bytes.div_ceil(cs))?;
+        let mut raw = Vec::with_capacity(l1.len() * 8);
+        for e in &l1 {
+            raw.extend_from_slice(&e.to_be_bytes());
+        }
+        m.check_overlap(l1_off, l1_bytes)?;
+        self.file
+            .write_at(&raw, l1_off)
+            .map_err(Error::io("writing a snapshot L1 table"))?;
+        // 2. +1 on the tree, refcounts on disk first; then the COPIED flags.
+        m.update_tree_refcounts(&l1, 1, false, false)?;
+        m.flush_refcounts()?;
+        let new_l1 = m.update_tree_refcounts(&l1, 0, false, true)?;
+        m.l1 = new_l1;
+        m.write_l1()?;
+        m.clear_l2_cache();
+        self.file.flush().map_err(Error::io("flushing"))?;
+        // 3. the table with the new entry, then the header.
+        let size = self.size();
+        let entry = snapshot::encode(
+            l1_off,
+            l1.len() as u32,
+            &id,
+            &new.name,
+            new.date_sec,
+            new.date_nsec,
+            new.vm_clock_nsec,
+            size,
+            new.icount,
+        );
+        let owned: Vec<Vec<u8>> = m.snapshots.iter().map(|s| s.raw.clone()).collect();
+        let mut entries: Vec<&[u8]> = owned.iter().map(|e| e.as_slice()).collect();
+        entries.push(&entry);
+        let old_table = m.snap_table;
+        let table = m.replace_snapshot_table(old_table, &entries)?;
+        let info = SnapshotInfo {
+            id,
+            name: new.name,
+            l1_table_offset: l1_off,
+            l1_size: l1.len() as u32,
+            date_sec: new.date_sec,
+            date_nsec: new.date_nsec,
+            vm_clock_nsec: new.vm_clock_nsec,
+            vm_state_size: 0,
+            disk_size: Some(size),
+            icount: new.icount,
+            raw: entry,
+        };
+        m.snap_table = table;
+        m.add_section(l1_off, l1.len() as u64 * 8, Section::InactiveL1);
+        m.snapshots.push(info.clone());
+        Ok(info)
+    }
+
+    /// Deletes the internal snapshot matching `id` and/or `name` (at least one given;
+    /// both must match when both are), as QEMU's `qcow2_snapshot_delete`: the table
+    /// first (a crash then only leaks), then -1 on its tree, its L1 freed, COPIED
+    /// flags of the active tables recomputed.
+    pub fn snapshot_delete(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.check_writable()?;
+        if id.is_none() && name.is_none() {
+            return Err(Error::Invalid("a snapshot id or name is required".into()));
+        }
+        let (_gate, mut m) = self.quiesce()?;
+        let pos = m
+            .snapshots
+            .iter()
+            .position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
+            .ok_or_else(|| Error::Invalid("Can't find the snapshot".into()))?;
+        let entries: Vec<Vec<u8>> = m
+            .snapshots
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != pos)
+            .map(|(_, s)| s.raw.clone())
+            .collect();
+        let refs: Vec<&[u8]> = entries.iter().map(|e| e.as_slice()).collect();
+        let old_table = m.snap_table;
+        m.snap_table = m.replace_snapshot_table(old_table, &refs)?;
+        let sn = m.snapshots.remove(pos);
+        m.remove_section(sn.l1_table_offset);
+        // -1 on its tree (read from the image, bounded like at open).
+        let file_len = self
+            .file
+            .len()
+            .map_err(Error::io("reading the image length"))?;
+        let n = u64::from(sn.l1_size).min(file_len.saturating_sub(sn.l1_table_offset) / 8);
+        let mut raw = vec![0u8; (n * 8) as usize];
+        self.file
+            .read_at(&mut raw, sn.l1_table_offset)
+            .map_err(Error::io("reading a snapshot L1 table"))?;
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        m.update_tree_refcounts(&l1, -1, false, false)?;
+        let cs = self.geo.cs;
+        let l1_bytes = u64::from(sn.l1_size) * 8;
+        if l1_bytes > 0 {
+            for c in sn.l1_table_offset / cs..=(sn.l1_table_offset + l1_bytes - 1) / cs {
+                m.add_refcount_pub(c, -1)?;
+            }
+        }
+        m.flush_refcounts()?;
+        let active = m.l1.clone();
+        let new_l1 = m.update_tree_refcounts(&active, 0, false, true)?;
+        m.l1 = new_l1;
+        m.write_l1()?;
+        m.clear_l2_cache();
+        self.file.flush().map_err(Error::io("flushing"))?;
+        Ok(sn)
+    }
+
     /// Clean shutdown: returns reserved clusters, flushes. Later calls fail.
     pub fn close(&self) -> Result<()> {
         if self.writable && !self.dead.load(Ordering::SeqCst) {
@@ -1399,6 +1564,19 @@ impl Qcow2 {
         }
         Ok(())
     }
+}
+
+/// What [`Qcow2::snapshot_create`] records (the VM-state fields of
+/// `blockdev-snapshot-internal-sync`: no VM state).
+#[derive(Debug, Clone, Default)]
+pub struct NewSnapshot {
+    /// `None`: one more than the largest numeric id, as QEMU picks.
+    pub id: Option<String>,
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub icount: Option<u64>,
 }
 
 /// Where an allocating write goes: the host cluster, whether the whole cluster is

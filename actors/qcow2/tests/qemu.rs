@@ -523,3 +523,116 @@ fn dirty_image_repaired() {
         assert!(snap[..1 << 20].iter().all(|&b| b == 0x11));
     }
 }
+
+/// Internal snapshots created and deleted by the engine, as qemu-img sees them.
+#[test]
+fn internal_snapshots() {
+    use bulkhead_qcow2::NewSnapshot;
+    let dir = TempDir::new("isnap");
+    for opts in [
+        "cluster_size=4096",
+        "compat=0.10",
+        "extended_l2=on",
+        "refcount_bits=4",
+    ] {
+        let img = create(&dir, opts, opts);
+        qemu_io(&img, &["write -P 0x11 0 2M"]);
+        qemu_img(&["snapshot", "-c", "q1", &img]);
+        let q1 = raw_of(&img, &dir, &[]);
+        let q = open(&img, true);
+        let mut reference = q1.clone();
+        let mut rng = Rng(21);
+        random_ops(&q, &mut reference, &mut rng, 40, q.info().cluster_size);
+        let a = q
+            .snapshot_create(NewSnapshot {
+                name: "a".into(),
+                date_sec: 1_700_000_000,
+                ..Default::default()
+            })
+            .expect("create a");
+        assert_eq!(a.id, "2");
+        let state_a = reference.clone();
+        random_ops(&q, &mut reference, &mut rng, 40, q.info().cluster_size);
+        let b = q
+            .snapshot_create(NewSnapshot {
+                name: "b".into(),
+                ..Default::default()
+            })
+            .expect("create b");
+        assert_eq!(b.id, "3");
+        let state_b = reference.clone();
+        random_ops(&q, &mut reference, &mut rng, 40, q.info().cluster_size);
+        assert_same(&read_all(&q), &reference, "active after snapshots");
+        q.close().expect("close");
+        drop(q);
+        check(&img, false);
+        let list = qemu_img(&["snapshot", "-l", &img]);
+        assert!(
+            list.contains(" a ") && list.contains(" b ") && list.contains(" q1 "),
+            "{list}"
+        );
+        assert_same(
+            &raw_of(&img, &dir, &["-l", "snapshot.name=a"]),
+            &state_a,
+            "a",
+        );
+        assert_same(
+            &raw_of(&img, &dir, &["-l", "snapshot.name=b"]),
+            &state_b,
+            "b",
+        );
+        assert_same(&raw_of(&img, &dir, &["-l", "snapshot.name=q1"]), &q1, "q1");
+        assert_same(&raw_of(&img, &dir, &[]), &reference, "active");
+        // Delete one made by qemu-img and one made by the engine; keep writing.
+        let q = open(&img, true);
+        q.snapshot_delete(None, Some("q1")).expect("delete q1");
+        q.snapshot_delete(Some("2"), None).expect("delete a");
+        assert!(q.snapshot_delete(None, Some("nope")).is_err());
+        random_ops(&q, &mut reference, &mut rng, 40, q.info().cluster_size);
+        assert_eq!(q.info().snapshots.len(), 1);
+        q.close().expect("close");
+        drop(q);
+        check(&img, false);
+        assert_same(
+            &raw_of(&img, &dir, &["-l", "snapshot.name=b"]),
+            &state_b,
+            "b after",
+        );
+        assert_same(&raw_of(&img, &dir, &[]), &reference, "active after deletes");
+        // qemu-img deletes the engine's snapshot cleanly too.
+        qemu_img(&["snapshot", "-d", "b", &img]);
+        check(&img, false);
+        // With no snapshot left, resize works again.
+        let q = open(&img, true);
+        q.resize(SIZE * 2).expect("resize");
+        q.close().expect("close");
+        drop(q);
+        check(&img, false);
+    }
+}
+
+/// Narrow refcounts: a snapshot that would overflow one is refused, nothing changes.
+#[test]
+fn snapshot_refcount_overflow() {
+    use bulkhead_qcow2::{Error, NewSnapshot};
+    let dir = TempDir::new("isnap-rc2");
+    let img = create(&dir, "rc2", "refcount_bits=2");
+    qemu_io(&img, &["write -P 0x11 0 1M"]);
+    qemu_img(&["snapshot", "-c", "q1", &img]);
+    let q = open(&img, true);
+    let new = |n: &str| NewSnapshot {
+        name: n.into(),
+        ..Default::default()
+    };
+    q.snapshot_create(new("a"))
+        .expect("3 references fit in 2 bits");
+    match q.snapshot_create(new("b")) {
+        Err(Error::TooLarge(_)) => {}
+        other => panic!("expected an overflow error, got {other:?}"),
+    }
+    q.write(&[1u8; 4096], 0, false).expect("writes go on");
+    q.close().expect("close");
+    drop(q);
+    check(&img, false);
+    assert_eq!(qemu_img(&["snapshot", "-l", &img]).lines().count(), 4);
+}
