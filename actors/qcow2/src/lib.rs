@@ -1059,34 +1059,64 @@ impl Qcow2 {
                     "compressed write to an allocated cluster".into(),
                 ));
             }
-            let host = m.alloc_cluster()?;
-            m.check_overlap(host, geo.cs)?;
-            if host > geo.coff_mask {
+            // Pack into the cluster the last compressed write started, as QEMU does,
+            // while it has room and its refcount can take one more reference.
+            let n = c.len() as u64;
+            let max_rc = if geo.rc_order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1u32 << geo.rc_order)) - 1
+            };
+            let tail = m.ctail;
+            let packed = match tail {
+                Some((h, used)) if used + n <= geo.cs && m.refcount(h / geo.cs)? < max_rc => {
+                    // The extra reference is durable before any L2 entry uses it.
+                    m.add_refcount_pub(h / geo.cs, 1)?;
+                    m.flush_refcounts()?;
+                    Some(h + used)
+                }
+                _ => None,
+            };
+            let coff = match packed {
+                Some(o) => o,
+                None => m.alloc_cluster()?,
+            };
+            let start = coff - coff % geo.cs;
+            m.ctail = Some((start, coff - start + n));
+            if let Err(e) = m.check_overlap(coff, n) {
+                return Err(e);
+            }
+            if coff > geo.coff_mask {
                 return Err(Error::TooLarge(
                     "compressed cluster offset too large".into(),
                 ));
             }
             m.inflight.insert(gc);
             drop(m);
-            let mut padded = c.clone();
-            padded.resize(c.len().div_ceil(512) * 512, 0);
             let res = self
                 .file
-                .write_at(&padded, host)
+                .write_at(&c, coff)
                 .map_err(Error::io("writing a compressed cluster"));
             let mut m = self.meta.lock().unwrap_or_else(lock_err);
-            let nb = (padded.len() / 512) as u64;
+            // Additional 512-byte sectors the data reaches into, after the first.
+            let nb = ((coff + n - 1) >> 9) - (coff >> 9);
             let out = res.and_then(|()| {
                 m.set_entry(
                     gc,
                     Entry {
-                        l2: host | OFLAG_COMPRESSED | ((nb - 1) << geo.csize_shift),
+                        l2: coff | OFLAG_COMPRESSED | (nb << geo.csize_shift),
                         bitmap: 0,
                     },
                 )
             });
             if out.is_err() {
-                m.unalloc_cluster(host);
+                m.ctail = None;
+                match packed {
+                    Some(_) => {
+                        let _ = m.decref(start / geo.cs);
+                    }
+                    None => m.unalloc_cluster(coff),
+                }
             }
             m.inflight.remove(&gc);
             drop(m);

@@ -95,6 +95,8 @@ pub(crate) struct Meta {
     /// The snapshot table: entries, and where it is (offset, length).
     pub snapshots: Vec<SnapshotInfo>,
     pub snap_table: (u64, u64),
+    /// The host cluster compressed writes are packing into, and the bytes used.
+    pub ctail: Option<(u64, u64)>,
 }
 
 pub(crate) struct MetaInit {
@@ -138,6 +140,7 @@ impl Meta {
             pass_discard: i.pass_discard,
             snapshots: Vec::new(),
             snap_table: (0, 0),
+            ctail: None,
         }
     }
 
@@ -457,6 +460,7 @@ impl Meta {
         }
         self.set_refcount(idx, v - 1, false)?;
         if v == 1 {
+            self.forget_ctail(idx);
             self.free_hint = self.free_hint.min(idx);
             if self.pass_discard {
                 let _ = self.file.discard(idx * self.geo.cs, self.geo.cs);
@@ -831,9 +835,17 @@ impl Meta {
     pub fn add_refcount_pub(&mut self, idx: u64, addend: i64) -> Result<u64> {
         let v = self.add_refcount(idx, addend)?;
         if v == 0 {
+            self.forget_ctail(idx);
             self.free_hint = self.free_hint.min(idx);
         }
         Ok(v)
+    }
+
+    /// A freed cluster is no longer one compressed writes may pack into.
+    fn forget_ctail(&mut self, idx: u64) {
+        if self.ctail.is_some_and(|(h, _)| h / self.geo.cs == idx) {
+            self.ctail = None;
+        }
     }
 
     /// Fails (without changing anything) if one more reference to everything under

@@ -636,3 +636,38 @@ fn snapshot_refcount_overflow() {
     check(&img, false);
     assert_eq!(qemu_img(&["snapshot", "-l", &img]).lines().count(), 4);
 }
+
+/// Compressed writes pack several clusters into one host cluster (not with 1-bit
+/// refcounts); overwriting and discarding them frees what they used.
+#[test]
+fn compressed_packing() {
+    let dir = TempDir::new("cpack");
+    for (opts, packs) in [
+        ("cluster_size=4096", true),
+        ("cluster_size=65536,compression_type=zstd", true),
+        ("cluster_size=4096,refcount_bits=1", false),
+    ] {
+        let img = create(&dir, opts, opts);
+        let q = open(&img, true);
+        let cs = q.info().cluster_size;
+        let mut reference = vec![0u8; SIZE as usize];
+        for (i, chunk) in reference.chunks_mut(cs as usize).enumerate() {
+            for (j, b) in chunk.iter_mut().enumerate() {
+                *b = ((i * 7 + j / 512) % 5) as u8;
+            }
+        }
+        for (i, chunk) in reference.chunks(cs as usize).enumerate() {
+            q.write_compressed(chunk, i as u64 * cs)
+                .expect("write_compressed");
+        }
+        assert_same(&read_all(&q), &reference, "compressed");
+        let len = std::fs::metadata(&img).expect("len").len();
+        assert_eq!(len < SIZE / 4, packs, "{opts}: {len} bytes");
+        let mut rng = Rng(8);
+        random_ops(&q, &mut reference, &mut rng, 60, cs);
+        q.close().expect("close");
+        drop(q);
+        check(&img, false);
+        assert_same(&raw_of(&img, &dir, &[]), &reference, opts);
+    }
+}
