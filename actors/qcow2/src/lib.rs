@@ -1083,9 +1083,7 @@ impl Qcow2 {
             };
             let start = coff - coff % geo.cs;
             m.ctail = Some((start, coff - start + n));
-            if let Err(e) = m.check_overlap(coff, n) {
-                return Err(e);
-            }
+            m.check_overlap(coff, n)?;
             if coff > geo.coff_mask {
                 return Err(Error::TooLarge(
                     "compressed cluster offset too large".into(),
