@@ -1162,21 +1162,73 @@ impl Qcow2 {
             let within = pos & (geo.cs - 1);
             let n = (geo.cs - within).min(end - pos);
             let whole = within == 0 && (n == geo.cs || pos + n == size);
-            if whole && self.backing.is_none() && self.lock()?.l2_offset(gc)?.0 == 0 {
+            if whole
+                && mode == Mode::Discard
+                && self.backing.is_none()
+                && self.lock()?.l2_offset(gc)?.0 == 0
+            {
                 // No L2 table and no backing: the whole table's range reads as zeroes.
                 let next = ((gc >> geo.l2_bits) + 1).saturating_mul(geo.cs << geo.l2_bits);
                 pos = next.min(end);
                 continue;
             }
-            let meta_ok = geo.version >= 3 || (mode == Mode::Discard && self.backing.is_none());
+            // v2 has no zero flag: without a backing file QEMU zeroes by deallocating.
+            let meta_ok = geo.version >= 3 || self.backing.is_none();
+            let sc_aligned =
+                within.is_multiple_of(geo.scs) && (n.is_multiple_of(geo.scs) || pos + n == size);
             if whole && (meta_ok || mode == Mode::Discard) {
                 self.zero_cluster(gc, mode)?;
-            } else if matches!(mode, Mode::Zero { .. }) && !self.reads_zero(gc)? {
-                self.write_cluster(gc, within, &zeroes[..n as usize])?;
+            } else if geo.ext_l2
+                && matches!(mode, Mode::Zero { .. })
+                && sc_aligned
+                && self.zero_subclusters(gc, within / geo.scs, (within + n - 1) / geo.scs)?
+            {
+                // Zero flags on the subclusters (QEMU's zero_l2_subclusters).
+            } else if matches!(mode, Mode::Zero { .. }) {
+                let zero_already = self.reads_zero(gc)?;
+                if zero_already && geo.version >= 3 {
+                    // QEMU widens a zero-write to the whole cluster when the rest
+                    // already reads as zeroes.
+                    self.zero_cluster(gc, Mode::Zero { may_unmap: false })?;
+                } else if zero_already && self.backing.is_none() {
+                    // v2: unallocated already, which reads as zeroes.
+                } else {
+                    self.write_cluster(gc, within, &zeroes[..n as usize])?;
+                }
             }
             pos += n;
         }
         Ok(())
+    }
+
+    /// Sets the zero bits of subclusters `first..=last` of `gc` (extended L2); false
+    /// when the cluster is compressed (the caller writes zeroes instead).
+    fn zero_subclusters(&self, gc: u64, first: u64, last: u64) -> Result<bool> {
+        let mut m = loop {
+            let m = self.lock()?;
+            if m.inflight.contains(&gc) {
+                drop(self.alloc_done.wait(m).unwrap_or_else(lock_err));
+                continue;
+            }
+            break m;
+        };
+        let old = m.entry(gc)?;
+        if old.l2 & OFLAG_COMPRESSED != 0 {
+            return Ok(false);
+        }
+        for sc in 0..self.geo.sc_per_cluster {
+            self.sub_kind(&mut m, gc, old, sc)?;
+        }
+        let bits = (ALL_ALLOC >> (31 - (last - first))) << first;
+        let new = Entry {
+            l2: old.l2,
+            bitmap: (old.bitmap | (bits << 32)) & !bits,
+        };
+        if new != old {
+            m.ensure_l2_writable(gc)?;
+            m.set_entry(gc, new)?;
+        }
+        Ok(true)
     }
 
     /// Does the whole cluster read as zeroes without looking at data?
@@ -1208,7 +1260,7 @@ impl Qcow2 {
         if l2off == 0 && self.backing.is_none() && geo.version < 3 {
             return Ok(());
         }
-        if old == Entry::default() && self.backing.is_none() {
+        if old == Entry::default() && self.backing.is_none() && mode == Mode::Discard {
             // Unallocated without a backing node already reads as zeroes.
             return Ok(());
         }
@@ -1217,7 +1269,8 @@ impl Qcow2 {
         }
         let old_host = self.host_of(old).unwrap_or(0);
         let plain = self.host_of(old).is_some();
-        let keep = plain
+        let keep = geo.version >= 3
+            && plain
             && (old.l2 & OFLAG_COPIED != 0 || self.external_data)
             && match mode {
                 Mode::Zero { may_unmap } => !may_unmap || self.external_data,
