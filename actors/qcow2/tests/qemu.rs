@@ -852,3 +852,65 @@ fn map_parity_with_qemu() {
         assert_same(&raw_of(&ours, &dir, &[]), &raw_of(&theirs, &dir, &[]), opts);
     }
 }
+
+/// `info()` says what `qemu-img info` says about the image's format-specific data.
+#[test]
+fn info_matches_qemu_img() {
+    let dir = TempDir::new("info");
+    for (i, opts) in [
+        "compat=0.10",
+        "compat=1.1,lazy_refcounts=on",
+        "compression_type=zstd,extended_l2=on,refcount_bits=64",
+        "cluster_size=2M,refcount_bits=1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = create(&dir, &format!("i{i}"), opts);
+        let json = qemu_img(&["info", "--output=json", &img]);
+        let field = |key: &str| -> String {
+            let at = json.rfind(&format!("\"{key}\": ")).expect("key") + key.len() + 4;
+            json[at..]
+                .split([',', '\n'])
+                .next()
+                .expect("value")
+                .trim()
+                .trim_matches('"')
+                .to_string()
+        };
+        let info = open(&img, false).info();
+        let compat = if info.version == 2 { "0.10" } else { "1.1" };
+        assert_eq!(field("compat"), compat, "{opts}");
+        assert_eq!(
+            field("virtual-size"),
+            info.virtual_size.to_string(),
+            "{opts}"
+        );
+        assert_eq!(
+            field("cluster-size"),
+            info.cluster_size.to_string(),
+            "{opts}"
+        );
+        assert_eq!(
+            field("refcount-bits"),
+            info.refcount_bits.to_string(),
+            "{opts}"
+        );
+        assert_eq!(
+            field("compression-type"),
+            info.compression_type.name(),
+            "{opts}"
+        );
+        // v2 images: QEMU shows compat, compression type and refcount bits only.
+        if info.version >= 3 {
+            assert_eq!(field("corrupt"), info.corrupt.to_string(), "{opts}");
+            assert_eq!(
+                field("lazy-refcounts"),
+                info.lazy_refcounts.to_string(),
+                "{opts}"
+            );
+            assert_eq!(field("extended-l2"), info.extended_l2.to_string(), "{opts}");
+        }
+        assert_eq!(field("dirty-flag"), info.dirty.to_string(), "{opts}");
+    }
+}
