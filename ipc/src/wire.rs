@@ -189,6 +189,24 @@ pub enum ToWorker {
         /// The node.
         node: NodeId,
     },
+    /// Create an internal snapshot of a node's image (qcow2). Errors carry QEMU's
+    /// text (`WorkerErrorKind::Image`).
+    SnapshotCreate {
+        /// The node.
+        node: NodeId,
+        /// What the snapshot records.
+        request: bulkhead_block::SnapshotRequest,
+    },
+    /// Delete an internal snapshot matching `id` and/or `name`; the reply is
+    /// [`Reply::Snapshot`] with what it was.
+    SnapshotDelete {
+        /// The node.
+        node: NodeId,
+        /// The snapshot's id.
+        id: Option<String>,
+        /// The snapshot's name.
+        name: Option<String>,
+    },
     /// Change a node's size.
     ResizeNode {
         /// The node.
@@ -561,6 +579,11 @@ pub enum Reply {
         size: u64,
         /// What its format driver read from its image (untrusted: image bytes).
         format: Option<Box<bulkhead_block::FormatInfo>>,
+    },
+    /// A deleted snapshot (from the image: untrusted strings).
+    Snapshot {
+        /// What the snapshot table said of it.
+        snapshot: bulkhead_block::SnapshotEntry,
     },
     /// An export was removed; `deferred` when clients were still attached and
     /// `ExportGone` will follow once they have gone.

@@ -45,7 +45,7 @@ pub use config::DriverConfig;
 pub use driver::ChildRole;
 pub use io::{
     BitmapEntry, BlockIo, Extent, FormatInfo, IoBuffer, IoError, IoFuture, IoResult, SnapshotEntry,
-    SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
+    SnapshotRequest, SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
 };
 pub use registry::DriverKind;
 

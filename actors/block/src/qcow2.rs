@@ -31,7 +31,7 @@ use crate::driver::{
 };
 use crate::io::{
     BitmapEntry, BlockIo, Extent, FormatInfo, IoError, IoFuture, IoResult, SnapshotEntry,
-    WriteFlags, ZeroFlags,
+    SnapshotFuture, SnapshotRequest, WriteFlags, ZeroFlags,
 };
 use crate::threads;
 
@@ -499,21 +499,57 @@ impl BlockIo for Qcow2Driver {
                     })
                     .collect()
             }),
-            snapshots: i
-                .snapshots
-                .iter()
-                .map(|s| SnapshotEntry {
-                    id: s.id.clone(),
-                    name: s.name.clone(),
-                    vm_state_size: s.vm_state_size,
-                    date_sec: u64::from(s.date_sec),
-                    date_nsec: u64::from(s.date_nsec),
-                    vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
-                    vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
-                    icount: s.icount,
-                })
-                .collect(),
+            snapshots: i.snapshots.iter().map(snapshot_entry).collect(),
         })
+    }
+
+    fn snapshot_create(&self, request: SnapshotRequest) -> SnapshotFuture<'_, ()> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(async move {
+            let made = threads::run_format(move || {
+                Ok(engine.snapshot_create(bulkhead_qcow2::NewSnapshot {
+                    id: None,
+                    name: request.name,
+                    date_sec: u32::try_from(request.date_sec).unwrap_or(u32::MAX),
+                    date_nsec: request.date_nsec,
+                    vm_clock_nsec: request.vm_clock_nsec,
+                    icount: None,
+                }))
+            })
+            .await
+            .map_err(|e| crate::posix::strerror(e.errno()))?;
+            made.map(|_| ()).map_err(|e| e.to_string())
+        })
+    }
+
+    fn snapshot_delete(
+        &self,
+        id: Option<String>,
+        name: Option<String>,
+    ) -> SnapshotFuture<'_, SnapshotEntry> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(async move {
+            let gone = threads::run_format(move || {
+                Ok(engine.snapshot_delete(id.as_deref(), name.as_deref()))
+            })
+            .await
+            .map_err(|e| crate::posix::strerror(e.errno()))?;
+            gone.map(|s| snapshot_entry(&s)).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// A snapshot table entry as queries show it.
+fn snapshot_entry(s: &bulkhead_qcow2::SnapshotInfo) -> SnapshotEntry {
+    SnapshotEntry {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        vm_state_size: s.vm_state_size,
+        date_sec: u64::from(s.date_sec),
+        date_nsec: u64::from(s.date_nsec),
+        vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+        vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+        icount: s.icount,
     }
 }
 

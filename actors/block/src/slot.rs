@@ -131,6 +131,23 @@ impl BlockIo for Slot {
     fn format_info(&self) -> Option<crate::io::FormatInfo> {
         self.current().format_info()
     }
+
+    fn snapshot_create(
+        &self,
+        request: crate::io::SnapshotRequest,
+    ) -> crate::io::SnapshotFuture<'_, ()> {
+        let node = self.current().clone();
+        Box::pin(async move { node.snapshot_create(request).await })
+    }
+
+    fn snapshot_delete(
+        &self,
+        id: Option<String>,
+        name: Option<String>,
+    ) -> crate::io::SnapshotFuture<'_, crate::io::SnapshotEntry> {
+        let node = self.current().clone();
+        Box::pin(async move { node.snapshot_delete(id, name).await })
+    }
 }
 
 #[cfg(test)]

@@ -373,6 +373,55 @@ pub fn block_device_ejected(name: &str) -> QmpError {
     generic(format!("Block device {name} is ejected"))
 }
 
+/// A command that needs a node no other node uses (`qmp_get_root_bs`).
+pub fn need_root_node() -> QmpError {
+    generic("Need a root block node")
+}
+
+/// An internal snapshot of a read-only node.
+pub fn device_read_only(device: &str) -> QmpError {
+    generic(format!("Device '{device}' is read only"))
+}
+
+/// An internal snapshot of a node whose driver has none.
+pub fn snapshots_unsupported(driver: &str, device: &str) -> QmpError {
+    generic(format!(
+        "Block format '{driver}' used by device '{device}' does not support internal snapshots"
+    ))
+}
+
+/// An internal snapshot without a name.
+pub fn snapshot_name_empty() -> QmpError {
+    generic("Name is empty")
+}
+
+/// An internal snapshot whose name is taken.
+pub fn snapshot_exists(name: &str, device: &str) -> QmpError {
+    generic(format!(
+        "Snapshot with name '{name}' already exists on device '{device}'"
+    ))
+}
+
+/// `blockdev-snapshot-delete-internal-sync` with neither id nor name.
+pub fn snapshot_name_or_id_missing() -> QmpError {
+    generic("Name or id must be provided")
+}
+
+/// Deleting a snapshot of a node whose driver has no snapshot list.
+pub fn snapshot_list_unsupported() -> QmpError {
+    generic("Failed to get a snapshot list: Operation not supported")
+}
+
+/// Deleting a snapshot that does not exist (QEMU prints a missing id or name as
+/// `null`).
+pub fn snapshot_not_found(id: Option<&str>, name: Option<&str>, device: &str) -> QmpError {
+    generic(format!(
+        "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
+        id.unwrap_or("null"),
+        name.unwrap_or("null")
+    ))
+}
+
 /// A backing file named inside an image could not be opened (QEMU's prefix).
 pub fn backing_open_failed(reason: &str) -> QmpError {
     generic(format!("Could not open backing file: {reason}"))

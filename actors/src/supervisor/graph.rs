@@ -592,7 +592,7 @@ pub fn edge_perms(parent: &Node, role: Role) -> (Vec<&'static str>, Vec<&'static
 }
 
 /// `SnapshotInfo` of one internal snapshot.
-fn snapshot_info(sn: &bulkhead_block::SnapshotEntry) -> Value {
+pub fn snapshot_info(sn: &bulkhead_block::SnapshotEntry) -> Value {
     let mut m = Map::new();
     m.insert("id".into(), sn.id.clone().into());
     m.insert("name".into(), sn.name.clone().into());

@@ -23,6 +23,7 @@ mod reopen;
 #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
 mod replace;
 mod restart;
+mod snapshot;
 pub mod stats;
 pub mod workers;
 

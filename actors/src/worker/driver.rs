@@ -328,6 +328,27 @@ impl DriverWorker {
                 }
                 None => Err(err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node")),
             },
+            ToWorker::SnapshotCreate { node, request } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                n.snapshot_create(request)
+                    .await
+                    .map_err(|text| err(WorkerErrorKind::Image, libc::EINVAL, text))?;
+                Ok(Reply::Done)
+            }
+            ToWorker::SnapshotDelete { node, id, name } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                let snapshot = n
+                    .snapshot_delete(id, name)
+                    .await
+                    .map_err(|text| err(WorkerErrorKind::Image, libc::EINVAL, text))?;
+                Ok(Reply::Snapshot { snapshot })
+            }
             ToWorker::ResizeNode { node, size } => {
                 let n = self
                     .nodes
