@@ -172,6 +172,7 @@ pub struct Qcow2 {
     info: Info,
     size: AtomicU64,
     dead: Arc<AtomicBool>,
+    closed: AtomicBool,
     meta: Mutex<Meta>,
     /// Signalled when an in-flight allocation completes.
     alloc_done: Condvar,
@@ -465,6 +466,7 @@ impl Qcow2 {
             info,
             size: AtomicU64::new(virtual_size),
             dead,
+            closed: AtomicBool::new(false),
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             gate: RwLock::new(()),
@@ -562,6 +564,9 @@ impl Qcow2 {
     fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
         if self.dead.load(Ordering::SeqCst) {
             return Err(Error::Dead);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
         }
         Ok(self.meta.lock().unwrap_or_else(lock_err))
     }
@@ -841,6 +846,9 @@ impl Qcow2 {
     }
 
     fn check_writable(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
         if !self.writable {
             return Err(Error::ReadOnly);
         }
@@ -1631,18 +1639,34 @@ impl Qcow2 {
         Ok(sn)
     }
 
-    /// Clean shutdown: returns reserved clusters, flushes. Later calls fail.
+    /// Clean shutdown: stores tracked bitmaps, returns reserved clusters, flushes.
+    /// Later requests fail with [`Error::Closed`]; a second `close` does nothing.
     pub fn close(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         if self.writable && !self.dead.load(Ordering::SeqCst) {
             let _g = self.gate.write().unwrap_or_else(lock_err);
             let mut m = self.lock()?;
+            while !m.inflight.is_empty() {
+                m = self.alloc_done.wait(m).unwrap_or_else(lock_err);
+            }
+            if self.closed.swap(true, Ordering::SeqCst) {
+                return Ok(());
+            }
             if self.has_live {
                 self.store_bitmaps(&mut m)?;
             }
             m.release_reserved()?;
             drop(m);
-            self.flush()?;
+            if self.external_data {
+                self.data
+                    .flush()
+                    .map_err(Error::io("flushing the data file"))?;
+            }
+            self.file.flush().map_err(Error::io("flushing the image"))?;
         }
+        self.closed.store(true, Ordering::SeqCst);
         Ok(())
     }
 }

@@ -467,6 +467,11 @@ fn concurrent_io() {
         assert!(chunk.iter().all(|&b| b == 0 || b == owner), "unit {i}");
     }
     q.close().expect("close");
+    q.close().expect("a second close does nothing");
+    assert!(matches!(
+        q.write(&[0u8; 512], 0, false),
+        Err(bulkhead_qcow2::Error::Closed)
+    ));
     check(&img, false);
     assert_same(&raw_of(&img, &dir, &[]), &all, "concurrent");
 }
