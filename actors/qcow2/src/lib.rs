@@ -165,7 +165,9 @@ impl Geo {
 pub struct Qcow2 {
     file: Arc<dyn Storage>,
     data: Arc<dyn Storage>,
-    backing: Option<Arc<dyn Backing>>,
+    /// The backing node and its length (cached: re-read by `set_backing` and
+    /// `refresh_backing_len`).
+    backing: RwLock<Option<(Arc<dyn Backing>, u64)>>,
     geo: Geo,
     writable: bool,
     external_data: bool,
@@ -174,6 +176,7 @@ pub struct Qcow2 {
     info: Info,
     size: AtomicU64,
     dead: Arc<AtomicBool>,
+    closed: AtomicBool,
     meta: Mutex<Meta>,
     /// Signalled when an in-flight allocation completes.
     alloc_done: Condvar,
@@ -452,13 +455,22 @@ impl Qcow2 {
             })
             .collect();
         let has_live = !live.is_empty();
+        let backing_pair = match opts.backing {
+            Some(b) => {
+                let len = b
+                    .len()
+                    .map_err(Error::io("reading the backing node's length"))?;
+                Some((b, len))
+            }
+            None => None,
+        };
         Ok(Qcow2 {
             live: Mutex::new(live),
             has_live,
             bitmap_flags: Mutex::new(bitmap_flags),
             file,
             data,
-            backing: opts.backing,
+            backing: RwLock::new(backing_pair),
             geo,
             writable: opts.writable,
             external_data: has_df,
@@ -467,10 +479,52 @@ impl Qcow2 {
             info,
             size: AtomicU64::new(virtual_size),
             dead,
+            closed: AtomicBool::new(false),
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             gate: RwLock::new(()),
         })
+    }
+
+    /// Replaces the backing node at run time (`blockdev-snapshot` giving an overlay
+    /// its backing, jobs re-pointing it; `None` for `backing: null`). The header's
+    /// backing file name is not changed. Requests already reading the old node finish
+    /// on it.
+    pub fn set_backing(&self, backing: Option<Arc<dyn Backing>>) -> Result<()> {
+        let pair = match backing {
+            Some(b) => {
+                let len = b
+                    .len()
+                    .map_err(Error::io("reading the backing node's length"))?;
+                Some((b, len))
+            }
+            None => None,
+        };
+        *self.backing.write().unwrap_or_else(lock_err) = pair;
+        Ok(())
+    }
+
+    /// Re-reads the backing node's length (after it was resized).
+    pub fn refresh_backing_len(&self) -> Result<()> {
+        let mut g = self.backing.write().unwrap_or_else(lock_err);
+        if let Some((b, len)) = g.as_mut() {
+            *len = b
+                .len()
+                .map_err(Error::io("reading the backing node's length"))?;
+        }
+        Ok(())
+    }
+
+    fn backing_node(&self) -> Option<(Arc<dyn Backing>, u64)> {
+        self.backing
+            .read()
+            .unwrap_or_else(lock_err)
+            .as_ref()
+            .map(|(b, l)| (b.clone(), *l))
+    }
+
+    fn no_backing(&self) -> bool {
+        self.backing.read().unwrap_or_else(lock_err).is_none()
     }
 
     /// The image's description (sizes as of open, except `virtual_size`).
@@ -565,6 +619,9 @@ impl Qcow2 {
         if self.dead.load(Ordering::SeqCst) {
             return Err(Error::Dead);
         }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
         Ok(self.meta.lock().unwrap_or_else(lock_err))
     }
 
@@ -651,11 +708,10 @@ impl Qcow2 {
     }
 
     fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let Some(b) = &self.backing else {
+        let Some((b, blen)) = self.backing_node() else {
             buf.fill(0);
             return Ok(());
         };
-        let blen = b.len().map_err(Error::io("reading the backing node"))?;
         let n = blen.saturating_sub(off).min(buf.len() as u64) as usize;
         if n > 0 {
             b.read_at(&mut buf[..n], off)
@@ -800,10 +856,7 @@ impl Qcow2 {
             return Ok(true);
         }
         let geo = self.geo;
-        let backing_len = match &self.backing {
-            Some(b) => b.len().map_err(Error::io("reading the backing node"))?,
-            None => 0,
-        };
+        let backing_len = self.backing_node().map_or(0, |(_, l)| l);
         let mut m = self.meta.lock().unwrap_or_else(lock_err);
         for sc in from / geo.scs..=(to - 1) / geo.scs {
             match self.sub_kind(&mut m, gc, e, sc)? {
@@ -843,6 +896,9 @@ impl Qcow2 {
     }
 
     fn check_writable(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
         if !self.writable {
             return Err(Error::ReadOnly);
         }
@@ -1166,7 +1222,7 @@ impl Qcow2 {
             let whole = within == 0 && (n == geo.cs || pos + n == size);
             if whole
                 && mode == Mode::Discard
-                && self.backing.is_none()
+                && self.no_backing()
                 && self.lock()?.l2_offset(gc)?.0 == 0
             {
                 // No L2 table and no backing: the whole table's range reads as zeroes.
@@ -1175,7 +1231,7 @@ impl Qcow2 {
                 continue;
             }
             // v2 has no zero flag: without a backing file QEMU zeroes by deallocating.
-            let meta_ok = geo.version >= 3 || self.backing.is_none();
+            let meta_ok = geo.version >= 3 || self.no_backing();
             let sc_aligned =
                 within.is_multiple_of(geo.scs) && (n.is_multiple_of(geo.scs) || pos + n == size);
             if whole && (meta_ok || mode == Mode::Discard) {
@@ -1192,7 +1248,7 @@ impl Qcow2 {
                     // QEMU widens a zero-write to the whole cluster when the rest
                     // already reads as zeroes.
                     self.zero_cluster(gc, Mode::Zero { may_unmap: false })?;
-                } else if zero_already && self.backing.is_none() {
+                } else if zero_already && self.no_backing() {
                     // v2: unallocated already, which reads as zeroes.
                 } else {
                     self.write_cluster(gc, within, &zeroes[..n as usize])?;
@@ -1240,7 +1296,7 @@ impl Qcow2 {
         for sc in 0..self.geo.sc_per_cluster {
             match self.sub_kind(&mut m, gc, e, sc)? {
                 Sub::Zero => {}
-                Sub::Unalloc if self.backing.is_none() => {}
+                Sub::Unalloc if self.no_backing() => {}
                 _ => return Ok(false),
             }
         }
@@ -1259,14 +1315,14 @@ impl Qcow2 {
         };
         let old = m.entry(gc)?;
         let (l2off, _) = m.l2_offset(gc)?;
-        if l2off == 0 && self.backing.is_none() && geo.version < 3 {
+        if l2off == 0 && self.no_backing() && geo.version < 3 {
             return Ok(());
         }
-        if old == Entry::default() && self.backing.is_none() && mode == Mode::Discard {
+        if old == Entry::default() && self.no_backing() && mode == Mode::Discard {
             // Unallocated without a backing node already reads as zeroes.
             return Ok(());
         }
-        if l2off == 0 && mode == Mode::Discard && self.backing.is_none() {
+        if l2off == 0 && mode == Mode::Discard && self.no_backing() {
             return Ok(());
         }
         let old_host = self.host_of(old).unwrap_or(0);
@@ -1293,7 +1349,7 @@ impl Qcow2 {
                     bitmap: 0,
                 }
             }
-        } else if mode == Mode::Discard && self.backing.is_none() && old == Entry::default() {
+        } else if mode == Mode::Discard && self.no_backing() && old == Entry::default() {
             return Ok(());
         } else if geo.ext_l2 {
             Entry {
@@ -1633,18 +1689,34 @@ impl Qcow2 {
         Ok(sn)
     }
 
-    /// Clean shutdown: returns reserved clusters, flushes. Later calls fail.
+    /// Clean shutdown: stores tracked bitmaps, returns reserved clusters, flushes.
+    /// Later requests fail with [`Error::Closed`]; a second `close` does nothing.
     pub fn close(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         if self.writable && !self.dead.load(Ordering::SeqCst) {
             let _g = self.gate.write().unwrap_or_else(lock_err);
             let mut m = self.lock()?;
+            while !m.inflight.is_empty() {
+                m = self.alloc_done.wait(m).unwrap_or_else(lock_err);
+            }
+            if self.closed.swap(true, Ordering::SeqCst) {
+                return Ok(());
+            }
             if self.has_live {
                 self.store_bitmaps(&mut m)?;
             }
             m.release_reserved()?;
             drop(m);
-            self.flush()?;
+            if self.external_data {
+                self.data
+                    .flush()
+                    .map_err(Error::io("flushing the data file"))?;
+            }
+            self.file.flush().map_err(Error::io("flushing the image"))?;
         }
+        self.closed.store(true, Ordering::SeqCst);
         Ok(())
     }
 }

@@ -467,6 +467,11 @@ fn concurrent_io() {
         assert!(chunk.iter().all(|&b| b == 0 || b == owner), "unit {i}");
     }
     q.close().expect("close");
+    q.close().expect("a second close does nothing");
+    assert!(matches!(
+        q.write(&[0u8; 512], 0, false),
+        Err(bulkhead_qcow2::Error::Closed)
+    ));
     check(&img, false);
     assert_same(&raw_of(&img, &dir, &[]), &all, "concurrent");
 }
@@ -913,4 +918,38 @@ fn info_matches_qemu_img() {
         }
         assert_eq!(field("dirty-flag"), info.dirty.to_string(), "{opts}");
     }
+}
+
+/// An overlay opened with `backing: null` gets its backing node at run time (as with
+/// `blockdev-snapshot`) and loses it again.
+#[test]
+fn set_backing_at_run_time() {
+    let dir = TempDir::new("setbacking");
+    let base = create(&dir, "base", "compat=1.1");
+    qemu_io(&base, &["write -P 0x42 0 8M"]);
+    let top = dir.path("top");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
+    ]);
+    qemu_io(&top, &["write -P 0x43 1M 4k"]);
+    let q = open(&top, true);
+    let mut buf = vec![0u8; 8192];
+    q.read(&mut buf, (1 << 20) - 4096).expect("read");
+    assert!(buf[..4096].iter().all(|&b| b == 0) && buf[4096..].iter().all(|&b| b == 0x43));
+    let b: Arc<dyn bulkhead_qcow2::Backing> = Arc::new(open(&base, false));
+    q.set_backing(Some(b)).expect("set");
+    q.read(&mut buf, (1 << 20) - 4096).expect("read");
+    assert!(buf[..4096].iter().all(|&b| b == 0x42) && buf[4096..].iter().all(|&b| b == 0x43));
+    // A partial write now copies from the backing node.
+    q.write(&[0x44; 100], 3 << 20, false).expect("write");
+    q.set_backing(None).expect("unset");
+    q.read(&mut buf, 3 << 20).expect("read");
+    assert!(buf[..100].iter().all(|&b| b == 0x44) && buf[100..4096].iter().all(|&b| b == 0x42));
+    assert!(
+        buf[4096..].iter().all(|&b| b == 0x42),
+        "the whole cluster was copied"
+    );
+    q.close().expect("close");
+    drop(q);
+    check(&top, false);
 }
