@@ -41,6 +41,9 @@ fn make_images(dir: &Path) -> std::io::Result<()> {
     };
     create("plain.qcow2", "", "64M")?;
     create("v2.qcow2", "compat=0.10", "16M")?;
+    // Opened by nothing else, so that option checks are what fails.
+    create("opts-small.qcow2", "cluster_size=4096", "16M")?;
+    create("opts-v2.qcow2", "compat=0.10", "16M")?;
     create("cache.qcow2", "", "16M")?;
     create("small.qcow2", "cluster_size=4096,refcount_bits=1", "16M")?;
     create("lazy.qcow2", "lazy_refcounts=on", "16M")?;
@@ -241,7 +244,48 @@ fn queries_script() -> Script {
             r#", "cache-size": 1024, "l2-cache-size": 4096"#,
         )
         .note("l2 cache above cache-size"),
+        add(
+            "e1",
+            "e1",
+            "opts-small.qcow2",
+            r#", "read-only": true, "l2-cache-entry-size": 8192"#,
+        )
+        .note("an L2 cache entry above the cluster size"),
+        add(
+            "e2",
+            "e2",
+            "cache.qcow2",
+            r#", "read-only": true, "cache-clean-interval": -1"#,
+        )
+        .note("a negative cache clean interval is a huge one"),
+        add(
+            "e3",
+            "e3",
+            "opts-v2.qcow2",
+            r#", "read-only": true, "lazy-refcounts": true"#,
+        )
+        .note("lazy refcounts on a version 2 image"),
+        add(
+            "e4",
+            "e4",
+            "cache.qcow2",
+            r#", "encrypt": {"format": "aes"}"#,
+        )
+        .note("encryption options for an unencrypted image"),
         add("enc", "enc", "enc.qcow2", "").note("LUKS-encrypted, no key: refused"),
+        add("e5", "e5", "enc.qcow2", r#", "encrypt": {"format": "aes"}"#)
+            .note("another encryption format than the header's"),
+        Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "rc-file", "filename": "$DIR/cache.qcow2"}, "id": "rc-file"}"#),
+        Step::line(r#"{"execute": "blockdev-add", "arguments": {"driver": "qcow2", "node-name": "rc", "file": "rc-file", "l2-cache-size": 65536}, "id": "rc"}"#),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "rc", "file": "rc-file", "cache-size": 1024, "l2-cache-size": 4096}]}, "id": "rc1"}"#)
+            .note("a reopen with cache sizes QEMU refuses"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "rc", "file": "rc-file", "l2-cache-size": 4096, "overlap-check": {"template": "all"}, "discard-no-unref": true}]}, "id": "rc2"}"#)
+            .note("runtime options change on reopen"),
+        Step::line(r#"{"execute": "blockdev-reopen", "arguments": {"options": [{"driver": "qcow2", "node-name": "rc", "file": "rc-file", "encrypt": {"format": "luks", "key-secret": "s"}}]}, "id": "rc3"}"#)
+            .note("encryption options on reopen"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "q-rc"}"#),
+        Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "rc"}, "id": "del-rc"}"#),
+        Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "rc-file"}, "id": "del-rc-file"}"#),
         add("df", "df", "df.qcow2", "").note("the data file named inside the image"),
         Step::line(r#"{"execute": "query-named-block-nodes", "id": "q-df"}"#)
             .note("the data file node after its format node"),
@@ -637,4 +681,93 @@ fn nbd_writes_through_qcow2_match_a_raw_reference_and_leave_a_clean_image() {
             );
         }
     }
+}
+
+/// A reopen closes the image's engine before it opens the new one (two engines must
+/// never own one image's metadata). One that fails to open leaves the node open as it
+/// was: the export goes on reading and writing, and the image stays clean.
+#[test]
+fn a_failed_reopen_leaves_the_qcow2_node_serving() {
+    let dir = match TempDir::new("bulkhead-qcow2") {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let d = dir.path().to_path_buf();
+    run(
+        "qemu-img",
+        &[
+            "create".into(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+            img(&d, "disk.qcow2"),
+            "8M".into(),
+        ],
+    );
+    let mut daemon = serve("image", dir, "disk.qcow2");
+    let socket = d.join("nbd.sock");
+    let io = |commands: &[&str]| {
+        let mut args = vec!["--image-opts".to_string(), nbd_image_opts(&socket, "q")];
+        for c in commands {
+            args.extend(["-c".to_string(), c.to_string()]);
+        }
+        let out = match qemu_io(&args).output() {
+            Ok(o) => o,
+            Err(e) => panic!("qemu-io: {e}"),
+        };
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && !text.contains("failed") && !text.contains("fail"),
+            "{commands:?}: {text}"
+        );
+    };
+    io(&["write -P 0x5a 0 1M"]);
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}"),
+    };
+    // The cache options are checked once the header is read, so this reopen gets as
+    // far as opening the image again.
+    let bad = serde_json::json!({"options": [{
+        "driver": "qcow2", "node-name": "q", "file": "f",
+        "cache-size": 1024, "l2-cache-size": 4096
+    }]});
+    let reply = match qmp.execute("blockdev-reopen", Some(bad)) {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(
+        reply.pointer("/error/desc").and_then(|c| c.as_str()),
+        Some("l2-cache-size may not exceed cache-size"),
+        "{reply}"
+    );
+    io(&["read -P 0x5a 0 1M", "write -P 0x6b 1M 1M"]);
+    // A reopen that works still works afterwards.
+    let good = serde_json::json!({"options": [{
+        "driver": "qcow2", "node-name": "q", "file": "f", "l2-cache-size": 65536
+    }]});
+    if let Err(e) = qmp.execute_ok("blockdev-reopen", Some(good)) {
+        panic!("{e}");
+    }
+    io(&[
+        "read -P 0x5a 0 1M",
+        "read -P 0x6b 1M 1M",
+        "write -P 0x7c 2M 64k",
+    ]);
+    drop(qmp);
+    quit(&mut daemon);
+    let check = run("qemu-img", &["check".into(), img(&d, "disk.qcow2")]);
+    assert!(check.contains("No errors were found"), "{check}");
+    run(
+        "qemu-io",
+        &[
+            "-f".into(),
+            "qcow2".into(),
+            "-c".into(),
+            "read -P 0x6b 1M 1M".into(),
+            "-c".into(),
+            "read -P 0x7c 2M 64k".into(),
+            img(&d, "disk.qcow2"),
+        ],
+    );
 }

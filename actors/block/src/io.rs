@@ -181,6 +181,14 @@ pub trait BlockIo: Send + Sync {
         None
     }
 
+    /// Writes back what a clean close of the image writes and stops the node (a
+    /// format engine: reservations returned, bitmaps stored, the dirty bit cleared);
+    /// later requests fail. Called when the node goes and before a reopen opens the
+    /// image again; the default does nothing.
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Creates an internal snapshot of the image (qcow2).
     fn snapshot_create(&self, _request: SnapshotRequest) -> SnapshotFuture<'_, ()> {
         Box::pin(async { Err(SNAPSHOTS_UNSUPPORTED.to_string()) })

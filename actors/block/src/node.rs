@@ -218,6 +218,10 @@ impl BlockIo for Node {
         self.driver.format_info()
     }
 
+    fn close(&self) -> IoFuture<'_, ()> {
+        self.driver.close()
+    }
+
     fn snapshot_create(
         &self,
         request: crate::io::SnapshotRequest,

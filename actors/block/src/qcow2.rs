@@ -71,6 +71,36 @@ pub struct Qcow2Config {
     pub discard_no_unref: bool,
     /// `pass-discard-request` (QEMU's default: on with `discard=unmap`).
     pub pass_discard_request: Option<bool>,
+    /// `l2-cache-entry-size` in bytes (checked against the cluster size).
+    pub l2_cache_entry_size: Option<u64>,
+    /// `cache-clean-interval` in seconds, as given (the engine keeps no idle cache
+    /// to clean; QEMU's bound is checked).
+    pub cache_clean_interval: Option<i64>,
+    /// `lazy-refcounts` (the header decides how the engine updates refcounts; the
+    /// option is checked against the image's version as QEMU does).
+    pub lazy_refcounts: Option<bool>,
+    /// `encrypt.format`: what the header's encryption must be.
+    pub encrypt_format: Option<EncryptFormat>,
+}
+
+/// `BlockdevQcow2EncryptionFormat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EncryptFormat {
+    /// `aes`, the legacy encryption (crypt method 1).
+    #[serde(rename = "aes")]
+    Aes,
+    /// `luks` (crypt method 2).
+    #[serde(rename = "luks")]
+    Luks,
+}
+
+impl EncryptFormat {
+    fn name(self) -> &'static str {
+        match self {
+            EncryptFormat::Aes => "aes",
+            EncryptFormat::Luks => "luks",
+        }
+    }
 }
 
 /// `Qcow2OverlapChecks`: a mode, or flags with a template.
@@ -103,7 +133,6 @@ struct OverlapFlags {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 #[allow(dead_code)] // Accepted as qsd accepts them; see the field comments.
 struct Qcow2Options {
-    /// The header decides; the option only changes it on reopen in QEMU.
     lazy_refcounts: Option<bool>,
     pass_discard_request: Option<bool>,
     pass_discard_snapshot: Option<bool>,
@@ -114,7 +143,6 @@ struct Qcow2Options {
     l2_cache_size: Option<i64>,
     l2_cache_entry_size: Option<i64>,
     refcount_cache_size: Option<i64>,
-    /// The engine keeps no idle cache to clean.
     cache_clean_interval: Option<i64>,
     encrypt: Option<Value>,
 }
@@ -148,14 +176,65 @@ fn cache_sizes(config: &Qcow2Config) -> Result<(Option<u64>, Option<u64>), &'sta
     )
 }
 
+/// The text qsd refuses `config` with for an image whose header says `facts`
+/// (`qcow2_update_options_prepare`, in its order), checked before the image is
+/// opened for real: nothing is written to an image opened with options it refuses.
+fn options_error(config: &Qcow2Config, facts: &bulkhead_qcow2::HeaderFacts) -> Option<String> {
+    if let Err(text) = cache_sizes(config) {
+        return Some(text.to_string());
+    }
+    if let Some(entry) = config.l2_cache_entry_size
+        && (entry < 512 || entry > facts.cluster_size || !entry.is_power_of_two())
+    {
+        return Some(format!(
+            "L2 cache entry size must be a power of two between 512 and the cluster size ({})",
+            facts.cluster_size
+        ));
+    }
+    // QEMU reads the number unsigned: a negative one is a huge one.
+    if config
+        .cache_clean_interval
+        .is_some_and(|i| u32::try_from(i).is_err())
+    {
+        return Some("Cache clean interval too big".to_string());
+    }
+    if config.lazy_refcounts == Some(true) && facts.version < 3 {
+        return Some(
+            "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+                .to_string(),
+        );
+    }
+    let format = config.encrypt_format?;
+    match facts.crypt_method {
+        0 => Some(format!(
+            "No encryption in image header, but options specified format '{}'",
+            format.name()
+        )),
+        1 if format != EncryptFormat::Aes => Some(format!(
+            "Header reported 'aes' encryption format but options specify '{}'",
+            format.name()
+        )),
+        2 if format != EncryptFormat::Luks => Some(format!(
+            "Header reported 'luks' encryption format but options specify '{}'",
+            format.name()
+        )),
+        _ => None,
+    }
+}
+
 fn parse_qcow2(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, ParseError> {
     let o: Qcow2Options = decode(members)?;
     let size = |v: Option<i64>, name: &'static str| crate::driver::size_option(v, name);
     let cache = size(o.cache_size, "cache-size")?;
     let l2 = size(o.l2_cache_size, "l2-cache-size")?;
     let refcount = size(o.refcount_cache_size, "refcount-cache-size")?;
-    size(o.l2_cache_entry_size, "l2-cache-entry-size")?;
-    size(o.cache_clean_interval, "cache-clean-interval")?;
+    let l2_cache_entry_size = size(o.l2_cache_entry_size, "l2-cache-entry-size")?;
+    let encrypt_format = match o.encrypt.as_ref().and_then(|e| e.get("format")) {
+        Some(f) => {
+            Some(serde_json::from_value(f.clone()).map_err(|e| ParseError::Decode(e.to_string()))?)
+        }
+        None => None,
+    };
     let overlap_check = match o.overlap_check {
         Some(OverlapChecks::Mode(m)) => m,
         Some(OverlapChecks::Flags(f)) => f.template.unwrap_or_default(),
@@ -170,6 +249,10 @@ fn parse_qcow2(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, Pars
             overlap_check,
             discard_no_unref: o.discard_no_unref.unwrap_or(false),
             pass_discard_request: o.pass_discard_request,
+            l2_cache_entry_size,
+            cache_clean_interval: o.cache_clean_interval,
+            lazy_refcounts: o.lazy_refcounts,
+            encrypt_format,
         },
         image: None,
         strong: Map::new(),
@@ -202,7 +285,22 @@ impl BlockDriver for Qcow2Format {
                 required: false,
             },
         ],
-        reopen_options: &[],
+        // What `qcow2_update_options_prepare` applies on reopen: the image is
+        // closed and opened again with them (the worker's reopen).
+        reopen_options: &[
+            "lazy-refcounts",
+            "pass-discard-request",
+            "pass-discard-snapshot",
+            "pass-discard-other",
+            "discard-no-unref",
+            "overlap-check",
+            "cache-size",
+            "l2-cache-size",
+            "l2-cache-entry-size",
+            "refcount-cache-size",
+            "cache-clean-interval",
+            "encrypt",
+        ],
         resize: Resize::Image,
         caps: crate::node::Capabilities {
             write_zeroes: true,
@@ -215,6 +313,18 @@ impl BlockDriver for Qcow2Format {
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, ParseError> {
         parse_qcow2(members)
+    }
+
+    fn reopen(
+        config: &mut Qcow2Config,
+        members: &Map<String, Value>,
+    ) -> Result<Option<Map<String, Value>>, ParseError> {
+        // The runtime options are taken anew (left out means the default again, as
+        // in QEMU); the cache sizes are checked when the worker opens the image.
+        let common = config.common;
+        *config = parse_qcow2(members)?.config;
+        config.common = common;
+        Ok(None)
     }
 
     fn common(config: &Qcow2Config) -> &CommonOptions {
@@ -235,8 +345,7 @@ impl BlockDriver for Qcow2Format {
             let file = file.ok_or(crate::OpenError::MissingChild)?;
             let handle = Handle::try_current().map_err(|_| crate::OpenError::NoRuntime)?;
             let writable = !config.common.read_only && !config.common.inactive;
-            let caches = cache_sizes(&config);
-            let (l2_cache_size, refcount_cache_size) = caches.unwrap_or((None, None));
+            let (l2_cache_size, refcount_cache_size) = cache_sizes(&config).unwrap_or((None, None));
             let pass_discard = config
                 .pass_discard_request
                 .unwrap_or(config.common.discard == crate::config::Discard::Unmap);
@@ -264,33 +373,31 @@ impl BlockDriver for Qcow2Format {
             };
             let storage: Arc<dyn bulkhead_qcow2::Storage> =
                 Arc::new(NodeStorage::new(file, handle.clone()));
-            if options.data_file.is_none() {
-                // The image may name a data file; the supervisor opens it and asks
-                // again with it as a child.
-                let probe = Arc::clone(&storage);
-                let named = threads::run_format(move || {
-                    Ok(bulkhead_qcow2::named_data_file(probe.as_ref()))
-                })
-                .await
-                .map_err(|e| crate::OpenError::Image(crate::posix::strerror(e.errno())))?
-                .map_err(|e| crate::OpenError::Image(e.to_string()))?;
-                if let Some(name) = named {
-                    return Err(crate::OpenError::NeedsDataFile(name));
-                }
+            // The header alone first: the options QEMU checks against it, and a data
+            // file the image names (the supervisor opens it and asks again with it as
+            // a child).
+            let probe = Arc::clone(&storage);
+            let facts =
+                threads::run_format(move || Ok(bulkhead_qcow2::header_facts(probe.as_ref())))
+                    .await
+                    .map_err(|e| crate::OpenError::Image(crate::posix::strerror(e.errno())))?
+                    .map_err(|e| crate::OpenError::Image(e.to_string()))?;
+            if let Some(text) = options_error(&config, &facts) {
+                return Err(crate::OpenError::Image(text));
+            }
+            if let (None, Some(name)) = (&options.data_file, facts.data_file) {
+                return Err(crate::OpenError::NeedsDataFile(name));
             }
             let engine = threads::run_format(move || Ok(Qcow2::open(storage, options)))
                 .await
                 .map_err(|e| crate::OpenError::Image(crate::posix::strerror(e.errno())))?
                 .map_err(|e| crate::OpenError::Image(e.to_string()))?;
-            // QEMU checks the cache options once the header is read.
-            if let Err(text) = caches {
-                return Err(crate::OpenError::Image(text.to_string()));
-            }
             Ok(Arc::new(Qcow2Driver {
                 engine: Arc::new(engine),
                 backing,
                 read_only: !writable,
                 events: Errors(events),
+                closed: std::sync::atomic::AtomicBool::new(false),
             }) as Arc<dyn BlockIo>)
         })
     }
@@ -302,6 +409,8 @@ pub struct Qcow2Driver {
     backing: Option<Arc<dyn BlockIo>>,
     read_only: bool,
     events: Errors,
+    /// Closed cleanly (`BlockIo::close`).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Turns engine errors into request errors, reporting corruption on the way.
@@ -353,22 +462,11 @@ fn io_error(e: bulkhead_qcow2::Error) -> IoError {
 
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
-        // Write back what a clean close writes (the dirty bit, bitmaps in use). The
-        // engine blocks on its file child, whose requests never need this thread.
-        if self.read_only {
-            return;
-        }
-        tracing::debug!("closing a qcow2 image");
-        let engine = Arc::clone(&self.engine);
-        let (done, wait) = std::sync::mpsc::channel();
-        let job = threads::run_format_detached(move || {
-            if let Err(e) = engine.close() {
-                tracing::warn!(error = %e, "qcow2 image could not be closed cleanly");
-            }
-            let _ = done.send(());
-        });
-        if job.is_ok() {
-            let _ = wait.recv();
+        // The worker closes a node before it lets it go (`BlockIo::close`); one that
+        // goes unclosed (its worker exiting) leaves what a crash leaves: leaked
+        // reservations at most, and bitmaps marked in use.
+        if !self.read_only && !self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::debug!("a qcow2 image dropped without a clean close");
         }
     }
 }
@@ -462,6 +560,24 @@ impl BlockIo for Qcow2Driver {
                 extents.extend(self.backing_status(e.offset, e.len).await?);
             }
             Ok(extents)
+        })
+    }
+
+    fn close(&self) -> IoFuture<'_, ()> {
+        let engine = Arc::clone(&self.engine);
+        let first = !self.closed.swap(true, std::sync::atomic::Ordering::AcqRel);
+        let writable = !self.read_only;
+        Box::pin(async move {
+            if !(first && writable) {
+                return Ok(());
+            }
+            threads::run_format(move || {
+                engine.close().map_err(|e| {
+                    tracing::warn!(error = %e, "qcow2 image could not be closed cleanly");
+                    IoError::Os(e.errno())
+                })
+            })
+            .await
         })
     }
 

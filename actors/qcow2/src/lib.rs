@@ -35,7 +35,7 @@ pub use bitmap::BitmapInfo;
 pub use error::{Error, Result};
 pub use header::{CompressionType, FeatureName};
 pub use meta::OverlapCheck;
-pub use probe::named_data_file;
+pub use probe::{HeaderFacts, header_facts, named_data_file};
 pub use snapshot::SnapshotInfo;
 pub use storage::{Backing, FdStorage, MemStorage, Storage};
 

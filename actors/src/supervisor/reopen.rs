@@ -143,7 +143,15 @@ impl Core {
             .iter()
             .any(|s| s.role == Role::Backing);
         let applied = |k: &str| {
-            GENERIC.contains(&k) || consumed.contains(&k) || (takes_backing && k == "backing")
+            GENERIC.contains(&k)
+                || consumed.contains(&k)
+                // Members of a struct option (`overlap-check.template`); a child's
+                // inline members are not its driver's to apply.
+                || consumed.iter().any(|c| {
+                    !node.driver.info().children.iter().any(|s| s.key == *c)
+                        && k.strip_prefix(c).is_some_and(|r| r.starts_with('.'))
+                })
+                || (takes_backing && k == "backing")
         };
         // `active` is taken out of the new options before this check, so once a node
         // has it, no reopen can pass (qsd 10.0.2 behaves so).

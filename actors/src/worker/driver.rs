@@ -47,11 +47,18 @@ impl Nodes {
             .cloned()
     }
 
-    fn insert(&self, id: NodeId, node: Arc<dyn BlockIo>) {
+    /// Adds a node; `exclusive` for drivers that own their image's metadata, whose
+    /// reopens must not overlap with requests (`Slot::gated`).
+    fn insert(&self, id: NodeId, node: Arc<dyn BlockIo>, exclusive: bool) {
+        let slot = if exclusive {
+            Slot::gated(node)
+        } else {
+            Slot::new(node)
+        };
         self.0
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Arc::new(Slot::new(node)));
+            .insert(id, Arc::new(slot));
     }
 
     fn remove(&self, id: NodeId) -> Option<Arc<Slot>> {
@@ -73,6 +80,9 @@ pub(crate) struct DriverWorker {
     chan: Arc<ControlChannel>,
     /// Long operations running in tasks of their own.
     ops: super::ops::Operations,
+    /// What each format node was last opened with, to open it again as it was when a
+    /// reopen closed its engine and the new one cannot open.
+    opened_as: HashMap<NodeId, (DriverConfig, Vec<(ChildRole, NodeRef)>)>,
 }
 
 /// Reports one node's write-threshold crossings to the supervisor. The node awaits the
@@ -155,6 +165,7 @@ impl DriverWorker {
             nodes: Arc::new(Nodes::default()),
             peers: super::Peers::default(),
             ops: super::ops::Operations::new(Arc::clone(&chan)),
+            opened_as: HashMap::new(),
             chan,
         }
     }
@@ -214,6 +225,73 @@ impl DriverWorker {
                     format!("{name}: {other}"),
                 ),
             })
+    }
+
+    /// Reopens a node whose engine owns its image's metadata: two engines must never
+    /// have it open at once, so requests wait while the old one drains and closes,
+    /// then the new one opens. If the new one cannot, the old configuration opens
+    /// again before requests go on, and the reopen fails.
+    async fn reopen_exclusive(
+        &mut self,
+        slot: &Slot,
+        node: NodeId,
+        name: &str,
+        config: DriverConfig,
+        children: Vec<(ChildRole, NodeRef)>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Reply, WorkerError> {
+        let hold = tokio::time::timeout(REOPEN_DRAIN, slot.exclusive())
+            .await
+            .map_err(|_| {
+                err(
+                    WorkerErrorKind::Busy,
+                    libc::EBUSY,
+                    "requests did not drain for the reopen",
+                )
+            })?;
+        // The statistics region again, for a reopen as it was.
+        let region = match fds.first() {
+            Some(f) => Some(
+                bulkhead_ipc::fd::dup(f)
+                    .map_err(|e| err(WorkerErrorKind::Io, libc::EMFILE, e.to_string()))?,
+            ),
+            None => None,
+        };
+        if let Err(e) = slot.close().await {
+            tracing::warn!(worker = %self.kind, node = %name, error = %e, "closing before a reopen");
+        }
+        let as_given = (config.clone(), children.clone());
+        let failure = match self.open_node(node, name, config, children, fds).await {
+            Ok(opened) => {
+                slot.set(opened);
+                self.opened_as.insert(node, as_given);
+                tracing::debug!(worker = %self.kind, node = %name, "node reopened");
+                return Ok(Reply::Done);
+            }
+            Err(e) => e,
+        };
+        let old = self.opened_as.get(&node).cloned();
+        match (old, region) {
+            (Some((config, children)), Some(region)) => {
+                match self
+                    .open_node(node, name, config, children, vec![region])
+                    .await
+                {
+                    Ok(opened) => {
+                        slot.set(opened);
+                        tracing::info!(worker = %self.kind, node = %name, "reopen failed; node open as it was");
+                    }
+                    Err(e) => {
+                        tracing::warn!(worker = %self.kind, node = %name, error = %e, "node could not be opened again as it was")
+                    }
+                }
+            }
+            _ => {
+                tracing::warn!(worker = %self.kind, node = %name, "no earlier configuration to open again")
+            }
+        }
+        drop(hold);
+        Err(failure)
     }
 
     /// A node's accounting from the descriptors of AddNode/ReopenNode: its statistics
@@ -296,9 +374,14 @@ impl DriverWorker {
                         format!("node {name} exists"),
                     ));
                 }
+                let exclusive = config.kind().info().format_threads;
+                let as_given = exclusive.then(|| (config.clone(), children.clone()));
                 let opened = self.open_node(node, &name, config, children, fds).await?;
                 tracing::debug!(worker = %self.kind, node = %name, "node opened");
-                self.nodes.insert(node, opened);
+                self.nodes.insert(node, opened, exclusive);
+                if let Some(a) = as_given {
+                    self.opened_as.insert(node, a);
+                }
                 Ok(Reply::Done)
             }
             ToWorker::ReopenNode {
@@ -313,6 +396,11 @@ impl DriverWorker {
                     .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
                 // The same statistics region as before comes with it, so counters
                 // and the write threshold carry over.
+                if config.kind().info().format_threads {
+                    return self
+                        .reopen_exclusive(&slot, node, &name, config, children, fds)
+                        .await;
+                }
                 let opened = self.open_node(node, &name, config, children, fds).await?;
                 if let Err(e) = slot.replace(opened, REOPEN_DRAIN).await {
                     // The new implementation is in place; stragglers finish on the old.
@@ -322,8 +410,13 @@ impl DriverWorker {
                 Ok(Reply::Done)
             }
             ToWorker::RemoveNode { node } => match self.nodes.remove(node) {
-                Some(_) => {
+                Some(slot) => {
+                    self.opened_as.remove(&node);
                     self.ops.cancel_node(node);
+                    // A format engine writes back what a clean close writes.
+                    if let Err(e) = slot.close().await {
+                        tracing::warn!(worker = %self.kind, error = %e, "closing a removed node");
+                    }
                     Ok(Reply::Done)
                 }
                 None => Err(err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node")),
