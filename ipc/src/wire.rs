@@ -189,6 +189,24 @@ pub enum ToWorker {
         /// The node.
         node: NodeId,
     },
+    /// Create an internal snapshot of a node's image (qcow2). Errors carry QEMU's
+    /// text (`WorkerErrorKind::Image`).
+    SnapshotCreate {
+        /// The node.
+        node: NodeId,
+        /// What the snapshot records.
+        request: bulkhead_block::SnapshotRequest,
+    },
+    /// Delete an internal snapshot matching `id` and/or `name`; the reply is
+    /// [`Reply::Snapshot`] with what it was.
+    SnapshotDelete {
+        /// The node.
+        node: NodeId,
+        /// The snapshot's id.
+        id: Option<String>,
+        /// The snapshot's name.
+        name: Option<String>,
+    },
     /// Change a node's size.
     ResizeNode {
         /// The node.
@@ -508,6 +526,21 @@ pub enum WorkerEvent {
         /// End offset of the request.
         end: u64,
     },
+    /// A format driver found its image's metadata inconsistent (driver workers).
+    /// `msg` comes from the worker: untrusted, shown only after the supervisor's
+    /// checks.
+    ImageCorrupted {
+        /// The node.
+        node: NodeId,
+        /// QEMU's message for the inconsistency.
+        msg: String,
+        /// Host offset of the access that found it.
+        offset: Option<u64>,
+        /// Size of that access.
+        size: Option<u64>,
+        /// The image is now marked corrupt.
+        fatal: bool,
+    },
     /// Operation `op` has done `done` of `total` units (driver workers; at most one
     /// per 100 ms per operation; the supervisor keeps only the latest).
     Progress {
@@ -546,6 +579,11 @@ pub enum Reply {
         size: u64,
         /// What its format driver read from its image (untrusted: image bytes).
         format: Option<Box<bulkhead_block::FormatInfo>>,
+    },
+    /// A deleted snapshot (from the image: untrusted strings).
+    Snapshot {
+        /// What the snapshot table said of it.
+        snapshot: bulkhead_block::SnapshotEntry,
     },
     /// An export was removed; `deferred` when clients were still attached and
     /// `ExportGone` will follow once they have gone.
@@ -589,6 +627,9 @@ pub enum WorkerErrorKind {
     /// text for it, which the supervisor shows the client once it has checked it is
     /// short printable text.
     Image,
+    /// The image names an external data file its options did not give: `detail` is
+    /// the name, from the image (untrusted).
+    NeedsDataFile,
 }
 
 impl WorkerError {

@@ -186,20 +186,38 @@ pub fn opened(result: Result<Arc<dyn BlockIo>, crate::OpenError>) -> OpenFuture 
     Box::pin(std::future::ready(result))
 }
 
-/// A node's children as its worker reached them, by role.
+/// A node's children as its worker reached them, by role, and where its driver
+/// reports what it finds wrong in its image.
 #[derive(Default)]
-pub struct Children(Vec<(ChildRole, Arc<dyn BlockIo>)>);
+pub struct Children {
+    children: Vec<(ChildRole, Arc<dyn BlockIo>)>,
+    events: Option<Arc<dyn crate::stats::ImageEvents>>,
+}
 
 impl Children {
     /// The children, by role.
     pub fn new(children: Vec<(ChildRole, Arc<dyn BlockIo>)>) -> Children {
-        Children(children)
+        Children {
+            children,
+            events: None,
+        }
+    }
+
+    /// With `events` as the corruption sink.
+    pub fn with_events(mut self, events: Option<Arc<dyn crate::stats::ImageEvents>>) -> Children {
+        self.events = events;
+        self
     }
 
     /// Takes the child playing `role`.
     pub fn take(&mut self, role: ChildRole) -> Option<Arc<dyn BlockIo>> {
-        let at = self.0.iter().position(|(r, _)| *r == role)?;
-        Some(self.0.swap_remove(at).1)
+        let at = self.children.iter().position(|(r, _)| *r == role)?;
+        Some(self.children.swap_remove(at).1)
+    }
+
+    /// Where corruption found in the image goes.
+    pub fn events(&self) -> Option<Arc<dyn crate::stats::ImageEvents>> {
+        self.events.clone()
     }
 }
 

@@ -12,6 +12,25 @@ use std::pin::Pin;
 /// A boxed future returned by [`BlockIo`] methods.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = IoResult<T>> + Send + 'a>>;
 
+/// The future of a snapshot operation; its error is the text QEMU gives for it.
+pub type SnapshotFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// What a new internal snapshot records (`blockdev-snapshot-internal-sync`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotRequest {
+    /// Its name (the id is chosen by the format, as QEMU's are).
+    pub name: String,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u64,
+    /// Creation time, the nanoseconds.
+    pub date_nsec: u32,
+    /// The VM clock (a storage daemon's is the host's).
+    pub vm_clock_nsec: u64,
+}
+
+/// What a node without internal snapshots answers (QEMU's `-ENOTSUP`).
+pub const SNAPSHOTS_UNSUPPORTED: &str = "Operation not supported";
+
 /// Result of a node I/O operation.
 pub type IoResult<T> = Result<T, IoError>;
 
@@ -160,6 +179,28 @@ pub trait BlockIo: Send + Sync {
     /// the image names); `None` for the drivers without an image format.
     fn format_info(&self) -> Option<FormatInfo> {
         None
+    }
+
+    /// Writes back what a clean close of the image writes and stops the node (a
+    /// format engine: reservations returned, bitmaps stored, the dirty bit cleared);
+    /// later requests fail. Called when the node goes and before a reopen opens the
+    /// image again; the default does nothing.
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Creates an internal snapshot of the image (qcow2).
+    fn snapshot_create(&self, _request: SnapshotRequest) -> SnapshotFuture<'_, ()> {
+        Box::pin(async { Err(SNAPSHOTS_UNSUPPORTED.to_string()) })
+    }
+
+    /// Deletes the internal snapshot matching `id` and/or `name`, returning it.
+    fn snapshot_delete(
+        &self,
+        _id: Option<String>,
+        _name: Option<String>,
+    ) -> SnapshotFuture<'_, SnapshotEntry> {
+        Box::pin(async { Err(SNAPSHOTS_UNSUPPORTED.to_string()) })
     }
 }
 

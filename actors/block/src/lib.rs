@@ -45,7 +45,7 @@ pub use config::DriverConfig;
 pub use driver::ChildRole;
 pub use io::{
     BitmapEntry, BlockIo, Extent, FormatInfo, IoBuffer, IoError, IoFuture, IoResult, SnapshotEntry,
-    SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
+    SnapshotRequest, SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
 };
 pub use registry::DriverKind;
 
@@ -77,6 +77,11 @@ pub enum OpenError {
     /// for the same condition.
     #[error("{0}")]
     Image(String),
+    /// The image names an external data file, which its options did not give: the
+    /// supervisor opens the file it names (after its checks) and opens the node again
+    /// with it. The name comes from the image.
+    #[error("the image needs its data file '{0}'")]
+    NeedsDataFile(String),
     /// A driver that needs the worker's executor was opened outside one.
     #[error("the driver must be opened on the worker's executor")]
     NoRuntime,
@@ -107,9 +112,8 @@ pub async fn open_with(
     if fd.is_some() && !info.is_posix() {
         return Err(OpenError::Unexpected(info.name));
     }
-    let io = config
-        .open_driver(fd, driver::Children::new(children))
-        .await?;
+    let children = driver::Children::new(children).with_events(accounting.image_events.clone());
+    let io = config.open_driver(fd, children).await?;
     Ok(Arc::new(node::Node::new(
         io,
         *config.common(),

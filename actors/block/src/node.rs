@@ -218,6 +218,27 @@ impl BlockIo for Node {
         self.driver.format_info()
     }
 
+    fn close(&self) -> IoFuture<'_, ()> {
+        self.driver.close()
+    }
+
+    fn snapshot_create(
+        &self,
+        request: crate::io::SnapshotRequest,
+    ) -> crate::io::SnapshotFuture<'_, ()> {
+        let node = self.driver.clone();
+        Box::pin(async move { node.snapshot_create(request).await })
+    }
+
+    fn snapshot_delete(
+        &self,
+        id: Option<String>,
+        name: Option<String>,
+    ) -> crate::io::SnapshotFuture<'_, crate::io::SnapshotEntry> {
+        let node = self.driver.clone();
+        Box::pin(async move { node.snapshot_delete(id, name).await })
+    }
+
     fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if self.read_only() || self.options.inactive {

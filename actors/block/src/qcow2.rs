@@ -31,7 +31,7 @@ use crate::driver::{
 };
 use crate::io::{
     BitmapEntry, BlockIo, Extent, FormatInfo, IoError, IoFuture, IoResult, SnapshotEntry,
-    SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
+    SnapshotFuture, SnapshotRequest, SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
 };
 use crate::threads;
 
@@ -71,6 +71,36 @@ pub struct Qcow2Config {
     pub discard_no_unref: bool,
     /// `pass-discard-request` (QEMU's default: on with `discard=unmap`).
     pub pass_discard_request: Option<bool>,
+    /// `l2-cache-entry-size` in bytes (checked against the cluster size).
+    pub l2_cache_entry_size: Option<u64>,
+    /// `cache-clean-interval` in seconds, as given (the engine keeps no idle cache
+    /// to clean; QEMU's bound is checked).
+    pub cache_clean_interval: Option<i64>,
+    /// `lazy-refcounts` (the header decides how the engine updates refcounts; the
+    /// option is checked against the image's version as QEMU does).
+    pub lazy_refcounts: Option<bool>,
+    /// `encrypt.format`: what the header's encryption must be.
+    pub encrypt_format: Option<EncryptFormat>,
+}
+
+/// `BlockdevQcow2EncryptionFormat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EncryptFormat {
+    /// `aes`, the legacy encryption (crypt method 1).
+    #[serde(rename = "aes")]
+    Aes,
+    /// `luks` (crypt method 2).
+    #[serde(rename = "luks")]
+    Luks,
+}
+
+impl EncryptFormat {
+    fn name(self) -> &'static str {
+        match self {
+            EncryptFormat::Aes => "aes",
+            EncryptFormat::Luks => "luks",
+        }
+    }
 }
 
 /// `Qcow2OverlapChecks`: a mode, or flags with a template.
@@ -103,7 +133,6 @@ struct OverlapFlags {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 #[allow(dead_code)] // Accepted as qsd accepts them; see the field comments.
 struct Qcow2Options {
-    /// The header decides; the option only changes it on reopen in QEMU.
     lazy_refcounts: Option<bool>,
     pass_discard_request: Option<bool>,
     pass_discard_snapshot: Option<bool>,
@@ -114,7 +143,6 @@ struct Qcow2Options {
     l2_cache_size: Option<i64>,
     l2_cache_entry_size: Option<i64>,
     refcount_cache_size: Option<i64>,
-    /// The engine keeps no idle cache to clean.
     cache_clean_interval: Option<i64>,
     encrypt: Option<Value>,
 }
@@ -148,14 +176,65 @@ fn cache_sizes(config: &Qcow2Config) -> Result<(Option<u64>, Option<u64>), &'sta
     )
 }
 
+/// The text qsd refuses `config` with for an image whose header says `facts`
+/// (`qcow2_update_options_prepare`, in its order), checked before the image is
+/// opened for real: nothing is written to an image opened with options it refuses.
+fn options_error(config: &Qcow2Config, facts: &bulkhead_qcow2::HeaderFacts) -> Option<String> {
+    if let Err(text) = cache_sizes(config) {
+        return Some(text.to_string());
+    }
+    if let Some(entry) = config.l2_cache_entry_size
+        && (entry < 512 || entry > facts.cluster_size || !entry.is_power_of_two())
+    {
+        return Some(format!(
+            "L2 cache entry size must be a power of two between 512 and the cluster size ({})",
+            facts.cluster_size
+        ));
+    }
+    // QEMU reads the number unsigned: a negative one is a huge one.
+    if config
+        .cache_clean_interval
+        .is_some_and(|i| u32::try_from(i).is_err())
+    {
+        return Some("Cache clean interval too big".to_string());
+    }
+    if config.lazy_refcounts == Some(true) && facts.version < 3 {
+        return Some(
+            "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+                .to_string(),
+        );
+    }
+    let format = config.encrypt_format?;
+    match facts.crypt_method {
+        0 => Some(format!(
+            "No encryption in image header, but options specified format '{}'",
+            format.name()
+        )),
+        1 if format != EncryptFormat::Aes => Some(format!(
+            "Header reported 'aes' encryption format but options specify '{}'",
+            format.name()
+        )),
+        2 if format != EncryptFormat::Luks => Some(format!(
+            "Header reported 'luks' encryption format but options specify '{}'",
+            format.name()
+        )),
+        _ => None,
+    }
+}
+
 fn parse_qcow2(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, ParseError> {
     let o: Qcow2Options = decode(members)?;
     let size = |v: Option<i64>, name: &'static str| crate::driver::size_option(v, name);
     let cache = size(o.cache_size, "cache-size")?;
     let l2 = size(o.l2_cache_size, "l2-cache-size")?;
     let refcount = size(o.refcount_cache_size, "refcount-cache-size")?;
-    size(o.l2_cache_entry_size, "l2-cache-entry-size")?;
-    size(o.cache_clean_interval, "cache-clean-interval")?;
+    let l2_cache_entry_size = size(o.l2_cache_entry_size, "l2-cache-entry-size")?;
+    let encrypt_format = match o.encrypt.as_ref().and_then(|e| e.get("format")) {
+        Some(f) => {
+            Some(serde_json::from_value(f.clone()).map_err(|e| ParseError::Decode(e.to_string()))?)
+        }
+        None => None,
+    };
     let overlap_check = match o.overlap_check {
         Some(OverlapChecks::Mode(m)) => m,
         Some(OverlapChecks::Flags(f)) => f.template.unwrap_or_default(),
@@ -170,6 +249,10 @@ fn parse_qcow2(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, Pars
             overlap_check,
             discard_no_unref: o.discard_no_unref.unwrap_or(false),
             pass_discard_request: o.pass_discard_request,
+            l2_cache_entry_size,
+            cache_clean_interval: o.cache_clean_interval,
+            lazy_refcounts: o.lazy_refcounts,
+            encrypt_format,
         },
         image: None,
         strong: Map::new(),
@@ -202,7 +285,22 @@ impl BlockDriver for Qcow2Format {
                 required: false,
             },
         ],
-        reopen_options: &[],
+        // What `qcow2_update_options_prepare` applies on reopen: the image is
+        // closed and opened again with them (the worker's reopen).
+        reopen_options: &[
+            "lazy-refcounts",
+            "pass-discard-request",
+            "pass-discard-snapshot",
+            "pass-discard-other",
+            "discard-no-unref",
+            "overlap-check",
+            "cache-size",
+            "l2-cache-size",
+            "l2-cache-entry-size",
+            "refcount-cache-size",
+            "cache-clean-interval",
+            "encrypt",
+        ],
         resize: Resize::Image,
         caps: crate::node::Capabilities {
             write_zeroes: true,
@@ -215,6 +313,18 @@ impl BlockDriver for Qcow2Format {
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, ParseError> {
         parse_qcow2(members)
+    }
+
+    fn reopen(
+        config: &mut Qcow2Config,
+        members: &Map<String, Value>,
+    ) -> Result<Option<Map<String, Value>>, ParseError> {
+        // The runtime options are taken anew (left out means the default again, as
+        // in QEMU); the cache sizes are checked when the worker opens the image.
+        let common = config.common;
+        *config = parse_qcow2(members)?.config;
+        config.common = common;
+        Ok(None)
     }
 
     fn common(config: &Qcow2Config) -> &CommonOptions {
@@ -230,12 +340,12 @@ impl BlockDriver for Qcow2Format {
         let file = children.take(ChildRole::File);
         let backing = children.take(ChildRole::Backing);
         let data_file = children.take(ChildRole::DataFile);
+        let events = children.events();
         Box::pin(async move {
             let file = file.ok_or(crate::OpenError::MissingChild)?;
             let handle = Handle::try_current().map_err(|_| crate::OpenError::NoRuntime)?;
             let writable = !config.common.read_only && !config.common.inactive;
-            let caches = cache_sizes(&config);
-            let (l2_cache_size, refcount_cache_size) = caches.unwrap_or((None, None));
+            let (l2_cache_size, refcount_cache_size) = cache_sizes(&config).unwrap_or((None, None));
             let pass_discard = config
                 .pass_discard_request
                 .unwrap_or(config.common.discard == crate::config::Discard::Unmap);
@@ -263,19 +373,32 @@ impl BlockDriver for Qcow2Format {
             };
             let storage: Arc<dyn bulkhead_qcow2::Storage> =
                 Arc::new(NodeStorage::new(file, handle.clone()));
+            // The header alone first: the options QEMU checks against it, and a data
+            // file the image names (the supervisor opens it and asks again with it as
+            // a child).
+            let probe = Arc::clone(&storage);
+            let facts =
+                threads::run_format(move || Ok(bulkhead_qcow2::header_facts(probe.as_ref())))
+                    .await
+                    .map_err(|e| crate::OpenError::Image(crate::posix::strerror(e.errno())))?
+                    .map_err(|e| crate::OpenError::Image(e.to_string()))?;
+            if let Some(text) = options_error(&config, &facts) {
+                return Err(crate::OpenError::Image(text));
+            }
+            if let (None, Some(name)) = (&options.data_file, facts.data_file) {
+                return Err(crate::OpenError::NeedsDataFile(name));
+            }
             let engine = threads::run_format(move || Ok(Qcow2::open(storage, options)))
                 .await
                 .map_err(|e| crate::OpenError::Image(crate::posix::strerror(e.errno())))?
                 .map_err(|e| crate::OpenError::Image(e.to_string()))?;
-            // QEMU checks the cache options once the header is read.
-            if let Err(text) = caches {
-                return Err(crate::OpenError::Image(text.to_string()));
-            }
             Ok(Arc::new(Qcow2Driver {
                 engine: Arc::new(engine),
                 backing,
                 read_only: !writable,
                 handle,
+                events: Errors(events),
+                closed: std::sync::atomic::AtomicBool::new(false),
             }) as Arc<dyn BlockIo>)
         })
     }
@@ -288,6 +411,31 @@ pub struct Qcow2Driver {
     read_only: bool,
     /// The worker's runtime, for a structured read waiting on a format thread.
     handle: Handle,
+    events: Errors,
+    /// Closed cleanly (`BlockIo::close`).
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Turns engine errors into request errors, reporting corruption on the way.
+#[derive(Clone)]
+struct Errors(Option<Arc<dyn crate::stats::ImageEvents>>);
+
+impl Errors {
+    fn io(&self, e: bulkhead_qcow2::Error) -> IoError {
+        if let bulkhead_qcow2::Error::Corrupt {
+            message,
+            offset,
+            size,
+            fatal,
+        } = &e
+        {
+            tracing::error!(corruption = %message, fatal, "qcow2 metadata inconsistency");
+            if let Some(sink) = &self.0 {
+                sink.corrupted(message, *offset, *size, *fatal);
+            }
+        }
+        io_error(e)
+    }
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -311,33 +459,17 @@ fn io_error(e: bulkhead_qcow2::Error) -> IoError {
         bulkhead_qcow2::Error::ReadOnly => IoError::ReadOnly,
         bulkhead_qcow2::Error::OutOfRange { .. } => IoError::OutOfRange,
         bulkhead_qcow2::Error::Unsupported(_) => IoError::Unsupported,
-        other => {
-            if let bulkhead_qcow2::Error::Corrupt { message, .. } = &other {
-                tracing::error!(corruption = %message, "qcow2 metadata inconsistency");
-            }
-            IoError::Os(other.errno())
-        }
+        other => IoError::Os(other.errno()),
     }
 }
 
 impl Drop for Qcow2Driver {
     fn drop(&mut self) {
-        // Write back what a clean close writes (the dirty bit, bitmaps in use). The
-        // engine blocks on its file child, whose requests never need this thread.
-        if self.read_only {
-            return;
-        }
-        tracing::debug!("closing a qcow2 image");
-        let engine = Arc::clone(&self.engine);
-        let (done, wait) = std::sync::mpsc::channel();
-        let job = threads::run_format_detached(move || {
-            if let Err(e) = engine.close() {
-                tracing::warn!(error = %e, "qcow2 image could not be closed cleanly");
-            }
-            let _ = done.send(());
-        });
-        if job.is_ok() {
-            let _ = wait.recv();
+        // The worker closes a node before it lets it go (`BlockIo::close`); one that
+        // goes unclosed (its worker exiting) leaves what a crash leaves: leaked
+        // reservations at most, and bitmaps marked in use.
+        if !self.read_only && !self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            tracing::debug!("a qcow2 image dropped without a clean close");
         }
     }
 }
@@ -353,26 +485,29 @@ impl BlockIo for Qcow2Driver {
 
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format_on_buffer(buf, move |b| {
-            engine.read(b, offset).map_err(io_error)
+            engine.read(b, offset).map_err(|e| errs.io(e))
         }))
     }
 
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format_on_slice(buf, move |b| {
-            engine.write(b, offset, flags.fua).map_err(io_error)
+            engine.write(b, offset, flags.fua).map_err(|e| errs.io(e))
         }))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format(move || {
             engine
                 .write_zeroes(offset, len, flags.may_unmap)
-                .map_err(io_error)?;
+                .map_err(|e| errs.io(e))?;
             if flags.fua {
-                engine.flush().map_err(io_error)?;
+                engine.flush().map_err(|e| errs.io(e))?;
             }
             Ok(())
         }))
@@ -380,20 +515,28 @@ impl BlockIo for Qcow2Driver {
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format(move || {
-            engine.discard(offset, len).map_err(io_error)
+            engine.discard(offset, len).map_err(|e| errs.io(e))
         }))
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format(move || {
-            engine.flush().map_err(io_error)
+            engine.flush().map_err(|e| errs.io(e))
         }))
     }
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
-        Box::pin(status(&self.engine, self.backing.as_ref(), offset, len))
+        Box::pin(status(
+            &self.engine,
+            &self.events,
+            self.backing.as_ref(),
+            offset,
+            len,
+        ))
     }
 
     /// One format job for the whole structured read (the status of every layer, then
@@ -406,11 +549,12 @@ impl BlockIo for Qcow2Driver {
         let engine = Arc::clone(&self.engine);
         let backing = self.backing.clone();
         let handle = self.handle.clone();
+        let errs = self.events.clone();
         Box::pin(async move {
             threads::run_format_on_buffer(buf, move |b| {
                 Ok(wait(
                     &handle,
-                    sparse_read(&engine, backing.as_ref(), offset, b),
+                    sparse_read(&engine, &errs, backing.as_ref(), offset, b),
                 ))
             })
             .await
@@ -418,10 +562,29 @@ impl BlockIo for Qcow2Driver {
         })
     }
 
+    fn close(&self) -> IoFuture<'_, ()> {
+        let engine = Arc::clone(&self.engine);
+        let first = !self.closed.swap(true, std::sync::atomic::Ordering::AcqRel);
+        let writable = !self.read_only;
+        Box::pin(async move {
+            if !(first && writable) {
+                return Ok(());
+            }
+            threads::run_format(move || {
+                engine.close().map_err(|e| {
+                    tracing::warn!(error = %e, "qcow2 image could not be closed cleanly");
+                    IoError::Os(e.errno())
+                })
+            })
+            .await
+        })
+    }
+
     fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
         let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
         Box::pin(threads::run_format(move || {
-            engine.resize(new_size).map_err(io_error)
+            engine.resize(new_size).map_err(|e| errs.io(e))
         }))
     }
 
@@ -451,21 +614,57 @@ impl BlockIo for Qcow2Driver {
                     })
                     .collect()
             }),
-            snapshots: i
-                .snapshots
-                .iter()
-                .map(|s| SnapshotEntry {
-                    id: s.id.clone(),
-                    name: s.name.clone(),
-                    vm_state_size: s.vm_state_size,
-                    date_sec: u64::from(s.date_sec),
-                    date_nsec: u64::from(s.date_nsec),
-                    vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
-                    vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
-                    icount: s.icount,
-                })
-                .collect(),
+            snapshots: i.snapshots.iter().map(snapshot_entry).collect(),
         })
+    }
+
+    fn snapshot_create(&self, request: SnapshotRequest) -> SnapshotFuture<'_, ()> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(async move {
+            let made = threads::run_format(move || {
+                Ok(engine.snapshot_create(bulkhead_qcow2::NewSnapshot {
+                    id: None,
+                    name: request.name,
+                    date_sec: u32::try_from(request.date_sec).unwrap_or(u32::MAX),
+                    date_nsec: request.date_nsec,
+                    vm_clock_nsec: request.vm_clock_nsec,
+                    icount: None,
+                }))
+            })
+            .await
+            .map_err(|e| crate::posix::strerror(e.errno()))?;
+            made.map(|_| ()).map_err(|e| e.to_string())
+        })
+    }
+
+    fn snapshot_delete(
+        &self,
+        id: Option<String>,
+        name: Option<String>,
+    ) -> SnapshotFuture<'_, SnapshotEntry> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(async move {
+            let gone = threads::run_format(move || {
+                Ok(engine.snapshot_delete(id.as_deref(), name.as_deref()))
+            })
+            .await
+            .map_err(|e| crate::posix::strerror(e.errno()))?;
+            gone.map(|s| snapshot_entry(&s)).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// A snapshot table entry as queries show it.
+fn snapshot_entry(s: &bulkhead_qcow2::SnapshotInfo) -> SnapshotEntry {
+    SnapshotEntry {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        vm_state_size: s.vm_state_size,
+        date_sec: u64::from(s.date_sec),
+        date_nsec: u64::from(s.date_nsec),
+        vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+        vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+        icount: s.icount,
     }
 }
 
@@ -478,17 +677,19 @@ const MAX_EXTENTS: usize = 1024;
 /// thread).
 async fn status(
     engine: &Arc<Qcow2>,
+    errs: &Errors,
     backing: Option<&Arc<dyn BlockIo>>,
     offset: u64,
     len: u64,
 ) -> IoResult<Vec<Extent>> {
     let engine = Arc::clone(engine);
+    let errs = errs.clone();
     let here = threads::run_format(move || {
         let mut out = Vec::new();
         let mut at = offset;
         let end = offset.saturating_add(len);
         while at < end && out.len() < MAX_EXTENTS {
-            let e = engine.block_status(at, end - at).map_err(io_error)?;
+            let e = engine.block_status(at, end - at).map_err(|e| errs.io(e))?;
             if e.len == 0 {
                 break;
             }
@@ -553,6 +754,7 @@ async fn backing_status(
 /// is covered (runs merged as there), then the engine reads the data runs.
 async fn sparse_read(
     engine: &Arc<Qcow2>,
+    errs: &Errors,
     backing: Option<&Arc<dyn BlockIo>>,
     offset: u64,
     buf: &mut [u8],
@@ -561,7 +763,7 @@ async fn sparse_read(
     let mut runs: Vec<Extent> = Vec::with_capacity(4);
     let mut pos = offset;
     while pos < end {
-        let extents = status(engine, backing, pos, end - pos)
+        let extents = status(engine, errs, backing, pos, end - pos)
             .await
             .map_err(SparseReadError::Status)?;
         let before = pos;
@@ -592,7 +794,7 @@ async fn sparse_read(
         if !run.zero {
             engine
                 .read(&mut buf[at..at + len], offset + at as u64)
-                .map_err(|e| SparseReadError::Read(io_error(e)))?;
+                .map_err(|e| SparseReadError::Read(errs.io(e)))?;
         }
         at += len;
     }
@@ -605,6 +807,8 @@ struct NodeStorage {
     node: Arc<dyn BlockIo>,
     handle: Handle,
     /// Serialises growing the file, so that a smaller growth never undoes a larger one.
+    /// The file grows exactly to the end of what is written past it, as QEMU's file
+    /// does (its length shows in queries).
     grow: Mutex<()>,
 }
 
@@ -633,10 +837,6 @@ fn wait<F: std::future::Future>(handle: &Handle, fut: F) -> F::Output {
         std::thread::park();
     }
 }
-
-/// The file grows in steps of this much (the engine writes past its end to allocate),
-/// so that growth costs one resize per step, not one per cluster.
-const GROW_STEP: u64 = 1 << 20;
 
 impl NodeStorage {
     fn new(node: Arc<dyn BlockIo>, handle: Handle) -> NodeStorage {
@@ -675,8 +875,7 @@ impl bulkhead_qcow2::Storage for NodeStorage {
         if end > self.node.size() {
             let _one = self.grow.lock().unwrap_or_else(|p| p.into_inner());
             if end > self.node.size() {
-                let to = end.div_ceil(GROW_STEP).saturating_mul(GROW_STEP);
-                self.io(self.node.resize(to))?;
+                self.io(self.node.resize(end))?;
             }
         }
         self.io(self.node.write(off, buf, WriteFlags::default()))

@@ -326,22 +326,6 @@ where
     .await
 }
 
-/// Queues `work` on a format thread without waiting for it (inline when already on
-/// one); fails only if the pool cannot be reached.
-pub fn run_format_detached<F>(work: F) -> IoResult<()>
-where
-    F: FnOnce() + Send + 'static,
-{
-    if on_format_thread() {
-        work();
-        return Ok(());
-    }
-    format_pool()?
-        .queue
-        .send(Box::new(work))
-        .map_err(|_| IoError::Os(libc::EIO))
-}
-
 /// Runs `work` on a format thread (inline when already on one).
 pub async fn run_format<T, F>(work: F) -> IoResult<T>
 where

@@ -155,7 +155,7 @@ impl Live {
 
     /// Marks `[off, off + len)` dirty.
     pub fn set(&mut self, off: u64, len: u64) {
-        if len == 0 {
+        if len == 0 || self.bits.is_empty() {
             return;
         }
         let g = self.info.granularity_bits;

@@ -29,6 +29,9 @@ pub enum Error {
     /// A fatal corruption was found earlier; the image takes no more requests.
     #[error("Image is corrupt; no further I/O is possible")]
     Dead,
+    /// A request after [`crate::Qcow2::close`].
+    #[error("Image is closed")]
+    Closed,
     /// A write on an image opened read-only.
     #[error("Image is read-only")]
     ReadOnly,
@@ -53,7 +56,7 @@ impl Error {
             Error::Open { errno, .. } => *errno,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Corrupt { .. } => libc::EIO,
-            Error::Dead => libc::ENOMEDIUM,
+            Error::Dead | Error::Closed => libc::ENOMEDIUM,
             Error::ReadOnly => libc::EPERM,
             Error::OutOfRange { .. } => libc::EIO,
             Error::Unsupported(_) => libc::ENOTSUP,

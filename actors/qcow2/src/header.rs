@@ -122,16 +122,17 @@ pub struct Header {
     pub bitmaps_ext_ignored: bool,
 }
 
+/// Big-endian fields; bytes past the end of `b` read as zeroes (never a panic).
 fn be32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
+    for (i, x) in a.iter_mut().enumerate() {
+        *x = b.get(at + i).copied().unwrap_or(0);
+    }
     u32::from_be_bytes(a)
 }
 
 fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
+    (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
 }
 
 /// QEMU's `qcow2_validate_table`.

@@ -22,6 +22,7 @@ mod compress;
 mod error;
 mod header;
 mod meta;
+mod probe;
 mod refcount;
 mod repair;
 mod snapshot;
@@ -34,6 +35,7 @@ pub use bitmap::BitmapInfo;
 pub use error::{Error, Result};
 pub use header::{CompressionType, FeatureName};
 pub use meta::OverlapCheck;
+pub use probe::{HeaderFacts, header_facts, named_data_file};
 pub use snapshot::SnapshotInfo;
 pub use storage::{Backing, FdStorage, MemStorage, Storage};
 
@@ -163,7 +165,9 @@ impl Geo {
 pub struct Qcow2 {
     file: Arc<dyn Storage>,
     data: Arc<dyn Storage>,
-    backing: Option<Arc<dyn Backing>>,
+    /// The backing node and its length (cached: re-read by `set_backing` and
+    /// `refresh_backing_len`).
+    backing: RwLock<Option<(Arc<dyn Backing>, u64)>>,
     geo: Geo,
     writable: bool,
     external_data: bool,
@@ -172,6 +176,7 @@ pub struct Qcow2 {
     info: Info,
     size: AtomicU64,
     dead: Arc<AtomicBool>,
+    closed: AtomicBool,
     meta: Mutex<Meta>,
     /// Signalled when an in-flight allocation completes.
     alloc_done: Condvar,
@@ -373,6 +378,8 @@ impl Qcow2 {
             Section::RefcountTable,
         );
         meta.add_section(h.snapshots_offset, snapshots.1, Section::SnapshotTable);
+        meta.snapshots = snapshots.0.clone();
+        meta.snap_table = (h.snapshots_offset, snapshots.1);
         for s in &snapshots.0 {
             meta.add_section(
                 s.l1_table_offset,
@@ -448,13 +455,22 @@ impl Qcow2 {
             })
             .collect();
         let has_live = !live.is_empty();
+        let backing_pair = match opts.backing {
+            Some(b) => {
+                let len = b
+                    .len()
+                    .map_err(Error::io("reading the backing node's length"))?;
+                Some((b, len))
+            }
+            None => None,
+        };
         Ok(Qcow2 {
             live: Mutex::new(live),
             has_live,
             bitmap_flags: Mutex::new(bitmap_flags),
             file,
             data,
-            backing: opts.backing,
+            backing: RwLock::new(backing_pair),
             geo,
             writable: opts.writable,
             external_data: has_df,
@@ -463,10 +479,52 @@ impl Qcow2 {
             info,
             size: AtomicU64::new(virtual_size),
             dead,
+            closed: AtomicBool::new(false),
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             gate: RwLock::new(()),
         })
+    }
+
+    /// Replaces the backing node at run time (`blockdev-snapshot` giving an overlay
+    /// its backing, jobs re-pointing it; `None` for `backing: null`). The header's
+    /// backing file name is not changed. Requests already reading the old node finish
+    /// on it.
+    pub fn set_backing(&self, backing: Option<Arc<dyn Backing>>) -> Result<()> {
+        let pair = match backing {
+            Some(b) => {
+                let len = b
+                    .len()
+                    .map_err(Error::io("reading the backing node's length"))?;
+                Some((b, len))
+            }
+            None => None,
+        };
+        *self.backing.write().unwrap_or_else(lock_err) = pair;
+        Ok(())
+    }
+
+    /// Re-reads the backing node's length (after it was resized).
+    pub fn refresh_backing_len(&self) -> Result<()> {
+        let mut g = self.backing.write().unwrap_or_else(lock_err);
+        if let Some((b, len)) = g.as_mut() {
+            *len = b
+                .len()
+                .map_err(Error::io("reading the backing node's length"))?;
+        }
+        Ok(())
+    }
+
+    fn backing_node(&self) -> Option<(Arc<dyn Backing>, u64)> {
+        self.backing
+            .read()
+            .unwrap_or_else(lock_err)
+            .as_ref()
+            .map(|(b, l)| (b.clone(), *l))
+    }
+
+    fn no_backing(&self) -> bool {
+        self.backing.read().unwrap_or_else(lock_err).is_none()
     }
 
     /// The image's description (sizes as of open, except `virtual_size`).
@@ -476,6 +534,7 @@ impl Qcow2 {
         if self.dead.load(Ordering::SeqCst) {
             i.corrupt = true;
         }
+        i.snapshots = self.meta.lock().unwrap_or_else(lock_err).snapshots.clone();
         let flags = self.bitmap_flags.lock().unwrap_or_else(lock_err);
         for (b, f) in i.bitmaps.iter_mut().zip(flags.iter()) {
             b.flags = *f;
@@ -559,6 +618,9 @@ impl Qcow2 {
     fn lock(&self) -> Result<MutexGuard<'_, Meta>> {
         if self.dead.load(Ordering::SeqCst) {
             return Err(Error::Dead);
+        }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
         }
         Ok(self.meta.lock().unwrap_or_else(lock_err))
     }
@@ -646,11 +708,10 @@ impl Qcow2 {
     }
 
     fn read_backing(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let Some(b) = &self.backing else {
+        let Some((b, blen)) = self.backing_node() else {
             buf.fill(0);
             return Ok(());
         };
-        let blen = b.len().map_err(Error::io("reading the backing node"))?;
         let n = blen.saturating_sub(off).min(buf.len() as u64) as usize;
         if n > 0 {
             b.read_at(&mut buf[..n], off)
@@ -795,10 +856,7 @@ impl Qcow2 {
             return Ok(true);
         }
         let geo = self.geo;
-        let backing_len = match &self.backing {
-            Some(b) => b.len().map_err(Error::io("reading the backing node"))?,
-            None => 0,
-        };
+        let backing_len = self.backing_node().map_or(0, |(_, l)| l);
         let mut m = self.meta.lock().unwrap_or_else(lock_err);
         for sc in from / geo.scs..=(to - 1) / geo.scs {
             match self.sub_kind(&mut m, gc, e, sc)? {
@@ -838,6 +896,9 @@ impl Qcow2 {
     }
 
     fn check_writable(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
         if !self.writable {
             return Err(Error::ReadOnly);
         }
@@ -1056,34 +1117,62 @@ impl Qcow2 {
                     "compressed write to an allocated cluster".into(),
                 ));
             }
-            let host = m.alloc_cluster()?;
-            m.check_overlap(host, geo.cs)?;
-            if host > geo.coff_mask {
+            // Pack into the cluster the last compressed write started, as QEMU does,
+            // while it has room and its refcount can take one more reference.
+            let n = c.len() as u64;
+            let max_rc = if geo.rc_order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1u32 << geo.rc_order)) - 1
+            };
+            let tail = m.ctail;
+            let packed = match tail {
+                Some((h, used)) if used + n <= geo.cs && m.refcount(h / geo.cs)? < max_rc => {
+                    // The extra reference is durable before any L2 entry uses it.
+                    m.add_refcount_pub(h / geo.cs, 1)?;
+                    m.flush_refcounts()?;
+                    Some(h + used)
+                }
+                _ => None,
+            };
+            let coff = match packed {
+                Some(o) => o,
+                None => m.alloc_cluster()?,
+            };
+            let start = coff - coff % geo.cs;
+            m.ctail = Some((start, coff - start + n));
+            m.check_overlap(coff, n)?;
+            if coff > geo.coff_mask {
                 return Err(Error::TooLarge(
                     "compressed cluster offset too large".into(),
                 ));
             }
             m.inflight.insert(gc);
             drop(m);
-            let mut padded = c.clone();
-            padded.resize(c.len().div_ceil(512) * 512, 0);
             let res = self
                 .file
-                .write_at(&padded, host)
+                .write_at(&c, coff)
                 .map_err(Error::io("writing a compressed cluster"));
             let mut m = self.meta.lock().unwrap_or_else(lock_err);
-            let nb = (padded.len() / 512) as u64;
+            // Additional 512-byte sectors the data reaches into, after the first.
+            let nb = ((coff + n - 1) >> 9) - (coff >> 9);
             let out = res.and_then(|()| {
                 m.set_entry(
                     gc,
                     Entry {
-                        l2: host | OFLAG_COMPRESSED | ((nb - 1) << geo.csize_shift),
+                        l2: coff | OFLAG_COMPRESSED | (nb << geo.csize_shift),
                         bitmap: 0,
                     },
                 )
             });
             if out.is_err() {
-                m.unalloc_cluster(host);
+                m.ctail = None;
+                match packed {
+                    Some(_) => {
+                        let _ = m.decref(start / geo.cs);
+                    }
+                    None => m.unalloc_cluster(coff),
+                }
             }
             m.inflight.remove(&gc);
             drop(m);
@@ -1131,21 +1220,73 @@ impl Qcow2 {
             let within = pos & (geo.cs - 1);
             let n = (geo.cs - within).min(end - pos);
             let whole = within == 0 && (n == geo.cs || pos + n == size);
-            if whole && self.backing.is_none() && self.lock()?.l2_offset(gc)?.0 == 0 {
+            if whole
+                && mode == Mode::Discard
+                && self.no_backing()
+                && self.lock()?.l2_offset(gc)?.0 == 0
+            {
                 // No L2 table and no backing: the whole table's range reads as zeroes.
                 let next = ((gc >> geo.l2_bits) + 1).saturating_mul(geo.cs << geo.l2_bits);
                 pos = next.min(end);
                 continue;
             }
-            let meta_ok = geo.version >= 3 || (mode == Mode::Discard && self.backing.is_none());
+            // v2 has no zero flag: without a backing file QEMU zeroes by deallocating.
+            let meta_ok = geo.version >= 3 || self.no_backing();
+            let sc_aligned =
+                within.is_multiple_of(geo.scs) && (n.is_multiple_of(geo.scs) || pos + n == size);
             if whole && (meta_ok || mode == Mode::Discard) {
                 self.zero_cluster(gc, mode)?;
-            } else if matches!(mode, Mode::Zero { .. }) && !self.reads_zero(gc)? {
-                self.write_cluster(gc, within, &zeroes[..n as usize])?;
+            } else if geo.ext_l2
+                && matches!(mode, Mode::Zero { .. })
+                && sc_aligned
+                && self.zero_subclusters(gc, within / geo.scs, (within + n - 1) / geo.scs)?
+            {
+                // Zero flags on the subclusters (QEMU's zero_l2_subclusters).
+            } else if matches!(mode, Mode::Zero { .. }) {
+                let zero_already = self.reads_zero(gc)?;
+                if zero_already && geo.version >= 3 {
+                    // QEMU widens a zero-write to the whole cluster when the rest
+                    // already reads as zeroes.
+                    self.zero_cluster(gc, Mode::Zero { may_unmap: false })?;
+                } else if zero_already && self.no_backing() {
+                    // v2: unallocated already, which reads as zeroes.
+                } else {
+                    self.write_cluster(gc, within, &zeroes[..n as usize])?;
+                }
             }
             pos += n;
         }
         Ok(())
+    }
+
+    /// Sets the zero bits of subclusters `first..=last` of `gc` (extended L2); false
+    /// when the cluster is compressed (the caller writes zeroes instead).
+    fn zero_subclusters(&self, gc: u64, first: u64, last: u64) -> Result<bool> {
+        let mut m = loop {
+            let m = self.lock()?;
+            if m.inflight.contains(&gc) {
+                drop(self.alloc_done.wait(m).unwrap_or_else(lock_err));
+                continue;
+            }
+            break m;
+        };
+        let old = m.entry(gc)?;
+        if old.l2 & OFLAG_COMPRESSED != 0 {
+            return Ok(false);
+        }
+        for sc in 0..self.geo.sc_per_cluster {
+            self.sub_kind(&mut m, gc, old, sc)?;
+        }
+        let bits = (ALL_ALLOC >> (31 - (last - first))) << first;
+        let new = Entry {
+            l2: old.l2,
+            bitmap: (old.bitmap | (bits << 32)) & !bits,
+        };
+        if new != old {
+            m.ensure_l2_writable(gc)?;
+            m.set_entry(gc, new)?;
+        }
+        Ok(true)
     }
 
     /// Does the whole cluster read as zeroes without looking at data?
@@ -1155,7 +1296,7 @@ impl Qcow2 {
         for sc in 0..self.geo.sc_per_cluster {
             match self.sub_kind(&mut m, gc, e, sc)? {
                 Sub::Zero => {}
-                Sub::Unalloc if self.backing.is_none() => {}
+                Sub::Unalloc if self.no_backing() => {}
                 _ => return Ok(false),
             }
         }
@@ -1174,19 +1315,20 @@ impl Qcow2 {
         };
         let old = m.entry(gc)?;
         let (l2off, _) = m.l2_offset(gc)?;
-        if l2off == 0 && self.backing.is_none() && geo.version < 3 {
+        if l2off == 0 && self.no_backing() && geo.version < 3 {
             return Ok(());
         }
-        if old == Entry::default() && self.backing.is_none() {
+        if old == Entry::default() && self.no_backing() && mode == Mode::Discard {
             // Unallocated without a backing node already reads as zeroes.
             return Ok(());
         }
-        if l2off == 0 && mode == Mode::Discard && self.backing.is_none() {
+        if l2off == 0 && mode == Mode::Discard && self.no_backing() {
             return Ok(());
         }
         let old_host = self.host_of(old).unwrap_or(0);
         let plain = self.host_of(old).is_some();
-        let keep = plain
+        let keep = geo.version >= 3
+            && plain
             && (old.l2 & OFLAG_COPIED != 0 || self.external_data)
             && match mode {
                 Mode::Zero { may_unmap } => !may_unmap || self.external_data,
@@ -1207,7 +1349,7 @@ impl Qcow2 {
                     bitmap: 0,
                 }
             }
-        } else if mode == Mode::Discard && self.backing.is_none() && old == Entry::default() {
+        } else if mode == Mode::Discard && self.no_backing() && old == Entry::default() {
             return Ok(());
         } else if geo.ext_l2 {
             Entry {
@@ -1320,7 +1462,7 @@ impl Qcow2 {
     /// clusters past the end. Images with snapshots are refused, as QEMU does.
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
-        if !self.info.snapshots.is_empty() {
+        if !self.lock()?.snapshots.is_empty() {
             return Err(Error::Unsupported(
                 "Can't resize an image which has snapshots".into(),
             ));
@@ -1385,20 +1527,211 @@ impl Qcow2 {
         self.free_clusters(self.refs_of(old))
     }
 
-    /// Clean shutdown: returns reserved clusters, flushes. Later calls fail.
+    /// Takes the image quiet for a whole-image metadata change: no request does I/O on
+    /// looked-up clusters (gate held exclusively) and no allocation is in flight.
+    fn quiesce(&self) -> Result<(std::sync::RwLockWriteGuard<'_, ()>, MutexGuard<'_, Meta>)> {
+        let gate = self.gate.write().unwrap_or_else(lock_err);
+        let mut m = self.lock()?;
+        while !m.inflight.is_empty() {
+            m = self.alloc_done.wait(m).unwrap_or_else(lock_err);
+        }
+        Ok((gate, m))
+    }
+
+    /// Creates an internal snapshot of the active state (no VM state), as QEMU's
+    /// `qcow2_snapshot_create`: a copy of the L1 table, +1 on every cluster it
+    /// reaches (COPIED flags cleared), a new snapshot table, then the header.
+    pub fn snapshot_create(&self, new: NewSnapshot) -> Result<SnapshotInfo> {
+        self.check_writable()?;
+        if self.external_data {
+            return Err(Error::Unsupported(
+                "internal snapshots are not supported with an external data file".into(),
+            ));
+        }
+        let (_gate, mut m) = self.quiesce()?;
+        if m.snapshots.len() as u64 >= header::MAX_SNAPSHOTS {
+            return Err(Error::TooLarge("Too many snapshots".into()));
+        }
+        let id = match new.id {
+            Some(id) => id,
+            None => {
+                // QEMU: one more than the largest numeric id.
+                let max = m
+                    .snapshots
+                    .iter()
+                    .filter_map(|s| s.id.parse::<u64>().ok())
+                    .max()
+                    .unwrap_or(0);
+                (max + 1).to_string()
+            }
+        };
+        if m.snapshots.iter().any(|s| s.id == id) {
+            return Err(Error::Invalid(format!("Snapshot ID '{id}' already exists")));
+        }
+        if id.len() > u16::MAX as usize || new.name.len() > u16::MAX as usize {
+            return Err(Error::Invalid("Snapshot name too long".into()));
+        }
+        let cs = self.geo.cs;
+        let l1 = m.l1.clone();
+        m.check_tree_increment(&l1, false)?;
+        let l1_bytes = (l1.len() as u64 * 8).max(1);
+        // 1. the L1 copy
+        let l1_off = m.alloc_contiguous(l1_bytes.div_ceil(cs))?;
+        let mut raw = Vec::with_capacity(l1.len() * 8);
+        for e in &l1 {
+            raw.extend_from_slice(&e.to_be_bytes());
+        }
+        m.check_overlap(l1_off, l1_bytes)?;
+        self.file
+            .write_at(&raw, l1_off)
+            .map_err(Error::io("writing a snapshot L1 table"))?;
+        // 2. +1 on the tree, refcounts on disk first; then the COPIED flags.
+        m.update_tree_refcounts(&l1, 1, false, false)?;
+        m.flush_refcounts()?;
+        let new_l1 = m.update_tree_refcounts(&l1, 0, false, true)?;
+        m.l1 = new_l1;
+        m.write_l1()?;
+        m.clear_l2_cache();
+        self.file.flush().map_err(Error::io("flushing"))?;
+        // 3. the table with the new entry, then the header.
+        let size = self.size();
+        let entry = snapshot::encode(
+            l1_off,
+            l1.len() as u32,
+            &id,
+            &new.name,
+            new.date_sec,
+            new.date_nsec,
+            new.vm_clock_nsec,
+            size,
+            new.icount,
+        );
+        let owned: Vec<Vec<u8>> = m.snapshots.iter().map(|s| s.raw.clone()).collect();
+        let mut entries: Vec<&[u8]> = owned.iter().map(|e| e.as_slice()).collect();
+        entries.push(&entry);
+        let old_table = m.snap_table;
+        let table = m.replace_snapshot_table(old_table, &entries)?;
+        let info = SnapshotInfo {
+            id,
+            name: new.name,
+            l1_table_offset: l1_off,
+            l1_size: l1.len() as u32,
+            date_sec: new.date_sec,
+            date_nsec: new.date_nsec,
+            vm_clock_nsec: new.vm_clock_nsec,
+            vm_state_size: 0,
+            disk_size: Some(size),
+            icount: new.icount,
+            raw: entry,
+        };
+        m.snap_table = table;
+        m.add_section(l1_off, l1.len() as u64 * 8, Section::InactiveL1);
+        m.snapshots.push(info.clone());
+        Ok(info)
+    }
+
+    /// Deletes the internal snapshot matching `id` and/or `name` (at least one given;
+    /// both must match when both are), as QEMU's `qcow2_snapshot_delete`: the table
+    /// first (a crash then only leaks), then -1 on its tree, its L1 freed, COPIED
+    /// flags of the active tables recomputed.
+    pub fn snapshot_delete(&self, id: Option<&str>, name: Option<&str>) -> Result<SnapshotInfo> {
+        self.check_writable()?;
+        if id.is_none() && name.is_none() {
+            return Err(Error::Invalid("a snapshot id or name is required".into()));
+        }
+        let (_gate, mut m) = self.quiesce()?;
+        let pos = m
+            .snapshots
+            .iter()
+            .position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
+            .ok_or_else(|| Error::Invalid("Can't find the snapshot".into()))?;
+        let entries: Vec<Vec<u8>> = m
+            .snapshots
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != pos)
+            .map(|(_, s)| s.raw.clone())
+            .collect();
+        let refs: Vec<&[u8]> = entries.iter().map(|e| e.as_slice()).collect();
+        let old_table = m.snap_table;
+        m.snap_table = m.replace_snapshot_table(old_table, &refs)?;
+        let sn = m.snapshots.remove(pos);
+        m.remove_section(sn.l1_table_offset);
+        // -1 on its tree (read from the image, bounded like at open).
+        let file_len = self
+            .file
+            .len()
+            .map_err(Error::io("reading the image length"))?;
+        let n = u64::from(sn.l1_size).min(file_len.saturating_sub(sn.l1_table_offset) / 8);
+        let mut raw = vec![0u8; (n * 8) as usize];
+        self.file
+            .read_at(&mut raw, sn.l1_table_offset)
+            .map_err(Error::io("reading a snapshot L1 table"))?;
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        m.update_tree_refcounts(&l1, -1, false, false)?;
+        let cs = self.geo.cs;
+        let l1_bytes = u64::from(sn.l1_size) * 8;
+        if l1_bytes > 0 {
+            for c in sn.l1_table_offset / cs..=(sn.l1_table_offset + l1_bytes - 1) / cs {
+                m.add_refcount_pub(c, -1)?;
+            }
+        }
+        m.flush_refcounts()?;
+        let active = m.l1.clone();
+        let new_l1 = m.update_tree_refcounts(&active, 0, false, true)?;
+        m.l1 = new_l1;
+        m.write_l1()?;
+        m.clear_l2_cache();
+        self.file.flush().map_err(Error::io("flushing"))?;
+        Ok(sn)
+    }
+
+    /// Clean shutdown: stores tracked bitmaps, returns reserved clusters, flushes.
+    /// Later requests fail with [`Error::Closed`]; a second `close` does nothing.
     pub fn close(&self) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         if self.writable && !self.dead.load(Ordering::SeqCst) {
             let _g = self.gate.write().unwrap_or_else(lock_err);
             let mut m = self.lock()?;
+            while !m.inflight.is_empty() {
+                m = self.alloc_done.wait(m).unwrap_or_else(lock_err);
+            }
+            if self.closed.swap(true, Ordering::SeqCst) {
+                return Ok(());
+            }
             if self.has_live {
                 self.store_bitmaps(&mut m)?;
             }
             m.release_reserved()?;
             drop(m);
-            self.flush()?;
+            if self.external_data {
+                self.data
+                    .flush()
+                    .map_err(Error::io("flushing the data file"))?;
+            }
+            self.file.flush().map_err(Error::io("flushing the image"))?;
         }
+        self.closed.store(true, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// What [`Qcow2::snapshot_create`] records (the VM-state fields of
+/// `blockdev-snapshot-internal-sync`: no VM state).
+#[derive(Debug, Clone, Default)]
+pub struct NewSnapshot {
+    /// `None`: one more than the largest numeric id, as QEMU picks.
+    pub id: Option<String>,
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub icount: Option<u64>,
 }
 
 /// Where an allocating write goes: the host cluster, whether the whole cluster is

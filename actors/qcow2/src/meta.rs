@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::error::{Error, Result};
 use crate::header::{self, INCOMPAT_CORRUPT};
 use crate::refcount::{RcError, Refcounts};
+use crate::snapshot::SnapshotInfo;
 use crate::storage::Storage;
 use crate::{Entry, Geo};
 
@@ -91,6 +92,11 @@ pub(crate) struct Meta {
     overlap: BTreeMap<u64, (u64, Section)>,
     pub overlap_mode: OverlapCheck,
     pub pass_discard: bool,
+    /// The snapshot table: entries, and where it is (offset, length).
+    pub snapshots: Vec<SnapshotInfo>,
+    pub snap_table: (u64, u64),
+    /// The host cluster compressed writes are packing into, and the bytes used.
+    pub ctail: Option<(u64, u64)>,
 }
 
 pub(crate) struct MetaInit {
@@ -132,6 +138,9 @@ impl Meta {
             overlap: BTreeMap::new(),
             overlap_mode: i.overlap_mode,
             pass_discard: i.pass_discard,
+            snapshots: Vec::new(),
+            snap_table: (0, 0),
+            ctail: None,
         }
     }
 
@@ -451,6 +460,7 @@ impl Meta {
         }
         self.set_refcount(idx, v - 1, false)?;
         if v == 1 {
+            self.forget_ctail(idx);
             self.free_hint = self.free_hint.min(idx);
             if self.pass_discard {
                 let _ = self.file.discard(idx * self.geo.cs, self.geo.cs);
@@ -739,5 +749,228 @@ impl Meta {
             }
         }
         Ok(())
+    }
+}
+
+impl Meta {
+    /// Drops every cached L2 table (after tables were rewritten behind the cache).
+    pub fn clear_l2_cache(&mut self) {
+        self.l2.clear();
+    }
+
+    /// Adds `addend` (+1, -1 or 0) to the refcount of every L2 table and data cluster
+    /// under `l1` and, for `addend >= 0` on the active table, sets the COPIED flags from
+    /// the resulting refcounts (QEMU's `qcow2_update_snapshot_refcount`). Returns the
+    /// new L1 entries. Refcounts are written (deferred), L2 tables and L1 by the caller's
+    /// order: see `snapshot_create`/`snapshot_delete`.
+    pub fn update_tree_refcounts(
+        &mut self,
+        l1: &[u64],
+        addend: i64,
+        external: bool,
+        fix_copied: bool,
+    ) -> Result<Vec<u64>> {
+        let geo = self.geo;
+        let cs = geo.cs;
+        let words_per = if geo.ext_l2 { 2usize } else { 1 };
+        let mut new_l1 = l1.to_vec();
+        for (i, &e) in l1.iter().enumerate() {
+            let l2 = e & L1E_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            if !l2.is_multiple_of(cs) {
+                let msg = format!(
+                    "L2 table offset {} unaligned (L1 index: {})",
+                    crate::error::hx(l2),
+                    crate::error::hx(i as u64)
+                );
+                return Err(self.corrupt(msg, None, None));
+            }
+            let mut raw = vec![0u8; cs as usize];
+            self.file
+                .read_at(&mut raw, l2)
+                .map_err(Error::io("reading an L2 table"))?;
+            let mut changed = false;
+            for j in 0..geo.l2_entries as usize {
+                let at = j * 8 * words_per;
+                let mut ent = u64::from_be_bytes(raw[at..at + 8].try_into().unwrap_or([0; 8]));
+                let refs: Vec<u64> = if ent & OFLAG_COMPRESSED != 0 {
+                    let (coff, csize) = geo.compressed_span(ent);
+                    (coff / cs..=(coff + csize - 1) / cs).collect()
+                } else {
+                    let off = ent & L2E_OFFSET_MASK;
+                    if off == 0 || external {
+                        Vec::new()
+                    } else {
+                        vec![off / cs]
+                    }
+                };
+                let mut last = 0;
+                for &c in &refs {
+                    last = self.add_refcount(c, addend)?;
+                }
+                if fix_copied && ent & OFLAG_COMPRESSED == 0 && !refs.is_empty() {
+                    let want = if last == 1 { OFLAG_COPIED } else { 0 };
+                    if ent & OFLAG_COPIED != want {
+                        ent = (ent & !OFLAG_COPIED) | want;
+                        raw[at..at + 8].copy_from_slice(&ent.to_be_bytes());
+                        changed = true;
+                    }
+                }
+            }
+            let rc = self.add_refcount(l2 / cs, addend)?;
+            if changed {
+                self.file
+                    .write_at(&raw, l2)
+                    .map_err(Error::io("writing an L2 table"))?;
+            }
+            if fix_copied {
+                new_l1[i] = (e & !OFLAG_COPIED) | if rc == 1 { OFLAG_COPIED } else { 0 };
+            }
+        }
+        Ok(new_l1)
+    }
+
+    pub fn add_refcount_pub(&mut self, idx: u64, addend: i64) -> Result<u64> {
+        let v = self.add_refcount(idx, addend)?;
+        if v == 0 {
+            self.forget_ctail(idx);
+            self.free_hint = self.free_hint.min(idx);
+        }
+        Ok(v)
+    }
+
+    /// A freed cluster is no longer one compressed writes may pack into.
+    fn forget_ctail(&mut self, idx: u64) {
+        if self.ctail.is_some_and(|(h, _)| h / self.geo.cs == idx) {
+            self.ctail = None;
+        }
+    }
+
+    /// Fails (without changing anything) if one more reference to everything under
+    /// `l1` would overflow a refcount (narrow refcounts and many snapshots).
+    pub fn check_tree_increment(&mut self, l1: &[u64], external: bool) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cs;
+        let words_per = if geo.ext_l2 { 2usize } else { 1 };
+        let max = if geo.rc_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << geo.rc_order)) - 1
+        };
+        let mut inc: HashMap<u64, u64> = HashMap::new();
+        for &e in l1 {
+            let l2 = e & L1E_OFFSET_MASK;
+            if l2 == 0 || !l2.is_multiple_of(cs) {
+                continue;
+            }
+            *inc.entry(l2 / cs).or_default() += 1;
+            let mut raw = vec![0u8; cs as usize];
+            self.file
+                .read_at(&mut raw, l2)
+                .map_err(Error::io("reading an L2 table"))?;
+            for j in 0..geo.l2_entries as usize {
+                let at = j * 8 * words_per;
+                let ent = u64::from_be_bytes(raw[at..at + 8].try_into().unwrap_or([0; 8]));
+                if ent & OFLAG_COMPRESSED != 0 {
+                    let (coff, csize) = geo.compressed_span(ent);
+                    for c in coff / cs..=(coff + csize - 1) / cs {
+                        *inc.entry(c).or_default() += 1;
+                    }
+                } else if ent & L2E_OFFSET_MASK != 0 && !external {
+                    *inc.entry((ent & L2E_OFFSET_MASK) / cs).or_default() += 1;
+                }
+            }
+        }
+        for (c, n) in inc {
+            if self.refcount(c)?.saturating_add(n) > max {
+                return Err(Error::TooLarge(format!(
+                    "Refcount overflow: cluster {} would need more than {max} references",
+                    crate::error::hx(c * cs)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// refcount(idx) += addend (deferred write); returns the new value.
+    fn add_refcount(&mut self, idx: u64, addend: i64) -> Result<u64> {
+        let v = self.refcount(idx)?;
+        if addend == 0 {
+            return Ok(v);
+        }
+        let max = if self.geo.rc_order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << self.geo.rc_order)) - 1
+        };
+        let new = if addend > 0 {
+            v.checked_add(addend as u64).filter(|&n| n <= max)
+        } else {
+            v.checked_sub(addend.unsigned_abs())
+        };
+        let Some(new) = new else {
+            let off = idx * self.geo.cs;
+            let msg = format!(
+                "Refcount of cluster {} cannot change by {addend} from {v}",
+                crate::error::hx(off)
+            );
+            return Err(self.corrupt(msg, Some(off), Some(self.geo.cs)));
+        };
+        self.set_refcount_public(idx, new)?;
+        Ok(new)
+    }
+
+    /// Writes the whole active L1 table.
+    pub fn write_l1(&mut self) -> Result<()> {
+        let mut raw = Vec::with_capacity(self.l1.len() * 8);
+        for e in &self.l1 {
+            raw.extend_from_slice(&e.to_be_bytes());
+        }
+        self.file
+            .write_at(&raw, self.l1_offset)
+            .map_err(Error::io("writing the L1 table"))
+    }
+
+    /// Writes a new snapshot table (contiguous clusters), switches the header to it
+    /// (one 12-byte write), and frees the old one.
+    pub fn replace_snapshot_table(
+        &mut self,
+        old: (u64, u64),
+        entries: &[&[u8]],
+    ) -> Result<(u64, u64)> {
+        let cs = self.geo.cs;
+        let table: Vec<u8> = entries.concat();
+        let len = table.len() as u64;
+        if len > header::MAX_SNAPSHOTS_BYTES {
+            return Err(Error::TooLarge("Snapshot table too large".into()));
+        }
+        let new_off = if len > 0 {
+            let off = self.alloc_contiguous(len.div_ceil(cs))?;
+            self.check_overlap(off, len)?;
+            self.file
+                .write_at(&table, off)
+                .map_err(Error::io("writing the snapshot table"))?;
+            off
+        } else {
+            0
+        };
+        self.file.flush().map_err(Error::io("flushing"))?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(entries.len() as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&new_off.to_be_bytes());
+        self.file
+            .write_at(&hdr, 60)
+            .map_err(Error::io("updating the header"))?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        self.remove_section(old.0);
+        self.add_section(new_off, len, Section::SnapshotTable);
+        if old.1 > 0 {
+            for c in old.0 / cs..=(old.0 + old.1 - 1) / cs {
+                self.decref(c)?;
+            }
+        }
+        Ok((new_off, len))
     }
 }

@@ -19,6 +19,9 @@ pub struct SnapshotInfo {
     pub disk_size: Option<u64>,
     /// The instruction count, when recorded (-1 in the image means none).
     pub icount: Option<u64>,
+    /// The entry's bytes as in the table (kept verbatim when the table is rewritten,
+    /// unknown extra data included).
+    pub(crate) raw: Vec<u8>,
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -38,6 +41,7 @@ pub fn parse(table: &[u8], nb: u32, cluster_size: u64) -> Result<(Vec<SnapshotIn
     let mut off = 0usize;
     let short = || Error::open(libc::EINVAL, "Failed to read snapshot table");
     for _ in 0..nb {
+        let entry_start = off;
         let h = table.get(off..off + 40).ok_or_else(short)?;
         let l1_table_offset = be64(h, 0);
         let l1_size = be32(h, 8);
@@ -96,7 +100,48 @@ pub fn parse(table: &[u8], nb: u32, cluster_size: u64) -> Result<(Vec<SnapshotIn
             vm_state_size,
             disk_size,
             icount,
+            raw: {
+                // The padding may lie past the end of the file (which reads as zeroes).
+                let mut r = table
+                    .get(entry_start..off.min(table.len()))
+                    .unwrap_or(&[])
+                    .to_vec();
+                r.resize(off - entry_start, 0);
+                r
+            },
         });
     }
     Ok((out, off as u64))
+}
+
+/// A table entry for a new snapshot (no VM state), padded to 8 bytes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode(
+    l1_table_offset: u64,
+    l1_size: u32,
+    id: &str,
+    name: &str,
+    date_sec: u32,
+    date_nsec: u32,
+    vm_clock_nsec: u64,
+    disk_size: u64,
+    icount: Option<u64>,
+) -> Vec<u8> {
+    let mut e = Vec::with_capacity(64 + id.len() + name.len());
+    e.extend_from_slice(&l1_table_offset.to_be_bytes());
+    e.extend_from_slice(&l1_size.to_be_bytes());
+    e.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    e.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    e.extend_from_slice(&date_sec.to_be_bytes());
+    e.extend_from_slice(&date_nsec.to_be_bytes());
+    e.extend_from_slice(&vm_clock_nsec.to_be_bytes());
+    e.extend_from_slice(&0u32.to_be_bytes()); // vm_state_size
+    e.extend_from_slice(&24u32.to_be_bytes()); // extra data: three u64
+    e.extend_from_slice(&0u64.to_be_bytes()); // vm_state_size_large
+    e.extend_from_slice(&disk_size.to_be_bytes());
+    e.extend_from_slice(&icount.unwrap_or(u64::MAX).to_be_bytes());
+    e.extend_from_slice(id.as_bytes());
+    e.extend_from_slice(name.as_bytes());
+    e.resize(e.len().div_ceil(8) * 8, 0);
+    e
 }

@@ -41,13 +41,21 @@ fn crash_child_entry() {
             _ => 1 + rng.below(300_000),
         };
         let off = rng.below(SIZE - len);
-        let zero = rng.below(6) == 0;
+        // 0 data, 1 zero-write, 2 discard (whole clusters read as zeroes afterwards:
+        // v3, and any backing file is masked by the zero flag).
+        let kind = match rng.below(8) {
+            0 => 1,
+            1 => 2,
+            _ => 0,
+        };
         let data_seed = seed.wrapping_mul(1_000_003).wrapping_add(i);
         // One write(2) per record: a record is in the log whole or not at all.
-        log.write_all(format!("B {off} {len} {} {data_seed}\n", zero as u8).as_bytes())
+        log.write_all(format!("B {off} {len} {kind} {data_seed}\n").as_bytes())
             .expect("log");
-        if zero {
+        if kind == 1 {
             q.write_zeroes(off, len, rng.below(2) == 0).expect("zero");
+        } else if kind == 2 {
+            q.discard(off, len).expect("discard");
         } else {
             let mut buf = vec![0u8; len as usize];
             Rng(data_seed | 1).fill(&mut buf);
@@ -58,6 +66,10 @@ fn crash_child_entry() {
 }
 
 struct Model {
+    /// Every logged operation: (round, off, len, kind, acknowledged), for diagnostics.
+    history: Vec<(usize, u64, u64, u8, bool)>,
+    round: usize,
+    cluster: u64,
     data: Vec<u8>,
     /// Bytes whose content is unknown (a write in flight when the child died).
     unknown: Vec<bool>,
@@ -65,31 +77,58 @@ struct Model {
 
 impl Model {
     fn apply_log(&mut self, log: &str) -> usize {
-        let mut pending: Option<(u64, u64, bool, u64)> = None;
+        let mut pending: Option<(u64, u64, u8, u64)> = None;
         let mut acked = 0;
         for line in log.lines() {
             let f: Vec<&str> = line.split(' ').collect();
             match f[0] {
                 "B" if f.len() == 5 => {
-                    let p = (
+                    let p: (u64, u64, u8, u64) = (
                         f[1].parse().expect("off"),
                         f[2].parse().expect("len"),
-                        f[3] == "1",
+                        f[3].parse().expect("kind"),
                         f[4].parse().expect("seed"),
                     );
-                    let (o, l) = (p.0 as usize, p.1 as usize);
+                    // A discard touches whole clusters only; other bytes keep their state.
+                    let (o, l) = if p.2 == 2 {
+                        let cs = self.cluster;
+                        let s = p.0.div_ceil(cs) * cs;
+                        let e = ((p.0 + p.1) / cs * cs).max(s);
+                        (s as usize, (e - s) as usize)
+                    } else {
+                        (p.0 as usize, p.1 as usize)
+                    };
                     self.unknown[o..o + l].fill(true);
+                    self.history.push((self.round, p.0, p.1, p.2, false));
                     pending = Some(p);
                 }
                 "A" => {
-                    let (off, len, zero, seed) = pending.take().expect("A after B");
-                    let (o, l) = (off as usize, len as usize);
-                    if zero {
-                        self.data[o..o + l].fill(0);
-                    } else {
-                        Rng(seed | 1).fill(&mut self.data[o..o + l]);
+                    let (off, len, kind, seed) = pending.take().expect("A after B");
+                    if let Some(h) = self.history.last_mut() {
+                        h.4 = true;
                     }
-                    self.unknown[o..o + l].fill(false);
+                    let (o, l) = (off as usize, len as usize);
+                    match kind {
+                        1 => self.data[o..o + l].fill(0),
+                        2 => {
+                            // Only whole clusters are discarded; the rest is unchanged.
+                            let cs = self.cluster;
+                            let s = off.div_ceil(cs) * cs;
+                            let e = (off + len) / cs * cs;
+                            if e > s {
+                                self.data[s as usize..e as usize].fill(0);
+                            }
+                        }
+                        _ => Rng(seed | 1).fill(&mut self.data[o..o + l]),
+                    }
+                    if kind == 2 {
+                        let cs = self.cluster;
+                        let s = off.div_ceil(cs) * cs;
+                        let e = ((off + len) / cs * cs).max(s);
+                        self.unknown[s as usize..e as usize].fill(false);
+                    } else {
+                        self.unknown[o..o + l].fill(false);
+                    }
                     acked += 1;
                 }
                 _ => {} // a torn last line: the write never started being logged
@@ -101,13 +140,30 @@ impl Model {
     fn verify(&self, got: &[u8], round: usize) {
         for (i, (&g, &w)) in got.iter().zip(&self.data).enumerate() {
             if !self.unknown[i] && g != w {
-                panic!("round {round}: acknowledged byte {i:#x} is {g:#x}, expected {w:#x}");
+                let i64_ = i as u64;
+                let last: Vec<_> = self
+                    .history
+                    .iter()
+                    .filter(|h| h.1 <= i64_ && i64_ < h.1 + h.2)
+                    .rev()
+                    .take(4)
+                    .collect();
+                panic!(
+                    "round {round}: acknowledged byte {i:#x} is {g:#x}, expected {w:#x}; \
+                     last operations on it (round, off, len, kind, acked): {last:x?}"
+                );
             }
         }
     }
 }
 
-fn crash_rounds(tag: &str, create: &[&str], backing: Option<&str>, base_data: Vec<u8>) {
+fn crash_rounds(
+    tag: &str,
+    cluster: u64,
+    create: &[&str],
+    backing: Option<&str>,
+    base_data: Vec<u8>,
+) {
     let dir = TempDir::new(tag);
     let img = dir.path("img");
     let mut args = vec!["create", "-q", "-f", "qcow2"];
@@ -121,6 +177,9 @@ fn crash_rounds(tag: &str, create: &[&str], backing: Option<&str>, base_data: Ve
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
     let mut model = Model {
+        history: Vec::new(),
+        round: 0,
+        cluster,
         data: base_data,
         unknown: vec![false; SIZE as usize],
     };
@@ -151,6 +210,7 @@ fn crash_rounds(tag: &str, create: &[&str], backing: Option<&str>, base_data: Ve
         child.kill().expect("kill");
         let _ = child.wait();
         let text = std::fs::read_to_string(&log).expect("log");
+        model.round = round;
         total_acked += model.apply_log(&text);
         let q = open_with(
             &img,
@@ -178,7 +238,19 @@ fn crash_rounds(tag: &str, create: &[&str], backing: Option<&str>, base_data: Ve
 fn crash_fresh_image() {
     crash_rounds(
         "crash-fresh",
+        65536,
         &["-o", "cluster_size=65536"],
+        None,
+        vec![0u8; SIZE as usize],
+    );
+}
+
+#[test]
+fn crash_extended_l2() {
+    crash_rounds(
+        "crash-extl2",
+        32768,
+        &["-o", "cluster_size=32768,extended_l2=on,refcount_bits=64"],
         None,
         vec![0u8; SIZE as usize],
     );
@@ -193,6 +265,7 @@ fn crash_overlay() {
     let data = vec![0x5au8; SIZE as usize];
     crash_rounds(
         "crash-overlay",
+        4096,
         &[
             "-o",
             "cluster_size=4096,refcount_bits=1",

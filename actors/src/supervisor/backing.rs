@@ -169,6 +169,43 @@ impl Core {
         Ok(())
     }
 
+    /// Opens the external data file an image names (`name`, untrusted) as a `file`
+    /// node for the format node being opened on instance `home`. QEMU opens it by
+    /// that name as it stands: a relative name is relative to the daemon's working
+    /// directory (not the image's), and so it is here. Policy: no protocol prefix, a
+    /// regular file (the `file` node refuses anything else), the format node's access
+    /// mode and cache options; the worker gets the descriptor only.
+    pub(super) async fn open_implicit_data_file(
+        &mut self,
+        name: &str,
+        inherit: super::blockdev::Inherited,
+        home: super::WorkerId,
+        created: &mut Vec<String>,
+    ) -> Result<(String, bulkhead_ipc::wire::NodeRef), QmpError> {
+        if name.is_empty() || name.len() > 4096 || name.contains('\0') {
+            return Err(errors::from_error(format!(
+                "Could not open '{name}': Invalid argument"
+            )));
+        }
+        if has_protocol(name) {
+            return Err(errors::from_error(format!(
+                "Could not open '{name}': data files with a protocol are not supported by bulkhead"
+            )));
+        }
+        let mut options = Map::new();
+        options.insert("driver".into(), "file".into());
+        options.insert("filename".into(), name.into());
+        let typed: BlockdevOptions = serde_json::from_value(Value::Object(options.clone()))
+            .map_err(|e| errors::from_error(e.to_string()))?;
+        let spec = super::blockdev::parse_spec(&typed, &options)?;
+        // The data file is the format node's local protocol child: its worker.
+        let data = Box::pin(self.create(spec, inherit, false, Some(home), created)).await?;
+        let Some(dref) = self.node_ref(&data) else {
+            return Err(errors::node_vanished());
+        };
+        Ok((data, dref))
+    }
+
     /// How many overlays sit above `name` through backing links (the depth of the
     /// chain being built).
     fn backing_depth(&self, name: &str) -> usize {

@@ -163,6 +163,14 @@ pub(super) fn parse_spec(
     })
 }
 
+/// Why a worker did not open a node.
+enum OpenFailed {
+    /// Before the worker was asked.
+    Qmp(QmpError),
+    /// The worker's answer.
+    Call(super::workers::CallError),
+}
+
 /// Options a parent passes down to an inline child unless the child sets them.
 #[derive(Clone, Copy, Default)]
 pub(super) struct Inherited {
@@ -237,7 +245,9 @@ impl Core {
                     };
                     // The local protocol child starts where its parent will live.
                     let child_hint = match role {
-                        Role::File => hint.or_else(|| self.inline_child_hint(spec.driver)),
+                        Role::File | Role::DataFile => {
+                            hint.or_else(|| self.inline_child_hint(spec.driver))
+                        }
                         _ => None,
                     };
                     Box::pin(self.create(*s, inherit, false, child_hint, created)).await?
@@ -370,27 +380,57 @@ impl Core {
         let dir = image_path.as_deref().map(super::asks::image_dir);
         self.asks.borrow_mut().insert(id, home, dir);
         let stats = super::stats::NodeStats::create()?;
-        let opened = self
-            .open_on(
-                home,
-                id,
-                &name,
-                config.clone(),
-                child_refs,
-                stats.fd(),
-                worker_fd.as_ref(),
-            )
-            .await;
-        let (size, format) = match opened {
-            Ok(opened) => opened,
-            Err(e) => {
-                self.retire_if_idle(home);
-                return Err(e);
-            }
+        let mut implicit_data_file = false;
+        let (size, format) = loop {
+            let opened = self
+                .open_on_call(
+                    home,
+                    id,
+                    &name,
+                    config.clone(),
+                    child_refs.clone(),
+                    stats.fd(),
+                    worker_fd.as_ref(),
+                )
+                .await;
+            let e = match opened {
+                Ok(opened) => break opened,
+                Err(OpenFailed::Call(super::workers::CallError::Worker(w)))
+                    if w.kind == bulkhead_ipc::wire::WorkerErrorKind::NeedsDataFile
+                        && !implicit_data_file
+                        && !children.iter().any(|(r, _)| *r == Role::DataFile) =>
+                {
+                    // QEMU opens the data file the image names while it opens the
+                    // image; here the supervisor does, then asks again.
+                    implicit_data_file = true;
+                    let inherit = Inherited {
+                        read_only: config.common().read_only,
+                        direct,
+                        no_flush,
+                    };
+                    match Box::pin(self.open_implicit_data_file(&w.detail, inherit, home, created))
+                        .await
+                    {
+                        Ok((dname, dref)) => {
+                            children.push((Role::DataFile, dname));
+                            child_refs.push((Role::DataFile, dref));
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
+                }
+                Err(OpenFailed::Qmp(e)) => e,
+                Err(OpenFailed::Call(e)) => call_error(e),
+            };
+            self.retire_if_idle(home);
+            return Err(e);
         };
         let mut options = spec.given;
         options.insert("node-name".into(), name.clone().into());
         for (role, c) in &children {
+            if *role == Role::DataFile && implicit_data_file {
+                continue;
+            }
             options.insert(role.name().into_owned(), c.clone().into());
         }
         self.graph.insert(Node {
@@ -422,7 +462,19 @@ impl Core {
             stats,
             format,
             implicit_backing: false,
+            implicit_data_file,
+            ejected: false,
         });
+        if implicit_data_file
+            && let Some((_, d)) = self
+                .graph
+                .get(&name)
+                .and_then(|n| n.children.iter().find(|(r, _)| *r == Role::DataFile))
+                .cloned()
+        {
+            // QEMU names it while it opens the node, after the node's own name.
+            self.graph.move_to_end(&d);
+        }
         created.push(name.clone());
         if self.graph.get(&name).is_some_and(|n| n.format.is_some()) {
             // A format node holds its image's lock bytes from the start.
@@ -537,7 +589,30 @@ impl Core {
         stats: &std::os::fd::OwnedFd,
         image: Option<&std::os::fd::OwnedFd>,
     ) -> Result<(u64, Option<Box<FormatInfo>>), QmpError> {
-        let worker = self.worker(home).await?;
+        match self
+            .open_on_call(home, id, name, config, children, stats, image)
+            .await
+        {
+            Ok(opened) => Ok(opened),
+            Err(OpenFailed::Qmp(e)) => Err(e),
+            Err(OpenFailed::Call(e)) => Err(call_error(e)),
+        }
+    }
+
+    /// [`Core::open_on`], with the worker's own error kept for the caller to act on
+    /// (a format node that needs its data file opened first).
+    #[allow(clippy::too_many_arguments)]
+    async fn open_on_call(
+        &mut self,
+        home: WorkerId,
+        id: NodeId,
+        name: &str,
+        config: DriverConfig,
+        children: Vec<(Role, NodeRef)>,
+        stats: &std::os::fd::OwnedFd,
+        image: Option<&std::os::fd::OwnedFd>,
+    ) -> Result<(u64, Option<Box<FormatInfo>>), OpenFailed> {
+        let worker = self.worker(home).await.map_err(OpenFailed::Qmp)?;
         let fds: Vec<_> = std::iter::once(stats)
             .chain(image)
             .map(|f| f.as_fd())
@@ -550,7 +625,7 @@ impl Core {
         };
         worker.call(body, &fds).await.map_err(|e| {
             tracing::warn!(node = %name, error = %e, "node could not be opened");
-            call_error(e)
+            OpenFailed::Call(e)
         })?;
         Ok(
             match worker.call(ToWorker::QueryNode { node: id }, &[]).await {
@@ -771,24 +846,36 @@ impl Core {
     /// and bitmap flags change as the image is written), for queries. A worker that
     /// does not answer leaves the last report.
     pub(super) async fn refresh_format_info(&mut self) {
-        let nodes: Vec<_> = self
+        // Format nodes, and their files, which grow as the format allocates.
+        let formats: Vec<&str> = self
             .graph
             .iter()
             .filter(|n| n.format.is_some())
-            .map(|n| (n.name.clone(), n.id, n.home))
+            .map(|n| n.name.as_str())
             .collect();
+        let nodes: Vec<_> =
+            self.graph
+                .iter()
+                .filter(|n| {
+                    n.format.is_some()
+                        || self.graph.iter().any(|p| {
+                            formats.contains(&p.name.as_str()) && p.file() == Some(&n.name)
+                        })
+                })
+                .map(|n| (n.name.clone(), n.id, n.home))
+                .collect();
         for (name, id, home) in nodes {
             let Some(w) = self.running(home) else {
                 continue;
             };
-            if let Ok(Reply::NodeInfo {
-                size,
-                format: Some(format),
-            }) = w.call(ToWorker::QueryNode { node: id }, &[]).await
+            if let Ok(Reply::NodeInfo { size, format }) =
+                w.call(ToWorker::QueryNode { node: id }, &[]).await
                 && let Some(n) = self.graph.get_mut(&name)
             {
                 n.size = size;
-                n.format = Some(format);
+                if format.is_some() {
+                    n.format = format;
+                }
             }
         }
     }

@@ -73,9 +73,25 @@ pub struct Node {
     /// Its backing child was opened from the name inside its image, not given in its
     /// options (it then does not show in the node's `json:` filename).
     pub implicit_backing: bool,
+    /// Its data file was opened from the name inside its image, not given in its
+    /// options (like an implicit backing, it does not show in the `json:` name).
+    pub implicit_data_file: bool,
+    /// Its driver found the image corrupt and marked it so (`BLOCK_IMAGE_CORRUPTED`
+    /// with `fatal`): like QEMU's node without a driver, it is "ejected" and
+    /// queries of it fail.
+    pub ejected: bool,
 }
 
 impl Node {
+    /// Whether its child in `role` was opened from a name inside its image.
+    pub fn is_implicit(&self, role: Role) -> bool {
+        match role {
+            Role::Backing => self.implicit_backing,
+            Role::DataFile => self.implicit_data_file,
+            _ => false,
+        }
+    }
+
     /// The child in `role`, if any.
     pub fn child(&self, role: Role) -> Option<&str> {
         self.children
@@ -130,6 +146,14 @@ impl Graph {
             }
         }
         self.nodes.push(node);
+    }
+
+    /// Moves node `name` after every other (the order queries list nodes in).
+    pub fn move_to_end(&mut self, name: &str) {
+        if let Some(at) = self.nodes.iter().position(|n| n.name == name) {
+            let node = self.nodes.remove(at);
+            self.nodes.push(node);
+        }
     }
 
     /// Removes a node (its child's parent count drops).
@@ -287,7 +311,7 @@ impl Graph {
         // quorum_gather_child_options); every other child under its role's name.
         let mut quorum: Vec<(u32, Value)> = Vec::new();
         for (role, c) in &node.children {
-            if *role == Role::Backing && node.implicit_backing {
+            if node.is_implicit(*role) {
                 continue;
             }
             if let Some(c) = self.get(c) {
@@ -320,7 +344,7 @@ impl Graph {
         let only_file = node
             .children
             .iter()
-            .all(|(r, _)| *r == Role::File || (*r == Role::Backing && node.implicit_backing));
+            .all(|(r, _)| *r == Role::File || node.is_implicit(*r));
         if node.strong_options.is_empty() && only_file {
             match node.file().and_then(|c| self.get(c)) {
                 None => return format!("{}://", node.driver.as_str()),
@@ -338,22 +362,33 @@ impl Graph {
         )
     }
 
-    /// Allocated bytes on disk (st_blocks * 512 of the image at the chain's bottom).
+    /// Allocated bytes on disk: st_blocks * 512 of a node's own image, or the sum over
+    /// the children that hold its data or metadata (not its backing), as QEMU's
+    /// `bdrv_sum_allocated_file_size` counts them.
     fn actual_size(&self, node: &Node) -> u64 {
-        let Some(bottom) = self.bottom(&node.name) else {
-            return 0;
-        };
-        match &bottom.image {
-            Some(fd) => rustix::fs::fstat(fd)
+        self.actual_size_at(node, 0)
+    }
+
+    fn actual_size_at(&self, node: &Node, depth: usize) -> u64 {
+        if let Some(fd) = &node.image {
+            return rustix::fs::fstat(fd)
                 .map(|st| (st.st_blocks as u64).saturating_mul(512))
-                .unwrap_or(0),
-            None => 0,
+                .unwrap_or(0);
         }
+        if depth > 64 {
+            return 0;
+        }
+        node.children
+            .iter()
+            .filter(|(r, _)| *r != Role::Backing)
+            .filter_map(|(_, c)| self.get(c))
+            .map(|c| self.actual_size_at(c, depth + 1))
+            .fold(0u64, u64::saturating_add)
     }
 
     /// `ImageInfo` of `node` (its `backing-image` recursively, bounded by the chain's
     /// length), members in the order QEMU fills them.
-    fn image_info(&self, node: &Node, depth: usize) -> Map<String, Value> {
+    fn image_info(&self, node: &Node, depth: usize, flat: bool) -> Map<String, Value> {
         let filename = self.filename(node);
         let bottom_posix = self.bottom(&node.name).is_some_and(|b| b.driver.is_posix());
         let format = node.format.as_deref();
@@ -405,10 +440,11 @@ impl Graph {
         }
         if let Some(b) = backing
             && depth < 64
+            && !flat
         {
             image.insert(
                 "backing-image".into(),
-                Value::Object(self.image_info(b, depth + 1)),
+                Value::Object(self.image_info(b, depth + 1, flat)),
             );
         }
         image
@@ -430,9 +466,9 @@ impl Graph {
 
     /// One element of `query-named-block-nodes` (BlockDeviceInfo), members in the order
     /// QEMU fills them so the writer's QDict ordering matches qsd.
-    pub fn device_info(&self, node: &Node) -> Value {
+    pub fn device_info(&self, node: &Node, flat: bool) -> Value {
         let filename = self.filename(node);
-        let image = self.image_info(node, 0);
+        let image = self.image_info(node, 0, flat);
         let backing = node.child(Role::Backing).and_then(|b| self.get(b));
         let mut m = Map::new();
         m.insert("file".into(), filename.into());
@@ -442,7 +478,9 @@ impl Graph {
         if let Some(b) = backing {
             m.insert("backing_file".into(), self.filename(b).into());
         }
-        m.insert("backing_file_depth".into(), self.backing_depth(node).into());
+        // QEMU counts the depth along `backing-image`, which `flat` leaves out.
+        let depth = if flat { 0 } else { self.backing_depth(node) };
+        m.insert("backing_file_depth".into(), depth.into());
         m.insert("active".into(), node.active.into());
         m.insert("encrypted".into(), false.into());
         m.insert("detect_zeroes".into(), node.detect_zeroes.into());
@@ -490,12 +528,12 @@ impl Graph {
 
     /// `query-named-block-nodes`: newest first, like qsd. Without backing chains the
     /// `flat` flag changes nothing.
-    pub fn query_named_block_nodes(&self) -> Value {
+    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
         Value::Array(
             self.nodes
                 .iter()
                 .rev()
-                .map(|n| self.device_info(n))
+                .map(|n| self.device_info(n, flat))
                 .collect(),
         )
     }
@@ -554,7 +592,7 @@ pub fn edge_perms(parent: &Node, role: Role) -> (Vec<&'static str>, Vec<&'static
 }
 
 /// `SnapshotInfo` of one internal snapshot.
-fn snapshot_info(sn: &bulkhead_block::SnapshotEntry) -> Value {
+pub fn snapshot_info(sn: &bulkhead_block::SnapshotEntry) -> Value {
     let mut m = Map::new();
     m.insert("id".into(), sn.id.clone().into());
     m.insert("name".into(), sn.name.clone().into());
@@ -657,6 +695,8 @@ pub(crate) mod tests {
             },
             format: None,
             implicit_backing: false,
+            implicit_data_file: false,
+            ejected: false,
         });
     }
 

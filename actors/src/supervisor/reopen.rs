@@ -136,11 +136,44 @@ impl Core {
         }
         // What the driver's own reopen takes: raw's window and child.
         let consumed = node.driver.reopen_options();
-        let applied = |k: &str| GENERIC.contains(&k) || consumed.contains(&k);
+        let takes_backing = node
+            .driver
+            .info()
+            .children
+            .iter()
+            .any(|s| s.role == Role::Backing);
+        let applied = |k: &str| {
+            GENERIC.contains(&k)
+                || consumed.contains(&k)
+                // Members of a struct option (`overlap-check.template`); a child's
+                // inline members are not its driver's to apply.
+                || consumed.iter().any(|c| {
+                    !node.driver.info().children.iter().any(|s| s.key == *c)
+                        && k.strip_prefix(c).is_some_and(|r| r.starts_with('.'))
+                })
+                || (takes_backing && k == "backing")
+        };
         // `active` is taken out of the new options before this check, so once a node
         // has it, no reopen can pass (qsd 10.0.2 behaves so).
         if old.contains_key("active") {
             return Err(errors::option_reset("active"));
+        }
+        // blockdev-reopen must name the backing of a node that has one, or whose
+        // image names one (QEMU's `backing_missing`); naming another is not
+        // supported yet.
+        if takes_backing {
+            let has_backing = node.child(Role::Backing).is_some()
+                || node
+                    .format
+                    .as_ref()
+                    .is_some_and(|f| f.backing_file.is_some());
+            match new.get("backing") {
+                None if has_backing => return Err(errors::backing_missing(name)),
+                None => {}
+                Some(Value::String(b)) if node.child(Role::Backing) == Some(b.as_str()) => {}
+                Some(Value::Null) if node.child(Role::Backing).is_none() => {}
+                Some(_) => return Err(errors::option_change("backing")),
+            }
         }
         for k in old.keys() {
             if !applied(k) && !new.contains_key(k) {
