@@ -19,7 +19,11 @@ use crate::front::output::OutQueue;
 
 /// The events bulkhead emits, as `query-qmp-schema` lists them (each must be defined
 /// in the QAPI schema files).
-pub const EVENTS: &[&str] = &["BLOCK_EXPORT_DELETED", "BLOCK_WRITE_THRESHOLD"];
+pub const EVENTS: &[&str] = &[
+    "BLOCK_EXPORT_DELETED",
+    "BLOCK_IMAGE_CORRUPTED",
+    "BLOCK_WRITE_THRESHOLD",
+];
 
 /// The events QEMU rate-limits (`monitor_qapi_event_conf` in `monitor/monitor.c`,
 /// 10.0.2), with their period. Of these, a storage daemon can raise the quorum ones;

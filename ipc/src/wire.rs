@@ -5,6 +5,7 @@
 //! it with its error. Worker-sent values are untrusted: the supervisor checks ids
 //! against what it asked for and renders every user-visible error text itself.
 
+pub use bulkhead_block::DriverKind;
 use bulkhead_block::config::DriverConfig;
 use serde::{Deserialize, Serialize};
 
@@ -15,16 +16,8 @@ use crate::ring::RingLayout;
 /// (`--isolation`): one per driver kind, or one per image and per export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum WorkerKind {
-    /// Driver worker for `file` nodes.
-    File,
-    /// Driver worker for `host_device` nodes.
-    HostDevice,
-    /// Driver worker for `raw` nodes.
-    Raw,
-    /// Driver worker for `null-co` nodes.
-    NullCo,
-    /// Driver worker for `null-aio` nodes.
-    NullAio,
+    /// Driver worker for the nodes of one block driver (`--isolation kind`).
+    Driver(DriverKind),
     /// Export worker for NBD.
     Nbd,
     /// Driver worker for one image (`--isolation image`): a top node and the nodes
@@ -33,26 +26,19 @@ pub enum WorkerKind {
 }
 
 impl WorkerKind {
-    /// Every kind, for parsing and listings.
-    pub const ALL: [WorkerKind; 7] = [
-        WorkerKind::File,
-        WorkerKind::HostDevice,
-        WorkerKind::Raw,
-        WorkerKind::NullCo,
-        WorkerKind::NullAio,
-        WorkerKind::Nbd,
-        WorkerKind::Image,
-    ];
+    /// Every kind, for parsing and listings: one per driver, then the others.
+    pub fn all() -> impl Iterator<Item = WorkerKind> {
+        DriverKind::ALL
+            .iter()
+            .map(|&d| WorkerKind::Driver(d))
+            .chain([WorkerKind::Nbd, WorkerKind::Image])
+    }
 
     /// The name used on the worker's command line (`bulkhead worker --kind NAME`),
     /// which is the QAPI driver or export type name.
     pub fn as_str(self) -> &'static str {
         match self {
-            WorkerKind::File => "file",
-            WorkerKind::HostDevice => "host_device",
-            WorkerKind::Raw => "raw",
-            WorkerKind::NullCo => "null-co",
-            WorkerKind::NullAio => "null-aio",
+            WorkerKind::Driver(d) => d.as_str(),
             WorkerKind::Nbd => "nbd",
             WorkerKind::Image => "image",
         }
@@ -64,18 +50,29 @@ impl WorkerKind {
     }
 
     /// Whether a worker of this kind starts blocking I/O threads for image files:
-    /// the protocol drivers, and the kinds that host a format node together with
-    /// its local protocol child.
+    /// the drivers on image files, and the kinds that host a format node together
+    /// with its local protocol child.
     pub fn does_file_io(self) -> bool {
-        matches!(
-            self,
-            WorkerKind::File | WorkerKind::HostDevice | WorkerKind::Raw | WorkerKind::Image
-        )
+        match self {
+            WorkerKind::Driver(d) => d.info().is_posix() || !d.info().protocol,
+            WorkerKind::Nbd => false,
+            WorkerKind::Image => true,
+        }
+    }
+
+    /// Whether a worker of this kind starts format threads: kinds that host a driver
+    /// whose code blocks on its children (`DriverInfo::format_threads`).
+    pub fn needs_format_threads(self) -> bool {
+        match self {
+            WorkerKind::Driver(d) => d.info().format_threads,
+            WorkerKind::Nbd => false,
+            WorkerKind::Image => DriverKind::ALL.iter().any(|d| d.info().format_threads),
+        }
     }
 
     /// Parses a name produced by [`WorkerKind::as_str`].
     pub fn parse(name: &str) -> Option<WorkerKind> {
-        WorkerKind::ALL.into_iter().find(|k| k.as_str() == name)
+        WorkerKind::all().find(|k| k.as_str() == name)
     }
 }
 
@@ -191,6 +188,24 @@ pub enum ToWorker {
     RemoveNode {
         /// The node.
         node: NodeId,
+    },
+    /// Create an internal snapshot of a node's image (qcow2). Errors carry QEMU's
+    /// text (`WorkerErrorKind::Image`).
+    SnapshotCreate {
+        /// The node.
+        node: NodeId,
+        /// What the snapshot records.
+        request: bulkhead_block::SnapshotRequest,
+    },
+    /// Delete an internal snapshot matching `id` and/or `name`; the reply is
+    /// [`Reply::Snapshot`] with what it was.
+    SnapshotDelete {
+        /// The node.
+        node: NodeId,
+        /// The snapshot's id.
+        id: Option<String>,
+        /// The snapshot's name.
+        name: Option<String>,
     },
     /// Change a node's size.
     ResizeNode {
@@ -337,39 +352,9 @@ pub struct ImageInfo {
 }
 
 /// The role a child plays for its parent (QEMU's child names: `file`, `backing`,
-/// `data-file`, `children.N` of quorum). Only raw uses one (`file`) so far; qcow2,
-/// quorum, mirror, commit and snapshots will use the others. Everything that walks
-/// the graph (parent counts, replay order, cycle checks, restart dependencies)
-/// follows every role alike.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum ChildRole {
-    /// A format or filter node's protocol child.
-    File,
-    /// A format node's backing image.
-    Backing,
-    /// A format node's external data file (qcow2's `data-file`).
-    DataFile,
-    /// Quorum's child `children.N`.
-    Child(u32),
-}
-
-impl ChildRole {
-    /// The child name QEMU shows (`x-debug-query-block-graph` edges, options).
-    pub fn name(self) -> std::borrow::Cow<'static, str> {
-        match self {
-            ChildRole::File => "file".into(),
-            ChildRole::Backing => "backing".into(),
-            ChildRole::DataFile => "data-file".into(),
-            ChildRole::Child(n) => format!("children.{n}").into(),
-        }
-    }
-}
-
-impl std::fmt::Display for ChildRole {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.name())
-    }
-}
+/// `data-file`, `children.N` of quorum); defined with the drivers, which declare the
+/// roles they take.
+pub use bulkhead_block::driver::ChildRole;
 
 /// A mapping of an exported node onto its image file (see `design/data-path.md`,
 /// "Mapped I/O"): guest offset `o` is file offset `base + o`, for `o < size`.
@@ -541,6 +526,21 @@ pub enum WorkerEvent {
         /// End offset of the request.
         end: u64,
     },
+    /// A format driver found its image's metadata inconsistent (driver workers).
+    /// `msg` comes from the worker: untrusted, shown only after the supervisor's
+    /// checks.
+    ImageCorrupted {
+        /// The node.
+        node: NodeId,
+        /// QEMU's message for the inconsistency.
+        msg: String,
+        /// Host offset of the access that found it.
+        offset: Option<u64>,
+        /// Size of that access.
+        size: Option<u64>,
+        /// The image is now marked corrupt.
+        fatal: bool,
+    },
     /// Operation `op` has done `done` of `total` units (driver workers; at most one
     /// per 100 ms per operation; the supervisor keeps only the latest).
     Progress {
@@ -577,6 +577,13 @@ pub enum Reply {
     NodeInfo {
         /// Size in bytes.
         size: u64,
+        /// What its format driver read from its image (untrusted: image bytes).
+        format: Option<Box<bulkhead_block::FormatInfo>>,
+    },
+    /// A deleted snapshot (from the image: untrusted strings).
+    Snapshot {
+        /// What the snapshot table said of it.
+        snapshot: bulkhead_block::SnapshotEntry,
     },
     /// An export was removed; `deferred` when clients were still attached and
     /// `ExportGone` will follow once they have gone.
@@ -616,6 +623,13 @@ pub enum WorkerErrorKind {
     Cancelled,
     /// The worker runs as many operations as it may.
     Busy,
+    /// The image refuses to open (a format's header or tables): `detail` is QEMU's
+    /// text for it, which the supervisor shows the client once it has checked it is
+    /// short printable text.
+    Image,
+    /// The image names an external data file its options did not give: `detail` is
+    /// the name, from the image (untrusted).
+    NeedsDataFile,
 }
 
 impl WorkerError {
@@ -645,10 +659,10 @@ mod tests {
 
     #[test]
     fn every_worker_kind_name_parses_back() {
-        for k in WorkerKind::ALL {
+        for k in WorkerKind::all() {
             assert_eq!(WorkerKind::parse(k.as_str()), Some(k));
         }
-        assert_eq!(WorkerKind::parse("qcow2"), None);
+        assert_eq!(WorkerKind::parse("vhdx"), None);
     }
 
     #[test]
@@ -658,7 +672,7 @@ mod tests {
             body: ToWorker::AddNode {
                 node: NodeId(3),
                 name: "disk".into(),
-                config: DriverConfig::Raw(bulkhead_block::config::RawConfig {
+                config: DriverConfig::Raw(bulkhead_block::raw::RawConfig {
                     offset: 512,
                     size: Some(4096),
                     ..Default::default()

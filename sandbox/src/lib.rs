@@ -187,7 +187,11 @@ mod tests {
 
     #[test]
     fn the_sandbox_switched_off_reports_only_off() {
-        let layers = apply_early_in(WorkerKind::Raw, Mode::Off).ok();
+        let layers = apply_early_in(
+            WorkerKind::Driver(bulkhead_ipc::wire::DriverKind::Raw),
+            Mode::Off,
+        )
+        .ok();
         assert_eq!(layers, Some(vec!["off".to_string()]));
     }
 

@@ -23,7 +23,8 @@ fn threads_start_sleep_allocate_and_exit_under_a_workers_filter() {
             .map_err(|e| e.raw_os_error())
     });
 
-    let applied = bulkhead_sandbox::apply_seccomp(WorkerKind::Raw);
+    let applied =
+        bulkhead_sandbox::apply_seccomp(WorkerKind::Driver(bulkhead_ipc::wire::DriverKind::Raw));
     assert!(applied.is_ok(), "{applied:?}");
 
     // Thread creation goes through clone3 -> ENOSYS -> clone(CLONE_THREAD).

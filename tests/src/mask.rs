@@ -41,6 +41,15 @@ const VERSION: &[Piece] = &[
 ];
 
 /// Prefix of QEMU's auto-generated node names (`id_generate(ID_BLOCK)`).
+/// A snapshot's creation time (`SnapshotInfo`'s `date-sec` and `date-nsec`): each run
+/// makes its images afresh, so the times differ by when the setup ran.
+const SNAPSHOT_DATE_SEC: &[Piece] = &[Piece::Lit(b"\"date-sec\": "), Piece::Int(b"0")];
+const SNAPSHOT_DATE_NSEC: &[Piece] = &[Piece::Lit(b"\"date-nsec\": "), Piece::Int(b"0")];
+/// A snapshot's VM clock: a storage daemon's is the host's clock, so a snapshot made
+/// during the run records the time too.
+const SNAPSHOT_CLOCK_SEC: &[Piece] = &[Piece::Lit(b"\"vm-clock-sec\": "), Piece::Int(b"0")];
+const SNAPSHOT_CLOCK_NSEC: &[Piece] = &[Piece::Lit(b"\"vm-clock-nsec\": "), Piece::Int(b"0")];
+
 const AUTO_NODE_PREFIX: &[u8] = b"#block";
 
 /// Masks one daemon run's output; keeps the auto-name numbering across calls.
@@ -75,6 +84,10 @@ impl Masker {
         }
         out = mask_pattern(&out, TIMESTAMP);
         out = mask_pattern(&out, VERSION);
+        out = mask_pattern(&out, SNAPSHOT_DATE_SEC);
+        out = mask_pattern(&out, SNAPSHOT_DATE_NSEC);
+        out = mask_pattern(&out, SNAPSHOT_CLOCK_SEC);
+        out = mask_pattern(&out, SNAPSHOT_CLOCK_NSEC);
         self.renumber_auto_names(&out)
     }
 

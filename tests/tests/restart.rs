@@ -4,7 +4,9 @@
 //! verifiable pattern. Every write the client saw
 //! acknowledged must be in the image afterwards (compared with `qemu-img compare`
 //! against the same writes applied directly), and a QMP client connected throughout
-//! sees only normal replies. bulkhead only; qsd has no workers to kill.
+//! sees only normal replies. The same with a qcow2 image that every write allocates
+//! into (then `qemu-img check` must find no corruption; leaks are allowed, as in QEMU).
+//! bulkhead only; qsd has no workers to kill.
 
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,15 +25,26 @@ const WRITES_PER_ROUND: u64 = 48;
 /// a time so each daemon sees its own value.
 static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn start(dir: TempDir, budget: &str, isolation: &str) -> Daemon {
-    sparse_file(&dir.path().join("disk.img"), IMAGE_SIZE);
+fn start(dir: TempDir, budget: &str, isolation: &str, format: &str) -> Daemon {
+    let image = dir.path().join("disk.img");
+    if format == "qcow2" {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg(IMAGE_SIZE.to_string())
+            .output();
+        assert!(out.is_ok_and(|o| o.status.success()), "qemu-img create");
+    } else {
+        sparse_file(&image, IMAGE_SIZE);
+    }
+    let top = format!("driver={format},node-name=raw0,file=file0");
     let args: Vec<String> = [
         "--isolation",
         isolation,
         "--blockdev",
         "driver=file,node-name=file0,filename=$DIR/disk.img",
         "--blockdev",
-        "driver=raw,node-name=raw0,file=file0",
+        &top,
         "--nbd-server",
         "addr.type=unix,addr.path=$DIR/nbd.sock",
         "--export",
@@ -65,12 +78,22 @@ fn exports(qmp: &mut QmpConnection) -> Value {
 #[test]
 fn sigkill_of_any_worker_loses_no_acknowledged_write() {
     // The raw node and its file child share the raw worker.
-    kill_rounds("kind", &["nbd", "raw"], 16);
+    kill_rounds("kind", "raw", &["nbd", "raw"], 16);
 }
 
 #[test]
 fn sigkill_of_any_worker_loses_no_acknowledged_write_with_one_worker_per_image() {
-    kill_rounds("image", &["export", "image", "listener"], 12);
+    kill_rounds("image", "raw", &["export", "image", "listener"], 12);
+}
+
+#[test]
+fn sigkill_of_the_qcow2_worker_under_allocating_writes_loses_nothing() {
+    kill_rounds("kind", "qcow2", &["qcow2", "nbd"], 12);
+}
+
+#[test]
+fn sigkill_of_a_qcow2_image_worker_under_allocating_writes_loses_nothing() {
+    kill_rounds("image", "qcow2", &["image", "export"], 8);
 }
 
 /// Whether worker `w` (from x-bulkhead-query-workers) is the one `what` names: a kind,
@@ -104,14 +127,15 @@ fn pid_of(qmp: &mut QmpConnection, what: &str, not: Option<u32>) -> u32 {
     }
 }
 
-/// `rounds` rounds of writes, each killing the next of `kinds` under them.
-fn kill_rounds(isolation: &str, kinds: &[&str], rounds: u64) {
+/// `rounds` rounds of writes on an image in `format`, each killing the next of `kinds`
+/// under them.
+fn kill_rounds(isolation: &str, format: &str, kinds: &[&str], rounds: u64) {
     let _env = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = match TempDir::new("bulkhead-restart") {
         Ok(d) => d,
         Err(e) => panic!("{e}"),
     };
-    let daemon = start(dir, "1000", isolation);
+    let mut daemon = start(dir, "1000", isolation, format);
     let d = daemon.dir().to_path_buf();
     sparse_file(&d.join("expected.img"), IMAGE_SIZE);
     let mut qmp = match daemon.qmp(0) {
@@ -159,8 +183,27 @@ fn kill_rounds(isolation: &str, kinds: &[&str], rounds: u64) {
         );
     }
     let (disk, expected) = (d.join("disk.img"), d.join("expected.img"));
+    if format == "qcow2" {
+        // Closed first: the image must be consistent for QEMU after the kills.
+        let _ = qmp.execute("quit", None);
+        let _ = daemon.wait_exit(Duration::from_secs(20));
+        let check = std::process::Command::new("qemu-img")
+            .arg("check")
+            .arg(&disk)
+            .output();
+        let Ok(check) = check else {
+            panic!("cannot run qemu-img check");
+        };
+        // Exit status 0: clean; 3: leaked clusters only. Anything else is corruption.
+        assert!(
+            matches!(check.status.code(), Some(0 | 3)),
+            "qemu-img check: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
     writes::assert_same_images(
-        &["-f", "raw", &disk.to_string_lossy()],
+        &["-U", "-f", format, &disk.to_string_lossy()],
         &["-F", "raw", &expected.to_string_lossy()],
         "the image against the acknowledged writes",
     );
@@ -173,7 +216,7 @@ fn a_worker_that_keeps_dying_has_its_export_deleted_after_the_budget() {
         Ok(d) => d,
         Err(e) => panic!("{e}"),
     };
-    let daemon = start(dir, "3", "kind");
+    let daemon = start(dir, "3", "kind", "raw");
     let mut qmp = match daemon.qmp(0) {
         Ok(q) => q,
         Err(e) => panic!("{e}\n{}", daemon.stderr()),

@@ -19,7 +19,7 @@ static ENV_LOCK: Mutex<()> = Mutex::new(());
 
 /// Worker kinds under `--isolation kind` (`file`: a file node with no parent; raw0's
 /// file child lives in the raw worker).
-const KINDS: &[&str] = &["file", "raw", "null-co", "null-aio", "nbd"];
+const KINDS: &[&str] = &["file", "raw", "null-co", "null-aio", "qcow2", "nbd"];
 /// Worker kinds under `--isolation image`.
 const IMAGE_KINDS: &[&str] = &["image", "nbd"];
 
@@ -39,6 +39,13 @@ fn start_with(isolation: &str) -> Daemon {
             panic!("cannot create {name}: {e}");
         }
     }
+    let qcow2 = dir.path().join("disk3.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow2)
+        .arg("16M")
+        .output();
+    assert!(made.is_ok_and(|o| o.status.success()), "qemu-img create");
     let args: Vec<String> = [
         "--isolation",
         isolation,
@@ -52,10 +59,16 @@ fn start_with(isolation: &str) -> Daemon {
         "driver=null-co,node-name=null0,size=1048576",
         "--blockdev",
         "driver=null-aio,node-name=null1,size=1048576",
+        "--blockdev",
+        "driver=file,node-name=file2,filename=$DIR/disk3.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=q0,file=file2",
         "--nbd-server",
         "addr.type=unix,addr.path=$DIR/nbd.sock",
         "--export",
         "type=nbd,id=e0,node-name=raw0,writable=on",
+        "--export",
+        "type=nbd,id=e1,node-name=q0,writable=on",
     ]
     .iter()
     .map(|a| a.to_string())
@@ -76,9 +89,13 @@ fn status_field(pid: u32, field: &str) -> String {
 }
 
 fn qemu_io(dir: &Path, cmds: &[&str]) -> (bool, String) {
+    qemu_io_on(dir, "raw0", cmds)
+}
+
+fn qemu_io_on(dir: &Path, export: &str, cmds: &[&str]) -> (bool, String) {
     let mut c = Command::new("qemu-io");
     c.arg("--image-opts").arg(format!(
-        "driver=nbd,server.type=unix,server.path={},export=raw0,reconnect-delay=30,open-timeout=30",
+        "driver=nbd,server.type=unix,server.path={},export={export},reconnect-delay=30,open-timeout=30",
         dir.join("nbd.sock").display()
     ));
     for cmd in cmds {
@@ -131,6 +148,17 @@ fn check_sandboxes(isolation: &str, kinds: &[&str]) {
     };
     let (ok, out) = qemu_io(daemon.dir(), &["write -P 0x33 0 64k", "read -P 0x33 0 64k"]);
     assert!(ok, "traffic failed: {out}");
+    // The qcow2 engine allocating, copying on write and reading under its filter.
+    let (ok, out) = qemu_io_on(
+        daemon.dir(),
+        "q0",
+        &[
+            "write -P 0x34 1000 200k",
+            "write -z 64k 64k",
+            "read -P 0x34 1000 1000",
+        ],
+    );
+    assert!(ok, "qcow2 traffic failed: {out}");
     let workers = execute(&mut qmp, "x-bulkhead-query-workers");
     for kind in kinds {
         let pid = worker_pid(daemon.pid(), kind, None);
@@ -208,7 +236,10 @@ fn a_forbidden_syscall_kills_the_worker_with_sigsys_and_the_export_serves_again(
         );
         assert_eq!(
             execute(&mut qmp, "query-block-exports"),
-            json!([{"node-name": "raw0", "shutting-down": false, "type": "nbd", "id": "e0"}])
+            json!([
+                {"node-name": "q0", "shutting-down": false, "type": "nbd", "id": "e1"},
+                {"node-name": "raw0", "shutting-down": false, "type": "nbd", "id": "e0"}
+            ])
         );
     }
 }

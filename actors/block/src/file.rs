@@ -22,9 +22,160 @@ use std::sync::{Arc, RwLock};
 use rustix::fs::{FallocateFlags, FileType, SeekFrom};
 use rustix::io::Errno;
 
-use crate::config::FileConfig;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::{Aio, CommonOptions, ConfigError, OnOffAuto};
+use crate::driver::{
+    BlockDriver, Children, DriverInfo, ImageSpec, OpenFuture, ParseError, Parsed, Resize, decode,
+    opened,
+};
 use crate::io::{BlockIo, Extent, IoError, IoFuture, IoResult, WriteFlags, ZeroFlags};
 use crate::threads;
+
+/// `file` and `host_device` configuration (`BlockdevOptionsFile` minus the filename,
+/// which only the supervisor sees).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileConfig {
+    /// The generic node options.
+    pub common: CommonOptions,
+    /// `aio`.
+    pub aio: Aio,
+    /// `locking`; applied by the supervisor, which holds the lock bytes (see [`crate::lock`]).
+    pub locking: OnOffAuto,
+}
+
+/// `BlockdevOptionsFile`, the QAPI members of `file`, `host_device` and `host_cdrom`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileOptions {
+    filename: String,
+    #[allow(dead_code)] // Accepted as qsd accepts it; no persistent reservations here.
+    pr_manager: Option<String>,
+    locking: Option<OnOffAuto>,
+    aio: Option<Aio>,
+    #[allow(dead_code)] // Batching is the I/O threads' business.
+    aio_max_batch: Option<i64>,
+    #[allow(dead_code)] // The page cache is dropped on inactivation regardless.
+    drop_cache: Option<bool>,
+    #[allow(dead_code)] // A QEMU debug option.
+    x_check_cache_dropped: Option<bool>,
+}
+
+/// The `file` driver.
+pub struct File;
+
+/// The `host_device` driver.
+pub struct HostDevice;
+
+fn parse_file(members: &Map<String, Value>) -> Result<Parsed<FileConfig>, ParseError> {
+    let o: FileOptions = decode(members)?;
+    let locking = o.locking.unwrap_or_default();
+    Ok(Parsed {
+        config: FileConfig {
+            common: CommonOptions::default(),
+            aio: o.aio.unwrap_or_default(),
+            locking,
+        },
+        image: Some(ImageSpec {
+            filename: o.filename,
+            locking,
+        }),
+        strong: Map::new(),
+    })
+}
+
+fn validate_file(config: &FileConfig) -> Result<(), ConfigError> {
+    if config.aio == Aio::Native && !config.common.direct {
+        return Err(ConfigError::NativeAioNeedsDirect);
+    }
+    Ok(())
+}
+
+fn open_file(
+    config: &FileConfig,
+    kind: FileKind,
+    fd: Option<OwnedFd>,
+) -> Result<Arc<dyn BlockIo>, crate::OpenError> {
+    let fd = fd.ok_or(crate::OpenError::MissingFd(match kind {
+        FileKind::File => "file",
+        FileKind::HostDevice => "host_device",
+    }))?;
+    Ok(Arc::new(FileDriver::new(fd, kind, config)?))
+}
+
+/// Both drivers serve every request natively and count their discards
+/// (file-posix's `discard-nb-ok`).
+const CAPS: crate::node::Capabilities = crate::node::Capabilities {
+    write_zeroes: true,
+    discard: true,
+    discard_stats: true,
+};
+
+impl BlockDriver for File {
+    type Config = FileConfig;
+    const INFO: DriverInfo = DriverInfo {
+        name: "file",
+        image: Some(FileKind::File),
+        protocol: true,
+        children: &[],
+        reopen_options: &[],
+        resize: Resize::Image,
+        caps: CAPS,
+        policy: "file",
+        format_threads: false,
+    };
+
+    fn parse(members: &Map<String, Value>) -> Result<Parsed<FileConfig>, ParseError> {
+        parse_file(members)
+    }
+    fn common(config: &FileConfig) -> &CommonOptions {
+        &config.common
+    }
+    fn common_mut(config: &mut FileConfig) -> &mut CommonOptions {
+        &mut config.common
+    }
+    fn validate(config: &FileConfig) -> Result<(), ConfigError> {
+        validate_file(config)
+    }
+    fn open(config: &FileConfig, fd: Option<OwnedFd>, _: Children) -> OpenFuture {
+        opened(open_file(config, FileKind::File, fd))
+    }
+}
+
+impl BlockDriver for HostDevice {
+    type Config = FileConfig;
+    const INFO: DriverInfo = DriverInfo {
+        name: "host_device",
+        image: Some(FileKind::HostDevice),
+        protocol: true,
+        children: &[],
+        reopen_options: &[],
+        resize: Resize::Image,
+        caps: CAPS,
+        policy: "file",
+        format_threads: false,
+    };
+
+    fn parse(members: &Map<String, Value>) -> Result<Parsed<FileConfig>, ParseError> {
+        parse_file(members)
+    }
+    fn common(config: &FileConfig) -> &CommonOptions {
+        &config.common
+    }
+    fn common_mut(config: &mut FileConfig) -> &mut CommonOptions {
+        &mut config.common
+    }
+    fn validate(config: &FileConfig) -> Result<(), ConfigError> {
+        validate_file(config)
+    }
+    fn resize_error(_: &FileConfig, err: &IoError) -> Option<String> {
+        matches!(err, IoError::Invalid).then(|| "Cannot grow device files".to_string())
+    }
+    fn open(config: &FileConfig, fd: Option<OwnedFd>, _: Children) -> OpenFuture {
+        opened(open_file(config, FileKind::HostDevice, fd))
+    }
+}
 
 /// Alignment used for `cache.direct=on`: a multiple of every logical block size Linux
 /// supports, so it is valid whatever the device's real one is.
@@ -218,10 +369,10 @@ impl FileDriver {
             device,
             size: AtomicU64::new(round_up(length, 512)),
             read_only: config.common.read_only,
-            direct: config.direct,
+            direct: config.common.direct,
             rmw: Arc::new(RwLock::new(())),
             data_run: DataRunCache::default(),
-            inline: Inline::new(fd.as_fd(), device, config.direct),
+            inline: Inline::new(fd.as_fd(), device, config.common.direct),
             fd: Arc::new(fd),
         })
     }

@@ -12,6 +12,25 @@ use std::pin::Pin;
 /// A boxed future returned by [`BlockIo`] methods.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = IoResult<T>> + Send + 'a>>;
 
+/// The future of a snapshot operation; its error is the text QEMU gives for it.
+pub type SnapshotFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// What a new internal snapshot records (`blockdev-snapshot-internal-sync`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotRequest {
+    /// Its name (the id is chosen by the format, as QEMU's are).
+    pub name: String,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u64,
+    /// Creation time, the nanoseconds.
+    pub date_nsec: u32,
+    /// The VM clock (a storage daemon's is the host's).
+    pub vm_clock_nsec: u64,
+}
+
+/// What a node without internal snapshots answers (QEMU's `-ENOTSUP`).
+pub const SNAPSHOTS_UNSUPPORTED: &str = "Operation not supported";
+
 /// Result of a node I/O operation.
 pub type IoResult<T> = Result<T, IoError>;
 
@@ -155,6 +174,104 @@ pub trait BlockIo: Send + Sync {
     fn alloc_buffer(&self, _len: usize) -> Option<IoBuffer> {
         None
     }
+
+    /// What a format driver read from its image (for queries, and the backing file
+    /// the image names); `None` for the drivers without an image format.
+    fn format_info(&self) -> Option<FormatInfo> {
+        None
+    }
+
+    /// Writes back what a clean close of the image writes and stops the node (a
+    /// format engine: reservations returned, bitmaps stored, the dirty bit cleared);
+    /// later requests fail. Called when the node goes and before a reopen opens the
+    /// image again; the default does nothing.
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Creates an internal snapshot of the image (qcow2).
+    fn snapshot_create(&self, _request: SnapshotRequest) -> SnapshotFuture<'_, ()> {
+        Box::pin(async { Err(SNAPSHOTS_UNSUPPORTED.to_string()) })
+    }
+
+    /// Deletes the internal snapshot matching `id` and/or `name`, returning it.
+    fn snapshot_delete(
+        &self,
+        _id: Option<String>,
+        _name: Option<String>,
+    ) -> SnapshotFuture<'_, SnapshotEntry> {
+        Box::pin(async { Err(SNAPSHOTS_UNSUPPORTED.to_string()) })
+    }
+}
+
+/// What a format driver read from its image: qcow2's header, snapshot table and
+/// bitmap directory. Every string comes from image bytes: untrusted, bounded by the
+/// format's own limits, and checked again by the supervisor before any use beyond
+/// showing it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct FormatInfo {
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// The image was not closed cleanly (lazy refcounts' dirty bit).
+    pub dirty: bool,
+    /// `compat`: `0.10` or `1.1`.
+    pub compat: String,
+    /// Lazy refcounts are on.
+    pub lazy_refcounts: bool,
+    /// Bits per refcount.
+    pub refcount_bits: u32,
+    /// The image is marked corrupt.
+    pub corrupt: bool,
+    /// Extended L2 entries (subclusters).
+    pub extended_l2: bool,
+    /// `zlib` or `zstd`.
+    pub compression_type: String,
+    /// The backing file the image names, as written in it.
+    pub backing_file: Option<String>,
+    /// The backing file's format, as written in it.
+    pub backing_format: Option<String>,
+    /// The external data file the image names.
+    pub data_file: Option<String>,
+    /// The data file holds the guest data raw.
+    pub data_file_raw: bool,
+    /// Persistent bitmaps (with the bitmaps extension).
+    pub bitmaps: Option<Vec<BitmapEntry>>,
+    /// Internal snapshots.
+    pub snapshots: Vec<SnapshotEntry>,
+}
+
+/// One persistent bitmap of an image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BitmapEntry {
+    /// Its name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Marked in use (not cleanly stored).
+    pub in_use: bool,
+    /// Tracks writes when loaded (`auto`).
+    pub auto: bool,
+}
+
+/// One internal snapshot of an image (`SnapshotInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotEntry {
+    /// `id`.
+    pub id: String,
+    /// `name`.
+    pub name: String,
+    /// `vm-state-size`.
+    pub vm_state_size: u64,
+    /// `date-sec`.
+    pub date_sec: u64,
+    /// `date-nsec`.
+    pub date_nsec: u64,
+    /// `vm-clock-sec`.
+    pub vm_clock_sec: u64,
+    /// `vm-clock-nsec`.
+    pub vm_clock_nsec: u64,
+    /// `icount`, when recorded.
+    pub icount: Option<u64>,
 }
 
 /// The future of [`BlockIo::read_sparse`].

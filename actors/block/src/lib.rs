@@ -10,8 +10,10 @@
 //!
 //! # Layout
 //! - [`io`]: the [`BlockIo`] trait, its error type and block-status extents.
-//! - [`config`]: serde driver configurations ([`DriverConfig`]) and their validation.
-//! - [`file`], [`raw`], [`null`]: the drivers; [`node`]: the generic option layer
+//! - [`driver`]: the [`driver::BlockDriver`] trait every driver module implements;
+//!   [`registry`]: the list of driver modules, which derives [`DriverKind`] and
+//!   [`DriverConfig`]; [`config`]: the generic options every configuration shares.
+//! - [`file`], [`raw`], [`null`], [`qcow2`]: the drivers; [`node`]: the generic option layer
 //!   (read-only, detect-zeroes, discard, no-flush) around each of them.
 //! - [`slot`]: a node whose implementation `blockdev-reopen` can replace under load.
 //! - [`stats`]: per-node counters, write threshold and write notifiers, which
@@ -21,6 +23,7 @@
 //! - [`open`]: the single entry point a driver worker calls.
 
 pub mod config;
+pub mod driver;
 pub mod file;
 pub mod io;
 pub mod lock;
@@ -28,7 +31,9 @@ pub mod mapped;
 pub mod node;
 pub mod null;
 pub mod posix;
+pub mod qcow2;
 pub mod raw;
+pub mod registry;
 pub mod slot;
 pub mod stats;
 pub mod threads;
@@ -37,10 +42,12 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 pub use config::DriverConfig;
+pub use driver::ChildRole;
 pub use io::{
-    BlockIo, Extent, IoBuffer, IoError, IoFuture, IoResult, SparseFuture, SparseReadError,
-    WriteFlags, ZeroFlags,
+    BitmapEntry, BlockIo, Extent, FormatInfo, IoBuffer, IoError, IoFuture, IoResult, SnapshotEntry,
+    SnapshotRequest, SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
 };
+pub use registry::DriverKind;
 
 /// Why a worker could not open a node.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,71 +55,69 @@ pub enum OpenError {
     /// The options are a combination qsd refuses (text is qsd's).
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    /// `file`/`host_device` without an fd.
+    /// A driver on an image file without its descriptor.
     #[error("the {0} driver needs an image descriptor")]
     MissingFd(&'static str),
-    /// `raw` without a child node.
-    #[error("the raw driver needs a child node")]
+    /// A driver that needs a child node got none.
+    #[error("the driver needs a child node")]
     MissingChild,
-    /// An fd or child was passed to a driver that takes none.
-    #[error("the {0} driver takes no descriptor or child")]
+    /// A descriptor was passed to a driver that takes none.
+    #[error("the {0} driver takes no descriptor")]
     Unexpected(&'static str),
+    /// The children do not match the driver's slots.
+    #[error(transparent)]
+    Roles(#[from] driver::RoleError),
     /// The fd is unusable for the driver.
     #[error(transparent)]
     File(#[from] file::FileOpenError),
     /// The raw window does not fit its child (text is qsd's).
     #[error(transparent)]
     Raw(#[from] raw::RawOpenError),
+    /// The image refuses to open (a format's header or tables); the text is QEMU's
+    /// for the same condition.
+    #[error("{0}")]
+    Image(String),
+    /// The image names an external data file, which its options did not give: the
+    /// supervisor opens the file it names (after its checks) and opens the node again
+    /// with it. The name comes from the image.
+    #[error("the image needs its data file '{0}'")]
+    NeedsDataFile(String),
+    /// A driver that needs the worker's executor was opened outside one.
+    #[error("the driver must be opened on the worker's executor")]
+    NoRuntime,
 }
 
 /// Opens a node with counters nobody else reads; see [`open_with`].
-pub fn open(
+pub async fn open(
     config: DriverConfig,
     fd: Option<OwnedFd>,
-    child: Option<Arc<dyn BlockIo>>,
+    children: Vec<(ChildRole, Arc<dyn BlockIo>)>,
 ) -> Result<Arc<dyn BlockIo>, OpenError> {
-    open_with(config, fd, child, stats::Accounting::default())
+    open_with(config, fd, children, stats::Accounting::default()).await
 }
 
-/// Opens a node in a driver worker: the driver for `config`, on `fd` (file and
-/// host_device) or over `child` (raw), wrapped in the generic option layer
+/// Opens a node in a driver worker: the driver for `config`, on `fd` (drivers on an
+/// image file) and over its `children`, wrapped in the generic option layer
 /// ([`node::Node`]) that records into `accounting`.
-pub fn open_with(
+pub async fn open_with(
     config: DriverConfig,
     fd: Option<OwnedFd>,
-    child: Option<Arc<dyn BlockIo>>,
+    children: Vec<(ChildRole, Arc<dyn BlockIo>)>,
     accounting: stats::Accounting,
 ) -> Result<Arc<dyn BlockIo>, OpenError> {
     config.validate()?;
-    let name = config.driver_name();
-    let common = *config.common();
-    let (driver, native_write_zeroes): (Arc<dyn BlockIo>, bool) = match (config, fd, child) {
-        (DriverConfig::File(c), Some(fd), None) => (
-            Arc::new(file::FileDriver::new(fd, file::FileKind::File, &c)?),
-            true,
-        ),
-        (DriverConfig::HostDevice(c), Some(fd), None) => (
-            Arc::new(file::FileDriver::new(fd, file::FileKind::HostDevice, &c)?),
-            true,
-        ),
-        (DriverConfig::File(_) | DriverConfig::HostDevice(_), None, _) => {
-            return Err(OpenError::MissingFd(name));
-        }
-        (DriverConfig::Raw(c), None, Some(child)) => {
-            (Arc::new(raw::RawDriver::new(&c, child)?), true)
-        }
-        (DriverConfig::Raw(_), _, None) => return Err(OpenError::MissingChild),
-        (DriverConfig::NullCo(c) | DriverConfig::NullAio(c), None, None) => {
-            (Arc::new(null::NullDriver::new(&c)), false)
-        }
-        _ => return Err(OpenError::Unexpected(name)),
-    };
-    // The native drivers (file, host_device, raw) zero and discard; null does neither.
-    // Only file-posix counts its discards.
-    let caps = node::Capabilities {
-        write_zeroes: native_write_zeroes,
-        discard: native_write_zeroes,
-        discard_stats: matches!(name, "file" | "host_device"),
-    };
-    Ok(Arc::new(node::Node::new(driver, common, caps, accounting)))
+    let info = config.kind().info();
+    let roles: Vec<ChildRole> = children.iter().map(|(r, _)| *r).collect();
+    driver::check_roles(info, &roles)?;
+    if fd.is_some() && !info.is_posix() {
+        return Err(OpenError::Unexpected(info.name));
+    }
+    let children = driver::Children::new(children).with_events(accounting.image_events.clone());
+    let io = config.open_driver(fd, children).await?;
+    Ok(Arc::new(node::Node::new(
+        io,
+        *config.common(),
+        info.caps,
+        accounting,
+    )))
 }

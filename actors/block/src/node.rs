@@ -82,20 +82,16 @@ impl Node {
 /// The QMP error text of a failed `block_resize` on a node opened with `driver`
 /// (qsd 10.0.2's texts).
 pub fn resize_error_text(driver: &DriverConfig, err: &IoError) -> String {
-    match (driver, err) {
-        (_, IoError::ReadOnly) => "Image is read-only".to_string(),
-        (DriverConfig::Raw(c), IoError::Unsupported) if c.size.is_some() => {
-            "Cannot resize fixed-size raw disks".to_string()
-        }
-        (DriverConfig::Raw(_), IoError::Invalid) => {
-            "Disk size too large for the chosen offset".to_string()
-        }
-        (DriverConfig::HostDevice(_), IoError::Invalid) => "Cannot grow device files".to_string(),
-        (_, IoError::Unsupported) => "Image format driver does not support resize".to_string(),
-        (_, IoError::Os(errno)) => {
+    if let Some(text) = driver.resize_error(err) {
+        return text;
+    }
+    match err {
+        IoError::ReadOnly => "Image is read-only".to_string(),
+        IoError::Unsupported => "Image format driver does not support resize".to_string(),
+        IoError::Os(errno) => {
             format!("Could not resize file: {}", crate::posix::strerror(*errno))
         }
-        (_, other) => crate::posix::strerror(other.errno()),
+        other => crate::posix::strerror(other.errno()),
     }
 }
 
@@ -216,6 +212,31 @@ impl BlockIo for Node {
 
     fn refresh(&self) -> IoFuture<'_, ()> {
         self.driver.refresh()
+    }
+
+    fn format_info(&self) -> Option<crate::io::FormatInfo> {
+        self.driver.format_info()
+    }
+
+    fn close(&self) -> IoFuture<'_, ()> {
+        self.driver.close()
+    }
+
+    fn snapshot_create(
+        &self,
+        request: crate::io::SnapshotRequest,
+    ) -> crate::io::SnapshotFuture<'_, ()> {
+        let node = self.driver.clone();
+        Box::pin(async move { node.snapshot_create(request).await })
+    }
+
+    fn snapshot_delete(
+        &self,
+        id: Option<String>,
+        name: Option<String>,
+    ) -> crate::io::SnapshotFuture<'_, crate::io::SnapshotEntry> {
+        let node = self.driver.clone();
+        Box::pin(async move { node.snapshot_delete(id, name).await })
     }
 
     fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
@@ -627,7 +648,9 @@ mod tests {
 
     #[test]
     fn resize_errors_carry_qsd_texts() {
-        use crate::config::{FileConfig, NullConfig, RawConfig};
+        use crate::file::FileConfig;
+        use crate::null::NullConfig;
+        use crate::raw::RawConfig;
         let file = DriverConfig::File(FileConfig::default());
         assert_eq!(
             resize_error_text(&file, &IoError::ReadOnly),

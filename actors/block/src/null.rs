@@ -12,11 +12,134 @@
 //! it would be worse than the memset. The two drivers behave the same here (QEMU's
 //! difference is only how completions are scheduled). No untrusted bytes are parsed.
 
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::NullConfig;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::CommonOptions;
+use crate::driver::{
+    BlockDriver, Children, DriverInfo, OpenFuture, ParseError, Parsed, Resize, decode, opened,
+    size_option,
+};
 use crate::file::check_range;
 use crate::io::{BlockIo, Extent, IoError, IoFuture, WriteFlags, ZeroFlags};
+
+/// `null-co` / `null-aio` configuration (`BlockdevOptionsNull`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NullConfig {
+    /// The generic node options.
+    pub common: CommonOptions,
+    /// `size` in bytes (default 1 GiB).
+    pub size: u64,
+    /// `read-zeroes`: qsd 10.0.2's default is `false` (reads leave the buffer as it was;
+    /// bulkhead zero-fills it anyway, see the module docs).
+    pub read_zeroes: bool,
+    /// `latency-ns`: every read, write and flush completes after this long.
+    pub latency_ns: u64,
+}
+
+/// qsd's default `size` of a null node: 1 GiB.
+pub const NULL_DEFAULT_SIZE: u64 = 1 << 30;
+
+impl Default for NullConfig {
+    fn default() -> NullConfig {
+        NullConfig {
+            common: CommonOptions::default(),
+            size: NULL_DEFAULT_SIZE,
+            read_zeroes: false,
+            latency_ns: 0,
+        }
+    }
+}
+
+/// `BlockdevOptionsNull`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct NullOptions {
+    /// QAPI `int`: the visitor lets negative values through; qsd 10.0.2 then aborts,
+    /// bulkhead refuses them.
+    size: Option<i64>,
+    /// QAPI `uint64` (`-1` arrives as 2^64-1).
+    latency_ns: Option<u64>,
+    read_zeroes: Option<bool>,
+}
+
+/// The `null-co` driver.
+pub struct NullCo;
+
+/// The `null-aio` driver (the same here: QEMU's difference is only how completions
+/// are scheduled).
+pub struct NullAio;
+
+fn parse_null(members: &Map<String, Value>) -> Result<Parsed<NullConfig>, ParseError> {
+    let o: NullOptions = decode(members)?;
+    let size = size_option(o.size, "size")?;
+    // QEMU's null driver reports `size` and `read-zeroes` as given (its strong
+    // options); `latency-ns` does not show in the filename.
+    let mut strong = Map::new();
+    if let Some(s) = size {
+        strong.insert("size".into(), s.into());
+    }
+    if let Some(z) = o.read_zeroes {
+        strong.insert("read-zeroes".into(), z.into());
+    }
+    Ok(Parsed {
+        config: NullConfig {
+            common: CommonOptions::default(),
+            size: size.unwrap_or(NULL_DEFAULT_SIZE),
+            read_zeroes: o.read_zeroes.unwrap_or(false),
+            latency_ns: o.latency_ns.unwrap_or(0),
+        },
+        image: None,
+        strong,
+    })
+}
+
+/// Null nodes neither zero nor discard natively: QEMU's null drivers have neither
+/// callback, so detected zeroes stay writes and discards end above the driver.
+const CAPS: crate::node::Capabilities = crate::node::Capabilities {
+    write_zeroes: false,
+    discard: false,
+    discard_stats: false,
+};
+
+macro_rules! null_driver {
+    ($marker:ty, $name:literal) => {
+        impl BlockDriver for $marker {
+            type Config = NullConfig;
+            const INFO: DriverInfo = DriverInfo {
+                name: $name,
+                image: None,
+                protocol: true,
+                children: &[],
+                reopen_options: &[],
+                resize: Resize::Unsupported,
+                caps: CAPS,
+                policy: "null",
+                format_threads: false,
+            };
+
+            fn parse(members: &Map<String, Value>) -> Result<Parsed<NullConfig>, ParseError> {
+                parse_null(members)
+            }
+            fn common(config: &NullConfig) -> &CommonOptions {
+                &config.common
+            }
+            fn common_mut(config: &mut NullConfig) -> &mut CommonOptions {
+                &mut config.common
+            }
+            fn open(config: &NullConfig, _: Option<OwnedFd>, _: Children) -> OpenFuture {
+                opened(Ok(Arc::new(NullDriver::new(config))))
+            }
+        }
+    };
+}
+
+null_driver!(NullCo, "null-co");
+null_driver!(NullAio, "null-aio");
 
 /// A `null-co` or `null-aio` node.
 #[derive(Debug, Clone)]

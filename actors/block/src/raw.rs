@@ -9,14 +9,158 @@
 //! ("Cannot resize fixed-size raw disks"); otherwise the child is truncated to
 //! `offset + new_size`. A raw node is read-only if configured so or if its child is.
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use crate::config::RawConfig;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::CommonOptions;
+use crate::driver::{
+    BlockDriver, ChildRole, ChildSlot, Children, DriverInfo, OpenFuture, ParseError, Parsed,
+    Resize, decode, opened, size_option,
+};
 use crate::file::check_range;
 use crate::io::{
     BlockIo, Extent, IoError, IoFuture, IoResult, SparseFuture, SparseReadError, WriteFlags,
     ZeroFlags, read_sparse_default,
 };
+
+/// `raw` configuration (`BlockdevOptionsRaw`): a window over the child node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawConfig {
+    /// The generic node options.
+    pub common: CommonOptions,
+    /// `offset`: where the window starts in the child.
+    pub offset: u64,
+    /// `size`: the window length; `None` means "up to the child's end", and only then
+    /// can the node be resized.
+    pub size: Option<u64>,
+}
+
+impl RawConfig {
+    /// The strong options QEMU reports for a window: `offset` and `size` as given.
+    fn strong(offset: Option<u64>, size: Option<u64>) -> Map<String, Value> {
+        let mut strong = Map::new();
+        if let Some(o) = offset {
+            strong.insert("offset".into(), o.into());
+        }
+        if let Some(s) = size {
+            strong.insert("size".into(), s.into());
+        }
+        strong
+    }
+}
+
+/// `BlockdevOptionsRaw` minus its `file` child (the supervisor resolves children).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawOptions {
+    offset: Option<i64>,
+    size: Option<i64>,
+}
+
+/// The `raw` driver.
+pub struct Raw;
+
+impl BlockDriver for Raw {
+    type Config = RawConfig;
+    const INFO: DriverInfo = DriverInfo {
+        name: "raw",
+        image: None,
+        protocol: false,
+        children: &[ChildSlot {
+            key: "file",
+            role: ChildRole::File,
+            required: true,
+        }],
+        reopen_options: &["offset", "size", "file"],
+        resize: Resize::Window,
+        // Zeroes and discards pass to the child; file-posix counts the discards.
+        caps: crate::node::Capabilities {
+            write_zeroes: true,
+            discard: true,
+            discard_stats: false,
+        },
+        policy: "raw",
+        format_threads: false,
+    };
+
+    fn parse(members: &Map<String, Value>) -> Result<Parsed<RawConfig>, ParseError> {
+        let o: RawOptions = decode(members)?;
+        let offset = size_option(o.offset, "offset")?;
+        let size = size_option(o.size, "size")?;
+        Ok(Parsed {
+            config: RawConfig {
+                common: CommonOptions::default(),
+                offset: offset.unwrap_or(0),
+                size,
+            },
+            image: None,
+            strong: RawConfig::strong(offset, size),
+        })
+    }
+
+    fn common(config: &RawConfig) -> &CommonOptions {
+        &config.common
+    }
+
+    fn common_mut(config: &mut RawConfig) -> &mut CommonOptions {
+        &mut config.common
+    }
+
+    fn check_children(
+        config: &RawConfig,
+        children: &[(ChildRole, u64)],
+    ) -> Result<(), crate::OpenError> {
+        let size = children
+            .iter()
+            .find(|(r, _)| *r == ChildRole::File)
+            .map_or(0, |c| c.1);
+        Ok(check_window(config, size)?)
+    }
+
+    fn holds_size(config: &RawConfig) -> bool {
+        config.offset > 0 || config.size.is_some()
+    }
+
+    fn reopen(
+        config: &mut RawConfig,
+        members: &Map<String, Value>,
+    ) -> Result<Option<Map<String, Value>>, ParseError> {
+        // Unlike blockdev-add, a negative offset or size is refused with a type error.
+        let o: RawOptions = decode(members)?;
+        let unsigned = |v: Option<i64>, k: &'static str| {
+            v.map(|n| u64::try_from(n).map_err(|_| ParseError::ExpectedInteger(k)))
+                .transpose()
+        };
+        let offset = unsigned(o.offset, "offset")?;
+        let size = unsigned(o.size, "size")?;
+        config.offset = offset.unwrap_or(0);
+        config.size = size;
+        Ok(Some(RawConfig::strong(offset, size)))
+    }
+
+    fn resize_error(config: &RawConfig, err: &IoError) -> Option<String> {
+        match err {
+            IoError::Unsupported if config.size.is_some() => {
+                Some("Cannot resize fixed-size raw disks".to_string())
+            }
+            IoError::Invalid => Some("Disk size too large for the chosen offset".to_string()),
+            _ => None,
+        }
+    }
+
+    fn open(config: &RawConfig, _: Option<OwnedFd>, mut children: Children) -> OpenFuture {
+        let mut opened_raw = || -> Result<Arc<dyn BlockIo>, crate::OpenError> {
+            let child = children
+                .take(ChildRole::File)
+                .ok_or(crate::OpenError::MissingChild)?;
+            Ok(Arc::new(RawDriver::new(config, child)?))
+        };
+        opened(opened_raw())
+    }
+}
 
 /// Why a raw window cannot be opened over its child; texts are qsd's (the double space
 /// in the second one is QEMU's).
@@ -243,7 +387,7 @@ impl BlockIo for RawDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::NullConfig;
+    use crate::null::NullConfig;
     use crate::null::NullDriver;
 
     fn null(size: u64, read_zeroes: bool) -> Arc<dyn BlockIo> {

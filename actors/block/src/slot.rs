@@ -20,6 +20,21 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A replaceable node.
 pub struct Slot {
     current: RwLock<Arc<dyn BlockIo>>,
+    /// For nodes whose driver owns its image's metadata (a format engine): every
+    /// request holds it shared, and a reopen holds it exclusively while the old
+    /// implementation closes and the new one opens, so two engines never run on one
+    /// image at once. `None` for the others, which pay nothing for it.
+    gate: Option<tokio::sync::RwLock<()>>,
+}
+
+/// A request's (shared) or a reopen's (exclusive) hold on a gated slot.
+pub enum Hold<'a> {
+    /// The slot has no gate.
+    Free,
+    /// A request's.
+    Shared(tokio::sync::RwLockReadGuard<'a, ()>),
+    /// A reopen's: no request runs until it is dropped.
+    Exclusive(tokio::sync::RwLockWriteGuard<'a, ()>),
 }
 
 impl std::fmt::Debug for Slot {
@@ -38,7 +53,39 @@ impl Slot {
     pub fn new(node: Arc<dyn BlockIo>) -> Slot {
         Slot {
             current: RwLock::new(node),
+            gate: None,
         }
+    }
+
+    /// A slot holding `node`, whose reopens run exclusively (see [`Slot::exclusive`]).
+    pub fn gated(node: Arc<dyn BlockIo>) -> Slot {
+        Slot {
+            current: RwLock::new(node),
+            gate: Some(tokio::sync::RwLock::new(())),
+        }
+    }
+
+    /// Waits until no request runs on the slot and holds new ones back until the
+    /// returned hold is dropped (a gated slot; others return at once).
+    pub async fn exclusive(&self) -> Hold<'_> {
+        match &self.gate {
+            Some(g) => Hold::Exclusive(g.write().await),
+            None => Hold::Free,
+        }
+    }
+
+    /// Puts `node` in place at once (under an exclusive hold: nothing runs on the old).
+    pub fn set(&self, node: Arc<dyn BlockIo>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = node;
+    }
+
+    /// A request's hold, then the implementation to run it on.
+    async fn enter(&self) -> (Hold<'_>, Arc<dyn BlockIo>) {
+        let hold = match &self.gate {
+            Some(g) => Hold::Shared(g.read().await),
+            None => Hold::Free,
+        };
+        (hold, self.current())
     }
 
     /// The implementation new requests go to.
@@ -80,52 +127,102 @@ impl BlockIo for Slot {
     }
 
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
-        let node = self.current();
-        Box::pin(async move { node.read(offset, buf).await })
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.read(offset, buf).await
+        })
     }
 
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
-        let node = self.current();
-        Box::pin(async move { node.write(offset, buf, flags).await })
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.write(offset, buf, flags).await
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> IoFuture<'_, ()> {
-        let node = self.current();
-        Box::pin(async move { node.write_zeroes(offset, len, flags).await })
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.write_zeroes(offset, len, flags).await
+        })
     }
 
     fn discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        let node = self.current();
-        Box::pin(async move { node.discard(offset, len).await })
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.discard(offset, len).await
+        })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
-        let node = self.current();
-        Box::pin(async move { node.flush().await })
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.flush().await
+        })
     }
 
     fn block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
-        let node = self.current();
-        Box::pin(async move { node.block_status(offset, len).await })
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.block_status(offset, len).await
+        })
     }
 
     fn refresh(&self) -> IoFuture<'_, ()> {
-        let node = self.current();
-        Box::pin(async move { node.refresh().await })
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.refresh().await
+        })
     }
 
     fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
-        let node = self.current();
-        Box::pin(async move { node.resize(new_size).await })
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.resize(new_size).await
+        })
     }
 
     fn read_sparse<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> SparseFuture<'a> {
-        let node = self.current();
-        Box::pin(async move { node.read_sparse(offset, buf).await })
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.read_sparse(offset, buf).await
+        })
     }
 
     fn alloc_buffer(&self, len: usize) -> Option<IoBuffer> {
         self.current().alloc_buffer(len)
+    }
+
+    fn format_info(&self) -> Option<crate::io::FormatInfo> {
+        self.current().format_info()
+    }
+
+    fn snapshot_create(
+        &self,
+        request: crate::io::SnapshotRequest,
+    ) -> crate::io::SnapshotFuture<'_, ()> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.snapshot_create(request).await
+        })
+    }
+
+    fn snapshot_delete(
+        &self,
+        id: Option<String>,
+        name: Option<String>,
+    ) -> crate::io::SnapshotFuture<'_, crate::io::SnapshotEntry> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.snapshot_delete(id, name).await
+        })
+    }
+
+    fn close(&self) -> IoFuture<'_, ()> {
+        // Closing runs under the caller's exclusive hold (a reopen) or when the
+        // node is gone (no requests): it takes none itself.
+        let node = self.current();
+        Box::pin(async move { node.close().await })
     }
 }
 

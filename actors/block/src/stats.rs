@@ -159,6 +159,15 @@ pub trait ThresholdSink: Send + Sync {
     fn crossed(&self, threshold: u64, end: u64) -> SinkFuture<'_>;
 }
 
+/// Where a format driver reports what it found wrong in its image (a worker sends it to
+/// the supervisor, which emits `BLOCK_IMAGE_CORRUPTED`). Called from the driver's
+/// threads: implementations must not block.
+pub trait ImageEvents: Send + Sync {
+    /// A metadata inconsistency: QEMU's message, the host offset and size of the
+    /// access that found it, and whether the image is now marked corrupt.
+    fn corrupted(&self, msg: &str, offset: Option<u64>, size: Option<u64>, fatal: bool);
+}
+
 /// Everything the node layer records for one node.
 pub struct Accounting {
     /// The node's counters.
@@ -167,6 +176,8 @@ pub struct Accounting {
     pub threshold_sink: Option<std::sync::Arc<dyn ThresholdSink>>,
     /// Write notifiers (dirty bitmaps), in the order they were added.
     pub notifiers: Vec<std::sync::Arc<dyn WriteNotifier>>,
+    /// Where the node's driver reports corruption; `None` only logs it.
+    pub image_events: Option<std::sync::Arc<dyn ImageEvents>>,
 }
 
 impl std::fmt::Debug for Accounting {
@@ -184,6 +195,7 @@ impl Default for Accounting {
             counters: CountersRef::local(),
             threshold_sink: None,
             notifiers: Vec::new(),
+            image_events: None,
         }
     }
 }

@@ -28,23 +28,40 @@ pub const DEFAULT_IO_THREADS: usize = 4;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-/// The worker-wide pool of I/O threads.
+/// A worker-wide pool of threads.
 struct IoThreads {
     // `Sender` is `Sync`, so requests from any executor thread queue here without a lock.
     queue: Sender<Job>,
 }
 
+/// The file syscalls' threads: they only ever run syscalls, never wait for another job.
 static POOL: OnceLock<IoThreads> = OnceLock::new();
+/// The format engines' threads (qcow2): an engine blocks on its children's I/O, which
+/// runs on [`POOL`] (or, for a node in another worker, on the executor), never here,
+/// so a full format pool cannot starve the requests it waits for. A format node over
+/// another format node in the same worker (a backing chain) runs the lower engine
+/// inline on the same thread.
+static FORMAT_POOL: OnceLock<IoThreads> = OnceLock::new();
 // Serialises pool creation so that two racing first users do not both spawn threads.
 static START: Mutex<()> = Mutex::new(());
 
-/// Starts `count` I/O threads (at least one) for this process. Call it at worker start-up,
-/// before the seccomp filter forbids creating threads. Later calls do nothing.
-pub fn start_io_threads(count: usize) -> std::io::Result<()> {
+thread_local! {
+    static ON_FORMAT_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Format threads started when nothing called [`start_format_threads`] first.
+pub const DEFAULT_FORMAT_THREADS: usize = 4;
+
+fn start(
+    pool: &'static OnceLock<IoThreads>,
+    name: &str,
+    format: bool,
+    count: usize,
+) -> std::io::Result<()> {
     let _guard = START
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if POOL.get().is_some() {
+    if pool.get().is_some() {
         return Ok(());
     }
     let (queue, jobs) = channel::<Job>();
@@ -52,12 +69,31 @@ pub fn start_io_threads(count: usize) -> std::io::Result<()> {
     for index in 0..count.max(1) {
         let jobs = Arc::clone(&jobs);
         std::thread::Builder::new()
-            .name(format!("bulkhead-io{index}"))
-            .spawn(move || run_jobs(&jobs))?;
+            .name(format!("{name}{index}"))
+            .spawn(move || {
+                ON_FORMAT_THREAD.with(|f| f.set(format));
+                run_jobs(&jobs)
+            })?;
     }
-    // Only this function sets POOL, under START, after checking it is empty.
-    let _ = POOL.set(IoThreads { queue });
+    // Only this function sets a pool, under START, after checking it is empty.
+    let _ = pool.set(IoThreads { queue });
     Ok(())
+}
+
+/// Starts `count` I/O threads (at least one) for this process. Call it at worker start-up,
+/// before the seccomp filter forbids creating threads. Later calls do nothing.
+pub fn start_io_threads(count: usize) -> std::io::Result<()> {
+    start(&POOL, "bulkhead-io", false, count)
+}
+
+/// Starts `count` format threads (at least one), as [`start_io_threads`] does.
+pub fn start_format_threads(count: usize) -> std::io::Result<()> {
+    start(&FORMAT_POOL, "bulkhead-fmt", true, count)
+}
+
+/// Whether the caller is a format thread (a nested format request runs inline).
+pub fn on_format_thread() -> bool {
+    ON_FORMAT_THREAD.with(|f| f.get())
 }
 
 fn run_jobs(jobs: &Mutex<Receiver<Job>>) {
@@ -100,6 +136,23 @@ fn pool() -> IoResult<&'static IoThreads> {
             POOL.get().ok_or(IoError::Os(libc::EAGAIN))
         }
     }
+}
+
+fn format_pool() -> IoResult<&'static IoThreads> {
+    match FORMAT_POOL.get() {
+        Some(pool) => Ok(pool),
+        None => {
+            start_format_threads(DEFAULT_FORMAT_THREADS)?;
+            FORMAT_POOL.get().ok_or(IoError::Os(libc::EAGAIN))
+        }
+    }
+}
+
+/// Which pool a buffer job runs on.
+#[derive(Clone, Copy)]
+enum Which {
+    Io,
+    Format,
 }
 
 /// A borrowed buffer's address, sent to an I/O thread.
@@ -170,12 +223,15 @@ impl<T> Drop for BufferJob<'_, T> {
 /// Runs `work` on an I/O thread on the caller's buffer, without copying it. `work`
 /// gets the buffer's address and length and must only use them as one slice of
 /// `buf` (reading, or writing if `buf` came in mutable).
-fn run_raw<'a, T, F>(buf: RawBuf, work: F) -> IoResult<BufferJob<'a, T>>
+fn run_raw<'a, T, F>(which: Which, buf: RawBuf, work: F) -> IoResult<BufferJob<'a, T>>
 where
     T: Send + 'static,
     F: FnOnce(RawBuf) -> IoResult<T> + Send + 'static,
 {
-    let pool = pool()?;
+    let pool = match which {
+        Which::Io => pool()?,
+        Which::Format => format_pool()?,
+    };
     let state = Arc::new(JobState {
         slot: Mutex::new(JobSlot {
             result: None,
@@ -220,12 +276,72 @@ where
         ptr: buf.as_mut_ptr(),
         len: buf.len(),
     };
-    run_raw(raw, move |b| {
+    run_raw(Which::Io, raw, move |b| {
         // SAFETY: `b` is `buf`, exclusively borrowed until the job is done (the
         // returned future holds the borrow and waits for the job if dropped early).
         work(unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len) })
     })?
     .await
+}
+
+/// Runs `work` on a format thread (inline when already on one), filling the caller's
+/// `buf` in place.
+pub async fn run_format_on_buffer<T, F>(buf: &mut [u8], work: F) -> IoResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut [u8]) -> IoResult<T> + Send + 'static,
+{
+    if on_format_thread() {
+        return work(buf);
+    }
+    let raw = RawBuf {
+        ptr: buf.as_mut_ptr(),
+        len: buf.len(),
+    };
+    run_raw(Which::Format, raw, move |b| {
+        // SAFETY: as in `run_on_buffer`.
+        work(unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len) })
+    })?
+    .await
+}
+
+/// Runs `work` on a format thread (inline when already on one), reading the caller's
+/// `buf` in place.
+pub async fn run_format_on_slice<T, F>(buf: &[u8], work: F) -> IoResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&[u8]) -> IoResult<T> + Send + 'static,
+{
+    if on_format_thread() {
+        return work(buf);
+    }
+    let raw = RawBuf {
+        ptr: buf.as_ptr().cast_mut(),
+        len: buf.len(),
+    };
+    run_raw(Which::Format, raw, move |b| {
+        // SAFETY: as in `run_on_slice`; only read.
+        work(unsafe { std::slice::from_raw_parts(b.ptr.cast_const(), b.len) })
+    })?
+    .await
+}
+
+/// Runs `work` on a format thread (inline when already on one).
+pub async fn run_format<T, F>(work: F) -> IoResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> IoResult<T> + Send + 'static,
+{
+    if on_format_thread() {
+        return work();
+    }
+    let pool = format_pool()?;
+    let (done, result) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = done.send(work());
+    });
+    pool.queue.send(job).map_err(|_| IoError::Os(libc::EIO))?;
+    result.await.unwrap_or(Err(IoError::Os(libc::EIO)))
 }
 
 /// Runs `work` on an I/O thread, reading the caller's `buf` in place.
@@ -238,7 +354,7 @@ where
         ptr: buf.as_ptr().cast_mut(),
         len: buf.len(),
     };
-    run_raw(raw, move |b| {
+    run_raw(Which::Io, raw, move |b| {
         // SAFETY: `b` is `buf`, borrowed until the job is done (as above); it is
         // only read.
         work(unsafe { std::slice::from_raw_parts(b.ptr.cast_const(), b.len) })

@@ -4,16 +4,19 @@ mod common;
 
 use std::sync::Arc;
 
-use bulkhead_block::config::{CommonOptions, DetectZeroes, Discard, FileConfig, RawConfig};
+use bulkhead_block::ChildRole;
+use bulkhead_block::config::{CommonOptions, DetectZeroes, Discard};
+use bulkhead_block::file::FileConfig;
 use bulkhead_block::posix::{actual_size, image_file_info};
+use bulkhead_block::raw::RawConfig;
 use bulkhead_block::{BlockIo, DriverConfig, Extent, IoError, WriteFlags, ZeroFlags, open};
 use common::{Scratch, read_back};
 
 const MIB: u64 = 1 << 20;
 
-fn file_node(path: &std::path::Path, config: FileConfig) -> Arc<dyn BlockIo> {
-    let fd = common::open(path, config.common.read_only, config.direct);
-    match open(DriverConfig::File(config), Some(fd), None) {
+async fn file_node(path: &std::path::Path, config: FileConfig) -> Arc<dyn BlockIo> {
+    let fd = common::open(path, config.common.read_only, config.common.direct);
+    match open(DriverConfig::File(config), Some(fd), vec![]).await {
         Ok(node) => node,
         Err(e) => panic!("open failed: {e}"),
     }
@@ -62,7 +65,7 @@ fn allocated(path: &std::path::Path) -> u64 {
 async fn written_data_reads_back_and_lands_at_the_same_file_offset() {
     let s = Scratch::new("rw");
     let path = s.sparse("a.raw", MIB);
-    let node = file_node(&path, FileConfig::default());
+    let node = file_node(&path, FileConfig::default()).await;
     assert_eq!(node.size(), MIB);
     let pattern: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(
@@ -83,7 +86,7 @@ async fn the_node_size_is_the_file_length_rounded_up_and_the_tail_reads_as_zeroe
     if let Err(e) = std::fs::write(&path, vec![0x5au8; 1000]) {
         panic!("{e}");
     }
-    let node = file_node(&path, FileConfig::default());
+    let node = file_node(&path, FileConfig::default()).await;
     assert_eq!(node.size(), 1024);
     let mut buf = [0xffu8; 48];
     assert_eq!(node.read(976, &mut buf).await, Ok(()));
@@ -95,7 +98,7 @@ async fn the_node_size_is_the_file_length_rounded_up_and_the_tail_reads_as_zeroe
 async fn requests_beyond_the_node_are_out_of_range() {
     let s = Scratch::new("oor");
     let path = s.sparse("a.raw", 65536);
-    let node = file_node(&path, FileConfig::default());
+    let node = file_node(&path, FileConfig::default()).await;
     let mut buf = [0u8; 512];
     assert_eq!(
         node.read(65536 - 511, &mut buf).await,
@@ -125,7 +128,7 @@ async fn read_only_nodes_refuse_writes_but_read() {
         },
         ..FileConfig::default()
     };
-    let node = file_node(&path, config);
+    let node = file_node(&path, config).await;
     assert!(node.read_only());
     let buf = [1u8; 512];
     assert_eq!(
@@ -147,7 +150,7 @@ async fn read_only_nodes_refuse_writes_but_read() {
 async fn block_status_follows_seek_hole_on_a_sparse_file() {
     let s = Scratch::new("bs");
     let path = s.sparse("s.raw", MIB);
-    let node = file_node(&path, FileConfig::default());
+    let node = file_node(&path, FileConfig::default()).await;
     assert_eq!(
         node.write(65536, &[7u8; 16384], WriteFlags::default())
             .await,
@@ -168,7 +171,7 @@ async fn block_status_follows_seek_hole_on_a_sparse_file() {
 async fn discard_unmap_punches_a_hole_and_discard_ignore_keeps_data() {
     let s = Scratch::new("discard");
     let path = s.sparse("a.raw", MIB);
-    let node = file_node(&path, unmap_config());
+    let node = file_node(&path, unmap_config()).await;
     assert_eq!(
         node.write(0, &[3u8; 131072], WriteFlags::default()).await,
         Ok(())
@@ -185,7 +188,7 @@ async fn discard_unmap_punches_a_hole_and_discard_ignore_keeps_data() {
     assert_eq!(node.read(0, &mut buf).await, Ok(()));
     assert_eq!(buf, [0u8; 512]);
 
-    let ignoring = file_node(&path, FileConfig::default());
+    let ignoring = file_node(&path, FileConfig::default()).await;
     assert_eq!(ignoring.discard(65536, 65536).await, Ok(()));
     assert_eq!(allocated(&path), 65536);
     assert_eq!(read_back(&path, 65536, 4), vec![3u8; 4]);
@@ -195,7 +198,7 @@ async fn discard_unmap_punches_a_hole_and_discard_ignore_keeps_data() {
 async fn write_zeroes_punches_only_when_unmapping_is_allowed() {
     let s = Scratch::new("wz");
     let path = s.sparse("a.raw", MIB);
-    let node = file_node(&path, unmap_config());
+    let node = file_node(&path, unmap_config()).await;
     assert_eq!(
         node.write(0, &[9u8; 262144], WriteFlags::default()).await,
         Ok(())
@@ -226,7 +229,7 @@ async fn write_zeroes_punches_only_when_unmapping_is_allowed() {
     assert_eq!(read_back(&path, 131072, 2), vec![9u8; 2]);
 
     // discard=ignore takes the permission to unmap away: nothing is deallocated.
-    let keeping = file_node(&path, FileConfig::default());
+    let keeping = file_node(&path, FileConfig::default()).await;
     assert_eq!(keeping.write_zeroes(131072, 65536, unmap).await, Ok(()));
     assert_eq!(allocated(&path), before);
     assert_eq!(read_back(&path, 131072, 65536), vec![0u8; 65536]);
@@ -238,7 +241,7 @@ async fn detect_zeroes_unmap_turns_a_zero_write_into_a_hole() {
     let path = s.sparse("a.raw", MIB);
     let mut config = unmap_config();
     config.common.detect_zeroes = DetectZeroes::Unmap;
-    let node = file_node(&path, config);
+    let node = file_node(&path, config).await;
     assert_eq!(
         node.write(0, &[1u8; 65536], WriteFlags::default()).await,
         Ok(())
@@ -256,7 +259,7 @@ async fn detect_zeroes_unmap_turns_a_zero_write_into_a_hole() {
 async fn resize_truncates_the_file_and_changes_the_node_size() {
     let s = Scratch::new("resize");
     let path = s.sparse("a.raw", MIB);
-    let node = file_node(&path, FileConfig::default());
+    let node = file_node(&path, FileConfig::default()).await;
     assert_eq!(node.resize(2 * MIB).await, Ok(()));
     assert_eq!(node.size(), 2 * MIB);
     assert_eq!(
@@ -282,8 +285,10 @@ async fn host_devices_cannot_grow_and_shrinking_changes_nothing() {
     let node = match open(
         DriverConfig::HostDevice(FileConfig::default()),
         Some(fd),
-        None,
-    ) {
+        vec![],
+    )
+    .await
+    {
         Ok(node) => node,
         Err(e) => panic!("{e}"),
     };
@@ -311,11 +316,9 @@ async fn host_devices_cannot_grow_and_shrinking_changes_nothing() {
 async fn direct_io_handles_unaligned_requests() {
     let s = Scratch::new("direct");
     let path = s.sparse("a.raw", MIB);
-    let config = FileConfig {
-        direct: true,
-        ..FileConfig::default()
-    };
-    let node = file_node(&path, config);
+    let mut config = FileConfig::default();
+    config.common.direct = true;
+    let node = file_node(&path, config).await;
     let pattern: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8 + 1).collect();
     assert_eq!(
         node.write(4097, &pattern, WriteFlags::default()).await,
@@ -337,13 +340,19 @@ async fn direct_io_handles_unaligned_requests() {
 async fn raw_windows_translate_offsets_into_the_file() {
     let s = Scratch::new("raw");
     let path = s.sparse("a.raw", MIB);
-    let file = file_node(&path, FileConfig::default());
+    let file = file_node(&path, FileConfig::default()).await;
     let window = RawConfig {
         offset: 4096,
         size: Some(65536),
         ..RawConfig::default()
     };
-    let raw = match open(DriverConfig::Raw(window), None, Some(Arc::clone(&file))) {
+    let raw = match open(
+        DriverConfig::Raw(window),
+        None,
+        vec![(ChildRole::File, Arc::clone(&file))],
+    )
+    .await
+    {
         Ok(node) => node,
         Err(e) => panic!("{e}"),
     };
@@ -378,12 +387,18 @@ async fn raw_windows_translate_offsets_into_the_file() {
 async fn an_open_ended_raw_window_resizes_its_child_to_offset_plus_size() {
     let s = Scratch::new("rawresize");
     let path = s.sparse("a.raw", MIB);
-    let file = file_node(&path, FileConfig::default());
+    let file = file_node(&path, FileConfig::default()).await;
     let window = RawConfig {
         offset: 131072,
         ..RawConfig::default()
     };
-    let raw = match open(DriverConfig::Raw(window), None, Some(Arc::clone(&file))) {
+    let raw = match open(
+        DriverConfig::Raw(window),
+        None,
+        vec![(ChildRole::File, Arc::clone(&file))],
+    )
+    .await
+    {
         Ok(node) => node,
         Err(e) => panic!("{e}"),
     };
@@ -402,7 +417,7 @@ async fn query_info_reports_virtual_and_actual_size() {
     let s = Scratch::new("info");
     let path = s.sparse("a.raw", 1000);
     let fd = common::open(&path, false, false);
-    let node = match open(DriverConfig::File(FileConfig::default()), Some(fd), None) {
+    let node = match open(DriverConfig::File(FileConfig::default()), Some(fd), vec![]).await {
         Ok(node) => node,
         Err(e) => panic!("{e}"),
     };
@@ -418,23 +433,29 @@ async fn query_info_reports_virtual_and_actual_size() {
     );
 }
 
-#[test]
-fn open_refuses_missing_or_unexpected_inputs() {
-    let err = open(DriverConfig::File(FileConfig::default()), None, None).map(|_| ());
+#[tokio::test]
+async fn open_refuses_missing_or_unexpected_inputs() {
+    let err = open(DriverConfig::File(FileConfig::default()), None, vec![])
+        .await
+        .map(|_| ());
     assert_eq!(
         err.map_err(|e| e.to_string()),
         Err("the file driver needs an image descriptor".to_string())
     );
-    let err = open(DriverConfig::Raw(RawConfig::default()), None, None).map(|_| ());
+    let err = open(DriverConfig::Raw(RawConfig::default()), None, vec![])
+        .await
+        .map(|_| ());
     assert_eq!(
         err.map_err(|e| e.to_string()),
-        Err("the raw driver needs a child node".to_string())
+        Err("the raw driver needs a file child".to_string())
     );
     let mut bad = FileConfig::default();
     bad.common.detect_zeroes = DetectZeroes::Unmap;
     let s = Scratch::new("bad");
     let fd = common::open(&s.sparse("a.raw", 4096), false, false);
-    let err = open(DriverConfig::File(bad), Some(fd), None).map(|_| ());
+    let err = open(DriverConfig::File(bad), Some(fd), vec![])
+        .await
+        .map(|_| ());
     assert_eq!(
         err.map_err(|e| e.to_string()),
         Err("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".to_string())
@@ -446,13 +467,9 @@ async fn many_concurrent_requests_all_complete_with_their_own_data() {
     let s = Scratch::new("concurrent");
     let path = s.sparse("a.raw", MIB);
     for direct in [false, true] {
-        let node = file_node(
-            &path,
-            FileConfig {
-                direct,
-                ..FileConfig::default()
-            },
-        );
+        let mut config = FileConfig::default();
+        config.common.direct = direct;
+        let node = file_node(&path, config).await;
         let mut tasks = Vec::new();
         for i in 0..64u64 {
             let node = Arc::clone(&node);

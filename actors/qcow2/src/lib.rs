@@ -22,6 +22,7 @@ mod compress;
 mod error;
 mod header;
 mod meta;
+mod probe;
 mod refcount;
 mod repair;
 mod snapshot;
@@ -34,6 +35,7 @@ pub use bitmap::BitmapInfo;
 pub use error::{Error, Result};
 pub use header::{CompressionType, FeatureName};
 pub use meta::OverlapCheck;
+pub use probe::{HeaderFacts, header_facts, named_data_file};
 pub use snapshot::SnapshotInfo;
 pub use storage::{Backing, FdStorage, MemStorage, Storage};
 

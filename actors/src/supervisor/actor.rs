@@ -161,13 +161,20 @@ impl Handler<StartupComplete> for SupervisorActor {
 pub struct Shutdown;
 
 impl Handler<Shutdown> for SupervisorActor {
-    type Result = ();
-    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) {
-        if let Some(core) = self.core.as_mut() {
+    type Result = AtomicResponse<Self, ()>;
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        self.on_core((), |mut core| async move {
+            // Exports go first, then nodes close (a format writes back what a clean
+            // close writes, as qsd's quit does), within a bound; then every worker goes.
+            for w in core.workers().filter(|w| !w.kind().hosts_nodes()) {
+                w.kill();
+            }
+            core.close_all_nodes().await;
             core.stop();
             for w in core.workers() {
                 w.kill();
             }
-        }
+            (core, ())
+        })
     }
 }

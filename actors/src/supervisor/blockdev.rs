@@ -7,55 +7,37 @@
 
 use std::os::fd::AsFd;
 
-use bulkhead_block::config::{
-    Aio, CommonOptions, DetectZeroes, Discard, DriverConfig, FileConfig, NullConfig, OnOffAuto,
-    RawConfig,
-};
+use bulkhead_block::FormatInfo;
+use bulkhead_block::config::{CommonOptions, DetectZeroes, Discard, DriverConfig};
+use bulkhead_block::driver::{ParseError, Parsed, Resize};
 use bulkhead_block::file::FileKind;
 use bulkhead_block::posix;
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::{NodeId, NodeRef, Reply, ToWorker, WorkerId};
 use bulkhead_qmp::qapi::id_wellformed;
 use bulkhead_qmp::qapi::types::{
-    self, BlockdevAioOptions, BlockdevDetectZeroesOptions, BlockdevDiscardOptions,
-    BlockdevDriverOptions, BlockdevOptions, BlockdevOptionsFile, BlockdevRef,
+    self, BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions, BlockdevRefOrNull,
 };
 use serde_json::{Map, Value};
 
-use super::drivers::Resize;
 use super::graph::{Driver, Node, Role};
 use super::placement::Placement;
 use super::{Core, QmpError, call_error, errors};
 
+/// How long the nodes may take to close when the daemon exits.
+const CLOSE_ALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// QEMU's limit on node names (`BlockDriverState.node_name[32]`).
 const MAX_NODE_NAME: usize = 31;
 
-/// A `file` child: an existing node, or options for a new one.
+/// A child named in a node's options: an existing node, or options for a new one.
 enum ChildSpec {
     Ref(String),
     Inline(Box<Spec>),
 }
 
-enum SpecKind {
-    Posix {
-        filename: String,
-        aio: Aio,
-        locking: OnOffAuto,
-    },
-    Raw {
-        offset: Option<u64>,
-        size: Option<u64>,
-        child: ChildSpec,
-    },
-    Null {
-        size: Option<u64>,
-        read_zeroes: bool,
-        latency_ns: u64,
-    },
-}
-
 /// One node's options, parsed from `BlockdevOptions`.
-struct Spec {
+pub(super) struct Spec {
     name: Option<String>,
     driver: Driver,
     read_only: Option<bool>,
@@ -67,11 +49,20 @@ struct Spec {
     auto_read_only: bool,
     /// `active`: absent means active.
     active: Option<bool>,
-    strong: Map<String, Value>,
-    /// The options as given, flattened (`cache.direct`); an inline child's become
-    /// its node-name once it exists (see `Node::options`).
+    /// The driver's own options, parsed by its module (generic options still the
+    /// defaults).
+    parsed: Parsed<DriverConfig>,
+    /// Its children by role, as named in its options.
+    children: Vec<(Role, ChildSpec)>,
+    /// Its options name its backing (a node, options, or `null` for none): the
+    /// backing file its image names is then not opened.
+    backing_given: bool,
+    /// `backing: null`: kept among its options as QEMU keeps it (it shows in the
+    /// node's `json:` filename).
+    backing_null: bool,
+    /// The options as given, flattened (`cache.direct`), without the children
+    /// (which become their node-names once they exist, see `Node::options`).
     given: Map<String, Value>,
-    kind: SpecKind,
 }
 
 /// QEMU's `qdict_flatten`: nested objects become dotted keys.
@@ -96,91 +87,55 @@ pub(super) fn flatten(m: &Map<String, Value>) -> Map<String, Value> {
     out
 }
 
-/// A QAPI `int` where QEMU parses a size: negatives are refused with
-/// `parse_option_size`'s text (qsd aborts there; we answer).
-fn size(value: Option<i64>, parameter: &str) -> Result<Option<u64>, QmpError> {
-    value
-        .map(|n| u64::try_from(n).map_err(|_| errors::out_of_range(n, parameter)))
-        .transpose()
-}
-
-fn posix_kind(f: &BlockdevOptionsFile) -> SpecKind {
-    SpecKind::Posix {
-        filename: f.filename.clone(),
-        aio: match f.aio {
-            Some(BlockdevAioOptions::Native) => Aio::Native,
-            Some(BlockdevAioOptions::IoUring) => Aio::IoUring,
-            Some(BlockdevAioOptions::Threads) | None => Aio::Threads,
-        },
-        locking: match f.locking {
-            Some(types::OnOffAuto::On) => OnOffAuto::On,
-            Some(types::OnOffAuto::Off) => OnOffAuto::Off,
-            Some(types::OnOffAuto::Auto) | None => OnOffAuto::Auto,
-        },
+/// The driver bulkhead implements for a QAPI `BlockdevDriver`, if any.
+pub(super) fn driver_of(qapi: types::BlockdevDriver) -> Option<Driver> {
+    match serde_json::to_value(qapi) {
+        Ok(Value::String(name)) => Driver::by_name(&name),
+        _ => None,
     }
 }
 
 /// Parses one node's options; `given` is the object they were decoded from (an inline
-/// child's is its `file` member).
-fn parse_spec(options: &BlockdevOptions, given: &Map<String, Value>) -> Result<Spec, QmpError> {
+/// child's is its member in its parent's).
+pub(super) fn parse_spec(
+    options: &BlockdevOptions,
+    given: &Map<String, Value>,
+) -> Result<Spec, QmpError> {
     let base = &options.base;
-    let mut strong = Map::new();
-    let (driver, kind) = match &options.driver {
-        BlockdevDriverOptions::File(f) => (Driver::File, posix_kind(f)),
-        BlockdevDriverOptions::HostDevice(f) => (Driver::HostDevice, posix_kind(f)),
-        BlockdevDriverOptions::Raw(raw) => {
-            let offset = size(raw.offset, "offset")?;
-            let size = size(raw.size, "size")?;
-            if let Some(o) = offset {
-                strong.insert("offset".into(), o.into());
-            }
-            if let Some(s) = size {
-                strong.insert("size".into(), s.into());
-            }
-            let child = match &raw.file {
-                BlockdevRef::Reference(name) => ChildSpec::Ref(name.clone()),
-                BlockdevRef::Definition(inline) => {
-                    let inline_given = given
-                        .get("file")
-                        .and_then(Value::as_object)
-                        .cloned()
-                        .unwrap_or_default();
-                    ChildSpec::Inline(Box::new(parse_spec(inline, &inline_given)?))
-                }
-            };
-            let kind = SpecKind::Raw {
-                offset,
-                size,
-                child,
-            };
-            (Driver::Raw, kind)
-        }
-        BlockdevDriverOptions::NullCo(null) | BlockdevDriverOptions::NullAio(null) => {
-            let size = size(null.size, "size")?;
-            // QEMU's null driver reports `size` and `read-zeroes` as given (its strong
-            // options); `latency-ns` does not show in the filename.
-            if let Some(s) = size {
-                strong.insert("size".into(), s.into());
-            }
-            if let Some(z) = null.read_zeroes {
-                strong.insert("read-zeroes".into(), z.into());
-            }
-            let driver = match options.driver {
-                BlockdevDriverOptions::NullAio(_) => Driver::NullAio,
-                _ => Driver::NullCo,
-            };
-            let kind = SpecKind::Null {
-                size,
-                read_zeroes: null.read_zeroes.unwrap_or(false),
-                latency_ns: null.latency_ns.unwrap_or(0),
-            };
-            (driver, kind)
-        }
-        BlockdevDriverOptions::Other(_) => {
-            let name = given.get("driver").and_then(Value::as_str).unwrap_or("");
-            return Err(errors::driver_unsupported(name));
-        }
+    let Some(driver) = driver_of(base.driver) else {
+        let name = given.get("driver").and_then(Value::as_str).unwrap_or("");
+        return Err(errors::driver_unsupported(name));
     };
+    let mut members = options.members.clone();
+    let mut given_top = given.clone();
+    let mut children = Vec::new();
+    let backing_given = members.contains_key("backing");
+    let mut backing_null = false;
+    for slot in driver.info().children {
+        given_top.remove(slot.key);
+        let Some(member) = members.remove(slot.key) else {
+            continue;
+        };
+        let child = match serde_json::from_value::<BlockdevRefOrNull>(member) {
+            Ok(BlockdevRefOrNull::Reference(name)) => ChildSpec::Ref(name),
+            Ok(BlockdevRefOrNull::Definition(inline)) => {
+                let inline_given = given
+                    .get(slot.key)
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
+                ChildSpec::Inline(Box::new(parse_spec(&inline, &inline_given)?))
+            }
+            // `null`: explicitly none (`backing: null`).
+            Ok(BlockdevRefOrNull::Null) => {
+                backing_null |= slot.role == Role::Backing;
+                continue;
+            }
+            Err(e) => return Err(errors::from_error(ParseError::Decode(e.to_string()))),
+        };
+        children.push((slot.role, child));
+    }
+    let parsed = driver.parse(&members).map_err(errors::from_error)?;
     let cache = base.cache.as_ref();
     Ok(Spec {
         name: base.node_name.clone(),
@@ -200,22 +155,28 @@ fn parse_spec(options: &BlockdevOptions, given: &Map<String, Value>) -> Result<S
         force_share: base.force_share.unwrap_or(false),
         auto_read_only: base.auto_read_only.unwrap_or(false),
         active: base.active,
-        strong,
-        given: {
-            let mut top = given.clone();
-            top.remove("file");
-            flatten(&top)
-        },
-        kind,
+        parsed,
+        children,
+        backing_given,
+        backing_null,
+        given: flatten(&given_top),
     })
+}
+
+/// Why a worker did not open a node.
+enum OpenFailed {
+    /// Before the worker was asked.
+    Qmp(QmpError),
+    /// The worker's answer.
+    Call(super::workers::CallError),
 }
 
 /// Options a parent passes down to an inline child unless the child sets them.
 #[derive(Clone, Copy, Default)]
-struct Inherited {
-    read_only: bool,
-    direct: bool,
-    no_flush: bool,
+pub(super) struct Inherited {
+    pub(super) read_only: bool,
+    pub(super) direct: bool,
+    pub(super) no_flush: bool,
 }
 
 impl Core {
@@ -244,7 +205,7 @@ impl Core {
     /// Creates `spec` and its inline children; records every created name in `created`
     /// so a failure can undo them. `hint` is the instance the parent chose for an
     /// inline child (see `placement`).
-    async fn create(
+    pub(super) async fn create(
         &mut self,
         spec: Spec,
         inherited: Inherited,
@@ -262,84 +223,57 @@ impl Core {
             no_flush,
             force_share: spec.force_share,
             inactive: spec.active == Some(false),
+            direct,
         };
         let active = spec.active != Some(false);
 
-        // Children first: QEMU opens a format node's file child before it names the node.
-        let (mut config, child, filename) = match spec.kind {
-            SpecKind::Raw {
-                offset,
-                size,
-                child,
-            } => {
-                let name = match child {
-                    ChildSpec::Ref(name) => {
-                        if !self.graph.contains(&name) {
-                            return Err(errors::device_not_found(&name, &name));
-                        }
-                        name
+        // Children first: QEMU opens a format node's children before it names the node.
+        let mut children: Vec<(Role, String)> = Vec::new();
+        for (role, child) in spec.children {
+            let name = match child {
+                ChildSpec::Ref(name) => {
+                    if !self.graph.contains(&name) {
+                        return Err(errors::device_not_found(&name, &name));
                     }
-                    ChildSpec::Inline(s) => {
-                        let inherit = Inherited {
-                            read_only,
-                            direct,
-                            no_flush,
-                        };
-                        let child_hint = self.inline_child_hint(spec.driver);
-                        Box::pin(self.create(*s, inherit, false, child_hint, created)).await?
-                    }
-                };
-                if let Some(c) = self.graph.get(&name)
-                    && active
-                    && !c.active
-                {
-                    return Err(errors::inactive_file_child(
-                        &name,
-                        spec.name.as_deref().unwrap_or(""),
-                    ));
+                    name
                 }
-                let cfg = RawConfig {
-                    common,
-                    offset: offset.unwrap_or(0),
-                    size,
-                };
-                (DriverConfig::Raw(cfg), Some(name), None)
+                ChildSpec::Inline(s) => {
+                    let inherit = Inherited {
+                        read_only,
+                        direct,
+                        no_flush,
+                    };
+                    // The local protocol child starts where its parent will live.
+                    let child_hint = match role {
+                        Role::File | Role::DataFile => {
+                            hint.or_else(|| self.inline_child_hint(spec.driver))
+                        }
+                        _ => None,
+                    };
+                    Box::pin(self.create(*s, inherit, false, child_hint, created)).await?
+                }
+            };
+            if let Some(c) = self.graph.get(&name)
+                && active
+                && !c.active
+            {
+                return Err(errors::inactive_child(
+                    &name,
+                    &role.name(),
+                    spec.name.as_deref().unwrap_or(""),
+                ));
             }
-            SpecKind::Posix {
-                filename,
-                aio,
-                locking,
-            } => {
-                let cfg = FileConfig {
-                    common,
-                    aio,
-                    locking,
-                    direct,
-                };
-                let cfg = match spec.driver {
-                    Driver::HostDevice => DriverConfig::HostDevice(cfg),
-                    _ => DriverConfig::File(cfg),
-                };
-                (cfg, None, Some(filename))
-            }
-            SpecKind::Null {
-                size,
-                read_zeroes,
-                latency_ns,
-            } => {
-                let cfg = NullConfig {
-                    common,
-                    size: size.unwrap_or(bulkhead_block::config::NULL_DEFAULT_SIZE),
-                    read_zeroes,
-                    latency_ns,
-                };
-                let cfg = match spec.driver {
-                    Driver::NullAio => DriverConfig::NullAio(cfg),
-                    _ => DriverConfig::NullCo(cfg),
-                };
-                (cfg, None, None)
-            }
-        };
+            children.push((role, name));
+        }
+        let Parsed {
+            mut config,
+            image: image_spec,
+            mut strong,
+        } = spec.parsed;
+        if spec.backing_null {
+            strong.insert("backing".into(), Value::Null);
+        }
+        *config.common_mut() = common;
 
         let name = match spec.name {
             Some(n) => {
@@ -359,8 +293,9 @@ impl Core {
         config.validate().map_err(errors::from_error)?;
 
         // The supervisor opens the image; the worker only ever sees the descriptor.
-        let image = match &filename {
-            Some(path) => {
+        let image = match &image_spec {
+            Some(spec_image) => {
+                let path = &spec_image.filename;
                 let kind = spec.driver.image().unwrap_or(FileKind::File);
                 match posix::open_image(path, kind, read_only, direct) {
                     Ok(fd) => Some(fd),
@@ -375,9 +310,7 @@ impl Core {
                     {
                         let fd = posix::open_image(path, kind, true, direct)
                             .map_err(errors::from_error)?;
-                        if let DriverConfig::File(c) | DriverConfig::HostDevice(c) = &mut config {
-                            c.common.read_only = true;
-                        }
+                        config.common_mut().read_only = true;
                         Some(fd)
                     }
                     Err(e) => return Err(errors::from_error(e)),
@@ -385,12 +318,18 @@ impl Core {
             }
             None => None,
         };
+        let filename = image_spec.as_ref().map(|i| i.filename.clone());
 
-        if let (DriverConfig::Raw(raw), Some(c)) = (&config, child.as_deref()) {
-            let csize = self.graph.get(c).map_or(0, |n| n.size);
-            bulkhead_block::raw::check_window(raw, csize).map_err(errors::from_error)?;
-        }
-        let home = match self.place(spec.driver, child.as_deref(), hint) {
+        let sizes: Vec<(Role, u64)> = children
+            .iter()
+            .map(|(role, c)| (*role, self.graph.get(c).map_or(0, |n| n.size)))
+            .collect();
+        config.check_children(&sizes).map_err(errors::from_error)?;
+        let file_child = children
+            .iter()
+            .find(|(r, _)| *r == Role::File)
+            .map(|(_, c)| c.clone());
+        let home = match self.place(spec.driver, file_child.as_deref(), hint) {
             Placement::On(home) => home,
             Placement::SharingChild(home, c) => {
                 if let Err(e) = self.isolate_shared(&c).await {
@@ -404,63 +343,95 @@ impl Core {
                 home
             }
         };
-        let child_ref = match child.as_deref().and_then(|c| self.node_ref(c)) {
-            Some(r) => {
-                if let Err(e) = self.connect(home, r.home).await {
-                    self.retire_if_idle(home);
-                    return Err(e);
-                }
-                Some(r)
+        let mut child_refs = Vec::new();
+        for (role, c) in &children {
+            let Some(r) = self.node_ref(c) else {
+                continue;
+            };
+            if let Err(e) = self.connect(home, r.home).await {
+                self.retire_if_idle(home);
+                return Err(e);
             }
-            None => None,
-        };
+            child_refs.push((*role, r));
+        }
         let worker_fd = match &image {
             Some(f) => Some(fd::dup(f).map_err(errors::from_error)?),
             None => None,
         };
-        let lock = match (&image, &config) {
-            (Some(f), DriverConfig::File(c) | DriverConfig::HostDevice(c)) => {
+        let lock = match (&image, &image_spec) {
+            (Some(f), Some(spec_image)) => {
                 let copy = fd::dup(f).map_err(errors::from_error)?;
-                let path = filename.as_deref().unwrap_or("");
-                Some(bulkhead_block::lock::ImageLock::new(copy, path, c.locking))
+                Some(bulkhead_block::lock::ImageLock::new(
+                    copy,
+                    &spec_image.filename,
+                    spec_image.locking,
+                ))
             }
             _ => None,
         };
         let id = self.graph.allocate_id();
-        let fixed_window =
-            matches!(&config, DriverConfig::Raw(r) if r.offset > 0 || r.size.is_some());
-        let saved_config = config;
+        let fixed_window = config.holds_size();
         // Its image's directory: its own file, or the file at the bottom of its child.
         let image_path = filename.clone().or_else(|| {
-            child
+            file_child
                 .as_deref()
                 .and_then(|c| self.graph.chain(c).last().and_then(|b| b.path.clone()))
         });
         let dir = image_path.as_deref().map(super::asks::image_dir);
         self.asks.borrow_mut().insert(id, home, dir);
         let stats = super::stats::NodeStats::create()?;
-        let opened = self
-            .open_on(
-                home,
-                id,
-                &name,
-                config,
-                child_ref.map(|c| (Role::File, c)).into_iter().collect(),
-                stats.fd(),
-                worker_fd.as_ref(),
-            )
-            .await;
-        let size = match opened {
-            Ok(size) => size,
-            Err(e) => {
-                self.retire_if_idle(home);
-                return Err(e);
-            }
+        let mut implicit_data_file = false;
+        let (size, format) = loop {
+            let opened = self
+                .open_on_call(
+                    home,
+                    id,
+                    &name,
+                    config.clone(),
+                    child_refs.clone(),
+                    stats.fd(),
+                    worker_fd.as_ref(),
+                )
+                .await;
+            let e = match opened {
+                Ok(opened) => break opened,
+                Err(OpenFailed::Call(super::workers::CallError::Worker(w)))
+                    if w.kind == bulkhead_ipc::wire::WorkerErrorKind::NeedsDataFile
+                        && !implicit_data_file
+                        && !children.iter().any(|(r, _)| *r == Role::DataFile) =>
+                {
+                    // QEMU opens the data file the image names while it opens the
+                    // image; here the supervisor does, then asks again.
+                    implicit_data_file = true;
+                    let inherit = Inherited {
+                        read_only: config.common().read_only,
+                        direct,
+                        no_flush,
+                    };
+                    match Box::pin(self.open_implicit_data_file(&w.detail, inherit, home, created))
+                        .await
+                    {
+                        Ok((dname, dref)) => {
+                            children.push((Role::DataFile, dname));
+                            child_refs.push((Role::DataFile, dref));
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
+                }
+                Err(OpenFailed::Qmp(e)) => e,
+                Err(OpenFailed::Call(e)) => call_error(e),
+            };
+            self.retire_if_idle(home);
+            return Err(e);
         };
         let mut options = spec.given;
         options.insert("node-name".into(), name.clone().into());
-        if let Some(c) = &child {
-            options.insert("file".into(), c.clone().into());
+        for (role, c) in &children {
+            if *role == Role::DataFile && implicit_data_file {
+                continue;
+            }
+            options.insert(role.name().into_owned(), c.clone().into());
         }
         self.graph.insert(Node {
             active,
@@ -469,7 +440,7 @@ impl Core {
             home,
             name: name.clone(),
             driver: spec.driver,
-            children: child.into_iter().map(|c| (Role::File, c)).collect(),
+            children,
             parents: 0,
             monitor_owned: root,
             read_only,
@@ -481,16 +452,44 @@ impl Core {
                 DetectZeroes::Unmap => "unmap",
             },
             size,
-            strong_options: spec.strong,
+            strong_options: strong,
             path: filename,
             lock,
             image,
             fixed_window,
             exported: false,
-            config: saved_config,
+            config,
             stats,
+            format,
+            implicit_backing: false,
+            implicit_data_file,
+            ejected: false,
         });
+        if implicit_data_file
+            && let Some((_, d)) = self
+                .graph
+                .get(&name)
+                .and_then(|n| n.children.iter().find(|(r, _)| *r == Role::DataFile))
+                .cloned()
+        {
+            // QEMU names it while it opens the node, after the node's own name.
+            self.graph.move_to_end(&d);
+        }
         created.push(name.clone());
+        if self.graph.get(&name).is_some_and(|n| n.format.is_some()) {
+            // A format node holds its image's lock bytes from the start.
+            self.refresh_locks()?;
+        }
+        let takes_backing = spec
+            .driver
+            .info()
+            .children
+            .iter()
+            .any(|s| s.role == Role::Backing);
+        if takes_backing && !spec.backing_given {
+            // QEMU opens the backing file its image names once the node is open.
+            Box::pin(self.open_implicit_backing(&name, created)).await?;
+        }
         if fixed_window {
             // A raw window refuses to share `resize` of the image below it.
             self.refresh_locks()?;
@@ -529,6 +528,27 @@ impl Core {
                 add(&bottom.name, p, perm::RESIZE);
             }
         }
+        // A format node with metadata reads (and, writable, writes and resizes) its
+        // file whether or not anyone uses it, and shares neither writing nor
+        // resizing: qemu-img cannot write an image a qcow2 node has open.
+        for n in self.graph.iter().filter(|n| n.format.is_some() && n.active) {
+            let Some(file) = n.file() else {
+                continue;
+            };
+            let chain = self.graph.chain(file);
+            if chain.iter().any(|c| !c.active) {
+                continue;
+            }
+            if let Some(bottom) = chain.last() {
+                let p = perm::CONSISTENT_READ
+                    | if n.read_only {
+                        0
+                    } else {
+                        perm::WRITE | perm::RESIZE
+                    };
+                add(&bottom.name, p, perm::WRITE | perm::RESIZE);
+            }
+        }
         for n in self.graph.iter().filter(|n| n.fixed_window) {
             let chain = self.graph.chain(&n.name);
             if chain.iter().any(|n| !n.active) {
@@ -557,7 +577,7 @@ impl Core {
     }
 
     /// Opens node `id` on instance `home` with its statistics region `stats` and
-    /// returns its size.
+    /// returns its size and what its format driver read from its image.
     #[allow(clippy::too_many_arguments)]
     async fn open_on(
         &mut self,
@@ -568,8 +588,31 @@ impl Core {
         children: Vec<(Role, NodeRef)>,
         stats: &std::os::fd::OwnedFd,
         image: Option<&std::os::fd::OwnedFd>,
-    ) -> Result<u64, QmpError> {
-        let worker = self.worker(home).await?;
+    ) -> Result<(u64, Option<Box<FormatInfo>>), QmpError> {
+        match self
+            .open_on_call(home, id, name, config, children, stats, image)
+            .await
+        {
+            Ok(opened) => Ok(opened),
+            Err(OpenFailed::Qmp(e)) => Err(e),
+            Err(OpenFailed::Call(e)) => Err(call_error(e)),
+        }
+    }
+
+    /// [`Core::open_on`], with the worker's own error kept for the caller to act on
+    /// (a format node that needs its data file opened first).
+    #[allow(clippy::too_many_arguments)]
+    async fn open_on_call(
+        &mut self,
+        home: WorkerId,
+        id: NodeId,
+        name: &str,
+        config: DriverConfig,
+        children: Vec<(Role, NodeRef)>,
+        stats: &std::os::fd::OwnedFd,
+        image: Option<&std::os::fd::OwnedFd>,
+    ) -> Result<(u64, Option<Box<FormatInfo>>), OpenFailed> {
+        let worker = self.worker(home).await.map_err(OpenFailed::Qmp)?;
         let fds: Vec<_> = std::iter::once(stats)
             .chain(image)
             .map(|f| f.as_fd())
@@ -582,12 +625,12 @@ impl Core {
         };
         worker.call(body, &fds).await.map_err(|e| {
             tracing::warn!(node = %name, error = %e, "node could not be opened");
-            call_error(e)
+            OpenFailed::Call(e)
         })?;
         Ok(
             match worker.call(ToWorker::QueryNode { node: id }, &[]).await {
-                Ok(Reply::NodeInfo { size }) => size,
-                _ => 0,
+                Ok(Reply::NodeInfo { size, format }) => (size, format),
+                _ => (0, None),
             },
         )
     }
@@ -604,7 +647,7 @@ impl Core {
         };
         // The same statistics region: counters and threshold carry over.
         let stats = fd::dup(node.stats.fd()).map_err(errors::from_error)?;
-        let (id, home, config) = (node.id, node.home, node.config);
+        let (id, home, config) = (node.id, node.home, node.config.clone());
         for (_, c) in &children {
             self.connect(home, c.home).await?;
         }
@@ -653,6 +696,32 @@ impl Core {
             {
                 Box::pin(self.destroy(&child)).await;
             }
+        }
+    }
+
+    /// Closes every node in its worker, parents before children, as the daemon exits:
+    /// a format node writes back what a clean close writes (qcow2's leaked
+    /// reservations and dirty bit). Bounded: a worker that does not answer in time is
+    /// killed with the rest.
+    pub(super) async fn close_all_nodes(&mut self) {
+        let mut order = self.graph.children_first(|_| true);
+        order.reverse();
+        let close = async {
+            for name in order {
+                let Some(node) = self.graph.get(&name) else {
+                    continue;
+                };
+                let (id, home) = (node.id, node.home);
+                if let Some(w) = self.running(home) {
+                    let _ = w.call(ToWorker::RemoveNode { node: id }, &[]).await;
+                }
+            }
+        };
+        if tokio::time::timeout(CLOSE_ALL_TIMEOUT, close)
+            .await
+            .is_err()
+        {
+            tracing::warn!("closing the nodes at exit timed out");
         }
     }
 
@@ -742,7 +811,7 @@ impl Core {
                 Resize::Unsupported => return Err(errors::resize_unsupported()),
             }
         }
-        let (bottom_id, home, image) = (cur.id, cur.home, cur.driver.image());
+        let (bottom_id, home, config) = (cur.id, cur.home, cur.config.clone());
         let w = self.worker(home).await?;
         match w
             .call(
@@ -763,18 +832,52 @@ impl Core {
                 } else {
                     bulkhead_block::IoError::Os(e.errno)
                 };
-                let cfg = match image {
-                    Some(FileKind::HostDevice) => DriverConfig::HostDevice(FileConfig::default()),
-                    _ => DriverConfig::File(FileConfig::default()),
-                };
                 return Err(errors::from_error(bulkhead_block::node::resize_error_text(
-                    &cfg, &io,
+                    &config, &io,
                 )));
             }
             Err(e) => return Err(call_error(e)),
         }
         self.refresh_sizes(&chain).await;
         Ok(())
+    }
+
+    /// Asks the workers of format nodes what their images say now (the dirty flag
+    /// and bitmap flags change as the image is written), for queries. A worker that
+    /// does not answer leaves the last report.
+    pub(super) async fn refresh_format_info(&mut self) {
+        // Format nodes, and their files, which grow as the format allocates.
+        let formats: Vec<&str> = self
+            .graph
+            .iter()
+            .filter(|n| n.format.is_some())
+            .map(|n| n.name.as_str())
+            .collect();
+        let nodes: Vec<_> =
+            self.graph
+                .iter()
+                .filter(|n| {
+                    n.format.is_some()
+                        || self.graph.iter().any(|p| {
+                            formats.contains(&p.name.as_str()) && p.file() == Some(&n.name)
+                        })
+                })
+                .map(|n| (n.name.clone(), n.id, n.home))
+                .collect();
+        for (name, id, home) in nodes {
+            let Some(w) = self.running(home) else {
+                continue;
+            };
+            if let Ok(Reply::NodeInfo { size, format }) =
+                w.call(ToWorker::QueryNode { node: id }, &[]).await
+                && let Some(n) = self.graph.get_mut(&name)
+            {
+                n.size = size;
+                if format.is_some() {
+                    n.format = format;
+                }
+            }
+        }
     }
 
     /// Re-reads the sizes of the nodes a resize went through, bottom first. Like QEMU,
@@ -790,12 +893,58 @@ impl Core {
             let Some(w) = self.running(home) else {
                 continue;
             };
-            if let Ok(Reply::NodeInfo { size }) =
+            if let Ok(Reply::NodeInfo { size, .. }) =
                 w.call(ToWorker::QueryNode { node: id }, &[]).await
                 && let Some(n) = self.graph.get_mut(&name)
             {
                 n.size = size;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bulkhead_qmp::qapi::types::samples;
+
+    use super::*;
+
+    #[test]
+    fn every_implemented_driver_decodes_every_schema_member() {
+        for &driver in Driver::ALL {
+            let args = match samples::command_args("blockdev-add", driver.as_str()) {
+                Ok(Value::Object(m)) => m,
+                other => panic!("{driver:?}: no sample: {other:?}"),
+            };
+            let options: BlockdevOptions = match serde_json::from_value(Value::Object(args.clone()))
+            {
+                Ok(o) => o,
+                Err(e) => panic!("{driver:?}: {e}"),
+            };
+            assert_eq!(driver_of(options.base.driver), Some(driver));
+            // Every member the schema has reaches the driver's options struct (which
+            // refuses unknown ones) or its child slots.
+            match parse_spec(&options, &args) {
+                Ok(spec) => assert_eq!(spec.driver, driver),
+                Err(e) => panic!("{driver:?}: {}", e.desc),
+            }
+        }
+    }
+
+    #[test]
+    fn a_driver_bulkhead_lacks_is_refused_by_name() {
+        let args = match samples::command_args("blockdev-add", "vhdx") {
+            Ok(Value::Object(m)) => m,
+            other => panic!("no sample: {other:?}"),
+        };
+        let options: BlockdevOptions = match serde_json::from_value(Value::Object(args.clone())) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        let e = parse_spec(&options, &args).err().map(|e| e.desc);
+        assert_eq!(
+            e.as_deref(),
+            Some("Driver 'vhdx' is not supported by bulkhead")
+        );
     }
 }

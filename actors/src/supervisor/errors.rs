@@ -102,13 +102,6 @@ pub fn duplicate_node_name(name: &str) -> QmpError {
     generic(format!("Duplicate nodes with node-name='{name}'"))
 }
 
-/// An active node over an inactive file child.
-pub fn inactive_file_child(child: &str, parent: &str) -> QmpError {
-    generic(format!(
-        "Inactive '{child}' can't be a file child of active '{parent}'"
-    ))
-}
-
 /// `blockdev-del` of a node an export uses.
 pub fn node_in_use(name: &str) -> QmpError {
     generic(format!("Node {name} is in use"))
@@ -187,6 +180,11 @@ pub fn option_reset(option: &str) -> QmpError {
 /// `blockdev-reopen` changing an option the driver cannot change.
 pub fn option_change(option: &str) -> QmpError {
     generic(format!("Cannot change the option '{option}'"))
+}
+
+/// `blockdev-reopen` of a node whose options name a backing, without it.
+pub fn backing_missing(name: &str) -> QmpError {
+    generic(format!("backing is missing for '{name}'"))
 }
 
 /// `blockdev-reopen` with a negative raw `offset` or `size` (`blockdev-add` answers
@@ -367,6 +365,79 @@ pub fn supervisor_not_running() -> QmpError {
 /// A driver qsd has and bulkhead does not implement.
 pub fn driver_unsupported(driver: &str) -> QmpError {
     generic(format!("Driver '{driver}' is not supported by bulkhead"))
+}
+
+/// A query of a node whose driver a fatal corruption took away (QEMU's
+/// `bdrv_query_image_info` on a node without a driver).
+pub fn block_device_ejected(name: &str) -> QmpError {
+    generic(format!("Block device {name} is ejected"))
+}
+
+/// A command that needs a node no other node uses (`qmp_get_root_bs`).
+pub fn need_root_node() -> QmpError {
+    generic("Need a root block node")
+}
+
+/// An internal snapshot of a read-only node.
+pub fn device_read_only(device: &str) -> QmpError {
+    generic(format!("Device '{device}' is read only"))
+}
+
+/// An internal snapshot of a node whose driver has none.
+pub fn snapshots_unsupported(driver: &str, device: &str) -> QmpError {
+    generic(format!(
+        "Block format '{driver}' used by device '{device}' does not support internal snapshots"
+    ))
+}
+
+/// An internal snapshot without a name.
+pub fn snapshot_name_empty() -> QmpError {
+    generic("Name is empty")
+}
+
+/// An internal snapshot whose name is taken.
+pub fn snapshot_exists(name: &str, device: &str) -> QmpError {
+    generic(format!(
+        "Snapshot with name '{name}' already exists on device '{device}'"
+    ))
+}
+
+/// `blockdev-snapshot-delete-internal-sync` with neither id nor name.
+pub fn snapshot_name_or_id_missing() -> QmpError {
+    generic("Name or id must be provided")
+}
+
+/// Deleting a snapshot of a node whose driver has no snapshot list.
+pub fn snapshot_list_unsupported() -> QmpError {
+    generic("Failed to get a snapshot list: Operation not supported")
+}
+
+/// Deleting a snapshot that does not exist (QEMU prints a missing id or name as
+/// `null`).
+pub fn snapshot_not_found(id: Option<&str>, name: Option<&str>, device: &str) -> QmpError {
+    generic(format!(
+        "Snapshot with id '{}' and name '{}' does not exist on device '{device}'",
+        id.unwrap_or("null"),
+        name.unwrap_or("null")
+    ))
+}
+
+/// A backing file named inside an image could not be opened (QEMU's prefix).
+pub fn backing_open_failed(reason: &str) -> QmpError {
+    generic(format!("Could not open backing file: {reason}"))
+}
+
+/// An image's driver refused to open it, with the text its worker gave (QEMU's text
+/// for the condition). The text comes from a worker that parsed untrusted image
+/// bytes: anything but short printable ASCII is replaced.
+pub fn image_refused(text: &str) -> QmpError {
+    let printable =
+        !text.is_empty() && text.len() <= 512 && text.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if printable {
+        generic(text)
+    } else {
+        generic("Could not open the image: its driver gave no usable reason")
+    }
 }
 
 /// An export type other than NBD.

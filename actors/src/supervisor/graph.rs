@@ -10,7 +10,7 @@ use std::os::fd::OwnedFd;
 use bulkhead_ipc::wire::{NodeId, WorkerId};
 use serde_json::{Map, Value, json};
 
-pub use super::drivers::Driver;
+pub use bulkhead_block::DriverKind as Driver;
 
 /// A child's role for its parent; it travels in `AddNode`/`ReopenNode`, so it lives
 /// in the wire crate.
@@ -68,9 +68,30 @@ pub struct Node {
     pub options: Map<String, Value>,
     /// Its statistics region and write threshold (passed again on every replay).
     pub stats: super::stats::NodeStats,
+    /// What its format driver read from its image, as last reported (untrusted).
+    pub format: Option<Box<bulkhead_block::FormatInfo>>,
+    /// Its backing child was opened from the name inside its image, not given in its
+    /// options (it then does not show in the node's `json:` filename).
+    pub implicit_backing: bool,
+    /// Its data file was opened from the name inside its image, not given in its
+    /// options (like an implicit backing, it does not show in the `json:` name).
+    pub implicit_data_file: bool,
+    /// Its driver found the image corrupt and marked it so (`BLOCK_IMAGE_CORRUPTED`
+    /// with `fatal`): like QEMU's node without a driver, it is "ejected" and
+    /// queries of it fail.
+    pub ejected: bool,
 }
 
 impl Node {
+    /// Whether its child in `role` was opened from a name inside its image.
+    pub fn is_implicit(&self, role: Role) -> bool {
+        match role {
+            Role::Backing => self.implicit_backing,
+            Role::DataFile => self.implicit_data_file,
+            _ => false,
+        }
+    }
+
     /// The child in `role`, if any.
     pub fn child(&self, role: Role) -> Option<&str> {
         self.children
@@ -125,6 +146,14 @@ impl Graph {
             }
         }
         self.nodes.push(node);
+    }
+
+    /// Moves node `name` after every other (the order queries list nodes in).
+    pub fn move_to_end(&mut self, name: &str) {
+        if let Some(at) = self.nodes.iter().position(|n| n.name == name) {
+            let node = self.nodes.remove(at);
+            self.nodes.push(node);
+        }
     }
 
     /// Removes a node (its child's parent count drops).
@@ -282,6 +311,9 @@ impl Graph {
         // quorum_gather_child_options); every other child under its role's name.
         let mut quorum: Vec<(u32, Value)> = Vec::new();
         for (role, c) in &node.children {
+            if node.is_implicit(*role) {
+                continue;
+            }
             if let Some(c) = self.get(c) {
                 match role {
                     Role::Child(i) => quorum.push((*i, self.full_options(c))),
@@ -307,8 +339,12 @@ impl Graph {
         if let Some(path) = &node.path {
             return path.clone();
         }
-        // Only a node whose sole child is its `file` takes the child's name.
-        let only_file = node.children.iter().all(|(r, _)| *r == Role::File);
+        // Only a node whose sole child is its `file` takes the child's name (a backing
+        // opened from the name inside the image does not count).
+        let only_file = node
+            .children
+            .iter()
+            .all(|(r, _)| *r == Role::File || node.is_implicit(*r));
         if node.strong_options.is_empty() && only_file {
             match node.file().and_then(|c| self.get(c)) {
                 None => return format!("{}://", node.driver.as_str()),
@@ -326,44 +362,125 @@ impl Graph {
         )
     }
 
-    /// Allocated bytes on disk (st_blocks * 512 of the image at the chain's bottom).
+    /// Allocated bytes on disk: st_blocks * 512 of a node's own image, or the sum over
+    /// the children that hold its data or metadata (not its backing), as QEMU's
+    /// `bdrv_sum_allocated_file_size` counts them.
     fn actual_size(&self, node: &Node) -> u64 {
-        let Some(bottom) = self.bottom(&node.name) else {
-            return 0;
-        };
-        match &bottom.image {
-            Some(fd) => rustix::fs::fstat(fd)
-                .map(|st| (st.st_blocks as u64).saturating_mul(512))
-                .unwrap_or(0),
-            None => 0,
-        }
+        self.actual_size_at(node, 0)
     }
 
-    /// One element of `query-named-block-nodes` (BlockDeviceInfo), members in the order
-    /// QEMU fills them so the writer's QDict ordering matches qsd.
-    pub fn device_info(&self, node: &Node) -> Value {
+    fn actual_size_at(&self, node: &Node, depth: usize) -> u64 {
+        if let Some(fd) = &node.image {
+            return rustix::fs::fstat(fd)
+                .map(|st| (st.st_blocks as u64).saturating_mul(512))
+                .unwrap_or(0);
+        }
+        if depth > 64 {
+            return 0;
+        }
+        node.children
+            .iter()
+            .filter(|(r, _)| *r != Role::Backing)
+            .filter_map(|(_, c)| self.get(c))
+            .map(|c| self.actual_size_at(c, depth + 1))
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// `ImageInfo` of `node` (its `backing-image` recursively, bounded by the chain's
+    /// length), members in the order QEMU fills them.
+    fn image_info(&self, node: &Node, depth: usize, flat: bool) -> Map<String, Value> {
         let filename = self.filename(node);
         let bottom_posix = self.bottom(&node.name).is_some_and(|b| b.driver.is_posix());
+        let format = node.format.as_deref();
         let mut image = Map::new();
-        image.insert("filename".into(), filename.clone().into());
+        image.insert("filename".into(), filename.into());
         image.insert("format".into(), node.driver.as_str().into());
-        if bottom_posix {
-            image.insert("dirty-flag".into(), false.into());
+        match format {
+            Some(f) => {
+                image.insert("dirty-flag".into(), f.dirty.into());
+            }
+            None if bottom_posix => {
+                image.insert("dirty-flag".into(), false.into());
+            }
+            None => {}
         }
         image.insert("actual-size".into(), self.actual_size(node).into());
         image.insert("virtual-size".into(), node.size.into());
-        if node.driver.is_posix() {
+        let backing = node.child(Role::Backing).and_then(|b| self.get(b));
+        if let Some(f) = format {
+            image.insert("cluster-size".into(), f.cluster_size.into());
+            if let Some(name) = &f.backing_file {
+                image.insert("backing-filename".into(), name.clone().into());
+                let full = match backing {
+                    Some(b) if node.implicit_backing => self.filename(b),
+                    // Not opened (or given otherwise): the name resolved as QEMU
+                    // resolves it against the image's own file.
+                    _ => {
+                        let image = self.chain(&node.name).last().and_then(|b| b.path.clone());
+                        image
+                            .and_then(|i| super::backing::resolve(name, &i).ok())
+                            .map_or_else(|| name.clone(), |p| p.to_string_lossy().into_owned())
+                    }
+                };
+                image.insert("full-backing-filename".into(), full.into());
+                if let Some(fmt) = &f.backing_format {
+                    image.insert("backing-filename-format".into(), fmt.clone().into());
+                }
+            }
+            if !f.snapshots.is_empty() {
+                let list: Vec<Value> = f.snapshots.iter().map(snapshot_info).collect();
+                image.insert("snapshots".into(), Value::Array(list));
+            }
+            image.insert("format-specific".into(), qcow2_specific(f));
+        } else if node.driver.is_posix() {
             image.insert(
                 "format-specific".into(),
                 json!({"type": "file", "data": {}}),
             );
         }
+        if let Some(b) = backing
+            && depth < 64
+            && !flat
+        {
+            image.insert(
+                "backing-image".into(),
+                Value::Object(self.image_info(b, depth + 1, flat)),
+            );
+        }
+        image
+    }
+
+    /// How many backing layers lie below `node` (`backing_file_depth`).
+    fn backing_depth(&self, node: &Node) -> usize {
+        let mut depth = 0;
+        let mut cur = node.child(Role::Backing).and_then(|b| self.get(b));
+        while let Some(n) = cur {
+            depth += 1;
+            if depth > 64 {
+                break;
+            }
+            cur = n.child(Role::Backing).and_then(|b| self.get(b));
+        }
+        depth
+    }
+
+    /// One element of `query-named-block-nodes` (BlockDeviceInfo), members in the order
+    /// QEMU fills them so the writer's QDict ordering matches qsd.
+    pub fn device_info(&self, node: &Node, flat: bool) -> Value {
+        let filename = self.filename(node);
+        let image = self.image_info(node, 0, flat);
+        let backing = node.child(Role::Backing).and_then(|b| self.get(b));
         let mut m = Map::new();
         m.insert("file".into(), filename.into());
         m.insert("node-name".into(), node.name.clone().into());
         m.insert("ro".into(), node.read_only.into());
         m.insert("drv".into(), node.driver.as_str().into());
-        m.insert("backing_file_depth".into(), 0.into());
+        if let Some(b) = backing {
+            m.insert("backing_file".into(), self.filename(b).into());
+        }
+        // QEMU counts the depth along `backing-image`, which `flat` leaves out.
+        let depth = if flat { 0 } else { self.backing_depth(node) };
+        m.insert("backing_file_depth".into(), depth.into());
         m.insert("active".into(), node.active.into());
         m.insert("encrypted".into(), false.into());
         m.insert("detect_zeroes".into(), node.detect_zeroes.into());
@@ -382,14 +499,41 @@ impl Graph {
         Value::Object(m)
     }
 
+    /// The nodes in the order QEMU allocated them: as they were named (children
+    /// first), except that a backing node opened from the name inside an image comes
+    /// before its own file (QEMU allocates it before it opens the file by name).
+    fn creation_order(&self) -> Vec<&str> {
+        let implicit: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.implicit_backing)
+            .filter_map(|n| n.child(Role::Backing))
+            .collect();
+        let mut order: Vec<&str> = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            if order.contains(&n.name.as_str()) {
+                continue;
+            }
+            if let Some(parent) = self.nodes.iter().find(|p| {
+                implicit.contains(&p.name.as_str())
+                    && p.file() == Some(n.name.as_str())
+                    && !order.contains(&p.name.as_str())
+            }) {
+                order.push(&parent.name);
+            }
+            order.push(&n.name);
+        }
+        order
+    }
+
     /// `query-named-block-nodes`: newest first, like qsd. Without backing chains the
     /// `flat` flag changes nothing.
-    pub fn query_named_block_nodes(&self) -> Value {
+    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
         Value::Array(
             self.nodes
                 .iter()
                 .rev()
-                .map(|n| self.device_info(n))
+                .map(|n| self.device_info(n, flat))
                 .collect(),
         )
     }
@@ -397,18 +541,15 @@ impl Graph {
     /// `x-debug-query-block-graph`. qsd numbers the nodes that exist at query time
     /// 1..N, oldest first.
     pub fn debug_graph(&self) -> Value {
-        let number = |name: &str| {
-            self.nodes
-                .iter()
-                .position(|n| n.name == name)
-                .map_or(0, |i| i + 1)
-        };
+        let order = self.creation_order();
+        let number = |name: &str| order.iter().position(|n| *n == name).map_or(0, |i| i + 1);
+        // Listed newest-named first (as query-named-block-nodes), numbered in
+        // allocation order.
         let nodes: Vec<Value> = self
             .nodes
             .iter()
-            .enumerate()
             .rev()
-            .map(|(i, n)| json!({"id": i + 1, "type": "block-driver", "name": n.name}))
+            .map(|n| json!({"id": number(&n.name), "type": "block-driver", "name": n.name}))
             .collect();
         let mut edges = Vec::new();
         for n in self.nodes.iter().rev() {
@@ -416,14 +557,10 @@ impl Graph {
                 let Some(c) = self.get(c) else {
                     continue;
                 };
-                let mut shared = Vec::new();
-                if !n.fixed_window {
-                    shared.push("resize");
-                }
-                shared.extend(["write-unchanged", "write", "consistent-read"]);
+                let (perm, shared) = edge_perms(n, *role);
                 edges.push(json!({
                     "parent": number(&n.name), "child": number(&c.name), "name": role.name(),
-                    "perm": [], "shared-perm": shared,
+                    "perm": perm, "shared-perm": shared,
                 }));
             }
         }
@@ -431,9 +568,87 @@ impl Graph {
     }
 }
 
+/// The permissions `parent` takes on its child in `role`, and what it shares, as
+/// `x-debug-query-block-graph` names them (most significant first). A format node
+/// with metadata (qcow2) reads its file always and writes and resizes it when
+/// writable, sharing neither (QEMU's `bdrv_default_perms_for_storage`); every other
+/// edge passes its parents' needs through (none without an export), and a fixed raw
+/// window refuses to share `resize`.
+pub fn edge_perms(parent: &Node, role: Role) -> (Vec<&'static str>, Vec<&'static str>) {
+    if parent.format.is_some() && role == Role::File && parent.active {
+        let mut perm = Vec::new();
+        if !parent.read_only {
+            perm.extend(["resize", "write"]);
+        }
+        perm.push("consistent-read");
+        return (perm, vec!["write-unchanged", "consistent-read"]);
+    }
+    let mut shared = Vec::new();
+    if !parent.fixed_window {
+        shared.push("resize");
+    }
+    shared.extend(["write-unchanged", "write", "consistent-read"]);
+    (Vec::new(), shared)
+}
+
+/// `SnapshotInfo` of one internal snapshot.
+pub fn snapshot_info(sn: &bulkhead_block::SnapshotEntry) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), sn.id.clone().into());
+    m.insert("name".into(), sn.name.clone().into());
+    m.insert("vm-state-size".into(), sn.vm_state_size.into());
+    m.insert("date-sec".into(), sn.date_sec.into());
+    m.insert("date-nsec".into(), sn.date_nsec.into());
+    m.insert("vm-clock-sec".into(), sn.vm_clock_sec.into());
+    m.insert("vm-clock-nsec".into(), sn.vm_clock_nsec.into());
+    if let Some(i) = sn.icount {
+        m.insert("icount".into(), i.into());
+    }
+    Value::Object(m)
+}
+
+/// `ImageInfoSpecific` of a qcow2 image (QEMU's `qcow2_get_specific_info`).
+fn qcow2_specific(f: &bulkhead_block::FormatInfo) -> Value {
+    let mut d = Map::new();
+    d.insert("compat".into(), f.compat.clone().into());
+    if f.compat != "0.10" {
+        if let Some(df) = &f.data_file {
+            d.insert("data-file".into(), df.clone().into());
+            d.insert("data-file-raw".into(), f.data_file_raw.into());
+        }
+        d.insert("extended-l2".into(), f.extended_l2.into());
+        d.insert("lazy-refcounts".into(), f.lazy_refcounts.into());
+        d.insert("corrupt".into(), f.corrupt.into());
+    }
+    d.insert("refcount-bits".into(), f.refcount_bits.into());
+    if let Some(bitmaps) = f.bitmaps.as_ref().filter(|b| !b.is_empty()) {
+        let list: Vec<Value> = bitmaps
+            .iter()
+            .map(|b| {
+                let mut flags = Vec::new();
+                if b.in_use {
+                    flags.push(Value::from("in-use"));
+                }
+                if b.auto {
+                    flags.push(Value::from("auto"));
+                }
+                let mut m = Map::new();
+                m.insert("name".into(), b.name.clone().into());
+                m.insert("granularity".into(), b.granularity.into());
+                m.insert("flags".into(), Value::Array(flags));
+                Value::Object(m)
+            })
+            .collect();
+        d.insert("bitmaps".into(), Value::Array(list));
+    }
+    d.insert("compression-type".into(), f.compression_type.clone().into());
+    json!({"type": "qcow2", "data": d})
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
-    use bulkhead_block::config::{DriverConfig, NullConfig};
+    use bulkhead_block::config::DriverConfig;
+    use bulkhead_block::null::NullConfig;
 
     use super::*;
 
@@ -478,6 +693,10 @@ pub(crate) mod tests {
                 Ok(s) => s,
                 Err(e) => panic!("statistics region: {}", e.desc),
             },
+            format: None,
+            implicit_backing: false,
+            implicit_data_file: false,
+            ejected: false,
         });
     }
 

@@ -10,9 +10,9 @@
 
 pub mod actor;
 pub mod asks;
+mod backing;
 pub mod blockdev;
 pub mod commands;
-pub mod drivers;
 pub mod errors;
 pub mod export;
 pub mod graph;
@@ -23,6 +23,7 @@ mod reopen;
 #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
 mod replace;
 mod restart;
+mod snapshot;
 pub mod stats;
 pub mod workers;
 
@@ -316,9 +317,66 @@ impl Core {
             WorkerEvent::ImageInfo { node, info } => {
                 self.image_info.report(&self.graph, from, node, info);
             }
+            WorkerEvent::ImageCorrupted {
+                node,
+                msg,
+                offset,
+                size,
+                fatal,
+            } => {
+                self.image_corrupted(from, node, &msg, offset, size, fatal)
+                    .await
+            }
             // Handled by the reader (`workers.rs`), which never passes them on.
             WorkerEvent::Progress { .. } | WorkerEvent::OperationEnded { .. } => {}
         }
+    }
+
+    /// `BLOCK_IMAGE_CORRUPTED` for a node the reporting worker hosts, with qsd's
+    /// fields (no device: qsd's nodes have no BlockBackend name). The message is the
+    /// worker's: shown only as short printable text.
+    async fn image_corrupted(
+        &mut self,
+        from: WorkerId,
+        node: NodeId,
+        msg: &str,
+        offset: Option<u64>,
+        size: Option<u64>,
+        fatal: bool,
+    ) {
+        let Some(n) = self
+            .graph
+            .iter_mut()
+            .find(|n| n.id == node && n.home == from)
+        else {
+            tracing::warn!(worker = %from, "corruption report for a node the worker does not host");
+            return;
+        };
+        if fatal {
+            n.ejected = true;
+        }
+        let printable = msg.len() <= 512 && msg.bytes().all(|b| (0x20..0x7f).contains(&b));
+        let msg = if printable {
+            msg
+        } else {
+            "Image metadata is inconsistent"
+        };
+        let mut data = serde_json::Map::new();
+        data.insert("device".into(), "".into());
+        data.insert("node-name".into(), n.name.clone().into());
+        data.insert("msg".into(), msg.into());
+        if let Some(o) = offset.and_then(|o| i64::try_from(o).ok()) {
+            data.insert("offset".into(), o.into());
+        }
+        if let Some(s) = size.and_then(|s| i64::try_from(s).ok()) {
+            data.insert("size".into(), s.into());
+        }
+        data.insert("fatal".into(), fatal.into());
+        self.emit(
+            "BLOCK_IMAGE_CORRUPTED",
+            Some(serde_json::Value::Object(data)),
+        )
+        .await;
     }
 
     /// What the worker hosting `node` last reported about its image.
@@ -502,6 +560,9 @@ impl Core {
 pub(crate) fn call_error(e: CallError) -> QmpError {
     tracing::warn!(error = %e, "worker call failed");
     match e {
+        CallError::Worker(w) if w.kind == bulkhead_ipc::wire::WorkerErrorKind::Image => {
+            errors::image_refused(&w.detail)
+        }
         CallError::Worker(w) if w.errno != 0 => errors::from_error(strerror(w.errno)),
         CallError::Worker(_) => errors::worker_failed(),
         other => errors::from_error(other),

@@ -125,7 +125,7 @@ impl Core {
             .map(|c| (c.name.clone(), c.home, c.parents, self.movable(c)));
         match self.isolation {
             Isolation::Kind => {
-                let home = self.kind_instance(driver.worker());
+                let home = self.kind_instance(WorkerKind::Driver(driver));
                 match child {
                     Some((name, chome, _, true)) if chome != home => {
                         Placement::WithChild(home, name)
@@ -152,7 +152,9 @@ impl Core {
     pub(super) fn inline_child_hint(&mut self, driver: Driver) -> Option<WorkerId> {
         match self.isolation {
             // A format node's protocol child lives in the format node's instance.
-            Isolation::Kind if !driver.is_protocol() => Some(self.kind_instance(driver.worker())),
+            Isolation::Kind if !driver.is_protocol() => {
+                Some(self.kind_instance(WorkerKind::Driver(driver)))
+            }
             _ => None,
         }
     }
@@ -222,7 +224,7 @@ impl Core {
             .graph
             .iter()
             .filter(|p| p.home == from && p.children.iter().any(|(_, c)| c == name))
-            .map(|p| (p.name.clone(), p.id, p.config))
+            .map(|p| (p.name.clone(), p.id, p.config.clone()))
             .collect();
         self.connect(from, to).await?;
         for (pname, pid, config) in parents {

@@ -18,14 +18,13 @@ use bulkhead_block::posix;
 use bulkhead_ipc::fd;
 use bulkhead_ipc::wire::ToWorker;
 use bulkhead_qmp::qapi::types::{
-    BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevDriverOptions, BlockdevOptions,
-    BlockdevRef,
+    BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions,
 };
 use serde_json::{Map, Value};
 
 use super::blockdev::flatten;
 use super::commands::WithGiven;
-use super::graph::{Driver, Role};
+use super::graph::Role;
 use super::{Core, QmpError, call_error, errors};
 
 /// Options every driver takes that a reopen applies itself (QEMU's
@@ -137,22 +136,61 @@ impl Core {
         }
         // What the driver's own reopen takes: raw's window and child.
         let consumed = node.driver.reopen_options();
-        let applied = |k: &str| GENERIC.contains(&k) || consumed.contains(&k);
+        let takes_backing = node
+            .driver
+            .info()
+            .children
+            .iter()
+            .any(|s| s.role == Role::Backing);
+        let applied = |k: &str| {
+            GENERIC.contains(&k)
+                || consumed.contains(&k)
+                // Members of a struct option (`overlap-check.template`); a child's
+                // inline members are not its driver's to apply.
+                || consumed.iter().any(|c| {
+                    !node.driver.info().children.iter().any(|s| s.key == *c)
+                        && k.strip_prefix(c).is_some_and(|r| r.starts_with('.'))
+                })
+                || (takes_backing && k == "backing")
+        };
         // `active` is taken out of the new options before this check, so once a node
         // has it, no reopen can pass (qsd 10.0.2 behaves so).
         if old.contains_key("active") {
             return Err(errors::option_reset("active"));
+        }
+        // blockdev-reopen must name the backing of a node that has one, or whose
+        // image names one (QEMU's `backing_missing`); naming another is not
+        // supported yet.
+        if takes_backing {
+            let has_backing = node.child(Role::Backing).is_some()
+                || node
+                    .format
+                    .as_ref()
+                    .is_some_and(|f| f.backing_file.is_some());
+            match new.get("backing") {
+                None if has_backing => return Err(errors::backing_missing(name)),
+                None => {}
+                Some(Value::String(b)) if node.child(Role::Backing) == Some(b.as_str()) => {}
+                Some(Value::Null) if node.child(Role::Backing).is_none() => {}
+                Some(_) => return Err(errors::option_change("backing")),
+            }
         }
         for k in old.keys() {
             if !applied(k) && !new.contains_key(k) {
                 return Err(errors::option_reset(k));
             }
         }
-        if Driver::from_qapi(base.driver) != Some(node.driver) {
+        if super::blockdev::driver_of(base.driver) != Some(node.driver) {
             return Err(errors::option_change("driver"));
         }
         for (k, v) in &new {
-            if k.starts_with("file.") && node.driver == Driver::Raw {
+            if node
+                .driver
+                .info()
+                .children
+                .iter()
+                .any(|s| k.starts_with(s.key) && k[s.key.len()..].starts_with('.'))
+            {
                 // An inline child where the node already has one.
                 return Err(errors::option_change(k));
             }
@@ -177,7 +215,7 @@ impl Core {
             Some(BlockdevDetectZeroesOptions::Unmap) => (DetectZeroes::Unmap, "unmap"),
             Some(BlockdevDetectZeroesOptions::Off) | None => (DetectZeroes::Off, "off"),
         };
-        let mut config = node.config;
+        let mut config = node.config.clone();
         {
             let common = config.common_mut();
             common.read_only = read_only;
@@ -185,55 +223,49 @@ impl Core {
             common.detect_zeroes = detect_zeroes;
             common.no_flush = no_flush;
             common.inactive = !active;
+            common.direct = direct;
         }
         let mut strong = node.strong_options.clone();
         let mut child = node.file().map(str::to_string);
-        match &mut config {
-            DriverConfig::File(c) | DriverConfig::HostDevice(c) => c.direct = direct,
-            DriverConfig::Raw(raw) => {
-                let given = match &entry.typed.driver {
-                    BlockdevDriverOptions::Raw(r) => Some(r),
-                    _ => None,
-                };
-                // Unlike blockdev-add, a negative offset or size is refused with a
-                // type error here.
-                let size_opt = |v: Option<i64>, k: &str| -> Result<Option<u64>, QmpError> {
-                    v.map(|n| u64::try_from(n).map_err(|_| errors::expected_integer(k)))
-                        .transpose()
-                };
-                let offset = size_opt(given.and_then(|r| r.offset), "offset")?;
-                let size = size_opt(given.and_then(|r| r.size), "size")?;
-                raw.offset = offset.unwrap_or(0);
-                raw.size = size;
-                strong = Map::new();
-                if let Some(o) = offset {
-                    strong.insert("offset".into(), o.into());
-                }
-                if let Some(s) = size {
-                    strong.insert("size".into(), s.into());
-                }
-                let c = match given.map(|r| &r.file) {
-                    Some(BlockdevRef::Reference(c)) => c.as_str(),
-                    // An inline child was refused above (`file.*` options).
-                    Some(BlockdevRef::Definition(_)) | None => "",
-                };
-                let Some(cnode) = self.graph.get(c) else {
-                    return Err(errors::device_not_found("", c));
-                };
-                if self.graph.reaches(c, name) {
-                    return Err(errors::reopen_cycle(c, name));
-                }
-                if active && !cnode.active {
-                    return Err(errors::inactive_file_child(c, name));
-                }
-                bulkhead_block::raw::check_window(raw, cnode.size).map_err(errors::from_error)?;
-                child = Some(c.to_string());
-            }
-            DriverConfig::NullCo(_) | DriverConfig::NullAio(_) => {}
+        // The driver's own options, without its children (resolved below).
+        let mut members = entry.typed.members.clone();
+        let slots = node.driver.info().children;
+        for slot in slots {
+            members.remove(slot.key);
         }
+        if let Some(new_strong) = config.reopen(&members).map_err(errors::from_error)? {
+            strong = new_strong;
+        }
+        // A child the driver's reopen takes is named anew (an inline one was refused
+        // above); the others must stay as they are (checked with the options).
+        for slot in slots
+            .iter()
+            .filter(|s| s.role == Role::File && consumed.contains(&s.key))
+        {
+            let c = entry
+                .typed
+                .members
+                .get(slot.key)
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let Some(cnode) = self.graph.get(c) else {
+                return Err(errors::device_not_found("", c));
+            };
+            if self.graph.reaches(c, name) {
+                return Err(errors::reopen_cycle(c, name));
+            }
+            if active && !cnode.active {
+                return Err(errors::inactive_child(c, &slot.role.name(), name));
+            }
+            child = Some(c.to_string());
+        }
+        let sizes: Vec<(Role, u64)> = child
+            .iter()
+            .map(|c| (Role::File, self.graph.get(c).map_or(0, |n| n.size)))
+            .collect();
+        config.check_children(&sizes).map_err(errors::from_error)?;
         config.validate().map_err(errors::from_error)?;
-        let fixed_window =
-            matches!(&config, DriverConfig::Raw(r) if r.offset > 0 || r.size.is_some());
+        let fixed_window = config.holds_size();
         Ok(Plan {
             name: name.to_string(),
             config,
@@ -312,7 +344,7 @@ impl Core {
         }
         let name = plan.name.clone();
         let children = self.child_refs(&name, Some((Role::File, child_ref)));
-        self.reopen_on(home, id, &name, plan.config, children, image)
+        self.reopen_on(home, id, &name, plan.config.clone(), children, image)
             .await?;
         self.graph
             .set_child(&plan.name, Role::File, plan.child.clone());
@@ -380,7 +412,7 @@ impl Core {
         if active && node.read_only && self.writers_of(name, false) {
             return Err(errors::block_node_read_only());
         }
-        let mut config = node.config;
+        let mut config = node.config.clone();
         config.common_mut().inactive = !active;
         let image = match &node.image {
             Some(f) => Some(fd::dup(f).map_err(errors::from_error)?),
@@ -388,7 +420,7 @@ impl Core {
         };
         let (home, id) = (node.home, node.id);
         let children = self.child_refs(name, None);
-        self.reopen_on(home, id, name, config, children, image)
+        self.reopen_on(home, id, name, config.clone(), children, image)
             .await?;
         if let Some(n) = self.graph.get_mut(name) {
             n.config = config;

@@ -164,7 +164,7 @@ impl Core {
             let Some(p) = self.graph.get(&parent) else {
                 continue;
             };
-            let (home, id, config) = (p.home, p.id, p.config);
+            let (home, id, config) = (p.home, p.id, p.config.clone());
             let image = match &p.image {
                 Some(f) => Some(fd::dup(f).map_err(errors::from_error)?),
                 None => None,

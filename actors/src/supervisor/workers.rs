@@ -538,7 +538,9 @@ async fn read_replies(
                     WorkerEvent::ExportGone { .. } => !kind.hosts_nodes(),
                     // The supervisor checks node, instance and threshold before it
                     // emits anything (at most one per threshold the monitor set).
-                    WorkerEvent::WriteThreshold { .. } => kind.hosts_nodes(),
+                    WorkerEvent::WriteThreshold { .. } | WorkerEvent::ImageCorrupted { .. } => {
+                        kind.hosts_nodes()
+                    }
                     // Driver workers run operations and open images; the operation
                     // table checks who runs the op, the image cache who hosts the node.
                     WorkerEvent::Progress { .. }

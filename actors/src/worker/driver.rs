@@ -47,11 +47,18 @@ impl Nodes {
             .cloned()
     }
 
-    fn insert(&self, id: NodeId, node: Arc<dyn BlockIo>) {
+    /// Adds a node; `exclusive` for drivers that own their image's metadata, whose
+    /// reopens must not overlap with requests (`Slot::gated`).
+    fn insert(&self, id: NodeId, node: Arc<dyn BlockIo>, exclusive: bool) {
+        let slot = if exclusive {
+            Slot::gated(node)
+        } else {
+            Slot::new(node)
+        };
         self.0
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Arc::new(Slot::new(node)));
+            .insert(id, Arc::new(slot));
     }
 
     fn remove(&self, id: NodeId) -> Option<Arc<Slot>> {
@@ -73,6 +80,9 @@ pub(crate) struct DriverWorker {
     chan: Arc<ControlChannel>,
     /// Long operations running in tasks of their own.
     ops: super::ops::Operations,
+    /// What each format node was last opened with, to open it again as it was when a
+    /// reopen closed its engine and the new one cannot open.
+    opened_as: HashMap<NodeId, (DriverConfig, Vec<(ChildRole, NodeRef)>)>,
 }
 
 /// Reports one node's write-threshold crossings to the supervisor. The node awaits the
@@ -80,6 +90,26 @@ pub(crate) struct DriverWorker {
 struct ThresholdEvents {
     node: NodeId,
     chan: Arc<ControlChannel>,
+    /// The worker's executor, where reports from a driver's own threads are sent.
+    handle: tokio::runtime::Handle,
+}
+
+impl bulkhead_block::stats::ImageEvents for ThresholdEvents {
+    fn corrupted(&self, msg: &str, offset: Option<u64>, size: Option<u64>, fatal: bool) {
+        let event = WorkerEvent::ImageCorrupted {
+            node: self.node,
+            msg: msg.chars().take(512).collect(),
+            offset,
+            size,
+            fatal,
+        };
+        let chan = Arc::clone(&self.chan);
+        self.handle.spawn(async move {
+            if let Err(e) = chan.send(&FromWorker::Event(event), &[]).await {
+                tracing::warn!(error = %e, "could not report an image corruption");
+            }
+        });
+    }
 }
 
 impl ThresholdSink for ThresholdEvents {
@@ -135,6 +165,7 @@ impl DriverWorker {
             nodes: Arc::new(Nodes::default()),
             peers: super::Peers::default(),
             ops: super::ops::Operations::new(Arc::clone(&chan)),
+            opened_as: HashMap::new(),
             chan,
         }
     }
@@ -163,25 +194,104 @@ impl DriverWorker {
         children: Vec<(ChildRole, NodeRef)>,
         fds: Vec<OwnedFd>,
     ) -> Result<Arc<dyn BlockIo>, WorkerError> {
-        let child = match file_child(&config, &children)? {
-            Some(c) if c.node == node && c.home == self.id => {
+        // The roles are checked against the driver's slots before anything opens.
+        let roles: Vec<ChildRole> = children.iter().map(|(r, _)| *r).collect();
+        bulkhead_block::driver::check_roles(config.kind().info(), &roles)
+            .map_err(|e| err(WorkerErrorKind::Invalid, libc::EINVAL, e.to_string()))?;
+        let mut opened = Vec::with_capacity(children.len());
+        for (role, c) in children {
+            if c.node == node && c.home == self.id {
                 return Err(err(
                     WorkerErrorKind::Invalid,
                     libc::EINVAL,
                     "node is its own child",
                 ));
             }
-            Some(c) => Some(self.child(c).await?),
+            opened.push((role, self.child(c).await?));
+        }
+        let (accounting, fd) = self.accounting(node, name, fds)?;
+        bulkhead_block::open_with(config, fd, opened, accounting)
+            .await
+            .map_err(|e| match e {
+                bulkhead_block::OpenError::Image(text) => {
+                    err(WorkerErrorKind::Image, libc::EINVAL, text)
+                }
+                bulkhead_block::OpenError::NeedsDataFile(name) => {
+                    err(WorkerErrorKind::NeedsDataFile, libc::EINVAL, name)
+                }
+                other => err(
+                    WorkerErrorKind::Invalid,
+                    libc::EINVAL,
+                    format!("{name}: {other}"),
+                ),
+            })
+    }
+
+    /// Reopens a node whose engine owns its image's metadata: two engines must never
+    /// have it open at once, so requests wait while the old one drains and closes,
+    /// then the new one opens. If the new one cannot, the old configuration opens
+    /// again before requests go on, and the reopen fails.
+    async fn reopen_exclusive(
+        &mut self,
+        slot: &Slot,
+        node: NodeId,
+        name: &str,
+        config: DriverConfig,
+        children: Vec<(ChildRole, NodeRef)>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Reply, WorkerError> {
+        let hold = tokio::time::timeout(REOPEN_DRAIN, slot.exclusive())
+            .await
+            .map_err(|_| {
+                err(
+                    WorkerErrorKind::Busy,
+                    libc::EBUSY,
+                    "requests did not drain for the reopen",
+                )
+            })?;
+        // The statistics region again, for a reopen as it was.
+        let region = match fds.first() {
+            Some(f) => Some(
+                bulkhead_ipc::fd::dup(f)
+                    .map_err(|e| err(WorkerErrorKind::Io, libc::EMFILE, e.to_string()))?,
+            ),
             None => None,
         };
-        let (accounting, fd) = self.accounting(node, name, fds)?;
-        bulkhead_block::open_with(config, fd, child, accounting).map_err(|e| {
-            err(
-                WorkerErrorKind::Invalid,
-                libc::EINVAL,
-                format!("{name}: {e}"),
-            )
-        })
+        if let Err(e) = slot.close().await {
+            tracing::warn!(worker = %self.kind, node = %name, error = %e, "closing before a reopen");
+        }
+        let as_given = (config.clone(), children.clone());
+        let failure = match self.open_node(node, name, config, children, fds).await {
+            Ok(opened) => {
+                slot.set(opened);
+                self.opened_as.insert(node, as_given);
+                tracing::debug!(worker = %self.kind, node = %name, "node reopened");
+                return Ok(Reply::Done);
+            }
+            Err(e) => e,
+        };
+        let old = self.opened_as.get(&node).cloned();
+        match (old, region) {
+            (Some((config, children)), Some(region)) => {
+                match self
+                    .open_node(node, name, config, children, vec![region])
+                    .await
+                {
+                    Ok(opened) => {
+                        slot.set(opened);
+                        tracing::info!(worker = %self.kind, node = %name, "reopen failed; node open as it was");
+                    }
+                    Err(e) => {
+                        tracing::warn!(worker = %self.kind, node = %name, error = %e, "node could not be opened again as it was")
+                    }
+                }
+            }
+            _ => {
+                tracing::warn!(worker = %self.kind, node = %name, "no earlier configuration to open again")
+            }
+        }
+        drop(hold);
+        Err(failure)
     }
 
     /// A node's accounting from the descriptors of AddNode/ReopenNode: its statistics
@@ -212,12 +322,15 @@ impl DriverWorker {
             0 => None,
             _ => Some(one_fd(rest, "node image")?),
         };
+        let events = Arc::new(ThresholdEvents {
+            node,
+            chan: Arc::clone(&self.chan),
+            handle: tokio::runtime::Handle::current(),
+        });
         let accounting = Accounting {
             counters: Arc::new(region).into_counters_ref(),
-            threshold_sink: Some(Arc::new(ThresholdEvents {
-                node,
-                chan: Arc::clone(&self.chan),
-            })),
+            threshold_sink: Some(Arc::clone(&events) as Arc<dyn ThresholdSink>),
+            image_events: Some(events),
             notifiers: Vec::new(),
         };
         Ok((accounting, fd))
@@ -261,9 +374,14 @@ impl DriverWorker {
                         format!("node {name} exists"),
                     ));
                 }
+                let exclusive = config.kind().info().format_threads;
+                let as_given = exclusive.then(|| (config.clone(), children.clone()));
                 let opened = self.open_node(node, &name, config, children, fds).await?;
                 tracing::debug!(worker = %self.kind, node = %name, "node opened");
-                self.nodes.insert(node, opened);
+                self.nodes.insert(node, opened, exclusive);
+                if let Some(a) = as_given {
+                    self.opened_as.insert(node, a);
+                }
                 Ok(Reply::Done)
             }
             ToWorker::ReopenNode {
@@ -278,6 +396,11 @@ impl DriverWorker {
                     .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
                 // The same statistics region as before comes with it, so counters
                 // and the write threshold carry over.
+                if config.kind().info().format_threads {
+                    return self
+                        .reopen_exclusive(&slot, node, &name, config, children, fds)
+                        .await;
+                }
                 let opened = self.open_node(node, &name, config, children, fds).await?;
                 if let Err(e) = slot.replace(opened, REOPEN_DRAIN).await {
                     // The new implementation is in place; stragglers finish on the old.
@@ -287,12 +410,38 @@ impl DriverWorker {
                 Ok(Reply::Done)
             }
             ToWorker::RemoveNode { node } => match self.nodes.remove(node) {
-                Some(_) => {
+                Some(slot) => {
+                    self.opened_as.remove(&node);
                     self.ops.cancel_node(node);
+                    // A format engine writes back what a clean close writes.
+                    if let Err(e) = slot.close().await {
+                        tracing::warn!(worker = %self.kind, error = %e, "closing a removed node");
+                    }
                     Ok(Reply::Done)
                 }
                 None => Err(err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node")),
             },
+            ToWorker::SnapshotCreate { node, request } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                n.snapshot_create(request)
+                    .await
+                    .map_err(|text| err(WorkerErrorKind::Image, libc::EINVAL, text))?;
+                Ok(Reply::Done)
+            }
+            ToWorker::SnapshotDelete { node, id, name } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                let snapshot = n
+                    .snapshot_delete(id, name)
+                    .await
+                    .map_err(|text| err(WorkerErrorKind::Image, libc::EINVAL, text))?;
+                Ok(Reply::Snapshot { snapshot })
+            }
             ToWorker::ResizeNode { node, size } => {
                 let n = self
                     .nodes
@@ -304,7 +453,10 @@ impl DriverWorker {
                     }
                     _ => err(WorkerErrorKind::Io, e.errno(), e.to_string()),
                 })?;
-                Ok(Reply::NodeInfo { size: n.size() })
+                Ok(Reply::NodeInfo {
+                    size: n.size(),
+                    format: None,
+                })
             }
             ToWorker::Ping => Ok(Reply::Done),
             ToWorker::StartOperation { op, operation } => {
@@ -338,63 +490,11 @@ impl DriverWorker {
                 if let Err(e) = n.refresh().await {
                     tracing::warn!(error = %e, "could not refresh node size");
                 }
-                Ok(Reply::NodeInfo { size: n.size() })
+                Ok(Reply::NodeInfo {
+                    size: n.size(),
+                    format: n.format_info().map(Box::new),
+                })
             }
         }
-    }
-}
-
-/// The one child today's drivers take, `file`, from a node's children by role. A
-/// role the driver does not take, or a role given twice, is refused: the drivers
-/// with backing, data-file or quorum children bring their own arms here.
-fn file_child(
-    config: &DriverConfig,
-    children: &[(ChildRole, NodeRef)],
-) -> Result<Option<NodeRef>, WorkerError> {
-    let mut file = None;
-    for (role, child) in children {
-        let refuse = |why: String| err(WorkerErrorKind::Invalid, libc::EINVAL, why);
-        match role {
-            ChildRole::File if file.is_none() => file = Some(*child),
-            ChildRole::File => return Err(refuse("two file children".into())),
-            other => {
-                return Err(refuse(format!(
-                    "the {} driver takes no {other} child",
-                    config.driver_name()
-                )));
-            }
-        }
-    }
-    Ok(file)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(node: u64) -> NodeRef {
-        NodeRef {
-            node: NodeId(node),
-            home: WorkerId(1),
-        }
-    }
-
-    #[test]
-    fn todays_drivers_take_a_file_child_and_refuse_any_other_role() {
-        let raw = DriverConfig::Raw(Default::default());
-        assert_eq!(file_child(&raw, &[]).ok(), Some(None));
-        assert_eq!(
-            file_child(&raw, &[(ChildRole::File, at(2))]).ok(),
-            Some(Some(at(2)))
-        );
-        for role in [ChildRole::Backing, ChildRole::DataFile, ChildRole::Child(0)] {
-            let e = file_child(&raw, &[(ChildRole::File, at(2)), (role, at(3))]);
-            assert!(
-                e.as_ref()
-                    .is_err_and(|e| e.detail.contains(&format!("no {role} child"))),
-                "{e:?}"
-            );
-        }
-        assert!(file_child(&raw, &[(ChildRole::File, at(2)), (ChildRole::File, at(3))]).is_err());
     }
 }

@@ -91,7 +91,10 @@ impl Hooks {
                 Ok("truncated") => {
                     let reply = FromWorker::Reply {
                         id: 1,
-                        result: Ok(Reply::NodeInfo { size: u64::MAX }),
+                        result: Ok(Reply::NodeInfo {
+                            size: u64::MAX,
+                            format: None,
+                        }),
                     };
                     let full = codec::encode(&reply).unwrap_or_default();
                     full[..full.len() / 2].to_vec()

@@ -75,6 +75,12 @@ fn run(kind: WorkerKind, id: WorkerId) -> Result<(), WorkerExit> {
         bulkhead_block::threads::start_io_threads(bulkhead_block::threads::DEFAULT_IO_THREADS)
             .map_err(|e| WorkerExit::Setup(format!("I/O threads: {e}")))?;
     }
+    if kind.needs_format_threads() {
+        bulkhead_block::threads::start_format_threads(
+            bulkhead_block::threads::DEFAULT_FORMAT_THREADS,
+        )
+        .map_err(|e| WorkerExit::Setup(format!("format threads: {e}")))?;
+    }
 
     // One thread, like a qsd iothread: every hop of a request (socket, ring, task)
     // stays on it, so no request pays for waking another runtime thread (with two

@@ -28,11 +28,12 @@ pub mod common;
 pub mod file;
 pub mod nbd;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 
 use std::collections::BTreeMap;
 
-use bulkhead_ipc::wire::WorkerKind;
+use bulkhead_ipc::wire::{DriverKind, WorkerKind};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -128,23 +129,61 @@ pub(crate) fn arg_set(arg: u8, mask: u64) -> Result<Vec<SeccompRule>, seccompile
     )?])?])
 }
 
+/// Builds one policy's own lines.
+pub type PolicyFn = fn() -> Table;
+
+/// The policies a driver's [`DriverInfo::policy`](bulkhead_ipc::wire::DriverKind)
+/// may name, with their tables. A new driver whose code makes calls no policy here
+/// allows brings a module of its own and a line here.
+pub const POLICIES: &[(&str, PolicyFn)] = &[
+    ("file", file::table),
+    ("raw", raw::table),
+    ("null", null::table),
+    ("qcow2", qcow2::table),
+];
+
+/// The table of the policy named `name`.
+fn policy(name: &str) -> Table {
+    match POLICIES.iter().find(|(n, _)| *n == name) {
+        Some((_, table)) => table(),
+        // A registry line naming no policy gets none (a test checks every line).
+        None => Ok(Vec::new()),
+    }
+}
+
 /// The full table of a worker kind: the common lines, then the kind's own.
 pub fn table(kind: WorkerKind) -> Table {
     let mut lines = common::table()?;
-    lines.extend(match kind {
-        WorkerKind::File | WorkerKind::HostDevice => file::table()?,
-        // A format node's local protocol child (file, host_device, null) lives in the
-        // format node's worker: a hop between them would isolate nothing.
-        WorkerKind::Raw | WorkerKind::Image => {
-            let mut t = raw::table()?;
-            t.extend(file::table()?);
-            t.extend(null::table()?);
-            t
+    let mut names: Vec<&'static str> = Vec::new();
+    match kind {
+        WorkerKind::Driver(d) => {
+            names.push(d.info().policy);
+            // A format node's local protocol child (file, host_device, null) lives in
+            // the format node's worker: a hop between them would isolate nothing.
+            if !d.info().protocol {
+                names.extend(protocol_policies());
+            }
         }
-        WorkerKind::NullCo | WorkerKind::NullAio => null::table()?,
-        WorkerKind::Nbd => nbd::table()?,
-    });
+        // An image worker hosts every driver of its image.
+        WorkerKind::Image => names.extend(DriverKind::ALL.iter().map(|d| d.info().policy)),
+        WorkerKind::Nbd => lines.extend(nbd::table()?),
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for name in names {
+        if !seen.contains(&name) {
+            seen.push(name);
+            lines.extend(policy(name)?);
+        }
+    }
     Ok(lines)
+}
+
+/// The policies of the protocol drivers.
+fn protocol_policies() -> impl Iterator<Item = &'static str> {
+    DriverKind::ALL
+        .iter()
+        .filter(|d| d.info().protocol)
+        .map(|d| d.info().policy)
 }
 
 /// Merges lines for the same call: any unconditional line wins, otherwise the argument
@@ -329,8 +368,7 @@ mod tests {
     ];
 
     fn tables() -> Vec<(WorkerKind, Vec<Allowed>)> {
-        WorkerKind::ALL
-            .into_iter()
+        WorkerKind::all()
             .map(|k| match table(k) {
                 Ok(t) => (k, t),
                 Err(e) => panic!("table of {k} does not build: {e}"),
@@ -339,8 +377,16 @@ mod tests {
     }
 
     #[test]
+    fn every_driver_names_a_policy_that_exists() {
+        for d in DriverKind::ALL {
+            let name = d.info().policy;
+            assert!(POLICIES.iter().any(|(n, _)| *n == name), "{d:?}: {name}");
+        }
+    }
+
+    #[test]
     fn every_kinds_filter_compiles_for_x86_64() {
-        for kind in WorkerKind::ALL {
+        for kind in WorkerKind::all() {
             let program = seccomp_program_for(kind, TargetArch::x86_64, false)
                 .unwrap_or_else(|e| panic!("{kind}: {e}"));
             assert!(program.len() > 50, "{kind}: {} instructions", program.len());
@@ -492,7 +538,7 @@ mod tests {
 
     #[test]
     fn a_worker_creating_a_socket_dies_of_sigsys() {
-        for kind in WorkerKind::ALL {
+        for kind in WorkerKind::all() {
             let end = in_filtered_child(kind, || {
                 // SAFETY: socket() takes no pointers.
                 unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
@@ -504,7 +550,7 @@ mod tests {
 
     #[test]
     fn allowed_calls_pass_the_filter() {
-        let end = in_filtered_child(WorkerKind::Raw, || {
+        let end = in_filtered_child(WorkerKind::Driver(DriverKind::Raw), || {
             // SAFETY: plain syscalls with valid pointers to local memory, on stderr,
             // which exists in any process.
             unsafe {
@@ -525,7 +571,7 @@ mod tests {
 
     #[test]
     fn openat_fails_with_enoent_even_for_a_path_that_exists() {
-        let end = in_filtered_child(WorkerKind::File, || {
+        let end = in_filtered_child(WorkerKind::Driver(DriverKind::File), || {
             // SAFETY: a valid NUL-terminated path; no out-pointers.
             let fd = unsafe {
                 libc::syscall(
@@ -562,7 +608,7 @@ mod tests {
 
     #[test]
     fn executable_memory_is_refused_with_sigsys() {
-        let end = in_filtered_child(WorkerKind::NullCo, || {
+        let end = in_filtered_child(WorkerKind::Driver(DriverKind::NullCo), || {
             let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
             // SAFETY: anonymous mappings, no file, no fixed address.
             let plain = unsafe {
@@ -598,7 +644,7 @@ mod tests {
 
     #[test]
     fn an_unlisted_ioctl_request_dies_of_sigsys() {
-        let end = in_filtered_child(WorkerKind::File, || {
+        let end = in_filtered_child(WorkerKind::Driver(DriverKind::File), || {
             let mut size = 0u64;
             // SAFETY: BLKGETSIZE64 on stderr fails with ENOTTY; the pointer is valid.
             let rc = unsafe {

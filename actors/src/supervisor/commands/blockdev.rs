@@ -1,15 +1,18 @@
 //! Block node commands: `blockdev-add`, `blockdev-del`, `blockdev-reopen`,
-//! `blockdev-set-active`, `block_resize` (the work is in `supervisor::blockdev` and
-//! `supervisor::reopen`).
+//! `blockdev-set-active`, `block_resize`, and the internal snapshot commands (the
+//! work is in `supervisor::blockdev`, `supervisor::reopen` and
+//! `supervisor::snapshot`).
 
 use bulkhead_qmp::qapi::types::{
     BlockResizeArgs, BlockdevDelArgs, BlockdevOptions, BlockdevSetActiveArgs,
+    BlockdevSnapshotDeleteInternalArgs, BlockdevSnapshotInternal,
 };
 #[cfg(feature = "test-hooks")]
 use bulkhead_qmp::qapi::types::{
     XBulkheadInsertFilterArgs, XBulkheadRemoveFilterArgs, XBulkheadReplaceNodeArgs,
 };
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::WithGiven;
 use crate::supervisor::{Core, QmpError};
@@ -53,6 +56,21 @@ pub(super) async fn blockdev_set_active(
 
 pub(super) async fn block_resize(core: &mut Core, args: BlockResizeArgs) -> Result<(), QmpError> {
     core.block_resize(args.device.as_deref(), args.node_name.as_deref(), args.size)
+        .await
+}
+
+pub(super) async fn blockdev_snapshot_internal_sync(
+    core: &mut Core,
+    args: BlockdevSnapshotInternal,
+) -> Result<(), QmpError> {
+    core.snapshot_internal_sync(&args.device, &args.name).await
+}
+
+pub(super) async fn blockdev_snapshot_delete_internal_sync(
+    core: &mut Core,
+    args: BlockdevSnapshotDeleteInternalArgs,
+) -> Result<Value, QmpError> {
+    core.snapshot_delete_internal_sync(&args.device, args.id.as_deref(), args.name.as_deref())
         .await
 }
 

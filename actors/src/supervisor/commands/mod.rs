@@ -143,6 +143,16 @@ pub static REGISTRY: &[Command] = &[
         query::x_debug_query_block_graph
     ),
     command!("block_resize", Change, blockdev::block_resize),
+    command!(
+        "blockdev-snapshot-internal-sync",
+        Change,
+        blockdev::blockdev_snapshot_internal_sync
+    ),
+    command!(
+        "blockdev-snapshot-delete-internal-sync",
+        Change,
+        blockdev::blockdev_snapshot_delete_internal_sync
+    ),
     command!("nbd-server-start", Change, export::nbd_server_start),
     command!("nbd-server-stop", Change, export::nbd_server_stop),
     command!("nbd-server-add", Change, export::nbd_server_add),

@@ -4,14 +4,22 @@
 use bulkhead_qmp::qapi::types::{NoArgs, QueryNamedBlockNodesArgs};
 use serde_json::Value;
 
-use crate::supervisor::{Core, QmpError};
+use crate::supervisor::{Core, QmpError, errors};
 
-/// `flat` only drops `backing-image`, which no bulkhead node has.
+/// `flat` drops `backing-image` from every node's image info.
 pub(super) async fn query_named_block_nodes(
     core: &mut Core,
-    _: QueryNamedBlockNodesArgs,
+    args: QueryNamedBlockNodesArgs,
 ) -> Result<Value, QmpError> {
-    Ok(core.graph.query_named_block_nodes())
+    core.refresh_format_info().await;
+    // QEMU's query fails on the first node (newest first) whose driver was taken
+    // away by a fatal corruption.
+    if let Some(n) = core.graph.iter().rev().find(|n| n.ejected) {
+        return Err(errors::block_device_ejected(&n.name));
+    }
+    Ok(core
+        .graph
+        .query_named_block_nodes(args.flat.unwrap_or(false)))
 }
 
 /// qsd has no named BlockBackends (exports' are anonymous): always empty.

@@ -22,7 +22,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use bulkhead_ipc::wire::{ExportKey, ExportMap, ToWorker, WorkerId};
 
 use super::super::Core;
-use super::super::drivers::Driver;
+use super::super::graph::Driver;
 use super::super::graph::Node;
 use super::super::workers::CallError;
 
