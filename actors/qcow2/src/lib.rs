@@ -526,12 +526,10 @@ impl Qcow2 {
         self.file
             .read_at(&mut old, 0)
             .map_err(Error::io("reading the header"))?;
-        let be32 = |b: &[u8], at: usize| {
-            u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
-        };
-        let be64 = |b: &[u8], at: usize| {
-            u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
-        };
+        let be32 =
+            |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]));
+        let be64 =
+            |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
         let header_len = if self.geo.version == 2 {
             72
         } else {
@@ -1555,23 +1553,26 @@ impl Qcow2 {
         })
     }
 
-    /// Changes the virtual size. Growing may grow the L1 table; shrinking frees the
-    /// clusters past the end. Images with snapshots are refused, as QEMU does.
+    /// Changes the virtual size, as QEMU's `qcow2_co_truncate` (no preallocation).
+    /// Growing may grow the active L1 table (placed as QEMU places it); shrinking frees
+    /// the clusters past the end. Internal snapshots are kept as they are (their table
+    /// entries, disk sizes and L1 tables untouched); a v2 image with snapshots is
+    /// refused, as QEMU refuses it (v2 did not require the snapshot's disk size).
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
-        if !self.lock()?.snapshots.is_empty() {
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::Invalid(
+                "The new size must be a multiple of 512".into(),
+            ));
+        }
+        if self.geo.version < 3 && !self.lock()?.snapshots.is_empty() {
             return Err(Error::Unsupported(
-                "Can't resize an image which has snapshots".into(),
+                "Can't resize a v2 image which has snapshots".into(),
             ));
         }
         if !self.info.bitmaps.is_empty() {
             return Err(Error::Unsupported(
                 "Cannot resize an image with persistent bitmaps".into(),
-            ));
-        }
-        if !new_size.is_multiple_of(512) {
-            return Err(Error::Invalid(
-                "The new size must be a multiple of 512".into(),
             ));
         }
         let geo = self.geo;
@@ -1603,8 +1604,11 @@ impl Qcow2 {
             m.size = new_size;
             self.size.store(new_size, Ordering::SeqCst);
         }
-        if new_size > old && !old.is_multiple_of(geo.cs) {
-            // What was past the old end in its last cluster must read as zeroes.
+        let backing_len = self.backing_node().map_or(0, |(_, l)| l);
+        if new_size > old && !old.is_multiple_of(geo.cs) && backing_len > old {
+            // QEMU zeroes the new area only when a backing file would show through
+            // (`bdrv_co_truncate`'s BDRV_REQ_ZERO_WRITE); otherwise what was past the
+            // old end in its last cluster stays as it was, as in QEMU.
             let tail_end = (old.div_ceil(geo.cs) * geo.cs).min(new_size);
             self.write_zeroes(old, tail_end - old, false)?;
         }
