@@ -185,6 +185,8 @@ pub struct Qcow2 {
     has_live: bool,
     /// On-disk bitmap flags as of now (in use while tracked), for `info()`.
     bitmap_flags: Mutex<Vec<u32>>,
+    /// Backing file name and format as the header says now.
+    backing_names: Mutex<(Option<String>, Option<String>)>,
     /// Held shared by requests doing I/O on clusters they looked up, exclusively while
     /// clusters are freed: a cluster is never reused under a request still using it.
     gate: RwLock<()>,
@@ -468,6 +470,7 @@ impl Qcow2 {
             live: Mutex::new(live),
             has_live,
             bitmap_flags: Mutex::new(bitmap_flags),
+            backing_names: Mutex::new((h.backing_file.clone(), h.backing_format.clone())),
             file,
             data,
             backing: RwLock::new(backing_pair),
@@ -504,6 +507,96 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Rewrites the header's backing file name and format (`change-backing-file`,
+    /// stream/commit completion): the header cluster is rebuilt with every other
+    /// extension kept byte for byte, written in one pwrite, flushed. QEMU's limits:
+    /// a name of at most 1023 bytes, a format of at most 15.
+    pub fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.check_writable()?;
+        let name = name.filter(|n| !n.is_empty());
+        if name.is_some_and(|n| n.len() > 1023) {
+            return Err(Error::Invalid("Backing file name too long".into()));
+        }
+        if format.is_some_and(|f| f.len() >= 16) {
+            return Err(Error::Invalid("Backing file format too long".into()));
+        }
+        let (_gate, _m) = self.quiesce()?;
+        let cs = self.geo.cs;
+        let mut old = vec![0u8; cs as usize];
+        self.file
+            .read_at(&mut old, 0)
+            .map_err(Error::io("reading the header"))?;
+        let be32 =
+            |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]));
+        let be64 =
+            |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+        let header_len = if self.geo.version == 2 {
+            72
+        } else {
+            be32(&old, 100) as usize
+        };
+        let old_backing_off = be64(&old, 8);
+        let ext_end = if old_backing_off != 0 {
+            old_backing_off as usize
+        } else {
+            cs as usize
+        };
+        // The extensions as they are (validated at open), minus the backing format.
+        let mut exts: Vec<u8> = Vec::new();
+        if let Some(f) = format.filter(|_| name.is_some()) {
+            exts.extend_from_slice(&header::EXT_BACKING_FORMAT.to_be_bytes());
+            exts.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            exts.extend_from_slice(f.as_bytes());
+            exts.resize(exts.len().div_ceil(8) * 8, 0);
+        }
+        let mut off = header_len;
+        while off + 8 <= ext_end {
+            let magic = be32(&old, off);
+            let len = be32(&old, off + 4) as usize;
+            if magic == header::EXT_END {
+                break;
+            }
+            let padded = len.div_ceil(8) * 8;
+            let Some(raw) = old.get(off..off + 8 + padded) else {
+                break;
+            };
+            if magic != header::EXT_BACKING_FORMAT {
+                exts.extend_from_slice(raw);
+            }
+            off += 8 + padded;
+        }
+        exts.extend_from_slice(&[0u8; 8]); // end of extensions
+        let mut new = vec![0u8; cs as usize];
+        new[..header_len].copy_from_slice(&old[..header_len]);
+        let ext_at = header_len;
+        let name_at = ext_at + exts.len();
+        let end = name_at + name.map_or(0, str::len);
+        if end > cs as usize {
+            return Err(Error::TooLarge("qcow2 header exceeds cluster size".into()));
+        }
+        new[ext_at..name_at].copy_from_slice(&exts);
+        match name {
+            Some(n) => {
+                new[name_at..end].copy_from_slice(n.as_bytes());
+                new[8..16].copy_from_slice(&(name_at as u64).to_be_bytes());
+                new[16..20].copy_from_slice(&(n.len() as u32).to_be_bytes());
+            }
+            None => {
+                new[8..16].fill(0);
+                new[16..20].fill(0);
+            }
+        }
+        self.file
+            .write_at(&new[..end.max(name_at)], 0)
+            .map_err(Error::io("updating the header"))?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        *self.backing_names.lock().unwrap_or_else(lock_err) = (
+            name.map(str::to_string),
+            format.filter(|_| name.is_some()).map(str::to_string),
+        );
+        Ok(())
+    }
+
     /// Re-reads the backing node's length (after it was resized).
     pub fn refresh_backing_len(&self) -> Result<()> {
         let mut g = self.backing.write().unwrap_or_else(lock_err);
@@ -535,6 +628,8 @@ impl Qcow2 {
             i.corrupt = true;
         }
         i.snapshots = self.meta.lock().unwrap_or_else(lock_err).snapshots.clone();
+        let names = self.backing_names.lock().unwrap_or_else(lock_err).clone();
+        (i.backing_file, i.backing_format) = names;
         let flags = self.bitmap_flags.lock().unwrap_or_else(lock_err);
         for (b, f) in i.bitmaps.iter_mut().zip(flags.iter()) {
             b.flags = *f;
@@ -1458,23 +1553,26 @@ impl Qcow2 {
         })
     }
 
-    /// Changes the virtual size. Growing may grow the L1 table; shrinking frees the
-    /// clusters past the end. Images with snapshots are refused, as QEMU does.
+    /// Changes the virtual size, as QEMU's `qcow2_co_truncate` (no preallocation).
+    /// Growing may grow the active L1 table (placed as QEMU places it); shrinking frees
+    /// the clusters past the end. Internal snapshots are kept as they are (their table
+    /// entries, disk sizes and L1 tables untouched); a v2 image with snapshots is
+    /// refused, as QEMU refuses it (v2 did not require the snapshot's disk size).
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
-        if !self.lock()?.snapshots.is_empty() {
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::Invalid(
+                "The new size must be a multiple of 512".into(),
+            ));
+        }
+        if self.geo.version < 3 && !self.lock()?.snapshots.is_empty() {
             return Err(Error::Unsupported(
-                "Can't resize an image which has snapshots".into(),
+                "Can't resize a v2 image which has snapshots".into(),
             ));
         }
         if !self.info.bitmaps.is_empty() {
             return Err(Error::Unsupported(
                 "Cannot resize an image with persistent bitmaps".into(),
-            ));
-        }
-        if !new_size.is_multiple_of(512) {
-            return Err(Error::Invalid(
-                "The new size must be a multiple of 512".into(),
             ));
         }
         let geo = self.geo;
@@ -1506,8 +1604,11 @@ impl Qcow2 {
             m.size = new_size;
             self.size.store(new_size, Ordering::SeqCst);
         }
-        if new_size > old && !old.is_multiple_of(geo.cs) {
-            // What was past the old end in its last cluster must read as zeroes.
+        let backing_len = self.backing_node().map_or(0, |(_, l)| l);
+        if new_size > old && !old.is_multiple_of(geo.cs) && backing_len > old {
+            // QEMU zeroes the new area only when a backing file would show through
+            // (`bdrv_co_truncate`'s BDRV_REQ_ZERO_WRITE); otherwise what was past the
+            // old end in its last cluster stays as it was, as in QEMU.
             let tail_end = (old.div_ceil(geo.cs) * geo.cs).min(new_size);
             self.write_zeroes(old, tail_end - old, false)?;
         }

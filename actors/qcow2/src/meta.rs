@@ -708,24 +708,35 @@ impl Meta {
         Ok(())
     }
 
-    /// Grows the active L1 table to `entries` (new table, header, then the old one freed).
+    /// Grows the active L1 table to exactly `entries`, as QEMU's `qcow2_grow_l1_table`
+    /// with `exact_size` (what truncate asks for): the new table goes where
+    /// `qcow2_alloc_clusters` would put it ([`Meta::alloc_clusters_qemu`]), written
+    /// with exactly `entries * 8` bytes (the file may end mid-cluster), then the header
+    /// points to it, then the old table's clusters are freed (no discard passed down:
+    /// QEMU's `pass-discard-other` is off).
     pub fn grow_l1(&mut self, entries: u64) -> Result<()> {
         if entries <= self.l1.len() as u64 {
             return Ok(());
         }
-        if entries * 8 > header::MAX_L1_BYTES {
-            return Err(Error::TooLarge("Active L1 table too large".into()));
+        // QEMU: INT_MAX / 8 first, then QCOW_MAX_L1_SIZE / 8; both EFBIG.
+        if entries > i32::MAX as u64 / 8 || entries * 8 > header::MAX_L1_BYTES {
+            return Err(Error::TooLarge(
+                "Failed to grow the L1 table: File too large".into(),
+            ));
         }
+        // The engine's reserved clusters go back first: QEMU has none, and its search
+        // must see the same free clusters.
+        self.release_reserved()?;
         let cs = self.geo.cs;
-        let clusters = (entries * 8).div_ceil(cs);
-        let new_off = self.alloc_contiguous(clusters)?;
-        let mut l1 = self.l1.clone();
-        l1.resize(entries as usize, 0);
-        let mut raw = vec![0u8; (clusters * cs) as usize];
-        for (c, w) in raw.chunks_exact_mut(8).zip(l1.iter()) {
-            c.copy_from_slice(&w.to_be_bytes());
+        let bytes = entries * 8;
+        let new_off = self.alloc_clusters_qemu(bytes.div_ceil(cs))?;
+        self.flush_refcounts()?;
+        let mut raw = Vec::with_capacity(bytes as usize);
+        for w in &self.l1 {
+            raw.extend_from_slice(&w.to_be_bytes());
         }
-        self.check_overlap(new_off, clusters * cs)?;
+        raw.resize(bytes as usize, 0);
+        self.check_overlap(new_off, bytes)?;
         self.file
             .write_at(&raw, new_off)
             .map_err(Error::io("writing the L1 table"))?;
@@ -738,16 +749,147 @@ impl Meta {
             .map_err(Error::io("updating the header"))?;
         self.file.flush().map_err(Error::io("flushing"))?;
         let old_off = self.l1_offset;
-        let old_clusters = (self.l1.len() as u64 * 8).div_ceil(cs);
-        self.l1 = l1;
+        let old_bytes = self.l1.len() as u64 * 8;
+        self.l1.resize(entries as usize, 0);
         self.l1_offset = new_off;
         self.remove_section(old_off);
-        self.add_section(new_off, entries * 8, Section::ActiveL1);
-        if old_off != 0 {
-            for c in 0..old_clusters {
-                self.decref(old_off / cs + c)?;
+        self.add_section(new_off, bytes, Section::ActiveL1);
+        if old_bytes > 0 {
+            for c in old_off / cs..=(old_off + old_bytes - 1) / cs {
+                self.decref_quiet(c)?;
+            }
+            self.flush_refcounts()?;
+        }
+        Ok(())
+    }
+
+    /// Drops one reference without passing a discard down (QEMU's
+    /// `QCOW2_DISCARD_OTHER`, off by default).
+    fn decref_quiet(&mut self, idx: u64) -> Result<()> {
+        let pass = std::mem::replace(&mut self.pass_discard, false);
+        let r = self.decref(idx);
+        self.pass_discard = pass;
+        r
+    }
+
+    /// QEMU's `alloc_clusters_noref`: from the free-cluster index (`free_hint`), the
+    /// first run of `n` clusters with refcount 0; the index moves past it. Bounded a bit
+    /// past the file's end (hostile refcounts can claim every cluster in use).
+    fn find_free_run(&mut self, n: u64) -> Result<u64> {
+        let geo = self.geo;
+        let file_clusters = self
+            .file
+            .len()
+            .map_err(Error::io("reading the image length"))?
+            .div_ceil(geo.cs);
+        let limit = (MAX_CLUSTER_OFFSET / geo.cs).min(
+            file_clusters
+                .max(self.alloc_end)
+                .max(self.free_hint)
+                .saturating_add(n)
+                .saturating_add(1 << 16),
+        );
+        let mut idx = self.free_hint;
+        let mut run = 0;
+        while run < n {
+            if idx >= limit {
+                return Err(Error::TooLarge("No space left in the image".into()));
+            }
+            let r = self.refcount(idx)?;
+            idx += 1;
+            run = if r == 0 { run + 1 } else { 0 };
+        }
+        self.free_hint = idx;
+        Ok(idx - n)
+    }
+
+    /// QEMU's `qcow2_alloc_clusters` for `n` contiguous clusters: a free run from the
+    /// free-cluster index, then +1 on each; where a refcount block is missing, one is
+    /// allocated as `alloc_refcount_block` does and the search starts again (so the
+    /// same run may be chosen again, or one past the new block). Refcount updates are
+    /// left pending (the caller flushes them). Returns the byte offset.
+    pub fn alloc_clusters_qemu(&mut self, n: u64) -> Result<u64> {
+        // Each round adds at most one refcount block (or grows the table): a run
+        // needs at most one per block range it spans, plus the table's.
+        let max_rounds = (n >> self.geo.rb_bits).saturating_add(3).saturating_mul(2);
+        let mut rounds = 0u64;
+        loop {
+            rounds += 1;
+            if rounds > max_rounds {
+                return Err(Error::TooLarge("No space left in the image".into()));
+            }
+            let start = self.find_free_run(n)?;
+            if self.incref_range_qemu(start, n)? {
+                self.alloc_end = self.alloc_end.max(start + n);
+                return Ok(start * self.geo.cs);
             }
         }
+    }
+
+    /// +1 on clusters `start..start + n` (QEMU's `update_refcount`). `Ok(false)` when a
+    /// refcount block had to be created first: what was already counted is undone
+    /// (which moves the free index back to `start`) and the caller searches again.
+    fn incref_range_qemu(&mut self, start: u64, n: u64) -> Result<bool> {
+        let geo = self.geo;
+        for c in start..start + n {
+            let bi = c >> geo.rb_bits;
+            let has_block = self
+                .rc
+                .table
+                .get(bi as usize)
+                .is_some_and(|e| e & crate::refcount::REFT_OFFSET_MASK != 0);
+            if !has_block {
+                self.alloc_refblock_qemu(c)?;
+                for r in start..c {
+                    self.add_refcount_pub(r, -1)?;
+                }
+                return Ok(false);
+            }
+            self.add_refcount(c, 1)?;
+        }
+        Ok(true)
+    }
+
+    /// QEMU's `alloc_refcount_block` for cluster `c` whose block is missing: the block
+    /// goes at the next free cluster (describing itself when it lies in its own range,
+    /// else counted where it lies), is written, and hooked into the table. Always
+    /// means "search again" for the caller. A table too small is grown by the engine's
+    /// own layout (not QEMU's `qcow2_refcount_area`).
+    fn alloc_refblock_qemu(&mut self, c: u64) -> Result<()> {
+        let geo = self.geo;
+        let cs = geo.cs;
+        let bi = c >> geo.rb_bits;
+        if bi as usize >= self.rc.table.len() {
+            return self.grow_reftable(bi + 1);
+        }
+        let nb = self.find_free_run(1)?;
+        if nb == 0 {
+            let msg = "Preventing invalid allocation of refcount block at offset 0".to_string();
+            return Err(self.corrupt(msg, None, None));
+        }
+        let mut b = vec![0u8; cs as usize].into_boxed_slice();
+        if nb >> geo.rb_bits == bi {
+            crate::refcount::set_entry(&mut b, geo.rc_order, nb & ((1 << geo.rb_bits) - 1), 1);
+        } else {
+            if !self.incref_range_qemu(nb, 1)? {
+                return Ok(());
+            }
+            self.flush_refcounts()?;
+        }
+        let off = nb * cs;
+        self.check_overlap(off, cs)?;
+        self.file
+            .write_at(&b, off)
+            .map_err(Error::io("writing a refcount block"))?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        self.file
+            .write_at(&off.to_be_bytes(), self.rc.table_offset + 8 * bi)
+            .map_err(Error::io("writing the refcount table"))?;
+        self.file.flush().map_err(Error::io("flushing"))?;
+        self.rc.insert_block(off, b);
+        self.rc.table[bi as usize] = off;
+        self.add_section(off, cs, Section::RefcountBlock);
+        self.alloc_end = self.alloc_end.max(nb + 1);
         Ok(())
     }
 }

@@ -248,7 +248,11 @@ fn snapshots_stay_intact() {
         let mut reference = two.clone();
         let mut rng = Rng(5);
         random_ops(&q, &mut reference, &mut rng, 100, info.cluster_size);
-        assert!(q.resize(SIZE * 2).is_err(), "resize with snapshots");
+        if opts == "compat=0.10" {
+            let e = q.resize(SIZE * 2).expect_err("v2 resize with snapshots");
+            assert_eq!(e.to_string(), "Can't resize a v2 image which has snapshots");
+            assert_eq!(q.size(), SIZE);
+        }
         q.close().expect("close");
         drop(q);
         check(&img, false);
@@ -432,6 +436,159 @@ fn resize() {
     assert_eq!(raw.len(), (4 << 20) + 1024);
     assert!(raw[..4 << 20].iter().all(|&b| b == 0x11));
     assert!(raw[4 << 20..].iter().all(|&b| b == 0));
+}
+
+/// One image state made by qemu-img/qemu-io for the resize parity tests.
+fn resize_base(dir: &TempDir, name: &str, opts: &str, setup: &str) -> String {
+    let img = dir.path(name);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, &img, "1M"]);
+    match setup {
+        "fresh" => {}
+        "data" => {
+            qemu_io(&img, &["write -P 0x11 0 100k", "write -P 0x22 300k 64k"]);
+        }
+        _ => {
+            qemu_io(&img, &["write -P 0x11 0 100k"]);
+            qemu_img(&["snapshot", "-c", "s1", &img]);
+            qemu_io(&img, &["write -P 0x22 50k 100k"]);
+            qemu_img(&["snapshot", "-c", "s2", &img]);
+        }
+    }
+    img
+}
+
+/// Everything `qemu-img` says about an image that a resize could change.
+fn image_facts(img: &str) -> (u64, String, String, String) {
+    let len = std::fs::metadata(img).expect("stat").len();
+    let (_, check) = run_status("qemu-img", &["check", img]);
+    let map = qemu_img(&["map", "--output=json", img]);
+    let snaps = qemu_img(&["snapshot", "-l", img]);
+    (len, check, map, snaps)
+}
+
+/// Growing through the engine and through `qemu-img resize` (copies of the same
+/// image) gives the same file: the grown active L1 table lands where QEMU's allocator
+/// puts it, written with exactly its entries, the old table freed afterwards. Fresh
+/// images, images with data, with internal snapshots (kept as they are: their L1
+/// tables and disk sizes untouched), 512 B, 4 KiB, 64 KiB and 2 MiB clusters, small
+/// and large factors, several grows in a row.
+#[test]
+fn grow_matches_qemu_resize() {
+    let dir = TempDir::new("growparity");
+    let cases: &[(&str, &[u64])] = &[
+        ("cluster_size=512", &[4 << 20]),
+        ("cluster_size=512", &[1 << 30]),
+        ("cluster_size=512", &[2 << 20, 8 << 20, 32 << 20, 1 << 30]),
+        ("cluster_size=4096", &[10 << 30]),
+        ("cluster_size=65536", &[4 << 20, 1 << 40]),
+        ("cluster_size=65536", &[4 << 40, 64 << 40]),
+        ("cluster_size=2M", &[4 << 20, 1 << 40]),
+        ("compat=0.10,cluster_size=512", &[4 << 20, 1 << 30]),
+    ];
+    let mut n = 0;
+    for (opts, sizes) in cases {
+        for setup in ["fresh", "data", "snap"] {
+            if setup == "snap" && opts.contains("compat=0.10") {
+                continue;
+            }
+            n += 1;
+            let base = resize_base(&dir, &format!("base{n}"), opts, setup);
+            let (ours, theirs) = (
+                dir.path(&format!("ours{n}")),
+                dir.path(&format!("theirs{n}")),
+            );
+            std::fs::copy(&base, &ours).expect("copy");
+            std::fs::copy(&base, &theirs).expect("copy");
+            let q = open(&ours, true);
+            for &s in *sizes {
+                q.resize(s).expect("grow");
+                qemu_img(&["resize", "-q", &theirs, &s.to_string()]);
+            }
+            q.close().expect("close");
+            drop(q);
+            let what = format!("{opts} {setup} {sizes:?}");
+            let (a, b) = (image_facts(&ours), image_facts(&theirs));
+            assert_eq!(a.0, b.0, "{what}: file length");
+            assert_eq!(a.1, b.1, "{what}: qemu-img check");
+            assert_eq!(a.2, b.2, "{what}: qemu-img map");
+            assert_eq!(a.3, b.3, "{what}: snapshot list");
+            assert!(a.1.contains("No errors were found"), "{what}: {}", a.1);
+            qemu_img(&["compare", "-q", &ours, &theirs]);
+            let ob = std::fs::read(&ours).expect("read");
+            let tb = std::fs::read(&theirs).expect("read");
+            assert_same(&ob, &tb, &format!("{what}: image bytes"));
+            // The old contents, and zeroes past them (qemu-img compare checks that the
+            // larger image's extra area reads as zeroes).
+            qemu_img(&["compare", "-q", &base, &ours]);
+        }
+    }
+}
+
+/// Internal snapshots and resize, as QEMU 10.0.2: a v3 image grows and shrinks with
+/// its snapshots kept (entries, disk sizes and L1 tables untouched, contents intact);
+/// a v2 image with snapshots is refused with QEMU's text; a grow past QEMU's L1 limit
+/// fails with QEMU's text and changes nothing.
+#[test]
+fn resize_with_snapshots() {
+    let dir = TempDir::new("resizesnap");
+    for opts in ["cluster_size=512", "cluster_size=65536", "extended_l2=on"] {
+        let img = resize_base(&dir, "img", opts, "snap");
+        let s1 = raw_of(&img, &dir, &["-l", "snapshot.name=s1"]);
+        let s2 = raw_of(&img, &dir, &["-l", "snapshot.name=s2"]);
+        let active = raw_of(&img, &dir, &[]);
+        let q = open(&img, true);
+        let snaps = q.info().snapshots;
+        q.resize(64 << 20).expect("grow with snapshots");
+        q.write(&[0x33; 4096], 60 << 20, false)
+            .expect("write past old end");
+        q.resize(512 << 10).expect("shrink with snapshots");
+        q.resize(2 << 20).expect("grow again");
+        let after = q.info().snapshots;
+        assert_eq!(after, snaps, "{opts}: snapshot entries");
+        assert_eq!(after[0].disk_size, Some(1 << 20));
+        q.close().expect("close");
+        drop(q);
+        check(&img, false);
+        let raw = raw_of(&img, &dir, &[]);
+        assert_eq!(raw.len(), 2 << 20, "{opts}");
+        assert_same(&raw[..512 << 10], &active[..512 << 10], opts);
+        assert!(
+            raw[512 << 10..].iter().all(|&b| b == 0),
+            "{opts}: regrown area"
+        );
+        for (name, want) in [("s1", &s1), ("s2", &s2)] {
+            // convert shows a snapshot at the image's current size.
+            let got = raw_of(&img, &dir, &["-l", &format!("snapshot.name={name}")]);
+            assert_same(&got[..1 << 20], want, name);
+            assert!(got[1 << 20..].iter().all(|&b| b == 0), "{name}");
+        }
+        let list = qemu_img(&["snapshot", "-l", &img]);
+        assert!(list.contains("s1") && list.contains("s2"), "{list}");
+    }
+    // v2 with a snapshot: QEMU's refusal, word for word, for both directions.
+    let img = resize_base(&dir, "v2", "compat=0.10", "snap");
+    let (ok, text) = run_status("qemu-img", &["resize", &img, "4M"]);
+    assert!(!ok);
+    let q = open(&img, true);
+    for size in [4 << 20, 512 << 10] {
+        let e = q.resize(size).expect_err("v2 with snapshots");
+        assert_eq!(format!("qemu-img: {e}\n"), text);
+    }
+    assert_eq!(q.size(), 1 << 20);
+    q.close().expect("close");
+    // Past QEMU's L1 limit (512 B clusters: 32 MiB of L1 covers 128 GiB).
+    let img = resize_base(&dir, "big", "cluster_size=512", "fresh");
+    let (ok, text) = run_status("qemu-img", &["resize", &img, "200G"]);
+    assert!(!ok);
+    let len = std::fs::metadata(&img).expect("stat").len();
+    let q = open(&img, true);
+    let e = q.resize(200 << 30).expect_err("too large");
+    assert_eq!(format!("qemu-img: {e}\n"), text);
+    assert_eq!(q.size(), 1 << 20);
+    q.close().expect("close");
+    drop(q);
+    assert_eq!(std::fs::metadata(&img).expect("stat").len(), len);
+    check(&img, false);
 }
 
 /// Concurrent writers and readers on disjoint and overlapping ranges.
