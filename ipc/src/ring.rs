@@ -150,6 +150,9 @@ pub mod op {
     /// Block status of `len` bytes and a read of every non-zero run into the
     /// buffer; extents go to the extent buffer at `aux_off`.
     pub const READ_SPARSE: u8 = 8;
+    /// Where `len` guest bytes lie in the node's image file (`BlockIo::map`); runs
+    /// are written into the buffer ([`MAP_RUN_BYTES`] each).
+    pub const MAP: u8 = 9;
 }
 
 /// Flag bits of a submission.
@@ -196,6 +199,11 @@ pub const EXTENT_BYTES: usize = 16;
 pub const MAX_EXTENTS: usize = 1024;
 /// Size of an extent buffer (block status, sparse reads).
 pub const EXTENT_BUFFER: usize = MAX_EXTENTS * EXTENT_BYTES;
+
+/// Bytes of one map run in the pool: length u64, host offset u64, kind u32 (0 data,
+/// 1 zeroes, 3 driver only), then u32: the data's layer, or the zeroes' allocation
+/// depth (0 for driver-only runs).
+pub const MAP_RUN_BYTES: usize = 24;
 
 /// A completion descriptor (server → client), 32 bytes.
 #[repr(C)]

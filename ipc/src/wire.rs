@@ -369,6 +369,9 @@ pub struct ExportMap {
     /// For each node a request passes, top first: that node's offset of guest
     /// offset 0. Its statistics region comes in the same order.
     pub layers: Vec<u64>,
+    /// The top node is a format node: guest offsets lie where its worker says
+    /// (`base` unused), reads only.
+    pub format: bool,
 }
 
 /// A negotiated NBD client, as the listener hands it over (`--isolation image`).

@@ -293,8 +293,8 @@ fn queries_script() -> Script {
         add("grow", "grow", "grow.qcow2", "").note("to be resized"),
         Step::line(r#"{"execute": "block_resize", "arguments": {"node-name": "grow", "size": 1073741824}, "id": "grow"}"#)
             .note("grow to 1 GiB (the L1 table grows)"),
-        // Where the grown L1 table goes is the allocator's choice (the file's
-        // length and allocation differ from qsd's), so the node goes again unqueried.
+        Step::line(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "q-grow"}"#)
+            .note("the grown L1 table where QEMU puts it: the same file length"),
         Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "grow"}, "id": "del-grow"}"#),
         Step::line(
             r#"{"execute": "blockdev-del", "arguments": {"node-name": "top"}, "id": "del"}"#,
@@ -768,6 +768,226 @@ fn a_failed_reopen_leaves_the_qcow2_node_serving() {
             "-c".into(),
             "read -P 0x7c 2M 64k".into(),
             img(&d, "disk.qcow2"),
+        ],
+    );
+}
+
+/// Serves `disk.qcow2` of `dir` (in /dev/shm) writable over NBD with one worker per
+/// image, checks that the export holds a mapping, and runs `commands` through one
+/// qemu-io client (`-t unsafe`: no FUA), each request after the one before it; then,
+/// after quit, `qemu-img check` and qemu-io's `after` on the image file.
+fn mapped_session(dir: TempDir, commands: &[&str], after: &[&str]) {
+    let d = dir.path().to_path_buf();
+    let args: Vec<String> = [
+        "--isolation",
+        "image",
+        "--blockdev",
+        "driver=file,node-name=f,filename=$DIR/disk.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=q,file=f,discard=unmap",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=e,node-name=q,writable=on",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let mut daemon = match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}"),
+    };
+    let workers = match qmp.execute_ok("x-bulkhead-query-workers", None) {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    };
+    let mapped: Vec<&str> = workers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|w| w["mapped"].as_array().into_iter().flatten())
+        .filter_map(|e| e.as_str())
+        .collect();
+    assert_eq!(mapped, ["e"], "{workers}");
+    let socket = d.join("nbd.sock");
+    let mut io_args = vec![
+        "-t".to_string(),
+        "unsafe".to_string(),
+        "--image-opts".to_string(),
+        nbd_image_opts(&socket, "q"),
+    ];
+    for c in commands {
+        io_args.extend(["-c".to_string(), c.to_string()]);
+    }
+    let out = match qemu_io(&io_args).output() {
+        Ok(o) => o,
+        Err(e) => panic!("qemu-io: {e}"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("fail"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(qmp);
+    quit(&mut daemon);
+    let check = run("qemu-img", &["check".into(), img(&d, "disk.qcow2")]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let mut args = vec!["-f".to_string(), "qcow2".to_string()];
+    for c in after {
+        args.extend(["-c".to_string(), c.to_string()]);
+    }
+    args.push(img(&d, "disk.qcow2"));
+    run("qemu-io", &args);
+}
+
+/// A directory in /dev/shm (mapped reads run where the file is in memory).
+fn shm_dir() -> Option<TempDir> {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped: no /dev/shm");
+        return None;
+    }
+    match TempDir::new_in(shm, "bulkhead-qcow2-map") {
+        Ok(d) => Some(d),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// An NBD export of a qcow2 node reads through its mapping (the export asks the
+/// image's worker where guest bytes lie and reads the file itself): every read sees
+/// the writes, zero-writes and discards completed before it, which go to the worker
+/// and move the node's map epoch.
+#[test]
+fn a_qcow2_export_reads_through_its_mapping_and_sees_every_completed_write() {
+    let Some(dir) = shm_dir() else {
+        return;
+    };
+    let d = dir.path().to_path_buf();
+    let disk = img(&d, "disk.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create".into(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+            disk.clone(),
+            "8M".into(),
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f".into(),
+            "qcow2".into(),
+            "-c".into(),
+            "write -P 0x11 0 4M".into(),
+            "-c".into(),
+            "write -z 5M 64k".into(),
+            disk.clone(),
+        ],
+    );
+    mapped_session(
+        dir,
+        &[
+            "read -P 0x11 0 64k",
+            "read -P 0 4M 64k",
+            "read -P 0 5M 64k",
+            "write -P 0x22 4M 64k",
+            "read -P 0x22 4M 64k",
+            "read -P 0x11 4190208 4096",
+            "discard 0 64k",
+            "read -P 0 0 64k",
+            "write -z 64k 64k",
+            "read -P 0 64k 64k",
+            "write -P 0x33 0 4k",
+            "read -P 0x33 0 4k",
+            "read -P 0 4k 60k",
+            "write -P 0x44 100k 1k",
+            "read -P 0x44 100k 1k",
+            "read -P 0x11 200k 1M",
+        ],
+        &[
+            "read -P 0x33 0 4k",
+            "read -P 0x22 4M 64k",
+            "read -P 0x44 100k 1k",
+        ],
+    );
+}
+
+/// The same through a three-deep chain opened from the names in the images: runs
+/// of every layer are read from that layer's file, and a write to the top (which
+/// allocates there, copying the rest of the cluster from below) is seen at once.
+#[test]
+fn a_qcow2_export_reads_through_its_backing_chain() {
+    let Some(dir) = shm_dir() else {
+        return;
+    };
+    let d = dir.path().to_path_buf();
+    let qemu_img = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        run("qemu-img", &args)
+    };
+    let qemu_io_on = |image: &str, commands: &[&str]| {
+        let mut args = vec!["-f".to_string(), "qcow2".to_string()];
+        for c in commands {
+            args.extend(["-c".to_string(), c.to_string()]);
+        }
+        args.push(img(&d, image));
+        run("qemu-io", &args)
+    };
+    qemu_img(&["create", "-q", "-f", "qcow2", &img(&d, "base.qcow2"), "8M"]);
+    qemu_io_on("base.qcow2", &["write -P 0x11 0 4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &img(&d, "mid.qcow2"),
+    ]);
+    qemu_io_on("mid.qcow2", &["write -P 0x22 1M 64k", "write -z 2M 64k"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        &img(&d, "disk.qcow2"),
+    ]);
+    qemu_io_on("disk.qcow2", &["write -P 0x33 3M 4k"]);
+    mapped_session(
+        dir,
+        &[
+            "read -P 0x11 0 64k",
+            "read -P 0x22 1M 64k",
+            "read -P 0x11 1114112 64k",
+            "read -P 0 2M 64k",
+            "read -P 0x33 3M 4k",
+            "read -P 0x11 3149824 60k",
+            "read -P 0 4M 1M",
+            "write -P 0x44 1M 4k",
+            "read -P 0x44 1M 4k",
+            "read -P 0x22 1052672 60k",
+            "write -P 0x55 5M 4k",
+            "read -P 0x55 5M 4k",
+            "read -P 0 5246976 60k",
+        ],
+        &[
+            "read -P 0x44 1M 4k",
+            "read -P 0x22 1052672 60k",
+            "read -P 0x55 5M 4k",
         ],
     );
 }

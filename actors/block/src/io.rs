@@ -116,6 +116,75 @@ pub struct Extent {
     pub depth: u32,
 }
 
+/// Where a run of guest bytes lies ([`BlockIo::map`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    /// Plain data at this offset of the image file of one layer of the node's chain.
+    Data {
+        /// File offset of the run's first byte.
+        host: u64,
+        /// 0: the node's own file, 1: its backing's, ... (allocation depth - 1).
+        layer: u32,
+    },
+    /// Reads as zeroes.
+    Zero {
+        /// Allocation depth as in [`Extent::depth`]: 0 nowhere in the chain, 1 a zero
+        /// cluster of the node itself, 2 of its backing, ...
+        depth: u32,
+    },
+    /// Only the node's driver can read it (compressed, in a backing file, ...).
+    Driver,
+}
+
+/// The most runs one [`BlockIo::map`] answer holds.
+pub const MAX_MAP_RUNS: usize = 512;
+
+/// A run of guest bytes with one [`MapKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapRun {
+    /// Length in bytes (never 0).
+    pub length: u64,
+    /// Where it lies.
+    pub kind: MapKind,
+}
+
+impl MapKind {
+    /// The same run as seen from the node above this one in a backing chain.
+    pub fn one_layer_deeper(self) -> MapKind {
+        match self {
+            MapKind::Data { host, layer } => MapKind::Data {
+                host,
+                layer: layer.saturating_add(1),
+            },
+            MapKind::Zero { depth: 0 } => MapKind::Zero { depth: 0 },
+            MapKind::Zero { depth } => MapKind::Zero {
+                depth: depth.saturating_add(1),
+            },
+            MapKind::Driver => MapKind::Driver,
+        }
+    }
+}
+
+impl MapRun {
+    /// Appends `length` bytes of `kind`, merged into the last run where they continue
+    /// it.
+    pub fn push(runs: &mut Vec<MapRun>, length: u64, kind: MapKind) {
+        if let Some(last) = runs.last_mut() {
+            let merged = match (last.kind, kind) {
+                (MapKind::Data { host: a, layer: x }, MapKind::Data { host: b, layer: y }) => {
+                    x == y && a.checked_add(last.length) == Some(b)
+                }
+                (a, b) => a == b && !matches!(a, MapKind::Data { .. }),
+            };
+            if merged {
+                last.length += length;
+                return;
+            }
+        }
+        runs.push(MapRun { length, kind });
+    }
+}
+
 /// The I/O a node offers. Offsets and lengths are bytes; callers stay within
 /// [`BlockIo::size`] (implementations still check and return [`IoError::OutOfRange`]).
 pub trait BlockIo: Send + Sync {
@@ -187,6 +256,13 @@ pub trait BlockIo: Send + Sync {
     /// image again; the default does nothing.
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// Where the guest range `[offset, offset + len)` lies in the node's image file,
+    /// from its start, in runs (possibly covering less than `len`), for an export that
+    /// reads the file itself. A format driver answers; the default is unsupported.
+    fn map(&self, _offset: u64, _len: u64) -> IoFuture<'_, Vec<MapRun>> {
+        Box::pin(async { Err(IoError::Unsupported) })
     }
 
     /// Creates an internal snapshot of the image (qcow2).

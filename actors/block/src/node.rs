@@ -214,6 +214,13 @@ impl BlockIo for Node {
         self.driver.refresh()
     }
 
+    fn map(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<crate::io::MapRun>> {
+        Box::pin(async move {
+            check_range(offset, len, self.driver.size())?;
+            self.driver.map(offset, len).await
+        })
+    }
+
     fn format_info(&self) -> Option<crate::io::FormatInfo> {
         self.driver.format_info()
     }

@@ -30,8 +30,9 @@ use crate::driver::{
     Resize, decode,
 };
 use crate::io::{
-    BitmapEntry, BlockIo, Extent, FormatInfo, IoError, IoFuture, IoResult, SnapshotEntry,
-    SnapshotFuture, SnapshotRequest, SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
+    BitmapEntry, BlockIo, Extent, FormatInfo, IoError, IoFuture, IoResult, MAX_MAP_RUNS, MapKind,
+    MapRun, SnapshotEntry, SnapshotFuture, SnapshotRequest, SparseFuture, SparseReadError,
+    WriteFlags, ZeroFlags,
 };
 use crate::threads;
 
@@ -371,6 +372,7 @@ impl BlockDriver for Qcow2Format {
                 pass_discard,
                 alloc_batch: None,
             };
+            let data_in_file = options.data_file.is_none();
             let storage: Arc<dyn bulkhead_qcow2::Storage> =
                 Arc::new(NodeStorage::new(file, handle.clone()));
             // The header alone first: the options QEMU checks against it, and a data
@@ -397,6 +399,7 @@ impl BlockDriver for Qcow2Format {
                 backing,
                 read_only: !writable,
                 handle,
+                data_in_file,
                 events: Errors(events),
                 closed: std::sync::atomic::AtomicBool::new(false),
             }) as Arc<dyn BlockIo>)
@@ -411,6 +414,9 @@ pub struct Qcow2Driver {
     read_only: bool,
     /// The worker's runtime, for a structured read waiting on a format thread.
     handle: Handle,
+    /// Guest data lies in the `file` child (no external data file), so host offsets
+    /// are offsets in it.
+    data_in_file: bool,
     events: Errors,
     /// Closed cleanly (`BlockIo::close`).
     closed: std::sync::atomic::AtomicBool,
@@ -447,6 +453,46 @@ impl std::fmt::Debug for Qcow2Driver {
 }
 
 impl Qcow2Driver {
+    /// Where the backing node's bytes of an unallocated range lie, as the backing
+    /// sees them (zeroes past its end); a backing that cannot say (another driver, an
+    /// error) makes the range the driver's.
+    async fn backing_map(&self, offset: u64, len: u64) -> Vec<MapRun> {
+        let Some(backing) = &self.backing else {
+            return vec![MapRun {
+                length: len,
+                kind: MapKind::Zero { depth: 0 },
+            }];
+        };
+        let bsize = backing.size();
+        let inside = len.min(bsize.saturating_sub(offset));
+        let mut out = Vec::new();
+        if inside > 0 {
+            match backing.map(offset, inside).await {
+                Ok(runs) => {
+                    let covered: u64 = runs.iter().map(|r| r.length).sum();
+                    out = runs;
+                    if covered < inside {
+                        return out;
+                    }
+                }
+                Err(_) => {
+                    return vec![MapRun {
+                        length: inside,
+                        kind: MapKind::Driver,
+                    }];
+                }
+            }
+        }
+        if inside < len {
+            // Past the backing's end: zeroes, in no layer (one_layer_deeper keeps 0).
+            out.push(MapRun {
+                length: len - inside,
+                kind: MapKind::Zero { depth: 0 },
+            });
+        }
+        out
+    }
+
     /// What the image's header and tables say (for queries).
     pub fn info(&self) -> bulkhead_qcow2::Info {
         self.engine.info()
@@ -559,6 +605,66 @@ impl BlockIo for Qcow2Driver {
             })
             .await
             .map_err(SparseReadError::Read)?
+        })
+    }
+
+    fn map(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<MapRun>> {
+        let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
+        let has_backing = self.backing.is_some();
+        let data_in_file = self.data_in_file;
+        Box::pin(async move {
+            // This image's runs on a format thread (`None`: what the backing says).
+            let here = threads::run_format(move || {
+                let mut runs: Vec<(u64, Option<MapKind>)> = Vec::new();
+                let end = offset.saturating_add(len).min(engine.size());
+                let mut at = offset;
+                while at < end && runs.len() < MAX_MAP_RUNS {
+                    let e = engine.block_status(at, end - at).map_err(|e| errs.io(e))?;
+                    if e.len == 0 {
+                        break;
+                    }
+                    let kind = match (e.allocated, e.zero, e.host_offset) {
+                        (true, true, _) => Some(MapKind::Zero { depth: 1 }),
+                        (false, _, _) if has_backing => None,
+                        (false, _, _) => Some(MapKind::Zero { depth: 0 }),
+                        (true, false, Some(host)) if e.data && data_in_file => {
+                            Some(MapKind::Data { host, layer: 0 })
+                        }
+                        // Compressed clusters, data in an external data file.
+                        (true, false, _) => Some(MapKind::Driver),
+                    };
+                    runs.push((e.len, kind));
+                    at = at.saturating_add(e.len);
+                }
+                Ok(runs)
+            })
+            .await?;
+            let mut runs: Vec<MapRun> = Vec::with_capacity(here.len());
+            let mut at = offset;
+            for (length, kind) in here {
+                if runs.len() >= MAX_MAP_RUNS {
+                    break;
+                }
+                match kind {
+                    Some(kind) => MapRun::push(&mut runs, length, kind),
+                    None => {
+                        // Unallocated here: the backing chain's runs, one layer deeper;
+                        // stop where they stop.
+                        let deeper = self.backing_map(at, length).await;
+                        let covered: u64 = deeper.iter().map(|r| r.length).sum();
+                        for r in deeper {
+                            MapRun::push(&mut runs, r.length, r.kind.one_layer_deeper());
+                        }
+                        if covered < length {
+                            break;
+                        }
+                    }
+                }
+                at = at.saturating_add(length);
+            }
+            runs.truncate(MAX_MAP_RUNS);
+            Ok(runs)
         })
     }
 

@@ -175,6 +175,13 @@ impl BlockIo for Slot {
         })
     }
 
+    fn map(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<crate::io::MapRun>> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.map(offset, len).await
+        })
+    }
+
     fn resize(&self, new_size: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let (_hold, node) = self.enter().await;

@@ -31,6 +31,10 @@ pub struct Counters {
     pub discard_nb_failed: AtomicU64,
     /// Bytes of the successful discards (`discard-bytes-ok`).
     pub discard_bytes_ok: AtomicU64,
+    /// Raised after every write-type request, once the node has done it and before
+    /// it completes: a guest-to-file mapping an export fetched ([`crate::BlockIo::map`])
+    /// while this held an older value may be stale. See `design/data-path.md`.
+    pub map_epoch: AtomicU64,
 }
 
 /// Size in bytes of [`Counters`], the size of a node's statistics region.
@@ -231,6 +235,7 @@ impl Accounting {
         if kind != WriteKind::Discard {
             self.counters.wrote_up_to(offset.saturating_add(len));
         }
+        self.counters.map_epoch.fetch_add(1, Ordering::AcqRel);
         for n in &self.notifiers {
             n.written(kind, offset, len);
         }

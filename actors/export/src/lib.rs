@@ -30,7 +30,7 @@ pub mod memory;
 
 pub use exec::{Failed, Failure, Op, Run};
 pub use lifecycle::{Attachment, Lifecycle, Removal};
-pub use mapped::{MappedLayer, MappedNode, Mapping};
+pub use mapped::{FormatMap, MappedLayer, MappedNode, Mapping};
 pub use memory::{
     Buf, CONN_BUFFER_BYTES, ConnBounds, EXPORT_BUFFER_BYTES, MAX_IN_FLIGHT, MAX_REQUEST_BYTES,
     Reservation,

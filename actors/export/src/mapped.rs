@@ -19,15 +19,17 @@
 //! could change that; [`MappedNode::revoke`] returns once no request uses the old
 //! mapping.
 
+use std::collections::BTreeMap;
 use std::future::ready;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bulkhead_block::mapped::MappedFile;
 use bulkhead_block::stats::CountersRef;
 use bulkhead_block::{
-    BlockIo, Extent, IoBuffer, IoError, IoFuture, SparseFuture, SparseReadError, WriteFlags,
-    ZeroFlags,
+    BlockIo, Extent, IoBuffer, IoError, IoFuture, MapKind, MapRun, SparseFuture, SparseReadError,
+    WriteFlags, ZeroFlags,
 };
 
 /// One node a mapped request passes, as its own layer would have seen it.
@@ -53,6 +55,84 @@ pub struct Mapping {
     pub writable: bool,
     /// Every node a request passes, top first.
     pub layers: Vec<MappedLayer>,
+    /// A format node (qcow2): guest offsets lie where its worker says
+    /// ([`BlockIo::map`]), not at `base`; reads only. `layers` are then the format
+    /// nodes of its chain, top first, whose map epochs together decide staleness.
+    pub format: Option<FormatMap>,
+}
+
+/// Most runs a [`FormatMap`] keeps; past it, it starts again empty.
+const MAP_CACHE_RUNS: usize = 1 << 16;
+/// Guest bytes one fetch asks the worker about.
+const MAP_FETCH: u64 = 64 << 20;
+
+/// A format node's guest-to-file runs, as its worker reported them, valid while the
+/// node's `map_epoch` (raised after every write-type request, before it completes)
+/// still holds the value read before they were asked for.
+#[derive(Debug, Default)]
+pub struct FormatMap {
+    cache: Mutex<MapCache>,
+    /// A fetch is under way (one at a time; other misses go to the worker).
+    fetching: AtomicBool,
+    /// The image files of the backing layers granted (layer 1 first); a run in a
+    /// layer past them goes to the worker.
+    backing_files: Vec<MappedFile>,
+}
+
+impl FormatMap {
+    /// A map for a chain whose backing layers' files are `backing_files`.
+    pub fn new(backing_files: Vec<MappedFile>) -> FormatMap {
+        FormatMap {
+            backing_files,
+            ..FormatMap::default()
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct MapCache {
+    epoch: u64,
+    /// Guest start → run.
+    runs: BTreeMap<u64, MapRun>,
+}
+
+impl FormatMap {
+    /// The pieces of `[offset, offset + len)`, each `(length, kind, offset into the
+    /// run)`, if every byte is known at `epoch`.
+    fn lookup(&self, epoch: u64, offset: u64, len: u64) -> Option<Vec<(u64, MapKind, u64)>> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.epoch != epoch {
+            return None;
+        }
+        let end = offset.checked_add(len)?;
+        let mut pieces = Vec::with_capacity(2);
+        let mut pos = offset;
+        while pos < end {
+            let (start, run) = cache.runs.range(..=pos).next_back()?;
+            let run_end = start.checked_add(run.length)?;
+            if run_end <= pos {
+                return None;
+            }
+            let take = run_end.min(end) - pos;
+            pieces.push((take, run.kind, pos - start));
+            pos += take;
+        }
+        Some(pieces)
+    }
+
+    /// Keeps `runs` from `start`, fetched at `epoch`; runs of another epoch go.
+    fn insert(&self, epoch: u64, start: u64, runs: &[MapRun]) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.epoch != epoch || cache.runs.len() + runs.len() > MAP_CACHE_RUNS {
+            cache.runs.clear();
+            cache.epoch = epoch;
+        }
+        let mut at = start;
+        for r in runs {
+            cache.runs.insert(at, *r);
+            at = at.saturating_add(r.length);
+        }
+    }
 }
 
 impl Mapping {
@@ -66,12 +146,80 @@ impl Mapping {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), IoError>> {
+        if self.format.is_some() {
+            return self.read_format(offset, buf).map(|r| {
+                r.map(|_| ()).map_err(|e| match e {
+                    SparseReadError::Status(e) | SparseReadError::Read(e) => e,
+                })
+            });
+        }
         let at = self.locate(offset, buf.len() as u64)?;
         self.file.read(at, buf)
     }
 
+    /// The map epochs of the nodes now, summed (each only grows, so the sum
+    /// moves whenever one does).
+    fn epoch(&self) -> u64 {
+        self.layers.iter().fold(0u64, |sum, l| {
+            sum.wrapping_add(l.counters.map_epoch.load(Ordering::Acquire))
+        })
+    }
+
+    /// A read of a format node through its cached runs: the extents it read (as the
+    /// node's sparse read reports them), or `None` when a run is unknown or the
+    /// read would wait.
+    fn read_format(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Option<Result<Vec<Extent>, SparseReadError>> {
+        let format = self.format.as_ref()?;
+        let len = buf.len() as u64;
+        if len == 0 || offset.checked_add(len)? > self.size {
+            return None;
+        }
+        let pieces = format.lookup(self.epoch(), offset, len)?;
+        let mut extents: Vec<Extent> = Vec::with_capacity(pieces.len());
+        let mut pos = 0usize;
+        for (length, kind, within) in pieces {
+            let n = usize::try_from(length).ok()?;
+            let (data, zero, depth) = match kind {
+                MapKind::Data { host, layer } => {
+                    let file = match layer {
+                        0 => &self.file,
+                        l => format.backing_files.get(usize::try_from(l - 1).ok()?)?,
+                    };
+                    let at = host.checked_add(within)?;
+                    if let Err(e) = file.read(at, &mut buf[pos..pos + n])? {
+                        return Some(Err(SparseReadError::Read(e)));
+                    }
+                    (true, false, layer.saturating_add(1))
+                }
+                MapKind::Zero { depth } => {
+                    buf[pos..pos + n].fill(0);
+                    (false, true, depth)
+                }
+                MapKind::Driver => return None,
+            };
+            match extents.last_mut() {
+                Some(last) if last.zero == zero => {
+                    last.length += length;
+                    last.data |= data;
+                }
+                _ => extents.push(Extent {
+                    length,
+                    data,
+                    zero,
+                    depth,
+                }),
+            }
+            pos += n;
+        }
+        Some(Ok(extents))
+    }
+
     fn write(&self, offset: u64, data: &[u8]) -> Option<Result<(), IoError>> {
-        if !self.writable {
+        if !self.writable || self.format.is_some() {
             return None;
         }
         let len = data.len() as u64;
@@ -100,6 +248,9 @@ impl Mapping {
         offset: u64,
         buf: &mut [u8],
     ) -> Option<Result<Vec<Extent>, SparseReadError>> {
+        if self.format.is_some() {
+            return self.read_format(offset, buf);
+        }
         let len = buf.len() as u64;
         let at = self.locate(offset, len)?;
         let mut runs: Vec<Extent> = Vec::with_capacity(2);
@@ -211,6 +362,47 @@ impl MappedNode {
     }
 }
 
+impl MappedNode {
+    /// Asks a format node's worker where the guest bytes from `offset` lie, unless
+    /// the mapping is not a format one, the range is past it, or another fetch is
+    /// under way; `true` once runs were kept.
+    async fn fetch_map(&self, m: &Mapping, offset: u64, len: u64) -> bool {
+        let Some(format) = &m.format else {
+            return false;
+        };
+        if len == 0 || offset.saturating_add(len) > m.size {
+            return false;
+        }
+        // Known already (a run only the driver reads): nothing to ask.
+        if format.lookup(m.epoch(), offset, len).is_some() {
+            return false;
+        }
+        if format.fetching.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        // Cleared however the fetch ends (a dropped request included).
+        struct Fetching<'a>(&'a AtomicBool);
+        impl Drop for Fetching<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _fetching = Fetching(&format.fetching);
+        // Read before asking: runs computed before a later write are then older
+        // than the epoch that write leaves. A failed fetch only means the worker
+        // serves the request.
+        let epoch = m.epoch();
+        let span = (m.size - offset).min(MAP_FETCH.max(len));
+        match self.remote.map(offset, span).await {
+            Ok(runs) if !runs.is_empty() => {
+                format.insert(epoch, offset, &runs);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl BlockIo for MappedNode {
     fn size(&self) -> u64 {
         self.remote.size()
@@ -221,12 +413,20 @@ impl BlockIo for MappedNode {
     }
 
     fn read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
-        if let Some(m) = self.current()
-            && let Some(r) = m.read(offset, buf)
-        {
+        let Some(m) = self.current() else {
+            return self.remote.read(offset, buf);
+        };
+        if let Some(r) = m.read(offset, buf) {
             return Box::pin(ready(r));
         }
-        self.remote.read(offset, buf)
+        Box::pin(async move {
+            if self.fetch_map(&m, offset, buf.len() as u64).await
+                && let Some(r) = m.read(offset, buf)
+            {
+                return r;
+            }
+            self.remote.read(offset, buf).await
+        })
     }
 
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
@@ -264,12 +464,20 @@ impl BlockIo for MappedNode {
     }
 
     fn read_sparse<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> SparseFuture<'a> {
-        if let Some(m) = self.current()
-            && let Some(r) = m.read_sparse(offset, buf)
-        {
+        let Some(m) = self.current() else {
+            return self.remote.read_sparse(offset, buf);
+        };
+        if let Some(r) = m.read_sparse(offset, buf) {
             return Box::pin(ready(r));
         }
-        self.remote.read_sparse(offset, buf)
+        Box::pin(async move {
+            if self.fetch_map(&m, offset, buf.len() as u64).await
+                && let Some(r) = m.read_sparse(offset, buf)
+            {
+                return r;
+            }
+            self.remote.read_sparse(offset, buf).await
+        })
     }
 
     fn alloc_buffer(&self, len: usize) -> Option<IoBuffer> {
@@ -295,6 +503,7 @@ mod tests {
     #[derive(Default)]
     struct Worker {
         calls: AtomicUsize,
+        maps: AtomicUsize,
     }
 
     impl Worker {
@@ -334,6 +543,34 @@ mod tests {
                 zero: false,
                 depth: 1,
             }])))
+        }
+        /// A format node's layout: 64 KiB of data at file offset 0 for guest
+        /// [64 KiB, 128 KiB), then 64 KiB unallocated, then 64 KiB only the driver
+        /// reads; guest [0, 64 KiB) is a zero cluster.
+        fn map(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<MapRun>> {
+            self.maps.fetch_add(1, Ordering::Relaxed);
+            let layout = [
+                MapKind::Zero { depth: 1 },
+                MapKind::Data { host: 0, layer: 0 },
+                MapKind::Zero { depth: 0 },
+                MapKind::Driver,
+            ];
+            let mut runs = Vec::new();
+            let mut at = offset;
+            while at < offset + len && at < 4 << 16 {
+                let i = (at >> 16) as usize;
+                let kind = match layout[i] {
+                    MapKind::Data { host, layer } => MapKind::Data {
+                        host: host + (at & 0xffff),
+                        layer,
+                    },
+                    k => k,
+                };
+                let take = (((at >> 16) + 1) << 16).min(offset + len) - at;
+                MapRun::push(&mut runs, take, kind);
+                at += take;
+            }
+            Box::pin(ready(Ok(runs)))
         }
     }
 
@@ -385,6 +622,7 @@ mod tests {
                     shift: base,
                 },
             ],
+            format: None,
         }
     }
 
@@ -514,5 +752,57 @@ mod tests {
             .await
             .expect("w");
         assert_eq!(worker.calls.load(Ordering::Relaxed), 3);
+    }
+
+    /// A qcow2-like node: reads go through runs its worker reported, kept until the
+    /// node's map epoch moves; writes and what only the driver reads go to the worker.
+    #[tokio::test]
+    async fn format_reads_follow_the_runs_the_worker_reported_while_its_epoch_holds() {
+        let Some((_img, fd)) = image("format") else {
+            return;
+        };
+        let worker = Arc::new(Worker::default());
+        let n = node(&worker);
+        let mut m = mapping(fd, 0, false);
+        m.size = 4 << 16;
+        m.format = Some(FormatMap::default());
+        n.grant(m);
+        let calls = || worker.calls.load(Ordering::Relaxed);
+        let maps = || worker.maps.load(Ordering::Relaxed);
+        // The zero cluster: one fetch, from there to the end.
+        let mut buf = vec![0xffu8; 4096];
+        n.read(0, &mut buf).await.expect("zero cluster");
+        assert!(buf.iter().all(|b| *b == 0));
+        assert_eq!((calls(), maps()), (0, 1));
+        // Known now: guest 64 KiB + 4 KiB is file offset 4 KiB (0x11 there), and a
+        // read across data and zeroes reports both.
+        n.read((1 << 16) + 4096, &mut buf).await.expect("read");
+        assert!(buf.iter().all(|b| *b == 0x11));
+        let mut two = vec![0xffu8; 8192];
+        let runs = n
+            .read_sparse((2 << 16) - 4096, &mut two)
+            .await
+            .expect("sparse");
+        assert_eq!(runs.len(), 2);
+        assert!(runs[0].data && !runs[0].zero && runs[0].depth == 1);
+        assert!(runs[1].zero && runs[1].depth == 0);
+        assert!(two[..4096].iter().all(|b| *b == 0x11) && two[4096..].iter().all(|b| *b == 0));
+        assert_eq!((calls(), maps()), (0, 1));
+        // What only the driver reads, and every write, go to the worker.
+        n.read(3 << 16, &mut buf).await.expect("driver run");
+        n.write(1 << 16, &[7u8; 512], WriteFlags::default())
+            .await
+            .expect("write");
+        assert_eq!(calls(), 2);
+        // A write moved the epoch: the runs are stale and asked for again.
+        let m = n.current().expect("mapped");
+        m.layers[0]
+            .counters
+            .map_epoch
+            .fetch_add(1, Ordering::AcqRel);
+        n.read(1 << 16, &mut buf)
+            .await
+            .expect("after the epoch moved");
+        assert_eq!((calls(), maps()), (2, 2));
     }
 }

@@ -647,6 +647,7 @@ impl Core {
         };
         // The same statistics region: counters and threshold carry over.
         let stats = fd::dup(node.stats.fd()).map_err(errors::from_error)?;
+        node.stats.invalidate_maps();
         let (id, home, config) = (node.id, node.home, node.config.clone());
         for (_, c) in &children {
             self.connect(home, c.home).await?;

@@ -64,6 +64,15 @@ impl NodeStats {
         }
     }
 
+    /// Makes every guest-to-file mapping fetched so far stale (the node opens anew
+    /// in a restarted worker, whose writes in flight at the crash never completed).
+    pub fn invalidate_maps(&self) {
+        self.region
+            .counters()
+            .map_epoch
+            .fetch_add(1, Ordering::AcqRel);
+    }
+
     fn set_threshold(&mut self, value: u64) {
         self.threshold = value;
         self.region

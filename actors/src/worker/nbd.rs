@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use bulkhead_block::mapped::MappedFile;
 use bulkhead_block::slot::Slot;
-use bulkhead_export::{MappedLayer, MappedNode, Mapping};
+use bulkhead_export::{FormatMap, MappedLayer, MappedNode, Mapping};
 use bulkhead_ipc::stats::StatsRegion;
 
 use bulkhead_ipc::control::ControlChannel;
@@ -379,19 +379,32 @@ fn from_wire(h: NbdHandOff) -> HandOff {
 /// Most layers a mapping may name (a format node over its protocol node is two).
 const MAX_MAPPED_LAYERS: usize = 8;
 
-/// A mapping from the supervisor's grant: the image descriptor, then one statistics
-/// region per layer.
+/// A mapping from the supervisor's grant: the image descriptor (a format mapping:
+/// one per layer of the chain, top first), then one statistics region per layer.
 fn mapping(map: ExportMap, fds: Vec<OwnedFd>) -> Result<Mapping, WorkerError> {
     let invalid = |what: &str| err(WorkerErrorKind::Invalid, libc::EINVAL, what.to_owned());
-    if map.layers.len() > MAX_MAPPED_LAYERS || fds.len() != map.layers.len() + 1 {
+    let images = if map.format { map.layers.len() } else { 1 };
+    if map.layers.len() > MAX_MAPPED_LAYERS
+        || map.layers.is_empty()
+        || fds.len() != map.layers.len() + images
+    {
         return Err(invalid(
-            "a mapping needs its image and one region per layer",
+            "a mapping needs its images and one region per layer",
         ));
     }
     let mut fds = fds.into_iter();
-    let image = fds.next().ok_or_else(|| invalid("no image descriptor"))?;
-    let file = MappedFile::new(image, map.writable)
-        .map_err(|e| invalid(&format!("image descriptor refused: {e}")))?;
+    let mut files = Vec::with_capacity(images);
+    for _ in 0..images {
+        let image = fds.next().ok_or_else(|| invalid("no image descriptor"))?;
+        let writable = map.writable && !map.format;
+        files.push(
+            MappedFile::new(image, writable)
+                .map_err(|e| invalid(&format!("image descriptor refused: {e}")))?,
+        );
+    }
+    let mut files = files.into_iter();
+    let file = files.next().ok_or_else(|| invalid("no image descriptor"))?;
+    let backing_files: Vec<MappedFile> = files.collect();
     let mut layers = Vec::with_capacity(map.layers.len());
     for (shift, fd) in map.layers.iter().zip(fds) {
         let region = StatsRegion::map_owned(&fd)
@@ -405,8 +418,10 @@ fn mapping(map: ExportMap, fds: Vec<OwnedFd>) -> Result<Mapping, WorkerError> {
         file,
         base: map.base,
         size: map.size,
-        writable: map.writable,
+        // A format mapping moves no written bytes: its worker allocates.
+        writable: map.writable && !map.format,
         layers,
+        format: map.format.then(|| FormatMap::new(backing_files)),
     })
 }
 

@@ -14,13 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use bulkhead_block::{Extent, IoBuffer, IoError, IoResult, SparseReadError, ZeroFlags};
+use bulkhead_block::{Extent, IoBuffer, IoError, IoResult, MapRun, SparseReadError, ZeroFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::net::UnixStream;
 use tokio::sync::{Notify, oneshot};
 
 use super::channel::{ChannelFds, async_fd, ring_bell, stream, wait_bell, wait_gone};
-use super::completion::{decode_extents, error_of};
+use super::completion::{decode_extents, decode_map, error_of};
 use super::pool::{Lease, Pool};
 use super::{DataError, MAX_IO_PAYLOAD, mutex, violation};
 use crate::ring::{
@@ -128,6 +128,7 @@ impl std::fmt::Debug for DataClient {
 pub(super) enum Done {
     Unit,
     Extents(Vec<Extent>),
+    Map(Vec<MapRun>),
     /// A sparse read's outcome as the server reported it.
     Sparse(Result<Vec<Extent>, SparseReadError>),
     Info {
@@ -162,6 +163,10 @@ pub(super) enum Req<'a> {
     },
     Flush,
     BlockStatus {
+        offset: u64,
+        len: u64,
+    },
+    Map {
         offset: u64,
         len: u64,
     },
@@ -657,6 +662,26 @@ impl DataClient {
                 let extents = decode_extents(lease.bytes(), cqe.aux as usize, *len, false)
                     .ok_or_else(|| self.fail("bad extents"))?;
                 Ok(Done::Extents(extents))
+            }
+            Req::Map { offset, len } => {
+                let cap = EXTENT_BUFFER;
+                let lease = self.pool.lease(cap, self.options.timeout).await?;
+                let cqe = self
+                    .submit(Sqe::new(
+                        0,
+                        n,
+                        op::MAP,
+                        0,
+                        *offset,
+                        *len,
+                        lease.offset(),
+                        cap as u64,
+                    ))
+                    .await?;
+                self.expect_unit(&cqe)?;
+                let runs = decode_map(lease.bytes(), cqe.aux as usize, *len)
+                    .ok_or_else(|| self.fail("bad map runs"))?;
+                Ok(Done::Map(runs))
             }
             Req::Info => {
                 let cqe = self.submit(Sqe::new(0, n, op::INFO, 0, 0, 0, 0, 0)).await?;

@@ -5,9 +5,10 @@
 //! ends cannot drift apart. Decoding trusts nothing: an extent list that is malformed,
 //! too long or longer than the request is refused, and the caller closes the channel.
 
-use bulkhead_block::{Extent, IoError};
+use bulkhead_block::io::MAX_MAP_RUNS;
+use bulkhead_block::{Extent, IoError, MapKind, MapRun};
 
-use crate::ring::{Cqe, EXTENT_BYTES, MAX_EXTENTS, status};
+use crate::ring::{Cqe, EXTENT_BYTES, MAP_RUN_BYTES, MAX_EXTENTS, status};
 
 /// Writes `extents` into an extent buffer; returns how many fit.
 pub(super) fn encode_extents(extents: &[Extent], buf: &mut [u8]) -> u32 {
@@ -20,6 +21,59 @@ pub(super) fn encode_extents(extents: &[Extent], buf: &mut [u8]) -> u32 {
         count += 1;
     }
     count
+}
+
+/// Writes map runs into a map buffer; returns how many fit.
+pub(super) fn encode_map(runs: &[MapRun], buf: &mut [u8]) -> u32 {
+    let mut count = 0;
+    for (r, out) in runs.iter().zip(buf.chunks_exact_mut(MAP_RUN_BYTES)) {
+        let (host, kind, level) = match r.kind {
+            MapKind::Data { host, layer } => (host, 0u32, layer),
+            MapKind::Zero { depth } => (0, 1, depth),
+            MapKind::Driver => (0, 3, 0),
+        };
+        out[..8].copy_from_slice(&r.length.to_le_bytes());
+        out[8..16].copy_from_slice(&host.to_le_bytes());
+        out[16..20].copy_from_slice(&kind.to_le_bytes());
+        out[20..24].copy_from_slice(&level.to_le_bytes());
+        count += 1;
+    }
+    count
+}
+
+/// Reads `count` map runs written by the server; `None` if any is malformed or they
+/// add up to more than `len`.
+pub(super) fn decode_map(buf: &[u8], count: usize, len: u64) -> Option<Vec<MapRun>> {
+    if count == 0 || count > MAX_MAP_RUNS || count * MAP_RUN_BYTES > buf.len() {
+        return None;
+    }
+    let mut runs = Vec::with_capacity(count);
+    let mut total = 0u64;
+    for raw in buf[..count * MAP_RUN_BYTES].chunks_exact(MAP_RUN_BYTES) {
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&raw[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        let (length, host) = (word(0), word(8));
+        let kind = u32::from_le_bytes([raw[16], raw[17], raw[18], raw[19]]);
+        let level = u32::from_le_bytes([raw[20], raw[21], raw[22], raw[23]]);
+        total = total.checked_add(length)?;
+        if length == 0 || total > len {
+            return None;
+        }
+        let kind = match kind {
+            0 => {
+                host.checked_add(length)?;
+                MapKind::Data { host, layer: level }
+            }
+            1 => MapKind::Zero { depth: level },
+            3 if level == 0 => MapKind::Driver,
+            _ => return None,
+        };
+        runs.push(MapRun { length, kind });
+    }
+    Some(runs)
 }
 
 /// Reads `count` extents written by the server; `None` if any is malformed or they
@@ -77,5 +131,53 @@ pub(super) fn status_of(e: &IoError) -> (u32, u64) {
         IoError::Unsupported => (status::UNSUPPORTED, 0),
         IoError::Disconnected => (status::DISCONNECTED, 0),
         IoError::Invalid => (status::INVALID, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_runs_round_trip_and_hostile_ones_are_refused() {
+        let runs = [
+            MapRun {
+                length: 65536,
+                kind: MapKind::Data {
+                    host: 1 << 20,
+                    layer: 2,
+                },
+            },
+            MapRun {
+                length: 512,
+                kind: MapKind::Zero { depth: 1 },
+            },
+            MapRun {
+                length: 4096,
+                kind: MapKind::Zero { depth: 0 },
+            },
+            MapRun {
+                length: 1,
+                kind: MapKind::Driver,
+            },
+        ];
+        let mut buf = vec![0u8; 4 * MAP_RUN_BYTES];
+        assert_eq!(encode_map(&runs, &mut buf), 4);
+        let total: u64 = runs.iter().map(|r| r.length).sum();
+        assert_eq!(decode_map(&buf, 4, total).as_deref(), Some(&runs[..]));
+        // More than asked for, a zero length, an unknown kind, a host range that
+        // wraps, a count past the buffer.
+        assert!(decode_map(&buf, 4, total - 1).is_none());
+        let mut bad = buf.clone();
+        bad[MAP_RUN_BYTES..MAP_RUN_BYTES + 8].fill(0);
+        assert!(decode_map(&bad, 4, total).is_none());
+        let mut bad = buf.clone();
+        bad[16] = 9;
+        assert!(decode_map(&bad, 4, total).is_none());
+        let mut bad = buf.clone();
+        bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode_map(&bad, 4, total).is_none());
+        assert!(decode_map(&buf, 5, total).is_none());
+        assert!(decode_map(&buf, 0, total).is_none());
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bulkhead_block::{
-    BlockIo, Extent, IoBuffer, IoError, IoFuture, IoResult, SparseFuture, SparseReadError,
+    BlockIo, Extent, IoBuffer, IoError, IoFuture, IoResult, MapRun, SparseFuture, SparseReadError,
     WriteFlags, ZeroFlags,
 };
 
@@ -191,6 +191,19 @@ impl BlockIo for RemoteNode {
                 .await?
             {
                 Done::Extents(e) => Ok(e),
+                _ => Err(IoError::Invalid),
+            }
+        })
+    }
+
+    fn map(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<MapRun>> {
+        Box::pin(async move {
+            match self
+                .peer
+                .call(self.node, &mut Req::Map { offset, len })
+                .await?
+            {
+                Done::Map(runs) => Ok(runs),
                 _ => Err(IoError::Invalid),
             }
         })

@@ -17,7 +17,7 @@ use bulkhead_block::{BlockIo, Extent, IoError, IoResult, SparseReadError, WriteF
 use tokio::sync::Notify;
 
 use super::channel::{ChannelFds, async_fd, ring_bell, stream, wait_bell, wait_gone};
-use super::completion::{encode_extents, status_of};
+use super::completion::{encode_extents, encode_map, status_of};
 use super::{DataError, MAX_EXTENTS, MAX_IO_PAYLOAD, mutex, violation};
 use crate::ring::{
     self, Cqe, EXTENT_BUFFER, EXTENT_BYTES, Producer, Region, RingLayout, Sqe, flag, op, status,
@@ -100,7 +100,13 @@ impl Server {
         let allowed_flags = match sqe.op {
             op::WRITE => flag::FUA,
             op::WRITE_ZEROES => flag::ALL,
-            op::READ | op::READ_SPARSE | op::DISCARD | op::FLUSH | op::BLOCK_STATUS | op::INFO => 0,
+            op::READ
+            | op::READ_SPARSE
+            | op::DISCARD
+            | op::FLUSH
+            | op::BLOCK_STATUS
+            | op::INFO
+            | op::MAP => 0,
             _ => return bad("unknown op"),
         };
         if sqe.flags & !allowed_flags != 0 {
@@ -115,7 +121,7 @@ impl Server {
                     return bad("payload length");
                 }
             }
-            op::BLOCK_STATUS => {
+            op::BLOCK_STATUS | op::MAP => {
                 if sqe.buf_len < EXTENT_BYTES as u64 || sqe.buf_len > EXTENT_BUFFER as u64 {
                     return bad("extent buffer length");
                 }
@@ -210,6 +216,16 @@ async fn execute(server: &Server, node: &dyn BlockIo, sqe: &Sqe) -> Cqe {
             Ok(extents) => {
                 let buf = server.pool_slice(sqe.buf_off, sqe.buf_len);
                 match encode_extents(&extents, buf) {
+                    0 => Cqe::new(sqe.tag, status::INVALID, 0, 0),
+                    count => Cqe::new(sqe.tag, status::OK, 0, count),
+                }
+            }
+            Err(e) => unit(Err(e)),
+        },
+        op::MAP => match node.map(sqe.offset, sqe.len).await {
+            Ok(runs) => {
+                let buf = server.pool_slice(sqe.buf_off, sqe.buf_len);
+                match encode_map(&runs, buf) {
                     0 => Cqe::new(sqe.tag, status::INVALID, 0, 0),
                     count => Cqe::new(sqe.tag, status::OK, 0, count),
                 }

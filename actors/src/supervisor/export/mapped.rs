@@ -23,8 +23,12 @@ use bulkhead_ipc::wire::{ExportKey, ExportMap, ToWorker, WorkerId};
 
 use super::super::Core;
 use super::super::graph::Driver;
-use super::super::graph::Node;
+use super::super::graph::{Node, Role};
 use super::super::workers::CallError;
+
+/// Most layers of a backing chain one format mapping reads (the export worker takes
+/// at most 8 layers).
+const MAX_FORMAT_LAYERS: usize = 4;
 
 /// A mapping an export worker holds, as granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,14 +41,18 @@ pub struct Granted {
 }
 
 impl Core {
-    /// What export `key` may map now, with the nodes whose image and counters it
-    /// uses (the image node last), or `None`.
-    fn desired_mapping(&self, key: ExportKey) -> Option<(ExportMap, Vec<&Node>)> {
+    /// What export `key` may map now: the grant, the nodes whose counters it uses
+    /// (a format mapping: the format nodes of the chain), and the image nodes whose
+    /// files it reads (a plain mapping: one; a format mapping: one per layer).
+    fn desired_mapping(&self, key: ExportKey) -> Option<(ExportMap, Vec<&Node>, Vec<&Node>)> {
         let e = self.exports.by_key(key)?;
         if e.shutting_down {
             return None;
         }
         let top = self.graph.get(&e.node)?;
+        if top.driver == Driver::Qcow2 {
+            return self.desired_format_mapping(top);
+        }
         // The nodes a request passes, and the image under them.
         let layers: Vec<&Node> = match top.driver {
             Driver::File => vec![top],
@@ -63,10 +71,7 @@ impl Core {
             _ => return None,
         };
         let image = *layers.last()?;
-        if image.driver != Driver::File || image.direct || image.image.is_none() {
-            return None;
-        }
-        if layers.iter().any(|n| !n.active) {
+        if !Self::mappable_image(image) || layers.iter().any(|n| !n.active) {
             return None;
         }
         // Plain writes skip the node layer's driver-side work: only where there is
@@ -80,31 +85,84 @@ impl Core {
             size: top.size,
             writable,
             layers: vec![0; layers.len()],
+            format: false,
         };
-        Some((map, layers))
+        Some((map, layers, vec![image]))
     }
 
-    /// The descriptors of a grant: the image (writable only if the grant is, else a
-    /// fresh read-only open of the same file) and each layer's statistics region.
-    fn mapping_fds(map: &ExportMap, layers: &[&Node]) -> Option<Vec<OwnedFd>> {
-        let image = layers.last()?.image.as_ref()?;
-        let file = if map.writable {
-            let mode = rustix::fs::fcntl_getfl(image).ok()?;
-            if !mode.contains(rustix::fs::OFlags::RDWR) {
-                return None;
+    /// A file node the export worker may read itself: a regular file without
+    /// O_DIRECT, open.
+    fn mappable_image(image: &Node) -> bool {
+        image.driver == Driver::File && !image.direct && image.image.is_some()
+    }
+
+    /// Reads of a qcow2 node: the export asks the node's worker where guest bytes
+    /// lie (`BlockIo::map`) and reads the files itself, so the qcow2 parser stays in
+    /// the image's worker. Each layer of the backing chain that is qcow2 over a
+    /// mappable file, with its data in that file, is granted its file; the first
+    /// that is not ends the chain (its runs go to the worker).
+    fn desired_format_mapping<'a>(
+        &'a self,
+        top: &'a Node,
+    ) -> Option<(ExportMap, Vec<&'a Node>, Vec<&'a Node>)> {
+        let mut layers = Vec::new();
+        let mut images = Vec::new();
+        let mut node = Some(top);
+        while let Some(n) = node {
+            if n.driver != Driver::Qcow2
+                || n.child(Role::DataFile).is_some()
+                || !n.active
+                || layers.len() >= MAX_FORMAT_LAYERS
+            {
+                break;
             }
-            bulkhead_ipc::fd::dup(image).ok()?
-        } else {
-            // Same inode, not the same path (which could have been replaced).
-            let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(image));
-            rustix::fs::open(
-                path.as_str(),
-                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )
-            .ok()?
+            let Some(file) = n.file().and_then(|f| self.graph.get(f)) else {
+                break;
+            };
+            if !Self::mappable_image(file) || !file.active {
+                break;
+            }
+            layers.push(n);
+            images.push(file);
+            node = n.child(Role::Backing).and_then(|b| self.graph.get(b));
+        }
+        if layers.is_empty() {
+            return None;
+        }
+        let map = ExportMap {
+            base: 0,
+            size: top.size,
+            writable: false,
+            layers: vec![0; layers.len()],
+            format: true,
         };
-        let mut fds = vec![file];
+        Some((map, layers, images))
+    }
+
+    /// The descriptors of a grant: the images (writable only if the grant is, else a
+    /// fresh read-only open of the same file), then each layer's statistics region.
+    fn mapping_fds(map: &ExportMap, layers: &[&Node], images: &[&Node]) -> Option<Vec<OwnedFd>> {
+        let mut fds = Vec::with_capacity(images.len() + layers.len());
+        for node in images {
+            let image = node.image.as_ref()?;
+            let file = if map.writable {
+                let mode = rustix::fs::fcntl_getfl(image).ok()?;
+                if !mode.contains(rustix::fs::OFlags::RDWR) {
+                    return None;
+                }
+                bulkhead_ipc::fd::dup(image).ok()?
+            } else {
+                // Same inode, not the same path (which could have been replaced).
+                let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(image));
+                rustix::fs::open(
+                    path.as_str(),
+                    rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .ok()?
+            };
+            fds.push(file);
+        }
         for n in layers {
             fds.push(bulkhead_ipc::fd::dup(n.stats.fd()).ok()?);
         }
@@ -160,7 +218,7 @@ impl Core {
             let desired = self.desired_mapping(key);
             let current = self.exports.by_key(key).and_then(|e| e.mapped.clone());
             let up_to_date = match (&current, &desired, server) {
-                (Some(g), Some((map, _)), Some((w, gen_))) => {
+                (Some(g), Some((map, _, _)), Some((w, gen_))) => {
                     g.worker == w && g.generation == gen_ && g.map == *map
                 }
                 (None, None, _) => true,
@@ -173,8 +231,8 @@ impl Core {
                 self.set_granted(key, None);
                 continue;
             };
-            let grant = desired.and_then(|(map, layers)| {
-                let fds = Self::mapping_fds(&map, &layers)?;
+            let grant = desired.and_then(|(map, layers, images)| {
+                let fds = Self::mapping_fds(&map, &layers, &images)?;
                 Some((map, fds))
             });
             let Some(w) = self.running(worker) else {
