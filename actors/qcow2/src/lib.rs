@@ -31,7 +31,7 @@ mod storage;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
-pub use bitmap::BitmapInfo;
+pub use bitmap::{BitmapInfo, BitmapStatus};
 pub use error::{Error, Result};
 pub use header::{CompressionType, FeatureName};
 pub use meta::OverlapCheck;
@@ -180,10 +180,11 @@ pub struct Qcow2 {
     meta: Mutex<Meta>,
     /// Signalled when an in-flight allocation completes.
     alloc_done: Condvar,
-    /// Enabled persistent bitmaps tracked while writable (empty otherwise).
-    live: Mutex<Vec<bitmap::Live>>,
+    /// Every persistent bitmap loaded at open, in directory order (see `bitmap`).
+    live: Mutex<Vec<bitmap::Loaded>>,
+    /// Some loaded bitmap records writes (enabled, consistent, image writable).
     has_live: bool,
-    /// On-disk bitmap flags as of now (in use while tracked), for `info()`.
+    /// On-disk bitmap flags as of now (in use while loaded writable), for `info()`.
     bitmap_flags: Mutex<Vec<u32>>,
     /// Backing file name and format as the header says now.
     backing_names: Mutex<(Option<String>, Option<String>)>,
@@ -280,13 +281,20 @@ impl Qcow2 {
         };
         let bitmaps = match h.bitmaps {
             Some(b) => {
-                let want = b
-                    .directory_size
-                    .min(file_len.saturating_sub(b.directory_offset));
-                let mut raw = vec![0u8; want as usize];
-                file.read_at(&mut raw, b.directory_offset)
-                    .map_err(Error::io("Could not read bitmap directory"))?;
-                bitmap::parse(&raw, b.nb_bitmaps, b.directory_offset, cs)?
+                // Bounded by the header checks (64 MiB); past the end of the file
+                // reads as zeroes, as in QEMU.
+                let mut raw = vec![0u8; b.directory_size as usize];
+                file.read_at(&mut raw, b.directory_offset).map_err(|e| {
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    Error::open(
+                        errno,
+                        format!(
+                            "Failed to read bitmap directory: {}",
+                            bitmap::strerror(errno)
+                        ),
+                    )
+                })?;
+                bitmap::parse(&raw, b.nb_bitmaps, b.directory_offset, cs, h.size)?
             }
             None => Vec::new(),
         };
@@ -400,7 +408,30 @@ impl Qcow2 {
             meta.register_l2_tables();
             meta.register_refblocks();
         }
-        let mut live = Vec::new();
+        // Every bitmap is loaded, read-only opens included (for their counts), as
+        // qcow2_load_dirty_bitmaps: a failure fails the open, before anything is
+        // written. A later entry named as an earlier one is skipped when in use,
+        // refused otherwise (bdrv_create_dirty_bitmap).
+        let mut live: Vec<bitmap::Loaded> = Vec::with_capacity(bitmaps.len());
+        let mut budget = bitmap::load_budget();
+        for b in &bitmaps {
+            if live.iter().any(|l| l.info.name == b.name) {
+                if b.in_use() {
+                    continue;
+                }
+                return Err(Error::open(
+                    libc::EINVAL,
+                    format!("Bitmap already exists: {}", b.name),
+                ));
+            }
+            live.push(bitmap::Loaded::load(
+                &*file,
+                b,
+                virtual_size,
+                cs,
+                &mut budget,
+            )?);
+        }
         if opts.writable && h.incompatible & INCOMPAT_DIRTY != 0 {
             // QEMU repairs the refcounts of a dirty image on a writable open.
             repair::rebuild(
@@ -424,21 +455,21 @@ impl Qcow2 {
                 file.write_at(&known.to_be_bytes(), header::OFF_AUTOCLEAR)
                     .map_err(Error::io("Could not update qcow2 header"))?;
             }
-            // Enabled bitmaps are tracked: marked in use on disk while open (as QEMU
-            // does), set by every write, stored and released on close. One that
-            // cannot be tracked is left in use: QEMU then treats it as inconsistent
-            // instead of trusting stale bits. Disabled bitmaps never change.
+            // Every bitmap loaded (not already in use) is marked in use on disk while
+            // open, as qcow2_load_dirty_bitmaps does; enabled ones record every
+            // write; close stores them all and clears the flags.
             let mut any = false;
-            for b in &bitmaps {
-                if !b.auto() || b.in_use() {
-                    continue;
-                }
-                if let Some(l) = bitmap::Live::load(&*file, b, virtual_size, cs) {
-                    live.push(l);
-                }
-                let flags = b.flags | bitmap::FLAG_IN_USE;
-                file.write_at(&flags.to_be_bytes(), b.flags_offset)
-                    .map_err(Error::io("Could not update bitmap directory"))?;
+            for l in live.iter_mut().filter(|l| !l.inconsistent) {
+                let flags = l.info.flags | bitmap::FLAG_IN_USE;
+                file.write_at(&flags.to_be_bytes(), l.info.flags_offset)
+                    .map_err(|e| {
+                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                        Error::open(
+                            errno,
+                            format!("Can't update bitmap directory: {}", bitmap::strerror(errno)),
+                        )
+                    })?;
+                l.marked = true;
                 any = true;
             }
             if any || known != h.autoclear {
@@ -449,14 +480,14 @@ impl Qcow2 {
         let bitmap_flags = bitmaps
             .iter()
             .map(|b| {
-                if opts.writable && b.auto() {
+                if opts.writable {
                     b.flags | bitmap::FLAG_IN_USE
                 } else {
                     b.flags
                 }
             })
             .collect();
-        let has_live = !live.is_empty();
+        let has_live = opts.writable && live.iter().any(|l| l.recording());
         let backing_pair = match opts.backing {
             Some(b) => {
                 let len = b
@@ -640,55 +671,107 @@ impl Qcow2 {
     /// Marks a guest range dirty in every tracked bitmap.
     fn mark_dirty(&self, off: u64, len: u64) {
         if self.has_live {
+            let cs = self.geo.cs;
             for l in self.live.lock().unwrap_or_else(lock_err).iter_mut() {
-                l.set(off, len);
+                if l.recording() {
+                    l.set(off, len, cs);
+                }
             }
         }
     }
 
-    /// Writes tracked bitmaps back and clears their in-use flags (clean close).
+    /// The persistent bitmaps loaded at open, in directory order (qsd lists them in
+    /// reverse), as `query-named-block-nodes` shows them in `dirty-bitmaps`.
+    pub fn bitmap_status(&self) -> Vec<BitmapStatus> {
+        let cs = self.geo.cs;
+        self.live
+            .lock()
+            .unwrap_or_else(lock_err)
+            .iter()
+            .map(|l| l.status(cs))
+            .collect()
+    }
+
+    /// Stores the bitmaps this open marked in use and clears their flags (clean
+    /// close). Chunks set since open are written (in place when the old cluster is
+    /// the bitmap's alone, else to a new cluster), then the table, a flush, then the
+    /// flags: a crash before leaves them in use, hence inconsistent, never stale.
     fn store_bitmaps(&self, m: &mut Meta) -> Result<()> {
         let cs = self.geo.cs;
-        let mut live = std::mem::take(&mut *self.live.lock().unwrap_or_else(lock_err));
+        let mut live = self.live.lock().unwrap_or_else(lock_err);
         let mut to_free = Vec::new();
-        for l in &mut live {
+        let mut any = false;
+        // Data clusters referenced by more than one table entry (hostile images) are
+        // never written in place.
+        let mut refs: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+        for l in live.iter() {
+            for e in &l.table {
+                let off = e & bitmap::ENTRY_OFFSET_MASK;
+                if off != 0 {
+                    *refs.entry(off).or_default() += 1;
+                }
+            }
+        }
+        for l in live.iter_mut().filter(|l| l.marked) {
+            any = true;
             let mut table = l.table.clone();
-            for (i, e) in table.iter_mut().enumerate() {
-                let start = i * cs as usize;
-                let end = (start + cs as usize).min(l.bits.len());
-                let part = l.bits.get(start..end).unwrap_or(&[]);
-                let old = *e & 0x00ff_ffff_ffff_fe00;
-                if part.iter().all(|&b| b == 0) {
-                    *e = 0;
-                    if old != 0 {
-                        to_free.push(old / cs);
-                    }
+            for (i, chunk) in l.chunks.iter().enumerate() {
+                if !l.changed.get(i).copied().unwrap_or(false) {
                     continue;
                 }
-                let host = if old != 0 { old } else { m.alloc_cluster()? };
+                let bitmap::Chunk::Data(bits) = chunk else {
+                    continue;
+                };
+                let Some(e) = table.get_mut(i) else {
+                    continue;
+                };
+                let old = *e & bitmap::ENTRY_OFFSET_MASK;
+                let rc = if old != 0 {
+                    m.refcount(old / cs).unwrap_or(0)
+                } else {
+                    0
+                };
+                let host = if rc == 1 && refs.get(&old) == Some(&1) {
+                    old
+                } else {
+                    // Only a reference the refcount accounts for is dropped (a
+                    // hostile miscount leaks rather than frees a cluster in use).
+                    if rc >= 2 {
+                        to_free.push(old / cs);
+                    }
+                    m.alloc_cluster()?
+                };
                 m.check_overlap(host, cs)?;
-                let mut buf = vec![0u8; cs as usize];
-                buf[..part.len()].copy_from_slice(part);
                 self.file
-                    .write_at(&buf, host)
+                    .write_at(bits, host)
                     .map_err(Error::io("writing a bitmap"))?;
                 *e = host;
             }
-            let mut raw = Vec::with_capacity(table.len() * 8);
-            for e in &table {
-                raw.extend_from_slice(&e.to_be_bytes());
+            if table != l.table {
+                let mut raw = Vec::with_capacity(table.len() * 8);
+                for e in &table {
+                    raw.extend_from_slice(&e.to_be_bytes());
+                }
+                m.check_overlap(l.info.table_offset, raw.len() as u64)?;
+                self.file
+                    .write_at(&raw, l.info.table_offset)
+                    .map_err(Error::io("writing a bitmap table"))?;
+                l.table = table;
             }
-            self.file
-                .write_at(&raw, l.info.table_offset)
-                .map_err(Error::io("writing a bitmap table"))?;
+            l.changed.iter_mut().for_each(|c| *c = false);
         }
+        if !any {
+            return Ok(());
+        }
+        m.flush_refcounts()?;
         self.file.flush().map_err(Error::io("flushing"))?;
         let mut flags = self.bitmap_flags.lock().unwrap_or_else(lock_err);
-        for l in &live {
+        for l in live.iter_mut().filter(|l| l.marked) {
             let f = l.info.flags & !bitmap::FLAG_IN_USE;
             self.file
                 .write_at(&f.to_be_bytes(), l.info.flags_offset)
                 .map_err(Error::io("updating the bitmap directory"))?;
+            l.marked = false;
             if let Some(i) = self
                 .info
                 .bitmaps
@@ -1805,9 +1888,7 @@ impl Qcow2 {
             if self.closed.swap(true, Ordering::SeqCst) {
                 return Ok(());
             }
-            if self.has_live {
-                self.store_bitmaps(&mut m)?;
-            }
+            self.store_bitmaps(&mut m)?;
             m.release_reserved()?;
             drop(m);
             if self.external_data {

@@ -5,6 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
+use bulkhead_qcow2::Qcow2;
 use common::*;
 
 const SIZE: u64 = 8 << 20;
@@ -273,10 +274,23 @@ fn snapshots_stay_intact() {
 /// Dirty ranges of a persistent bitmap, as QEMU reads them (qemu-nbd exports the
 /// bitmap; `qemu-img map` with x-dirty-bitmap shows dirty areas as not data).
 fn dirty_ranges(dir: &TempDir, img: &str, bitmap: &str) -> Vec<(u64, u64)> {
-    let sock = dir.path(&format!("nbd-{bitmap}.sock"));
-    let mut nbd = std::process::Command::new("qemu-nbd")
+    // A socket of its own per call: a killed qemu-nbd leaves its socket file behind.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let sock = dir.path(&format!("nbd-{bitmap}-{n}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    /// Kills qemu-nbd when done, a failed assertion included.
+    struct Nbd(std::process::Child);
+    impl Drop for Nbd {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _nbd = Nbd(std::process::Command::new("qemu-nbd")
         .args([
             "-r",
+            "-t",
             "-f",
             "qcow2",
             "-B",
@@ -285,9 +299,9 @@ fn dirty_ranges(dir: &TempDir, img: &str, bitmap: &str) -> Vec<(u64, u64)> {
             img,
         ])
         .spawn()
-        .expect("qemu-nbd must be installed");
-    for _ in 0..100 {
-        if exists(&sock) {
+        .expect("qemu-nbd must be installed"));
+    for _ in 0..250 {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -296,8 +310,7 @@ fn dirty_ranges(dir: &TempDir, img: &str, bitmap: &str) -> Vec<(u64, u64)> {
         "driver=nbd,server.type=unix,server.path={sock},x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"
     );
     let out = qemu_img(&["map", "--output=json", "--image-opts", &opts]);
-    let _ = nbd.kill();
-    let _ = nbd.wait();
+    drop(_nbd);
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for line in out.lines() {
         let num = |key: &str| -> u64 {
@@ -341,8 +354,8 @@ fn bitmaps_kept() {
     assert!(!info.bitmaps[2].auto());
     drop(q);
     let q = open(&img, true);
-    // While open writable, enabled bitmaps are in use (on disk too, as with QEMU).
-    assert!(q.info().bitmaps[0].in_use() && !q.info().bitmaps[2].in_use());
+    // While open writable, every bitmap is in use (on disk too, as with QEMU).
+    assert!(q.info().bitmaps.iter().all(|b| b.in_use()));
     q.write(&[7u8; 70000], (2 << 20) + 12345, false)
         .expect("write");
     q.write_zeroes(5 << 20, 64 << 10, true).expect("zero");
@@ -367,6 +380,317 @@ fn bitmaps_kept() {
         [(0, m), (2 * m, 131072), (5 * m, 131072), (6 * m, 131072)]
     );
     assert_eq!(dirty_ranges(&dir, &img, "b3"), []);
+}
+
+/// The engine's bitmap status as qsd lists `dirty-bitmaps` (reverse directory order).
+fn as_qsd(q: &Qcow2) -> Vec<QsdBitmap> {
+    q.bitmap_status()
+        .into_iter()
+        .rev()
+        .map(|b| QsdBitmap {
+            name: b.name,
+            recording: b.recording,
+            granularity: b.granularity,
+            count: b.count,
+            inconsistent: b.inconsistent,
+        })
+        .collect()
+}
+
+/// The engine's bitmap flags as QEMU's format-specific info lists them.
+fn engine_flags(q: &Qcow2) -> String {
+    q.info()
+        .bitmaps
+        .iter()
+        .map(|b| {
+            let mut f = Vec::new();
+            if b.in_use() {
+                f.push("in-use");
+            }
+            if b.auto() {
+                f.push("auto");
+            }
+            format!("{}:{}", b.name, f.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The bitmap flags on disk, as `qemu-img info -U` reads them.
+fn disk_flags(img: &str) -> String {
+    bitmap_flags_of_json(&qemu_img(&["info", "-U", "--output=json", img]))
+}
+
+/// Every bitmap is loaded (enabled and disabled), marked in use while open writable,
+/// counted as qsd counts, and stored back on close: the same bitmaps, flags and
+/// contents as QEMU's after the same writes by qemu-io.
+#[test]
+fn bitmaps_match_qsd() {
+    let dir = TempDir::new("bmqsd");
+    let img = dir.path("a");
+    // An odd size: the last granule is partial (QEMU counts it whole).
+    let size = (8u64 << 20) + 512;
+    qemu_img(&["create", "-q", "-f", "qcow2", &img, &size.to_string()]);
+    qemu_img(&["bitmap", "--add", "-g", "65536", &img, "b1"]);
+    qemu_img(&["bitmap", "--add", &img, "b2"]);
+    qemu_img(&["bitmap", "--add", "-g", "128k", "--disable", &img, "b3"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", &img, "b4"]);
+    qemu_io(&img, &["write 0 100k", "write 5M 1k"]);
+    qemu_img(&["bitmap", "--disable", &img, "b2"]);
+    let oracle = dir.path("oracle");
+    std::fs::copy(&img, &oracle).expect("copy");
+
+    // Read-only: loaded for counting, nothing marked.
+    let q = open(&img, false);
+    let (ro, ro_flags) = qsd_bitmaps(&dir, &oracle, true);
+    assert_eq!(as_qsd(&q), ro);
+    assert_eq!(engine_flags(&q), ro_flags);
+    assert_eq!(ro_flags, "b1:auto b2: b3: b4:auto");
+    assert_eq!(ro[3].count, 196608, "{ro:?}");
+    drop(q);
+
+    // Writable: every bitmap in use, on disk too, as qsd shows while it has it open.
+    let q = open(&img, true);
+    let (rw, rw_flags) = qsd_bitmaps(&dir, &oracle, false);
+    assert_eq!(as_qsd(&q), rw);
+    assert_eq!(engine_flags(&q), rw_flags);
+    assert_eq!(disk_flags(&img), rw_flags);
+    assert_eq!(
+        rw_flags,
+        "b1:in-use,auto b2:in-use b3:in-use b4:in-use,auto"
+    );
+
+    q.write(&[7u8; 70000], (2 << 20) + 12345, false)
+        .expect("write");
+    q.write_zeroes(5 << 20, 64 << 10, true).expect("zero");
+    q.discard(6 << 20, 128 << 10).expect("discard");
+    q.write(&[9u8; 512], 8 << 20, false).expect("write tail");
+    q.write(&[3u8; 4096], 7 << 20, true).expect("fua write");
+    let during = as_qsd(&q);
+    q.close().expect("close");
+    assert_eq!(engine_flags(&q), "b1:auto b2: b3: b4:auto");
+    drop(q);
+    qemu_io(
+        &oracle,
+        &[
+            "write -P 7 2109497 70000",
+            "write -z -u 5M 64k",
+            "discard 6M 128k",
+            "write -P 9 8M 512",
+            "write -P 3 7M 4k",
+        ],
+    );
+
+    check(&img, false);
+    assert_eq!(disk_flags(&img), disk_flags(&oracle));
+    qemu_img(&["compare", "-q", &img, &oracle]);
+    let (after, _) = qsd_bitmaps(&dir, &oracle, true);
+    assert_eq!(during, after);
+    assert_eq!(as_qsd(&open(&img, false)), after);
+    assert_eq!(qsd_bitmaps(&dir, &img, true).0, after);
+    for b in ["b1", "b2", "b3", "b4"] {
+        assert_eq!(
+            dirty_ranges(&dir, &img, b),
+            dirty_ranges(&dir, &oracle, b),
+            "{b}"
+        );
+    }
+    // The tail granule of b1 is partial and counted whole, as in QEMU.
+    assert!(after.iter().any(|b| b.name == "b1" && b.count % 65536 == 0));
+    // And a second writable round trip keeps everything.
+    let q = open(&img, true);
+    q.write(&[1u8; 1], 3 << 20, false).expect("write");
+    q.close().expect("close");
+    drop(q);
+    qemu_io(&oracle, &["write -P 1 3M 1"]);
+    check(&img, false);
+    assert_eq!(
+        as_qsd(&open(&img, false)),
+        qsd_bitmaps(&dir, &oracle, true).0
+    );
+}
+
+/// A bitmap already in use at open (its writer died) is inconsistent, as in QEMU:
+/// not loaded, counted 0, never recording, left in use on close; the others work.
+#[test]
+fn bitmap_in_use_at_open() {
+    let dir = TempDir::new("bminuse");
+    let img = create(&dir, "a", "compat=1.1");
+    qemu_img(&["bitmap", "--add", &img, "b1"]);
+    qemu_img(&["bitmap", "--add", "--disable", &img, "b2"]);
+    qemu_io(&img, &["write 0 100k"]);
+    // A writer that dies leaves both in use.
+    let q = open(&img, true);
+    drop(q);
+    assert_eq!(disk_flags(&img), "b1:in-use,auto b2:in-use");
+    qemu_img(&["bitmap", "--add", &img, "b3"]);
+    let oracle = dir.path("oracle");
+    std::fs::copy(&img, &oracle).expect("copy");
+
+    let q = open(&img, false);
+    let (ro, _) = qsd_bitmaps(&dir, &oracle, true);
+    assert_eq!(as_qsd(&q), ro);
+    assert!(ro.iter().filter(|b| b.inconsistent).count() == 2, "{ro:?}");
+    drop(q);
+
+    let q = open(&img, true);
+    let (rw, rw_flags) = qsd_bitmaps(&dir, &oracle, false);
+    assert_eq!(as_qsd(&q), rw);
+    assert_eq!(engine_flags(&q), rw_flags);
+    q.write(&[5u8; 3000], 1 << 20, false).expect("write");
+    q.close().expect("close");
+    drop(q);
+    qemu_io(&oracle, &["write -P 5 1M 3000"]);
+    check(&img, false);
+    assert_eq!(disk_flags(&img), "b1:in-use,auto b2:in-use b3:auto");
+    assert_eq!(disk_flags(&img), disk_flags(&oracle));
+    assert_eq!(
+        as_qsd(&open(&img, false)),
+        qsd_bitmaps(&dir, &oracle, true).0
+    );
+    assert_eq!(
+        dirty_ranges(&dir, &img, "b3"),
+        dirty_ranges(&dir, &oracle, "b3")
+    );
+}
+
+/// Where the bitmap directory starts in a v3 image (its extension), the entries'
+/// offsets, and each entry's table offset.
+fn bitmap_entries(b: &[u8]) -> Vec<(usize, u64)> {
+    let be32 = |o: usize| u32::from_be_bytes(b[o..o + 4].try_into().expect("4"));
+    let be64 = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().expect("8"));
+    let mut off = be32(100) as usize;
+    loop {
+        let (t, l) = (be32(off), be32(off + 4) as usize);
+        assert_ne!(t, 0, "no bitmaps extension");
+        if t == 0x2385_2875 {
+            let nb = be32(off + 8) as usize;
+            let mut e = be64(off + 24) as usize;
+            let mut out = Vec::new();
+            for _ in 0..nb {
+                out.push((e, be64(e)));
+                let name = u16::from_be_bytes([b[e + 18], b[e + 19]]) as usize;
+                e += (24 + name).next_multiple_of(8);
+            }
+            return out;
+        }
+        off += 8 + l.next_multiple_of(8);
+    }
+}
+
+/// Broken directories and tables fail the open (read-only too) with QEMU's text.
+#[test]
+fn bitmap_open_errors_match_qemu() {
+    let dir = TempDir::new("bmerr");
+    let good = create(&dir, "good", "compat=1.1");
+    qemu_img(&["bitmap", "--add", &good, "b1"]);
+    qemu_img(&["bitmap", "--add", "--disable", &good, "b2"]);
+    qemu_io(&good, &["write 0 100k"]);
+    let base = std::fs::read(&good).expect("image");
+    let ents = bitmap_entries(&base);
+    let (e1, t1) = ents[0];
+    let (e2, t2) = ents[1];
+    let set = |b: &mut [u8], at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
+    type P = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, P)> = vec![
+        (
+            "reserved entry bit",
+            Box::new(move |b| b[t1 as usize + 6] |= 2),
+        ),
+        (
+            "unaligned entry",
+            Box::new(move |b| b[t1 as usize + 6] |= 0x10),
+        ),
+        (
+            "all-ones with offset",
+            Box::new(move |b| b[t1 as usize + 7] |= 1),
+        ),
+        (
+            "table size",
+            Box::new(move |b| set(b, e1 + 8, &2u32.to_be_bytes())),
+        ),
+        ("disabled table", Box::new(move |b| b[t2 as usize + 7] = 2)),
+        (
+            "zero table size",
+            Box::new(move |b| set(b, e1 + 8, &0u32.to_be_bytes())),
+        ),
+        (
+            "table offset",
+            Box::new(move |b| set(b, e1, &1000u64.to_be_bytes())),
+        ),
+        ("type", Box::new(move |b| b[e1 + 16] = 2)),
+        ("granularity", Box::new(move |b| b[e2 + 17] = 8)),
+        ("reserved flag", Box::new(move |b| b[e1 + 15] |= 4)),
+        (
+            "extra data",
+            Box::new(move |b| set(b, e1 + 20, &8u32.to_be_bytes())),
+        ),
+        (
+            "name size",
+            Box::new(move |b| set(b, e2 + 18, &200u16.to_be_bytes())),
+        ),
+        ("same name", Box::new(move |b| b[e2 + 25] = b'1')),
+        // Too large for QEMU (BME_MAX_PHYS_SIZE).
+        (
+            "too large",
+            Box::new(move |b| set(b, e1 + 8, &8193u32.to_be_bytes())),
+        ),
+        // In use: neither checked against the size nor read.
+        (
+            "in use",
+            Box::new(move |b| {
+                b[e1 + 15] |= 1;
+                set(b, e1 + 8, &2u32.to_be_bytes());
+                b[t1 as usize + 6] |= 2;
+            }),
+        ),
+        (
+            "in use, same name",
+            Box::new(move |b| {
+                b[e2 + 15] |= 1;
+                b[e2 + 25] = b'1';
+            }),
+        ),
+    ];
+    for (what, patch) in cases {
+        let img = dir.path("t");
+        let mut b = base.clone();
+        patch(&mut b);
+        std::fs::write(&img, &b).expect("write");
+        for writable in [false, true] {
+            let mut args = vec!["-f", "qcow2"];
+            if !writable {
+                args.push("-r");
+            }
+            args.extend([img.as_str(), "-c", "quit"]);
+            let (ok, out) = run_status("qemu-io", &args);
+            let theirs = if ok {
+                None
+            } else {
+                let p = format!("can't open device {img}: ");
+                Some(
+                    out[out.find(&p).expect("qemu-io message") + p.len()..]
+                        .trim()
+                        .to_string(),
+                )
+            };
+            std::fs::write(&img, &b).expect("write");
+            let opts = bulkhead_qcow2::OpenOptions {
+                writable,
+                ..Default::default()
+            };
+            let ours = match bulkhead_qcow2::Qcow2::open(storage(&img, writable), opts) {
+                Ok(q) => {
+                    let st = q.bitmap_status();
+                    q.close().expect("close");
+                    assert!(ok, "{what}: opened, QEMU: {theirs:?} {st:?}");
+                    None
+                }
+                Err(e) => Some(e.to_string()),
+            };
+            assert_eq!(ours, theirs, "{what} (writable: {writable})");
+        }
+    }
 }
 
 /// External data files, with and without data-file-raw.

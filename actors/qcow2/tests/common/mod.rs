@@ -226,3 +226,123 @@ pub fn assert_same(a: &[u8], b: &[u8], what: &str) {
 pub fn exists(p: &str) -> bool {
     Path::new(p).exists()
 }
+
+/// One entry of `query-named-block-nodes`' `dirty-bitmaps`, as qsd shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QsdBitmap {
+    pub name: String,
+    pub recording: bool,
+    pub granularity: u64,
+    pub count: u64,
+    pub inconsistent: bool,
+}
+
+/// Opens `img` in qemu-storage-daemon (writable unless `read_only`) and returns the
+/// qcow2 node's `dirty-bitmaps` (qsd's order) and its format-specific bitmap flags
+/// as `name:flag,flag` strings, read while qsd has the image open.
+pub fn qsd_bitmaps(dir: &TempDir, img: &str, read_only: bool) -> (Vec<QsdBitmap>, String) {
+    use std::io::{BufRead, BufReader, Write};
+    let sock = dir.path(&format!("qmp-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let ro = if read_only { ",read-only=on" } else { "" };
+    let mut child = Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!("driver=file,filename={img},node-name=f0{ro}"),
+            "--blockdev",
+            &format!("driver=qcow2,file=f0,node-name=q0{ro}"),
+            "--chardev",
+            &format!("socket,path={sock},server=on,wait=off,id=c0"),
+            "--monitor",
+            "chardev=c0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-storage-daemon must be installed");
+    let mut conn = None;
+    for _ in 0..250 {
+        if let Ok(c) = std::os::unix::net::UnixStream::connect(&sock) {
+            conn = Some(c);
+            break;
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("qemu-storage-daemon exited ({st}): {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let conn = conn.expect("QMP socket");
+    let mut w = conn.try_clone().expect("clone");
+    let mut r = BufReader::new(conn);
+    let mut line = String::new();
+    let mut reply = |w: &mut std::os::unix::net::UnixStream, cmd: &str| -> String {
+        w.write_all(cmd.as_bytes()).expect("qmp write");
+        loop {
+            line.clear();
+            r.read_line(&mut line).expect("qmp read");
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                return line.clone();
+            }
+        }
+    };
+    reply(&mut w, "{\"execute\":\"qmp_capabilities\"}\n");
+    let out = reply(&mut w, "{\"execute\":\"query-named-block-nodes\"}\n");
+    let _ = reply(&mut w, "{\"execute\":\"quit\"}\n");
+    let _ = child.wait();
+    // The qcow2 node is the one whose "drv" is qcow2.
+    let at = out.find("\"drv\": \"qcow2\"").expect("qcow2 node");
+    let node_start = out[..at].rfind("{\"iops_rd\"").unwrap_or(0);
+    let node = &out[node_start..];
+    let db = node.find("\"dirty-bitmaps\": [").expect("dirty-bitmaps") + 18;
+    let end = db + node[db..].find(']').expect("end");
+    let mut list = Vec::new();
+    for e in node[db..end].split('}').filter(|e| e.contains("\"name\"")) {
+        let field = |k: &str| -> &str {
+            let i = e.find(&format!("\"{k}\": ")).map(|i| i + k.len() + 4);
+            match i {
+                Some(i) => e[i..]
+                    .split([',', '}'])
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .trim_matches('"'),
+                None => "",
+            }
+        };
+        list.push(QsdBitmap {
+            name: field("name").to_string(),
+            recording: field("recording") == "true",
+            granularity: field("granularity").parse().expect("granularity"),
+            count: field("count").parse().expect("count"),
+            inconsistent: field("inconsistent") == "true",
+        });
+    }
+    // Format-specific flags: "bitmaps": [{"flags": ["in-use", "auto"], "name": "b1", ...
+    (list, bitmap_flags_of_json(node))
+}
+
+/// The format-specific bitmap flags in a QMP or `qemu-img info --output=json` text, as
+/// `name:flag,flag` in directory order, space separated.
+pub fn bitmap_flags_of_json(json: &str) -> String {
+    let j: String = json.chars().filter(|c| !c.is_whitespace()).collect();
+    let mut flags = Vec::new();
+    if let Some(i) = j.find("\"bitmaps\":[") {
+        let rest = &j[i + 11..];
+        let rest = &rest[..rest.find("}]").map_or(0, |e| e + 1)];
+        for e in rest.split("{\"flags\":[").skip(1) {
+            let f_end = e.find(']').expect("flags end");
+            let fl: Vec<&str> = e[..f_end]
+                .split(',')
+                .map(|x| x.trim_matches('"'))
+                .filter(|x| !x.is_empty())
+                .collect();
+            let n = e.find("\"name\":\"").expect("name") + 8;
+            let n_end = n + e[n..].find('"').expect("name end");
+            flags.push(format!("{}:{}", &e[n..n_end], fl.join(",")));
+        }
+    }
+    flags.join(" ")
+}
