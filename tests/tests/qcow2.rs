@@ -44,6 +44,29 @@ fn make_images(dir: &Path) -> std::io::Result<()> {
     // Opened by nothing else, so that option checks are what fails.
     create("opts-small.qcow2", "cluster_size=4096", "16M")?;
     create("opts-v2.qcow2", "compat=0.10", "16M")?;
+    // Persistent bitmaps, one recording and one not, with writes recorded.
+    create("bitmaps.qcow2", "", "8M")?;
+    let bitmaps = img(dir, "bitmaps.qcow2");
+    tool(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "65536", bitmaps.as_str(), "b1"],
+    )?;
+    tool(
+        "qemu-img",
+        &["bitmap", "--add", "--disable", bitmaps.as_str(), "b2"],
+    )?;
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write 0 100k",
+            "-c",
+            "write 5M 1k",
+            bitmaps.as_str(),
+        ],
+    )?;
     create("cache.qcow2", "", "16M")?;
     create("small.qcow2", "cluster_size=4096,refcount_bits=1", "16M")?;
     create("lazy.qcow2", "lazy_refcounts=on", "16M")?;
@@ -290,6 +313,13 @@ fn queries_script() -> Script {
         Step::line(r#"{"execute": "query-named-block-nodes", "id": "q-df"}"#)
             .note("the data file node after its format node"),
         Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "df"}, "id": "del-df"}"#),
+        add("bm", "bm", "bitmaps.qcow2", "").note("persistent bitmaps"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "q-bm"}"#)
+            .note("dirty-bitmaps, and every bitmap in use while open writable"),
+        Step::line(r#"{"execute": "blockdev-del", "arguments": {"node-name": "bm"}, "id": "del-bm"}"#),
+        // Opened again after that close, the bitmaps are the same, but QEMU has
+        // written them to new clusters and discarded the old ones, so the file's
+        // allocation (actual-size) differs: not compared (design/qcow2.md).
         add("grow", "grow", "grow.qcow2", "").note("to be resized"),
         Step::line(r#"{"execute": "block_resize", "arguments": {"node-name": "grow", "size": 1073741824}, "id": "grow"}"#)
             .note("grow to 1 GiB (the L1 table grows)"),

@@ -312,6 +312,9 @@ pub struct FormatInfo {
     pub data_file_raw: bool,
     /// Persistent bitmaps (with the bitmaps extension).
     pub bitmaps: Option<Vec<BitmapEntry>>,
+    /// The persistent bitmaps the node has loaded, as `dirty-bitmaps` shows them, in
+    /// the image's directory order.
+    pub dirty_bitmaps: Vec<DirtyBitmap>,
     /// Internal snapshots.
     pub snapshots: Vec<SnapshotEntry>,
 }
@@ -327,6 +330,21 @@ pub struct BitmapEntry {
     pub in_use: bool,
     /// Tracks writes when loaded (`auto`).
     pub auto: bool,
+}
+
+/// A loaded persistent dirty bitmap (QAPI `BlockDirtyInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DirtyBitmap {
+    /// Its name (image bytes).
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Enabled: writes set its bits.
+    pub recording: bool,
+    /// Dirty bytes.
+    pub count: u64,
+    /// It was in use when the image was opened (not stored cleanly).
+    pub inconsistent: bool,
 }
 
 /// One internal snapshot of an image (`SnapshotInfo`).

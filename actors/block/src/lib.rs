@@ -44,8 +44,9 @@ use std::sync::Arc;
 pub use config::DriverConfig;
 pub use driver::ChildRole;
 pub use io::{
-    BitmapEntry, BlockIo, Extent, FormatInfo, IoBuffer, IoError, IoFuture, IoResult, MapKind,
-    MapRun, SnapshotEntry, SnapshotRequest, SparseFuture, SparseReadError, WriteFlags, ZeroFlags,
+    BitmapEntry, BlockIo, DirtyBitmap, Extent, FormatInfo, IoBuffer, IoError, IoFuture, IoResult,
+    MapKind, MapRun, SnapshotEntry, SnapshotRequest, SparseFuture, SparseReadError, WriteFlags,
+    ZeroFlags,
 };
 pub use registry::DriverKind;
 

@@ -721,6 +721,18 @@ impl BlockIo for Qcow2Driver {
                     .collect()
             }),
             snapshots: i.snapshots.iter().map(snapshot_entry).collect(),
+            dirty_bitmaps: self
+                .engine
+                .bitmap_status()
+                .into_iter()
+                .map(|b| crate::io::DirtyBitmap {
+                    name: b.name,
+                    granularity: b.granularity,
+                    recording: b.recording,
+                    count: b.count,
+                    inconsistent: b.inconsistent,
+                })
+                .collect(),
         })
     }
 

@@ -496,6 +496,11 @@ impl Graph {
             "write_threshold".into(),
             node.stats.write_threshold().into(),
         );
+        if let Some(f) = node.format.as_ref().filter(|f| !f.dirty_bitmaps.is_empty()) {
+            // QEMU lists a node's bitmaps newest first: the image's directory reversed.
+            let list: Vec<Value> = f.dirty_bitmaps.iter().rev().map(dirty_info).collect();
+            m.insert("dirty-bitmaps".into(), Value::Array(list));
+        }
         Value::Object(m)
     }
 
@@ -589,6 +594,21 @@ pub fn edge_perms(parent: &Node, role: Role) -> (Vec<&'static str>, Vec<&'static
     }
     shared.extend(["write-unchanged", "write", "consistent-read"]);
     (Vec::new(), shared)
+}
+
+/// `BlockDirtyInfo` of one persistent bitmap a format node loaded.
+fn dirty_info(b: &bulkhead_block::DirtyBitmap) -> Value {
+    let mut m = Map::new();
+    m.insert("name".into(), b.name.clone().into());
+    m.insert("count".into(), b.count.into());
+    m.insert("granularity".into(), b.granularity.into());
+    m.insert("recording".into(), b.recording.into());
+    m.insert("busy".into(), false.into());
+    m.insert("persistent".into(), true.into());
+    if b.inconsistent {
+        m.insert("inconsistent".into(), true.into());
+    }
+    Value::Object(m)
 }
 
 /// `SnapshotInfo` of one internal snapshot.
