@@ -666,38 +666,19 @@ impl Meta {
         self.reserved.push_front((off / self.geo.cs, false));
     }
 
-    /// `n` contiguous clusters with refcount 1 (for L1 tables), past everything in use.
+    /// `n` contiguous clusters with refcount 1 on disk (snapshot L1 copies, snapshot
+    /// tables), where QEMU's `qcow2_alloc_clusters` puts them: the engine's reserved
+    /// clusters go back first, then [`Meta::alloc_clusters_qemu`], then the refcounts
+    /// are written and flushed. (Placing them "past everything in use" with each
+    /// missing refcount block at the start of its own range never found a run of
+    /// `2^rb_bits` clusters or more, e.g. the L1 copy of a 1 GiB image with 512 B
+    /// clusters: a new block landed in every candidate run and the file grew without
+    /// bound.)
     pub fn alloc_contiguous(&mut self, n: u64) -> Result<u64> {
-        let geo = self.geo;
-        let file_clusters = self
-            .file
-            .len()
-            .map_err(Error::io("reading the image length"))?
-            .div_ceil(geo.cs);
-        let mut a = file_clusters.max(self.alloc_end);
-        let mut c = a;
-        while c < a + n {
-            if (a + n)
-                .checked_mul(geo.cs)
-                .is_none_or(|e| e > MAX_CLUSTER_OFFSET)
-            {
-                return Err(Error::TooLarge("No space left in the image".into()));
-            }
-            self.ensure_refblock(c >> geo.rb_bits)?;
-            if self.refcount(c)? != 0 {
-                // A refcount block just landed here: start after it.
-                a = c + 1;
-            }
-            c += 1;
-        }
-        for c in a..a + n {
-            self.set_refcount(c, 1, true)?;
-        }
-        let file = self.file.clone();
-        self.rc.write_pending(&file)?;
-        self.file.flush().map_err(Error::io("flushing"))?;
-        self.alloc_end = self.alloc_end.max(a + n);
-        Ok(a * geo.cs)
+        self.release_reserved()?;
+        let off = self.alloc_clusters_qemu(n)?;
+        self.flush_refcounts()?;
+        Ok(off)
     }
 
     /// Returns every reserved cluster (clean close).
@@ -795,9 +776,31 @@ impl Meta {
             if idx >= limit {
                 return Err(Error::TooLarge("No space left in the image".into()));
             }
-            let r = self.refcount(idx)?;
-            idx += 1;
-            run = if r == 0 { run + 1 } else { 0 };
+            // One range (one refcount block) at a time: the same answer as asking
+            // each cluster's refcount, without a lookup per cluster.
+            let range_end = ((idx >> geo.rb_bits) + 1) << geo.rb_bits;
+            let end = range_end.min(limit);
+            let file = self.file.clone();
+            let block = match self.rc.block(&file, &geo, idx) {
+                Ok(b) => b,
+                Err(e) => return Err(self.rc_err(e)),
+            };
+            match block {
+                // No block: every cluster of the range is free.
+                None => {
+                    let take = (end - idx).min(n - run);
+                    run += take;
+                    idx += take;
+                }
+                Some(b) => {
+                    let mask = (1u64 << geo.rb_bits) - 1;
+                    while idx < end && run < n {
+                        let r = crate::refcount::get_entry(b, geo.rc_order, idx & mask);
+                        idx += 1;
+                        run = if r == 0 { run + 1 } else { 0 };
+                    }
+                }
+            }
         }
         self.free_hint = idx;
         Ok(idx - n)
@@ -831,20 +834,27 @@ impl Meta {
     /// (which moves the free index back to `start`) and the caller searches again.
     fn incref_range_qemu(&mut self, start: u64, n: u64) -> Result<bool> {
         let geo = self.geo;
-        for c in start..start + n {
-            let bi = c >> geo.rb_bits;
-            let has_block = self
-                .rc
-                .table
-                .get(bi as usize)
-                .is_some_and(|e| e & crate::refcount::REFT_OFFSET_MASK != 0);
-            if !has_block {
+        let has_block = |m: &Meta, c: u64| {
+            m.rc.table
+                .get((c >> geo.rb_bits) as usize)
+                .is_some_and(|e| e & crate::refcount::REFT_OFFSET_MASK != 0)
+        };
+        // QEMU counts the clusters before the first one without a block, allocates
+        // that block, then undoes what it counted (the free index going back to
+        // `start`). The counting and undoing cancel out: only the block is allocated,
+        // and the index is moved back as the undo would.
+        let mut c = start;
+        while c < start + n {
+            if !has_block(self, c) {
                 self.alloc_refblock_qemu(c)?;
-                for r in start..c {
-                    self.add_refcount_pub(r, -1)?;
+                if c > start {
+                    self.free_hint = self.free_hint.min(start);
                 }
                 return Ok(false);
             }
+            c = ((c >> geo.rb_bits) + 1) << geo.rb_bits;
+        }
+        for c in start..start + n {
             self.add_refcount(c, 1)?;
         }
         Ok(true)
@@ -1001,14 +1011,25 @@ impl Meta {
         } else {
             (1u64 << (1u32 << geo.rc_order)) - 1
         };
-        let mut inc: HashMap<u64, u64> = HashMap::new();
+        // Each L2 table once, with the number of L1 entries pointing to it (a hostile
+        // L1 can name one table millions of times).
+        let mut tables: Vec<(u64, u64)> = Vec::new();
+        let mut seen: HashMap<u64, usize> = HashMap::new();
         for &e in l1 {
             let l2 = e & L1E_OFFSET_MASK;
             if l2 == 0 || !l2.is_multiple_of(cs) {
                 continue;
             }
-            *inc.entry(l2 / cs).or_default() += 1;
-            let mut raw = vec![0u8; cs as usize];
+            let k = *seen.entry(l2).or_insert_with(|| {
+                tables.push((l2, 0));
+                tables.len() - 1
+            });
+            tables[k].1 += 1;
+        }
+        let mut inc: HashMap<u64, u64> = HashMap::new();
+        let mut raw = vec![0u8; cs as usize];
+        for (l2, times) in tables {
+            *inc.entry(l2 / cs).or_default() += times;
             self.file
                 .read_at(&mut raw, l2)
                 .map_err(Error::io("reading an L2 table"))?;
@@ -1018,10 +1039,10 @@ impl Meta {
                 if ent & OFLAG_COMPRESSED != 0 {
                     let (coff, csize) = geo.compressed_span(ent);
                     for c in coff / cs..=(coff + csize - 1) / cs {
-                        *inc.entry(c).or_default() += 1;
+                        *inc.entry(c).or_default() += times;
                     }
                 } else if ent & L2E_OFFSET_MASK != 0 && !external {
-                    *inc.entry((ent & L2E_OFFSET_MASK) / cs).or_default() += 1;
+                    *inc.entry((ent & L2E_OFFSET_MASK) / cs).or_default() += times;
                 }
             }
         }

@@ -94,6 +94,22 @@ impl Refcounts {
         Ok(get_entry(b, geo.rc_order, i))
     }
 
+    /// The refcount block covering cluster `idx` (`None` where no block does), for
+    /// scans that read many entries of one block.
+    pub fn block(
+        &mut self,
+        file: &Arc<dyn Storage>,
+        geo: &Geo,
+        idx: u64,
+    ) -> Result<Option<&[u8]>, RcError> {
+        let off = self.block_offset(geo, idx).map_err(RcError::Corrupt)?;
+        if off == 0 {
+            return Ok(None);
+        }
+        let b = self.load(file, geo, off).map_err(RcError::Other)?;
+        Ok(Some(b))
+    }
+
     /// Sets the refcount; the block must exist. Written through unless `defer` (then
     /// `write_pending` writes it).
     pub fn set(

@@ -1434,3 +1434,84 @@ fn set_backing_at_run_time() {
     drop(q);
     check(&top, false);
 }
+
+/// The offsets of the snapshot table and of each snapshot's L1 table, from the header
+/// and the snapshot table (QEMU's layout).
+fn snapshot_layout(img: &str) -> (u64, Vec<(u64, u32)>) {
+    let b = std::fs::read(img).expect("image");
+    let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+    let be64 = |at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    let (n, table) = (be32(60), be64(64));
+    let mut at = table as usize;
+    let mut l1s = Vec::new();
+    for _ in 0..n {
+        l1s.push((be64(at), be32(at + 8)));
+        let (id_len, name_len) = (
+            u16::from_be_bytes([b[at + 12], b[at + 13]]) as usize,
+            u16::from_be_bytes([b[at + 14], b[at + 15]]) as usize,
+        );
+        let extra = be32(at + 36) as usize;
+        at += (40 + extra + id_len + name_len).next_multiple_of(8);
+    }
+    (table, l1s)
+}
+
+/// A snapshot whose L1 copy needs more clusters than one refcount block covers (1 GiB
+/// with 512 B clusters: a 256 KiB L1, 512 clusters; a 16-bit refcount block covers
+/// 256). The copy used to go "past everything in use" with each missing refcount
+/// block put at the start of its own range, so no candidate run was ever free: the
+/// file grew without bound (to the in-memory cap in the fuzz target). Now it goes
+/// where `qcow2_alloc_clusters` puts it: the same offsets as `qemu-img snapshot -c`.
+#[test]
+fn snapshot_l1_spanning_refcount_blocks() {
+    use bulkhead_qcow2::NewSnapshot;
+    let dir = TempDir::new("isnap-big-l1");
+    for (name, opts) in [
+        ("rc16", "cluster_size=512"),
+        ("rc64", "cluster_size=512,refcount_bits=64"),
+        ("rc32", "cluster_size=512,refcount_bits=32"),
+    ] {
+        let img = dir.path(name);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, &img, "1G"]);
+        qemu_io(&img, &["write -P 0x5a 0 64k", "write -P 0xa5 512M 64k"]);
+        let theirs = dir.path(&format!("{name}-qemu"));
+        std::fs::copy(&img, &theirs).expect("copy");
+        qemu_img(&["snapshot", "-c", "s", &theirs]);
+        // In memory with a cap, so that the old behaviour fails (ENOSPC) instead of
+        // filling the disk.
+        let mem = Arc::new(bulkhead_qcow2::MemStorage::new(
+            std::fs::read(&img).expect("image"),
+            16 << 20,
+        ));
+        let opts = bulkhead_qcow2::OpenOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let q = bulkhead_qcow2::Qcow2::open(mem.clone(), opts).expect("open");
+        q.snapshot_create(NewSnapshot {
+            name: "s".into(),
+            ..NewSnapshot::default()
+        })
+        .unwrap_or_else(|e| panic!("{name}: snapshot create: {e}"));
+        q.write(&[7u8; 4096], 0, false).expect("write after");
+        q.close().expect("close");
+        drop(q);
+        std::fs::write(&img, mem.contents()).expect("write back");
+        check(&img, false);
+        let (ours, qemu) = (snapshot_layout(&img), snapshot_layout(&theirs));
+        assert_eq!(ours.1, qemu.1, "{name}: snapshot L1 offset and size");
+        assert_eq!(ours.0, qemu.0, "{name}: snapshot table offset");
+        let len = std::fs::metadata(&img).expect("len").len();
+        assert!(len < 4 << 20, "{name}: image grew to {len} bytes");
+        // The snapshot holds what was there before.
+        qemu_img(&["snapshot", "-a", "s", &img]);
+        qemu_io(
+            &img,
+            &[
+                "read -P 0x5a 0 64k",
+                "read -P 0 64k 64k",
+                "read -P 0xa5 512M 64k",
+            ],
+        );
+    }
+}
