@@ -383,6 +383,36 @@ pub enum SparseReadError {
     Read(IoError),
 }
 
+/// Appends block status `extents` (starting at `*pos`) up to `end` to the runs of a
+/// sparse read, merging neighbours that read alike (zeroes or not), and moves `*pos`
+/// past them; `false` if they covered nothing.
+pub(crate) fn tile_runs(
+    runs: &mut Vec<Extent>,
+    extents: &[Extent],
+    pos: &mut u64,
+    end: u64,
+) -> bool {
+    let before = *pos;
+    for e in extents {
+        let len = e.length.min(end - *pos);
+        if len == 0 {
+            break;
+        }
+        match runs.last_mut() {
+            Some(last) if last.zero == e.zero => {
+                last.length += len;
+                last.data |= e.data;
+            }
+            _ => runs.push(Extent { length: len, ..*e }),
+        }
+        *pos += len;
+        if *pos >= end {
+            break;
+        }
+    }
+    *pos != before
+}
+
 /// [`BlockIo::read_sparse`] from `block_status` and `read`.
 pub async fn read_sparse_default<N: BlockIo + ?Sized>(
     node: &N,
@@ -397,25 +427,7 @@ pub async fn read_sparse_default<N: BlockIo + ?Sized>(
             .block_status(pos, end - pos)
             .await
             .map_err(SparseReadError::Status)?;
-        let before = pos;
-        for e in &extents {
-            let len = e.length.min(end - pos);
-            if len == 0 {
-                break;
-            }
-            match runs.last_mut() {
-                Some(last) if last.zero == e.zero => {
-                    last.length += len;
-                    last.data |= e.data;
-                }
-                _ => runs.push(Extent { length: len, ..*e }),
-            }
-            pos += len;
-            if pos >= end {
-                break;
-            }
-        }
-        if pos == before {
+        if !tile_runs(&mut runs, &extents, &mut pos, end) {
             // A node breaking its contract (no progress): an I/O error.
             return Err(SparseReadError::Status(IoError::Os(libc::EIO)));
         }

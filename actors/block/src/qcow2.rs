@@ -884,25 +884,7 @@ async fn sparse_read(
         let extents = status(engine, errs, backing, pos, end - pos)
             .await
             .map_err(SparseReadError::Status)?;
-        let before = pos;
-        for e in &extents {
-            let len = e.length.min(end - pos);
-            if len == 0 {
-                break;
-            }
-            match runs.last_mut() {
-                Some(last) if last.zero == e.zero => {
-                    last.length += len;
-                    last.data |= e.data;
-                }
-                _ => runs.push(Extent { length: len, ..*e }),
-            }
-            pos += len;
-            if pos >= end {
-                break;
-            }
-        }
-        if pos == before {
+        if !crate::io::tile_runs(&mut runs, &extents, &mut pos, end) {
             return Err(SparseReadError::Status(IoError::Os(libc::EIO)));
         }
     }
