@@ -397,6 +397,27 @@ impl FileDriver {
         }
         self.check(offset, len)
     }
+
+    /// [`Self::check_write`] for a write that may extend a regular file (not in
+    /// direct mode, whose read-modify-write of a partial block cannot read past the
+    /// end); the write's end, for [`Self::grown_to`].
+    fn check_extending_write(&self, offset: u64, len: u64, flags: WriteFlags) -> IoResult<u64> {
+        let end = offset.checked_add(len).ok_or(IoError::OutOfRange)?;
+        if flags.extend && !self.direct && self.device == DeviceType::Regular {
+            if self.read_only {
+                return Err(IoError::ReadOnly);
+            }
+            return Ok(end);
+        }
+        self.check_write(offset, len)?;
+        Ok(end)
+    }
+
+    /// Raises the size after a write that ended at `end` (rounded up to sectors, as a
+    /// resize stores it).
+    fn grown_to(&self, end: u64) {
+        self.size.fetch_max(round_up(end, 512), Ordering::AcqRel);
+    }
 }
 
 /// `offset + len` must stay inside `size`.
@@ -734,9 +755,10 @@ impl BlockIo for FileDriver {
 
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            self.check_write(offset, buf.len() as u64)?;
+            let end = self.check_extending_write(offset, buf.len() as u64, flags)?;
             if self.inline.write(buf.len()) {
                 pwrite_full(self.fd.as_fd(), buf, offset)?;
+                self.grown_to(end);
                 return match flags.fua {
                     true => fdatasync(self.fd.as_fd()),
                     false => Ok(()),
@@ -745,7 +767,7 @@ impl BlockIo for FileDriver {
             let fd = Arc::clone(&self.fd);
             let rmw = Arc::clone(&self.rmw);
             let direct = self.direct;
-            threads::run_on_slice(buf, move |data| {
+            let written = threads::run_on_slice(buf, move |data| {
                 if direct {
                     direct_write(fd.as_fd(), &rmw, offset, data)?;
                 } else {
@@ -757,7 +779,11 @@ impl BlockIo for FileDriver {
                     Ok(())
                 }
             })
-            .await
+            .await;
+            // Even a failed write may have grown the file part of the way: the size
+            // must not stay below what the file holds.
+            self.grown_to(end);
+            written
         })
     }
 

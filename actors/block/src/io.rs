@@ -89,6 +89,11 @@ impl From<std::io::Error> for IoError {
 pub struct WriteFlags {
     /// Force unit access: the data must be on stable storage before completion.
     pub fua: bool,
+    /// The write may end past the node's end, which then grows to the write's end, as
+    /// QEMU's protocol drivers grow under a format driver's allocations (no separate
+    /// truncate). Drivers that cannot grow this way refuse it as out of range, and the
+    /// caller resizes first.
+    pub extend: bool,
 }
 
 /// Flags of a write-zeroes request.

@@ -125,12 +125,24 @@ impl BlockIo for Node {
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let len = buf.len() as u64;
-            self.check_write(offset, len)?;
+            // An extending write is checked against the end by the driver, which grows.
+            let extending = flags.extend
+                && offset
+                    .checked_add(len)
+                    .is_some_and(|end| end > self.driver.size());
+            if extending {
+                if self.read_only() || self.options.inactive {
+                    return Err(IoError::ReadOnly);
+                }
+            } else {
+                self.check_write(offset, len)?;
+            }
             if let Some(report) = self.accounting.before_write(offset, len) {
                 report.await;
             }
             let fua = flags.fua && !self.options.no_flush;
-            let result = if self.options.detect_zeroes != DetectZeroes::Off
+            let result = if !extending
+                && self.options.detect_zeroes != DetectZeroes::Off
                 && self.caps.write_zeroes
                 && !buf.is_empty()
                 && is_zero(buf)
@@ -144,7 +156,11 @@ impl BlockIo for Node {
                 };
                 self.driver.write_zeroes(offset, len, zero).await
             } else {
-                self.driver.write(offset, buf, WriteFlags { fua }).await
+                let flags = WriteFlags {
+                    fua,
+                    extend: flags.extend,
+                };
+                self.driver.write(offset, buf, flags).await
             };
             self.accounting.after_write(WriteKind::Write, offset, len);
             result
@@ -349,8 +365,15 @@ mod tests {
         };
         let (rec, node) = node(options);
         assert_eq!(
-            node.write(4096, &[0u8; 8192], WriteFlags { fua: true })
-                .await,
+            node.write(
+                4096,
+                &[0u8; 8192],
+                WriteFlags {
+                    fua: true,
+                    ..Default::default()
+                }
+            )
+            .await,
             Ok(())
         );
         assert_eq!(
@@ -402,7 +425,15 @@ mod tests {
         });
         assert_eq!(node.flush().await, Ok(()));
         assert_eq!(
-            node.write(0, &[1u8; 512], WriteFlags { fua: true }).await,
+            node.write(
+                0,
+                &[1u8; 512],
+                WriteFlags {
+                    fua: true,
+                    ..Default::default()
+                }
+            )
+            .await,
             Ok(())
         );
         assert_eq!(rec.take(), vec!["write 0 512 fua=false"]);

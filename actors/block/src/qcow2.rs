@@ -341,6 +341,7 @@ impl BlockDriver for Qcow2Format {
         let file = children.take(ChildRole::File);
         let backing = children.take(ChildRole::Backing);
         let data_file = children.take(ChildRole::DataFile);
+        let data_child = data_file.clone();
         let events = children.events();
         Box::pin(async move {
             let file = file.ok_or(crate::OpenError::MissingChild)?;
@@ -352,7 +353,7 @@ impl BlockDriver for Qcow2Format {
                 .unwrap_or(config.common.discard == crate::config::Discard::Unmap);
             let options = OpenOptions {
                 writable,
-                data_file: data_file.map(|d| {
+                data_file: data_file.clone().map(|d| {
                     Arc::new(NodeStorage::new(d, handle.clone()))
                         as Arc<dyn bulkhead_qcow2::Storage>
                 }),
@@ -373,6 +374,7 @@ impl BlockDriver for Qcow2Format {
                 alloc_batch: None,
             };
             let data_in_file = options.data_file.is_none();
+            let data = data_child.unwrap_or_else(|| Arc::clone(&file));
             let storage: Arc<dyn bulkhead_qcow2::Storage> =
                 Arc::new(NodeStorage::new(file, handle.clone()));
             // The header alone first: the options QEMU checks against it, and a data
@@ -396,6 +398,7 @@ impl BlockDriver for Qcow2Format {
                 .map_err(|e| crate::OpenError::Image(e.to_string()))?;
             Ok(Arc::new(Qcow2Driver {
                 engine: Arc::new(engine),
+                data,
                 backing,
                 read_only: !writable,
                 handle,
@@ -410,6 +413,8 @@ impl BlockDriver for Qcow2Format {
 /// A qcow2 node.
 pub struct Qcow2Driver {
     engine: Arc<Qcow2>,
+    /// The child guest data lies in (`file`, or `data-file`), for writes in place.
+    data: Arc<dyn BlockIo>,
     backing: Option<Arc<dyn BlockIo>>,
     read_only: bool,
     /// The worker's runtime, for a structured read waiting on a format thread.
@@ -537,7 +542,31 @@ impl BlockIo for Qcow2Driver {
         }))
     }
 
+    /// An overwrite of clusters the image owns alone goes straight to the data child
+    /// from here (no hand-off to a format thread and back: two thread wake-ups, more
+    /// than the write itself on a file in memory), under the engine's lease, which
+    /// keeps those clusters from being freed or snapshotted until it completes.
+    /// Everything else, and FUA, runs in the engine on a format thread.
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
+        if !flags.fua {
+            match self.engine.try_in_place(offset, buf.len() as u64) {
+                Ok(Some(lease)) => {
+                    return Box::pin(async move {
+                        let done = self
+                            .data
+                            .write(lease.host(), buf, WriteFlags::default())
+                            .await;
+                        drop(lease);
+                        done
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let e = self.events.io(e);
+                    return Box::pin(std::future::ready(Err(e)));
+                }
+            }
+        }
         let engine = Arc::clone(&self.engine);
         let errs = self.events.clone();
         Box::pin(threads::run_format_on_slice(buf, move |b| {
@@ -973,6 +1002,16 @@ impl bulkhead_qcow2::Storage for NodeStorage {
     fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
         let end = off.saturating_add(buf.len() as u64);
         if end > self.node.size() {
+            // Past the end: the write grows the file itself where the child can
+            // (a local file), saving a truncate; otherwise resize first.
+            let extend = WriteFlags {
+                fua: false,
+                extend: true,
+            };
+            match wait(&self.handle, self.node.write(off, buf, extend)) {
+                Err(IoError::OutOfRange) => {}
+                done => return done.map_err(|e| std::io::Error::from_raw_os_error(e.errno())),
+            }
             let _one = self.grow.lock().unwrap_or_else(|p| p.into_inner());
             if end > self.node.size() {
                 self.io(self.node.resize(end))?;

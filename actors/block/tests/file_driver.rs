@@ -69,7 +69,15 @@ async fn written_data_reads_back_and_lands_at_the_same_file_offset() {
     assert_eq!(node.size(), MIB);
     let pattern: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();
     assert_eq!(
-        node.write(12345, &pattern, WriteFlags { fua: true }).await,
+        node.write(
+            12345,
+            &pattern,
+            WriteFlags {
+                fua: true,
+                ..Default::default()
+            }
+        )
+        .await,
         Ok(())
     );
     let mut back = vec![0u8; pattern.len()];
@@ -422,7 +430,15 @@ async fn query_info_reports_virtual_and_actual_size() {
         Err(e) => panic!("{e}"),
     };
     assert_eq!(
-        node.write(0, &[1u8; 512], WriteFlags { fua: true }).await,
+        node.write(
+            0,
+            &[1u8; 512],
+            WriteFlags {
+                fua: true,
+                ..Default::default()
+            }
+        )
+        .await,
         Ok(())
     );
     let probe = common::open(&path, true, false);
@@ -494,4 +510,45 @@ async fn many_concurrent_requests_all_complete_with_their_own_data() {
             );
         }
     }
+}
+
+/// A format driver's allocation past the end grows the file by the write itself
+/// (`WriteFlags::extend`), as QEMU's file grows under qcow2; a plain write there is
+/// still out of range, and a read-only node refuses both.
+#[tokio::test]
+async fn an_extending_write_grows_the_file_to_its_end() {
+    let s = Scratch::new("extend");
+    let path = s.sparse("a.raw", MIB);
+    let node = file_node(&path, FileConfig::default()).await;
+    let extend = WriteFlags {
+        extend: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        node.write(MIB + 4096, &[7u8; 4096], WriteFlags::default())
+            .await,
+        Err(IoError::OutOfRange)
+    );
+    assert_eq!(node.write(MIB + 4096, &[7u8; 4096], extend).await, Ok(()));
+    assert_eq!(node.size(), MIB + 8192);
+    assert_eq!(
+        std::fs::metadata(&path).map(|m| m.len()).ok(),
+        Some(MIB + 8192)
+    );
+    assert_eq!(read_back(&path, 1_052_672, 4096), vec![7u8; 4096]);
+    // Inside the file, an extending write is a plain write; the size stays.
+    assert_eq!(node.write(0, &[1u8; 512], extend).await, Ok(()));
+    assert_eq!(node.size(), MIB + 8192);
+    let ro = FileConfig {
+        common: CommonOptions {
+            read_only: true,
+            ..CommonOptions::default()
+        },
+        ..FileConfig::default()
+    };
+    let node = file_node(&path, ro).await;
+    assert_eq!(
+        node.write(2 * MIB, &[7u8; 512], extend).await,
+        Err(IoError::ReadOnly)
+    );
 }

@@ -88,7 +88,14 @@ pub async fn run(
 ) -> Result<(), Failure> {
     match op {
         Op::Write { fua } => backend
-            .write(offset, data, WriteFlags { fua })
+            .write(
+                offset,
+                data,
+                WriteFlags {
+                    fua,
+                    ..Default::default()
+                },
+            )
             .await
             .map_err(|e| Failure::new(Failed::Write, &e)),
         Op::WriteZeroes(flags) => backend

@@ -695,9 +695,16 @@ mod tests {
         let calls = || worker.calls.load(Ordering::Relaxed);
         let data = [0x33u8; 4096];
         // FUA, a write that would cross a threshold, past the end, zero length.
-        n.write(0, &data, WriteFlags { fua: true })
-            .await
-            .expect("fua");
+        n.write(
+            0,
+            &data,
+            WriteFlags {
+                fua: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("fua");
         assert_eq!(calls(), 1);
         n.write(65536 - 2048, &data, WriteFlags::default())
             .await

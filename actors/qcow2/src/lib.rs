@@ -191,6 +191,41 @@ pub struct Qcow2 {
     /// Held shared by requests doing I/O on clusters they looked up, exclusively while
     /// clusters are freed: a cluster is never reused under a request still using it.
     gate: RwLock<()>,
+    /// Writes in place outside the engine ([`InPlace`]) still running: they took the
+    /// gate shared to start, and whoever takes it exclusively waits for them too.
+    pins: Mutex<usize>,
+    unpinned: Condvar,
+}
+
+/// A lease to write guest bytes in place without the engine: the clusters under them
+/// stay the guest range's (no free, reuse, snapshot or close) until it is dropped.
+#[must_use]
+pub struct InPlace<'a> {
+    engine: &'a Qcow2,
+    host: u64,
+}
+
+impl InPlace<'_> {
+    /// Where the bytes go in the data file (the image file unless it has a data file).
+    pub fn host(&self) -> u64 {
+        self.host
+    }
+}
+
+impl std::fmt::Debug for InPlace<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InPlace").field("host", &self.host).finish()
+    }
+}
+
+impl Drop for InPlace<'_> {
+    fn drop(&mut self) {
+        let mut pins = self.engine.pins.lock().unwrap_or_else(lock_err);
+        *pins -= 1;
+        if *pins == 0 {
+            self.engine.unpinned.notify_all();
+        }
+    }
 }
 
 fn lock_err<T>(e: std::sync::PoisonError<T>) -> T {
@@ -517,6 +552,8 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
             gate: RwLock::new(()),
+            pins: Mutex::new(0),
+            unpinned: Condvar::new(),
         })
     }
 
@@ -1065,7 +1102,7 @@ impl Qcow2 {
         if clusters.is_empty() {
             return Ok(());
         }
-        let _g = self.gate.write().unwrap_or_else(lock_err);
+        let _g = self.exclusive();
         let mut m = self.lock()?;
         for c in clusters {
             m.decref(c)?;
@@ -1105,6 +1142,81 @@ impl Qcow2 {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// The gate, exclusively, once no write in place outside the engine runs.
+    fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        let gate = self.gate.write().unwrap_or_else(lock_err);
+        let mut pins = self.pins.lock().unwrap_or_else(lock_err);
+        while *pins > 0 {
+            pins = self.unpinned.wait(pins).unwrap_or_else(lock_err);
+        }
+        gate
+    }
+
+    /// Where `len` bytes at guest `offset` can be written in place by the caller, if
+    /// that needs no metadata change and no waiting: every cluster of the range
+    /// allocated, the image's alone (`COPIED`, its L2 table too), in cached tables,
+    /// contiguous in the data file, clear of metadata, and nobody holding the engine's
+    /// locks. `None` sends the write through [`Self::write`]. Bitmaps are marked before
+    /// the lease is returned. Never blocks, so an async caller may ask on its executor.
+    pub fn try_in_place(&self, offset: u64, len: u64) -> Result<Option<InPlace<'_>>> {
+        if len == 0
+            || !self.writable
+            || self.dead.load(Ordering::SeqCst)
+            || self.closed.load(Ordering::SeqCst)
+            || self.check_range(offset, len).is_err()
+        {
+            return Ok(None);
+        }
+        let Ok(_gate) = self.gate.try_read() else {
+            return Ok(None);
+        };
+        let Ok(mut m) = self.meta.try_lock() else {
+            return Ok(None);
+        };
+        let geo = self.geo;
+        let first = offset >> geo.cluster_bits;
+        let last = (offset + len - 1) >> geo.cluster_bits;
+        let mut start = None;
+        for gc in first..=last {
+            let (_, l1_copied) = m.l2_offset(gc)?;
+            let Some(ent) = m.cached_entry(gc)? else {
+                return Ok(None);
+            };
+            let s = if gc == first {
+                offset & (geo.cs - 1)
+            } else {
+                0
+            };
+            let e = if gc == last {
+                ((offset + len - 1) & (geo.cs - 1)) + 1
+            } else {
+                geo.cs
+            };
+            if !l1_copied {
+                return Ok(None);
+            }
+            let Some(host) = self.in_place(&mut m, gc, ent, s, e)? else {
+                return Ok(None);
+            };
+            let base = *start.get_or_insert(host);
+            if host != base + (gc - first) * geo.cs {
+                return Ok(None);
+            }
+        }
+        let Some(base) = start else {
+            return Ok(None);
+        };
+        let host = base + (offset & (geo.cs - 1));
+        if !self.external_data && m.overlap_hit(host, len).is_some() {
+            // The engine's own write reports the corruption.
+            return Ok(None);
+        }
+        *self.pins.lock().unwrap_or_else(lock_err) += 1;
+        drop(m);
+        self.mark_dirty(offset, len);
+        Ok(Some(InPlace { engine: self, host }))
     }
 
     /// Host offset for an in-place write of `[s, e)` in cluster `gc`, if no metadata
@@ -1714,7 +1826,7 @@ impl Qcow2 {
     /// Takes the image quiet for a whole-image metadata change: no request does I/O on
     /// looked-up clusters (gate held exclusively) and no allocation is in flight.
     fn quiesce(&self) -> Result<(std::sync::RwLockWriteGuard<'_, ()>, MutexGuard<'_, Meta>)> {
-        let gate = self.gate.write().unwrap_or_else(lock_err);
+        let gate = self.exclusive();
         let mut m = self.lock()?;
         while !m.inflight.is_empty() {
             m = self.alloc_done.wait(m).unwrap_or_else(lock_err);
@@ -1880,7 +1992,7 @@ impl Qcow2 {
             return Ok(());
         }
         if self.writable && !self.dead.load(Ordering::SeqCst) {
-            let _g = self.gate.write().unwrap_or_else(lock_err);
+            let _g = self.exclusive();
             let mut m = self.lock()?;
             while !m.inflight.is_empty() {
                 m = self.alloc_done.wait(m).unwrap_or_else(lock_err);

@@ -186,19 +186,7 @@ impl Meta {
 
     /// QEMU's pre-write overlap check: a write into metadata marks the image corrupt.
     pub fn check_overlap(&mut self, off: u64, len: u64) -> Result<()> {
-        if self.overlap_mode == OverlapCheck::None || len == 0 {
-            return Ok(());
-        }
-        let end = off.saturating_add(len);
-        let hit = self
-            .overlap
-            .range(..end)
-            .next_back()
-            .filter(|(s, (l, _))| s.saturating_add(*l) > off)
-            .map(|(_, (_, sec))| *sec);
-        if let Some(sec) = hit
-            && (self.overlap_mode != OverlapCheck::Constant || sec.constant())
-        {
+        if let Some(sec) = self.overlap_hit(off, len) {
             let msg = format!(
                 "Preventing invalid write on metadata (overlaps with {})",
                 sec.name()
@@ -206,6 +194,21 @@ impl Meta {
             return Err(self.corrupt(msg, Some(off), Some(len)));
         }
         Ok(())
+    }
+
+    /// The metadata section a write of `[off, off + len)` would overwrite, as the
+    /// configured overlap checks see it (nothing is marked).
+    pub fn overlap_hit(&self, off: u64, len: u64) -> Option<Section> {
+        if self.overlap_mode == OverlapCheck::None || len == 0 {
+            return None;
+        }
+        let end = off.saturating_add(len);
+        self.overlap
+            .range(..end)
+            .next_back()
+            .filter(|(s, (l, _))| s.saturating_add(*l) > off)
+            .map(|(_, (_, sec))| *sec)
+            .filter(|sec| self.overlap_mode != OverlapCheck::Constant || sec.constant())
     }
 
     // ---- L2 tables ----------------------------------------------------------------
@@ -277,6 +280,33 @@ impl Meta {
                 bitmap: 0,
             }
         })
+    }
+
+    /// [`Self::entry`] without I/O: `None` when the L2 table is not cached.
+    pub fn cached_entry(&mut self, gc: u64) -> Result<Option<Entry>> {
+        let (off, _) = self.l2_offset(gc)?;
+        if off == 0 {
+            return Ok(Some(Entry::default()));
+        }
+        self.tick += 1;
+        let tick = self.tick;
+        let i = (gc & (self.geo.l2_entries - 1)) as usize;
+        let ext = self.geo.ext_l2;
+        let Some(slot) = self.l2.get_mut(&off) else {
+            return Ok(None);
+        };
+        slot.stamp = tick;
+        Ok(Some(if ext {
+            Entry {
+                l2: slot.words[2 * i],
+                bitmap: slot.words[2 * i + 1],
+            }
+        } else {
+            Entry {
+                l2: slot.words[i],
+                bitmap: 0,
+            }
+        }))
     }
 
     /// Up to `n` consecutive entries from `gc` within one L2 table (for long reads).

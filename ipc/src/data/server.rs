@@ -197,8 +197,10 @@ async fn execute(server: &Server, node: &dyn BlockIo, sqe: &Sqe) -> Cqe {
         }
         op::WRITE => {
             let buf = server.pool_slice(sqe.buf_off, sqe.buf_len);
+            // Never `extend`: a client's write stays inside the node.
             let flags = WriteFlags {
                 fua: sqe.flags & flag::FUA != 0,
+                extend: false,
             };
             unit(node.write(sqe.offset, buf, flags).await)
         }
