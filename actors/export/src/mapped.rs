@@ -147,7 +147,7 @@ impl Mapping {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<(), IoError>> {
         if self.format.is_some() {
-            return self.read_format(offset, buf).map(|r| {
+            return self.read_format(offset, buf, true).map(|r| {
                 r.map(|_| ()).map_err(|e| match e {
                     SparseReadError::Status(e) | SparseReadError::Read(e) => e,
                 })
@@ -167,11 +167,14 @@ impl Mapping {
 
     /// A read of a format node through its cached runs: the extents it read (as the
     /// node's sparse read reports them), or `None` when a run is unknown or the
-    /// read would wait.
+    /// read would wait. Zero runs are zeroed in `buf` only with `fill_zeroes` (a plain
+    /// read); a sparse read leaves them, as `read_sparse` promises: its reader skips
+    /// holes, and zeroing a 1 MiB hole took 60 % of such a read's time.
     fn read_format(
         &self,
         offset: u64,
         buf: &mut [u8],
+        fill_zeroes: bool,
     ) -> Option<Result<Vec<Extent>, SparseReadError>> {
         let format = self.format.as_ref()?;
         let len = buf.len() as u64;
@@ -196,7 +199,9 @@ impl Mapping {
                     (true, false, layer.saturating_add(1))
                 }
                 MapKind::Zero { depth } => {
-                    buf[pos..pos + n].fill(0);
+                    if fill_zeroes {
+                        buf[pos..pos + n].fill(0);
+                    }
                     (false, true, depth)
                 }
                 MapKind::Driver => return None,
@@ -249,7 +254,7 @@ impl Mapping {
         buf: &mut [u8],
     ) -> Option<Result<Vec<Extent>, SparseReadError>> {
         if self.format.is_some() {
-            return self.read_format(offset, buf);
+            return self.read_format(offset, buf, false);
         }
         let len = buf.len() as u64;
         let at = self.locate(offset, len)?;
@@ -793,7 +798,8 @@ mod tests {
         assert_eq!(runs.len(), 2);
         assert!(runs[0].data && !runs[0].zero && runs[0].depth == 1);
         assert!(runs[1].zero && runs[1].depth == 0);
-        assert!(two[..4096].iter().all(|b| *b == 0x11) && two[4096..].iter().all(|b| *b == 0));
+        // The hole is left as it was (the reader skips it).
+        assert!(two[..4096].iter().all(|b| *b == 0x11) && two[4096..].iter().all(|b| *b == 0xff));
         assert_eq!((calls(), maps()), (0, 1));
         // What only the driver reads, and every write, go to the worker.
         n.read(3 << 16, &mut buf).await.expect("driver run");

@@ -1134,6 +1134,17 @@ impl Qcow2 {
             let pos = offset + done as u64;
             let gc = pos >> geo.cluster_bits;
             let within = pos & (geo.cs - 1);
+            let whole = (buf.len() - done) as u64 / geo.cs;
+            if within == 0 && whole >= 2 {
+                // Up to the end of the L2 table, so that one write links them all.
+                let k = whole.min(geo.l2_entries - (gc & (geo.l2_entries - 1)));
+                let data = &buf[done..done + (k * geo.cs) as usize];
+                let n = self.write_new_run(gc, data)?;
+                if n > 0 {
+                    done += (n * geo.cs) as usize;
+                    continue;
+                }
+            }
             let n = ((geo.cs - within) as usize).min(buf.len() - done);
             self.write_cluster(gc, within, &buf[done..done + n])?;
             done += n;
@@ -1314,6 +1325,108 @@ impl Qcow2 {
                 Err(err) => Err(err),
             };
         }
+    }
+
+    /// Writes whole clusters from `gc` (`data`, within one L2 table) that hold no
+    /// data yet (unallocated or zero, nothing to copy or free), as QEMU allocates a
+    /// request's clusters together: fresh clusters, the data in one write per
+    /// contiguous host run, then the L2 entries in one write. Returns how many leading
+    /// clusters it wrote; 0 when fewer than two qualify (the caller goes cluster by
+    /// cluster).
+    fn write_new_run(&self, gc: u64, data: &[u8]) -> Result<u64> {
+        let geo = self.geo;
+        if self.external_data {
+            return Ok(0);
+        }
+        let want = data.len() as u64 / geo.cs;
+        let mut m = self.lock()?;
+        let mut n = 0;
+        while n < want {
+            let c = gc + n;
+            if m.inflight.contains(&c) {
+                break;
+            }
+            let old = m.entry(c)?;
+            if old.l2 & OFLAG_COMPRESSED != 0 || self.host_of(old).is_some() {
+                break;
+            }
+            // Validates the entry (reports corruption as the per-cluster path does).
+            for sc in 0..geo.sc_per_cluster {
+                self.sub_kind(&mut m, c, old, sc)?;
+            }
+            n += 1;
+        }
+        if n < 2 {
+            return Ok(0);
+        }
+        m.ensure_l2_writable(gc)?;
+        let mut hosts = Vec::with_capacity(n as usize);
+        let mut got = Ok(());
+        for _ in 0..n {
+            match m.alloc_cluster_z() {
+                Ok((h, _)) => match m.check_overlap(h, geo.cs) {
+                    Ok(()) => hosts.push(h),
+                    Err(e) => {
+                        got = Err(e);
+                        break;
+                    }
+                },
+                Err(e) => {
+                    got = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = got {
+            for &h in hosts.iter().rev() {
+                m.unalloc_cluster(h);
+            }
+            return Err(e);
+        }
+        m.inflight.extend(gc..gc + n);
+        drop(m);
+        let mut written = Ok(());
+        let mut i = 0usize;
+        while i < hosts.len() && written.is_ok() {
+            let mut j = i + 1;
+            while j < hosts.len() && hosts[j] == hosts[j - 1] + geo.cs {
+                j += 1;
+            }
+            let from = i * geo.cs as usize;
+            let to = j * geo.cs as usize;
+            written = self
+                .data
+                .write_at(&data[from..to], hosts[i])
+                .map_err(Error::io("writing image data"));
+            i = j;
+        }
+        let mut m = self.meta.lock().unwrap_or_else(lock_err);
+        let linked = match written {
+            Ok(()) => {
+                let entries: Vec<Entry> = hosts
+                    .iter()
+                    .map(|&h| Entry {
+                        l2: h | OFLAG_COPIED,
+                        bitmap: if geo.ext_l2 { ALL_ALLOC } else { 0 },
+                    })
+                    .collect();
+                // A failed link is left as the per-cluster path leaves it: the
+                // clusters stay referenced (leaked on disk at worst), never reused.
+                m.set_entries(gc, &entries)
+            }
+            Err(e) => {
+                for &h in hosts.iter().rev() {
+                    m.unalloc_cluster(h);
+                }
+                Err(e)
+            }
+        };
+        for c in gc..gc + n {
+            m.inflight.remove(&c);
+        }
+        drop(m);
+        self.alloc_done.notify_all();
+        linked.map(|()| n)
     }
 
     /// The data part of an allocating write: copy-on-write around `[s, s+len)` into

@@ -363,6 +363,33 @@ impl Meta {
             .map_err(Error::io("writing an L2 entry"))
     }
 
+    /// [`Self::set_entry`] for consecutive guest clusters from `gc` within one L2
+    /// table, written to the file in one request.
+    pub fn set_entries(&mut self, gc: u64, entries: &[Entry]) -> Result<()> {
+        let (off, copied) = self.l2_offset(gc)?;
+        let i0 = (gc & (self.geo.l2_entries - 1)) as usize;
+        if off == 0 || !copied || i0 + entries.len() > self.geo.l2_entries as usize {
+            return Err(Error::Invalid("L2 table not writable".into()));
+        }
+        let ext = self.geo.ext_l2;
+        let per = if ext { 16 } else { 8 };
+        let slot = self.load_l2(off)?;
+        let mut bytes = Vec::with_capacity(entries.len() * per);
+        for (k, e) in entries.iter().enumerate() {
+            bytes.extend_from_slice(&e.l2.to_be_bytes());
+            if ext {
+                bytes.extend_from_slice(&e.bitmap.to_be_bytes());
+                slot.words[2 * (i0 + k)] = e.l2;
+                slot.words[2 * (i0 + k) + 1] = e.bitmap;
+            } else {
+                slot.words[i0 + k] = e.l2;
+            }
+        }
+        self.file
+            .write_at(&bytes, off + (per * i0) as u64)
+            .map_err(Error::io("writing L2 entries"))
+    }
+
     fn write_l1_entry(&mut self, l1i: u64) -> Result<()> {
         let v = self.l1[l1i as usize];
         self.file
