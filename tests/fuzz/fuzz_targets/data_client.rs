@@ -135,7 +135,10 @@ async fn call(node: Arc<dyn BlockIo>, c: Call) {
             in_pool,
         } => {
             let len = usize::from(len);
-            let flags = WriteFlags { fua };
+            let flags = WriteFlags {
+                fua,
+                ..WriteFlags::default()
+            };
             match node.alloc_buffer(len).filter(|_| in_pool) {
                 Some(b) => {
                     let _ = node.write(u64::from(offset), &b[..len], flags).await;

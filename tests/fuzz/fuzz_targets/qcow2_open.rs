@@ -1,6 +1,7 @@
 //! The qcow2 engine on a hostile image held in memory: open (header, extensions,
 //! snapshot table, bitmap directory, L1 and refcount tables, dirty-image repair), then
-//! reads, writes, zero-writes, discards, block status, compressed writes, resize,
+//! reads, writes (some in place under an engine lease, as the node driver does),
+//! zero-writes, discards, block status, compressed writes, resize,
 //! internal snapshot creation and deletion, derived from the input, then a clean close
 //! and a second open of what was written.
 //!
@@ -155,7 +156,7 @@ fn options(flags: u8) -> OpenOptions {
     }
 }
 
-fn run_ops(q: &Qcow2, ops: &[u8]) {
+fn run_ops(q: &Qcow2, file: &dyn Storage, ops: &[u8]) {
     let size = q.size();
     if size == 0 {
         return;
@@ -179,7 +180,20 @@ fn run_ops(q: &Qcow2, ops: &[u8]) {
             0 | 1 | 12 => q.read(b, off).map(|_| ()),
             2 | 3 => {
                 b.fill(op[3]);
-                q.write(b, off, op[0] & 16 != 0)
+                // Bit 5: an overwrite in place outside the engine where it leases one
+                // (as the node driver writes without FUA), else the engine's write.
+                match (op[0] & 32 != 0)
+                    .then(|| q.try_in_place(off, len))
+                    .transpose()
+                {
+                    Ok(Some(Some(lease))) => {
+                        // The storage's only error is ENOSPC past its cap.
+                        let _ = file.write_at(b, lease.host());
+                        Ok(())
+                    }
+                    Ok(_) => q.write(b, off, op[0] & 16 != 0),
+                    Err(e) => Err(e),
+                }
             }
             4 => q.write_zeroes(off, len, op[0] & 16 != 0),
             5 => q.discard(off, len),
@@ -269,7 +283,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = q.info();
-    run_ops(&q, ops);
+    run_ops(&q, storage.as_ref(), ops);
     let _ = q.close();
     drop(q);
     // What the engine wrote opens again (or is refused cleanly).
