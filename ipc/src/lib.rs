@@ -16,10 +16,12 @@
 //! - [`stats`]: a node's statistics region (shared memory the supervisor reads).
 #![warn(missing_docs)]
 
+pub mod bitmap;
 pub mod codec;
 pub mod control;
 pub mod data;
 pub mod fd;
 pub mod ring;
+pub mod shm;
 pub mod stats;
 pub mod wire;

@@ -20,30 +20,12 @@ pub const REGION_BYTES: usize = 4096;
 const _: () = assert!(COUNTERS_BYTES <= REGION_BYTES);
 
 /// Why a statistics region could not be created or mapped.
-#[derive(Debug, thiserror::Error)]
-pub enum StatsError {
-    /// A system call failed.
-    #[error("statistics region: {0}")]
-    Os(#[from] rustix::io::Errno),
-    /// The memfd handed in is not a sealed region of the right size.
-    #[error("statistics region refused: {0}")]
-    Refused(&'static str),
-}
+pub type StatsError = crate::shm::ShmError;
 
 /// Creates a zeroed statistics region (supervisor side), sealed against resizing so the
 /// worker cannot truncate it under the supervisor's mapping (which would `SIGBUS`).
 pub fn create_region() -> Result<OwnedFd, StatsError> {
-    use rustix::fs::{MemfdFlags, SealFlags};
-    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
-    let fd = match rustix::fs::memfd_create(c"bulkhead-stats", flags | MemfdFlags::NOEXEC_SEAL) {
-        Ok(fd) => fd,
-        // Kernels before 6.3 do not know MFD_NOEXEC_SEAL.
-        Err(rustix::io::Errno::INVAL) => rustix::fs::memfd_create(c"bulkhead-stats", flags)?,
-        Err(e) => return Err(e.into()),
-    };
-    rustix::fs::ftruncate(&fd, REGION_BYTES as u64)?;
-    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
-    Ok(fd)
+    crate::shm::create_sealed(c"bulkhead-stats", REGION_BYTES)
 }
 
 /// A mapped statistics region, unmapped when dropped.
@@ -59,9 +41,9 @@ unsafe impl Sync for StatsRegion {}
 
 impl Drop for StatsRegion {
     fn drop(&mut self) {
-        // SAFETY: `base` and the length are what `mmap` returned; the region is being
-        // dropped, so no reference into it remains.
-        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), REGION_BYTES) };
+        // SAFETY: `base` and the length are what `map_sealed` returned; the region is
+        // being dropped, so no reference into it remains.
+        unsafe { crate::shm::unmap(self.base.cast(), REGION_BYTES) };
     }
 }
 
@@ -69,29 +51,8 @@ impl StatsRegion {
     /// Maps a region after checking it has exactly [`REGION_BYTES`] and cannot be
     /// resized any more.
     pub fn map(fd: BorrowedFd<'_>) -> Result<StatsRegion, StatsError> {
-        use rustix::fs::SealFlags;
-        let st = rustix::fs::fstat(fd)?;
-        if u64::try_from(st.st_size).ok() != Some(REGION_BYTES as u64) {
-            return Err(StatsError::Refused("wrong size"));
-        }
-        let seals = rustix::fs::fcntl_get_seals(fd)?;
-        if !seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL) {
-            return Err(StatsError::Refused("not sealed against resizing"));
-        }
-        // SAFETY: a fresh shared mapping of a sealed memfd of exactly this size, with no
-        // address hint, so nothing existing is replaced.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                REGION_BYTES,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                fd,
-                0,
-            )?
-        };
-        let base = NonNull::new(ptr.cast::<Counters>()).ok_or(StatsError::Refused("null"))?;
-        Ok(StatsRegion { base })
+        let base = crate::shm::map_sealed(fd, REGION_BYTES)?;
+        Ok(StatsRegion { base: base.cast() })
     }
 
     /// Maps a region the caller holds.

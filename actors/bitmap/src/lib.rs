@@ -59,8 +59,7 @@ pub fn default_granularity(cluster_size: Option<u64>) -> u64 {
 
 /// Checks a granularity as `block-dirty-bitmap-add` does.
 pub fn check_granularity(granularity: u64) -> Result<(), BitmapError> {
-    if granularity < MIN_GRANULARITY
-        || granularity > MAX_GRANULARITY
+    if !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity)
         || !granularity.is_power_of_two()
     {
         return Err(BitmapError::Granularity);
@@ -274,7 +273,7 @@ impl<W: Deref<Target = [AtomicU64]>> DirtyBitmap<W> {
                     .ok()
                     .and_then(|i| self.words.get(i))
                     .map_or(0, |w| w.load(Ordering::Relaxed));
-                if next_bit % 64 == 0 && word == if dirty { u64::MAX } else { 0 } {
+                if next_bit.is_multiple_of(64) && word == if dirty { u64::MAX } else { 0 } {
                     next_bit += 64;
                     continue;
                 }
@@ -301,10 +300,7 @@ impl<W: Deref<Target = [AtomicU64]>> DirtyBitmap<W> {
         for w in self.words.iter() {
             hash.update(w.load(Ordering::Relaxed).to_le_bytes());
         }
-        hash.finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 

@@ -58,7 +58,10 @@ impl Qsd {
             .arg("--export")
             .arg("type=nbd,id=e,node-name=n,writable=on")
             .arg("--chardev")
-            .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
+            .arg(format!(
+                "socket,id=m,path={},server=on,wait=off",
+                qmp.display()
+            ))
             .arg("--monitor")
             .arg("chardev=m")
             .stdout(Stdio::null())
@@ -100,7 +103,10 @@ impl Qsd {
     }
 
     fn write(&self, offset: u64, len: u64) {
-        let uri = format!("nbd+unix:///n?socket={}", self.dir.join("nbd.sock").display());
+        let uri = format!(
+            "nbd+unix:///n?socket={}",
+            self.dir.join("nbd.sock").display()
+        );
         let out = Command::new("qemu-io")
             .args(["-f", "raw", &uri, "-c", &format!("write {offset} {len}")])
             .output()
@@ -207,7 +213,10 @@ fn merges_widen_and_narrow_as_qsds(qsd: &mut Qsd, ours: &[DirtyBitmap], grans: &
         b.merge_from(&ours[from]).expect("merge");
         assert_eq!(qsd.sha256(name), b.sha256(), "{name}");
     }
-    let r = qsd.call("block-dirty-bitmap-add", json!({"node": "n", "name": "dflt"}));
+    let r = qsd.call(
+        "block-dirty-bitmap-add",
+        json!({"node": "n", "name": "dflt"}),
+    );
     assert_eq!(r, json!({}));
     let nodes = qsd.call("query-named-block-nodes", json!({}));
     let g = nodes[0]["dirty-bitmaps"]
