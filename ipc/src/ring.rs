@@ -163,8 +163,10 @@ pub mod flag {
     pub const MAY_UNMAP: u8 = 2;
     /// Write-zeroes must not fall back to writing.
     pub const NO_FALLBACK: u8 = 4;
+    /// A write to store compressed (`WriteFlags::compressed`).
+    pub const COMPRESSED: u8 = 8;
     /// Every defined bit.
-    pub const ALL: u8 = FUA | MAY_UNMAP | NO_FALLBACK;
+    pub const ALL: u8 = FUA | MAY_UNMAP | NO_FALLBACK | COMPRESSED;
 }
 
 /// A submission descriptor (client → server), 64 bytes.

@@ -59,8 +59,7 @@ pub fn default_granularity(cluster_size: Option<u64>) -> u64 {
 
 /// Checks a granularity as `block-dirty-bitmap-add` does.
 pub fn check_granularity(granularity: u64) -> Result<(), BitmapError> {
-    if !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity)
-        || !granularity.is_power_of_two()
+    if !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity) || !granularity.is_power_of_two()
     {
         return Err(BitmapError::Granularity);
     }

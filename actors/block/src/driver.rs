@@ -104,6 +104,9 @@ pub struct DriverInfo {
     /// Its code blocks on its children's I/O (a format engine), so its worker starts
     /// format threads for it (`crate::threads::start_format_threads`).
     pub format_threads: bool,
+    /// A filter (QEMU's `is_filter`): its `filename` never takes its child's plain
+    /// name, and its image facts (cluster size) are its child's.
+    pub filter: bool,
 }
 
 impl DriverInfo {
@@ -306,6 +309,15 @@ pub trait BlockDriver {
     fn check_children(
         _config: &Self::Config,
         _children: &[(ChildRole, u64)],
+    ) -> Result<(), crate::OpenError> {
+        Ok(())
+    }
+
+    /// Supervisor, before a worker opens the node: the checks QEMU makes against the
+    /// children's drivers (`compress` needs a format that compresses).
+    fn check_child_drivers(
+        _config: &Self::Config,
+        _children: &[(ChildRole, &str)],
     ) -> Result<(), crate::OpenError> {
         Ok(())
     }

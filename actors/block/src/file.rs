@@ -124,6 +124,7 @@ impl BlockDriver for File {
         caps: CAPS,
         policy: "file",
         format_threads: false,
+        filter: false,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<FileConfig>, ParseError> {
@@ -155,6 +156,7 @@ impl BlockDriver for HostDevice {
         caps: CAPS,
         policy: "file",
         format_threads: false,
+        filter: false,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<FileConfig>, ParseError> {
@@ -402,6 +404,9 @@ impl FileDriver {
     /// direct mode, whose read-modify-write of a partial block cannot read past the
     /// end); the write's end, for [`Self::grown_to`].
     fn check_extending_write(&self, offset: u64, len: u64, flags: WriteFlags) -> IoResult<u64> {
+        if flags.compressed {
+            return Err(IoError::Unsupported);
+        }
         let end = offset.checked_add(len).ok_or(IoError::OutOfRange)?;
         if flags.extend && !self.direct && self.device == DeviceType::Regular {
             if self.read_only {

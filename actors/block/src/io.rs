@@ -94,6 +94,10 @@ pub struct WriteFlags {
     /// truncate). Drivers that cannot grow this way refuse it as out of range, and the
     /// caller resizes first.
     pub extend: bool,
+    /// Store the data compressed (QEMU's `BDRV_REQ_WRITE_COMPRESSED`, which the
+    /// `compress` filter adds): qcow2 compresses each cluster, and refuses a cluster
+    /// already allocated; drivers that cannot compress refuse the write.
+    pub compressed: bool,
 }
 
 /// Flags of a write-zeroes request.

@@ -156,10 +156,7 @@ impl BlockIo for Node {
                 };
                 self.driver.write_zeroes(offset, len, zero).await
             } else {
-                let flags = WriteFlags {
-                    fua,
-                    extend: flags.extend,
-                };
+                let flags = WriteFlags { fua, ..flags };
                 self.driver.write(offset, buf, flags).await
             };
             self.accounting.after_write(WriteKind::Write, offset, len);

@@ -120,6 +120,7 @@ macro_rules! null_driver {
                 caps: CAPS,
                 policy: "null",
                 format_threads: false,
+                filter: false,
             };
 
             fn parse(members: &Map<String, Value>) -> Result<Parsed<NullConfig>, ParseError> {
@@ -195,8 +196,11 @@ impl BlockIo for NullDriver {
         })
     }
 
-    fn write<'a>(&'a self, offset: u64, buf: &'a [u8], _flags: WriteFlags) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
+            if flags.compressed {
+                return Err(IoError::Unsupported);
+            }
             self.check_write(offset, buf.len() as u64)?;
             self.delay().await;
             Ok(())

@@ -310,6 +310,7 @@ impl BlockDriver for Qcow2Format {
         },
         policy: "qcow2",
         format_threads: true,
+        filter: false,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, ParseError> {
@@ -405,6 +406,7 @@ impl BlockDriver for Qcow2Format {
                 data_in_file,
                 events: Errors(events),
                 closed: std::sync::atomic::AtomicBool::new(false),
+                compressing: Arc::new(Mutex::new(())),
             }) as Arc<dyn BlockIo>)
         })
     }
@@ -425,6 +427,8 @@ pub struct Qcow2Driver {
     events: Errors,
     /// Closed cleanly (`BlockIo::close`).
     closed: std::sync::atomic::AtomicBool,
+    /// Held by a compressed write (one at a time, see `write_compressed`).
+    compressing: Arc<Mutex<()>>,
 }
 
 /// Turns engine errors into request errors, reporting corruption on the way.
@@ -498,6 +502,52 @@ impl Qcow2Driver {
         out
     }
 
+    /// A write through the `compress` filter: every cluster it touches is stored
+    /// compressed, as QEMU's filter (whose requests the block layer aligns to the
+    /// cluster, reading the rest of a partly written cluster first) and
+    /// `qcow2_co_pwritev_compressed_part` do: a cluster already allocated refuses
+    /// it with EIO, the image's last, partial cluster is padded with zeroes. One such
+    /// write at a time, so that two partial writes of a cluster do not interleave
+    /// their read-modify-write.
+    fn write_compressed<'a>(&'a self, offset: u64, buf: &'a [u8], fua: bool) -> IoFuture<'a, ()> {
+        let engine = Arc::clone(&self.engine);
+        let errs = self.events.clone();
+        let one = Arc::clone(&self.compressing);
+        Box::pin(threads::run_format_on_slice(buf, move |data| {
+            let _one = one.lock().unwrap_or_else(|p| p.into_inner());
+            let cs = engine.info().cluster_size;
+            let size = engine.size();
+            let end = offset
+                .checked_add(data.len() as u64)
+                .filter(|&e| e <= size)
+                .ok_or(IoError::OutOfRange)?;
+            let mut cluster = vec![0u8; cs as usize];
+            let mut at = offset / cs * cs;
+            while at < end {
+                let in_image = (size - at).min(cs) as usize;
+                let (from, to) = (at.max(offset), (at + cs).min(end));
+                cluster.fill(0);
+                if from > at || to < at + in_image as u64 {
+                    engine
+                        .read(&mut cluster[..in_image], at)
+                        .map_err(|e| errs.io(e))?;
+                }
+                let src = (from - offset) as usize..(to - offset) as usize;
+                cluster[(from - at) as usize..(to - at) as usize].copy_from_slice(&data[src]);
+                engine.write_compressed(&cluster, at).map_err(|e| match e {
+                    // QEMU's answer for an allocated cluster.
+                    bulkhead_qcow2::Error::Invalid(_) => IoError::Os(libc::EIO),
+                    e => errs.io(e),
+                })?;
+                at += cs;
+            }
+            if fua {
+                engine.flush().map_err(|e| errs.io(e))?;
+            }
+            Ok(())
+        }))
+    }
+
     /// What the image's header and tables say (for queries).
     pub fn info(&self) -> bulkhead_qcow2::Info {
         self.engine.info()
@@ -548,6 +598,9 @@ impl BlockIo for Qcow2Driver {
     /// keeps those clusters from being freed or snapshotted until it completes.
     /// Everything else, and FUA, runs in the engine on a format thread.
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
+        if flags.compressed {
+            return self.write_compressed(offset, buf, flags.fua);
+        }
         if !flags.fua {
             match self.engine.try_in_place(offset, buf.len() as u64) {
                 Ok(Some(lease)) => {
@@ -1005,8 +1058,8 @@ impl bulkhead_qcow2::Storage for NodeStorage {
             // Past the end: the write grows the file itself where the child can
             // (a local file), saving a truncate; otherwise resize first.
             let extend = WriteFlags {
-                fua: false,
                 extend: true,
+                ..WriteFlags::default()
             };
             match wait(&self.handle, self.node.write(off, buf, extend)) {
                 Err(IoError::OutOfRange) => {}

@@ -84,6 +84,7 @@ impl BlockDriver for Raw {
         },
         policy: "raw",
         format_threads: false,
+        filter: false,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<RawConfig>, ParseError> {
@@ -295,6 +296,11 @@ impl BlockIo for RawDriver {
 
     fn write<'a>(&'a self, offset: u64, buf: &'a [u8], flags: WriteFlags) -> IoFuture<'a, ()> {
         Box::pin(async move {
+            // QEMU's raw format has no compressed writes (the `compress` filter
+            // refuses to sit on it); never pass the flag down as plain data.
+            if flags.compressed {
+                return Err(IoError::Unsupported);
+            }
             let at = self.map_write(offset, buf.len() as u64)?;
             self.child.write(at, buf, flags).await
         })

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::config::{CommonOptions, ConfigError, DetectZeroes, Discard};
 use crate::driver::{BlockDriver, ChildRole, Children, DriverInfo, ParseError, Parsed};
 use crate::io::IoError;
-use crate::{file, null, qcow2, raw};
+use crate::{compress, file, null, qcow2, raw};
 
 macro_rules! registry {
     ($($(#[$doc:meta])* $variant:ident => $driver:ty,)*) => {
@@ -100,6 +100,17 @@ macro_rules! registry {
                 }
             }
 
+            /// See [`BlockDriver::check_child_drivers`].
+            pub fn check_child_drivers(
+                &self,
+                children: &[(ChildRole, &str)],
+            ) -> Result<(), crate::OpenError> {
+                match self {
+                    $(DriverConfig::$variant(c) =>
+                        <$driver as BlockDriver>::check_child_drivers(c, children),)*
+                }
+            }
+
             /// See [`BlockDriver::holds_size`].
             pub fn holds_size(&self) -> bool {
                 match self {
@@ -152,6 +163,8 @@ registry! {
     NullAio => null::NullAio,
     /// `qcow2`: the qcow2 format over a file child.
     Qcow2 => qcow2::Qcow2Format,
+    /// `compress`: a filter whose writes its qcow2 child stores compressed.
+    Compress => compress::Compress,
 }
 
 impl DriverKind {
@@ -178,6 +191,11 @@ impl DriverKind {
     /// Whether this is a protocol driver (the bottom of a chain).
     pub fn is_protocol(self) -> bool {
         self.info().protocol
+    }
+
+    /// Whether this is a filter (see [`crate::driver::DriverInfo::filter`]).
+    pub fn is_filter(self) -> bool {
+        self.info().filter
     }
 
     /// Its own options that a reopen applies.

@@ -325,6 +325,13 @@ impl Core {
             .map(|(role, c)| (*role, self.graph.get(c).map_or(0, |n| n.size)))
             .collect();
         config.check_children(&sizes).map_err(errors::from_error)?;
+        let drivers: Vec<(Role, &str)> = children
+            .iter()
+            .filter_map(|(role, c)| self.graph.get(c).map(|n| (*role, n.driver.as_str())))
+            .collect();
+        config
+            .check_child_drivers(&drivers)
+            .map_err(errors::from_error)?;
         let file_child = children
             .iter()
             .find(|(r, _)| *r == Role::File)

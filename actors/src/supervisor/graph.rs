@@ -345,7 +345,7 @@ impl Graph {
             .children
             .iter()
             .all(|(r, _)| *r == Role::File || node.is_implicit(*r));
-        if node.strong_options.is_empty() && only_file {
+        if node.strong_options.is_empty() && only_file && !node.driver.is_filter() {
             match node.file().and_then(|c| self.get(c)) {
                 None => return format!("{}://", node.driver.as_str()),
                 Some(c) => {
@@ -392,6 +392,13 @@ impl Graph {
         let filename = self.filename(node);
         let bottom_posix = self.bottom(&node.name).is_some_and(|b| b.driver.is_posix());
         let format = node.format.as_deref();
+        // A filter's cluster size is its child's (QEMU's get_info passes through).
+        let filtered = node
+            .driver
+            .is_filter()
+            .then(|| node.file().and_then(|c| self.get(c)))
+            .flatten()
+            .and_then(|c| c.format.as_deref());
         let mut image = Map::new();
         image.insert("filename".into(), filename.into());
         image.insert("format".into(), node.driver.as_str().into());
@@ -406,6 +413,9 @@ impl Graph {
         }
         image.insert("actual-size".into(), self.actual_size(node).into());
         image.insert("virtual-size".into(), node.size.into());
+        if let Some(f) = filtered {
+            image.insert("cluster-size".into(), f.cluster_size.into());
+        }
         let backing = node.child(Role::Backing).and_then(|b| self.get(b));
         if let Some(f) = format {
             image.insert("cluster-size".into(), f.cluster_size.into());

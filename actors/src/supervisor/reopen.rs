@@ -264,6 +264,14 @@ impl Core {
             .map(|c| (Role::File, self.graph.get(c).map_or(0, |n| n.size)))
             .collect();
         config.check_children(&sizes).map_err(errors::from_error)?;
+        let drivers: Vec<(Role, &str)> = child
+            .iter()
+            .filter_map(|c| self.graph.get(c))
+            .map(|n| (Role::File, n.driver.as_str()))
+            .collect();
+        config
+            .check_child_drivers(&drivers)
+            .map_err(errors::from_error)?;
         config.validate().map_err(errors::from_error)?;
         let fixed_window = config.holds_size();
         Ok(Plan {

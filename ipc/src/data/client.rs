@@ -151,6 +151,7 @@ pub(super) enum Req<'a> {
         offset: u64,
         buf: &'a [u8],
         fua: bool,
+        compressed: bool,
     },
     WriteZeroes {
         offset: u64,
@@ -590,9 +591,15 @@ impl DataClient {
                 }
                 Ok(Done::Sparse(Ok(list)))
             }
-            Req::Write { offset, buf, fua } => {
+            Req::Write {
+                offset,
+                buf,
+                fua,
+                compressed,
+            } => {
                 let len = payload_len(buf.len())?;
-                let flags = if *fua { flag::FUA } else { 0 };
+                let flags = if *fua { flag::FUA } else { 0 }
+                    | if *compressed { flag::COMPRESSED } else { 0 };
                 if let Some(off) = self.region.pool_offset_of(buf.as_ptr(), buf.len()) {
                     let cqe = self
                         .submit(Sqe::new(0, n, op::WRITE, flags, *offset, len, off, len))

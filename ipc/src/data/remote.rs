@@ -168,6 +168,7 @@ impl BlockIo for RemoteNode {
             offset,
             buf,
             fua: flags.fua,
+            compressed: flags.compressed,
         }))
     }
 

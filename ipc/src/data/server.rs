@@ -98,8 +98,8 @@ impl Server {
     fn validate(&self, sqe: &Sqe) -> Result<(), DataError> {
         let bad = |what: &str| Err(violation(format!("{what} in {sqe:?}")));
         let allowed_flags = match sqe.op {
-            op::WRITE => flag::FUA,
-            op::WRITE_ZEROES => flag::ALL,
+            op::WRITE => flag::FUA | flag::COMPRESSED,
+            op::WRITE_ZEROES => flag::FUA | flag::MAY_UNMAP | flag::NO_FALLBACK,
             op::READ
             | op::READ_SPARSE
             | op::DISCARD
@@ -201,6 +201,7 @@ async fn execute(server: &Server, node: &dyn BlockIo, sqe: &Sqe) -> Cqe {
             let flags = WriteFlags {
                 fua: sqe.flags & flag::FUA != 0,
                 extend: false,
+                compressed: sqe.flags & flag::COMPRESSED != 0,
             };
             unit(node.write(sqe.offset, buf, flags).await)
         }
