@@ -54,7 +54,9 @@ impl WorkerKind {
     /// with its local protocol child.
     pub fn does_file_io(self) -> bool {
         match self {
-            WorkerKind::Driver(d) => d.info().is_posix() || !d.info().protocol,
+            WorkerKind::Driver(d) => {
+                d.info().is_posix() || (!d.info().protocol && d.info().protocol_child)
+            }
             WorkerKind::Nbd => false,
             WorkerKind::Image => true,
         }

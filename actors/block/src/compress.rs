@@ -62,6 +62,8 @@ impl BlockDriver for Compress {
         policy: "raw",
         format_threads: false,
         filter: true,
+        // Only qcow2 may sit below (`check_child_drivers`): no file I/O here.
+        protocol_child: false,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<CompressConfig>, ParseError> {

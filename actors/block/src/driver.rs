@@ -107,6 +107,9 @@ pub struct DriverInfo {
     /// A filter (QEMU's `is_filter`): its `filename` never takes its child's plain
     /// name, and its image facts (cluster size) are its child's.
     pub filter: bool,
+    /// Its `file` child may be a protocol node, which then lives in its worker (so
+    /// that worker does file I/O). False where `check_child_drivers` refuses one.
+    pub protocol_child: bool,
 }
 
 impl DriverInfo {

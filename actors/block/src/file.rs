@@ -125,6 +125,7 @@ impl BlockDriver for File {
         policy: "file",
         format_threads: false,
         filter: false,
+        protocol_child: true,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<FileConfig>, ParseError> {
@@ -157,6 +158,7 @@ impl BlockDriver for HostDevice {
         policy: "file",
         format_threads: false,
         filter: false,
+        protocol_child: true,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<FileConfig>, ParseError> {

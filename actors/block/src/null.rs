@@ -121,6 +121,7 @@ macro_rules! null_driver {
                 policy: "null",
                 format_threads: false,
                 filter: false,
+                protocol_child: true,
             };
 
             fn parse(members: &Map<String, Value>) -> Result<Parsed<NullConfig>, ParseError> {

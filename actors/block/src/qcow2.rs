@@ -311,6 +311,7 @@ impl BlockDriver for Qcow2Format {
         policy: "qcow2",
         format_threads: true,
         filter: false,
+        protocol_child: true,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<Qcow2Config>, ParseError> {
@@ -397,7 +398,9 @@ impl BlockDriver for Qcow2Format {
                 .await
                 .map_err(|e| crate::OpenError::Image(crate::posix::strerror(e.errno())))?
                 .map_err(|e| crate::OpenError::Image(e.to_string()))?;
+            let cluster_size = engine.info().cluster_size;
             Ok(Arc::new(Qcow2Driver {
+                cluster_size,
                 engine: Arc::new(engine),
                 data,
                 backing,
@@ -429,6 +432,8 @@ pub struct Qcow2Driver {
     closed: std::sync::atomic::AtomicBool,
     /// Held by a compressed write (one at a time, see `write_compressed`).
     compressing: Arc<Mutex<()>>,
+    /// The image's cluster size (fixed for its life).
+    cluster_size: u64,
 }
 
 /// Turns engine errors into request errors, reporting corruption on the way.
@@ -513,9 +518,9 @@ impl Qcow2Driver {
         let engine = Arc::clone(&self.engine);
         let errs = self.events.clone();
         let one = Arc::clone(&self.compressing);
+        let cs = self.cluster_size;
         Box::pin(threads::run_format_on_slice(buf, move |data| {
             let _one = one.lock().unwrap_or_else(|p| p.into_inner());
-            let cs = engine.info().cluster_size;
             let size = engine.size();
             let end = offset
                 .checked_add(data.len() as u64)

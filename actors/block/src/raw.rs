@@ -85,6 +85,7 @@ impl BlockDriver for Raw {
         policy: "raw",
         format_threads: false,
         filter: false,
+        protocol_child: true,
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<RawConfig>, ParseError> {

@@ -14,18 +14,15 @@ const MIB: u64 = 1 << 20;
 
 /// An image with its first MiB written by qemu-io (pattern 0x11), opened writable.
 fn image(dir: &TempDir, opts: &str) -> (String, Qcow2) {
+    image_with(dir, opts, "write -P 0x11 0 1M")
+}
+
+/// An image of [`SIZE`] that `write` (a qemu-io command) went into, opened writable.
+fn image_with(dir: &TempDir, opts: &str, write: &str) -> (String, Qcow2) {
     let p = dir.path("t.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        &p,
-        &SIZE.to_string(),
-    ]);
-    qemu_io(&p, &["write -P 0x11 0 1M"]);
+    let size = SIZE.to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, &p, &size]);
+    qemu_io(&p, &[write]);
     let q = open(&p, true);
     // Warm the L2 cache: a lease is only given from cached tables.
     let mut b = vec![0u8; 512];
@@ -104,22 +101,8 @@ fn no_lease_where_a_write_must_change_metadata() {
 #[test]
 fn no_lease_for_partly_allocated_subclusters() {
     let dir = TempDir::new("inplace-extl2");
-    let p = dir.path("t.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        &p,
-        "8M",
-    ]);
     // Subclusters of 2 KiB: only the first of cluster 0 written.
-    qemu_io(&p, &["write -P 0x11 0 2k"]);
-    let q = open(&p, true);
-    let mut b = vec![0u8; 512];
-    q.read(&mut b, 0).expect("read");
+    let (_p, q) = image_with(&dir, "extended_l2=on", "write -P 0x11 0 2k");
     assert!(q.try_in_place(0, 2048).expect("ok").is_some());
     assert!(q.try_in_place(0, 4096).expect("ok").is_none());
 }

@@ -160,7 +160,7 @@ pub fn table(kind: WorkerKind) -> Table {
             names.push(d.info().policy);
             // A format node's local protocol child (file, host_device, null) lives in
             // the format node's worker: a hop between them would isolate nothing.
-            if !d.info().protocol {
+            if !d.info().protocol && d.info().protocol_child {
                 names.extend(protocol_policies());
             }
         }
