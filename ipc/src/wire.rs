@@ -158,8 +158,9 @@ pub enum ToWorker {
         layout: RingLayout,
     },
     /// Open a node. The first attached descriptor is the node's statistics region
-    /// ([`crate::stats`]); a `file`/`host_device` node's image descriptor follows. A
-    /// node with children names each one's role and where it lives.
+    /// ([`crate::stats`]), then one region per entry of `bitmaps`; a
+    /// `file`/`host_device` node's image descriptor comes last. A node with children
+    /// names each one's role and where it lives.
     AddNode {
         /// The new node.
         node: NodeId,
@@ -170,6 +171,18 @@ pub enum ToWorker {
         /// Its children by role (at most one per role); the worker refuses a role
         /// the driver does not take.
         children: Vec<(ChildRole, NodeRef)>,
+        /// The dirty bitmaps its writes mark from the first request on (a restarted
+        /// worker gets them here, so no resubmitted write goes unmarked).
+        bitmaps: Vec<BitmapSpec>,
+    },
+    /// Replace the dirty bitmaps a node's writes mark (one region attached per
+    /// entry, in order): the enabled bitmaps, after any was added, removed, enabled,
+    /// disabled or resized. Requests that complete after the reply mark the new set.
+    SetBitmaps {
+        /// The node.
+        node: NodeId,
+        /// The bitmaps.
+        bitmaps: Vec<BitmapSpec>,
     },
     /// Replace an open node's implementation (`blockdev-reopen`, `blockdev-set-active`):
     /// new options, the child it now uses, and for `file`/`host_device` the image
@@ -297,6 +310,21 @@ pub enum ToWorker {
         op: OpId,
     },
 }
+
+/// A dirty bitmap's region as a node's worker maps it (`crate::bitmap`): the bytes
+/// of the node it covers and the bytes per bit; the region holds
+/// `bulkhead_bitmap::words_for(size, granularity)` words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitmapSpec {
+    /// Bytes of the node covered.
+    pub size: u64,
+    /// Bytes per bit (a power of two, at least 512).
+    pub granularity: u64,
+}
+
+/// Most dirty bitmaps one node records into at once: each travels as a descriptor,
+/// and `AddNode` carries them with the node's other descriptors in one message.
+pub const MAX_RECORDING_BITMAPS: usize = 24;
 
 /// Most long operations one worker runs at once.
 pub const MAX_OPERATIONS: usize = 4;
@@ -689,6 +717,7 @@ mod tests {
                         home: WorkerId(1),
                     },
                 )],
+                bitmaps: Vec::new(),
             },
         };
         let bytes = codec::encode(&req).unwrap();

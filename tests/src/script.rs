@@ -306,6 +306,44 @@ impl Step {
     }
 }
 
+/// A hook that runs `program` once (arguments substituted) and requires it to succeed
+/// (`ok`) or fail, with `needle` in its output either way: the same expectation holds
+/// for qsd and bulkhead, so what a client sees is compared too.
+pub fn run_tool(
+    program: &'static str,
+    args: &'static [&'static str],
+    ok: bool,
+    needle: &'static str,
+) -> impl Fn(&mut HookContext<'_>) -> Result<(), HarnessError> + Send + Sync + 'static {
+    move |ctx| {
+        let args: Vec<String> = args.iter().map(|a| ctx.substitute(a)).collect();
+        let out = std::process::Command::new(program)
+            .args(&args)
+            .current_dir(ctx.dir)
+            .output()
+            .map_err(|source| HarnessError::Spawn {
+                program: program.into(),
+                source,
+            })?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() != ok || !text.contains(needle) {
+            return Err(HarnessError::Tool {
+                program: program.into(),
+                args,
+                detail: format!(
+                    "against {:?}: expected success={ok} with {needle:?}, got {}: {text}",
+                    ctx.kind, out.status
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A daemon command line and a QMP session to play against it.
 #[derive(Clone)]
 pub struct Script {

@@ -43,8 +43,15 @@ pub enum BitmapError {
         given: usize,
     },
     /// QEMU's text for a merge of bitmaps of nodes of different sizes.
-    #[error("Bitmaps are incompatible and can't be merged")]
-    Incompatible,
+    #[error(
+        "Bitmaps are of different sizes (destination size is {destination}, source size is {from}) and can't be merged"
+    )]
+    Incompatible {
+        /// Bytes the destination covers.
+        destination: u64,
+        /// Bytes the source covers.
+        from: u64,
+    },
 }
 
 /// The granularity QEMU picks when `block-dirty-bitmap-add` names none
@@ -219,7 +226,10 @@ impl<W: Deref<Target = [AtomicU64]>> DirtyBitmap<W> {
         other: &DirtyBitmap<V>,
     ) -> Result<(), BitmapError> {
         if other.size != self.size {
-            return Err(BitmapError::Incompatible);
+            return Err(BitmapError::Incompatible {
+                destination: self.size,
+                from: other.size,
+            });
         }
         if other.shift == self.shift {
             for (dst, src) in self.words.iter().zip(other.words.iter()) {
@@ -234,6 +244,35 @@ impl<W: Deref<Target = [AtomicU64]>> DirtyBitmap<W> {
             self.set(start, len);
         }
         Ok(())
+    }
+
+    /// Sets the bits `other` (the same bitmap before a resize: same granularity, any
+    /// size) has set over the bytes both cover, as `hbitmap_truncate` keeps them:
+    /// growing adds clean chunks, shrinking drops the chunks past the new end.
+    pub fn copy_resized<V: Deref<Target = [AtomicU64]>>(&self, other: &DirtyBitmap<V>) {
+        if other.shift != self.shift {
+            for (start, len) in other.dirty_ranges(0, other.size.min(self.size)) {
+                self.set(start, len);
+            }
+            return;
+        }
+        let bits = self.bits.min(other.bits);
+        let whole = usize::try_from(bits / 64).unwrap_or(usize::MAX);
+        for (dst, src) in self.words.iter().zip(other.words.iter()).take(whole) {
+            let b = src.load(Ordering::Relaxed);
+            if b != 0 {
+                dst.fetch_or(b, Ordering::Relaxed);
+            }
+        }
+        let tail = bits % 64;
+        if tail != 0
+            && let (Some(dst), Some(src)) = (self.words.get(whole), other.words.get(whole))
+        {
+            let b = src.load(Ordering::Relaxed) & ((1u64 << tail) - 1);
+            if b != 0 {
+                dst.fetch_or(b, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The dirty byte ranges `(start, length)` within `[offset, offset + len)`,
@@ -388,7 +427,35 @@ mod tests {
         fine2.merge_from(&coarse).unwrap();
         assert_eq!(fine2.count(), 65536);
         let other = DirtyBitmap::new(2 * MIB, 65536).unwrap();
-        assert_eq!(coarse.merge_from(&other), Err(BitmapError::Incompatible));
+        assert_eq!(
+            coarse.merge_from(&other),
+            Err(BitmapError::Incompatible {
+                destination: coarse.size(),
+                from: other.size()
+            })
+        );
+    }
+
+    #[test]
+    fn a_resized_copy_keeps_the_bits_both_sizes_cover() {
+        let old = DirtyBitmap::new(64 * MIB, 65536).unwrap();
+        old.set(0, 1);
+        old.set(63 * 65536, 1);
+        old.set(64 * MIB - 1, 1);
+        let grown = DirtyBitmap::new(128 * MIB, 65536).unwrap();
+        grown.copy_resized(&old);
+        assert_eq!(grown.count(), 3 * 65536);
+        assert!(grown.is_dirty(64 * MIB - 1) && !grown.is_dirty(64 * MIB));
+        // Shrunk into the middle of a word: bits past the new end are dropped.
+        let shrunk = DirtyBitmap::new(63 * 65536 + 100, 65536).unwrap();
+        shrunk.copy_resized(&old);
+        assert_eq!(
+            shrunk.dirty_ranges(0, shrunk.size()),
+            vec![(0, 65536), (63 * 65536, 100)]
+        );
+        let tiny = DirtyBitmap::new(65536, 65536).unwrap();
+        tiny.copy_resized(&old);
+        assert_eq!(tiny.count(), 65536);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! then opening it), opens image files itself and hands descriptors to the workers, and
 //! undoes everything it created if any step fails.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use bulkhead_block::FormatInfo;
 use bulkhead_block::config::{CommonOptions, DetectZeroes, Discard, DriverConfig};
@@ -471,6 +471,7 @@ impl Core {
             implicit_backing: false,
             implicit_data_file,
             ejected: false,
+            bitmaps: Vec::new(),
         });
         if implicit_data_file
             && let Some((_, d)) = self
@@ -619,8 +620,22 @@ impl Core {
         stats: &std::os::fd::OwnedFd,
         image: Option<&std::os::fd::OwnedFd>,
     ) -> Result<(u64, Option<Box<FormatInfo>>), OpenFailed> {
+        // A node opened again (a restarted worker) marks its bitmaps from the first
+        // request on.
+        let (bitmaps, regions) = match self.graph.iter().find(|n| n.id == id) {
+            Some(n) => {
+                let (specs, fds) = super::bitmaps::recording_regions(n);
+                let fds: Result<Vec<OwnedFd>, _> = fds.into_iter().map(fd::dup).collect();
+                (
+                    specs,
+                    fds.map_err(|e| OpenFailed::Qmp(errors::from_error(e)))?,
+                )
+            }
+            None => Default::default(),
+        };
         let worker = self.worker(home).await.map_err(OpenFailed::Qmp)?;
         let fds: Vec<_> = std::iter::once(stats)
+            .chain(regions.iter())
             .chain(image)
             .map(|f| f.as_fd())
             .collect();
@@ -629,6 +644,7 @@ impl Core {
             name: name.to_string(),
             config,
             children,
+            bitmaps,
         };
         worker.call(body, &fds).await.map_err(|e| {
             tracing::warn!(node = %name, error = %e, "node could not be opened");
@@ -847,6 +863,7 @@ impl Core {
             Err(e) => return Err(call_error(e)),
         }
         self.refresh_sizes(&chain).await;
+        self.resize_bitmaps().await;
         Ok(())
     }
 

@@ -317,8 +317,8 @@ pub fn export_name_in_use(name: &str) -> QmpError {
     generic(format!("NBD server already has export named '{name}'"))
 }
 
-/// A dirty bitmap that does not exist.
-pub fn bitmap_not_found(name: &str) -> QmpError {
+/// An NBD export's bitmap that the node and the nodes under it do not have.
+pub fn export_bitmap_not_found(name: &str) -> QmpError {
     generic(format!("Bitmap '{name}' is not found"))
 }
 
@@ -330,6 +330,47 @@ pub fn export_not_found(id: &str) -> QmpError {
 /// A safe removal of an export with clients.
 pub fn export_in_use(id: &str) -> QmpError {
     generic(format!("export '{id}' still in use"))
+}
+
+// ---------------------------------------------------------------- qsd's texts: dirty bitmaps
+
+/// `block_dirty_bitmap_lookup` found no node of that name.
+pub fn bitmap_node_not_found(node: &str) -> QmpError {
+    generic(format!("Node '{node}' not found"))
+}
+
+/// `block_dirty_bitmap_lookup` found no bitmap of that name on the node.
+pub fn bitmap_not_found(name: &str) -> QmpError {
+    generic(format!("Dirty bitmap '{name}' not found"))
+}
+
+/// `block-dirty-bitmap-add` with an empty name.
+pub fn bitmap_name_empty() -> QmpError {
+    generic("Bitmap name cannot be empty")
+}
+
+/// `block-dirty-bitmap-add` with a name past `BDRV_BITMAP_MAX_NAME_SIZE`.
+pub fn bitmap_name_too_long(name: &str) -> QmpError {
+    generic(format!("Bitmap name too long: {name}"))
+}
+
+/// `bdrv_create_dirty_bitmap`: the node has a bitmap of that name.
+pub fn bitmap_exists(name: &str) -> QmpError {
+    generic(format!("Bitmap already exists: {name}"))
+}
+
+/// `bdrv_dirty_bitmap_check`: an export (or a job) holds the bitmap.
+pub fn bitmap_busy(name: &str) -> QmpError {
+    generic(format!(
+        "Bitmap '{name}' is currently in use by another operation and cannot be used"
+    ))
+}
+
+/// `bdrv_can_store_new_dirty_bitmap` on a node whose driver stores no bitmaps.
+pub fn bitmap_persistence_unsupported(node: &str) -> QmpError {
+    generic(format!(
+        "Can't store persistent bitmaps to {node}: Operation not supported"
+    ))
 }
 
 // ---------------------------------------------------------------- qsd's texts: chardevs (the front's)
@@ -490,6 +531,18 @@ pub fn node_stats<E: Display>(e: E) -> QmpError {
 /// A worker process vanished between two steps of one command.
 pub fn worker_vanished() -> QmpError {
     generic("worker vanished")
+}
+
+/// A dirty bitmap's shared-memory region could not be made or mapped.
+pub fn bitmap_region(e: bulkhead_ipc::shm::ShmError) -> QmpError {
+    generic(format!("cannot create the dirty bitmap: {e}"))
+}
+
+/// More enabled bitmaps on one node than its worker records into.
+pub fn too_many_recording_bitmaps(max: usize) -> QmpError {
+    generic(format!(
+        "bulkhead records at most {max} enabled dirty bitmaps per node"
+    ))
 }
 
 /// A node vanished between two steps of one command (should not happen: commands run

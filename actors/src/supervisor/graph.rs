@@ -80,6 +80,8 @@ pub struct Node {
     /// with `fatal`): like QEMU's node without a driver, it is "ejected" and
     /// queries of it fail.
     pub ejected: bool,
+    /// Its dirty bitmaps, oldest first (see `supervisor::bitmaps`).
+    pub bitmaps: Vec<super::bitmaps::Bitmap>,
 }
 
 impl Node {
@@ -506,9 +508,13 @@ impl Graph {
             "write_threshold".into(),
             node.stats.write_threshold().into(),
         );
-        if let Some(f) = node.format.as_ref().filter(|f| !f.dirty_bitmaps.is_empty()) {
-            // QEMU lists a node's bitmaps newest first: the image's directory reversed.
-            let list: Vec<Value> = f.dirty_bitmaps.iter().rev().map(dirty_info).collect();
+        // QEMU lists a node's bitmaps newest first: those added since, then the
+        // image's directory reversed.
+        let mut list = super::bitmaps::dirty_bitmaps(node);
+        if let Some(f) = node.format.as_ref() {
+            list.extend(f.dirty_bitmaps.iter().rev().map(dirty_info));
+        }
+        if !list.is_empty() {
             m.insert("dirty-bitmaps".into(), Value::Array(list));
         }
         Value::Object(m)
@@ -727,6 +733,7 @@ pub(crate) mod tests {
             implicit_backing: false,
             implicit_data_file: false,
             ejected: false,
+            bitmaps: Vec::new(),
         });
     }
 

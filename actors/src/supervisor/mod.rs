@@ -11,6 +11,7 @@
 pub mod actor;
 pub mod asks;
 mod backing;
+pub mod bitmaps;
 pub mod blockdev;
 pub mod commands;
 pub mod errors;

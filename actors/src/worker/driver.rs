@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use bulkhead_block::BlockIo;
 use bulkhead_block::config::DriverConfig;
 use bulkhead_block::slot::Slot;
-use bulkhead_block::stats::{Accounting, SinkFuture, ThresholdSink};
+use bulkhead_block::stats::{Accounting, SinkFuture, ThresholdSink, WriteNotifier};
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::data::{self, ChannelFds, NodeLookup};
 use bulkhead_ipc::stats::StatsRegion;
@@ -22,6 +22,8 @@ use bulkhead_ipc::wire::{
     ChildRole, FromWorker, NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind,
     WorkerEvent, WorkerId, WorkerKind,
 };
+
+use super::bitmaps::NodeBitmaps;
 
 /// The nodes this worker serves, shared with its data channel servers. Each sits in a
 /// [`Slot`], which parents and channels hold, so a reopen replaces it under them.
@@ -83,6 +85,8 @@ pub(crate) struct DriverWorker {
     /// What each format node was last opened with, to open it again as it was when a
     /// reopen closed its engine and the new one cannot open.
     opened_as: HashMap<NodeId, (DriverConfig, Vec<(ChildRole, NodeRef)>)>,
+    /// The dirty bitmaps each node marks (kept across reopens).
+    bitmaps: HashMap<NodeId, Arc<NodeBitmaps>>,
 }
 
 /// Reports one node's write-threshold crossings to the supervisor. The node awaits the
@@ -166,6 +170,7 @@ impl DriverWorker {
             peers: super::Peers::default(),
             ops: super::ops::Operations::new(Arc::clone(&chan)),
             opened_as: HashMap::new(),
+            bitmaps: HashMap::new(),
             chan,
         }
     }
@@ -187,7 +192,7 @@ impl DriverWorker {
     /// over a channel; never the node itself), then its statistics region and image
     /// from `fds`.
     async fn open_node(
-        &self,
+        &mut self,
         node: NodeId,
         name: &str,
         config: DriverConfig,
@@ -210,6 +215,10 @@ impl DriverWorker {
             opened.push((role, self.child(c).await?));
         }
         let (accounting, fd) = self.accounting(node, name, fds)?;
+        let accounting = Accounting {
+            notifiers: vec![self.marks(node) as Arc<dyn WriteNotifier>],
+            ..accounting
+        };
         bulkhead_block::open_with(config, fd, opened, accounting)
             .await
             .map_err(|e| match e {
@@ -294,6 +303,11 @@ impl DriverWorker {
         Err(failure)
     }
 
+    /// The bitmaps `node` marks (an empty set for a node that has none yet).
+    fn marks(&mut self, node: NodeId) -> Arc<NodeBitmaps> {
+        Arc::clone(self.bitmaps.entry(node).or_default())
+    }
+
     /// A node's accounting from the descriptors of AddNode/ReopenNode: its statistics
     /// region first, then (file nodes) its image, returned apart.
     fn accounting(
@@ -366,6 +380,7 @@ impl DriverWorker {
                 name,
                 config,
                 children,
+                bitmaps,
             } => {
                 if self.nodes.lookup(node).is_some() {
                     return Err(err(
@@ -374,9 +389,29 @@ impl DriverWorker {
                         format!("node {name} exists"),
                     ));
                 }
+                // The statistics region, the bitmaps' regions, then the image.
+                let mut fds = fds;
+                if fds.len() < 1 + bitmaps.len() {
+                    return Err(err(
+                        WorkerErrorKind::Invalid,
+                        libc::EINVAL,
+                        "fewer descriptors than regions",
+                    ));
+                }
+                let regions: Vec<OwnedFd> = fds.drain(1..1 + bitmaps.len()).collect();
+                let maps = super::bitmaps::map_all(&bitmaps, &regions)?;
+                let marks = Arc::new(NodeBitmaps::default());
+                marks.replace(maps);
+                self.bitmaps.insert(node, marks);
                 let exclusive = config.kind().info().format_threads;
                 let as_given = exclusive.then(|| (config.clone(), children.clone()));
-                let opened = self.open_node(node, &name, config, children, fds).await?;
+                let opened = match self.open_node(node, &name, config, children, fds).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        self.bitmaps.remove(&node);
+                        return Err(e);
+                    }
+                };
                 tracing::debug!(worker = %self.kind, node = %name, "node opened");
                 self.nodes.insert(node, opened, exclusive);
                 if let Some(a) = as_given {
@@ -409,9 +444,19 @@ impl DriverWorker {
                 tracing::debug!(worker = %self.kind, node = %name, "node reopened");
                 Ok(Reply::Done)
             }
+            ToWorker::SetBitmaps { node, bitmaps } => {
+                let marks = self
+                    .bitmaps
+                    .get(&node)
+                    .filter(|_| self.nodes.lookup(node).is_some())
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                marks.replace(super::bitmaps::map_all(&bitmaps, &fds)?);
+                Ok(Reply::Done)
+            }
             ToWorker::RemoveNode { node } => match self.nodes.remove(node) {
                 Some(slot) => {
                     self.opened_as.remove(&node);
+                    self.bitmaps.remove(&node);
                     self.ops.cancel_node(node);
                     // A format engine writes back what a clean close writes.
                     if let Err(e) = slot.close().await {

@@ -8,6 +8,7 @@
 //! served concurrently. A worker holds no state that cannot be rebuilt from the
 //! supervisor's requests, so the supervisor can replace it.
 
+mod bitmaps;
 mod driver;
 mod export;
 #[cfg(feature = "test-hooks")]

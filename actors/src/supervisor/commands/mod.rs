@@ -10,6 +10,7 @@
 //!
 //! Runs in the supervisor.
 
+mod bitmaps;
 mod blockdev;
 mod control;
 mod export;
@@ -141,6 +142,41 @@ pub static REGISTRY: &[Command] = &[
         "x-debug-query-block-graph",
         Query,
         query::x_debug_query_block_graph
+    ),
+    command!(
+        "block-dirty-bitmap-add",
+        Change,
+        bitmaps::block_dirty_bitmap_add
+    ),
+    command!(
+        "block-dirty-bitmap-remove",
+        Change,
+        bitmaps::block_dirty_bitmap_remove
+    ),
+    command!(
+        "block-dirty-bitmap-clear",
+        Change,
+        bitmaps::block_dirty_bitmap_clear
+    ),
+    command!(
+        "block-dirty-bitmap-enable",
+        Change,
+        bitmaps::block_dirty_bitmap_enable
+    ),
+    command!(
+        "block-dirty-bitmap-disable",
+        Change,
+        bitmaps::block_dirty_bitmap_disable
+    ),
+    command!(
+        "block-dirty-bitmap-merge",
+        Change,
+        bitmaps::block_dirty_bitmap_merge
+    ),
+    command!(
+        "x-debug-block-dirty-bitmap-sha256",
+        Change,
+        bitmaps::x_debug_block_dirty_bitmap_sha256
     ),
     command!("block_resize", Change, blockdev::block_resize),
     command!(

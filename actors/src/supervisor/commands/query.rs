@@ -12,6 +12,7 @@ pub(super) async fn query_named_block_nodes(
     args: QueryNamedBlockNodesArgs,
 ) -> Result<Value, QmpError> {
     core.refresh_format_info().await;
+    core.resize_bitmaps().await;
     // QEMU's query fails on the first node (newest first) whose driver was taken
     // away by a fatal corruption.
     if let Some(n) = core.graph.iter().rev().find(|n| n.ejected) {

@@ -75,11 +75,12 @@ impl Core {
             return None;
         }
         // Plain writes skip the node layer's driver-side work: only where there is
-        // none (no detect-zeroes) and the node takes writes.
+        // none (no detect-zeroes, no enabled dirty bitmap to mark) and the node takes
+        // writes.
         let writable = e.writable
-            && layers
-                .iter()
-                .all(|n| !n.read_only && n.detect_zeroes == "off");
+            && layers.iter().all(|n| {
+                !n.read_only && n.detect_zeroes == "off" && !n.bitmaps.iter().any(|b| b.enabled)
+            });
         let map = ExportMap {
             base: 0,
             size: top.size,

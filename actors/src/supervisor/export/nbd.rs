@@ -245,7 +245,7 @@ impl Core {
                 BlockDirtyBitmapOrStr::Local(name) => name.as_str(),
                 BlockDirtyBitmapOrStr::External(_) => "",
             };
-            return Err(errors::bitmap_not_found(bm));
+            return Err(errors::export_bitmap_not_found(bm));
         }
         Ok(NbdOptions {
             name,

@@ -1,0 +1,390 @@
+//! Dirty bitmaps: `block-dirty-bitmap-add/remove/clear/enable/disable/merge`,
+//! `x-debug-block-dirty-bitmap-sha256`, and `dirty-bitmaps` in the node queries.
+//!
+//! Runs in the supervisor, which owns every bitmap's words: a sealed shared-memory
+//! region per bitmap (`bulkhead_ipc::bitmap`) that it maps itself and passes to the
+//! node's worker while the bitmap is enabled. Clearing, merging, counting and hashing
+//! are done here on the supervisor's mapping, without asking the worker; the worker's
+//! node layer marks every write that reaches the node (`worker::bitmaps`). The region
+//! outlives the worker: a restarted worker gets the same regions with `AddNode`, so
+//! no mark made before a crash is lost. The bits are as trustworthy as the node's
+//! worker, which can write the image itself anyway. See `design/node-state.md`.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use bulkhead_bitmap::{DirtyBitmap, words_for};
+use bulkhead_ipc::bitmap::{BitmapWords, create_region};
+use bulkhead_ipc::wire::{BitmapSpec, MAX_RECORDING_BITMAPS, ToWorker};
+use bulkhead_qmp::qapi::types::BlockDirtyBitmapOrStr;
+use serde_json::{Map, Value};
+
+use super::graph::Node;
+use super::{Core, QmpError, errors};
+
+/// QEMU's `BDRV_BITMAP_MAX_NAME_SIZE`.
+const MAX_NAME: usize = 1023;
+
+/// One named dirty bitmap of a node.
+#[derive(Debug)]
+pub struct Bitmap {
+    /// Its name, unique on the node.
+    pub name: String,
+    /// Writes mark it (`recording`).
+    pub enabled: bool,
+    /// Exports that offer it: while any does, the monitor may not change it (`busy`).
+    pub users: u32,
+    /// The region, passed to the node's worker while enabled.
+    fd: OwnedFd,
+    /// The supervisor's mapping of it.
+    bits: DirtyBitmap<BitmapWords>,
+}
+
+impl Bitmap {
+    /// A clean bitmap over `size` bytes in a new region.
+    fn create(name: &str, size: u64, granularity: u64, enabled: bool) -> Result<Bitmap, QmpError> {
+        let words = words_for(size, granularity);
+        let fd = create_region(words).map_err(errors::bitmap_region)?;
+        let mapped = BitmapWords::map(fd.as_fd(), words).map_err(errors::bitmap_region)?;
+        let bits = DirtyBitmap::on(mapped, size, granularity).map_err(errors::from_error)?;
+        Ok(Bitmap {
+            name: name.to_string(),
+            enabled,
+            users: 0,
+            fd,
+            bits,
+        })
+    }
+
+    /// The bits.
+    pub fn bits(&self) -> &DirtyBitmap<BitmapWords> {
+        &self.bits
+    }
+
+    /// What the node's worker needs to map it.
+    pub fn spec(&self) -> BitmapSpec {
+        BitmapSpec {
+            size: self.bits.size(),
+            granularity: self.bits.granularity(),
+        }
+    }
+
+    /// The region's descriptor.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Whether an operation holds it (QEMU's `busy`).
+    pub fn busy(&self) -> bool {
+        self.users > 0
+    }
+
+    /// The same bitmap over a node of `size` bytes: a new region with the bits both
+    /// sizes cover (`bdrv_dirty_bitmap_truncate`).
+    fn resized(&self, size: u64) -> Result<Bitmap, QmpError> {
+        let new = Bitmap::create(&self.name, size, self.bits.granularity(), self.enabled)?;
+        new.bits.copy_resized(&self.bits);
+        Ok(Bitmap {
+            users: self.users,
+            ..new
+        })
+    }
+
+    /// `BlockDirtyInfo`, members in qsd's order.
+    pub fn info(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("name".into(), self.name.clone().into());
+        m.insert("recording".into(), self.enabled.into());
+        m.insert("persistent".into(), false.into());
+        m.insert("busy".into(), self.busy().into());
+        m.insert("granularity".into(), self.bits.granularity().into());
+        m.insert("count".into(), self.bits.count().into());
+        Value::Object(m)
+    }
+
+    /// QEMU's `bdrv_dirty_bitmap_check` for the monitor's changes: a busy bitmap
+    /// cannot be used.
+    fn check(&self) -> Result<(), QmpError> {
+        if self.busy() {
+            return Err(errors::bitmap_busy(&self.name));
+        }
+        Ok(())
+    }
+}
+
+/// Where a bitmap is: its node and its index in the node's list.
+type Found = (String, usize);
+
+impl Core {
+    /// `block_dirty_bitmap_lookup`: the node (by node-name) and the bitmap on it.
+    fn find_bitmap(&self, node: &str, name: &str) -> Result<Found, QmpError> {
+        let n = self
+            .graph
+            .get(node)
+            .ok_or_else(|| errors::bitmap_node_not_found(node))?;
+        let i = n
+            .bitmaps
+            .iter()
+            .position(|b| b.name == name)
+            .ok_or_else(|| errors::bitmap_not_found(name))?;
+        Ok((n.name.clone(), i))
+    }
+
+    fn bitmap(&self, (node, i): &Found) -> Result<&Bitmap, QmpError> {
+        self.graph
+            .get(node)
+            .and_then(|n| n.bitmaps.get(*i))
+            .ok_or_else(errors::node_vanished)
+    }
+
+    fn bitmap_mut(&mut self, (node, i): &Found) -> Result<&mut Bitmap, QmpError> {
+        self.graph
+            .get_mut(node)
+            .and_then(|n| n.bitmaps.get_mut(*i))
+            .ok_or_else(errors::node_vanished)
+    }
+
+    /// `block-dirty-bitmap-add`.
+    pub(super) async fn bitmap_add(
+        &mut self,
+        node: &str,
+        name: &str,
+        granularity: Option<u32>,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<(), QmpError> {
+        if name.is_empty() {
+            return Err(errors::bitmap_name_empty());
+        }
+        let n = self
+            .graph
+            .get(node)
+            .ok_or_else(|| errors::device_not_found(node, node))?;
+        let granularity = match granularity {
+            Some(g) => {
+                let g = u64::from(g);
+                bulkhead_bitmap::check_granularity(g).map_err(errors::from_error)?;
+                g
+            }
+            None => bulkhead_bitmap::default_granularity(cluster_size(n)),
+        };
+        if persistent {
+            return Err(errors::bitmap_persistence_unsupported(&n.name));
+        }
+        if name.len() > MAX_NAME {
+            return Err(errors::bitmap_name_too_long(name));
+        }
+        let loaded = n
+            .format
+            .as_ref()
+            .is_some_and(|f| f.dirty_bitmaps.iter().any(|b| b.name == name));
+        if loaded || n.bitmaps.iter().any(|b| b.name == name) {
+            return Err(errors::bitmap_exists(name));
+        }
+        if !disabled && recording(n) >= MAX_RECORDING_BITMAPS {
+            return Err(errors::too_many_recording_bitmaps(MAX_RECORDING_BITMAPS));
+        }
+        let bitmap = Bitmap::create(name, n.size, granularity, !disabled)?;
+        let node_name = n.name.clone();
+        if let Some(n) = self.graph.get_mut(&node_name) {
+            n.bitmaps.push(bitmap);
+        }
+        if !disabled {
+            self.push_bitmaps(&node_name).await;
+        }
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-remove`.
+    pub(super) async fn bitmap_remove(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        let found = self.find_bitmap(node, name)?;
+        let b = self.bitmap(&found)?;
+        b.check()?;
+        let enabled = b.enabled;
+        if let Some(n) = self.graph.get_mut(&found.0) {
+            n.bitmaps.remove(found.1);
+        }
+        if enabled {
+            self.push_bitmaps(&found.0).await;
+        }
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-clear`.
+    pub(super) async fn bitmap_clear(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        let found = self.find_bitmap(node, name)?;
+        let b = self.bitmap(&found)?;
+        b.check()?;
+        b.bits.clear();
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-enable` and `-disable`.
+    pub(super) async fn bitmap_set_enabled(
+        &mut self,
+        node: &str,
+        name: &str,
+        enabled: bool,
+    ) -> Result<(), QmpError> {
+        let found = self.find_bitmap(node, name)?;
+        let b = self.bitmap(&found)?;
+        b.check()?;
+        if b.enabled == enabled {
+            return Ok(());
+        }
+        if enabled
+            && self
+                .graph
+                .get(&found.0)
+                .is_some_and(|n| recording(n) >= MAX_RECORDING_BITMAPS)
+        {
+            return Err(errors::too_many_recording_bitmaps(MAX_RECORDING_BITMAPS));
+        }
+        self.bitmap_mut(&found)?.enabled = enabled;
+        self.push_bitmaps(&found.0).await;
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-merge`: every source is checked before the target
+    /// changes, in QEMU's order (each source: found, then the same size; then the
+    /// target's own check).
+    pub(super) async fn bitmap_merge(
+        &mut self,
+        node: &str,
+        target: &str,
+        sources: &[BlockDirtyBitmapOrStr],
+    ) -> Result<(), QmpError> {
+        let dst = self.find_bitmap(node, target)?;
+        let mut found = Vec::with_capacity(sources.len());
+        let dst_size = self.bitmap(&dst)?.bits.size();
+        for s in sources {
+            let src = match s {
+                BlockDirtyBitmapOrStr::Local(name) => {
+                    let n = self.graph.get(&dst.0).ok_or_else(errors::node_vanished)?;
+                    let i = n
+                        .bitmaps
+                        .iter()
+                        .position(|b| &b.name == name)
+                        .ok_or_else(|| errors::bitmap_not_found(name))?;
+                    (dst.0.clone(), i)
+                }
+                BlockDirtyBitmapOrStr::External(e) => self.find_bitmap(&e.node, &e.name)?,
+            };
+            let size = self.bitmap(&src)?.bits.size();
+            if size != dst_size {
+                return Err(errors::from_error(
+                    bulkhead_bitmap::BitmapError::Incompatible {
+                        destination: dst_size,
+                        from: size,
+                    },
+                ));
+            }
+            found.push(src);
+        }
+        let d = self.bitmap(&dst)?;
+        d.check()?;
+        for src in &found {
+            d.bits
+                .merge_from(&self.bitmap(src)?.bits)
+                .map_err(errors::from_error)?;
+        }
+        Ok(())
+    }
+
+    /// `x-debug-block-dirty-bitmap-sha256`.
+    pub(super) fn bitmap_sha256(&self, node: &str, name: &str) -> Result<String, QmpError> {
+        let found = self.find_bitmap(node, name)?;
+        Ok(self.bitmap(&found)?.bits.sha256())
+    }
+
+    /// Gives the node's worker the enabled bitmaps of `node` (after any change of
+    /// the set). A worker that is not running gets them with `AddNode` when it
+    /// comes back; one that fails the call is logged: it is dying, and its
+    /// replacement gets them the same way.
+    pub(super) async fn push_bitmaps(&mut self, node: &str) {
+        let Some(n) = self.graph.get(node) else {
+            return;
+        };
+        let (specs, fds) = recording_regions(n);
+        let (id, home) = (n.id, n.home);
+        let Some(w) = self.running(home) else {
+            return;
+        };
+        let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        if let Err(e) = w
+            .call(
+                ToWorker::SetBitmaps {
+                    node: id,
+                    bitmaps: specs,
+                },
+                &fds,
+            )
+            .await
+        {
+            tracing::warn!(node, error = %e, "worker did not take the new bitmap set");
+        }
+    }
+
+    /// After sizes changed (a resize, a query that re-read them): every bitmap of a
+    /// node whose size differs from its bitmaps' moves to a region of the new size,
+    /// keeping the bits both cover.
+    pub(super) async fn resize_bitmaps(&mut self) {
+        let stale: Vec<String> = self
+            .graph
+            .iter()
+            .filter(|n| n.bitmaps.iter().any(|b| b.bits.size() != n.size))
+            .map(|n| n.name.clone())
+            .collect();
+        for name in stale {
+            let Some(n) = self.graph.get_mut(&name) else {
+                continue;
+            };
+            let size = n.size;
+            let mut resized = Vec::with_capacity(n.bitmaps.len());
+            for b in &n.bitmaps {
+                match b.resized(size) {
+                    Ok(r) => resized.push(r),
+                    Err(e) => {
+                        tracing::warn!(node = %name, bitmap = %b.name, error = %e.desc, "bitmap keeps its old size");
+                        break;
+                    }
+                }
+            }
+            if resized.len() != n.bitmaps.len() {
+                continue;
+            }
+            let old = std::mem::replace(&mut n.bitmaps, resized);
+            self.push_bitmaps(&name).await;
+            // Marks the worker made in the old regions before it switched.
+            if let Some(n) = self.graph.get(&name) {
+                for (new, old) in n.bitmaps.iter().zip(&old) {
+                    new.bits.copy_resized(&old.bits);
+                }
+            }
+        }
+    }
+}
+
+/// The specs and regions of the bitmaps `n`'s writes mark, for `AddNode` and
+/// `SetBitmaps`.
+pub(super) fn recording_regions(n: &Node) -> (Vec<BitmapSpec>, Vec<&OwnedFd>) {
+    n.bitmaps
+        .iter()
+        .filter(|b| b.enabled)
+        .map(|b| (b.spec(), b.fd()))
+        .unzip()
+}
+
+fn recording(n: &Node) -> usize {
+    n.bitmaps.iter().filter(|b| b.enabled).count()
+}
+
+/// The node's cluster size, where its format has one (the default granularity).
+fn cluster_size(n: &Node) -> Option<u64> {
+    n.format.as_ref().map(|f| f.cluster_size)
+}
+
+/// `dirty-bitmaps` of `query-named-block-nodes`: newest first, as QEMU lists a
+/// node's bitmaps; those the image had when it opened are the oldest.
+pub fn dirty_bitmaps(n: &Node) -> Vec<Value> {
+    n.bitmaps.iter().rev().map(Bitmap::info).collect()
+}

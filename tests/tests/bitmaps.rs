@@ -1,0 +1,297 @@
+//! Dirty bitmaps against qsd: the bitmap commands, their errors, what writes from an
+//! NBD client mark (counts and `x-debug-block-dirty-bitmap-sha256`, which hashes the
+//! bits themselves), merges across granularities and nodes, enable/disable, clear,
+//! resize, and `dirty-bitmaps` in `query-named-block-nodes`, in both placements.
+
+use std::io;
+use std::path::Path;
+
+use bulkhead_systests::qmp::parse_line;
+use bulkhead_systests::script::{StepOutput, run_tool};
+use bulkhead_systests::{Script, Step, differential, differential_with};
+use serde_json::Value;
+
+const NBD_Q: &str = "nbd+unix:///q?socket=$DIR/nbd.sock";
+const NBD_R: &str = "nbd+unix:///r?socket=$DIR/nbd.sock";
+
+fn make_images(dir: &Path) -> io::Result<()> {
+    for (fmt, name) in [("qcow2", "q.qcow2"), ("raw", "r.img")] {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", fmt])
+            .arg(dir.join(name))
+            .arg("64M")
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn qmp(id: &str, command: &str, args: &str) -> Step {
+    Step::line(&format!(
+        r#"{{"execute": "{command}", "arguments": {args}, "id": "{id}"}}"#
+    ))
+}
+
+fn bitmap(id: &str, command: &str, node: &str, name: &str) -> Step {
+    qmp(
+        id,
+        command,
+        &format!(r#"{{"node": "{node}", "name": "{name}"}}"#),
+    )
+}
+
+fn sha(id: &str, node: &str, name: &str) -> Step {
+    bitmap(id, "x-debug-block-dirty-bitmap-sha256", node, name)
+}
+
+/// `query-named-block-nodes`, compared on each node's name, size and `dirty-bitmaps`
+/// (the qcow2 file's size and the images' `actual-size` follow where each engine
+/// allocates clusters, which the qcow2 tests compare separately).
+fn query(id: &str) -> Step {
+    qmp(id, "query-named-block-nodes", r#"{"flat": true}"#).check(same_bitmaps)
+}
+
+fn bitmap_view(output: &StepOutput) -> Result<Vec<Value>, String> {
+    let lines = output.monitor(0);
+    let [line] = lines else {
+        return Err(format!("expected one reply line, got {}", lines.len()));
+    };
+    let reply = parse_line(line).map_err(|e| e.to_string())?;
+    let nodes = reply
+        .get("return")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("no list in {reply}"))?;
+    Ok(nodes
+        .iter()
+        .map(|n| {
+            let name = n.get("node-name").cloned().unwrap_or(Value::Null);
+            let size = match name.as_str() {
+                Some("f") => Value::Null,
+                _ => n
+                    .pointer("/image/virtual-size")
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            };
+            let bitmaps = n.get("dirty-bitmaps").cloned().unwrap_or(Value::Null);
+            serde_json::json!([name, size, bitmaps])
+        })
+        .collect())
+}
+
+fn same_bitmaps(reference: &StepOutput, tested: &StepOutput) -> Result<(), String> {
+    let qsd = bitmap_view(reference).map_err(|e| format!("qsd: {e}"))?;
+    let ours = bitmap_view(tested)?;
+    if qsd != ours {
+        return Err(format!("qsd: {qsd:?}\nbulkhead: {ours:?}"));
+    }
+    Ok(())
+}
+
+fn bitmap_script() -> Script {
+    let long = "x".repeat(1024);
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        qmp("a1", "block-dirty-bitmap-add", r#"{"node": "q", "name": "b0"}"#)
+            .note("default granularity: the cluster size"),
+        qmp("a2", "block-dirty-bitmap-add", r#"{"node": "q", "name": "b1", "granularity": 512, "disabled": true}"#)
+            .note("a fine, disabled one"),
+        qmp("a3", "block-dirty-bitmap-add", r#"{"node": "r", "name": "rb", "granularity": 4096}"#)
+            .note("on raw"),
+        qmp("a4", "block-dirty-bitmap-add", r#"{"node": "rf", "name": "fb"}"#)
+            .note("on the file under raw"),
+        qmp("a5", "block-dirty-bitmap-add", r#"{"node": "f", "name": "qf", "disabled": true}"#)
+            .note("on the qcow2 file, another size"),
+        qmp("e1", "block-dirty-bitmap-add", r#"{"node": "q", "name": "b0"}"#).note("exists"),
+        qmp("e2", "block-dirty-bitmap-add", r#"{"node": "q", "name": "g", "granularity": 1000}"#)
+            .note("granularity"),
+        qmp("e3", "block-dirty-bitmap-add", r#"{"node": "r", "name": "p", "persistent": true}"#)
+            .note("raw stores no bitmaps"),
+        qmp("e4", "block-dirty-bitmap-add", r#"{"node": "q", "name": ""}"#).note("empty name"),
+        qmp("e5", "block-dirty-bitmap-add", &format!(r#"{{"node": "q", "name": "{long}"}}"#))
+            .note("name too long"),
+        qmp("e6", "block-dirty-bitmap-add", r#"{"node": "nosuch", "name": "x"}"#)
+            .note("no such node (add's text)"),
+        bitmap("e7", "block-dirty-bitmap-remove", "nosuch", "b0").note("no such node"),
+        bitmap("e8", "block-dirty-bitmap-clear", "q", "nosuch").note("no such bitmap"),
+        sha("e9", "nosuch", "b0").note("hash: no such node"),
+        sha("e10", "q", "nosuch").note("hash: no such bitmap"),
+        qmp("e11", "block-dirty-bitmap-merge", r#"{"node": "q", "target": "b1", "bitmaps": [{"node": "f", "name": "qf"}]}"#)
+            .note("merge of different sizes"),
+        qmp("e12", "block-dirty-bitmap-merge", r#"{"node": "q", "target": "b1", "bitmaps": ["b0", "nosuch"]}"#)
+            .note("merge: a source is missing"),
+        qmp("e13", "block-dirty-bitmap-merge", r#"{"node": "nosuch", "target": "b1", "bitmaps": ["b0"]}"#)
+            .note("merge: no such node"),
+        query("q1").note("clean bitmaps, newest first"),
+        Step::hook(
+            "guest writes to q",
+            run_tool(
+                "qemu-io",
+                &[
+                    "-f", "raw",
+                    "-c", "write -P 1 0 64k",
+                    "-c", "write -P 2 1M 4k",
+                    "-c", "write -z 3M 1k",
+                    "-c", "discard 5M 64k",
+                    "-c", "write -P 3 63M 1k",
+                    NBD_Q,
+                ],
+                true,
+                "wrote 1024/1024",
+            ),
+        ),
+        Step::hook(
+            "guest writes to r",
+            run_tool(
+                "qemu-io",
+                &["-f", "raw", "-c", "write -P 4 100k 10k", "-c", "write -z 7M 3M", NBD_R],
+                true,
+                "wrote 3145728/3145728",
+            ),
+        ),
+        sha("h1", "q", "b0").note("b0 marked"),
+        sha("h2", "q", "b1").note("b1 disabled"),
+        sha("h3", "r", "rb").note("rb marked"),
+        sha("h4", "rf", "fb").note("the file under raw marked too"),
+        query("q2").note("counts"),
+        qmp("m1", "block-dirty-bitmap-merge", r#"{"node": "q", "target": "b1", "bitmaps": ["b0"]}"#)
+            .note("coarse into fine"),
+        sha("h5", "q", "b1").note("merged"),
+        qmp("m2", "block-dirty-bitmap-merge", r#"{"node": "r", "target": "rb", "bitmaps": [{"node": "q", "name": "b0"}, {"node": "rf", "name": "fb"}]}"#)
+            .note("from other nodes"),
+        sha("h6", "r", "rb").note("merged from two"),
+        bitmap("d1", "block-dirty-bitmap-disable", "q", "b0").note("disable"),
+        bitmap("d2", "block-dirty-bitmap-disable", "q", "b0").note("disable again"),
+        bitmap("d3", "block-dirty-bitmap-enable", "q", "b1").note("enable"),
+        Step::hook(
+            "more writes to q",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 5 20M 512", NBD_Q], true, "wrote 512/512"),
+        ),
+        sha("h7", "q", "b0").note("disabled: unchanged"),
+        sha("h8", "q", "b1").note("enabled: marked"),
+        bitmap("c1", "block-dirty-bitmap-clear", "q", "b0").note("clear"),
+        bitmap("r1", "block-dirty-bitmap-remove", "q", "b1").note("remove"),
+        query("q3").note("after clear and remove"),
+        qmp("x1", "block-export-del", r#"{"id": "eq"}"#)
+            .until_event("BLOCK_EXPORT_DELETED")
+            .note("unexport q"),
+        bitmap("d4", "block-dirty-bitmap-enable", "q", "b0").note("enable b0 again"),
+        qmp("s1", "block_resize", r#"{"node-name": "q", "size": 134217728}"#).note("grow"),
+        sha("h9", "q", "b0").note("grown bitmap"),
+        qmp("x2", "block-export-add", r#"{"type": "nbd", "id": "eq", "node-name": "q", "writable": true}"#)
+            .note("export again"),
+        Step::hook(
+            "a write past the old end",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 6 100M 4k", NBD_Q], true, "wrote 4096/4096"),
+        ),
+        sha("h10", "q", "b0").note("marked past the old end"),
+        qmp("x3", "block-export-del", r#"{"id": "eq"}"#)
+            .until_event("BLOCK_EXPORT_DELETED")
+            .note("unexport q again"),
+        qmp("s2", "block_resize", r#"{"node-name": "q", "size": 1048576}"#).note("shrink"),
+        query("q4").note("shrunk bitmaps"),
+        sha("h11", "q", "b0").note("shrunk bitmap"),
+        qmp("z1", "blockdev-del", r#"{"node-name": "q"}"#).note("a node goes with its bitmaps"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+    ];
+    Script {
+        name: "dirty-bitmaps".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=f,filename=$DIR/q.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=q,file=f",
+            "--blockdev",
+            "driver=file,node-name=rf,filename=$DIR/r.img",
+            "--blockdev",
+            "driver=raw,node-name=r,file=rf",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=eq,node-name=q,writable=on",
+            "--export",
+            "type=nbd,id=er,node-name=r,writable=on",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_images),
+        steps,
+    }
+}
+
+#[test]
+fn dirty_bitmaps_match_qsd() {
+    if let Err(report) = differential(&bitmap_script()) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn dirty_bitmaps_match_qsd_with_a_worker_per_image() {
+    if let Err(report) = differential_with(&bitmap_script(), &["--isolation", "image"]) {
+        panic!("{report}");
+    }
+}
+
+/// The worker hosting a node with an enabled bitmap is SIGKILLed while an NBD client
+/// writes: the bitmap holds every write the client saw complete (and nothing else),
+/// those before the kill marked in the region the supervisor kept, those resubmitted
+/// and after marked by the replacement, which got the region with `AddNode`.
+#[test]
+fn a_killed_worker_loses_no_mark_of_its_bitmaps() {
+    use bulkhead_systests::workers::{pid_hosting, start_images, wait_all_running};
+    use bulkhead_systests::writes::{nbd_writer, wait_ok, writes_for};
+    const SIZE: u64 = 64 << 20;
+    const BLOCK: u64 = 4096;
+    for isolation in ["kind", "image"] {
+        let daemon = start_images("bulkhead-bitmap-kill", isolation, &["a"], SIZE);
+        let sock = daemon.dir().join("nbd.sock");
+        let mut qmp = match daemon.qmp(0) {
+            Ok(q) => q,
+            Err(e) => panic!("{e}"),
+        };
+        let add = serde_json::json!({"node": "raw-a", "name": "b", "granularity": 4096});
+        if let Err(e) = qmp.execute("block-dirty-bitmap-add", Some(add)) {
+            panic!("{e}");
+        }
+        let expected = match bulkhead_bitmap::DirtyBitmap::new(SIZE, 4096) {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        };
+        for round in 0..3 {
+            let victim = pid_hosting(&mut qmp, "raw-a");
+            let writes = writes_for(round, 200, BLOCK, SIZE);
+            let client = nbd_writer(&sock, "raw-a", &writes, BLOCK);
+            std::thread::sleep(std::time::Duration::from_millis(30 + 20 * round));
+            if let Err(e) = bulkhead_systests::procs::send_signal(victim, libc::SIGKILL) {
+                panic!("cannot kill {victim}: {e}");
+            }
+            wait_ok(
+                client,
+                &format!("{isolation}: writes while the worker was killed"),
+            );
+            for (offset, _) in &writes {
+                expected.set(*offset, BLOCK);
+            }
+            wait_all_running(&mut qmp);
+            assert_ne!(pid_hosting(&mut qmp, "raw-a"), victim);
+            let args = serde_json::json!({"node": "raw-a", "name": "b"});
+            let hash = qmp.execute("x-debug-block-dirty-bitmap-sha256", Some(args));
+            let hash = match hash {
+                Ok(r) => r["return"]["sha256"].clone(),
+                Err(e) => panic!("{e}"),
+            };
+            assert_eq!(
+                hash,
+                Value::String(expected.sha256()),
+                "{isolation}, round {round}: the bitmap is not the writes' ({} bytes expected)",
+                expected.count()
+            );
+        }
+    }
+}
