@@ -542,6 +542,7 @@ impl NbdServer {
 
     /// Adds an export that negotiation can offer but that serves no I/O (a
     /// listener that hands its clients off): `size` and the config are all it has.
+    /// Its bitmaps' names are offered; their sources are never read.
     pub fn add_metadata_export(&self, config: ExportConfig, size: u64) -> Result<(), ExportError> {
         let read_only = !config.writable;
         self.add_export(config, Arc::new(MetadataOnly { size, read_only }))
