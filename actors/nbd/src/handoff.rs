@@ -34,6 +34,10 @@ pub struct HandOff {
     pub base_allocation: bool,
     /// `qemu:allocation-depth` was selected for this export.
     pub allocation_depth: bool,
+    /// The export's bitmaps selected (`qemu:dirty-bitmap:NAME`), as indexes into
+    /// its [`crate::ExportConfig::bitmaps`], ascending; at most
+    /// [`crate::server::MAX_EXPORT_BITMAPS`].
+    pub bitmaps: Vec<u32>,
     /// The final reply (GO's ACK or EXPORT_NAME's export data), not sent yet: the
     /// adopting server sends it once the client holds a `max-connections` slot.
     pub reply: Vec<u8>,
@@ -48,6 +52,7 @@ impl HandOff {
         self.export.len() <= crate::proto::MAX_STRING_SIZE
             && self.reply.len() <= MAX_REPLY
             && self.leftover.len() <= MAX_LEFTOVER
+            && self.bitmaps.len() <= crate::server::MAX_EXPORT_BITMAPS
     }
 }
 

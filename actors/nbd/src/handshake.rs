@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::proto::*;
-use crate::server::{Export, ExportClient, Shared};
+use crate::server::{Export, ExportClient, MAX_EXPORT_BITMAPS, Shared};
 
 /// Reply format negotiated for the transmission phase, in increasing order of
 /// capability (qsd's `NBDMode`).
@@ -35,7 +35,50 @@ pub(crate) struct Contexts {
     pub(crate) export: Option<Arc<Export>>,
     pub(crate) base_allocation: bool,
     pub(crate) allocation_depth: bool,
+    /// Indexes into the export's bitmaps (`qemu:dirty-bitmap:NAME`).
+    pub(crate) bitmaps: BitmapSet,
     pub(crate) count: u32,
+}
+
+/// A set of indexes of an export's bitmaps (below [`MAX_EXPORT_BITMAPS`]), of
+/// fixed size so that taking a request's copy of the selection allocates nothing.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(crate) struct BitmapSet([u64; MAX_EXPORT_BITMAPS / 64]);
+
+impl BitmapSet {
+    /// The first `n` indexes (`n` at most [`MAX_EXPORT_BITMAPS`], as
+    /// `add_export` ensures).
+    pub(crate) fn first(n: usize) -> BitmapSet {
+        let mut s = BitmapSet::default();
+        for i in 0..n.min(MAX_EXPORT_BITMAPS) {
+            s.insert(i);
+        }
+        s
+    }
+
+    /// Adds `i`; indexes past the limit cannot be an export's and are ignored.
+    pub(crate) fn insert(&mut self, i: usize) {
+        if let Some(w) = self.0.get_mut(i / 64) {
+            *w |= 1 << (i % 64);
+        }
+    }
+
+    pub(crate) fn contains(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    pub(crate) fn len(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+
+    /// The indexes, ascending.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..MAX_EXPORT_BITMAPS).filter(|&i| self.contains(i))
+    }
 }
 
 impl Contexts {
@@ -491,6 +534,7 @@ where
             if !set && queries == 0 {
                 sel.base_allocation = true;
                 sel.allocation_depth = export.allocation_depth;
+                sel.bitmaps = BitmapSet::first(export.bitmaps.len());
             }
             for _ in 0..queries {
                 let len = p.u32(opt)? as usize;
@@ -510,7 +554,10 @@ where
             return Err(OptFail::Fatal(HandshakeError::TrailingBytes(opt_name(opt))));
         }
         let mut count = 0;
-        for (on, name, id) in [
+        // qsd's order: base:allocation, qemu:allocation-depth, then the bitmaps
+        // in the export's order. LIST answers id 0 for every context.
+        let export = sel.export.clone();
+        let fixed = [
             (
                 sel.base_allocation,
                 "base:allocation",
@@ -521,15 +568,29 @@ where
                 "qemu:allocation-depth",
                 META_ID_ALLOCATION_DEPTH,
             ),
-        ] {
-            if on {
-                let id = if set { id } else { 0 };
-                let mut data = Vec::with_capacity(4 + name.len());
-                data.extend_from_slice(&id.to_be_bytes());
-                data.extend_from_slice(name.as_bytes());
-                self.reply(opt, REP_META_CONTEXT, &data).await?;
-                count += 1;
-            }
+        ];
+        let fixed = fixed
+            .into_iter()
+            .filter(|(on, _, _)| *on)
+            .map(|(_, name, id)| (std::borrow::Cow::Borrowed(name), id));
+        let bitmaps = export.iter().flat_map(|e| {
+            sel.bitmaps.iter().filter_map(|i| {
+                let b = e.bitmaps.get(i)?;
+                // Names are at most 1023 bytes (checked in add_export), so the
+                // ids (2 + index < 2 + 256) and the names fit.
+                Some((
+                    format!("{BITMAP_CONTEXT_PREFIX}{}", b.name).into(),
+                    META_ID_DIRTY_BITMAP + i as u32,
+                ))
+            })
+        });
+        for (name, id) in fixed.chain(bitmaps) {
+            let id = if set { id } else { 0 };
+            let mut data = Vec::with_capacity(4 + name.len());
+            data.extend_from_slice(&id.to_be_bytes());
+            data.extend_from_slice(name.as_bytes());
+            self.reply(opt, REP_META_CONTEXT, &data).await?;
+            count += 1;
         }
         self.reply(opt, REP_ACK, &[]).await?;
         if set {
@@ -542,17 +603,34 @@ where
 
 /// Applies one meta context query, as qsd's `nbd_meta_base_query` and
 /// `nbd_meta_qemu_query` do. Unknown queries are silently skipped; the
-/// namespace-only wildcards count for LIST only.
+/// wildcards (`base:`, `qemu:`, `qemu:dirty-bitmap:`) count for LIST only.
 fn query(sel: &mut Contexts, export: &Export, q: &[u8], set: bool) {
     if let Some(rest) = q.strip_prefix(b"base:") {
         if (rest.is_empty() && !set) || rest == b"allocation" {
             sel.base_allocation = true;
         }
-    } else if let Some(rest) = q.strip_prefix(b"qemu:")
-        && ((rest.is_empty() && !set) || rest == b"allocation-depth")
-    {
-        // `qemu:dirty-bitmap:*` matches nothing: this server exports no bitmaps.
-        sel.allocation_depth = export.allocation_depth;
+    } else if let Some(rest) = q.strip_prefix(b"qemu:") {
+        if rest.is_empty() {
+            if !set {
+                sel.allocation_depth = export.allocation_depth;
+                sel.bitmaps = BitmapSet::first(export.bitmaps.len());
+            }
+        } else if rest == b"allocation-depth" {
+            sel.allocation_depth = export.allocation_depth;
+        } else if let Some(name) = rest.strip_prefix(b"dirty-bitmap:") {
+            if name.is_empty() {
+                if !set {
+                    sel.bitmaps = BitmapSet::first(export.bitmaps.len());
+                }
+            } else if let Some(i) = export
+                .bitmaps
+                .iter()
+                .position(|b| b.name.as_bytes() == name)
+            {
+                // The first bitmap of that name, as qsd looks it up.
+                sel.bitmaps.insert(i);
+            }
+        }
     }
 }
 
@@ -599,6 +677,7 @@ mod tests {
                 description: None,
                 writable: true,
                 allocation_depth: depth,
+                bitmaps: Vec::new(),
             },
             MemBackend::new(4096),
         )
@@ -643,6 +722,78 @@ mod tests {
             query(&mut sel, &e, q, false);
         }
         assert!(!sel.base_allocation && !sel.allocation_depth);
+    }
+
+    fn export_with_bitmaps(names: &[&str]) -> Arc<Export> {
+        let s = NbdServer::new(ServerConfig::default());
+        let bitmaps = names
+            .iter()
+            .map(|n| crate::server::ExportBitmap {
+                name: (*n).to_owned(),
+                source: crate::testing::MemBitmap::new(4096, 512),
+            })
+            .collect();
+        s.add_export(
+            ExportConfig {
+                name: "e".to_owned(),
+                description: None,
+                writable: true,
+                allocation_depth: false,
+                bitmaps,
+            },
+            MemBackend::new(4096),
+        )
+        .unwrap();
+        s.shared_for_tests().find(b"e").unwrap()
+    }
+
+    fn picked(sel: &Contexts) -> Vec<usize> {
+        sel.bitmaps.iter().collect()
+    }
+
+    #[test]
+    fn bitmap_queries_select_by_name_and_wildcards_only_for_list() {
+        let e = export_with_bitmaps(&["a", "b", "a:x", "b"]);
+        for q in [&b"qemu:"[..], b"qemu:dirty-bitmap:"] {
+            let mut list = Contexts::default();
+            query(&mut list, &e, q, false);
+            assert_eq!(picked(&list), [0, 1, 2, 3]);
+            // Depth is not offered by this export, whatever the wildcard.
+            assert!(!list.allocation_depth);
+            let mut set = Contexts::default();
+            query(&mut set, &e, q, true);
+            assert!(set.bitmaps.is_empty());
+        }
+        let mut sel = Contexts::default();
+        for q in [
+            &b"qemu:dirty-bitmap:a:x"[..],
+            b"qemu:dirty-bitmap:b",
+            b"qemu:dirty-bitmap:nosuch",
+            b"qemu:dirty-bitmap:A",
+            b"qemu:dirty-bitmap",
+            b"qemu:dirty-bitmap:a ",
+        ] {
+            query(&mut sel, &e, q, true);
+        }
+        // A repeated name selects its first bitmap, as qsd's lookup does.
+        assert_eq!(picked(&sel), [1, 2]);
+    }
+
+    #[test]
+    fn bitmap_sets_hold_every_index_an_export_can_have() {
+        let mut s = BitmapSet::default();
+        for i in [0, 63, 64, 200, MAX_EXPORT_BITMAPS - 1] {
+            s.insert(i);
+        }
+        s.insert(MAX_EXPORT_BITMAPS);
+        assert_eq!(s.len(), 5);
+        assert!(!s.contains(MAX_EXPORT_BITMAPS) && !s.contains(1));
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            [0, 63, 64, 200, MAX_EXPORT_BITMAPS - 1]
+        );
+        assert_eq!(BitmapSet::first(3).iter().collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(BitmapSet::first(1000).len() as usize, MAX_EXPORT_BITMAPS);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! Runs inside the NBD export worker process, on its tokio runtime. It speaks
 //! fixed-newstyle NBD to untrusted clients (simple, structured and extended
-//! replies; `base:allocation` and `qemu:allocation-depth` meta contexts) and
-//! reaches each exported node only through [`bulkhead_block::BlockIo`]. The worker
+//! replies; `base:allocation`, `qemu:allocation-depth` and
+//! `qemu:dirty-bitmap:NAME` meta contexts) and reaches each exported node only
+//! through [`bulkhead_block::BlockIo`], and its dirty bitmaps only through
+//! [`DirtyRuns`]. The worker
 //! wraps an [`NbdServer`]: it adds and removes exports as the supervisor asks,
 //! and hands in listeners or accepted sockets.
 //!
@@ -18,7 +20,7 @@
 //! - [`proto`]: wire constants and header codecs.
 //!
 //! Not supported: TLS (STARTTLS is refused with qsd's "TLS not configured"),
-//! dirty-bitmap contexts, NBD_CMD_RESIZE.
+//! NBD_CMD_RESIZE.
 
 mod conn;
 pub mod handoff;
@@ -32,4 +34,7 @@ pub mod testing;
 pub use conn::CONN_BUFFER_BYTES;
 pub use handoff::{HandOff, HandOffHook, MetadataOnly, Mode};
 pub use server::EXPORT_BUFFER_BYTES;
-pub use server::{ExportConfig, ExportError, ExportRemoval, NbdServer, RemoveMode, ServerConfig};
+pub use server::{
+    DirtyRuns, ExportBitmap, ExportConfig, ExportError, ExportRemoval, NbdServer, RemoveMode,
+    ServerConfig,
+};

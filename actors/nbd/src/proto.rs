@@ -106,10 +106,16 @@ pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 /// base:allocation extent flags.
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
+/// `qemu:dirty-bitmap:` extent flag.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// Meta context ids as qsd assigns them.
 pub const META_ID_BASE_ALLOCATION: u32 = 0;
 pub const META_ID_ALLOCATION_DEPTH: u32 = 1;
+/// The export's bitmap `i` is `META_ID_DIRTY_BITMAP + i`.
+pub const META_ID_DIRTY_BITMAP: u32 = 2;
+/// A bitmap's context name is this prefix and the bitmap's name.
+pub const BITMAP_CONTEXT_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// NBD errno values (the protocol's own numbering, which matches Linux).
 pub const NBD_EPERM: u32 = 1;

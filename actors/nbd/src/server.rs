@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::handoff::{HandOff, HandOffHook, MetadataOnly};
-use crate::handshake::{Contexts, Session};
+use crate::handshake::{BitmapSet, Contexts, Session};
 use crate::proto::{
     MAX_STRING_SIZE, TF_CAN_MULTI_CONN, TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_CACHE,
     TF_SEND_FAST_ZERO, TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES,
@@ -64,7 +64,58 @@ impl Default for ServerConfig {
     }
 }
 
-/// One export's settings (qsd's `BlockExportOptionsNbd` minus bitmaps).
+/// Most dirty bitmaps one export offers. qsd has no limit of its own; ours keeps
+/// a request's selection a fixed-size set (no allocation per request) and bounds
+/// what a hand-off may carry. Far beyond what anyone exports.
+pub const MAX_EXPORT_BITMAPS: usize = 256;
+
+/// Longest bitmap name (QEMU's `BDRV_BITMAP_MAX_NAME_SIZE`): the context name,
+/// `qemu:dirty-bitmap:` and this, stays well within an NBD string.
+pub const MAX_BITMAP_NAME: usize = 1023;
+
+/// A dirty bitmap an export offers as `qemu:dirty-bitmap:NAME`.
+pub trait DirtyRuns: Send + Sync {
+    /// `[offset, offset + len)` clipped to the bitmap's size, as runs `(length, dirty)`
+    /// that tile it, adjacent runs of the same kind merged.
+    ///
+    /// Called from the connection's task for every BLOCK_STATUS chunk of this
+    /// bitmap, on windows of at most [`BITMAP_WINDOW`] bytes (so one call's vector
+    /// stays small whatever the request's length); must not block for long.
+    fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)>;
+}
+
+/// Most bytes of a bitmap asked of [`DirtyRuns::runs`] at once: even at the
+/// finest granularity (512 bytes) that is at most 128 Ki runs (2 MiB).
+pub const BITMAP_WINDOW: u64 = 64 << 20;
+
+/// One bitmap of an export: its name (without the `qemu:dirty-bitmap:` prefix)
+/// and where its bits are read.
+#[derive(Clone)]
+pub struct ExportBitmap {
+    /// The bitmap's name, at most [`MAX_BITMAP_NAME`] bytes.
+    pub name: String,
+    /// The bits.
+    pub source: Arc<dyn DirtyRuns>,
+}
+
+impl std::fmt::Debug for ExportBitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportBitmap")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Same name and the same bits (the same source object).
+impl PartialEq for ExportBitmap {
+    fn eq(&self, other: &ExportBitmap) -> bool {
+        self.name == other.name && Arc::ptr_eq(&self.source, &other.source)
+    }
+}
+
+impl Eq for ExportBitmap {}
+
+/// One export's settings (qsd's `BlockExportOptionsNbd`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportConfig {
     /// The NBD export name clients ask for (at most 4096 bytes).
@@ -75,6 +126,10 @@ pub struct ExportConfig {
     pub writable: bool,
     /// Whether the `qemu:allocation-depth` meta context is offered.
     pub allocation_depth: bool,
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts, in the order
+    /// of the export's `bitmaps` option (the order of replies and context ids);
+    /// at most [`MAX_EXPORT_BITMAPS`].
+    pub bitmaps: Vec<ExportBitmap>,
 }
 
 /// How [`NbdServer::remove_export`] treats connected clients (qsd's
@@ -116,6 +171,12 @@ pub enum ExportError {
     /// export (oversized, or a context the export does not offer).
     #[error("invalid hand-off for export '{0}'")]
     BadHandOff(String),
+    /// More bitmaps than [`MAX_EXPORT_BITMAPS`] (a limit of ours, not qsd's).
+    #[error("export '{0}' has more than {MAX_EXPORT_BITMAPS} bitmaps")]
+    TooManyBitmaps(String),
+    /// A bitmap name over [`MAX_BITMAP_NAME`] bytes (qsd's text for such a name).
+    #[error("Bitmap name too long: {0}")]
+    BitmapNameTooLong(String),
 }
 
 /// An export as the connections see it: the NBD part (name, description, flags,
@@ -129,6 +190,8 @@ pub(crate) struct Export {
     /// Transmission flags before the per-client DF and BLOCK_STAT_PAYLOAD bits.
     pub(crate) flags: u16,
     pub(crate) allocation_depth: bool,
+    /// Offered as `qemu:dirty-bitmap:NAME`, context id 2 + index.
+    pub(crate) bitmaps: Vec<ExportBitmap>,
     pub(crate) backend: Arc<dyn BlockIo>,
     pub(crate) life: Lifecycle,
 }
@@ -440,6 +503,16 @@ impl NbdServer {
         if config.writable && backend.read_only() {
             return Err(ExportError::ReadOnlyNode);
         }
+        if config.bitmaps.len() > MAX_EXPORT_BITMAPS {
+            return Err(ExportError::TooManyBitmaps(config.name));
+        }
+        if let Some(b) = config
+            .bitmaps
+            .iter()
+            .find(|b| b.name.len() > MAX_BITMAP_NAME)
+        {
+            return Err(ExportError::BitmapNameTooLong(b.name.clone()));
+        }
         let mut flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_CACHE;
         if self.shared.config.max_connections != 1 {
             flags |= TF_CAN_MULTI_CONN;
@@ -455,6 +528,7 @@ impl NbdServer {
             description: config.description,
             flags,
             allocation_depth: config.allocation_depth,
+            bitmaps: config.bitmaps,
             backend,
             life: Lifecycle::new(),
         });
@@ -468,6 +542,7 @@ impl NbdServer {
 
     /// Adds an export that negotiation can offer but that serves no I/O (a
     /// listener that hands its clients off): `size` and the config are all it has.
+    /// Its bitmaps' names are offered; their sources are never read.
     pub fn add_metadata_export(&self, config: ExportConfig, size: u64) -> Result<(), ExportError> {
         let read_only = !config.writable;
         self.add_export(config, Arc::new(MetadataOnly { size, read_only }))
@@ -511,7 +586,19 @@ impl NbdServer {
             .attach(hand.export.as_bytes())
             .ok_or_else(|| ExportError::NotFound(hand.export.clone()))?;
         let structured = hand.mode >= crate::handoff::Mode::Structured;
-        let selected = hand.base_allocation || hand.allocation_depth;
+        // Bitmap indexes must name bitmaps of this export, each once, ascending
+        // (as `conn::run` writes them).
+        let mut bitmaps = BitmapSet::default();
+        let mut next = 0;
+        for &i in &hand.bitmaps {
+            let i = i as usize;
+            if i < next || i >= client.export.bitmaps.len() {
+                return Err(ExportError::BadHandOff(hand.export));
+            }
+            bitmaps.insert(i);
+            next = i + 1;
+        }
+        let selected = hand.base_allocation || hand.allocation_depth || !bitmaps.is_empty();
         if (selected && !structured) || (hand.allocation_depth && !client.export.allocation_depth) {
             return Err(ExportError::BadHandOff(hand.export));
         }
@@ -519,7 +606,10 @@ impl NbdServer {
             export: selected.then(|| client.export.clone()),
             base_allocation: hand.base_allocation,
             allocation_depth: hand.allocation_depth,
-            count: u32::from(hand.base_allocation) + u32::from(hand.allocation_depth),
+            count: u32::from(hand.base_allocation)
+                + u32::from(hand.allocation_depth)
+                + bitmaps.len(),
+            bitmaps,
         };
         let slot = self.slot().ok_or(ExportError::ShuttingDown)?;
         let session = Session {
@@ -837,6 +927,7 @@ mod tests {
             description: None,
             writable,
             allocation_depth: false,
+            bitmaps: Vec::new(),
         }
     }
 
@@ -886,6 +977,22 @@ mod tests {
             .add_export(cfg("ro", true), MemBackend::read_only(4096))
             .unwrap_err();
         assert_eq!(e.to_string(), "Cannot export read-only node as writable");
+        let bitmap = |name: String| ExportBitmap {
+            name,
+            source: crate::testing::MemBitmap::new(4096, 512),
+        };
+        let mut c = cfg("b", true);
+        c.bitmaps = vec![bitmap("ok".into()), bitmap("x".repeat(1024))];
+        let e = s.add_export(c, MemBackend::new(4096)).unwrap_err();
+        assert_eq!(e, ExportError::BitmapNameTooLong("x".repeat(1024)));
+        let mut c = cfg("b", true);
+        c.bitmaps = (0..=MAX_EXPORT_BITMAPS)
+            .map(|i| bitmap(format!("b{i}")))
+            .collect();
+        let e = s.add_export(c.clone(), MemBackend::new(4096)).unwrap_err();
+        assert_eq!(e, ExportError::TooManyBitmaps("b".into()));
+        c.bitmaps.pop();
+        s.add_export(c, MemBackend::new(4096)).unwrap();
     }
 
     #[tokio::test]

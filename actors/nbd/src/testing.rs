@@ -1,10 +1,13 @@
 //! In-memory `BlockIo` for unit tests and the fuzzer: a byte vector plus a
-//! per-sector allocation map, so block status has real holes. Test-only (never in
-//! the daemon: feature `testing`); handles no untrusted bytes.
+//! per-sector allocation map, so block status has real holes; and an in-memory
+//! dirty bitmap ([`MemBitmap`]). Test-only (never in the daemon: feature
+//! `testing`); handles no untrusted bytes.
 
 use std::sync::{Arc, Mutex};
 
 use bulkhead_block::{BlockIo, Extent, IoError, IoFuture, WriteFlags, ZeroFlags};
+
+use crate::server::DirtyRuns;
 
 const SECTOR: u64 = 512;
 
@@ -133,5 +136,56 @@ impl BlockIo for MemBackend {
             }
             Ok(out)
         })
+    }
+}
+
+/// An in-memory dirty bitmap of fixed size: a bit per `granularity` bytes.
+pub struct MemBitmap {
+    size: u64,
+    granularity: u64,
+    bits: Mutex<Vec<bool>>,
+}
+
+impl MemBitmap {
+    /// A clean bitmap covering `size` bytes, a bit per `granularity` bytes (> 0).
+    pub fn new(size: u64, granularity: u64) -> Arc<MemBitmap> {
+        let granularity = granularity.max(1);
+        Arc::new(MemBitmap {
+            size,
+            granularity,
+            bits: Mutex::new(vec![false; size.div_ceil(granularity) as usize]),
+        })
+    }
+
+    /// Marks `[offset, offset + len)` dirty (whole granules, clipped to the size).
+    pub fn dirty(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return;
+        }
+        let mut bits = self.bits.lock().unwrap();
+        for g in offset / self.granularity..end.div_ceil(self.granularity) {
+            bits[g as usize] = true;
+        }
+    }
+}
+
+impl DirtyRuns for MemBitmap {
+    fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.size);
+        let bits = self.bits.lock().unwrap();
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let g = pos / self.granularity;
+            let next = ((g + 1) * self.granularity).min(end);
+            let dirty = bits[g as usize];
+            match out.last_mut() {
+                Some(r) if r.1 == dirty => r.0 += next - pos,
+                _ => out.push((next - pos, dirty)),
+            }
+            pos = next;
+        }
+        out
     }
 }

@@ -28,6 +28,7 @@ fn pair(depth: bool) -> Pair {
         description: Some("the export".into()),
         writable: true,
         allocation_depth: depth,
+        bitmaps: Vec::new(),
     };
     listener
         .server
@@ -155,6 +156,7 @@ fn a_hand_off_the_adopter_cannot_honour_closes_the_client() {
         mode: Mode::Simple,
         base_allocation: false,
         allocation_depth: false,
+        bitmaps: Vec::new(),
         reply: Vec::new(),
         leftover: Vec::new(),
     };
@@ -166,4 +168,91 @@ fn a_hand_off_the_adopter_cannot_honour_closes_the_client() {
         p.exporter.adopt_unix(a, hand),
         Err(ExportError::NotFound("other".into()))
     );
+}
+
+#[test]
+fn selected_bitmaps_travel_as_indexes_and_unknown_ones_are_refused() {
+    const K: u64 = 1024;
+    let listener = Server::start(ServerConfig::default());
+    let img = listener.dir.path("img");
+    make_image(&img, 1 << 20, &[]);
+    let bitmaps = || {
+        vec![
+            Runs::bitmap("b0", 1 << 20, &[(0, 4 * K)]),
+            Runs::bitmap("b1", 1 << 20, &[(64 * K, 128 * K)]),
+        ]
+    };
+    let config = ExportConfig {
+        name: "exp".into(),
+        description: None,
+        writable: true,
+        allocation_depth: false,
+        bitmaps: bitmaps(),
+    };
+    listener
+        .server
+        .add_metadata_export(config.clone(), 1 << 20)
+        .unwrap();
+    let exporter = NbdServer::new(ServerConfig::default());
+    exporter
+        .add_export(config, FileBackend::open(&img, false))
+        .unwrap();
+    let handed = Arc::new(Mutex::new(Vec::new()));
+    let (to, log) = (exporter.clone(), handed.clone());
+    let hook: HandOffHook = Arc::new(move |hand: HandOff, fd: OwnedFd| {
+        log.lock().unwrap().push(hand.clone());
+        let to = to.clone();
+        Box::pin(async move {
+            let std = std::os::unix::net::UnixStream::from(fd);
+            let stream = tokio::net::UnixStream::from_std(std).unwrap();
+            let _ = to.adopt_unix(stream, hand);
+        })
+    });
+    listener.server.set_hand_off(hook);
+    let mut r = Raw::go(
+        &listener.sock,
+        "exp",
+        true,
+        false,
+        &["qemu:dirty-bitmap:b1"],
+    );
+    r.request(0, 7, 1, 0, 1 << 20);
+    let (flags, kind, _, d) = r.chunk().unwrap();
+    assert_eq!((flags, kind), (1, 5));
+    // Context id 3 (b1): clean 64 KiB, dirty 64 KiB, clean 896 KiB.
+    let mut want = 3u32.to_be_bytes().to_vec();
+    for (len, f) in [(64 * 1024u32, 0u32), (64 * 1024, 1), (896 * 1024, 0)] {
+        want.extend_from_slice(&len.to_be_bytes());
+        want.extend_from_slice(&f.to_be_bytes());
+    }
+    assert_eq!(d, want);
+    assert_eq!(handed.lock().unwrap()[0].bitmaps, [1]);
+    // Hand-offs negotiation cannot produce are refused.
+    let _g = listener.rt.enter();
+    let hand = |mode, bitmaps: Vec<u32>| HandOff {
+        export: "exp".into(),
+        mode,
+        base_allocation: false,
+        allocation_depth: false,
+        bitmaps,
+        reply: Vec::new(),
+        leftover: Vec::new(),
+    };
+    for (h, err) in [
+        (hand(Mode::Structured, vec![2]), "exp"),
+        (hand(Mode::Structured, vec![1, 0]), "exp"),
+        (hand(Mode::Structured, vec![0, 0]), "exp"),
+        (hand(Mode::Simple, vec![0]), "exp"),
+        (hand(Mode::Structured, vec![0; 257]), ""),
+    ] {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let a = tokio::net::UnixStream::from_std(a).unwrap();
+        let what = format!("{:?}", h.bitmaps.len());
+        assert_eq!(
+            exporter.adopt_unix(a, h),
+            Err(ExportError::BadHandOff(err.into())),
+            "{what}"
+        );
+    }
 }

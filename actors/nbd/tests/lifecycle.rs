@@ -248,6 +248,7 @@ fn hard_removal_aborts_requests_stuck_in_the_backend() {
                 description: None,
                 writable: true,
                 allocation_depth: false,
+                bitmaps: Vec::new(),
             },
             Arc::new(Stuck),
         )
@@ -550,6 +551,7 @@ fn gate_server() -> (Server, Arc<Gate>) {
                 description: None,
                 writable: false,
                 allocation_depth: false,
+                bitmaps: Vec::new(),
             },
             gate.clone(),
         )
@@ -689,6 +691,7 @@ fn a_connection_holds_at_most_its_buffer_budget_in_flight() {
                 description: None,
                 writable: false,
                 allocation_depth: false,
+                bitmaps: Vec::new(),
             },
             backend.clone(),
         )

@@ -481,3 +481,128 @@ fn extended_block_status_payloads_and_oversize_writes_match_qsd() {
         &scripts,
     );
 }
+
+/// qsd exports a qcow2 image whose persistent bitmaps qemu-io writes made dirty:
+/// b0 (64 KiB granules) at [64k, 128k) and [512k, 576k), b1 (4 KiB) at
+/// [512k, 516k). Ours exports the same bitmaps from memory. The scripts ask for
+/// bitmap contexts only (qcow2 allocation differs from a raw file's).
+fn compare_bitmaps(scripts: &[Vec<Step>]) {
+    const K: u64 = 1024;
+    let ours = Server::start(ServerConfig::default());
+    let img = ours.dir.path("img");
+    make_image(&img, 1 << 20, &[]);
+    ours.export_bitmaps(
+        "exp",
+        &img,
+        true,
+        vec![
+            Runs::bitmap("b0", 1 << 20, &[(64 * K, 128 * K), (512 * K, 576 * K)]),
+            Runs::bitmap("b1", 1 << 20, &[(512 * K, 516 * K)]),
+        ],
+    );
+    let q = ours.dir.path("img.qcow2");
+    let qs = q.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", qs, "1M"]);
+    run("qemu-img", &["bitmap", "--add", qs, "b0"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 64k 64k", qs],
+    );
+    run("qemu-img", &["bitmap", "--add", "-g", "4096", qs, "b1"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 512k 4k", qs],
+    );
+    let qsd = Qsd::start_nodes(
+        &ours.dir,
+        &[
+            format!("driver=file,node-name=f,filename={qs}"),
+            "driver=qcow2,node-name=q,file=f".to_owned(),
+        ],
+        "q",
+        "name=exp,writable=on,allocation-depth=on,bitmaps.0=b0,bitmaps.1=b1",
+        "",
+    );
+    for (i, script) in scripts.iter().enumerate() {
+        let a = play(&ours.sock, script);
+        let b = play(&qsd.sock, script);
+        assert_eq!(a, b, "script {i} differs from qsd");
+    }
+}
+
+#[test]
+fn dirty_bitmap_contexts_match_qsd() {
+    const K: u64 = 1024;
+    const M: u64 = 1 << 20;
+    let b0 = "qemu:dirty-bitmap:b0";
+    let b1 = "qemu:dirty-bitmap:b1";
+    let mut scripts = vec![opts(&[
+        (9, meta("exp", &[])),
+        (9, meta("exp", &["qemu:"])),
+        (9, meta("exp", &["qemu:dirty-bitmap:"])),
+        (
+            9,
+            meta(
+                "exp",
+                &[
+                    b1,
+                    "qemu:dirty-bitmap:nosuch",
+                    "base:allocation",
+                    b0,
+                    "qemu:dirty-bitmap:b",
+                ],
+            ),
+        ),
+        (10, meta("exp", &[b0])),
+        (8, vec![]),
+        (10, meta("exp", &[b1, b0, b1])),
+        (10, meta("exp", &["qemu:", "qemu:dirty-bitmap:"])),
+        (10, meta("exp", &[b1, "qemu:allocation-depth"])),
+        (11, vec![]),
+        (6, info("exp", &[])),
+        (7, info("exp", &[])),
+    ])];
+    let requests = || {
+        vec![
+            Step::Req(0, 7, 0, M, vec![]),
+            Step::Req(0, 7, 60 * K, 100 * K, vec![]),
+            Step::Req(8, 7, 0, M, vec![]),
+            Step::Req(8, 7, 64 * K, 100 * K, vec![]),
+            Step::Req(0, 7, 100 * K, 1, vec![]),
+            Step::Req(0, 7, 0, 0, vec![]),
+            Step::Req(0, 7, M - 512, 1024, vec![]),
+        ]
+    };
+    for (s, e, ctx) in [
+        (true, false, &[b0, b1][..]),
+        (true, false, &[b1][..]),
+        (true, true, &[b1, b0][..]),
+    ] {
+        let mut script = go_steps(s, e, ctx);
+        script.extend(requests());
+        scripts.push(script);
+    }
+    // Extended payloads naming bitmap ids (2 = b0, 3 = b1).
+    let bs_payload = |effect: u64, ids: &[u32]| {
+        let mut p = effect.to_be_bytes().to_vec();
+        for id in ids {
+            p.extend_from_slice(&id.to_be_bytes());
+        }
+        p
+    };
+    let mut s = go_steps(true, true, &[b0, b1]);
+    for (effect, ids, flags) in [
+        (M, vec![3u32], 0x20u16),
+        (520 * K, vec![3, 2], 0x20),
+        (M, vec![2], 0x28),
+        (M, vec![4], 0x20),
+        (M, vec![2, 2], 0x20),
+        (M, vec![0], 0x20),
+        (2 * M, vec![2], 0x20),
+    ] {
+        let p = bs_payload(effect, &ids);
+        s.push(Step::Req(flags, 7, 0, p.len() as u64, p));
+    }
+    scripts.push(s);
+    compare_bitmaps(&scripts);
+}

@@ -108,6 +108,7 @@ impl NbdWorker {
             description: nbd.description,
             writable: export.writable,
             allocation_depth: nbd.allocation_depth,
+            bitmaps: Vec::new(),
         };
         match nbd.metadata_size {
             Some(size) => server.add_metadata_export(config, size),
@@ -371,6 +372,7 @@ fn from_wire(h: NbdHandOff) -> HandOff {
         },
         base_allocation: h.base_allocation,
         allocation_depth: h.allocation_depth,
+        bitmaps: Vec::new(),
         reply: h.reply,
         leftover: h.leftover,
     }

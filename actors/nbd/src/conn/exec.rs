@@ -3,6 +3,7 @@
 //! block status) and choosing its NBD reply, with qsd's error texts.
 
 use super::*;
+use crate::server::{BITMAP_WINDOW, DirtyRuns};
 
 /// A request counted in [`Conn::running`] (see [`Conn::start`]).
 pub(super) struct Running<W: AsyncWrite + Unpin + Send + 'static>(Arc<Conn<W>>);
@@ -111,7 +112,8 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
     }
 
     /// NBD_CMD_BLOCK_STATUS: one chunk per selected context, base:allocation
-    /// first, as qsd does.
+    /// first, then qemu:allocation-depth, then the bitmaps, as qsd does; the last
+    /// chunk is flagged DONE.
     pub(super) async fn block_status(&self, req: &Request) -> std::io::Result<()> {
         let sel = req.contexts;
         if sel.count == 0 {
@@ -163,7 +165,107 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                 };
             self.send_extents(req, id, &extents, remaining == 0).await?;
         }
+        // Then the bitmaps, in the export's order. The selection was made for this
+        // export (`Contexts::is_for`), so every index names one of its bitmaps.
+        let extended = self.mode >= Mode::Extended;
+        for i in sel.bitmaps.iter() {
+            let Some(bitmap) = self.export.bitmaps.get(i) else {
+                continue;
+            };
+            remaining -= 1;
+            let extents = bitmap_extents(&*bitmap.source, req.offset, req.len, cap, extended);
+            // i < MAX_EXPORT_BITMAPS (256): the id fits.
+            let id = META_ID_DIRTY_BITMAP + i as u32;
+            self.send_extents(req, id, &extents, remaining == 0).await?;
+        }
         Ok(())
+    }
+}
+
+/// One bitmap's extents over `[offset, offset + len)`, as qsd's
+/// `bitmap_to_extents` builds them: clean (0) and dirty ([`STATE_DIRTY`]) runs in
+/// order, at most `cap` extents (the range is cut after the last one that fits),
+/// and whatever lies past the bitmap's end reported clean. The bitmap is read in
+/// windows of [`BITMAP_WINDOW`] bytes, and no more once `cap` extents are full.
+pub(super) fn bitmap_extents(
+    source: &dyn DirtyRuns,
+    offset: u64,
+    len: u64,
+    cap: usize,
+    extended: bool,
+) -> Vec<(u64, u32)> {
+    let mut out = Extents {
+        list: Vec::new(),
+        cap,
+        extended,
+    };
+    // The request lies within the export, so this does not overflow.
+    let end = offset.saturating_add(len);
+    let mut pos = offset;
+    while pos < end {
+        let window = (end - pos).min(BITMAP_WINDOW);
+        let mut covered = 0;
+        for (n, dirty) in source.runs(pos, window) {
+            // Runs past the window would be a source breaking its contract.
+            let n = n.min(window - covered);
+            if !out.add(n, if dirty { STATE_DIRTY } else { 0 }) {
+                return out.list;
+            }
+            covered += n;
+        }
+        if covered < window {
+            // The bitmap ends here; qsd reports the rest of the range clean.
+            out.add(end - pos - covered, 0);
+            return out.list;
+        }
+        pos += window;
+    }
+    out.list
+}
+
+/// qsd's `NBDExtentArray`: extents of the same flags merge (in a compact reply
+/// only while the sum fits 32 bits), at most `cap` of them.
+struct Extents {
+    list: Vec<(u64, u32)>,
+    cap: usize,
+    extended: bool,
+}
+
+impl Extents {
+    /// Adds a run; `false` once an extent did not fit (the list is then final).
+    fn add(&mut self, mut n: u64, flags: u32) -> bool {
+        // qsd asks its bitmap for dirty areas of at most 2^31 - 1 bytes in a
+        // compact reply; the pieces merge again below while they fit 32 bits.
+        let piece_max = if self.extended {
+            u64::MAX
+        } else {
+            i32::MAX as u64
+        };
+        while n > 0 {
+            let piece = n.min(piece_max);
+            if !self.push(piece, flags) {
+                return false;
+            }
+            n -= piece;
+        }
+        true
+    }
+
+    fn push(&mut self, n: u64, flags: u32) -> bool {
+        if let Some(last) = self.list.last_mut()
+            && last.1 == flags
+        {
+            let sum = last.0.saturating_add(n);
+            if self.extended || sum <= u64::from(u32::MAX) {
+                last.0 = sum;
+                return true;
+            }
+        }
+        if self.list.len() >= self.cap {
+            return false;
+        }
+        self.list.push((n, flags));
+        true
     }
 }
 
@@ -176,5 +278,84 @@ pub(super) fn failure_text(f: Failure) -> std::borrow::Cow<'static, str> {
         Failed::Flush => "flush failed".into(),
         Failed::HoleCheck => format!("unable to check for holes: {}", strerror(f.errno)).into(),
         Failed::BlockStatus => "can't get block status".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemBitmap;
+
+    const G: u64 = 64 << 10;
+
+    #[test]
+    fn bitmap_extents_cover_the_range_and_stop_at_the_cap() {
+        let b = MemBitmap::new(16 * G, G);
+        b.dirty(G, G);
+        b.dirty(4 * G, 2 * G);
+        b.dirty(10 * G, G);
+        let all = bitmap_extents(&*b, 0, 16 * G, 100, false);
+        assert_eq!(
+            all,
+            [
+                (G, 0),
+                (G, STATE_DIRTY),
+                (2 * G, 0),
+                (2 * G, STATE_DIRTY),
+                (4 * G, 0),
+                (G, STATE_DIRTY),
+                (5 * G, 0)
+            ]
+        );
+        // The cap cuts the range after the last extent that fits.
+        assert_eq!(
+            bitmap_extents(&*b, 0, 16 * G, 3, true),
+            [(G, 0), (G, STATE_DIRTY), (2 * G, 0)]
+        );
+        assert_eq!(
+            bitmap_extents(&*b, G + 5, 100, 1, false),
+            [(100, STATE_DIRTY)]
+        );
+    }
+
+    #[test]
+    fn a_bitmap_shorter_than_the_range_reads_clean_past_its_end() {
+        let b = MemBitmap::new(3 * G, G);
+        b.dirty(2 * G, G);
+        assert_eq!(
+            bitmap_extents(&*b, G, 4 * G, 10, false),
+            [(G, 0), (G, STATE_DIRTY), (2 * G, 0)]
+        );
+    }
+
+    /// A bitmap of `.0` bytes, dirty everywhere.
+    struct AllDirty(u64);
+
+    impl DirtyRuns for AllDirty {
+        fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+            assert!(len <= BITMAP_WINDOW, "asked for more than a window");
+            let end = (offset + len).min(self.0);
+            if offset >= end {
+                return Vec::new();
+            }
+            vec![(end - offset, true)]
+        }
+    }
+
+    #[test]
+    fn long_runs_are_read_in_windows_and_merge_within_32_bits_when_compact() {
+        let b = AllDirty(1 << 40);
+        // Compact: a request is at most 4 GiB - 1, one extent.
+        let max = u64::from(u32::MAX);
+        assert_eq!(bitmap_extents(&b, 0, max, 10, false), [(max, STATE_DIRTY)]);
+        // Extended: one extent however long.
+        assert_eq!(
+            bitmap_extents(&b, 5, (1 << 33) + 7, 10, true),
+            [((1 << 33) + 7, STATE_DIRTY)]
+        );
+        // Past 32 bits a compact list splits where qsd's does.
+        let e = bitmap_extents(&b, 0, 1 << 33, 10, false);
+        assert_eq!(e.iter().map(|x| x.0).sum::<u64>(), 1 << 33);
+        assert!(e.iter().all(|x| x.0 <= max));
     }
 }

@@ -40,9 +40,9 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::task::JoinSet;
 
 use crate::handoff::HandOff;
-use crate::handshake::{self, Contexts, HandshakeError, Mode, Session};
+use crate::handshake::{self, BitmapSet, Contexts, HandshakeError, Mode, Session};
 use crate::proto::*;
-use crate::server::{ConnectionSlot, Export, Shared, signalled};
+use crate::server::{ConnectionSlot, Export, MAX_EXPORT_BITMAPS, Shared, signalled};
 
 /// Read buffer size: big enough to batch many small request headers per syscall.
 const READ_BUF: usize = 64 * 1024;
@@ -101,6 +101,8 @@ where
                 mode: session.mode,
                 base_allocation: session.contexts.base_allocation,
                 allocation_depth: session.contexts.allocation_depth,
+                // At most MAX_EXPORT_BITMAPS (256) indexes: they fit in u32.
+                bitmaps: session.contexts.bitmaps.iter().map(|i| i as u32).collect(),
                 reply: session.pending,
                 leftover: r.buffer().to_vec(),
             };
@@ -297,6 +299,7 @@ struct Request {
 struct Selected {
     base_allocation: bool,
     allocation_depth: bool,
+    bitmaps: BitmapSet,
     count: u32,
 }
 

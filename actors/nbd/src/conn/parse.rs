@@ -55,6 +55,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
         let mut selected = Selected {
             base_allocation: self.contexts.base_allocation,
             allocation_depth: self.contexts.allocation_depth,
+            bitmaps: self.contexts.bitmaps,
             count: self.contexts.count,
         };
         match h.kind {
@@ -197,8 +198,9 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
             skip(r, len).await?;
             return Ok(None);
         }
-        // At most 8 + 4 * 2 bytes.
-        let mut buf = [0u8; 16];
+        // At most 8 bytes and an id for each context: base:allocation,
+        // qemu:allocation-depth and every bitmap.
+        let mut buf = [0u8; 8 + 4 * (2 + MAX_EXPORT_BITMAPS)];
         let body = &mut buf[..len as usize];
         r.read_exact(body).await?;
         let mut effect = [0u8; 8];
@@ -216,7 +218,17 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Conn<W> {
                 {
                     sel.allocation_depth = true;
                 }
-                _ => return Ok(None),
+                id => {
+                    // Ids from 2 on are bitmaps: only a negotiated one, and only once.
+                    let Some(i) = id.checked_sub(META_ID_DIRTY_BITMAP) else {
+                        return Ok(None);
+                    };
+                    let i = i as usize;
+                    if !self.contexts.bitmaps.contains(i) || sel.bitmaps.contains(i) {
+                        return Ok(None);
+                    }
+                    sel.bitmaps.insert(i);
+                }
             }
             sel.count += 1;
         }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulkhead_block::{BlockIo, Extent, IoError, IoFuture, WriteFlags, ZeroFlags};
-use bulkhead_nbd::{ExportConfig, NbdServer, ServerConfig};
+use bulkhead_nbd::{DirtyRuns, ExportBitmap, ExportConfig, NbdServer, ServerConfig};
 
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -194,14 +194,79 @@ impl Server {
                     description: description.map(str::to_owned),
                     writable,
                     allocation_depth: depth,
+                    bitmaps: Vec::new(),
                 },
                 FileBackend::open(image, !writable),
             )
             .unwrap();
     }
 
+    /// Exports `image` writable with dirty bitmaps.
+    pub fn export_bitmaps(
+        &self,
+        name: &str,
+        image: &Path,
+        depth: bool,
+        bitmaps: Vec<ExportBitmap>,
+    ) {
+        self.server
+            .add_export(
+                ExportConfig {
+                    name: name.to_owned(),
+                    description: None,
+                    writable: true,
+                    allocation_depth: depth,
+                    bitmaps,
+                },
+                FileBackend::open(image, false),
+            )
+            .unwrap();
+    }
+
     pub fn uri(&self, name: &str) -> String {
         format!("nbd+unix:///{name}?socket={}", self.sock.display())
+    }
+}
+
+/// A dirty bitmap of `size` bytes with fixed dirty ranges `[start, end)` (sorted,
+/// disjoint).
+pub struct Runs {
+    pub size: u64,
+    pub dirty: Vec<(u64, u64)>,
+}
+
+impl Runs {
+    pub fn bitmap(name: &str, size: u64, dirty: &[(u64, u64)]) -> ExportBitmap {
+        ExportBitmap {
+            name: name.to_owned(),
+            source: Arc::new(Runs {
+                size,
+                dirty: dirty.to_vec(),
+            }),
+        }
+    }
+}
+
+impl DirtyRuns for Runs {
+    fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = (offset + len).min(self.size);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        for &(a, b) in &self.dirty {
+            let (a, b) = (a.max(pos), b.min(end));
+            if a >= b {
+                continue;
+            }
+            if a > pos {
+                out.push((a - pos, false));
+            }
+            out.push((b - a, true));
+            pos = b;
+        }
+        if pos < end {
+            out.push((end - pos, false));
+        }
+        out
     }
 }
 
@@ -214,6 +279,19 @@ pub struct Qsd {
 impl Qsd {
     /// `export_opts` is appended to `type=nbd,id=e,node-name=f,`.
     pub fn start(dir: &TempDir, image: &Path, export_opts: &str, server_opts: &str) -> Qsd {
+        let file = format!("driver=file,node-name=f,filename={}", image.display());
+        Qsd::start_nodes(dir, &[file], "f", export_opts, server_opts)
+    }
+
+    /// A qsd with these `--blockdev`s exporting `node`; `export_opts` is appended
+    /// to `type=nbd,id=e,node-name=NODE,`.
+    pub fn start_nodes(
+        dir: &TempDir,
+        blockdevs: &[String],
+        node: &str,
+        export_opts: &str,
+        server_opts: &str,
+    ) -> Qsd {
         let sock = dir.path("qsd.sock");
         let _ = std::fs::remove_file(&sock);
         let mut nbd = format!("addr.type=unix,addr.path={}", sock.display());
@@ -221,16 +299,15 @@ impl Qsd {
             nbd.push(',');
             nbd.push_str(server_opts);
         }
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=f,filename={}",
-                image.display()
-            ))
+        let mut cmd = Command::new("qemu-storage-daemon");
+        for b in blockdevs {
+            cmd.arg("--blockdev").arg(b);
+        }
+        let child = cmd
             .arg("--nbd-server")
             .arg(nbd)
             .arg("--export")
-            .arg(format!("type=nbd,id=e,node-name=f,{export_opts}"))
+            .arg(format!("type=nbd,id=e,node-name={node},{export_opts}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
