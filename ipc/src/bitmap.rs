@@ -10,7 +10,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
 
-use crate::shm::{ShmError, create_sealed, map_sealed, unmap};
+use crate::shm::{ShmError, create_sealed, map_sealed, map_sealed_read_only, unmap};
 
 const PAGE: usize = 4096;
 
@@ -44,6 +44,19 @@ impl BitmapWords {
     /// Maps a region made for `words` words, after checking its size and seals.
     pub fn map(fd: BorrowedFd<'_>, words: usize) -> Result<BitmapWords, ShmError> {
         let base = map_sealed(fd, region_bytes(words))?;
+        Ok(BitmapWords {
+            base: base.cast(),
+            words,
+        })
+    }
+}
+
+impl BitmapWords {
+    /// Maps a region read-only (an export offering the bitmap reads it; a descriptor
+    /// from [`crate::shm::read_only_copy`] allows nothing else). Only loads are valid
+    /// on the words: a store faults.
+    pub fn map_read_only(fd: BorrowedFd<'_>, words: usize) -> Result<BitmapWords, ShmError> {
+        let base = map_sealed_read_only(fd, region_bytes(words))?;
         Ok(BitmapWords {
             base: base.cast(),
             words,
@@ -89,6 +102,22 @@ mod tests {
         drop(worker);
         let again = BitmapWords::map(fd.as_fd(), words).unwrap();
         assert_eq!(again[599].load(Ordering::Relaxed), 1 << 63);
+    }
+
+    #[test]
+    fn a_read_only_copy_maps_for_reading_only() {
+        let words = 10;
+        let fd = create_region(words).unwrap();
+        let rw = BitmapWords::map(fd.as_fd(), words).unwrap();
+        let ro_fd = crate::shm::read_only_copy(fd.as_fd()).unwrap();
+        // No writable mapping of the copy.
+        assert!(matches!(
+            BitmapWords::map(ro_fd.as_fd(), words),
+            Err(ShmError::Os(rustix::io::Errno::ACCESS))
+        ));
+        let ro = BitmapWords::map_read_only(ro_fd.as_fd(), words).unwrap();
+        rw[3].fetch_or(5, Ordering::Relaxed);
+        assert_eq!(ro[3].load(Ordering::Relaxed), 5);
     }
 
     #[test]

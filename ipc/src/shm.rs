@@ -36,6 +36,28 @@ pub fn create_sealed(name: &CStr, len: usize) -> Result<OwnedFd, ShmError> {
 /// Maps a region read-write after checking it has exactly `len` bytes and cannot be
 /// resized any more. The caller unmaps it ([`unmap`]) when done.
 pub fn map_sealed(fd: BorrowedFd<'_>, len: usize) -> Result<NonNull<u8>, ShmError> {
+    map_checked(fd, len, true)
+}
+
+/// [`map_sealed`], read-only (for a descriptor opened read-only: a store faults).
+pub fn map_sealed_read_only(fd: BorrowedFd<'_>, len: usize) -> Result<NonNull<u8>, ShmError> {
+    map_checked(fd, len, false)
+}
+
+/// A read-only descriptor of the region `fd` (a new open file description, through
+/// `/proc/self/fd`): whoever gets it can map the region only for reading (a
+/// sandboxed worker opens no file, so it cannot reopen the region through `/proc`).
+pub fn read_only_copy(fd: BorrowedFd<'_>) -> Result<OwnedFd, ShmError> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(rustix::fs::open(
+        path.as_str(),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
+}
+
+fn map_checked(fd: BorrowedFd<'_>, len: usize, write: bool) -> Result<NonNull<u8>, ShmError> {
     use rustix::fs::SealFlags;
     let st = rustix::fs::fstat(fd)?;
     if u64::try_from(st.st_size).ok() != Some(len as u64) || len == 0 {
@@ -51,7 +73,11 @@ pub fn map_sealed(fd: BorrowedFd<'_>, len: usize) -> Result<NonNull<u8>, ShmErro
         rustix::mm::mmap(
             std::ptr::null_mut(),
             len,
-            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            if write {
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE
+            } else {
+                rustix::mm::ProtFlags::READ
+            },
             rustix::mm::MapFlags::SHARED,
             fd,
             0,

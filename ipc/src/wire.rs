@@ -272,6 +272,15 @@ pub enum ToWorker {
     /// NBD export worker: serve a client the listener negotiated (its socket is
     /// attached).
     NbdAdopt(NbdHandOff),
+    /// Export worker: dirty-bitmap regions (one read-only descriptor attached per
+    /// id, at most `MAX_FDS_PER_MESSAGE`) that the next exports added name in their
+    /// bitmaps ([`NbdBitmap::region`]); each export takes its own. Sent before the
+    /// `ExportAdd` or `NbdServerStart` that names them, so a start with many exports
+    /// needs no more descriptors than one message carries.
+    ShareBitmaps {
+        /// The regions' ids, chosen by the supervisor, never reused.
+        regions: Vec<u64>,
+    },
     /// Export worker: move the bytes of an export's node straight on its image
     /// descriptor (`Some`: the image descriptor is attached, then one statistics
     /// region per [`ExportMap::layers`] entry), or stop doing so (`None`: the reply
@@ -415,6 +424,8 @@ pub struct NbdHandOff {
     pub base_allocation: bool,
     /// `qemu:allocation-depth` selected.
     pub allocation_depth: bool,
+    /// The export's bitmaps selected, as ascending indexes into its list.
+    pub bitmaps: Vec<u32>,
     /// The final negotiation reply, still to be sent (at most 134 bytes).
     pub reply: Vec<u8>,
     /// Bytes the client sent after it that the listener read (at most 4 KiB).
@@ -480,7 +491,27 @@ pub struct NbdExport {
     /// For the listener of `--isolation image`: the node's size, and the export is
     /// metadata only (negotiation, no data channel; `node` is not opened).
     pub metadata_size: Option<u64>,
+    /// The dirty bitmaps offered as `qemu:dirty-bitmap:NAME`, in the option's order.
+    pub bitmaps: Vec<NbdBitmap>,
 }
+
+/// A dirty bitmap an NBD export offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdBitmap {
+    /// Its name.
+    pub name: String,
+    /// Bytes of its node it covers.
+    pub size: u64,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// The region shared earlier with [`ToWorker::ShareBitmaps`] (taken by this
+    /// export); `None` for a metadata-only export, which never reads the bits.
+    pub region: Option<u64>,
+}
+
+/// Most dirty-bitmap regions an export worker holds shared and not yet taken by an
+/// export.
+pub const MAX_SHARED_BITMAPS: usize = 1024;
 
 /// A message from a worker to the supervisor.
 #[derive(Debug, Clone, Serialize, Deserialize)]

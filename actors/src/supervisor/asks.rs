@@ -350,6 +350,7 @@ mod tests {
             mode: bulkhead_ipc::wire::NbdMode::Structured,
             base_allocation: false,
             allocation_depth: false,
+            bitmaps: Vec::new(),
             reply: vec![0; 20],
             leftover: vec![0; leftover],
         };

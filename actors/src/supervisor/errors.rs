@@ -322,6 +322,14 @@ pub fn export_bitmap_not_found(name: &str) -> QmpError {
     generic(format!("Bitmap '{name}' is not found"))
 }
 
+/// An NBD export offering, read-only, a bitmap that records the writes of a node
+/// that takes writes.
+pub fn enabled_bitmap_read_only_export(name: &str) -> QmpError {
+    generic(format!(
+        "Enabled bitmap '{name}' incompatible with readonly export"
+    ))
+}
+
 /// Removing an export that does not exist.
 pub fn export_not_found(id: &str) -> QmpError {
     generic(format!("Export '{id}' is not found"))

@@ -135,6 +135,8 @@ pub struct Core {
     ops: ops::SharedOpTable,
     /// What workers reported about their nodes' images.
     image_info: ops::ImageInfoCache,
+    /// The last id given to a dirty-bitmap region shared with an export worker.
+    next_region: u64,
 }
 
 impl std::fmt::Debug for Core {
@@ -172,6 +174,7 @@ impl Core {
             asks: Rc::default(),
             ops: Rc::default(),
             image_info: ops::ImageInfoCache::default(),
+            next_region: 0,
         }
     }
 

@@ -522,7 +522,8 @@ impl DriverWorker {
             | ToWorker::ExportRemove { .. }
             | ToWorker::ExportMap { .. }
             | ToWorker::ExportRetarget { .. }
-            | ToWorker::NbdAdopt(_) => Err(err(
+            | ToWorker::NbdAdopt(_)
+            | ToWorker::ShareBitmaps { .. } => Err(err(
                 WorkerErrorKind::Invalid,
                 libc::EINVAL,
                 "not an export worker",

@@ -33,12 +33,16 @@ use bulkhead_block::slot::Slot;
 use bulkhead_export::{FormatMap, MappedLayer, MappedNode, Mapping};
 use bulkhead_ipc::stats::StatsRegion;
 
+use bulkhead_bitmap::DirtyBitmap;
+use bulkhead_ipc::bitmap::BitmapWords;
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::wire::{
-    ExportKey, ExportMap, ExportSpec, FrontSpec, NbdHandOff, NbdMode, Reply, ToWorker, WorkerAsk,
-    WorkerError, WorkerErrorKind,
+    ExportKey, ExportMap, ExportSpec, FrontSpec, MAX_SHARED_BITMAPS, NbdBitmap, NbdHandOff,
+    NbdMode, Reply, ToWorker, WorkerAsk, WorkerError, WorkerErrorKind,
 };
-use bulkhead_nbd::server::{ExportConfig, ExportError, NbdServer, RemoveMode, ServerConfig};
+use bulkhead_nbd::server::{
+    DirtyRuns, ExportBitmap, ExportConfig, ExportError, NbdServer, RemoveMode, ServerConfig,
+};
 use bulkhead_nbd::{HandOff, HandOffHook, Mode};
 use tokio::sync::Semaphore;
 
@@ -54,6 +58,25 @@ const RETARGET_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 struct Backend {
     node: Arc<MappedNode>,
     remote: Arc<Slot>,
+}
+
+/// A dirty bitmap an export offers, read from the region the supervisor owns.
+struct SharedBitmap(DirtyBitmap<BitmapWords>);
+
+impl DirtyRuns for SharedBitmap {
+    fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        self.0.runs(offset, len)
+    }
+}
+
+/// The listener's stand-in for a metadata-only export's bitmap: it only negotiates,
+/// so the bits are never asked for.
+struct NoRuns;
+
+impl DirtyRuns for NoRuns {
+    fn runs(&self, _offset: u64, len: u64) -> Vec<(u64, bool)> {
+        vec![(len, false)]
+    }
 }
 
 /// Hand-offs the listener has asked about and not had answered yet; further
@@ -82,6 +105,8 @@ pub(crate) struct NbdWorker {
     peers: super::Peers,
     control: Arc<ControlChannel>,
     link: Arc<Link>,
+    /// Dirty-bitmap regions shared for exports still to be added, by id.
+    shared: HashMap<u64, OwnedFd>,
 }
 
 impl NbdWorker {
@@ -93,6 +118,7 @@ impl NbdWorker {
             peers: super::Peers::default(),
             control,
             link,
+            shared: HashMap::new(),
         }
     }
 
@@ -103,12 +129,17 @@ impl NbdWorker {
     ) -> Result<(), WorkerError> {
         let FrontSpec::Nbd(nbd) = export.front;
         self.names.check_free(export.key)?;
+        let bitmaps = nbd
+            .bitmaps
+            .into_iter()
+            .map(|b| self.export_bitmap(b))
+            .collect::<Result<Vec<_>, _>>()?;
         let config = ExportConfig {
             name: nbd.name.clone(),
             description: nbd.description,
             writable: export.writable,
             allocation_depth: nbd.allocation_depth,
-            bitmaps: Vec::new(),
+            bitmaps,
         };
         match nbd.metadata_size {
             Some(size) => server.add_metadata_export(config, size),
@@ -130,6 +161,33 @@ impl NbdWorker {
         })?;
         self.names.insert(export.key, nbd.name);
         Ok(())
+    }
+
+    /// The bits behind an export's `qemu:dirty-bitmap:NAME`: the region shared
+    /// for it, mapped read-only (a metadata-only export has none and never reads).
+    fn export_bitmap(&mut self, b: NbdBitmap) -> Result<ExportBitmap, WorkerError> {
+        let invalid = |detail: String| err(WorkerErrorKind::Invalid, libc::EINVAL, detail);
+        let source: Arc<dyn DirtyRuns> = match b.region {
+            None => Arc::new(NoRuns),
+            Some(id) => {
+                let fd = self
+                    .shared
+                    .remove(&id)
+                    .ok_or_else(|| invalid(format!("bitmap region {id} was not shared")))?;
+                bulkhead_bitmap::check_granularity(b.granularity)
+                    .map_err(|e| invalid(e.to_string()))?;
+                let words = bulkhead_bitmap::words_for(b.size, b.granularity);
+                let mapped = BitmapWords::map_read_only(fd.as_fd(), words)
+                    .map_err(|e| invalid(e.to_string()))?;
+                let bits = DirtyBitmap::on(mapped, b.size, b.granularity)
+                    .map_err(|e| invalid(e.to_string()))?;
+                Arc::new(SharedBitmap(bits))
+            }
+        };
+        Ok(ExportBitmap {
+            name: b.name,
+            source,
+        })
     }
 
     /// Grants or revokes export `key`'s mapping.
@@ -288,6 +346,19 @@ impl NbdWorker {
                 adopt(server, socket, from_wire(hand))?;
                 Ok(Reply::Done)
             }
+            ToWorker::ShareBitmaps { regions } => {
+                if regions.len() != fds.len()
+                    || self.shared.len() + regions.len() > MAX_SHARED_BITMAPS
+                {
+                    return Err(err(
+                        WorkerErrorKind::Invalid,
+                        libc::EINVAL,
+                        "bitmap regions and descriptors do not match, or too many",
+                    ));
+                }
+                self.shared.extend(regions.into_iter().zip(fds));
+                Ok(Reply::Done)
+            }
             ToWorker::ExportMap { export, map } => self.map_export(export, map, fds).await,
             ToWorker::ExportRetarget { export, node } => self.retarget(export, node).await,
             ToWorker::Ping => Ok(Reply::Done),
@@ -356,6 +427,7 @@ fn to_wire(h: HandOff) -> NbdHandOff {
         },
         base_allocation: h.base_allocation,
         allocation_depth: h.allocation_depth,
+        bitmaps: h.bitmaps,
         reply: h.reply,
         leftover: h.leftover,
     }
@@ -372,7 +444,7 @@ fn from_wire(h: NbdHandOff) -> HandOff {
         },
         base_allocation: h.base_allocation,
         allocation_depth: h.allocation_depth,
-        bitmaps: Vec::new(),
+        bitmaps: h.bitmaps,
         reply: h.reply,
         leftover: h.leftover,
     }

@@ -58,7 +58,7 @@ impl Core {
             return Err(errors::export_read_only_writable());
         }
         let node_active = node.active;
-        let front = Front::Nbd(self.nbd_options(nbd, &node_name)?);
+        let front = Front::Nbd(self.nbd_options(nbd, &node_name, writable)?);
         let allow_inactive = common.allow_inactive.unwrap_or(false);
         // Like qsd, an export that does not allow an inactive node activates it.
         if !allow_inactive && !node_active {
@@ -67,6 +67,9 @@ impl Core {
         // The image locks come first: a conflict with another process (qemu-io, qsd)
         // refuses the export before any worker is involved.
         let key = self.exports.new_key();
+        let Front::Nbd(o) = &front;
+        let bitmaps = o.bitmaps.clone();
+        self.hold_bitmaps(&bitmaps, true);
         self.exports.insert(Export {
             id: id.clone(),
             key,
@@ -80,12 +83,14 @@ impl Core {
         });
         if let Err(e) = self.refresh_locks() {
             self.exports.remove(&id);
+            self.hold_bitmaps(&bitmaps, false);
             let _ = self.refresh_locks();
             return Err(e);
         }
         if let Err(e) = self.attach_export(&id).await {
             self.retire_export_worker(&id);
             self.exports.remove(&id);
+            self.hold_bitmaps(&bitmaps, false);
             let _ = self.refresh_locks();
             return Err(e);
         }
@@ -179,6 +184,8 @@ impl Core {
         let Some(export) = self.exports.remove(id) else {
             return;
         };
+        let Front::Nbd(o) = &export.front;
+        self.hold_bitmaps(&o.bitmaps, false);
         let _ = self.refresh_locks();
         if !self.exports.iter().any(|e| e.node == export.node)
             && let Some(n) = self.graph.get_mut(&export.node)

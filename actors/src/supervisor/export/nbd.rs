@@ -11,7 +11,8 @@
 use std::os::fd::{AsFd, OwnedFd};
 
 use bulkhead_ipc::wire::{
-    ExportSpec, FrontSpec, NbdExport, NodeRef, Reply, ToWorker, WorkerErrorKind, WorkerId,
+    ExportSpec, FrontSpec, NbdBitmap, NbdExport, NodeRef, Reply, ToWorker, WorkerErrorKind,
+    WorkerId,
 };
 use bulkhead_qmp::qapi::types::{
     BlockDirtyBitmapOrStr, BlockExportCommon, BlockExportKind, BlockExportOptions,
@@ -37,8 +38,7 @@ pub struct NbdServer {
     pub handshake_max_seconds: u32,
 }
 
-/// The NBD options of an export (qsd's `BlockExportOptionsNbd`; `bitmaps` are
-/// refused while no node has dirty bitmaps).
+/// The NBD options of an export (qsd's `BlockExportOptionsNbd`).
 #[derive(Debug, Clone)]
 pub struct NbdOptions {
     /// NBD export name.
@@ -47,6 +47,18 @@ pub struct NbdOptions {
     pub description: Option<String>,
     /// Offer `qemu:allocation-depth`.
     pub allocation_depth: bool,
+    /// The dirty bitmaps offered, in the option's order, each held busy while the
+    /// export exists.
+    pub bitmaps: Vec<BitmapRef>,
+}
+
+/// A dirty bitmap by its node and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapRef {
+    /// The node holding it.
+    pub node: String,
+    /// Its name.
+    pub name: String,
 }
 
 /// Binds the listening socket `addr`.
@@ -222,6 +234,7 @@ impl Core {
         &self,
         nbd: &BlockExportOptionsNbd,
         node_name: &str,
+        writable: bool,
     ) -> Result<NbdOptions, QmpError> {
         if self.nbd.is_none() {
             return Err(errors::nbd_server_not_running());
@@ -239,19 +252,149 @@ impl Core {
         if self.nbd_export_named(&name).is_some() {
             return Err(errors::export_name_in_use(&name));
         }
-        if let Some(first) = nbd.bitmaps.as_ref().and_then(|b| b.first()) {
-            // No node has dirty bitmaps yet, so any named bitmap is missing.
-            let bm = match first {
-                BlockDirtyBitmapOrStr::Local(name) => name.as_str(),
-                BlockDirtyBitmapOrStr::External(_) => "",
-            };
-            return Err(errors::export_bitmap_not_found(bm));
-        }
+        let bitmaps = nbd
+            .bitmaps
+            .iter()
+            .flatten()
+            .map(|b| self.export_bitmap(b, node_name, writable))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(NbdOptions {
             name,
             description,
             allocation_depth: nbd.allocation_depth.unwrap_or(false),
+            bitmaps,
         })
+    }
+
+    /// One entry of an NBD export's `bitmaps`, as `nbd_export_create` finds it: a
+    /// name is looked for on the exported node, then down its filtered or backing
+    /// child; `{node, name}` names it exactly. A bitmap that still records writes
+    /// cannot be offered read-only over a node that takes writes (its bits would
+    /// change under the client); a busy one not at all.
+    fn export_bitmap(
+        &self,
+        b: &BlockDirtyBitmapOrStr,
+        node_name: &str,
+        writable: bool,
+    ) -> Result<BitmapRef, QmpError> {
+        let (node, bitmap) = match b {
+            BlockDirtyBitmapOrStr::Local(name) => {
+                let mut cur = self.graph.get(node_name);
+                let found = loop {
+                    let Some(n) = cur else {
+                        break None;
+                    };
+                    if let Some(b) = n.bitmaps.iter().find(|b| &b.name == name) {
+                        break Some((n, b));
+                    }
+                    let below = if n.driver.info().filter {
+                        n.file()
+                    } else {
+                        n.child(crate::supervisor::graph::Role::Backing)
+                    };
+                    cur = below.and_then(|c| self.graph.get(c));
+                };
+                let (n, b) = found.ok_or_else(|| errors::export_bitmap_not_found(name))?;
+                if !writable && !n.read_only && n.active && b.enabled {
+                    return Err(errors::enabled_bitmap_read_only_export(name));
+                }
+                (n, b)
+            }
+            BlockDirtyBitmapOrStr::External(e) => {
+                let n = self
+                    .graph
+                    .get(&e.node)
+                    .ok_or_else(|| errors::bitmap_node_not_found(&e.node))?;
+                let b = n
+                    .bitmaps
+                    .iter()
+                    .find(|b| b.name == e.name)
+                    .ok_or_else(|| errors::bitmap_not_found(&e.name))?;
+                (n, b)
+            }
+        };
+        if bitmap.busy() {
+            return Err(errors::bitmap_busy(&bitmap.name));
+        }
+        Ok(BitmapRef {
+            node: node.name.clone(),
+            name: bitmap.name.clone(),
+        })
+    }
+
+    /// Marks the bitmaps an export offers busy (`hold`), or releases them.
+    pub(super) fn hold_bitmaps(&mut self, refs: &[BitmapRef], hold: bool) {
+        for r in refs {
+            if let Some(b) = self
+                .graph
+                .get_mut(&r.node)
+                .and_then(|n| n.bitmaps.iter_mut().find(|b| b.name == r.name))
+            {
+                b.users = if hold {
+                    b.users.saturating_add(1)
+                } else {
+                    b.users.saturating_sub(1)
+                };
+            }
+        }
+    }
+
+    /// The bitmaps of export `e` as an NBD worker gets them (no regions yet).
+    fn nbd_bitmaps(&self, e: &Export) -> Vec<NbdBitmap> {
+        let Front::Nbd(o) = &e.front;
+        o.bitmaps
+            .iter()
+            .filter_map(|r| {
+                let b = self
+                    .graph
+                    .get(&r.node)?
+                    .bitmaps
+                    .iter()
+                    .find(|b| b.name == r.name)?;
+                Some(NbdBitmap {
+                    name: b.name.clone(),
+                    size: b.bits().size(),
+                    granularity: b.bits().granularity(),
+                    region: None,
+                })
+            })
+            .collect()
+    }
+
+    /// Gives worker `w` read-only copies of the regions of `spec`'s bitmaps (of
+    /// export `e`), in messages of at most `MAX_FDS_PER_MESSAGE` descriptors, and
+    /// names them in the spec.
+    pub(super) async fn share_bitmaps(
+        &mut self,
+        w: WorkerId,
+        e: &Export,
+        spec: &mut ExportSpec,
+    ) -> Result<(), QmpError> {
+        let Front::Nbd(o) = &e.front;
+        let FrontSpec::Nbd(nbd) = &mut spec.front;
+        let mut copies = Vec::with_capacity(o.bitmaps.len());
+        for (r, b) in o.bitmaps.iter().zip(nbd.bitmaps.iter_mut()) {
+            let region = self
+                .graph
+                .get(&r.node)
+                .and_then(|n| n.bitmaps.iter().find(|b| b.name == r.name))
+                .ok_or_else(errors::node_vanished)?;
+            let copy = bulkhead_ipc::shm::read_only_copy(region.fd().as_fd())
+                .map_err(errors::bitmap_region)?;
+            self.next_region += 1;
+            b.region = Some(self.next_region);
+            copies.push((self.next_region, copy));
+        }
+        for batch in copies.chunks(bulkhead_ipc::fd::MAX_FDS_PER_MESSAGE) {
+            let (regions, fds): (Vec<u64>, Vec<_>) =
+                batch.iter().map(|(id, fd)| (*id, fd.as_fd())).unzip();
+            let worker = self.worker(w).await?;
+            worker
+                .call(ToWorker::ShareBitmaps { regions }, &fds)
+                .await
+                .map_err(call_error)?;
+        }
+        Ok(())
     }
 
     /// The export whose NBD name is `name`.
@@ -263,7 +406,12 @@ impl Core {
 
     /// What an NBD worker gets for export `e` on `target` (`metadata_size`: the
     /// listener's metadata-only copy).
-    pub(super) fn nbd_spec(e: &Export, target: NodeRef, metadata_size: Option<u64>) -> ExportSpec {
+    pub(super) fn nbd_spec(
+        &self,
+        e: &Export,
+        target: NodeRef,
+        metadata_size: Option<u64>,
+    ) -> ExportSpec {
         let Front::Nbd(o) = &e.front;
         ExportSpec {
             key: e.key,
@@ -274,6 +422,7 @@ impl Core {
                 description: o.description.clone(),
                 allocation_depth: o.allocation_depth,
                 metadata_size,
+                bitmaps: self.nbd_bitmaps(e),
             }),
         }
     }
@@ -289,13 +438,18 @@ impl Core {
         if self.per_export() {
             return self.add_export_workers(id).await;
         }
-        let spec = self
+        let export = self
             .exports
             .get(id)
-            .and_then(|e| Some(Self::nbd_spec(e, self.node_ref(&e.node)?, None)))
+            .cloned()
+            .ok_or_else(errors::node_vanished)?;
+        let mut spec = self
+            .node_ref(&export.node)
+            .map(|target| self.nbd_spec(&export, target, None))
             .ok_or_else(errors::node_vanished)?;
         let nbd = self.nbd_instance();
         self.connect(nbd, spec.node.home).await?;
+        self.share_bitmaps(nbd, &export, &mut spec).await?;
         let w = self.worker(nbd).await?;
         w.call(ToWorker::ExportAdd(spec), &[])
             .await
@@ -417,14 +571,15 @@ impl Core {
         // (reconnecting) client only once all of them exist.
         let nbd = self.nbd_instance();
         let mut exports = Vec::new();
-        let specs: Vec<ExportSpec> = self
+        let specs: Vec<(Export, ExportSpec)> = self
             .exports
             .iter()
             .rev()
-            .filter_map(|e| Some(Self::nbd_spec(e, self.node_ref(&e.node)?, None)))
+            .filter_map(|e| Some((e.clone(), self.nbd_spec(e, self.node_ref(&e.node)?, None))))
             .collect();
-        for spec in specs {
+        for (e, mut spec) in specs {
             self.connect(nbd, spec.node.home).await?;
+            self.share_bitmaps(nbd, &e, &mut spec).await?;
             exports.push(spec);
         }
         self.start_listener(exports, listener).await

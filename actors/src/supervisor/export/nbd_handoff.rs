@@ -35,7 +35,7 @@ impl Core {
             node: node.id,
             home: node.home,
         };
-        Some(Self::nbd_spec(export, target, Some(node.size)))
+        Some(self.nbd_spec(export, target, Some(node.size)))
     }
 
     /// Where the listener's hand-offs go: the listener (under per-export workers)
@@ -83,10 +83,12 @@ impl Core {
             }
         };
         self.connect(inst, target.home).await?;
+        let mut spec = self.nbd_spec(&export, target, None);
+        self.share_bitmaps(inst, &export, &mut spec).await?;
         let start = ToWorker::NbdServerStart {
             max_connections,
             handshake_max_seconds,
-            exports: vec![Self::nbd_spec(&export, target, None)],
+            exports: vec![spec],
             hand_off: false,
         };
         let w = self.worker(inst).await?;

@@ -138,6 +138,7 @@ mod tests {
                 name: id.into(),
                 description: None,
                 allocation_depth: false,
+                bitmaps: Vec::new(),
             }),
             mapped: None,
         }
