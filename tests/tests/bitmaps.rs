@@ -48,7 +48,8 @@ fn sha(id: &str, node: &str, name: &str) -> Step {
     bitmap(id, "x-debug-block-dirty-bitmap-sha256", node, name)
 }
 
-/// `query-named-block-nodes`, compared on each node's name, size and `dirty-bitmaps`
+/// `query-named-block-nodes`, compared on each node's name, size, `dirty-bitmaps`
+/// and internal snapshots' names
 /// (the qcow2 file's size and the images' `actual-size` follow where each engine
 /// allocates clusters, which the qcow2 tests compare separately).
 fn query(id: &str) -> Step {
@@ -77,7 +78,12 @@ fn bitmap_view(output: &StepOutput) -> Result<Vec<Value>, String> {
                     .unwrap_or(Value::Null),
             };
             let bitmaps = n.get("dirty-bitmaps").cloned().unwrap_or(Value::Null);
-            serde_json::json!([name, size, bitmaps])
+            let snapshots: Vec<Value> = n
+                .pointer("/image/snapshots")
+                .and_then(Value::as_array)
+                .map(|l| l.iter().map(|s| s["name"].clone()).collect())
+                .unwrap_or_default();
+            serde_json::json!([name, size, bitmaps, snapshots])
         })
         .collect())
 }
@@ -340,6 +346,206 @@ fn dirty_bitmap_exports_match_qsd() {
 #[test]
 fn dirty_bitmap_exports_match_qsd_with_a_worker_per_image() {
     if let Err(report) = differential_with(&export_script(), &["--isolation", "image"]) {
+        panic!("{report}");
+    }
+}
+
+fn action(kind: &str, data: &str) -> String {
+    format!(r#"{{"type": "{kind}", "data": {data}}}"#)
+}
+
+fn transaction(id: &str, actions: &[String], extra: &str) -> Step {
+    qmp(
+        id,
+        "transaction",
+        &format!(r#"{{"actions": [{}]{extra}}}"#, actions.join(", ")),
+    )
+}
+
+/// `transaction` with the bitmap actions, `abort` and internal snapshots: all or
+/// nothing, with the error of the first action that fails, as qsd.
+fn transaction_script() -> Script {
+    let add = |name: &str, extra: &str| {
+        action(
+            "block-dirty-bitmap-add",
+            &format!(r#"{{"node": "q", "name": "{name}"{extra}}}"#),
+        )
+    };
+    let on =
+        |kind: &str, name: &str| action(kind, &format!(r#"{{"node": "q", "name": "{name}"}}"#));
+    let snap = |name: &str| {
+        action(
+            "blockdev-snapshot-internal-sync",
+            &format!(r#"{{"device": "q", "name": "{name}"}}"#),
+        )
+    };
+    let merge = |target: &str, from: &str| {
+        action(
+            "block-dirty-bitmap-merge",
+            &format!(r#"{{"node": "q", "target": "{target}", "bitmaps": ["{from}"]}}"#),
+        )
+    };
+    let abort = action("abort", "{}");
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        transaction("t1", &[], "").note("nothing"),
+        transaction("t2", std::slice::from_ref(&abort), "").note("abort"),
+        transaction("t3", &[add("t1", ""), add("t1", "")], "").note("the second add fails"),
+        query("q1").note("nothing was added"),
+        transaction(
+            "t4",
+            &[add("t1", "")],
+            r#", "properties": {"completion-mode": "grouped"}"#,
+        )
+        .note("grouped needs jobs"),
+        transaction(
+            "t5",
+            &[add("t1", ""), add("t2", r#", "disabled": true"#)],
+            "",
+        )
+        .note("two adds"),
+        transaction(
+            "t6",
+            &[on("block-dirty-bitmap-remove", "t1"), add("t1", "")],
+            "",
+        )
+        .note("a removed bitmap keeps its name until the end"),
+        transaction(
+            "t7",
+            &[
+                on("block-dirty-bitmap-remove", "t1"),
+                on("block-dirty-bitmap-clear", "t1"),
+            ],
+            "",
+        )
+        .note("and is busy"),
+        query("q2").note("t1 and t2"),
+        Step::hook(
+            "guest writes",
+            run_tool(
+                "qemu-io",
+                &[
+                    "-f",
+                    "raw",
+                    "-c",
+                    "write -P 1 0 64k",
+                    "-c",
+                    "write -P 2 8M 4k",
+                    NBD_Q,
+                ],
+                true,
+                "wrote 4096/4096",
+            ),
+        ),
+        transaction(
+            "t8",
+            &[
+                add("t3", ""),
+                merge("t3", "t1"),
+                on("block-dirty-bitmap-enable", "t2"),
+                on("block-dirty-bitmap-disable", "t1"),
+                on("block-dirty-bitmap-clear", "t1"),
+                abort.clone(),
+            ],
+            "",
+        )
+        .note("everything undone by a final abort"),
+        query("q3").note("as before"),
+        sha("h1", "q", "t1").note("t1 kept its bits"),
+        transaction(
+            "t9",
+            &[snap("s1"), add("t3", ""), on("block-dirty-bitmap-add", "x")],
+            "",
+        )
+        .note("a snapshot undone by a later failure"),
+        transaction("t10", &[snap("s1"), snap("s1")], "").note("the same snapshot twice"),
+        query("q4").note("no snapshot"),
+        transaction(
+            "t11",
+            &[
+                add("t3", ""),
+                merge("t3", "t1"),
+                snap("s2"),
+                on("block-dirty-bitmap-disable", "t3"),
+                on("block-dirty-bitmap-clear", "t1"),
+            ],
+            "",
+        )
+        .note("all applied"),
+        query("q5").note("t3 holds t1's bits, t1 is clear, s2 exists"),
+        sha("h2", "q", "t3").note("merged"),
+        transaction(
+            "t12",
+            &[
+                on("block-dirty-bitmap-remove", "t3"),
+                on("block-dirty-bitmap-remove", "t3"),
+            ],
+            "",
+        )
+        .note("removed twice"),
+        transaction(
+            "t13",
+            &[
+                on("block-dirty-bitmap-disable", "t3"),
+                on("block-dirty-bitmap-remove", "t3"),
+            ],
+            "",
+        )
+        .note("disabled, then removed"),
+        transaction(
+            "t14",
+            &[action(
+                "blockdev-backup",
+                r#"{"device": "q", "target": "nosuch", "sync": "full"}"#,
+            )],
+            r#", "properties": {"completion-mode": "grouped"}"#,
+        )
+        .check(any_error)
+        .note("a job action (no jobs yet: any error)"),
+        query("q6").note("at the end"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#)
+            .until_eof()
+            .note("quit"),
+    ];
+    Script {
+        name: "transactions".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=f,filename=$DIR/q.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=q,file=f",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=eq,node-name=q,writable=on",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_images),
+        steps,
+    }
+}
+
+/// Both answered with an error (a step whose text differs until jobs exist).
+fn any_error(reference: &StepOutput, tested: &StepOutput) -> Result<(), String> {
+    for (who, out) in [("qsd", reference), ("bulkhead", tested)] {
+        let lines = out.monitor(0);
+        let [line] = lines else {
+            return Err(format!("{who}: expected one line, got {}", lines.len()));
+        };
+        let reply = parse_line(line).map_err(|e| e.to_string())?;
+        if reply.get("error").is_none() {
+            return Err(format!("{who}: not an error: {reply}"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn transactions_match_qsd() {
+    if let Err(report) = differential(&transaction_script()) {
         panic!("{report}");
     }
 }

@@ -111,6 +111,15 @@ impl Bitmap {
     }
 }
 
+/// A bitmap `block-dirty-bitmap-add` may create.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NewBitmap {
+    /// Bytes it covers: the node's size.
+    pub size: u64,
+    /// Bytes per bit.
+    pub granularity: u64,
+}
+
 /// Where a bitmap is: its node and its index in the node's list.
 type Found = (String, usize);
 
@@ -143,15 +152,15 @@ impl Core {
             .ok_or_else(errors::node_vanished)
     }
 
-    /// `block-dirty-bitmap-add`.
-    pub(super) async fn bitmap_add(
-        &mut self,
+    /// What `block-dirty-bitmap-add` checks before it looks at the node's own
+    /// bitmaps, in QEMU's order: the name, the node, the granularity, persistence.
+    pub(super) fn check_bitmap_add(
+        &self,
         node: &str,
         name: &str,
         granularity: Option<u32>,
         persistent: bool,
-        disabled: bool,
-    ) -> Result<(), QmpError> {
+    ) -> Result<NewBitmap, QmpError> {
         if name.is_empty() {
             return Err(errors::bitmap_name_empty());
         }
@@ -173,23 +182,43 @@ impl Core {
         if name.len() > MAX_NAME {
             return Err(errors::bitmap_name_too_long(name));
         }
+        // The bitmaps the image brought (held by the qcow2 engine) take their names.
         let loaded = n
             .format
             .as_ref()
             .is_some_and(|f| f.dirty_bitmaps.iter().any(|b| b.name == name));
-        if loaded || n.bitmaps.iter().any(|b| b.name == name) {
+        if loaded {
+            return Err(errors::bitmap_exists(name));
+        }
+        Ok(NewBitmap {
+            size: n.size,
+            granularity,
+        })
+    }
+
+    /// `block-dirty-bitmap-add`.
+    pub(super) async fn bitmap_add(
+        &mut self,
+        node: &str,
+        name: &str,
+        granularity: Option<u32>,
+        persistent: bool,
+        disabled: bool,
+    ) -> Result<(), QmpError> {
+        let new = self.check_bitmap_add(node, name, granularity, persistent)?;
+        let n = self.graph.get(node).ok_or_else(errors::node_vanished)?;
+        if n.bitmaps.iter().any(|b| b.name == name) {
             return Err(errors::bitmap_exists(name));
         }
         if !disabled && recording(n) >= MAX_RECORDING_BITMAPS {
             return Err(errors::too_many_recording_bitmaps(MAX_RECORDING_BITMAPS));
         }
-        let bitmap = Bitmap::create(name, n.size, granularity, !disabled)?;
-        let node_name = n.name.clone();
-        if let Some(n) = self.graph.get_mut(&node_name) {
+        let bitmap = Bitmap::create(name, new.size, new.granularity, !disabled)?;
+        if let Some(n) = self.graph.get_mut(node) {
             n.bitmaps.push(bitmap);
         }
         if !disabled {
-            self.push_bitmaps(&node_name).await;
+            self.push_bitmaps(node).await;
         }
         Ok(())
     }

@@ -758,6 +758,14 @@ impl Core {
         if node.exported {
             return Err(errors::node_in_use(name));
         }
+        // QEMU's op blocker on a backing node comes before the other checks.
+        if let Some(parent) = self
+            .graph
+            .iter()
+            .find(|p| p.child(Role::Backing) == Some(name))
+        {
+            return Err(errors::node_busy_backing(name, &parent.name));
+        }
         if !node.monitor_owned {
             return Err(errors::node_not_monitor_owned(name));
         }

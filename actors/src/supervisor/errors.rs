@@ -381,6 +381,40 @@ pub fn bitmap_persistence_unsupported(node: &str) -> QmpError {
     ))
 }
 
+/// `blockdev-snapshot` of a node that is some node's backing (QEMU's op blocker).
+pub fn node_busy_backing(node: &str, parent: &str) -> QmpError {
+    generic(format!(
+        "Node '{node}' is busy: node is used as backing hd of '{parent}'"
+    ))
+}
+
+/// `blockdev-snapshot` with an overlay something uses already.
+pub fn overlay_in_use() -> QmpError {
+    generic("The overlay is already in use")
+}
+
+/// `blockdev-snapshot` with an overlay that has a backing node.
+pub fn overlay_has_backing() -> QmpError {
+    generic("The overlay already has a backing image")
+}
+
+/// `blockdev-snapshot` with an overlay whose driver takes no backing.
+pub fn overlay_without_backing() -> QmpError {
+    generic("The overlay does not support backing images")
+}
+
+/// `transaction` with an `abort` action.
+pub fn transaction_aborted() -> QmpError {
+    generic("Transaction aborted using Abort action")
+}
+
+/// `transaction` with `completion-mode: grouped` and an action that is no job.
+pub fn transaction_not_grouped(action: &str) -> QmpError {
+    generic(format!(
+        "Action '{action}' does not support transaction property completion-mode = grouped"
+    ))
+}
+
 // ---------------------------------------------------------------- qsd's texts: chardevs (the front's)
 
 /// `chardev-remove` of an unknown chardev.
@@ -544,6 +578,14 @@ pub fn worker_vanished() -> QmpError {
 /// A dirty bitmap's shared-memory region could not be made or mapped.
 pub fn bitmap_region(e: bulkhead_ipc::shm::ShmError) -> QmpError {
     generic(format!("cannot create the dirty bitmap: {e}"))
+}
+
+/// A `transaction` action that needs what bulkhead does not have yet (jobs,
+/// external snapshots).
+pub fn transaction_action_unsupported(action: &str) -> QmpError {
+    generic(format!(
+        "bulkhead does not support the transaction action '{action}' yet"
+    ))
 }
 
 /// More enabled bitmaps on one node than its worker records into.

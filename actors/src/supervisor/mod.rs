@@ -18,6 +18,7 @@ pub mod errors;
 pub mod export;
 pub mod graph;
 pub mod ops;
+mod overlay;
 pub mod placement;
 mod reopen;
 // Reached only through the test-hook commands until mirror, commit and filters use it.
@@ -26,6 +27,7 @@ mod replace;
 mod restart;
 mod snapshot;
 pub mod stats;
+mod transaction;
 pub mod workers;
 
 use std::collections::{BTreeMap, HashSet};

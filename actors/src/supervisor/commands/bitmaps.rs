@@ -1,6 +1,9 @@
-//! Dirty bitmap commands (the work is in `supervisor::bitmaps`).
+//! Dirty bitmap commands and `transaction` (the work is in `supervisor::bitmaps` and
+//! `supervisor::transaction`).
 
-use bulkhead_qmp::qapi::types::{BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge};
+use bulkhead_qmp::qapi::types::{
+    BlockDirtyBitmap, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, TransactionArgs,
+};
 use serde_json::{Value, json};
 
 use crate::supervisor::{Core, QmpError};
@@ -62,4 +65,9 @@ pub(super) async fn x_debug_block_dirty_bitmap_sha256(
 ) -> Result<Value, QmpError> {
     let hash = core.bitmap_sha256(&args.node, &args.name)?;
     Ok(json!({ "sha256": hash }))
+}
+
+/// `transaction` (`supervisor::transaction`).
+pub(super) async fn transaction(core: &mut Core, args: TransactionArgs) -> Result<(), QmpError> {
+    core.transaction(&args).await
 }

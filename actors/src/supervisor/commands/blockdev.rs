@@ -4,7 +4,7 @@
 //! `supervisor::snapshot`).
 
 use bulkhead_qmp::qapi::types::{
-    BlockResizeArgs, BlockdevDelArgs, BlockdevOptions, BlockdevSetActiveArgs,
+    BlockResizeArgs, BlockdevDelArgs, BlockdevOptions, BlockdevSetActiveArgs, BlockdevSnapshot,
     BlockdevSnapshotDeleteInternalArgs, BlockdevSnapshotInternal,
 };
 #[cfg(feature = "test-hooks")]
@@ -72,6 +72,14 @@ pub(super) async fn blockdev_snapshot_delete_internal_sync(
 ) -> Result<Value, QmpError> {
     core.snapshot_delete_internal_sync(&args.device, args.id.as_deref(), args.name.as_deref())
         .await
+}
+
+/// `blockdev-snapshot`: `overlay` takes `node` as its backing and its users.
+pub(super) async fn blockdev_snapshot(
+    core: &mut Core,
+    args: BlockdevSnapshot,
+) -> Result<(), QmpError> {
+    core.blockdev_snapshot(&args.node, &args.overlay).await
 }
 
 /// `x-bulkhead-replace-node` (test hook): every user of `old` uses `new`.

@@ -179,6 +179,7 @@ pub static REGISTRY: &[Command] = &[
         bitmaps::x_debug_block_dirty_bitmap_sha256
     ),
     command!("block_resize", Change, blockdev::block_resize),
+    command!("blockdev-snapshot", Change, blockdev::blockdev_snapshot),
     command!(
         "blockdev-snapshot-internal-sync",
         Change,
@@ -245,6 +246,7 @@ pub static REGISTRY: &[Command] = &[
     front!("query-chardev"),
     front!("chardev-add"),
     front!("chardev-remove"),
+    command!("transaction", Change, bitmaps::transaction),
 ];
 
 /// The registry's names, in its order (what `query-commands` and `query-qmp-schema`
