@@ -212,6 +212,17 @@ pub enum ToWorker {
         /// What the snapshot records.
         request: bulkhead_block::SnapshotRequest,
     },
+    /// Write a backing file name and format into a node's image header
+    /// (`change-backing-file`). Errors carry the reason's text
+    /// (`WorkerErrorKind::Image`).
+    SetBackingFile {
+        /// The node.
+        node: NodeId,
+        /// The name to record.
+        name: String,
+        /// The backing node's format.
+        format: String,
+    },
     /// Delete an internal snapshot matching `id` and/or `name`; the reply is
     /// [`Reply::Snapshot`] with what it was.
     SnapshotDelete {

@@ -1,7 +1,8 @@
 //! External snapshots against qsd: `blockdev-snapshot` puts an overlay the monitor
 //! added above a node under a writable NBD export (the export follows, writes go to
 //! the overlay, reads of what the node held come through it), its errors, the graph
-//! and queries afterwards, and the images qemu-img sees, in both placements.
+//! and queries afterwards, and the images qemu-img sees, in both placements; and
+//! `change-backing-file` on the chain it builds.
 
 use std::io;
 use std::path::Path;
@@ -38,6 +39,16 @@ fn snapshot(id: &str, node: &str, overlay: &str) -> Step {
         id,
         "blockdev-snapshot",
         &format!(r#"{{"node": "{node}", "overlay": "{overlay}"}}"#),
+    )
+}
+
+fn cbf(id: &str, device: &str, image: &str, backing: &str) -> Step {
+    qmp(
+        id,
+        "change-backing-file",
+        &format!(
+            r#"{{"device": "{device}", "image-node-name": "{image}", "backing-file": "{backing}"}}"#
+        ),
     )
 }
 
@@ -83,6 +94,17 @@ fn script() -> Script {
                 true,
                 "read 4096/4096 bytes at offset 2097152",
             ),
+        ),
+        cbf("c1", "ov2", "ov2", "$DIR/o.qcow2").note("the top's header"),
+        cbf("c2", "ov2", "ov", "$DIR/q.qcow2").note("a read-only middle's header"),
+        cbf("c3", "ov2", "q", "x").note("the base has no backing"),
+        cbf("c4", "ov2", "nosuch", "x").note("no such image"),
+        cbf("c5", "ov", "ov", "x").note("not a root"),
+        cbf("c6", "rw", "ov", "x").note("not in the chain"),
+        cbf("c7", "nosuch", "ov", "x").note("no such device"),
+        Step::hook(
+            "qemu-img reads the new names",
+            run_tool("qemu-img", &["info", "-U", "--output=json", "$DIR/o.qcow2"], true, r#""backing-filename-format": "qcow2""#),
         ),
         Step::line(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "n2"}"#)
             .note("flat"),

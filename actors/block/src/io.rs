@@ -279,6 +279,12 @@ pub trait BlockIo: Send + Sync {
         Box::pin(async { Err(SNAPSHOTS_UNSUPPORTED.to_string()) })
     }
 
+    /// Writes `name` and `format` into the image header as its backing file
+    /// (`change-backing-file`); the backing node in use does not change.
+    fn set_backing_file(&self, _name: String, _format: String) -> SnapshotFuture<'_, ()> {
+        Box::pin(async { Err(SNAPSHOTS_UNSUPPORTED.to_string()) })
+    }
+
     /// Deletes the internal snapshot matching `id` and/or `name`, returning it.
     fn snapshot_delete(
         &self,

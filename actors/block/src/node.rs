@@ -250,6 +250,11 @@ impl BlockIo for Node {
         Box::pin(async move { node.snapshot_create(request).await })
     }
 
+    fn set_backing_file(&self, name: String, format: String) -> crate::io::SnapshotFuture<'_, ()> {
+        let node = self.driver.clone();
+        Box::pin(async move { node.set_backing_file(name, format).await })
+    }
+
     fn snapshot_delete(
         &self,
         id: Option<String>,

@@ -842,6 +842,18 @@ impl BlockIo for Qcow2Driver {
         })
     }
 
+    fn set_backing_file(&self, name: String, format: String) -> SnapshotFuture<'_, ()> {
+        let engine = Arc::clone(&self.engine);
+        Box::pin(async move {
+            let done = threads::run_format(move || {
+                Ok(engine.set_backing_file(Some(name.as_str()), Some(format.as_str())))
+            })
+            .await
+            .map_err(|e| crate::posix::strerror(e.errno()))?;
+            done.map_err(|e| crate::posix::strerror(e.errno()))
+        })
+    }
+
     fn snapshot_delete(
         &self,
         id: Option<String>,

@@ -214,6 +214,13 @@ impl BlockIo for Slot {
         })
     }
 
+    fn set_backing_file(&self, name: String, format: String) -> crate::io::SnapshotFuture<'_, ()> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.set_backing_file(name, format).await
+        })
+    }
+
     fn snapshot_delete(
         &self,
         id: Option<String>,

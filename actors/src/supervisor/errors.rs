@@ -388,6 +388,31 @@ pub fn node_busy_backing(node: &str, parent: &str) -> QmpError {
     ))
 }
 
+/// `change-backing-file` of an image without a backing node.
+pub fn backing_file_change_without_backing() -> QmpError {
+    generic("not allowing backing file change on an image without a backing file")
+}
+
+/// `change-backing-file` of an image outside the device's chain.
+pub fn not_in_same_chain(device: &str) -> QmpError {
+    generic(format!(
+        "'{device}' and image file are not in the same chain"
+    ))
+}
+
+/// `change-backing-file` whose header write failed (`reason`: the worker's text,
+/// a short strerror or the engine's limit).
+pub fn backing_file_change_failed(name: &str, reason: &str) -> QmpError {
+    let reason: String = reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    generic(format!(
+        "Could not change backing file to '{name}': {reason}"
+    ))
+}
+
 /// `blockdev-snapshot` with an overlay something uses already.
 pub fn overlay_in_use() -> QmpError {
     generic("The overlay is already in use")

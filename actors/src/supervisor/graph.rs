@@ -297,6 +297,33 @@ impl Graph {
         self.nodes.iter_mut()
     }
 
+    /// Whether `node`'s child in `role` is left out of its `json:` filename: one
+    /// opened from the name inside the image, or (a backing) one whose filename is
+    /// what the image's header names (QEMU's `bdrv_backing_overridden` is false:
+    /// after `change-backing-file`, say).
+    fn hides(&self, node: &Node, role: Role) -> bool {
+        node.is_implicit(role) || (role == Role::Backing && self.backing_named_in_image(node))
+    }
+
+    /// The backing child's filename is the header's backing file name, resolved
+    /// against the image's own file as QEMU resolves it.
+    fn backing_named_in_image(&self, node: &Node) -> bool {
+        let (Some(f), Some(b)) = (
+            node.format.as_ref(),
+            node.child(Role::Backing).and_then(|b| self.get(b)),
+        ) else {
+            return false;
+        };
+        let Some(name) = f.backing_file.as_ref().filter(|n| !n.is_empty()) else {
+            return false;
+        };
+        let image = self.chain(&node.name).last().and_then(|c| c.path.clone());
+        let full = image
+            .and_then(|i| super::backing::resolve(name, &i).ok())
+            .map_or_else(|| name.clone(), |p| p.to_string_lossy().into_owned());
+        full == self.filename(b)
+    }
+
     /// QEMU's full open options of a node: driver, strong options, children.
     fn full_options(&self, node: &Node) -> Value {
         let mut m = Map::new();
@@ -313,7 +340,7 @@ impl Graph {
         // quorum_gather_child_options); every other child under its role's name.
         let mut quorum: Vec<(u32, Value)> = Vec::new();
         for (role, c) in &node.children {
-            if node.is_implicit(*role) {
+            if self.hides(node, *role) {
                 continue;
             }
             if let Some(c) = self.get(c) {
@@ -346,7 +373,7 @@ impl Graph {
         let only_file = node
             .children
             .iter()
-            .all(|(r, _)| *r == Role::File || node.is_implicit(*r));
+            .all(|(r, _)| *r == Role::File || self.hides(node, *r));
         if node.strong_options.is_empty() && only_file && !node.driver.is_filter() {
             match node.file().and_then(|c| self.get(c)) {
                 None => return format!("{}://", node.driver.as_str()),

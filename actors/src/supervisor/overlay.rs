@@ -1,5 +1,5 @@
 //! External snapshots: `blockdev-snapshot` (an overlay the monitor added gets the node
-//! as its backing and takes over every user of it).
+//! as its backing and takes over every user of it) and `change-backing-file`.
 //!
 //! Runs in the supervisor, on the graph-change machinery of `replace.rs`: the overlay
 //! is reopened with the node as its `backing` child (in its own worker, over a data
@@ -9,8 +9,11 @@
 //! header is not touched: its backing file name stays what it was (`change-backing-file`
 //! writes one). Everything QEMU refuses is checked before anything changes.
 
+use bulkhead_ipc::wire::{ToWorker, WorkerErrorKind};
+
 use super::graph::{Node, Role};
-use super::{Core, QmpError, errors};
+use super::workers::CallError;
+use super::{Core, QmpError, call_error, errors};
 
 impl Core {
     /// `blockdev-snapshot`: `overlay` goes above `node`.
@@ -55,6 +58,80 @@ impl Core {
         Ok(())
     }
 
+    /// `change-backing-file`: writes `backing_file` (and the backing node's format)
+    /// into the header of `image`, a node with a backing in `device`'s chain. A
+    /// read-only image is made writable for the write and read-only again, as QEMU
+    /// does.
+    pub(super) async fn change_backing_file(
+        &mut self,
+        device: &str,
+        image: &str,
+        backing_file: &str,
+    ) -> Result<(), QmpError> {
+        let root = self
+            .graph
+            .get(device)
+            .ok_or_else(|| errors::device_not_found(device, device))?;
+        if root.parents > 0 {
+            return Err(errors::need_root_node());
+        }
+        let img = self
+            .graph
+            .get(image)
+            .ok_or_else(|| errors::device_not_found("", image))?;
+        let Some(format) = img
+            .child(Role::Backing)
+            .and_then(|b| self.graph.get(b))
+            .map(|b| b.driver.as_str())
+        else {
+            return Err(errors::backing_file_change_without_backing());
+        };
+        // `image` must be in `device`'s chain (backing links, and filters' files).
+        let mut cur = Some(root);
+        let mut found = false;
+        while let Some(n) = cur {
+            if n.name == img.name {
+                found = true;
+                break;
+            }
+            let below = if n.driver.info().filter {
+                n.file()
+            } else {
+                n.child(Role::Backing)
+            };
+            cur = below.and_then(|c| self.graph.get(c));
+        }
+        if !found {
+            return Err(errors::not_in_same_chain(device));
+        }
+        let (image, format, ro) = (img.name.clone(), format.to_string(), img.read_only);
+        if ro {
+            self.set_mode(&image, false).await?;
+        }
+        let result = match self.node_ref(&image) {
+            Some(r) => {
+                let w = self.worker(r.home).await?;
+                let body = ToWorker::SetBackingFile {
+                    node: r.node,
+                    name: backing_file.to_string(),
+                    format,
+                };
+                w.call(body, &[]).await.map_err(|e| match e {
+                    CallError::Worker(w) if w.kind == WorkerErrorKind::Image => {
+                        errors::backing_file_change_failed(backing_file, &w.detail)
+                    }
+                    other => call_error(other),
+                })
+            }
+            None => Err(errors::node_vanished()),
+        };
+        if ro {
+            self.set_mode(&image, true).await?;
+        }
+        self.refresh_format_info().await;
+        result.map(|_| ())
+    }
+
     /// The parent using `n` as its backing child, if any (QEMU's op blocker:
     /// "node is used as backing hd of ...").
     fn backing_parent(&self, n: &Node) -> Option<String> {
@@ -94,6 +171,13 @@ impl Core {
     /// created itself (they inherit its options in QEMU; children the monitor added
     /// keep their mode).
     async fn make_read_only(&mut self, name: &str) -> Result<(), QmpError> {
+        self.set_mode(name, true).await
+    }
+
+    /// [`Core::make_read_only`] or its reverse: a node made read-only goes before
+    /// its inheriting children (no writer above a read-only child), one made
+    /// writable after them.
+    async fn set_mode(&mut self, name: &str, read_only: bool) -> Result<(), QmpError> {
         let inherit: Vec<String> = self
             .graph
             .get(name)
@@ -102,41 +186,62 @@ impl Core {
                     .iter()
                     .filter(|(r, _)| matches!(r, Role::File | Role::DataFile))
                     .map(|(_, c)| c.clone())
+                    .filter(|c| self.graph.get(c).is_some_and(|c| !c.monitor_owned))
                     .collect()
             })
             .unwrap_or_default();
-        for c in inherit {
-            if self.graph.get(&c).is_some_and(|c| !c.monitor_owned) {
-                Box::pin(self.make_read_only(&c)).await?;
-            }
+        if read_only {
+            self.reopen_mode(name, true).await?;
         }
-        self.reopen_read_only(name).await
+        for c in &inherit {
+            Box::pin(self.set_mode(c, read_only)).await?;
+        }
+        if !read_only {
+            self.reopen_mode(name, false).await?;
+        }
+        Ok(())
     }
 
-    /// Reopens one node read-only.
-    async fn reopen_read_only(&mut self, name: &str) -> Result<(), QmpError> {
+    /// Reopens one node read-only or read-write (an image node on a descriptor
+    /// opened again in the new mode).
+    async fn reopen_mode(&mut self, name: &str, read_only: bool) -> Result<(), QmpError> {
         let Some(n) = self.graph.get(name) else {
             return Err(errors::node_vanished());
         };
-        if n.read_only {
+        if n.read_only == read_only {
             return Ok(());
         }
         let (home, id) = (n.home, n.id);
         let mut config = n.config.clone();
-        config.common_mut().read_only = true;
-        let image = n
-            .image
+        config.common_mut().read_only = read_only;
+        let image = match (&n.path, n.driver.is_posix()) {
+            (Some(path), true) => {
+                let kind = n
+                    .driver
+                    .image()
+                    .unwrap_or(bulkhead_block::file::FileKind::File);
+                Some(
+                    bulkhead_block::posix::open_image(path, kind, read_only, n.direct)
+                        .map_err(errors::from_error)?,
+                )
+            }
+            _ => None,
+        };
+        let sent = image
             .as_ref()
             .map(bulkhead_ipc::fd::dup)
             .transpose()
             .map_err(errors::from_error)?;
         let children = self.child_refs(name, None);
-        self.reopen_on(home, id, name, config.clone(), children, image)
+        self.reopen_on(home, id, name, config.clone(), children, sent)
             .await?;
         if let Some(n) = self.graph.get_mut(name) {
             n.config = config;
-            n.read_only = true;
-            n.options.insert("read-only".into(), true.into());
+            n.read_only = read_only;
+            n.options.insert("read-only".into(), read_only.into());
+            if let Some(f) = image {
+                n.image = Some(f);
+            }
         }
         self.refresh_locks()
     }

@@ -476,6 +476,16 @@ impl DriverWorker {
                     .map_err(|text| err(WorkerErrorKind::Image, libc::EINVAL, text))?;
                 Ok(Reply::Done)
             }
+            ToWorker::SetBackingFile { node, name, format } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                n.set_backing_file(name, format)
+                    .await
+                    .map_err(|text| err(WorkerErrorKind::Image, libc::EINVAL, text))?;
+                Ok(Reply::Done)
+            }
             ToWorker::SnapshotDelete { node, id, name } => {
                 let n = self
                     .nodes

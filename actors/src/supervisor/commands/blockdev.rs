@@ -5,7 +5,7 @@
 
 use bulkhead_qmp::qapi::types::{
     BlockResizeArgs, BlockdevDelArgs, BlockdevOptions, BlockdevSetActiveArgs, BlockdevSnapshot,
-    BlockdevSnapshotDeleteInternalArgs, BlockdevSnapshotInternal,
+    BlockdevSnapshotDeleteInternalArgs, BlockdevSnapshotInternal, ChangeBackingFileArgs,
 };
 #[cfg(feature = "test-hooks")]
 use bulkhead_qmp::qapi::types::{
@@ -80,6 +80,15 @@ pub(super) async fn blockdev_snapshot(
     args: BlockdevSnapshot,
 ) -> Result<(), QmpError> {
     core.blockdev_snapshot(&args.node, &args.overlay).await
+}
+
+/// `change-backing-file`.
+pub(super) async fn change_backing_file(
+    core: &mut Core,
+    args: ChangeBackingFileArgs,
+) -> Result<(), QmpError> {
+    core.change_backing_file(&args.device, &args.image_node_name, &args.backing_file)
+        .await
 }
 
 /// `x-bulkhead-replace-node` (test hook): every user of `old` uses `new`.

@@ -180,6 +180,7 @@ pub static REGISTRY: &[Command] = &[
     ),
     command!("block_resize", Change, blockdev::block_resize),
     command!("blockdev-snapshot", Change, blockdev::blockdev_snapshot),
+    command!("change-backing-file", Change, blockdev::change_backing_file),
     command!(
         "blockdev-snapshot-internal-sync",
         Change,
