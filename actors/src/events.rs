@@ -20,6 +20,12 @@ use crate::front::output::OutQueue;
 /// The events bulkhead emits, as `query-qmp-schema` lists them (each must be defined
 /// in the QAPI schema files).
 pub const EVENTS: &[&str] = &[
+    "JOB_STATUS_CHANGE",
+    "BLOCK_JOB_COMPLETED",
+    "BLOCK_JOB_CANCELLED",
+    "BLOCK_JOB_ERROR",
+    "BLOCK_JOB_READY",
+    "BLOCK_JOB_PENDING",
     "BLOCK_EXPORT_DELETED",
     "BLOCK_IMAGE_CORRUPTED",
     "BLOCK_WRITE_THRESHOLD",

@@ -23,6 +23,9 @@ pub enum WorkerKind {
     /// Driver worker for one image (`--isolation image`): a top node and the nodes
     /// under it that no other image uses, whatever their drivers.
     Image,
+    /// The job runner: block jobs' copies between nodes it reaches only through
+    /// data channels (no image descriptor, no socket of its own).
+    Jobs,
 }
 
 impl WorkerKind {
@@ -31,7 +34,7 @@ impl WorkerKind {
         DriverKind::ALL
             .iter()
             .map(|&d| WorkerKind::Driver(d))
-            .chain([WorkerKind::Nbd, WorkerKind::Image])
+            .chain([WorkerKind::Nbd, WorkerKind::Image, WorkerKind::Jobs])
     }
 
     /// The name used on the worker's command line (`bulkhead worker --kind NAME`),
@@ -41,11 +44,17 @@ impl WorkerKind {
             WorkerKind::Driver(d) => d.as_str(),
             WorkerKind::Nbd => "nbd",
             WorkerKind::Image => "image",
+            WorkerKind::Jobs => "jobs",
         }
     }
 
     /// Whether a worker of this kind hosts block nodes (as opposed to exports).
     pub fn hosts_nodes(self) -> bool {
+        !matches!(self, WorkerKind::Nbd | WorkerKind::Jobs)
+    }
+
+    /// Whether a worker of this kind runs long operations (`StartOperation`).
+    pub fn runs_operations(self) -> bool {
         !matches!(self, WorkerKind::Nbd)
     }
 
@@ -57,7 +66,7 @@ impl WorkerKind {
             WorkerKind::Driver(d) => {
                 d.info().is_posix() || (!d.info().protocol && d.info().protocol_child)
             }
-            WorkerKind::Nbd => false,
+            WorkerKind::Nbd | WorkerKind::Jobs => false,
             WorkerKind::Image => true,
         }
     }
@@ -67,7 +76,7 @@ impl WorkerKind {
     pub fn needs_format_threads(self) -> bool {
         match self {
             WorkerKind::Driver(d) => d.info().format_threads,
-            WorkerKind::Nbd => false,
+            WorkerKind::Nbd | WorkerKind::Jobs => false,
             WorkerKind::Image => DriverKind::ALL.iter().any(|d| d.info().format_threads),
         }
     }
@@ -329,6 +338,14 @@ pub enum ToWorker {
         /// The operation.
         op: OpId,
     },
+    /// Change a running operation's speed limit (bytes per second, 0: none), from its
+    /// next chunk on. `NotFound` if it is not running.
+    SetOperationSpeed {
+        /// The operation.
+        op: OpId,
+        /// The new limit.
+        speed: u64,
+    },
 }
 
 /// A dirty bitmap's region as a node's worker maps it (`crate::bitmap`): the bytes
@@ -378,13 +395,40 @@ pub enum Operation {
         /// Bytes per second, 0 for no limit.
         speed: u64,
     },
+    /// The job runner's part of `block-commit` (an intermediate layer into its
+    /// base): for `[offset, len)` of `top`, every range allocated in one of the
+    /// `layers` topmost layers of its chain (allocation depth 1..=layers) is read
+    /// from `top` and written to `base`. Progress counts every byte passed,
+    /// copied or not, from `offset` on.
+    Commit {
+        /// The node read (the commit's top), reached over a data channel.
+        top: NodeRef,
+        /// The node written (the commit's base).
+        base: NodeRef,
+        /// The layers from `top` down whose data moves (those above `base`).
+        layers: u32,
+        /// Where to start (0, or where an earlier run of the job stopped).
+        offset: u64,
+        /// The end: `top`'s size.
+        len: u64,
+        /// Bytes per second, 0 for no limit.
+        speed: u64,
+    },
 }
 
 impl Operation {
-    /// The node the operation works on.
+    /// The node the operation works on (for a commit: its top).
     pub fn node(&self) -> NodeId {
         match self {
             Operation::Fill { node, .. } => *node,
+            Operation::Commit { top, .. } => top.node,
+        }
+    }
+
+    /// Units in all.
+    pub fn total(&self) -> u64 {
+        match self {
+            Operation::Fill { len, .. } | Operation::Commit { len, .. } => *len,
         }
     }
 }

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use actix::prelude::*;
 use serde_json::{Map, Value};
 
-use bulkhead_ipc::wire::{WorkerEvent, WorkerId};
+use bulkhead_ipc::wire::{OpId, WorkerEvent, WorkerId};
 
 use super::workers::{EventTicket, WorkerDied};
 use super::{After, Core, Isolation, QmpError};
@@ -64,11 +64,14 @@ impl Actor for SupervisorActor {
         let me = ctx.address();
         let on_event: Rc<dyn Fn(WorkerId, WorkerEvent, EventTicket)> =
             Rc::new(move |id, e, ticket| me.do_send(FromWorkerEvent(id, e, ticket)));
+        let me = ctx.address();
+        let on_job: Rc<dyn Fn(String, OpId)> = Rc::new(move |id, op| me.do_send(JobStep(id, op)));
         self.core = Some(Core::new(
             self.events.clone(),
             self.isolation,
             on_event,
             on_death,
+            on_job,
         ));
     }
 }
@@ -85,6 +88,25 @@ impl Handler<WorkerDied> for SupervisorActor {
     fn handle(&mut self, msg: WorkerDied, _: &mut Context<Self>) -> Self::Result {
         self.on_core((), |mut core| async move {
             core.worker_died(&msg).await;
+            (core, ())
+        })
+    }
+}
+
+/// A job's copy ended: the job takes its next step, between commands.
+#[derive(Debug)]
+pub struct JobStep(pub String, pub OpId);
+
+impl Message for JobStep {
+    type Result = ();
+}
+
+impl Handler<JobStep> for SupervisorActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: JobStep, _: &mut Context<Self>) -> Self::Result {
+        self.on_core((), |mut core| async move {
+            core.job_step(&msg.0, msg.1).await;
             (core, ())
         })
     }

@@ -758,6 +758,11 @@ impl Core {
         if node.exported {
             return Err(errors::node_in_use(name));
         }
+        // A job holds its nodes through block backends of its own (QEMU's
+        // `bdrv_has_blk`).
+        if self.job_using(name).is_some() {
+            return Err(errors::node_in_use(name));
+        }
         // QEMU's op blocker on a backing node comes before the other checks.
         if let Some(parent) = self
             .graph

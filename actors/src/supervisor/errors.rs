@@ -428,6 +428,85 @@ pub fn overlay_without_backing() -> QmpError {
     generic("The overlay does not support backing images")
 }
 
+// ---------------------------------------------------------------- qsd's texts: jobs
+
+/// `job-*` of an unknown job.
+pub fn job_not_found() -> QmpError {
+    generic("Job not found")
+}
+
+/// `block-job-*` of an unknown job.
+pub fn block_job_not_found(id: &str) -> QmpError {
+    QmpError {
+        class: ErrorClass::DeviceNotActive,
+        desc: format!("Block job '{id}' not found"),
+    }
+}
+
+/// A verb the job's status does not take (`job_apply_verb`).
+pub fn job_verb(id: &str, status: &str, verb: &str) -> QmpError {
+    generic(format!(
+        "Job '{id}' in state '{status}' cannot accept command verb '{verb}'"
+    ))
+}
+
+/// Two options that name the same thing.
+pub fn mutually_exclusive(a: &str, b: &str) -> QmpError {
+    generic(format!("'{a}' and '{b}' are mutually exclusive"))
+}
+
+/// A node outside the device's backing chain.
+pub fn not_in_chain(node: &str) -> QmpError {
+    generic(format!("'{node}' is not in this backing file chain"))
+}
+
+/// `block-commit` with the same top and base.
+pub fn commit_into_itself() -> QmpError {
+    generic("cannot commit an image into itself")
+}
+
+/// `block-commit` of the active layer with `backing-file`.
+pub fn backing_file_active_commit() -> QmpError {
+    generic("'backing-file' specified, but 'top' is the active layer")
+}
+
+/// A job id that is no well-formed id.
+pub fn invalid_job_id(id: &str) -> QmpError {
+    generic(format!("Invalid job ID '{id}'"))
+}
+
+/// A job id another job has.
+pub fn job_id_in_use(id: &str) -> QmpError {
+    generic(format!("Job ID '{id}' already in use"))
+}
+
+/// A negative `speed`.
+pub fn speed_negative() -> QmpError {
+    generic("Parameter 'speed' expects a non-negative value")
+}
+
+/// `job-pause` of a paused job.
+pub fn job_already_paused() -> QmpError {
+    generic("Job is already paused")
+}
+
+/// `job-resume` of a job the user did not pause.
+pub fn job_not_paused() -> QmpError {
+    generic("Can't resume a job that was not paused")
+}
+
+/// `block-job-cancel` of a paused job without `force`.
+pub fn block_job_paused(id: &str) -> QmpError {
+    generic(format!(
+        "The block job for device '{id}' is currently paused"
+    ))
+}
+
+/// `job-complete` of a job that cannot complete.
+pub fn job_cannot_complete(id: &str) -> QmpError {
+    generic(format!("The active block job '{id}' cannot be completed"))
+}
+
 /// `transaction` with an `abort` action.
 pub fn transaction_aborted() -> QmpError {
     generic("Transaction aborted using Abort action")
@@ -603,6 +682,18 @@ pub fn worker_vanished() -> QmpError {
 /// A dirty bitmap's shared-memory region could not be made or mapped.
 pub fn bitmap_region(e: bulkhead_ipc::shm::ShmError) -> QmpError {
     generic(format!("cannot create the dirty bitmap: {e}"))
+}
+
+/// `block-commit` of the active layer (a mirror underneath: not built yet).
+pub fn active_commit_unsupported() -> QmpError {
+    generic("bulkhead does not support committing the active layer yet")
+}
+
+/// `top` or `base` named by file name rather than node name.
+pub fn by_file_name_unsupported(what: &str, name: &str) -> QmpError {
+    generic(format!(
+        "bulkhead does not support '{what}' by file name ('{name}') yet: use '{what}-node'"
+    ))
 }
 
 /// A `transaction` action that needs what bulkhead does not have yet (jobs,

@@ -305,8 +305,9 @@ impl Graph {
         node.is_implicit(role) || (role == Role::Backing && self.backing_named_in_image(node))
     }
 
-    /// The backing child's filename is the header's backing file name, resolved
-    /// against the image's own file as QEMU resolves it.
+    /// The backing child's filename is the header's backing file name as written
+    /// (QEMU compares `auto_backing_file`, the header's string, unresolved: a
+    /// relative name never matches an opened node's filename).
     fn backing_named_in_image(&self, node: &Node) -> bool {
         let (Some(f), Some(b)) = (
             node.format.as_ref(),
@@ -317,11 +318,28 @@ impl Graph {
         let Some(name) = f.backing_file.as_ref().filter(|n| !n.is_empty()) else {
             return false;
         };
-        let image = self.chain(&node.name).last().and_then(|c| c.path.clone());
-        let full = image
-            .and_then(|i| super::backing::resolve(name, &i).ok())
-            .map_or_else(|| name.clone(), |p| p.to_string_lossy().into_owned());
-        full == self.filename(b)
+        *name == self.filename(b)
+    }
+
+    /// `name`, then every node below it along backing links (a filter's file
+    /// standing in for a backing), top first: a backing chain as QEMU walks it
+    /// (`bdrv_filter_or_cow_bs`).
+    pub fn chain_names(&self, name: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cur = self.get(name);
+        while let Some(n) = cur {
+            if out.contains(&n.name) {
+                break;
+            }
+            out.push(n.name.clone());
+            let below = if n.driver.info().filter {
+                n.file()
+            } else {
+                n.child(Role::Backing)
+            };
+            cur = below.and_then(|c| self.get(c));
+        }
+        out
     }
 
     /// QEMU's full open options of a node: driver, strong options, children.

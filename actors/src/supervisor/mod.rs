@@ -17,6 +17,7 @@ pub mod commands;
 pub mod errors;
 pub mod export;
 pub mod graph;
+mod jobs;
 pub mod ops;
 mod overlay;
 pub mod placement;
@@ -139,6 +140,12 @@ pub struct Core {
     image_info: ops::ImageInfoCache,
     /// The last id given to a dirty-bitmap region shared with an export worker.
     next_region: u64,
+    /// Block jobs.
+    jobs: jobs::Jobs,
+    /// The job runner's instance, once one was needed.
+    jobs_home: Option<WorkerId>,
+    /// Told when a job's copy ended (through the actor, like worker events).
+    on_job: Rc<dyn Fn(String, bulkhead_ipc::wire::OpId)>,
 }
 
 impl std::fmt::Debug for Core {
@@ -156,6 +163,7 @@ impl Core {
         isolation: Isolation,
         on_event: Rc<dyn Fn(WorkerId, WorkerEvent, workers::EventTicket)>,
         on_death: Rc<dyn Fn(WorkerDied)>,
+        on_job: Rc<dyn Fn(String, bulkhead_ipc::wire::OpId)>,
     ) -> Core {
         Core {
             graph: Graph::default(),
@@ -177,6 +185,9 @@ impl Core {
             ops: Rc::default(),
             image_info: ops::ImageInfoCache::default(),
             next_region: 0,
+            jobs: jobs::Jobs::default(),
+            jobs_home: None,
+            on_job,
         }
     }
 
@@ -509,7 +520,7 @@ impl Core {
     /// Stops instance `id` if it holds nothing any more (its last node moved away or
     /// was deleted), so idle processes do not linger.
     fn retire_if_idle(&mut self, id: WorkerId) {
-        if self.has_state(id) || self.nbd_home == Some(id) {
+        if self.has_state(id) || self.nbd_home == Some(id) || self.jobs_home == Some(id) {
             return;
         }
         // A peer's channel to it just closes; nothing can be pending on a worker

@@ -356,12 +356,17 @@ impl Core {
         stall: Duration,
     ) -> Result<OpWatch, QmpError> {
         let node = operation.node();
-        let Some(home) = self.graph.iter().find(|n| n.id == node).map(|n| n.home) else {
-            return Err(errors::operation_node_gone());
+        let home = match &operation {
+            Operation::Fill { .. } => {
+                let Some(home) = self.graph.iter().find(|n| n.id == node).map(|n| n.home) else {
+                    return Err(errors::operation_node_gone());
+                };
+                home
+            }
+            // Copies between nodes run in the job runner, over channels to both.
+            Operation::Commit { top, base, .. } => self.connect_job_runner(&[*top, *base]).await?,
         };
-        let total = match &operation {
-            Operation::Fill { len, .. } => *len,
-        };
+        let total = operation.total();
         // The worker refuses more too; counting here keeps the bound the supervisor's.
         if self.ops.borrow().running_on(home) >= MAX_OPERATIONS {
             return Err(errors::from_error(super::strerror(libc::EBUSY)));

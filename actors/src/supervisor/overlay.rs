@@ -142,7 +142,11 @@ impl Core {
     }
 
     /// Reopens `overlay` with `backing` as its backing child.
-    async fn attach_backing(&mut self, overlay: &str, backing: &str) -> Result<(), QmpError> {
+    pub(super) async fn attach_backing(
+        &mut self,
+        overlay: &str,
+        backing: &str,
+    ) -> Result<(), QmpError> {
         let (o, b) = match (self.node_ref(overlay), self.node_ref(backing)) {
             (Some(o), Some(b)) => (o, b),
             _ => return Err(errors::node_vanished()),
@@ -177,7 +181,7 @@ impl Core {
     /// [`Core::make_read_only`] or its reverse: a node made read-only goes before
     /// its inheriting children (no writer above a read-only child), one made
     /// writable after them.
-    async fn set_mode(&mut self, name: &str, read_only: bool) -> Result<(), QmpError> {
+    pub(super) async fn set_mode(&mut self, name: &str, read_only: bool) -> Result<(), QmpError> {
         let inherit: Vec<String> = self
             .graph
             .get(name)

@@ -91,6 +91,7 @@ impl Instance {
         match self.kind {
             WorkerKind::Nbd => "export",
             WorkerKind::Image => "image",
+            WorkerKind::Jobs => "jobs",
             _ => "driver",
         }
     }

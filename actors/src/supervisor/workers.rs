@@ -543,9 +543,10 @@ async fn read_replies(
                     }
                     // Driver workers run operations and open images; the operation
                     // table checks who runs the op, the image cache who hosts the node.
-                    WorkerEvent::Progress { .. }
-                    | WorkerEvent::OperationEnded { .. }
-                    | WorkerEvent::ImageInfo { .. } => kind.hosts_nodes(),
+                    WorkerEvent::Progress { .. } | WorkerEvent::OperationEnded { .. } => {
+                        kind.runs_operations()
+                    }
+                    WorkerEvent::ImageInfo { .. } => kind.hosts_nodes(),
                 };
                 if !expected {
                     return Some("event not expected from this worker".into());

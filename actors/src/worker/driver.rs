@@ -519,11 +519,16 @@ impl DriverWorker {
                     .nodes
                     .lookup(operation.node())
                     .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
-                self.ops.start(op, operation, node)?;
+                self.ops
+                    .start(op, operation, super::ops::Nodes::One(node))?;
                 Ok(Reply::Done)
             }
             ToWorker::CancelOperation { op } => {
                 self.ops.cancel(op)?;
+                Ok(Reply::Done)
+            }
+            ToWorker::SetOperationSpeed { op, speed } => {
+                self.ops.set_speed(op, speed)?;
                 Ok(Reply::Done)
             }
             ToWorker::NbdServerStart { .. }

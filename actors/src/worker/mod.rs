@@ -13,6 +13,7 @@ mod driver;
 mod export;
 #[cfg(feature = "test-hooks")]
 mod hooks;
+mod jobs;
 mod link;
 mod nbd;
 mod ops;
@@ -123,6 +124,7 @@ async fn serve(
     on_link(Arc::clone(&link));
     let mut state = match kind {
         WorkerKind::Nbd => State::Nbd(nbd::NbdWorker::new(Arc::clone(&chan), Arc::clone(&link))),
+        WorkerKind::Jobs => State::Jobs(jobs::JobWorker::new(Arc::clone(&chan))),
         _ => State::Driver(driver::DriverWorker::new(kind, id, Arc::clone(&chan))),
     };
     // Requests one at a time; the link routes answers to questions meanwhile.
@@ -130,6 +132,7 @@ async fn serve(
         let result = match &mut state {
             State::Driver(d) => d.handle(req.body, fds).await,
             State::Nbd(n) => n.handle(req.body, fds).await,
+            State::Jobs(j) => j.handle(req.body, fds).await,
         };
         link.send(&FromWorker::Reply { id: req.id, result }, &[])
             .await?;
@@ -141,6 +144,7 @@ async fn serve(
 enum State {
     Driver(driver::DriverWorker),
     Nbd(nbd::NbdWorker),
+    Jobs(jobs::JobWorker),
 }
 
 /// The workers whose nodes this worker reaches, by instance, across their restarts

@@ -1,5 +1,5 @@
-//! Long operations in a driver worker ([`ToWorker::StartOperation`]): each runs in a
-//! task of its own, so the control loop keeps answering (the heartbeat among them)
+//! Long operations in a driver worker or the job runner
+//! ([`ToWorker::StartOperation`]): each runs in a task of its own, so the control loop keeps answering (the heartbeat among them)
 //! however long the work takes. Progress goes to the supervisor at most every
 //! [`PROGRESS_EVERY`] per operation (the newest value at that moment: nothing queues),
 //! then one `OperationEnded`. See `design/processes.md`, "Long operations".
@@ -22,10 +22,20 @@ pub(crate) const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// Largest write of a fill.
 const CHUNK: u64 = 1 << 20;
 
-/// One running operation: its node and the flag that cancels it.
+/// One running operation: its node, the flag that cancels it and its speed limit.
 struct Running {
     node: NodeId,
     cancel: watch::Sender<bool>,
+    speed: watch::Sender<u64>,
+}
+
+/// The nodes an operation works on, opened by the caller: the worker's own node
+/// (a fill), or two nodes reached over data channels (a commit's top and base).
+pub(crate) enum Nodes {
+    /// The node written.
+    One(Arc<dyn BlockIo>),
+    /// The node read, then the node written.
+    Two(Arc<dyn BlockIo>, Arc<dyn BlockIo>),
 }
 
 /// The operations a worker runs.
@@ -57,7 +67,7 @@ impl Operations {
         &self,
         op: OpId,
         operation: Operation,
-        node: Arc<dyn BlockIo>,
+        nodes: Nodes,
     ) -> Result<(), WorkerError> {
         let mut running = self.lock();
         if running.contains_key(&op) {
@@ -74,24 +84,51 @@ impl Operations {
                 "too many operations",
             ));
         }
-        let Operation::Fill {
-            node: id,
-            offset,
-            len,
-            ..
-        } = &operation;
-        if offset.checked_add(*len).is_none_or(|end| end > node.size()) {
+        let (written, end, speed) = match (&operation, &nodes) {
+            (
+                Operation::Fill {
+                    offset, len, speed, ..
+                },
+                Nodes::One(node),
+            ) => (node, offset.checked_add(*len), *speed),
+            (Operation::Commit { len, speed, .. }, Nodes::Two(top, base)) => {
+                if *len > top.size() {
+                    return Err(err(
+                        WorkerErrorKind::Invalid,
+                        libc::EINVAL,
+                        "range beyond the top",
+                    ));
+                }
+                (base, Some(*len), *speed)
+            }
+            _ => {
+                return Err(err(
+                    WorkerErrorKind::Invalid,
+                    libc::EINVAL,
+                    "operation and nodes do not match",
+                ));
+            }
+        };
+        if end.is_none_or(|end| end > written.size()) {
             return Err(err(
                 WorkerErrorKind::Invalid,
                 libc::EINVAL,
                 "range beyond the node",
             ));
         }
-        if node.read_only() {
+        if written.read_only() {
             return Err(err(WorkerErrorKind::Invalid, libc::EROFS, "read-only node"));
         }
         let (cancel, cancelled) = watch::channel(false);
-        running.insert(op, Running { node: *id, cancel });
+        let (speed_tx, speed_rx) = watch::channel(speed);
+        running.insert(
+            op,
+            Running {
+                node: operation.node(),
+                cancel,
+                speed: speed_tx,
+            },
+        );
         let table = Arc::clone(&self.running);
         let mut report = Reporter {
             op,
@@ -99,7 +136,14 @@ impl Operations {
             last: None,
         };
         tokio::spawn(async move {
-            let result = run(operation, node, cancelled, &mut report).await;
+            let control = Control {
+                cancel: cancelled,
+                speed: speed_rx,
+            };
+            let result = match nodes {
+                Nodes::One(node) => fill(operation, node, control, &mut report).await,
+                Nodes::Two(top, base) => commit(operation, top, base, control, &mut report).await,
+            };
             // Out of the table before the end is reported: the supervisor may start
             // another at once.
             table.lock().unwrap_or_else(|p| p.into_inner()).remove(&op);
@@ -116,6 +160,21 @@ impl Operations {
         match self.lock().get(&op) {
             Some(r) => {
                 r.cancel.send_replace(true);
+                Ok(())
+            }
+            None => Err(err(
+                WorkerErrorKind::NotFound,
+                libc::ENOENT,
+                "no such operation",
+            )),
+        }
+    }
+
+    /// Changes `op`'s speed limit from its next chunk on.
+    pub(crate) fn set_speed(&self, op: OpId, speed: u64) -> Result<(), WorkerError> {
+        match self.lock().get(&op) {
+            Some(r) => {
+                r.speed.send_replace(speed);
                 Ok(())
             }
             None => Err(err(
@@ -162,10 +221,65 @@ fn cancelled() -> WorkerError {
     err(WorkerErrorKind::Cancelled, libc::ECANCELED, "cancelled")
 }
 
-async fn run(
+/// What steers a running operation: its cancel flag and its speed limit.
+struct Control {
+    cancel: watch::Receiver<bool>,
+    speed: watch::Receiver<u64>,
+}
+
+/// The chunk size and rate limiting of a copy or fill: at most `speed` bytes a second
+/// (0: no limit), measured from the last change of the limit, about ten chunks a
+/// second at the limit so that progress and cancelling stay prompt.
+struct Pace {
+    speed: u64,
+    since: tokio::time::Instant,
+    done_since: u64,
+}
+
+impl Pace {
+    fn new(speed: u64) -> Pace {
+        Pace {
+            speed,
+            since: tokio::time::Instant::now(),
+            done_since: 0,
+        }
+    }
+
+    fn chunk(&self, max: u64) -> u64 {
+        match self.speed {
+            0 => max,
+            s => (s / 10).clamp(512, max),
+        }
+    }
+
+    /// Accounts `n` bytes and waits until they are due; a new limit restarts the
+    /// measure. Returns `Err` when cancelled meanwhile.
+    async fn pass(&mut self, n: u64, control: &mut Control) -> Result<(), WorkerError> {
+        let now = *control.speed.borrow_and_update();
+        if now != self.speed {
+            *self = Pace::new(now);
+        }
+        self.done_since += n;
+        if self.speed == 0 {
+            return Ok(());
+        }
+        let due = self.since + Duration::from_secs_f64(self.done_since as f64 / self.speed as f64);
+        tokio::select! {
+            () = tokio::time::sleep_until(due) => Ok(()),
+            _ = control.cancel.wait_for(|c| *c) => Err(cancelled()),
+            _ = control.speed.changed() => Ok(()),
+        }
+    }
+}
+
+fn io(e: bulkhead_block::IoError) -> WorkerError {
+    err(WorkerErrorKind::Io, e.errno(), e.to_string())
+}
+
+async fn fill(
     operation: Operation,
     node: Arc<dyn BlockIo>,
-    mut cancel: watch::Receiver<bool>,
+    mut control: Control,
     report: &mut Reporter,
 ) -> Result<(), WorkerError> {
     let Operation::Fill {
@@ -174,38 +288,95 @@ async fn run(
         pattern,
         speed,
         ..
-    } = operation;
-    // About ten writes a second at the speed limit, so progress and cancelling stay
-    // prompt.
-    let chunk = match speed {
-        0 => CHUNK,
-        s => (s / 10).clamp(512, CHUNK),
+    } = operation
+    else {
+        return Err(err(WorkerErrorKind::Invalid, libc::EINVAL, "not a fill"));
     };
-    let buf = vec![pattern; usize::try_from(chunk).unwrap_or(1 << 20)];
-    let start = tokio::time::Instant::now();
+    let mut pace = Pace::new(speed);
+    let buf = vec![pattern; usize::try_from(CHUNK).unwrap_or(1 << 20)];
     let mut done = 0u64;
     report.progress(0, len).await;
     while done < len {
         // A write is never abandoned half-way: cancelling takes effect between chunks.
-        if *cancel.borrow() {
+        if *control.cancel.borrow() {
             return Err(cancelled());
         }
-        let n = chunk.min(len - done);
+        let n = pace.chunk(CHUNK).min(len - done);
         let slice = &buf[..usize::try_from(n).unwrap_or(buf.len())];
         node.write(offset + done, slice, WriteFlags::default())
             .await
-            .map_err(|e| err(WorkerErrorKind::Io, e.errno(), e.to_string()))?;
+            .map_err(io)?;
         done += n;
         report.progress(done, len).await;
-        if speed > 0 {
-            let due = start + Duration::from_secs_f64(done as f64 / speed as f64);
-            tokio::select! {
-                () = tokio::time::sleep_until(due) => {}
-                _ = cancel.wait_for(|c| *c) => return Err(cancelled()),
-            }
-        }
+        pace.pass(n, &mut control).await?;
     }
-    node.flush()
-        .await
-        .map_err(|e| err(WorkerErrorKind::Io, e.errno(), e.to_string()))
+    node.flush().await.map_err(io)
+}
+
+/// Largest piece a commit copies at once (QEMU's `COMMIT_BUFFER_SIZE`).
+const COMMIT_CHUNK: u64 = 512 << 10;
+
+/// A commit's copy: what the `layers` topmost layers of `top` hold goes to `base`,
+/// piece by piece, from `offset` to `len`. Reads go through `top` (its chain
+/// supplies the data), writes to `base`; the supervisor has made `base` writable.
+async fn commit(
+    operation: Operation,
+    top: Arc<dyn BlockIo>,
+    base: Arc<dyn BlockIo>,
+    mut control: Control,
+    report: &mut Reporter,
+) -> Result<(), WorkerError> {
+    let Operation::Commit {
+        layers,
+        offset,
+        len,
+        speed,
+        ..
+    } = operation
+    else {
+        return Err(err(WorkerErrorKind::Invalid, libc::EINVAL, "not a commit"));
+    };
+    let mut pace = Pace::new(speed);
+    let mut buf = vec![0u8; usize::try_from(COMMIT_CHUNK).unwrap_or(1 << 19)];
+    let mut pos = offset;
+    report.progress(pos, len).await;
+    while pos < len {
+        if *control.cancel.borrow() {
+            return Err(cancelled());
+        }
+        let n = pace.chunk(COMMIT_CHUNK).min(len - pos);
+        let extents = top.block_status(pos, n).await.map_err(io)?;
+        let mut at = pos;
+        let mut copied = 0u64;
+        for e in extents {
+            let end = at.saturating_add(e.length).min(pos + n);
+            if end <= at {
+                break;
+            }
+            if (1..=layers).contains(&e.depth) {
+                let piece = &mut buf[..usize::try_from(end - at).unwrap_or(0)];
+                top.read(at, piece).await.map_err(io)?;
+                base.write(at, piece, WriteFlags::default())
+                    .await
+                    .map_err(io)?;
+                copied += end - at;
+            }
+            at = end;
+        }
+        // A status that does not cover the piece is a protocol error of the
+        // node's worker: never loop on it.
+        if at == pos {
+            return Err(err(
+                WorkerErrorKind::Io,
+                libc::EIO,
+                "block status covered nothing",
+            ));
+        }
+        pos = at;
+        report.progress(pos, len).await;
+        // Only what was copied counts against the speed limit (QEMU's commit
+        // charges copied bytes only).
+        pace.pass(copied, &mut control).await?;
+    }
+    base.flush().await.map_err(io)
 }

@@ -167,6 +167,8 @@ pub fn table(kind: WorkerKind) -> Table {
         // An image worker hosts every driver of its image.
         WorkerKind::Image => names.extend(DriverKind::ALL.iter().map(|d| d.info().policy)),
         WorkerKind::Nbd => lines.extend(nbd::table()?),
+        // Data channels and timers only: the common lines.
+        WorkerKind::Jobs => {}
     }
     let mut seen: Vec<&str> = Vec::new();
     for name in names {

@@ -22,6 +22,7 @@ pub(super) async fn query_commands(_: &mut Core, _: NoArgs) -> Result<Value, Qmp
 /// Every export goes (with its event) before the reply; the session then exits.
 pub(super) async fn quit(core: &mut Core, _: NoArgs) -> Result<(), QmpError> {
     core.delete_all_exports().await;
+    core.cancel_all_jobs().await;
     Ok(())
 }
 

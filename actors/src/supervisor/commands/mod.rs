@@ -14,6 +14,7 @@ mod bitmaps;
 mod blockdev;
 mod control;
 mod export;
+mod jobs;
 #[cfg(feature = "test-hooks")]
 mod ops;
 mod query;
@@ -124,6 +125,22 @@ macro_rules! front {
 /// Every command, in qsd's `query-commands` order reversed.
 pub static REGISTRY: &[Command] = &[
     front!("qmp_capabilities"),
+    command!("job-pause", Change, jobs::job_pause),
+    command!("job-resume", Change, jobs::job_resume),
+    command!("job-cancel", Change, jobs::job_cancel),
+    command!("job-complete", Change, jobs::job_complete),
+    command!("job-dismiss", Change, jobs::job_dismiss),
+    command!("job-finalize", Change, jobs::job_finalize),
+    command!("query-jobs", Query, jobs::query_jobs),
+    command!("query-block-jobs", Query, jobs::query_block_jobs),
+    command!("block-commit", Change, jobs::block_commit),
+    command!("block-job-set-speed", Change, jobs::block_job_set_speed),
+    command!("block-job-cancel", Change, jobs::block_job_cancel),
+    command!("block-job-pause", Change, jobs::block_job_pause),
+    command!("block-job-resume", Change, jobs::block_job_resume),
+    command!("block-job-complete", Change, jobs::block_job_complete),
+    command!("block-job-dismiss", Change, jobs::block_job_dismiss),
+    command!("block-job-finalize", Change, jobs::block_job_finalize),
     command!("query-version", Query, control::query_version),
     command!("query-commands", Query, control::query_commands),
     command!("quit", Quit, control::quit),

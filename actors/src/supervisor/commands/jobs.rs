@@ -1,0 +1,91 @@
+//! Job commands: `block-commit`, `query-jobs`, `query-block-jobs`, the `job-*` verbs
+//! and their `block-job-*` forms (the work is in `supervisor::jobs`).
+
+use bulkhead_qmp::qapi::types::{
+    BlockCommitArgs, BlockJobCancelArgs, BlockJobDeviceArgs, BlockJobSetSpeedArgs, JobIdArgs,
+    NoArgs,
+};
+use serde_json::Value;
+
+use crate::supervisor::jobs::Lookup;
+use crate::supervisor::{Core, QmpError};
+
+pub(super) async fn block_commit(core: &mut Core, args: BlockCommitArgs) -> Result<(), QmpError> {
+    core.block_commit(&args).await
+}
+
+pub(super) async fn query_jobs(core: &mut Core, _: NoArgs) -> Result<Vec<Value>, QmpError> {
+    Ok(core.query_jobs())
+}
+
+pub(super) async fn query_block_jobs(core: &mut Core, _: NoArgs) -> Result<Vec<Value>, QmpError> {
+    Ok(core.query_block_jobs())
+}
+
+pub(super) async fn job_pause(core: &mut Core, a: JobIdArgs) -> Result<(), QmpError> {
+    core.job_pause(&a.id, Lookup::Job).await
+}
+
+pub(super) async fn job_resume(core: &mut Core, a: JobIdArgs) -> Result<(), QmpError> {
+    core.job_resume(&a.id, Lookup::Job).await
+}
+
+pub(super) async fn job_cancel(core: &mut Core, a: JobIdArgs) -> Result<(), QmpError> {
+    core.job_cancel(&a.id, Lookup::Job, true).await
+}
+
+pub(super) async fn job_complete(core: &mut Core, a: JobIdArgs) -> Result<(), QmpError> {
+    core.job_complete(&a.id, Lookup::Job).await
+}
+
+pub(super) async fn job_dismiss(core: &mut Core, a: JobIdArgs) -> Result<(), QmpError> {
+    core.job_dismiss(&a.id, Lookup::Job).await
+}
+
+pub(super) async fn job_finalize(core: &mut Core, a: JobIdArgs) -> Result<(), QmpError> {
+    core.job_finalize(&a.id, Lookup::Job).await
+}
+
+pub(super) async fn block_job_set_speed(
+    core: &mut Core,
+    a: BlockJobSetSpeedArgs,
+) -> Result<(), QmpError> {
+    core.job_set_speed(&a.device, a.speed).await
+}
+
+pub(super) async fn block_job_cancel(
+    core: &mut Core,
+    a: BlockJobCancelArgs,
+) -> Result<(), QmpError> {
+    core.job_cancel(&a.device, Lookup::BlockJob, a.force.unwrap_or(false))
+        .await
+}
+
+pub(super) async fn block_job_pause(
+    core: &mut Core,
+    a: BlockJobDeviceArgs,
+) -> Result<(), QmpError> {
+    core.job_pause(&a.device, Lookup::BlockJob).await
+}
+
+pub(super) async fn block_job_resume(
+    core: &mut Core,
+    a: BlockJobDeviceArgs,
+) -> Result<(), QmpError> {
+    core.job_resume(&a.device, Lookup::BlockJob).await
+}
+
+pub(super) async fn block_job_complete(
+    core: &mut Core,
+    a: BlockJobDeviceArgs,
+) -> Result<(), QmpError> {
+    core.job_complete(&a.device, Lookup::BlockJob).await
+}
+
+pub(super) async fn block_job_dismiss(core: &mut Core, a: JobIdArgs) -> Result<(), QmpError> {
+    core.job_dismiss(&a.id, Lookup::BlockJob).await
+}
+
+pub(super) async fn block_job_finalize(core: &mut Core, a: JobIdArgs) -> Result<(), QmpError> {
+    core.job_finalize(&a.id, Lookup::BlockJob).await
+}

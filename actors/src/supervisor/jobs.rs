@@ -1,0 +1,767 @@
+//! Block jobs: the job state machine as qsd's (`job.c`), the job commands and
+//! events, and `block-commit` of an intermediate layer.
+//!
+//! Runs in the supervisor. A job's data moves in the job runner worker as a long
+//! operation (`ops`, `worker/jobs.rs`); the job itself (status, verbs, events,
+//! pause count, speed, progress, the graph change at the end) lives here. Pausing
+//! stops the operation and resuming starts a new one where it stopped; a job runner
+//! that dies has its operation failed, and the job starts a new one from the last
+//! progress it saw (a commit's copy may repeat a piece, which writes the same
+//! bytes again). See `design/jobs.md`.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use bulkhead_ipc::wire::{NodeRef, OpId, Operation, ToWorker, WorkerId, WorkerKind};
+use bulkhead_qmp::qapi::types::{BlockCommitArgs, BlockdevOnError};
+use bulkhead_qmp::request::ErrorClass;
+use serde_json::{Map, Value, json};
+
+use super::ops::{OpError, OpWatch};
+use super::{Core, QmpError, errors};
+
+/// How long a job's copy may make no progress before it fails (a speed limit of a
+/// few bytes a second still makes progress at least every chunk).
+const STALL: Duration = Duration::from_secs(120);
+/// How long pausing or cancelling waits for the copy to stop.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// `JobStatus`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    Created,
+    Running,
+    Paused,
+    // Mirror and active commit (READY and its paused form) are still to come.
+    #[allow(dead_code)]
+    Ready,
+    #[allow(dead_code)]
+    Standby,
+    Waiting,
+    Pending,
+    Aborting,
+    Concluded,
+    Null,
+}
+
+impl JobStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Created => "created",
+            JobStatus::Running => "running",
+            JobStatus::Paused => "paused",
+            JobStatus::Ready => "ready",
+            JobStatus::Standby => "standby",
+            JobStatus::Waiting => "waiting",
+            JobStatus::Pending => "pending",
+            JobStatus::Aborting => "aborting",
+            JobStatus::Concluded => "concluded",
+            JobStatus::Null => "null",
+        }
+    }
+}
+
+/// `JobVerb`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Cancel,
+    Pause,
+    Resume,
+    SetSpeed,
+    Complete,
+    Finalize,
+    Dismiss,
+}
+
+impl Verb {
+    fn as_str(self) -> &'static str {
+        match self {
+            Verb::Cancel => "cancel",
+            Verb::Pause => "pause",
+            Verb::Resume => "resume",
+            Verb::SetSpeed => "set-speed",
+            Verb::Complete => "complete",
+            Verb::Finalize => "finalize",
+            Verb::Dismiss => "dismiss",
+        }
+    }
+
+    /// QEMU's `JobVerbTable`.
+    fn allowed(self, s: JobStatus) -> bool {
+        use JobStatus::*;
+        match self {
+            Verb::Cancel => matches!(
+                s,
+                Created | Running | Paused | Ready | Standby | Waiting | Pending
+            ),
+            Verb::Pause | Verb::Resume | Verb::SetSpeed => {
+                matches!(s, Created | Running | Paused | Ready | Standby)
+            }
+            Verb::Complete => matches!(s, Ready | Standby),
+            Verb::Finalize => s == Pending,
+            Verb::Dismiss => s == Concluded,
+        }
+    }
+}
+
+/// What a job does.
+#[derive(Debug, Clone)]
+enum Work {
+    /// `block-commit` of `top` (and the layers between) into `base`; `overlay` is
+    /// the node whose backing `top` is, which gets `base` instead at the end.
+    Commit {
+        overlay: String,
+        top: String,
+        base: String,
+        /// What the overlay's header will name as its backing file.
+        backing_file: String,
+        /// The layers from `top` down that move.
+        layers: u32,
+        /// `base` was read-only and is made writable for the job.
+        base_was_read_only: bool,
+    },
+}
+
+/// One job.
+#[derive(Debug)]
+pub struct Job {
+    id: String,
+    status: JobStatus,
+    auto_finalize: bool,
+    auto_dismiss: bool,
+    speed: u64,
+    /// Pauses the user asked for and has not resumed.
+    user_paused: bool,
+    on_error: BlockdevOnError,
+    /// Progress: done and total (the latest the copy reported).
+    done: u64,
+    total: u64,
+    /// Why it failed.
+    error: Option<String>,
+    /// The copy running now, if any.
+    op: Option<OpWatch>,
+    work: Work,
+}
+
+impl Job {
+    fn type_name(&self) -> &'static str {
+        match self.work {
+            Work::Commit { .. } => "commit",
+        }
+    }
+
+    /// The nodes the job holds (none of them may be deleted meanwhile).
+    fn uses(&self, node: &str) -> bool {
+        match &self.work {
+            Work::Commit {
+                overlay, top, base, ..
+            } => [overlay, top, base].iter().any(|n| n.as_str() == node),
+        }
+    }
+
+    /// The latest progress, the running copy's included.
+    fn progress(&self) -> (u64, u64) {
+        match &self.op {
+            Some(w) => {
+                let s = w.state.borrow();
+                (s.done.max(self.done), s.total.max(self.total))
+            }
+            None => (self.done, self.total),
+        }
+    }
+
+    /// `JobInfo`.
+    fn job_info(&self) -> Value {
+        let (done, total) = self.progress();
+        let mut m = Map::new();
+        m.insert("id".into(), self.id.clone().into());
+        m.insert("type".into(), self.type_name().into());
+        m.insert("status".into(), self.status.as_str().into());
+        m.insert("current-progress".into(), done.into());
+        m.insert("total-progress".into(), total.into());
+        if let Some(e) = &self.error {
+            m.insert("error".into(), e.clone().into());
+        }
+        Value::Object(m)
+    }
+
+    /// `BlockJobInfo`.
+    fn block_job_info(&self) -> Value {
+        let (done, total) = self.progress();
+        let mut m = Map::new();
+        m.insert("type".into(), self.type_name().into());
+        m.insert("device".into(), self.id.clone().into());
+        m.insert("len".into(), total.into());
+        m.insert("offset".into(), done.into());
+        m.insert(
+            "busy".into(),
+            (self.status == JobStatus::Running && self.op.is_some()).into(),
+        );
+        m.insert(
+            "paused".into(),
+            matches!(self.status, JobStatus::Paused | JobStatus::Standby).into(),
+        );
+        m.insert("speed".into(), self.speed.into());
+        m.insert("io-status".into(), "ok".into());
+        m.insert("ready".into(), false.into());
+        m.insert("status".into(), self.status.as_str().into());
+        m.insert("auto-finalize".into(), self.auto_finalize.into());
+        m.insert("auto-dismiss".into(), self.auto_dismiss.into());
+        if let Some(e) = &self.error {
+            m.insert("error".into(), e.clone().into());
+        }
+        Value::Object(m)
+    }
+
+    /// The data of `BLOCK_JOB_COMPLETED` and `BLOCK_JOB_CANCELLED`.
+    fn event_data(&self) -> Value {
+        let (done, total) = self.progress();
+        let mut v = json!({
+            "device": self.id, "len": total, "offset": done, "speed": self.speed,
+            "type": self.type_name(),
+        });
+        if let (Some(e), Some(m)) = (&self.error, v.as_object_mut()) {
+            m.insert("error".into(), e.clone().into());
+        }
+        v
+    }
+}
+
+/// The jobs, newest first (as QEMU lists them).
+#[derive(Debug, Default)]
+pub struct Jobs {
+    list: Vec<Job>,
+}
+
+impl Jobs {
+    /// The job using `node`, if any (for "busy" errors).
+    pub fn user_of(&self, node: &str) -> Option<&'static str> {
+        self.list
+            .iter()
+            .find(|j| j.status != JobStatus::Concluded && j.uses(node))
+            .map(Job::type_name)
+    }
+
+    fn get(&self, id: &str) -> Option<&Job> {
+        self.list.iter().find(|j| j.id == id)
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut Job> {
+        self.list.iter_mut().find(|j| j.id == id)
+    }
+}
+
+/// How a job command names the job: `job-*` (GenericError "Job not found") or
+/// `block-job-*` (DeviceNotActive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// `job-*`.
+    Job,
+    /// `block-job-*`.
+    BlockJob,
+}
+
+impl Core {
+    fn find_job(&self, id: &str, how: Lookup) -> Result<&Job, QmpError> {
+        self.jobs.get(id).ok_or_else(|| match how {
+            Lookup::Job => errors::job_not_found(),
+            Lookup::BlockJob => errors::block_job_not_found(id),
+        })
+    }
+
+    fn check_verb(&self, id: &str, how: Lookup, verb: Verb) -> Result<JobStatus, QmpError> {
+        let j = self.find_job(id, how)?;
+        if !verb.allowed(j.status) {
+            return Err(errors::job_verb(id, j.status.as_str(), verb.as_str()));
+        }
+        Ok(j.status)
+    }
+
+    /// Sets a job's status and emits `JOB_STATUS_CHANGE`.
+    async fn transition(&mut self, id: &str, status: JobStatus) {
+        if let Some(j) = self.jobs.get_mut(id) {
+            j.status = status;
+        }
+        self.emit(
+            "JOB_STATUS_CHANGE",
+            Some(json!({"status": status.as_str(), "id": id})),
+        )
+        .await;
+        if status == JobStatus::Null {
+            self.jobs.list.retain(|j| j.id != id);
+        }
+    }
+
+    /// `block-commit`, checked in qsd's order (an active commit is not supported
+    /// yet: the top must be below the device).
+    pub(super) async fn block_commit(&mut self, a: &BlockCommitArgs) -> Result<(), QmpError> {
+        let Some(device) = self.graph.get(&a.device) else {
+            return Err(QmpError {
+                class: ErrorClass::DeviceNotFound,
+                desc: format!("Device '{}' not found", a.device),
+            });
+        };
+        if device.parents > 0 || self.jobs.user_of(&device.name).is_some() {
+            return Err(errors::need_root_node());
+        }
+        let chain: Vec<String> = self.graph.chain_names(&device.name);
+        let top = match (&a.top_node, &a.top) {
+            (Some(_), Some(_)) => return Err(errors::mutually_exclusive("top", "top-node")),
+            (Some(t), None) => {
+                let n = self
+                    .graph
+                    .get(t)
+                    .ok_or_else(|| errors::device_not_found("", t))?;
+                if !chain.contains(&n.name) {
+                    return Err(errors::not_in_chain(t));
+                }
+                n.name.clone()
+            }
+            (None, Some(t)) => return Err(errors::by_file_name_unsupported("top", t)),
+            (None, None) => device.name.clone(),
+        };
+        let below_top = self.graph.chain_names(&top);
+        let base = match (&a.base_node, &a.base) {
+            (Some(_), Some(_)) => return Err(errors::mutually_exclusive("base", "base-node")),
+            (Some(b), None) => {
+                let n = self
+                    .graph
+                    .get(b)
+                    .ok_or_else(|| errors::device_not_found("", b))?;
+                if !below_top.contains(&n.name) {
+                    return Err(errors::not_in_chain(b));
+                }
+                n.name.clone()
+            }
+            (None, Some(b)) => return Err(errors::by_file_name_unsupported("base", b)),
+            // The bottom of the chain, `top` itself when it has no backing
+            // (`bdrv_find_base`; QEMU's "There is no backimg image" cannot happen).
+            (None, None) => below_top.last().cloned().unwrap_or_else(|| top.clone()),
+        };
+        if top == base {
+            return Err(errors::commit_into_itself());
+        }
+        if top == device.name {
+            if a.backing_file.is_some() {
+                return Err(errors::backing_file_active_commit());
+            }
+            return Err(errors::active_commit_unsupported());
+        }
+        let job_id = a.job_id.clone().unwrap_or_default();
+        if !bulkhead_qmp::qapi::id_wellformed(&job_id) {
+            return Err(errors::invalid_job_id(&job_id));
+        }
+        if self.jobs.get(&job_id).is_some() {
+            return Err(errors::job_id_in_use(&job_id));
+        }
+        // The overlay of `top`: the chain node whose backing it is.
+        let overlay = chain
+            .windows(2)
+            .find(|w| w[1] == top)
+            .map(|w| w[0].clone())
+            .ok_or_else(errors::node_vanished)?;
+        let layers = below_top.iter().position(|n| *n == base).unwrap_or(1);
+        let base_node = self.graph.get(&base).ok_or_else(errors::node_vanished)?;
+        let backing_file = a
+            .backing_file
+            .clone()
+            .unwrap_or_else(|| self.graph.filename(base_node));
+        let base_was_read_only = base_node.read_only;
+        let total = self.graph.get(&top).map_or(0, |n| n.size);
+        self.jobs.list.insert(
+            0,
+            Job {
+                id: job_id.clone(),
+                status: JobStatus::Created,
+                auto_finalize: a.auto_finalize.unwrap_or(true),
+                auto_dismiss: a.auto_dismiss.unwrap_or(true),
+                speed: 0,
+                user_paused: false,
+                on_error: a.on_error.unwrap_or(BlockdevOnError::Report),
+                done: 0,
+                total,
+                error: None,
+                op: None,
+                work: Work::Commit {
+                    overlay,
+                    top,
+                    base,
+                    backing_file,
+                    layers: u32::try_from(layers).unwrap_or(u32::MAX),
+                    base_was_read_only,
+                },
+            },
+        );
+        self.transition(&job_id, JobStatus::Created).await;
+        let speed = match u64::try_from(a.speed.unwrap_or(0)) {
+            Ok(s) => s,
+            Err(_) => {
+                self.transition(&job_id, JobStatus::Null).await;
+                return Err(errors::speed_negative());
+            }
+        };
+        if let Some(j) = self.jobs.get_mut(&job_id) {
+            j.speed = speed;
+        }
+        if let Err(e) = self.prepare_job(&job_id).await {
+            self.transition(&job_id, JobStatus::Null).await;
+            return Err(e);
+        }
+        self.transition(&job_id, JobStatus::Running).await;
+        self.start_copy(&job_id).await;
+        Ok(())
+    }
+
+    /// What a job needs before its copy starts: a commit's base writable.
+    async fn prepare_job(&mut self, id: &str) -> Result<(), QmpError> {
+        let Some(Work::Commit {
+            base,
+            base_was_read_only: true,
+            ..
+        }) = self.jobs.get(id).map(|j| j.work.clone())
+        else {
+            return Ok(());
+        };
+        self.set_mode(&base, false).await
+    }
+
+    /// Undoes `prepare_job` once the job ended either way.
+    async fn release_job(&mut self, id: &str) {
+        if let Some(Work::Commit {
+            base,
+            base_was_read_only: true,
+            ..
+        }) = self.jobs.get(id).map(|j| j.work.clone())
+            && let Err(e) = self.set_mode(&base, true).await
+        {
+            tracing::warn!(job = id, error = %e.desc, "the commit base stays writable");
+        }
+    }
+
+    /// Starts the job's copy from where it stands; a copy that cannot start fails
+    /// the job the way a failed copy does.
+    async fn start_copy(&mut self, id: &str) {
+        let Some(j) = self.jobs.get(id) else {
+            return;
+        };
+        let operation = match &j.work {
+            Work::Commit {
+                top, base, layers, ..
+            } => match (self.node_ref(top), self.node_ref(base)) {
+                (Some(t), Some(b)) => Operation::Commit {
+                    top: t,
+                    base: b,
+                    layers: *layers,
+                    offset: j.done,
+                    len: j.total,
+                    speed: j.speed,
+                },
+                _ => return,
+            },
+        };
+        match self.start_operation(operation, STALL).await {
+            Ok(watch) => {
+                let op = watch.op;
+                if let Some(j) = self.jobs.get_mut(id) {
+                    j.op = Some(watch.clone());
+                }
+                let on_job = Rc::clone(&self.on_job);
+                let id = id.to_string();
+                let mut watch = watch;
+                tokio::task::spawn_local(async move {
+                    let _ = watch.ended().await;
+                    on_job(id, op);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(job = id, error = %e.desc, "the job's copy did not start");
+                self.job_failed(id, "write", &e.desc).await;
+            }
+        }
+    }
+
+    /// The instance running job copies (one for all jobs, started on first use).
+    pub(super) fn jobs_instance(&mut self) -> WorkerId {
+        match self.jobs_home {
+            Some(id) => id,
+            None => {
+                let id = self.new_instance(WorkerKind::Jobs);
+                self.jobs_home = Some(id);
+                id
+            }
+        }
+    }
+
+    /// Where a job's copy runs and the nodes it reaches, connected.
+    pub(super) async fn connect_job_runner(
+        &mut self,
+        nodes: &[NodeRef],
+    ) -> Result<WorkerId, QmpError> {
+        let home = self.jobs_instance();
+        for n in nodes {
+            self.connect(home, n.home).await?;
+        }
+        Ok(home)
+    }
+
+    /// A job's copy ended (the op's watcher, through the actor).
+    pub async fn job_step(&mut self, id: &str, op: OpId) {
+        let Some(j) = self.jobs.get_mut(id) else {
+            return;
+        };
+        // Ends of copies the job stopped itself (pause, cancel) are handled there.
+        let Some(watch) = j.op.as_ref().filter(|w| w.op == op) else {
+            return;
+        };
+        let state = watch.state.borrow().clone();
+        j.done = j.done.max(state.done);
+        j.op = None;
+        match state.end {
+            Some(Ok(())) => self.job_done(id).await,
+            Some(Err(OpError::WorkerEnded(why))) => {
+                // The runner died: a new one goes on where the copy stood.
+                tracing::warn!(job = id, reason = %why, "job runner ended; the copy starts again");
+                self.start_copy(id).await;
+            }
+            Some(Err(OpError::Cancelled)) | None => {}
+            Some(Err(e)) => {
+                let text = match e {
+                    OpError::Failed(errno) => super::strerror(errno),
+                    other => other.to_string(),
+                };
+                self.job_failed(id, "write", &text).await;
+            }
+        }
+    }
+
+    /// The copy finished: waiting, pending, and (auto-finalize) the end.
+    async fn job_done(&mut self, id: &str) {
+        self.transition(id, JobStatus::Waiting).await;
+        self.transition(id, JobStatus::Pending).await;
+        let Some(j) = self.jobs.get(id) else {
+            return;
+        };
+        if j.auto_finalize {
+            self.finalize_job(id).await;
+        } else {
+            let t = j.type_name();
+            self.emit("BLOCK_JOB_PENDING", Some(json!({"type": t, "id": id})))
+                .await;
+        }
+    }
+
+    /// The graph change a finished job makes, then `BLOCK_JOB_COMPLETED`.
+    async fn finalize_job(&mut self, id: &str) {
+        let Some(work) = self.jobs.get(id).map(|j| j.work.clone()) else {
+            return;
+        };
+        let result = match &work {
+            Work::Commit {
+                overlay,
+                base,
+                backing_file,
+                ..
+            } => self.drop_intermediate(overlay, base, backing_file).await,
+        };
+        self.release_job(id).await;
+        if let Err(e) = result
+            && let Some(j) = self.jobs.get_mut(id)
+        {
+            j.error = Some(e.desc);
+        }
+        self.conclude(id, "BLOCK_JOB_COMPLETED").await;
+    }
+
+    /// A commit's end: `overlay` reads `base` directly, and its header says so.
+    async fn drop_intermediate(
+        &mut self,
+        overlay: &str,
+        base: &str,
+        backing_file: &str,
+    ) -> Result<(), QmpError> {
+        self.attach_backing(overlay, base).await?;
+        let format = self
+            .graph
+            .get(base)
+            .map(|b| b.driver.as_str().to_string())
+            .unwrap_or_default();
+        if let Some(r) = self.node_ref(overlay) {
+            let w = self.worker(r.home).await?;
+            let body = ToWorker::SetBackingFile {
+                node: r.node,
+                name: backing_file.to_string(),
+                format,
+            };
+            if let Err(e) = w.call(body, &[]).await {
+                tracing::warn!(overlay, error = %e, "the overlay's header keeps its old backing name");
+            }
+        }
+        self.refresh_format_info().await;
+        let _ = self.refresh_locks();
+        Ok(())
+    }
+
+    /// The copy failed: `BLOCK_JOB_ERROR`, aborting, `BLOCK_JOB_COMPLETED` with the
+    /// error, concluded.
+    async fn job_failed(&mut self, id: &str, operation: &str, error: &str) {
+        let Some(j) = self.jobs.get_mut(id) else {
+            return;
+        };
+        j.error = Some(error.to_string());
+        let action = match j.on_error {
+            BlockdevOnError::Ignore => "ignore",
+            BlockdevOnError::Stop => "stop",
+            _ => "report",
+        };
+        self.emit(
+            "BLOCK_JOB_ERROR",
+            Some(json!({"device": id, "operation": operation, "action": action})),
+        )
+        .await;
+        self.transition(id, JobStatus::Aborting).await;
+        self.release_job(id).await;
+        self.conclude(id, "BLOCK_JOB_COMPLETED").await;
+    }
+
+    /// The end event, concluded, and null when the job dismisses itself.
+    async fn conclude(&mut self, id: &str, event: &str) {
+        let Some(j) = self.jobs.get(id) else {
+            return;
+        };
+        let (data, dismiss) = (j.event_data(), j.auto_dismiss);
+        self.emit(event, Some(data)).await;
+        self.transition(id, JobStatus::Concluded).await;
+        if dismiss {
+            self.transition(id, JobStatus::Null).await;
+        }
+    }
+
+    /// Stops the job's running copy and waits for it (pause, cancel).
+    async fn stop_copy(&mut self, id: &str) {
+        let Some(mut watch) = self.jobs.get_mut(id).and_then(|j| j.op.take()) else {
+            return;
+        };
+        if let Err(e) = self.cancel_operation(watch.op).await {
+            tracing::debug!(job = id, error = %e.desc, "stopping a job's copy");
+        }
+        let _ = tokio::time::timeout(STOP_WAIT, watch.ended()).await;
+        let done = watch.state.borrow().done;
+        if let Some(j) = self.jobs.get_mut(id) {
+            j.done = j.done.max(done);
+        }
+    }
+
+    /// `job-pause` and `block-job-pause`.
+    pub(super) async fn job_pause(&mut self, id: &str, how: Lookup) -> Result<(), QmpError> {
+        self.check_verb(id, how, Verb::Pause)?;
+        if self.jobs.get(id).is_some_and(|j| j.user_paused) {
+            return Err(errors::job_already_paused());
+        }
+        if let Some(j) = self.jobs.get_mut(id) {
+            j.user_paused = true;
+        }
+        self.stop_copy(id).await;
+        self.transition(id, JobStatus::Paused).await;
+        Ok(())
+    }
+
+    /// `job-resume` and `block-job-resume`.
+    pub(super) async fn job_resume(&mut self, id: &str, how: Lookup) -> Result<(), QmpError> {
+        self.check_verb(id, how, Verb::Resume)?;
+        if !self.jobs.get(id).is_some_and(|j| j.user_paused) {
+            return Err(errors::job_not_paused());
+        }
+        if let Some(j) = self.jobs.get_mut(id) {
+            j.user_paused = false;
+        }
+        self.transition(id, JobStatus::Running).await;
+        self.start_copy(id).await;
+        Ok(())
+    }
+
+    /// `job-cancel` and `block-job-cancel` (`force`: also a paused job).
+    pub(super) async fn job_cancel(
+        &mut self,
+        id: &str,
+        how: Lookup,
+        force: bool,
+    ) -> Result<(), QmpError> {
+        self.check_verb(id, how, Verb::Cancel)?;
+        if how == Lookup::BlockJob && !force && self.jobs.get(id).is_some_and(|j| j.user_paused) {
+            return Err(errors::block_job_paused(id));
+        }
+        self.stop_copy(id).await;
+        self.transition(id, JobStatus::Aborting).await;
+        self.release_job(id).await;
+        self.conclude(id, "BLOCK_JOB_CANCELLED").await;
+        Ok(())
+    }
+
+    /// `block-job-set-speed`.
+    pub(super) async fn job_set_speed(&mut self, id: &str, speed: i64) -> Result<(), QmpError> {
+        self.check_verb(id, Lookup::BlockJob, Verb::SetSpeed)?;
+        let speed = u64::try_from(speed).map_err(|_| errors::speed_negative())?;
+        let op = self.jobs.get_mut(id).and_then(|j| {
+            j.speed = speed;
+            j.op.as_ref().map(|w| w.op)
+        });
+        if let (Some(op), Some(home)) = (op, self.jobs_home)
+            && let Some(w) = self.running(home)
+            && let Err(e) = w.call(ToWorker::SetOperationSpeed { op, speed }, &[]).await
+        {
+            tracing::debug!(job = id, error = %e, "speed change reached no copy");
+        }
+        Ok(())
+    }
+
+    /// `job-complete` and `block-job-complete`: only jobs that become ready take it,
+    /// and no such job exists yet.
+    pub(super) async fn job_complete(&mut self, id: &str, how: Lookup) -> Result<(), QmpError> {
+        self.check_verb(id, how, Verb::Complete)?;
+        Err(errors::job_cannot_complete(id))
+    }
+
+    /// `job-finalize` and `block-job-finalize`.
+    pub(super) async fn job_finalize(&mut self, id: &str, how: Lookup) -> Result<(), QmpError> {
+        self.check_verb(id, how, Verb::Finalize)?;
+        self.finalize_job(id).await;
+        Ok(())
+    }
+
+    /// `job-dismiss` and `block-job-dismiss`.
+    pub(super) async fn job_dismiss(&mut self, id: &str, how: Lookup) -> Result<(), QmpError> {
+        self.check_verb(id, how, Verb::Dismiss)?;
+        self.transition(id, JobStatus::Null).await;
+        Ok(())
+    }
+
+    /// `query-jobs`.
+    pub(super) fn query_jobs(&self) -> Vec<Value> {
+        self.jobs.list.iter().map(Job::job_info).collect()
+    }
+
+    /// `query-block-jobs`.
+    pub(super) fn query_block_jobs(&self) -> Vec<Value> {
+        self.jobs.list.iter().map(Job::block_job_info).collect()
+    }
+
+    /// `quit`: running jobs are cancelled, as qsd's exit does.
+    pub(super) async fn cancel_all_jobs(&mut self) {
+        let ids: Vec<String> = self
+            .jobs
+            .list
+            .iter()
+            .filter(|j| Verb::Cancel.allowed(j.status))
+            .map(|j| j.id.clone())
+            .collect();
+        for id in ids {
+            let _ = self.job_cancel(&id, Lookup::Job, true).await;
+        }
+    }
+
+    /// The job holding `node`, for `blockdev-del` ("block device is in use by block
+    /// job").
+    pub(super) fn job_using(&self, node: &str) -> Option<&'static str> {
+        self.jobs.user_of(node)
+    }
+}
