@@ -395,6 +395,22 @@ pub enum Operation {
         /// Bytes per second, 0 for no limit.
         speed: u64,
     },
+    /// A backup's copy, in the worker hosting its `copy-before-write` filter `node`
+    /// (the filter's claims keep the copy and guest writes apart): every cluster of
+    /// `[offset, len)` not saved yet goes to the filter's target; with `top_only`,
+    /// only the ranges allocated in the source's top layer (`sync: top`).
+    Backup {
+        /// The filter.
+        node: NodeId,
+        /// Where to start.
+        offset: u64,
+        /// The end: the source's size.
+        len: u64,
+        /// Only what the top layer holds.
+        top_only: bool,
+        /// Bytes per second, 0 for no limit.
+        speed: u64,
+    },
     /// The job runner's part of `block-commit` (an intermediate layer into its
     /// base): for `[offset, len)` of `top`, every range allocated in one of the
     /// `layers` topmost layers of its chain (allocation depth 1..=layers) is read
@@ -420,7 +436,7 @@ impl Operation {
     /// The node the operation works on (for a commit: its top).
     pub fn node(&self) -> NodeId {
         match self {
-            Operation::Fill { node, .. } => *node,
+            Operation::Fill { node, .. } | Operation::Backup { node, .. } => *node,
             Operation::Commit { top, .. } => top.node,
         }
     }
@@ -428,7 +444,9 @@ impl Operation {
     /// Units in all.
     pub fn total(&self) -> u64 {
         match self {
-            Operation::Fill { len, .. } | Operation::Commit { len, .. } => *len,
+            Operation::Fill { len, .. }
+            | Operation::Commit { len, .. }
+            | Operation::Backup { len, .. } => *len,
         }
     }
 }

@@ -35,6 +35,8 @@ pub enum ChildRole {
     DataFile,
     /// A numbered child (quorum's `children.N`).
     Child(u32),
+    /// Where a filter keeps what it saves (copy-before-write's `target`).
+    Target,
 }
 
 impl ChildRole {
@@ -45,6 +47,7 @@ impl ChildRole {
             ChildRole::Backing => "backing".into(),
             ChildRole::DataFile => "data-file".into(),
             ChildRole::Child(n) => format!("children.{n}").into(),
+            ChildRole::Target => "target".into(),
         }
     }
 }

@@ -279,6 +279,13 @@ pub trait BlockIo: Send + Sync {
         Box::pin(async { Err(SNAPSHOTS_UNSUPPORTED.to_string()) })
     }
 
+    /// Makes sure the point-in-time image a `copy-before-write` filter keeps holds
+    /// `[offset, offset + len)` (a backup job's copy): the clusters not saved yet
+    /// are copied to its target now.
+    fn copy_before_write(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(IoError::Unsupported) })
+    }
+
     /// Writes `name` and `format` into the image header as its backing file
     /// (`change-backing-file`); the backing node in use does not change.
     fn set_backing_file(&self, _name: String, _format: String) -> SnapshotFuture<'_, ()> {

@@ -22,6 +22,7 @@
 //! - [`posix`], [`lock`]: supervisor side, opening images and QEMU-compatible locking.
 //! - [`open`]: the single entry point a driver worker calls.
 
+pub mod cbw;
 pub mod compress;
 pub mod config;
 pub mod driver;

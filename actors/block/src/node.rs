@@ -250,6 +250,10 @@ impl BlockIo for Node {
         Box::pin(async move { node.snapshot_create(request).await })
     }
 
+    fn copy_before_write(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.driver.copy_before_write(offset, len)
+    }
+
     fn set_backing_file(&self, name: String, format: String) -> crate::io::SnapshotFuture<'_, ()> {
         let node = self.driver.clone();
         Box::pin(async move { node.set_backing_file(name, format).await })

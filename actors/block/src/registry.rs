@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::config::{CommonOptions, ConfigError, DetectZeroes, Discard};
 use crate::driver::{BlockDriver, ChildRole, Children, DriverInfo, ParseError, Parsed};
 use crate::io::IoError;
-use crate::{compress, file, null, qcow2, raw};
+use crate::{cbw, compress, file, null, qcow2, raw};
 
 macro_rules! registry {
     ($($(#[$doc:meta])* $variant:ident => $driver:ty,)*) => {
@@ -165,6 +165,8 @@ registry! {
     Qcow2 => qcow2::Qcow2Format,
     /// `compress`: a filter whose writes its qcow2 child stores compressed.
     Compress => compress::Compress,
+    /// `copy-before-write`: a filter that saves what writes overwrite to a target.
+    CopyBeforeWrite => cbw::Cbw,
 }
 
 impl DriverKind {

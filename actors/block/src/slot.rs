@@ -214,6 +214,13 @@ impl BlockIo for Slot {
         })
     }
 
+    fn copy_before_write(&self, offset: u64, len: u64) -> crate::io::IoFuture<'_, ()> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.copy_before_write(offset, len).await
+        })
+    }
+
     fn set_backing_file(&self, name: String, format: String) -> crate::io::SnapshotFuture<'_, ()> {
         Box::pin(async move {
             let (_hold, node) = self.enter().await;

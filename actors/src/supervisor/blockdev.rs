@@ -202,6 +202,27 @@ impl Core {
         }
     }
 
+    /// Adds a node the supervisor itself needs (a backup's filter): no node-name is
+    /// given, so it gets a generated one, and the monitor does not own it (it goes
+    /// once nothing uses it). Returns its name.
+    pub(super) async fn add_internal_node(
+        &mut self,
+        options: &BlockdevOptions,
+        given: &Map<String, Value>,
+    ) -> Result<String, QmpError> {
+        let spec = parse_spec(options, given)?;
+        let mut created = Vec::new();
+        match Box::pin(self.create(spec, Inherited::default(), false, None, &mut created)).await {
+            Ok(name) => Ok(name),
+            Err(e) => {
+                for name in created.into_iter().rev() {
+                    self.destroy(&name).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Creates `spec` and its inline children; records every created name in `created`
     /// so a failure can undo them. `hint` is the instance the parent chose for an
     /// inline child (see `placement`).
@@ -681,7 +702,7 @@ impl Core {
     }
 
     /// QEMU's generated names: `#block`, a counter, two random digits.
-    fn generate_name(&mut self) -> String {
+    pub(super) fn generate_name(&mut self) -> String {
         loop {
             let n = self.generated_names;
             self.generated_names += 1;

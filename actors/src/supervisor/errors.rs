@@ -470,6 +470,16 @@ pub fn backing_file_active_commit() -> QmpError {
     generic("'backing-file' specified, but 'top' is the active layer")
 }
 
+/// `blockdev-backup` onto its own source.
+pub fn backup_same_node() -> QmpError {
+    generic("Source and target cannot be the same")
+}
+
+/// `blockdev-backup` to a target of another size.
+pub fn backup_sizes_differ() -> QmpError {
+    generic("Source and target image have different sizes")
+}
+
 /// A job id that is no well-formed id.
 pub fn invalid_job_id(id: &str) -> QmpError {
     generic(format!("Invalid job ID '{id}'"))
@@ -682,6 +692,11 @@ pub fn worker_vanished() -> QmpError {
 /// A dirty bitmap's shared-memory region could not be made or mapped.
 pub fn bitmap_region(e: bulkhead_ipc::shm::ShmError) -> QmpError {
     generic(format!("cannot create the dirty bitmap: {e}"))
+}
+
+/// A `blockdev-backup` option bulkhead does not implement yet.
+pub fn backup_option_unsupported(what: &str) -> QmpError {
+    generic(format!("bulkhead does not support backup with {what} yet"))
 }
 
 /// `block-commit` of the active layer (a mirror underneath: not built yet).

@@ -13,7 +13,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bulkhead_ipc::wire::{NodeRef, OpId, Operation, ToWorker, WorkerId, WorkerKind};
-use bulkhead_qmp::qapi::types::{BlockCommitArgs, BlockdevOnError};
+use bulkhead_qmp::qapi::types::{
+    BlockCommitArgs, BlockdevBackupArgs, BlockdevOnError, MirrorSyncMode,
+};
 use bulkhead_qmp::request::ErrorClass;
 use serde_json::{Map, Value, json};
 
@@ -120,6 +122,22 @@ enum Work {
         /// `base` was read-only and is made writable for the job.
         base_was_read_only: bool,
     },
+    /// `blockdev-backup`: a `copy-before-write` filter above `source` saves what
+    /// writes overwrite to `target`; the copy saves the rest (`sync` full or top;
+    /// none copies nothing and keeps the filter until cancelled: fleecing).
+    Backup {
+        source: String,
+        filter: String,
+        sync: BackupSync,
+    },
+}
+
+/// What a backup copies besides what writes overwrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BackupSync {
+    Full,
+    Top,
+    None,
 }
 
 /// One job.
@@ -147,6 +165,7 @@ impl Job {
     fn type_name(&self) -> &'static str {
         match self.work {
             Work::Commit { .. } => "commit",
+            Work::Backup { .. } => "backup",
         }
     }
 
@@ -156,6 +175,7 @@ impl Job {
             Work::Commit {
                 overlay, top, base, ..
             } => [overlay, top, base].iter().any(|n| n.as_str() == node),
+            Work::Backup { source, filter, .. } => source == node || filter == node,
         }
     }
 
@@ -292,6 +312,127 @@ impl Core {
         }
     }
 
+    /// `blockdev-backup`, checked in qsd's order. `sync` full, top and none;
+    /// bitmaps, compression and the other tuning options are refused for now.
+    pub(super) async fn blockdev_backup(&mut self, a: &BlockdevBackupArgs) -> Result<(), QmpError> {
+        let source = self
+            .graph
+            .get(&a.device)
+            .ok_or_else(|| errors::device_not_found(&a.device, &a.device))?;
+        let target = self
+            .graph
+            .get(&a.target)
+            .ok_or_else(|| errors::device_not_found(&a.target, &a.target))?;
+        if source.name == target.name {
+            return Err(errors::backup_same_node());
+        }
+        if source.size != target.size {
+            return Err(errors::backup_sizes_differ());
+        }
+        let sync = match a.sync {
+            MirrorSyncMode::Full => BackupSync::Full,
+            MirrorSyncMode::Top => BackupSync::Top,
+            MirrorSyncMode::None => BackupSync::None,
+            MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => {
+                return Err(errors::backup_option_unsupported("sync with a bitmap"));
+            }
+        };
+        for (given, what) in [
+            (a.bitmap.is_some(), "bitmap"),
+            (a.compress == Some(true), "compress"),
+            (a.filter_node_name.is_some(), "filter-node-name"),
+            (a.discard_source == Some(true), "discard-source"),
+            (a.x_perf.is_some(), "x-perf"),
+        ] {
+            if given {
+                return Err(errors::backup_option_unsupported(what));
+            }
+        }
+        let job_id = a.job_id.clone().unwrap_or_default();
+        if !bulkhead_qmp::qapi::id_wellformed(&job_id) {
+            return Err(errors::invalid_job_id(&job_id));
+        }
+        if self.jobs.get(&job_id).is_some() {
+            return Err(errors::job_id_in_use(&job_id));
+        }
+        let (source, target, total) = (source.name.clone(), target.name.clone(), source.size);
+        self.jobs.list.insert(
+            0,
+            Job {
+                id: job_id.clone(),
+                status: JobStatus::Created,
+                auto_finalize: a.auto_finalize.unwrap_or(true),
+                auto_dismiss: a.auto_dismiss.unwrap_or(true),
+                speed: 0,
+                user_paused: false,
+                on_error: a.on_source_error.unwrap_or(BlockdevOnError::Report),
+                done: 0,
+                total,
+                error: None,
+                op: None,
+                work: Work::Backup {
+                    source: source.clone(),
+                    filter: String::new(),
+                    sync,
+                },
+            },
+        );
+        self.transition(&job_id, JobStatus::Created).await;
+        let speed = match u64::try_from(a.speed.unwrap_or(0)) {
+            Ok(s) => s,
+            Err(_) => {
+                self.transition(&job_id, JobStatus::Null).await;
+                return Err(errors::speed_negative());
+            }
+        };
+        if let Some(j) = self.jobs.get_mut(&job_id) {
+            j.speed = speed;
+        }
+        match self.insert_backup_filter(&source, &target).await {
+            Ok(filter) => {
+                if let Some(Job {
+                    work: Work::Backup { filter: f, .. },
+                    ..
+                }) = self.jobs.get_mut(&job_id)
+                {
+                    *f = filter;
+                }
+            }
+            Err(e) => {
+                self.transition(&job_id, JobStatus::Null).await;
+                return Err(e);
+            }
+        }
+        // qsd's backup pauses once as it starts (its filter goes in drained).
+        self.transition(&job_id, JobStatus::Running).await;
+        self.transition(&job_id, JobStatus::Paused).await;
+        self.transition(&job_id, JobStatus::Running).await;
+        self.start_copy(&job_id).await;
+        Ok(())
+    }
+
+    /// Puts a `copy-before-write` node (saving to `target`) above `source` and
+    /// returns its generated name; nothing but the job owns it, so it goes when it is
+    /// taken out.
+    async fn insert_backup_filter(
+        &mut self,
+        source: &str,
+        target: &str,
+    ) -> Result<String, QmpError> {
+        let given = json!({"driver": "copy-before-write", "file": source, "target": target});
+        let Value::Object(given) = given else {
+            return Err(errors::node_vanished());
+        };
+        let typed: bulkhead_qmp::qapi::types::BlockdevOptions =
+            serde_json::from_value(Value::Object(given.clone())).map_err(errors::from_error)?;
+        let filter = self.add_internal_node(&typed, &given).await?;
+        if let Err(e) = self.insert_filter(source, &filter).await {
+            self.destroy(&filter).await;
+            return Err(e);
+        }
+        Ok(filter)
+    }
+
     /// `block-commit`, checked in qsd's order (an active commit is not supported
     /// yet: the top must be below the device).
     pub(super) async fn block_commit(&mut self, a: &BlockCommitArgs) -> Result<(), QmpError> {
@@ -425,8 +566,15 @@ impl Core {
         self.set_mode(&base, false).await
     }
 
-    /// Undoes `prepare_job` once the job ended either way.
+    /// Undoes `prepare_job` once the job ended either way: a commit's base
+    /// read-only again, a backup's filter out of the graph.
     async fn release_job(&mut self, id: &str) {
+        if let Some(Work::Backup { filter, .. }) = self.jobs.get(id).map(|j| j.work.clone())
+            && self.graph.contains(&filter)
+            && let Err(e) = self.remove_filter(&filter).await
+        {
+            tracing::warn!(job = id, error = %e.desc, "the backup's filter stays");
+        }
         if let Some(Work::Commit {
             base,
             base_was_read_only: true,
@@ -445,6 +593,20 @@ impl Core {
             return;
         };
         let operation = match &j.work {
+            Work::Backup {
+                sync: BackupSync::None,
+                ..
+            } => return,
+            Work::Backup { filter, sync, .. } => match self.graph.get(filter) {
+                Some(f) => Operation::Backup {
+                    node: f.id,
+                    offset: j.done,
+                    len: j.total,
+                    top_only: *sync == BackupSync::Top,
+                    speed: j.speed,
+                },
+                None => return,
+            },
             Work::Commit {
                 top, base, layers, ..
             } => match (self.node_ref(top), self.node_ref(base)) {
@@ -518,6 +680,17 @@ impl Core {
         j.op = None;
         match state.end {
             Some(Ok(())) => self.job_done(id).await,
+            Some(Err(OpError::WorkerEnded(why)))
+                if matches!(
+                    self.jobs.get(id).map(|j| &j.work),
+                    Some(Work::Backup { .. })
+                ) =>
+            {
+                // What the filter saved lived in that worker: the point in time
+                // cannot be kept any more.
+                let text = format!("the worker holding the backup's filter ended ({why})");
+                self.job_failed(id, "read", &text).await;
+            }
             Some(Err(OpError::WorkerEnded(why))) => {
                 // The runner died: a new one goes on where the copy stood.
                 tracing::warn!(job = id, reason = %why, "job runner ended; the copy starts again");
@@ -562,6 +735,7 @@ impl Core {
                 backing_file,
                 ..
             } => self.drop_intermediate(overlay, base, backing_file).await,
+            Work::Backup { .. } => Ok(()),
         };
         self.release_job(id).await;
         if let Err(e) = result

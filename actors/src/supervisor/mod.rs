@@ -22,8 +22,6 @@ pub mod ops;
 mod overlay;
 pub mod placement;
 mod reopen;
-// Reached only through the test-hook commands until mirror, commit and filters use it.
-#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
 mod replace;
 mod restart;
 mod snapshot;

@@ -206,20 +206,40 @@ impl Core {
             return Err(errors::node_vanished());
         };
         let (from, id) = (node.home, node.id);
-        let neighbours = self.graph.iter().any(|n| n.home == from && n.name != name);
+        // A format node's local protocol children go with it: a hop between them
+        // would isolate nothing (and a qcow2 node grows its file through a local
+        // child only).
+        let mut moving: Vec<(String, bulkhead_ipc::wire::NodeId)> = node
+            .children
+            .iter()
+            .filter(|(r, _)| matches!(r, Role::File | Role::DataFile))
+            .filter_map(|(_, c)| self.graph.get(c))
+            .filter(|c| c.home == from && c.driver.is_protocol() && c.parents == 1)
+            .map(|c| (c.name.clone(), c.id))
+            .collect();
+        moving.push((name.to_string(), id));
+        let neighbours = self
+            .graph
+            .iter()
+            .any(|n| n.home == from && !moving.iter().any(|(m, _)| *m == n.name));
         if !neighbours {
             return Ok(());
         }
         let to = self.new_instance(WorkerKind::Image);
-        if let Some(n) = self.graph.get_mut(name) {
-            n.home = to;
-        }
-        if let Err(e) = self.replay_node(name).await {
-            if let Some(n) = self.graph.get_mut(name) {
-                n.home = from;
+        // Children first, so the node finds its file where it opens.
+        for (i, (m, _)) in moving.iter().enumerate() {
+            if let Some(n) = self.graph.get_mut(m) {
+                n.home = to;
             }
-            self.retire_if_idle(to);
-            return Err(e);
+            if let Err(e) = self.replay_node(m).await {
+                for (back, _) in &moving[..=i] {
+                    if let Some(n) = self.graph.get_mut(back) {
+                        n.home = from;
+                    }
+                }
+                self.retire_if_idle(to);
+                return Err(e);
+            }
         }
         let parents: Vec<_> = self
             .graph
@@ -234,12 +254,15 @@ impl Core {
             self.reopen_on(from, pid, &pname, config, children, None)
                 .await?;
         }
-        if let Some(w) = self.running(from)
-            && let Err(e) = w
-                .call(bulkhead_ipc::wire::ToWorker::RemoveNode { node: id }, &[])
-                .await
-        {
-            tracing::warn!(node = name, error = %e, "old worker could not close a shared node");
+        // Closed where they were, the node before its children.
+        for (m, mid) in moving.iter().rev() {
+            if let Some(w) = self.running(from)
+                && let Err(e) = w
+                    .call(bulkhead_ipc::wire::ToWorker::RemoveNode { node: *mid }, &[])
+                    .await
+            {
+                tracing::warn!(node = %m, error = %e, "old worker could not close a shared node");
+            }
         }
         Ok(())
     }

@@ -48,7 +48,7 @@ impl JobWorker {
                         self.peers.open(*top, "commit top").await?,
                         self.peers.open(*base, "commit base").await?,
                     ),
-                    Operation::Fill { .. } => {
+                    Operation::Fill { .. } | Operation::Backup { .. } => {
                         return Err(WorkerError::new(
                             WorkerErrorKind::Invalid,
                             libc::EINVAL,

@@ -91,6 +91,12 @@ impl Operations {
                 },
                 Nodes::One(node),
             ) => (node, offset.checked_add(*len), *speed),
+            (
+                Operation::Backup {
+                    offset, len, speed, ..
+                },
+                Nodes::One(node),
+            ) => (node, Some(*len).filter(|l| offset <= l), *speed),
             (Operation::Commit { len, speed, .. }, Nodes::Two(top, base)) => {
                 if *len > top.size() {
                     return Err(err(
@@ -116,7 +122,8 @@ impl Operations {
                 "range beyond the node",
             ));
         }
-        if written.read_only() {
+        // A backup writes the filter's target, never the source.
+        if written.read_only() && !matches!(operation, Operation::Backup { .. }) {
             return Err(err(WorkerErrorKind::Invalid, libc::EROFS, "read-only node"));
         }
         let (cancel, cancelled) = watch::channel(false);
@@ -141,6 +148,9 @@ impl Operations {
                 speed: speed_rx,
             };
             let result = match nodes {
+                Nodes::One(node) if matches!(operation, Operation::Backup { .. }) => {
+                    backup(operation, node, control, &mut report).await
+                }
                 Nodes::One(node) => fill(operation, node, control, &mut report).await,
                 Nodes::Two(top, base) => commit(operation, top, base, control, &mut report).await,
             };
@@ -379,4 +389,68 @@ async fn commit(
         pace.pass(copied, &mut control).await?;
     }
     base.flush().await.map_err(io)
+}
+
+/// Largest piece a backup saves at once (QEMU's block-copy default chunk).
+const BACKUP_CHUNK: u64 = 1 << 20;
+
+/// A backup's copy: every piece of `[offset, len)` (with `top_only`, those the
+/// source's top layer holds) is saved through the filter's claims
+/// ([`BlockIo::copy_before_write`]), so a cluster a guest write saved already is
+/// skipped and one being saved is waited for.
+async fn backup(
+    operation: Operation,
+    filter: Arc<dyn BlockIo>,
+    mut control: Control,
+    report: &mut Reporter,
+) -> Result<(), WorkerError> {
+    let Operation::Backup {
+        offset,
+        len,
+        top_only,
+        speed,
+        ..
+    } = operation
+    else {
+        return Err(err(WorkerErrorKind::Invalid, libc::EINVAL, "not a backup"));
+    };
+    let mut pace = Pace::new(speed);
+    let mut pos = offset;
+    report.progress(pos, len).await;
+    while pos < len {
+        if *control.cancel.borrow() {
+            return Err(cancelled());
+        }
+        let n = pace.chunk(BACKUP_CHUNK).min(len - pos);
+        let mut copied = 0;
+        if top_only {
+            let mut at = pos;
+            for e in filter.block_status(pos, n).await.map_err(io)? {
+                let end = at.saturating_add(e.length).min(pos + n);
+                if end <= at {
+                    break;
+                }
+                if e.depth == 1 {
+                    filter.copy_before_write(at, end - at).await.map_err(io)?;
+                    copied += end - at;
+                }
+                at = end;
+            }
+            if at == pos {
+                return Err(err(
+                    WorkerErrorKind::Io,
+                    libc::EIO,
+                    "block status covered nothing",
+                ));
+            }
+            pos = at;
+        } else {
+            filter.copy_before_write(pos, n).await.map_err(io)?;
+            copied = n;
+            pos += n;
+        }
+        report.progress(pos, len).await;
+        pace.pass(copied, &mut control).await?;
+    }
+    Ok(())
 }

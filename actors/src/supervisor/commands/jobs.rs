@@ -2,8 +2,8 @@
 //! and their `block-job-*` forms (the work is in `supervisor::jobs`).
 
 use bulkhead_qmp::qapi::types::{
-    BlockCommitArgs, BlockJobCancelArgs, BlockJobDeviceArgs, BlockJobSetSpeedArgs, JobIdArgs,
-    NoArgs,
+    BlockCommitArgs, BlockJobCancelArgs, BlockJobDeviceArgs, BlockJobSetSpeedArgs,
+    BlockdevBackupArgs, JobIdArgs, NoArgs,
 };
 use serde_json::Value;
 
@@ -12,6 +12,13 @@ use crate::supervisor::{Core, QmpError};
 
 pub(super) async fn block_commit(core: &mut Core, args: BlockCommitArgs) -> Result<(), QmpError> {
     core.block_commit(&args).await
+}
+
+pub(super) async fn blockdev_backup(
+    core: &mut Core,
+    args: BlockdevBackupArgs,
+) -> Result<(), QmpError> {
+    core.blockdev_backup(&args).await
 }
 
 pub(super) async fn query_jobs(core: &mut Core, _: NoArgs) -> Result<Vec<Value>, QmpError> {

@@ -134,6 +134,7 @@ pub static REGISTRY: &[Command] = &[
     command!("query-jobs", Query, jobs::query_jobs),
     command!("query-block-jobs", Query, jobs::query_block_jobs),
     command!("block-commit", Change, jobs::block_commit),
+    command!("blockdev-backup", Change, jobs::blockdev_backup),
     command!("block-job-set-speed", Change, jobs::block_job_set_speed),
     command!("block-job-cancel", Change, jobs::block_job_cancel),
     command!("block-job-pause", Change, jobs::block_job_pause),
