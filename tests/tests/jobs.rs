@@ -500,3 +500,185 @@ fn blockdev_backup_matches_qsd_with_a_worker_per_image() {
         panic!("{report}");
     }
 }
+
+/// `s` with 8 MiB of 0x05, an empty 64 MiB `full.qcow2` for the full backup, and a
+/// fleecing overlay `fl.qcow2` over `s`.
+fn make_pull_images(dir: &Path) -> io::Result<()> {
+    let run = |args: &[&str]| -> io::Result<()> {
+        let (program, rest) = args
+            .split_first()
+            .ok_or_else(|| io::Error::other("empty"))?;
+        let out = std::process::Command::new(program)
+            .args(rest)
+            .current_dir(dir)
+            .output()?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ))
+        }
+    };
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", "s.qcow2", "64M"])?;
+    run(&["qemu-io", "-c", "write -P 5 0 8M", "s.qcow2"])?;
+    run(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "full.qcow2",
+        "64M",
+    ])?;
+    run(&[
+        "qemu-img", "create", "-q", "-f", "qcow2", "-b", "s.qcow2", "-F", "qcow2", "fl.qcow2",
+    ])
+}
+
+/// A hook running `tests/python/pull_backup.py` (the backup client) with `args`
+/// substituted; its output must hold `needle`.
+fn pull_client(
+    args: &'static [&'static str],
+    needle: &'static str,
+) -> impl Fn(
+    &mut bulkhead_systests::script::HookContext<'_>,
+) -> Result<(), bulkhead_systests::HarnessError>
++ Send
++ Sync
++ 'static {
+    move |ctx| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/pull_backup.py");
+        let args: Vec<String> = args.iter().map(|a| ctx.substitute(a)).collect();
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .args(&args)
+            .current_dir(ctx.dir)
+            .output()
+            .map_err(|source| bulkhead_systests::HarnessError::Spawn {
+                program: "python3".into(),
+                source,
+            })?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() || !text.contains(needle) {
+            return Err(bulkhead_systests::HarnessError::Tool {
+                program: "pull_backup.py".into(),
+                args,
+                detail: format!("against {:?}: expected {needle:?}: {text}", ctx.kind),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// libvirt's pull-mode incremental backup, end to end, against qsd: a bitmap added
+/// in one transaction with a full backup; guest writes through an NBD export;
+/// later, in one transaction, a disabled copy of the bitmap and a fleecing backup
+/// (`sync: none` into an overlay of the source), the overlay exported over NBD with
+/// the copy; more guest writes; then a client reads only the dirty extents the
+/// export reports (`nbdinfo --map=qemu:dirty-bitmap:`, `qemu-img dd`) on top of the
+/// full backup, and the result equals the source as it was at the fleecing point;
+/// `qemu-img map` with `x-dirty-bitmap` sees the same extents; then clean-up.
+fn pull_script() -> Script {
+    let m = |s: Step| s.check(same_lines_masked);
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        add_qcow2("a1", "full", "full.qcow2").note("the full backup's target"),
+        m(qmp(
+            "t1",
+            "transaction",
+            r#"{"actions": [{"type": "block-dirty-bitmap-add", "data": {"node": "s", "name": "b0"}}, {"type": "blockdev-backup", "data": {"device": "s", "target": "full", "sync": "full", "job-id": "full0"}}]}"#,
+        ))
+        .until_event("BLOCK_JOB_COMPLETED")
+        .note("a bitmap and a full backup, in one transaction"),
+        qmp("d1", "blockdev-del", r#"{"node-name": "full"}"#).note("the full backup closed"),
+        Step::hook(
+            "the guest writes",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 17 1M 64k", "-c", "write -P 18 20M 4k", "-c", "write -P 19 40M 1M", NBD_S], true, "wrote 1048576/1048576"),
+        ),
+        Step::hook(
+            "the source at the next point in time",
+            run_tool("qemu-img", &["convert", "-f", "raw", "-O", "raw", NBD_S, "$DIR/now.raw"], true, ""),
+        ),
+        qmp("a2", "blockdev-add", r#"{"driver": "qcow2", "node-name": "fl", "file": {"driver": "file", "filename": "$DIR/fl.qcow2"}, "backing": "s"}"#)
+            .note("the fleecing overlay"),
+        m(qmp(
+            "t2",
+            "transaction",
+            r#"{"actions": [{"type": "block-dirty-bitmap-add", "data": {"node": "s", "name": "tmp", "disabled": true}}, {"type": "block-dirty-bitmap-merge", "data": {"node": "s", "target": "tmp", "bitmaps": ["b0"]}}, {"type": "blockdev-backup", "data": {"device": "s", "target": "fl", "sync": "none", "job-id": "fleece"}}]}"#,
+        ))
+        .note("a frozen copy of the bitmap and fleecing, in one transaction"),
+        qmp("x1", "block-export-add", r#"{"type": "nbd", "id": "ef", "node-name": "fl", "bitmaps": [{"node": "s", "name": "tmp"}]}"#)
+            .check(ignoring_drain_pauses)
+            .note("the fleecing image exported with the bitmap"),
+        Step::hook(
+            "the guest writes after the point in time",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 33 1M 4k", "-c", "write -P 34 30M 64k", NBD_S], true, "wrote 65536/65536"),
+        ),
+        Step::hook(
+            "the client reads the dirty extents onto the full backup",
+            pull_client(&["$DIR/nbd.sock", "fl", "tmp", "$DIR/full.qcow2", "$DIR/rebuilt.raw"], "read 1179648 bytes of dirty extents"),
+        ),
+        Step::hook(
+            "the rebuilt image is the point in time",
+            run_tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", "$DIR/rebuilt.raw", "$DIR/now.raw"], true, "Images are identical"),
+        ),
+        Step::hook(
+            "qemu-img map sees the dirty extents",
+            run_tool(
+                "qemu-img",
+                &["map", "--output=json", "--image-opts", "driver=nbd,server.type=unix,server.path=$DIR/nbd.sock,export=fl,x-dirty-bitmap=qemu:dirty-bitmap:tmp"],
+                true,
+                r#"{ "start": 41943040, "length": 1048576, "depth": 0, "present": false, "zero": false, "data": false, "compressed": false}"#,
+            ),
+        ),
+        qmp("x2", "block-export-del", r#"{"id": "ef"}"#)
+            .until_event("BLOCK_EXPORT_DELETED")
+            .check(ignoring_drain_pauses)
+            .note("clean-up: the export"),
+        m(qmp("c1", "job-cancel", r#"{"id": "fleece"}"#)).note("clean-up: the fleecing job"),
+        qmp("c2", "block-dirty-bitmap-remove", r#"{"node": "s", "name": "tmp"}"#)
+            .note("clean-up: the frozen bitmap"),
+        qmp("c3", "blockdev-del", r#"{"node-name": "fl"}"#).note("clean-up: the overlay"),
+        m(Step::line(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "n1"}"#))
+            .note("b0 keeps recording for the next backup"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+    ];
+    Script {
+        name: "pull-mode-backup".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=sf,filename=$DIR/s.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=s,file=sf",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=es,node-name=s,writable=on",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_pull_images),
+        steps,
+    }
+}
+
+#[test]
+fn pull_mode_incremental_backup_matches_qsd() {
+    if let Err(report) = differential(&pull_script()) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn pull_mode_incremental_backup_matches_qsd_with_a_worker_per_image() {
+    if let Err(report) = differential_with(&pull_script(), &["--isolation", "image"]) {
+        panic!("{report}");
+    }
+}

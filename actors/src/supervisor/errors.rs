@@ -711,6 +711,11 @@ pub fn by_file_name_unsupported(what: &str, name: &str) -> QmpError {
     ))
 }
 
+/// `transaction` grouping the completion of several jobs.
+pub fn transaction_grouped_unsupported() -> QmpError {
+    generic("bulkhead does not support completion-mode grouped over several actions yet")
+}
+
 /// A `transaction` action that needs what bulkhead does not have yet (jobs,
 /// external snapshots).
 pub fn transaction_action_unsupported(action: &str) -> QmpError {

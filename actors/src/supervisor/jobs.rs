@@ -134,7 +134,7 @@ enum Work {
 
 /// What a backup copies besides what writes overwrite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BackupSync {
+pub(super) enum BackupSync {
     Full,
     Top,
     None,
@@ -315,6 +315,17 @@ impl Core {
     /// `blockdev-backup`, checked in qsd's order. `sync` full, top and none;
     /// bitmaps, compression and the other tuning options are refused for now.
     pub(super) async fn blockdev_backup(&mut self, a: &BlockdevBackupArgs) -> Result<(), QmpError> {
+        let sync = self.check_backup(a, &[])?;
+        self.start_backup(a, sync).await
+    }
+
+    /// `blockdev-backup`'s checks, in qsd's order; `pending`: job ids a transaction
+    /// is about to take.
+    pub(super) fn check_backup(
+        &self,
+        a: &BlockdevBackupArgs,
+        pending: &[String],
+    ) -> Result<BackupSync, QmpError> {
         let source = self
             .graph
             .get(&a.device)
@@ -352,9 +363,23 @@ impl Core {
         if !bulkhead_qmp::qapi::id_wellformed(&job_id) {
             return Err(errors::invalid_job_id(&job_id));
         }
-        if self.jobs.get(&job_id).is_some() {
+        if self.jobs.get(&job_id).is_some() || pending.contains(&job_id) {
             return Err(errors::job_id_in_use(&job_id));
         }
+        Ok(sync)
+    }
+
+    /// Starts a checked backup.
+    async fn start_backup(
+        &mut self,
+        a: &BlockdevBackupArgs,
+        sync: BackupSync,
+    ) -> Result<(), QmpError> {
+        let (Some(source), Some(target)) = (self.graph.get(&a.device), self.graph.get(&a.target))
+        else {
+            return Err(errors::node_vanished());
+        };
+        let job_id = a.job_id.clone().unwrap_or_default();
         let (source, target, total) = (source.name.clone(), target.name.clone(), source.size);
         self.jobs.list.insert(
             0,

@@ -10,8 +10,10 @@
 //! failing action, in order, and are undone (deleted) if one of them fails or a
 //! later bitmap action would. Then every bitmap action is applied; having passed
 //! the model, none fails short of the machine running out of memory.
-//! Jobs (`blockdev-backup`, `drive-backup`) and external snapshots come with the job
-//! runner and are refused until then.
+//! `blockdev-backup` is checked with the others and started last, after the bitmap
+//! actions (a write in between lands in the new bitmap, never in neither);
+//! `drive-backup` and external snapshots are refused for now, as is
+//! `completion-mode: grouped` over more than one job.
 
 use std::collections::HashMap;
 
@@ -31,10 +33,11 @@ struct Modelled {
 }
 
 /// The bitmaps of the nodes the actions touched so far, as they would be after the
-/// actions checked so far.
+/// actions checked so far, and the job ids backups take.
 #[derive(Default)]
 struct Model {
     nodes: HashMap<String, Vec<Modelled>>,
+    jobs: Vec<String>,
 }
 
 impl Model {
@@ -168,6 +171,11 @@ impl Model {
             }
             // Checked when it runs (by the worker holding the image).
             TransactionAction::BlockdevSnapshotInternalSync(_) => Ok(()),
+            TransactionAction::BlockdevBackup(b) => {
+                core.check_backup(b, &self.jobs)?;
+                self.jobs.push(b.job_id.clone().unwrap_or_default());
+                Ok(())
+            }
             other => Err(errors::transaction_action_unsupported(action_name(other))),
         }
     }
@@ -210,6 +218,9 @@ impl Core {
             })
         {
             return Err(errors::transaction_not_grouped(action_name(a)));
+        }
+        if grouped && args.actions.len() > 1 {
+            return Err(errors::transaction_grouped_unsupported());
         }
         // The first action that would fail, and why.
         let mut model = Model::default();
@@ -274,6 +285,19 @@ impl Core {
                 TransactionAction::BlockDirtyBitmapMerge(m) => {
                     self.bitmap_merge(&m.node, &m.target, &m.bitmaps).await
                 }
+                _ => Ok(()),
+            };
+            if let Err(e) = applied {
+                tracing::error!(action = action_name(a), error = %e.desc, "a checked transaction action failed");
+                return Err(e);
+            }
+        }
+        // Jobs last: a backup's point in time comes after the bitmaps the same
+        // transaction made, so a write in between is in the bitmap (never in
+        // neither).
+        for a in &args.actions {
+            let applied = match a {
+                TransactionAction::BlockdevBackup(b) => self.blockdev_backup(b).await,
                 _ => Ok(()),
             };
             if let Err(e) = applied {
