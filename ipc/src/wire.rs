@@ -221,6 +221,14 @@ pub enum ToWorker {
         /// What the snapshot records.
         request: bulkhead_block::SnapshotRequest,
     },
+    /// Write a new qcow2 image onto `node` (`blockdev-create`): the node is emptied
+    /// first. Errors carry QEMU's text (`WorkerErrorKind::Image`).
+    CreateQcow2 {
+        /// The node holding the image file.
+        node: NodeId,
+        /// What to create.
+        image: Qcow2Create,
+    },
     /// Write a backing file name and format into a node's image header
     /// (`change-backing-file`). Errors carry the reason's text
     /// (`WorkerErrorKind::Image`).
@@ -357,6 +365,21 @@ pub struct BitmapSpec {
     pub size: u64,
     /// Bytes per bit (a power of two, at least 512).
     pub granularity: u64,
+}
+
+/// A qcow2 image `blockdev-create` asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Qcow2Create {
+    /// Virtual size.
+    pub size: u64,
+    /// Cluster size.
+    pub cluster_size: u64,
+    /// Backing file name to record.
+    pub backing_file: Option<String>,
+    /// Its format.
+    pub backing_format: Option<String>,
+    /// Lazy refcounts.
+    pub lazy_refcounts: bool,
 }
 
 /// Most dirty bitmaps one node records into at once: each travels as a descriptor,

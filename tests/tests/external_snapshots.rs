@@ -151,3 +151,72 @@ fn blockdev_snapshot_matches_qsd_with_a_worker_per_image() {
         panic!("{report}");
     }
 }
+
+/// `blockdev-snapshot-sync`: its errors, then an overlay created (its bytes are
+/// qsd's: the comparison of the files below) and put above a node under a
+/// writable export; writes go to it, reads of the old data come through it.
+fn sync_script() -> Script {
+    let sync = |id: &str, args: &str| qmp(id, "blockdev-snapshot-sync", args);
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        Step::hook(
+            "the guest writes the base",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 1 0 64k", NBD_Q], true, "wrote 65536/65536"),
+        ),
+        sync("e1", r#"{"node-name": "nosuch", "snapshot-file": "$DIR/ss.qcow2"}"#).note("no node"),
+        sync("e2", r#"{"device": "q", "snapshot-file": "$DIR/ss.qcow2"}"#).note("no device"),
+        sync("e3", r#"{"node-name": "q", "snapshot-file": "$DIR/ss.qcow2"}"#)
+            .note("no overlay name"),
+        sync("e4", r#"{"node-name": "q", "snapshot-file": "$DIR/ss.qcow2", "snapshot-node-name": "q"}"#)
+            .note("a name in use"),
+        sync("e5", r#"{"node-name": "q", "snapshot-file": "$DIR/ss.qcow2", "mode": "existing", "snapshot-node-name": "ov"}"#)
+            .note("no existing file"),
+        sync("s1", r#"{"node-name": "q", "snapshot-file": "$DIR/ss.qcow2", "snapshot-node-name": "ov"}"#)
+            .note("the overlay is made and goes above q"),
+        Step::line(r#"{"execute": "query-block-exports", "id": "x"}"#).note("the export follows"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "n1"}"#)
+            .note("ov over q, q read-only"),
+        Step::hook(
+            "writes reach the overlay, the base shows through",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 2 64k 64k", "-c", "read -P 1 0 64k", "-c", "read -P 2 64k 64k", NBD_Q], true, "read 65536/65536 bytes at offset 65536"),
+        ),
+        qmp("d1", "block-export-del", r#"{"id": "e"}"#)
+            .until_event("BLOCK_EXPORT_DELETED")
+            .note("unexport"),
+        qmp("d2", "blockdev-del", r#"{"node-name": "ov"}"#).note("the overlay goes"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+    ];
+    Script {
+        name: "blockdev-snapshot-sync".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=f,filename=$DIR/q.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=q,file=f",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=e,node-name=q,writable=on",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_images),
+        steps,
+    }
+}
+
+#[test]
+fn blockdev_snapshot_sync_matches_qsd() {
+    if let Err(report) = differential(&sync_script()) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn blockdev_snapshot_sync_matches_qsd_with_a_worker_per_image() {
+    if let Err(report) = differential_with(&sync_script(), &["--isolation", "image"]) {
+        panic!("{report}");
+    }
+}

@@ -682,3 +682,143 @@ fn pull_mode_incremental_backup_matches_qsd_with_a_worker_per_image() {
         panic!("{report}");
     }
 }
+
+/// `blockdev-create` against qsd: a `file` image, a `qcow2` image on it (with a
+/// backing file name and format) whose bytes equal qsd's, and the failures a create
+/// job reports as its error (no such node, a size that is no multiple of 512).
+fn create_script() -> Script {
+    let create = |id: &str, options: &str| {
+        qmp(
+            id,
+            "blockdev-create",
+            &format!(r#"{{"job-id": "{id}", "options": {options}}}"#),
+        )
+        .until_events("JOB_STATUS_CHANGE", 5)
+    };
+    let failed = |id: &str, options: &str| {
+        qmp(
+            id,
+            "blockdev-create",
+            &format!(r#"{{"job-id": "{id}", "options": {options}}}"#),
+        )
+        .until_events("JOB_STATUS_CHANGE", 4)
+    };
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        create("c1", r#"{"driver": "file", "filename": "$DIR/new.qcow2", "size": 0}"#)
+            .note("an empty file"),
+        Step::line(r#"{"execute": "query-jobs", "id": "q1"}"#).note("concluded, kept"),
+        Step::line(r#"{"execute": "query-block-jobs", "id": "q2"}"#).note("not a block job"),
+        qmp("d1", "job-dismiss", r#"{"id": "c1"}"#).note("dismissed"),
+        qmp("a1", "blockdev-add", r#"{"driver": "file", "node-name": "nf", "filename": "$DIR/new.qcow2"}"#)
+            .note("the file node"),
+        create(
+            "c2",
+            r#"{"driver": "qcow2", "file": "nf", "size": 67108864, "backing-file": "$DIR/base.qcow2", "backing-fmt": "qcow2"}"#,
+        )
+        .note("a qcow2 image on it"),
+        qmp("d2", "job-dismiss", r#"{"id": "c2"}"#).note("dismissed"),
+        failed("c3", r#"{"driver": "qcow2", "file": "nosuch", "size": 67108864}"#)
+            .note("no such node: the job fails"),
+        failed("c4", r#"{"driver": "qcow2", "file": "nf", "size": 1000}"#)
+            .note("a size the job refuses"),
+        Step::line(r#"{"execute": "query-jobs", "id": "q3"}"#).note("the errors"),
+        qmp("d3", "job-dismiss", r#"{"id": "c3"}"#).note("dismissed"),
+        qmp("d4", "job-dismiss", r#"{"id": "c4"}"#).note("dismissed"),
+        qmp("e1", "blockdev-create", r#"{"job-id": "c5", "options": {"driver": "raw", "file": "nf", "size": 1}}"#)
+            .note("raw takes no size"),
+        qmp("r1", "blockdev-del", r#"{"node-name": "nf"}"#).note("the file node goes"),
+        Step::hook(
+            "qemu-img finds the image clean with its backing name",
+            run_tool("qemu-img", &["info", "-U", "$DIR/new.qcow2"], true, "backing file format: qcow2"),
+        ),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+    ];
+    Script {
+        name: "blockdev-create".into(),
+        monitors: 1,
+        args: Vec::new(),
+        vars: Vec::new(),
+        setup: None,
+        steps,
+    }
+}
+
+#[test]
+fn blockdev_create_matches_qsd() {
+    if let Err(report) = differential(&create_script()) {
+        panic!("{report}");
+    }
+}
+
+/// The qcow2 image `blockdev-create` writes is byte for byte qsd's, for a few sizes
+/// and cluster sizes, with and without a backing file.
+#[test]
+fn created_qcow2_images_are_qsds_bytes() {
+    let cases = [
+        r#""size": 67108864"#,
+        r#""size": 10737418240, "cluster-size": 4096"#,
+        r#""size": 1048576, "cluster-size": 2097152, "lazy-refcounts": true"#,
+        r#""size": 0, "backing-file": "/base.img", "backing-fmt": "raw""#,
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let mut images = Vec::new();
+        for kind in [DaemonKind::Qsd, DaemonKind::Bulkhead] {
+            let dir = match TempDir::new("bulkhead-create") {
+                Ok(d) => d,
+                Err(e) => panic!("{e}"),
+            };
+            let d = dir.path().to_path_buf();
+            if let Err(e) = std::fs::File::create(d.join("img.qcow2")) {
+                panic!("{e}");
+            }
+            let args: Vec<String> = [
+                "--blockdev",
+                "driver=file,node-name=f,filename=$DIR/img.qcow2",
+            ]
+            .map(String::from)
+            .to_vec();
+            let daemon = match Daemon::start_in(kind, dir, 1, &args, &[]) {
+                Ok(d) => d,
+                Err(e) => panic!("{e}"),
+            };
+            let mut qmp = match daemon.qmp(0) {
+                Ok(q) => q,
+                Err(e) => panic!("{e}"),
+            };
+            let options: Value = match serde_json::from_str(&format!(
+                r#"{{"driver": "qcow2", "file": "f", {case}}}"#
+            )) {
+                Ok(v) => v,
+                Err(e) => panic!("{e}"),
+            };
+            if let Err(e) = qmp.execute(
+                "blockdev-create",
+                Some(json!({"job-id": "c", "options": options})),
+            ) {
+                panic!("{kind:?} case {i}: {e}");
+            }
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                let jobs = qmp.execute("query-jobs", None).map(|r| r["return"].clone());
+                if let Ok(j) = &jobs
+                    && j[0]["status"] == "concluded"
+                {
+                    assert_eq!(j[0].get("error"), None, "{kind:?} case {i}");
+                    break;
+                }
+                assert!(Instant::now() < until, "{kind:?} case {i}: {jobs:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = qmp.execute("quit", None);
+            match std::fs::read(d.join("img.qcow2")) {
+                Ok(b) => images.push(b),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(
+            images[0] == images[1],
+            "case {i} ({case}): the images differ"
+        );
+    }
+}

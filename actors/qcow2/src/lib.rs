@@ -19,6 +19,7 @@
 
 mod bitmap;
 mod compress;
+mod create;
 mod error;
 mod header;
 mod meta;
@@ -32,6 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 pub use bitmap::{BitmapInfo, BitmapStatus};
+pub use create::{CreateOptions, create_layout};
 pub use error::{Error, Result};
 pub use header::{CompressionType, FeatureName};
 pub use meta::OverlapCheck;

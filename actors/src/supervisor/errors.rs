@@ -413,6 +413,29 @@ pub fn backing_file_change_failed(name: &str, reason: &str) -> QmpError {
     ))
 }
 
+/// `blockdev-snapshot-sync` without `snapshot-node-name`.
+pub fn overlay_name_missing() -> QmpError {
+    generic("New overlay node-name missing")
+}
+
+/// `blockdev-snapshot-sync` naming a node that exists.
+pub fn overlay_name_in_use() -> QmpError {
+    generic("New overlay node-name already in use")
+}
+
+/// `blockdev-snapshot-sync` with a format other than qcow2.
+pub fn snapshot_format_unsupported() -> QmpError {
+    generic("bulkhead creates only qcow2 overlays so far")
+}
+
+/// An image file that cannot be opened.
+pub fn could_not_open(path: &str, errno: i32) -> QmpError {
+    generic(format!(
+        "Could not open '{path}': {}",
+        super::strerror(errno)
+    ))
+}
+
 /// `blockdev-snapshot` with an overlay something uses already.
 pub fn overlay_in_use() -> QmpError {
     generic("The overlay is already in use")

@@ -19,6 +19,12 @@ use bulkhead_qmp::qapi::types::{
 use bulkhead_qmp::request::ErrorClass;
 use serde_json::{Map, Value, json};
 
+/// The `strerror` text of an I/O error (QEMU's messages embed it).
+fn strerror_of(e: &std::io::Error) -> String {
+    e.raw_os_error()
+        .map_or_else(|| e.to_string(), super::strerror)
+}
+
 use super::ops::{OpError, OpWatch};
 use super::{Core, QmpError, errors};
 
@@ -130,6 +136,8 @@ enum Work {
         filter: String,
         sync: BackupSync,
     },
+    /// `blockdev-create`: done within the command; `error` is how it ended.
+    Create { error: Option<String> },
 }
 
 /// What a backup copies besides what writes overwrite.
@@ -166,6 +174,7 @@ impl Job {
         match self.work {
             Work::Commit { .. } => "commit",
             Work::Backup { .. } => "backup",
+            Work::Create { .. } => "create",
         }
     }
 
@@ -176,6 +185,7 @@ impl Job {
                 overlay, top, base, ..
             } => [overlay, top, base].iter().any(|n| n.as_str() == node),
             Work::Backup { source, filter, .. } => source == node || filter == node,
+            Work::Create { .. } => false,
         }
     }
 
@@ -621,7 +631,8 @@ impl Core {
             Work::Backup {
                 sync: BackupSync::None,
                 ..
-            } => return,
+            }
+            | Work::Create { .. } => return,
             Work::Backup { filter, sync, .. } => match self.graph.get(filter) {
                 Some(f) => Operation::Backup {
                     node: f.id,
@@ -691,11 +702,23 @@ impl Core {
         Ok(home)
     }
 
-    /// A job's copy ended (the op's watcher, through the actor).
+    /// A job's copy ended (the op's watcher, through the actor); for a create job,
+    /// its work (done in the command) is reported.
     pub async fn job_step(&mut self, id: &str, op: OpId) {
         let Some(j) = self.jobs.get_mut(id) else {
             return;
         };
+        if let Work::Create { error } = &j.work {
+            match error.clone() {
+                None => self.job_done(id).await,
+                Some(e) => {
+                    j.error = Some(e);
+                    self.transition(id, JobStatus::Aborting).await;
+                    self.transition(id, JobStatus::Concluded).await;
+                }
+            }
+            return;
+        }
         // Ends of copies the job stopped itself (pause, cancel) are handled there.
         let Some(watch) = j.op.as_ref().filter(|w| w.op == op) else {
             return;
@@ -760,7 +783,7 @@ impl Core {
                 backing_file,
                 ..
             } => self.drop_intermediate(overlay, base, backing_file).await,
-            Work::Backup { .. } => Ok(()),
+            Work::Backup { .. } | Work::Create { .. } => Ok(()),
         };
         self.release_job(id).await;
         if let Err(e) = result
@@ -822,13 +845,20 @@ impl Core {
         self.conclude(id, "BLOCK_JOB_COMPLETED").await;
     }
 
-    /// The end event, concluded, and null when the job dismisses itself.
+    /// The end event (block jobs only), concluded, and null when the job dismisses
+    /// itself.
     async fn conclude(&mut self, id: &str, event: &str) {
         let Some(j) = self.jobs.get(id) else {
             return;
         };
-        let (data, dismiss) = (j.event_data(), j.auto_dismiss);
-        self.emit(event, Some(data)).await;
+        let (data, dismiss, block) = (
+            j.event_data(),
+            j.auto_dismiss,
+            !matches!(j.work, Work::Create { .. }),
+        );
+        if block {
+            self.emit(event, Some(data)).await;
+        }
         self.transition(id, JobStatus::Concluded).await;
         if dismiss {
             self.transition(id, JobStatus::Null).await;
@@ -939,9 +969,151 @@ impl Core {
         self.jobs.list.iter().map(Job::job_info).collect()
     }
 
-    /// `query-block-jobs`.
+    /// `query-block-jobs`: the block jobs (not `create`).
     pub(super) fn query_block_jobs(&self) -> Vec<Value> {
-        self.jobs.list.iter().map(Job::block_job_info).collect()
+        self.jobs
+            .list
+            .iter()
+            .filter(|j| !matches!(j.work, Work::Create { .. }))
+            .map(Job::block_job_info)
+            .collect()
+    }
+
+    /// `blockdev-create`: a job (manual dismiss) whose work is done within the
+    /// command; its end (`waiting`, `pending`, `concluded`, or `aborting`,
+    /// `concluded` with the error) is reported right after the reply, as qsd's job
+    /// coroutine does. `file` images are created by the supervisor (workers open no
+    /// path), `qcow2` ones by the worker hosting the file node.
+    pub(super) async fn blockdev_create(
+        &mut self,
+        job_id: &str,
+        options: &Map<String, Value>,
+    ) -> Result<(), QmpError> {
+        if !bulkhead_qmp::qapi::id_wellformed(job_id) {
+            return Err(errors::invalid_job_id(job_id));
+        }
+        if self.jobs.get(job_id).is_some() {
+            return Err(errors::job_id_in_use(job_id));
+        }
+        self.jobs.list.insert(
+            0,
+            Job {
+                id: job_id.to_string(),
+                status: JobStatus::Created,
+                auto_finalize: true,
+                auto_dismiss: false,
+                speed: 0,
+                user_paused: false,
+                on_error: BlockdevOnError::Report,
+                done: 0,
+                total: 1,
+                error: None,
+                op: None,
+                work: Work::Create { error: None },
+            },
+        );
+        self.transition(job_id, JobStatus::Created).await;
+        self.transition(job_id, JobStatus::Running).await;
+        let error = self.create_image(options).await.err();
+        if let Some(j) = self.jobs.get_mut(job_id) {
+            j.done = 1;
+            j.work = Work::Create { error };
+        }
+        (self.on_job)(job_id.to_string(), OpId(0));
+        Ok(())
+    }
+
+    /// The work of `blockdev-create`; the error is the job's (QEMU's texts).
+    async fn create_image(&mut self, o: &Map<String, Value>) -> Result<(), String> {
+        let text = |k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
+        let num = |k: &str| o.get(k).and_then(Value::as_u64);
+        let flag = |k: &str| o.get(k).and_then(Value::as_bool);
+        let driver = text("driver").unwrap_or_default();
+        let size = num("size").unwrap_or(0);
+        match driver.as_str() {
+            "file" => {
+                let filename = text("filename").unwrap_or_default();
+                if text("preallocation").is_some_and(|p| p != "off") {
+                    return Err("bulkhead supports only preallocation=off so far".into());
+                }
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&filename)
+                    .map_err(|e| format!("Could not create '{filename}': {}", strerror_of(&e)))?;
+                file.set_len(0)
+                    .and_then(|()| file.set_len(size))
+                    .map_err(|e| format!("Could not resize file: {}", strerror_of(&e)))?;
+                Ok(())
+            }
+            "qcow2" => {
+                let node = match o.get("file") {
+                    Some(Value::String(n)) => n.clone(),
+                    _ => return Err("bulkhead supports only a node name as 'file' so far".into()),
+                };
+                for unsupported in [
+                    "data-file",
+                    "data-file-raw",
+                    "encrypt",
+                    "preallocation",
+                    "extended-l2",
+                    "compression-type",
+                ] {
+                    if o.contains_key(unsupported) {
+                        return Err(format!(
+                            "bulkhead does not support '{unsupported}' in blockdev-create yet"
+                        ));
+                    }
+                }
+                if text("version").is_some_and(|v| v != "v3")
+                    || num("refcount-bits").is_some_and(|b| b != 16)
+                {
+                    return Err(
+                        "bulkhead creates only version 3 images with 16-bit refcounts so far"
+                            .into(),
+                    );
+                }
+                let Some(r) = self.node_ref(&node) else {
+                    return Err(format!(
+                        "Cannot find device='{node}' nor node-name='{node}'"
+                    ));
+                };
+                let image = bulkhead_ipc::wire::Qcow2Create {
+                    size,
+                    cluster_size: num("cluster-size").unwrap_or(65536),
+                    backing_file: text("backing-file"),
+                    backing_format: text("backing-fmt"),
+                    lazy_refcounts: flag("lazy-refcounts").unwrap_or(false),
+                };
+                let w = self.worker(r.home).await.map_err(|e| e.desc)?;
+                w.call(
+                    ToWorker::CreateQcow2 {
+                        node: r.node,
+                        image,
+                    },
+                    &[],
+                )
+                .await
+                .map_err(|e| match e {
+                    super::workers::CallError::Worker(w)
+                        if w.kind == bulkhead_ipc::wire::WorkerErrorKind::Image =>
+                    {
+                        w.detail
+                            .chars()
+                            .filter(|c| !c.is_control())
+                            .take(200)
+                            .collect()
+                    }
+                    other => other.to_string(),
+                })?;
+                self.refresh_sizes(&[node]).await;
+                Ok(())
+            }
+            other => Err(format!(
+                "bulkhead does not support blockdev-create for driver '{other}' yet"
+            )),
+        }
     }
 
     /// `quit`: running jobs are cancelled, as qsd's exit does.

@@ -10,6 +10,8 @@
 //! writes one). Everything QEMU refuses is checked before anything changes.
 
 use bulkhead_ipc::wire::{ToWorker, WorkerErrorKind};
+use bulkhead_qmp::qapi::types::{BlockdevSnapshotSync, NewImageMode};
+use serde_json::{Value, json};
 
 use super::graph::{Node, Role};
 use super::workers::CallError;
@@ -56,6 +58,123 @@ impl Core {
             tracing::warn!(node, error = %e.desc, "the snapshotted node stays writable");
         }
         Ok(())
+    }
+
+    /// `blockdev-snapshot-sync`: creates the overlay image (`mode: absolute-paths`,
+    /// the default: a qcow2 file naming the node's filename and format as its
+    /// backing, the size of the node) or opens it (`existing`), adds it as
+    /// `snapshot-node-name`, and takes the snapshot as `blockdev-snapshot` does.
+    /// qsd has no devices, so only `node-name` finds a node.
+    pub(super) async fn blockdev_snapshot_sync(
+        &mut self,
+        a: &BlockdevSnapshotSync,
+    ) -> Result<(), QmpError> {
+        let node_name = a.node_name.clone().unwrap_or_default();
+        let Some(node) = a.node_name.as_deref().and_then(|n| self.graph.get(n)) else {
+            return Err(errors::device_not_found(
+                a.device.as_deref().unwrap_or(""),
+                &node_name,
+            ));
+        };
+        let Some(snap) = a.snapshot_node_name.clone() else {
+            return Err(errors::overlay_name_missing());
+        };
+        if self.graph.contains(&snap) {
+            return Err(errors::overlay_name_in_use());
+        }
+        if a.format.as_deref().is_some_and(|f| f != "qcow2") {
+            return Err(errors::snapshot_format_unsupported());
+        }
+        let path = a.snapshot_file.clone();
+        let (size, backing_file, backing_format) = (
+            node.size,
+            self.graph.filename(node),
+            node.driver.as_str().to_string(),
+        );
+        let create = a.mode != Some(NewImageMode::Existing);
+        if create {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| errors::could_not_open(&path, e.raw_os_error().unwrap_or(0)))?;
+        } else if let Err(e) = std::fs::metadata(&path) {
+            return Err(errors::could_not_open(&path, e.raw_os_error().unwrap_or(0)));
+        }
+        let file_options = json!({"driver": "file", "filename": path});
+        let file = self.add_internal(&file_options).await?;
+        if create {
+            let Some(r) = self.node_ref(&file) else {
+                return Err(errors::node_vanished());
+            };
+            let image = bulkhead_ipc::wire::Qcow2Create {
+                size,
+                cluster_size: 65536,
+                backing_file: Some(backing_file.clone()),
+                backing_format: Some(backing_format.clone()),
+                lazy_refcounts: false,
+            };
+            let w = self.worker(r.home).await?;
+            if let Err(e) = w
+                .call(
+                    ToWorker::CreateQcow2 {
+                        node: r.node,
+                        image,
+                    },
+                    &[],
+                )
+                .await
+            {
+                self.destroy(&file).await;
+                return Err(call_error(e));
+            }
+            // qsd says so on its standard output, as qemu-img does.
+            println!(
+                "Formatting '{path}', fmt=qcow2 cluster_size=65536 extended_l2=off compression_type=zlib size={size} backing_file={backing_file} backing_fmt={backing_format} lazy_refcounts=off refcount_bits=16"
+            );
+        }
+        // Opened without the backing its header names: the snapshot gives it one.
+        let overlay = json!({"driver": "qcow2", "node-name": snap, "file": file, "backing": null});
+        let Value::Object(given) = overlay else {
+            return Err(errors::node_vanished());
+        };
+        let typed: bulkhead_qmp::qapi::types::BlockdevOptions =
+            serde_json::from_value(Value::Object(given.clone())).map_err(errors::from_error)?;
+        if let Err(e) = self.blockdev_add(&typed, &given).await {
+            self.destroy(&file).await;
+            return Err(e);
+        }
+        // Like QEMU's, the overlay belongs to its users, not to the monitor: it goes
+        // with the last of them (at once if the node had none).
+        if let Some(n) = self.graph.get_mut(&snap) {
+            n.monitor_owned = false;
+        }
+        let result = self.blockdev_snapshot(&node_name, &snap).await;
+        self.drop_if_unused(&snap).await;
+        result
+    }
+
+    /// Deletes `name` if the monitor does not own it and nothing uses it.
+    pub(super) async fn drop_if_unused(&mut self, name: &str) {
+        let exported = self.exports.iter().any(|e| e.node == name);
+        if self
+            .graph
+            .get(name)
+            .is_some_and(|n| !n.monitor_owned && n.parents == 0 && !exported)
+        {
+            self.destroy(name).await;
+        }
+    }
+
+    /// Adds a node the supervisor needs from `options` (see `add_internal_node`).
+    async fn add_internal(&mut self, options: &Value) -> Result<String, QmpError> {
+        let Value::Object(given) = options.clone() else {
+            return Err(errors::node_vanished());
+        };
+        let typed: bulkhead_qmp::qapi::types::BlockdevOptions =
+            serde_json::from_value(Value::Object(given.clone())).map_err(errors::from_error)?;
+        self.add_internal_node(&typed, &given).await
     }
 
     /// `change-backing-file`: writes `backing_file` (and the backing node's format)
@@ -168,6 +287,11 @@ impl Core {
             .await?;
         self.graph
             .set_child(overlay, Role::Backing, Some(backing.to_string()));
+        if let Some(n) = self.graph.get_mut(overlay) {
+            // A `backing: null` it was opened with no longer holds.
+            n.strong_options.remove("backing");
+            n.options.insert("backing".into(), backing.into());
+        }
         Ok(())
     }
 

@@ -476,6 +476,37 @@ impl DriverWorker {
                     .map_err(|text| err(WorkerErrorKind::Image, libc::EINVAL, text))?;
                 Ok(Reply::Done)
             }
+            ToWorker::CreateQcow2 { node, image } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                let writes = bulkhead_qcow2::create_layout(&bulkhead_qcow2::CreateOptions {
+                    size: image.size,
+                    cluster_size: image.cluster_size,
+                    backing_file: image.backing_file,
+                    backing_format: image.backing_format,
+                    lazy_refcounts: image.lazy_refcounts,
+                })
+                .map_err(|e| err(WorkerErrorKind::Image, libc::EINVAL, e.to_string()))?;
+                let io = |e: bulkhead_block::IoError| {
+                    err(
+                        WorkerErrorKind::Image,
+                        e.errno(),
+                        bulkhead_block::posix::strerror(e.errno()),
+                    )
+                };
+                n.resize(0).await.map_err(io)?;
+                let grow = bulkhead_block::WriteFlags {
+                    extend: true,
+                    ..Default::default()
+                };
+                for (off, bytes) in writes {
+                    n.write(off, &bytes, grow).await.map_err(io)?;
+                }
+                n.flush().await.map_err(io)?;
+                Ok(Reply::Done)
+            }
             ToWorker::SetBackingFile { node, name, format } => {
                 let n = self
                     .nodes

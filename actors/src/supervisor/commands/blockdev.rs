@@ -5,7 +5,8 @@
 
 use bulkhead_qmp::qapi::types::{
     BlockResizeArgs, BlockdevDelArgs, BlockdevOptions, BlockdevSetActiveArgs, BlockdevSnapshot,
-    BlockdevSnapshotDeleteInternalArgs, BlockdevSnapshotInternal, ChangeBackingFileArgs,
+    BlockdevSnapshotDeleteInternalArgs, BlockdevSnapshotInternal, BlockdevSnapshotSync,
+    ChangeBackingFileArgs,
 };
 #[cfg(feature = "test-hooks")]
 use bulkhead_qmp::qapi::types::{
@@ -80,6 +81,14 @@ pub(super) async fn blockdev_snapshot(
     args: BlockdevSnapshot,
 ) -> Result<(), QmpError> {
     core.blockdev_snapshot(&args.node, &args.overlay).await
+}
+
+/// `blockdev-snapshot-sync`.
+pub(super) async fn blockdev_snapshot_sync(
+    core: &mut Core,
+    args: BlockdevSnapshotSync,
+) -> Result<(), QmpError> {
+    core.blockdev_snapshot_sync(&args).await
 }
 
 /// `change-backing-file`.

@@ -21,6 +21,23 @@ pub(super) async fn blockdev_backup(
     core.blockdev_backup(&args).await
 }
 
+/// `blockdev-create` (`BlockdevCreateArgs`; the options stay as the visitor checked
+/// them: each driver reads its own).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BlockdevCreateArgs {
+    #[serde(rename = "job-id")]
+    job_id: String,
+    options: serde_json::Map<String, Value>,
+}
+
+pub(super) async fn blockdev_create(
+    core: &mut Core,
+    args: BlockdevCreateArgs,
+) -> Result<(), QmpError> {
+    core.blockdev_create(&args.job_id, &args.options).await
+}
+
 pub(super) async fn query_jobs(core: &mut Core, _: NoArgs) -> Result<Vec<Value>, QmpError> {
     Ok(core.query_jobs())
 }

@@ -135,6 +135,7 @@ pub static REGISTRY: &[Command] = &[
     command!("query-block-jobs", Query, jobs::query_block_jobs),
     command!("block-commit", Change, jobs::block_commit),
     command!("blockdev-backup", Change, jobs::blockdev_backup),
+    command!("blockdev-create", Change, jobs::blockdev_create),
     command!("block-job-set-speed", Change, jobs::block_job_set_speed),
     command!("block-job-cancel", Change, jobs::block_job_cancel),
     command!("block-job-pause", Change, jobs::block_job_pause),
@@ -197,6 +198,11 @@ pub static REGISTRY: &[Command] = &[
         bitmaps::x_debug_block_dirty_bitmap_sha256
     ),
     command!("block_resize", Change, blockdev::block_resize),
+    command!(
+        "blockdev-snapshot-sync",
+        Change,
+        blockdev::blockdev_snapshot_sync
+    ),
     command!("blockdev-snapshot", Change, blockdev::blockdev_snapshot),
     command!("change-backing-file", Change, blockdev::change_backing_file),
     command!(

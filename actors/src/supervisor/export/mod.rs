@@ -186,6 +186,8 @@ impl Core {
         };
         let Front::Nbd(o) = &export.front;
         self.hold_bitmaps(&o.bitmaps, false);
+        // A node only the export held (an overlay of blockdev-snapshot-sync) goes.
+        self.drop_if_unused(&export.node).await;
         let _ = self.refresh_locks();
         if !self.exports.iter().any(|e| e.node == export.node)
             && let Some(n) = self.graph.get_mut(&export.node)
