@@ -434,6 +434,22 @@ pub enum Operation {
         /// Bytes per second, 0 for no limit.
         speed: u64,
     },
+    /// A stream's copy, in the worker hosting its `copy-on-read` filter `node`:
+    /// what the `layers` layers below the filter's child's top layer hold of
+    /// `[offset, len)` (0: every layer) goes into that top layer, under the filter's
+    /// claims.
+    Stream {
+        /// The filter.
+        node: NodeId,
+        /// Where to start.
+        offset: u64,
+        /// The end: the top's size.
+        len: u64,
+        /// The layers whose data moves (0: all).
+        layers: u32,
+        /// Bytes per second, 0 for no limit.
+        speed: u64,
+    },
     /// The job runner's part of `block-commit` (an intermediate layer into its
     /// base): for `[offset, len)` of `top`, every range allocated in one of the
     /// `layers` topmost layers of its chain (allocation depth 1..=layers) is read
@@ -459,7 +475,9 @@ impl Operation {
     /// The node the operation works on (for a commit: its top).
     pub fn node(&self) -> NodeId {
         match self {
-            Operation::Fill { node, .. } | Operation::Backup { node, .. } => *node,
+            Operation::Fill { node, .. }
+            | Operation::Backup { node, .. }
+            | Operation::Stream { node, .. } => *node,
             Operation::Commit { top, .. } => top.node,
         }
     }
@@ -469,7 +487,8 @@ impl Operation {
         match self {
             Operation::Fill { len, .. }
             | Operation::Commit { len, .. }
-            | Operation::Backup { len, .. } => *len,
+            | Operation::Backup { len, .. }
+            | Operation::Stream { len, .. } => *len,
         }
     }
 }

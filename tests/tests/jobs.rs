@@ -822,3 +822,80 @@ fn created_qcow2_images_are_qsds_bytes() {
         );
     }
 }
+
+/// `block-stream` against qsd: its errors, a stream with nothing below (done at
+/// once), a rate-limited stream into `t` from `m` down to `b` while a client writes
+/// `t` (a copy never lands on what the client wrote), then a stream of everything;
+/// the graph, the header and the data afterwards.
+fn stream_script() -> Script {
+    let m = |s: Step| s.check(same_lines_masked);
+    const NBD_T: &str = "nbd+unix:///t?socket=$DIR/nbd.sock";
+    let stream = |id: &str, args: &str| qmp(id, "block-stream", args);
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        stream("e1", r#"{"device": "t"}"#).note("no job id"),
+        stream("e2", r#"{"device": "nosuch", "job-id": "s"}"#).note("no device"),
+        stream("e3", r#"{"device": "t", "job-id": "s", "base-node": "nosuch"}"#).note("no base"),
+        stream("e4", r#"{"device": "t", "job-id": "s", "base-node": "t"}"#)
+            .note("the base is the top"),
+        m(stream("s0", r#"{"device": "b", "job-id": "s0"}"#)).note("nothing below: done at once"),
+        m(stream("s1", r#"{"device": "t", "job-id": "s1", "base-node": "b", "speed": 16777216, "auto-dismiss": false}"#))
+            .note("a slow stream from m into t"),
+        Step::hook(
+            "a client writes t meanwhile",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 7 1M 64k", "-c", "write -P 7 40M 64k", NBD_T], true, "wrote 65536/65536"),
+        ),
+        m(Step::line(r#"{"execute": "query-jobs", "id": "q1"}"#))
+            .until_event("BLOCK_JOB_COMPLETED")
+            .note("the stream ends"),
+        qmp("d1", "job-dismiss", r#"{"id": "s1"}"#).note("dismissed"),
+        m(Step::line(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "n1"}"#))
+            .note("t reads b"),
+        Step::hook(
+            "t holds its writes, m's data and its own",
+            run_tool(
+                "qemu-io",
+                &["-f", "raw", "-c", "read -P 7 1M 64k", "-c", "read -P 2 2M 64k", "-c", "read -P 3 32M 1M", "-c", "read -P 7 40M 64k", NBD_T],
+                true,
+                "read 65536/65536 bytes at offset 41943040",
+            ),
+        ),
+        m(stream("s2", r#"{"device": "t", "job-id": "s2"}"#))
+            .until_event("BLOCK_JOB_COMPLETED")
+            .note("everything into t"),
+        m(Step::line(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "n2"}"#))
+            .note("t alone"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+    ];
+    Script {
+        name: "block-stream".into(),
+        monitors: 1,
+        args: CHAIN_ARGS
+            .iter()
+            .chain(&[
+                "--nbd-server",
+                "addr.type=unix,addr.path=$DIR/nbd.sock",
+                "--export",
+                "type=nbd,id=e,node-name=t,writable=on",
+            ])
+            .map(|a| a.to_string())
+            .collect(),
+        vars: Vec::new(),
+        setup: Some(make_chain),
+        steps,
+    }
+}
+
+#[test]
+fn block_stream_matches_qsd() {
+    if let Err(report) = differential(&stream_script()) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn block_stream_matches_qsd_with_a_worker_per_image() {
+    if let Err(report) = differential_with(&stream_script(), &["--isolation", "image"]) {
+        panic!("{report}");
+    }
+}

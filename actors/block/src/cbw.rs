@@ -37,12 +37,19 @@ pub const CLUSTER: u64 = 64 << 10;
 pub struct CbwConfig {
     /// The generic node options.
     pub common: CommonOptions,
+    /// An option given that bulkhead does not implement yet (refused at open).
+    pub unsupported: bool,
 }
 
 /// `BlockdevOptionsCbw` minus its children.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CbwOptions {}
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct CbwOptions {
+    bitmap: Option<Value>,
+    on_cbw_error: Option<String>,
+    cbw_timeout: Option<u32>,
+    min_cluster_size: Option<u64>,
+}
 
 /// The `copy-before-write` driver.
 pub struct Cbw;
@@ -80,9 +87,18 @@ impl BlockDriver for Cbw {
     };
 
     fn parse(members: &Map<String, Value>) -> Result<Parsed<CbwConfig>, ParseError> {
-        let _: CbwOptions = decode(members)?;
+        let o: CbwOptions = decode(members)?;
+        let unsupported = o.bitmap.is_some()
+            || o.on_cbw_error
+                .as_deref()
+                .is_some_and(|e| e != "break-guest-write")
+            || o.cbw_timeout.is_some_and(|t| t != 0)
+            || o.min_cluster_size.is_some();
         Ok(Parsed {
-            config: CbwConfig::default(),
+            config: CbwConfig {
+                unsupported,
+                ..CbwConfig::default()
+            },
             image: None,
             strong: Map::new(),
         })
@@ -97,6 +113,12 @@ impl BlockDriver for Cbw {
     }
 
     fn open(config: &CbwConfig, _: Option<OwnedFd>, mut children: Children) -> OpenFuture {
+        if config.unsupported {
+            return opened(Err(crate::OpenError::Image(
+                "bulkhead's copy-before-write takes no bitmap, on-cbw-error, cbw-timeout or min-cluster-size yet"
+                    .into(),
+            )));
+        }
         let read_only = config.common.read_only;
         let (source, target) = (
             children.take(ChildRole::File),

@@ -286,6 +286,13 @@ pub trait BlockIo: Send + Sync {
         Box::pin(async { Err(IoError::Unsupported) })
     }
 
+    /// Copies into the top layer of this filter's child what the `layers` layers
+    /// below it hold of `[offset, offset + len)` (0: every layer): a stream job's
+    /// copy through a `copy-on-read` filter.
+    fn copy_on_read(&self, _offset: u64, _len: u64, _layers: u32) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(IoError::Unsupported) })
+    }
+
     /// Writes `name` and `format` into the image header as its backing file
     /// (`change-backing-file`); the backing node in use does not change.
     fn set_backing_file(&self, _name: String, _format: String) -> SnapshotFuture<'_, ()> {

@@ -25,6 +25,7 @@
 pub mod cbw;
 pub mod compress;
 pub mod config;
+pub mod cor;
 pub mod driver;
 pub mod file;
 pub mod io;

@@ -250,6 +250,10 @@ impl BlockIo for Node {
         Box::pin(async move { node.snapshot_create(request).await })
     }
 
+    fn copy_on_read(&self, offset: u64, len: u64, layers: u32) -> IoFuture<'_, ()> {
+        self.driver.copy_on_read(offset, len, layers)
+    }
+
     fn copy_before_write(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.driver.copy_before_write(offset, len)
     }

@@ -846,7 +846,8 @@ impl BlockIo for Qcow2Driver {
         let engine = Arc::clone(&self.engine);
         Box::pin(async move {
             let done = threads::run_format(move || {
-                Ok(engine.set_backing_file(Some(name.as_str()), Some(format.as_str())))
+                let format = Some(format.as_str()).filter(|f| !f.is_empty());
+                Ok(engine.set_backing_file(Some(name.as_str()), format))
             })
             .await
             .map_err(|e| crate::posix::strerror(e.errno()))?;

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::config::{CommonOptions, ConfigError, DetectZeroes, Discard};
 use crate::driver::{BlockDriver, ChildRole, Children, DriverInfo, ParseError, Parsed};
 use crate::io::IoError;
-use crate::{cbw, compress, file, null, qcow2, raw};
+use crate::{cbw, compress, cor, file, null, qcow2, raw};
 
 macro_rules! registry {
     ($($(#[$doc:meta])* $variant:ident => $driver:ty,)*) => {
@@ -167,6 +167,8 @@ registry! {
     Compress => compress::Compress,
     /// `copy-before-write`: a filter that saves what writes overwrite to a target.
     CopyBeforeWrite => cbw::Cbw,
+    /// `copy-on-read`: a filter a stream job copies through.
+    CopyOnRead => cor::Cor,
 }
 
 impl DriverKind {

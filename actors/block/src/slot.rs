@@ -214,6 +214,13 @@ impl BlockIo for Slot {
         })
     }
 
+    fn copy_on_read(&self, offset: u64, len: u64, layers: u32) -> crate::io::IoFuture<'_, ()> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.copy_on_read(offset, len, layers).await
+        })
+    }
+
     fn copy_before_write(&self, offset: u64, len: u64) -> crate::io::IoFuture<'_, ()> {
         Box::pin(async move {
             let (_hold, node) = self.enter().await;

@@ -196,6 +196,12 @@ impl Handler<Shutdown> for SupervisorActor {
             for w in core.workers() {
                 w.kill();
             }
+            // Gone (reaped) before the daemon exits: their descriptors, and with them
+            // the images' locks, are released by then, as when qsd exits.
+            let until = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+            while core.workers().any(|w| w.is_alive()) && tokio::time::Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
             (core, ())
         })
     }

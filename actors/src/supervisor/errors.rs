@@ -717,6 +717,18 @@ pub fn bitmap_region(e: bulkhead_ipc::shm::ShmError) -> QmpError {
     generic(format!("cannot create the dirty bitmap: {e}"))
 }
 
+/// `block-stream` with a base outside the top's chain.
+pub fn not_a_backing_image(base: &str, top: &str) -> QmpError {
+    generic(format!("Node '{base}' is not a backing image of '{top}'"))
+}
+
+/// A `block-stream` option bulkhead does not implement yet.
+pub fn stream_option_unsupported(what: &str) -> QmpError {
+    generic(format!(
+        "bulkhead does not support block-stream with '{what}' yet"
+    ))
+}
+
 /// A `blockdev-backup` option bulkhead does not implement yet.
 pub fn backup_option_unsupported(what: &str) -> QmpError {
     generic(format!("bulkhead does not support backup with {what} yet"))

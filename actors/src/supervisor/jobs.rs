@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bulkhead_ipc::wire::{NodeRef, OpId, Operation, ToWorker, WorkerId, WorkerKind};
 use bulkhead_qmp::qapi::types::{
-    BlockCommitArgs, BlockdevBackupArgs, BlockdevOnError, MirrorSyncMode,
+    BlockCommitArgs, BlockStreamArgs, BlockdevBackupArgs, BlockdevOnError, MirrorSyncMode,
 };
 use bulkhead_qmp::request::ErrorClass;
 use serde_json::{Map, Value, json};
@@ -136,6 +136,15 @@ enum Work {
         filter: String,
         sync: BackupSync,
     },
+    /// `block-stream`: a `copy-on-read` filter above `top` copies into it what the
+    /// `layers` layers above `base` hold; then `top` reads `base` (or nothing).
+    Stream {
+        top: String,
+        base: Option<String>,
+        filter: String,
+        layers: u32,
+        backing_file: Option<String>,
+    },
     /// `blockdev-create`: done within the command; `error` is how it ended.
     Create { error: Option<String> },
 }
@@ -175,6 +184,7 @@ impl Job {
             Work::Commit { .. } => "commit",
             Work::Backup { .. } => "backup",
             Work::Create { .. } => "create",
+            Work::Stream { .. } => "stream",
         }
     }
 
@@ -186,6 +196,9 @@ impl Job {
             } => [overlay, top, base].iter().any(|n| n.as_str() == node),
             Work::Backup { source, filter, .. } => source == node || filter == node,
             Work::Create { .. } => false,
+            Work::Stream {
+                top, base, filter, ..
+            } => top == node || filter == node || base.as_deref() == Some(node),
         }
     }
 
@@ -468,6 +481,160 @@ impl Core {
         Ok(filter)
     }
 
+    /// `block-stream`, checked in qsd's order: the top's layers above `base` (or
+    /// every layer) are copied into it through a `copy-on-read` filter, then it reads
+    /// `base` directly (or nothing) and its header says so.
+    pub(super) async fn block_stream(&mut self, a: &BlockStreamArgs) -> Result<(), QmpError> {
+        let top = self
+            .graph
+            .get(&a.device)
+            .ok_or_else(|| errors::device_not_found(&a.device, &a.device))?;
+        let chain = self.graph.chain_names(&top.name);
+        let base = match (&a.base_node, &a.base, &a.bottom) {
+            (Some(_), Some(_), _) => return Err(errors::mutually_exclusive("base", "base-node")),
+            (_, _, Some(_)) => return Err(errors::stream_option_unsupported("bottom")),
+            (None, Some(b), _) => return Err(errors::by_file_name_unsupported("base", b)),
+            (Some(b), None, _) => {
+                let n = self
+                    .graph
+                    .get(b)
+                    .ok_or_else(|| errors::device_not_found("", b))?;
+                if n.name == top.name || !chain.contains(&n.name) {
+                    return Err(errors::not_a_backing_image(&n.name, &top.name));
+                }
+                Some(n.name.clone())
+            }
+            (None, None, None) => None,
+        };
+        if a.filter_node_name.is_some() {
+            return Err(errors::stream_option_unsupported("filter-node-name"));
+        }
+        let job_id = a.job_id.clone().unwrap_or_default();
+        if !bulkhead_qmp::qapi::id_wellformed(&job_id) {
+            return Err(errors::invalid_job_id(&job_id));
+        }
+        if self.jobs.get(&job_id).is_some() {
+            return Err(errors::job_id_in_use(&job_id));
+        }
+        // The layers that move: those between the top and the base.
+        let layers = match &base {
+            Some(b) => chain
+                .iter()
+                .position(|n| n == b)
+                .unwrap_or(1)
+                .saturating_sub(1),
+            None => chain.len().saturating_sub(1),
+        };
+        let backing_file = base.as_ref().map(|b| {
+            a.backing_file.clone().unwrap_or_else(|| {
+                self.graph
+                    .get(b)
+                    .map(|n| self.graph.filename(n))
+                    .unwrap_or_default()
+            })
+        });
+        let (top, total) = (top.name.clone(), if layers == 0 { 0 } else { top.size });
+        self.jobs.list.insert(
+            0,
+            Job {
+                id: job_id.clone(),
+                status: JobStatus::Created,
+                auto_finalize: a.auto_finalize.unwrap_or(true),
+                auto_dismiss: a.auto_dismiss.unwrap_or(true),
+                speed: 0,
+                user_paused: false,
+                on_error: a.on_error.unwrap_or(BlockdevOnError::Report),
+                done: 0,
+                total,
+                error: None,
+                op: None,
+                work: Work::Stream {
+                    top: top.clone(),
+                    base,
+                    filter: String::new(),
+                    layers: u32::try_from(layers).unwrap_or(u32::MAX),
+                    backing_file,
+                },
+            },
+        );
+        self.transition(&job_id, JobStatus::Created).await;
+        let speed = match u64::try_from(a.speed.unwrap_or(0)) {
+            Ok(s) => s,
+            Err(_) => {
+                self.transition(&job_id, JobStatus::Null).await;
+                return Err(errors::speed_negative());
+            }
+        };
+        if let Some(j) = self.jobs.get_mut(&job_id) {
+            j.speed = speed;
+        }
+        self.transition(&job_id, JobStatus::Running).await;
+        if layers == 0 {
+            // Nothing below the top: done at once, as qsd's job is.
+            self.job_done(&job_id).await;
+            return Ok(());
+        }
+        let filter = json!({"driver": "copy-on-read", "file": top});
+        let added = match self.add_internal(&filter).await {
+            Ok(f) => match self.insert_filter(&top, &f).await {
+                Ok(()) => Ok(f),
+                Err(e) => {
+                    self.destroy(&f).await;
+                    Err(e)
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match added {
+            Ok(f) => {
+                if let Some(Job {
+                    work: Work::Stream { filter, .. },
+                    ..
+                }) = self.jobs.get_mut(&job_id)
+                {
+                    *filter = f;
+                }
+            }
+            Err(e) => {
+                self.job_failed(&job_id, "read", &e.desc).await;
+                return Ok(());
+            }
+        }
+        self.start_copy(&job_id).await;
+        Ok(())
+    }
+
+    /// A stream's end: the top reads `base` (or nothing) and its header says so.
+    async fn finish_stream(
+        &mut self,
+        top: &str,
+        base: Option<&str>,
+        backing_file: Option<&str>,
+    ) -> Result<(), QmpError> {
+        match base {
+            Some(b) => self.attach_backing(top, b).await?,
+            None => self.detach_backing(top).await?,
+        }
+        let format = base
+            .and_then(|b| self.graph.get(b))
+            .map(|b| b.driver.as_str().to_string())
+            .unwrap_or_default();
+        if let Some(r) = self.node_ref(top) {
+            let w = self.worker(r.home).await?;
+            let body = ToWorker::SetBackingFile {
+                node: r.node,
+                name: backing_file.unwrap_or("").to_string(),
+                format,
+            };
+            if let Err(e) = w.call(body, &[]).await {
+                tracing::warn!(top, error = %e, "the top's header keeps its old backing name");
+            }
+        }
+        self.refresh_format_info().await;
+        let _ = self.refresh_locks();
+        Ok(())
+    }
+
     /// `block-commit`, checked in qsd's order (an active commit is not supported
     /// yet: the top must be below the device).
     pub(super) async fn block_commit(&mut self, a: &BlockCommitArgs) -> Result<(), QmpError> {
@@ -602,8 +769,14 @@ impl Core {
     }
 
     /// Undoes `prepare_job` once the job ended either way: a commit's base
-    /// read-only again, a backup's filter out of the graph.
+    /// read-only again, a backup's or stream's filter out of the graph.
     async fn release_job(&mut self, id: &str) {
+        if let Some(Work::Stream { filter, .. }) = self.jobs.get(id).map(|j| j.work.clone())
+            && self.graph.contains(&filter)
+            && let Err(e) = self.remove_filter(&filter).await
+        {
+            tracing::warn!(job = id, error = %e.desc, "the stream's filter stays");
+        }
         if let Some(Work::Backup { filter, .. }) = self.jobs.get(id).map(|j| j.work.clone())
             && self.graph.contains(&filter)
             && let Err(e) = self.remove_filter(&filter).await
@@ -633,6 +806,16 @@ impl Core {
                 ..
             }
             | Work::Create { .. } => return,
+            Work::Stream { filter, layers, .. } => match self.graph.get(filter) {
+                Some(f) => Operation::Stream {
+                    node: f.id,
+                    offset: j.done,
+                    len: j.total,
+                    layers: *layers,
+                    speed: j.speed,
+                },
+                None => return,
+            },
             Work::Backup { filter, sync, .. } => match self.graph.get(filter) {
                 Some(f) => Operation::Backup {
                     node: f.id,
@@ -784,6 +967,21 @@ impl Core {
                 ..
             } => self.drop_intermediate(overlay, base, backing_file).await,
             Work::Backup { .. } | Work::Create { .. } => Ok(()),
+            Work::Stream {
+                top,
+                base,
+                filter,
+                backing_file,
+                ..
+            } => {
+                if self.graph.contains(filter)
+                    && let Err(e) = self.remove_filter(filter).await
+                {
+                    tracing::warn!(job = id, error = %e.desc, "the stream's filter stays");
+                }
+                self.finish_stream(top, base.as_deref(), backing_file.as_deref())
+                    .await
+            }
         };
         self.release_job(id).await;
         if let Err(e) = result

@@ -357,7 +357,7 @@ impl Core {
     ) -> Result<OpWatch, QmpError> {
         let node = operation.node();
         let home = match &operation {
-            Operation::Fill { .. } | Operation::Backup { .. } => {
+            Operation::Fill { .. } | Operation::Backup { .. } | Operation::Stream { .. } => {
                 let Some(home) = self.graph.iter().find(|n| n.id == node).map(|n| n.home) else {
                     return Err(errors::operation_node_gone());
                 };

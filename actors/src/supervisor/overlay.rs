@@ -168,7 +168,7 @@ impl Core {
     }
 
     /// Adds a node the supervisor needs from `options` (see `add_internal_node`).
-    async fn add_internal(&mut self, options: &Value) -> Result<String, QmpError> {
+    pub(super) async fn add_internal(&mut self, options: &Value) -> Result<String, QmpError> {
         let Value::Object(given) = options.clone() else {
             return Err(errors::node_vanished());
         };
@@ -292,6 +292,29 @@ impl Core {
             n.strong_options.remove("backing");
             n.options.insert("backing".into(), backing.into());
         }
+        Ok(())
+    }
+
+    /// Reopens `overlay` without a backing child.
+    pub(super) async fn detach_backing(&mut self, overlay: &str) -> Result<(), QmpError> {
+        let Some(o) = self.node_ref(overlay) else {
+            return Err(errors::node_vanished());
+        };
+        let children = self.child_refs(overlay, Some((Role::Backing, None)));
+        let (config, image) = match self.graph.get(overlay) {
+            Some(n) => (
+                n.config.clone(),
+                n.image
+                    .as_ref()
+                    .map(bulkhead_ipc::fd::dup)
+                    .transpose()
+                    .map_err(errors::from_error)?,
+            ),
+            None => return Err(errors::node_vanished()),
+        };
+        self.reopen_on(o.home, o.node, overlay, config, children, image)
+            .await?;
+        self.graph.set_child(overlay, Role::Backing, None);
         Ok(())
     }
 

@@ -512,6 +512,12 @@ impl DriverWorker {
                     .nodes
                     .lookup(node)
                     .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                // An empty name clears the backing file (a stream into the top).
+                let format = if name.is_empty() {
+                    String::new()
+                } else {
+                    format
+                };
                 n.set_backing_file(name, format)
                     .await
                     .map_err(|text| err(WorkerErrorKind::Image, libc::EINVAL, text))?;

@@ -48,7 +48,9 @@ impl JobWorker {
                         self.peers.open(*top, "commit top").await?,
                         self.peers.open(*base, "commit base").await?,
                     ),
-                    Operation::Fill { .. } | Operation::Backup { .. } => {
+                    Operation::Fill { .. }
+                    | Operation::Backup { .. }
+                    | Operation::Stream { .. } => {
                         return Err(WorkerError::new(
                             WorkerErrorKind::Invalid,
                             libc::EINVAL,

@@ -94,6 +94,9 @@ impl Operations {
             (
                 Operation::Backup {
                     offset, len, speed, ..
+                }
+                | Operation::Stream {
+                    offset, len, speed, ..
                 },
                 Nodes::One(node),
             ) => (node, Some(*len).filter(|l| offset <= l), *speed),
@@ -150,6 +153,9 @@ impl Operations {
             let result = match nodes {
                 Nodes::One(node) if matches!(operation, Operation::Backup { .. }) => {
                     backup(operation, node, control, &mut report).await
+                }
+                Nodes::One(node) if matches!(operation, Operation::Stream { .. }) => {
+                    stream(operation, node, control, &mut report).await
                 }
                 Nodes::One(node) => fill(operation, node, control, &mut report).await,
                 Nodes::Two(top, base) => commit(operation, top, base, control, &mut report).await,
@@ -453,4 +459,39 @@ async fn backup(
         pace.pass(copied, &mut control).await?;
     }
     Ok(())
+}
+
+/// A stream's copy: every piece of `[offset, len)` through the filter's
+/// [`BlockIo::copy_on_read`], which copies what the layers below hold into the top
+/// layer under its claims.
+async fn stream(
+    operation: Operation,
+    filter: Arc<dyn BlockIo>,
+    mut control: Control,
+    report: &mut Reporter,
+) -> Result<(), WorkerError> {
+    let Operation::Stream {
+        offset,
+        len,
+        layers,
+        speed,
+        ..
+    } = operation
+    else {
+        return Err(err(WorkerErrorKind::Invalid, libc::EINVAL, "not a stream"));
+    };
+    let mut pace = Pace::new(speed);
+    let mut pos = offset;
+    report.progress(pos, len).await;
+    while pos < len {
+        if *control.cancel.borrow() {
+            return Err(cancelled());
+        }
+        let n = pace.chunk(BACKUP_CHUNK).min(len - pos);
+        filter.copy_on_read(pos, n, layers).await.map_err(io)?;
+        pos += n;
+        report.progress(pos, len).await;
+        pace.pass(n, &mut control).await?;
+    }
+    filter.flush().await.map_err(io)
 }

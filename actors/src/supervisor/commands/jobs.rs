@@ -2,7 +2,7 @@
 //! and their `block-job-*` forms (the work is in `supervisor::jobs`).
 
 use bulkhead_qmp::qapi::types::{
-    BlockCommitArgs, BlockJobCancelArgs, BlockJobDeviceArgs, BlockJobSetSpeedArgs,
+    BlockCommitArgs, BlockJobCancelArgs, BlockJobDeviceArgs, BlockJobSetSpeedArgs, BlockStreamArgs,
     BlockdevBackupArgs, JobIdArgs, NoArgs,
 };
 use serde_json::Value;
@@ -29,6 +29,10 @@ pub(super) struct BlockdevCreateArgs {
     #[serde(rename = "job-id")]
     job_id: String,
     options: serde_json::Map<String, Value>,
+}
+
+pub(super) async fn block_stream(core: &mut Core, args: BlockStreamArgs) -> Result<(), QmpError> {
+    core.block_stream(&args).await
 }
 
 pub(super) async fn blockdev_create(

@@ -136,6 +136,7 @@ pub static REGISTRY: &[Command] = &[
     command!("block-commit", Change, jobs::block_commit),
     command!("blockdev-backup", Change, jobs::blockdev_backup),
     command!("blockdev-create", Change, jobs::blockdev_create),
+    command!("block-stream", Change, jobs::block_stream),
     command!("block-job-set-speed", Change, jobs::block_job_set_speed),
     command!("block-job-cancel", Change, jobs::block_job_cancel),
     command!("block-job-pause", Change, jobs::block_job_pause),
