@@ -25,6 +25,8 @@ options:
   --only LIST       run only these parts, comma-separated: control, null, raw-file,
                     file, qcow2-full, qcow2-fresh, qcow2-chain, or qcow2 for all three
                     qcow2 ones (default: everything)
+  --jobs            time block jobs (commit, stream, backup) against qsd instead
+                    of the I/O rows (`--size` and `--repeat` apply)
   --help            print this text
 ";
 
@@ -49,6 +51,8 @@ pub struct Options {
     pub control: bool,
     /// Backings to measure, in table order.
     pub backings: Vec<Backing>,
+    /// Time block jobs instead (`--jobs`; see `jobs.rs`).
+    pub jobs: bool,
 }
 
 impl Default for Options {
@@ -63,6 +67,7 @@ impl Default for Options {
             quick: false,
             control: true,
             backings: Backing::ALL.to_vec(),
+            jobs: false,
         }
     }
 }
@@ -145,6 +150,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, CliError> {
         match name {
             "--help" | "-h" => return Ok(Parsed::Help),
             "--quick" => o.quick = true,
+            "--jobs" => o.jobs = true,
             "--repeat" => {
                 let v = value()?;
                 o.repeat = u32::try_from(positive(name, &v)?)

@@ -20,6 +20,7 @@ mod cli;
 mod daemon;
 mod fio;
 mod images;
+mod jobs;
 mod procs;
 mod qmp;
 mod run;
@@ -59,6 +60,8 @@ enum BenchError {
     Write(PathBuf, #[source] std::io::Error),
     #[error("cannot make the qcow2 images: {0}")]
     Image(#[from] images::ImageError),
+    #[error("job benchmark: {0}")]
+    Jobs(String),
 }
 
 fn main() -> ExitCode {
@@ -112,6 +115,13 @@ fn real_main(args: &[String]) -> Result<(), BenchError> {
         if !p.exists() {
             return Err(BenchError::Missing(p.clone(), hint));
         }
+    }
+    if options.jobs {
+        let scratch = ScratchDir::new(Path::new("/dev/shm"), "bulkhead-bench-jobs")?;
+        let table = jobs::run(&programs, scratch.path(), options.repeat, options.size)
+            .map_err(BenchError::Jobs)?;
+        println!("{table}");
+        return Ok(());
     }
     if !command_output("fio", &["--enghelp"]).contains("nbd") {
         return Err(BenchError::NoFioNbd);

@@ -188,13 +188,14 @@ impl Handler<Shutdown> for SupervisorActor {
         self.on_core((), |mut core| async move {
             // Exports go first, then nodes close (a format writes back what a clean
             // close writes, as qsd's quit does), within a bound; then every worker goes.
+            // Stopped on purpose: reaped quietly (no "worker process ended" warning).
             for w in core.workers().filter(|w| !w.kind().hosts_nodes()) {
-                w.kill();
+                w.retire();
             }
             core.close_all_nodes().await;
             core.stop();
             for w in core.workers() {
-                w.kill();
+                w.retire();
             }
             // Gone (reaped) before the daemon exits: their descriptors, and with them
             // the images' locks, are released by then, as when qsd exits.
