@@ -30,6 +30,21 @@ use crate::io::{BlockIo, Extent, IoError, IoFuture, SparseFuture, WriteFlags, Ze
 
 /// The unit copied (QEMU's `BLOCK_COPY_CLUSTER_SIZE_DEFAULT`).
 pub const CLUSTER: u64 = 64 << 10;
+/// Most clusters one read and one write carry (8 MiB).
+const MAX_RUN: u64 = 128;
+
+/// Sorted cluster numbers as runs `(first, count)` of consecutive ones, each at most
+/// [`MAX_RUN`] long.
+fn runs(clusters: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &c in clusters {
+        match out.last_mut() {
+            Some((first, count)) if *first + *count == c && *count < MAX_RUN => *count += 1,
+            _ => out.push((c, 1)),
+        }
+    }
+    out
+}
 
 /// `copy-before-write` configuration: the generic options (`bitmap`, `on-cbw-error`,
 /// `cbw-timeout` and `min-cluster-size` are refused for now).
@@ -191,58 +206,75 @@ impl CbwDriver {
         self.clusters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Copies cluster `c` to the target unless it was copied; waits for a copy of
-    /// it already running.
-    async fn copy_cluster(&self, c: u64) -> Result<(), IoError> {
-        loop {
-            // Registered before the check, so a release between the two wakes it.
-            let released = self.released.notified();
-            {
-                let mut s = self.lock();
-                if s.is_copied(c) {
-                    return Ok(());
-                }
-                if s.inflight.insert(c) {
-                    break;
-                }
-            }
-            released.await;
-        }
-        let result = self.copy_claimed(c).await;
-        {
-            let mut s = self.lock();
-            s.inflight.remove(&c);
-            if result.is_ok() {
-                s.mark_copied(c);
-            }
-        }
-        self.released.notify_waiters();
-        result
-    }
-
-    async fn copy_claimed(&self, c: u64) -> Result<(), IoError> {
-        let size = self.source.size();
-        let start = c.saturating_mul(CLUSTER);
-        if start >= size {
-            return Ok(());
-        }
-        let len = CLUSTER.min(size - start);
-        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| IoError::Invalid)?];
-        self.source.read(start, &mut buf).await?;
-        self.target.write(start, &buf, WriteFlags::default()).await
-    }
-
-    /// Copies every cluster `[offset, offset + len)` touches that was not copied.
+    /// Copies every cluster `[offset, offset + len)` touches that was not copied:
+    /// those nobody copies yet are claimed at once and copied in runs (one read and
+    /// one write per run of up to [`MAX_RUN`] clusters); then it waits for those
+    /// other requests were copying, and takes any they failed.
     async fn before_write(&self, offset: u64, len: u64) -> Result<(), IoError> {
         if len == 0 {
             return Ok(());
         }
         let first = offset / CLUSTER;
         let last = offset.saturating_add(len - 1) / CLUSTER;
-        for c in first..=last {
-            self.copy_cluster(c).await?;
+        loop {
+            // Registered before the claims, so a release meanwhile wakes it.
+            let released = self.released.notified();
+            let (mine, others) = {
+                let mut s = self.lock();
+                let mut mine = Vec::new();
+                let mut others = false;
+                for c in first..=last {
+                    if s.is_copied(c) {
+                        continue;
+                    }
+                    if s.inflight.insert(c) {
+                        mine.push(c);
+                    } else {
+                        others = true;
+                    }
+                }
+                (mine, others)
+            };
+            let mut result = Ok(());
+            for run in runs(&mine) {
+                let copied = if result.is_ok() {
+                    self.copy_run(run.0, run.1).await
+                } else {
+                    Err(IoError::Invalid)
+                };
+                {
+                    let mut s = self.lock();
+                    for c in run.0..run.0 + run.1 {
+                        s.inflight.remove(&c);
+                        if copied.is_ok() {
+                            s.mark_copied(c);
+                        }
+                    }
+                }
+                self.released.notify_waiters();
+                if result.is_ok() {
+                    result = copied;
+                }
+            }
+            result?;
+            if !others {
+                return Ok(());
+            }
+            released.await;
         }
-        Ok(())
+    }
+
+    /// Copies `count` clusters from cluster `first` (claimed by the caller).
+    async fn copy_run(&self, first: u64, count: u64) -> Result<(), IoError> {
+        let size = self.source.size();
+        let start = first.saturating_mul(CLUSTER);
+        if start >= size {
+            return Ok(());
+        }
+        let len = (count * CLUSTER).min(size - start);
+        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| IoError::Invalid)?];
+        self.source.read(start, &mut buf).await?;
+        self.target.write(start, &buf, WriteFlags::default()).await
     }
 }
 
@@ -389,9 +421,10 @@ mod tests {
         assert!(t[4 * CLUSTER as usize..].iter().all(|&b| b == 1));
         assert!(t[..CLUSTER as usize].iter().all(|&b| b == 0));
         assert_eq!(source.1.load(std::sync::atomic::Ordering::Relaxed), 2);
-        // A full copy afterwards takes the rest and skips what was copied.
+        // A full copy afterwards takes the rest and skips what was copied: clusters
+        // 0 and 2-3, in two runs (two reads).
         cbw.copy_before_write(0, size as u64).await.unwrap();
-        assert_eq!(source.1.load(std::sync::atomic::Ordering::Relaxed), 5);
+        assert_eq!(source.1.load(std::sync::atomic::Ordering::Relaxed), 4);
         let t = target.bytes();
         assert!(t.iter().all(|&b| b == 1), "the point-in-time image");
         assert_eq!(source.bytes()[CLUSTER as usize + 10], 9);

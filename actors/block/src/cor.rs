@@ -24,8 +24,10 @@ use crate::driver::{
 };
 use crate::io::{BlockIo, Extent, IoError, IoFuture, SparseFuture, WriteFlags, ZeroFlags};
 
-/// The piece copied and claimed at once.
+/// The unit a write or a copy claims.
 pub const PIECE: u64 = 64 << 10;
+/// Most bytes one copy read and write carry.
+const MAX_COPY: u64 = 4 << 20;
 
 /// `copy-on-read` configuration: the generic options (`bottom` is refused for now).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,37 +172,6 @@ impl CorDriver {
         }
         held
     }
-
-    /// Copies into the child's top layer what the `layers` layers below it hold of
-    /// piece `p` (0: every layer), under the piece's claim.
-    async fn copy_piece(&self, p: u64, layers: u32) -> Result<(), IoError> {
-        let size = self.child.size();
-        let start = p.saturating_mul(PIECE);
-        if start >= size {
-            return Ok(());
-        }
-        let len = PIECE.min(size - start);
-        let _held = self.claim(start, len).await;
-        let mut at = start;
-        for e in self.child.block_status(start, len).await? {
-            let end = at.saturating_add(e.length).min(start + len);
-            if end <= at {
-                break;
-            }
-            // Depth 1 is the top layer itself; 0 is nowhere in the chain.
-            let below = e.depth >= 2 && (layers == 0 || e.depth <= layers + 1);
-            if below {
-                let mut buf = vec![0u8; usize::try_from(end - at).map_err(|_| IoError::Invalid)?];
-                self.child.read(at, &mut buf).await?;
-                self.child.write(at, &buf, WriteFlags::default()).await?;
-            }
-            at = end;
-        }
-        if at == start {
-            return Err(IoError::Invalid);
-        }
-        Ok(())
-    }
 }
 
 impl BlockIo for CorDriver {
@@ -261,8 +232,36 @@ impl BlockIo for CorDriver {
             if len == 0 {
                 return Ok(());
             }
-            for p in offset / PIECE..=offset.saturating_add(len - 1) / PIECE {
-                self.copy_piece(p, layers).await?;
+            let size = self.child.size();
+            if offset >= size {
+                return Ok(());
+            }
+            // The whole range at once: claimed (guest writes to it wait), one block
+            // status, then each extent below the top copied in pieces of at most
+            // `MAX_COPY`.
+            let len = len.min(size - offset);
+            let start = offset - offset % PIECE;
+            let end = offset.saturating_add(len).next_multiple_of(PIECE).min(size);
+            let _held = self.claim(start, end - start).await;
+            let mut at = start;
+            for e in self.child.block_status(start, end - start).await? {
+                let stop = at.saturating_add(e.length).min(end);
+                if stop <= at {
+                    break;
+                }
+                let below = e.depth >= 2 && (layers == 0 || e.depth <= layers + 1);
+                let mut pos = at;
+                while below && pos < stop {
+                    let n = MAX_COPY.min(stop - pos);
+                    let mut buf = vec![0u8; usize::try_from(n).map_err(|_| IoError::Invalid)?];
+                    self.child.read(pos, &mut buf).await?;
+                    self.child.write(pos, &buf, WriteFlags::default()).await?;
+                    pos += n;
+                }
+                at = stop;
+            }
+            if at == start {
+                return Err(IoError::Invalid);
             }
             Ok(())
         })

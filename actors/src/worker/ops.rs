@@ -329,8 +329,10 @@ async fn fill(
     node.flush().await.map_err(io)
 }
 
-/// Largest piece a commit copies at once (QEMU's `COMMIT_BUFFER_SIZE`).
-const COMMIT_CHUNK: u64 = 512 << 10;
+/// Largest piece a commit copies at once (QEMU's `COMMIT_BUFFER_SIZE` is 512 KiB;
+/// every piece crosses two data channels here, so bigger pieces keep the copy from
+/// being bound by round trips: `benches -- --jobs`).
+const COMMIT_CHUNK: u64 = 8 << 20;
 
 /// A commit's copy: what the `layers` topmost layers of `top` hold goes to `base`,
 /// piece by piece, from `offset` to `len`. Reads go through `top` (its chain
@@ -353,7 +355,7 @@ async fn commit(
         return Err(err(WorkerErrorKind::Invalid, libc::EINVAL, "not a commit"));
     };
     let mut pace = Pace::new(speed);
-    let mut buf = vec![0u8; usize::try_from(COMMIT_CHUNK).unwrap_or(1 << 19)];
+    let mut buf = vec![0u8; usize::try_from(COMMIT_CHUNK).unwrap_or(1 << 23)];
     let mut pos = offset;
     report.progress(pos, len).await;
     while pos < len {
@@ -397,8 +399,8 @@ async fn commit(
     base.flush().await.map_err(io)
 }
 
-/// Largest piece a backup saves at once (QEMU's block-copy default chunk).
-const BACKUP_CHUNK: u64 = 1 << 20;
+/// Largest piece a backup or stream copy takes at once.
+const BACKUP_CHUNK: u64 = 8 << 20;
 
 /// A backup's copy: every piece of `[offset, len)` (with `top_only`, those the
 /// source's top layer holds) is saved through the filter's claims
