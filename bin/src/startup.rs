@@ -369,7 +369,9 @@ async fn run(opts: Vec<CliOption>, mut ready: Option<std::fs::File>, daemonize: 
     let bus = EventBus::default().start();
     let supervisor = SupervisorActor::new(EventSink(bus.clone()), isolation).start();
     let (quit_tx, mut quit_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
     let front = Front {
+        stopped,
         supervisor: supervisor.clone(),
         bus: bus.clone(),
         quit: Rc::new(move || {
@@ -397,29 +399,29 @@ async fn run(opts: Vec<CliOption>, mut ready: Option<std::fs::File>, daemonize: 
         }
         if let Some(text) = opt.error_text() {
             eprintln!("{text}");
-            return finish(&supervisor, 1, &None, ready).await;
+            return finish(&supervisor, &stopped_tx, 1, &None, ready).await;
         }
         if let Err(msg) = startup.run_option(opt).await {
             eprintln!("{}", cli::diagnostic(&opt.given, &msg));
-            return finish(&supervisor, 1, &None, ready).await;
+            return finish(&supervisor, &stopped_tx, 1, &None, ready).await;
         }
     }
     match supervisor.send(StartupComplete).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             eprintln!("bulkhead: {}", e.desc);
-            return finish(&supervisor, 1, &None, ready).await;
+            return finish(&supervisor, &stopped_tx, 1, &None, ready).await;
         }
         Err(e) => {
             eprintln!("bulkhead: {e}");
-            return finish(&supervisor, 1, &None, ready).await;
+            return finish(&supervisor, &stopped_tx, 1, &None, ready).await;
         }
     }
     if let Some(p) = &pidfile
         && let Err(e) = write_pidfile(p)
     {
         eprintln!("bulkhead: cannot create PID file: {e}");
-        return finish(&supervisor, 1, &None, ready).await;
+        return finish(&supervisor, &stopped_tx, 1, &None, ready).await;
     }
     if let Some(mut w) = ready.take() {
         let _ = w.write_all(&[0]);
@@ -451,7 +453,7 @@ async fn run(opts: Vec<CliOption>, mut ready: Option<std::fs::File>, daemonize: 
             })
             .await;
     }
-    finish(&supervisor, 0, &pidfile, None).await
+    finish(&supervisor, &stopped_tx, 0, &pidfile, None).await
 }
 
 /// Writes our pid to `path`, refusing if another live process holds the file's lock
@@ -514,11 +516,13 @@ async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
 
 async fn finish(
     supervisor: &actix::Addr<SupervisorActor>,
+    stopped: &tokio::sync::watch::Sender<bool>,
     code: u8,
     pidfile: &Option<PathBuf>,
     ready: Option<std::fs::File>,
 ) -> u8 {
     let _ = supervisor.send(Shutdown).await;
+    stopped.send_replace(true);
     if let Some(p) = pidfile {
         let _ = std::fs::remove_file(p);
     }

@@ -354,6 +354,24 @@ pub enum ToWorker {
         /// The new limit.
         speed: u64,
     },
+    /// Steer a running mirror operation (see [`Steer`]). `NotFound` if it is not
+    /// running.
+    SteerOperation {
+        /// The operation.
+        op: OpId,
+        /// What it is to do.
+        steer: Steer,
+    },
+}
+
+/// What a running mirror is told ([`ToWorker::SteerOperation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Steer {
+    /// Guest writes reach the target before they complete (`copy-mode:
+    /// write-blocking`).
+    WriteBlocking,
+    /// Copy what is left with guest writes blocking, then end.
+    Complete,
 }
 
 /// A dirty bitmap's region as a node's worker maps it (`crate::bitmap`): the bytes
@@ -450,6 +468,27 @@ pub enum Operation {
         /// Bytes per second, 0 for no limit.
         speed: u64,
     },
+    /// A mirror's copy, in the worker hosting its `mirror_top` filter `node`: the
+    /// scan (`scan`: every byte when 0, or what the `scan` topmost layers of the
+    /// source hold; none when `None`), then dirty chunks to the target until none
+    /// is left ([`WorkerEvent::OperationReady`] the first time), then whatever
+    /// guest writes dirty, until cancelled or told to complete ([`Steer`]).
+    /// Progress counts copied bytes from `offset`; the total is that plus what is
+    /// dirty.
+    Mirror {
+        /// The filter.
+        node: NodeId,
+        /// Bytes copied by earlier runs of the job.
+        offset: u64,
+        /// What the scan marks.
+        scan: Option<u32>,
+        /// Guest writes block from the start (`copy-mode: write-blocking`).
+        write_blocking: bool,
+        /// Complete as soon as nothing is dirty.
+        complete: bool,
+        /// Bytes per second, 0 for no limit.
+        speed: u64,
+    },
     /// The job runner's part of `block-commit` (an intermediate layer into its
     /// base): for `[offset, len)` of `top`, every range allocated in one of the
     /// `layers` topmost layers of its chain (allocation depth 1..=layers) is read
@@ -477,7 +516,8 @@ impl Operation {
         match self {
             Operation::Fill { node, .. }
             | Operation::Backup { node, .. }
-            | Operation::Stream { node, .. } => *node,
+            | Operation::Stream { node, .. }
+            | Operation::Mirror { node, .. } => *node,
             Operation::Commit { top, .. } => top.node,
         }
     }
@@ -489,6 +529,8 @@ impl Operation {
             | Operation::Commit { len, .. }
             | Operation::Backup { len, .. }
             | Operation::Stream { len, .. } => *len,
+            // Grows as the scan marks.
+            Operation::Mirror { offset, .. } => *offset,
         }
     }
 }
@@ -729,6 +771,13 @@ pub enum WorkerEvent {
         done: u64,
         /// Units in all (may grow while it runs).
         total: u64,
+    },
+    /// Operation `op` (a mirror) has nothing dirty left for the first time: the
+    /// target holds what the source does (driver workers; once per operation,
+    /// after a `Progress` with its numbers).
+    OperationReady {
+        /// The operation.
+        op: OpId,
     },
     /// Operation `op` ended (driver workers; once per operation).
     OperationEnded {

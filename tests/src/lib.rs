@@ -21,6 +21,7 @@
 
 pub mod daemon;
 pub mod error;
+pub mod jobs;
 pub mod loopdev;
 pub mod mask;
 pub mod nbd;
@@ -34,3 +35,23 @@ pub use daemon::{Daemon, DaemonKind, TempDir};
 pub use error::HarnessError;
 pub use qmp::QmpConnection;
 pub use script::{Script, Step, differential, differential_with};
+
+/// Runs `args[0]` with the rest in `dir` (a test's image setup: `qemu-img`,
+/// `qemu-io`); its stderr becomes the error when it fails.
+pub fn run_in(dir: &std::path::Path, args: &[&str]) -> std::io::Result<()> {
+    let (program, rest) = args
+        .split_first()
+        .ok_or_else(|| std::io::Error::other("no program"))?;
+    let out = std::process::Command::new(program)
+        .args(rest)
+        .current_dir(dir)
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{program}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )))
+    }
+}

@@ -8,8 +8,8 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bulkhead_systests::qmp::parse_line;
-use bulkhead_systests::script::{StepOutput, run_tool};
+use bulkhead_systests::jobs::{ignoring_drain_pauses, same_lines_masked};
+use bulkhead_systests::script::run_tool;
 use bulkhead_systests::{
     Daemon, DaemonKind, Script, Step, TempDir, differential, differential_with,
 };
@@ -78,49 +78,6 @@ fn qmp(id: &str, command: &str, args: &str) -> Step {
 
 fn commit(id: &str, args: &str) -> Step {
     qmp(id, "block-commit", args)
-}
-
-/// The step's lines with progress numbers masked (they depend on timing), compared
-/// as a multiset: qsd itself emits an event of a pause before or after the reply,
-/// depending on where the job was when the command came.
-fn same_lines_masked(reference: &StepOutput, tested: &StepOutput) -> Result<(), String> {
-    let view = |out: &StepOutput| -> Result<Vec<String>, String> {
-        let mut lines = Vec::new();
-        for line in out.monitor(0) {
-            let mut v = parse_line(line).map_err(|e| e.to_string())?;
-            mask_progress(&mut v);
-            lines.push(v.to_string());
-        }
-        lines.sort();
-        Ok(lines)
-    };
-    let (a, b) = (view(reference)?, view(tested)?);
-    if a != b {
-        return Err(format!("qsd: {a:#?}\nbulkhead: {b:#?}"));
-    }
-    Ok(())
-}
-
-fn mask_progress(v: &mut Value) {
-    match v {
-        Value::Object(m) => {
-            for (k, x) in m.iter_mut() {
-                // `busy` too: qsd's job is busy or asleep on its rate limit
-                // depending on the moment.
-                // `actual-size` as well: the engines place clusters differently.
-                if matches!(
-                    k.as_str(),
-                    "offset" | "current-progress" | "timestamp" | "busy" | "actual-size"
-                ) {
-                    *x = json!("N");
-                } else {
-                    mask_progress(x);
-                }
-            }
-        }
-        Value::Array(a) => a.iter_mut().for_each(mask_progress),
-        _ => {}
-    }
 }
 
 fn script() -> Script {
@@ -466,26 +423,6 @@ fn backup_script() -> Script {
 }
 
 const NBD_S: &str = "nbd+unix:///s?socket=$DIR/nbd.sock";
-
-/// The step's lines without the `paused`/`running` pair qsd emits for a job whose
-/// node a graph change drains (bulkhead drains nothing: its jobs do not pause; see
-/// design/jobs.md), compared as [`same_lines_masked`] does.
-fn ignoring_drain_pauses(reference: &StepOutput, tested: &StepOutput) -> Result<(), String> {
-    let strip = |out: &StepOutput| {
-        let mut kept = StepOutput::default();
-        for line in out.monitor(0) {
-            let drained = parse_line(line).is_ok_and(|v| {
-                v["event"] == "JOB_STATUS_CHANGE"
-                    && matches!(v["data"]["status"].as_str(), Some("paused" | "running"))
-            });
-            if !drained {
-                kept.push(0, line.clone());
-            }
-        }
-        kept
-    };
-    same_lines_masked(&strip(reference), &strip(tested))
-}
 
 #[test]
 fn blockdev_backup_matches_qsd() {

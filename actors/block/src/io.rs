@@ -293,6 +293,15 @@ pub trait BlockIo: Send + Sync {
         Box::pin(async { Err(IoError::Unsupported) })
     }
 
+    /// One step of a mirror job's copy through a `mirror_top` filter (see
+    /// [`crate::mirror`]).
+    fn mirror(
+        &self,
+        _request: crate::mirror::MirrorRequest,
+    ) -> IoFuture<'_, crate::mirror::MirrorStatus> {
+        Box::pin(async { Err(IoError::Unsupported) })
+    }
+
     /// Writes `name` and `format` into the image header as its backing file
     /// (`change-backing-file`); the backing node in use does not change.
     fn set_backing_file(&self, _name: String, _format: String) -> SnapshotFuture<'_, ()> {

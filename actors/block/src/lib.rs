@@ -31,6 +31,7 @@ pub mod file;
 pub mod io;
 pub mod lock;
 pub mod mapped;
+pub mod mirror;
 pub mod node;
 pub mod null;
 pub mod posix;

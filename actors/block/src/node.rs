@@ -258,6 +258,13 @@ impl BlockIo for Node {
         self.driver.copy_before_write(offset, len)
     }
 
+    fn mirror(
+        &self,
+        request: crate::mirror::MirrorRequest,
+    ) -> IoFuture<'_, crate::mirror::MirrorStatus> {
+        self.driver.mirror(request)
+    }
+
     fn set_backing_file(&self, name: String, format: String) -> crate::io::SnapshotFuture<'_, ()> {
         let node = self.driver.clone();
         Box::pin(async move { node.set_backing_file(name, format).await })

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::config::{CommonOptions, ConfigError, DetectZeroes, Discard};
 use crate::driver::{BlockDriver, ChildRole, Children, DriverInfo, ParseError, Parsed};
 use crate::io::IoError;
-use crate::{cbw, compress, cor, file, null, qcow2, raw};
+use crate::{cbw, compress, cor, file, mirror, null, qcow2, raw};
 
 macro_rules! registry {
     ($($(#[$doc:meta])* $variant:ident => $driver:ty,)*) => {
@@ -169,6 +169,9 @@ registry! {
     CopyBeforeWrite => cbw::Cbw,
     /// `copy-on-read`: a filter a stream job copies through.
     CopyOnRead => cor::Cor,
+    /// `mirror_top`: the filter a mirror job puts above its source (the
+    /// supervisor's; not a `blockdev-add` driver).
+    MirrorTop => mirror::MirrorTop,
 }
 
 impl DriverKind {

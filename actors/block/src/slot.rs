@@ -228,6 +228,16 @@ impl BlockIo for Slot {
         })
     }
 
+    fn mirror(
+        &self,
+        request: crate::mirror::MirrorRequest,
+    ) -> crate::io::IoFuture<'_, crate::mirror::MirrorStatus> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.mirror(request).await
+        })
+    }
+
     fn set_backing_file(&self, name: String, format: String) -> crate::io::SnapshotFuture<'_, ()> {
         Box::pin(async move {
             let (_hold, node) = self.enter().await;

@@ -87,6 +87,10 @@ pub struct Front {
     pub bus: Addr<EventBus>,
     /// Called after `quit` has been answered.
     pub quit: std::rc::Rc<dyn Fn()>,
+    /// Becomes true once the workers are gone as the daemon exits: the connection
+    /// that sent `quit` closes only then, as qsd's closes when its process exits, so
+    /// a client that uses the images right after sees their locks released.
+    pub stopped: tokio::sync::watch::Receiver<bool>,
     /// Every chardev, for `query-chardev`, `chardev-add` and `chardev-remove`.
     pub chardevs: std::rc::Rc<std::cell::RefCell<chardev::ChardevTable>>,
 }

@@ -69,13 +69,18 @@ where
     }
     front.bus.do_send(Unsubscribe(id));
     out.flush().await;
+    if quit {
+        (front.quit)();
+        let mut stopped = front.stopped.clone();
+        let _ = tokio::time::timeout(QUIT_CLOSE_WAIT, stopped.wait_for(|s| *s)).await;
+    }
     drop(out);
     drop(session);
     let _ = writer_task.await;
-    if quit {
-        (front.quit)();
-    }
 }
+
+/// Longest a `quit` connection stays open waiting for the workers to go.
+const QUIT_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 struct Session {
     id: u64,

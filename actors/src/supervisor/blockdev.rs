@@ -163,6 +163,40 @@ pub(super) fn parse_spec(
     })
 }
 
+/// The options of a node the supervisor makes for a job with a driver no user adds
+/// (`mirror_top`): the driver's own `members`, the generic options at their
+/// defaults, children by node name.
+pub(super) fn internal_spec(
+    driver: Driver,
+    name: Option<String>,
+    members: Map<String, Value>,
+    children: Vec<(Role, String)>,
+) -> Result<Spec, QmpError> {
+    let parsed = driver.parse(&members).map_err(errors::from_error)?;
+    let mut given = members;
+    given.insert("driver".into(), driver.as_str().into());
+    Ok(Spec {
+        name,
+        driver,
+        read_only: None,
+        direct: None,
+        no_flush: None,
+        discard: Discard::Ignore,
+        detect_zeroes: DetectZeroes::Off,
+        force_share: false,
+        auto_read_only: false,
+        active: None,
+        parsed,
+        children: children
+            .into_iter()
+            .map(|(role, n)| (role, ChildSpec::Ref(n)))
+            .collect(),
+        backing_given: false,
+        backing_null: false,
+        given,
+    })
+}
+
 /// Why a worker did not open a node.
 enum OpenFailed {
     /// Before the worker was asked.
@@ -210,7 +244,12 @@ impl Core {
         options: &BlockdevOptions,
         given: &Map<String, Value>,
     ) -> Result<String, QmpError> {
-        let spec = parse_spec(options, given)?;
+        self.add_spec(parse_spec(options, given)?).await
+    }
+
+    /// Creates the node `spec` describes (and its inline children), owned by no
+    /// monitor; nothing is left behind if it fails.
+    pub(super) async fn add_spec(&mut self, spec: Spec) -> Result<String, QmpError> {
         let mut created = Vec::new();
         match Box::pin(self.create(spec, Inherited::default(), false, None, &mut created)).await {
             Ok(name) => Ok(name),
@@ -298,15 +337,7 @@ impl Core {
 
         let name = match spec.name {
             Some(n) => {
-                if !id_wellformed(&n) {
-                    return Err(errors::invalid_node_name(&n));
-                }
-                if n.len() > MAX_NODE_NAME {
-                    return Err(errors::node_name_too_long());
-                }
-                if self.graph.contains(&n) {
-                    return Err(errors::duplicate_node_name(&n));
-                }
+                self.check_new_node_name(&n)?;
                 n
             }
             None => self.generate_name(),
@@ -702,6 +733,20 @@ impl Core {
     }
 
     /// QEMU's generated names: `#block`, a counter, two random digits.
+    /// Checks a name a new node is to get: well formed, not too long, not taken.
+    pub(super) fn check_new_node_name(&self, n: &str) -> Result<(), QmpError> {
+        if !id_wellformed(n) {
+            return Err(errors::invalid_node_name(n));
+        }
+        if n.len() > MAX_NODE_NAME {
+            return Err(errors::node_name_too_long());
+        }
+        if self.graph.contains(n) {
+            return Err(errors::duplicate_node_name(n));
+        }
+        Ok(())
+    }
+
     pub(super) fn generate_name(&mut self) -> String {
         loop {
             let n = self.generated_names;
@@ -970,7 +1015,8 @@ mod tests {
 
     #[test]
     fn every_implemented_driver_decodes_every_schema_member() {
-        for &driver in Driver::ALL {
+        // `mirror_top` is the supervisor's own: no user adds it.
+        for &driver in Driver::ALL.iter().filter(|&&d| d != Driver::MirrorTop) {
             let args = match samples::command_args("blockdev-add", driver.as_str()) {
                 Ok(Value::Object(m)) => m,
                 other => panic!("{driver:?}: no sample: {other:?}"),

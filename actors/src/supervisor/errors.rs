@@ -503,6 +503,48 @@ pub fn backup_sizes_differ() -> QmpError {
     generic("Source and target image have different sizes")
 }
 
+/// A mirror onto its own source (`mirror_start_job`).
+pub fn mirror_into_itself() -> QmpError {
+    generic("Can't mirror node into itself")
+}
+
+/// A mirror `sync` mode that needs a bitmap (`mirror_start`).
+pub fn mirror_sync_unsupported(mode: &str) -> QmpError {
+    generic(format!("Sync mode '{mode}' not supported"))
+}
+
+/// A mirror `granularity` outside 512 B..64 MiB.
+pub fn mirror_granularity_range() -> QmpError {
+    generic("Parameter 'granularity' expects a value in range [512B, 64MB]")
+}
+
+/// A mirror `granularity` that is not a power of two.
+pub fn mirror_granularity_power() -> QmpError {
+    generic("Parameter 'granularity' expects a power of 2")
+}
+
+/// A negative mirror `buf-size`.
+pub fn mirror_buf_size() -> QmpError {
+    generic("Invalid parameter 'buf-size'")
+}
+
+/// A mirror `replaces` that names no node (`check_to_replace_node`).
+pub fn replaces_not_found(name: &str) -> QmpError {
+    generic(format!("Failed to find node with node-name='{name}'"))
+}
+
+/// A mirror `replaces` that is not the source.
+pub fn replaces_not_source(name: &str, source: &str) -> QmpError {
+    generic(format!(
+        "Cannot replace '{name}' by a node mirrored from '{source}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data"
+    ))
+}
+
+/// `block-job-change` to a copy mode a mirror cannot go back to.
+pub fn copy_mode_change(mode: &str) -> QmpError {
+    generic(format!("Change to copy mode '{mode}' is not implemented"))
+}
+
 /// A job id that is no well-formed id.
 pub fn invalid_job_id(id: &str) -> QmpError {
     generic(format!("Invalid job ID '{id}'"))
@@ -732,11 +774,6 @@ pub fn stream_option_unsupported(what: &str) -> QmpError {
 /// A `blockdev-backup` option bulkhead does not implement yet.
 pub fn backup_option_unsupported(what: &str) -> QmpError {
     generic(format!("bulkhead does not support backup with {what} yet"))
-}
-
-/// `block-commit` of the active layer (a mirror underneath: not built yet).
-pub fn active_commit_unsupported() -> QmpError {
-    generic("bulkhead does not support committing the active layer yet")
 }
 
 /// `top` or `base` named by file name rather than node name.

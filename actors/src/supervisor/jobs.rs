@@ -1,5 +1,6 @@
 //! Block jobs: the job state machine as qsd's (`job.c`), the job commands and
-//! events, and `block-commit` of an intermediate layer.
+//! events, `block-commit` of an intermediate layer, backup, stream and create;
+//! mirror and the active commit are in `mirror`.
 //!
 //! Runs in the supervisor. A job's data moves in the job runner worker as a long
 //! operation (`ops`, `worker/jobs.rs`); the job itself (status, verbs, events,
@@ -28,9 +29,14 @@ fn strerror_of(e: &std::io::Error) -> String {
 use super::ops::{OpError, OpWatch};
 use super::{Core, QmpError, errors};
 
+mod mirror;
+use mirror::MirrorWork;
+
 /// How long a job's copy may make no progress before it fails (a speed limit of a
 /// few bytes a second still makes progress at least every chunk).
 const STALL: Duration = Duration::from_secs(120);
+/// A ready mirror copies only when guests write, however long that takes.
+const MIRROR_STALL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long pausing or cancelling waits for the copy to stop.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
@@ -40,10 +46,7 @@ pub enum JobStatus {
     Created,
     Running,
     Paused,
-    // Mirror and active commit (READY and its paused form) are still to come.
-    #[allow(dead_code)]
     Ready,
-    #[allow(dead_code)]
     Standby,
     Waiting,
     Pending,
@@ -76,6 +79,7 @@ enum Verb {
     Pause,
     Resume,
     SetSpeed,
+    Change,
     Complete,
     Finalize,
     Dismiss,
@@ -88,6 +92,7 @@ impl Verb {
             Verb::Pause => "pause",
             Verb::Resume => "resume",
             Verb::SetSpeed => "set-speed",
+            Verb::Change => "change",
             Verb::Complete => "complete",
             Verb::Finalize => "finalize",
             Verb::Dismiss => "dismiss",
@@ -102,7 +107,7 @@ impl Verb {
                 s,
                 Created | Running | Paused | Ready | Standby | Waiting | Pending
             ),
-            Verb::Pause | Verb::Resume | Verb::SetSpeed => {
+            Verb::Pause | Verb::Resume | Verb::SetSpeed | Verb::Change => {
                 matches!(s, Created | Running | Paused | Ready | Standby)
             }
             Verb::Complete => matches!(s, Ready | Standby),
@@ -147,6 +152,8 @@ enum Work {
     },
     /// `blockdev-create`: done within the command; `error` is how it ended.
     Create { error: Option<String> },
+    /// `blockdev-mirror`, or `block-commit` of the active layer.
+    Mirror(Box<MirrorWork>),
 }
 
 /// What a backup copies besides what writes overwrite.
@@ -185,6 +192,8 @@ impl Job {
             Work::Backup { .. } => "backup",
             Work::Create { .. } => "create",
             Work::Stream { .. } => "stream",
+            Work::Mirror(ref m) if m.commit.is_some() => "commit",
+            Work::Mirror(_) => "mirror",
         }
     }
 
@@ -199,6 +208,9 @@ impl Job {
             Work::Stream {
                 top, base, filter, ..
             } => top == node || filter == node || base.as_deref() == Some(node),
+            Work::Mirror(m) => [&m.source, &m.target, &m.filter]
+                .iter()
+                .any(|n| n.as_str() == node),
         }
     }
 
@@ -252,6 +264,9 @@ impl Job {
         m.insert("auto-dismiss".into(), self.auto_dismiss.into());
         if let Some(e) = &self.error {
             m.insert("error".into(), e.clone().into());
+        }
+        if let Work::Mirror(w) = &self.work {
+            Core::mirror_info(w, &mut m);
         }
         Value::Object(m)
     }
@@ -684,11 +699,9 @@ impl Core {
         if top == base {
             return Err(errors::commit_into_itself());
         }
-        if top == device.name {
-            if a.backing_file.is_some() {
-                return Err(errors::backing_file_active_commit());
-            }
-            return Err(errors::active_commit_unsupported());
+        let active = top == device.name;
+        if active && a.backing_file.is_some() {
+            return Err(errors::backing_file_active_commit());
         }
         let job_id = a.job_id.clone().unwrap_or_default();
         if !bulkhead_qmp::qapi::id_wellformed(&job_id) {
@@ -696,6 +709,26 @@ impl Core {
         }
         if self.jobs.get(&job_id).is_some() {
             return Err(errors::job_id_in_use(&job_id));
+        }
+        if active {
+            let layers = below_top.iter().position(|n| *n == base).unwrap_or(1);
+            let base_was_read_only = self.graph.get(&base).is_some_and(|n| n.read_only);
+            return self
+                .active_commit(
+                    &job_id,
+                    top,
+                    base,
+                    u32::try_from(layers).unwrap_or(u32::MAX),
+                    base_was_read_only,
+                    a.speed,
+                    (
+                        a.auto_finalize,
+                        a.auto_dismiss,
+                        a.on_error.unwrap_or(BlockdevOnError::Report),
+                    ),
+                    a.filter_node_name.clone(),
+                )
+                .await;
         }
         // The overlay of `top`: the chain node whose backing it is.
         let overlay = chain
@@ -771,6 +804,20 @@ impl Core {
     /// Undoes `prepare_job` once the job ended either way: a commit's base
     /// read-only again, a backup's or stream's filter out of the graph.
     async fn release_job(&mut self, id: &str) {
+        if let Some(Work::Mirror(m)) = self.jobs.get(id).map(|j| j.work.clone()) {
+            if self.graph.contains(&m.filter)
+                && let Err(e) = self.remove_filter(&m.filter).await
+            {
+                tracing::warn!(job = id, error = %e.desc, "the mirror's filter stays");
+            }
+            // An active commit that did not pivot leaves its base as it was.
+            if m.commit == Some(true)
+                && m.finish != Some(true)
+                && let Err(e) = self.set_mode(&m.target, true).await
+            {
+                tracing::warn!(job = id, error = %e.desc, "the commit base stays writable");
+            }
+        }
         if let Some(Work::Stream { filter, .. }) = self.jobs.get(id).map(|j| j.work.clone())
             && self.graph.contains(&filter)
             && let Err(e) = self.remove_filter(&filter).await
@@ -806,6 +853,17 @@ impl Core {
                 ..
             }
             | Work::Create { .. } => return,
+            Work::Mirror(m) => match self.graph.get(&m.filter) {
+                Some(f) => Operation::Mirror {
+                    node: f.id,
+                    offset: j.done,
+                    scan: m.scan_now(),
+                    write_blocking: m.write_blocking,
+                    complete: m.finish.is_some(),
+                    speed: j.speed,
+                },
+                None => return,
+            },
             Work::Stream { filter, layers, .. } => match self.graph.get(filter) {
                 Some(f) => Operation::Stream {
                     node: f.id,
@@ -840,7 +898,12 @@ impl Core {
                 _ => return,
             },
         };
-        match self.start_operation(operation, STALL).await {
+        let stall = if matches!(operation, Operation::Mirror { .. }) {
+            MIRROR_STALL
+        } else {
+            STALL
+        };
+        match self.start_operation(operation, stall).await {
             Ok(watch) => {
                 let op = watch.op;
                 if let Some(j) = self.jobs.get_mut(id) {
@@ -848,10 +911,24 @@ impl Core {
                 }
                 let on_job = Rc::clone(&self.on_job);
                 let id = id.to_string();
-                let mut watch = watch;
+                let mut state = watch.state;
                 tokio::task::spawn_local(async move {
-                    let _ = watch.ended().await;
-                    on_job(id, op);
+                    // A mirror's ready, then the end (the job looks at the state).
+                    let mut ready = false;
+                    loop {
+                        let (now_ready, ended) = {
+                            let s = state.borrow_and_update();
+                            (s.ready, s.end.is_some())
+                        };
+                        if now_ready && !ready && !ended {
+                            ready = true;
+                            on_job(id.clone(), op);
+                        }
+                        if ended || state.changed().await.is_err() {
+                            on_job(id, op);
+                            return;
+                        }
+                    }
                 });
             }
             Err(e) => {
@@ -902,12 +979,25 @@ impl Core {
             }
             return;
         }
+        if let Work::Mirror(m) = &mut j.work
+            && let Some(e) = m.early_error.take()
+        {
+            self.mirror_early_failure(id, e).await;
+            return;
+        }
         // Ends of copies the job stopped itself (pause, cancel) are handled there.
         let Some(watch) = j.op.as_ref().filter(|w| w.op == op) else {
             return;
         };
         let state = watch.state.borrow().clone();
+        if state.end.is_none() {
+            if state.ready {
+                self.mirror_ready(id).await;
+            }
+            return;
+        }
         j.done = j.done.max(state.done);
+        j.total = j.total.max(state.total);
         j.op = None;
         match state.end {
             Some(Ok(())) => self.job_done(id).await,
@@ -921,6 +1011,21 @@ impl Core {
                 // cannot be kept any more.
                 let text = format!("the worker holding the backup's filter ended ({why})");
                 self.job_failed(id, "read", &text).await;
+            }
+            Some(Err(OpError::WorkerEnded(why)))
+                if matches!(self.jobs.get(id).map(|j| &j.work), Some(Work::Mirror(_))) =>
+            {
+                // The filter's worker died with its dirty map: the next copy
+                // scans again in the replacement.
+                tracing::warn!(job = id, reason = %why, "the mirror's worker ended; it scans again");
+                if let Some(Job {
+                    work: Work::Mirror(m),
+                    ..
+                }) = self.jobs.get_mut(id)
+                {
+                    m.rescan = true;
+                }
+                self.start_copy(id).await;
             }
             Some(Err(OpError::WorkerEnded(why))) => {
                 // The runner died: a new one goes on where the copy stood.
@@ -967,6 +1072,7 @@ impl Core {
                 ..
             } => self.drop_intermediate(overlay, base, backing_file).await,
             Work::Backup { .. } | Work::Create { .. } => Ok(()),
+            Work::Mirror(m) => self.finish_mirror(m).await,
             Work::Stream {
                 top,
                 base,
@@ -1084,11 +1190,20 @@ impl Core {
         if self.jobs.get(id).is_some_and(|j| j.user_paused) {
             return Err(errors::job_already_paused());
         }
-        if let Some(j) = self.jobs.get_mut(id) {
-            j.user_paused = true;
-        }
+        let status = match self.jobs.get_mut(id) {
+            Some(j) => {
+                j.user_paused = true;
+                j.status
+            }
+            None => return Ok(()),
+        };
         self.stop_copy(id).await;
-        self.transition(id, JobStatus::Paused).await;
+        let paused = if status == JobStatus::Ready {
+            JobStatus::Standby
+        } else {
+            JobStatus::Paused
+        };
+        self.transition(id, paused).await;
         Ok(())
     }
 
@@ -1098,10 +1213,19 @@ impl Core {
         if !self.jobs.get(id).is_some_and(|j| j.user_paused) {
             return Err(errors::job_not_paused());
         }
-        if let Some(j) = self.jobs.get_mut(id) {
-            j.user_paused = false;
-        }
-        self.transition(id, JobStatus::Running).await;
+        let status = match self.jobs.get_mut(id) {
+            Some(j) => {
+                j.user_paused = false;
+                j.status
+            }
+            None => return Ok(()),
+        };
+        let running = if status == JobStatus::Standby {
+            JobStatus::Ready
+        } else {
+            JobStatus::Running
+        };
+        self.transition(id, running).await;
         self.start_copy(id).await;
         Ok(())
     }
@@ -1116,6 +1240,16 @@ impl Core {
         self.check_verb(id, how, Verb::Cancel)?;
         if how == Lookup::BlockJob && !force && self.jobs.get(id).is_some_and(|j| j.user_paused) {
             return Err(errors::block_job_paused(id));
+        }
+        // A ready mirror cancelled without force completes without the pivot
+        // (QEMU's soft cancel): the target stays a consistent copy.
+        if !force
+            && let Some(j) = self.jobs.get(id)
+            && matches!(j.work, Work::Mirror(_))
+            && j.status == JobStatus::Ready
+        {
+            self.mirror_complete(id, false).await;
+            return Ok(());
         }
         self.stop_copy(id).await;
         self.transition(id, JobStatus::Aborting).await;
@@ -1141,11 +1275,15 @@ impl Core {
         Ok(())
     }
 
-    /// `job-complete` and `block-job-complete`: only jobs that become ready take it,
-    /// and no such job exists yet.
+    /// `job-complete` and `block-job-complete`: only jobs that become ready (a
+    /// mirror, an active commit) take it.
     pub(super) async fn job_complete(&mut self, id: &str, how: Lookup) -> Result<(), QmpError> {
         self.check_verb(id, how, Verb::Complete)?;
-        Err(errors::job_cannot_complete(id))
+        if !matches!(self.jobs.get(id).map(|j| &j.work), Some(Work::Mirror(_))) {
+            return Err(errors::job_cannot_complete(id));
+        }
+        self.mirror_complete(id, true).await;
+        Ok(())
     }
 
     /// `job-finalize` and `block-job-finalize`.

@@ -343,7 +343,9 @@ impl Core {
                     .await
             }
             // Handled by the reader (`workers.rs`), which never passes them on.
-            WorkerEvent::Progress { .. } | WorkerEvent::OperationEnded { .. } => {}
+            WorkerEvent::Progress { .. }
+            | WorkerEvent::OperationReady { .. }
+            | WorkerEvent::OperationEnded { .. } => {}
         }
     }
 

@@ -61,6 +61,8 @@ pub struct OpState {
     pub total: u64,
     /// Set once, when it ended.
     pub end: Option<Result<(), OpError>>,
+    /// A mirror has had nothing dirty left (set once).
+    pub ready: bool,
 }
 
 /// A caller's view of one operation.
@@ -143,6 +145,7 @@ impl OpTable {
             done: 0,
             total,
             end: None,
+            ready: false,
         });
         self.ops.insert(
             op,
@@ -184,6 +187,17 @@ impl OpTable {
             s.done = done;
             grew
         });
+        Verdict::Accepted
+    }
+
+    /// `OperationReady` from process `pid` of `from`: wakes the watchers once.
+    pub fn ready(&self, from: WorkerId, pid: u32, op: OpId) -> Verdict {
+        let e = match self.running(from, pid, op) {
+            Ok(e) => e,
+            Err(v) => return v,
+        };
+        e.state
+            .send_if_modified(|s| !std::mem::replace(&mut s.ready, true));
         Verdict::Accepted
     }
 
@@ -357,7 +371,10 @@ impl Core {
     ) -> Result<OpWatch, QmpError> {
         let node = operation.node();
         let home = match &operation {
-            Operation::Fill { .. } | Operation::Backup { .. } | Operation::Stream { .. } => {
+            Operation::Fill { .. }
+            | Operation::Backup { .. }
+            | Operation::Stream { .. }
+            | Operation::Mirror { .. } => {
                 let Some(home) = self.graph.iter().find(|n| n.id == node).map(|n| n.home) else {
                     return Err(errors::operation_node_gone());
                 };

@@ -543,9 +543,9 @@ async fn read_replies(
                     }
                     // Driver workers run operations and open images; the operation
                     // table checks who runs the op, the image cache who hosts the node.
-                    WorkerEvent::Progress { .. } | WorkerEvent::OperationEnded { .. } => {
-                        kind.runs_operations()
-                    }
+                    WorkerEvent::Progress { .. }
+                    | WorkerEvent::OperationReady { .. }
+                    | WorkerEvent::OperationEnded { .. } => kind.runs_operations(),
                     WorkerEvent::ImageInfo { .. } => kind.hosts_nodes(),
                 };
                 if !expected {
@@ -555,7 +555,9 @@ async fn read_replies(
                 // the table keeps only the latest state (see `ops`).
                 let about_op = matches!(
                     event,
-                    WorkerEvent::Progress { .. } | WorkerEvent::OperationEnded { .. }
+                    WorkerEvent::Progress { .. }
+                        | WorkerEvent::OperationReady { .. }
+                        | WorkerEvent::OperationEnded { .. }
                 );
                 if about_op && !op_rate.take() {
                     return Some("operation event flood".into());
@@ -563,6 +565,9 @@ async fn read_replies(
                 let verdict = match event {
                     WorkerEvent::Progress { op, done, total } => {
                         Some((op, ops.borrow().progress(id, pid, op, done, total)))
+                    }
+                    WorkerEvent::OperationReady { op } => {
+                        Some((op, ops.borrow().ready(id, pid, op)))
                     }
                     WorkerEvent::OperationEnded { op, ref result } => {
                         Some((op, ops.borrow_mut().ended(id, pid, op, result.clone())))

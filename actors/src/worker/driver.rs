@@ -568,6 +568,10 @@ impl DriverWorker {
                 self.ops.set_speed(op, speed)?;
                 Ok(Reply::Done)
             }
+            ToWorker::SteerOperation { op, steer } => {
+                self.ops.steer(op, steer)?;
+                Ok(Reply::Done)
+            }
             ToWorker::NbdServerStart { .. }
             | ToWorker::NbdServerStop
             | ToWorker::ExportAdd { .. }

@@ -50,7 +50,8 @@ impl JobWorker {
                     ),
                     Operation::Fill { .. }
                     | Operation::Backup { .. }
-                    | Operation::Stream { .. } => {
+                    | Operation::Stream { .. }
+                    | Operation::Mirror { .. } => {
                         return Err(WorkerError::new(
                             WorkerErrorKind::Invalid,
                             libc::EINVAL,

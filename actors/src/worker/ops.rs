@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bulkhead_block::mirror::{MirrorRequest, MirrorStatus};
 use bulkhead_block::{BlockIo, WriteFlags};
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::wire::{
-    FromWorker, MAX_OPERATIONS, NodeId, OpId, Operation, WorkerError, WorkerErrorKind, WorkerEvent,
+    FromWorker, MAX_OPERATIONS, NodeId, OpId, Operation, Steer, WorkerError, WorkerErrorKind,
+    WorkerEvent,
 };
 use tokio::sync::watch;
 
@@ -22,11 +24,14 @@ pub(crate) const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// Largest write of a fill.
 const CHUNK: u64 = 1 << 20;
 
-/// One running operation: its node, the flag that cancels it and its speed limit.
+/// One running operation: its node, the flag that cancels it, its speed limit and
+/// (a mirror) how it is steered.
 struct Running {
     node: NodeId,
     cancel: watch::Sender<bool>,
     speed: watch::Sender<u64>,
+    write_blocking: watch::Sender<bool>,
+    complete: watch::Sender<bool>,
 }
 
 /// The nodes an operation works on, opened by the caller: the worker's own node
@@ -100,6 +105,7 @@ impl Operations {
                 },
                 Nodes::One(node),
             ) => (node, Some(*len).filter(|l| offset <= l), *speed),
+            (Operation::Mirror { speed, .. }, Nodes::One(node)) => (node, Some(0), *speed),
             (Operation::Commit { len, speed, .. }, Nodes::Two(top, base)) => {
                 if *len > top.size() {
                     return Err(err(
@@ -125,18 +131,27 @@ impl Operations {
                 "range beyond the node",
             ));
         }
-        // A backup writes the filter's target, never the source.
-        if written.read_only() && !matches!(operation, Operation::Backup { .. }) {
+        // A backup or a mirror writes the filter's target, never the source.
+        if written.read_only()
+            && !matches!(
+                operation,
+                Operation::Backup { .. } | Operation::Mirror { .. }
+            )
+        {
             return Err(err(WorkerErrorKind::Invalid, libc::EROFS, "read-only node"));
         }
         let (cancel, cancelled) = watch::channel(false);
         let (speed_tx, speed_rx) = watch::channel(speed);
+        let (write_blocking, write_blocking_rx) = watch::channel(false);
+        let (complete, complete_rx) = watch::channel(false);
         running.insert(
             op,
             Running {
                 node: operation.node(),
                 cancel,
                 speed: speed_tx,
+                write_blocking,
+                complete,
             },
         );
         let table = Arc::clone(&self.running);
@@ -149,6 +164,8 @@ impl Operations {
             let control = Control {
                 cancel: cancelled,
                 speed: speed_rx,
+                write_blocking: write_blocking_rx,
+                complete: complete_rx,
             };
             let result = match nodes {
                 Nodes::One(node) if matches!(operation, Operation::Backup { .. }) => {
@@ -156,6 +173,9 @@ impl Operations {
                 }
                 Nodes::One(node) if matches!(operation, Operation::Stream { .. }) => {
                     stream(operation, node, control, &mut report).await
+                }
+                Nodes::One(node) if matches!(operation, Operation::Mirror { .. }) => {
+                    mirror(operation, node, control, &mut report).await
                 }
                 Nodes::One(node) => fill(operation, node, control, &mut report).await,
                 Nodes::Two(top, base) => commit(operation, top, base, control, &mut report).await,
@@ -201,6 +221,24 @@ impl Operations {
         }
     }
 
+    /// Steers a running mirror (see [`Steer`]).
+    pub(crate) fn steer(&self, op: OpId, steer: Steer) -> Result<(), WorkerError> {
+        match self.lock().get(&op) {
+            Some(r) => {
+                match steer {
+                    Steer::WriteBlocking => r.write_blocking.send_replace(true),
+                    Steer::Complete => r.complete.send_replace(true),
+                };
+                Ok(())
+            }
+            None => Err(err(
+                WorkerErrorKind::NotFound,
+                libc::ENOENT,
+                "no such operation",
+            )),
+        }
+    }
+
     /// Cancels every operation on `node` (it is being closed).
     pub(crate) fn cancel_node(&self, node: NodeId) {
         for r in self.lock().values().filter(|r| r.node == node) {
@@ -221,6 +259,12 @@ impl Reporter {
         if self.last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
             return;
         }
+        self.send(done, total).await;
+    }
+
+    /// Sends `done` and `total` now, whenever the last one went (the numbers an
+    /// event about to follow carries).
+    async fn send(&mut self, done: u64, total: u64) {
         self.last = Some(Instant::now());
         let event = WorkerEvent::Progress {
             op: self.op,
@@ -233,14 +277,27 @@ impl Reporter {
     }
 }
 
+impl Reporter {
+    /// Tells the supervisor a mirror has nothing dirty left.
+    async fn ready(&mut self) {
+        let event = WorkerEvent::OperationReady { op: self.op };
+        if let Err(e) = self.chan.send(&FromWorker::Event(event), &[]).await {
+            tracing::warn!(op = %self.op, error = %e, "could not report a mirror ready");
+        }
+    }
+}
+
 fn cancelled() -> WorkerError {
     err(WorkerErrorKind::Cancelled, libc::ECANCELED, "cancelled")
 }
 
-/// What steers a running operation: its cancel flag and its speed limit.
+/// What steers a running operation: its cancel flag, its speed limit and (a
+/// mirror) its copy mode and completion.
 struct Control {
     cancel: watch::Receiver<bool>,
     speed: watch::Receiver<u64>,
+    write_blocking: watch::Receiver<bool>,
+    complete: watch::Receiver<bool>,
 }
 
 /// The chunk size and rate limiting of a copy or fill: at most `speed` bytes a second
@@ -496,4 +553,112 @@ async fn stream(
         pace.pass(n, &mut control).await?;
     }
     filter.flush().await.map_err(io)
+}
+
+/// Largest piece a mirror copies at once, and scans at once.
+const MIRROR_CHUNK: u64 = 8 << 20;
+const MIRROR_SCAN: u64 = 256 << 20;
+/// How long a mirror waits before it looks again at dirty chunks guest writes hold.
+const MIRROR_HELD: Duration = Duration::from_millis(5);
+
+/// A mirror's copy (see [`Operation::Mirror`]), through its `mirror_top` filter:
+/// the scan, then dirty chunks to the target; ready once nothing is dirty, then it
+/// follows guest writes until cancelled, or until told to complete: then guest
+/// writes block, what is left is copied, the target flushed, and it ends.
+async fn mirror(
+    operation: Operation,
+    filter: Arc<dyn BlockIo>,
+    mut control: Control,
+    report: &mut Reporter,
+) -> Result<(), WorkerError> {
+    let Operation::Mirror {
+        offset,
+        scan,
+        write_blocking,
+        complete,
+        speed,
+        ..
+    } = operation
+    else {
+        return Err(err(WorkerErrorKind::Invalid, libc::EINVAL, "not a mirror"));
+    };
+    let ask = |r: MirrorRequest| {
+        let filter = Arc::clone(&filter);
+        async move { filter.mirror(r).await.map_err(io) }
+    };
+    let mut pace = Pace::new(speed);
+    let mut done = offset;
+    let mut blocking = false;
+    if write_blocking {
+        ask(MirrorRequest::WriteBlocking).await?;
+        blocking = true;
+    }
+    if let Some(layers) = scan {
+        loop {
+            if *control.cancel.borrow() {
+                return Err(cancelled());
+            }
+            let s = ask(MirrorRequest::Scan {
+                layers,
+                max: MIRROR_SCAN,
+            })
+            .await?;
+            report.progress(done, done + s.dirty).await;
+            if s.scanned {
+                break;
+            }
+        }
+    }
+    let mut completing = false;
+    let mut ready = false;
+    loop {
+        if *control.cancel.borrow() {
+            return Err(cancelled());
+        }
+        if !blocking && *control.write_blocking.borrow() {
+            ask(MirrorRequest::WriteBlocking).await?;
+            blocking = true;
+        }
+        if !completing && (complete || *control.complete.borrow()) {
+            // Blocking from here on: once nothing is dirty, nothing will be.
+            ask(MirrorRequest::WriteBlocking).await?;
+            blocking = true;
+            completing = true;
+        }
+        let s: MirrorStatus = ask(MirrorRequest::Copy {
+            max: pace.chunk(MIRROR_CHUNK),
+        })
+        .await?;
+        done += s.synced;
+        if s.copied > 0 {
+            done += s.copied;
+            report.progress(done, done + s.dirty).await;
+            pace.pass(s.copied, &mut control).await?;
+            continue;
+        }
+        if s.dirty > 0 {
+            // Every dirty chunk is held by a guest write: look again shortly.
+            tokio::select! {
+                () = tokio::time::sleep(MIRROR_HELD) => {}
+                _ = control.cancel.wait_for(|c| *c) => return Err(cancelled()),
+            }
+            continue;
+        }
+        if completing && s.background == 0 {
+            report.send(done, done).await;
+            return filter.flush().await.map_err(io);
+        }
+        if !ready {
+            report.send(done, done).await;
+            report.ready().await;
+            ready = true;
+        }
+        report.progress(done, done).await;
+        tokio::select! {
+            r = ask(MirrorRequest::WaitDirty) => { done += r?.synced; }
+            _ = control.cancel.wait_for(|c| *c) => return Err(cancelled()),
+            _ = control.complete.wait_for(|c| *c), if !completing => {}
+            _ = control.write_blocking.wait_for(|c| *c), if !blocking => {}
+        }
+    }
 }

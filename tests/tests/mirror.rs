@@ -1,0 +1,489 @@
+//! Mirror jobs against qsd: `blockdev-mirror` (its errors in qsd's order; `sync`
+//! top in write-blocking mode, cancelled when ready so nothing pivots; `sync` full
+//! in the background under client writes, paused when ready, completed with the
+//! pivot: the export follows the target) and the active `block-commit`, in both
+//! placements; the images afterwards hold what the clients wrote. And a mirror
+//! whose source's worker is SIGKILLed twice (bulkhead only): it scans again, ends
+//! ready, and the target equals the source.
+
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bulkhead_systests::jobs::{same_lines_masked, same_lines_masked_totals};
+use bulkhead_systests::script::run_tool;
+use bulkhead_systests::{
+    Daemon, DaemonKind, QmpConnection, Script, Step, TempDir, differential, differential_with,
+    run_in,
+};
+use serde_json::{Value, json};
+
+fn qmp(id: &str, command: &str, args: &str) -> Step {
+    Step::line(&format!(
+        r#"{{"execute": "{command}", "arguments": {args}, "id": "{id}"}}"#
+    ))
+}
+
+fn mirror(id: &str, args: &str) -> Step {
+    qmp(id, "blockdev-mirror", args)
+}
+
+fn add_qcow2(id: &str, node: &str, file: &str) -> Step {
+    qmp(
+        id,
+        "blockdev-add",
+        &format!(
+            r#"{{"driver": "qcow2", "node-name": "{node}", "file": {{"driver": "file", "filename": "$DIR/{file}"}}}}"#
+        ),
+    )
+}
+
+/// `b.qcow2` (4 MiB of 0x01), `s.qcow2` over it (8 MiB of 0x05 at 8 MiB), the
+/// targets: `tg.qcow2` (empty), `tt.qcow2` (an overlay of `b.qcow2`, for `sync:
+/// top`), `small.qcow2` (another size).
+fn make_images(dir: &Path) -> io::Result<()> {
+    run_in(
+        dir,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "b.qcow2", "32M"],
+    )?;
+    run_in(dir, &["qemu-io", "-c", "write -P 1 0 4M", "b.qcow2"])?;
+    run_in(
+        dir,
+        &[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "s.qcow2",
+        ],
+    )?;
+    run_in(dir, &["qemu-io", "-c", "write -P 5 8M 8M", "s.qcow2"])?;
+    run_in(
+        dir,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "tg.qcow2", "32M"],
+    )?;
+    run_in(
+        dir,
+        &[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "tt.qcow2",
+        ],
+    )?;
+    run_in(
+        dir,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "small.qcow2",
+            "16M",
+        ],
+    )
+}
+
+const NBD_S: &str = "nbd+unix:///s?socket=$DIR/nbd.sock";
+
+fn mirror_script() -> Script {
+    let m = |s: Step| s.check(same_lines_masked);
+    let t = |s: Step| s.check(same_lines_masked_totals);
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        add_qcow2("a1", "tg", "tg.qcow2").note("the full target"),
+        add_qcow2("a2", "tt", "tt.qcow2").note("the top target, over b"),
+        add_qcow2("a3", "sm", "small.qcow2").note("a smaller target"),
+        mirror("e1", r#"{"device": "s", "target": "tg", "sync": "full"}"#).note("no job id"),
+        mirror("e2", r#"{"device": "nosuch", "target": "tg", "sync": "full", "job-id": "m"}"#)
+            .note("no device"),
+        mirror("e3", r#"{"device": "s", "target": "nosuch", "sync": "full", "job-id": "m"}"#)
+            .note("no target"),
+        mirror("e4", r#"{"device": "s", "target": "s", "sync": "full", "job-id": "m"}"#)
+            .note("into itself"),
+        mirror("e5", r#"{"device": "s", "target": "tg", "sync": "incremental", "job-id": "m"}"#)
+            .note("incremental"),
+        mirror("e6", r#"{"device": "s", "target": "s", "sync": "bitmap", "granularity": 1000, "job-id": "m"}"#)
+            .note("granularity not a power of 2, first"),
+        mirror("e7", r#"{"device": "s", "target": "tg", "sync": "full", "granularity": 256, "job-id": "m"}"#)
+            .note("granularity too small"),
+        mirror("e8", r#"{"device": "s", "target": "tg", "sync": "full", "buf-size": -1, "job-id": "m"}"#)
+            .note("negative buf-size"),
+        mirror("e9", r#"{"device": "s", "target": "tg", "sync": "incremental", "replaces": "nosuch", "job-id": "m"}"#)
+            .note("replaces nothing, before the sync mode"),
+        mirror("e10", r#"{"device": "s", "target": "tg", "sync": "full", "replaces": "tg", "job-id": "m"}"#)
+            .note("replaces another node"),
+        mirror("e11", r#"{"device": "s", "target": "tg", "sync": "full", "filter-node-name": "tg", "job-id": "m"}"#)
+            .note("filter name taken"),
+        mirror("e12", r##"{"device": "s", "target": "tg", "sync": "full", "filter-node-name": "#x", "job-id": "m"}"##)
+            .note("filter name invalid"),
+        mirror("e13", r#"{"device": "s", "target": "tg", "sync": "full", "speed": -1, "job-id": "m"}"#)
+            .note("negative speed"),
+        m(mirror("e14", r#"{"device": "s", "target": "sm", "sync": "full", "job-id": "m"}"#))
+            .until_events("JOB_STATUS_CHANGE", 5)
+            .note("sizes differ: the job fails as it runs"),
+        m(mirror(
+            "n1",
+            r#"{"device": "s", "target": "tt", "sync": "top", "copy-mode": "write-blocking", "job-id": "n", "replaces": "s"}"#,
+        ))
+        .until_event("BLOCK_JOB_READY")
+        .note("sync top, write-blocking: ready"),
+        m(Step::line(r#"{"execute": "query-block-jobs", "id": "q1"}"#)).note("actively synced"),
+        mirror("e15", r#"{"device": "s", "target": "tg", "sync": "full", "job-id": "m"}"#)
+            .note("the source has a job"),
+        qmp("e16", "blockdev-del", r#"{"node-name": "tt"}"#).note("the target is in use"),
+        qmp("c1", "block-job-change", r#"{"id": "n", "type": "mirror", "copy-mode": "background"}"#)
+            .note("back to background: refused"),
+        qmp("c2", "block-job-change", r#"{"id": "n", "type": "mirror", "copy-mode": "write-blocking"}"#)
+            .note("write-blocking again: nothing to do"),
+        qmp("c3", "block-job-complete", r#"{"device": "nosuch"}"#).note("no such job"),
+        Step::hook(
+            "a client writes the source: the write reaches the target at once",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 8 9M 64k", NBD_S], true, "wrote 65536/65536"),
+        ),
+        m(qmp("n2", "block-job-cancel", r#"{"device": "n"}"#))
+            .until_events("JOB_STATUS_CHANGE", 4)
+            .note("cancelled when ready: completes without the pivot"),
+        qmp("x1", "block-export-add", r#"{"type": "nbd", "id": "et", "node-name": "tt"}"#)
+            .note("export the top target"),
+        Step::hook(
+            "the top target reads what the source does",
+            run_tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", NBD_S, "nbd+unix:///tt?socket=$DIR/nbd.sock"], true, "Images are identical"),
+        ),
+        qmp("x2", "block-export-del", r#"{"id": "et"}"#)
+            .until_event("BLOCK_EXPORT_DELETED")
+            .note("unexport it"),
+        t(mirror(
+            "m1",
+            r#"{"device": "s", "target": "tg", "sync": "full", "job-id": "m", "speed": 16777216, "granularity": 131072}"#,
+        ))
+        .note("sync full at 16 MiB/s"),
+        Step::hook(
+            "a client writes the source during the copy",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 9 1M 2M", "-c", "write -P 9 20M 1M", NBD_S], true, "wrote 1048576/1048576"),
+        ),
+        t(qmp("m2", "block-job-complete", r#"{"device": "m"}"#)).note("not ready yet"),
+        t(qmp("m3", "block-job-set-speed", r#"{"device": "m", "speed": 0}"#))
+            .until_event("BLOCK_JOB_READY")
+            .note("no limit: ready"),
+        t(qmp("m4", "block-job-pause", r#"{"device": "m"}"#)).note("paused when ready: standby"),
+        Step::hook(
+            "a client writes the source while the job stands by",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 7 4M 64k", NBD_S], true, "wrote 65536/65536"),
+        ),
+        t(Step::line(r#"{"execute": "query-jobs", "id": "q2"}"#)).note("standby"),
+        t(qmp("m5", "block-job-resume", r#"{"device": "m"}"#)).note("ready again"),
+        t(qmp("m6", "block-job-complete", r#"{"device": "m"}"#))
+            .until_events("JOB_STATUS_CHANGE", 4)
+            .note("complete: the pivot"),
+        Step::line(r#"{"execute": "query-block-exports", "id": "q3"}"#)
+            .note("the export serves the target now"),
+        Step::hook(
+            "a client writes through the export: the target only",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 6 10M 64k", NBD_S], true, "wrote 65536/65536"),
+        ),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+        Step::hook(
+            "the source plus the last write is the target",
+            run_tool("qemu-io", &["-c", "write -P 6 10M 64k", "$DIR/s.qcow2"], true, "wrote 65536/65536"),
+        ),
+        Step::hook(
+            "compare",
+            run_tool("qemu-img", &["compare", "$DIR/s.qcow2", "$DIR/tg.qcow2"], true, "Images are identical"),
+        ),
+    ];
+    Script {
+        name: "blockdev-mirror".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=sf,filename=$DIR/s.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=s,file=sf",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=es,node-name=s,writable=on",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_images),
+        steps,
+    }
+}
+
+#[test]
+fn blockdev_mirror_matches_qsd() {
+    if let Err(report) = differential(&mirror_script()) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn blockdev_mirror_matches_qsd_with_a_worker_per_image() {
+    if let Err(report) = differential_with(&mirror_script(), &["--isolation", "image"]) {
+        panic!("{report}");
+    }
+}
+
+/// `b <- m <- t`: b 4 MiB of 0x01, m 64 KiB of 0x02 at 1 MiB, t 128 KiB of 0x03 at
+/// 2 MiB; t is exported.
+fn make_chain(dir: &Path) -> io::Result<()> {
+    run_in(
+        dir,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "b.qcow2", "16M"],
+    )?;
+    run_in(dir, &["qemu-io", "-c", "write -P 1 0 4M", "b.qcow2"])?;
+    run_in(
+        dir,
+        &[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "m.qcow2",
+        ],
+    )?;
+    run_in(dir, &["qemu-io", "-c", "write -P 2 1M 64k", "m.qcow2"])?;
+    run_in(
+        dir,
+        &[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", "m.qcow2", "-F", "qcow2", "t.qcow2",
+        ],
+    )?;
+    run_in(dir, &["qemu-io", "-c", "write -P 3 2M 128k", "t.qcow2"])
+}
+
+const NBD_T: &str = "nbd+unix:///t?socket=$DIR/nbd.sock";
+
+fn commit(id: &str, args: &str) -> Step {
+    qmp(id, "block-commit", args)
+}
+
+/// The active `block-commit`: a mirror of the top into its base, ready, completed
+/// with the pivot (the export serves the base), and the chain's data in the base.
+fn active_commit_script() -> Script {
+    let m = |s: Step| s.check(same_lines_masked);
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        commit(
+            "e1",
+            r#"{"job-id": "c", "device": "t", "backing-file": "x"}"#,
+        )
+        .note("backing-file on the active layer"),
+        commit("e2", r#"{"job-id": "c", "device": "t", "speed": -1}"#).note("negative speed"),
+        commit("e3", r#"{"device": "t"}"#).note("no job id"),
+        m(commit(
+            "c1",
+            r#"{"job-id": "c", "device": "t", "auto-dismiss": false}"#,
+        ))
+        .until_event("BLOCK_JOB_READY")
+        .note("ready"),
+        m(Step::line(r#"{"execute": "query-block-jobs", "id": "q1"}"#)).note("a commit job, ready"),
+        Step::hook(
+            "a client writes the top while the job is ready",
+            run_tool(
+                "qemu-io",
+                &["-f", "raw", "-c", "write -P 4 3M 64k", NBD_T],
+                true,
+                "wrote 65536/65536",
+            ),
+        ),
+        m(qmp("c2", "job-complete", r#"{"id": "c"}"#))
+            .until_events("JOB_STATUS_CHANGE", 3)
+            .note("complete: the pivot onto the base"),
+        m(Step::line(r#"{"execute": "query-jobs", "id": "q2"}"#)).note("concluded"),
+        m(qmp("c3", "job-dismiss", r#"{"id": "c"}"#)).note("dismissed"),
+        Step::line(r#"{"execute": "query-block-exports", "id": "q3"}"#)
+            .note("the export serves the base"),
+        Step::hook(
+            "a client writes through the export: the base only",
+            run_tool(
+                "qemu-io",
+                &["-f", "raw", "-c", "write -P 6 5M 64k", NBD_T],
+                true,
+                "wrote 65536/65536",
+            ),
+        ),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#)
+            .until_eof()
+            .note("quit"),
+        Step::hook(
+            "the top's chain plus the last write is the base",
+            run_tool(
+                "qemu-io",
+                &["-c", "write -P 6 5M 64k", "$DIR/t.qcow2"],
+                true,
+                "wrote 65536/65536",
+            ),
+        ),
+        Step::hook(
+            "compare",
+            run_tool(
+                "qemu-img",
+                &["compare", "$DIR/t.qcow2", "$DIR/b.qcow2"],
+                true,
+                "Images are identical",
+            ),
+        ),
+        Step::hook(
+            "the top's chain is unchanged",
+            run_tool(
+                "qemu-img",
+                &["info", "--backing-chain", "$DIR/t.qcow2"],
+                true,
+                "backing file: b.qcow2",
+            ),
+        ),
+    ];
+    Script {
+        name: "active block-commit".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=tf,filename=$DIR/t.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=t,file=tf",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=et,node-name=t,writable=on",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_chain),
+        steps,
+    }
+}
+
+#[test]
+fn active_commit_matches_qsd() {
+    if let Err(report) = differential(&active_commit_script()) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn active_commit_matches_qsd_with_a_worker_per_image() {
+    if let Err(report) = differential_with(&active_commit_script(), &["--isolation", "image"]) {
+        panic!("{report}");
+    }
+}
+
+/// Waits until `query-block-jobs` shows job `id` with `field` equal to `want`.
+fn wait_job(qmp: &mut QmpConnection, id: &str, field: &str, want: &Value) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let jobs = match qmp.execute("query-block-jobs", None) {
+            Ok(r) => r["return"].clone(),
+            Err(e) => panic!("{e}"),
+        };
+        let job = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["device"] == id))
+            .cloned()
+            .unwrap_or(Value::Null);
+        if &job[field] == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} never had {field} {want}: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn qemu_io(nbd: &str, command: &str) {
+    match std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", command, nbd])
+        .output()
+    {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!("qemu-io: {}", String::from_utf8_lossy(&out.stderr)),
+        Err(e) => panic!("qemu-io: {e}"),
+    }
+}
+
+/// The worker hosting the mirror's filter (the source's) is SIGKILLed twice while
+/// a client writes: each time the replacement scans again, the job goes on and gets
+/// ready, and after the pivot the target holds everything the client wrote.
+#[test]
+fn a_mirror_survives_kills_of_its_sources_worker() {
+    let dir = match TempDir::new("bulkhead-mirror-kill") {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    if let Err(e) = make_images(dir.path()) {
+        panic!("{e}");
+    }
+    let d = dir.path().to_path_buf();
+    let args: Vec<String> = [
+        "--blockdev",
+        "driver=file,node-name=sf,filename=$DIR/s.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=s,file=sf",
+        "--blockdev",
+        "driver=file,node-name=tgf,filename=$DIR/tg.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=tg,file=tgf",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=es,node-name=s,writable=on",
+        "--isolation",
+        "image",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let mut daemon = match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}"),
+    };
+    let nbd = format!("nbd+unix:///s?socket={}", d.join("nbd.sock").display());
+    let start = json!({"job-id": "m", "device": "s", "target": "tg", "sync": "full",
+        "speed": 8 << 20});
+    if let Err(e) = qmp.execute("blockdev-mirror", Some(start)) {
+        panic!("{e}");
+    }
+    let mut killed = Vec::new();
+    for (round, pattern) in [(0u32, 0x21u32), (1, 0x22)] {
+        let pid = bulkhead_systests::workers::pid_hosting(&mut qmp, "s");
+        qemu_io(&nbd, &format!("write -P {pattern} {}M 1M", 2 + round * 10));
+        if let Err(e) = bulkhead_systests::procs::send_signal(pid, libc::SIGKILL) {
+            panic!("cannot kill the source's worker: {e}");
+        }
+        killed.push(pid);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    if let Err(e) = qmp.execute(
+        "block-job-set-speed",
+        Some(json!({"device": "m", "speed": 0})),
+    ) {
+        panic!("{e}");
+    }
+    wait_job(&mut qmp, "m", "ready", &json!(true));
+    let pid = bulkhead_systests::workers::pid_hosting(&mut qmp, "s");
+    assert!(!killed.contains(&pid), "a new worker hosts the source");
+    qemu_io(&nbd, "write -P 0x23 30M 64k");
+    if let Err(e) = qmp.execute("block-job-complete", Some(json!({"device": "m"}))) {
+        panic!("{e}");
+    }
+    wait_job(&mut qmp, "m", "device", &Value::Null);
+    let _ = qmp.execute("quit", None);
+    drop(qmp);
+    if let Err(e) = daemon.wait_exit(Duration::from_secs(20)) {
+        panic!("{e}");
+    }
+    let out = std::process::Command::new("qemu-img")
+        .arg("compare")
+        .arg(d.join("s.qcow2"))
+        .arg(d.join("tg.qcow2"))
+        .output();
+    match out {
+        Ok(o) => assert!(
+            o.status.success(),
+            "the target differs from the source: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => panic!("qemu-img: {e}"),
+    }
+}
