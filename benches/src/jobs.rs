@@ -1,6 +1,8 @@
-//! Block job timings against qsd (`--jobs`): how long `block-commit`,
-//! `block-stream` and `blockdev-backup` (to a qcow2 and to a raw target) of an image
-//! full of data take on each daemon, and whether a speed limit holds over 10 s.
+//! Block job timings against qsd (`--jobs`): how long `block-commit` (intermediate
+//! and active), `block-stream`, `blockdev-backup` and `blockdev-mirror` (to a qcow2
+//! and to a raw target) of an image full of data take on each daemon, and whether a
+//! speed limit holds over 10 s. A mirror or active commit is completed as soon as
+//! it is ready; its time runs to the end.
 //!
 //! Runs in the benchmark harness only. Each run starts a fresh daemon with only a
 //! QMP monitor, copies the prepared images, adds the nodes over QMP, starts the job
@@ -23,6 +25,9 @@ enum Job {
     Stream,
     BackupQcow2,
     BackupRaw,
+    MirrorQcow2,
+    MirrorRaw,
+    ActiveCommit,
 }
 
 impl Job {
@@ -32,6 +37,9 @@ impl Job {
             Job::Stream => "block-stream (1 layer of data)",
             Job::BackupQcow2 => "blockdev-backup sync=full to qcow2",
             Job::BackupRaw => "blockdev-backup sync=full to raw",
+            Job::MirrorQcow2 => "blockdev-mirror sync=full to qcow2, then complete",
+            Job::MirrorRaw => "blockdev-mirror sync=full to raw, then complete",
+            Job::ActiveCommit => "block-commit (active, 1 layer of data), then complete",
         }
     }
 }
@@ -180,6 +188,41 @@ impl Run {
         }
     }
 
+    /// Polls `query-jobs` until job `id` is ready, completes it, and polls until it
+    /// concludes.
+    fn wait_completing(&mut self, id: &str) -> Result<(), String> {
+        let start = Instant::now();
+        let mut completed = false;
+        loop {
+            crate::procs::check_interrupted().map_err(|e| e.to_string())?;
+            let jobs = self
+                .qmp
+                .execute("query-jobs", None)
+                .map_err(|e| e.to_string())?;
+            let job = jobs
+                .as_array()
+                .and_then(|l| l.iter().find(|j| j["id"] == id))
+                .cloned()
+                .unwrap_or(Value::Null);
+            if let Some(e) = job.get("error") {
+                return Err(format!("job {id} failed: {e}"));
+            }
+            if job["status"] == "concluded" || job.is_null() {
+                return Ok(());
+            }
+            if job["status"] == "ready" && !completed {
+                self.qmp
+                    .execute("job-complete", Some(json!({"id": id})))
+                    .map_err(|e| e.to_string())?;
+                completed = true;
+            }
+            if start.elapsed() > Duration::from_secs(600) {
+                return Err(format!("job {id} did not end in 10 minutes"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn stop(mut self) {
         let _ = self.qmp.execute("quit", None);
         let _ = self.child.wait_timeout(Duration::from_secs(20));
@@ -252,8 +295,47 @@ fn time_job(
                     .map_err(|e| e.to_string())?;
                 s
             }
+            Job::MirrorQcow2 | Job::MirrorRaw => {
+                t.copy("full.qcow2", &f("s.qcow2"))?;
+                run.qcow2("s", &f("s.qcow2"), None)?;
+                if job == Job::MirrorQcow2 {
+                    t.copy("empty.qcow2", &f("tg.qcow2"))?;
+                    run.qcow2("tg", &f("tg.qcow2"), None)?;
+                } else {
+                    std::fs::File::create(f("tg.raw"))
+                        .and_then(|file| file.set_len(t.size))
+                        .map_err(|e| e.to_string())?;
+                    run.raw("tg", &f("tg.raw"))?;
+                }
+                let s = Instant::now();
+                run.qmp
+                    .execute(
+                        "blockdev-mirror",
+                        Some(json!({"job-id": "j", "device": "s", "target": "tg", "sync": "full", "auto-dismiss": false})),
+                    )
+                    .map_err(|e| e.to_string())?;
+                s
+            }
+            Job::ActiveCommit => {
+                t.copy("empty.qcow2", &f("b.qcow2"))?;
+                t.copy("full.qcow2", &f("t.qcow2"))?;
+                run.qcow2("b", &f("b.qcow2"), None)?;
+                run.qcow2("t", &f("t.qcow2"), Some("b"))?;
+                let s = Instant::now();
+                run.qmp
+                    .execute(
+                        "block-commit",
+                        Some(json!({"job-id": "j", "device": "t", "auto-dismiss": false})),
+                    )
+                    .map_err(|e| e.to_string())?;
+                s
+            }
         };
-        run.wait("j", |_, _| true)?;
+        if matches!(job, Job::MirrorQcow2 | Job::MirrorRaw | Job::ActiveCommit) {
+            run.wait_completing("j")?;
+        } else {
+            run.wait("j", |_, _| true)?;
+        }
         Ok(started.elapsed())
     })();
     run.stop();
@@ -329,7 +411,15 @@ pub fn run(programs: &Programs, scratch: &Path, repeat: u32, size: u64) -> Resul
          | job | qsd s | bulkhead s | ratio |\n|---|---|---|---|\n",
         size >> 20
     );
-    for job in [Job::Commit, Job::Stream, Job::BackupQcow2, Job::BackupRaw] {
+    for job in [
+        Job::Commit,
+        Job::ActiveCommit,
+        Job::Stream,
+        Job::BackupQcow2,
+        Job::BackupRaw,
+        Job::MirrorQcow2,
+        Job::MirrorRaw,
+    ] {
         let (mut q, mut b) = (Vec::new(), Vec::new());
         for r in 0..repeat {
             let order = if r % 2 == 0 {

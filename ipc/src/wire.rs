@@ -451,6 +451,9 @@ pub enum Operation {
         top_only: bool,
         /// Bytes per second, 0 for no limit.
         speed: u64,
+        /// `sync: bitmap`: only the clusters this frozen bitmap holds (its region
+        /// comes with the request); progress counts its dirty bytes.
+        bitmap: Option<BackupBitmap>,
     },
     /// A stream's copy, in the worker hosting its `copy-on-read` filter `node`:
     /// what the `layers` layers below the filter's child's top layer hold of
@@ -510,6 +513,15 @@ pub enum Operation {
     },
 }
 
+/// The frozen bitmap a `sync: bitmap` backup copies ([`Operation::Backup`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupBitmap {
+    /// Its region's layout.
+    pub spec: BitmapSpec,
+    /// Its dirty bytes: the backup's total.
+    pub total: u64,
+}
+
 impl Operation {
     /// The node the operation works on (for a commit: its top).
     pub fn node(&self) -> NodeId {
@@ -525,6 +537,9 @@ impl Operation {
     /// Units in all.
     pub fn total(&self) -> u64 {
         match self {
+            Operation::Backup {
+                bitmap: Some(b), ..
+            } => b.total,
             Operation::Fill { len, .. }
             | Operation::Commit { len, .. }
             | Operation::Backup { len, .. }

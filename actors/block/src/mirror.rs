@@ -40,6 +40,22 @@ use crate::io::{BlockIo, Extent, IoError, IoFuture, SparseFuture, WriteFlags, Ze
 /// The dirty chunk size when the job names none (QEMU's default for a target
 /// without a cluster size).
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
+/// Most bytes one read and one write of a copy carry.
+const MAX_RUN: u64 = 8 << 20;
+/// Copy buffers a mirror keeps between copies (two runs are in flight at once).
+const POOLED_BUFFERS: usize = 2;
+
+/// A piece of a run being copied: data, or zeroes the target writes as such.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    offset: u64,
+    len: u64,
+    zero: bool,
+}
+
+fn pieces_len(pieces: &[Piece]) -> u64 {
+    pieces.iter().map(|p| p.len).sum()
+}
 
 /// What a mirror job's copy asks its filter ([`BlockIo::mirror`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +283,8 @@ pub struct MirrorDriver {
     released: Notify,
     /// Woken when a chunk becomes dirty.
     dirtied: Notify,
+    /// Copy buffers kept between copies.
+    buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for MirrorDriver {
@@ -294,6 +312,7 @@ impl MirrorDriver {
             }),
             released: Notify::new(),
             dirtied: Notify::new(),
+            buffers: Mutex::new(Vec::new()),
         }
     }
 
@@ -366,6 +385,14 @@ impl MirrorDriver {
             }
             released.await;
         };
+        // Released however this ends, a dropped request included (its chunks are
+        // then dirty: the source may or may not have the change).
+        let mut held = GuestHold {
+            mirror: self,
+            chunks,
+            blocking,
+            synced: None,
+        };
         let result = apply(&*self.source, offset, len, change).await;
         // The target takes the same change, but a discard leaves undefined data
         // behind: the copy brings the chunk over instead.
@@ -373,28 +400,8 @@ impl MirrorDriver {
             && result.is_ok()
             && !matches!(change, Change::Discard)
             && apply(&*self.target, offset, len, change).await.is_ok();
-        {
-            let mut s = self.lock();
-            if synced {
-                s.synced += len;
-            } else {
-                for c in chunks.clone() {
-                    s.set(c);
-                }
-            }
-            if blocking {
-                for c in chunks {
-                    s.claimed.remove(&c);
-                }
-            } else {
-                s.background -= 1;
-            }
-        }
-        // A synced write is progress to report: it wakes the copy too.
-        if blocking || !synced {
-            self.dirtied.notify_waiters();
-        }
-        self.released.notify_waiters();
+        held.synced = synced.then_some(len);
+        drop(held);
         result
     }
 
@@ -434,75 +441,158 @@ impl MirrorDriver {
         Ok(self.status(0))
     }
 
-    /// One copy step (see [`MirrorRequest::Copy`]): the next run of dirty chunks
-    /// nobody holds is claimed and cleared, then read from the source and written
-    /// to the target (zeroes as write-zeroes); a failed copy leaves it dirty.
-    async fn copy(&self, max: u64) -> Result<MirrorStatus, IoError> {
-        let max_chunks = (max / self.granularity).max(1);
-        let run = {
+    /// Claims the next run of dirty chunks nobody holds (at most `max_chunks`),
+    /// clearing them: its byte range and its hold.
+    fn claim(&self, max_chunks: u64) -> Option<(u64, u64, CopyHold<'_>)> {
+        let (first, n) = {
             let mut s = self.lock();
-            match s.next_run(self.chunks, max_chunks) {
-                Some((first, n)) => {
-                    for c in first..first + n {
-                        s.clear(c);
-                        s.claimed.insert(c);
-                    }
-                    s.cursor = first + n;
-                    Some((first, n))
-                }
-                None => None,
+            let (first, n) = s.next_run(self.chunks, max_chunks)?;
+            for c in first..first + n {
+                s.clear(c);
+                s.claimed.insert(c);
             }
-        };
-        let Some((first, n)) = run else {
-            return Ok(self.status(0));
+            s.cursor = first + n;
+            (first, n)
         };
         let size = self.source.size();
         let start = first.saturating_mul(self.granularity).min(size);
         let len = n.saturating_mul(self.granularity).min(size - start);
-        let result = self.copy_range(start, len).await;
-        {
-            let mut s = self.lock();
-            for c in first..first + n {
-                s.claimed.remove(&c);
-                if result.is_err() {
-                    s.set(c);
-                }
-            }
-        }
-        self.released.notify_waiters();
-        result?;
-        Ok(self.status(len))
+        let hold = CopyHold {
+            mirror: self,
+            chunks: first..first + n,
+            copied: false,
+        };
+        Some((start, len, hold))
     }
 
-    async fn copy_range(&self, start: u64, len: u64) -> Result<(), IoError> {
+    /// One copy step (see [`MirrorRequest::Copy`]): runs of dirty chunks nobody
+    /// holds, up to `max` bytes, each at most [`MAX_RUN`], are claimed and cleared,
+    /// read from the source and written to the target, the next run's read
+    /// overlapping the last one's write (writes stay in order, so the target's
+    /// clusters are allocated in order); a run whose copy fails is dirty again.
+    async fn copy(&self, max: u64) -> Result<MirrorStatus, IoError> {
+        let max_chunks = (MAX_RUN / self.granularity).max(1);
+        let mut runs = Vec::new();
+        let mut claimed = 0u64;
+        while claimed < max.max(1) {
+            match self.claim(max_chunks) {
+                Some(run) => {
+                    claimed += run.1;
+                    runs.push(run);
+                }
+                None => break,
+            }
+        }
+        if runs.is_empty() {
+            return Ok(self.status(0));
+        }
+        let mut copied = 0u64;
+        let mut writing: Option<(Vec<Piece>, Vec<u8>, CopyHold<'_>)> = None;
+        for (start, len, hold) in runs {
+            let buf = self.take_buffer();
+            let read = self.read_run(start, len, buf);
+            let (pieces, buf) = match writing.take() {
+                Some((pieces, wbuf, mut whold)) => {
+                    let (written, read) = tokio::join!(self.write_run(&pieces, &wbuf), read);
+                    self.give_buffer(wbuf);
+                    written?;
+                    whold.copied = true;
+                    copied += pieces_len(&pieces);
+                    read?
+                }
+                None => read.await?,
+            };
+            writing = Some((pieces, buf, hold));
+        }
+        if let Some((pieces, buf, mut hold)) = writing {
+            let written = self.write_run(&pieces, &buf).await;
+            self.give_buffer(buf);
+            written?;
+            hold.copied = true;
+            copied += pieces_len(&pieces);
+        }
+        Ok(self.status(copied))
+    }
+
+    /// Reads `[start, start + len)` of the source: its pieces (zeroes are not
+    /// read) and the buffer holding the data ones, back to back.
+    async fn read_run(
+        &self,
+        start: u64,
+        len: u64,
+        mut buf: Vec<u8>,
+    ) -> Result<(Vec<Piece>, Vec<u8>), IoError> {
         let end = start + len;
-        let mut buf = Vec::new();
+        let mut pieces = Vec::new();
         let mut at = start;
         while at < end {
-            let extents = self.source.block_status(at, end - at).await?;
             let before = at;
-            for e in extents {
+            for e in self.source.block_status(at, end - at).await? {
                 let stop = at.saturating_add(e.length).min(end);
                 if stop <= at {
                     break;
                 }
-                if e.zero && !e.data {
-                    // Not unmapped: a target with a backing would read that instead.
-                    self.target
-                        .write_zeroes(at, stop - at, ZeroFlags::default())
-                        .await?;
-                } else {
-                    buf.resize(usize::try_from(stop - at).map_err(|_| IoError::Invalid)?, 0);
-                    self.source.read(at, &mut buf).await?;
-                    self.target.write(at, &buf, WriteFlags::default()).await?;
-                }
+                pieces.push(Piece {
+                    offset: at,
+                    len: stop - at,
+                    zero: e.zero && !e.data,
+                });
                 at = stop;
             }
+            // A status covering nothing is the source's protocol error: never loop.
             if at == before {
                 return Err(IoError::Invalid);
             }
         }
+        let data: u64 = pieces.iter().filter(|p| !p.zero).map(|p| p.len).sum();
+        buf.resize(usize::try_from(data).map_err(|_| IoError::Invalid)?, 0);
+        let mut filled = 0usize;
+        for p in pieces.iter().filter(|p| !p.zero) {
+            let n = usize::try_from(p.len).map_err(|_| IoError::Invalid)?;
+            self.source
+                .read(p.offset, &mut buf[filled..filled + n])
+                .await?;
+            filled += n;
+        }
+        Ok((pieces, buf))
+    }
+
+    /// Writes what [`MirrorDriver::read_run`] read to the target (zeroes as
+    /// write-zeroes, not unmapped: a target with a backing would read that).
+    async fn write_run(&self, pieces: &[Piece], buf: &[u8]) -> Result<(), IoError> {
+        let mut used = 0usize;
+        for p in pieces {
+            if p.zero {
+                self.target
+                    .write_zeroes(p.offset, p.len, ZeroFlags::default())
+                    .await?;
+            } else {
+                let n = usize::try_from(p.len).map_err(|_| IoError::Invalid)?;
+                let data = buf.get(used..used + n).ok_or(IoError::Invalid)?;
+                self.target
+                    .write(p.offset, data, WriteFlags::default())
+                    .await?;
+                used += n;
+            }
+        }
         Ok(())
+    }
+
+    /// A copy buffer from the pool (kept warm: fresh 8 MiB buffers cost page
+    /// faults and zeroing on every run).
+    fn take_buffer(&self) -> Vec<u8> {
+        self.buffers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn give_buffer(&self, buf: Vec<u8>) {
+        let mut pool = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(buf);
+        }
     }
 
     /// Switches to write-blocking and waits for the background writes in flight.
@@ -527,6 +617,65 @@ impl MirrorDriver {
             dirtied.await;
         }
         self.status(0)
+    }
+}
+
+/// A guest change's hold on the mirror: its claims (write-blocking) or its count
+/// as a background write, given back on drop with the chunks marked unless the
+/// target got the change (`synced`: its bytes, progress to report).
+struct GuestHold<'a> {
+    mirror: &'a MirrorDriver,
+    chunks: std::ops::RangeInclusive<u64>,
+    blocking: bool,
+    synced: Option<u64>,
+}
+
+impl Drop for GuestHold<'_> {
+    fn drop(&mut self) {
+        let m = self.mirror;
+        {
+            let mut s = m.lock();
+            match self.synced {
+                Some(n) => s.synced += n,
+                None => self.chunks.clone().for_each(|c| s.set(c)),
+            }
+            if self.blocking {
+                for c in self.chunks.clone() {
+                    s.claimed.remove(&c);
+                }
+            } else {
+                s.background = s.background.saturating_sub(1);
+            }
+        }
+        // Marked chunks and synced bytes both wake the copy.
+        if self.blocking || self.synced.is_none() {
+            m.dirtied.notify_waiters();
+        }
+        m.released.notify_waiters();
+    }
+}
+
+/// A copy's claim on a run of chunks, given back on drop: dirty again unless the
+/// copy completed.
+struct CopyHold<'a> {
+    mirror: &'a MirrorDriver,
+    chunks: std::ops::Range<u64>,
+    copied: bool,
+}
+
+impl Drop for CopyHold<'_> {
+    fn drop(&mut self) {
+        let m = self.mirror;
+        {
+            let mut s = m.lock();
+            for c in self.chunks.clone() {
+                s.claimed.remove(&c);
+                if !self.copied {
+                    s.set(c);
+                }
+            }
+        }
+        m.released.notify_waiters();
     }
 }
 

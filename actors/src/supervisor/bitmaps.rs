@@ -37,6 +37,29 @@ pub struct Bitmap {
     fd: OwnedFd,
     /// The supervisor's mapping of it.
     bits: DirtyBitmap<BitmapWords>,
+    /// The bits a backup copies, frozen at its start (QEMU's frozen parent):
+    /// queries show these while the bitmap records from empty.
+    frozen: Option<Frozen>,
+}
+
+/// A frozen copy of a bitmap's bits in a region of its own (passed read-only in
+/// spirit to the worker running the backup: it only reads it).
+#[derive(Debug)]
+pub struct Frozen {
+    fd: OwnedFd,
+    bits: DirtyBitmap<BitmapWords>,
+}
+
+impl Frozen {
+    /// The region's descriptor.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// The bits.
+    pub fn bits(&self) -> &DirtyBitmap<BitmapWords> {
+        &self.bits
+    }
 }
 
 impl Bitmap {
@@ -52,7 +75,18 @@ impl Bitmap {
             users: 0,
             fd,
             bits,
+            frozen: None,
         })
+    }
+
+    /// The bits queries and hashes show: the frozen ones during a backup.
+    fn shown(&self) -> &DirtyBitmap<BitmapWords> {
+        self.frozen.as_ref().map_or(&self.bits, |f| &f.bits)
+    }
+
+    /// The frozen bits, during a backup that copies them.
+    pub fn frozen(&self) -> Option<&Frozen> {
+        self.frozen.as_ref()
     }
 
     /// The bits.
@@ -97,7 +131,7 @@ impl Bitmap {
         m.insert("persistent".into(), false.into());
         m.insert("busy".into(), self.busy().into());
         m.insert("granularity".into(), self.bits.granularity().into());
-        m.insert("count".into(), self.bits.count().into());
+        m.insert("count".into(), self.shown().count().into());
         Value::Object(m)
     }
 
@@ -322,7 +356,55 @@ impl Core {
     /// `x-debug-block-dirty-bitmap-sha256`.
     pub(super) fn bitmap_sha256(&self, node: &str, name: &str) -> Result<String, QmpError> {
         let found = self.find_bitmap(node, name)?;
-        Ok(self.bitmap(&found)?.bits.sha256())
+        Ok(self.bitmap(&found)?.shown().sha256())
+    }
+
+    /// A backup takes bitmap `name` of `node` (QEMU's freeze): the bitmap becomes
+    /// busy, its bits move to a frozen copy, and it records from empty. Done before
+    /// the backup's point in time; [`Core::refreeze_bitmap`] after it adds what was
+    /// written in between.
+    pub(super) fn freeze_bitmap(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        let found = self.find_bitmap(node, name)?;
+        let b = self.bitmap_mut(&found)?;
+        let copy = Bitmap::create(name, b.bits.size(), b.bits.granularity(), false)?;
+        copy.bits.merge_from(&b.bits).map_err(errors::from_error)?;
+        b.bits.clear();
+        b.users += 1;
+        b.frozen = Some(Frozen {
+            fd: copy.fd,
+            bits: copy.bits,
+        });
+        Ok(())
+    }
+
+    /// After the backup's point in time: the frozen copy also takes what was
+    /// written since the freeze (the bitmap keeps it too).
+    pub(super) fn refreeze_bitmap(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        let found = self.find_bitmap(node, name)?;
+        let b = self.bitmap(&found)?;
+        if let Some(f) = &b.frozen {
+            f.bits.merge_from(&b.bits).map_err(errors::from_error)?;
+        }
+        Ok(())
+    }
+
+    /// The backup is over: with `restore` the frozen bits go back into the bitmap
+    /// (it failed, or `bitmap-mode: never`); otherwise the bitmap keeps only what
+    /// was written since (QEMU's successor). No longer busy either way.
+    pub(super) fn thaw_bitmap(&mut self, node: &str, name: &str, restore: bool) {
+        let Ok(found) = self.find_bitmap(node, name) else {
+            return;
+        };
+        let Ok(b) = self.bitmap_mut(&found) else {
+            return;
+        };
+        if let Some(f) = b.frozen.take()
+            && restore
+            && let Err(e) = b.bits.merge_from(&f.bits)
+        {
+            tracing::warn!(bitmap = name, error = %e, "the frozen bits did not go back");
+        }
+        b.users = b.users.saturating_sub(1);
     }
 
     /// Gives the node's worker the enabled bitmaps of `node` (after any change of
@@ -415,5 +497,18 @@ fn cluster_size(n: &Node) -> Option<u64> {
 /// `dirty-bitmaps` of `query-named-block-nodes`: newest first, as QEMU lists a
 /// node's bitmaps; those the image had when it opened are the oldest.
 pub fn dirty_bitmaps(n: &Node) -> Vec<Value> {
-    n.bitmaps.iter().rev().map(Bitmap::info).collect()
+    let mut out = Vec::new();
+    // A frozen bitmap's successor (what it records meanwhile) is QEMU's newest
+    // bitmap, anonymous.
+    for b in n.bitmaps.iter().filter(|b| b.frozen.is_some()).rev() {
+        let mut m = Map::new();
+        m.insert("recording".into(), b.enabled.into());
+        m.insert("persistent".into(), false.into());
+        m.insert("busy".into(), false.into());
+        m.insert("granularity".into(), b.bits.granularity().into());
+        m.insert("count".into(), b.bits.count().into());
+        out.push(Value::Object(m));
+    }
+    out.extend(n.bitmaps.iter().rev().map(Bitmap::info));
+    out
 }

@@ -244,14 +244,18 @@ impl Core {
         options: &BlockdevOptions,
         given: &Map<String, Value>,
     ) -> Result<String, QmpError> {
-        self.add_spec(parse_spec(options, given)?).await
+        self.add_spec(parse_spec(options, given)?, None).await
     }
 
     /// Creates the node `spec` describes (and its inline children), owned by no
-    /// monitor; nothing is left behind if it fails.
-    pub(super) async fn add_spec(&mut self, spec: Spec) -> Result<String, QmpError> {
+    /// monitor, on instance `on` if given; nothing is left behind if it fails.
+    pub(super) async fn add_spec(
+        &mut self,
+        spec: Spec,
+        on: Option<WorkerId>,
+    ) -> Result<String, QmpError> {
         let mut created = Vec::new();
-        match Box::pin(self.create(spec, Inherited::default(), false, None, &mut created)).await {
+        match Box::pin(self.create(spec, Inherited::default(), false, on, &mut created)).await {
             Ok(name) => Ok(name),
             Err(e) => {
                 for name in created.into_iter().rev() {

@@ -545,6 +545,45 @@ pub fn copy_mode_change(mode: &str) -> QmpError {
     generic(format!("Change to copy mode '{mode}' is not implemented"))
 }
 
+/// A backup `sync` that needs a bitmap, without one (`do_backup_common`).
+pub fn backup_bitmap_missing(sync: &str) -> QmpError {
+    generic(format!(
+        "must provide a valid bitmap name for '{sync}' sync mode"
+    ))
+}
+
+/// `sync: incremental` with another `bitmap-mode` than on-success.
+pub fn backup_incremental_mode() -> QmpError {
+    generic("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
+}
+
+/// A backup `bitmap` the source does not have.
+pub fn backup_bitmap_not_found(name: &str) -> QmpError {
+    generic(format!("Bitmap '{name}' could not be found"))
+}
+
+/// A backup `bitmap` without `bitmap-mode`.
+pub fn backup_bitmap_mode_missing() -> QmpError {
+    generic("Bitmap sync mode must be given when providing a bitmap")
+}
+
+/// A backup `bitmap` with `sync: none`.
+pub fn backup_bitmap_sync_none() -> QmpError {
+    generic("sync mode 'none' does not produce meaningful bitmap outputs")
+}
+
+/// `bitmap-mode: never` with a sync mode that does not read the bitmap.
+pub fn backup_bitmap_never_useless(sync: &str) -> QmpError {
+    generic(format!(
+        "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{sync}'"
+    ))
+}
+
+/// A backup `bitmap-mode` without a bitmap.
+pub fn backup_bitmap_mode_alone() -> QmpError {
+    generic("Cannot specify bitmap sync mode without a bitmap")
+}
+
 /// A job id that is no well-formed id.
 pub fn invalid_job_id(id: &str) -> QmpError {
     generic(format!("Invalid job ID '{id}'"))

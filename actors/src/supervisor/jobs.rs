@@ -15,10 +15,22 @@ use std::time::Duration;
 
 use bulkhead_ipc::wire::{NodeRef, OpId, Operation, ToWorker, WorkerId, WorkerKind};
 use bulkhead_qmp::qapi::types::{
-    BlockCommitArgs, BlockStreamArgs, BlockdevBackupArgs, BlockdevOnError, MirrorSyncMode,
+    BitmapSyncMode, BlockCommitArgs, BlockStreamArgs, BlockdevBackupArgs, BlockdevOnError,
+    MirrorSyncMode,
 };
 use bulkhead_qmp::request::ErrorClass;
 use serde_json::{Map, Value, json};
+
+/// QAPI's name of a `MirrorSyncMode`.
+fn sync_name(sync: MirrorSyncMode) -> &'static str {
+    match sync {
+        MirrorSyncMode::Full => "full",
+        MirrorSyncMode::Top => "top",
+        MirrorSyncMode::None => "none",
+        MirrorSyncMode::Incremental => "incremental",
+        MirrorSyncMode::Bitmap => "bitmap",
+    }
+}
 
 /// The `strerror` text of an I/O error (QEMU's messages embed it).
 fn strerror_of(e: &std::io::Error) -> String {
@@ -140,6 +152,9 @@ enum Work {
         source: String,
         filter: String,
         sync: BackupSync,
+        /// The bitmap the backup takes (frozen during the job) and what becomes
+        /// of it.
+        bitmap: Option<(String, BitmapSyncMode)>,
     },
     /// `block-stream`: a `copy-on-read` filter above `top` copies into it what the
     /// `layers` layers above `base` hold; then `top` reads `base` (or nothing).
@@ -162,6 +177,15 @@ pub(super) enum BackupSync {
     Full,
     Top,
     None,
+    /// What the frozen bitmap holds (`bitmap`, `incremental`).
+    Bitmap,
+}
+
+/// A checked `blockdev-backup`: its sync mode and the bitmap it takes.
+#[derive(Debug, Clone)]
+pub(super) struct CheckedBackup {
+    pub(super) sync: BackupSync,
+    pub(super) bitmap: Option<(String, BitmapSyncMode)>,
 }
 
 /// One job.
@@ -353,8 +377,8 @@ impl Core {
     /// `blockdev-backup`, checked in qsd's order. `sync` full, top and none;
     /// bitmaps, compression and the other tuning options are refused for now.
     pub(super) async fn blockdev_backup(&mut self, a: &BlockdevBackupArgs) -> Result<(), QmpError> {
-        let sync = self.check_backup(a, &[])?;
-        self.start_backup(a, sync).await
+        let checked = self.check_backup(a, &[])?;
+        self.start_backup(a, checked).await
     }
 
     /// `blockdev-backup`'s checks, in qsd's order; `pending`: job ids a transaction
@@ -363,7 +387,7 @@ impl Core {
         &self,
         a: &BlockdevBackupArgs,
         pending: &[String],
-    ) -> Result<BackupSync, QmpError> {
+    ) -> Result<CheckedBackup, QmpError> {
         let source = self
             .graph
             .get(&a.device)
@@ -372,22 +396,58 @@ impl Core {
             .graph
             .get(&a.target)
             .ok_or_else(|| errors::device_not_found(&a.target, &a.target))?;
+        // `do_backup_common`'s bitmap checks, in its order.
+        let mut sync = a.sync;
+        let mut mode = a.bitmap_mode;
+        if matches!(sync, MirrorSyncMode::Bitmap | MirrorSyncMode::Incremental)
+            && a.bitmap.is_none()
+        {
+            return Err(errors::backup_bitmap_missing(sync_name(sync)));
+        }
+        if sync == MirrorSyncMode::Incremental {
+            if mode.is_some_and(|m| m != BitmapSyncMode::OnSuccess) {
+                return Err(errors::backup_incremental_mode());
+            }
+            sync = MirrorSyncMode::Bitmap;
+            mode = Some(BitmapSyncMode::OnSuccess);
+        }
+        let bitmap = match (&a.bitmap, mode) {
+            (Some(name), mode) => {
+                if !source.bitmaps.iter().any(|b| &b.name == name) {
+                    return Err(errors::backup_bitmap_not_found(name));
+                }
+                let Some(mode) = mode else {
+                    return Err(errors::backup_bitmap_mode_missing());
+                };
+                if let Some(b) = source.bitmaps.iter().find(|b| &b.name == name)
+                    && b.busy()
+                {
+                    return Err(errors::bitmap_busy(name));
+                }
+                if sync == MirrorSyncMode::None {
+                    return Err(errors::backup_bitmap_sync_none());
+                }
+                if mode == BitmapSyncMode::Never && sync != MirrorSyncMode::Bitmap {
+                    return Err(errors::backup_bitmap_never_useless(sync_name(sync)));
+                }
+                Some((name.clone(), mode))
+            }
+            (None, Some(_)) => return Err(errors::backup_bitmap_mode_alone()),
+            (None, None) => None,
+        };
         if source.name == target.name {
             return Err(errors::backup_same_node());
         }
         if source.size != target.size {
             return Err(errors::backup_sizes_differ());
         }
-        let sync = match a.sync {
+        let sync = match sync {
             MirrorSyncMode::Full => BackupSync::Full,
             MirrorSyncMode::Top => BackupSync::Top,
             MirrorSyncMode::None => BackupSync::None,
-            MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => {
-                return Err(errors::backup_option_unsupported("sync with a bitmap"));
-            }
+            MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => BackupSync::Bitmap,
         };
         for (given, what) in [
-            (a.bitmap.is_some(), "bitmap"),
             (a.compress == Some(true), "compress"),
             (a.filter_node_name.is_some(), "filter-node-name"),
             (a.discard_source == Some(true), "discard-source"),
@@ -404,15 +464,16 @@ impl Core {
         if self.jobs.get(&job_id).is_some() || pending.contains(&job_id) {
             return Err(errors::job_id_in_use(&job_id));
         }
-        Ok(sync)
+        Ok(CheckedBackup { sync, bitmap })
     }
 
     /// Starts a checked backup.
-    async fn start_backup(
+    pub(super) async fn start_backup(
         &mut self,
         a: &BlockdevBackupArgs,
-        sync: BackupSync,
+        checked: CheckedBackup,
     ) -> Result<(), QmpError> {
+        let CheckedBackup { sync, bitmap } = checked;
         let (Some(source), Some(target)) = (self.graph.get(&a.device), self.graph.get(&a.target))
         else {
             return Err(errors::node_vanished());
@@ -437,6 +498,7 @@ impl Core {
                     source: source.clone(),
                     filter: String::new(),
                     sync,
+                    bitmap: bitmap.clone(),
                 },
             },
         );
@@ -451,6 +513,15 @@ impl Core {
         if let Some(j) = self.jobs.get_mut(&job_id) {
             j.speed = speed;
         }
+        // The bitmap freezes before the point in time (the filter going in) and
+        // takes what was written in between right after: the backup copies every
+        // write before its point in time, and the bitmap keeps every write after.
+        if let Some((name, _)) = &bitmap
+            && let Err(e) = self.freeze_bitmap(&source, name)
+        {
+            self.transition(&job_id, JobStatus::Null).await;
+            return Err(e);
+        }
         match self.insert_backup_filter(&source, &target).await {
             Ok(filter) => {
                 if let Some(Job {
@@ -462,8 +533,27 @@ impl Core {
                 }
             }
             Err(e) => {
+                if let Some((name, _)) = &bitmap {
+                    self.thaw_bitmap(&source, name, true);
+                }
                 self.transition(&job_id, JobStatus::Null).await;
                 return Err(e);
+            }
+        }
+        if let Some((name, _)) = &bitmap {
+            if let Err(e) = self.refreeze_bitmap(&source, name) {
+                tracing::warn!(job = job_id, error = %e.desc, "the frozen bitmap missed writes");
+            }
+            let total = self
+                .graph
+                .get(&source)
+                .and_then(|n| n.bitmaps.iter().find(|b| &b.name == name))
+                .and_then(|b| b.frozen())
+                .map_or(0, |f| f.bits().count());
+            if sync == BackupSync::Bitmap
+                && let Some(j) = self.jobs.get_mut(&job_id)
+            {
+                j.total = total;
             }
         }
         // qsd's backup pauses once as it starts (its filter goes in drained).
@@ -803,7 +893,20 @@ impl Core {
 
     /// Undoes `prepare_job` once the job ended either way: a commit's base
     /// read-only again, a backup's or stream's filter out of the graph.
-    async fn release_job(&mut self, id: &str) {
+    async fn release_job(&mut self, id: &str, ok: bool) {
+        if let Some(Work::Backup {
+            source,
+            bitmap: Some((name, mode)),
+            ..
+        }) = self.jobs.get(id).map(|j| j.work.clone())
+        {
+            // QEMU's `bitmap-mode`: the bitmap keeps only what was written since
+            // the start when the job succeeded (on-success, always), or gets its
+            // frozen bits back (a failure; never). `always` after a failure keeps
+            // the frozen bits too (QEMU drops those it copied).
+            let restore = mode == BitmapSyncMode::Never || !ok;
+            self.thaw_bitmap(&source, &name, restore);
+        }
         if let Some(Work::Mirror(m)) = self.jobs.get(id).map(|j| j.work.clone()) {
             if self.graph.contains(&m.filter)
                 && let Err(e) = self.remove_filter(&m.filter).await
@@ -847,6 +950,7 @@ impl Core {
         let Some(j) = self.jobs.get(id) else {
             return;
         };
+        let mut extra_fd: Option<std::os::fd::OwnedFd> = None;
         let operation = match &j.work {
             Work::Backup {
                 sync: BackupSync::None,
@@ -874,15 +978,46 @@ impl Core {
                 },
                 None => return,
             },
-            Work::Backup { filter, sync, .. } => match self.graph.get(filter) {
-                Some(f) => Operation::Backup {
-                    node: f.id,
-                    offset: j.done,
-                    len: j.total,
-                    top_only: *sync == BackupSync::Top,
-                    speed: j.speed,
-                },
-                None => return,
+            Work::Backup {
+                filter,
+                sync,
+                source,
+                bitmap,
+            } => match (self.graph.get(filter), self.graph.get(source)) {
+                (Some(f), Some(src)) => {
+                    // A bitmap backup passes its frozen bitmap and starts over at
+                    // every run (what was saved is passed over at once).
+                    let frozen = bitmap
+                        .as_ref()
+                        .filter(|_| *sync == BackupSync::Bitmap)
+                        .and_then(|(name, _)| src.bitmaps.iter().find(|b| &b.name == name))
+                        .and_then(|b| b.frozen());
+                    if let Some(fr) = frozen {
+                        match fr.fd().try_clone() {
+                            Ok(fd) => extra_fd = Some(fd),
+                            Err(e) => {
+                                let text = format!("cannot pass the frozen bitmap: {e}");
+                                self.job_failed(id, "read", &text).await;
+                                return;
+                            }
+                        }
+                    }
+                    Operation::Backup {
+                        node: f.id,
+                        offset: if frozen.is_some() { 0 } else { j.done },
+                        len: src.size,
+                        top_only: *sync == BackupSync::Top,
+                        speed: j.speed,
+                        bitmap: frozen.map(|fr| bulkhead_ipc::wire::BackupBitmap {
+                            spec: bulkhead_ipc::wire::BitmapSpec {
+                                size: fr.bits().size(),
+                                granularity: fr.bits().granularity(),
+                            },
+                            total: fr.bits().count(),
+                        }),
+                    }
+                }
+                _ => return,
             },
             Work::Commit {
                 top, base, layers, ..
@@ -903,7 +1038,12 @@ impl Core {
         } else {
             STALL
         };
-        match self.start_operation(operation, stall).await {
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> = extra_fd
+            .as_ref()
+            .map(std::os::fd::AsFd::as_fd)
+            .into_iter()
+            .collect();
+        match self.start_operation_with(operation, stall, &fds).await {
             Ok(watch) => {
                 let op = watch.op;
                 if let Some(j) = self.jobs.get_mut(id) {
@@ -1089,7 +1229,7 @@ impl Core {
                     .await
             }
         };
-        self.release_job(id).await;
+        self.release_job(id, result.is_ok()).await;
         if let Err(e) = result
             && let Some(j) = self.jobs.get_mut(id)
         {
@@ -1145,7 +1285,7 @@ impl Core {
         )
         .await;
         self.transition(id, JobStatus::Aborting).await;
-        self.release_job(id).await;
+        self.release_job(id, false).await;
         self.conclude(id, "BLOCK_JOB_COMPLETED").await;
     }
 
@@ -1253,7 +1393,7 @@ impl Core {
         }
         self.stop_copy(id).await;
         self.transition(id, JobStatus::Aborting).await;
-        self.release_job(id).await;
+        self.release_job(id, false).await;
         self.conclude(id, "BLOCK_JOB_CANCELLED").await;
         Ok(())
     }

@@ -369,6 +369,17 @@ impl Core {
         operation: Operation,
         stall: Duration,
     ) -> Result<OpWatch, QmpError> {
+        self.start_operation_with(operation, stall, &[]).await
+    }
+
+    /// [`Core::start_operation`] with descriptors the operation needs (a bitmap
+    /// backup's frozen bitmap).
+    pub async fn start_operation_with(
+        &mut self,
+        operation: Operation,
+        stall: Duration,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<OpWatch, QmpError> {
         let node = operation.node();
         let home = match &operation {
             Operation::Fill { .. }
@@ -395,7 +406,7 @@ impl Core {
         let watch = self.ops.borrow_mut().register(home, pid, node, total);
         let op = watch.op;
         if let Err(e) = caller
-            .call(ToWorker::StartOperation { op, operation }, &[])
+            .call(ToWorker::StartOperation { op, operation }, fds)
             .await
         {
             let errno = match &e {

@@ -18,6 +18,7 @@ use bulkhead_block::stats::{Accounting, SinkFuture, ThresholdSink, WriteNotifier
 use bulkhead_ipc::control::ControlChannel;
 use bulkhead_ipc::data::{self, ChannelFds, NodeLookup};
 use bulkhead_ipc::stats::StatsRegion;
+use bulkhead_ipc::wire::Operation;
 use bulkhead_ipc::wire::{
     ChildRole, FromWorker, NodeId, NodeRef, Reply, ToWorker, WorkerError, WorkerErrorKind,
     WorkerEvent, WorkerId, WorkerKind,
@@ -556,8 +557,22 @@ impl DriverWorker {
                     .nodes
                     .lookup(operation.node())
                     .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                // A bitmap backup's frozen bitmap, mapped from the region that came.
+                let bitmap = match &operation {
+                    Operation::Backup {
+                        bitmap: Some(b), ..
+                    } => super::bitmaps::map_all(&[b.spec], &fds)?.pop(),
+                    _ if !fds.is_empty() => {
+                        return Err(err(
+                            WorkerErrorKind::Invalid,
+                            libc::EINVAL,
+                            "descriptors with an operation that takes none",
+                        ));
+                    }
+                    _ => None,
+                };
                 self.ops
-                    .start(op, operation, super::ops::Nodes::One(node))?;
+                    .start(op, operation, super::ops::Nodes::One(node), bitmap)?;
                 Ok(Reply::Done)
             }
             ToWorker::CancelOperation { op } => {

@@ -59,7 +59,7 @@ impl JobWorker {
                         ));
                     }
                 };
-                self.ops.start(op, operation, nodes)?;
+                self.ops.start(op, operation, nodes, None)?;
                 Ok(Reply::Done)
             }
             ToWorker::CancelOperation { op } => {

@@ -259,7 +259,12 @@ impl Core {
             members,
             vec![(Role::File, source.clone()), (Role::Target, target.clone())],
         ) {
-            Ok(spec) => match self.add_spec(spec).await {
+            // In the source's worker: its copies then read the source (and a
+            // target there too) without a hop; it parses nothing untrusted.
+            Ok(spec) => match self
+                .add_spec(spec, self.graph.get(&source).map(|n| n.home))
+                .await
+            {
                 Ok(f) => match self.insert_filter(&source, &f).await {
                     Ok(()) => Ok(f),
                     Err(e) => {

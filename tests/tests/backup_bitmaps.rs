@@ -1,0 +1,194 @@
+//! `blockdev-backup` with dirty bitmaps against qsd (libvirt's push-mode
+//! incremental backup): `sync: incremental` and `bitmap` copy only what the bitmap
+//! holds; `bitmap-mode` decides what the bitmap keeps (on-success: only the writes
+//! since the job started; never: everything; a cancelled job gives the bits back);
+//! every check in qsd's order; in both placements. The targets afterwards hold
+//! the dirty clusters and nothing else.
+
+use std::io;
+use std::path::Path;
+
+use bulkhead_systests::jobs::same_lines_masked;
+use bulkhead_systests::qmp::parse_line;
+use bulkhead_systests::script::{StepOutput, run_tool};
+use bulkhead_systests::{Script, Step, differential, differential_with, run_in};
+use serde_json::Value;
+
+fn qmp(id: &str, command: &str, args: &str) -> Step {
+    Step::line(&format!(
+        r#"{{"execute": "{command}", "arguments": {args}, "id": "{id}"}}"#
+    ))
+}
+
+fn backup(id: &str, args: &str) -> Step {
+    qmp(id, "blockdev-backup", args)
+}
+
+fn add_qcow2(id: &str, node: &str, file: &str) -> Step {
+    qmp(
+        id,
+        "blockdev-add",
+        &format!(
+            r#"{{"driver": "qcow2", "node-name": "{node}", "file": {{"driver": "file", "filename": "$DIR/{file}"}}}}"#
+        ),
+    )
+}
+
+/// `s.qcow2`: 8 MiB of 0x05; three empty targets.
+fn make_images(dir: &Path) -> io::Result<()> {
+    run_in(
+        dir,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "s.qcow2", "32M"],
+    )?;
+    run_in(dir, &["qemu-io", "-c", "write -P 5 0 8M", "s.qcow2"])?;
+    for t in ["t1.qcow2", "t2.qcow2", "t3.qcow2"] {
+        run_in(dir, &["qemu-img", "create", "-q", "-f", "qcow2", t, "32M"])?;
+    }
+    Ok(())
+}
+
+const NBD_S: &str = "nbd+unix:///s?socket=$DIR/nbd.sock";
+
+fn bitmaps() -> Step {
+    Step::line(
+        r#"{"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "s", "name": "b0"}, "id": "h"}"#,
+    )
+}
+
+/// Only the source's `dirty-bitmaps` in `query-named-block-nodes` (the other
+/// nodes' descriptions are not what this test is about).
+fn same_source_bitmaps(reference: &StepOutput, tested: &StepOutput) -> Result<(), String> {
+    let view = |out: &StepOutput| -> Result<Vec<Value>, String> {
+        let mut found = Vec::new();
+        for line in out.monitor(0) {
+            let v = parse_line(line).map_err(|e| e.to_string())?;
+            if let Some(nodes) = v["return"].as_array() {
+                for n in nodes.iter().filter(|n| n["node-name"] == "s") {
+                    found.push(n["dirty-bitmaps"].clone());
+                }
+            }
+        }
+        Ok(found)
+    };
+    let (a, b) = (view(reference)?, view(tested)?);
+    if a != b || a.is_empty() {
+        return Err(format!("qsd: {a:?}\nbulkhead: {b:?}"));
+    }
+    Ok(())
+}
+
+fn script() -> Script {
+    let m = |s: Step| s.check(same_lines_masked);
+    let q = || {
+        Step::line(
+            r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "n"}"#,
+        )
+        .check(same_source_bitmaps)
+    };
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        add_qcow2("a1", "t1", "t1.qcow2").note("targets"),
+        add_qcow2("a2", "t2", "t2.qcow2"),
+        add_qcow2("a3", "t3", "t3.qcow2"),
+        qmp("b1", "block-dirty-bitmap-add", r#"{"node": "s", "name": "b0"}"#).note("the bitmap"),
+        Step::hook(
+            "a client writes 64 KiB and 128 KiB",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 7 1M 64k", "-c", "write -P 7 5M 128k", NBD_S], true, "wrote 131072/131072"),
+        ),
+        backup("e1", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "bitmap"}"#)
+            .note("bitmap sync without a bitmap"),
+        backup("e2", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "incremental"}"#)
+            .note("incremental without a bitmap"),
+        backup("e3", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "full", "bitmap": "b0"}"#)
+            .note("a bitmap without a mode"),
+        backup("e4", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "full", "bitmap-mode": "never"}"#)
+            .note("a mode without a bitmap"),
+        backup("e5", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "bitmap", "bitmap": "nosuch", "bitmap-mode": "never"}"#)
+            .note("no such bitmap"),
+        backup("e6", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "incremental", "bitmap": "b0", "bitmap-mode": "never"}"#)
+            .note("incremental is on-success"),
+        backup("e7", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "top", "bitmap": "b0", "bitmap-mode": "never"}"#)
+            .note("never with top"),
+        backup("e8", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "none", "bitmap": "b0", "bitmap-mode": "always"}"#)
+            .note("none with a bitmap"),
+        backup("e9", r#"{"job-id": "j", "device": "nosuch", "target": "t1", "sync": "bitmap"}"#)
+            .note("the device first"),
+        bitmaps().note("the bitmap's hash"),
+        m(backup(
+            "j1",
+            r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "bitmap", "bitmap": "b0", "bitmap-mode": "never", "auto-dismiss": false}"#,
+        ))
+        .until_events("JOB_STATUS_CHANGE", 7)
+        .note("bitmap mode never: 192 KiB"),
+        m(Step::line(r#"{"execute": "query-jobs", "id": "q1"}"#)).note("its total: the dirty bytes"),
+        qmp("d1", "job-dismiss", r#"{"id": "j"}"#),
+        bitmaps().note("never: the bitmap is as it was"),
+        m(backup(
+            "j2",
+            r#"{"job-id": "j", "device": "s", "target": "t2", "sync": "bitmap", "bitmap": "b0", "bitmap-mode": "on-success", "speed": 1}"#,
+        ))
+        .note("a slow bitmap backup"),
+        q().note("the bitmap is busy and shows its frozen bits"),
+        qmp("e10", "block-dirty-bitmap-clear", r#"{"node": "s", "name": "b0"}"#)
+            .note("a busy bitmap cannot be cleared"),
+        Step::hook(
+            "a client writes during the job",
+            run_tool("qemu-io", &["-f", "raw", "-c", "write -P 8 9M 64k", NBD_S], true, "wrote 65536/65536"),
+        ),
+        m(qmp("c1", "block-job-cancel", r#"{"device": "j"}"#)).note("cancelled: the bits come back"),
+        bitmaps().note("the old bits and the new write"),
+        q().note("free again"),
+        m(backup(
+            "j3",
+            r#"{"job-id": "j", "device": "s", "target": "t3", "sync": "incremental", "bitmap": "b0"}"#,
+        ))
+        .until_events("JOB_STATUS_CHANGE", 8)
+        .note("incremental: on-success"),
+        bitmaps().note("cleared by the success"),
+        qmp("x1", "block-export-add", r#"{"type": "nbd", "id": "e3", "node-name": "t3"}"#)
+            .note("export the incremental target"),
+        Step::hook(
+            "it holds the dirty clusters and nothing else",
+            run_tool(
+                "qemu-io",
+                &["-f", "raw", "-r", "-c", "read -P 7 1M 64k", "-c", "read -P 7 5M 128k", "-c", "read -P 8 9M 64k", "-c", "read -P 0 0 1M", "-c", "read -P 0 6M 2M", "nbd+unix:///t3?socket=$DIR/nbd.sock"],
+                true,
+                "read 2097152/2097152",
+            ),
+        ),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+    ];
+    Script {
+        name: "blockdev-backup with bitmaps".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=sf,filename=$DIR/s.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=s,file=sf",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=es,node-name=s,writable=on",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_images),
+        steps,
+    }
+}
+
+#[test]
+fn incremental_backup_matches_qsd() {
+    if let Err(report) = differential(&script()) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn incremental_backup_matches_qsd_with_a_worker_per_image() {
+    if let Err(report) = differential_with(&script(), &["--isolation", "image"]) {
+        panic!("{report}");
+    }
+}
