@@ -188,7 +188,9 @@ fn block_commit_matches_qsd_with_a_worker_per_image() {
 
 /// The job runner is SIGKILLed twice during a slow commit: each time a new runner
 /// goes on where the copy stood, the job completes without an error, and the chain
-/// reads as before.
+/// reads as before. The base is shared with another image (an overlay `o`) under
+/// `--isolation image`, so it has a worker of its own and the copy crosses workers:
+/// that is what the job runner is for (a commit within one worker runs there).
 #[test]
 fn a_commit_survives_kills_of_its_job_runner() {
     let dir = match TempDir::new("bulkhead-commit-kill") {
@@ -199,7 +201,26 @@ fn a_commit_survives_kills_of_its_job_runner() {
         panic!("{e}");
     }
     let d = dir.path().to_path_buf();
-    let args: Vec<String> = CHAIN_ARGS.iter().map(|a| a.to_string()).collect();
+    if let Err(e) = bulkhead_systests::run_in(
+        &d,
+        &[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "o.qcow2",
+        ],
+    ) {
+        panic!("{e}");
+    }
+    let mut args: Vec<String> = CHAIN_ARGS.iter().map(|a| a.to_string()).collect();
+    args.extend(
+        [
+            "--blockdev",
+            "driver=file,node-name=of,filename=$DIR/o.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=o,file=of,backing=b",
+            "--isolation",
+            "image",
+        ]
+        .map(String::from),
+    );
     let daemon = match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
         Ok(d) => d,
         Err(e) => panic!("{e}"),

@@ -243,8 +243,9 @@ impl Core {
         &mut self,
         options: &BlockdevOptions,
         given: &Map<String, Value>,
+        on: Option<WorkerId>,
     ) -> Result<String, QmpError> {
-        self.add_spec(parse_spec(options, given)?, None).await
+        self.add_spec(parse_spec(options, given)?, on).await
     }
 
     /// Creates the node `spec` describes (and its inline children), owned by no

@@ -584,6 +584,13 @@ pub fn backup_bitmap_mode_alone() -> QmpError {
     generic("Cannot specify bitmap sync mode without a bitmap")
 }
 
+/// `block-stream` over a layer a writable export uses (`bdrv_check_perm`'s text).
+pub fn stream_intermediate_conflict(node: &str, job: &str) -> QmpError {
+    generic(format!(
+        "Permission conflict on node '{node}': permissions 'write' are both required by an unnamed block device (uses node '{node}' as 'root' child) and unshared by stream job '{job}' (uses node '{node}' as 'intermediate node' child)."
+    ))
+}
+
 /// A job id that is no well-formed id.
 pub fn invalid_job_id(id: &str) -> QmpError {
     generic(format!("Invalid job ID '{id}'"))

@@ -578,7 +578,9 @@ impl Core {
         };
         let typed: bulkhead_qmp::qapi::types::BlockdevOptions =
             serde_json::from_value(Value::Object(given.clone())).map_err(errors::from_error)?;
-        let filter = self.add_internal_node(&typed, &given).await?;
+        // In the source's worker: its saves read the source without a hop.
+        let home = self.graph.get(source).map(|n| n.home);
+        let filter = self.add_internal_node(&typed, &given, home).await?;
         if let Err(e) = self.insert_filter(source, &filter).await {
             self.destroy(&filter).await;
             return Err(e);
@@ -638,6 +640,7 @@ impl Core {
                     .unwrap_or_default()
             })
         });
+        let base_name = base.clone();
         let (top, total) = (top.name.clone(), if layers == 0 { 0 } else { top.size });
         self.jobs.list.insert(
             0,
@@ -673,6 +676,18 @@ impl Core {
         if let Some(j) = self.jobs.get_mut(&job_id) {
             j.speed = speed;
         }
+        // QEMU's stream job takes the layers it drops without sharing writes: a
+        // writable export of one of them conflicts (`block_job_add_bdrv`).
+        let dropped = chain
+            .iter()
+            .skip(1)
+            .take_while(|n| Some(*n) != base_name.as_ref());
+        for n in dropped {
+            if self.exports.iter().any(|e| &e.node == n && e.writable) {
+                self.transition(&job_id, JobStatus::Null).await;
+                return Err(errors::stream_intermediate_conflict(n, &job_id));
+            }
+        }
         self.transition(&job_id, JobStatus::Running).await;
         if layers == 0 {
             // Nothing below the top: done at once, as qsd's job is.
@@ -680,7 +695,8 @@ impl Core {
             return Ok(());
         }
         let filter = json!({"driver": "copy-on-read", "file": top});
-        let added = match self.add_internal(&filter).await {
+        let home = self.graph.get(&top).map(|n| n.home);
+        let added = match self.add_internal_on(&filter, home).await {
             Ok(f) => match self.insert_filter(&top, &f).await {
                 Ok(()) => Ok(f),
                 Err(e) => {
@@ -1602,6 +1618,19 @@ impl Core {
             .map(|j| j.id.clone())
             .collect();
         for id in ids {
+            // qsd's exit drains each job's nodes as it cancels it: a running job
+            // pauses and resumes once (a ready one stands by), then goes.
+            match self.jobs.get(&id).map(|j| j.status) {
+                Some(JobStatus::Running) => {
+                    self.transition(&id, JobStatus::Paused).await;
+                    self.transition(&id, JobStatus::Running).await;
+                }
+                Some(JobStatus::Ready) => {
+                    self.transition(&id, JobStatus::Standby).await;
+                    self.transition(&id, JobStatus::Ready).await;
+                }
+                _ => {}
+            }
             let _ = self.job_cancel(&id, Lookup::Job, true).await;
         }
     }

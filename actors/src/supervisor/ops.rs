@@ -391,7 +391,10 @@ impl Core {
                 };
                 home
             }
-            // Copies between nodes run in the job runner, over channels to both.
+            // A commit between two nodes of one worker runs there (a hop would
+            // isolate nothing: that worker reads and writes both anyway); between
+            // workers, in the job runner, over channels to both.
+            Operation::Commit { top, base, .. } if top.home == base.home => top.home,
             Operation::Commit { top, base, .. } => self.connect_job_runner(&[*top, *base]).await?,
         };
         let total = operation.total();

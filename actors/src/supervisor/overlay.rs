@@ -169,12 +169,23 @@ impl Core {
 
     /// Adds a node the supervisor needs from `options` (see `add_internal_node`).
     pub(super) async fn add_internal(&mut self, options: &Value) -> Result<String, QmpError> {
+        self.add_internal_on(options, None).await
+    }
+
+    /// [`Core::add_internal`] on instance `on` (a job's filter goes where the node
+    /// it copies lives: its copies then need no hop, and it parses nothing
+    /// untrusted).
+    pub(super) async fn add_internal_on(
+        &mut self,
+        options: &Value,
+        on: Option<bulkhead_ipc::wire::WorkerId>,
+    ) -> Result<String, QmpError> {
         let Value::Object(given) = options.clone() else {
             return Err(errors::node_vanished());
         };
         let typed: bulkhead_qmp::qapi::types::BlockdevOptions =
             serde_json::from_value(Value::Object(given.clone())).map_err(errors::from_error)?;
-        self.add_internal_node(&typed, &given).await
+        self.add_internal_node(&typed, &given, on).await
     }
 
     /// `change-backing-file`: writes `backing_file` (and the backing node's format)

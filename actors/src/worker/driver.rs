@@ -553,10 +553,26 @@ impl DriverWorker {
             }
             ToWorker::Ping => Ok(Reply::Done),
             ToWorker::StartOperation { op, operation } => {
-                let node = self
-                    .nodes
-                    .lookup(operation.node())
-                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                let lookup = |id| {
+                    self.nodes
+                        .lookup(id)
+                        .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))
+                };
+                // A commit between two of this worker's nodes runs here, without a
+                // hop through the job runner.
+                if let Operation::Commit { top, base, .. } = &operation {
+                    if !fds.is_empty() {
+                        return Err(err(
+                            WorkerErrorKind::Invalid,
+                            libc::EINVAL,
+                            "descriptors with an operation that takes none",
+                        ));
+                    }
+                    let nodes = super::ops::Nodes::Two(lookup(top.node)?, lookup(base.node)?);
+                    self.ops.start(op, operation, nodes, None)?;
+                    return Ok(Reply::Done);
+                }
+                let node = lookup(operation.node())?;
                 // A bitmap backup's frozen bitmap, mapped from the region that came.
                 let bitmap = match &operation {
                     Operation::Backup {

@@ -392,8 +392,9 @@ async fn fill(
 }
 
 /// Largest piece a commit copies at once (QEMU's `COMMIT_BUFFER_SIZE` is 512 KiB;
-/// every piece crosses two data channels here, so bigger pieces keep the copy from
-/// being bound by round trips: `benches -- --jobs`).
+/// a piece may cross two data channels here, so bigger pieces keep the copy from
+/// being bound by round trips: `benches -- --jobs`). The next piece's read
+/// overlaps the last one's write.
 const COMMIT_CHUNK: u64 = 8 << 20;
 
 /// A commit's copy: what the `layers` topmost layers of `top` hold goes to `base`,
@@ -417,48 +418,114 @@ async fn commit(
         return Err(err(WorkerErrorKind::Invalid, libc::EINVAL, "not a commit"));
     };
     let mut pace = Pace::new(speed);
-    let mut buf = vec![0u8; usize::try_from(COMMIT_CHUNK).unwrap_or(1 << 23)];
     let mut pos = offset;
+    let mut pending: Option<ReadPiece> = None;
+    let mut spare = Vec::new();
     report.progress(pos, len).await;
-    while pos < len {
+    while pos < len || pending.is_some() {
         if *control.cancel.borrow() {
             return Err(cancelled());
         }
+        // The next piece's read overlaps the last one's write.
         let n = pace.chunk(COMMIT_CHUNK).min(len - pos);
-        let extents = top.block_status(pos, n).await.map_err(io)?;
-        let mut at = pos;
-        let mut copied = 0u64;
-        for e in extents {
-            let end = at.saturating_add(e.length).min(pos + n);
-            if end <= at {
-                break;
+        let read = async {
+            if pos < len {
+                Some(read_piece(&*top, pos, n, layers, std::mem::take(&mut spare)).await)
+            } else {
+                None
             }
-            if (1..=layers).contains(&e.depth) {
-                let piece = &mut buf[..usize::try_from(end - at).unwrap_or(0)];
-                top.read(at, piece).await.map_err(io)?;
-                base.write(at, piece, WriteFlags::default())
-                    .await
-                    .map_err(io)?;
-                copied += end - at;
+        };
+        let (read, wrote) = match pending.take() {
+            Some((end, runs, buf)) => {
+                let (r, w) = tokio::join!(read, write_runs(&*base, &runs, &buf));
+                (r, Some((end, w, buf)))
             }
-            at = end;
+            None => (read.await, None),
+        };
+        if let Some((end, copied, buf)) = wrote {
+            let copied = copied?;
+            spare = buf;
+            // Progress is where the writes have reached: a new run goes on from
+            // there, never past a piece read but not written.
+            report.progress(end, len).await;
+            // Only what was copied counts against the speed limit (QEMU's commit
+            // charges copied bytes only).
+            pace.pass(copied, &mut control).await?;
         }
-        // A status that does not cover the piece is a protocol error of the
-        // node's worker: never loop on it.
-        if at == pos {
-            return Err(err(
-                WorkerErrorKind::Io,
-                libc::EIO,
-                "block status covered nothing",
-            ));
+        if let Some(r) = read {
+            let (end, runs, buf) = r?;
+            pos = end;
+            pending = Some((end, runs, buf));
         }
-        pos = at;
-        report.progress(pos, len).await;
-        // Only what was copied counts against the speed limit (QEMU's commit
-        // charges copied bytes only).
-        pace.pass(copied, &mut control).await?;
     }
     base.flush().await.map_err(io)
+}
+
+/// A commit piece read and not written yet: where it ends, its runs (offset,
+/// length) and their bytes back to back.
+type ReadPiece = (u64, Vec<(u64, u64)>, Vec<u8>);
+
+/// Reads what the `layers` topmost layers of `top` hold in `[pos, pos + n)`: where
+/// the reading stopped (the piece's end, or less if the status covered less), the
+/// runs, and their bytes back to back in `buf`.
+async fn read_piece(
+    top: &dyn BlockIo,
+    pos: u64,
+    n: u64,
+    layers: u32,
+    mut buf: Vec<u8>,
+) -> Result<ReadPiece, WorkerError> {
+    let extents = top.block_status(pos, n).await.map_err(io)?;
+    let mut at = pos;
+    let mut runs = Vec::new();
+    for e in extents {
+        let end = at.saturating_add(e.length).min(pos + n);
+        if end <= at {
+            break;
+        }
+        if (1..=layers).contains(&e.depth) {
+            runs.push((at, end - at));
+        }
+        at = end;
+    }
+    // A status that does not cover the piece is a protocol error of the node's
+    // worker: never loop on it.
+    if at == pos {
+        return Err(err(
+            WorkerErrorKind::Io,
+            libc::EIO,
+            "block status covered nothing",
+        ));
+    }
+    let total: u64 = runs.iter().map(|r| r.1).sum();
+    buf.resize(usize::try_from(total).unwrap_or(0), 0);
+    let mut used = 0usize;
+    for &(at, l) in &runs {
+        let l = usize::try_from(l).unwrap_or(0);
+        top.read(at, &mut buf[used..used + l]).await.map_err(io)?;
+        used += l;
+    }
+    Ok((at, runs, buf))
+}
+
+/// Writes runs read by [`read_piece`] to `base`; returns the bytes written.
+async fn write_runs(
+    base: &dyn BlockIo,
+    runs: &[(u64, u64)],
+    buf: &[u8],
+) -> Result<u64, WorkerError> {
+    let mut used = 0usize;
+    for &(at, l) in runs {
+        let n = usize::try_from(l).unwrap_or(0);
+        let data = buf
+            .get(used..used + n)
+            .ok_or_else(|| err(WorkerErrorKind::Io, libc::EIO, "short commit buffer"))?;
+        base.write(at, data, WriteFlags::default())
+            .await
+            .map_err(io)?;
+        used += n;
+    }
+    Ok(runs.iter().map(|r| r.1).sum())
 }
 
 /// Largest piece a backup or stream copy takes at once.
