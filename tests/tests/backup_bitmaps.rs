@@ -192,3 +192,162 @@ fn incremental_backup_matches_qsd_with_a_worker_per_image() {
         panic!("{report}");
     }
 }
+
+/// Fleecing without an overlay: a `copy-before-write` node above the source (the
+/// guest writes through its export), a `snapshot-access` node over it exported
+/// read-only; a client reads the point in time (data and block status) while
+/// another writes the source; a writable export of the snapshot refuses writes
+/// and takes discards, as qsd's.
+fn snapshot_access_script() -> Script {
+    const NBD_C: &str = "nbd+unix:///cbw?socket=$DIR/nbd.sock";
+    const NBD_A: &str = "nbd+unix:///acc?socket=$DIR/nbd.sock";
+    const NBD_W: &str = "nbd+unix:///accw?socket=$DIR/nbd.sock";
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        add_qcow2("a1", "tmp", "t1.qcow2").note("the copy-before-write target"),
+        qmp(
+            "a2",
+            "blockdev-add",
+            r#"{"driver": "copy-before-write", "node-name": "cbw", "file": "s", "target": "tmp"}"#,
+        ),
+        qmp(
+            "x1",
+            "block-export-add",
+            r#"{"type": "nbd", "id": "ec", "node-name": "cbw", "writable": true}"#,
+        )
+        .note("the guest's export, through the filter"),
+        qmp(
+            "a3",
+            "blockdev-add",
+            r#"{"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}"#,
+        ),
+        qmp(
+            "x2",
+            "block-export-add",
+            r#"{"type": "nbd", "id": "ea", "node-name": "acc"}"#,
+        )
+        .note("the snapshot's export"),
+        Step::hook(
+            "the guest writes",
+            run_tool(
+                "qemu-io",
+                &[
+                    "-f",
+                    "raw",
+                    "-c",
+                    "write -P 9 64k 64k",
+                    "-c",
+                    "write -P 9 3M 64k",
+                    "-c",
+                    "write -P 9 8M 1M",
+                    NBD_C,
+                ],
+                true,
+                "wrote 1048576/1048576",
+            ),
+        ),
+        Step::hook(
+            "the snapshot reads the point in time",
+            run_tool(
+                "qemu-io",
+                &[
+                    "-f",
+                    "raw",
+                    "-r",
+                    "-c",
+                    "read -P 5 0 8M",
+                    "-c",
+                    "read -P 0 8M 24M",
+                    NBD_A,
+                ],
+                true,
+                "read 25165824/25165824",
+            ),
+        ),
+        Step::hook(
+            "and its allocation",
+            run_tool(
+                "nbdinfo",
+                &["--map", NBD_A],
+                true,
+                "8388608    25165824    3  hole,zero",
+            ),
+        ),
+        Step::hook(
+            "the guest reads what it wrote",
+            run_tool(
+                "qemu-io",
+                &[
+                    "-f",
+                    "raw",
+                    "-r",
+                    "-c",
+                    "read -P 9 64k 64k",
+                    "-c",
+                    "read -P 9 8M 1M",
+                    NBD_C,
+                ],
+                true,
+                "read 1048576/1048576",
+            ),
+        ),
+        qmp(
+            "x3",
+            "block-export-add",
+            r#"{"type": "nbd", "id": "ew", "node-name": "acc", "writable": true, "name": "accw"}"#,
+        )
+        .note("a writable export of the snapshot"),
+        Step::hook(
+            "refuses writes",
+            run_tool(
+                "qemu-io",
+                &["-f", "raw", "-c", "write -P 9 64k 64k", NBD_W],
+                false,
+                "write failed: Operation not supported",
+            ),
+        ),
+        Step::hook(
+            "takes discards",
+            run_tool(
+                "qemu-io",
+                &["-f", "raw", "-c", "discard 0 64k", NBD_W],
+                true,
+                "discard 65536/65536",
+            ),
+        ),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#)
+            .until_eof()
+            .note("quit"),
+    ];
+    Script {
+        name: "snapshot-access".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=sf,filename=$DIR/s.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=s,file=sf",
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_images),
+        steps,
+    }
+}
+
+#[test]
+fn snapshot_access_matches_qsd() {
+    if let Err(report) = differential(&snapshot_access_script()) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn snapshot_access_matches_qsd_with_a_worker_per_image() {
+    if let Err(report) = differential_with(&snapshot_access_script(), &["--isolation", "image"]) {
+        panic!("{report}");
+    }
+}

@@ -272,9 +272,34 @@ impl CbwDriver {
             return Ok(());
         }
         let len = (count * CLUSTER).min(size - start);
-        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| IoError::Invalid)?];
-        self.source.read(start, &mut buf).await?;
-        self.target.write(start, &buf, WriteFlags::default()).await
+        let end = start + len;
+        // Zeroes are saved as zeroes (QEMU's block-copy does the same), never
+        // unmapped: a fleecing overlay would then read the source as it is now.
+        let mut buf = Vec::new();
+        let mut at = start;
+        while at < end {
+            let before = at;
+            for e in self.source.block_status(at, end - at).await? {
+                let stop = at.saturating_add(e.length).min(end);
+                if stop <= at {
+                    break;
+                }
+                if e.zero && !e.data {
+                    self.target
+                        .write_zeroes(at, stop - at, ZeroFlags::default())
+                        .await?;
+                } else {
+                    buf.resize(usize::try_from(stop - at).map_err(|_| IoError::Invalid)?, 0);
+                    self.source.read(at, &mut buf).await?;
+                    self.target.write(at, &buf, WriteFlags::default()).await?;
+                }
+                at = stop;
+            }
+            if at == before {
+                return Err(IoError::Invalid);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -336,6 +361,127 @@ impl BlockIo for CbwDriver {
 
     fn copy_before_write(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         Box::pin(self.before_write(offset, len))
+    }
+
+    fn snapshot_read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        Box::pin(self.read_snapshot(offset, buf))
+    }
+
+    fn snapshot_block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(self.snapshot_status(offset, len))
+    }
+
+    fn snapshot_discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            // Whole clusters only: they need not be saved any more.
+            let first = offset.div_ceil(CLUSTER);
+            let end = offset.saturating_add(len) / CLUSTER;
+            let mut s = self.lock();
+            for c in first..end {
+                s.mark_copied(c);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A snapshot read's hold on its clusters: guest writes wait until it is dropped
+/// (they then save the clusters as usual).
+struct ReadHold<'a> {
+    cbw: &'a CbwDriver,
+    clusters: std::ops::RangeInclusive<u64>,
+}
+
+impl Drop for ReadHold<'_> {
+    fn drop(&mut self) {
+        {
+            let mut s = self.cbw.lock();
+            for c in self.clusters.clone() {
+                s.inflight.remove(&c);
+            }
+        }
+        self.cbw.released.notify_waiters();
+    }
+}
+
+impl CbwDriver {
+    /// Reads the point in time: clusters saved already from the target, the others
+    /// from the source while holding them (a guest write waits, then saves them).
+    async fn read_snapshot(&self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset.saturating_add(buf.len() as u64);
+        let clusters = offset / CLUSTER..=(end - 1) / CLUSTER;
+        loop {
+            let released = self.released.notified();
+            {
+                let mut s = self.lock();
+                if clusters.clone().all(|c| !s.inflight.contains(&c)) {
+                    s.inflight.extend(clusters.clone());
+                    break;
+                }
+            }
+            released.await;
+        }
+        let _hold = ReadHold {
+            cbw: self,
+            clusters: clusters.clone(),
+        };
+        let copied: Vec<bool> = {
+            let s = self.lock();
+            clusters.clone().map(|c| s.is_copied(c)).collect()
+        };
+        let mut at = offset;
+        for (i, c) in clusters.enumerate() {
+            let stop = ((c + 1) * CLUSTER).min(end);
+            let piece = &mut buf[(at - offset) as usize..(stop - offset) as usize];
+            if copied.get(i).copied().unwrap_or(false) {
+                self.target.read(at, piece).await?;
+            } else {
+                self.source.read(at, piece).await?;
+            }
+            at = stop;
+        }
+        Ok(())
+    }
+
+    /// The point in time's status: saved clusters as the target has them, the
+    /// others as the source does.
+    async fn snapshot_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, IoError> {
+        let end = offset.saturating_add(len).min(self.source.size());
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let c = at / CLUSTER;
+            let copied = self.lock().is_copied(c);
+            // The run of clusters saved (or not) alike.
+            let mut stop = ((c + 1) * CLUSTER).min(end);
+            while stop < end && self.lock().is_copied(stop / CLUSTER) == copied {
+                stop = ((stop / CLUSTER + 1) * CLUSTER).min(end);
+            }
+            // Saved clusters are as the target has them, the others as the source.
+            let from = if copied { &self.target } else { &self.source };
+            {
+                let mut pos = at;
+                while pos < stop {
+                    let before = pos;
+                    for e in from.block_status(pos, stop - pos).await? {
+                        let l = e.length.min(stop - pos);
+                        if l == 0 {
+                            break;
+                        }
+                        out.push(Extent { length: l, ..e });
+                        pos += l;
+                    }
+                    if pos == before {
+                        return Err(IoError::Invalid);
+                    }
+                }
+            }
+            at = stop;
+        }
+        Ok(out)
     }
 }
 

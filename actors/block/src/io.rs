@@ -293,6 +293,23 @@ pub trait BlockIo: Send + Sync {
         Box::pin(async { Err(IoError::Unsupported) })
     }
 
+    /// Reads the point in time a `copy-before-write` filter keeps (for a
+    /// `snapshot-access` parent).
+    fn snapshot_read<'a>(&'a self, _offset: u64, _buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        Box::pin(async { Err(IoError::Unsupported) })
+    }
+
+    /// The block status of that point in time.
+    fn snapshot_block_status(&self, _offset: u64, _len: u64) -> IoFuture<'_, Vec<Extent>> {
+        Box::pin(async { Err(IoError::Unsupported) })
+    }
+
+    /// Tells a `copy-before-write` filter `[offset, offset + len)` of its point in
+    /// time is no longer needed (it stops saving those clusters).
+    fn snapshot_discard(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Err(IoError::Unsupported) })
+    }
+
     /// One step of a mirror job's copy through a `mirror_top` filter (see
     /// [`crate::mirror`]).
     fn mirror(

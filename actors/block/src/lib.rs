@@ -39,6 +39,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod registry;
 pub mod slot;
+pub mod snapshot_access;
 pub mod stats;
 pub mod threads;
 

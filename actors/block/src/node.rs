@@ -265,6 +265,18 @@ impl BlockIo for Node {
         self.driver.mirror(request)
     }
 
+    fn snapshot_read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        self.driver.snapshot_read(offset, buf)
+    }
+
+    fn snapshot_block_status(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<crate::io::Extent>> {
+        self.driver.snapshot_block_status(offset, len)
+    }
+
+    fn snapshot_discard(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
+        self.driver.snapshot_discard(offset, len)
+    }
+
     fn set_backing_file(&self, name: String, format: String) -> crate::io::SnapshotFuture<'_, ()> {
         let node = self.driver.clone();
         Box::pin(async move { node.set_backing_file(name, format).await })

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::config::{CommonOptions, ConfigError, DetectZeroes, Discard};
 use crate::driver::{BlockDriver, ChildRole, Children, DriverInfo, ParseError, Parsed};
 use crate::io::IoError;
-use crate::{cbw, compress, cor, file, mirror, null, qcow2, raw};
+use crate::{cbw, compress, cor, file, mirror, null, qcow2, raw, snapshot_access};
 
 macro_rules! registry {
     ($($(#[$doc:meta])* $variant:ident => $driver:ty,)*) => {
@@ -172,6 +172,8 @@ registry! {
     /// `mirror_top`: the filter a mirror job puts above its source (the
     /// supervisor's; not a `blockdev-add` driver).
     MirrorTop => mirror::MirrorTop,
+    /// `snapshot-access`: reads the point in time a `copy-before-write` child keeps.
+    SnapshotAccess => snapshot_access::SnapshotAccess,
 }
 
 impl DriverKind {

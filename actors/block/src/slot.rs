@@ -238,6 +238,31 @@ impl BlockIo for Slot {
         })
     }
 
+    fn snapshot_read<'a>(&'a self, offset: u64, buf: &'a mut [u8]) -> crate::io::IoFuture<'a, ()> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.snapshot_read(offset, buf).await
+        })
+    }
+
+    fn snapshot_block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> crate::io::IoFuture<'_, Vec<crate::io::Extent>> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.snapshot_block_status(offset, len).await
+        })
+    }
+
+    fn snapshot_discard(&self, offset: u64, len: u64) -> crate::io::IoFuture<'_, ()> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.snapshot_discard(offset, len).await
+        })
+    }
+
     fn set_backing_file(&self, name: String, format: String) -> crate::io::SnapshotFuture<'_, ()> {
         Box::pin(async move {
             let (_hold, node) = self.enter().await;

@@ -120,6 +120,13 @@ impl Core {
         if let Some(h) = hint {
             return Placement::On(h);
         }
+        // `snapshot-access` calls into its `copy-before-write` child directly (the
+        // snapshot calls do not cross data channels): it lives in the child's worker.
+        if driver == Driver::SnapshotAccess
+            && let Some(c) = child.and_then(|c| self.graph.get(c))
+        {
+            return Placement::On(c.home);
+        }
         // (name, home, parents, movable) of the child.
         let child = child
             .and_then(|c| self.graph.get(c))
