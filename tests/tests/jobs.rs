@@ -857,3 +857,50 @@ fn block_stream_matches_qsd_with_a_worker_per_image() {
         panic!("{report}");
     }
 }
+
+/// `x-blockdev-amend` of a qcow2 node (bulkhead opens no encrypted image yet, so
+/// this is every case there is): its checks in qsd's order, a job that succeeds
+/// with nothing to amend and one that fails asking to amend encryption, all their
+/// events before the reply, and manual dismissal.
+fn amend_script() -> Script {
+    let amend = |id: &str, args: &str| qmp(id, "x-blockdev-amend", args);
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        amend("e1", r#"{"job-id": "a", "node-name": "nosuch", "options": {"driver": "qcow2"}}"#)
+            .note("no node"),
+        amend("e2", r#"{"job-id": "a", "node-name": "t", "options": {"driver": "raw"}}"#)
+            .note("another driver"),
+        amend("e3", r#"{"job-id": "a", "node-name": "tf", "options": {"driver": "file"}}"#)
+            .note("a driver without amend"),
+        amend("e4", r#"{"job-id": "", "node-name": "t", "options": {"driver": "qcow2"}}"#)
+            .note("no job id"),
+        amend("e5", r#"{"job-id": "a", "node-name": "t", "options": {"driver": "qcow2", "x": 1}}"#)
+            .note("an unknown option"),
+        amend("a1", r#"{"job-id": "a", "node-name": "t", "options": {"driver": "qcow2"}, "force": true}"#)
+            .note("nothing to amend"),
+        amend("a2", r#"{"job-id": "b", "node-name": "t", "options": {"driver": "qcow2", "encrypt": {"format": "luks", "state": "active", "new-secret": "s"}}}"#)
+            .note("encryption of an image without it"),
+        amend("e6", r#"{"job-id": "a", "node-name": "t", "options": {"driver": "qcow2"}}"#)
+            .note("the id is taken until dismissed"),
+        Step::line(r#"{"execute": "query-jobs", "id": "q1"}"#).note("both concluded"),
+        Step::line(r#"{"execute": "query-block-jobs", "id": "q2"}"#).note("no block job"),
+        qmp("d1", "job-dismiss", r#"{"id": "a"}"#),
+        qmp("d2", "job-dismiss", r#"{"id": "b"}"#),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+    ];
+    Script {
+        name: "x-blockdev-amend".into(),
+        monitors: 1,
+        args: CHAIN_ARGS.iter().map(|a| a.to_string()).collect(),
+        vars: Vec::new(),
+        setup: Some(make_chain),
+        steps,
+    }
+}
+
+#[test]
+fn x_blockdev_amend_matches_qsd() {
+    if let Err(report) = differential(&amend_script()) {
+        panic!("{report}");
+    }
+}

@@ -591,6 +591,16 @@ pub fn stream_intermediate_conflict(node: &str, job: &str) -> QmpError {
     ))
 }
 
+/// `x-blockdev-amend` options of another driver than the node's.
+pub fn amend_driver_change() -> QmpError {
+    generic("x-blockdev-amend doesn't support changing the block driver")
+}
+
+/// `x-blockdev-amend` of a node whose driver has no amend.
+pub fn amend_unsupported() -> QmpError {
+    generic("Driver does not support x-blockdev-amend")
+}
+
 /// A job id that is no well-formed id.
 pub fn invalid_job_id(id: &str) -> QmpError {
     generic(format!("Invalid job ID '{id}'"))

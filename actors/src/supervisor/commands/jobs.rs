@@ -60,6 +60,29 @@ pub(super) struct BlockdevCreateArgs {
     options: serde_json::Map<String, Value>,
 }
 
+/// `x-blockdev-amend` (`options` as the visitor checked them).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BlockdevAmendArgs {
+    #[serde(rename = "job-id")]
+    job_id: String,
+    #[serde(rename = "node-name")]
+    node_name: String,
+    options: serde_json::Map<String, Value>,
+    /// Accepted as qsd does (it matters only for encryption keyslots).
+    #[serde(default)]
+    force: Option<bool>,
+}
+
+pub(super) async fn x_blockdev_amend(
+    core: &mut Core,
+    args: BlockdevAmendArgs,
+) -> Result<(), QmpError> {
+    let _ = args.force;
+    core.blockdev_amend(&args.job_id, &args.node_name, &args.options)
+        .await
+}
+
 pub(super) async fn block_stream(core: &mut Core, args: BlockStreamArgs) -> Result<(), QmpError> {
     core.block_stream(&args).await
 }

@@ -136,6 +136,7 @@ pub static REGISTRY: &[Command] = &[
     command!("block-commit", Change, jobs::block_commit),
     command!("blockdev-backup", Change, jobs::blockdev_backup),
     command!("blockdev-create", Change, jobs::blockdev_create),
+    command!("x-blockdev-amend", Change, jobs::x_blockdev_amend),
     command!("blockdev-mirror", Change, jobs::blockdev_mirror),
     command!("block-stream", Change, jobs::block_stream),
     command!("block-job-set-speed", Change, jobs::block_job_set_speed),
