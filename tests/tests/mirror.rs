@@ -487,3 +487,85 @@ fn a_mirror_survives_kills_of_its_sources_worker() {
         Err(e) => panic!("qemu-img: {e}"),
     }
 }
+
+/// `s.qcow2` alone: 1 MiB of 0x01 in 4 MiB.
+fn make_drive_source(dir: &Path) -> io::Result<()> {
+    run_in(
+        dir,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "s.qcow2", "4M"],
+    )?;
+    run_in(dir, &["qemu-io", "-c", "write -P 1 0 1M", "s.qcow2"])
+}
+
+/// `drive-backup` and `drive-mirror`: the targets they create (qcow2, raw; with
+/// and without a mode), their errors, the jobs, the nodes before and after, and
+/// the images afterwards.
+fn drive_script() -> Script {
+    let m = |s: Step| s.check(same_lines_masked);
+    let nodes = || {
+        Step::line(
+            r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "n"}"#,
+        )
+    };
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        m(qmp("b1", "drive-backup", r#"{"job-id": "j", "device": "s", "target": "$DIR/t1.qcow2", "sync": "full", "format": "qcow2"}"#))
+            .until_event("BLOCK_JOB_COMPLETED")
+            .note("a new qcow2 target"),
+        nodes().note("the target went with the job"),
+        m(qmp("b2", "drive-backup", r#"{"job-id": "j2", "device": "s", "target": "$DIR/t2.qcow2", "sync": "top"}"#))
+            .until_event("BLOCK_JOB_COMPLETED")
+            .note("the source's format, sync top"),
+        m(qmp("b3", "drive-backup", r#"{"job-id": "j3", "device": "s", "target": "$DIR/t3.raw", "sync": "full", "format": "raw"}"#))
+            .until_event("BLOCK_JOB_COMPLETED")
+            .note("a new raw target"),
+        qmp("e1", "drive-backup", r#"{"job-id": "j4", "device": "s", "target": "$DIR/nosuch.qcow2", "sync": "full", "format": "qcow2", "mode": "existing"}"#)
+            .note("an existing target that is not there"),
+        qmp("e2", "drive-backup", r#"{"job-id": "j5", "device": "nosuch", "target": "$DIR/x.qcow2", "sync": "full"}"#)
+            .note("no device"),
+        qmp("e3", "drive-backup", r#"{"job-id": "j6", "device": "s", "target": "/nonexistent-dir/x.qcow2", "sync": "full"}"#)
+            .note("a target that cannot be created"),
+        m(qmp("m1", "drive-mirror", r#"{"job-id": "m", "device": "s", "target": "$DIR/t4.qcow2", "sync": "full", "format": "qcow2"}"#))
+            .until_event("BLOCK_JOB_READY")
+            .note("a mirror to a new image: only what the source holds"),
+        m(qmp("m2", "block-job-complete", r#"{"device": "m"}"#))
+            .until_events("JOB_STATUS_CHANGE", 4)
+            .note("complete"),
+        nodes().note("nothing uses the target: it went"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+        Step::hook("t1", run_tool("qemu-img", &["compare", "$DIR/s.qcow2", "$DIR/t1.qcow2"], true, "Images are identical")),
+        Step::hook("t2", run_tool("qemu-img", &["compare", "$DIR/s.qcow2", "$DIR/t2.qcow2"], true, "Images are identical")),
+        Step::hook("t3", run_tool("qemu-img", &["compare", "-F", "raw", "$DIR/s.qcow2", "$DIR/t3.raw"], true, "Images are identical")),
+        Step::hook("t4", run_tool("qemu-img", &["compare", "$DIR/s.qcow2", "$DIR/t4.qcow2"], true, "Images are identical")),
+        Step::hook("t4's allocation", run_tool("qemu-img", &["map", "$DIR/t4.qcow2"], true, "0x100000")),
+    ];
+    Script {
+        name: "drive-backup and drive-mirror".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=sf,filename=$DIR/s.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=s,file=sf",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_drive_source),
+        steps,
+    }
+}
+
+#[test]
+fn drive_backup_and_mirror_match_qsd() {
+    if let Err(report) = differential(&drive_script()) {
+        panic!("{report}");
+    }
+}
+
+#[test]
+fn drive_backup_and_mirror_match_qsd_with_a_worker_per_image() {
+    if let Err(report) = differential_with(&drive_script(), &["--isolation", "image"]) {
+        panic!("{report}");
+    }
+}

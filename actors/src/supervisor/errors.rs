@@ -601,6 +601,21 @@ pub fn amend_unsupported() -> QmpError {
     generic("Driver does not support x-blockdev-amend")
 }
 
+/// A new image that cannot be created (`bdrv_img_create`).
+pub fn could_not_create(path: &str, errno: i32) -> QmpError {
+    generic(format!(
+        "Could not create '{path}': {}",
+        super::strerror(errno)
+    ))
+}
+
+/// A `drive-backup`/`drive-mirror` target format bulkhead does not create.
+pub fn drive_format_unsupported(format: &str) -> QmpError {
+    generic(format!(
+        "bulkhead creates only qcow2 and raw targets so far, not '{format}'"
+    ))
+}
+
 /// A job id that is no well-formed id.
 pub fn invalid_job_id(id: &str) -> QmpError {
     generic(format!("Invalid job ID '{id}'"))

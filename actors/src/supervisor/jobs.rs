@@ -41,6 +41,7 @@ fn strerror_of(e: &std::io::Error) -> String {
 use super::ops::{OpError, OpWatch};
 use super::{Core, QmpError, errors};
 
+mod drive;
 mod mirror;
 use mirror::MirrorWork;
 
@@ -315,6 +316,9 @@ impl Job {
 #[derive(Debug, Default)]
 pub struct Jobs {
     list: Vec<Job>,
+    /// Targets `drive-backup`/`drive-mirror` created, by job: dropped at its end
+    /// unless something uses them then.
+    owned: Vec<(String, String)>,
 }
 
 impl Jobs {
@@ -1318,6 +1322,17 @@ impl Core {
             j.auto_dismiss,
             !matches!(j.work, Work::Create { .. }),
         );
+        let owned: Vec<String> = self
+            .jobs
+            .owned
+            .iter()
+            .filter(|(j, _)| j == id)
+            .map(|(_, n)| n.clone())
+            .collect();
+        self.jobs.owned.retain(|(j, _)| j != id);
+        for node in owned {
+            self.drop_if_unused(&node).await;
+        }
         if block {
             self.emit(event, Some(data)).await;
         }

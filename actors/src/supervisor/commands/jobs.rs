@@ -21,6 +21,22 @@ pub(super) async fn blockdev_backup(
     core.blockdev_backup(&args).await
 }
 
+/// `drive-backup` (deprecated; the visitor checked it, kept untyped).
+pub(super) async fn drive_backup(
+    core: &mut Core,
+    args: serde_json::Map<String, Value>,
+) -> Result<(), QmpError> {
+    core.drive_backup(&args).await
+}
+
+/// `drive-mirror`.
+pub(super) async fn drive_mirror(
+    core: &mut Core,
+    args: serde_json::Map<String, Value>,
+) -> Result<(), QmpError> {
+    core.drive_mirror(&args).await
+}
+
 pub(super) async fn blockdev_mirror(
     core: &mut Core,
     args: BlockdevMirrorArgs,

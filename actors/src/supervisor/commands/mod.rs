@@ -135,6 +135,8 @@ pub static REGISTRY: &[Command] = &[
     command!("query-block-jobs", Query, jobs::query_block_jobs),
     command!("block-commit", Change, jobs::block_commit),
     command!("blockdev-backup", Change, jobs::blockdev_backup),
+    command!("drive-backup", Change, jobs::drive_backup),
+    command!("drive-mirror", Change, jobs::drive_mirror),
     command!("blockdev-create", Change, jobs::blockdev_create),
     command!("x-blockdev-amend", Change, jobs::x_blockdev_amend),
     command!("blockdev-mirror", Change, jobs::blockdev_mirror),

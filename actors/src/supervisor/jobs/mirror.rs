@@ -60,6 +60,16 @@ impl Core {
         &mut self,
         a: &BlockdevMirrorArgs,
     ) -> Result<(), QmpError> {
+        self.mirror_to(a, false).await
+    }
+
+    /// A mirror; `new_image`: the target is an image `drive-mirror` just created
+    /// (it reads zeroes), so `sync: full` copies only what the source's chain holds.
+    pub(super) async fn mirror_to(
+        &mut self,
+        a: &BlockdevMirrorArgs,
+        new_image: bool,
+    ) -> Result<(), QmpError> {
         let source = self
             .graph
             .get(&a.device)
@@ -93,6 +103,7 @@ impl Core {
         }
         let has_backing = self.graph.chain_names(&source).len() > 1;
         let scan = match a.sync {
+            MirrorSyncMode::Full if new_image => Some(u32::MAX),
             MirrorSyncMode::Full => Some(0),
             // QEMU: `top` without a backing is `full`.
             MirrorSyncMode::Top => Some(u32::from(has_backing)),
