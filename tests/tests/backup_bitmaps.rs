@@ -351,3 +351,119 @@ fn snapshot_access_matches_qsd_with_a_worker_per_image() {
         panic!("{report}");
     }
 }
+
+/// The worker holding a backup's filter (the source's) is SIGKILLed during the
+/// copy: by the rule in `design/jobs.md` the job fails (what the filter saved
+/// lived there), with `BLOCK_JOB_ERROR` then `BLOCK_JOB_COMPLETED` carrying the
+/// error; the filter is gone, the export goes on serving the source, whose data is
+/// intact, and a new backup afterwards succeeds.
+#[test]
+fn a_backup_fails_cleanly_when_its_filters_worker_dies() {
+    use bulkhead_systests::{Daemon, DaemonKind, TempDir};
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    let dir = match TempDir::new("bulkhead-backup-kill") {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    if let Err(e) = make_images(dir.path()) {
+        panic!("{e}");
+    }
+    let d = dir.path().to_path_buf();
+    let args: Vec<String> = [
+        "--blockdev",
+        "driver=file,node-name=sf,filename=$DIR/s.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=s,file=sf",
+        "--blockdev",
+        "driver=file,node-name=tf,filename=$DIR/t1.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=t1,file=tf",
+        "--nbd-server",
+        "addr.type=unix,addr.path=$DIR/nbd.sock",
+        "--export",
+        "type=nbd,id=es,node-name=s,writable=on",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let daemon = match Daemon::start_in(DaemonKind::Bulkhead, dir, 1, &args, &[]) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    let mut qmp = match daemon.qmp(0) {
+        Ok(q) => q,
+        Err(e) => panic!("{e}"),
+    };
+    let start = json!({"job-id": "j", "device": "s", "target": "t1", "sync": "full",
+        "speed": 1 << 20, "auto-dismiss": false});
+    match qmp.execute("blockdev-backup", Some(start)) {
+        Ok(r) if r.get("return").is_some() => {}
+        other => panic!("blockdev-backup: {other:?}"),
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = bulkhead_systests::workers::pid_hosting(&mut qmp, "s");
+    if let Err(e) = bulkhead_systests::procs::send_signal(pid, libc::SIGKILL) {
+        panic!("{e}");
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let jobs = match qmp.execute("query-jobs", None) {
+            Ok(r) => r["return"].clone(),
+            Err(e) => panic!("{e}"),
+        };
+        if jobs[0]["status"] == "concluded" {
+            break jobs[0].clone();
+        }
+        assert!(Instant::now() < until, "the backup did not end: {jobs}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the worker holding the backup's filter ended"),
+        "{job}"
+    );
+    let events: Vec<String> = qmp
+        .take_events()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let error_at = events.iter().position(|e| e == "BLOCK_JOB_ERROR");
+    let completed_at = events.iter().position(|e| e == "BLOCK_JOB_COMPLETED");
+    assert!(
+        error_at.is_some() && error_at < completed_at,
+        "BLOCK_JOB_ERROR, then BLOCK_JOB_COMPLETED: {events:?}"
+    );
+    let nodes = match qmp.execute("query-named-block-nodes", Some(json!({"flat": true}))) {
+        Ok(r) => r["return"].clone(),
+        Err(e) => panic!("{e}"),
+    };
+    assert!(
+        !nodes.to_string().contains("copy-before-write"),
+        "the filter is gone: {nodes}"
+    );
+    // The export serves the source, intact, and takes writes again.
+    let nbd = format!("nbd+unix:///s?socket={}", d.join("nbd.sock").display());
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 5 0 8M",
+            "-c",
+            "write -P 6 1M 64k",
+            &nbd,
+        ])
+        .output();
+    match out {
+        Ok(o) => assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout)),
+        Err(e) => panic!("{e}"),
+    }
+    let _ = qmp.execute("job-dismiss", Some(json!({"id": "j"})));
+    let again = json!({"job-id": "k", "device": "s", "target": "t1", "sync": "full"});
+    match qmp.execute("blockdev-backup", Some(again)) {
+        Ok(r) if r.get("return").is_some() => {}
+        other => panic!("a new backup: {other:?}"),
+    }
+}
