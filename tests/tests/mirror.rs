@@ -569,3 +569,113 @@ fn drive_backup_and_mirror_match_qsd_with_a_worker_per_image() {
         panic!("{report}");
     }
 }
+
+/// `s.qcow2` with 4 MiB of data, and a 4 MiB raw target on a 2 MiB tmpfs: the
+/// target runs out of space half-way.
+fn make_full_target(dir: &Path) -> io::Result<()> {
+    run_in(
+        dir,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "s.qcow2", "4M"],
+    )?;
+    run_in(dir, &["qemu-io", "-c", "write -P 1 0 4M", "s.qcow2"])?;
+    std::fs::create_dir_all(dir.join("tiny"))?;
+    run_in(
+        dir,
+        &["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", "tiny"],
+    )?;
+    run_in(dir, &["truncate", "-s", "4M", "tiny/t.raw"])
+}
+
+/// [`same_lines_masked`] with repeated `BLOCK_JOB_ERROR`s counted once: qsd emits
+/// one per copy request in flight when the target fills up, bulkhead one per copy.
+fn same_errors_once(
+    reference: &bulkhead_systests::script::StepOutput,
+    tested: &bulkhead_systests::script::StepOutput,
+) -> Result<(), String> {
+    let once = |out: &bulkhead_systests::script::StepOutput| {
+        let mut kept = bulkhead_systests::script::StepOutput::default();
+        let mut seen = false;
+        for line in out.monitor(0) {
+            let error = String::from_utf8_lossy(line).contains("\"BLOCK_JOB_ERROR\"");
+            if error && seen {
+                continue;
+            }
+            seen |= error;
+            kept.push(0, line.clone());
+        }
+        kept
+    };
+    same_lines_masked(&once(reference), &once(tested))
+}
+
+/// `on-target-error: stop` (and `enospc`) when the target is full: `BLOCK_JOB_ERROR`
+/// with action stop, the job paused with `io-status` nospace; once there is space,
+/// `block-job-resume` goes on and the mirror gets ready; and the default (report)
+/// fails a backup with qsd's events.
+fn target_error_script() -> Script {
+    let m = |s: Step| s.check(same_lines_masked);
+    let e = |s: Step| s.check(same_errors_once);
+    let make_room = || {
+        Step::hook(
+            "make room on the target",
+            run_tool(
+                "sh",
+                &[
+                    "-c",
+                    "truncate -s 0 $DIR/tiny/t.raw && truncate -s 4M $DIR/tiny/t.raw && echo done",
+                ],
+                true,
+                "done",
+            ),
+        )
+    };
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        qmp("a1", "blockdev-add", r#"{"driver": "raw", "node-name": "t", "file": {"driver": "file", "filename": "$DIR/tiny/t.raw"}}"#),
+        e(mirror("m1", r#"{"job-id": "m", "device": "s", "target": "t", "sync": "full", "on-target-error": "stop"}"#))
+            .until_events("JOB_STATUS_CHANGE", 3)
+            .note("the target fills up: the mirror stops"),
+        m(Step::line(r#"{"execute": "query-block-jobs", "id": "q1"}"#)).note("paused, nospace"),
+        make_room(),
+        m(qmp("m2", "block-job-resume", r#"{"device": "m"}"#))
+            .until_event("BLOCK_JOB_READY")
+            .note("resumed: ready"),
+        m(Step::line(r#"{"execute": "query-block-jobs", "id": "q2"}"#)).note("ok again"),
+        m(qmp("m3", "block-job-cancel", r#"{"device": "m", "force": true}"#)).note("cancelled"),
+        make_room(),
+        e(qmp("b1", "blockdev-backup", r#"{"job-id": "b", "device": "s", "target": "t", "sync": "full", "on-target-error": "enospc"}"#))
+            .until_events("JOB_STATUS_CHANGE", 5)
+            .note("enospc stops a backup too"),
+        m(qmp("b2", "block-job-cancel", r#"{"device": "b", "force": true}"#))
+            .until_events("JOB_STATUS_CHANGE", 4)
+            .note("cancelled: it resumes to take the cancel"),
+        make_room(),
+        e(qmp("b3", "blockdev-backup", r#"{"job-id": "c", "device": "s", "target": "t", "sync": "full"}"#))
+            .until_events("JOB_STATUS_CHANGE", 7)
+            .note("report: the backup fails"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+        Step::hook("unmount", run_tool("umount", &["$DIR/tiny"], true, "")),
+    ];
+    Script {
+        name: "on-target-error".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=sf,filename=$DIR/s.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=s,file=sf",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_full_target),
+        steps,
+    }
+}
+
+#[test]
+fn target_errors_stop_jobs_as_in_qsd() {
+    if let Err(report) = differential(&target_error_script()) {
+        panic!("{report}");
+    }
+}

@@ -40,8 +40,11 @@ use crate::io::{BlockIo, Extent, IoError, IoFuture, SparseFuture, WriteFlags, Ze
 /// The dirty chunk size when the job names none (QEMU's default for a target
 /// without a cluster size).
 pub const DEFAULT_GRANULARITY: u64 = 64 << 10;
-/// Most bytes one read and one write of a copy carry.
+/// Most bytes one read of a copy carries.
 const MAX_RUN: u64 = 8 << 20;
+/// Most bytes one write of a copy carries: a run failing half-way keeps what its
+/// earlier writes brought over.
+const MAX_WRITE: u64 = 1 << 20;
 /// Copy buffers a mirror keeps between copies (two runs are in flight at once).
 const POOLED_BUFFERS: usize = 2;
 
@@ -461,6 +464,7 @@ impl MirrorDriver {
             mirror: self,
             chunks: first..first + n,
             copied: false,
+            reached: start,
         };
         Some((start, len, hold))
     }
@@ -493,7 +497,8 @@ impl MirrorDriver {
             let read = self.read_run(start, len, buf);
             let (pieces, buf) = match writing.take() {
                 Some((pieces, wbuf, mut whold)) => {
-                    let (written, read) = tokio::join!(self.write_run(&pieces, &wbuf), read);
+                    let (written, read) =
+                        tokio::join!(self.write_run(&pieces, &wbuf, &mut whold), read);
                     self.give_buffer(wbuf);
                     written?;
                     whold.copied = true;
@@ -505,7 +510,7 @@ impl MirrorDriver {
             writing = Some((pieces, buf, hold));
         }
         if let Some((pieces, buf, mut hold)) = writing {
-            let written = self.write_run(&pieces, &buf).await;
+            let written = self.write_run(&pieces, &buf, &mut hold).await;
             self.give_buffer(buf);
             written?;
             hold.copied = true;
@@ -559,20 +564,32 @@ impl MirrorDriver {
 
     /// Writes what [`MirrorDriver::read_run`] read to the target (zeroes as
     /// write-zeroes, not unmapped: a target with a backing would read that).
-    async fn write_run(&self, pieces: &[Piece], buf: &[u8]) -> Result<(), IoError> {
+    /// Writes in pieces of at most [`MAX_WRITE`], recording in `hold` how far they
+    /// reached: a run that fails half-way (a full target) keeps what was written.
+    async fn write_run(
+        &self,
+        pieces: &[Piece],
+        buf: &[u8],
+        hold: &mut CopyHold<'_>,
+    ) -> Result<(), IoError> {
         let mut used = 0usize;
         for p in pieces {
             if p.zero {
                 self.target
                     .write_zeroes(p.offset, p.len, ZeroFlags::default())
                     .await?;
-            } else {
-                let n = usize::try_from(p.len).map_err(|_| IoError::Invalid)?;
-                let data = buf.get(used..used + n).ok_or(IoError::Invalid)?;
-                self.target
-                    .write(p.offset, data, WriteFlags::default())
-                    .await?;
-                used += n;
+                hold.reached = p.offset + p.len;
+                continue;
+            }
+            let mut at = p.offset;
+            while at < p.offset + p.len {
+                let n = (p.offset + p.len - at).min(MAX_WRITE);
+                let len = usize::try_from(n).map_err(|_| IoError::Invalid)?;
+                let data = buf.get(used..used + len).ok_or(IoError::Invalid)?;
+                self.target.write(at, data, WriteFlags::default()).await?;
+                used += len;
+                at += n;
+                hold.reached = at;
             }
         }
         Ok(())
@@ -661,6 +678,8 @@ struct CopyHold<'a> {
     mirror: &'a MirrorDriver,
     chunks: std::ops::Range<u64>,
     copied: bool,
+    /// How far the writes reached: chunks wholly below stay clean either way.
+    reached: u64,
 }
 
 impl Drop for CopyHold<'_> {
@@ -670,7 +689,8 @@ impl Drop for CopyHold<'_> {
             let mut s = m.lock();
             for c in self.chunks.clone() {
                 s.claimed.remove(&c);
-                if !self.copied {
+                let written = (c + 1).saturating_mul(m.granularity) <= self.reached;
+                if !self.copied && !written {
                     s.set(c);
                 }
             }

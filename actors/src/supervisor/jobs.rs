@@ -50,6 +50,8 @@ use mirror::MirrorWork;
 const STALL: Duration = Duration::from_secs(120);
 /// A ready mirror copies only when guests write, however long that takes.
 const MIRROR_STALL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long a copy failing under `on-*-error: ignore` waits before it goes on.
+const IGNORE_RETRY: Duration = Duration::from_millis(100);
 /// How long pausing or cancelling waits for the copy to stop.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
@@ -201,6 +203,8 @@ pub struct Job {
     /// Pauses the user asked for and has not resumed.
     user_paused: bool,
     on_error: BlockdevOnError,
+    /// `io-status`: "ok", or why an error stopped the job ("nospace", "failed").
+    io_status: &'static str,
     /// Progress: done and total (the latest the copy reported).
     done: u64,
     total: u64,
@@ -284,7 +288,7 @@ impl Job {
             matches!(self.status, JobStatus::Paused | JobStatus::Standby).into(),
         );
         m.insert("speed".into(), self.speed.into());
-        m.insert("io-status".into(), "ok".into());
+        m.insert("io-status".into(), self.io_status.into());
         m.insert("ready".into(), false.into());
         m.insert("status".into(), self.status.as_str().into());
         m.insert("auto-finalize".into(), self.auto_finalize.into());
@@ -495,7 +499,9 @@ impl Core {
                 auto_dismiss: a.auto_dismiss.unwrap_or(true),
                 speed: 0,
                 user_paused: false,
-                on_error: a.on_source_error.unwrap_or(BlockdevOnError::Report),
+                // Its copy's failures are the target's (a full target, mostly).
+                on_error: a.on_target_error.unwrap_or(BlockdevOnError::Report),
+                io_status: "ok",
                 done: 0,
                 total,
                 error: None,
@@ -658,6 +664,7 @@ impl Core {
                 speed: 0,
                 user_paused: false,
                 on_error: a.on_error.unwrap_or(BlockdevOnError::Report),
+                io_status: "ok",
                 done: 0,
                 total,
                 error: None,
@@ -866,6 +873,7 @@ impl Core {
                 speed: 0,
                 user_paused: false,
                 on_error: a.on_error.unwrap_or(BlockdevOnError::Report),
+                io_status: "ok",
                 done: 0,
                 total,
                 error: None,
@@ -1196,13 +1204,57 @@ impl Core {
             }
             Some(Err(OpError::Cancelled)) | None => {}
             Some(Err(e)) => {
-                let text = match e {
-                    OpError::Failed(errno) => super::strerror(errno),
-                    other => other.to_string(),
+                let (errno, text) = match e {
+                    OpError::Failed(errno) => (Some(errno), super::strerror(errno)),
+                    other => (None, other.to_string()),
                 };
-                self.job_failed(id, "write", &text).await;
+                let policy = self.jobs.get(id).map(|j| j.on_error);
+                match (policy, errno) {
+                    (Some(BlockdevOnError::Stop), Some(errno))
+                    | (Some(BlockdevOnError::Enospc), Some(errno @ libc::ENOSPC)) => {
+                        self.job_error_stop(id, errno).await;
+                    }
+                    (Some(BlockdevOnError::Ignore), Some(_)) => {
+                        self.emit(
+                            "BLOCK_JOB_ERROR",
+                            Some(json!({"device": id, "operation": "write", "action": "ignore"})),
+                        )
+                        .await;
+                        // The copy goes on from its progress; a lasting error is
+                        // retried at most ten times a second.
+                        tokio::time::sleep(IGNORE_RETRY).await;
+                        self.start_copy(id).await;
+                    }
+                    _ => self.job_failed(id, "write", &text).await,
+                }
             }
         }
+    }
+
+    /// `on-*-error: stop` (or `enospc` on ENOSPC): `BLOCK_JOB_ERROR` with action
+    /// stop, and the job pauses as if the user paused it (`block-job-resume`
+    /// retries), its `io-status` saying why, as QEMU's `block_job_error_action`.
+    async fn job_error_stop(&mut self, id: &str, errno: i32) {
+        self.emit(
+            "BLOCK_JOB_ERROR",
+            Some(json!({"device": id, "operation": "write", "action": "stop"})),
+        )
+        .await;
+        let Some(j) = self.jobs.get_mut(id) else {
+            return;
+        };
+        j.io_status = if errno == libc::ENOSPC {
+            "nospace"
+        } else {
+            "failed"
+        };
+        j.user_paused = true;
+        let paused = if j.status == JobStatus::Ready {
+            JobStatus::Standby
+        } else {
+            JobStatus::Paused
+        };
+        self.transition(id, paused).await;
     }
 
     /// The copy finished: waiting, pending, and (auto-finalize) the end.
@@ -1296,14 +1348,11 @@ impl Core {
             return;
         };
         j.error = Some(error.to_string());
-        let action = match j.on_error {
-            BlockdevOnError::Ignore => "ignore",
-            BlockdevOnError::Stop => "stop",
-            _ => "report",
-        };
+        // Stop and ignore are handled before (`job_step`): what comes here is
+        // reported.
         self.emit(
             "BLOCK_JOB_ERROR",
-            Some(json!({"device": id, "operation": operation, "action": action})),
+            Some(json!({"device": id, "operation": operation, "action": "report"})),
         )
         .await;
         self.transition(id, JobStatus::Aborting).await;
@@ -1389,6 +1438,7 @@ impl Core {
         let status = match self.jobs.get_mut(id) {
             Some(j) => {
                 j.user_paused = false;
+                j.io_status = "ok";
                 j.status
             }
             None => return Ok(()),
@@ -1425,6 +1475,12 @@ impl Core {
             return Ok(());
         }
         self.stop_copy(id).await;
+        // A paused job resumes to take the cancel (QEMU's `job_cancel_locked`).
+        match self.jobs.get(id).map(|j| j.status) {
+            Some(JobStatus::Paused) => self.transition(id, JobStatus::Running).await,
+            Some(JobStatus::Standby) => self.transition(id, JobStatus::Ready).await,
+            _ => {}
+        }
         self.transition(id, JobStatus::Aborting).await;
         self.release_job(id, false).await;
         self.conclude(id, "BLOCK_JOB_CANCELLED").await;
@@ -1514,6 +1570,7 @@ impl Core {
                 speed: 0,
                 user_paused: false,
                 on_error: BlockdevOnError::Report,
+                io_status: "ok",
                 done: 0,
                 total: 1,
                 error: None,
@@ -1577,6 +1634,7 @@ impl Core {
                 speed: 0,
                 user_paused: false,
                 on_error: BlockdevOnError::Report,
+                io_status: "ok",
                 done: 1,
                 total: 1,
                 error: error.clone(),

@@ -147,7 +147,8 @@ impl Core {
             early_error: (sizes.0 != sizes.1)
                 .then(|| "Source and target image have different sizes".to_string()),
         };
-        let on_error = a.on_source_error.unwrap_or(BlockdevOnError::Report);
+        // Its copy's failures are the target's (a full target, mostly).
+        let on_error = a.on_target_error.unwrap_or(BlockdevOnError::Report);
         self.start_mirror(
             &job_id,
             work,
@@ -229,6 +230,7 @@ impl Core {
                 speed: 0,
                 user_paused: false,
                 on_error,
+                io_status: "ok",
                 done: 0,
                 total,
                 error: None,
