@@ -467,3 +467,74 @@ fn a_backup_fails_cleanly_when_its_filters_worker_dies() {
         other => panic!("a new backup: {other:?}"),
     }
 }
+
+/// `blockdev-backup` tuning against qsd: `compress` (refused for a raw target; a
+/// qcow2 target stores every cluster compressed), `x-perf` checks,
+/// `filter-node-name` (taken, and the filter under that name); `block-stream`'s
+/// `filter-node-name` likewise.
+fn tuning_script() -> Script {
+    let m = |s: Step| s.check(same_lines_masked);
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        add_qcow2("a1", "t1", "t1.qcow2"),
+        qmp("a2", "blockdev-add", r#"{"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": "$DIR/r.raw"}}"#),
+        backup("e1", r#"{"job-id": "j", "device": "s", "target": "r", "sync": "full", "compress": true}"#)
+            .note("no compression on raw"),
+        backup("e2", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "full", "x-perf": {"max-workers": 0}}"#)
+            .note("max-workers"),
+        backup("e3", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "full", "x-perf": {"max-chunk": -1}}"#)
+            .note("negative max-chunk"),
+        backup("e4", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "full", "x-perf": {"max-chunk": 1000}}"#)
+            .note("max-chunk below the cluster"),
+        backup("e5", r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "full", "filter-node-name": "s"}"#)
+            .note("the filter's name is taken"),
+        m(backup(
+            "b1",
+            r#"{"job-id": "j", "device": "s", "target": "t1", "sync": "full", "compress": true, "filter-node-name": "bf", "speed": 1000000, "x-perf": {"max-workers": 8, "max-chunk": 0}}"#,
+        ))
+        .note("a compressed backup through a named filter"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "n"}"#)
+            .check(|r, t| {
+                let has = |o: &bulkhead_systests::script::StepOutput| {
+                    o.monitor(0).iter().any(|l| String::from_utf8_lossy(l).contains(r#""node-name": "bf""#))
+                };
+                if has(r) && has(t) { Ok(()) } else { Err("the filter is not called bf".into()) }
+            })
+            .note("the filter has its name"),
+        m(qmp("b2", "block-job-set-speed", r#"{"device": "j", "speed": 0}"#))
+            .until_event("BLOCK_JOB_COMPLETED")
+            .note("the backup ends"),
+        qmp("e6", "block-stream", r#"{"job-id": "k", "device": "s", "filter-node-name": "t1"}"#)
+            .note("a stream filter's name taken"),
+        qmp("e7", "block-stream", r##"{"job-id": "k", "device": "s", "filter-node-name": "#x"}"##)
+            .note("and invalid"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+        Step::hook("every cluster compressed", run_tool("qemu-img", &["check", "$DIR/t1.qcow2"], true, "100.00% compressed clusters")),
+        Step::hook("the data", run_tool("qemu-img", &["compare", "$DIR/s.qcow2", "$DIR/t1.qcow2"], true, "Images are identical")),
+    ];
+    Script {
+        name: "blockdev-backup tuning".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=sf,filename=$DIR/s.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=s,file=sf",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(|dir: &Path| -> io::Result<()> {
+            make_images(dir)?;
+            run_in(dir, &["truncate", "-s", "32M", "r.raw"])
+        }),
+        steps,
+    }
+}
+
+#[test]
+fn backup_tuning_matches_qsd() {
+    if let Err(report) = differential(&tuning_script()) {
+        panic!("{report}");
+    }
+}

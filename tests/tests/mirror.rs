@@ -608,6 +608,24 @@ fn same_errors_once(
     same_lines_masked(&once(reference), &once(tested))
 }
 
+/// [`same_lines_masked`] without `BLOCK_JOB_ERROR`s: the steps after a stop, where
+/// qsd's last requests in flight may still report theirs.
+fn same_without_errors(
+    reference: &bulkhead_systests::script::StepOutput,
+    tested: &bulkhead_systests::script::StepOutput,
+) -> Result<(), String> {
+    let strip = |out: &bulkhead_systests::script::StepOutput| {
+        let mut kept = bulkhead_systests::script::StepOutput::default();
+        for line in out.monitor(0) {
+            if !String::from_utf8_lossy(line).contains("\"BLOCK_JOB_ERROR\"") {
+                kept.push(0, line.clone());
+            }
+        }
+        kept
+    };
+    same_lines_masked(&strip(reference), &strip(tested))
+}
+
 /// `on-target-error: stop` (and `enospc`) when the target is full: `BLOCK_JOB_ERROR`
 /// with action stop, the job paused with `io-status` nospace; once there is space,
 /// `block-job-resume` goes on and the mirror gets ready; and the default (report)
@@ -635,7 +653,9 @@ fn target_error_script() -> Script {
         e(mirror("m1", r#"{"job-id": "m", "device": "s", "target": "t", "sync": "full", "on-target-error": "stop"}"#))
             .until_events("JOB_STATUS_CHANGE", 3)
             .note("the target fills up: the mirror stops"),
-        m(Step::line(r#"{"execute": "query-block-jobs", "id": "q1"}"#)).note("paused, nospace"),
+        Step::line(r#"{"execute": "query-block-jobs", "id": "q1"}"#)
+            .check(same_without_errors)
+            .note("paused, nospace"),
         make_room(),
         m(qmp("m2", "block-job-resume", r#"{"device": "m"}"#))
             .until_event("BLOCK_JOB_READY")
@@ -646,7 +666,8 @@ fn target_error_script() -> Script {
         e(qmp("b1", "blockdev-backup", r#"{"job-id": "b", "device": "s", "target": "t", "sync": "full", "on-target-error": "enospc"}"#))
             .until_events("JOB_STATUS_CHANGE", 5)
             .note("enospc stops a backup too"),
-        m(qmp("b2", "block-job-cancel", r#"{"device": "b", "force": true}"#))
+        qmp("b2", "block-job-cancel", r#"{"device": "b", "force": true}"#)
+            .check(same_without_errors)
             .until_events("JOB_STATUS_CHANGE", 4)
             .note("cancelled: it resumes to take the cancel"),
         make_room(),

@@ -54,6 +54,9 @@ pub struct CbwConfig {
     pub common: CommonOptions,
     /// An option given that bulkhead does not implement yet (refused at open).
     pub unsupported: bool,
+    /// Saves are written compressed (a backup's `compress`: the supervisor's
+    /// `x-compress`, which the QAPI schema does not let users give).
+    pub compress: bool,
 }
 
 /// `BlockdevOptionsCbw` minus its children.
@@ -64,6 +67,7 @@ struct CbwOptions {
     on_cbw_error: Option<String>,
     cbw_timeout: Option<u32>,
     min_cluster_size: Option<u64>,
+    x_compress: Option<bool>,
 }
 
 /// The `copy-before-write` driver.
@@ -112,6 +116,7 @@ impl BlockDriver for Cbw {
         Ok(Parsed {
             config: CbwConfig {
                 unsupported,
+                compress: o.x_compress.unwrap_or(false),
                 ..CbwConfig::default()
             },
             image: None,
@@ -141,7 +146,9 @@ impl BlockDriver for Cbw {
         );
         opened(match (source, target) {
             (Some(source), Some(target)) => {
-                Ok(Arc::new(CbwDriver::new(source, target, read_only)) as Arc<dyn BlockIo>)
+                let mut cbw = CbwDriver::new(source, target, read_only);
+                cbw.compress = config.compress;
+                Ok(Arc::new(cbw) as Arc<dyn BlockIo>)
             }
             _ => Err(crate::OpenError::MissingChild),
         })
@@ -181,6 +188,8 @@ pub struct CbwDriver {
     clusters: Mutex<Clusters>,
     /// Woken when a claim is released.
     released: Notify,
+    /// Saves are written compressed.
+    compress: bool,
 }
 
 impl std::fmt::Debug for CbwDriver {
@@ -199,6 +208,7 @@ impl CbwDriver {
             target,
             clusters: Mutex::new(Clusters::default()),
             released: Notify::new(),
+            compress: false,
         }
     }
 
@@ -291,7 +301,11 @@ impl CbwDriver {
                 } else {
                     buf.resize(usize::try_from(stop - at).map_err(|_| IoError::Invalid)?, 0);
                     self.source.read(at, &mut buf).await?;
-                    self.target.write(at, &buf, WriteFlags::default()).await?;
+                    let flags = WriteFlags {
+                        compressed: self.compress,
+                        ..WriteFlags::default()
+                    };
+                    self.target.write(at, &buf, flags).await?;
                 }
                 at = stop;
             }

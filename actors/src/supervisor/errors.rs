@@ -616,6 +616,34 @@ pub fn drive_format_unsupported(format: &str) -> QmpError {
     ))
 }
 
+/// A compressed backup to a target that cannot store compressed clusters (QEMU
+/// names the target's device, which qsd's nodes do not have).
+pub fn backup_compress_unsupported() -> QmpError {
+    generic("Compression is not supported for this drive ")
+}
+
+/// `x-perf.max-workers` out of range.
+pub fn backup_max_workers() -> QmpError {
+    generic("max-workers must be between 1 and 2147483647")
+}
+
+/// A negative `x-perf.max-chunk`.
+pub fn backup_max_chunk_negative() -> QmpError {
+    generic("max-chunk must be zero (which means no limit) or positive")
+}
+
+/// `x-perf.max-chunk` below the copy cluster.
+pub fn backup_max_chunk_small(chunk: i64, cluster: u64) -> QmpError {
+    generic(format!(
+        "Required max-chunk ({chunk}) is less than backup cluster size ({cluster})"
+    ))
+}
+
+/// A job's filter node that cannot be created (its name).
+pub fn could_not_create_node(why: &str) -> QmpError {
+    generic(format!("Could not create node: {why}"))
+}
+
 /// A job id that is no well-formed id.
 pub fn invalid_job_id(id: &str) -> QmpError {
     generic(format!("Invalid job ID '{id}'"))

@@ -38,6 +38,7 @@ fn strerror_of(e: &std::io::Error) -> String {
         .map_or_else(|| e.to_string(), super::strerror)
 }
 
+use super::graph::Driver;
 use super::ops::{OpError, OpWatch};
 use super::{Core, QmpError, errors};
 
@@ -448,8 +449,31 @@ impl Core {
         if source.name == target.name {
             return Err(errors::backup_same_node());
         }
+        // `backup_job_create`'s order from here.
+        let compress = a.compress == Some(true);
+        if compress && !matches!(target.driver, Driver::Qcow2 | Driver::Compress) {
+            return Err(errors::backup_compress_unsupported());
+        }
+        let perf = a.x_perf.clone().unwrap_or_default();
+        if perf
+            .max_workers
+            .is_some_and(|w| !(1..=i64::from(i32::MAX)).contains(&w))
+        {
+            return Err(errors::backup_max_workers());
+        }
+        if perf.max_chunk.is_some_and(|c| c < 0) {
+            return Err(errors::backup_max_chunk_negative());
+        }
         if source.size != target.size {
             return Err(errors::backup_sizes_differ());
+        }
+        if let Some(f) = &a.filter_node_name {
+            self.check_new_node_name(f)
+                .map_err(|e| errors::could_not_create_node(&e.desc))?;
+        }
+        // The copy unit is 64 KiB (QEMU's block-copy cluster for these targets).
+        if let Some(c) = perf.max_chunk.filter(|&c| c > 0 && c < 65536) {
+            return Err(errors::backup_max_chunk_small(c, 65536));
         }
         let sync = match sync {
             MirrorSyncMode::Full => BackupSync::Full,
@@ -457,15 +481,8 @@ impl Core {
             MirrorSyncMode::None => BackupSync::None,
             MirrorSyncMode::Incremental | MirrorSyncMode::Bitmap => BackupSync::Bitmap,
         };
-        for (given, what) in [
-            (a.compress == Some(true), "compress"),
-            (a.filter_node_name.is_some(), "filter-node-name"),
-            (a.discard_source == Some(true), "discard-source"),
-            (a.x_perf.is_some(), "x-perf"),
-        ] {
-            if given {
-                return Err(errors::backup_option_unsupported(what));
-            }
+        if a.discard_source == Some(true) {
+            return Err(errors::backup_option_unsupported("discard-source"));
         }
         let job_id = a.job_id.clone().unwrap_or_default();
         if !bulkhead_qmp::qapi::id_wellformed(&job_id) {
@@ -534,7 +551,15 @@ impl Core {
             self.transition(&job_id, JobStatus::Null).await;
             return Err(e);
         }
-        match self.insert_backup_filter(&source, &target).await {
+        let inserted = self
+            .insert_backup_filter(
+                &source,
+                &target,
+                a.filter_node_name.clone(),
+                a.compress == Some(true),
+            )
+            .await;
+        match inserted {
             Ok(filter) => {
                 if let Some(Job {
                     work: Work::Backup { filter: f, .. },
@@ -583,16 +608,25 @@ impl Core {
         &mut self,
         source: &str,
         target: &str,
+        name: Option<String>,
+        compress: bool,
     ) -> Result<String, QmpError> {
-        let given = json!({"driver": "copy-before-write", "file": source, "target": target});
-        let Value::Object(given) = given else {
-            return Err(errors::node_vanished());
-        };
-        let typed: bulkhead_qmp::qapi::types::BlockdevOptions =
-            serde_json::from_value(Value::Object(given.clone())).map_err(errors::from_error)?;
+        let mut members = Map::new();
+        if compress {
+            members.insert("x-compress".into(), true.into());
+        }
+        let spec = super::blockdev::internal_spec(
+            Driver::CopyBeforeWrite,
+            name,
+            members,
+            vec![
+                (super::graph::Role::File, source.to_string()),
+                (super::graph::Role::Target, target.to_string()),
+            ],
+        )?;
         // In the source's worker: its saves read the source without a hop.
         let home = self.graph.get(source).map(|n| n.home);
-        let filter = self.add_internal_node(&typed, &given, home).await?;
+        let filter = self.add_spec(spec, home).await?;
         if let Err(e) = self.insert_filter(source, &filter).await {
             self.destroy(&filter).await;
             return Err(e);
@@ -625,8 +659,9 @@ impl Core {
             }
             (None, None, None) => None,
         };
-        if a.filter_node_name.is_some() {
-            return Err(errors::stream_option_unsupported("filter-node-name"));
+        if let Some(f) = &a.filter_node_name {
+            self.check_new_node_name(f)
+                .map_err(|e| errors::could_not_create_node(&e.desc))?;
         }
         let job_id = a.job_id.clone().unwrap_or_default();
         if !bulkhead_qmp::qapi::id_wellformed(&job_id) {
@@ -707,7 +742,10 @@ impl Core {
             self.job_done(&job_id).await;
             return Ok(());
         }
-        let filter = json!({"driver": "copy-on-read", "file": top});
+        let mut filter = json!({"driver": "copy-on-read", "file": top});
+        if let Some(f) = &a.filter_node_name {
+            filter["node-name"] = json!(f);
+        }
         let home = self.graph.get(&top).map(|n| n.home);
         let added = match self.add_internal_on(&filter, home).await {
             Ok(f) => match self.insert_filter(&top, &f).await {
@@ -1495,7 +1533,10 @@ impl Core {
             j.speed = speed;
             j.op.as_ref().map(|w| w.op)
         });
-        if let (Some(op), Some(home)) = (op, self.jobs_home)
+        // The copy runs where its operation does: the job runner, or the worker
+        // hosting the job's filter or nodes.
+        let home = op.and_then(|op| self.ops.borrow().home(op).map(|(home, _)| home));
+        if let (Some(op), Some(home)) = (op, home)
             && let Some(w) = self.running(home)
             && let Err(e) = w.call(ToWorker::SetOperationSpeed { op, speed }, &[]).await
         {
