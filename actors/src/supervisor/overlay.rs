@@ -24,6 +24,19 @@ impl Core {
         node: &str,
         overlay: &str,
     ) -> Result<(), QmpError> {
+        let (node, overlay) = self.check_snapshot(node, overlay, &[])?;
+        self.take_snapshot(&node, &overlay).await
+    }
+
+    /// `blockdev-snapshot`'s checks, in QEMU's order; `earlier`: the (node,
+    /// overlay) pairs a transaction's earlier actions snapshot, as if done. Returns
+    /// the two names.
+    pub(super) fn check_snapshot(
+        &self,
+        node: &str,
+        overlay: &str,
+        earlier: &[(String, String)],
+    ) -> Result<(String, String), QmpError> {
         let n = self
             .graph
             .get(node)
@@ -31,14 +44,28 @@ impl Core {
         if let Some(parent) = self.backing_parent(n) {
             return Err(errors::node_busy_backing(node, &parent));
         }
+        if let Some((_, o)) = earlier.iter().find(|(b, _)| *b == n.name) {
+            return Err(errors::node_busy_backing(node, o));
+        }
         let o = self
             .graph
             .get(overlay)
             .ok_or_else(|| errors::device_not_found(overlay, overlay))?;
-        if o.parents > 0 || self.exports.iter().any(|e| e.node == o.name) || o.name == n.name {
+        // An overlay an earlier action used took over its node's users, if any.
+        let earlier_node = earlier
+            .iter()
+            .find(|(_, ov)| *ov == o.name)
+            .and_then(|(b, _)| self.graph.get(b));
+        let took_users = earlier_node
+            .is_some_and(|b| b.parents > 0 || self.exports.iter().any(|e| e.node == b.name));
+        if o.parents > 0
+            || took_users
+            || self.exports.iter().any(|e| e.node == o.name)
+            || o.name == n.name
+        {
             return Err(errors::overlay_in_use());
         }
-        if o.child(Role::Backing).is_some() {
+        if o.child(Role::Backing).is_some() || earlier_node.is_some() {
             return Err(errors::overlay_has_backing());
         }
         if !o
@@ -50,10 +77,19 @@ impl Core {
         {
             return Err(errors::overlay_without_backing());
         }
-        let (node, overlay) = (n.name.clone(), o.name.clone());
-        self.attach_backing(&overlay, &node).await?;
-        self.replace_node(&node, &overlay).await?;
-        if let Err(e) = self.make_read_only(&node).await {
+        Ok((n.name.clone(), o.name.clone()))
+    }
+
+    /// A checked snapshot: the overlay reads `node`, takes over its users, and
+    /// `node` becomes read-only.
+    pub(super) async fn take_snapshot(
+        &mut self,
+        node: &str,
+        overlay: &str,
+    ) -> Result<(), QmpError> {
+        self.attach_backing(overlay, node).await?;
+        self.replace_node(node, overlay).await?;
+        if let Err(e) = self.make_read_only(node).await {
             // QEMU ignores a failure here too (the snapshot stands).
             tracing::warn!(node, error = %e.desc, "the snapshotted node stays writable");
         }

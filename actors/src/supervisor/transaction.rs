@@ -12,7 +12,9 @@
 //! the model, none fails short of the machine running out of memory.
 //! `blockdev-backup` is checked with the others and started last, after the bitmap
 //! actions (a write in between lands in the new bitmap, never in neither);
-//! `drive-backup` and external snapshots are refused for now, as is
+//! `blockdev-snapshot` actions are checked against the snapshots before them (an
+//! overlay or node used twice fails as in QEMU) and taken after the internal
+//! snapshots; `drive-backup` and `blockdev-snapshot-sync` are refused for now, as is
 //! `completion-mode: grouped` over more than one job.
 
 use std::collections::HashMap;
@@ -38,6 +40,8 @@ struct Modelled {
 struct Model {
     nodes: HashMap<String, Vec<Modelled>>,
     jobs: Vec<String>,
+    /// External snapshots so far: (node, overlay).
+    snapshots: Vec<(String, String)>,
 }
 
 impl Model {
@@ -171,6 +175,11 @@ impl Model {
             }
             // Checked when it runs (by the worker holding the image).
             TransactionAction::BlockdevSnapshotInternalSync(_) => Ok(()),
+            TransactionAction::BlockdevSnapshot(a) => {
+                let pair = core.check_snapshot(&a.node, &a.overlay, &self.snapshots)?;
+                self.snapshots.push(pair);
+                Ok(())
+            }
             TransactionAction::BlockdevBackup(b) => {
                 core.check_backup(b, &self.jobs)?;
                 self.jobs.push(b.job_id.clone().unwrap_or_default());
@@ -246,6 +255,19 @@ impl Core {
             && let Some((_, e)) = failed
         {
             outcome = Err(e);
+        }
+        // External snapshots after the internal ones (which the image itself may
+        // refuse): checked against the model, they fail only if the system does.
+        if outcome.is_ok() {
+            for a in &args.actions {
+                if let TransactionAction::BlockdevSnapshot(s) = a
+                    && let Err(e) = self.blockdev_snapshot(&s.node, &s.overlay).await
+                {
+                    tracing::error!(node = s.node, error = %e.desc, "a checked snapshot failed");
+                    outcome = Err(e);
+                    break;
+                }
+            }
         }
         if let Err(e) = outcome {
             for (device, name) in made.iter().rev() {
