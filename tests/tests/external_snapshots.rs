@@ -289,6 +289,14 @@ fn transaction_script() -> Script {
         ),
         tx("t5", r#"[{"type": "blockdev-snapshot", "data": {"node": "d1", "overlay": "o1"}}]"#)
             .note("the disk is a backing now"),
+        tx("t6", r#"[{"type": "blockdev-snapshot-sync", "data": {"node-name": "o1", "snapshot-file": "$DIR/s1.qcow2", "snapshot-node-name": "s1"}}, {"type": "blockdev-snapshot-sync", "data": {"node-name": "o2", "snapshot-file": "$DIR/s2.qcow2", "snapshot-node-name": "s1"}}]"#)
+            .note("one new name twice"),
+        tx("t7", r#"[{"type": "blockdev-snapshot-sync", "data": {"node-name": "o1", "snapshot-file": "$DIR/s1.qcow2", "snapshot-node-name": "s1"}}, {"type": "blockdev-snapshot-sync", "data": {"node-name": "o2", "snapshot-file": "$DIR/s2.qcow2", "snapshot-node-name": "s2"}}]"#)
+            .note("both overlays snapshotted again, created by the daemon"),
+        Step::line(r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}, "id": "n3"}"#)
+            .check(same_graph)
+            .note("the new overlays on top"),
+        Step::line(r#"{"execute": "query-block-exports", "id": "e2"}"#).note("the exports follow"),
         Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
         Step::hook("the overlay holds the write", run_tool("qemu-img", &["map", "$DIR/o1.qcow2"], true, "0x200000")),
     ];

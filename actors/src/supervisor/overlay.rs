@@ -105,6 +105,19 @@ impl Core {
         &mut self,
         a: &BlockdevSnapshotSync,
     ) -> Result<(), QmpError> {
+        let (node_name, snap) = self.prepare_snapshot_sync(a).await?;
+        let result = self.blockdev_snapshot(&node_name, &snap).await;
+        self.drop_if_unused(&snap).await;
+        result
+    }
+
+    /// `blockdev-snapshot-sync`'s checks and its overlay, created (or opened) and
+    /// added, not attached yet: the node's name and the overlay's.
+    pub(super) async fn prepare_snapshot_sync(
+        &mut self,
+        a: &BlockdevSnapshotSync,
+    ) -> Result<(String, String), QmpError> {
+        self.check_snapshot_sync(a, &[])?;
         let node_name = a.node_name.clone().unwrap_or_default();
         let Some(node) = a.node_name.as_deref().and_then(|n| self.graph.get(n)) else {
             return Err(errors::device_not_found(
@@ -186,9 +199,37 @@ impl Core {
         if let Some(n) = self.graph.get_mut(&snap) {
             n.monitor_owned = false;
         }
-        let result = self.blockdev_snapshot(&node_name, &snap).await;
-        self.drop_if_unused(&snap).await;
-        result
+        Ok((node_name, snap))
+    }
+
+    /// What `blockdev-snapshot-sync` checks before it creates anything; `names`:
+    /// overlay names a transaction's earlier actions take.
+    pub(super) fn check_snapshot_sync(
+        &self,
+        a: &BlockdevSnapshotSync,
+        names: &[String],
+    ) -> Result<(), QmpError> {
+        let node_name = a.node_name.clone().unwrap_or_default();
+        if a.node_name
+            .as_deref()
+            .and_then(|n| self.graph.get(n))
+            .is_none()
+        {
+            return Err(errors::device_not_found(
+                a.device.as_deref().unwrap_or(""),
+                &node_name,
+            ));
+        }
+        let Some(snap) = a.snapshot_node_name.as_ref() else {
+            return Err(errors::overlay_name_missing());
+        };
+        if self.graph.contains(snap) || names.contains(snap) {
+            return Err(errors::overlay_name_in_use());
+        }
+        if a.format.as_deref().is_some_and(|f| f != "qcow2") {
+            return Err(errors::snapshot_format_unsupported());
+        }
+        Ok(())
     }
 
     /// Deletes `name` if the monitor does not own it and nothing uses it.
@@ -300,7 +341,7 @@ impl Core {
 
     /// The parent using `n` as its backing child, if any (QEMU's op blocker:
     /// "node is used as backing hd of ...").
-    fn backing_parent(&self, n: &Node) -> Option<String> {
+    pub(super) fn backing_parent(&self, n: &Node) -> Option<String> {
         self.graph
             .iter()
             .find(|p| p.child(Role::Backing) == Some(n.name.as_str()))

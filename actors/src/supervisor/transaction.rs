@@ -14,7 +14,8 @@
 //! actions (a write in between lands in the new bitmap, never in neither);
 //! `blockdev-snapshot` actions are checked against the snapshots before them (an
 //! overlay or node used twice fails as in QEMU) and taken after the internal
-//! snapshots; `drive-backup` and `blockdev-snapshot-sync` are refused for now, as is
+//! snapshots; `blockdev-snapshot-sync` creates its overlays first (all or none), then
+//! attaches them with the others. `drive-backup` is refused for now, as is
 //! `completion-mode: grouped` over more than one job.
 
 use std::collections::HashMap;
@@ -180,6 +181,22 @@ impl Model {
                 self.snapshots.push(pair);
                 Ok(())
             }
+            TransactionAction::BlockdevSnapshotSync(a) => {
+                let names: Vec<String> = self.snapshots.iter().map(|(_, o)| o.clone()).collect();
+                core.check_snapshot_sync(a, &names)?;
+                let node = a.node_name.clone().unwrap_or_default();
+                if let Some((_, o)) = self.snapshots.iter().find(|(b, _)| *b == node) {
+                    return Err(errors::node_busy_backing(&node, o));
+                }
+                if let Some(n) = core.graph.get(&node)
+                    && let Some(parent) = core.backing_parent(n)
+                {
+                    return Err(errors::node_busy_backing(&node, &parent));
+                }
+                let snap = a.snapshot_node_name.clone().unwrap_or_default();
+                self.snapshots.push((node, snap));
+                Ok(())
+            }
             TransactionAction::BlockdevBackup(b) => {
                 core.check_backup(b, &self.jobs)?;
                 self.jobs.push(b.job_id.clone().unwrap_or_default());
@@ -239,6 +256,24 @@ impl Core {
             .enumerate()
             .find_map(|(i, a)| model.check(self, a).err().map(|e| (i, e)));
         let upto = failed.as_ref().map_or(args.actions.len(), |(i, _)| *i);
+        // The overlays `blockdev-snapshot-sync` creates, first (creating a file can
+        // fail): all or none. They are attached with the other external snapshots.
+        let mut overlays: Vec<(String, String)> = Vec::new();
+        if failed.is_none() {
+            for a in &args.actions {
+                if let TransactionAction::BlockdevSnapshotSync(s) = a {
+                    match self.prepare_snapshot_sync(s).await {
+                        Ok(pair) => overlays.push(pair),
+                        Err(e) => {
+                            for (_, o) in &overlays {
+                                self.drop_if_unused(o).await;
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
         // The image actions before it, undone if one fails or a later one would.
         let mut made: Vec<(String, String)> = Vec::new();
         let mut outcome = Ok(());
@@ -259,15 +294,27 @@ impl Core {
         // External snapshots after the internal ones (which the image itself may
         // refuse): checked against the model, they fail only if the system does.
         if outcome.is_ok() {
+            let mut created = overlays.iter();
             for a in &args.actions {
-                if let TransactionAction::BlockdevSnapshot(s) = a
-                    && let Err(e) = self.blockdev_snapshot(&s.node, &s.overlay).await
-                {
-                    tracing::error!(node = s.node, error = %e.desc, "a checked snapshot failed");
+                let pair = match a {
+                    TransactionAction::BlockdevSnapshot(s) => (s.node.clone(), s.overlay.clone()),
+                    TransactionAction::BlockdevSnapshotSync(_) => match created.next() {
+                        Some(p) => p.clone(),
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                if let Err(e) = self.blockdev_snapshot(&pair.0, &pair.1).await {
+                    tracing::error!(node = pair.0, error = %e.desc, "a checked snapshot failed");
                     outcome = Err(e);
                     break;
                 }
             }
+        }
+        // A created overlay nothing took over (a failure, or a node without users)
+        // goes, as in the command.
+        for (_, o) in &overlays {
+            self.drop_if_unused(o).await;
         }
         if let Err(e) = outcome {
             for (device, name) in made.iter().rev() {
