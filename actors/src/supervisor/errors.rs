@@ -887,14 +887,6 @@ pub fn transaction_grouped_unsupported() -> QmpError {
     generic("bulkhead does not support completion-mode grouped over several actions yet")
 }
 
-/// A `transaction` action that needs what bulkhead does not have yet (jobs,
-/// external snapshots).
-pub fn transaction_action_unsupported(action: &str) -> QmpError {
-    generic(format!(
-        "bulkhead does not support the transaction action '{action}' yet"
-    ))
-}
-
 /// More enabled bitmaps on one node than its worker records into.
 pub fn too_many_recording_bitmaps(max: usize) -> QmpError {
     generic(format!(

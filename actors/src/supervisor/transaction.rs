@@ -15,8 +15,9 @@
 //! `blockdev-snapshot` actions are checked against the snapshots before them (an
 //! overlay or node used twice fails as in QEMU) and taken after the internal
 //! snapshots; `blockdev-snapshot-sync` creates its overlays first (all or none), then
-//! attaches them with the others. `drive-backup` is refused for now, as is
-//! `completion-mode: grouped` over more than one job.
+//! attaches them with the others; `drive-backup` creates its target in the same
+//! step and starts with the backups. `completion-mode: grouped` over more than one
+//! job is refused for now.
 
 use std::collections::HashMap;
 
@@ -202,7 +203,17 @@ impl Model {
                 self.jobs.push(b.job_id.clone().unwrap_or_default());
                 Ok(())
             }
-            other => Err(errors::transaction_action_unsupported(action_name(other))),
+            // The device here; the rest once its target exists (created first, with
+            // the snapshot overlays).
+            TransactionAction::DriveBackup(m) => {
+                let device = m.get("device").and_then(|v| v.as_str()).unwrap_or("");
+                if core.graph.get(device).is_none() {
+                    return Err(errors::device_not_found(device, device));
+                }
+                let job = m.get("job-id").and_then(|v| v.as_str()).unwrap_or("");
+                self.jobs.push(job.to_string());
+                Ok(())
+            }
         }
     }
 }
@@ -259,18 +270,36 @@ impl Core {
         // The overlays `blockdev-snapshot-sync` creates, first (creating a file can
         // fail): all or none. They are attached with the other external snapshots.
         let mut overlays: Vec<(String, String)> = Vec::new();
+        let mut targets: Vec<(bulkhead_qmp::qapi::types::BlockdevBackupArgs, String)> = Vec::new();
         if failed.is_none() {
+            let mut ids: Vec<String> = Vec::new();
             for a in &args.actions {
-                if let TransactionAction::BlockdevSnapshotSync(s) = a {
-                    match self.prepare_snapshot_sync(s).await {
-                        Ok(pair) => overlays.push(pair),
-                        Err(e) => {
-                            for (_, o) in &overlays {
-                                self.drop_if_unused(o).await;
-                            }
-                            return Err(e);
-                        }
+                let prepared = match a {
+                    TransactionAction::BlockdevSnapshotSync(s) => self
+                        .prepare_snapshot_sync(s)
+                        .await
+                        .map(|pair| overlays.push(pair)),
+                    TransactionAction::DriveBackup(m) => {
+                        self.prepare_drive_backup(m, &ids).await.map(|(t, node)| {
+                            ids.push(t.job_id.clone().unwrap_or_default());
+                            targets.push((t, node));
+                        })
                     }
+                    TransactionAction::BlockdevBackup(b) => {
+                        ids.push(b.job_id.clone().unwrap_or_default());
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(e) = prepared {
+                    for o in overlays
+                        .iter()
+                        .map(|(_, o)| o)
+                        .chain(targets.iter().map(|(_, n)| n))
+                    {
+                        self.drop_if_unused(o).await;
+                    }
+                    return Err(e);
                 }
             }
         }
@@ -364,9 +393,14 @@ impl Core {
         // Jobs last: a backup's point in time comes after the bitmaps the same
         // transaction made, so a write in between is in the bitmap (never in
         // neither).
+        let mut prepared = targets.iter();
         for a in &args.actions {
             let applied = match a {
                 TransactionAction::BlockdevBackup(b) => self.blockdev_backup(b).await,
+                TransactionAction::DriveBackup(_) => match prepared.next() {
+                    Some((t, node)) => self.start_drive_backup(t, node).await,
+                    None => Ok(()),
+                },
                 _ => Ok(()),
             };
             if let Err(e) = applied {

@@ -34,19 +34,51 @@ impl Core {
         &mut self,
         args: &Map<String, Value>,
     ) -> Result<(), QmpError> {
-        let mut a = args.clone();
-        let (target, sync) = self.drive_target(&mut a)?;
-        let _ = sync;
-        let node = self.open_drive_target(&target).await?;
-        a.insert("target".into(), node.clone().into());
-        let typed: BlockdevBackupArgs =
-            serde_json::from_value(Value::Object(a)).map_err(errors::from_error)?;
+        let (typed, node) = self.prepare_drive_backup(args, &[]).await?;
         let started = match self.check_backup(&typed, &[]) {
             Ok(checked) => self.start_backup(&typed, checked).await,
             Err(e) => Err(e),
         };
         self.own_or_drop(&typed.job_id.unwrap_or_default(), &node, started)
             .await
+    }
+
+    /// A `drive-backup`'s target, created or opened, and the `blockdev-backup` it
+    /// amounts to, checked (`pending`: job ids a transaction takes before it); the
+    /// target is dropped if the checks fail.
+    pub(in crate::supervisor) async fn prepare_drive_backup(
+        &mut self,
+        args: &Map<String, Value>,
+        pending: &[String],
+    ) -> Result<(BlockdevBackupArgs, String), QmpError> {
+        let mut a = args.clone();
+        let (target, _) = self.drive_target(&mut a)?;
+        let node = self.open_drive_target(&target).await?;
+        a.insert("target".into(), node.clone().into());
+        let typed = serde_json::from_value::<BlockdevBackupArgs>(Value::Object(a))
+            .map_err(errors::from_error)
+            .and_then(|t| self.check_backup(&t, pending).map(|_| t));
+        match typed {
+            Ok(t) => Ok((t, node)),
+            Err(e) => {
+                self.drop_if_unused(&node).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a prepared `drive-backup` (a transaction's, after its other actions).
+    pub(in crate::supervisor) async fn start_drive_backup(
+        &mut self,
+        typed: &BlockdevBackupArgs,
+        node: &str,
+    ) -> Result<(), QmpError> {
+        let started = match self.check_backup(typed, &[]) {
+            Ok(checked) => self.start_backup(typed, checked).await,
+            Err(e) => Err(e),
+        };
+        let job = typed.job_id.clone().unwrap_or_default();
+        self.own_or_drop(&job, node, started).await
     }
 
     /// `drive-mirror`.
