@@ -587,3 +587,82 @@ fn drive_backup_transactions_match_qsd() {
         panic!("{report}");
     }
 }
+
+/// Both daemons' step: the events as a set (drain pauses aside), and no job
+/// pending before both are waiting.
+fn waits_for_the_group(
+    reference: &bulkhead_systests::script::StepOutput,
+    tested: &bulkhead_systests::script::StepOutput,
+) -> Result<(), String> {
+    bulkhead_systests::jobs::ignoring_drain_pauses(reference, tested)?;
+    for (who, out) in [("qsd", reference), ("bulkhead", tested)] {
+        let statuses: Vec<String> = out
+            .monitor(0)
+            .iter()
+            .filter_map(|l| bulkhead_systests::qmp::parse_line(l).ok())
+            .filter(|v| v["event"] == "JOB_STATUS_CHANGE")
+            .map(|v| v["data"]["status"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let last_waiting = statuses.iter().rposition(|s| s == "waiting");
+        let first_pending = statuses.iter().position(|s| s == "pending");
+        if !(last_waiting.is_some() && last_waiting < first_pending) {
+            return Err(format!(
+                "{who}: a job went on before the group: {statuses:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `completion-mode: grouped` over two backups: the first to finish waits for the
+/// other, then both complete; cancelling one of a group cancels both.
+fn grouped_script() -> Script {
+    let tx = |id: &str, actions: &str| {
+        qmp(
+            id,
+            "transaction",
+            &format!(r#"{{"actions": {actions}, "properties": {{"completion-mode": "grouped"}}}}"#),
+        )
+        .check(bulkhead_systests::jobs::ignoring_drain_pauses)
+    };
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        add_qcow2("a1", "t1", "t1.qcow2"),
+        add_qcow2("a2", "t2", "t2.qcow2"),
+        tx("g1", r#"[{"type": "blockdev-backup", "data": {"job-id": "j1", "device": "s", "target": "t1", "sync": "full"}}, {"type": "blockdev-backup", "data": {"job-id": "j2", "device": "s", "target": "t2", "sync": "full", "speed": 16777216}}]"#)
+            .until_events("BLOCK_JOB_COMPLETED", 2)
+            .check(waits_for_the_group)
+            .note("the fast one waits for the slow one"),
+        tx("g2", r#"[{"type": "blockdev-backup", "data": {"job-id": "j1", "device": "s", "target": "t1", "sync": "full", "speed": 1048576}}, {"type": "blockdev-backup", "data": {"job-id": "j2", "device": "s", "target": "t2", "sync": "full", "speed": 1048576}}]"#)
+            .note("two slow ones"),
+        qmp("c1", "block-job-cancel", r#"{"device": "j2"}"#)
+            .check(same_lines_masked)
+            .until_events("BLOCK_JOB_CANCELLED", 2)
+            .note("cancelling one cancels both"),
+        qmp("e1", "transaction", r#"{"actions": [{"type": "block-dirty-bitmap-add", "data": {"node": "s", "name": "b"}}], "properties": {"completion-mode": "grouped"}}"#)
+            .note("grouped needs jobs"),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+    ];
+    Script {
+        name: "completion-mode grouped".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=sf,filename=$DIR/s.qcow2",
+            "--blockdev",
+            "driver=qcow2,node-name=s,file=sf",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_images),
+        steps,
+    }
+}
+
+#[test]
+fn grouped_backups_match_qsd() {
+    if let Err(report) = differential(&grouped_script()) {
+        panic!("{report}");
+    }
+}

@@ -882,11 +882,6 @@ pub fn by_file_name_unsupported(what: &str, name: &str) -> QmpError {
     ))
 }
 
-/// `transaction` grouping the completion of several jobs.
-pub fn transaction_grouped_unsupported() -> QmpError {
-    generic("bulkhead does not support completion-mode grouped over several actions yet")
-}
-
 /// More enabled bitmaps on one node than its worker records into.
 pub fn too_many_recording_bitmaps(max: usize) -> QmpError {
     generic(format!(

@@ -324,6 +324,10 @@ pub struct Jobs {
     /// Targets `drive-backup`/`drive-mirror` created, by job: dropped at its end
     /// unless something uses them then.
     owned: Vec<(String, String)>,
+    /// Jobs a `transaction` with `completion-mode: grouped` started, by group: they
+    /// complete together, and one failing or cancelled takes the others with it.
+    groups: Vec<(String, u64)>,
+    next_group: u64,
 }
 
 impl Jobs {
@@ -333,6 +337,27 @@ impl Jobs {
             .iter()
             .find(|j| j.status != JobStatus::Concluded && j.uses(node))
             .map(Job::type_name)
+    }
+
+    /// The other jobs of `id`'s group and itself, newest first (QEMU's order), or
+    /// just `id`.
+    fn group_of(&self, id: &str) -> Vec<String> {
+        match self.groups.iter().find(|(j, _)| j == id).map(|(_, g)| *g) {
+            Some(g) => self
+                .list
+                .iter()
+                .filter(|j| self.groups.iter().any(|(m, mg)| *m == j.id && *mg == g))
+                .map(|j| j.id.clone())
+                .collect(),
+            None => vec![id.to_string()],
+        }
+    }
+
+    /// Puts `ids` in a new group.
+    pub(super) fn group(&mut self, ids: &[String]) {
+        self.next_group += 1;
+        let g = self.next_group;
+        self.groups.extend(ids.iter().map(|id| (id.clone(), g)));
     }
 
     fn get(&self, id: &str) -> Option<&Job> {
@@ -1298,16 +1323,29 @@ impl Core {
     /// The copy finished: waiting, pending, and (auto-finalize) the end.
     async fn job_done(&mut self, id: &str) {
         self.transition(id, JobStatus::Waiting).await;
-        self.transition(id, JobStatus::Pending).await;
-        let Some(j) = self.jobs.get(id) else {
+        // A grouped job waits for the others; the last one done takes them all on.
+        let group = self.jobs.group_of(id);
+        if group.iter().any(|m| {
+            self.jobs
+                .get(m)
+                .is_some_and(|j| j.status != JobStatus::Waiting)
+        }) {
             return;
-        };
-        if j.auto_finalize {
-            self.finalize_job(id).await;
-        } else {
-            let t = j.type_name();
-            self.emit("BLOCK_JOB_PENDING", Some(json!({"type": t, "id": id})))
-                .await;
+        }
+        for m in &group {
+            self.transition(m, JobStatus::Pending).await;
+        }
+        for m in &group {
+            let Some(j) = self.jobs.get(m) else {
+                continue;
+            };
+            if j.auto_finalize {
+                self.finalize_job(m).await;
+            } else {
+                let t = j.type_name();
+                self.emit("BLOCK_JOB_PENDING", Some(json!({"type": t, "id": m})))
+                    .await;
+            }
         }
     }
 
@@ -1393,9 +1431,31 @@ impl Core {
             Some(json!({"device": id, "operation": operation, "action": "report"})),
         )
         .await;
+        // The rest of a group is cancelled with it.
+        let others: Vec<String> = self
+            .jobs
+            .group_of(id)
+            .into_iter()
+            .filter(|m| m != id)
+            .filter(|m| {
+                self.jobs
+                    .get(m)
+                    .is_some_and(|j| Verb::Cancel.allowed(j.status))
+            })
+            .collect();
+        for m in &others {
+            self.stop_copy(m).await;
+        }
         self.transition(id, JobStatus::Aborting).await;
+        for m in &others {
+            self.transition(m, JobStatus::Aborting).await;
+        }
         self.release_job(id, false).await;
         self.conclude(id, "BLOCK_JOB_COMPLETED").await;
+        for m in &others {
+            self.release_job(m, false).await;
+            self.conclude(m, "BLOCK_JOB_CANCELLED").await;
+        }
     }
 
     /// The end event (block jobs only), concluded, and null when the job dismisses
@@ -1424,6 +1484,7 @@ impl Core {
             self.emit(event, Some(data)).await;
         }
         self.transition(id, JobStatus::Concluded).await;
+        self.jobs.groups.retain(|(j, _)| j != id);
         if dismiss {
             self.transition(id, JobStatus::Null).await;
         }
@@ -1512,16 +1573,26 @@ impl Core {
             self.mirror_complete(id, false).await;
             return Ok(());
         }
-        self.stop_copy(id).await;
-        // A paused job resumes to take the cancel (QEMU's `job_cancel_locked`).
-        match self.jobs.get(id).map(|j| j.status) {
-            Some(JobStatus::Paused) => self.transition(id, JobStatus::Running).await,
-            Some(JobStatus::Standby) => self.transition(id, JobStatus::Ready).await,
-            _ => {}
+        // The job, then the rest of its group (QEMU's `job_txn_abort`).
+        let mut group = self.jobs.group_of(id);
+        group.retain(|m| m != id);
+        group.insert(0, id.to_string());
+        for m in &group {
+            self.stop_copy(m).await;
+            // A paused job resumes to take the cancel (QEMU's `job_cancel_locked`).
+            match self.jobs.get(m).map(|j| j.status) {
+                Some(JobStatus::Paused) => self.transition(m, JobStatus::Running).await,
+                Some(JobStatus::Standby) => self.transition(m, JobStatus::Ready).await,
+                _ => {}
+            }
         }
-        self.transition(id, JobStatus::Aborting).await;
-        self.release_job(id, false).await;
-        self.conclude(id, "BLOCK_JOB_CANCELLED").await;
+        for m in &group {
+            self.transition(m, JobStatus::Aborting).await;
+        }
+        for m in &group {
+            self.release_job(m, false).await;
+            self.conclude(m, "BLOCK_JOB_CANCELLED").await;
+        }
         Ok(())
     }
 

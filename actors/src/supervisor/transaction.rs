@@ -16,8 +16,9 @@
 //! overlay or node used twice fails as in QEMU) and taken after the internal
 //! snapshots; `blockdev-snapshot-sync` creates its overlays first (all or none), then
 //! attaches them with the others; `drive-backup` creates its target in the same
-//! step and starts with the backups. `completion-mode: grouped` over more than one
-//! job is refused for now.
+//! step and starts with the backups. With `completion-mode: grouped` the backups
+//! run as a group: they complete together, and one failing or cancelled cancels
+//! the others.
 
 use std::collections::HashMap;
 
@@ -256,9 +257,7 @@ impl Core {
         {
             return Err(errors::transaction_not_grouped(action_name(a)));
         }
-        if grouped && args.actions.len() > 1 {
-            return Err(errors::transaction_grouped_unsupported());
-        }
+
         // The first action that would fail, and why.
         let mut model = Model::default();
         let failed = args
@@ -394,6 +393,7 @@ impl Core {
         // transaction made, so a write in between is in the bitmap (never in
         // neither).
         let mut prepared = targets.iter();
+        let mut started: Vec<String> = Vec::new();
         for a in &args.actions {
             let applied = match a {
                 TransactionAction::BlockdevBackup(b) => self.blockdev_backup(b).await,
@@ -403,12 +403,29 @@ impl Core {
                 },
                 _ => Ok(()),
             };
+            match a {
+                TransactionAction::BlockdevBackup(b) => {
+                    started.push(b.job_id.clone().unwrap_or_default());
+                }
+                TransactionAction::DriveBackup(m) => started.push(
+                    m.get("job-id")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                ),
+                _ => {}
+            }
             if let Err(e) = applied {
                 // The model passed it: only a system failure (no memory for a
                 // region) gets here, with the actions before it applied.
                 tracing::error!(action = action_name(a), error = %e.desc, "a checked transaction action failed");
                 return Err(e);
             }
+        }
+        // Grouped: the jobs complete together (none can have ended yet: job ends
+        // reach the supervisor after this command).
+        if grouped && started.len() > 1 {
+            self.jobs.group(&started);
         }
         Ok(())
     }
