@@ -51,8 +51,9 @@ use mirror::MirrorWork;
 const STALL: Duration = Duration::from_secs(120);
 /// A ready mirror copies only when guests write, however long that takes.
 const MIRROR_STALL: Duration = Duration::from_secs(365 * 24 * 3600);
-/// How long a copy failing under `on-*-error: ignore` waits before it goes on.
-const IGNORE_RETRY: Duration = Duration::from_millis(100);
+/// Failures in a row, with no progress between them, that `on-*-error: ignore`
+/// goes on after; the next one is reported (a lasting error must not spin).
+const IGNORE_LIMIT: u32 = 16;
 /// How long pausing or cancelling waits for the copy to stop.
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
@@ -328,6 +329,8 @@ pub struct Jobs {
     /// complete together, and one failing or cancelled takes the others with it.
     groups: Vec<(String, u64)>,
     next_group: u64,
+    /// `on-*-error: ignore`: failures in a row and the progress at the last one.
+    ignored: std::collections::HashMap<String, (u32, u64)>,
 }
 
 impl Jobs {
@@ -1277,21 +1280,31 @@ impl Core {
                     | (Some(BlockdevOnError::Enospc), Some(errno @ libc::ENOSPC)) => {
                         self.job_error_stop(id, errno).await;
                     }
-                    (Some(BlockdevOnError::Ignore), Some(_)) => {
+                    (Some(BlockdevOnError::Ignore), Some(_)) if self.ignore_again(id) => {
                         self.emit(
                             "BLOCK_JOB_ERROR",
                             Some(json!({"device": id, "operation": "write", "action": "ignore"})),
                         )
                         .await;
-                        // The copy goes on from its progress; a lasting error is
-                        // retried at most ten times a second.
-                        tokio::time::sleep(IGNORE_RETRY).await;
+                        // The copy goes on from its progress.
                         self.start_copy(id).await;
                     }
                     _ => self.job_failed(id, "write", &text).await,
                 }
             }
         }
+    }
+
+    /// Whether `ignore` goes on after this failure: not after [`IGNORE_LIMIT`] in a
+    /// row without progress.
+    fn ignore_again(&mut self, id: &str) -> bool {
+        let done = self.jobs.get(id).map_or(0, |j| j.done);
+        let entry = self.jobs.ignored.entry(id.to_string()).or_insert((0, done));
+        if entry.1 != done {
+            *entry = (0, done);
+        }
+        entry.0 += 1;
+        entry.0 <= IGNORE_LIMIT
     }
 
     /// `on-*-error: stop` (or `enospc` on ENOSPC): `BLOCK_JOB_ERROR` with action
@@ -1485,6 +1498,7 @@ impl Core {
         }
         self.transition(id, JobStatus::Concluded).await;
         self.jobs.groups.retain(|(j, _)| j != id);
+        self.jobs.ignored.remove(id);
         if dismiss {
             self.transition(id, JobStatus::Null).await;
         }
