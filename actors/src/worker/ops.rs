@@ -750,7 +750,8 @@ async fn mirror(
             blocking = true;
             completing = true;
         }
-        // Unlimited, several runs at once: one's reads overlap another's writes.
+        // Unlimited, several runs at once, refilled as each ends: one's reads
+        // overlap another's writes, and no copy waits for its slowest sibling.
         let parallel = if pace.speed == 0 { MIRROR_PARALLEL } else { 1 };
         let max = pace.chunk(MIRROR_CHUNK);
         let mut copies = tokio::task::JoinSet::new();
@@ -764,9 +765,23 @@ async fn mirror(
             match r {
                 Ok(Ok(one)) => {
                     s.copied += one.copied;
-                    s.synced += one.synced;
                     s.dirty = one.dirty;
                     s.background = one.background;
+                    done += one.synced + one.copied;
+                    if one.copied == 0 {
+                        continue;
+                    }
+                    report.progress(done, done + one.dirty).await;
+                    if let Err(e) = pace.pass(one.copied, &mut control).await {
+                        failed = Some(e);
+                        continue;
+                    }
+                    let steady = !*control.cancel.borrow()
+                        && (blocking || !*control.write_blocking.borrow())
+                        && (completing || !*control.complete.borrow());
+                    if failed.is_none() && pace.speed == 0 && steady {
+                        copies.spawn(ask(MirrorRequest::Copy { max }));
+                    }
                 }
                 Ok(Err(e)) => failed = Some(e),
                 Err(e) => failed = Some(err(WorkerErrorKind::Io, libc::EIO, e.to_string())),
@@ -775,11 +790,7 @@ async fn mirror(
         if let Some(e) = failed {
             return Err(e);
         }
-        done += s.synced;
         if s.copied > 0 {
-            done += s.copied;
-            report.progress(done, done + s.dirty).await;
-            pace.pass(s.copied, &mut control).await?;
             continue;
         }
         if s.dirty > 0 {
