@@ -193,6 +193,31 @@ pub enum ToWorker {
         /// The bitmaps.
         bitmaps: Vec<BitmapSpec>,
     },
+    /// Hand persistent bitmaps of a node's image over to the daemon (qcow2): one
+    /// region attached per entry, in order, which the worker fills with the bits of
+    /// the loaded bitmap of that name; the image stops tracking them. The reply comes
+    /// once every region is filled.
+    TakeBitmaps {
+        /// The node.
+        node: NodeId,
+        /// The bitmaps by name, with their regions' specs.
+        bitmaps: Vec<(String, BitmapSpec)>,
+    },
+    /// Store persistent bitmaps in a node's image (qcow2), each from the region
+    /// attached in order (read-only); each replaces the stored one of its name.
+    StoreBitmaps {
+        /// The node.
+        node: NodeId,
+        /// The bitmaps.
+        bitmaps: Vec<StoredBitmapSpec>,
+    },
+    /// Drop a persistent bitmap from a node's image now (qcow2).
+    RemoveStoredBitmap {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+    },
     /// Replace an open node's implementation (`blockdev-reopen`, `blockdev-set-active`):
     /// new options, the child it now uses, and for `file`/`host_device` the image
     /// descriptor attached (the supervisor reopens the image when the access mode
@@ -383,6 +408,17 @@ pub struct BitmapSpec {
     pub size: u64,
     /// Bytes per bit (a power of two, at least 512).
     pub granularity: u64,
+}
+
+/// A persistent bitmap to store ([`ToWorker::StoreBitmaps`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredBitmapSpec {
+    /// Its name.
+    pub name: String,
+    /// Stored as recording (`auto`).
+    pub enabled: bool,
+    /// Its region.
+    pub spec: BitmapSpec,
 }
 
 /// A qcow2 image `blockdev-create` asks for.

@@ -331,6 +331,43 @@ impl<W: Deref<Target = [AtomicU64]>> DirtyBitmap<W> {
         out
     }
 
+    /// The bits as bytes, least significant bit first, `ceil(bits / 8)` of them: the
+    /// order qcow2 stores a bitmap in.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let len = usize::try_from(self.bits.div_ceil(8)).unwrap_or(0);
+        let mut out = Vec::with_capacity(len + 8);
+        for w in self.words.iter() {
+            out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Sets the bits `bytes` has set (least significant bit first, as
+    /// [`DirtyBitmap::to_bytes`] gives them); bits past the bitmap's end are ignored.
+    pub fn or_bytes(&self, bytes: &[u8]) {
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut le = [0u8; 8];
+            le[..chunk.len()].copy_from_slice(chunk);
+            let first = i as u64 * 64;
+            if first >= self.bits {
+                break;
+            }
+            let valid = (self.bits - first).min(64);
+            let mask = if valid == 64 {
+                u64::MAX
+            } else {
+                (1u64 << valid) - 1
+            };
+            let v = u64::from_le_bytes(le) & mask;
+            if v != 0
+                && let Some(word) = self.words.get(i)
+            {
+                word.fetch_or(v, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// QEMU's `x-debug-block-dirty-bitmap-sha256`: SHA-256 of the words as
     /// little-endian bytes, in lowercase hexadecimal.
     pub fn sha256(&self) -> String {
@@ -347,6 +384,20 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn bytes_round_trip_in_qcow2_order_and_stop_at_the_end() {
+        let b = DirtyBitmap::new(10 * 65536 + 1, 65536).unwrap();
+        b.set(0, 1);
+        b.set(9 * 65536, 1);
+        b.set(10 * 65536, 1);
+        // 11 bits: bits 0, 9 and 10 set.
+        assert_eq!(b.to_bytes(), vec![0x01, 0x06]);
+        let c = DirtyBitmap::new(10 * 65536 + 1, 65536).unwrap();
+        c.or_bytes(&[0x01, 0xff, 0xff]);
+        assert_eq!(c.to_bytes(), vec![0x01, 0x07]);
+        assert_eq!(c.count(), 4 * 65536);
+    }
 
     #[test]
     fn granularities_are_checked_and_defaulted_as_qemu_does() {

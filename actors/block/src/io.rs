@@ -31,6 +31,28 @@ pub struct SnapshotRequest {
 /// What a node without internal snapshots answers (QEMU's `-ENOTSUP`).
 pub const SNAPSHOTS_UNSUPPORTED: &str = "Operation not supported";
 
+/// A request about a format node's persistent bitmaps (qcow2): the daemon keeps
+/// them in memory of its own while the node is open and stores them back.
+#[derive(Debug, Clone)]
+pub enum StoredBitmaps {
+    /// Hand over these usable bitmaps the image brought; the engine stops tracking
+    /// them.
+    Take(Vec<String>),
+    /// Store these in the image (each replaces the stored one of its name).
+    Store(Vec<StoredBitmap>),
+    /// Drop this one from the image now.
+    Remove(String),
+}
+
+/// One persistent bitmap's bits (least significant bit first, one per granule).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBitmap {
+    pub name: String,
+    pub granularity: u64,
+    pub enabled: bool,
+    pub bits: Vec<u8>,
+}
+
 /// Result of a node I/O operation.
 pub type IoResult<T> = Result<T, IoError>;
 
@@ -317,6 +339,12 @@ pub trait BlockIo: Send + Sync {
         _request: crate::mirror::MirrorRequest,
     ) -> IoFuture<'_, crate::mirror::MirrorStatus> {
         Box::pin(async { Err(IoError::Unsupported) })
+    }
+
+    /// Takes, stores or drops persistent bitmaps (see [`StoredBitmaps`]); what `Take`
+    /// handed over, else nothing.
+    fn stored_bitmaps(&self, _request: StoredBitmaps) -> SnapshotFuture<'_, Vec<StoredBitmap>> {
+        Box::pin(async { Err(SNAPSHOTS_UNSUPPORTED.to_string()) })
     }
 
     /// Writes `name` and `format` into the image header as its backing file

@@ -50,8 +50,8 @@ pub use config::DriverConfig;
 pub use driver::ChildRole;
 pub use io::{
     BitmapEntry, BlockIo, DirtyBitmap, Extent, FormatInfo, IoBuffer, IoError, IoFuture, IoResult,
-    MapKind, MapRun, SnapshotEntry, SnapshotRequest, SparseFuture, SparseReadError, WriteFlags,
-    ZeroFlags,
+    MapKind, MapRun, SnapshotEntry, SnapshotRequest, SparseFuture, SparseReadError, StoredBitmap,
+    StoredBitmaps, WriteFlags, ZeroFlags,
 };
 pub use registry::DriverKind;
 

@@ -277,6 +277,14 @@ impl BlockIo for Node {
         self.driver.snapshot_discard(offset, len)
     }
 
+    fn stored_bitmaps(
+        &self,
+        request: crate::io::StoredBitmaps,
+    ) -> crate::io::SnapshotFuture<'_, Vec<crate::io::StoredBitmap>> {
+        let node = self.driver.clone();
+        Box::pin(async move { node.stored_bitmaps(request).await })
+    }
+
     fn set_backing_file(&self, name: String, format: String) -> crate::io::SnapshotFuture<'_, ()> {
         let node = self.driver.clone();
         Box::pin(async move { node.set_backing_file(name, format).await })

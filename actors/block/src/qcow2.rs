@@ -842,6 +842,46 @@ impl BlockIo for Qcow2Driver {
         })
     }
 
+    fn stored_bitmaps(
+        &self,
+        request: crate::io::StoredBitmaps,
+    ) -> SnapshotFuture<'_, Vec<crate::io::StoredBitmap>> {
+        use crate::io::{StoredBitmap, StoredBitmaps};
+        let engine = Arc::clone(&self.engine);
+        Box::pin(async move {
+            let done = threads::run_format(move || {
+                Ok(match request {
+                    StoredBitmaps::Take(names) => Ok(engine
+                        .take_bitmaps(&names)
+                        .into_iter()
+                        .map(|t| StoredBitmap {
+                            name: t.name,
+                            granularity: t.granularity,
+                            enabled: t.enabled,
+                            bits: t.bits,
+                        })
+                        .collect()),
+                    StoredBitmaps::Store(list) => {
+                        let list: Vec<_> = list
+                            .iter()
+                            .map(|b| bulkhead_qcow2::StoreBitmap {
+                                name: &b.name,
+                                granularity: b.granularity,
+                                enabled: b.enabled,
+                                bits: &b.bits,
+                            })
+                            .collect();
+                        engine.store_bitmaps(&list).map(|()| Vec::new())
+                    }
+                    StoredBitmaps::Remove(name) => engine.remove_bitmap(&name).map(|()| Vec::new()),
+                })
+            })
+            .await
+            .map_err(|e| crate::posix::strerror(e.errno()))?;
+            done.map_err(|e| e.to_string())
+        })
+    }
+
     fn set_backing_file(&self, name: String, format: String) -> SnapshotFuture<'_, ()> {
         let engine = Arc::clone(&self.engine);
         Box::pin(async move {

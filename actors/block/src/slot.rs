@@ -263,6 +263,16 @@ impl BlockIo for Slot {
         })
     }
 
+    fn stored_bitmaps(
+        &self,
+        request: crate::io::StoredBitmaps,
+    ) -> crate::io::SnapshotFuture<'_, Vec<crate::io::StoredBitmap>> {
+        Box::pin(async move {
+            let (_hold, node) = self.enter().await;
+            node.stored_bitmaps(request).await
+        })
+    }
+
     fn set_backing_file(&self, name: String, format: String) -> crate::io::SnapshotFuture<'_, ()> {
         Box::pin(async move {
             let (_hold, node) = self.enter().await;

@@ -372,6 +372,29 @@ impl Loaded {
             .sum()
     }
 
+    /// The bits as bytes, least significant bit first (the on-disk order).
+    pub fn bytes(&self, cluster_size: u64) -> Vec<u8> {
+        let len = usize::try_from(self.nbits.div_ceil(8)).unwrap_or(0);
+        let mut out = vec![0u8; len];
+        for (i, c) in self.chunks.iter().enumerate() {
+            let from = i * cluster_size as usize;
+            let Some(dst) = out.get_mut(from..(from + cluster_size as usize).min(len)) else {
+                break;
+            };
+            match c {
+                Chunk::Zero => {}
+                Chunk::Ones => dst.fill(0xff),
+                Chunk::Data(b) => {
+                    let n = dst.len().min(b.len());
+                    dst[..n].copy_from_slice(&b[..n]);
+                }
+            }
+        }
+        // An all-ones chunk sets bits past the end of the bitmap too.
+        clear_from(&mut out, self.nbits);
+        out
+    }
+
     pub fn status(&self, cluster_size: u64) -> BitmapStatus {
         BitmapStatus {
             name: self.info.name.clone(),
@@ -404,7 +427,7 @@ fn set_bits(buf: &mut [u8], from: u64, to: u64) {
 }
 
 /// Clears every bit from `from` on.
-fn clear_from(buf: &mut [u8], from: u64) {
+pub(crate) fn clear_from(buf: &mut [u8], from: u64) {
     let byte = (from / 8) as usize;
     if byte >= buf.len() {
         return;

@@ -28,6 +28,7 @@ mod refcount;
 mod repair;
 mod snapshot;
 mod storage;
+mod stored;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -40,6 +41,7 @@ pub use meta::OverlapCheck;
 pub use probe::{HeaderFacts, header_facts, named_data_file};
 pub use snapshot::SnapshotInfo;
 pub use storage::{Backing, FdStorage, MemStorage, Storage};
+pub use stored::{StoreBitmap, TakenBitmap, can_store_new, dir_entry_size};
 
 use header::{INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
 use meta::{
@@ -186,8 +188,8 @@ pub struct Qcow2 {
     live: Mutex<Vec<bitmap::Loaded>>,
     /// Some loaded bitmap records writes (enabled, consistent, image writable).
     has_live: bool,
-    /// On-disk bitmap flags as of now (in use while loaded writable), for `info()`.
-    bitmap_flags: Mutex<Vec<u32>>,
+    /// The bitmap directory as on disk now (flags in use while loaded writable).
+    dir: Mutex<stored::StoredDir>,
     /// Backing file name and format as the header says now.
     backing_names: Mutex<(Option<String>, Option<String>)>,
     /// Held shared by requests doing I/O on clusters they looked up, exclusively while
@@ -514,16 +516,19 @@ impl Qcow2 {
                     .map_err(Error::io("Could not update qcow2 header"))?;
             }
         }
-        let bitmap_flags = bitmaps
-            .iter()
-            .map(|b| {
-                if opts.writable {
-                    b.flags | bitmap::FLAG_IN_USE
-                } else {
-                    b.flags
-                }
-            })
-            .collect();
+        let dir = stored::StoredDir {
+            entries: bitmaps
+                .iter()
+                .map(|b| {
+                    let mut b = b.clone();
+                    if opts.writable && !b.in_use() {
+                        b.flags |= bitmap::FLAG_IN_USE;
+                    }
+                    b
+                })
+                .collect(),
+            ext: h.bitmaps,
+        };
         let has_live = opts.writable && live.iter().any(|l| l.recording());
         let backing_pair = match opts.backing {
             Some(b) => {
@@ -537,7 +542,7 @@ impl Qcow2 {
         Ok(Qcow2 {
             live: Mutex::new(live),
             has_live,
-            bitmap_flags: Mutex::new(bitmap_flags),
+            dir: Mutex::new(dir),
             backing_names: Mutex::new((h.backing_file.clone(), h.backing_format.clone())),
             file,
             data,
@@ -591,6 +596,23 @@ impl Qcow2 {
             return Err(Error::Invalid("Backing file format too long".into()));
         }
         let (_gate, _m) = self.quiesce()?;
+        self.write_header_exts(Some((name, format)), None)?;
+        *self.backing_names.lock().unwrap_or_else(lock_err) = (
+            name.map(str::to_string),
+            format.filter(|_| name.is_some()).map(str::to_string),
+        );
+        Ok(())
+    }
+
+    /// Rebuilds the header cluster with a new backing name and format (`backing`)
+    /// and/or a new bitmaps extension (`bitmaps`; `Some(None)` drops it and clears
+    /// the autoclear bit), every other extension kept byte for byte; written in one
+    /// pwrite, flushed. The caller holds the engine quiesced.
+    pub(crate) fn write_header_exts(
+        &self,
+        backing: Option<(Option<&str>, Option<&str>)>,
+        bitmaps: Option<Option<header::BitmapsExt>>,
+    ) -> Result<()> {
         let cs = self.geo.cs;
         let mut old = vec![0u8; cs as usize];
         self.file
@@ -611,9 +633,23 @@ impl Qcow2 {
         } else {
             cs as usize
         };
-        // The extensions as they are (validated at open), minus the backing format.
+        // The name stays unless a new one is given.
+        let old_name = (old_backing_off != 0)
+            .then(|| {
+                let len = be32(&old, 16) as usize;
+                old.get(old_backing_off as usize..old_backing_off as usize + len)
+                    .map(<[u8]>::to_vec)
+            })
+            .flatten();
+        let name: Option<Vec<u8>> = match backing {
+            Some((n, _)) => n.map(|n| n.as_bytes().to_vec()),
+            None => old_name,
+        };
+        // The extensions as they are (validated at open), minus the replaced ones.
         let mut exts: Vec<u8> = Vec::new();
-        if let Some(f) = format.filter(|_| name.is_some()) {
+        if let Some((n, Some(f))) = backing
+            && n.is_some()
+        {
             exts.extend_from_slice(&header::EXT_BACKING_FORMAT.to_be_bytes());
             exts.extend_from_slice(&(f.len() as u32).to_be_bytes());
             exts.extend_from_slice(f.as_bytes());
@@ -630,24 +666,46 @@ impl Qcow2 {
             let Some(raw) = old.get(off..off + 8 + padded) else {
                 break;
             };
-            if magic != header::EXT_BACKING_FORMAT {
+            let replaced = (magic == header::EXT_BACKING_FORMAT && backing.is_some())
+                || (magic == header::EXT_BITMAPS && bitmaps.is_some());
+            if !replaced {
                 exts.extend_from_slice(raw);
             }
             off += 8 + padded;
         }
+        if let Some(Some(b)) = bitmaps {
+            exts.extend_from_slice(&header::EXT_BITMAPS.to_be_bytes());
+            exts.extend_from_slice(&24u32.to_be_bytes());
+            exts.extend_from_slice(&b.nb_bitmaps.to_be_bytes());
+            exts.extend_from_slice(&0u32.to_be_bytes());
+            exts.extend_from_slice(&b.directory_size.to_be_bytes());
+            exts.extend_from_slice(&b.directory_offset.to_be_bytes());
+        }
         exts.extend_from_slice(&[0u8; 8]); // end of extensions
         let mut new = vec![0u8; cs as usize];
         new[..header_len].copy_from_slice(&old[..header_len]);
+        if let Some(b) = bitmaps
+            && self.geo.version >= 3
+        {
+            let mut autoclear = be64(&old, header::OFF_AUTOCLEAR as usize);
+            if b.is_some() {
+                autoclear |= header::AUTOCLEAR_BITMAPS;
+            } else {
+                autoclear &= !header::AUTOCLEAR_BITMAPS;
+            }
+            let at = header::OFF_AUTOCLEAR as usize;
+            new[at..at + 8].copy_from_slice(&autoclear.to_be_bytes());
+        }
         let ext_at = header_len;
         let name_at = ext_at + exts.len();
-        let end = name_at + name.map_or(0, str::len);
+        let end = name_at + name.as_ref().map_or(0, Vec::len);
         if end > cs as usize {
             return Err(Error::TooLarge("qcow2 header exceeds cluster size".into()));
         }
         new[ext_at..name_at].copy_from_slice(&exts);
-        match name {
+        match &name {
             Some(n) => {
-                new[name_at..end].copy_from_slice(n.as_bytes());
+                new[name_at..end].copy_from_slice(n);
                 new[8..16].copy_from_slice(&(name_at as u64).to_be_bytes());
                 new[16..20].copy_from_slice(&(n.len() as u32).to_be_bytes());
             }
@@ -659,12 +717,7 @@ impl Qcow2 {
         self.file
             .write_at(&new[..end.max(name_at)], 0)
             .map_err(Error::io("updating the header"))?;
-        self.file.flush().map_err(Error::io("flushing"))?;
-        *self.backing_names.lock().unwrap_or_else(lock_err) = (
-            name.map(str::to_string),
-            format.filter(|_| name.is_some()).map(str::to_string),
-        );
-        Ok(())
+        self.file.flush().map_err(Error::io("flushing"))
     }
 
     /// Re-reads the backing node's length (after it was resized).
@@ -700,10 +753,9 @@ impl Qcow2 {
         i.snapshots = self.meta.lock().unwrap_or_else(lock_err).snapshots.clone();
         let names = self.backing_names.lock().unwrap_or_else(lock_err).clone();
         (i.backing_file, i.backing_format) = names;
-        let flags = self.bitmap_flags.lock().unwrap_or_else(lock_err);
-        for (b, f) in i.bitmaps.iter_mut().zip(flags.iter()) {
-            b.flags = *f;
-        }
+        let dir = self.dir.lock().unwrap_or_else(lock_err);
+        i.bitmaps = dir.entries.clone();
+        i.has_bitmaps = dir.ext.is_some();
         i
     }
 
@@ -735,7 +787,7 @@ impl Qcow2 {
     /// close). Chunks set since open are written (in place when the old cluster is
     /// the bitmap's alone, else to a new cluster), then the table, a flush, then the
     /// flags: a crash before leaves them in use, hence inconsistent, never stale.
-    fn store_bitmaps(&self, m: &mut Meta) -> Result<()> {
+    fn store_loaded_bitmaps(&self, m: &mut Meta) -> Result<()> {
         let cs = self.geo.cs;
         let mut live = self.live.lock().unwrap_or_else(lock_err);
         let mut to_free = Vec::new();
@@ -804,20 +856,19 @@ impl Qcow2 {
         }
         m.flush_refcounts()?;
         self.file.flush().map_err(Error::io("flushing"))?;
-        let mut flags = self.bitmap_flags.lock().unwrap_or_else(lock_err);
+        let mut dir = self.dir.lock().unwrap_or_else(lock_err);
         for l in live.iter_mut().filter(|l| l.marked) {
             let f = l.info.flags & !bitmap::FLAG_IN_USE;
             self.file
                 .write_at(&f.to_be_bytes(), l.info.flags_offset)
                 .map_err(Error::io("updating the bitmap directory"))?;
             l.marked = false;
-            if let Some(i) = self
-                .info
-                .bitmaps
-                .iter()
-                .position(|b| b.flags_offset == l.info.flags_offset)
+            if let Some(b) = dir
+                .entries
+                .iter_mut()
+                .find(|b| b.flags_offset == l.info.flags_offset)
             {
-                flags[i] = f;
+                b.flags = f;
             }
         }
         self.file.flush().map_err(Error::io("flushing"))?;
@@ -1880,11 +1931,7 @@ impl Qcow2 {
                 "Can't resize a v2 image which has snapshots".into(),
             ));
         }
-        if !self.info.bitmaps.is_empty() {
-            return Err(Error::Unsupported(
-                "Cannot resize an image with persistent bitmaps".into(),
-            ));
-        }
+        self.resize_bitmaps_check()?;
         let geo = self.geo;
         let old = self.size();
         if new_size > MAX_CLUSTER_OFFSET {
@@ -2115,7 +2162,7 @@ impl Qcow2 {
             if self.closed.swap(true, Ordering::SeqCst) {
                 return Ok(());
             }
-            self.store_bitmaps(&mut m)?;
+            self.store_loaded_bitmaps(&mut m)?;
             m.release_reserved()?;
             drop(m);
             if self.external_data {

@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use bulkhead_bitmap::{DirtyBitmap, words_for};
 use bulkhead_ipc::bitmap::{BitmapWords, create_region};
-use bulkhead_ipc::wire::{BitmapSpec, MAX_RECORDING_BITMAPS, ToWorker};
+use bulkhead_ipc::wire::{BitmapSpec, MAX_RECORDING_BITMAPS, StoredBitmapSpec, ToWorker};
 use bulkhead_qmp::qapi::types::BlockDirtyBitmapOrStr;
 use serde_json::{Map, Value};
 
@@ -31,6 +31,10 @@ pub struct Bitmap {
     pub name: String,
     /// Writes mark it (`recording`).
     pub enabled: bool,
+    /// Stored in the node's image when the node closes (qcow2).
+    pub persistent: bool,
+    /// Loaded from a read-only image: the monitor may read it but not change it.
+    pub readonly: bool,
     /// Exports that offer it: while any does, the monitor may not change it (`busy`).
     pub users: u32,
     /// The region, passed to the node's worker while enabled.
@@ -72,6 +76,8 @@ impl Bitmap {
         Ok(Bitmap {
             name: name.to_string(),
             enabled,
+            persistent: false,
+            readonly: false,
             users: 0,
             fd,
             bits,
@@ -107,6 +113,26 @@ impl Bitmap {
         &self.fd
     }
 
+    /// A region holding what to store: during a backup the frozen bits and those
+    /// recorded since, merged into a copy; otherwise the bitmap's own region.
+    fn stored_region(&self) -> Result<(OwnedFd, BitmapSpec), QmpError> {
+        let spec = self.spec();
+        match &self.frozen {
+            None => {
+                let fd = self.fd.try_clone().map_err(errors::bitmap_region_io)?;
+                Ok((fd, spec))
+            }
+            Some(f) => {
+                let copy = Bitmap::create(&self.name, spec.size, spec.granularity, false)?;
+                copy.bits.merge_from(&f.bits).map_err(errors::from_error)?;
+                copy.bits
+                    .merge_from(&self.bits)
+                    .map_err(errors::from_error)?;
+                Ok((copy.fd, spec))
+            }
+        }
+    }
+
     /// Whether an operation holds it (QEMU's `busy`).
     pub fn busy(&self) -> bool {
         self.users > 0
@@ -119,6 +145,8 @@ impl Bitmap {
         new.bits.copy_resized(&self.bits);
         Ok(Bitmap {
             users: self.users,
+            persistent: self.persistent,
+            readonly: self.readonly,
             ..new
         })
     }
@@ -128,7 +156,7 @@ impl Bitmap {
         let mut m = Map::new();
         m.insert("name".into(), self.name.clone().into());
         m.insert("recording".into(), self.enabled.into());
-        m.insert("persistent".into(), false.into());
+        m.insert("persistent".into(), self.persistent.into());
         m.insert("busy".into(), self.busy().into());
         m.insert("granularity".into(), self.bits.granularity().into());
         m.insert("count".into(), self.shown().count().into());
@@ -136,12 +164,26 @@ impl Bitmap {
     }
 
     /// QEMU's `bdrv_dirty_bitmap_check` for the monitor's changes: a busy bitmap
-    /// cannot be used.
+    /// cannot be used, a read-only one not changed.
     fn check(&self) -> Result<(), QmpError> {
+        self.check_allow_ro()?;
+        if self.readonly {
+            return Err(errors::bitmap_readonly(&self.name));
+        }
+        Ok(())
+    }
+
+    /// The same with `BDRV_BITMAP_ALLOW_RO` (enable and disable).
+    fn check_allow_ro(&self) -> Result<(), QmpError> {
         if self.busy() {
             return Err(errors::bitmap_busy(&self.name));
         }
         Ok(())
+    }
+
+    /// Its writes' marks go to the node's worker.
+    fn records(&self) -> bool {
+        self.enabled && !self.readonly
     }
 }
 
@@ -211,7 +253,35 @@ impl Core {
             None => bulkhead_bitmap::default_granularity(cluster_size(n)),
         };
         if persistent {
-            return Err(errors::bitmap_persistence_unsupported(&n.name));
+            // bdrv_co_can_store_new_dirty_bitmap: a name in use first, then only
+            // qcow2 stores bitmaps.
+            let exists = n.bitmaps.iter().any(|b| b.name == name)
+                || n.format
+                    .as_ref()
+                    .is_some_and(|f| f.dirty_bitmaps.iter().any(|b| b.name == name));
+            if exists {
+                return Err(errors::bitmap_exists(name));
+            }
+            let Some(f) = n.format.as_ref() else {
+                return Err(errors::bitmap_persistence_unsupported(&n.name));
+            };
+            let mut names: Vec<&str> = n
+                .bitmaps
+                .iter()
+                .filter(|b| b.persistent)
+                .map(|b| b.name.as_str())
+                .collect();
+            names.extend(f.dirty_bitmaps.iter().map(|b| b.name.as_str()));
+            let version = if f.compat == "0.10" { 2 } else { 3 };
+            bulkhead_qcow2::can_store_new(
+                version,
+                &names,
+                n.size,
+                f.cluster_size,
+                name,
+                granularity,
+            )
+            .map_err(|why| errors::bitmap_cannot_persist(name, &n.name, &why))?;
         }
         if name.len() > MAX_NAME {
             return Err(errors::bitmap_name_too_long(name));
@@ -247,7 +317,8 @@ impl Core {
         if !disabled && recording(n) >= MAX_RECORDING_BITMAPS {
             return Err(errors::too_many_recording_bitmaps(MAX_RECORDING_BITMAPS));
         }
-        let bitmap = Bitmap::create(name, new.size, new.granularity, !disabled)?;
+        let mut bitmap = Bitmap::create(name, new.size, new.granularity, !disabled)?;
+        bitmap.persistent = persistent;
         if let Some(n) = self.graph.get_mut(node) {
             n.bitmaps.push(bitmap);
         }
@@ -263,6 +334,10 @@ impl Core {
         let b = self.bitmap(&found)?;
         b.check()?;
         let enabled = b.enabled;
+        if b.persistent {
+            // QEMU drops it from the image first; a failure keeps the bitmap.
+            self.unstore_bitmap(&found.0, name).await?;
+        }
         if let Some(n) = self.graph.get_mut(&found.0) {
             n.bitmaps.remove(found.1);
         }
@@ -290,7 +365,7 @@ impl Core {
     ) -> Result<(), QmpError> {
         let found = self.find_bitmap(node, name)?;
         let b = self.bitmap(&found)?;
-        b.check()?;
+        b.check_allow_ro()?;
         if b.enabled == enabled {
             return Ok(());
         }
@@ -435,6 +510,161 @@ impl Core {
         }
     }
 
+    /// The usable persistent bitmaps a qcow2 node's image brought move into
+    /// regions of their own, as every other bitmap (the worker fills them and the
+    /// engine stops tracking them), so that the commands, exports and backups use
+    /// them alike and a dying worker loses none of their bits (a read-only image's
+    /// are read-only: QEMU's `BDRV_BITMAP_RO`). Done once, when the node opens; those that cannot move (more than a node records, a failing
+    /// worker) stay with the engine, shown as before.
+    pub(super) async fn adopt_image_bitmaps(&mut self, node: &str) {
+        let Some(n) = self.graph.get(node) else {
+            return;
+        };
+        let Some(f) = n.format.as_ref() else {
+            return;
+        };
+        let readonly = n.read_only;
+        let mut room = MAX_RECORDING_BITMAPS.saturating_sub(recording(n));
+        let mut moving = Vec::new();
+        for b in f.dirty_bitmaps.iter().filter(|b| !b.inconsistent) {
+            if n.bitmaps.iter().any(|m| m.name == b.name) {
+                continue;
+            }
+            if b.recording && !readonly {
+                if room == 0 {
+                    continue;
+                }
+                room -= 1;
+            }
+            match Bitmap::create(&b.name, n.size, b.granularity, b.recording) {
+                Ok(mut m) => {
+                    m.persistent = true;
+                    m.readonly = readonly;
+                    moving.push(m);
+                }
+                Err(e) => {
+                    tracing::warn!(node, bitmap = %b.name, error = %e.desc, "bitmap stays with the image")
+                }
+            }
+        }
+        let (id, home) = (n.id, n.home);
+        let mut adopted = Vec::new();
+        for batch in chunked(moving, bulkhead_ipc::fd::MAX_FDS_PER_MESSAGE) {
+            let Some(w) = self.running(home) else {
+                return;
+            };
+            let specs = batch.iter().map(|b| (b.name.clone(), b.spec())).collect();
+            let fds: Vec<_> = batch.iter().map(|b| b.fd.as_fd()).collect();
+            match w
+                .call(
+                    ToWorker::TakeBitmaps {
+                        node: id,
+                        bitmaps: specs,
+                    },
+                    &fds,
+                )
+                .await
+            {
+                Ok(_) => adopted.extend(batch),
+                Err(e) => {
+                    tracing::warn!(node, error = %e, "the image's bitmaps stay with it");
+                    break;
+                }
+            }
+        }
+        if adopted.is_empty() {
+            return;
+        }
+        let any_enabled = adopted.iter().any(Bitmap::records);
+        if let Some(n) = self.graph.get_mut(node) {
+            if let Some(f) = n.format.as_mut() {
+                f.dirty_bitmaps
+                    .retain(|d| !adopted.iter().any(|a| a.name == d.name));
+            }
+            // QEMU lists them newest first, the directory's last first: as if
+            // created in directory order.
+            n.bitmaps.splice(0..0, adopted);
+        }
+        if any_enabled {
+            self.push_bitmaps(node).await;
+        }
+    }
+
+    /// Stores the node's persistent bitmaps in its image (QEMU does it as a node
+    /// closes): those the image has keep their places, new ones follow newest
+    /// first. A failure is logged, as QEMU warns: the bitmaps stay in use on disk,
+    /// inconsistent at the next open.
+    pub(super) async fn store_persistent_bitmaps(&mut self, node: &str) {
+        let Some(n) = self.graph.get(node) else {
+            return;
+        };
+        if n.read_only || n.format.is_none() {
+            return;
+        }
+        let list: Vec<&Bitmap> = n.bitmaps.iter().rev().filter(|b| b.persistent).collect();
+        if list.is_empty() {
+            return;
+        }
+        let Some(w) = self.running(n.home) else {
+            return;
+        };
+        for batch in list.chunks(bulkhead_ipc::fd::MAX_FDS_PER_MESSAGE) {
+            let mut fds = Vec::with_capacity(batch.len());
+            let mut specs = Vec::with_capacity(batch.len());
+            for b in batch {
+                // What the frozen copy holds is part of the bitmap too.
+                match b.stored_region() {
+                    Ok((fd, spec)) => {
+                        fds.push(fd);
+                        specs.push(StoredBitmapSpec {
+                            name: b.name.clone(),
+                            enabled: b.enabled,
+                            spec,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(node, bitmap = %b.name, error = %e.desc, "bitmap not stored");
+                    }
+                }
+            }
+            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+            if let Err(e) = w
+                .call(
+                    ToWorker::StoreBitmaps {
+                        node: n.id,
+                        bitmaps: specs,
+                    },
+                    &borrowed,
+                )
+                .await
+            {
+                tracing::warn!(node, error = %e, "Failed to write bitmap(s) to the image");
+            }
+        }
+    }
+
+    /// Drops persistent bitmap `name` from `node`'s image (`block-dirty-bitmap-remove`).
+    async fn unstore_bitmap(&mut self, node: &str, name: &str) -> Result<(), QmpError> {
+        let n = self.graph.get(node).ok_or_else(errors::node_vanished)?;
+        if n.read_only {
+            return Ok(());
+        }
+        let id = n.id;
+        let w = self
+            .running(n.home)
+            .ok_or_else(|| errors::worker_not_running(n.home))?;
+        w.call(
+            ToWorker::RemoveStoredBitmap {
+                node: id,
+                name: name.to_string(),
+            },
+            &[],
+        )
+        .await
+        .map_err(|e| errors::bitmap_unstore_failed(name, &e))?;
+        Ok(())
+    }
+
     /// After sizes changed (a resize, a query that re-read them): every bitmap of a
     /// node whose size differs from its bitmaps' moves to a region of the new size,
     /// keeping the bits both cover.
@@ -475,18 +705,30 @@ impl Core {
     }
 }
 
+/// `items` in groups of at most `n`.
+fn chunked<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    for item in items {
+        match out.last_mut() {
+            Some(last) if last.len() < n => last.push(item),
+            _ => out.push(vec![item]),
+        }
+    }
+    out
+}
+
 /// The specs and regions of the bitmaps `n`'s writes mark, for `AddNode` and
 /// `SetBitmaps`.
 pub(super) fn recording_regions(n: &Node) -> (Vec<BitmapSpec>, Vec<&OwnedFd>) {
     n.bitmaps
         .iter()
-        .filter(|b| b.enabled)
+        .filter(|b| b.records())
         .map(|b| (b.spec(), b.fd()))
         .unzip()
 }
 
 fn recording(n: &Node) -> usize {
-    n.bitmaps.iter().filter(|b| b.enabled).count()
+    n.bitmaps.iter().filter(|b| b.records()).count()
 }
 
 /// The node's cluster size, where its format has one (the default granularity).

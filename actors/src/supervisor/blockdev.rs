@@ -559,6 +559,7 @@ impl Core {
             // A raw window refuses to share `resize` of the image below it.
             self.refresh_locks()?;
         }
+        self.adopt_image_bitmaps(&name).await;
         Ok(name)
     }
 
@@ -770,6 +771,7 @@ impl Core {
     /// Closes a node in its worker and forgets it; children that only it used and
     /// that the monitor does not own go with it.
     pub(super) async fn destroy(&mut self, name: &str) {
+        self.store_persistent_bitmaps(name).await;
         let Some(mut node) = self.graph.remove(name) else {
             return;
         };
@@ -803,6 +805,7 @@ impl Core {
         order.reverse();
         let close = async {
             for name in order {
+                self.store_persistent_bitmaps(&name).await;
                 let Some(node) = self.graph.get(&name) else {
                     continue;
                 };

@@ -381,6 +381,28 @@ pub fn bitmap_persistence_unsupported(node: &str) -> QmpError {
     ))
 }
 
+/// `block-dirty-bitmap-add` with `persistent` that the image cannot store
+/// (`qcow2_co_can_store_new_dirty_bitmap`'s reason, prefixed as QEMU prefixes it).
+pub fn bitmap_cannot_persist(name: &str, node: &str, why: &str) -> QmpError {
+    generic(format!(
+        "Can't make bitmap '{name}' persistent in '{node}': {why}"
+    ))
+}
+
+/// `bdrv_dirty_bitmap_check`: a bitmap loaded from a read-only image.
+pub fn bitmap_readonly(name: &str) -> QmpError {
+    generic(format!(
+        "Bitmap '{name}' is readonly and cannot be modified"
+    ))
+}
+
+/// A persistent bitmap could not be dropped from its image.
+pub fn bitmap_unstore_failed(name: &str, e: &dyn Display) -> QmpError {
+    generic(format!(
+        "Failed to remove bitmap '{name}' from the image: {e}"
+    ))
+}
+
 /// `blockdev-snapshot` of a node that is some node's backing (QEMU's op blocker).
 pub fn node_busy_backing(node: &str, parent: &str) -> QmpError {
     generic(format!(
@@ -851,6 +873,11 @@ pub fn node_stats<E: Display>(e: E) -> QmpError {
 /// A worker process vanished between two steps of one command.
 pub fn worker_vanished() -> QmpError {
     generic("worker vanished")
+}
+
+/// A dirty bitmap's region could not be passed on.
+pub fn bitmap_region_io(e: std::io::Error) -> QmpError {
+    generic(format!("cannot pass the dirty bitmap on: {e}"))
 }
 
 /// A dirty bitmap's shared-memory region could not be made or mapped.

@@ -557,7 +557,15 @@ impl Graph {
         // image's directory reversed.
         let mut list = super::bitmaps::dirty_bitmaps(node);
         if let Some(f) = node.format.as_ref() {
-            list.extend(f.dirty_bitmaps.iter().rev().map(dirty_info));
+            // A restarted worker's engine sees the bitmaps the supervisor holds as
+            // in use: the supervisor's are the real ones.
+            list.extend(
+                f.dirty_bitmaps
+                    .iter()
+                    .rev()
+                    .filter(|d| !node.bitmaps.iter().any(|b| b.name == d.name))
+                    .map(dirty_info),
+            );
         }
         if !list.is_empty() {
             m.insert("dirty-bitmaps".into(), Value::Array(list));

@@ -80,6 +80,62 @@ pub(crate) fn map_all(specs: &[BitmapSpec], fds: &[OwnedFd]) -> Result<Vec<Mappe
         .collect()
 }
 
+/// Maps persistent bitmaps' regions (`TakeBitmaps`, `StoreBitmaps`): one per spec,
+/// at most a message's descriptors, read-only when the worker only reads them.
+pub(crate) fn map_regions(
+    specs: impl ExactSizeIterator<Item = BitmapSpec>,
+    fds: &[OwnedFd],
+    read_only: bool,
+) -> Result<Vec<Mapped>, WorkerError> {
+    let invalid = |detail: String| WorkerError::new(WorkerErrorKind::Invalid, libc::EINVAL, detail);
+    if specs.len() != fds.len() || fds.len() > bulkhead_ipc::fd::MAX_FDS_PER_MESSAGE {
+        return Err(invalid(format!(
+            "{} bitmaps with {} regions",
+            specs.len(),
+            fds.len()
+        )));
+    }
+    specs
+        .zip(fds)
+        .map(|(s, fd)| {
+            bulkhead_bitmap::check_granularity(s.granularity)
+                .map_err(|e| invalid(e.to_string()))?;
+            let words = words_for(s.size, s.granularity);
+            let mapped = if read_only {
+                BitmapWords::map_read_only(fd.as_fd(), words)
+            } else {
+                BitmapWords::map(fd.as_fd(), words)
+            }
+            .map_err(|e| invalid(e.to_string()))?;
+            DirtyBitmap::on(mapped, s.size, s.granularity).map_err(|e| invalid(e.to_string()))
+        })
+        .collect()
+}
+
+/// Fills each region of `TakeBitmaps` with the bits the engine handed over for its
+/// name; a bitmap asked for but not handed over (or of another granularity) is an
+/// error, and the supervisor leaves it with the image.
+pub(crate) fn fill_taken(
+    asked: &[(String, BitmapSpec)],
+    maps: &[Mapped],
+    taken: &[bulkhead_block::StoredBitmap],
+) -> Result<(), WorkerError> {
+    for ((name, spec), map) in asked.iter().zip(maps) {
+        let t = taken
+            .iter()
+            .find(|t| &t.name == name && t.granularity == spec.granularity)
+            .ok_or_else(|| {
+                WorkerError::new(
+                    WorkerErrorKind::NotFound,
+                    libc::ENOENT,
+                    format!("the image did not hand bitmap {name} over"),
+                )
+            })?;
+        map.or_bytes(&t.bits);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

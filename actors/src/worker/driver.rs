@@ -454,6 +454,52 @@ impl DriverWorker {
                 marks.replace(super::bitmaps::map_all(&bitmaps, &fds)?);
                 Ok(Reply::Done)
             }
+            ToWorker::TakeBitmaps { node, bitmaps } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                let maps =
+                    super::bitmaps::map_regions(bitmaps.iter().map(|(_, s)| *s), &fds, false)?;
+                let names: Vec<String> = bitmaps.iter().map(|(n, _)| n.clone()).collect();
+                let taken = n
+                    .stored_bitmaps(bulkhead_block::StoredBitmaps::Take(names))
+                    .await
+                    .map_err(|text| err(WorkerErrorKind::Image, libc::EINVAL, text))?;
+                super::bitmaps::fill_taken(&bitmaps, &maps, &taken)?;
+                Ok(Reply::Done)
+            }
+            ToWorker::StoreBitmaps { node, bitmaps } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                let maps = super::bitmaps::map_regions(bitmaps.iter().map(|b| b.spec), &fds, true)?;
+                let list = bitmaps
+                    .iter()
+                    .zip(&maps)
+                    .map(|(b, m)| bulkhead_block::StoredBitmap {
+                        name: b.name.clone(),
+                        granularity: b.spec.granularity,
+                        enabled: b.enabled,
+                        bits: m.to_bytes(),
+                    })
+                    .collect();
+                n.stored_bitmaps(bulkhead_block::StoredBitmaps::Store(list))
+                    .await
+                    .map_err(|text| err(WorkerErrorKind::Image, libc::EIO, text))?;
+                Ok(Reply::Done)
+            }
+            ToWorker::RemoveStoredBitmap { node, name } => {
+                let n = self
+                    .nodes
+                    .lookup(node)
+                    .ok_or_else(|| err(WorkerErrorKind::NotFound, libc::ENOENT, "no such node"))?;
+                n.stored_bitmaps(bulkhead_block::StoredBitmaps::Remove(name))
+                    .await
+                    .map_err(|text| err(WorkerErrorKind::Image, libc::EIO, text))?;
+                Ok(Reply::Done)
+            }
             ToWorker::RemoveNode { node } => match self.nodes.remove(node) {
                 Some(slot) => {
                     self.opened_as.remove(&node);
