@@ -896,6 +896,9 @@ pub enum WorkerErrorKind {
     Unsupported,
     /// The operation failed in the OS.
     Io,
+    /// A copy (a long operation) failed reading its source: the job's
+    /// `on-source-error` applies.
+    SourceIo,
     /// Clients are attached (safe export removal).
     InUse,
     /// The operation was cancelled.

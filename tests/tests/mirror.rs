@@ -700,3 +700,121 @@ fn target_errors_stop_jobs_as_in_qsd() {
         panic!("{report}");
     }
 }
+
+/// A 16 MiB source whose reads fail with EIO while `$DIR/trigger` exists: a FUSE
+/// file (`nbdfuse`) over `nbdkit memory` behind the `error` filter (reads only),
+/// 4 MiB of it written; and a 16 MiB raw target. The daemons read it with O_DIRECT
+/// (the page cache would otherwise answer what an earlier job read). The last step
+/// unmounts it.
+fn make_failing_source(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir.join("mnt"))?;
+    let log = std::fs::File::create(dir.join("nbdfuse.log"))?;
+    let trigger = dir.join("trigger");
+    // Runs until the script's last step unmounts the file.
+    std::process::Command::new("nbdfuse")
+        .arg(dir.join("mnt").join("disk"))
+        .args([
+            "--command",
+            "nbdkit",
+            "-s",
+            "--filter=error",
+            "memory",
+            "16M",
+        ])
+        .args(["error=EIO", "error-pread-rate=100%"])
+        .arg(format!("error-pread-file={}", trigger.display()))
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::metadata(dir.join("mnt/disk")).is_ok_and(|m| m.len() == 16 << 20) {
+        if Instant::now() > deadline {
+            return Err(io::Error::other(format!(
+                "nbdfuse did not mount: {}",
+                std::fs::read_to_string(dir.join("nbdfuse.log")).unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run_in(
+        dir,
+        &["qemu-io", "-f", "raw", "-c", "write -P 3 0 4M", "mnt/disk"],
+    )?;
+    run_in(dir, &["truncate", "-s", "16M", "t.raw"])
+}
+
+/// `on-source-error` when the source's reads fail (a FUSE file failing on demand):
+/// `BLOCK_JOB_ERROR` with operation read and the policy's action, `stop` pausing the
+/// job (`io-status` failed) until `block-job-resume` after the reads work again, while
+/// `on-target-error` does not apply; `report` failing a backup, as in qsd.
+fn source_error_script() -> Script {
+    let m = |s: Step| s.check(same_lines_masked);
+    let e = |s: Step| s.check(same_errors_once);
+    const ON: &[&str] = &["-c", "touch $DIR/trigger && echo done"];
+    const OFF: &[&str] = &["-c", "rm -f $DIR/trigger && echo done"];
+    let reads_fail = |on: bool| {
+        Step::hook(
+            if on { "reads fail" } else { "reads work" },
+            run_tool("sh", if on { ON } else { OFF }, true, "done"),
+        )
+    };
+    let steps = vec![
+        Step::line(r#"{"execute": "qmp_capabilities", "id": "cap"}"#),
+        reads_fail(true),
+        e(mirror("m1", r#"{"job-id": "m", "device": "s", "target": "t", "sync": "full", "on-source-error": "stop", "on-target-error": "report"}"#))
+            .until_events("JOB_STATUS_CHANGE", 3)
+            .note("a source read fails: the mirror stops"),
+        Step::line(r#"{"execute": "query-block-jobs", "id": "q1"}"#)
+            .check(same_without_errors)
+            .note("paused, io-status failed"),
+        reads_fail(false),
+        m(qmp("m2", "block-job-resume", r#"{"device": "m"}"#))
+            .until_event("BLOCK_JOB_READY")
+            .note("resumed: ready"),
+        m(qmp("m3", "block-job-cancel", r#"{"device": "m", "force": true}"#))
+            .until_events("JOB_STATUS_CHANGE", 3)
+            .note("cancelled"),
+        reads_fail(true),
+        e(qmp("b1", "blockdev-backup", r#"{"job-id": "b", "device": "s", "target": "t", "sync": "full", "on-source-error": "stop"}"#))
+            .until_events("JOB_STATUS_CHANGE", 5)
+            .note("a backup stops on a source error too"),
+        qmp("b2", "block-job-cancel", r#"{"device": "b", "force": true}"#)
+            .check(same_without_errors)
+            .until_events("JOB_STATUS_CHANGE", 4)
+            .note("cancelled: it resumes to take the cancel"),
+        e(qmp("b3", "blockdev-backup", r#"{"job-id": "c", "device": "s", "target": "t", "sync": "full", "on-target-error": "stop"}"#))
+            .until_events("JOB_STATUS_CHANGE", 7)
+            .note("report (the default for the source): the backup fails"),
+        reads_fail(false),
+        Step::line(r#"{"execute": "quit", "id": "bye"}"#).until_eof().note("quit"),
+        Step::hook("unmount", run_tool("fusermount3", &["-u", "$DIR/mnt"], true, "")),
+    ];
+    Script {
+        name: "on-source-error".into(),
+        monitors: 1,
+        args: [
+            "--blockdev",
+            "driver=file,node-name=sf,filename=$DIR/mnt/disk,cache.direct=on",
+            "--blockdev",
+            "driver=raw,node-name=s,file=sf",
+            "--blockdev",
+            "driver=file,node-name=tf,filename=$DIR/t.raw",
+            "--blockdev",
+            "driver=raw,node-name=t,file=tf",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vars: Vec::new(),
+        setup: Some(make_failing_source),
+        steps,
+    }
+}
+
+#[test]
+fn source_errors_follow_on_source_error_as_in_qsd() {
+    if let Err(report) = differential(&source_error_script()) {
+        panic!("{report}");
+    }
+}

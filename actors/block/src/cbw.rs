@@ -289,7 +289,9 @@ impl CbwDriver {
         let mut at = start;
         while at < end {
             let before = at;
-            for e in self.source.block_status(at, end - at).await? {
+            // A failed read of the source is the backup's source error.
+            let status = self.source.block_status(at, end - at).await;
+            for e in status.map_err(IoError::in_source)? {
                 let stop = at.saturating_add(e.length).min(end);
                 if stop <= at {
                     break;
@@ -300,7 +302,10 @@ impl CbwDriver {
                         .await?;
                 } else {
                     buf.resize(usize::try_from(stop - at).map_err(|_| IoError::Invalid)?, 0);
-                    self.source.read(at, &mut buf).await?;
+                    self.source
+                        .read(at, &mut buf)
+                        .await
+                        .map_err(IoError::in_source)?;
                     let flags = WriteFlags {
                         compressed: self.compress,
                         ..WriteFlags::default()

@@ -79,6 +79,11 @@ pub enum IoError {
     /// The request is malformed (bad alignment, zero length where not allowed).
     #[error("invalid request")]
     Invalid,
+    /// A copy's read of its source failed with this errno (a job's
+    /// `on-source-error` applies); only the copying process tells it apart: across
+    /// a data channel it is a plain OS error.
+    #[error("reading the source failed (errno {0})")]
+    Source(i32),
 }
 
 impl IoError {
@@ -91,6 +96,15 @@ impl IoError {
             IoError::Unsupported => libc::ENOTSUP,
             IoError::Disconnected => libc::EIO,
             IoError::Invalid => libc::EINVAL,
+            IoError::Source(e) => *e,
+        }
+    }
+
+    /// The same failure, as a copy's read of its source.
+    pub fn in_source(self) -> IoError {
+        match self {
+            IoError::Source(_) => self,
+            other => IoError::Source(other.errno()),
         }
     }
 

@@ -537,7 +537,8 @@ impl MirrorDriver {
         let mut at = start;
         while at < end {
             let before = at;
-            for e in self.source.block_status(at, end - at).await? {
+            let status = self.source.block_status(at, end - at).await;
+            for e in status.map_err(IoError::in_source)? {
                 let stop = at.saturating_add(e.length).min(end);
                 if stop <= at {
                     break;
@@ -561,7 +562,8 @@ impl MirrorDriver {
             let n = usize::try_from(p.len).map_err(|_| IoError::Invalid)?;
             self.source
                 .read(p.offset, &mut buf[filled..filled + n])
-                .await?;
+                .await
+                .map_err(IoError::in_source)?;
             filled += n;
         }
         Ok((pieces, buf))

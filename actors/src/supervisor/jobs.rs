@@ -194,6 +194,48 @@ pub(super) struct CheckedBackup {
     pub(super) bitmap: Option<(String, BitmapSyncMode)>,
 }
 
+/// What a job does when its copy fails: `on-source-error` for a failed read of
+/// its source, `on-target-error` for the rest (`on-error` for both where the job
+/// has one), as QEMU's `block_job_error_action`.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorPolicy {
+    source: BlockdevOnError,
+    target: BlockdevOnError,
+    /// Every failure counts as a read (QEMU's stream reports all as reads).
+    always_read: bool,
+}
+
+impl ErrorPolicy {
+    /// One policy for reads and writes (`on-error`).
+    fn both(policy: Option<BlockdevOnError>) -> ErrorPolicy {
+        let p = policy.unwrap_or(BlockdevOnError::Report);
+        ErrorPolicy {
+            source: p,
+            target: p,
+            always_read: false,
+        }
+    }
+
+    /// `on-source-error` and `on-target-error`.
+    fn split(source: Option<BlockdevOnError>, target: Option<BlockdevOnError>) -> ErrorPolicy {
+        ErrorPolicy {
+            source: source.unwrap_or(BlockdevOnError::Report),
+            target: target.unwrap_or(BlockdevOnError::Report),
+            always_read: false,
+        }
+    }
+
+    /// The policy and `BLOCK_JOB_ERROR`'s `operation` for a failure (`read`: the
+    /// copy's source failed).
+    fn for_failure(&self, read: bool) -> (BlockdevOnError, &'static str) {
+        if read || self.always_read {
+            (self.source, "read")
+        } else {
+            (self.target, "write")
+        }
+    }
+}
+
 /// One job.
 #[derive(Debug)]
 pub struct Job {
@@ -204,7 +246,7 @@ pub struct Job {
     speed: u64,
     /// Pauses the user asked for and has not resumed.
     user_paused: bool,
-    on_error: BlockdevOnError,
+    on_error: ErrorPolicy,
     /// `io-status`: "ok", or why an error stopped the job ("nospace", "failed").
     io_status: &'static str,
     /// Progress: done and total (the latest the copy reported).
@@ -544,8 +586,7 @@ impl Core {
                 auto_dismiss: a.auto_dismiss.unwrap_or(true),
                 speed: 0,
                 user_paused: false,
-                // Its copy's failures are the target's (a full target, mostly).
-                on_error: a.on_target_error.unwrap_or(BlockdevOnError::Report),
+                on_error: ErrorPolicy::split(a.on_source_error, a.on_target_error),
                 io_status: "ok",
                 done: 0,
                 total,
@@ -726,7 +767,10 @@ impl Core {
                 auto_dismiss: a.auto_dismiss.unwrap_or(true),
                 speed: 0,
                 user_paused: false,
-                on_error: a.on_error.unwrap_or(BlockdevOnError::Report),
+                on_error: ErrorPolicy {
+                    always_read: true,
+                    ..ErrorPolicy::both(a.on_error)
+                },
                 io_status: "ok",
                 done: 0,
                 total,
@@ -909,7 +953,7 @@ impl Core {
                     (
                         a.auto_finalize,
                         a.auto_dismiss,
-                        a.on_error.unwrap_or(BlockdevOnError::Report),
+                        ErrorPolicy::both(a.on_error),
                     ),
                     a.filter_node_name.clone(),
                 )
@@ -938,7 +982,7 @@ impl Core {
                 auto_dismiss: a.auto_dismiss.unwrap_or(true),
                 speed: 0,
                 user_paused: false,
-                on_error: a.on_error.unwrap_or(BlockdevOnError::Report),
+                on_error: ErrorPolicy::both(a.on_error),
                 io_status: "ok",
                 done: 0,
                 total,
@@ -1270,26 +1314,31 @@ impl Core {
             }
             Some(Err(OpError::Cancelled)) | None => {}
             Some(Err(e)) => {
-                let (errno, text) = match e {
-                    OpError::Failed(errno) => (Some(errno), super::strerror(errno)),
-                    other => (None, other.to_string()),
+                let (errno, read, text) = match e {
+                    OpError::Failed(errno) => (Some(errno), false, super::strerror(errno)),
+                    OpError::SourceFailed(errno) => (Some(errno), true, super::strerror(errno)),
+                    other => (None, false, other.to_string()),
                 };
-                let policy = self.jobs.get(id).map(|j| j.on_error);
+                let Some((policy, operation)) =
+                    self.jobs.get(id).map(|j| j.on_error.for_failure(read))
+                else {
+                    return;
+                };
                 match (policy, errno) {
-                    (Some(BlockdevOnError::Stop), Some(errno))
-                    | (Some(BlockdevOnError::Enospc), Some(errno @ libc::ENOSPC)) => {
-                        self.job_error_stop(id, errno).await;
+                    (BlockdevOnError::Stop, Some(errno))
+                    | (BlockdevOnError::Enospc, Some(errno @ libc::ENOSPC)) => {
+                        self.job_error_stop(id, operation, errno).await;
                     }
-                    (Some(BlockdevOnError::Ignore), Some(_)) if self.ignore_again(id) => {
+                    (BlockdevOnError::Ignore, Some(_)) if self.ignore_again(id) => {
                         self.emit(
                             "BLOCK_JOB_ERROR",
-                            Some(json!({"device": id, "operation": "write", "action": "ignore"})),
+                            Some(json!({"device": id, "operation": operation, "action": "ignore"})),
                         )
                         .await;
                         // The copy goes on from its progress.
                         self.start_copy(id).await;
                     }
-                    _ => self.job_failed(id, "write", &text).await,
+                    _ => self.job_failed(id, operation, &text).await,
                 }
             }
         }
@@ -1310,10 +1359,10 @@ impl Core {
     /// `on-*-error: stop` (or `enospc` on ENOSPC): `BLOCK_JOB_ERROR` with action
     /// stop, and the job pauses as if the user paused it (`block-job-resume`
     /// retries), its `io-status` saying why, as QEMU's `block_job_error_action`.
-    async fn job_error_stop(&mut self, id: &str, errno: i32) {
+    async fn job_error_stop(&mut self, id: &str, operation: &str, errno: i32) {
         self.emit(
             "BLOCK_JOB_ERROR",
-            Some(json!({"device": id, "operation": "write", "action": "stop"})),
+            Some(json!({"device": id, "operation": operation, "action": "stop"})),
         )
         .await;
         let Some(j) = self.jobs.get_mut(id) else {
@@ -1695,7 +1744,7 @@ impl Core {
                 auto_dismiss: false,
                 speed: 0,
                 user_paused: false,
-                on_error: BlockdevOnError::Report,
+                on_error: ErrorPolicy::both(None),
                 io_status: "ok",
                 done: 0,
                 total: 1,
@@ -1759,7 +1808,7 @@ impl Core {
                 auto_dismiss: false,
                 speed: 0,
                 user_paused: false,
-                on_error: BlockdevOnError::Report,
+                on_error: ErrorPolicy::both(None),
                 io_status: "ok",
                 done: 1,
                 total: 1,

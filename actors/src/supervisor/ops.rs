@@ -44,6 +44,9 @@ pub enum OpError {
     /// The worker failed it (`errno`: what it reported; its detail is logged only).
     #[error("the operation failed: {}", super::strerror(*.0))]
     Failed(i32),
+    /// The worker failed it reading the source of its copy (`errno`).
+    #[error("reading the source failed: {}", super::strerror(*.0))]
+    SourceFailed(i32),
     /// The process running it ended first.
     #[error("the worker process running it ended ({0})")]
     WorkerEnded(String),
@@ -214,6 +217,10 @@ impl OpTable {
         }
         let end = result.map_err(|e| match e.kind {
             WorkerErrorKind::Cancelled => OpError::Cancelled,
+            WorkerErrorKind::SourceIo => {
+                tracing::warn!(%op, error = %e, "operation failed reading its source");
+                OpError::SourceFailed(if e.errno > 0 { e.errno } else { libc::EIO })
+            }
             _ => {
                 tracing::warn!(%op, error = %e, "operation failed in its worker");
                 OpError::Failed(if e.errno > 0 { e.errno } else { libc::EIO })

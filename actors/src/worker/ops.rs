@@ -351,7 +351,11 @@ impl Pace {
 }
 
 fn io(e: bulkhead_block::IoError) -> WorkerError {
-    err(WorkerErrorKind::Io, e.errno(), e.to_string())
+    let kind = match e {
+        bulkhead_block::IoError::Source(_) => WorkerErrorKind::SourceIo,
+        _ => WorkerErrorKind::Io,
+    };
+    err(kind, e.errno(), e.to_string())
 }
 
 async fn fill(
@@ -475,7 +479,9 @@ async fn read_piece(
     layers: u32,
     mut buf: Vec<u8>,
 ) -> Result<ReadPiece, WorkerError> {
-    let extents = top.block_status(pos, n).await.map_err(io)?;
+    // Failures reading the top are the source's (`on-error` with operation read).
+    let src = |e: bulkhead_block::IoError| io(e.in_source());
+    let extents = top.block_status(pos, n).await.map_err(src)?;
     let mut at = pos;
     let mut runs = Vec::new();
     for e in extents {
@@ -502,7 +508,7 @@ async fn read_piece(
     let mut used = 0usize;
     for &(at, l) in &runs {
         let l = usize::try_from(l).unwrap_or(0);
-        top.read(at, &mut buf[used..used + l]).await.map_err(io)?;
+        top.read(at, &mut buf[used..used + l]).await.map_err(src)?;
         used += l;
     }
     Ok((at, runs, buf))

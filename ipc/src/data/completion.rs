@@ -131,6 +131,7 @@ pub(super) fn status_of(e: &IoError) -> (u32, u64) {
         IoError::Unsupported => (status::UNSUPPORTED, 0),
         IoError::Disconnected => (status::DISCONNECTED, 0),
         IoError::Invalid => (status::INVALID, 0),
+        IoError::Source(errno) => (status::OS, u64::from(errno.unsigned_abs())),
     }
 }
 

@@ -8,7 +8,7 @@
 
 use bulkhead_block::mirror::DEFAULT_GRANULARITY;
 use bulkhead_ipc::wire::{OpId, Steer, ToWorker};
-use bulkhead_qmp::qapi::types::{BlockdevMirrorArgs, BlockdevOnError, MirrorSyncMode};
+use bulkhead_qmp::qapi::types::{BlockdevMirrorArgs, MirrorSyncMode};
 use serde_json::{Map, Value};
 
 use super::{Job, JobStatus, Lookup, Verb, Work};
@@ -147,8 +147,7 @@ impl Core {
             early_error: (sizes.0 != sizes.1)
                 .then(|| "Source and target image have different sizes".to_string()),
         };
-        // Its copy's failures are the target's (a full target, mostly).
-        let on_error = a.on_target_error.unwrap_or(BlockdevOnError::Report);
+        let on_error = super::ErrorPolicy::split(a.on_source_error, a.on_target_error);
         self.start_mirror(
             &job_id,
             work,
@@ -172,7 +171,7 @@ impl Core {
         layers: u32,
         base_was_read_only: bool,
         speed: Option<i64>,
-        flags: (Option<bool>, Option<bool>, BlockdevOnError),
+        flags: (Option<bool>, Option<bool>, super::ErrorPolicy),
         filter_node_name: Option<String>,
     ) -> Result<(), QmpError> {
         let work = MirrorWork {
@@ -206,7 +205,7 @@ impl Core {
         speed: Option<i64>,
         granularity: u64,
         filter_node_name: Option<String>,
-        (auto_finalize, auto_dismiss, on_error): (Option<bool>, Option<bool>, BlockdevOnError),
+        (auto_finalize, auto_dismiss, on_error): (Option<bool>, Option<bool>, super::ErrorPolicy),
     ) -> Result<(), QmpError> {
         let total = match work.scan {
             Some(0) if work.early_error.is_none() => {
