@@ -386,6 +386,21 @@ fn persistent_bitmap_script() -> Script {
         qmp("x1", "block-export-del", r#"{"id": "eq"}"#)
             .until_event("BLOCK_EXPORT_DELETED")
             .note("unexport q"),
+        qmp("rr1", "blockdev-reopen", r#"{"options": [{"driver": "qcow2", "node-name": "q", "file": "f", "read-only": true}]}"#)
+            .note("q goes read-only: its bitmaps are stored"),
+        Step::hook(
+            "the directory stored by the reopen",
+            stored_bitmaps_are(
+                "q.qcow2",
+                r#"[["old", 65536, ["auto"]], ["p2", 4096, ["auto"]], ["p1", 65536, []]]"#,
+            ),
+        ),
+        bitmap("rr2", "block-dirty-bitmap-clear", "q", "p2").note("read-only now"),
+        sha("rr3", "q", "p2").note("the same bits"),
+        qmp("rr4", "blockdev-reopen", r#"{"options": [{"driver": "qcow2", "node-name": "q", "file": "f", "read-only": false}]}"#)
+            .note("writable again"),
+        query("q3b").note("the same bitmaps after two reopens"),
+        bitmap("rr5", "block-dirty-bitmap-clear", "q", "t1").note("writable bitmaps again"),
         qmp("z1", "blockdev-del", r#"{"node-name": "q"}"#).note("q closes: its bitmaps are stored"),
         Step::hook(
             "the stored directory",

@@ -113,24 +113,24 @@ impl Bitmap {
         &self.fd
     }
 
-    /// A region holding what to store: during a backup the frozen bits and those
-    /// recorded since, merged into a copy; otherwise the bitmap's own region.
+    /// A read-only descriptor of a region holding what to store: during a backup
+    /// the frozen bits and those recorded since, merged into a copy; otherwise the
+    /// bitmap's own region. Read-only: the worker storing a disabled bitmap must not
+    /// be able to change it.
     fn stored_region(&self) -> Result<(OwnedFd, BitmapSpec), QmpError> {
         let spec = self.spec();
-        match &self.frozen {
-            None => {
-                let fd = self.fd.try_clone().map_err(errors::bitmap_region_io)?;
-                Ok((fd, spec))
-            }
+        let fd = match &self.frozen {
+            None => bulkhead_ipc::shm::read_only_copy(self.fd.as_fd()),
             Some(f) => {
                 let copy = Bitmap::create(&self.name, spec.size, spec.granularity, false)?;
                 copy.bits.merge_from(&f.bits).map_err(errors::from_error)?;
                 copy.bits
                     .merge_from(&self.bits)
                     .map_err(errors::from_error)?;
-                Ok((copy.fd, spec))
+                bulkhead_ipc::shm::read_only_copy(copy.fd.as_fd())
             }
-        }
+        };
+        Ok((fd.map_err(errors::bitmap_region)?, spec))
     }
 
     /// Whether an operation holds it (QEMU's `busy`).
@@ -271,7 +271,14 @@ impl Core {
                 .filter(|b| b.persistent)
                 .map(|b| b.name.as_str())
                 .collect();
-            names.extend(f.dirty_bitmaps.iter().map(|b| b.name.as_str()));
+            // Those the image still holds (a restarted worker's engine lists the
+            // supervisor's again, as inconsistent: counted once).
+            names.extend(
+                f.dirty_bitmaps
+                    .iter()
+                    .map(|b| b.name.as_str())
+                    .filter(|d| !n.bitmaps.iter().any(|b| b.name == *d)),
+            );
             let version = if f.compat == "0.10" { 2 } else { 3 };
             bulkhead_qcow2::can_store_new(
                 version,
@@ -598,7 +605,7 @@ impl Core {
         let Some(n) = self.graph.get(node) else {
             return;
         };
-        if n.read_only || n.format.is_none() {
+        if n.read_only || !n.active || n.format.is_none() {
             return;
         }
         let list: Vec<&Bitmap> = n.bitmaps.iter().rev().filter(|b| b.persistent).collect();
@@ -641,6 +648,75 @@ impl Core {
                 tracing::warn!(node, error = %e, "Failed to write bitmap(s) to the image");
             }
         }
+    }
+
+    /// After a reopen opened the image in a new engine: the supervisor's bitmaps stay
+    /// the real ones (stored before the reopen). The new engine's loaded copies of
+    /// them are taken into scratch regions and dropped, so that it neither tracks
+    /// nor stores them, and persistent bitmaps are read-only exactly while the node
+    /// is (QEMU's `qcow2_reopen_bitmaps_ro`/`_rw`).
+    pub(super) async fn bitmaps_after_reopen(&mut self, node: &str) {
+        let Some(n) = self.graph.get(node) else {
+            return;
+        };
+        if n.format.is_none() || !n.bitmaps.iter().any(|b| b.persistent) {
+            return;
+        }
+        let (id, home) = (n.id, n.home);
+        let Some(w) = self.running(home) else {
+            return;
+        };
+        let format = match w.call(ToWorker::QueryNode { node: id }, &[]).await {
+            Ok(bulkhead_ipc::wire::Reply::NodeInfo { format, .. }) => format,
+            _ => None,
+        };
+        let Some(n) = self.graph.get_mut(node) else {
+            return;
+        };
+        if let Some(f) = format {
+            n.format = Some(f);
+        }
+        let read_only = n.read_only;
+        for b in n.bitmaps.iter_mut().filter(|b| b.persistent) {
+            b.readonly = read_only;
+        }
+        let mut scratch = Vec::new();
+        if let Some(f) = n.format.as_ref() {
+            for d in f.dirty_bitmaps.iter().filter(|d| !d.inconsistent) {
+                if n.bitmaps.iter().any(|b| b.persistent && b.name == d.name) {
+                    match Bitmap::create(&d.name, n.size, d.granularity, false) {
+                        Ok(b) => scratch.push(b),
+                        Err(e) => {
+                            tracing::warn!(node, bitmap = %d.name, error = %e.desc, "bitmap stays with the image")
+                        }
+                    }
+                }
+            }
+        }
+        let taken: Vec<String> = scratch.iter().map(|b| b.name.clone()).collect();
+        for batch in scratch.chunks(bulkhead_ipc::fd::MAX_FDS_PER_MESSAGE) {
+            let Some(w) = self.running(home) else {
+                return;
+            };
+            let specs = batch.iter().map(|b| (b.name.clone(), b.spec())).collect();
+            let fds: Vec<_> = batch.iter().map(|b| b.fd.as_fd()).collect();
+            if let Err(e) = w
+                .call(
+                    ToWorker::TakeBitmaps {
+                        node: id,
+                        bitmaps: specs,
+                    },
+                    &fds,
+                )
+                .await
+            {
+                tracing::warn!(node, error = %e, "the reopened image keeps its copies of the bitmaps");
+            }
+        }
+        if let Some(f) = self.graph.get_mut(node).and_then(|n| n.format.as_mut()) {
+            f.dirty_bitmaps.retain(|d| !taken.contains(&d.name));
+        }
+        self.push_bitmaps(node).await;
     }
 
     /// Drops persistent bitmap `name` from `node`'s image (`block-dirty-bitmap-remove`).

@@ -875,11 +875,6 @@ pub fn worker_vanished() -> QmpError {
     generic("worker vanished")
 }
 
-/// A dirty bitmap's region could not be passed on.
-pub fn bitmap_region_io(e: std::io::Error) -> QmpError {
-    generic(format!("cannot pass the dirty bitmap on: {e}"))
-}
-
 /// A dirty bitmap's shared-memory region could not be made or mapped.
 pub fn bitmap_region(e: bulkhead_ipc::shm::ShmError) -> QmpError {
     generic(format!("cannot create the dirty bitmap: {e}"))

@@ -372,6 +372,7 @@ impl Core {
                 n.image = Some(f);
             }
         }
+        self.bitmaps_after_reopen(&name).await;
         Ok(())
     }
 
@@ -384,6 +385,9 @@ impl Core {
         children: Vec<(Role, bulkhead_ipc::wire::NodeRef)>,
         image: Option<OwnedFd>,
     ) -> Result<(), QmpError> {
+        // The engine that closes does not store the bitmaps the supervisor holds:
+        // stored here, as QEMU stores them when a node goes read-only or inactive.
+        self.store_persistent_bitmaps(name).await;
         // The node keeps its statistics region (counters and write threshold carry
         // over a reopen), sent first as with AddNode.
         let stats = match self.graph.iter().find(|n| n.id == id) {
@@ -434,6 +438,7 @@ impl Core {
             n.config = config;
             n.active = active;
         }
+        self.bitmaps_after_reopen(name).await;
         Ok(())
     }
 
