@@ -2,7 +2,8 @@
 //! snapshot table, bitmap directory, L1 and refcount tables, dirty-image repair), then
 //! reads, writes (some in place under an engine lease, as the node driver does),
 //! zero-writes, discards, block status, compressed writes, resize,
-//! internal snapshot creation and deletion, derived from the input, then a clean close
+//! internal snapshot creation and deletion, persistent bitmaps taken and stored back,
+//! stored anew or removed, derived from the input, then a clean close
 //! and a second open of what was written.
 //!
 //! Input: byte 0 flags (bit 0 writable, bit 1 backing node, bit 2 no overlap checks,
@@ -15,7 +16,9 @@
 
 use std::sync::Arc;
 
-use bulkhead_qcow2::{Backing, NewSnapshot, OpenOptions, OverlapCheck, Qcow2, Storage};
+use bulkhead_qcow2::{
+    Backing, NewSnapshot, OpenOptions, OverlapCheck, Qcow2, Storage, StoreBitmap,
+};
 use libfuzzer_sys::fuzz_target;
 
 /// Images may grow to this in memory (a write past it fails with ENOSPC).
@@ -224,6 +227,36 @@ fn run_ops(q: &Qcow2, file: &dyn Storage, ops: &[u8]) {
                 .snapshot_delete(None, Some(&format!("s{}", op[3] % 4)))
                 .map(|_| ()),
             11 => q.flush(),
+            13 => {
+                // The daemon's persistent-bitmap round trip: every loaded bitmap
+                // taken, then stored back (a new directory from hostile entries).
+                let names: Vec<String> = q.info().bitmaps.iter().map(|b| b.name.clone()).collect();
+                let taken = q.take_bitmaps(&names);
+                let list: Vec<StoreBitmap<'_>> = taken
+                    .iter()
+                    .map(|t| StoreBitmap {
+                        name: &t.name,
+                        granularity: t.granularity,
+                        enabled: t.enabled,
+                        bits: &t.bits,
+                    })
+                    .collect();
+                q.store_bitmaps(&list)
+            }
+            14 => {
+                if op[0] & 16 != 0 {
+                    let first = q.info().bitmaps.first().map(|b| b.name.clone());
+                    q.remove_bitmap(first.as_deref().unwrap_or("f0"))
+                } else {
+                    b.fill(op[3]);
+                    q.store_bitmaps(&[StoreBitmap {
+                        name: &format!("f{}", op[3] % 4),
+                        granularity: 512 << (op[3] % 8),
+                        enabled: op[3] & 1 != 0,
+                        bits: b,
+                    }])
+                }
+            }
             _ => {
                 let info = q.info();
                 match info.snapshots.first() {
