@@ -661,7 +661,9 @@ fn target_error_script() -> Script {
             .until_event("BLOCK_JOB_READY")
             .note("resumed: ready"),
         m(Step::line(r#"{"execute": "query-block-jobs", "id": "q2"}"#)).note("ok again"),
-        m(qmp("m3", "block-job-cancel", r#"{"device": "m", "force": true}"#)).note("cancelled"),
+        m(qmp("m3", "block-job-cancel", r#"{"device": "m", "force": true}"#))
+            .until_events("JOB_STATUS_CHANGE", 3)
+            .note("cancelled"),
         make_room(),
         e(qmp("b1", "blockdev-backup", r#"{"job-id": "b", "device": "s", "target": "t", "sync": "full", "on-target-error": "enospc"}"#))
             .until_events("JOB_STATUS_CHANGE", 5)

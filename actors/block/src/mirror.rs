@@ -53,6 +53,33 @@ const FINE_WRITE: usize = 1 << 20;
 /// being read and one being written.
 const POOLED_BUFFERS: usize = 4;
 
+/// A run's bytes between its read and its write: in the target's data-channel
+/// pool when the target is in another process and the pool has room (the target's
+/// worker writes straight from it: no copy into the channel), else a pooled `Vec`.
+enum CopyBuf {
+    Local(Vec<u8>),
+    Shared(crate::io::IoBuffer),
+}
+
+impl std::ops::Deref for CopyBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            CopyBuf::Local(v) => v,
+            CopyBuf::Shared(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for CopyBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            CopyBuf::Local(v) => v,
+            CopyBuf::Shared(b) => b,
+        }
+    }
+}
+
 /// A piece of a run being copied: data, or zeroes the target writes as such.
 #[derive(Debug, Clone, Copy)]
 struct Piece {
@@ -496,10 +523,9 @@ impl MirrorDriver {
             return Ok(self.status(0));
         }
         let mut copied = 0u64;
-        let mut writing: Option<(Vec<Piece>, Vec<u8>, CopyHold<'_>)> = None;
+        let mut writing: Option<(Vec<Piece>, CopyBuf, CopyHold<'_>)> = None;
         for (start, len, hold) in runs {
-            let buf = self.take_buffer();
-            let read = self.read_run(start, len, buf);
+            let read = self.read_run(start, len);
             let (pieces, buf) = match writing.take() {
                 Some((pieces, wbuf, mut whold)) => {
                     let (written, read) =
@@ -526,12 +552,7 @@ impl MirrorDriver {
 
     /// Reads `[start, start + len)` of the source: its pieces (zeroes are not
     /// read) and the buffer holding the data ones, back to back.
-    async fn read_run(
-        &self,
-        start: u64,
-        len: u64,
-        mut buf: Vec<u8>,
-    ) -> Result<(Vec<Piece>, Vec<u8>), IoError> {
+    async fn read_run(&self, start: u64, len: u64) -> Result<(Vec<Piece>, CopyBuf), IoError> {
         let end = start + len;
         let mut pieces = Vec::new();
         let mut at = start;
@@ -556,7 +577,15 @@ impl MirrorDriver {
             }
         }
         let data: u64 = pieces.iter().filter(|p| !p.zero).map(|p| p.len).sum();
-        buf.resize(usize::try_from(data).map_err(|_| IoError::Invalid)?, 0);
+        let data = usize::try_from(data).map_err(|_| IoError::Invalid)?;
+        let mut buf = match self.target.alloc_buffer(data) {
+            Some(shared) => CopyBuf::Shared(shared),
+            None => {
+                let mut v = self.take_buffer();
+                v.resize(data, 0);
+                CopyBuf::Local(v)
+            }
+        };
         let mut filled = 0usize;
         for p in pieces.iter().filter(|p| !p.zero) {
             let n = usize::try_from(p.len).map_err(|_| IoError::Invalid)?;
@@ -651,7 +680,11 @@ impl MirrorDriver {
             .unwrap_or_default()
     }
 
-    fn give_buffer(&self, buf: Vec<u8>) {
+    fn give_buffer(&self, buf: CopyBuf) {
+        // A shared buffer goes back to its channel's pool as it drops.
+        let CopyBuf::Local(buf) = buf else {
+            return;
+        };
         let mut pool = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
         if pool.len() < POOLED_BUFFERS {
             pool.push(buf);
