@@ -301,16 +301,26 @@ impl CbwDriver {
                         .write_zeroes(at, stop - at, ZeroFlags::default())
                         .await?;
                 } else {
-                    buf.resize(usize::try_from(stop - at).map_err(|_| IoError::Invalid)?, 0);
+                    let n = usize::try_from(stop - at).map_err(|_| IoError::Invalid)?;
+                    // Read straight into the target channel's shared pool when the
+                    // target is in another process (its worker writes from there).
+                    let mut shared = self.target.alloc_buffer(n);
+                    let data: &mut [u8] = match shared.as_deref_mut() {
+                        Some(b) => b,
+                        None => {
+                            buf.resize(n, 0);
+                            &mut buf[..]
+                        }
+                    };
                     self.source
-                        .read(at, &mut buf)
+                        .read(at, data)
                         .await
                         .map_err(IoError::in_source)?;
                     let flags = WriteFlags {
                         compressed: self.compress,
                         ..WriteFlags::default()
                     };
-                    self.target.write(at, &buf, flags).await?;
+                    self.target.write(at, data, flags).await?;
                 }
                 at = stop;
             }

@@ -70,7 +70,8 @@ pub struct OpenOptions {
     pub discard_no_unref: bool,
     /// `pass-discard-request`-like: clusters freed are discarded on the image file.
     pub pass_discard: bool,
-    /// Clusters reserved per refcount update + flush (default: 4 MiB worth, 16..1024).
+    /// Clusters reserved per refcount update + flush (default: 4 MiB worth, growing
+    /// to 32 MiB worth, 16..1024 clusters; a given batch does not grow).
     pub alloc_batch: Option<usize>,
 }
 
@@ -391,9 +392,16 @@ impl Qcow2 {
             .div_ceil(cs);
         let l2_cap = (l2_cache / cs).min(l2_need).clamp(2, 1 << 16) as usize;
         let rc_cap = (opts.refcount_cache_size.unwrap_or(4 * cs) / cs).clamp(2, 1 << 16) as usize;
-        let batch = opts
-            .alloc_batch
-            .unwrap_or(((4u64 << 20) / cs).clamp(16, 1024) as usize);
+        // 4 MiB worth first, growing to 32 MiB worth while allocations go on (never
+        // past 1 024 clusters: small-cluster images keep QEMU's refcount block
+        // layout); a batch given by the caller stays as it is.
+        let (batch, batch_max) = match opts.alloc_batch {
+            Some(b) => (b, b),
+            None => (
+                ((4u64 << 20) / cs).clamp(16, 1024) as usize,
+                ((32u64 << 20) / cs).clamp(16, 1024) as usize,
+            ),
+        };
         let dead = Arc::new(AtomicBool::new(false));
         let mut meta = Meta::new(MetaInit {
             file: file.clone(),
@@ -412,6 +420,7 @@ impl Qcow2 {
                 rc_cap,
             ),
             batch,
+            batch_max,
             overlap_mode: opts.overlap_check,
             pass_discard: opts.pass_discard,
         });

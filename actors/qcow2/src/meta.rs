@@ -87,7 +87,11 @@ pub(crate) struct Meta {
     pub free_hint: u64,
     /// One past the highest cluster index this engine reserved or laid out.
     pub alloc_end: u64,
+    /// Clusters the next reservation takes: it doubles with each reservation up to
+    /// `batch_max` (allocations that keep coming, a mirror or a fill, pay one
+    /// refcount write and flush per 32 MiB instead of per 4 MiB).
     pub batch: usize,
+    batch_max: usize,
     pub inflight: HashSet<u64>,
     overlap: BTreeMap<u64, (u64, Section)>,
     pub overlap_mode: OverlapCheck,
@@ -111,6 +115,8 @@ pub(crate) struct MetaInit {
     pub l2_cap: usize,
     pub rc: Refcounts,
     pub batch: usize,
+    /// The most a reservation grows to (at least `batch`).
+    pub batch_max: usize,
     pub overlap_mode: OverlapCheck,
     pub pass_discard: bool,
 }
@@ -134,6 +140,7 @@ impl Meta {
             free_hint: 0,
             alloc_end: 0,
             batch: i.batch.max(1),
+            batch_max: i.batch_max.max(i.batch).max(1),
             inflight: HashSet::new(),
             overlap: BTreeMap::new(),
             overlap_mode: i.overlap_mode,
@@ -659,7 +666,8 @@ impl Meta {
     }
 
     /// Refcounts for a batch of free clusters, written and flushed once; they are then
-    /// handed out without further refcount I/O. A crash leaks the unused rest.
+    /// handed out without further refcount I/O. A crash leaks the unused rest (at
+    /// most `batch_max` clusters).
     fn reserve_batch(&mut self) -> Result<()> {
         let geo = self.geo;
         let mut got = Vec::with_capacity(self.batch);
@@ -696,6 +704,7 @@ impl Meta {
         if let Some(&last) = got.last() {
             self.alloc_end = self.alloc_end.max(last + 1);
         }
+        self.batch = self.batch.saturating_mul(2).min(self.batch_max);
         self.reserved
             .extend(got.into_iter().map(|c| (c, c >= file_clusters)));
         Ok(())
