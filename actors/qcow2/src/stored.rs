@@ -155,7 +155,14 @@ impl Qcow2 {
             match bitmaps.iter().find(|b| b.name == e.name) {
                 Some(b) => {
                     drop_tables.push(e.clone());
-                    entries.push(NewEntry::Write(*b));
+                    // A hostile directory may name a bitmap twice: it is written
+                    // once, in the first one's place, the others dropped.
+                    let written = entries
+                        .iter()
+                        .any(|n| matches!(n, NewEntry::Write(w) if w.name == b.name));
+                    if !written {
+                        entries.push(NewEntry::Write(*b));
+                    }
                 }
                 None => entries.push(NewEntry::Keep(e.clone())),
             }
