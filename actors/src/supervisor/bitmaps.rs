@@ -613,6 +613,11 @@ impl Core {
             return;
         }
         let Some(w) = self.running(n.home) else {
+            // They stay in use on disk: inconsistent at the next open.
+            tracing::warn!(
+                node,
+                "persistent bitmaps not stored: the node's worker is not running"
+            );
             return;
         };
         for batch in list.chunks(bulkhead_ipc::fd::MAX_FDS_PER_MESSAGE) {
