@@ -681,7 +681,7 @@ async fn stream(
     filter.flush().await.map_err(io)
 }
 
-/// Most a mirror copies per step (its filter pipelines runs of 8 MiB), and scans
+/// Most a mirror copies per step (its filter pipelines runs of 2 MiB), and scans
 /// at once.
 const MIRROR_CHUNK: u64 = 32 << 20;
 const MIRROR_SCAN: u64 = 256 << 20;
