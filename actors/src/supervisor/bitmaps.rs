@@ -14,7 +14,9 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use bulkhead_bitmap::{DirtyBitmap, words_for};
 use bulkhead_ipc::bitmap::{BitmapWords, create_region};
-use bulkhead_ipc::wire::{BitmapSpec, MAX_RECORDING_BITMAPS, StoredBitmapSpec, ToWorker};
+use bulkhead_ipc::wire::{
+    BitmapSpec, MAX_RECORDING_BITMAPS, NodeId, StoredBitmapSpec, ToWorker, WorkerId,
+};
 use bulkhead_qmp::qapi::types::BlockDirtyBitmapOrStr;
 use serde_json::{Map, Value};
 
@@ -555,30 +557,19 @@ impl Core {
             }
         }
         let (id, home) = (n.id, n.home);
-        let mut adopted = Vec::new();
-        for batch in chunked(moving, bulkhead_ipc::fd::MAX_FDS_PER_MESSAGE) {
-            let Some(w) = self.running(home) else {
-                return;
-            };
-            let specs = batch.iter().map(|b| (b.name.clone(), b.spec())).collect();
-            let fds: Vec<_> = batch.iter().map(|b| b.fd.as_fd()).collect();
-            match w
-                .call(
-                    ToWorker::TakeBitmaps {
-                        node: id,
-                        bitmaps: specs,
-                    },
-                    &fds,
-                )
-                .await
-            {
-                Ok(_) => adopted.extend(batch),
+        // Those handed over: a prefix of `moving` (a failing batch ends it).
+        let mut handed = 0;
+        for batch in moving.chunks(bulkhead_ipc::fd::MAX_FDS_PER_MESSAGE) {
+            match self.take_into(home, id, batch).await {
+                Ok(()) => handed += batch.len(),
                 Err(e) => {
                     tracing::warn!(node, error = %e, "the image's bitmaps stay with it");
                     break;
                 }
             }
         }
+        moving.truncate(handed);
+        let adopted = moving;
         if adopted.is_empty() {
             return;
         }
@@ -700,21 +691,7 @@ impl Core {
         }
         let taken: Vec<String> = scratch.iter().map(|b| b.name.clone()).collect();
         for batch in scratch.chunks(bulkhead_ipc::fd::MAX_FDS_PER_MESSAGE) {
-            let Some(w) = self.running(home) else {
-                return;
-            };
-            let specs = batch.iter().map(|b| (b.name.clone(), b.spec())).collect();
-            let fds: Vec<_> = batch.iter().map(|b| b.fd.as_fd()).collect();
-            if let Err(e) = w
-                .call(
-                    ToWorker::TakeBitmaps {
-                        node: id,
-                        bitmaps: specs,
-                    },
-                    &fds,
-                )
-                .await
-            {
+            if let Err(e) = self.take_into(home, id, batch).await {
                 tracing::warn!(node, error = %e, "the reopened image keeps its copies of the bitmaps");
             }
         }
@@ -722,6 +699,26 @@ impl Core {
             f.dirty_bitmaps.retain(|d| !taken.contains(&d.name));
         }
         self.push_bitmaps(node).await;
+    }
+
+    /// `TakeBitmaps`: node `id`'s worker fills `batch`'s regions with the bits of
+    /// the image's bitmaps of the same names, and its engine stops tracking them.
+    async fn take_into(&self, home: WorkerId, id: NodeId, batch: &[Bitmap]) -> Result<(), String> {
+        let w = self
+            .running(home)
+            .ok_or_else(|| "the node's worker is not running".to_string())?;
+        let specs = batch.iter().map(|b| (b.name.clone(), b.spec())).collect();
+        let fds: Vec<_> = batch.iter().map(|b| b.fd.as_fd()).collect();
+        w.call(
+            ToWorker::TakeBitmaps {
+                node: id,
+                bitmaps: specs,
+            },
+            &fds,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
     }
 
     /// Drops persistent bitmap `name` from `node`'s image (`block-dirty-bitmap-remove`).
@@ -784,18 +781,6 @@ impl Core {
             }
         }
     }
-}
-
-/// `items` in groups of at most `n`.
-fn chunked<T>(items: Vec<T>, n: usize) -> Vec<Vec<T>> {
-    let mut out: Vec<Vec<T>> = Vec::new();
-    for item in items {
-        match out.last_mut() {
-            Some(last) if last.len() < n => last.push(item),
-            _ => out.push(vec![item]),
-        }
-    }
-    out
 }
 
 /// The specs and regions of the bitmaps `n`'s writes mark, for `AddNode` and
